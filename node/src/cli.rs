@@ -1,0 +1,277 @@
+//! Command-line flags of `sns-node`. Every flag has a long form and an
+//! environment variable; values are parsed into typed configs here, at the
+//! edge. The course's short flags are kept: `-h` is the coordinator host
+//! (so help is `--help` only), `-k` its port, `-p` our own port.
+
+use crate::coordinator::CoordinatorConfig;
+use crate::ids::{cluster_of, sync_pairing};
+use crate::server::ServerConfig;
+use crate::sync::SyncConfig;
+use clap::{ArgAction, Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "sns-node", version, about = "Tiny SNS node: coordinator, server, synchronizer, or a whole local deployment")]
+pub struct Cli {
+    /// Log filter (tracing-subscriber EnvFilter syntax).
+    #[arg(long, env = "SNS_LOG", default_value = "info", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Routing table, heartbeats, master/slave roles.
+    Coordinator(CoordinatorArgs),
+    /// Serves clients of one cluster and keeps its files.
+    #[command(disable_help_flag = true)]
+    Server(ServerArgs),
+    /// Replicates users, follows and posts between clusters through RabbitMQ.
+    #[command(disable_help_flag = true)]
+    Synchronizer(SyncArgs),
+    /// Runs a whole deployment as processes on this machine.
+    Local(crate::launcher::LocalArgs),
+}
+
+/// Parses durations like `5s`, `500ms`, `2m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, "s"), |i| t.split_at(i));
+    let value: f64 = num.parse().map_err(|_| format!("{text:?} is not a duration like 5s or 500ms"))?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "s" | "" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("{text:?}: unknown unit (use ms, s or m)")),
+    };
+    if !(secs > 0.0 && secs < 86_400.0) {
+        return Err(format!("{text:?}: must be between 1ms and 24h"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HeartbeatArgs {
+    /// How often nodes send a heartbeat to the coordinator.
+    #[arg(long = "heartbeat-interval", env = "SNS_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Heartbeats a node may miss before the coordinator declares it dead.
+    #[arg(long = "missed-heartbeats", env = "SNS_MISSED_HEARTBEATS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub missed: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListenArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SNS_BIND", default_value = "0.0.0.0")]
+    pub bind: String,
+    /// Write the bound port to this file once listening (useful with -p 0).
+    #[arg(long, env = "SNS_PORT_FILE")]
+    pub port_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CoordinatorArgs {
+    /// Port to listen on (0 = any free port).
+    #[arg(short = 'p', long, env = "SNS_PORT", default_value_t = 9000)]
+    pub port: u16,
+    /// Number of clusters: user u belongs to cluster ((u-1) mod N)+1.
+    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub clusters: u32,
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
+    #[command(flatten)]
+    pub listen: ListenArgs,
+}
+
+impl CoordinatorArgs {
+    pub fn config(&self) -> CoordinatorConfig {
+        CoordinatorConfig { clusters: self.clusters, heartbeat: self.heartbeat.interval, missed: self.heartbeat.missed }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CoordAddrArgs {
+    /// Coordinator host.
+    #[arg(short = 'h', long = "coord-host", env = "SNS_COORD_HOST", default_value = "127.0.0.1")]
+    pub coord_host: String,
+    /// Coordinator port.
+    #[arg(short = 'k', long = "coord-port", env = "SNS_COORD_PORT", default_value_t = 9000)]
+    pub coord_port: u16,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Cluster id (1-based).
+    #[arg(short = 'c', long, env = "SNS_CLUSTER", value_parser = clap::value_parser!(u32).range(1..))]
+    pub cluster: u32,
+    /// Server id within the cluster (1-based).
+    #[arg(short = 's', long = "server-id", env = "SNS_SERVER_ID", value_parser = clap::value_parser!(u32).range(1..))]
+    pub id: u32,
+    #[command(flatten)]
+    pub coord: CoordAddrArgs,
+    /// Port to serve clients on (0 = any free port).
+    #[arg(short = 'p', long, env = "SNS_PORT", default_value_t = 10000)]
+    pub port: u16,
+    /// Directory for this server's files [default: ./cluster_<c>/<id>].
+    #[arg(long, env = "SNS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Number of clusters in the deployment.
+    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub clusters: u32,
+    /// Host name or address other nodes and clients use to reach this node.
+    #[arg(long, env = "SNS_ADVERTISE_HOST", default_value = "127.0.0.1")]
+    pub advertise_host: String,
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    /// Print help.
+    #[arg(long, action = ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+impl ServerArgs {
+    pub fn config(&self) -> Result<ServerConfig, String> {
+        if self.cluster > self.clusters {
+            return Err(format!("cluster {} does not exist in a deployment of {} clusters", self.cluster, self.clusters));
+        }
+        Ok(ServerConfig {
+            cluster: self.cluster,
+            id: self.id,
+            clusters: self.clusters,
+            coord_host: self.coord.coord_host.clone(),
+            coord_port: self.coord.coord_port,
+            advertise_host: self.advertise_host.clone(),
+            data_dir: self
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("cluster_{}", self.cluster)).join(self.id.to_string())),
+            heartbeat: self.heartbeat.interval,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub coord: CoordAddrArgs,
+    /// Port of this synchronizer's health endpoint (0 = any free port).
+    #[arg(short = 'p', long, env = "SNS_PORT", default_value_t = 10100)]
+    pub port: u16,
+    /// Synchronizer id; its cluster is ((id-1) mod N)+1.
+    #[arg(short = 'i', long, env = "SNS_SYNC_ID", value_parser = clap::value_parser!(u32).range(1..))]
+    pub id: u32,
+    /// Id of the server this synchronizer works beside [default: ((id-1) div N)+1].
+    #[arg(long = "server-id", env = "SNS_SERVER_ID")]
+    pub server_id: Option<u32>,
+    /// host:port of that server [default: looked up in the coordinator].
+    #[arg(long, env = "SNS_SERVER_ADDR")]
+    pub server_addr: Option<String>,
+    /// Number of clusters in the deployment.
+    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub clusters: u32,
+    /// Servers per cluster (each has a synchronizer and a broker queue).
+    #[arg(long, env = "SNS_SERVERS_PER_CLUSTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub servers_per_cluster: u32,
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Prefix of every broker object, so deployments sharing a broker stay apart.
+    #[arg(long, env = "SNS_DEPLOYMENT", default_value = "sns", value_parser = parse_deployment)]
+    pub deployment: String,
+    /// Let the broker delete this deployment's queues after they go unused this long.
+    #[arg(long, env = "SNS_QUEUE_EXPIRES", value_parser = parse_duration)]
+    pub queue_expires: Option<Duration>,
+    #[arg(long, env = "SNS_ADVERTISE_HOST", default_value = "127.0.0.1")]
+    pub advertise_host: String,
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    /// Print help.
+    #[arg(long, action = ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+/// Deployment names become broker object names: keep them to a safe alphabet.
+pub fn parse_deployment(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= 64
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok { Ok(text.to_string()) } else { Err(format!("{text:?}: use 1-64 letters, digits, '-' or '_'")) }
+}
+
+impl SyncArgs {
+    pub fn config(&self) -> Result<SyncConfig, String> {
+        let (cluster, derived) = sync_pairing(self.id, self.clusters);
+        debug_assert_eq!(cluster, cluster_of(self.id, self.clusters));
+        Ok(SyncConfig {
+            id: self.id,
+            cluster,
+            paired_server: self.server_id.unwrap_or(derived),
+            clusters: self.clusters,
+            servers_per_cluster: self.servers_per_cluster,
+            coord_host: self.coord.coord_host.clone(),
+            coord_port: self.coord.coord_port,
+            advertise_host: self.advertise_host.clone(),
+            server_addr: self.server_addr.clone(),
+            amqp_url: self.amqp_url.clone(),
+            deployment: self.deployment.clone(),
+            queue_expires: self.queue_expires,
+            heartbeat: self.heartbeat.interval,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn course_flags_parse() {
+        let cli = Cli::try_parse_from(["sns-node", "server", "-c", "2", "-s", "1", "-h", "10.0.0.1", "-k", "9001", "-p", "10000"]).unwrap();
+        let Command::Server(s) = cli.command else { panic!("not a server") };
+        let cfg = s.config().unwrap();
+        assert_eq!((cfg.cluster, cfg.id, cfg.coord_port), (2, 1, 9001));
+        assert_eq!(cfg.coord_host, "10.0.0.1");
+        assert_eq!(cfg.data_dir, PathBuf::from("cluster_2/1"));
+        assert_eq!(cfg.heartbeat, Duration::from_secs(5));
+
+        let cli = Cli::try_parse_from(["sns-node", "synchronizer", "-h", "localhost", "-k", "9000", "-p", "9100", "-i", "5"]).unwrap();
+        let Command::Synchronizer(s) = cli.command else { panic!("not a synchronizer") };
+        let cfg = s.config().unwrap();
+        assert_eq!((cfg.cluster, cfg.paired_server), (2, 2));
+        assert_eq!(cfg.deployment, "sns");
+
+        assert!(Cli::try_parse_from(["sns-node", "server", "--help"]).is_err(), "--help prints help (as a clap 'error')");
+        assert!(Cli::try_parse_from(["sns-node", "server", "-c", "4", "-s", "1"]).unwrap().command.server_config_err());
+    }
+
+    impl Command {
+        fn server_config_err(&self) -> bool {
+            matches!(self, Command::Server(s) if s.config().is_err())
+        }
+    }
+
+    #[test]
+    fn durations_and_names() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_deployment("ci-42_x").is_ok());
+        assert!(parse_deployment("a.b").is_err());
+        assert!(parse_deployment("").is_err());
+    }
+}

@@ -1,0 +1,210 @@
+//! The coordinator: the routing table behind the course's `CoordService`,
+//! plus our `CoordAdmin` view of the whole table.
+
+pub mod table;
+
+use crate::error::Result;
+use crate::net;
+use sns_proto::csce438::coord_service_server::{CoordService, CoordServiceServer};
+use sns_proto::csce438::{Confirmation, Id, ServerInfo, ServerList};
+use sns_proto::internal::coord_admin_server::{CoordAdmin, CoordAdminServer};
+use sns_proto::internal::{Node, RoutingTable, TableRequest};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use table::{Beat, Kind, NodeView, Promotion, Table};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub clusters: u32,
+    pub heartbeat: Duration,
+    pub missed: u32,
+}
+
+/// Cheap cloneable handle on the routing table.
+#[derive(Clone)]
+pub struct Coordinator {
+    table: Arc<Mutex<Table>>,
+}
+
+impl Coordinator {
+    pub fn new(cfg: &CoordinatorConfig) -> Coordinator {
+        let timeout = cfg.heartbeat * cfg.missed.max(1);
+        Coordinator { table: Arc::new(Mutex::new(Table::new(cfg.clusters, timeout))) }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Table) -> T) -> T {
+        f(&mut self.table.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn cluster_of_user(&self, user: i32) -> Option<u32> {
+        let clusters = self.with(|t| t.clusters());
+        (user > 0).then(|| crate::ids::cluster_of(user as u32, clusters))
+    }
+}
+
+fn log_promotions(promotions: &[Promotion]) {
+    for p in promotions {
+        match p.new {
+            Some(new) => tracing::info!(cluster = p.cluster, old = ?p.old, new, term = p.term, "master assigned"),
+            None => tracing::warn!(cluster = p.cluster, old = ?p.old, "cluster has no live server"),
+        }
+    }
+}
+
+fn info(v: &NodeView) -> ServerInfo {
+    ServerInfo {
+        server_id: v.id as i32,
+        hostname: v.host.clone(),
+        port: v.port.clone(),
+        r#type: v.kind.as_str().to_string(),
+        cluster_id: v.cluster as i32,
+        is_master: v.is_master,
+        term: v.term as i64,
+        paired_server_id: v.paired_server as i32,
+    }
+}
+
+fn none() -> ServerInfo {
+    ServerInfo { server_id: -1, ..Default::default() }
+}
+
+#[tonic::async_trait]
+impl CoordService for Coordinator {
+    async fn heartbeat(&self, req: Request<ServerInfo>) -> Result<Response<Confirmation>, Status> {
+        let s = req.into_inner();
+        let kind = Kind::parse(&s.r#type)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown node type {:?}", s.r#type)))?;
+        let clusters = self.with(|t| t.clusters());
+        if s.cluster_id < 1 || s.cluster_id as u32 > clusters || s.server_id < 1 {
+            return Err(Status::invalid_argument(format!(
+                "cluster {} / id {} out of range (clusters 1..={clusters}, ids >= 1)",
+                s.cluster_id, s.server_id
+            )));
+        }
+        let paired = match (kind, s.paired_server_id) {
+            (Kind::Synchronizer, p) if p > 0 => p as u32,
+            (Kind::Synchronizer, _) => crate::ids::sync_pairing(s.server_id as u32, clusters).1,
+            (Kind::Server, _) => 0,
+        };
+        let beat = Beat {
+            kind,
+            cluster: s.cluster_id as u32,
+            id: s.server_id as u32,
+            host: s.hostname,
+            port: s.port,
+            paired_server: paired,
+            claims_master: s.is_master,
+            term: s.term.max(0) as u64,
+        };
+        let (a, promotions) = self.with(|t| t.heartbeat(Instant::now(), &beat));
+        log_promotions(&promotions);
+        let (slave_id, slave_host, slave_port) = a.slave.unwrap_or((0, String::new(), String::new()));
+        Ok(Response::new(Confirmation {
+            status: true,
+            is_master: a.is_master,
+            term: a.term as i64,
+            slave_hostname: slave_host,
+            slave_port,
+            slave_server_id: slave_id as i32,
+        }))
+    }
+
+    async fn get_server(&self, req: Request<Id>) -> Result<Response<ServerInfo>, Status> {
+        // An unknown user or a cluster with no master gets an empty
+        // ServerInfo: the course client then prints "connection failed: -1".
+        let reply = self
+            .cluster_of_user(req.into_inner().id)
+            .and_then(|c| self.with(|t| t.master(Instant::now(), c)))
+            .map(|v| info(&v))
+            .unwrap_or_default();
+        Ok(Response::new(reply))
+    }
+
+    async fn get_slave(&self, req: Request<Id>) -> Result<Response<ServerInfo>, Status> {
+        let c = req.into_inner().id;
+        let reply = (c > 0).then(|| self.with(|t| t.slave(Instant::now(), c as u32))).flatten();
+        Ok(Response::new(reply.map(|v| info(&v)).unwrap_or_else(none)))
+    }
+
+    async fn get_follower_server(&self, req: Request<Id>) -> Result<Response<ServerInfo>, Status> {
+        let reply = self
+            .cluster_of_user(req.into_inner().id)
+            .and_then(|c| self.with(|t| t.master_synchronizer(Instant::now(), c)));
+        Ok(Response::new(reply.map(|v| info(&v)).unwrap_or_else(none)))
+    }
+
+    async fn get_all_follower_servers(&self, _req: Request<Id>) -> Result<Response<ServerList>, Status> {
+        let mut list = ServerList::default();
+        for v in self.with(|t| t.all(Instant::now())) {
+            if v.kind == Kind::Synchronizer && v.alive {
+                list.server_id.push(v.id as i32);
+                list.hostname.push(v.host);
+                list.port.push(v.port);
+                list.r#type.push(v.kind.as_str().to_string());
+            }
+        }
+        Ok(Response::new(list))
+    }
+}
+
+#[tonic::async_trait]
+impl CoordAdmin for Coordinator {
+    async fn table(&self, _req: Request<TableRequest>) -> Result<Response<RoutingTable>, Status> {
+        let (clusters, views) = self.with(|t| {
+            let now = Instant::now();
+            log_promotions(&t.refresh(now));
+            (t.clusters(), t.all(now))
+        });
+        let nodes = views
+            .into_iter()
+            .map(|v| Node {
+                cluster: v.cluster,
+                id: v.id,
+                host: v.host,
+                port: v.port,
+                kind: v.kind.as_str().to_string(),
+                alive: v.alive,
+                is_master: v.is_master,
+                term: v.term,
+                paired_server: v.paired_server,
+                last_seen_ms: v.last_seen.as_millis() as u64,
+            })
+            .collect();
+        Ok(Response::new(RoutingTable { nodes, clusters }))
+    }
+}
+
+/// Serves the coordinator on `listener` until `shutdown` is cancelled.
+pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    let coord = Coordinator::new(&cfg);
+    tracing::info!(addr = %listener.local_addr().map_err(|e| crate::error::Error::Other(e.to_string()))?, clusters = cfg.clusters, "coordinator listening");
+    // Elections happen on every query too; this sweep only makes a master's
+    // death show in the log when nobody is asking.
+    let sweeper = {
+        let coord = coord.clone();
+        let token = shutdown.clone();
+        let period = cfg.heartbeat / 2;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period.max(Duration::from_millis(50)));
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => log_promotions(&coord.with(|t| t.refresh(Instant::now()))),
+                }
+            }
+        })
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CoordServiceServer<Coordinator>>().await;
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(CoordServiceServer::new(coord.clone()))
+        .add_service(CoordAdminServer::new(coord))
+        .serve_with_incoming_shutdown(net::incoming(listener), shutdown.cancelled())
+        .await;
+    sweeper.abort();
+    Ok(result?)
+}

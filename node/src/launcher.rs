@@ -1,0 +1,484 @@
+//! The local launcher: runs a whole deployment (coordinator, every server
+//! and synchronizer) as child processes of this one, on loopback.
+//!
+//! Logs go to `<dir>/logs/<name>.log`, data to `<dir>/cluster_<c>/<s>/`.
+//! Once every node is up it prints one `ready:` line naming the coordinator
+//! address. Commands on standard input (`status`, `kill`, `stop`, `start`,
+//! `restart` of a process name such as `server-2-1`, or of `master-2` /
+//! `slave-2`) make failover demos one line each. Ctrl-C stops everything;
+//! children also die with the launcher if it is killed outright.
+#![allow(clippy::print_stdout, reason = "the launcher talks to the person (or test) that started it on stdout")]
+
+use crate::cli::{HeartbeatArgs, parse_deployment, parse_duration};
+use crate::error::{Error, Result};
+use crate::net;
+use crate::topology::{self, DeploymentSpec, HeartbeatSpec, PlanOptions, Process, Role};
+use clap::Args;
+use sns_proto::internal::coord_admin_client::CoordAdminClient;
+use sns_proto::internal::replica_client::ReplicaClient;
+use sns_proto::internal::{StatusRequest, TableRequest};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Args)]
+pub struct LocalArgs {
+    /// An SnsCluster YAML file to take the topology from (overrides --clusters, --servers-per-cluster, heartbeat).
+    #[arg(long, env = "SNS_SPEC")]
+    pub spec: Option<PathBuf>,
+    /// Number of clusters.
+    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3)]
+    pub clusters: u32,
+    /// Servers per cluster: 2 = master + slave, 1 = master only.
+    #[arg(long, env = "SNS_SERVERS_PER_CLUSTER", default_value_t = 2)]
+    pub servers_per_cluster: u32,
+    /// First port: coordinator on it, server (c,s) on +10c+s, its synchronizer on +10c+5+s. 0 = free ports.
+    #[arg(long, env = "SNS_BASE_PORT", default_value_t = 9000)]
+    pub base_port: u16,
+    /// Directory for data and logs.
+    #[arg(long, env = "SNS_DIR", default_value = "sns-data")]
+    pub dir: PathBuf,
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Broker object prefix [default: the SnsCluster's name, else "sns"].
+    #[arg(long, env = "SNS_DEPLOYMENT", value_parser = parse_deployment)]
+    pub deployment: Option<String>,
+    /// Let the broker drop this deployment's queues after they go unused this long.
+    #[arg(long, env = "SNS_QUEUE_EXPIRES")]
+    pub queue_expires: Option<String>,
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
+    /// Do not try to start a local rabbitmq-server when no broker answers.
+    #[arg(long)]
+    pub no_broker_start: bool,
+    /// The sns-node binary to run [default: this one].
+    #[arg(long, env = "SNS_NODE_BIN")]
+    pub node_bin: Option<PathBuf>,
+    /// How long to wait for every node to be ready.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+}
+
+/// How long a stopped child gets to exit after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+struct Proc {
+    plan: Process,
+    port: u16,
+    child: Option<Child>,
+}
+
+struct Launcher {
+    bin: PathBuf,
+    dir: PathBuf,
+    coord_port: u16,
+    procs: BTreeMap<String, Proc>,
+}
+
+pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
+    let (spec, name) = match &args.spec {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let doc = topology::parse_sns_cluster(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            (doc.spec, doc.metadata.name)
+        }
+        None => {
+            let spec = DeploymentSpec {
+                clusters: args.clusters,
+                servers_per_cluster: args.servers_per_cluster,
+                heartbeat: HeartbeatSpec {
+                    interval_millis: args.heartbeat.interval.as_millis() as u64,
+                    missed: args.heartbeat.missed,
+                },
+            };
+            spec.validate().map_err(Error::Config)?;
+            (spec, None)
+        }
+    };
+    let deployment = args.deployment.clone().or(name).unwrap_or_else(|| "sns".into());
+    parse_deployment(&deployment).map_err(Error::Config)?;
+    ensure_broker(&args.amqp_url, !args.no_broker_start).await?;
+
+    std::fs::create_dir_all(args.dir.join("logs")).map_err(|e| Error::io(&args.dir, e))?;
+    let dir = std::fs::canonicalize(&args.dir).map_err(|e| Error::io(&args.dir, e))?;
+    let bin = match &args.node_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().map_err(|e| Error::Other(format!("cannot find this binary: {e}")))?,
+    };
+    let opts = PlanOptions {
+        base_port: args.base_port,
+        data_root: dir.clone(),
+        coord_host: "127.0.0.1".into(),
+        advertise_host: "127.0.0.1".into(),
+        bind: "127.0.0.1".into(),
+        amqp_url: args.amqp_url.clone(),
+        deployment: deployment.clone(),
+        queue_expires: args.queue_expires.clone(),
+    };
+    let plan = topology::plan(&spec, &opts);
+    let started = Instant::now();
+    let mut l = Launcher { bin, dir: dir.clone(), coord_port: 0, procs: BTreeMap::new() };
+    for p in plan {
+        l.procs.insert(p.name.clone(), Proc { port: p.port, plan: p, child: None });
+    }
+    let result = async {
+        l.start("coordinator").await?;
+        l.coord_port = l.procs["coordinator"].port;
+        let names: Vec<String> = l.procs.keys().filter(|n| *n != "coordinator").cloned().collect();
+        for n in &names {
+            l.start(n).await?;
+        }
+        l.wait_ready(&spec, args.ready_timeout, &shutdown).await
+    }
+    .await;
+    if let Err(e) = result {
+        l.stop_all().await;
+        return Err(e);
+    }
+    println!(
+        "ready: {} clusters x {} servers in {} ms; coordinator at 127.0.0.1:{}; deployment {deployment}; data and logs in {}",
+        spec.clusters,
+        spec.servers_per_cluster,
+        started.elapsed().as_millis(),
+        l.coord_port,
+        dir.display()
+    );
+    println!("connect a client with: tsc -h 127.0.0.1 -k {} -u <user id>", l.coord_port);
+    println!("commands: status | kill <name> | stop <name> | start <name> | restart <name>  (names: server-2-1, sync-2-1, master-2, slave-2, coordinator)");
+
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    let mut watch = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            line = stdin.next_line(), if stdin_open => match line {
+                Ok(Some(line)) => {
+                    let reply = l.command(line.trim()).await;
+                    println!("{reply}");
+                }
+                // No more commands (e.g. started with </dev/null): run until stopped.
+                _ => stdin_open = false,
+            },
+            _ = watch.tick() => l.reap(),
+        }
+    }
+    l.stop_all().await;
+    println!("stopped");
+    Ok(())
+}
+
+impl Launcher {
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{name}.log"))
+    }
+
+    async fn start(&mut self, name: &str) -> Result<()> {
+        let coord_port = self.coord_port;
+        let port_file = self.dir.join("logs").join(format!("{name}.port"));
+        let _ = std::fs::remove_file(&port_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(name))
+            .map_err(|e| Error::io(&self.log_path(name), e))?;
+        let log2 = log.try_clone().map_err(|e| Error::io(&self.log_path(name), e))?;
+        let proc = self.procs.get_mut(name).ok_or_else(|| Error::Other(format!("no process named {name}")))?;
+        if proc.child.is_some() {
+            return Err(Error::Other(format!("{name} is already running")));
+        }
+        let mut args = proc.plan.args.clone();
+        // Keep the port across restarts, even one first picked by the OS.
+        if let Some(i) = args.iter().position(|a| a == "-p") {
+            args[i + 1] = proc.port.to_string();
+        }
+        if proc.plan.role != Role::Coordinator {
+            args.extend(["-k".to_string(), coord_port.to_string()]);
+        }
+        args.extend(["--port-file".to_string(), port_file.display().to_string()]);
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(&args).stdin(Stdio::null()).stdout(log).stderr(log2).kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().map_err(|e| Error::Other(format!("cannot start {}: {e}", self.bin.display())))?;
+        tracing::info!(name, pid = child.id(), "started");
+        proc.child = Some(child);
+        proc.port = wait_port_file(&port_file, proc.child.as_mut()).await.map_err(|e| Error::Other(format!("{name}: {e}; see {}", self.dir.join("logs").join(format!("{name}.log")).display())))?;
+        Ok(())
+    }
+
+    /// Waits until every node heartbeats, every cluster has a master, and
+    /// every master forwards to a slave (when the cluster has two servers).
+    async fn wait_ready(&self, spec: &DeploymentSpec, timeout: Duration, shutdown: &CancellationToken) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut admin = CoordAdminClient::new(net::channel("127.0.0.1", &self.coord_port.to_string())?);
+        let expected = self.procs.len() - 1;
+        let mut last = String::from("coordinator not answering");
+        while Instant::now() < deadline && !shutdown.is_cancelled() {
+            match admin.table(TableRequest {}).await {
+                Ok(t) => {
+                    let nodes = t.into_inner().nodes;
+                    let alive = nodes.iter().filter(|n| n.alive).count();
+                    let masters: Vec<_> = nodes.iter().filter(|n| n.kind == "server" && n.is_master).collect();
+                    last = format!("{alive}/{expected} nodes up, {}/{} masters", masters.len(), spec.clusters);
+                    if alive == expected && masters.len() == spec.clusters as usize {
+                        let mut paired = 0;
+                        for m in &masters {
+                            let status = match net::channel(&m.host, &m.port) {
+                                Ok(ch) => ReplicaClient::new(ch).status(StatusRequest {}).await.ok(),
+                                Err(_) => None,
+                            };
+                            if status.is_some_and(|s| spec.servers_per_cluster < 2 || !s.into_inner().slave.is_empty()) {
+                                paired += 1;
+                            }
+                        }
+                        if paired == masters.len() {
+                            return Ok(());
+                        }
+                        last = format!("{paired}/{} masters know their slave", masters.len());
+                    }
+                }
+                Err(e) => last = format!("coordinator: {}", e.message()),
+            }
+            self.check_alive()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(Error::Other(format!("not ready after {timeout:?}: {last}; logs in {}", self.dir.join("logs").display())))
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        for (name, p) in &self.procs {
+            if p.child.is_none() {
+                continue;
+            }
+            let log = self.log_path(name);
+            if let Some(id) = p.child.as_ref().and_then(|c| c.id())
+                && !Path::new(&format!("/proc/{id}")).exists()
+            {
+                return Err(Error::Other(format!("{name} exited during start-up; see {}", log.display())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Notices children that exited by themselves.
+    fn reap(&mut self) {
+        for (name, p) in &mut self.procs {
+            if let Some(child) = p.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                tracing::warn!(name = %name, %status, "process exited");
+                println!("{name} exited ({status})");
+                p.child = None;
+            }
+        }
+    }
+
+    /// Resolves `master-<c>` / `slave-<c>` through the coordinator.
+    async fn resolve(&self, target: &str) -> Result<String, String> {
+        let (which, cluster) = match target.split_once('-') {
+            Some((w @ ("master" | "slave"), c)) => (w, c.parse::<u32>().map_err(|_| format!("bad cluster in {target:?}"))?),
+            _ if self.procs.contains_key(target) => return Ok(target.to_string()),
+            _ => return Err(format!("unknown process {target:?}")),
+        };
+        let ch = net::channel("127.0.0.1", &self.coord_port.to_string()).map_err(|e| e.to_string())?;
+        let table = CoordAdminClient::new(ch).table(TableRequest {}).await.map_err(|e| e.message().to_string())?;
+        let want_master = which == "master";
+        table
+            .into_inner()
+            .nodes
+            .into_iter()
+            .find(|n| n.kind == "server" && n.cluster == cluster && n.alive && n.is_master == want_master)
+            .map(|n| format!("server-{}-{}", n.cluster, n.id))
+            .ok_or_else(|| format!("cluster {cluster} has no live {which}"))
+    }
+
+    async fn command(&mut self, line: &str) -> String {
+        let mut words = line.split_whitespace();
+        let (verb, target) = (words.next().unwrap_or(""), words.next());
+        let target = match (verb, target) {
+            ("" | "status" | "help", _) => None,
+            (_, Some(t)) => match self.resolve(t).await {
+                Ok(name) => Some(name),
+                Err(e) => return format!("error: {e}"),
+            },
+            (_, None) => return format!("error: {verb} needs a process name"),
+        };
+        match (verb, target) {
+            ("", _) => String::new(),
+            ("status", _) => self.status(),
+            ("kill", Some(n)) => self.signal(&n, libc::SIGKILL, "killed"),
+            ("stop", Some(n)) => self.signal(&n, libc::SIGTERM, "stopped"),
+            ("pause", Some(n)) => self.signal(&n, libc::SIGSTOP, "paused"),
+            ("resume", Some(n)) => self.signal(&n, libc::SIGCONT, "resumed"),
+            ("start", Some(n)) => match self.start(&n).await {
+                Ok(()) => format!("started {n} on port {}", self.procs[&n].port),
+                Err(e) => format!("error: {e}"),
+            },
+            ("restart", Some(n)) => {
+                let stopped = self.signal(&n, libc::SIGKILL, "killed");
+                self.wait_exit(&n).await;
+                match self.start(&n).await {
+                    Ok(()) => format!("{stopped}; started {n} on port {}", self.procs[&n].port),
+                    Err(e) => format!("error: {e}"),
+                }
+            }
+            _ => "commands: status | kill <name> | stop <name> | start <name> | restart <name> | pause <name> | resume <name>".into(),
+        }
+    }
+
+    fn status(&self) -> String {
+        let parts: Vec<String> = self
+            .procs
+            .iter()
+            .map(|(n, p)| match p.child.as_ref().and_then(|c| c.id()) {
+                Some(pid) => format!("{n}=up(pid {pid}, port {})", p.port),
+                None => format!("{n}=down"),
+            })
+            .collect();
+        format!("status: {}", parts.join(" "))
+    }
+
+    fn signal(&mut self, name: &str, sig: i32, done: &str) -> String {
+        let Some(pid) = self.procs.get(name).and_then(|p| p.child.as_ref()).and_then(|c| c.id()) else {
+            return format!("error: {name} is not running");
+        };
+        if send_signal(pid, sig) { format!("{done} {name} (pid {pid})") } else { format!("error: cannot signal {name}") }
+    }
+
+    async fn wait_exit(&mut self, name: &str) {
+        if let Some(mut child) = self.procs.get_mut(name).and_then(|p| p.child.take()) {
+            let _ = tokio::time::timeout(STOP_GRACE, child.wait()).await;
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        // Stop the readers and writers of state before the coordinator.
+        let names: Vec<String> = self.procs.keys().rev().cloned().collect();
+        for n in &names {
+            if let Some(pid) = self.procs[n].child.as_ref().and_then(|c| c.id()) {
+                send_signal(pid, libc::SIGCONT);
+                send_signal(pid, libc::SIGTERM);
+            }
+        }
+        for n in &names {
+            if let Some(mut child) = self.procs.get_mut(n).and_then(|p| p.child.take())
+                && tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+}
+
+async fn wait_port_file(path: &Path, child: Option<&mut Child>) -> std::result::Result<u16, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let Some(child) = child else { return Err("not started".into()) };
+    while Instant::now() < deadline {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(port) = text.trim().parse()
+        {
+            return Ok(port);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited during start-up ({status})"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err("did not start listening within 30 s".into())
+}
+
+/// Makes the kernel SIGTERM the child if this process dies, so a launcher
+/// killed with SIGKILL leaves no orphans behind.
+#[allow(unsafe_code, reason = "prctl in pre_exec is the only way to set the parent-death signal")]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[allow(unsafe_code, reason = "kill(2) has no safe wrapper in std")]
+fn send_signal(pid: u32, sig: i32) -> bool {
+    // SAFETY: kill takes plain integers.
+    unsafe { libc::kill(pid as i32, sig) == 0 }
+}
+
+/// Makes sure a broker answers at `url`; starts the local `rabbitmq-server`
+/// if allowed and installed, else says exactly how to get one.
+pub async fn ensure_broker(url: &str, may_start: bool) -> Result<()> {
+    let addr = broker_addr(url);
+    let reachable = || async { tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(&addr)).await.is_ok_and(|r| r.is_ok()) };
+    if reachable().await {
+        return Ok(());
+    }
+    let local = addr.starts_with("127.") || addr.starts_with("localhost") || addr.starts_with("[::1]");
+    let installed = which("rabbitmq-server");
+    if may_start && local && installed {
+        println!("no broker at {addr}: starting rabbitmq-server");
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .stdin(Stdio::null())
+            .status()
+            .await
+            .map_err(|e| Error::Other(format!("cannot run rabbitmq-server: {e}")))?;
+        if !status.success() {
+            return Err(Error::Other(format!("rabbitmq-server -detached failed ({status})")));
+        }
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if reachable().await {
+                println!("broker up at {addr}");
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        return Err(Error::Other(format!("started rabbitmq-server but nothing answers at {addr} after 90 s")));
+    }
+    Err(Error::Other(format!(
+        "no RabbitMQ broker answers at {addr}. Start one with `sudo apt-get install -y rabbitmq-server && sudo rabbitmq-server -detached` (or run ./scripts/run.sh, which does it), or point --amqp-url / AMQP_URL at yours"
+    )))
+}
+
+/// host:port of an amqp:// URL (default port 5672).
+pub fn broker_addr(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, h)| h);
+    if hostport.is_empty() {
+        "127.0.0.1:5672".into()
+    } else if hostport.contains(':') && !hostport.ends_with(']') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:5672")
+    }
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
+        .unwrap_or(false)
+        || Path::new("/usr/sbin").join(program).is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_come_from_urls() {
+        assert_eq!(broker_addr("amqp://guest:guest@127.0.0.1:5672/%2f"), "127.0.0.1:5672");
+        assert_eq!(broker_addr("amqp://rabbit.example/%2f"), "rabbit.example:5672");
+        assert_eq!(broker_addr("amqp://u:p@[::1]:5673/vh"), "[::1]:5673");
+        assert_eq!(broker_addr("amqp://"), "127.0.0.1:5672");
+    }
+}

@@ -1,0 +1,67 @@
+//! Tiny SNS node library: everything `sns-node` runs, testable in-process.
+//!
+//! - [`coordinator`]: routing table, heartbeats, master/slave roles;
+//! - [`server`]: the course's SNS service, files, master -> slave forwarding;
+//! - [`sync`]: the synchronizer between clusters, over RabbitMQ;
+//! - [`store`]: journal, state machine and the spec's files;
+//! - [`topology`] and [`launcher`]: one deployment plan, run as local processes.
+
+pub mod cli;
+pub mod coordinator;
+pub mod error;
+pub mod ids;
+pub mod launcher;
+pub mod net;
+pub mod server;
+pub mod store;
+pub mod sync;
+pub mod telemetry;
+pub mod topology;
+
+use cli::{Cli, Command};
+use error::{Error, Result};
+use tokio_util::sync::CancellationToken;
+
+/// Runs the command `cli` names until it finishes or is told to stop.
+pub fn run(cli: Cli) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        match cli.command {
+            Command::Coordinator(a) => {
+                let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
+                coordinator::run(a.config(), listener, shutdown).await
+            }
+            Command::Server(a) => {
+                let cfg = a.config().map_err(Error::Config)?;
+                let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
+                server::run(cfg, listener, shutdown).await
+            }
+            Command::Synchronizer(a) => {
+                let cfg = a.config().map_err(Error::Config)?;
+                let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
+                sync::run(cfg, listener, shutdown).await
+            }
+            Command::Local(a) => launcher::run(a, shutdown).await,
+        }
+    })
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+async fn stop_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping");
+    token.cancel();
+}

@@ -1,0 +1,62 @@
+//! Small networking helpers shared by every node kind.
+
+use crate::error::{Error, Result};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long to wait for a TCP connection to a peer on the same network.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Upper bound for one unary call between nodes.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds `bind:port` (port 0 = any free port) and, if asked, writes the
+/// bound port to `port_file` (so a launcher can start nodes on free ports).
+pub async fn bind(bind: &str, port: u16, port_file: Option<&Path>) -> Result<TcpListener> {
+    let listener = TcpListener::bind((bind, port))
+        .await
+        .map_err(|e| Error::Config(format!("cannot listen on {bind}:{port}: {e}")))?;
+    if let Some(path) = port_file {
+        let port = local_port(&listener)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, port.to_string()).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(listener)
+}
+
+pub fn local_port(listener: &TcpListener) -> Result<u16> {
+    listener.local_addr().map(|a: SocketAddr| a.port()).map_err(|e| Error::Other(e.to_string()))
+}
+
+/// The listener as a stream of accepted connections, for tonic, with
+/// Nagle's algorithm off: every message here is small and latency-bound.
+pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// A lazily connecting channel to `host:port`.
+pub fn channel(host: &str, port: &str) -> Result<Channel> {
+    let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
+    let endpoint = Endpoint::from_shared(format!("http://{host}:{port}"))
+        .map_err(|e| Error::Config(format!("bad address {host}:{port}: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .tcp_nodelay(true);
+    Ok(endpoint.connect_lazy())
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A lazily connecting channel to `host:port` given as one string.
+pub fn channel_to(addr: &str) -> Result<Channel> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| Error::Config(format!("address {addr:?} is not host:port")))?;
+    channel(host.trim_start_matches('[').trim_end_matches(']'), port)
+}

@@ -1,0 +1,128 @@
+//! Our internal `Replica` service: master -> slave forwarding, status, and
+//! the link between a server and its synchronizer.
+
+use super::Node;
+use crate::store::codec;
+use sns_proto::internal::replica_server::{Replica, ReplicaServer};
+use sns_proto::internal::{
+    AckReply, AckRequest, ApplyReply, ReplicateReply, ReplicateRequest, ServerStatus, StatusRequest, SyncEvent,
+    TailRequest,
+};
+use std::pin::Pin;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+pub struct ReplicaService {
+    node: Node,
+    shutdown: CancellationToken,
+}
+
+pub fn service(node: Node, shutdown: CancellationToken) -> ReplicaServer<ReplicaService> {
+    ReplicaServer::new(ReplicaService { node, shutdown })
+}
+
+/// How many outbox events one read of the store hands to the stream.
+const TAIL_BATCH: usize = 256;
+
+#[tonic::async_trait]
+impl Replica for ReplicaService {
+    async fn replicate(&self, req: Request<ReplicateRequest>) -> Result<Response<ReplicateReply>, Status> {
+        let req = req.into_inner();
+        if req.cluster != self.node.cfg().cluster {
+            return Err(Status::invalid_argument(format!(
+                "write for cluster {} sent to a server of cluster {}",
+                req.cluster,
+                self.node.cfg().cluster
+            )));
+        }
+        let op = req.op.ok_or_else(|| Status::invalid_argument("no op"))?;
+        let op = codec::local_op_from_pb(&op).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.node.apply_replicated(req.term, op, req.published_upto).await?;
+        Ok(Response::new(ReplicateReply {}))
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<ServerStatus>, Status> {
+        let role = self.node.role();
+        let cfg = self.node.cfg();
+        let (next_seq, published_upto, users, posts) =
+            self.node.read(|s| (s.next_seq(), s.published_upto(), s.users().len() as u32, s.post_count()));
+        Ok(Response::new(ServerStatus {
+            cluster: cfg.cluster,
+            server_id: cfg.id,
+            is_master: role.is_master,
+            term: role.term,
+            slave: role.slave.map(|(_, h, p)| format!("{h}:{p}")).unwrap_or_default(),
+            next_seq,
+            published_upto,
+            users,
+            posts,
+        }))
+    }
+
+    type TailOutboxStream = Pin<Box<dyn Stream<Item = Result<SyncEvent, Status>> + Send>>;
+
+    async fn tail_outbox(&self, _req: Request<TailRequest>) -> Result<Response<Self::TailOutboxStream>, Status> {
+        let (tx, rx) = mpsc::channel(TAIL_BATCH);
+        tokio::spawn(tail(self.node.clone(), tx, self.shutdown.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack_outbox(&self, req: Request<AckRequest>) -> Result<Response<AckReply>, Status> {
+        self.node.ack_outbox(req.into_inner().upto).await?;
+        Ok(Response::new(AckReply {}))
+    }
+
+    async fn apply_remote(&self, req: Request<SyncEvent>) -> Result<Response<ApplyReply>, Status> {
+        let event = codec::event_from_pb(&req.into_inner(), self.node.cfg().clusters)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let applied = self.node.apply_remote(event).await?;
+        Ok(Response::new(ApplyReply { applied }))
+    }
+}
+
+/// Streams unpublished outbox events while this server is the master:
+/// waits to become master, sends everything after the published mark, then
+/// each new event as it is committed. Ends when the server stops being
+/// master, so a demoted server's synchronizer stops publishing at once.
+async fn tail(node: Node, tx: mpsc::Sender<Result<SyncEvent, Status>>, shutdown: CancellationToken) {
+    let mut role = node.watch_role();
+    let mut commits = node.watch_commits();
+    loop {
+        if role.borrow_and_update().is_master {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tx.closed() => return,
+            changed = role.changed() => if changed.is_err() { return },
+        }
+    }
+    let mut sent = node.read(|s| s.published_upto());
+    loop {
+        commits.borrow_and_update();
+        let batch: Vec<SyncEvent> =
+            node.read(|s| s.outbox_after(sent).take(TAIL_BATCH).map(codec::event_to_pb).collect());
+        for event in batch {
+            sent = event.seq;
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
+        }
+        if node.read(|s| s.outbox_after(sent).next().is_some()) {
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tx.closed() => return,
+            changed = commits.changed() => if changed.is_err() { return },
+            changed = role.changed() => {
+                if changed.is_err() || !role.borrow_and_update().is_master {
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The course's `SNSService` (Login, List, Follow, UnFollow, Timeline):
+//! protobuf in, [`Node`] calls, status words out.
+
+use super::Node;
+use crate::ids::parse_user;
+use crate::net::now_ms;
+use crate::store::codec::check_post_text;
+use crate::store::state::{Change, Outcome, Post};
+use sns_proto::csce438::sns_service_server::{SnsService, SnsServiceServer};
+use sns_proto::csce438::{ListReply, Message, Reply, Request as SnsRequest};
+use std::pin::Pin;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct Sns {
+    node: Node,
+    shutdown: CancellationToken,
+}
+
+pub fn service(node: Node, shutdown: CancellationToken) -> SnsServiceServer<Sns> {
+    SnsServiceServer::new(Sns { node, shutdown })
+}
+
+fn reply(outcome: Outcome) -> Response<Reply> {
+    Response::new(Reply { msg: outcome.as_str().to_string() })
+}
+
+fn to_message(p: &Post) -> Message {
+    Message {
+        username: p.user.to_string(),
+        msg: p.text.to_string(),
+        timestamp: Some(prost_types::Timestamp {
+            seconds: p.at_ms.div_euclid(1000),
+            nanos: (p.at_ms.rem_euclid(1000) * 1_000_000) as i32,
+        }),
+    }
+}
+
+fn post_time(m: &Message) -> i64 {
+    match &m.timestamp {
+        Some(t) if t.seconds > 0 => t.seconds.saturating_mul(1000) + i64::from(t.nanos.clamp(0, 999_999_999) / 1_000_000),
+        _ => now_ms(),
+    }
+}
+
+impl Sns {
+    /// The caller: a valid id of this server's cluster.
+    fn caller(&self, username: &str) -> Result<u32, Outcome> {
+        let user = parse_user(username).map_err(|_| Outcome::InvalidUsername)?;
+        if self.node.read(|s| s.is_local(user)) { Ok(user) } else { Err(Outcome::Invalid) }
+    }
+
+    async fn relation(&self, req: SnsRequest, follow: bool) -> Result<Response<Reply>, Status> {
+        let user = match self.caller(&req.username) {
+            Ok(u) => u,
+            Err(o) => return Ok(reply(o)),
+        };
+        let Some(target) = req.arguments.first().and_then(|a| parse_user(a.trim()).ok()) else {
+            return Ok(reply(Outcome::InvalidUsername));
+        };
+        let outcome = self
+            .node
+            .write(|s| {
+                let check = if follow { s.check_follow(user, target) } else { s.check_unfollow(user, target) };
+                match check {
+                    Outcome::Success => Ok(Some(Change::Relation { follower: user, followee: target, follow, at_ms: now_ms() })),
+                    refusal => Err(refusal),
+                }
+            })
+            .await?;
+        Ok(reply(outcome.err().unwrap_or(Outcome::Success)))
+    }
+}
+
+type TimelineStream = Pin<Box<dyn Stream<Item = Result<Message, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SnsService for Sns {
+    async fn login(&self, req: Request<SnsRequest>) -> Result<Response<Reply>, Status> {
+        let user = match self.caller(&req.into_inner().username) {
+            Ok(u) => u,
+            Err(o) => return Ok(reply(o)),
+        };
+        let result = self
+            .node
+            .write::<Outcome>(|s| Ok((!s.has_user(user)).then_some(Change::User(user))))
+            .await?;
+        Ok(reply(result.err().unwrap_or(Outcome::Success)))
+    }
+
+    async fn list(&self, req: Request<SnsRequest>) -> Result<Response<ListReply>, Status> {
+        let user = self
+            .caller(&req.into_inner().username)
+            .map_err(|o| Status::invalid_argument(o.as_str()))?;
+        self.node.read(|s| {
+            if !s.has_user(user) {
+                return Err(Status::not_found(Outcome::NotExists.as_str()));
+            }
+            Ok(Response::new(ListReply {
+                all_users: s.users().iter().map(u32::to_string).collect(),
+                followers: s.followers(user).map(|u| u.to_string()).collect(),
+            }))
+        })
+    }
+
+    async fn follow(&self, req: Request<SnsRequest>) -> Result<Response<Reply>, Status> {
+        self.relation(req.into_inner(), true).await
+    }
+
+    async fn un_follow(&self, req: Request<SnsRequest>) -> Result<Response<Reply>, Status> {
+        self.relation(req.into_inner(), false).await
+    }
+
+    type TimelineStream = TimelineStream;
+
+    async fn timeline(&self, req: Request<Streaming<Message>>) -> Result<Response<TimelineStream>, Status> {
+        let mut inbound = req.into_inner();
+        // The opening names the user; its text is ignored (course clients
+        // send an empty or a fixed one).
+        let opening = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("timeline opened without a message naming the user"))?;
+        let user = self.caller(&opening.username).map_err(|o| Status::invalid_argument(o.as_str()))?;
+        if !self.node.read(|s| s.has_user(user)) {
+            return Err(Status::not_found(format!("{}: user {user} has not logged in", Outcome::NotExists.as_str())));
+        }
+        let (backlog, live) = self.node.store().subscribe(user);
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(send_posts(backlog, live, tx.clone(), self.shutdown.clone()));
+        tokio::spawn(take_posts(self.node.clone(), user, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Streams the backlog, then live feed posts, until the client goes away.
+async fn send_posts(
+    backlog: Vec<Post>,
+    mut live: broadcast::Receiver<Post>,
+    tx: mpsc::Sender<Result<Message, Status>>,
+    shutdown: CancellationToken,
+) {
+    for p in &backlog {
+        if tx.send(Ok(to_message(p))).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        let post = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tx.closed() => return,
+            post = live.recv() => post,
+        };
+        match post {
+            Ok(p) => {
+                if tx.send(Ok(to_message(&p))).await.is_err() {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!(missed = n, "timeline reader too slow; skipped posts"),
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Turns every later client message into a post.
+async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: mpsc::Sender<Result<Message, Status>>) {
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(_) => return,
+        };
+        if msg.msg.is_empty() {
+            continue;
+        }
+        if let Err(why) = check_post_text(&msg.msg) {
+            // Refuse loudly and end the session: the client learns why.
+            let _ = tx.send(Err(Status::invalid_argument(why))).await;
+            return;
+        }
+        let post = Post { user, text: msg.msg.as_str().into(), at_ms: post_time(&msg) };
+        match node.write::<Outcome>(|_| Ok(Some(Change::Post(post)))).await {
+            Ok(_) => {}
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        }
+    }
+}

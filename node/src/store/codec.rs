@@ -1,0 +1,209 @@
+//! Conversions between the domain types of [`super::state`] and their
+//! protobuf form (journal records, replication requests, broker messages).
+//! Decoding validates: a message that decodes but makes no sense (user 0,
+//! an unknown cluster, a post with a newline) is rejected here, once.
+
+use super::state::{Change, Entry, LocalOp, Post, RemoteEvent};
+use prost::Message as _;
+use sns_proto::internal as pb;
+use std::sync::Arc;
+
+/// Longest post text accepted, in bytes. Posts are short status lines; the
+/// cap keeps a single post from bloating every follower's feed file.
+pub const MAX_POST_BYTES: usize = 4096;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("not a valid protobuf message: {0}")]
+    Protobuf(String),
+    #[error("message has no content")]
+    Empty,
+    #[error("invalid field: {0}")]
+    Invalid(String),
+}
+
+/// Why a post text is refused.
+pub fn check_post_text(text: &str) -> Result<(), String> {
+    if text.len() > MAX_POST_BYTES {
+        Err(format!("post is {} bytes; at most {MAX_POST_BYTES} are allowed", text.len()))
+    } else if text.contains(['\n', '\r']) {
+        Err("post must be a single line".to_string())
+    } else {
+        Ok(())
+    }
+}
+
+fn user(id: u32) -> Result<u32, DecodeError> {
+    if id == 0 { Err(DecodeError::Invalid("user id 0".into())) } else { Ok(id) }
+}
+
+fn change_from_user(u: &pb::UserAdded) -> Result<Change, DecodeError> {
+    Ok(Change::User(user(u.user)?))
+}
+
+fn change_from_relation(r: &pb::Relation) -> Result<Change, DecodeError> {
+    Ok(Change::Relation { follower: user(r.follower)?, followee: user(r.followee)?, follow: r.follow, at_ms: r.at_ms })
+}
+
+fn change_from_post(p: &pb::Post) -> Result<Change, DecodeError> {
+    check_post_text(&p.text).map_err(DecodeError::Invalid)?;
+    Ok(Change::Post(Post { user: user(p.user)?, text: Arc::from(p.text.as_str()), at_ms: p.at_ms }))
+}
+
+fn relation_to_pb(follower: u32, followee: u32, follow: bool, at_ms: i64) -> pb::Relation {
+    pb::Relation { follower, followee, follow, at_ms }
+}
+
+fn post_to_pb(p: &Post) -> pb::Post {
+    pb::Post { user: p.user, text: p.text.to_string(), at_ms: p.at_ms }
+}
+
+pub fn local_op_to_pb(op: &LocalOp) -> pb::LocalOp {
+    use pb::local_op::Kind;
+    let kind = match &op.change {
+        Change::User(u) => Kind::Login(pb::UserAdded { user: *u }),
+        Change::Relation { follower, followee, follow, at_ms } => {
+            Kind::Relation(relation_to_pb(*follower, *followee, *follow, *at_ms))
+        }
+        Change::Post(p) => Kind::Post(post_to_pb(p)),
+    };
+    pb::LocalOp { seq: op.seq, kind: Some(kind) }
+}
+
+pub fn local_op_from_pb(op: &pb::LocalOp) -> Result<LocalOp, DecodeError> {
+    use pb::local_op::Kind;
+    let change = match op.kind.as_ref().ok_or(DecodeError::Empty)? {
+        Kind::Login(u) => change_from_user(u)?,
+        Kind::Relation(r) => change_from_relation(r)?,
+        Kind::Post(p) => change_from_post(p)?,
+    };
+    if op.seq == 0 {
+        return Err(DecodeError::Invalid("seq 0".into()));
+    }
+    Ok(LocalOp { seq: op.seq, change })
+}
+
+pub fn event_to_pb(e: &RemoteEvent) -> pb::SyncEvent {
+    use pb::sync_event::Kind;
+    let kind = match &e.change {
+        Change::User(u) => Kind::User(pb::UserAdded { user: *u }),
+        Change::Relation { follower, followee, follow, at_ms } => {
+            Kind::Relation(relation_to_pb(*follower, *followee, *follow, *at_ms))
+        }
+        Change::Post(p) => Kind::Post(post_to_pb(p)),
+    };
+    pb::SyncEvent { origin_cluster: e.origin, seq: e.seq, kind: Some(kind) }
+}
+
+/// Validates a decoded broker event for a deployment of `clusters` clusters.
+pub fn event_from_pb(e: &pb::SyncEvent, clusters: u32) -> Result<RemoteEvent, DecodeError> {
+    use pb::sync_event::Kind;
+    if e.origin_cluster == 0 || e.origin_cluster > clusters {
+        return Err(DecodeError::Invalid(format!("origin cluster {} of {clusters}", e.origin_cluster)));
+    }
+    if e.seq == 0 {
+        return Err(DecodeError::Invalid("seq 0".into()));
+    }
+    let change = match e.kind.as_ref().ok_or(DecodeError::Empty)? {
+        Kind::User(u) => change_from_user(u)?,
+        Kind::Relation(r) => change_from_relation(r)?,
+        Kind::Post(p) => change_from_post(p)?,
+    };
+    Ok(RemoteEvent { origin: e.origin_cluster, seq: e.seq, change })
+}
+
+/// Encodes a broker message body.
+pub fn encode_event(e: &RemoteEvent) -> Vec<u8> {
+    event_to_pb(e).encode_to_vec()
+}
+
+/// Decodes and validates a broker message body.
+pub fn decode_event(body: &[u8], clusters: u32) -> Result<RemoteEvent, DecodeError> {
+    let msg = pb::SyncEvent::decode(body).map_err(|e| DecodeError::Protobuf(e.to_string()))?;
+    event_from_pb(&msg, clusters)
+}
+
+pub fn encode_entry(entry: &Entry) -> Vec<u8> {
+    use pb::journal_entry::Entry as E;
+    let e = match entry {
+        Entry::Local(op) => E::Local(local_op_to_pb(op)),
+        Entry::Remote(ev) => E::Remote(event_to_pb(ev)),
+        Entry::PublishedUpto(n) => E::PublishedUpto(*n),
+    };
+    pb::JournalEntry { entry: Some(e) }.encode_to_vec()
+}
+
+pub fn decode_entry(body: &[u8], clusters: u32) -> Result<Entry, DecodeError> {
+    use pb::journal_entry::Entry as E;
+    let msg = pb::JournalEntry::decode(body).map_err(|e| DecodeError::Protobuf(e.to_string()))?;
+    match msg.entry.ok_or(DecodeError::Empty)? {
+        E::Local(op) => Ok(Entry::Local(local_op_from_pb(&op)?)),
+        E::Remote(ev) => Ok(Entry::Remote(event_from_pb(&ev, clusters)?)),
+        E::PublishedUpto(n) => Ok(Entry::PublishedUpto(n)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Change> {
+        vec![
+            Change::User(7),
+            Change::Relation { follower: 1, followee: 2, follow: true, at_ms: 5 },
+            Change::Relation { follower: 1, followee: 2, follow: false, at_ms: 6 },
+            Change::Post(Post { user: 3, text: "héllo".into(), at_ms: 1_700_000_000_123 }),
+        ]
+    }
+
+    #[test]
+    fn events_round_trip() {
+        for (i, change) in samples().into_iter().enumerate() {
+            let e = RemoteEvent { origin: 2, seq: i as u64 + 1, change };
+            assert_eq!(decode_event(&encode_event(&e), 3), Ok(e));
+        }
+    }
+
+    #[test]
+    fn journal_entries_round_trip() {
+        for (i, change) in samples().into_iter().enumerate() {
+            let local = Entry::Local(LocalOp { seq: i as u64 + 1, change: change.clone() });
+            assert_eq!(decode_entry(&encode_entry(&local), 3), Ok(local));
+            let remote = Entry::Remote(RemoteEvent { origin: 3, seq: 9, change });
+            assert_eq!(decode_entry(&encode_entry(&remote), 3), Ok(remote));
+        }
+        let mark = Entry::PublishedUpto(42);
+        assert_eq!(decode_entry(&encode_entry(&mark), 3), Ok(mark));
+    }
+
+    #[test]
+    fn malformed_events_are_rejected() {
+        assert!(matches!(decode_event(b"\xff\xff\xff", 3), Err(DecodeError::Protobuf(_))));
+        assert_eq!(decode_event(&[], 3), Err(DecodeError::Invalid("origin cluster 0 of 3".into())));
+        let good = RemoteEvent { origin: 1, seq: 1, change: Change::User(1) };
+        assert!(decode_event(&encode_event(&good), 3).is_ok());
+        let mut far = event_to_pb(&good);
+        far.origin_cluster = 4;
+        assert!(event_from_pb(&far, 3).is_err());
+        let mut zero = event_to_pb(&good);
+        zero.kind = Some(pb::sync_event::Kind::User(pb::UserAdded { user: 0 }));
+        assert!(event_from_pb(&zero, 3).is_err());
+        let mut none = event_to_pb(&good);
+        none.kind = None;
+        assert_eq!(event_from_pb(&none, 3), Err(DecodeError::Empty));
+        let big = pb::SyncEvent {
+            origin_cluster: 1,
+            seq: 1,
+            kind: Some(pb::sync_event::Kind::Post(pb::Post { user: 1, text: "x".repeat(MAX_POST_BYTES + 1), at_ms: 0 })),
+        };
+        assert!(event_from_pb(&big, 3).is_err());
+    }
+
+    #[test]
+    fn post_text_rules() {
+        assert!(check_post_text("fine").is_ok());
+        assert!(check_post_text(&"x".repeat(MAX_POST_BYTES)).is_ok());
+        assert!(check_post_text(&"x".repeat(MAX_POST_BYTES + 1)).is_err());
+        assert!(check_post_text("two\nlines").is_err());
+    }
+}

@@ -1,0 +1,490 @@
+//! The in-memory state of one server and the rules that change it.
+//!
+//! Pure: no files, no network, no clock. Every change arrives as an
+//! [`Entry`] (a client write accepted by the cluster's master, an event from
+//! another cluster, or an outbox mark) and [`State::apply`] returns the
+//! [`Effect`]s the file views and live timeline streams must reflect. Master
+//! and slave apply the same local entries in the same order and the same
+//! remote events in any order, and end in the same state: that is what
+//! keeps their files identical.
+
+use crate::ids::cluster_of;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// How many posts a timeline shows on entry (SPEC §3).
+pub const BACKLOG: usize = 20;
+
+/// A post as it lives in memory; the text is shared by every feed holding it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Post {
+    pub user: u32,
+    pub text: Arc<str>,
+    pub at_ms: i64,
+}
+
+impl Post {
+    /// Feed order: by time, then author, then text, so that every replica
+    /// orders a feed the same way whatever order the posts arrived in.
+    fn key(&self) -> (i64, u32, &str) {
+        (self.at_ms, self.user, &self.text)
+    }
+}
+
+/// A change to the social graph or the posts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A user logged in for the first time.
+    User(u32),
+    Relation { follower: u32, followee: u32, follow: bool, at_ms: i64 },
+    Post(Post),
+}
+
+/// A client write accepted by this cluster's master; `seq` is dense.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalOp {
+    pub seq: u64,
+    pub change: Change,
+}
+
+/// An event of cluster `origin`, as published between clusters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteEvent {
+    pub origin: u32,
+    pub seq: u64,
+    pub change: Change,
+}
+
+/// One journal record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Local(LocalOp),
+    Remote(RemoteEvent),
+    /// Outbox events up to this seq are confirmed by the broker.
+    PublishedUpto(u64),
+}
+
+/// What an applied entry changed, for the file views and the live streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// `all_users.txt` changed.
+    Users,
+    /// A user of this cluster appeared: create its (empty) files.
+    NewLocalUser(u32),
+    FollowList(u32),
+    Followers(u32),
+    TimelineAppend { user: u32, post: Post },
+    /// `post` entered `user`'s feed; `appended` = it sorts last.
+    Feed { user: u32, post: Post, appended: bool },
+}
+
+/// The outcome of a command, in the course's status words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    AlreadyExists,
+    NotExists,
+    InvalidUsername,
+    NotAFollower,
+    Invalid,
+    Unknown,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "SUCCESS",
+            Outcome::AlreadyExists => "FAILURE_ALREADY_EXISTS",
+            Outcome::NotExists => "FAILURE_NOT_EXISTS",
+            Outcome::InvalidUsername => "FAILURE_INVALID_USERNAME",
+            Outcome::NotAFollower => "FAILURE_NOT_A_FOLLOWER",
+            Outcome::Invalid => "FAILURE_INVALID",
+            Outcome::Unknown => "FAILURE_UNKNOWN",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct State {
+    cluster: u32,
+    clusters: u32,
+    users: BTreeSet<u32>,
+    /// user (of this cluster) -> followee -> follow start (ms).
+    following: HashMap<u32, BTreeMap<u32, i64>>,
+    /// user of this cluster -> all its followers, from every cluster.
+    followers: HashMap<u32, BTreeSet<u32>>,
+    /// author of any cluster -> the users of this cluster who follow it:
+    /// the fan-out index for local and remote posts alike.
+    local_followers: HashMap<u32, BTreeSet<u32>>,
+    timelines: HashMap<u32, Vec<Post>>,
+    feeds: HashMap<u32, Vec<Post>>,
+    next_seq: u64,
+    published_upto: u64,
+    /// Local events not yet confirmed by the broker, by seq.
+    outbox: BTreeMap<u64, RemoteEvent>,
+    /// origin cluster -> highest event seq applied from it.
+    applied: HashMap<u32, u64>,
+}
+
+impl State {
+    pub fn new(cluster: u32, clusters: u32) -> Self {
+        State {
+            cluster,
+            clusters,
+            users: BTreeSet::new(),
+            following: HashMap::new(),
+            followers: HashMap::new(),
+            local_followers: HashMap::new(),
+            timelines: HashMap::new(),
+            feeds: HashMap::new(),
+            next_seq: 1,
+            published_upto: 0,
+            outbox: BTreeMap::new(),
+            applied: HashMap::new(),
+        }
+    }
+
+    pub fn cluster(&self) -> u32 {
+        self.cluster
+    }
+
+    pub fn is_local(&self, user: u32) -> bool {
+        cluster_of(user, self.clusters) == self.cluster
+    }
+
+    pub fn users(&self) -> &BTreeSet<u32> {
+        &self.users
+    }
+
+    pub fn has_user(&self, user: u32) -> bool {
+        self.users.contains(&user)
+    }
+
+    pub fn following(&self, user: u32) -> impl Iterator<Item = u32> + '_ {
+        self.following.get(&user).into_iter().flat_map(|m| m.keys().copied())
+    }
+
+    pub fn followers(&self, user: u32) -> impl Iterator<Item = u32> + '_ {
+        self.followers.get(&user).into_iter().flat_map(|s| s.iter().copied())
+    }
+
+    pub fn timeline(&self, user: u32) -> &[Post] {
+        self.timelines.get(&user).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn feed(&self, user: u32) -> &[Post] {
+        self.feeds.get(&user).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn published_upto(&self) -> u64 {
+        self.published_upto
+    }
+
+    pub fn post_count(&self) -> u64 {
+        self.timelines.values().map(|t| t.len() as u64).sum()
+    }
+
+    /// Unpublished outbox events with seq greater than `after`, in order.
+    pub fn outbox_after(&self, after: u64) -> impl Iterator<Item = &RemoteEvent> {
+        self.outbox.range(after + 1..).map(|(_, e)| e)
+    }
+
+    /// Whether `event` would change anything (false for a redelivery, an
+    /// event of our own cluster, or one that is not ours to apply).
+    pub fn is_new_remote(&self, event: &RemoteEvent) -> bool {
+        event.origin != self.cluster && event.seq > self.applied.get(&event.origin).copied().unwrap_or(0)
+    }
+
+    /// Checks a FOLLOW of `target` by `user` (a known local user).
+    pub fn check_follow(&self, user: u32, target: u32) -> Outcome {
+        if !self.users.contains(&user) {
+            Outcome::NotExists
+        } else if target == user {
+            Outcome::AlreadyExists
+        } else if !self.users.contains(&target) {
+            Outcome::InvalidUsername
+        } else if self.following.get(&user).is_some_and(|m| m.contains_key(&target)) {
+            Outcome::AlreadyExists
+        } else {
+            Outcome::Success
+        }
+    }
+
+    /// Checks an UNFOLLOW of `target` by `user`.
+    pub fn check_unfollow(&self, user: u32, target: u32) -> Outcome {
+        if !self.users.contains(&user) {
+            Outcome::NotExists
+        } else if target == user || !self.users.contains(&target) {
+            Outcome::InvalidUsername
+        } else if !self.following.get(&user).is_some_and(|m| m.contains_key(&target)) {
+            Outcome::NotAFollower
+        } else {
+            Outcome::Success
+        }
+    }
+
+    /// What a timeline shows on entry: up to [`BACKLOG`] most recent posts of
+    /// users `user` follows now, made after the follow began, oldest first.
+    pub fn backlog(&self, user: u32) -> Vec<Post> {
+        let follows = self.following.get(&user);
+        let visible = |p: &&Post| {
+            p.user != user && follows.and_then(|m| m.get(&p.user)).is_some_and(|since| p.at_ms >= *since)
+        };
+        let mut posts: Vec<Post> = self.feed(user).iter().rev().filter(visible).take(BACKLOG).cloned().collect();
+        posts.reverse();
+        posts
+    }
+
+    /// Applies one journal entry. Applying a remote event twice, or an entry
+    /// that changes nothing, yields no effects.
+    pub fn apply(&mut self, entry: &Entry) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        match entry {
+            Entry::Local(op) => {
+                self.next_seq = self.next_seq.max(op.seq + 1);
+                self.apply_change(&op.change, true, &mut effects);
+                if let Some(event) = self.publishable(op) {
+                    self.outbox.insert(op.seq, event);
+                }
+            }
+            Entry::Remote(event) => {
+                if !self.is_new_remote(event) {
+                    return effects;
+                }
+                self.applied.insert(event.origin, event.seq);
+                self.apply_change(&event.change, false, &mut effects);
+            }
+            Entry::PublishedUpto(upto) => {
+                if *upto > self.published_upto {
+                    self.published_upto = *upto;
+                    self.outbox = self.outbox.split_off(&(upto + 1));
+                }
+            }
+        }
+        effects
+    }
+
+    /// The event other clusters need for a local op, if any: users and posts
+    /// go everywhere (each cluster knows its own followers best, so the
+    /// receiver picks the feeds), relations only when the followee is remote.
+    fn publishable(&self, op: &LocalOp) -> Option<RemoteEvent> {
+        let wanted = match &op.change {
+            Change::User(_) | Change::Post(_) => true,
+            Change::Relation { followee, .. } => !self.is_local(*followee),
+        };
+        wanted.then(|| RemoteEvent { origin: self.cluster, seq: op.seq, change: op.change.clone() })
+    }
+
+    fn apply_change(&mut self, change: &Change, local: bool, effects: &mut Vec<Effect>) {
+        match change {
+            Change::User(user) => {
+                if self.users.insert(*user) {
+                    effects.push(Effect::Users);
+                    if self.is_local(*user) {
+                        effects.push(Effect::NewLocalUser(*user));
+                    }
+                }
+            }
+            Change::Relation { follower, followee, follow, at_ms } => {
+                let (follower, followee) = (*follower, *followee);
+                // A local op records the follower's side; the followee's side
+                // is recorded wherever the followee lives (here, or through
+                // the followee's cluster applying the published relation).
+                if local {
+                    let list = self.following.entry(follower).or_default();
+                    let changed = if *follow {
+                        list.insert(followee, *at_ms).is_none()
+                    } else {
+                        list.remove(&followee).is_some()
+                    };
+                    if changed {
+                        effects.push(Effect::FollowList(follower));
+                    }
+                    let index = self.local_followers.entry(followee).or_default();
+                    if *follow {
+                        index.insert(follower);
+                    } else {
+                        index.remove(&follower);
+                    }
+                }
+                if self.is_local(followee) {
+                    let set = self.followers.entry(followee).or_default();
+                    let changed = if *follow { set.insert(follower) } else { set.remove(&follower) };
+                    if changed {
+                        effects.push(Effect::Followers(followee));
+                    }
+                }
+            }
+            Change::Post(post) => {
+                if local {
+                    self.timelines.entry(post.user).or_default().push(post.clone());
+                    effects.push(Effect::TimelineAppend { user: post.user, post: post.clone() });
+                }
+                let Some(readers) = self.local_followers.get(&post.user) else { return };
+                for reader in readers {
+                    let since = self.following.get(reader).and_then(|m| m.get(&post.user));
+                    if *reader == post.user || since.is_none_or(|s| post.at_ms < *s) {
+                        continue;
+                    }
+                    let feed = self.feeds.entry(*reader).or_default();
+                    let at = feed.partition_point(|p| p.key() <= post.key());
+                    let appended = at == feed.len();
+                    feed.insert(at, post.clone());
+                    effects.push(Effect::Feed { user: *reader, post: post.clone(), appended });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn post(user: u32, text: &str, at_ms: i64) -> Change {
+        Change::Post(Post { user, text: text.into(), at_ms })
+    }
+
+    fn rel(follower: u32, followee: u32, follow: bool, at_ms: i64) -> Change {
+        Change::Relation { follower, followee, follow, at_ms }
+    }
+
+    /// A cluster-1 state (of 3) that applies local ops with dense seqs.
+    struct Node {
+        state: State,
+    }
+
+    impl Node {
+        fn new(cluster: u32) -> Self {
+            Node { state: State::new(cluster, 3) }
+        }
+        fn local(&mut self, change: Change) -> Vec<Effect> {
+            let seq = self.state.next_seq();
+            self.state.apply(&Entry::Local(LocalOp { seq, change }))
+        }
+        fn remote(&mut self, origin: u32, seq: u64, change: Change) -> Vec<Effect> {
+            self.state.apply(&Entry::Remote(RemoteEvent { origin, seq, change }))
+        }
+    }
+
+    #[test]
+    fn follow_rules_match_the_course() {
+        let mut n = Node::new(1);
+        n.local(Change::User(1));
+        n.local(Change::User(4));
+        let s = &n.state;
+        assert_eq!(s.check_follow(1, 4), Outcome::Success);
+        assert_eq!(s.check_follow(1, 1), Outcome::AlreadyExists);
+        assert_eq!(s.check_follow(1, 7), Outcome::InvalidUsername);
+        assert_eq!(s.check_follow(9, 4), Outcome::NotExists);
+        assert_eq!(s.check_unfollow(1, 4), Outcome::NotAFollower);
+        assert_eq!(s.check_unfollow(1, 1), Outcome::InvalidUsername);
+        assert_eq!(s.check_unfollow(1, 7), Outcome::InvalidUsername);
+        n.local(rel(1, 4, true, 10));
+        assert_eq!(n.state.check_follow(1, 4), Outcome::AlreadyExists);
+        assert_eq!(n.state.check_unfollow(1, 4), Outcome::Success);
+        assert_eq!(n.state.followers(4).collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn local_posts_reach_local_followers_after_the_follow_only() {
+        let mut n = Node::new(1);
+        for u in [1, 4, 7] {
+            n.local(Change::User(u));
+        }
+        n.local(post(1, "before", 5));
+        n.local(rel(4, 1, true, 10));
+        n.local(rel(1, 1, true, 10)); // never shows own posts
+        let fx = n.local(post(1, "p11", 20));
+        assert!(fx.contains(&Effect::Feed {
+            user: 4,
+            post: Post { user: 1, text: "p11".into(), at_ms: 20 },
+            appended: true
+        }));
+        assert_eq!(n.state.backlog(4).iter().map(|p| &*p.text).collect::<Vec<_>>(), vec!["p11"]);
+        assert!(n.state.backlog(7).is_empty());
+        assert!(n.state.backlog(1).is_empty());
+        assert_eq!(n.state.timeline(1).len(), 2);
+    }
+
+    #[test]
+    fn backlog_is_the_last_twenty_oldest_first() {
+        let mut n = Node::new(1);
+        n.local(Change::User(1));
+        n.local(Change::User(4));
+        n.local(rel(4, 1, true, 0));
+        for i in 0..30 {
+            n.local(post(1, &format!("p{i}"), 100 + i));
+        }
+        let b = n.state.backlog(4);
+        assert_eq!(b.len(), BACKLOG);
+        assert_eq!(&*b[0].text, "p10");
+        assert_eq!(&*b[19].text, "p29");
+        n.local(rel(4, 1, false, 200));
+        assert!(n.state.backlog(4).is_empty(), "unfollowed authors disappear");
+    }
+
+    #[test]
+    fn remote_events_apply_once() {
+        let mut n = Node::new(2);
+        n.local(Change::User(2));
+        assert_eq!(n.remote(1, 1, Change::User(1)), vec![Effect::Users]);
+        assert!(n.remote(1, 1, Change::User(1)).is_empty(), "redelivery changes nothing");
+        n.local(rel(2, 1, true, 50));
+        // A remote post from before the follow is not shown; after it is.
+        assert!(n.remote(1, 2, post(1, "old", 40)).is_empty());
+        assert_eq!(n.remote(1, 3, post(1, "new", 60)).len(), 1);
+        assert!(n.remote(1, 3, post(1, "new", 60)).is_empty());
+        assert!(n.remote(1, 2, post(1, "late duplicate", 70)).is_empty());
+        assert_eq!(n.state.feed(2).len(), 1);
+        // Own-cluster events are never applied from the broker.
+        assert!(n.remote(2, 99, Change::User(5)).is_empty());
+    }
+
+    #[test]
+    fn remote_relations_update_followers_of_local_users() {
+        let mut n = Node::new(2);
+        n.local(Change::User(2));
+        assert_eq!(n.remote(1, 1, rel(1, 2, true, 5)), vec![Effect::Followers(2)]);
+        assert_eq!(n.state.followers(2).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(n.remote(1, 2, rel(1, 2, false, 6)), vec![Effect::Followers(2)]);
+        assert_eq!(n.state.followers(2).count(), 0);
+    }
+
+    #[test]
+    fn feeds_are_ordered_the_same_whatever_the_arrival_order() {
+        let mut a = Node::new(3);
+        let mut b = Node::new(3);
+        for n in [&mut a, &mut b] {
+            n.local(Change::User(3));
+            n.local(rel(3, 1, true, 0));
+            n.local(rel(3, 2, true, 0));
+        }
+        a.remote(1, 1, post(1, "x", 30));
+        a.remote(2, 1, post(2, "y", 20));
+        b.remote(2, 1, post(2, "y", 20));
+        b.remote(1, 1, post(1, "x", 30));
+        assert_eq!(a.state.feed(3), b.state.feed(3));
+        assert_eq!(&*a.state.feed(3)[0].text, "y");
+    }
+
+    #[test]
+    fn outbox_holds_what_other_clusters_need_until_published() {
+        let mut n = Node::new(1);
+        n.local(Change::User(1)); // seq 1: published
+        n.local(Change::User(4)); // seq 2
+        n.local(rel(1, 4, true, 1)); // seq 3: same cluster, not published
+        n.local(rel(1, 2, true, 1)); // seq 4: followee in cluster 2
+        n.local(post(1, "hi", 2)); // seq 5
+        let seqs: Vec<u64> = n.state.outbox_after(0).map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 4, 5]);
+        n.state.apply(&Entry::PublishedUpto(4));
+        let seqs: Vec<u64> = n.state.outbox_after(0).map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![5]);
+        assert_eq!(n.state.published_upto(), 4);
+    }
+}

@@ -1,0 +1,248 @@
+//! The synchronizer: carries one server's events to the other clusters
+//! through RabbitMQ, and the other clusters' events into that server.
+//!
+//! It keeps no state of its own. The server owns the outbox (its journal)
+//! and the published mark; the synchronizer tails the outbox over the local
+//! `Replica.TailOutbox` stream, which only flows while its server is master,
+//! so exactly the master's synchronizer publishes and a promoted server's
+//! synchronizer takes over by itself, starting from the replicated published
+//! mark. Incoming events are applied through `Replica.ApplyRemote`, which is
+//! idempotent, and acknowledged to the broker only after that returns.
+//! Why not write the files directly as the course does: the server is then
+//! the only writer of its directory, and it can push a remote post to open
+//! timeline streams the moment it lands.
+
+pub mod topology;
+
+use crate::error::{Error, Result};
+use crate::net;
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel as AmqpChannel, Connection, ConnectionProperties};
+use prost::Message as _;
+use sns_proto::csce438::ServerInfo;
+use sns_proto::csce438::coord_service_client::CoordServiceClient;
+use sns_proto::internal::coord_admin_client::CoordAdminClient;
+use sns_proto::internal::replica_client::ReplicaClient;
+use sns_proto::internal::{AckRequest, SyncEvent, TableRequest, TailRequest};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use topology::Names;
+
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    pub id: u32,
+    pub cluster: u32,
+    pub paired_server: u32,
+    pub clusters: u32,
+    pub servers_per_cluster: u32,
+    pub coord_host: String,
+    pub coord_port: u16,
+    pub advertise_host: String,
+    /// host:port of the server; None = look it up in the coordinator.
+    pub server_addr: Option<String>,
+    pub amqp_url: String,
+    pub deployment: String,
+    pub queue_expires: Option<Duration>,
+    pub heartbeat: Duration,
+}
+
+/// Most events published before waiting for the broker's confirms: enough
+/// to amortize a confirm round trip, small enough to bound a retry.
+const PUBLISH_BATCH: usize = 256;
+/// Unacknowledged deliveries the broker may push ahead of our applies.
+const PREFETCH: u16 = 256;
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Runs a synchronizer until `shutdown` is cancelled.
+pub async fn run(cfg: SyncConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    let port = net::local_port(&listener)?;
+    tracing::info!(id = cfg.id, cluster = cfg.cluster, server = cfg.paired_server, port, deployment = %cfg.deployment, "synchronizer starting");
+    let coord = net::channel(&cfg.coord_host, &cfg.coord_port.to_string())?;
+    let beats = tokio::spawn(heartbeats(cfg.clone(), port, coord.clone(), shutdown.clone()));
+    let bridge = tokio::spawn(bridge(cfg, coord, shutdown.clone()));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(net::incoming(listener), shutdown.cancelled())
+        .await;
+    beats.abort();
+    bridge.await.ok();
+    Ok(served?)
+}
+
+async fn heartbeats(cfg: SyncConfig, port: u16, coord: Channel, shutdown: CancellationToken) {
+    let mut client = CoordServiceClient::new(coord);
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut is_master = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let info = ServerInfo {
+            server_id: cfg.id as i32,
+            hostname: cfg.advertise_host.clone(),
+            port: port.to_string(),
+            r#type: "synchronizer".into(),
+            cluster_id: cfg.cluster as i32,
+            is_master,
+            term: 0,
+            paired_server_id: cfg.paired_server as i32,
+        };
+        match client.heartbeat(info).await {
+            Ok(r) => is_master = r.into_inner().is_master,
+            Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+/// Connects server and broker, and reconnects whichever fails, forever.
+async fn bridge(cfg: SyncConfig, coord: Channel, shutdown: CancellationToken) {
+    let names = Names::new(&cfg.deployment);
+    let mut delay = RETRY_MIN;
+    loop {
+        let attempt = async {
+            let server = find_server(&cfg, coord.clone(), &shutdown).await?;
+            let conn = Connection::connect(&cfg.amqp_url, ConnectionProperties::default()).await?;
+            let setup = conn.create_channel().await?;
+            topology::declare(&setup, &names, cfg.clusters, cfg.servers_per_cluster, cfg.queue_expires).await?;
+            tracing::info!(server = %server, "connected to server and broker");
+            let consumer = consume(&cfg, &names, &conn, ReplicaClient::new(net::channel_to(&server)?));
+            let publisher = publish(&cfg, &names, &conn, ReplicaClient::new(net::channel_to(&server)?), &shutdown);
+            let result = tokio::select! {
+                r = consumer => r,
+                r = publisher => r,
+                _ = shutdown.cancelled() => Ok(()),
+            };
+            conn.close(200, "synchronizer stopping".into()).await.ok();
+            result
+        };
+        match attempt.await {
+            Ok(()) if shutdown.is_cancelled() => return,
+            Ok(()) => delay = RETRY_MIN,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "synchronizer link down");
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// The address of this synchronizer's server: configured, or the live
+/// server of our cluster with our paired id in the coordinator's table.
+async fn find_server(cfg: &SyncConfig, coord: Channel, shutdown: &CancellationToken) -> Result<String> {
+    if let Some(addr) = &cfg.server_addr {
+        return Ok(addr.clone());
+    }
+    let mut admin = CoordAdminClient::new(coord);
+    loop {
+        if let Ok(table) = admin.table(TableRequest {}).await {
+            let found = table.into_inner().nodes.into_iter().find(|n| {
+                n.kind == "server" && n.cluster == cfg.cluster && n.id == cfg.paired_server && n.alive
+            });
+            if let Some(n) = found {
+                return Ok(format!("{}:{}", n.host, n.port));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(Error::Other("shutting down".into())),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// Applies every delivery to the server, then acknowledges it. A message
+/// that cannot be decoded is rejected to the dead-letter queue and logged.
+async fn consume(cfg: &SyncConfig, names: &Names, conn: &Connection, mut server: ReplicaClient<Channel>) -> Result<()> {
+    let channel = conn.create_channel().await?;
+    channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let queue = names.queue(cfg.id);
+    let mut deliveries = channel
+        .basic_consume(queue.as_str().into(), format!("sync-{}", cfg.id).into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    while let Some(delivery) = deliveries.next().await {
+        let delivery = delivery?;
+        let event = match crate::store::codec::decode_event(&delivery.data, cfg.clusters) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, bytes = delivery.data.len(), routing_key = %delivery.routing_key, "malformed broker message: dead-lettered");
+                delivery.reject(BasicRejectOptions { requeue: false }).await?;
+                continue;
+            }
+        };
+        if event.origin != cfg.cluster {
+            let reply = server.apply_remote(crate::store::codec::event_to_pb(&event)).await?;
+            tracing::debug!(origin = event.origin, seq = event.seq, applied = reply.into_inner().applied, "event applied");
+        }
+        delivery.ack(BasicAckOptions::default()).await?;
+    }
+    Err(Error::Other("broker closed the consumer".into()))
+}
+
+/// Publishes the server's outbox while the server is master, with publisher
+/// confirms, and reports each confirmed prefix back to the server.
+async fn publish(
+    cfg: &SyncConfig,
+    names: &Names,
+    conn: &Connection,
+    mut server: ReplicaClient<Channel>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(Default::default()).await?;
+    loop {
+        let mut outbox = server.tail_outbox(TailRequest {}).await?.into_inner();
+        while let Some(first) = outbox.message().await? {
+            let mut batch = vec![first];
+            while batch.len() < PUBLISH_BATCH {
+                match outbox.message().now_or_never() {
+                    Some(Ok(Some(e))) => batch.push(e),
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(None)) | None => break,
+                }
+            }
+            publish_batch(&channel, names, cfg.clusters, &batch).await?;
+            let upto = batch.last().map_or(0, |e| e.seq);
+            server.ack_outbox(AckRequest { upto }).await?;
+            tracing::debug!(upto, count = batch.len(), "published");
+        }
+        // The stream ends when our server stops being master; wait a beat
+        // and ask again (it waits until the server is master).
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(RETRY_MIN) => {}
+        }
+    }
+}
+
+async fn publish_batch(channel: &AmqpChannel, names: &Names, clusters: u32, batch: &[SyncEvent]) -> Result<()> {
+    let mut confirms = Vec::with_capacity(batch.len());
+    for event in batch {
+        let key = topology::routing_key(event, clusters);
+        let props = BasicProperties::default()
+            .with_delivery_mode(2) // persistent
+            .with_content_type("application/x-protobuf".into())
+            .with_message_id(format!("{}:{}", event.origin_cluster, event.seq).into());
+        let confirm = channel
+            .basic_publish(names.exchange.as_str().into(), key.into(), BasicPublishOptions::default(), &event.encode_to_vec(), props)
+            .await?;
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        if !confirm.await?.is_ack() {
+            return Err(Error::Other("broker refused a message (nack)".into()));
+        }
+    }
+    Ok(())
+}

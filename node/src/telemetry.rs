@@ -1,0 +1,6 @@
+//! Logging setup: human-readable lines on stderr, filtered by `--log`.
+
+pub fn init(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}

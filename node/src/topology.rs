@@ -1,0 +1,305 @@
+//! The deployment plan: a pure function from a deployment spec to the list
+//! of processes (role, ids, ports, command line). The local launcher runs
+//! the plan as processes; the Kubernetes operator renders the same command
+//! lines into pods, so what works locally is what the pods run.
+
+use crate::ids::sync_id;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The part of an `SnsCluster` spec that shapes the topology. Unknown
+/// fields (image, storage, ...) belong to the operator and are ignored here.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentSpec {
+    #[serde(default = "default_clusters")]
+    pub clusters: u32,
+    #[serde(default = "default_servers")]
+    pub servers_per_cluster: u32,
+    #[serde(default)]
+    pub heartbeat: HeartbeatSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatSpec {
+    #[serde(default = "default_interval_ms")]
+    pub interval_millis: u64,
+    #[serde(default = "default_missed")]
+    pub missed: u32,
+}
+
+fn default_clusters() -> u32 {
+    3
+}
+fn default_servers() -> u32 {
+    2
+}
+fn default_interval_ms() -> u64 {
+    5000
+}
+fn default_missed() -> u32 {
+    2
+}
+
+impl Default for HeartbeatSpec {
+    fn default() -> Self {
+        HeartbeatSpec { interval_millis: default_interval_ms(), missed: default_missed() }
+    }
+}
+
+impl Default for DeploymentSpec {
+    fn default() -> Self {
+        DeploymentSpec { clusters: default_clusters(), servers_per_cluster: default_servers(), heartbeat: HeartbeatSpec::default() }
+    }
+}
+
+impl DeploymentSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=100).contains(&self.clusters) {
+            return Err(format!("clusters must be 1..=100, not {}", self.clusters));
+        }
+        if !(1..=2).contains(&self.servers_per_cluster) {
+            return Err(format!("serversPerCluster must be 1 or 2, not {}", self.servers_per_cluster));
+        }
+        if !(10..=600_000).contains(&self.heartbeat.interval_millis) || !(1..=100).contains(&self.heartbeat.missed) {
+            return Err("heartbeat.intervalMillis must be 10..=600000 and heartbeat.missed 1..=100".into());
+        }
+        Ok(())
+    }
+}
+
+/// An `SnsCluster` document as the launcher reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SnsClusterDoc {
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: Metadata,
+    #[serde(default)]
+    pub spec: DeploymentSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Metadata {
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// Parses an `SnsCluster` YAML document.
+pub fn parse_sns_cluster(yaml: &str) -> Result<SnsClusterDoc, String> {
+    let doc: SnsClusterDoc = serde_yaml::from_str(yaml).map_err(|e| format!("not an SnsCluster document: {e}"))?;
+    if doc.kind != "SnsCluster" {
+        return Err(format!("expected kind SnsCluster, found {:?}", doc.kind));
+    }
+    doc.spec.validate()?;
+    Ok(doc)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Coordinator,
+    Server { cluster: u32, id: u32 },
+    Synchronizer { cluster: u32, server: u32, id: u32 },
+}
+
+/// One process of the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    /// Stable name: `coordinator`, `server-<c>-<s>`, `sync-<c>-<s>`.
+    pub name: String,
+    pub role: Role,
+    /// Port to listen on (0 = any free port).
+    pub port: u16,
+    /// `sns-node` arguments, without the coordinator port (`-k`), which is
+    /// only known once the coordinator listens when ports are dynamic.
+    pub args: Vec<String>,
+}
+
+/// Where and how the processes of a plan run.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// First port; 0 = every process picks a free port.
+    pub base_port: u16,
+    pub data_root: PathBuf,
+    pub coord_host: String,
+    pub advertise_host: String,
+    pub bind: String,
+    pub amqp_url: String,
+    pub deployment: String,
+    pub queue_expires: Option<String>,
+}
+
+/// Port layout for a fixed base B: coordinator B, server (c, s) B + 10c + s,
+/// its synchronizer B + 10c + 5 + s (so 9000, 9011, 9012, 9016, 9017, ...).
+pub fn port(base: u16, role: Role) -> u16 {
+    if base == 0 {
+        return 0;
+    }
+    let offset = match role {
+        Role::Coordinator => 0,
+        Role::Server { cluster, id } => 10 * cluster + id,
+        Role::Synchronizer { cluster, server, .. } => 10 * cluster + 5 + server,
+    };
+    base.saturating_add(offset as u16)
+}
+
+pub fn data_dir(root: &Path, cluster: u32, server: u32) -> PathBuf {
+    root.join(format!("cluster_{cluster}")).join(server.to_string())
+}
+
+/// The processes of a deployment, coordinator first.
+pub fn plan(spec: &DeploymentSpec, opts: &PlanOptions) -> Vec<Process> {
+    let hb = [
+        "--heartbeat-interval".to_string(),
+        format!("{}ms", spec.heartbeat.interval_millis),
+        "--missed-heartbeats".to_string(),
+        spec.heartbeat.missed.to_string(),
+    ];
+    let common = |args: &mut Vec<String>| {
+        args.extend(["--clusters".to_string(), spec.clusters.to_string(), "--bind".into(), opts.bind.clone()]);
+        args.extend(hb.iter().cloned());
+    };
+    let mut out = Vec::new();
+    let role = Role::Coordinator;
+    let mut args = vec!["coordinator".to_string(), "-p".into(), port(opts.base_port, role).to_string()];
+    common(&mut args);
+    out.push(Process { name: "coordinator".into(), role, port: port(opts.base_port, role), args });
+    for cluster in 1..=spec.clusters {
+        for id in 1..=spec.servers_per_cluster {
+            let role = Role::Server { cluster, id };
+            let p = port(opts.base_port, role);
+            let mut args = vec![
+                "server".to_string(),
+                "-c".into(),
+                cluster.to_string(),
+                "-s".into(),
+                id.to_string(),
+                "-h".into(),
+                opts.coord_host.clone(),
+                "-p".into(),
+                p.to_string(),
+                "--data-dir".into(),
+                data_dir(&opts.data_root, cluster, id).display().to_string(),
+                "--advertise-host".into(),
+                opts.advertise_host.clone(),
+            ];
+            common(&mut args);
+            out.push(Process { name: format!("server-{cluster}-{id}"), role, port: p, args });
+        }
+    }
+    for cluster in 1..=spec.clusters {
+        for server in 1..=spec.servers_per_cluster {
+            let id = sync_id(cluster, server, spec.clusters);
+            let role = Role::Synchronizer { cluster, server, id };
+            let p = port(opts.base_port, role);
+            let mut args = vec![
+                "synchronizer".to_string(),
+                "-i".into(),
+                id.to_string(),
+                "--server-id".into(),
+                server.to_string(),
+                "-h".into(),
+                opts.coord_host.clone(),
+                "-p".into(),
+                p.to_string(),
+                "--servers-per-cluster".into(),
+                spec.servers_per_cluster.to_string(),
+                "--amqp-url".into(),
+                opts.amqp_url.clone(),
+                "--deployment".into(),
+                opts.deployment.clone(),
+                "--advertise-host".into(),
+                opts.advertise_host.clone(),
+            ];
+            if let Some(expires) = &opts.queue_expires {
+                args.extend(["--queue-expires".to_string(), expires.clone()]);
+            }
+            common(&mut args);
+            out.push(Process { name: format!("sync-{cluster}-{server}"), role, port: p, args });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn opts(base: u16) -> PlanOptions {
+        PlanOptions {
+            base_port: base,
+            data_root: PathBuf::from("/data"),
+            coord_host: "127.0.0.1".into(),
+            advertise_host: "127.0.0.1".into(),
+            bind: "127.0.0.1".into(),
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            deployment: "demo".into(),
+            queue_expires: None,
+        }
+    }
+
+    #[test]
+    fn default_plan_has_the_course_topology() {
+        let procs = plan(&DeploymentSpec::default(), &opts(9000));
+        let names: Vec<&str> = procs.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names.len(), 13);
+        assert_eq!(names[0], "coordinator");
+        assert!(names.contains(&"server-2-1") && names.contains(&"sync-3-2"));
+        let ports: Vec<u16> = procs.iter().map(|p| p.port).collect();
+        let mut unique = ports.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "ports must not collide");
+        let s = procs.iter().find(|p| p.name == "server-2-1").unwrap();
+        assert_eq!(s.port, 9021);
+        let y = procs.iter().find(|p| p.name == "sync-2-2").unwrap();
+        assert_eq!(y.role, Role::Synchronizer { cluster: 2, server: 2, id: 5 });
+        assert_eq!(y.port, 9027);
+        assert!(plan(&DeploymentSpec::default(), &opts(0)).iter().all(|p| p.port == 0));
+    }
+
+    #[test]
+    fn every_planned_command_line_parses() {
+        for p in plan(&DeploymentSpec::default(), &opts(9000)) {
+            let mut argv = vec!["sns-node".to_string()];
+            argv.extend(p.args.clone());
+            argv.extend(["-k".to_string(), "9000".into()]);
+            if p.role == Role::Coordinator {
+                argv.truncate(argv.len() - 2);
+            }
+            let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{}: {e}", p.name));
+            match (cli.command, p.role) {
+                (Command::Server(s), Role::Server { cluster, id }) => {
+                    let cfg = s.config().unwrap();
+                    assert_eq!((cfg.cluster, cfg.id), (cluster, id));
+                    assert_eq!(cfg.data_dir, data_dir(Path::new("/data"), cluster, id));
+                }
+                (Command::Synchronizer(s), Role::Synchronizer { cluster, server, id }) => {
+                    let cfg = s.config().unwrap();
+                    assert_eq!((cfg.cluster, cfg.paired_server, cfg.id), (cluster, server, id));
+                    assert_eq!(cfg.deployment, "demo");
+                }
+                (Command::Coordinator(c), Role::Coordinator) => assert_eq!(c.clusters, 3),
+                (_, role) => panic!("{} parsed as the wrong subcommand for {role:?}", p.name),
+            }
+        }
+    }
+
+    #[test]
+    fn sns_cluster_yaml_is_read() {
+        let doc = parse_sns_cluster(
+            "apiVersion: sns.io/v1alpha1\nkind: SnsCluster\nmetadata:\n  name: demo\nspec:\n  clusters: 2\n  serversPerCluster: 1\n  heartbeat:\n    intervalMillis: 500\n  image: ignored:latest\n",
+        )
+        .unwrap();
+        assert_eq!(doc.metadata.name.as_deref(), Some("demo"));
+        assert_eq!(doc.spec.clusters, 2);
+        assert_eq!(doc.spec.servers_per_cluster, 1);
+        assert_eq!(doc.spec.heartbeat, HeartbeatSpec { interval_millis: 500, missed: 2 });
+        assert_eq!(plan(&doc.spec, &opts(0)).len(), 5);
+        assert!(parse_sns_cluster("kind: Pod\n").is_err());
+        assert!(parse_sns_cluster("kind: SnsCluster\nspec:\n  serversPerCluster: 3\n").is_err());
+        assert!(parse_sns_cluster("kind: [").is_err());
+    }
+}
