@@ -28,7 +28,10 @@ pub async fn bind(bind: &str, port: u16, port_file: Option<&Path>) -> Result<Tcp
 }
 
 pub fn local_port(listener: &TcpListener) -> Result<u16> {
-    listener.local_addr().map(|a: SocketAddr| a.port()).map_err(|e| Error::Other(e.to_string()))
+    listener
+        .local_addr()
+        .map(|a: SocketAddr| a.port())
+        .map_err(|e| Error::Other(e.to_string()))
 }
 
 /// The listener as a stream of accepted connections, for tonic, with
@@ -39,7 +42,11 @@ pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming 
 
 /// A lazily connecting channel to `host:port`.
 pub fn channel(host: &str, port: &str) -> Result<Channel> {
-    let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
     let endpoint = Endpoint::from_shared(format!("http://{host}:{port}"))
         .map_err(|e| Error::Config(format!("bad address {host}:{port}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)

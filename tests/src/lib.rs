@@ -1,1 +1,605 @@
-//! Harness for the end-to-end suites.
+//! Harness for the end-to-end suites: a whole deployment started through
+//! the real local launcher (`sns-node local`) on free loopback ports against
+//! the real RabbitMQ broker, and real `tsc` processes driven through pipes.
+//!
+//! Nothing here sleeps to wait: every expectation polls with a deadline.
+//! The binaries are the workspace's own (`cargo build --workspace` first);
+//! `SNS_BIN_DIR` points elsewhere if needed.
+
+use anyhow::{Context, Result, anyhow, bail};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long any single expectation may take. Propagation is event-driven
+/// (milliseconds); failover here is bounded by the 500 ms heartbeat used in
+/// the suites, so 10 s is a generous bound, not a wait.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+/// Pause between two polls of a condition that has no event to wait on.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Directory holding `sns-node` and `tsc`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SNS_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Polls `check` until it returns Some, or fails after `DEADLINE`.
+pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A growing text buffer filled by a reader thread.
+#[derive(Clone, Default)]
+struct Output(Arc<(Mutex<(String, bool)>, Condvar)>);
+
+impl Output {
+    fn spawn_reader(mut src: impl Read + Send + 'static) -> Output {
+        let out = Output::default();
+        let o = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            loop {
+                let n = src.read(&mut buf).unwrap_or(0);
+                let (lock, cv) = &*o.0;
+                let mut g = lock.lock().unwrap();
+                if n == 0 {
+                    g.1 = true;
+                    cv.notify_all();
+                    return;
+                }
+                g.0.push_str(&String::from_utf8_lossy(&buf[..n]));
+                cv.notify_all();
+            }
+        });
+        out
+    }
+
+    fn text(&self) -> String {
+        self.0.0.lock().unwrap().0.clone()
+    }
+
+    fn closed(&self) -> bool {
+        self.0.0.lock().unwrap().1
+    }
+
+    /// Waits until `pred(text)` holds (woken by new output), up to `deadline`.
+    fn wait(&self, deadline: Instant, mut pred: impl FnMut(&str) -> bool) -> bool {
+        let (lock, cv) = &*self.0;
+        let mut g = lock.lock().unwrap();
+        loop {
+            if pred(&g.0) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || g.1 {
+                return pred(&g.0);
+            }
+            g = cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A deployment run by `sns-node local` in a temporary directory.
+pub struct Deployment {
+    child: Child,
+    stdin: ChildStdin,
+    out: Output,
+    /// Lines of stdout already consumed by `command`.
+    seen: usize,
+    pub coord_port: u16,
+    pub clusters: u32,
+    pub servers: u32,
+    pub name: String,
+    dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    /// Starts `clusters` clusters of `servers` servers, with a 500 ms
+    /// heartbeat so that failover completes in about a second.
+    pub fn start(clusters: u32, servers: u32) -> Result<Deployment> {
+        let dir = tempfile::Builder::new().prefix("sns-e2e-").tempdir()?;
+        let name = format!(
+            "e2e-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut child = Command::new(bin("sns-node"))
+            .args([
+                "local",
+                "--base-port",
+                "0",
+                "--clusters",
+                &clusters.to_string(),
+            ])
+            .args([
+                "--servers-per-cluster",
+                &servers.to_string(),
+                "--deployment",
+                &name,
+            ])
+            .args([
+                "--heartbeat-interval",
+                "500ms",
+                "--missed-heartbeats",
+                "2",
+                "--queue-expires",
+                "10m",
+            ])
+            .args(["--no-broker-start", "--amqp-url", &amqp_url()])
+            .arg("--dir")
+            .arg(dir.path())
+            .env("SNS_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(
+                dir.path().join("launcher.log"),
+            )?))
+            .spawn()
+            .context("starting sns-node local")?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let out = Output::spawn_reader(child.stdout.take().expect("piped stdout"));
+        let mut d = Deployment {
+            child,
+            stdin,
+            out,
+            seen: 0,
+            coord_port: 0,
+            clusters,
+            servers,
+            name,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        if !d.out.wait(deadline, |t| t.contains("\nconnect a client")) {
+            bail!("launcher not ready: {}\n{}", d.out.text(), d.launcher_log());
+        }
+        let text = d.out.text();
+        let port = text
+            .split("coordinator at 127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split(';').next())
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("no coordinator address in {text:?}"))?;
+        d.coord_port = port;
+        d.seen = text.lines().count();
+        Ok(d)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn launcher_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("launcher.log")).unwrap_or_default()
+    }
+
+    /// Sends a launcher command (e.g. `kill master-2`) and returns its reply line.
+    pub fn command(&mut self, line: &str) -> Result<String> {
+        writeln!(self.stdin, "{line}")?;
+        self.stdin.flush()?;
+        let seen = self.seen;
+        let deadline = Instant::now() + DEADLINE;
+        let ok = self.out.wait(deadline, |t| {
+            t.lines().skip(seen).any(|l| {
+                l.starts_with("killed ")
+                    || l.starts_with("started ")
+                    || l.starts_with("stopped ")
+                    || l.starts_with("error:")
+                    || l.starts_with("status:")
+                    || l.contains("; started ")
+            })
+        });
+        let text = self.out.text();
+        let reply: Vec<&str> = text.lines().skip(seen).collect();
+        self.seen = text.lines().count();
+        if !ok {
+            bail!("no reply to {line:?}; got {reply:?}");
+        }
+        let line = reply.last().copied().unwrap_or_default().to_string();
+        if line.starts_with("error:") {
+            bail!("launcher: {line}");
+        }
+        Ok(line)
+    }
+
+    /// Data directory of server `id` of cluster `cluster`.
+    pub fn server_dir(&self, cluster: u32, id: u32) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("cluster_{cluster}"))
+            .join(id.to_string())
+    }
+
+    pub fn client(&self, user: &str) -> Result<Client> {
+        Client::start(self.coord_port, user)
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs").join(format!("{name}.log")))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        // SIGTERM: the launcher stops every node it started.
+        #[allow(unsafe_code, reason = "kill(2) has no safe wrapper in std")]
+        // SAFETY: kill takes plain integers.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() || std::env::var_os("SNS_KEEP").is_some() {
+            let kept = self.dir.path().to_path_buf();
+            eprintln!(
+                "deployment {} kept in {} (launcher stdout:\n{})",
+                self.name,
+                kept.display(),
+                self.out.text()
+            );
+            std::mem::forget(
+                std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep(),
+            );
+        }
+    }
+}
+
+/// A running `tsc`, fed through a pipe; its stdout is collected as lines
+/// (the `Cmd> ` prompts, which have no newline, are stripped).
+pub struct Client {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Output,
+    err: Output,
+    /// Lines already matched by `expect_line`.
+    cursor: usize,
+    pub user: String,
+}
+
+impl Client {
+    pub fn start(coord_port: u16, user: &str) -> Result<Client> {
+        Client::with_args(
+            &["-h", "127.0.0.1", "-k", &coord_port.to_string(), "-u", user],
+            user,
+        )
+    }
+
+    pub fn with_args(args: &[&str], user: &str) -> Result<Client> {
+        let mut child = Command::new(bin("tsc"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tsc")?;
+        let stdin = child.stdin.take();
+        let out = Output::spawn_reader(child.stdout.take().expect("piped stdout"));
+        let err = Output::spawn_reader(child.stderr.take().expect("piped stderr"));
+        Ok(Client {
+            child,
+            stdin,
+            out,
+            err,
+            cursor: 0,
+            user: user.to_string(),
+        })
+    }
+
+    /// Every complete output line so far, prompts removed.
+    pub fn lines(&self) -> Vec<String> {
+        clean_lines(&self.out.text())
+    }
+
+    pub fn stderr(&self) -> String {
+        self.err.text()
+    }
+
+    pub fn send(&mut self, line: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().ok_or_else(|| anyhow!("stdin closed"))?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    /// Closes stdin (end of input).
+    pub fn close(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Waits for a line equal to `want` after the last matched one.
+    pub fn expect_line(&mut self, want: &str) -> Result<()> {
+        self.expect(want, |l| l == want)
+    }
+
+    /// Waits for a line matching `pred` after the last matched one and
+    /// returns it.
+    pub fn expect(&mut self, what: &str, mut pred: impl FnMut(&str) -> bool) -> Result<()> {
+        let deadline = Instant::now() + DEADLINE;
+        let cursor = self.cursor;
+        let mut found = None;
+        self.out.wait(deadline, |t| {
+            let lines = clean_lines(t);
+            found = lines
+                .iter()
+                .skip(cursor)
+                .position(|l| pred(l))
+                .map(|i| cursor + i + 1);
+            found.is_some()
+        });
+        match found {
+            Some(next) => {
+                self.cursor = next;
+                Ok(())
+            }
+            None => bail!(
+                "user {}: no line {what:?} after line {cursor}; output:\n{}\nstderr:\n{}",
+                self.user,
+                self.lines().join("\n"),
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Runs a command and expects one result line.
+    pub fn run(&mut self, cmd: &str, want: &str) -> Result<()> {
+        self.send(cmd)?;
+        self.expect_line(want)
+    }
+
+    /// Re-runs LIST until it shows exactly these users and followers.
+    pub fn poll_list(&mut self, all: &[u32], followers: &[u32]) -> Result<()> {
+        let want_all = format!(
+            "All users: {}",
+            all.iter().map(|u| format!("{u}, ")).collect::<String>()
+        );
+        let want_f = format!(
+            "Followers: {}",
+            followers
+                .iter()
+                .map(|u| format!("{u}, "))
+                .collect::<String>()
+        );
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            self.send("LIST")?;
+            self.expect("Followers: line", |l| l.starts_with("Followers: "))?;
+            let lines = self.lines();
+            let (a, f) = (&lines[self.cursor - 2], &lines[self.cursor - 1]);
+            if *a == want_all && *f == want_f {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "user {}: LIST never showed {want_all:?} / {want_f:?}; last: {a:?} / {f:?}",
+                    self.user
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits for a timeline line `<author> (<time>) >> <text>`.
+    pub fn expect_post(&mut self, author: u32, text: &str) -> Result<()> {
+        let (prefix, suffix) = (format!("{author} ("), format!(") >> {text}"));
+        self.expect(&format!("{author} (...) >> {text}"), |l| {
+            l.starts_with(&prefix) && l.ends_with(&suffix)
+        })
+    }
+
+    /// Posts (timeline texts) shown so far, as (author, text).
+    pub fn posts_seen(&self) -> Vec<(String, String)> {
+        self.lines()
+            .iter()
+            .filter_map(|l| {
+                let (head, text) = l.split_once(") >> ")?;
+                let (author, _) = head.split_once(" (")?;
+                Some((author.to_string(), text.to_string()))
+            })
+            .collect()
+    }
+
+    /// Waits for the process to exit and returns its code.
+    pub fn wait_exit(&mut self) -> Result<i32> {
+        self.close();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                // Let the reader threads drain what the process printed.
+                self.out.wait(deadline, |_| false);
+                return Ok(status.code().unwrap_or(-1));
+            }
+            if Instant::now() > deadline {
+                bail!("tsc for user {} did not exit", self.user);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.out.closed()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clean_lines(text: &str) -> Vec<String> {
+    let text = text.replace("Cmd> ", "");
+    let mut lines: Vec<String> = text.split('\n').map(str::to_string).collect();
+    lines.pop(); // the unfinished last line
+    lines
+}
+
+/// The spec's files of one server directory, by name (`*.txt` only; the
+/// journal and temporary files are ours).
+pub fn spec_files(dir: &Path) -> Result<BTreeMap<String, String>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.ends_with(".txt") && !name.starts_with('.') {
+            files.insert(name, std::fs::read_to_string(entry.path())?);
+        }
+    }
+    Ok(files)
+}
+
+fn ids(text: Option<&String>) -> BTreeSet<u32> {
+    text.map(|t| sns_node::store::record::decode_ids(t).into_iter().collect())
+        .unwrap_or_default()
+}
+
+/// Checks the SPEC §6 goal state over the given servers' directories
+/// ((cluster, server id) pairs) of a deployment of `clusters` clusters:
+/// the same users everywhere; every user's followers file agrees with the
+/// follow lists of all clusters; every feed post exists in its author's
+/// timeline; master and slave of a cluster hold identical files.
+/// `expected_feeds` adds (user, author, text) posts that must be in the
+/// user's feed on every server of the user's cluster.
+pub fn check_convergence(
+    d: &Deployment,
+    servers: &[(u32, u32)],
+    expected_feeds: &[(u32, u32, &str)],
+) -> Result<()> {
+    let mut last = String::new();
+    let result = eventually("convergence", || {
+        match converged(d, servers, expected_feeds) {
+            Ok(()) => Some(()),
+            Err(e) => {
+                last = format!("{e:#}");
+                None
+            }
+        }
+    });
+    result.map_err(|e| anyhow!("{e}: {last}"))
+}
+
+fn converged(
+    d: &Deployment,
+    servers: &[(u32, u32)],
+    expected_feeds: &[(u32, u32, &str)],
+) -> Result<()> {
+    let clusters = d.clusters;
+    let cluster_of = |u: u32| sns_node::ids::cluster_of(u, clusters);
+    let mut files = BTreeMap::new();
+    for &(c, s) in servers {
+        files.insert((c, s), spec_files(&d.server_dir(c, s))?);
+    }
+    let users: Vec<_> = files
+        .values()
+        .map(|f| f.get("all_users.txt").cloned().unwrap_or_default())
+        .collect();
+    if users.windows(2).any(|w| w[0] != w[1]) {
+        bail!("all_users.txt differs between servers: {users:?}");
+    }
+    let all: BTreeSet<u32> = ids(files.values().next().and_then(|f| f.get("all_users.txt")));
+    // Who follows whom, from the follow lists (each on its user's cluster).
+    let mut follows: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+    for ((c, _), f) in &files {
+        for &u in all.iter().filter(|u| cluster_of(**u) == *c) {
+            follows.insert(u, ids(f.get(&format!("{u}_follow_list.txt"))));
+        }
+    }
+    for ((c, s), f) in &files {
+        for &u in all.iter().filter(|u| cluster_of(**u) == *c) {
+            let want: BTreeSet<u32> = follows
+                .iter()
+                .filter(|(_, l)| l.contains(&u))
+                .map(|(f, _)| *f)
+                .collect();
+            let got = ids(f.get(&format!("{u}_followers.txt")));
+            if got != want {
+                bail!("server {c}/{s}: followers of {u} are {got:?}, follow lists say {want:?}");
+            }
+            let feed = sns_node::store::record::decode_posts(
+                f.get(&format!("{u}_following.txt")).map_or("", |t| t),
+            );
+            for p in &feed {
+                let author_files = files
+                    .iter()
+                    .find(|((ac, _), _)| *ac == cluster_of(p.user))
+                    .map(|(_, f)| f);
+                if let Some(af) = author_files {
+                    let tl = sns_node::store::record::decode_posts(
+                        af.get(&format!("{}_timeline.txt", p.user))
+                            .map_or("", |t| t),
+                    );
+                    if !tl.contains(p) {
+                        bail!(
+                            "server {c}/{s}: feed of {u} has {p:?}, which is not in {}'s timeline",
+                            p.user
+                        );
+                    }
+                }
+            }
+            for (reader, author, text) in expected_feeds.iter().filter(|(r, _, _)| *r == u) {
+                if !feed.iter().any(|p| p.user == *author && p.text == *text) {
+                    bail!("server {c}/{s}: feed of {reader} lacks {author}'s post {text:?}");
+                }
+            }
+        }
+    }
+    for c in 1..=clusters {
+        let copies: Vec<_> = files.iter().filter(|((fc, _), _)| *fc == c).collect();
+        if let [(a, fa), (b, fb), ..] = copies.as_slice()
+            && fa != fb
+        {
+            let diff: Vec<&String> = fa
+                .keys()
+                .chain(fb.keys())
+                .filter(|k| fa.get(*k) != fb.get(*k))
+                .collect();
+            bail!("servers {a:?} and {b:?} differ in {diff:?}");
+        }
+    }
+    Ok(())
+}

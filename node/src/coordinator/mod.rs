@@ -32,7 +32,9 @@ pub struct Coordinator {
 impl Coordinator {
     pub fn new(cfg: &CoordinatorConfig) -> Coordinator {
         let timeout = cfg.heartbeat * cfg.missed.max(1);
-        Coordinator { table: Arc::new(Mutex::new(Table::new(cfg.clusters, timeout))) }
+        Coordinator {
+            table: Arc::new(Mutex::new(Table::new(cfg.clusters, timeout))),
+        }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Table) -> T) -> T {
@@ -48,7 +50,9 @@ impl Coordinator {
 fn log_promotions(promotions: &[Promotion]) {
     for p in promotions {
         match p.new {
-            Some(new) => tracing::info!(cluster = p.cluster, old = ?p.old, new, term = p.term, "master assigned"),
+            Some(new) => {
+                tracing::info!(cluster = p.cluster, old = ?p.old, new, term = p.term, "master assigned")
+            }
             None => tracing::warn!(cluster = p.cluster, old = ?p.old, "cluster has no live server"),
         }
     }
@@ -68,7 +72,10 @@ fn info(v: &NodeView) -> ServerInfo {
 }
 
 fn none() -> ServerInfo {
-    ServerInfo { server_id: -1, ..Default::default() }
+    ServerInfo {
+        server_id: -1,
+        ..Default::default()
+    }
 }
 
 #[tonic::async_trait]
@@ -101,7 +108,8 @@ impl CoordService for Coordinator {
         };
         let (a, promotions) = self.with(|t| t.heartbeat(Instant::now(), &beat));
         log_promotions(&promotions);
-        let (slave_id, slave_host, slave_port) = a.slave.unwrap_or((0, String::new(), String::new()));
+        let (slave_id, slave_host, slave_port) =
+            a.slave.unwrap_or((0, String::new(), String::new()));
         Ok(Response::new(Confirmation {
             status: true,
             is_master: a.is_master,
@@ -125,7 +133,9 @@ impl CoordService for Coordinator {
 
     async fn get_slave(&self, req: Request<Id>) -> Result<Response<ServerInfo>, Status> {
         let c = req.into_inner().id;
-        let reply = (c > 0).then(|| self.with(|t| t.slave(Instant::now(), c as u32))).flatten();
+        let reply = (c > 0)
+            .then(|| self.with(|t| t.slave(Instant::now(), c as u32)))
+            .flatten();
         Ok(Response::new(reply.map(|v| info(&v)).unwrap_or_else(none)))
     }
 
@@ -136,7 +146,10 @@ impl CoordService for Coordinator {
         Ok(Response::new(reply.map(|v| info(&v)).unwrap_or_else(none)))
     }
 
-    async fn get_all_follower_servers(&self, _req: Request<Id>) -> Result<Response<ServerList>, Status> {
+    async fn get_all_follower_servers(
+        &self,
+        _req: Request<Id>,
+    ) -> Result<Response<ServerList>, Status> {
         let mut list = ServerList::default();
         for v in self.with(|t| t.all(Instant::now())) {
             if v.kind == Kind::Synchronizer && v.alive {
@@ -178,7 +191,11 @@ impl CoordAdmin for Coordinator {
 }
 
 /// Serves the coordinator on `listener` until `shutdown` is cancelled.
-pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    cfg: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let coord = Coordinator::new(&cfg);
     tracing::info!(addr = %listener.local_addr().map_err(|e| crate::error::Error::Other(e.to_string()))?, clusters = cfg.clusters, "coordinator listening");
     // Elections happen on every query too; this sweep only makes a master's
@@ -198,7 +215,9 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: Cancel
         })
     };
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<CoordServiceServer<Coordinator>>().await;
+    health
+        .set_serving::<CoordServiceServer<Coordinator>>()
+        .await;
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(CoordServiceServer::new(coord.clone()))

@@ -112,7 +112,13 @@ pub struct Promotion {
 
 impl Table {
     pub fn new(clusters: u32, timeout: Duration) -> Table {
-        Table { timeout, clusters, nodes: BTreeMap::new(), roles: BTreeMap::new(), next_order: 0 }
+        Table {
+            timeout,
+            clusters,
+            nodes: BTreeMap::new(),
+            roles: BTreeMap::new(),
+            next_order: 0,
+        }
     }
 
     pub fn clusters(&self) -> u32 {
@@ -124,7 +130,9 @@ impl Table {
     }
 
     fn server_alive(&self, cluster: u32, id: u32, now: Instant) -> bool {
-        self.nodes.get(&(Kind::Server, cluster, id)).is_some_and(|e| self.alive(e, now))
+        self.nodes
+            .get(&(Kind::Server, cluster, id))
+            .is_some_and(|e| self.alive(e, now))
     }
 
     /// Records a heartbeat and returns the node's role.
@@ -157,7 +165,12 @@ impl Table {
             if beat.claims_master && roles.master.is_none() && beat.term >= roles.term {
                 roles.master = Some(beat.id);
                 roles.term = beat.term;
-                promotions.push(Promotion { cluster: beat.cluster, old: None, new: Some(beat.id), term: beat.term });
+                promotions.push(Promotion {
+                    cluster: beat.cluster,
+                    old: None,
+                    new: Some(beat.id),
+                    term: beat.term,
+                });
             }
         }
         promotions.extend(self.refresh(now));
@@ -167,8 +180,12 @@ impl Table {
     /// Declares dead masters dead and elects replacements.
     pub fn refresh(&mut self, now: Instant) -> Vec<Promotion> {
         let mut promotions = Vec::new();
-        let clusters: Vec<u32> =
-            self.nodes.keys().filter(|(k, _, _)| *k == Kind::Server).map(|(_, c, _)| *c).collect();
+        let clusters: Vec<u32> = self
+            .nodes
+            .keys()
+            .filter(|(k, _, _)| *k == Kind::Server)
+            .map(|(_, c, _)| *c)
+            .collect();
         for cluster in clusters {
             let current = self.roles.get(&cluster).and_then(|r| r.master);
             if current.is_some_and(|m| self.server_alive(cluster, m, now)) {
@@ -188,7 +205,12 @@ impl Table {
             if next.is_some() {
                 roles.term += 1;
             }
-            promotions.push(Promotion { cluster, old: current, new: next, term: roles.term });
+            promotions.push(Promotion {
+                cluster,
+                old: current,
+                new: next,
+                term: roles.term,
+            });
         }
         promotions
     }
@@ -199,19 +221,26 @@ impl Table {
             Kind::Server => beat.id,
             Kind::Synchronizer => beat.paired_server,
         };
-        let is_master = roles.master == Some(server) && self.server_alive(beat.cluster, server, now);
+        let is_master =
+            roles.master == Some(server) && self.server_alive(beat.cluster, server, now);
         let slave = if is_master && beat.kind == Kind::Server {
-            self.slave(now, beat.cluster).map(|v| (v.id, v.host, v.port))
+            self.slave(now, beat.cluster)
+                .map(|v| (v.id, v.host, v.port))
         } else {
             None
         };
-        Assignment { is_master, term: roles.term, slave }
+        Assignment {
+            is_master,
+            term: roles.term,
+            slave,
+        }
     }
 
     /// The live master server of `cluster`.
     pub fn master(&self, now: Instant, cluster: u32) -> Option<NodeView> {
         let id = self.roles.get(&cluster)?.master?;
-        self.view(now, Kind::Server, cluster, id).filter(|v| v.alive)
+        self.view(now, Kind::Server, cluster, id)
+            .filter(|v| v.alive)
     }
 
     /// The live slave of `cluster`: the earliest-registered live server that
@@ -229,20 +258,30 @@ impl Table {
 
     /// The live synchronizer that works beside the master of `cluster`.
     pub fn master_synchronizer(&self, now: Instant, cluster: u32) -> Option<NodeView> {
-        self.all(now).into_iter().find(|v| v.kind == Kind::Synchronizer && v.cluster == cluster && v.alive && v.is_master)
+        self.all(now).into_iter().find(|v| {
+            v.kind == Kind::Synchronizer && v.cluster == cluster && v.alive && v.is_master
+        })
     }
 
     /// Every node, alive or not, ordered by kind, cluster and id.
     pub fn all(&self, now: Instant) -> Vec<NodeView> {
-        self.nodes.keys().filter_map(|(k, c, id)| self.view(now, *k, *c, *id)).collect()
+        self.nodes
+            .keys()
+            .filter_map(|(k, c, id)| self.view(now, *k, *c, *id))
+            .collect()
     }
 
     fn view(&self, now: Instant, kind: Kind, cluster: u32, id: u32) -> Option<NodeView> {
         let e = self.nodes.get(&(kind, cluster, id))?;
         let roles = self.roles.get(&cluster).cloned().unwrap_or_default();
         let alive = self.alive(e, now);
-        let server = if kind == Kind::Server { id } else { e.paired_server };
-        let is_master = alive && roles.master == Some(server) && self.server_alive(cluster, server, now);
+        let server = if kind == Kind::Server {
+            id
+        } else {
+            e.paired_server
+        };
+        let is_master =
+            alive && roles.master == Some(server) && self.server_alive(cluster, server, now);
         Some(NodeView {
             kind,
             cluster,
@@ -278,7 +317,11 @@ mod tests {
     }
 
     fn sync(cluster: u32, id: u32, paired: u32) -> Beat {
-        Beat { kind: Kind::Synchronizer, paired_server: paired, ..server(cluster, id) }
+        Beat {
+            kind: Kind::Synchronizer,
+            paired_server: paired,
+            ..server(cluster, id)
+        }
     }
 
     #[test]
@@ -312,7 +355,15 @@ mod tests {
         let (b, p) = table.heartbeat(t2, &server(2, 2));
         assert!(b.is_master);
         assert_eq!(b.term, 2);
-        assert_eq!(p, vec![Promotion { cluster: 2, old: Some(1), new: Some(2), term: 2 }]);
+        assert_eq!(
+            p,
+            vec![Promotion {
+                cluster: 2,
+                old: Some(1),
+                new: Some(2),
+                term: 2
+            }]
+        );
         assert!(table.slave(t2, 2).is_none());
         // The old master comes back: it registers anew, as slave.
         let (a, _) = table.heartbeat(t2, &server(2, 1));
@@ -328,7 +379,15 @@ mod tests {
         table.heartbeat(t0, &server(1, 1));
         let later = t0 + T * 2;
         let p = table.refresh(later);
-        assert_eq!(p, vec![Promotion { cluster: 1, old: Some(1), new: None, term: 1 }]);
+        assert_eq!(
+            p,
+            vec![Promotion {
+                cluster: 1,
+                old: Some(1),
+                new: None,
+                term: 1
+            }]
+        );
         assert!(table.master(later, 1).is_none());
         let (a, _) = table.heartbeat(later, &server(1, 1));
         assert!(a.is_master);
@@ -350,8 +409,12 @@ mod tests {
         let (s4, _) = table.heartbeat(t1, &sync(1, 4, 2));
         assert!(s4.is_master);
         assert_eq!(table.master_synchronizer(t1, 1).unwrap().id, 4);
-        let alive: Vec<u32> =
-            table.all(t1).iter().filter(|v| v.kind == Kind::Synchronizer && v.alive).map(|v| v.id).collect();
+        let alive: Vec<u32> = table
+            .all(t1)
+            .iter()
+            .filter(|v| v.kind == Kind::Synchronizer && v.alive)
+            .map(|v| v.id)
+            .collect();
         assert_eq!(alive, vec![4]);
     }
 
@@ -360,16 +423,43 @@ mod tests {
         let t0 = Instant::now();
         let mut table = Table::new(3, T);
         // The slave's heartbeat happens to arrive first.
-        let (b, _) = table.heartbeat(t0, &Beat { claims_master: false, term: 4, ..server(3, 2) });
+        let (b, _) = table.heartbeat(
+            t0,
+            &Beat {
+                claims_master: false,
+                term: 4,
+                ..server(3, 2)
+            },
+        );
         assert!(b.is_master, "no claim yet: the first server takes the role");
         // A claim with an older or equal term never unseats a live master.
-        let (a, _) = table.heartbeat(t0, &Beat { claims_master: true, term: 4, ..server(3, 1) });
+        let (a, _) = table.heartbeat(
+            t0,
+            &Beat {
+                claims_master: true,
+                term: 4,
+                ..server(3, 1)
+            },
+        );
         assert!(!a.is_master);
         let mut fresh = Table::new(3, T);
-        let (a, _) = fresh.heartbeat(t0, &Beat { claims_master: true, term: 4, ..server(3, 1) });
+        let (a, _) = fresh.heartbeat(
+            t0,
+            &Beat {
+                claims_master: true,
+                term: 4,
+                ..server(3, 1)
+            },
+        );
         assert!(a.is_master);
         assert_eq!(a.term, 4);
-        let (b, _) = fresh.heartbeat(t0, &Beat { term: 4, ..server(3, 2) });
+        let (b, _) = fresh.heartbeat(
+            t0,
+            &Beat {
+                term: 4,
+                ..server(3, 2)
+            },
+        );
         assert!(!b.is_master);
     }
 }

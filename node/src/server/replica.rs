@@ -5,8 +5,8 @@ use super::Node;
 use crate::store::codec;
 use sns_proto::internal::replica_server::{Replica, ReplicaServer};
 use sns_proto::internal::{
-    AckReply, AckRequest, ApplyReply, ReplicateReply, ReplicateRequest, ServerStatus, StatusRequest, SyncEvent,
-    TailRequest,
+    AckReply, AckRequest, ApplyReply, ReplicateReply, ReplicateRequest, ServerStatus,
+    StatusRequest, SyncEvent, TailRequest,
 };
 use std::pin::Pin;
 use tokio::sync::mpsc;
@@ -29,7 +29,10 @@ const TAIL_BATCH: usize = 256;
 
 #[tonic::async_trait]
 impl Replica for ReplicaService {
-    async fn replicate(&self, req: Request<ReplicateRequest>) -> Result<Response<ReplicateReply>, Status> {
+    async fn replicate(
+        &self,
+        req: Request<ReplicateRequest>,
+    ) -> Result<Response<ReplicateReply>, Status> {
         let req = req.into_inner();
         if req.cluster != self.node.cfg().cluster {
             return Err(Status::invalid_argument(format!(
@@ -39,22 +42,34 @@ impl Replica for ReplicaService {
             )));
         }
         let op = req.op.ok_or_else(|| Status::invalid_argument("no op"))?;
-        let op = codec::local_op_from_pb(&op).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.node.apply_replicated(req.term, op, req.published_upto).await?;
+        let op =
+            codec::local_op_from_pb(&op).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.node
+            .apply_replicated(req.term, op, req.published_upto)
+            .await?;
         Ok(Response::new(ReplicateReply {}))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<ServerStatus>, Status> {
         let role = self.node.role();
         let cfg = self.node.cfg();
-        let (next_seq, published_upto, users, posts) =
-            self.node.read(|s| (s.next_seq(), s.published_upto(), s.users().len() as u32, s.post_count()));
+        let (next_seq, published_upto, users, posts) = self.node.read(|s| {
+            (
+                s.next_seq(),
+                s.published_upto(),
+                s.users().len() as u32,
+                s.post_count(),
+            )
+        });
         Ok(Response::new(ServerStatus {
             cluster: cfg.cluster,
             server_id: cfg.id,
             is_master: role.is_master,
             term: role.term,
-            slave: role.slave.map(|(_, h, p)| format!("{h}:{p}")).unwrap_or_default(),
+            slave: role
+                .slave
+                .map(|(_, h, p)| format!("{h}:{p}"))
+                .unwrap_or_default(),
             next_seq,
             published_upto,
             users,
@@ -64,7 +79,10 @@ impl Replica for ReplicaService {
 
     type TailOutboxStream = Pin<Box<dyn Stream<Item = Result<SyncEvent, Status>> + Send>>;
 
-    async fn tail_outbox(&self, _req: Request<TailRequest>) -> Result<Response<Self::TailOutboxStream>, Status> {
+    async fn tail_outbox(
+        &self,
+        _req: Request<TailRequest>,
+    ) -> Result<Response<Self::TailOutboxStream>, Status> {
         let (tx, rx) = mpsc::channel(TAIL_BATCH);
         tokio::spawn(tail(self.node.clone(), tx, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -87,7 +105,11 @@ impl Replica for ReplicaService {
 /// waits to become master, sends everything after the published mark, then
 /// each new event as it is committed. Ends when the server stops being
 /// master, so a demoted server's synchronizer stops publishing at once.
-async fn tail(node: Node, tx: mpsc::Sender<Result<SyncEvent, Status>>, shutdown: CancellationToken) {
+async fn tail(
+    node: Node,
+    tx: mpsc::Sender<Result<SyncEvent, Status>>,
+    shutdown: CancellationToken,
+) {
     let mut role = node.watch_role();
     let mut commits = node.watch_commits();
     loop {
@@ -103,8 +125,12 @@ async fn tail(node: Node, tx: mpsc::Sender<Result<SyncEvent, Status>>, shutdown:
     let mut sent = node.read(|s| s.published_upto());
     loop {
         commits.borrow_and_update();
-        let batch: Vec<SyncEvent> =
-            node.read(|s| s.outbox_after(sent).take(TAIL_BATCH).map(codec::event_to_pb).collect());
+        let batch: Vec<SyncEvent> = node.read(|s| {
+            s.outbox_after(sent)
+                .take(TAIL_BATCH)
+                .map(codec::event_to_pb)
+                .collect()
+        });
         for event in batch {
             sent = event.seq;
             if tx.send(Ok(event)).await.is_err() {

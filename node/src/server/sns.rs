@@ -25,7 +25,9 @@ pub fn service(node: Node, shutdown: CancellationToken) -> SnsServiceServer<Sns>
 }
 
 fn reply(outcome: Outcome) -> Response<Reply> {
-    Response::new(Reply { msg: outcome.as_str().to_string() })
+    Response::new(Reply {
+        msg: outcome.as_str().to_string(),
+    })
 }
 
 fn to_message(p: &Post) -> Message {
@@ -41,7 +43,9 @@ fn to_message(p: &Post) -> Message {
 
 fn post_time(m: &Message) -> i64 {
     match &m.timestamp {
-        Some(t) if t.seconds > 0 => t.seconds.saturating_mul(1000) + i64::from(t.nanos.clamp(0, 999_999_999) / 1_000_000),
+        Some(t) if t.seconds > 0 => {
+            t.seconds.saturating_mul(1000) + i64::from(t.nanos.clamp(0, 999_999_999) / 1_000_000)
+        }
         _ => now_ms(),
     }
 }
@@ -50,7 +54,11 @@ impl Sns {
     /// The caller: a valid id of this server's cluster.
     fn caller(&self, username: &str) -> Result<u32, Outcome> {
         let user = parse_user(username).map_err(|_| Outcome::InvalidUsername)?;
-        if self.node.read(|s| s.is_local(user)) { Ok(user) } else { Err(Outcome::Invalid) }
+        if self.node.read(|s| s.is_local(user)) {
+            Ok(user)
+        } else {
+            Err(Outcome::Invalid)
+        }
     }
 
     async fn relation(&self, req: SnsRequest, follow: bool) -> Result<Response<Reply>, Status> {
@@ -58,15 +66,28 @@ impl Sns {
             Ok(u) => u,
             Err(o) => return Ok(reply(o)),
         };
-        let Some(target) = req.arguments.first().and_then(|a| parse_user(a.trim()).ok()) else {
+        let Some(target) = req
+            .arguments
+            .first()
+            .and_then(|a| parse_user(a.trim()).ok())
+        else {
             return Ok(reply(Outcome::InvalidUsername));
         };
         let outcome = self
             .node
             .write(|s| {
-                let check = if follow { s.check_follow(user, target) } else { s.check_unfollow(user, target) };
+                let check = if follow {
+                    s.check_follow(user, target)
+                } else {
+                    s.check_unfollow(user, target)
+                };
                 match check {
-                    Outcome::Success => Ok(Some(Change::Relation { follower: user, followee: target, follow, at_ms: now_ms() })),
+                    Outcome::Success => Ok(Some(Change::Relation {
+                        follower: user,
+                        followee: target,
+                        follow,
+                        at_ms: now_ms(),
+                    })),
                     refusal => Err(refusal),
                 }
             })
@@ -116,17 +137,24 @@ impl SnsService for Sns {
 
     type TimelineStream = TimelineStream;
 
-    async fn timeline(&self, req: Request<Streaming<Message>>) -> Result<Response<TimelineStream>, Status> {
+    async fn timeline(
+        &self,
+        req: Request<Streaming<Message>>,
+    ) -> Result<Response<TimelineStream>, Status> {
         let mut inbound = req.into_inner();
         // The opening names the user; its text is ignored (course clients
         // send an empty or a fixed one).
-        let opening = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("timeline opened without a message naming the user"))?;
-        let user = self.caller(&opening.username).map_err(|o| Status::invalid_argument(o.as_str()))?;
+        let opening = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("timeline opened without a message naming the user")
+        })?;
+        let user = self
+            .caller(&opening.username)
+            .map_err(|o| Status::invalid_argument(o.as_str()))?;
         if !self.node.read(|s| s.has_user(user)) {
-            return Err(Status::not_found(format!("{}: user {user} has not logged in", Outcome::NotExists.as_str())));
+            return Err(Status::not_found(format!(
+                "{}: user {user} has not logged in",
+                Outcome::NotExists.as_str()
+            )));
         }
         let (backlog, live) = self.node.store().subscribe(user);
         let (tx, rx) = mpsc::channel(64);
@@ -160,14 +188,21 @@ async fn send_posts(
                     return;
                 }
             }
-            Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!(missed = n, "timeline reader too slow; skipped posts"),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "timeline reader too slow; skipped posts")
+            }
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }
 
 /// Turns every later client message into a post.
-async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: mpsc::Sender<Result<Message, Status>>) {
+async fn take_posts(
+    node: Node,
+    user: u32,
+    mut inbound: Streaming<Message>,
+    tx: mpsc::Sender<Result<Message, Status>>,
+) {
     loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -181,8 +216,15 @@ async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: 
             let _ = tx.send(Err(Status::invalid_argument(why))).await;
             return;
         }
-        let post = Post { user, text: msg.msg.as_str().into(), at_ms: post_time(&msg) };
-        match node.write::<Outcome>(|_| Ok(Some(Change::Post(post)))).await {
+        let post = Post {
+            user,
+            text: msg.msg.as_str().into(),
+            at_ms: post_time(&msg),
+        };
+        match node
+            .write::<Outcome>(|_| Ok(Some(Change::Post(post))))
+            .await
+        {
             Ok(_) => {}
             Err(status) => {
                 let _ = tx.send(Err(status)).await;

@@ -25,7 +25,10 @@ pub enum DecodeError {
 /// Why a post text is refused.
 pub fn check_post_text(text: &str) -> Result<(), String> {
     if text.len() > MAX_POST_BYTES {
-        Err(format!("post is {} bytes; at most {MAX_POST_BYTES} are allowed", text.len()))
+        Err(format!(
+            "post is {} bytes; at most {MAX_POST_BYTES} are allowed",
+            text.len()
+        ))
     } else if text.contains(['\n', '\r']) {
         Err("post must be a single line".to_string())
     } else {
@@ -34,7 +37,11 @@ pub fn check_post_text(text: &str) -> Result<(), String> {
 }
 
 fn user(id: u32) -> Result<u32, DecodeError> {
-    if id == 0 { Err(DecodeError::Invalid("user id 0".into())) } else { Ok(id) }
+    if id == 0 {
+        Err(DecodeError::Invalid("user id 0".into()))
+    } else {
+        Ok(id)
+    }
 }
 
 fn change_from_user(u: &pb::UserAdded) -> Result<Change, DecodeError> {
@@ -42,32 +49,56 @@ fn change_from_user(u: &pb::UserAdded) -> Result<Change, DecodeError> {
 }
 
 fn change_from_relation(r: &pb::Relation) -> Result<Change, DecodeError> {
-    Ok(Change::Relation { follower: user(r.follower)?, followee: user(r.followee)?, follow: r.follow, at_ms: r.at_ms })
+    Ok(Change::Relation {
+        follower: user(r.follower)?,
+        followee: user(r.followee)?,
+        follow: r.follow,
+        at_ms: r.at_ms,
+    })
 }
 
 fn change_from_post(p: &pb::Post) -> Result<Change, DecodeError> {
     check_post_text(&p.text).map_err(DecodeError::Invalid)?;
-    Ok(Change::Post(Post { user: user(p.user)?, text: Arc::from(p.text.as_str()), at_ms: p.at_ms }))
+    Ok(Change::Post(Post {
+        user: user(p.user)?,
+        text: Arc::from(p.text.as_str()),
+        at_ms: p.at_ms,
+    }))
 }
 
 fn relation_to_pb(follower: u32, followee: u32, follow: bool, at_ms: i64) -> pb::Relation {
-    pb::Relation { follower, followee, follow, at_ms }
+    pb::Relation {
+        follower,
+        followee,
+        follow,
+        at_ms,
+    }
 }
 
 fn post_to_pb(p: &Post) -> pb::Post {
-    pb::Post { user: p.user, text: p.text.to_string(), at_ms: p.at_ms }
+    pb::Post {
+        user: p.user,
+        text: p.text.to_string(),
+        at_ms: p.at_ms,
+    }
 }
 
 pub fn local_op_to_pb(op: &LocalOp) -> pb::LocalOp {
     use pb::local_op::Kind;
     let kind = match &op.change {
         Change::User(u) => Kind::Login(pb::UserAdded { user: *u }),
-        Change::Relation { follower, followee, follow, at_ms } => {
-            Kind::Relation(relation_to_pb(*follower, *followee, *follow, *at_ms))
-        }
+        Change::Relation {
+            follower,
+            followee,
+            follow,
+            at_ms,
+        } => Kind::Relation(relation_to_pb(*follower, *followee, *follow, *at_ms)),
         Change::Post(p) => Kind::Post(post_to_pb(p)),
     };
-    pb::LocalOp { seq: op.seq, kind: Some(kind) }
+    pb::LocalOp {
+        seq: op.seq,
+        kind: Some(kind),
+    }
 }
 
 pub fn local_op_from_pb(op: &pb::LocalOp) -> Result<LocalOp, DecodeError> {
@@ -80,26 +111,39 @@ pub fn local_op_from_pb(op: &pb::LocalOp) -> Result<LocalOp, DecodeError> {
     if op.seq == 0 {
         return Err(DecodeError::Invalid("seq 0".into()));
     }
-    Ok(LocalOp { seq: op.seq, change })
+    Ok(LocalOp {
+        seq: op.seq,
+        change,
+    })
 }
 
 pub fn event_to_pb(e: &RemoteEvent) -> pb::SyncEvent {
     use pb::sync_event::Kind;
     let kind = match &e.change {
         Change::User(u) => Kind::User(pb::UserAdded { user: *u }),
-        Change::Relation { follower, followee, follow, at_ms } => {
-            Kind::Relation(relation_to_pb(*follower, *followee, *follow, *at_ms))
-        }
+        Change::Relation {
+            follower,
+            followee,
+            follow,
+            at_ms,
+        } => Kind::Relation(relation_to_pb(*follower, *followee, *follow, *at_ms)),
         Change::Post(p) => Kind::Post(post_to_pb(p)),
     };
-    pb::SyncEvent { origin_cluster: e.origin, seq: e.seq, kind: Some(kind) }
+    pb::SyncEvent {
+        origin_cluster: e.origin,
+        seq: e.seq,
+        kind: Some(kind),
+    }
 }
 
 /// Validates a decoded broker event for a deployment of `clusters` clusters.
 pub fn event_from_pb(e: &pb::SyncEvent, clusters: u32) -> Result<RemoteEvent, DecodeError> {
     use pb::sync_event::Kind;
     if e.origin_cluster == 0 || e.origin_cluster > clusters {
-        return Err(DecodeError::Invalid(format!("origin cluster {} of {clusters}", e.origin_cluster)));
+        return Err(DecodeError::Invalid(format!(
+            "origin cluster {} of {clusters}",
+            e.origin_cluster
+        )));
     }
     if e.seq == 0 {
         return Err(DecodeError::Invalid("seq 0".into()));
@@ -109,7 +153,11 @@ pub fn event_from_pb(e: &pb::SyncEvent, clusters: u32) -> Result<RemoteEvent, De
         Kind::Relation(r) => change_from_relation(r)?,
         Kind::Post(p) => change_from_post(p)?,
     };
-    Ok(RemoteEvent { origin: e.origin_cluster, seq: e.seq, change })
+    Ok(RemoteEvent {
+        origin: e.origin_cluster,
+        seq: e.seq,
+        change,
+    })
 }
 
 /// Encodes a broker message body.
@@ -150,16 +198,34 @@ mod tests {
     fn samples() -> Vec<Change> {
         vec![
             Change::User(7),
-            Change::Relation { follower: 1, followee: 2, follow: true, at_ms: 5 },
-            Change::Relation { follower: 1, followee: 2, follow: false, at_ms: 6 },
-            Change::Post(Post { user: 3, text: "héllo".into(), at_ms: 1_700_000_000_123 }),
+            Change::Relation {
+                follower: 1,
+                followee: 2,
+                follow: true,
+                at_ms: 5,
+            },
+            Change::Relation {
+                follower: 1,
+                followee: 2,
+                follow: false,
+                at_ms: 6,
+            },
+            Change::Post(Post {
+                user: 3,
+                text: "héllo".into(),
+                at_ms: 1_700_000_000_123,
+            }),
         ]
     }
 
     #[test]
     fn events_round_trip() {
         for (i, change) in samples().into_iter().enumerate() {
-            let e = RemoteEvent { origin: 2, seq: i as u64 + 1, change };
+            let e = RemoteEvent {
+                origin: 2,
+                seq: i as u64 + 1,
+                change,
+            };
             assert_eq!(decode_event(&encode_event(&e), 3), Ok(e));
         }
     }
@@ -167,9 +233,16 @@ mod tests {
     #[test]
     fn journal_entries_round_trip() {
         for (i, change) in samples().into_iter().enumerate() {
-            let local = Entry::Local(LocalOp { seq: i as u64 + 1, change: change.clone() });
+            let local = Entry::Local(LocalOp {
+                seq: i as u64 + 1,
+                change: change.clone(),
+            });
             assert_eq!(decode_entry(&encode_entry(&local), 3), Ok(local));
-            let remote = Entry::Remote(RemoteEvent { origin: 3, seq: 9, change });
+            let remote = Entry::Remote(RemoteEvent {
+                origin: 3,
+                seq: 9,
+                change,
+            });
             assert_eq!(decode_entry(&encode_entry(&remote), 3), Ok(remote));
         }
         let mark = Entry::PublishedUpto(42);
@@ -178,9 +251,19 @@ mod tests {
 
     #[test]
     fn malformed_events_are_rejected() {
-        assert!(matches!(decode_event(b"\xff\xff\xff", 3), Err(DecodeError::Protobuf(_))));
-        assert_eq!(decode_event(&[], 3), Err(DecodeError::Invalid("origin cluster 0 of 3".into())));
-        let good = RemoteEvent { origin: 1, seq: 1, change: Change::User(1) };
+        assert!(matches!(
+            decode_event(b"\xff\xff\xff", 3),
+            Err(DecodeError::Protobuf(_))
+        ));
+        assert_eq!(
+            decode_event(&[], 3),
+            Err(DecodeError::Invalid("origin cluster 0 of 3".into()))
+        );
+        let good = RemoteEvent {
+            origin: 1,
+            seq: 1,
+            change: Change::User(1),
+        };
         assert!(decode_event(&encode_event(&good), 3).is_ok());
         let mut far = event_to_pb(&good);
         far.origin_cluster = 4;
@@ -194,7 +277,11 @@ mod tests {
         let big = pb::SyncEvent {
             origin_cluster: 1,
             seq: 1,
-            kind: Some(pb::sync_event::Kind::Post(pb::Post { user: 1, text: "x".repeat(MAX_POST_BYTES + 1), at_ms: 0 })),
+            kind: Some(pb::sync_event::Kind::Post(pb::Post {
+                user: 1,
+                text: "x".repeat(MAX_POST_BYTES + 1),
+                at_ms: 0,
+            })),
         };
         assert!(event_from_pb(&big, 3).is_err());
     }

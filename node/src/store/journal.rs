@@ -22,7 +22,11 @@ impl Journal {
     /// Opens (or creates) the journal at `path` and returns every intact
     /// record payload, cutting a torn tail.
     pub fn open(path: &Path) -> io::Result<(Journal, Vec<Vec<u8>>)> {
-        let mut file = OpenOptions::new().read(true).create(true).append(true).open(path)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .create(true)
+            .append(true)
+            .open(path)?;
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
         let (records, good) = split_records(&data);

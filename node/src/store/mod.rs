@@ -49,7 +49,12 @@ impl Store {
                 .map_err(|e| Error::Corrupt(format!("{} record {i}: {e}", path.display())))?;
             state.apply(&entry);
         }
-        let store = Store { dir: dir.to_path_buf(), journal, state, live: HashMap::new() };
+        let store = Store {
+            dir: dir.to_path_buf(),
+            journal,
+            state,
+            live: HashMap::new(),
+        };
         store.rebuild_views()?;
         tracing::info!(dir = %dir.display(), records = records.len(), users = store.state.users().len(), "store opened");
         Ok(store)
@@ -67,7 +72,9 @@ impl Store {
     /// files and wakes the timeline streams it concerns.
     pub fn commit(&mut self, entry: &Entry, durable: bool) -> Result<Vec<Effect>> {
         let bytes = codec::encode_entry(entry);
-        self.journal.append(&bytes, durable).map_err(|e| Error::io(&self.dir.join(JOURNAL_FILE), e))?;
+        self.journal
+            .append(&bytes, durable)
+            .map_err(|e| Error::io(&self.dir.join(JOURNAL_FILE), e))?;
         let effects = self.state.apply(entry);
         for effect in &effects {
             if let Err(e) = self.write_view(effect) {
@@ -87,7 +94,11 @@ impl Store {
     /// posts, taken together so no post falls between the two.
     pub fn subscribe(&mut self, user: u32) -> (Vec<Post>, broadcast::Receiver<Post>) {
         self.live.retain(|_, tx| tx.receiver_count() > 0);
-        let rx = self.live.entry(user).or_insert_with(|| broadcast::channel(LIVE_BUFFER).0).subscribe();
+        let rx = self
+            .live
+            .entry(user)
+            .or_insert_with(|| broadcast::channel(LIVE_BUFFER).0)
+            .subscribe();
         (self.state.backlog(user), rx)
     }
 
@@ -97,10 +108,16 @@ impl Store {
 
     fn write_view(&self, effect: &Effect) -> std::io::Result<()> {
         match effect {
-            Effect::Users => replace(&self.dir.join("all_users.txt"), &record::encode_ids(self.state.users())),
+            Effect::Users => replace(
+                &self.dir.join("all_users.txt"),
+                &record::encode_ids(self.state.users()),
+            ),
             Effect::NewLocalUser(u) => {
                 for suffix in ["follow_list", "followers", "timeline", "following"] {
-                    fs::OpenOptions::new().create(true).append(true).open(self.path(*u, suffix))?;
+                    fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(self.path(*u, suffix))?;
                 }
                 Ok(())
             }
@@ -113,17 +130,35 @@ impl Store {
                 replace(&self.path(*u, "followers"), &record::encode_ids(&ids))
             }
             Effect::TimelineAppend { user, post } => append(&self.path(*user, "timeline"), &[post]),
-            Effect::Feed { user, post, appended: true } => append(&self.path(*user, "following"), &[post]),
-            Effect::Feed { user, appended: false, .. } => {
-                replace(&self.path(*user, "following"), &posts_text(self.state.feed(*user)))
-            }
+            Effect::Feed {
+                user,
+                post,
+                appended: true,
+            } => append(&self.path(*user, "following"), &[post]),
+            Effect::Feed {
+                user,
+                appended: false,
+                ..
+            } => replace(
+                &self.path(*user, "following"),
+                &posts_text(self.state.feed(*user)),
+            ),
         }
     }
 
     fn rebuild_views(&self) -> Result<()> {
-        let write = |path: PathBuf, text: String| replace(&path, &text).map_err(|e| Error::io(&path, e));
-        write(self.dir.join("all_users.txt"), record::encode_ids(self.state.users()))?;
-        for &u in self.state.users().iter().filter(|u| self.state.is_local(**u)) {
+        let write =
+            |path: PathBuf, text: String| replace(&path, &text).map_err(|e| Error::io(&path, e));
+        write(
+            self.dir.join("all_users.txt"),
+            record::encode_ids(self.state.users()),
+        )?;
+        for &u in self
+            .state
+            .users()
+            .iter()
+            .filter(|u| self.state.is_local(**u))
+        {
             let follows: Vec<u32> = self.state.following(u).collect();
             let followers: Vec<u32> = self.state.followers(u).collect();
             write(self.path(u, "follow_list"), record::encode_ids(&follows))?;
@@ -153,7 +188,10 @@ fn replace(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 fn append(path: &Path, posts: &[&Post]) -> std::io::Result<()> {
-    let mut f = fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     // One write per append: concurrent readers never see a partial record
     // followed by another writer's bytes.
     f.write_all(posts_text(posts.iter().copied()).as_bytes())
@@ -166,7 +204,9 @@ mod tests {
 
     fn local(store: &mut Store, change: Change) {
         let seq = store.state().next_seq();
-        store.commit(&Entry::Local(LocalOp { seq, change }), true).unwrap();
+        store
+            .commit(&Entry::Local(LocalOp { seq, change }), true)
+            .unwrap();
     }
 
     fn read(dir: &Path, name: &str) -> String {
@@ -180,12 +220,42 @@ mod tests {
         let mut s = Store::open(&dir, 1, 3).unwrap();
         local(&mut s, Change::User(4));
         local(&mut s, Change::User(1));
-        s.commit(&Entry::Remote(RemoteEvent { origin: 2, seq: 1, change: Change::User(2) }), true).unwrap();
-        local(&mut s, Change::Relation { follower: 4, followee: 1, follow: true, at_ms: 0 });
-        local(&mut s, Change::Post(Post { user: 1, text: "p11".into(), at_ms: 1_744_336_636_000 }));
+        s.commit(
+            &Entry::Remote(RemoteEvent {
+                origin: 2,
+                seq: 1,
+                change: Change::User(2),
+            }),
+            true,
+        )
+        .unwrap();
+        local(
+            &mut s,
+            Change::Relation {
+                follower: 4,
+                followee: 1,
+                follow: true,
+                at_ms: 0,
+            },
+        );
+        local(
+            &mut s,
+            Change::Post(Post {
+                user: 1,
+                text: "p11".into(),
+                at_ms: 1_744_336_636_000,
+            }),
+        );
         let (backlog, mut rx) = s.subscribe(4);
         assert_eq!(backlog.len(), 1);
-        local(&mut s, Change::Post(Post { user: 1, text: "p12".into(), at_ms: 1_744_336_637_000 }));
+        local(
+            &mut s,
+            Change::Post(Post {
+                user: 1,
+                text: "p12".into(),
+                at_ms: 1_744_336_637_000,
+            }),
+        );
         assert_eq!(&*rx.try_recv().unwrap().text, "p12");
 
         assert_eq!(read(&dir, "all_users.txt"), "1\n2\n4\n");
@@ -196,19 +266,29 @@ mod tests {
         assert_eq!(record::decode_posts(&feed).len(), 2);
         assert!(feed.starts_with("T 2025-04-11 01:57:16 UTC\nU 1\nW p11\n\n"));
         assert_eq!(record::decode_posts(&read(&dir, "1_timeline.txt")).len(), 2);
-        let before: Vec<String> = ["all_users.txt", "4_following.txt", "1_timeline.txt", "1_followers.txt"]
-            .iter()
-            .map(|f| read(&dir, f))
-            .collect();
+        let before: Vec<String> = [
+            "all_users.txt",
+            "4_following.txt",
+            "1_timeline.txt",
+            "1_followers.txt",
+        ]
+        .iter()
+        .map(|f| read(&dir, f))
+        .collect();
         drop(s);
 
         // A view damaged by a crash is rebuilt from the journal.
         fs::write(dir.join("4_following.txt"), "T 2025").unwrap();
         let s = Store::open(&dir, 1, 3).unwrap();
-        let after: Vec<String> = ["all_users.txt", "4_following.txt", "1_timeline.txt", "1_followers.txt"]
-            .iter()
-            .map(|f| read(&dir, f))
-            .collect();
+        let after: Vec<String> = [
+            "all_users.txt",
+            "4_following.txt",
+            "1_timeline.txt",
+            "1_followers.txt",
+        ]
+        .iter()
+        .map(|f| read(&dir, f))
+        .collect();
         assert_eq!(before, after);
         assert_eq!(s.state().next_seq(), 6);
     }

@@ -40,8 +40,12 @@ pub fn decode_posts(data: &str) -> Vec<PostRecord> {
     let mut posts = Vec::new();
     let mut lines = data.lines().peekable();
     while let Some(line) = lines.next() {
-        let Some(time) = line.strip_prefix("T ") else { continue };
-        let (Some(u), Some(w)) = (lines.next(), lines.next()) else { break };
+        let Some(time) = line.strip_prefix("T ") else {
+            continue;
+        };
+        let (Some(u), Some(w)) = (lines.next(), lines.next()) else {
+            break;
+        };
         let blank = lines.next();
         let parsed = NaiveDateTime::parse_from_str(time, TIME_FORMAT).ok();
         let user = u.strip_prefix("U ").and_then(|s| s.parse().ok());
@@ -88,8 +92,16 @@ mod tests {
         assert_eq!(
             posts,
             vec![
-                PostRecord { user: 4, text: "hello world".into(), at_secs: 1_744_336_636 },
-                PostRecord { user: 1, text: String::new(), at_secs: 0 },
+                PostRecord {
+                    user: 4,
+                    text: "hello world".into(),
+                    at_secs: 1_744_336_636
+                },
+                PostRecord {
+                    user: 1,
+                    text: String::new(),
+                    at_secs: 0
+                },
             ]
         );
     }

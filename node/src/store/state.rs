@@ -36,7 +36,12 @@ impl Post {
 pub enum Change {
     /// A user logged in for the first time.
     User(u32),
-    Relation { follower: u32, followee: u32, follow: bool, at_ms: i64 },
+    Relation {
+        follower: u32,
+        followee: u32,
+        follow: bool,
+        at_ms: i64,
+    },
     Post(Post),
 }
 
@@ -73,9 +78,16 @@ pub enum Effect {
     NewLocalUser(u32),
     FollowList(u32),
     Followers(u32),
-    TimelineAppend { user: u32, post: Post },
+    TimelineAppend {
+        user: u32,
+        post: Post,
+    },
     /// `post` entered `user`'s feed; `appended` = it sorts last.
-    Feed { user: u32, post: Post, appended: bool },
+    Feed {
+        user: u32,
+        post: Post,
+        appended: bool,
+    },
 }
 
 /// The outcome of a command, in the course's status words.
@@ -161,11 +173,17 @@ impl State {
     }
 
     pub fn following(&self, user: u32) -> impl Iterator<Item = u32> + '_ {
-        self.following.get(&user).into_iter().flat_map(|m| m.keys().copied())
+        self.following
+            .get(&user)
+            .into_iter()
+            .flat_map(|m| m.keys().copied())
     }
 
     pub fn followers(&self, user: u32) -> impl Iterator<Item = u32> + '_ {
-        self.followers.get(&user).into_iter().flat_map(|s| s.iter().copied())
+        self.followers
+            .get(&user)
+            .into_iter()
+            .flat_map(|s| s.iter().copied())
     }
 
     pub fn timeline(&self, user: u32) -> &[Post] {
@@ -196,7 +214,8 @@ impl State {
     /// Whether `event` would change anything (false for a redelivery, an
     /// event of our own cluster, or one that is not ours to apply).
     pub fn is_new_remote(&self, event: &RemoteEvent) -> bool {
-        event.origin != self.cluster && event.seq > self.applied.get(&event.origin).copied().unwrap_or(0)
+        event.origin != self.cluster
+            && event.seq > self.applied.get(&event.origin).copied().unwrap_or(0)
     }
 
     /// Checks a FOLLOW of `target` by `user` (a known local user).
@@ -207,7 +226,11 @@ impl State {
             Outcome::AlreadyExists
         } else if !self.users.contains(&target) {
             Outcome::InvalidUsername
-        } else if self.following.get(&user).is_some_and(|m| m.contains_key(&target)) {
+        } else if self
+            .following
+            .get(&user)
+            .is_some_and(|m| m.contains_key(&target))
+        {
             Outcome::AlreadyExists
         } else {
             Outcome::Success
@@ -220,7 +243,11 @@ impl State {
             Outcome::NotExists
         } else if target == user || !self.users.contains(&target) {
             Outcome::InvalidUsername
-        } else if !self.following.get(&user).is_some_and(|m| m.contains_key(&target)) {
+        } else if !self
+            .following
+            .get(&user)
+            .is_some_and(|m| m.contains_key(&target))
+        {
             Outcome::NotAFollower
         } else {
             Outcome::Success
@@ -232,9 +259,19 @@ impl State {
     pub fn backlog(&self, user: u32) -> Vec<Post> {
         let follows = self.following.get(&user);
         let visible = |p: &&Post| {
-            p.user != user && follows.and_then(|m| m.get(&p.user)).is_some_and(|since| p.at_ms >= *since)
+            p.user != user
+                && follows
+                    .and_then(|m| m.get(&p.user))
+                    .is_some_and(|since| p.at_ms >= *since)
         };
-        let mut posts: Vec<Post> = self.feed(user).iter().rev().filter(visible).take(BACKLOG).cloned().collect();
+        let mut posts: Vec<Post> = self
+            .feed(user)
+            .iter()
+            .rev()
+            .filter(visible)
+            .take(BACKLOG)
+            .cloned()
+            .collect();
         posts.reverse();
         posts
     }
@@ -276,7 +313,11 @@ impl State {
             Change::User(_) | Change::Post(_) => true,
             Change::Relation { followee, .. } => !self.is_local(*followee),
         };
-        wanted.then(|| RemoteEvent { origin: self.cluster, seq: op.seq, change: op.change.clone() })
+        wanted.then(|| RemoteEvent {
+            origin: self.cluster,
+            seq: op.seq,
+            change: op.change.clone(),
+        })
     }
 
     fn apply_change(&mut self, change: &Change, local: bool, effects: &mut Vec<Effect>) {
@@ -289,7 +330,12 @@ impl State {
                     }
                 }
             }
-            Change::Relation { follower, followee, follow, at_ms } => {
+            Change::Relation {
+                follower,
+                followee,
+                follow,
+                at_ms,
+            } => {
                 let (follower, followee) = (*follower, *followee);
                 // A local op records the follower's side; the followee's side
                 // is recorded wherever the followee lives (here, or through
@@ -313,7 +359,11 @@ impl State {
                 }
                 if self.is_local(followee) {
                     let set = self.followers.entry(followee).or_default();
-                    let changed = if *follow { set.insert(follower) } else { set.remove(&follower) };
+                    let changed = if *follow {
+                        set.insert(follower)
+                    } else {
+                        set.remove(&follower)
+                    };
                     if changed {
                         effects.push(Effect::Followers(followee));
                     }
@@ -321,10 +371,18 @@ impl State {
             }
             Change::Post(post) => {
                 if local {
-                    self.timelines.entry(post.user).or_default().push(post.clone());
-                    effects.push(Effect::TimelineAppend { user: post.user, post: post.clone() });
+                    self.timelines
+                        .entry(post.user)
+                        .or_default()
+                        .push(post.clone());
+                    effects.push(Effect::TimelineAppend {
+                        user: post.user,
+                        post: post.clone(),
+                    });
                 }
-                let Some(readers) = self.local_followers.get(&post.user) else { return };
+                let Some(readers) = self.local_followers.get(&post.user) else {
+                    return;
+                };
                 for reader in readers {
                     let since = self.following.get(reader).and_then(|m| m.get(&post.user));
                     if *reader == post.user || since.is_none_or(|s| post.at_ms < *s) {
@@ -334,7 +392,11 @@ impl State {
                     let at = feed.partition_point(|p| p.key() <= post.key());
                     let appended = at == feed.len();
                     feed.insert(at, post.clone());
-                    effects.push(Effect::Feed { user: *reader, post: post.clone(), appended });
+                    effects.push(Effect::Feed {
+                        user: *reader,
+                        post: post.clone(),
+                        appended,
+                    });
                 }
             }
         }
@@ -346,11 +408,20 @@ mod tests {
     use super::*;
 
     fn post(user: u32, text: &str, at_ms: i64) -> Change {
-        Change::Post(Post { user, text: text.into(), at_ms })
+        Change::Post(Post {
+            user,
+            text: text.into(),
+            at_ms,
+        })
     }
 
     fn rel(follower: u32, followee: u32, follow: bool, at_ms: i64) -> Change {
-        Change::Relation { follower, followee, follow, at_ms }
+        Change::Relation {
+            follower,
+            followee,
+            follow,
+            at_ms,
+        }
     }
 
     /// A cluster-1 state (of 3) that applies local ops with dense seqs.
@@ -360,14 +431,20 @@ mod tests {
 
     impl Node {
         fn new(cluster: u32) -> Self {
-            Node { state: State::new(cluster, 3) }
+            Node {
+                state: State::new(cluster, 3),
+            }
         }
         fn local(&mut self, change: Change) -> Vec<Effect> {
             let seq = self.state.next_seq();
             self.state.apply(&Entry::Local(LocalOp { seq, change }))
         }
         fn remote(&mut self, origin: u32, seq: u64, change: Change) -> Vec<Effect> {
-            self.state.apply(&Entry::Remote(RemoteEvent { origin, seq, change }))
+            self.state.apply(&Entry::Remote(RemoteEvent {
+                origin,
+                seq,
+                change,
+            }))
         }
     }
 
@@ -402,10 +479,21 @@ mod tests {
         let fx = n.local(post(1, "p11", 20));
         assert!(fx.contains(&Effect::Feed {
             user: 4,
-            post: Post { user: 1, text: "p11".into(), at_ms: 20 },
+            post: Post {
+                user: 1,
+                text: "p11".into(),
+                at_ms: 20
+            },
             appended: true
         }));
-        assert_eq!(n.state.backlog(4).iter().map(|p| &*p.text).collect::<Vec<_>>(), vec!["p11"]);
+        assert_eq!(
+            n.state
+                .backlog(4)
+                .iter()
+                .map(|p| &*p.text)
+                .collect::<Vec<_>>(),
+            vec!["p11"]
+        );
         assert!(n.state.backlog(7).is_empty());
         assert!(n.state.backlog(1).is_empty());
         assert_eq!(n.state.timeline(1).len(), 2);
@@ -425,7 +513,10 @@ mod tests {
         assert_eq!(&*b[0].text, "p10");
         assert_eq!(&*b[19].text, "p29");
         n.local(rel(4, 1, false, 200));
-        assert!(n.state.backlog(4).is_empty(), "unfollowed authors disappear");
+        assert!(
+            n.state.backlog(4).is_empty(),
+            "unfollowed authors disappear"
+        );
     }
 
     #[test]
@@ -433,7 +524,10 @@ mod tests {
         let mut n = Node::new(2);
         n.local(Change::User(2));
         assert_eq!(n.remote(1, 1, Change::User(1)), vec![Effect::Users]);
-        assert!(n.remote(1, 1, Change::User(1)).is_empty(), "redelivery changes nothing");
+        assert!(
+            n.remote(1, 1, Change::User(1)).is_empty(),
+            "redelivery changes nothing"
+        );
         n.local(rel(2, 1, true, 50));
         // A remote post from before the follow is not shown; after it is.
         assert!(n.remote(1, 2, post(1, "old", 40)).is_empty());
@@ -449,9 +543,15 @@ mod tests {
     fn remote_relations_update_followers_of_local_users() {
         let mut n = Node::new(2);
         n.local(Change::User(2));
-        assert_eq!(n.remote(1, 1, rel(1, 2, true, 5)), vec![Effect::Followers(2)]);
+        assert_eq!(
+            n.remote(1, 1, rel(1, 2, true, 5)),
+            vec![Effect::Followers(2)]
+        );
         assert_eq!(n.state.followers(2).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(n.remote(1, 2, rel(1, 2, false, 6)), vec![Effect::Followers(2)]);
+        assert_eq!(
+            n.remote(1, 2, rel(1, 2, false, 6)),
+            vec![Effect::Followers(2)]
+        );
         assert_eq!(n.state.followers(2).count(), 0);
     }
 

@@ -1,0 +1,188 @@
+//! Command-line flags of `tsc`.
+//!
+//! The course's flags are kept: `-h` is the coordinator host, so clap's own
+//! `-h` help flag is disabled and help lives on `--help` only.
+
+use std::error::Error as _;
+use std::fmt;
+
+use clap::{ArgAction, Parser};
+
+use crate::session::{Config, Timing};
+
+/// tsc: the Tiny SNS command-line client.
+#[derive(Debug, Parser)]
+#[command(name = "tsc", version, disable_help_flag = true)]
+pub struct Args {
+    /// Coordinator host.
+    #[arg(
+        short = 'h',
+        long = "host",
+        env = "SNS_COORD_HOST",
+        default_value = "127.0.0.1"
+    )]
+    pub host: String,
+
+    /// Coordinator port.
+    #[arg(
+        short = 'k',
+        long = "port",
+        env = "SNS_COORD_PORT",
+        default_value_t = 9000
+    )]
+    pub port: u16,
+
+    /// Your user id (a positive integer).
+    // Hyphen values are accepted so that `-u -3` is reported as a bad user id
+    // rather than as an unknown flag.
+    #[arg(short = 'u', long = "user", env = "SNS_USER", value_parser = parse_user_id, allow_hyphen_values = true)]
+    pub user: u32,
+
+    /// Print help.
+    #[arg(long = "help", action = ArgAction::Help)]
+    help: Option<bool>,
+}
+
+impl Args {
+    /// The session configuration these flags describe, with default timing.
+    pub fn into_config(self) -> Config {
+        Config {
+            coord_host: self.host,
+            coord_port: self.port,
+            user: self.user,
+            timing: Timing::default(),
+        }
+    }
+}
+
+/// A user id that is not a positive integer fitting `u32`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidUserId(String);
+
+impl fmt::Display for InvalidUserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid user id '{}': must be a positive integer",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidUserId {}
+
+/// Parses a user id: ASCII digits only (no sign, no spaces), 1..=u32::MAX —
+/// the same rule as the server's, so a client never logs in as a user the
+/// server would refuse.
+pub fn parse_user_id(text: &str) -> Result<u32, InvalidUserId> {
+    // Only an echo of the value is bounded, so a huge argument cannot flood
+    // the terminal.
+    let bad = || InvalidUserId(text.chars().take(64).collect());
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match text.parse::<u32>() {
+        Ok(0) | Err(_) => Err(bad()),
+        Ok(user) => Ok(user),
+    }
+}
+
+/// Parses the process's arguments, or exits: 0 after `--help`/`--version`,
+/// 2 on a usage error. A bad user id gets a one-line message of its own
+/// (`tsc: invalid user id 'abc': must be a positive integer`) instead of
+/// clap's generic "invalid value" wording.
+pub fn parse_args() -> Config {
+    match Args::try_parse() {
+        Ok(args) => args.into_config(),
+        Err(err) => {
+            if let Some(bad) = err.source().and_then(|e| e.downcast_ref::<InvalidUserId>()) {
+                eprintln!("tsc: {bad}");
+                std::process::exit(2);
+            }
+            err.exit()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn user_ids_are_positive_integers_that_fit_u32() {
+        assert_eq!(parse_user_id("1"), Ok(1));
+        assert_eq!(parse_user_id("42"), Ok(42));
+        assert_eq!(parse_user_id("4294967295"), Ok(u32::MAX));
+        for bad in [
+            "abc",
+            "0",
+            "00",
+            "-3",
+            "+3",
+            "../x",
+            "4294967296",
+            "",
+            " 1",
+            "1 ",
+            "1.5",
+        ] {
+            assert!(parse_user_id(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn the_error_names_the_bad_value() {
+        let Err(err) = parse_user_id("abc") else {
+            panic!("abc accepted")
+        };
+        assert_eq!(
+            err.to_string(),
+            "invalid user id 'abc': must be a positive integer"
+        );
+    }
+
+    #[test]
+    fn course_flags_parse() {
+        let args = Args::try_parse_from(["tsc", "-h", "10.0.0.5", "-k", "9100", "-u", "7"]);
+        let Ok(args) = args else {
+            panic!("rejected: {args:?}")
+        };
+        assert_eq!(
+            (args.host.as_str(), args.port, args.user),
+            ("10.0.0.5", 9100, 7)
+        );
+        let args = Args::try_parse_from(["tsc", "--host", "coord", "--port", "1", "--user", "3"]);
+        let Ok(args) = args else {
+            panic!("rejected: {args:?}")
+        };
+        assert_eq!((args.host.as_str(), args.port, args.user), ("coord", 1, 3));
+    }
+
+    #[test]
+    fn bad_user_ids_reach_the_user_id_check() {
+        // `-3` and `../x` must be judged as user ids, not as flags or paths.
+        for bad in ["abc", "0", "-3", "../x", "4294967296"] {
+            let err = match Args::try_parse_from(["tsc", "-u", bad]) {
+                Ok(args) => panic!("{bad:?} accepted as {args:?}"),
+                Err(err) => err,
+            };
+            let source = err.source().and_then(|e| e.downcast_ref::<InvalidUserId>());
+            assert!(source.is_some(), "{bad:?}: {err}");
+            assert_eq!(err.exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn help_is_long_only() {
+        let Err(err) = Args::try_parse_from(["tsc", "--help"]) else {
+            panic!("no help")
+        };
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp);
+        let err = Args::try_parse_from(["tsc", "-h"]).err();
+        assert!(err.is_some_and(|e| e.kind() != clap::error::ErrorKind::DisplayHelp));
+    }
+}

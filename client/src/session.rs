@@ -1,0 +1,569 @@
+//! The client session: login through the coordinator, command mode,
+//! timeline mode, and failover to whichever server the coordinator names
+//! when ours goes away.
+//!
+//! This is the only module that touches the protobuf types; everything it
+//! prints is formatted by [`crate::output`].
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Local, Utc};
+use sns_proto::csce438::coord_service_client::CoordServiceClient;
+use sns_proto::csce438::sns_service_client::SnsServiceClient;
+use sns_proto::csce438::{Id, Message, Request};
+use tokio::io::AsyncBufRead;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::backoff::Backoff;
+use crate::command::Command;
+use crate::console::Console;
+use crate::error::Error;
+use crate::input::InputLines;
+use crate::output;
+use crate::timeline::{self, MAX_POST_BYTES, PostKey, SeenPosts, Typed};
+
+/// How long the client waits for things.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// Connecting to a server (TCP + HTTP/2 handshake).
+    pub connect: Duration,
+    /// One unary call, and opening the timeline stream.
+    pub rpc: Duration,
+    /// How long a failover may take before the client gives up.
+    pub failover: Duration,
+    /// First pause between failover attempts.
+    pub backoff_min: Duration,
+    /// Longest pause between failover attempts.
+    pub backoff_max: Duration,
+    /// HTTP/2 ping period on an open timeline stream: a server host that
+    /// vanishes without closing the connection (a lost pod, a cut network)
+    /// is noticed within two periods.
+    pub keepalive: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            // A live server on a LAN answers in milliseconds; these only
+            // bound how long a hung one can freeze the prompt.
+            connect: Duration::from_secs(2),
+            rpc: Duration::from_secs(5),
+            // The coordinator declares a server dead after 10 s (two missed
+            // 5 s heartbeats); 60 s leaves room for a slow promotion and is
+            // the course's own patience between steps.
+            failover: Duration::from_secs(60),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            keepalive: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything a session needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Coordinator host name or address.
+    pub coord_host: String,
+    /// Coordinator port.
+    pub coord_port: u16,
+    /// The user this client logs in as.
+    pub user: u32,
+    /// Timeouts and backoff.
+    pub timing: Timing,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// End of input: the user is done.
+    EndOfInput,
+    /// No server could be reached (`connection failed: -1` was printed).
+    ConnectionFailed,
+}
+
+impl Exit {
+    /// The process exit code.
+    pub fn code(self) -> i32 {
+        match self {
+            Exit::EndOfInput => 0,
+            Exit::ConnectionFailed => 1,
+        }
+    }
+}
+
+/// A command is re-run after at most this many failovers, then reported as
+/// failed: one server dying is the case to handle; several in a row within
+/// one command is an outage, and the prompt should come back.
+const MAX_FAILOVERS_PER_COMMAND: u32 = 3;
+
+/// A timeline stream that stayed open this long was working, so a failure
+/// after it starts the backoff afresh; one that breaks sooner (a server
+/// closing every stream it opens) gets ever longer pauses instead of a tight
+/// reconnect loop.
+const STABLE_STREAM: Duration = Duration::from_secs(2);
+
+/// Runs a whole client session: login, banner, then commands read from
+/// `input` until it ends. Output goes to `output`, one flushed line at a
+/// time.
+pub async fn run<R, W>(config: Config, input: R, output: W) -> Exit
+where
+    R: AsyncBufRead + Unpin,
+    W: Write,
+{
+    let mut console = Console::new(output);
+    let mut input = InputLines::new(input);
+    let mut session = match Session::start(config).await {
+        Ok(session) => session,
+        Err(err) => {
+            eprintln!("tsc: {err}");
+            console.line(output::CONNECTION_FAILED);
+            return Exit::ConnectionFailed;
+        }
+    };
+    console.banner();
+    loop {
+        console.prompt();
+        let line = match input.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => return Exit::EndOfInput,
+            Err(err) => {
+                eprintln!("tsc: cannot read input: {err}");
+                return Exit::EndOfInput;
+            }
+        };
+        let command = Command::parse(&line);
+        let outcome = match command {
+            Command::Empty => Ok(()),
+            Command::MissingArgument => {
+                console.line(output::NO_ARGUMENTS);
+                Ok(())
+            }
+            Command::Unknown => {
+                console.line(output::INVALID_COMMAND);
+                Ok(())
+            }
+            Command::Timeline => return session.timeline(&mut input, &mut console).await,
+            Command::Follow(_) | Command::Unfollow(_) | Command::List => {
+                session.execute(&command, &mut console).await
+            }
+        };
+        if let Err(err) = outcome {
+            eprintln!("tsc: giving up on failover: {err}");
+            console.line(output::CONNECTION_FAILED);
+            return Exit::ConnectionFailed;
+        }
+    }
+}
+
+/// A logged-in session with one server.
+struct Session {
+    config: Config,
+    coordinator: CoordServiceClient<Channel>,
+    server: SnsServiceClient<Channel>,
+}
+
+impl Session {
+    /// Asks the coordinator for the user's server and logs in, once.
+    async fn start(config: Config) -> Result<Session, Error> {
+        let uri = uri(&config.coord_host, &config.coord_port.to_string())?;
+        let endpoint =
+            Endpoint::from_shared(uri.clone()).map_err(|_| Error::InvalidAddress(uri))?;
+        // Lazy: the coordinator is asked again at every failover, and a lazy
+        // channel reconnects by itself if the coordinator restarted meanwhile.
+        let coordinator = CoordServiceClient::new(
+            endpoint
+                .connect_timeout(config.timing.connect)
+                .connect_lazy(),
+        );
+        let (server, _) = attach(&config, &coordinator).await?;
+        Ok(Session {
+            config,
+            coordinator,
+            server,
+        })
+    }
+
+    fn username(&self) -> String {
+        self.config.user.to_string()
+    }
+
+    /// Runs FOLLOW, UNFOLLOW or LIST and prints its result. A server that is
+    /// gone is replaced and the command re-run; `Err` only when no
+    /// replacement could be found.
+    async fn execute<W: Write>(
+        &mut self,
+        command: &Command,
+        console: &mut Console<W>,
+    ) -> Result<(), Error> {
+        let mut failovers = 0;
+        loop {
+            match self.send(command).await {
+                Ok(lines) => {
+                    for line in &lines {
+                        console.line(line);
+                    }
+                    return Ok(());
+                }
+                Err(err) if err.is_connection_lost() && failovers < MAX_FAILOVERS_PER_COMMAND => {
+                    failovers += 1;
+                    self.fail_over(console).await?;
+                }
+                Err(err) => {
+                    eprintln!("tsc: {err}");
+                    console.line(output::UNKNOWN_REASON);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// One attempt at a unary command; the lines to print on success.
+    async fn send(&self, command: &Command) -> Result<Vec<String>, Error> {
+        let rpc = self.config.timing.rpc;
+        let mut server = self.server.clone();
+        let user = self.username();
+        let status = match command {
+            Command::Follow(target) => {
+                unary(rpc, server.follow(request(rpc, user, Some(target)))).await?
+            }
+            Command::Unfollow(target) => {
+                unary(rpc, server.un_follow(request(rpc, user, Some(target)))).await?
+            }
+            Command::List => {
+                let list = unary(rpc, server.list(request(rpc, user, None))).await?;
+                return Ok(output::list_lines(list.all_users, list.followers).into());
+            }
+            // `run` sends only the three commands above here.
+            Command::Timeline | Command::Empty | Command::MissingArgument | Command::Unknown => {
+                return Ok(vec![output::INVALID_COMMAND.to_owned()]);
+            }
+        };
+        Ok(vec![output::status_line(&status.msg).to_owned()])
+    }
+
+    /// Polls the coordinator until it names a server that accepts our login,
+    /// then switches to it. `Err` once the failover budget is spent.
+    async fn fail_over<W: Write>(&mut self, console: &mut Console<W>) -> Result<(), Error> {
+        let timing = &self.config.timing;
+        let deadline = Instant::now() + timing.failover;
+        let mut backoff = Backoff::new(timing.backoff_min, timing.backoff_max);
+        loop {
+            // Until the coordinator notices the death it may name the dead
+            // server again, or a live one that is not (yet) the master; both
+            // fail here and just mean "ask again".
+            let last_error =
+                match timeout_at(deadline, attach(&self.config, &self.coordinator)).await {
+                    Ok(Ok((server, address))) => {
+                        self.server = server;
+                        console.line(&output::reconnected(&address));
+                        return Ok(());
+                    }
+                    Ok(Err(err)) => err,
+                    Err(_) => return Err(Error::Timeout(timing.failover)),
+                };
+            let pause = backoff.next_delay();
+            if Instant::now() + pause >= deadline {
+                return Err(last_error);
+            }
+            sleep(pause).await;
+        }
+    }
+
+    /// Timeline mode, for the rest of the session.
+    async fn timeline<R, W>(&mut self, input: &mut InputLines<R>, console: &mut Console<W>) -> Exit
+    where
+        R: AsyncBufRead + Unpin,
+        W: Write,
+    {
+        console.line(output::SUCCESS);
+        console.line(output::TIMELINE_ENTERED);
+        let mut seen = SeenPosts::default();
+        // Posts typed while no stream was open, sent once one is.
+        let mut unsent = VecDeque::new();
+        let mut backoff = Backoff::new(
+            self.config.timing.backoff_min,
+            self.config.timing.backoff_max,
+        );
+        // Since when the server has been refusing the stream on purpose.
+        let mut refused_since: Option<Instant> = None;
+        loop {
+            let opened = Instant::now();
+            let err = match self.stream(input, console, &mut seen, &mut unsent).await {
+                StreamEnd::EndOfInput => return Exit::EndOfInput,
+                StreamEnd::Broken(err) => err,
+            };
+            if opened.elapsed() >= STABLE_STREAM {
+                backoff.reset();
+                refused_since = None;
+            }
+            if err.is_connection_lost() {
+                refused_since = None;
+                if opened.elapsed() < STABLE_STREAM {
+                    sleep(backoff.next_delay()).await;
+                }
+                if let Err(err) = self.fail_over(console).await {
+                    eprintln!("tsc: giving up on failover: {err}");
+                    console.line(output::CONNECTION_FAILED);
+                    return Exit::ConnectionFailed;
+                }
+            } else {
+                // The server is there but refuses the stream (say, because
+                // it still holds our previous one). Retry on the same server
+                // for as long as a failover may take.
+                eprintln!("tsc: timeline refused: {err}");
+                let since = *refused_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.config.timing.failover {
+                    console.line(output::CONNECTION_FAILED);
+                    return Exit::ConnectionFailed;
+                }
+                sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+
+    /// One timeline stream: open it, send what is waiting, then show what
+    /// arrives and post what is typed until input ends or the stream breaks.
+    async fn stream<R, W>(
+        &mut self,
+        input: &mut InputLines<R>,
+        console: &mut Console<W>,
+        seen: &mut SeenPosts,
+        unsent: &mut VecDeque<Message>,
+    ) -> StreamEnd
+    where
+        R: AsyncBufRead + Unpin,
+        W: Write,
+    {
+        let user = self.username();
+        // Unbounded: sending never blocks the loop below (which must keep
+        // showing posts), and what is queued is what one person types.
+        let (outbox, outgoing) = mpsc::unbounded_channel();
+        // Cannot fail: the receiver is alive right here.
+        let _ = outbox.send(message(&user, String::new()));
+        let rpc = self.config.timing.rpc;
+        let mut server = self.server.clone();
+        let mut incoming =
+            match timeout(rpc, server.timeline(UnboundedReceiverStream::new(outgoing))).await {
+                Ok(Ok(response)) => response.into_inner(),
+                Ok(Err(status)) => return StreamEnd::Broken(status.into()),
+                Err(_) => return StreamEnd::Broken(Error::Timeout(rpc)),
+            };
+        while let Some(post) = unsent.pop_front() {
+            if let Err(mpsc::error::SendError(post)) = outbox.send(post) {
+                unsent.push_front(post);
+                return StreamEnd::Broken(Error::StreamEnded);
+            }
+        }
+        loop {
+            tokio::select! {
+                // Server first: when both are ready and the stream has just
+                // broken, the typed line stays unread until a new stream is
+                // open rather than going into the dead one.
+                biased;
+                received = incoming.message() => match received {
+                    Ok(Some(post)) => show(post, seen, console),
+                    Ok(None) => return StreamEnd::Broken(Error::StreamEnded),
+                    Err(status) => return StreamEnd::Broken(status.into()),
+                },
+                typed = input.next_line() => match typed {
+                    Ok(Some(line)) => match timeline::classify(&line) {
+                        Typed::Blank => {}
+                        Typed::TooLong(bytes) => console.line(&output::post_too_long(bytes, MAX_POST_BYTES)),
+                        Typed::Post(text) => {
+                            if let Err(mpsc::error::SendError(post)) = outbox.send(message(&user, text)) {
+                                unsent.push_back(post);
+                                return StreamEnd::Broken(Error::StreamEnded);
+                            }
+                        }
+                    },
+                    Ok(None) => return StreamEnd::EndOfInput,
+                    Err(err) => {
+                        eprintln!("tsc: cannot read input: {err}");
+                        return StreamEnd::EndOfInput;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Why a timeline stream ended.
+enum StreamEnd {
+    EndOfInput,
+    Broken(Error),
+}
+
+/// Asks the coordinator for the user's server, connects and logs in.
+/// Returns the logged-in client and the server's `host:port`.
+async fn attach(
+    config: &Config,
+    coordinator: &CoordServiceClient<Channel>,
+) -> Result<(SnsServiceClient<Channel>, String), Error> {
+    let timing = &config.timing;
+    let id = i32::try_from(config.user).map_err(|_| Error::UserOutOfRange(config.user))?;
+    let mut ask = tonic::Request::new(Id { id });
+    ask.set_timeout(timing.rpc);
+    let info = unary(timing.rpc, coordinator.clone().get_server(ask)).await?;
+    if info.hostname.is_empty() || info.port.is_empty() || info.server_id <= 0 {
+        return Err(Error::NoServer);
+    }
+    let address = format!("{}:{}", info.hostname, info.port);
+    let channel = connect(&info.hostname, &info.port, timing).await?;
+    let mut server = SnsServiceClient::new(channel);
+    let reply = unary(
+        timing.rpc,
+        server.login(request(timing.rpc, config.user.to_string(), None)),
+    )
+    .await?;
+    if reply.msg != "SUCCESS" {
+        return Err(Error::LoginRefused(reply.msg));
+    }
+    Ok((server, address))
+}
+
+/// Connects to a server now (not lazily), so that a dead one is found out
+/// before it is used.
+async fn connect(host: &str, port: &str, timing: &Timing) -> Result<Channel, Error> {
+    let uri = uri(host, port)?;
+    let endpoint = Endpoint::from_shared(uri.clone())
+        .map_err(|_| Error::InvalidAddress(uri))?
+        .connect_timeout(timing.connect)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(timing.keepalive)
+        .keep_alive_timeout(timing.keepalive);
+    let address = format!("{host}:{port}");
+    // The outer timeout also bounds the HTTP/2 handshake, which
+    // `connect_timeout` (TCP only) does not.
+    match timeout(timing.connect, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(source)) => Err(Error::Connect { address, source }),
+        Err(_) => Err(Error::Timeout(timing.connect)),
+    }
+}
+
+/// `http://host:port`, with IPv6 literals bracketed. The port must be a
+/// number: it comes from the coordinator, and a garbled one must fail here
+/// rather than connect somewhere unexpected.
+fn uri(host: &str, port: &str) -> Result<String, Error> {
+    if port.parse::<u16>().is_err() || host.is_empty() {
+        return Err(Error::InvalidAddress(format!("{host}:{port}")));
+    }
+    if host.contains(':') && !host.starts_with('[') {
+        Ok(format!("http://[{host}]:{port}"))
+    } else {
+        Ok(format!("http://{host}:{port}"))
+    }
+}
+
+/// Awaits a unary call for at most `limit`.
+async fn unary<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, Error> {
+    match timeout(limit, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(status.into()),
+        Err(_) => Err(Error::Timeout(limit)),
+    }
+}
+
+/// A `Request` for `user`, with the client's deadline passed on to the
+/// server (`grpc-timeout`) so it can drop work nobody waits for.
+fn request(limit: Duration, user: String, argument: Option<&String>) -> tonic::Request<Request> {
+    let mut request = tonic::Request::new(Request {
+        username: user,
+        arguments: argument.cloned().into_iter().collect(),
+    });
+    request.set_timeout(limit);
+    request
+}
+
+/// A timeline message from `user`, stamped now.
+fn message(user: &str, text: String) -> Message {
+    Message {
+        username: user.to_owned(),
+        msg: text,
+        timestamp: Some(SystemTime::now().into()),
+    }
+}
+
+/// Prints a received post unless this session has shown it already.
+fn show<W: Write>(post: Message, seen: &mut SeenPosts, console: &mut Console<W>) {
+    let key = PostKey {
+        user: post.username,
+        seconds: post.timestamp.map(|t| t.seconds),
+        text: post.msg,
+    };
+    // A post without a time (which our servers never send) is shown at the
+    // time it arrives rather than at the epoch.
+    let posted = post
+        .timestamp
+        .and_then(|t| {
+            DateTime::<Utc>::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+        })
+        .unwrap_or_else(Utc::now)
+        .with_timezone(&Local);
+    let line = output::post_line(&key.user, &key.text, &posted);
+    if seen.first_sighting(key) {
+        console.line(&line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_bracket_ipv6_and_reject_bad_ports() {
+        assert_eq!(
+            uri("127.0.0.1", "9000").ok().as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        assert_eq!(
+            uri("tsd-1.sns", "9010").ok().as_deref(),
+            Some("http://tsd-1.sns:9010")
+        );
+        assert_eq!(
+            uri("::1", "9000").ok().as_deref(),
+            Some("http://[::1]:9000")
+        );
+        assert_eq!(
+            uri("[::1]", "9000").ok().as_deref(),
+            Some("http://[::1]:9000")
+        );
+        assert!(uri("host", "").is_err());
+        assert!(uri("host", "99999").is_err());
+        assert!(uri("host", "90a").is_err());
+        assert!(uri("", "9000").is_err());
+    }
+
+    #[test]
+    fn requests_carry_the_argument_as_typed() {
+        let req = request(
+            Duration::from_secs(1),
+            "1".into(),
+            Some(&"../../etc".to_owned()),
+        )
+        .into_inner();
+        assert_eq!(req.username, "1");
+        assert_eq!(req.arguments, ["../../etc"]);
+        assert!(
+            request(Duration::from_secs(1), "1".into(), None)
+                .into_inner()
+                .arguments
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(Exit::EndOfInput.code(), 0);
+        assert_eq!(Exit::ConnectionFailed.code(), 1);
+    }
+}

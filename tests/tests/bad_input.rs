@@ -1,0 +1,186 @@
+//! Bad input gets a clear error and loses nothing: invalid ids, path-like
+//! names, unknown commands, oversized posts (through tsc and straight over
+//! gRPC), malformed broker messages, an unreachable coordinator.
+
+use futures_util::StreamExt;
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use sns_e2e::{Client, Deployment, amqp_url, eventually};
+use sns_proto::csce438::coord_service_client::CoordServiceClient;
+use sns_proto::csce438::sns_service_client::SnsServiceClient;
+use sns_proto::csce438::{Id, Message, Request};
+
+const OK: &str = "Command completed successfully";
+
+#[test]
+fn invalid_user_ids_are_refused_by_the_client() -> anyhow::Result<()> {
+    for bad in ["abc", "0", "-3", "../x", "4294967296"] {
+        let mut c = Client::with_args(&["-h", "127.0.0.1", "-k", "1", "-u", bad], bad)?;
+        let code = c.wait_exit()?;
+        assert_eq!(code, 2, "tsc -u {bad} must fail with a usage error");
+        assert!(
+            c.stderr().contains("invalid user id"),
+            "tsc -u {bad}: {}",
+            c.stderr()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn unreachable_coordinator_fails_cleanly() -> anyhow::Result<()> {
+    // Port 1 on loopback: nothing listens there.
+    let mut c = Client::with_args(&["-h", "127.0.0.1", "-k", "1", "-u", "1"], "1")?;
+    c.expect_line("connection failed: -1")?;
+    assert_eq!(c.wait_exit()?, 1);
+    Ok(())
+}
+
+#[test]
+fn bad_commands_and_posts_keep_the_server_running() -> anyhow::Result<()> {
+    let d = Deployment::start(1, 2)?;
+    let mut c = d.client("1")?;
+    c.expect_line("=====================================")?;
+    c.run("follow ../../etc", "Command failed with invalid username")?;
+    c.run("FOLLOW /etc/passwd", "Command failed with invalid username")?;
+    c.run("FOLLOW 0", "Command failed with invalid username")?;
+    c.run("FOLLOW", "Invalid Input -- No Arguments Given")?;
+    c.run("DANCE", "Command failed with invalid command")?;
+    c.run("FOLLOW 1", "Input username already exists, command failed")?;
+    c.run("UNFOLLOW 1", "Command failed with invalid username")?;
+    c.run("UNFOLLOW 7", "Command failed with invalid username")?;
+    // No file was created for any of those names.
+    let names: Vec<String> = std::fs::read_dir(d.server_dir(1, 1))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().to_string()))
+        .collect::<Result<_, _>>()?;
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.contains("etc") && !n.contains("passwd") && !n.starts_with("0_")),
+        "{names:?}"
+    );
+
+    let mut reader = d.client("2")?;
+    reader.run("FOLLOW 1", OK)?;
+    reader.run("TIMELINE", OK)?;
+    reader.expect_line("Now you are in the timeline")?;
+    c.run("TIMELINE", OK)?;
+    c.expect_line("Now you are in the timeline")?;
+    let huge = "x".repeat(1 << 20);
+    c.send(&huge)?;
+    c.expect("a refusal of the oversized post", |l| {
+        l.starts_with("Post too long")
+    })?;
+    c.send("after the big one")?;
+    reader.expect_post(1, "after the big one")?;
+
+    // The same oversized post straight over gRPC, bypassing tsc's check:
+    // the server refuses it with a clear status and keeps serving.
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut coord =
+            CoordServiceClient::connect(format!("http://127.0.0.1:{}", d.coord_port)).await?;
+        let info = coord.get_server(Id { id: 1 }).await?.into_inner();
+        let mut sns =
+            SnsServiceClient::connect(format!("http://{}:{}", info.hostname, info.port)).await?;
+        let msg = |text: &str| Message {
+            username: "1".into(),
+            msg: text.into(),
+            timestamp: None,
+        };
+        let outbound = tokio_stream_iter(vec![msg(""), msg(&huge)]);
+        let mut inbound = sns.timeline(outbound).await?.into_inner();
+        let err = loop {
+            match inbound.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => break status,
+                None => anyhow::bail!("stream ended without refusing the post"),
+            }
+        };
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("at most 4096"), "{}", err.message());
+        let reply = sns
+            .login(Request {
+                username: "abc".into(),
+                arguments: vec![],
+            })
+            .await?
+            .into_inner();
+        assert_eq!(reply.msg, "FAILURE_INVALID_USERNAME");
+        let list = sns
+            .list(Request {
+                username: "1".into(),
+                arguments: vec![],
+            })
+            .await?
+            .into_inner();
+        assert_eq!(list.all_users, vec!["1", "2"]);
+        anyhow::Ok(())
+    })?;
+    c.send("still here")?;
+    reader.expect_post(1, "still here")?;
+    let tl = std::fs::read_to_string(d.server_dir(1, 2).join("1_timeline.txt"))?;
+    assert!(
+        !tl.contains("xxxxxxxx"),
+        "the oversized post must not be stored"
+    );
+    Ok(())
+}
+
+fn tokio_stream_iter(
+    msgs: Vec<Message>,
+) -> impl futures_util::Stream<Item = Message> + Send + 'static {
+    // Keep the stream open after the messages, as a live client would.
+    futures_util::stream::iter(msgs).chain(futures_util::stream::pending())
+}
+
+#[test]
+fn malformed_broker_messages_are_dead_lettered() -> anyhow::Result<()> {
+    let d = Deployment::start(2, 1)?;
+    let mut c1 = d.client("1")?;
+    c1.expect_line("=====================================")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let dead_queue = format!("{}.dead", d.name);
+    rt.block_on(async {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+        let ch = conn.create_channel().await?;
+        let exchange = format!("{}.events", d.name);
+        for (key, body) in [("user.1", &b"\xff\xfe garbage"[..]), ("post.1", &b""[..])] {
+            ch.basic_publish(
+                exchange.as_str().into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await?
+            .await?;
+        }
+        // Both land in cluster 2's queue, fail to decode, and are rejected
+        // to the dead-letter queue.
+        let mut dead = 0;
+        let deadline = std::time::Instant::now() + sns_e2e::DEADLINE;
+        while dead < 2 && std::time::Instant::now() < deadline {
+            match ch
+                .basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await?
+            {
+                Some(_) => dead += 1,
+                None => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+        assert_eq!(dead, 2, "both malformed messages must reach {dead_queue}");
+        conn.close(200, "done".into()).await?;
+        anyhow::Ok(())
+    })?;
+    // The synchronizer is still applying real events.
+    let mut c2 = d.client("2")?;
+    c2.expect_line("=====================================")?;
+    c2.poll_list(&[1, 2], &[])?;
+    c1.poll_list(&[1, 2], &[])?;
+    assert!(d.log("sync-2-1").contains("malformed broker message"));
+    eventually("sync-2-1 still running", || {
+        (!d.log("sync-2-1").contains("panicked")).then_some(())
+    })?;
+    Ok(())
+}
