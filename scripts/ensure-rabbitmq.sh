@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Makes sure a RabbitMQ broker answers on 127.0.0.1:5672 (or on the host and
+# port of $AMQP_URL): uses one that is already listening, else starts the
+# installed rabbitmq-server, else installs it from Debian's packages first.
+set -euo pipefail
+
+url="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+hostport="${url#*://}"; hostport="${hostport%%/*}"; hostport="${hostport##*@}"
+host="${hostport%:*}"; port="${hostport##*:}"
+[ "$host" = "$hostport" ] && port=5672
+[ -n "$host" ] || host=127.0.0.1
+
+listening() { (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; }
+
+if listening; then
+  echo "rabbitmq: broker answering on $host:$port"
+  exit 0
+fi
+case "$host" in
+  127.*|localhost|::1) ;;
+  *) echo "rabbitmq: nothing answers on $host:$port and it is not this machine; start your broker or fix AMQP_URL" >&2; exit 1 ;;
+esac
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+if ! command -v rabbitmq-server >/dev/null 2>&1 && [ ! -x /usr/sbin/rabbitmq-server ]; then
+  echo "rabbitmq: installing rabbitmq-server from Debian's packages"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq rabbitmq-server >/dev/null
+fi
+export PATH="$PATH:/usr/sbin"
+if ! listening; then
+  echo "rabbitmq: starting rabbitmq-server"
+  # Under systemd the package may have started it already; -detached is
+  # for machines without it (containers, CI runners).
+  $sudo rabbitmq-server -detached >/dev/null 2>&1 || true
+fi
+for _ in $(seq 1 180); do
+  if listening; then
+    # The port opens before the broker accepts AMQP sessions.
+    timeout 60 $sudo rabbitmqctl await_startup >/dev/null 2>&1 || true
+    echo "rabbitmq: broker answering on $host:$port"
+    exit 0
+  fi
+  sleep 0.5
+done
+echo "rabbitmq: rabbitmq-server did not start listening on $host:$port within 90 s; see /var/log/rabbitmq/" >&2
+exit 1
