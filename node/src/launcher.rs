@@ -129,7 +129,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         coord_host: "127.0.0.1".into(),
         advertise_host: "127.0.0.1".into(),
         bind: "127.0.0.1".into(),
-        amqp_url: args.amqp_url.clone(),
+        amqp_url: Some(args.amqp_url.clone()),
         deployment: deployment.clone(),
         queue_expires: args.queue_expires.clone(),
     };

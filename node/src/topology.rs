@@ -137,9 +137,15 @@ pub struct PlanOptions {
     pub base_port: u16,
     pub data_root: PathBuf,
     pub coord_host: String,
+    /// Address other nodes use to reach a process. `{pod}` is replaced by
+    /// the name of the server process whose pod (or host) the process runs
+    /// in: the server's own name, or for a synchronizer its server's (the
+    /// two share a pod in Kubernetes); `coordinator` for the coordinator.
     pub advertise_host: String,
     pub bind: String,
-    pub amqp_url: String,
+    /// Broker URL; None leaves it to the `AMQP_URL` environment variable
+    /// (how Kubernetes passes it, from a Secret, off the command line).
+    pub amqp_url: Option<String>,
     pub deployment: String,
     pub queue_expires: Option<String>,
 }
@@ -200,6 +206,7 @@ pub fn plan(spec: &DeploymentSpec, opts: &PlanOptions) -> Vec<Process> {
         for id in 1..=spec.servers_per_cluster {
             let role = Role::Server { cluster, id };
             let p = port(opts.base_port, role);
+            let pod = format!("server-{cluster}-{id}");
             let mut args = vec![
                 "server".to_string(),
                 "-c".into(),
@@ -245,13 +252,15 @@ pub fn plan(spec: &DeploymentSpec, opts: &PlanOptions) -> Vec<Process> {
                 p.to_string(),
                 "--servers-per-cluster".into(),
                 spec.servers_per_cluster.to_string(),
-                "--amqp-url".into(),
-                opts.amqp_url.clone(),
                 "--deployment".into(),
                 opts.deployment.clone(),
                 "--advertise-host".into(),
-                opts.advertise_host.clone(),
+                opts.advertise_host
+                    .replace("{pod}", &format!("server-{cluster}-{server}")),
             ];
+            if let Some(url) = &opts.amqp_url {
+                args.extend(["--amqp-url".to_string(), url.clone()]);
+            }
             if let Some(expires) = &opts.queue_expires {
                 args.extend(["--queue-expires".to_string(), expires.clone()]);
             }
@@ -280,7 +289,7 @@ mod tests {
             coord_host: "127.0.0.1".into(),
             advertise_host: "127.0.0.1".into(),
             bind: "127.0.0.1".into(),
-            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            amqp_url: Some("amqp://guest:guest@127.0.0.1:5672/%2f".into()),
             deployment: "demo".into(),
             queue_expires: None,
         }
