@@ -1,11 +1,7 @@
 //! Compiles the protos with protox (pure Rust), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
-        "proto/sns.proto",
-        "proto/coordinator.proto",
-        "proto/internal.proto",
-    ];
+    let files = ["proto/sns.proto", "proto/coordinator.proto", "proto/internal.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

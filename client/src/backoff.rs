@@ -17,11 +17,7 @@ pub struct Backoff {
 impl Backoff {
     /// A backoff starting at `min`, never exceeding `max`.
     pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            next: min,
-            min,
-            max: max.max(min),
-        }
+        Backoff { next: min, min, max: max.max(min) }
     }
 
     /// The delay to wait now; the following one is twice as long.
@@ -48,18 +44,7 @@ mod tests {
         let ms = Duration::from_millis;
         let mut backoff = Backoff::new(ms(100), ms(1000));
         let delays: Vec<_> = (0..7).map(|_| backoff.next_delay()).collect();
-        assert_eq!(
-            delays,
-            [
-                ms(100),
-                ms(200),
-                ms(400),
-                ms(800),
-                ms(1000),
-                ms(1000),
-                ms(1000)
-            ]
-        );
+        assert_eq!(delays, [ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000), ms(1000)]);
         backoff.reset();
         assert_eq!(backoff.next_delay(), ms(100));
     }

@@ -15,21 +15,11 @@ use crate::session::{Config, Timing};
 #[command(name = "tsc", version, disable_help_flag = true)]
 pub struct Args {
     /// Coordinator host.
-    #[arg(
-        short = 'h',
-        long = "host",
-        env = "SNS_COORD_HOST",
-        default_value = "127.0.0.1"
-    )]
+    #[arg(short = 'h', long = "host", env = "SNS_COORD_HOST", default_value = "127.0.0.1")]
     pub host: String,
 
     /// Coordinator port.
-    #[arg(
-        short = 'k',
-        long = "port",
-        env = "SNS_COORD_PORT",
-        default_value_t = 9000
-    )]
+    #[arg(short = 'k', long = "port", env = "SNS_COORD_PORT", default_value_t = 9000)]
     pub port: u16,
 
     /// Your user id (a positive integer).
@@ -46,12 +36,7 @@ pub struct Args {
 impl Args {
     /// The session configuration these flags describe, with default timing.
     pub fn into_config(self) -> Config {
-        Config {
-            coord_host: self.host,
-            coord_port: self.port,
-            user: self.user,
-            timing: Timing::default(),
-        }
+        Config { coord_host: self.host, coord_port: self.port, user: self.user, timing: Timing::default() }
     }
 }
 
@@ -61,11 +46,7 @@ pub struct InvalidUserId(String);
 
 impl fmt::Display for InvalidUserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid user id '{}': must be a positive integer",
-            self.0
-        )
+        write!(f, "invalid user id '{}': must be a positive integer", self.0)
     }
 }
 
@@ -117,48 +98,24 @@ mod tests {
         assert_eq!(parse_user_id("1"), Ok(1));
         assert_eq!(parse_user_id("42"), Ok(42));
         assert_eq!(parse_user_id("4294967295"), Ok(u32::MAX));
-        for bad in [
-            "abc",
-            "0",
-            "00",
-            "-3",
-            "+3",
-            "../x",
-            "4294967296",
-            "",
-            " 1",
-            "1 ",
-            "1.5",
-        ] {
+        for bad in ["abc", "0", "00", "-3", "+3", "../x", "4294967296", "", " 1", "1 ", "1.5"] {
             assert!(parse_user_id(bad).is_err(), "{bad:?} must be rejected");
         }
     }
 
     #[test]
     fn the_error_names_the_bad_value() {
-        let Err(err) = parse_user_id("abc") else {
-            panic!("abc accepted")
-        };
-        assert_eq!(
-            err.to_string(),
-            "invalid user id 'abc': must be a positive integer"
-        );
+        let Err(err) = parse_user_id("abc") else { panic!("abc accepted") };
+        assert_eq!(err.to_string(), "invalid user id 'abc': must be a positive integer");
     }
 
     #[test]
     fn course_flags_parse() {
         let args = Args::try_parse_from(["tsc", "-h", "10.0.0.5", "-k", "9100", "-u", "7"]);
-        let Ok(args) = args else {
-            panic!("rejected: {args:?}")
-        };
-        assert_eq!(
-            (args.host.as_str(), args.port, args.user),
-            ("10.0.0.5", 9100, 7)
-        );
+        let Ok(args) = args else { panic!("rejected: {args:?}") };
+        assert_eq!((args.host.as_str(), args.port, args.user), ("10.0.0.5", 9100, 7));
         let args = Args::try_parse_from(["tsc", "--host", "coord", "--port", "1", "--user", "3"]);
-        let Ok(args) = args else {
-            panic!("rejected: {args:?}")
-        };
+        let Ok(args) = args else { panic!("rejected: {args:?}") };
         assert_eq!((args.host.as_str(), args.port, args.user), ("coord", 1, 3));
     }
 
@@ -178,9 +135,7 @@ mod tests {
 
     #[test]
     fn help_is_long_only() {
-        let Err(err) = Args::try_parse_from(["tsc", "--help"]) else {
-            panic!("no help")
-        };
+        let Err(err) = Args::try_parse_from(["tsc", "--help"]) else { panic!("no help") };
         assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp);
         let err = Args::try_parse_from(["tsc", "-h"]).err();
         assert!(err.is_some_and(|e| e.kind() != clap::error::ErrorKind::DisplayHelp));

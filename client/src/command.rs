@@ -49,18 +49,10 @@ mod tests {
     #[test]
     fn command_words_are_case_insensitive() {
         for line in ["FOLLOW 2", "follow 2", "FoLlOw 2"] {
-            assert_eq!(
-                Command::parse(line),
-                Command::Follow("2".into()),
-                "{line:?}"
-            );
+            assert_eq!(Command::parse(line), Command::Follow("2".into()), "{line:?}");
         }
         for line in ["UNFOLLOW 3", "unfollow 3", "UnFollow 3"] {
-            assert_eq!(
-                Command::parse(line),
-                Command::Unfollow("3".into()),
-                "{line:?}"
-            );
+            assert_eq!(Command::parse(line), Command::Unfollow("3".into()), "{line:?}");
         }
         for line in ["LIST", "list", "List"] {
             assert_eq!(Command::parse(line), Command::List, "{line:?}");
@@ -87,10 +79,7 @@ mod tests {
     fn whitespace_is_only_a_separator() {
         assert_eq!(Command::parse(""), Command::Empty);
         assert_eq!(Command::parse("   \t "), Command::Empty);
-        assert_eq!(
-            Command::parse("  follow \t 7  "),
-            Command::Follow("7".into())
-        );
+        assert_eq!(Command::parse("  follow \t 7  "), Command::Follow("7".into()));
         assert_eq!(Command::parse("FOLLOW 7 8 9"), Command::Follow("7".into()));
         assert_eq!(Command::parse("LIST extra words"), Command::List);
         assert_eq!(Command::parse("list\r"), Command::List);
@@ -98,10 +87,7 @@ mod tests {
 
     #[test]
     fn the_argument_is_passed_on_as_typed() {
-        assert_eq!(
-            Command::parse("FOLLOW ../../etc"),
-            Command::Follow("../../etc".into())
-        );
+        assert_eq!(Command::parse("FOLLOW ../../etc"), Command::Follow("../../etc".into()));
         assert_eq!(Command::parse("follow Abc"), Command::Follow("Abc".into()));
     }
 }

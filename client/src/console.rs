@@ -55,8 +55,6 @@ mod tests {
         console.line("Command completed successfully");
         let text = String::from_utf8_lossy(&buf);
         assert!(text.starts_with("========= TINY SNS CLIENT ========="));
-        assert!(text.ends_with(
-            "=====================================\nCmd> Command completed successfully\n"
-        ));
+        assert!(text.ends_with("=====================================\nCmd> Command completed successfully\n"));
     }
 }

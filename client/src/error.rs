@@ -57,14 +57,9 @@ impl Error {
     /// purpose.
     pub fn is_connection_lost(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Timeout(_) | Error::NoServer | Error::StreamEnded => {
-                true
-            }
+            Error::Connect { .. } | Error::Timeout(_) | Error::NoServer | Error::StreamEnded => true,
             Error::Rpc(status) => {
-                matches!(
-                    status.code(),
-                    Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-                )
+                matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
             }
             Error::InvalidAddress(_) | Error::UserOutOfRange(_) | Error::LoginRefused(_) => false,
         }
@@ -87,10 +82,7 @@ mod tests {
             Status::cancelled("h2 protocol error"),
             Status::deadline_exceeded("timeout"),
         ] {
-            assert!(
-                Error::from(status.clone()).is_connection_lost(),
-                "{status:?}"
-            );
+            assert!(Error::from(status.clone()).is_connection_lost(), "{status:?}");
         }
         assert!(Error::Timeout(Duration::from_secs(5)).is_connection_lost());
         assert!(Error::StreamEnded.is_connection_lost());
@@ -105,10 +97,7 @@ mod tests {
             Status::internal("disk"),
             Status::permission_denied("no"),
         ] {
-            assert!(
-                !Error::from(status.clone()).is_connection_lost(),
-                "{status:?}"
-            );
+            assert!(!Error::from(status.clone()).is_connection_lost(), "{status:?}");
         }
         assert!(!Error::LoginRefused("FAILURE_UNKNOWN".into()).is_connection_lost());
     }

@@ -21,11 +21,7 @@ pub struct InputLines<R> {
 impl<R: AsyncBufRead + Unpin> InputLines<R> {
     /// Reads lines from `reader`.
     pub fn new(reader: R) -> Self {
-        InputLines {
-            reader,
-            pending: Vec::new(),
-            at_end: false,
-        }
+        InputLines { reader, pending: Vec::new(), at_end: false }
     }
 
     /// The next line without its line ending (`\n` or `\r\n`); `None` at end
@@ -68,10 +64,7 @@ mod tests {
 
     #[tokio::test]
     async fn splits_lines_and_strips_endings() {
-        assert_eq!(
-            all_lines(b"LIST\nfollow 2\r\n\nlast").await,
-            ["LIST", "follow 2", "", "last"]
-        );
+        assert_eq!(all_lines(b"LIST\nfollow 2\r\n\nlast").await, ["LIST", "follow 2", "", "last"]);
         assert_eq!(all_lines(b"").await, Vec::<String>::new());
         assert_eq!(all_lines(b"one\n").await, ["one"]);
     }

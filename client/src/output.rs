@@ -64,11 +64,7 @@ pub fn status_line(status: &str) -> &'static str {
 pub fn list_lines(mut all_users: Vec<String>, mut followers: Vec<String>) -> [String; 3] {
     sort_numerically(&mut all_users);
     sort_numerically(&mut followers);
-    [
-        SUCCESS.to_owned(),
-        listed("All users: ", &all_users),
-        listed("Followers: ", &followers),
-    ]
+    [SUCCESS.to_owned(), listed("All users: ", &all_users), listed("Followers: ", &followers)]
 }
 
 /// `label` then every item followed by `, ` (the course's format, trailing
@@ -108,6 +104,11 @@ pub fn post_too_long(bytes: usize, limit: usize) -> String {
     format!("Post too long ({bytes} bytes, at most {limit}), not sent")
 }
 
+/// A post the client could not confirm as delivered when it gave up.
+pub fn post_not_delivered(text: &str) -> String {
+    format!("Post not delivered: {text}")
+}
+
 /// The one line announcing a successful failover.
 pub fn reconnected(address: &str) -> String {
     format!("Reconnected to server {address}")
@@ -123,22 +124,10 @@ mod tests {
     fn every_status_word_has_its_line() {
         let cases = [
             ("SUCCESS", "Command completed successfully"),
-            (
-                "FAILURE_ALREADY_EXISTS",
-                "Input username already exists, command failed",
-            ),
-            (
-                "FAILURE_NOT_EXISTS",
-                "Input username does not exists, command failed",
-            ),
-            (
-                "FAILURE_INVALID_USERNAME",
-                "Command failed with invalid username",
-            ),
-            (
-                "FAILURE_NOT_A_FOLLOWER",
-                "Command failed with not a follower",
-            ),
+            ("FAILURE_ALREADY_EXISTS", "Input username already exists, command failed"),
+            ("FAILURE_NOT_EXISTS", "Input username does not exists, command failed"),
+            ("FAILURE_INVALID_USERNAME", "Command failed with invalid username"),
+            ("FAILURE_NOT_A_FOLLOWER", "Command failed with not a follower"),
             ("FAILURE_INVALID", "Command failed with invalid command"),
             ("FAILURE_UNKNOWN", "Command failed with unknown reason"),
             ("", "Command failed with unknown reason"),
@@ -171,10 +160,7 @@ mod tests {
 
     #[test]
     fn list_sorts_numerically_not_as_text() {
-        let [_, all, followers] = list_lines(
-            strings(&["10", "2", "1", "33", "3"]),
-            strings(&["12", "4", "100"]),
-        );
+        let [_, all, followers] = list_lines(strings(&["10", "2", "1", "33", "3"]), strings(&["12", "4", "100"]));
         assert_eq!(all, "All users: 1, 2, 3, 10, 33, ");
         assert_eq!(followers, "Followers: 4, 12, 100, ");
     }
@@ -187,57 +173,31 @@ mod tests {
 
     #[test]
     fn post_time_is_formatted_like_ctime() {
-        let at = NaiveDate::from_ymd_opt(2025, 4, 11)
-            .and_then(|d| d.and_hms_opt(2, 3, 56))
-            .map(|t| t.and_utc());
+        let at = NaiveDate::from_ymd_opt(2025, 4, 11).and_then(|d| d.and_hms_opt(2, 3, 56)).map(|t| t.and_utc());
         let Some(at) = at else { panic!("a valid date") };
-        assert_eq!(
-            post_line("1", "p11", &at),
-            "1 (Fri Apr 11 02:03:56 2025) >> p11"
-        );
+        assert_eq!(post_line("1", "p11", &at), "1 (Fri Apr 11 02:03:56 2025) >> p11");
     }
 
     #[test]
     fn single_digit_days_are_space_padded_like_ctime() {
-        let Some(at) = DateTime::from_timestamp(1_743_472_236, 0) else {
-            panic!("a valid timestamp")
-        };
+        let Some(at) = DateTime::from_timestamp(1_743_472_236, 0) else { panic!("a valid timestamp") };
         // 2025-04-01 01:50:36 UTC.
-        assert_eq!(
-            post_line("4", "hi", &at),
-            "4 (Tue Apr  1 01:50:36 2025) >> hi"
-        );
+        assert_eq!(post_line("4", "hi", &at), "4 (Tue Apr  1 01:50:36 2025) >> hi");
     }
 
     #[test]
     fn post_time_is_shown_in_the_given_time_zone() {
-        let Some(at) = DateTime::<Utc>::from_timestamp(1_744_336_936, 0) else {
-            panic!("a valid timestamp")
-        };
-        let Some(cdt) = FixedOffset::west_opt(5 * 3600) else {
-            panic!("a valid offset")
-        };
+        let Some(at) = DateTime::<Utc>::from_timestamp(1_744_336_936, 0) else { panic!("a valid timestamp") };
+        let Some(cdt) = FixedOffset::west_opt(5 * 3600) else { panic!("a valid offset") };
         // Same instant, 2025-04-11 02:02:16 UTC, shown five hours earlier.
-        assert_eq!(
-            post_line("2", "x", &at),
-            "2 (Fri Apr 11 02:02:16 2025) >> x"
-        );
-        assert_eq!(
-            post_line("2", "x", &at.with_timezone(&cdt)),
-            "2 (Thu Apr 10 21:02:16 2025) >> x"
-        );
+        assert_eq!(post_line("2", "x", &at), "2 (Fri Apr 11 02:02:16 2025) >> x");
+        assert_eq!(post_line("2", "x", &at.with_timezone(&cdt)), "2 (Thu Apr 10 21:02:16 2025) >> x");
     }
 
     #[test]
     fn fixed_lines() {
-        assert_eq!(
-            post_too_long(5000, 4096),
-            "Post too long (5000 bytes, at most 4096), not sent"
-        );
-        assert_eq!(
-            reconnected("10.0.0.7:9010"),
-            "Reconnected to server 10.0.0.7:9010"
-        );
+        assert_eq!(post_too_long(5000, 4096), "Post too long (5000 bytes, at most 4096), not sent");
+        assert_eq!(reconnected("10.0.0.7:9010"), "Reconnected to server 10.0.0.7:9010");
         assert!(BANNER.starts_with("========= TINY SNS CLIENT =========\n"));
         assert!(BANNER.ends_with("\n=====================================\n"));
         assert_eq!(BANNER.lines().count(), 7);

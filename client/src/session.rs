@@ -5,7 +5,6 @@
 //! This is the only module that touches the protobuf types; everything it
 //! prints is formatted by [`crate::output`].
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io::Write;
 use std::time::{Duration, SystemTime};
@@ -16,7 +15,7 @@ use sns_proto::csce438::sns_service_client::SnsServiceClient;
 use sns_proto::csce438::{Id, Message, Request};
 use tokio::io::AsyncBufRead;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
@@ -26,7 +25,7 @@ use crate::console::Console;
 use crate::error::Error;
 use crate::input::InputLines;
 use crate::output;
-use crate::timeline::{self, MAX_POST_BYTES, PostKey, SeenPosts, Typed};
+use crate::timeline::{self, MAX_POST_BYTES, PendingPosts, PostKey, SeenPosts, Typed};
 
 /// How long the client waits for things.
 #[derive(Debug, Clone)]
@@ -149,9 +148,7 @@ where
                 Ok(())
             }
             Command::Timeline => return session.timeline(&mut input, &mut console).await,
-            Command::Follow(_) | Command::Unfollow(_) | Command::List => {
-                session.execute(&command, &mut console).await
-            }
+            Command::Follow(_) | Command::Unfollow(_) | Command::List => session.execute(&command, &mut console).await,
         };
         if let Err(err) = outcome {
             eprintln!("tsc: giving up on failover: {err}");
@@ -172,21 +169,12 @@ impl Session {
     /// Asks the coordinator for the user's server and logs in, once.
     async fn start(config: Config) -> Result<Session, Error> {
         let uri = uri(&config.coord_host, &config.coord_port.to_string())?;
-        let endpoint =
-            Endpoint::from_shared(uri.clone()).map_err(|_| Error::InvalidAddress(uri))?;
+        let endpoint = Endpoint::from_shared(uri.clone()).map_err(|_| Error::InvalidAddress(uri))?;
         // Lazy: the coordinator is asked again at every failover, and a lazy
         // channel reconnects by itself if the coordinator restarted meanwhile.
-        let coordinator = CoordServiceClient::new(
-            endpoint
-                .connect_timeout(config.timing.connect)
-                .connect_lazy(),
-        );
+        let coordinator = CoordServiceClient::new(endpoint.connect_timeout(config.timing.connect).connect_lazy());
         let (server, _) = attach(&config, &coordinator).await?;
-        Ok(Session {
-            config,
-            coordinator,
-            server,
-        })
+        Ok(Session { config, coordinator, server })
     }
 
     fn username(&self) -> String {
@@ -196,11 +184,7 @@ impl Session {
     /// Runs FOLLOW, UNFOLLOW or LIST and prints its result. A server that is
     /// gone is replaced and the command re-run; `Err` only when no
     /// replacement could be found.
-    async fn execute<W: Write>(
-        &mut self,
-        command: &Command,
-        console: &mut Console<W>,
-    ) -> Result<(), Error> {
+    async fn execute<W: Write>(&mut self, command: &Command, console: &mut Console<W>) -> Result<(), Error> {
         let mut failovers = 0;
         loop {
             match self.send(command).await {
@@ -229,12 +213,8 @@ impl Session {
         let mut server = self.server.clone();
         let user = self.username();
         let status = match command {
-            Command::Follow(target) => {
-                unary(rpc, server.follow(request(rpc, user, Some(target)))).await?
-            }
-            Command::Unfollow(target) => {
-                unary(rpc, server.un_follow(request(rpc, user, Some(target)))).await?
-            }
+            Command::Follow(target) => unary(rpc, server.follow(request(rpc, user, Some(target)))).await?,
+            Command::Unfollow(target) => unary(rpc, server.un_follow(request(rpc, user, Some(target)))).await?,
             Command::List => {
                 let list = unary(rpc, server.list(request(rpc, user, None))).await?;
                 return Ok(output::list_lines(list.all_users, list.followers).into());
@@ -257,16 +237,15 @@ impl Session {
             // Until the coordinator notices the death it may name the dead
             // server again, or a live one that is not (yet) the master; both
             // fail here and just mean "ask again".
-            let last_error =
-                match timeout_at(deadline, attach(&self.config, &self.coordinator)).await {
-                    Ok(Ok((server, address))) => {
-                        self.server = server;
-                        console.line(&output::reconnected(&address));
-                        return Ok(());
-                    }
-                    Ok(Err(err)) => err,
-                    Err(_) => return Err(Error::Timeout(timing.failover)),
-                };
+            let last_error = match timeout_at(deadline, attach(&self.config, &self.coordinator)).await {
+                Ok(Ok((server, address))) => {
+                    self.server = server;
+                    console.line(&output::reconnected(&address));
+                    return Ok(());
+                }
+                Ok(Err(err)) => err,
+                Err(_) => return Err(Error::Timeout(timing.failover)),
+            };
             let pause = backoff.next_delay();
             if Instant::now() + pause >= deadline {
                 return Err(last_error);
@@ -284,17 +263,14 @@ impl Session {
         console.line(output::SUCCESS);
         console.line(output::TIMELINE_ENTERED);
         let mut seen = SeenPosts::default();
-        // Posts typed while no stream was open, sent once one is.
-        let mut unsent = VecDeque::new();
-        let mut backoff = Backoff::new(
-            self.config.timing.backoff_min,
-            self.config.timing.backoff_max,
-        );
+        // Posts typed and not yet acknowledged: sent again after a failover.
+        let mut pending = PendingPosts::new(session_seed());
+        let mut backoff = Backoff::new(self.config.timing.backoff_min, self.config.timing.backoff_max);
         // Since when the server has been refusing the stream on purpose.
         let mut refused_since: Option<Instant> = None;
         loop {
             let opened = Instant::now();
-            let err = match self.stream(input, console, &mut seen, &mut unsent).await {
+            let err = match self.stream(input, console, &mut seen, &mut pending).await {
                 StreamEnd::EndOfInput => return Exit::EndOfInput,
                 StreamEnd::Broken(err) => err,
             };
@@ -309,6 +285,9 @@ impl Session {
                 }
                 if let Err(err) = self.fail_over(console).await {
                     eprintln!("tsc: giving up on failover: {err}");
+                    for post in pending.undelivered() {
+                        console.line(&output::post_not_delivered(&post.msg));
+                    }
                     console.line(output::CONNECTION_FAILED);
                     return Exit::ConnectionFailed;
                 }
@@ -334,7 +313,7 @@ impl Session {
         input: &mut InputLines<R>,
         console: &mut Console<W>,
         seen: &mut SeenPosts,
-        unsent: &mut VecDeque<Message>,
+        pending: &mut PendingPosts<Message>,
     ) -> StreamEnd
     where
         R: AsyncBufRead + Unpin,
@@ -348,41 +327,53 @@ impl Session {
         let _ = outbox.send(message(&user, String::new()));
         let rpc = self.config.timing.rpc;
         let mut server = self.server.clone();
-        let mut incoming =
-            match timeout(rpc, server.timeline(UnboundedReceiverStream::new(outgoing))).await {
-                Ok(Ok(response)) => response.into_inner(),
-                Ok(Err(status)) => return StreamEnd::Broken(status.into()),
-                Err(_) => return StreamEnd::Broken(Error::Timeout(rpc)),
-            };
-        while let Some(post) = unsent.pop_front() {
-            if let Err(mpsc::error::SendError(post)) = outbox.send(post) {
-                unsent.push_front(post);
+        let mut incoming = match timeout(rpc, server.timeline(UnboundedReceiverStream::new(outgoing))).await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return StreamEnd::Broken(status.into()),
+            Err(_) => return StreamEnd::Broken(Error::Timeout(rpc)),
+        };
+        for post in pending.to_send() {
+            if outbox.send(post).is_err() {
                 return StreamEnd::Broken(Error::StreamEnded);
             }
         }
+        // Set at end of input: how long to wait for the last acknowledgements.
+        let mut closing: Option<Instant> = None;
         loop {
+            if let Some(deadline) = closing
+                && (!pending.awaiting_ack() || Instant::now() >= deadline)
+            {
+                return StreamEnd::EndOfInput;
+            }
+            let wait_until = closing.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 // Server first: when both are ready and the stream has just
                 // broken, the typed line stays unread until a new stream is
                 // open rather than going into the dead one.
                 biased;
                 received = incoming.message() => match received {
+                    Ok(Some(post)) if post.post_id != 0 && post.msg.is_empty() => pending.ack(post.post_id),
                     Ok(Some(post)) => show(post, seen, console),
                     Ok(None) => return StreamEnd::Broken(Error::StreamEnded),
                     Err(status) => return StreamEnd::Broken(status.into()),
                 },
-                typed = input.next_line() => match typed {
+                _ = sleep_until(wait_until.into()), if closing.is_some() => {}
+                typed = input.next_line(), if closing.is_none() => match typed {
                     Ok(Some(line)) => match timeline::classify(&line) {
                         Typed::Blank => {}
                         Typed::TooLong(bytes) => console.line(&output::post_too_long(bytes, MAX_POST_BYTES)),
                         Typed::Post(text) => {
-                            if let Err(mpsc::error::SendError(post)) = outbox.send(message(&user, text)) {
-                                unsent.push_back(post);
-                                return StreamEnd::Broken(Error::StreamEnded);
+                            pending.add(|id| Message { post_id: id, ..message(&user, text) });
+                            if let Some(post) = pending.newest() {
+                                if outbox.send(post.clone()).is_err() {
+                                    return StreamEnd::Broken(Error::StreamEnded);
+                                }
+                                pending.mark_last_sent();
                             }
                         }
                     },
-                    Ok(None) => return StreamEnd::EndOfInput,
+                    // Posts still in flight get a moment to be acknowledged.
+                    Ok(None) => closing = Some(Instant::now() + self.config.timing.rpc),
                     Err(err) => {
                         eprintln!("tsc: cannot read input: {err}");
                         return StreamEnd::EndOfInput;
@@ -416,11 +407,7 @@ async fn attach(
     let address = format!("{}:{}", info.hostname, info.port);
     let channel = connect(&info.hostname, &info.port, timing).await?;
     let mut server = SnsServiceClient::new(channel);
-    let reply = unary(
-        timing.rpc,
-        server.login(request(timing.rpc, config.user.to_string(), None)),
-    )
-    .await?;
+    let reply = unary(timing.rpc, server.login(request(timing.rpc, config.user.to_string(), None))).await?;
     if reply.msg != "SUCCESS" {
         return Err(Error::LoginRefused(reply.msg));
     }
@@ -476,37 +463,32 @@ async fn unary<T>(
 /// A `Request` for `user`, with the client's deadline passed on to the
 /// server (`grpc-timeout`) so it can drop work nobody waits for.
 fn request(limit: Duration, user: String, argument: Option<&String>) -> tonic::Request<Request> {
-    let mut request = tonic::Request::new(Request {
-        username: user,
-        arguments: argument.cloned().into_iter().collect(),
-    });
+    let mut request =
+        tonic::Request::new(Request { username: user, arguments: argument.cloned().into_iter().collect() });
     request.set_timeout(limit);
     request
 }
 
 /// A timeline message from `user`, stamped now.
 fn message(user: &str, text: String) -> Message {
-    Message {
-        username: user.to_owned(),
-        msg: text,
-        timestamp: Some(SystemTime::now().into()),
-    }
+    Message { username: user.to_owned(), msg: text, timestamp: Some(SystemTime::now().into()), post_id: 0 }
+}
+
+/// Seeds this session's post ids, so a new session never reuses the ids of
+/// an earlier one that the server still remembers.
+fn session_seed() -> u64 {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ (u64::from(std::process::id()) << 32)) >> 8
 }
 
 /// Prints a received post unless this session has shown it already.
 fn show<W: Write>(post: Message, seen: &mut SeenPosts, console: &mut Console<W>) {
-    let key = PostKey {
-        user: post.username,
-        seconds: post.timestamp.map(|t| t.seconds),
-        text: post.msg,
-    };
+    let key = PostKey { user: post.username, seconds: post.timestamp.map(|t| t.seconds), text: post.msg };
     // A post without a time (which our servers never send) is shown at the
     // time it arrives rather than at the epoch.
     let posted = post
         .timestamp
-        .and_then(|t| {
-            DateTime::<Utc>::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
-        })
+        .and_then(|t| DateTime::<Utc>::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
         .unwrap_or_else(Utc::now)
         .with_timezone(&Local);
     let line = output::post_line(&key.user, &key.text, &posted);
@@ -521,22 +503,10 @@ mod tests {
 
     #[test]
     fn uris_bracket_ipv6_and_reject_bad_ports() {
-        assert_eq!(
-            uri("127.0.0.1", "9000").ok().as_deref(),
-            Some("http://127.0.0.1:9000")
-        );
-        assert_eq!(
-            uri("tsd-1.sns", "9010").ok().as_deref(),
-            Some("http://tsd-1.sns:9010")
-        );
-        assert_eq!(
-            uri("::1", "9000").ok().as_deref(),
-            Some("http://[::1]:9000")
-        );
-        assert_eq!(
-            uri("[::1]", "9000").ok().as_deref(),
-            Some("http://[::1]:9000")
-        );
+        assert_eq!(uri("127.0.0.1", "9000").ok().as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(uri("tsd-1.sns", "9010").ok().as_deref(), Some("http://tsd-1.sns:9010"));
+        assert_eq!(uri("::1", "9000").ok().as_deref(), Some("http://[::1]:9000"));
+        assert_eq!(uri("[::1]", "9000").ok().as_deref(), Some("http://[::1]:9000"));
         assert!(uri("host", "").is_err());
         assert!(uri("host", "99999").is_err());
         assert!(uri("host", "90a").is_err());
@@ -545,20 +515,10 @@ mod tests {
 
     #[test]
     fn requests_carry_the_argument_as_typed() {
-        let req = request(
-            Duration::from_secs(1),
-            "1".into(),
-            Some(&"../../etc".to_owned()),
-        )
-        .into_inner();
+        let req = request(Duration::from_secs(1), "1".into(), Some(&"../../etc".to_owned())).into_inner();
         assert_eq!(req.username, "1");
         assert_eq!(req.arguments, ["../../etc"]);
-        assert!(
-            request(Duration::from_secs(1), "1".into(), None)
-                .into_inner()
-                .arguments
-                .is_empty()
-        );
+        assert!(request(Duration::from_secs(1), "1".into(), None).into_inner().arguments.is_empty());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The pure rules of timeline mode: which typed lines become posts, and
 //! which received posts are shown.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 
 /// The longest post, in bytes, that the server accepts. Matches the server's
 /// own limit so that the client refuses up front what would be rejected
@@ -63,6 +63,98 @@ impl SeenPosts {
     }
 }
 
+/// Most posts remembered while a server that never acknowledges (a course
+/// server) leaves them unconfirmed; only needed to resend unsent ones.
+const MAX_PENDING: usize = 1024;
+
+/// One post typed in this session and not yet acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending<T> {
+    /// The client's id for the post (`Message.postID`).
+    pub id: u64,
+    /// The post, as it goes on the wire.
+    pub post: T,
+    /// Whether it was written to a stream.
+    pub sent: bool,
+}
+
+/// The posts typed in this session that the server has not acknowledged.
+///
+/// Our servers acknowledge each post once it is durable on the master and
+/// its slave, and apply a post id at most once; so after a failover every
+/// unacknowledged post is sent again and lands exactly once. A server that
+/// never acknowledges (a course server) would apply a resent post twice, so
+/// until the first acknowledgement only posts never sent are resent.
+#[derive(Debug)]
+pub struct PendingPosts<T> {
+    queue: VecDeque<Pending<T>>,
+    next_id: u64,
+    acks_seen: bool,
+}
+
+impl<T: Clone> PendingPosts<T> {
+    /// `seed` makes this session's ids differ from earlier sessions' (the
+    /// server remembers recent ids per user); zero is never an id.
+    pub fn new(seed: u64) -> Self {
+        PendingPosts { queue: VecDeque::new(), next_id: (seed << 20) | 1, acks_seen: false }
+    }
+
+    /// Registers a new post built by `make(id)`; returns its id.
+    pub fn add(&mut self, make: impl FnOnce(u64) -> T) -> u64 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        if self.queue.len() >= MAX_PENDING
+            && let Some(i) = self.queue.iter().position(|p| p.sent)
+        {
+            self.queue.remove(i);
+        }
+        self.queue.push_back(Pending { id, post: make(id), sent: false });
+        id
+    }
+
+    /// The server acknowledged `id`.
+    pub fn ack(&mut self, id: u64) {
+        self.acks_seen = true;
+        self.queue.retain(|p| p.id != id);
+    }
+
+    /// Posts to write on a fresh stream, in typing order; marks them sent.
+    pub fn to_send(&mut self) -> Vec<T> {
+        let resend = self.acks_seen;
+        self.queue
+            .iter_mut()
+            .filter(|p| resend || !p.sent)
+            .map(|p| {
+                p.sent = true;
+                p.post.clone()
+            })
+            .collect()
+    }
+
+    /// The newest post.
+    pub fn newest(&self) -> Option<&T> {
+        self.queue.back().map(|p| &p.post)
+    }
+
+    /// Marks the newest post as written to the current stream.
+    pub fn mark_last_sent(&mut self) {
+        if let Some(p) = self.queue.back_mut() {
+            p.sent = true;
+        }
+    }
+
+    /// Posts still awaiting an acknowledgement that the server would give.
+    pub fn awaiting_ack(&self) -> bool {
+        self.queue.iter().any(|p| p.sent)
+    }
+
+    /// Posts that may not have been delivered, if the session ended now.
+    pub fn undelivered(&self) -> impl Iterator<Item = &T> {
+        let acks = self.acks_seen;
+        self.queue.iter().filter(move |p| acks || !p.sent).map(|p| &p.post)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,10 +164,7 @@ mod tests {
         assert_eq!(classify("hello\n"), Typed::Post("hello".into()));
         assert_eq!(classify("hello\r\n"), Typed::Post("hello".into()));
         assert_eq!(classify("hello\r"), Typed::Post("hello".into()));
-        assert_eq!(
-            classify("  two  words "),
-            Typed::Post("  two  words ".into())
-        );
+        assert_eq!(classify("  two  words "), Typed::Post("  two  words ".into()));
     }
 
     #[test]
@@ -89,24 +178,43 @@ mod tests {
     fn posts_over_the_limit_are_refused_with_their_size() {
         let at_limit = "x".repeat(MAX_POST_BYTES);
         assert_eq!(classify(&at_limit), Typed::Post(at_limit.clone()));
-        assert_eq!(
-            classify(&format!("{at_limit}\n")),
-            Typed::Post(at_limit.clone())
-        );
-        assert_eq!(
-            classify(&format!("{at_limit}y")),
-            Typed::TooLong(MAX_POST_BYTES + 1)
-        );
+        assert_eq!(classify(&format!("{at_limit}\n")), Typed::Post(at_limit.clone()));
+        assert_eq!(classify(&format!("{at_limit}y")), Typed::TooLong(MAX_POST_BYTES + 1));
         // The limit is in bytes, not characters: 2,049 two-byte characters.
         assert_eq!(classify(&"é".repeat(2049)), Typed::TooLong(4098));
     }
 
     fn key(user: &str, seconds: i64, text: &str) -> PostKey {
-        PostKey {
-            user: user.into(),
-            seconds: Some(seconds),
-            text: text.into(),
-        }
+        PostKey { user: user.into(), seconds: Some(seconds), text: text.into() }
+    }
+
+    #[test]
+    fn unacknowledged_posts_are_resent_once_the_server_acknowledges() {
+        let mut p = PendingPosts::new(7);
+        let a = p.add(|id| format!("a{id}"));
+        let b = p.add(|id| format!("b{id}"));
+        assert_ne!(a, b);
+        assert!(a != 0 && b != 0);
+        assert_eq!(p.to_send().len(), 2);
+        // Before any acknowledgement (maybe a course server): nothing resent.
+        assert!(p.to_send().is_empty());
+        p.ack(a);
+        // Now the server is known to deduplicate: b goes again.
+        assert_eq!(p.to_send(), vec![format!("b{b}")]);
+        assert!(p.awaiting_ack());
+        assert_eq!(p.undelivered().count(), 1);
+        p.ack(b);
+        assert!(!p.awaiting_ack());
+        assert_eq!(p.undelivered().count(), 0);
+    }
+
+    #[test]
+    fn sessions_number_posts_apart_and_never_zero() {
+        let mut one = PendingPosts::<()>::new(1);
+        let mut two = PendingPosts::<()>::new(2);
+        assert_ne!(one.add(|_| ()), two.add(|_| ()));
+        let mut zero = PendingPosts::<()>::new(0);
+        assert_ne!(zero.add(|_| ()), 0);
     }
 
     #[test]
@@ -114,10 +222,7 @@ mod tests {
         let mut seen = SeenPosts::default();
         assert!(seen.first_sighting(key("1", 100, "p11")));
         assert!(seen.first_sighting(key("1", 101, "p12")));
-        assert!(
-            !seen.first_sighting(key("1", 100, "p11")),
-            "resent backlog post"
-        );
+        assert!(!seen.first_sighting(key("1", 100, "p11")), "resent backlog post");
         assert!(!seen.first_sighting(key("1", 101, "p12")));
     }
 
@@ -128,10 +233,6 @@ mod tests {
         assert!(seen.first_sighting(key("2", 100, "p")), "other author");
         assert!(seen.first_sighting(key("1", 101, "p")), "other time");
         assert!(seen.first_sighting(key("1", 100, "q")), "other text");
-        assert!(seen.first_sighting(PostKey {
-            user: "1".into(),
-            seconds: None,
-            text: "p".into()
-        }));
+        assert!(seen.first_sighting(PostKey { user: "1".into(), seconds: None, text: "p".into() }));
     }
 }

@@ -42,12 +42,8 @@ pub enum Command {
 /// Parses durations like `5s`, `500ms`, `2m` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let (num, unit) = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((t, "s"), |i| t.split_at(i));
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 5s or 500ms"))?;
+    let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, "s"), |i| t.split_at(i));
+    let value: f64 = num.parse().map_err(|_| format!("{text:?} is not a duration like 5s or 500ms"))?;
     let secs = match unit.trim() {
         "ms" => value / 1000.0,
         "s" | "" => value,
@@ -96,31 +92,17 @@ pub struct CoordinatorArgs {
 
 impl CoordinatorArgs {
     pub fn config(&self) -> CoordinatorConfig {
-        CoordinatorConfig {
-            clusters: self.clusters,
-            heartbeat: self.heartbeat.interval,
-            missed: self.heartbeat.missed,
-        }
+        CoordinatorConfig { clusters: self.clusters, heartbeat: self.heartbeat.interval, missed: self.heartbeat.missed }
     }
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct CoordAddrArgs {
     /// Coordinator host.
-    #[arg(
-        short = 'h',
-        long = "coord-host",
-        env = "SNS_COORD_HOST",
-        default_value = "127.0.0.1"
-    )]
+    #[arg(short = 'h', long = "coord-host", env = "SNS_COORD_HOST", default_value = "127.0.0.1")]
     pub coord_host: String,
     /// Coordinator port.
-    #[arg(
-        short = 'k',
-        long = "coord-port",
-        env = "SNS_COORD_PORT",
-        default_value_t = 9000
-    )]
+    #[arg(short = 'k', long = "coord-port", env = "SNS_COORD_PORT", default_value_t = 9000)]
     pub coord_port: u16,
 }
 
@@ -170,9 +152,10 @@ impl ServerArgs {
             coord_host: self.coord.coord_host.clone(),
             coord_port: self.coord.coord_port,
             advertise_host: self.advertise_host.clone(),
-            data_dir: self.data_dir.clone().unwrap_or_else(|| {
-                PathBuf::from(format!("cluster_{}", self.cluster)).join(self.id.to_string())
-            }),
+            data_dir: self
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("cluster_{}", self.cluster)).join(self.id.to_string())),
             heartbeat: self.heartbeat.interval,
         })
     }
@@ -201,11 +184,7 @@ pub struct SyncArgs {
     #[arg(long, env = "SNS_SERVERS_PER_CLUSTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
     pub servers_per_cluster: u32,
     /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
     /// Prefix of every broker object, so deployments sharing a broker stay apart.
     #[arg(long, env = "SNS_DEPLOYMENT", default_value = "sns", value_parser = parse_deployment)]
@@ -228,14 +207,8 @@ pub struct SyncArgs {
 pub fn parse_deployment(text: &str) -> Result<String, String> {
     let ok = !text.is_empty()
         && text.len() <= 64
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(text.to_string())
-    } else {
-        Err(format!("{text:?}: use 1-64 letters, digits, '-' or '_'"))
-    }
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok { Ok(text.to_string()) } else { Err(format!("{text:?}: use 1-64 letters, digits, '-' or '_'")) }
 }
 
 impl SyncArgs {
@@ -273,35 +246,20 @@ mod tests {
     #[test]
     fn course_flags_parse() {
         let cli = Cli::try_parse_from([
-            "sns-node", "server", "-c", "2", "-s", "1", "-h", "10.0.0.1", "-k", "9001", "-p",
-            "10000",
+            "sns-node", "server", "-c", "2", "-s", "1", "-h", "10.0.0.1", "-k", "9001", "-p", "10000",
         ])
         .unwrap();
-        let Command::Server(s) = cli.command else {
-            panic!("not a server")
-        };
+        let Command::Server(s) = cli.command else { panic!("not a server") };
         let cfg = s.config().unwrap();
         assert_eq!((cfg.cluster, cfg.id, cfg.coord_port), (2, 1, 9001));
         assert_eq!(cfg.coord_host, "10.0.0.1");
         assert_eq!(cfg.data_dir, PathBuf::from("cluster_2/1"));
         assert_eq!(cfg.heartbeat, Duration::from_secs(5));
 
-        let cli = Cli::try_parse_from([
-            "sns-node",
-            "synchronizer",
-            "-h",
-            "localhost",
-            "-k",
-            "9000",
-            "-p",
-            "9100",
-            "-i",
-            "5",
-        ])
-        .unwrap();
-        let Command::Synchronizer(s) = cli.command else {
-            panic!("not a synchronizer")
-        };
+        let cli =
+            Cli::try_parse_from(["sns-node", "synchronizer", "-h", "localhost", "-k", "9000", "-p", "9100", "-i", "5"])
+                .unwrap();
+        let Command::Synchronizer(s) = cli.command else { panic!("not a synchronizer") };
         let cfg = s.config().unwrap();
         assert_eq!((cfg.cluster, cfg.paired_server), (2, 2));
         assert_eq!(cfg.deployment, "sns");
@@ -310,12 +268,7 @@ mod tests {
             Cli::try_parse_from(["sns-node", "server", "--help"]).is_err(),
             "--help prints help (as a clap 'error')"
         );
-        assert!(
-            Cli::try_parse_from(["sns-node", "server", "-c", "4", "-s", "1"])
-                .unwrap()
-                .command
-                .server_config_err()
-        );
+        assert!(Cli::try_parse_from(["sns-node", "server", "-c", "4", "-s", "1"]).unwrap().command.server_config_err());
     }
 
     impl Command {

@@ -7,10 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("corrupt journal: {0}")]
     Corrupt(String),
     #[error("gRPC transport: {0}")]
@@ -27,10 +24,7 @@ pub enum Error {
 
 impl Error {
     pub fn io(path: &Path, source: std::io::Error) -> Error {
-        Error::Io {
-            path: path.display().to_string(),
-            source,
-        }
+        Error::Io { path: path.display().to_string(), source }
     }
 }
 

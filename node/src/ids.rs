@@ -13,11 +13,7 @@ pub struct InvalidUserId(pub String);
 
 impl fmt::Display for InvalidUserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid user id {:?}: must be a positive integer",
-            self.0
-        )
+        write!(f, "invalid user id {:?}: must be a positive integer", self.0)
     }
 }
 
@@ -62,20 +58,7 @@ mod tests {
     fn accepts_positive_integers_only() {
         assert_eq!(parse_user("1"), Ok(1));
         assert_eq!(parse_user("4294967295"), Ok(u32::MAX));
-        for bad in [
-            "",
-            "0",
-            "00",
-            "-1",
-            "+1",
-            " 1",
-            "1 ",
-            "abc",
-            "../../etc",
-            "4294967296",
-            "1e3",
-            "99999999999",
-        ] {
+        for bad in ["", "0", "00", "-1", "+1", " 1", "1 ", "abc", "../../etc", "4294967296", "1e3", "99999999999"] {
             assert!(parse_user(bad).is_err(), "{bad:?} must be rejected");
         }
     }

@@ -7,10 +7,7 @@
 //! `restart` of a process name such as `server-2-1`, or of `master-2` /
 //! `slave-2`) make failover demos one line each. Ctrl-C stops everything;
 //! children also die with the launcher if it is killed outright.
-#![allow(
-    clippy::print_stdout,
-    reason = "the launcher talks to the person (or test) that started it on stdout"
-)]
+#![allow(clippy::print_stdout, reason = "the launcher talks to the person (or test) that started it on stdout")]
 
 use crate::cli::{HeartbeatArgs, parse_deployment, parse_duration};
 use crate::error::{Error, Result};
@@ -46,11 +43,7 @@ pub struct LocalArgs {
     #[arg(long, env = "SNS_DIR", default_value = "sns-data")]
     pub dir: PathBuf,
     /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
     /// Broker object prefix [default: the SnsCluster's name, else "sns"].
     #[arg(long, env = "SNS_DEPLOYMENT", value_parser = parse_deployment)]
@@ -91,8 +84,8 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
     let (spec, name) = match &args.spec {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            let doc = topology::parse_sns_cluster(&text)
-                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            let doc =
+                topology::parse_sns_cluster(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
             (doc.spec, doc.metadata.name)
         }
         None => {
@@ -108,11 +101,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
             (spec, None)
         }
     };
-    let deployment = args
-        .deployment
-        .clone()
-        .or(name)
-        .unwrap_or_else(|| "sns".into());
+    let deployment = args.deployment.clone().or(name).unwrap_or_else(|| "sns".into());
     parse_deployment(&deployment).map_err(Error::Config)?;
     ensure_broker(&args.amqp_url, !args.no_broker_start).await?;
 
@@ -120,8 +109,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
     let dir = std::fs::canonicalize(&args.dir).map_err(|e| Error::io(&args.dir, e))?;
     let bin = match &args.node_bin {
         Some(b) => b.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| Error::Other(format!("cannot find this binary: {e}")))?,
+        None => std::env::current_exe().map_err(|e| Error::Other(format!("cannot find this binary: {e}")))?,
     };
     let opts = PlanOptions {
         base_port: args.base_port,
@@ -135,31 +123,14 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
     };
     let plan = topology::plan(&spec, &opts);
     let started = Instant::now();
-    let mut l = Launcher {
-        bin,
-        dir: dir.clone(),
-        coord_port: 0,
-        procs: BTreeMap::new(),
-    };
+    let mut l = Launcher { bin, dir: dir.clone(), coord_port: 0, procs: BTreeMap::new() };
     for p in plan {
-        l.procs.insert(
-            p.name.clone(),
-            Proc {
-                port: p.port,
-                plan: p,
-                child: None,
-            },
-        );
+        l.procs.insert(p.name.clone(), Proc { port: p.port, plan: p, child: None });
     }
     let result = async {
         l.start("coordinator").await?;
         l.coord_port = l.procs["coordinator"].port;
-        let names: Vec<String> = l
-            .procs
-            .keys()
-            .filter(|n| *n != "coordinator")
-            .cloned()
-            .collect();
+        let names: Vec<String> = l.procs.keys().filter(|n| *n != "coordinator").cloned().collect();
         for n in &names {
             l.start(n).await?;
         }
@@ -178,10 +149,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         l.coord_port,
         dir.display()
     );
-    println!(
-        "connect a client with: tsc -h 127.0.0.1 -k {} -u <user id>",
-        l.coord_port
-    );
+    println!("connect a client with: tsc -h 127.0.0.1 -k {} -u <user id>", l.coord_port);
     println!(
         "commands: status | kill <name> | stop <name> | start <name> | restart <name>  (names: server-2-1, sync-2-1, master-2, slave-2, coordinator)"
     );
@@ -222,13 +190,11 @@ impl Launcher {
             .append(true)
             .open(self.log_path(name))
             .map_err(|e| Error::io(&self.log_path(name), e))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| Error::io(&self.log_path(name), e))?;
-        let proc = self
-            .procs
-            .get_mut(name)
-            .ok_or_else(|| Error::Other(format!("no process named {name}")))?;
+        let log2 = log.try_clone().map_err(|e| Error::io(&self.log_path(name), e))?;
+        let proc = self.procs.get_mut(name).ok_or_else(|| Error::Other(format!("no process named {name}")))?;
+        if proc.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+            proc.child = None;
+        }
         if proc.child.is_some() {
             return Err(Error::Other(format!("{name} is already running")));
         }
@@ -242,39 +208,22 @@ impl Launcher {
         }
         args.extend(["--port-file".to_string(), port_file.display().to_string()]);
         let mut cmd = Command::new(&self.bin);
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .kill_on_drop(true);
+        cmd.args(&args).stdin(Stdio::null()).stdout(log).stderr(log2).kill_on_drop(true);
         die_with_parent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .map_err(|e| Error::Other(format!("cannot start {}: {e}", self.bin.display())))?;
+        let child = cmd.spawn().map_err(|e| Error::Other(format!("cannot start {}: {e}", self.bin.display())))?;
         tracing::info!(name, pid = child.id(), "started");
         proc.child = Some(child);
-        proc.port = wait_port_file(&port_file, proc.child.as_mut())
-            .await
-            .map_err(|e| {
-                Error::Other(format!(
-                    "{name}: {e}; see {}",
-                    self.dir.join("logs").join(format!("{name}.log")).display()
-                ))
-            })?;
+        proc.port = wait_port_file(&port_file, proc.child.as_mut()).await.map_err(|e| {
+            Error::Other(format!("{name}: {e}; see {}", self.dir.join("logs").join(format!("{name}.log")).display()))
+        })?;
         Ok(())
     }
 
     /// Waits until every node heartbeats, every cluster has a master, and
     /// every master forwards to a slave (when the cluster has two servers).
-    async fn wait_ready(
-        &self,
-        spec: &DeploymentSpec,
-        timeout: Duration,
-        shutdown: &CancellationToken,
-    ) -> Result<()> {
+    async fn wait_ready(&self, spec: &DeploymentSpec, timeout: Duration, shutdown: &CancellationToken) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let mut admin =
-            CoordAdminClient::new(net::channel("127.0.0.1", &self.coord_port.to_string())?);
+        let mut admin = CoordAdminClient::new(net::channel("127.0.0.1", &self.coord_port.to_string())?);
         let expected = self.procs.len() - 1;
         let mut last = String::from("coordinator not answering");
         while Instant::now() < deadline && !shutdown.is_cancelled() {
@@ -282,27 +231,17 @@ impl Launcher {
                 Ok(t) => {
                     let nodes = t.into_inner().nodes;
                     let alive = nodes.iter().filter(|n| n.alive).count();
-                    let masters: Vec<_> = nodes
-                        .iter()
-                        .filter(|n| n.kind == "server" && n.is_master)
-                        .collect();
-                    last = format!(
-                        "{alive}/{expected} nodes up, {}/{} masters",
-                        masters.len(),
-                        spec.clusters
-                    );
+                    let masters: Vec<_> = nodes.iter().filter(|n| n.kind == "server" && n.is_master).collect();
+                    last = format!("{alive}/{expected} nodes up, {}/{} masters", masters.len(), spec.clusters);
                     if alive == expected && masters.len() == spec.clusters as usize {
                         let mut paired = 0;
                         for m in &masters {
                             let status = match net::channel(&m.host, &m.port) {
-                                Ok(ch) => {
-                                    ReplicaClient::new(ch).status(StatusRequest {}).await.ok()
-                                }
+                                Ok(ch) => ReplicaClient::new(ch).status(StatusRequest {}).await.ok(),
                                 Err(_) => None,
                             };
-                            if status.is_some_and(|s| {
-                                spec.servers_per_cluster < 2 || !s.into_inner().slave.is_empty()
-                            }) {
+                            if status.is_some_and(|s| spec.servers_per_cluster < 2 || !s.into_inner().slave.is_empty())
+                            {
                                 paired += 1;
                             }
                         }
@@ -317,10 +256,7 @@ impl Launcher {
             self.check_alive()?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(Error::Other(format!(
-            "not ready after {timeout:?}: {last}; logs in {}",
-            self.dir.join("logs").display()
-        )))
+        Err(Error::Other(format!("not ready after {timeout:?}: {last}; logs in {}", self.dir.join("logs").display())))
     }
 
     fn check_alive(&self) -> Result<()> {
@@ -332,10 +268,7 @@ impl Launcher {
             if let Some(id) = p.child.as_ref().and_then(|c| c.id())
                 && !Path::new(&format!("/proc/{id}")).exists()
             {
-                return Err(Error::Other(format!(
-                    "{name} exited during start-up; see {}",
-                    log.display()
-                )));
+                return Err(Error::Other(format!("{name} exited during start-up; see {}", log.display())));
             }
         }
         Ok(())
@@ -357,28 +290,20 @@ impl Launcher {
     /// Resolves `master-<c>` / `slave-<c>` through the coordinator.
     async fn resolve(&self, target: &str) -> Result<String, String> {
         let (which, cluster) = match target.split_once('-') {
-            Some((w @ ("master" | "slave"), c)) => (
-                w,
-                c.parse::<u32>()
-                    .map_err(|_| format!("bad cluster in {target:?}"))?,
-            ),
+            Some((w @ ("master" | "slave"), c)) => {
+                (w, c.parse::<u32>().map_err(|_| format!("bad cluster in {target:?}"))?)
+            }
             _ if self.procs.contains_key(target) => return Ok(target.to_string()),
             _ => return Err(format!("unknown process {target:?}")),
         };
-        let ch =
-            net::channel("127.0.0.1", &self.coord_port.to_string()).map_err(|e| e.to_string())?;
-        let table = CoordAdminClient::new(ch)
-            .table(TableRequest {})
-            .await
-            .map_err(|e| e.message().to_string())?;
+        let ch = net::channel("127.0.0.1", &self.coord_port.to_string()).map_err(|e| e.to_string())?;
+        let table = CoordAdminClient::new(ch).table(TableRequest {}).await.map_err(|e| e.message().to_string())?;
         let want_master = which == "master";
         table
             .into_inner()
             .nodes
             .into_iter()
-            .find(|n| {
-                n.kind == "server" && n.cluster == cluster && n.alive && n.is_master == want_master
-            })
+            .find(|n| n.kind == "server" && n.cluster == cluster && n.alive && n.is_master == want_master)
             .map(|n| format!("server-{}-{}", n.cluster, n.id))
             .ok_or_else(|| format!("cluster {cluster} has no live {which}"))
     }
@@ -397,8 +322,17 @@ impl Launcher {
         match (verb, target) {
             ("", _) => String::new(),
             ("status", _) => self.status(),
-            ("kill", Some(n)) => self.signal(&n, libc::SIGKILL, "killed"),
-            ("stop", Some(n)) => self.signal(&n, libc::SIGTERM, "stopped"),
+            // Reply once the process is gone, so `start` may follow at once.
+            ("kill", Some(n)) => {
+                let reply = self.signal(&n, libc::SIGKILL, "killed");
+                self.wait_exit(&n).await;
+                reply
+            }
+            ("stop", Some(n)) => {
+                let reply = self.signal(&n, libc::SIGTERM, "stopped");
+                self.wait_exit(&n).await;
+                reply
+            }
             ("pause", Some(n)) => self.signal(&n, libc::SIGSTOP, "paused"),
             ("resume", Some(n)) => self.signal(&n, libc::SIGCONT, "resumed"),
             ("start", Some(n)) => match self.start(&n).await {
@@ -430,12 +364,7 @@ impl Launcher {
     }
 
     fn signal(&mut self, name: &str, sig: i32, done: &str) -> String {
-        let Some(pid) = self
-            .procs
-            .get(name)
-            .and_then(|p| p.child.as_ref())
-            .and_then(|c| c.id())
-        else {
+        let Some(pid) = self.procs.get(name).and_then(|p| p.child.as_ref()).and_then(|c| c.id()) else {
             return format!("error: {name} is not running");
         };
         if send_signal(pid, sig) {
@@ -462,9 +391,7 @@ impl Launcher {
         }
         for n in &names {
             if let Some(mut child) = self.procs.get_mut(n).and_then(|p| p.child.take())
-                && tokio::time::timeout(STOP_GRACE, child.wait())
-                    .await
-                    .is_err()
+                && tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err()
             {
                 let _ = child.kill().await;
             }
@@ -472,10 +399,7 @@ impl Launcher {
     }
 }
 
-async fn wait_port_file(
-    path: &Path,
-    child: Option<&mut Child>,
-) -> std::result::Result<u16, String> {
+async fn wait_port_file(path: &Path, child: Option<&mut Child>) -> std::result::Result<u16, String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let Some(child) = child else {
         return Err("not started".into());
@@ -496,10 +420,7 @@ async fn wait_port_file(
 
 /// Makes the kernel SIGTERM the child if this process dies, so a launcher
 /// killed with SIGKILL leaves no orphans behind.
-#[allow(
-    unsafe_code,
-    reason = "prctl in pre_exec is the only way to set the parent-death signal"
-)]
+#[allow(unsafe_code, reason = "prctl in pre_exec is the only way to set the parent-death signal")]
 fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of ours.
     unsafe {
@@ -523,18 +444,14 @@ fn send_signal(pid: u32, sig: i32) -> bool {
 pub async fn ensure_broker(url: &str, may_start: bool) -> Result<()> {
     let addr = broker_addr(url);
     let reachable = || async {
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio::net::TcpStream::connect(&addr),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(&addr))
+            .await
+            .is_ok_and(|r| r.is_ok())
     };
     if reachable().await {
         return Ok(());
     }
-    let local =
-        addr.starts_with("127.") || addr.starts_with("localhost") || addr.starts_with("[::1]");
+    let local = addr.starts_with("127.") || addr.starts_with("localhost") || addr.starts_with("[::1]");
     let installed = which("rabbitmq-server");
     if may_start && local && installed {
         println!("no broker at {addr}: starting rabbitmq-server");
@@ -545,9 +462,7 @@ pub async fn ensure_broker(url: &str, may_start: bool) -> Result<()> {
             .await
             .map_err(|e| Error::Other(format!("cannot run rabbitmq-server: {e}")))?;
         if !status.success() {
-            return Err(Error::Other(format!(
-                "rabbitmq-server -detached failed ({status})"
-            )));
+            return Err(Error::Other(format!("rabbitmq-server -detached failed ({status})")));
         }
         let deadline = Instant::now() + Duration::from_secs(90);
         while Instant::now() < deadline {
@@ -557,9 +472,7 @@ pub async fn ensure_broker(url: &str, may_start: bool) -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        return Err(Error::Other(format!(
-            "started rabbitmq-server but nothing answers at {addr} after 90 s"
-        )));
+        return Err(Error::Other(format!("started rabbitmq-server but nothing answers at {addr} after 90 s")));
     }
     Err(Error::Other(format!(
         "no RabbitMQ broker answers at {addr}. Start one with `sudo apt-get install -y rabbitmq-server && sudo rabbitmq-server -detached` (or run ./scripts/run.sh, which does it), or point --amqp-url / AMQP_URL at yours"
@@ -593,14 +506,8 @@ mod tests {
 
     #[test]
     fn broker_addresses_come_from_urls() {
-        assert_eq!(
-            broker_addr("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "127.0.0.1:5672"
-        );
-        assert_eq!(
-            broker_addr("amqp://rabbit.example/%2f"),
-            "rabbit.example:5672"
-        );
+        assert_eq!(broker_addr("amqp://guest:guest@127.0.0.1:5672/%2f"), "127.0.0.1:5672");
+        assert_eq!(broker_addr("amqp://rabbit.example/%2f"), "rabbit.example:5672");
         assert_eq!(broker_addr("amqp://u:p@[::1]:5673/vh"), "[::1]:5673");
         assert_eq!(broker_addr("amqp://"), "127.0.0.1:5672");
     }

@@ -33,20 +33,17 @@ pub fn run(cli: Cli) -> Result<()> {
         tokio::spawn(stop_on_signal(shutdown.clone()));
         match cli.command {
             Command::Coordinator(a) => {
-                let listener =
-                    net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
+                let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 coordinator::run(a.config(), listener, shutdown).await
             }
             Command::Server(a) => {
                 let cfg = a.config().map_err(Error::Config)?;
-                let listener =
-                    net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
+                let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 server::run(cfg, listener, shutdown).await
             }
             Command::Synchronizer(a) => {
                 let cfg = a.config().map_err(Error::Config)?;
-                let listener =
-                    net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
+                let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 sync::run(cfg, listener, shutdown).await
             }
             Command::Local(a) => launcher::run(a, shutdown).await,
@@ -61,10 +58,7 @@ pub fn run(cli: Cli) -> Result<()> {
 /// Cancels `token` on SIGINT or SIGTERM.
 async fn stop_on_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

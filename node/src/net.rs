@@ -28,10 +28,7 @@ pub async fn bind(bind: &str, port: u16, port_file: Option<&Path>) -> Result<Tcp
 }
 
 pub fn local_port(listener: &TcpListener) -> Result<u16> {
-    listener
-        .local_addr()
-        .map(|a: SocketAddr| a.port())
-        .map_err(|e| Error::Other(e.to_string()))
+    listener.local_addr().map(|a: SocketAddr| a.port()).map_err(|e| Error::Other(e.to_string()))
 }
 
 /// The listener as a stream of accepted connections, for tonic, with
@@ -42,11 +39,7 @@ pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming 
 
 /// A lazily connecting channel to `host:port`.
 pub fn channel(host: &str, port: &str) -> Result<Channel> {
-    let host = if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    };
+    let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
     let endpoint = Endpoint::from_shared(format!("http://{host}:{port}"))
         .map_err(|e| Error::Config(format!("bad address {host}:{port}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -62,8 +55,7 @@ pub fn now_ms() -> i64 {
 
 /// A lazily connecting channel to `host:port` given as one string.
 pub fn channel_to(addr: &str) -> Result<Channel> {
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or_else(|| Error::Config(format!("address {addr:?} is not host:port")))?;
+    let (host, port) =
+        addr.rsplit_once(':').ok_or_else(|| Error::Config(format!("address {addr:?} is not host:port")))?;
     channel(host.trim_start_matches('[').trim_end_matches(']'), port)
 }

@@ -44,10 +44,7 @@ fn default_missed() -> u32 {
 
 impl Default for HeartbeatSpec {
     fn default() -> Self {
-        HeartbeatSpec {
-            interval_millis: default_interval_ms(),
-            missed: default_missed(),
-        }
+        HeartbeatSpec { interval_millis: default_interval_ms(), missed: default_missed() }
     }
 }
 
@@ -67,17 +64,10 @@ impl DeploymentSpec {
             return Err(format!("clusters must be 1..=100, not {}", self.clusters));
         }
         if !(1..=2).contains(&self.servers_per_cluster) {
-            return Err(format!(
-                "serversPerCluster must be 1 or 2, not {}",
-                self.servers_per_cluster
-            ));
+            return Err(format!("serversPerCluster must be 1 or 2, not {}", self.servers_per_cluster));
         }
-        if !(10..=600_000).contains(&self.heartbeat.interval_millis)
-            || !(1..=100).contains(&self.heartbeat.missed)
-        {
-            return Err(
-                "heartbeat.intervalMillis must be 10..=600000 and heartbeat.missed 1..=100".into(),
-            );
+        if !(10..=600_000).contains(&self.heartbeat.interval_millis) || !(1..=100).contains(&self.heartbeat.missed) {
+            return Err("heartbeat.intervalMillis must be 10..=600000 and heartbeat.missed 1..=100".into());
         }
         Ok(())
     }
@@ -101,8 +91,7 @@ pub struct Metadata {
 
 /// Parses an `SnsCluster` YAML document.
 pub fn parse_sns_cluster(yaml: &str) -> Result<SnsClusterDoc, String> {
-    let doc: SnsClusterDoc =
-        serde_yaml::from_str(yaml).map_err(|e| format!("not an SnsCluster document: {e}"))?;
+    let doc: SnsClusterDoc = serde_yaml::from_str(yaml).map_err(|e| format!("not an SnsCluster document: {e}"))?;
     if doc.kind != "SnsCluster" {
         return Err(format!("expected kind SnsCluster, found {:?}", doc.kind));
     }
@@ -159,16 +148,13 @@ pub fn port(base: u16, role: Role) -> u16 {
     let offset = match role {
         Role::Coordinator => 0,
         Role::Server { cluster, id } => 10 * cluster + id,
-        Role::Synchronizer {
-            cluster, server, ..
-        } => 10 * cluster + 5 + server,
+        Role::Synchronizer { cluster, server, .. } => 10 * cluster + 5 + server,
     };
     base.saturating_add(offset as u16)
 }
 
 pub fn data_dir(root: &Path, cluster: u32, server: u32) -> PathBuf {
-    root.join(format!("cluster_{cluster}"))
-        .join(server.to_string())
+    root.join(format!("cluster_{cluster}")).join(server.to_string())
 }
 
 /// The processes of a deployment, coordinator first.
@@ -180,28 +166,14 @@ pub fn plan(spec: &DeploymentSpec, opts: &PlanOptions) -> Vec<Process> {
         spec.heartbeat.missed.to_string(),
     ];
     let common = |args: &mut Vec<String>| {
-        args.extend([
-            "--clusters".to_string(),
-            spec.clusters.to_string(),
-            "--bind".into(),
-            opts.bind.clone(),
-        ]);
+        args.extend(["--clusters".to_string(), spec.clusters.to_string(), "--bind".into(), opts.bind.clone()]);
         args.extend(hb.iter().cloned());
     };
     let mut out = Vec::new();
     let role = Role::Coordinator;
-    let mut args = vec![
-        "coordinator".to_string(),
-        "-p".into(),
-        port(opts.base_port, role).to_string(),
-    ];
+    let mut args = vec!["coordinator".to_string(), "-p".into(), port(opts.base_port, role).to_string()];
     common(&mut args);
-    out.push(Process {
-        name: "coordinator".into(),
-        role,
-        port: port(opts.base_port, role),
-        args,
-    });
+    out.push(Process { name: "coordinator".into(), role, port: port(opts.base_port, role), args });
     for cluster in 1..=spec.clusters {
         for id in 1..=spec.servers_per_cluster {
             let role = Role::Server { cluster, id };
@@ -220,25 +192,16 @@ pub fn plan(spec: &DeploymentSpec, opts: &PlanOptions) -> Vec<Process> {
                 "--data-dir".into(),
                 data_dir(&opts.data_root, cluster, id).display().to_string(),
                 "--advertise-host".into(),
-                opts.advertise_host.clone(),
+                opts.advertise_host.replace("{pod}", &pod),
             ];
             common(&mut args);
-            out.push(Process {
-                name: format!("server-{cluster}-{id}"),
-                role,
-                port: p,
-                args,
-            });
+            out.push(Process { name: pod, role, port: p, args });
         }
     }
     for cluster in 1..=spec.clusters {
         for server in 1..=spec.servers_per_cluster {
             let id = sync_id(cluster, server, spec.clusters);
-            let role = Role::Synchronizer {
-                cluster,
-                server,
-                id,
-            };
+            let role = Role::Synchronizer { cluster, server, id };
             let p = port(opts.base_port, role);
             let mut args = vec![
                 "synchronizer".to_string(),
@@ -255,8 +218,7 @@ pub fn plan(spec: &DeploymentSpec, opts: &PlanOptions) -> Vec<Process> {
                 "--deployment".into(),
                 opts.deployment.clone(),
                 "--advertise-host".into(),
-                opts.advertise_host
-                    .replace("{pod}", &format!("server-{cluster}-{server}")),
+                opts.advertise_host.replace("{pod}", &format!("server-{cluster}-{server}")),
             ];
             if let Some(url) = &opts.amqp_url {
                 args.extend(["--amqp-url".to_string(), url.clone()]);
@@ -265,12 +227,7 @@ pub fn plan(spec: &DeploymentSpec, opts: &PlanOptions) -> Vec<Process> {
                 args.extend(["--queue-expires".to_string(), expires.clone()]);
             }
             common(&mut args);
-            out.push(Process {
-                name: format!("sync-{cluster}-{server}"),
-                role,
-                port: p,
-                args,
-            });
+            out.push(Process { name: format!("sync-{cluster}-{server}"), role, port: p, args });
         }
     }
     out
@@ -310,20 +267,22 @@ mod tests {
         let s = procs.iter().find(|p| p.name == "server-2-1").unwrap();
         assert_eq!(s.port, 9021);
         let y = procs.iter().find(|p| p.name == "sync-2-2").unwrap();
-        assert_eq!(
-            y.role,
-            Role::Synchronizer {
-                cluster: 2,
-                server: 2,
-                id: 5
-            }
-        );
+        assert_eq!(y.role, Role::Synchronizer { cluster: 2, server: 2, id: 5 });
         assert_eq!(y.port, 9027);
-        assert!(
-            plan(&DeploymentSpec::default(), &opts(0))
-                .iter()
-                .all(|p| p.port == 0)
-        );
+        assert!(plan(&DeploymentSpec::default(), &opts(0)).iter().all(|p| p.port == 0));
+    }
+
+    #[test]
+    fn advertise_hosts_name_the_pod_and_urls_may_come_from_env() {
+        let o = PlanOptions { advertise_host: "{pod}.nodes.ns.svc".into(), amqp_url: None, ..opts(9000) };
+        let procs = plan(&DeploymentSpec::default(), &o);
+        let arg = |name: &str, flag: &str| {
+            let p = procs.iter().find(|p| p.name == name).unwrap();
+            p.args.iter().position(|a| a == flag).map(|i| p.args[i + 1].clone())
+        };
+        assert_eq!(arg("server-2-1", "--advertise-host").as_deref(), Some("server-2-1.nodes.ns.svc"));
+        assert_eq!(arg("sync-2-1", "--advertise-host").as_deref(), Some("server-2-1.nodes.ns.svc"));
+        assert_eq!(arg("sync-2-1", "--amqp-url"), None);
     }
 
     #[test]
@@ -342,19 +301,9 @@ mod tests {
                     assert_eq!((cfg.cluster, cfg.id), (cluster, id));
                     assert_eq!(cfg.data_dir, data_dir(Path::new("/data"), cluster, id));
                 }
-                (
-                    Command::Synchronizer(s),
-                    Role::Synchronizer {
-                        cluster,
-                        server,
-                        id,
-                    },
-                ) => {
+                (Command::Synchronizer(s), Role::Synchronizer { cluster, server, id }) => {
                     let cfg = s.config().unwrap();
-                    assert_eq!(
-                        (cfg.cluster, cfg.paired_server, cfg.id),
-                        (cluster, server, id)
-                    );
+                    assert_eq!((cfg.cluster, cfg.paired_server, cfg.id), (cluster, server, id));
                     assert_eq!(cfg.deployment, "demo");
                 }
                 (Command::Coordinator(c), Role::Coordinator) => assert_eq!(c.clusters, 3),
@@ -372,13 +321,7 @@ mod tests {
         assert_eq!(doc.metadata.name.as_deref(), Some("demo"));
         assert_eq!(doc.spec.clusters, 2);
         assert_eq!(doc.spec.servers_per_cluster, 1);
-        assert_eq!(
-            doc.spec.heartbeat,
-            HeartbeatSpec {
-                interval_millis: 500,
-                missed: 2
-            }
-        );
+        assert_eq!(doc.spec.heartbeat, HeartbeatSpec { interval_millis: 500, missed: 2 });
         assert_eq!(plan(&doc.spec, &opts(0)).len(), 5);
         assert!(parse_sns_cluster("kind: Pod\n").is_err());
         assert!(parse_sns_cluster("kind: SnsCluster\nspec:\n  serversPerCluster: 3\n").is_err());

@@ -6,6 +6,8 @@
 //! The binaries are the workspace's own (`cargo build --workspace` first);
 //! `SNS_BIN_DIR` points elsewhere if needed.
 
+pub mod load;
+
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -29,19 +31,12 @@ pub fn bin_dir() -> PathBuf {
     }
     // Test executables live in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
 }
 
 pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --workspace --bins` first",
-        path.display()
-    );
+    assert!(path.is_file(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
     path
 }
 
@@ -116,61 +111,115 @@ impl Output {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// A deployment run by `sns-node local` in a temporary directory.
-pub struct Deployment {
-    child: Child,
-    stdin: ChildStdin,
-    out: Output,
-    /// Lines of stdout already consumed by `command`.
-    seen: usize,
-    pub coord_port: u16,
-    pub clusters: u32,
-    pub servers: u32,
-    pub name: String,
-    dir: tempfile::TempDir,
+/// Settings of a deployment started by [`DeploymentBuilder::start`]. The
+/// defaults are those of [`Deployment::start`]: 3 clusters of 2 servers, a
+/// 500 ms heartbeat with 2 misses allowed, `info` logs, broker queues that
+/// expire 10 minutes after the run, the workspace's `sns-node`.
+#[derive(Debug, Clone)]
+pub struct DeploymentBuilder {
+    clusters: u32,
+    servers: u32,
+    heartbeat: Duration,
+    missed: u32,
+    name: Option<String>,
+    node_bin: Option<PathBuf>,
+    log: Option<String>,
+    ready_timeout: Duration,
 }
 
-impl Deployment {
-    /// Starts `clusters` clusters of `servers` servers, with a 500 ms
-    /// heartbeat so that failover completes in about a second.
-    pub fn start(clusters: u32, servers: u32) -> Result<Deployment> {
+impl Default for DeploymentBuilder {
+    fn default() -> Self {
+        DeploymentBuilder {
+            clusters: 3,
+            servers: 2,
+            heartbeat: Duration::from_millis(500),
+            missed: 2,
+            name: None,
+            node_bin: None,
+            log: Some("info".into()),
+            ready_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl DeploymentBuilder {
+    pub fn clusters(mut self, clusters: u32) -> Self {
+        self.clusters = clusters;
+        self
+    }
+
+    pub fn servers(mut self, servers: u32) -> Self {
+        self.servers = servers;
+        self
+    }
+
+    /// Heartbeat period of every node (the launcher's `--heartbeat-interval`).
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.heartbeat = interval;
+        self
+    }
+
+    /// Heartbeats a node may miss before it is dead (`--missed-heartbeats`).
+    pub fn missed_heartbeats(mut self, missed: u32) -> Self {
+        self.missed = missed;
+        self
+    }
+
+    /// The deployment name (broker object prefix) instead of `e2e-<pid>-<n>`.
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    /// The `sns-node` binary to run instead of the workspace's.
+    pub fn node_bin(mut self, path: PathBuf) -> Self {
+        self.node_bin = Some(path);
+        self
+    }
+
+    /// The nodes' log filter (`SNS_LOG`); None leaves the system's default.
+    pub fn log(mut self, filter: Option<&str>) -> Self {
+        self.log = filter.map(str::to_string);
+        self
+    }
+
+    /// How long to wait for the launcher's `ready:` line.
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// Runs the launcher and waits for its `ready:` line.
+    pub fn start(self) -> Result<Deployment> {
         let dir = tempfile::Builder::new().prefix("sns-e2e-").tempdir()?;
-        let name = format!(
-            "e2e-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        );
-        let mut child = Command::new(bin("sns-node"))
-            .args([
-                "local",
-                "--base-port",
-                "0",
-                "--clusters",
-                &clusters.to_string(),
-            ])
-            .args([
-                "--servers-per-cluster",
-                &servers.to_string(),
-                "--deployment",
-                &name,
-            ])
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("e2e-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
+        let node_bin = self.node_bin.clone().unwrap_or_else(|| bin("sns-node"));
+        let (clusters, servers) = (self.clusters, self.servers);
+        let mut cmd = Command::new(node_bin);
+        cmd.args(["local", "--base-port", "0", "--clusters", &clusters.to_string()])
+            .args(["--servers-per-cluster", &servers.to_string(), "--deployment", &name])
             .args([
                 "--heartbeat-interval",
-                "500ms",
+                &format!("{}ms", self.heartbeat.as_millis()),
                 "--missed-heartbeats",
-                "2",
+                &self.missed.to_string(),
                 "--queue-expires",
                 "10m",
             ])
             .args(["--no-broker-start", "--amqp-url", &amqp_url()])
             .arg("--dir")
-            .arg(dir.path())
-            .env("SNS_LOG", "info")
+            .arg(dir.path());
+        if let Some(filter) = &self.log {
+            cmd.env("SNS_LOG", filter);
+        }
+        let spawned = Instant::now();
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(
-                dir.path().join("launcher.log"),
-            )?))
+            .stderr(Stdio::from(std::fs::File::create(dir.path().join("launcher.log"))?))
             .spawn()
             .context("starting sns-node local")?;
         let stdin = child.stdin.take().expect("piped stdin");
@@ -185,12 +234,16 @@ impl Deployment {
             servers,
             name,
             dir,
+            spawn_to_ready: Duration::ZERO,
+            ready_line: String::new(),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + self.ready_timeout;
         if !d.out.wait(deadline, |t| t.contains("\nconnect a client")) {
             bail!("launcher not ready: {}\n{}", d.out.text(), d.launcher_log());
         }
+        d.spawn_to_ready = spawned.elapsed();
         let text = d.out.text();
+        d.ready_line = text.lines().find(|l| l.starts_with("ready:")).unwrap_or_default().to_string();
         let port = text
             .split("coordinator at 127.0.0.1:")
             .nth(1)
@@ -200,6 +253,71 @@ impl Deployment {
         d.coord_port = port;
         d.seen = text.lines().count();
         Ok(d)
+    }
+}
+
+/// A deployment run by `sns-node local` in a temporary directory.
+pub struct Deployment {
+    child: Child,
+    stdin: ChildStdin,
+    out: Output,
+    /// Lines of stdout already consumed by `command`.
+    seen: usize,
+    pub coord_port: u16,
+    pub clusters: u32,
+    pub servers: u32,
+    pub name: String,
+    dir: tempfile::TempDir,
+    /// Wall time from spawning the launcher to reading its `ready:` line.
+    pub spawn_to_ready: Duration,
+    /// The launcher's `ready:` line (it reports its own start-up time).
+    pub ready_line: String,
+}
+
+impl Deployment {
+    /// Starts `clusters` clusters of `servers` servers, with a 500 ms
+    /// heartbeat so that failover completes in about a second.
+    pub fn start(clusters: u32, servers: u32) -> Result<Deployment> {
+        Deployment::builder().clusters(clusters).servers(servers).start()
+    }
+
+    /// A deployment with more knobs than [`Deployment::start`] (whose
+    /// settings are the builder's defaults).
+    pub fn builder() -> DeploymentBuilder {
+        DeploymentBuilder::default()
+    }
+
+    /// The launcher's process id.
+    pub fn launcher_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the launcher printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.out.text()
+    }
+
+    /// The launcher's `status` command, parsed: every process by name, with
+    /// its pid when it is up.
+    pub fn status(&mut self) -> Result<BTreeMap<String, Option<u32>>> {
+        let reply = self.command("status")?;
+        // A line the launcher prints by itself (`... exited`) may follow
+        // the reply: take the latest status line.
+        let text = self.out.text();
+        let line = text.lines().rev().find(|l| l.starts_with("status:")).unwrap_or(&reply);
+        let body = line.strip_prefix("status:").ok_or_else(|| anyhow!("unexpected status reply {line:?}"))?;
+        // `name=up(pid 123, port 456)` or `name=down`.
+        let mut procs = BTreeMap::new();
+        let mut words = body.split_whitespace();
+        while let Some(word) = words.next() {
+            let Some((name, state)) = word.split_once('=') else {
+                continue;
+            };
+            let pid =
+                if state == "up(pid" { words.next().and_then(|w| w.trim_end_matches(',').parse().ok()) } else { None };
+            procs.insert(name.to_string(), pid);
+        }
+        Ok(procs)
     }
 
     pub fn dir(&self) -> &Path {
@@ -218,7 +336,9 @@ impl Deployment {
         let deadline = Instant::now() + DEADLINE;
         let ok = self.out.wait(deadline, |t| {
             t.lines().skip(seen).any(|l| {
-                l.starts_with("killed ")
+                l.starts_with("paused ")
+                    || l.starts_with("resumed ")
+                    || l.starts_with("killed ")
                     || l.starts_with("started ")
                     || l.starts_with("stopped ")
                     || l.starts_with("error:")
@@ -241,10 +361,7 @@ impl Deployment {
 
     /// Data directory of server `id` of cluster `cluster`.
     pub fn server_dir(&self, cluster: u32, id: u32) -> PathBuf {
-        self.dir
-            .path()
-            .join(format!("cluster_{cluster}"))
-            .join(id.to_string())
+        self.dir.path().join(format!("cluster_{cluster}")).join(id.to_string())
     }
 
     pub fn client(&self, user: &str) -> Result<Client> {
@@ -252,8 +369,7 @@ impl Deployment {
     }
 
     pub fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join("logs").join(format!("{name}.log")))
-            .unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("logs").join(format!("{name}.log"))).unwrap_or_default()
     }
 }
 
@@ -276,15 +392,8 @@ impl Drop for Deployment {
         let _ = self.child.wait();
         if std::thread::panicking() || std::env::var_os("SNS_KEEP").is_some() {
             let kept = self.dir.path().to_path_buf();
-            eprintln!(
-                "deployment {} kept in {} (launcher stdout:\n{})",
-                self.name,
-                kept.display(),
-                self.out.text()
-            );
-            std::mem::forget(
-                std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep(),
-            );
+            eprintln!("deployment {} kept in {} (launcher stdout:\n{})", self.name, kept.display(), self.out.text());
+            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep());
         }
     }
 }
@@ -303,10 +412,7 @@ pub struct Client {
 
 impl Client {
     pub fn start(coord_port: u16, user: &str) -> Result<Client> {
-        Client::with_args(
-            &["-h", "127.0.0.1", "-k", &coord_port.to_string(), "-u", user],
-            user,
-        )
+        Client::with_args(&["-h", "127.0.0.1", "-k", &coord_port.to_string(), "-u", user], user)
     }
 
     pub fn with_args(args: &[&str], user: &str) -> Result<Client> {
@@ -320,14 +426,7 @@ impl Client {
         let stdin = child.stdin.take();
         let out = Output::spawn_reader(child.stdout.take().expect("piped stdout"));
         let err = Output::spawn_reader(child.stderr.take().expect("piped stderr"));
-        Ok(Client {
-            child,
-            stdin,
-            out,
-            err,
-            cursor: 0,
-            user: user.to_string(),
-        })
+        Ok(Client { child, stdin, out, err, cursor: 0, user: user.to_string() })
     }
 
     /// Every complete output line so far, prompts removed.
@@ -364,11 +463,7 @@ impl Client {
         let mut found = None;
         self.out.wait(deadline, |t| {
             let lines = clean_lines(t);
-            found = lines
-                .iter()
-                .skip(cursor)
-                .position(|l| pred(l))
-                .map(|i| cursor + i + 1);
+            found = lines.iter().skip(cursor).position(|l| pred(l)).map(|i| cursor + i + 1);
             found.is_some()
         });
         match found {
@@ -393,17 +488,8 @@ impl Client {
 
     /// Re-runs LIST until it shows exactly these users and followers.
     pub fn poll_list(&mut self, all: &[u32], followers: &[u32]) -> Result<()> {
-        let want_all = format!(
-            "All users: {}",
-            all.iter().map(|u| format!("{u}, ")).collect::<String>()
-        );
-        let want_f = format!(
-            "Followers: {}",
-            followers
-                .iter()
-                .map(|u| format!("{u}, "))
-                .collect::<String>()
-        );
+        let want_all = format!("All users: {}", all.iter().map(|u| format!("{u}, ")).collect::<String>());
+        let want_f = format!("Followers: {}", followers.iter().map(|u| format!("{u}, ")).collect::<String>());
         let deadline = Instant::now() + DEADLINE;
         loop {
             self.send("LIST")?;
@@ -414,10 +500,7 @@ impl Client {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "user {}: LIST never showed {want_all:?} / {want_f:?}; last: {a:?} / {f:?}",
-                    self.user
-                );
+                bail!("user {}: LIST never showed {want_all:?} / {want_f:?}; last: {a:?} / {f:?}", self.user);
             }
             std::thread::sleep(POLL);
         }
@@ -426,9 +509,7 @@ impl Client {
     /// Waits for a timeline line `<author> (<time>) >> <text>`.
     pub fn expect_post(&mut self, author: u32, text: &str) -> Result<()> {
         let (prefix, suffix) = (format!("{author} ("), format!(") >> {text}"));
-        self.expect(&format!("{author} (...) >> {text}"), |l| {
-            l.starts_with(&prefix) && l.ends_with(&suffix)
-        })
+        self.expect(&format!("{author} (...) >> {text}"), |l| l.starts_with(&prefix) && l.ends_with(&suffix))
     }
 
     /// Posts (timeline texts) shown so far, as (author, text).
@@ -494,8 +575,7 @@ pub fn spec_files(dir: &Path) -> Result<BTreeMap<String, String>> {
 }
 
 fn ids(text: Option<&String>) -> BTreeSet<u32> {
-    text.map(|t| sns_node::store::record::decode_ids(t).into_iter().collect())
-        .unwrap_or_default()
+    text.map(|t| sns_node::store::record::decode_ids(t).into_iter().collect()).unwrap_or_default()
 }
 
 /// Checks the SPEC §6 goal state over the given servers' directories
@@ -505,39 +585,26 @@ fn ids(text: Option<&String>) -> BTreeSet<u32> {
 /// timeline; master and slave of a cluster hold identical files.
 /// `expected_feeds` adds (user, author, text) posts that must be in the
 /// user's feed on every server of the user's cluster.
-pub fn check_convergence(
-    d: &Deployment,
-    servers: &[(u32, u32)],
-    expected_feeds: &[(u32, u32, &str)],
-) -> Result<()> {
+pub fn check_convergence(d: &Deployment, servers: &[(u32, u32)], expected_feeds: &[(u32, u32, &str)]) -> Result<()> {
     let mut last = String::new();
-    let result = eventually("convergence", || {
-        match converged(d, servers, expected_feeds) {
-            Ok(()) => Some(()),
-            Err(e) => {
-                last = format!("{e:#}");
-                None
-            }
+    let result = eventually("convergence", || match converged(d, servers, expected_feeds) {
+        Ok(()) => Some(()),
+        Err(e) => {
+            last = format!("{e:#}");
+            None
         }
     });
     result.map_err(|e| anyhow!("{e}: {last}"))
 }
 
-fn converged(
-    d: &Deployment,
-    servers: &[(u32, u32)],
-    expected_feeds: &[(u32, u32, &str)],
-) -> Result<()> {
+fn converged(d: &Deployment, servers: &[(u32, u32)], expected_feeds: &[(u32, u32, &str)]) -> Result<()> {
     let clusters = d.clusters;
     let cluster_of = |u: u32| sns_node::ids::cluster_of(u, clusters);
     let mut files = BTreeMap::new();
     for &(c, s) in servers {
         files.insert((c, s), spec_files(&d.server_dir(c, s))?);
     }
-    let users: Vec<_> = files
-        .values()
-        .map(|f| f.get("all_users.txt").cloned().unwrap_or_default())
-        .collect();
+    let users: Vec<_> = files.values().map(|f| f.get("all_users.txt").cloned().unwrap_or_default()).collect();
     if users.windows(2).any(|w| w[0] != w[1]) {
         bail!("all_users.txt differs between servers: {users:?}");
     }
@@ -551,33 +618,20 @@ fn converged(
     }
     for ((c, s), f) in &files {
         for &u in all.iter().filter(|u| cluster_of(**u) == *c) {
-            let want: BTreeSet<u32> = follows
-                .iter()
-                .filter(|(_, l)| l.contains(&u))
-                .map(|(f, _)| *f)
-                .collect();
+            let want: BTreeSet<u32> = follows.iter().filter(|(_, l)| l.contains(&u)).map(|(f, _)| *f).collect();
             let got = ids(f.get(&format!("{u}_followers.txt")));
             if got != want {
                 bail!("server {c}/{s}: followers of {u} are {got:?}, follow lists say {want:?}");
             }
-            let feed = sns_node::store::record::decode_posts(
-                f.get(&format!("{u}_following.txt")).map_or("", |t| t),
-            );
+            let feed = sns_node::store::record::decode_posts(f.get(&format!("{u}_following.txt")).map_or("", |t| t));
             for p in &feed {
-                let author_files = files
-                    .iter()
-                    .find(|((ac, _), _)| *ac == cluster_of(p.user))
-                    .map(|(_, f)| f);
+                let author_files = files.iter().find(|((ac, _), _)| *ac == cluster_of(p.user)).map(|(_, f)| f);
                 if let Some(af) = author_files {
                     let tl = sns_node::store::record::decode_posts(
-                        af.get(&format!("{}_timeline.txt", p.user))
-                            .map_or("", |t| t),
+                        af.get(&format!("{}_timeline.txt", p.user)).map_or("", |t| t),
                     );
                     if !tl.contains(p) {
-                        bail!(
-                            "server {c}/{s}: feed of {u} has {p:?}, which is not in {}'s timeline",
-                            p.user
-                        );
+                        bail!("server {c}/{s}: feed of {u} has {p:?}, which is not in {}'s timeline", p.user);
                     }
                 }
             }
@@ -593,11 +647,7 @@ fn converged(
         if let [(a, fa), (b, fb), ..] = copies.as_slice()
             && fa != fb
         {
-            let diff: Vec<&String> = fa
-                .keys()
-                .chain(fb.keys())
-                .filter(|k| fa.get(*k) != fb.get(*k))
-                .collect();
+            let diff: Vec<&String> = fa.keys().chain(fb.keys()).filter(|k| fa.get(*k) != fb.get(*k)).collect();
             bail!("servers {a:?} and {b:?} differ in {diff:?}");
         }
     }

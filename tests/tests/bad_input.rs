@@ -18,11 +18,7 @@ fn invalid_user_ids_are_refused_by_the_client() -> anyhow::Result<()> {
         let mut c = Client::with_args(&["-h", "127.0.0.1", "-k", "1", "-u", bad], bad)?;
         let code = c.wait_exit()?;
         assert_eq!(code, 2, "tsc -u {bad} must fail with a usage error");
-        assert!(
-            c.stderr().contains("invalid user id"),
-            "tsc -u {bad}: {}",
-            c.stderr()
-        );
+        assert!(c.stderr().contains("invalid user id"), "tsc -u {bad}: {}", c.stderr());
     }
     Ok(())
 }
@@ -53,12 +49,7 @@ fn bad_commands_and_posts_keep_the_server_running() -> anyhow::Result<()> {
     let names: Vec<String> = std::fs::read_dir(d.server_dir(1, 1))?
         .map(|e| e.map(|e| e.file_name().to_string_lossy().to_string()))
         .collect::<Result<_, _>>()?;
-    assert!(
-        names
-            .iter()
-            .all(|n| !n.contains("etc") && !n.contains("passwd") && !n.starts_with("0_")),
-        "{names:?}"
-    );
+    assert!(names.iter().all(|n| !n.contains("etc") && !n.contains("passwd") && !n.starts_with("0_")), "{names:?}");
 
     let mut reader = d.client("2")?;
     reader.run("FOLLOW 1", OK)?;
@@ -68,9 +59,7 @@ fn bad_commands_and_posts_keep_the_server_running() -> anyhow::Result<()> {
     c.expect_line("Now you are in the timeline")?;
     let huge = "x".repeat(1 << 20);
     c.send(&huge)?;
-    c.expect("a refusal of the oversized post", |l| {
-        l.starts_with("Post too long")
-    })?;
+    c.expect("a refusal of the oversized post", |l| l.starts_with("Post too long"))?;
     c.send("after the big one")?;
     reader.expect_post(1, "after the big one")?;
 
@@ -78,16 +67,10 @@ fn bad_commands_and_posts_keep_the_server_running() -> anyhow::Result<()> {
     // the server refuses it with a clear status and keeps serving.
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let mut coord =
-            CoordServiceClient::connect(format!("http://127.0.0.1:{}", d.coord_port)).await?;
+        let mut coord = CoordServiceClient::connect(format!("http://127.0.0.1:{}", d.coord_port)).await?;
         let info = coord.get_server(Id { id: 1 }).await?.into_inner();
-        let mut sns =
-            SnsServiceClient::connect(format!("http://{}:{}", info.hostname, info.port)).await?;
-        let msg = |text: &str| Message {
-            username: "1".into(),
-            msg: text.into(),
-            timestamp: None,
-        };
+        let mut sns = SnsServiceClient::connect(format!("http://{}:{}", info.hostname, info.port)).await?;
+        let msg = |text: &str| Message { username: "1".into(), msg: text.into(), timestamp: None, post_id: 0 };
         let outbound = tokio_stream_iter(vec![msg(""), msg(&huge)]);
         let mut inbound = sns.timeline(outbound).await?.into_inner();
         let err = loop {
@@ -99,37 +82,20 @@ fn bad_commands_and_posts_keep_the_server_running() -> anyhow::Result<()> {
         };
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("at most 4096"), "{}", err.message());
-        let reply = sns
-            .login(Request {
-                username: "abc".into(),
-                arguments: vec![],
-            })
-            .await?
-            .into_inner();
+        let reply = sns.login(Request { username: "abc".into(), arguments: vec![] }).await?.into_inner();
         assert_eq!(reply.msg, "FAILURE_INVALID_USERNAME");
-        let list = sns
-            .list(Request {
-                username: "1".into(),
-                arguments: vec![],
-            })
-            .await?
-            .into_inner();
+        let list = sns.list(Request { username: "1".into(), arguments: vec![] }).await?.into_inner();
         assert_eq!(list.all_users, vec!["1", "2"]);
         anyhow::Ok(())
     })?;
     c.send("still here")?;
     reader.expect_post(1, "still here")?;
     let tl = std::fs::read_to_string(d.server_dir(1, 2).join("1_timeline.txt"))?;
-    assert!(
-        !tl.contains("xxxxxxxx"),
-        "the oversized post must not be stored"
-    );
+    assert!(!tl.contains("xxxxxxxx"), "the oversized post must not be stored");
     Ok(())
 }
 
-fn tokio_stream_iter(
-    msgs: Vec<Message>,
-) -> impl futures_util::Stream<Item = Message> + Send + 'static {
+fn tokio_stream_iter(msgs: Vec<Message>) -> impl futures_util::Stream<Item = Message> + Send + 'static {
     // Keep the stream open after the messages, as a live client would.
     futures_util::stream::iter(msgs).chain(futures_util::stream::pending())
 }
@@ -161,10 +127,7 @@ fn malformed_broker_messages_are_dead_lettered() -> anyhow::Result<()> {
         let mut dead = 0;
         let deadline = std::time::Instant::now() + sns_e2e::DEADLINE;
         while dead < 2 && std::time::Instant::now() < deadline {
-            match ch
-                .basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true })
-                .await?
-            {
+            match ch.basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true }).await? {
                 Some(_) => dead += 1,
                 None => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
             }
@@ -179,8 +142,6 @@ fn malformed_broker_messages_are_dead_lettered() -> anyhow::Result<()> {
     c2.poll_list(&[1, 2], &[])?;
     c1.poll_list(&[1, 2], &[])?;
     assert!(d.log("sync-2-1").contains("malformed broker message"));
-    eventually("sync-2-1 still running", || {
-        (!d.log("sync-2-1").contains("panicked")).then_some(())
-    })?;
+    eventually("sync-2-1 still running", || (!d.log("sync-2-1").contains("panicked")).then_some(()))?;
     Ok(())
 }

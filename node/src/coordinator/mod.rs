@@ -8,11 +8,15 @@ use crate::net;
 use sns_proto::csce438::coord_service_server::{CoordService, CoordServiceServer};
 use sns_proto::csce438::{Confirmation, Id, ServerInfo, ServerList};
 use sns_proto::internal::coord_admin_server::{CoordAdmin, CoordAdminServer};
-use sns_proto::internal::{Node, RoutingTable, TableRequest};
+use sns_proto::internal::{LeaseRequest, Node, RoleUpdate, RoutingTable, TableRequest};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use table::{Beat, Kind, NodeView, Promotion, Table};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -27,14 +31,56 @@ pub struct CoordinatorConfig {
 #[derive(Clone)]
 pub struct Coordinator {
     table: Arc<Mutex<Table>>,
+    /// Bumped on every change of role or membership: wakes lease streams.
+    changes: watch::Sender<u64>,
+    shutdown: CancellationToken,
 }
 
+/// How long the coordinator waits for a server whose lease dropped to
+/// answer a health check. A live process on the same network answers in
+/// milliseconds; a killed one refuses the connection at once.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
 impl Coordinator {
-    pub fn new(cfg: &CoordinatorConfig) -> Coordinator {
+    pub fn new(cfg: &CoordinatorConfig, shutdown: CancellationToken) -> Coordinator {
         let timeout = cfg.heartbeat * cfg.missed.max(1);
         Coordinator {
             table: Arc::new(Mutex::new(Table::new(cfg.clusters, timeout))),
+            changes: watch::channel(0).0,
+            shutdown,
         }
+    }
+
+    /// Logs promotions and wakes the lease streams if anything changed.
+    fn changed(&self, promotions: &[Promotion], registered: bool) {
+        log_promotions(promotions);
+        if registered || !promotions.is_empty() {
+            self.changes.send_modify(|v| *v += 1);
+        }
+    }
+
+    fn refresh(&self) {
+        let promotions = self.with(|t| t.refresh(Instant::now()));
+        self.changed(&promotions, false);
+    }
+
+    /// A server's lease stream ended: if the server does not answer a health
+    /// check either, it is dead now, not after the heartbeat timeout.
+    async fn lease_lost(&self, cluster: u32, id: u32) {
+        let Some((host, port)) = self.with(|t| t.address(Kind::Server, cluster, id)) else { return };
+        let alive = async {
+            let channel = net::channel(&host, &port).ok()?;
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            tokio::time::timeout(PROBE_TIMEOUT, health.check(req)).await.ok()?.ok()
+        };
+        if alive.await.is_some() {
+            tracing::info!(cluster, id, "lease dropped but the server answers: keeping it");
+            return;
+        }
+        tracing::warn!(cluster, id, "lease dropped and the server does not answer: declared dead");
+        let promotions = self.with(|t| t.mark_dead(Instant::now(), Kind::Server, cluster, id));
+        self.changed(&promotions, true);
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Table) -> T) -> T {
@@ -72,10 +118,7 @@ fn info(v: &NodeView) -> ServerInfo {
 }
 
 fn none() -> ServerInfo {
-    ServerInfo {
-        server_id: -1,
-        ..Default::default()
-    }
+    ServerInfo { server_id: -1, ..Default::default() }
 }
 
 #[tonic::async_trait]
@@ -106,10 +149,9 @@ impl CoordService for Coordinator {
             claims_master: s.is_master,
             term: s.term.max(0) as u64,
         };
-        let (a, promotions) = self.with(|t| t.heartbeat(Instant::now(), &beat));
-        log_promotions(&promotions);
-        let (slave_id, slave_host, slave_port) =
-            a.slave.unwrap_or((0, String::new(), String::new()));
+        let (a, promotions, registered) = self.with(|t| t.heartbeat(Instant::now(), &beat));
+        self.changed(&promotions, registered);
+        let (slave_id, slave_host, slave_port) = a.slave.unwrap_or((0, String::new(), String::new()));
         Ok(Response::new(Confirmation {
             status: true,
             is_master: a.is_master,
@@ -133,9 +175,7 @@ impl CoordService for Coordinator {
 
     async fn get_slave(&self, req: Request<Id>) -> Result<Response<ServerInfo>, Status> {
         let c = req.into_inner().id;
-        let reply = (c > 0)
-            .then(|| self.with(|t| t.slave(Instant::now(), c as u32)))
-            .flatten();
+        let reply = (c > 0).then(|| self.with(|t| t.slave(Instant::now(), c as u32))).flatten();
         Ok(Response::new(reply.map(|v| info(&v)).unwrap_or_else(none)))
     }
 
@@ -146,10 +186,7 @@ impl CoordService for Coordinator {
         Ok(Response::new(reply.map(|v| info(&v)).unwrap_or_else(none)))
     }
 
-    async fn get_all_follower_servers(
-        &self,
-        _req: Request<Id>,
-    ) -> Result<Response<ServerList>, Status> {
+    async fn get_all_follower_servers(&self, _req: Request<Id>) -> Result<Response<ServerList>, Status> {
         let mut list = ServerList::default();
         for v in self.with(|t| t.all(Instant::now())) {
             if v.kind == Kind::Synchronizer && v.alive {
@@ -166,11 +203,8 @@ impl CoordService for Coordinator {
 #[tonic::async_trait]
 impl CoordAdmin for Coordinator {
     async fn table(&self, _req: Request<TableRequest>) -> Result<Response<RoutingTable>, Status> {
-        let (clusters, views) = self.with(|t| {
-            let now = Instant::now();
-            log_promotions(&t.refresh(now));
-            (t.clusters(), t.all(now))
-        });
+        self.refresh();
+        let (clusters, views) = self.with(|t| (t.clusters(), t.all(Instant::now())));
         let nodes = views
             .into_iter()
             .map(|v| Node {
@@ -188,15 +222,49 @@ impl CoordAdmin for Coordinator {
             .collect();
         Ok(Response::new(RoutingTable { nodes, clusters }))
     }
+
+    type LeaseStream = Pin<Box<dyn Stream<Item = Result<RoleUpdate, Status>> + Send>>;
+
+    async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<Self::LeaseStream>, Status> {
+        let LeaseRequest { cluster, id } = req.into_inner();
+        let (tx, rx) = mpsc::channel(8);
+        let coord = self.clone();
+        tokio::spawn(async move {
+            let mut changes = coord.changes.subscribe();
+            let mut last = None;
+            loop {
+                changes.borrow_and_update();
+                let now = Instant::now();
+                if let Some(a) = coord.with(|t| t.assignment_of(now, Kind::Server, cluster, id))
+                    && last.as_ref() != Some(&a)
+                {
+                    let update = RoleUpdate {
+                        is_master: a.is_master,
+                        term: a.term,
+                        slave_id: a.slave.as_ref().map_or(0, |s| s.0),
+                        slave_host: a.slave.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
+                        slave_port: a.slave.as_ref().map(|s| s.2.clone()).unwrap_or_default(),
+                    };
+                    if tx.send(Ok(update)).await.is_err() {
+                        break;
+                    }
+                    last = Some(a);
+                }
+                tokio::select! {
+                    _ = coord.shutdown.cancelled() => return,
+                    _ = tx.closed() => break,
+                    _ = changes.changed() => {}
+                }
+            }
+            coord.lease_lost(cluster, id).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 }
 
 /// Serves the coordinator on `listener` until `shutdown` is cancelled.
-pub async fn run(
-    cfg: CoordinatorConfig,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    let coord = Coordinator::new(&cfg);
+pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    let coord = Coordinator::new(&cfg, shutdown.clone());
     tracing::info!(addr = %listener.local_addr().map_err(|e| crate::error::Error::Other(e.to_string()))?, clusters = cfg.clusters, "coordinator listening");
     // Elections happen on every query too; this sweep only makes a master's
     // death show in the log when nobody is asking.
@@ -209,15 +277,13 @@ pub async fn run(
             loop {
                 tokio::select! {
                     _ = token.cancelled() => break,
-                    _ = tick.tick() => log_promotions(&coord.with(|t| t.refresh(Instant::now()))),
+                    _ = tick.tick() => coord.refresh(),
                 }
             }
         })
     };
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<CoordServiceServer<Coordinator>>()
-        .await;
+    health.set_serving::<CoordServiceServer<Coordinator>>().await;
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(CoordServiceServer::new(coord.clone()))

@@ -84,6 +84,8 @@ struct Entry {
     last_seen: Instant,
     /// Registration order; reset when a dead node comes back.
     order: u64,
+    /// The term the node last reported.
+    term: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -94,6 +96,9 @@ struct ClusterRoles {
 
 #[derive(Debug)]
 pub struct Table {
+    /// When this coordinator started: right after a restart, servers that
+    /// remember a term get one timeout to reclaim their roles.
+    started: Instant,
     timeout: Duration,
     clusters: u32,
     nodes: BTreeMap<(Kind, u32, u32), Entry>,
@@ -112,13 +117,11 @@ pub struct Promotion {
 
 impl Table {
     pub fn new(clusters: u32, timeout: Duration) -> Table {
-        Table {
-            timeout,
-            clusters,
-            nodes: BTreeMap::new(),
-            roles: BTreeMap::new(),
-            next_order: 0,
-        }
+        Table::starting_at(Instant::now(), clusters, timeout)
+    }
+
+    pub fn starting_at(started: Instant, clusters: u32, timeout: Duration) -> Table {
+        Table { started, timeout, clusters, nodes: BTreeMap::new(), roles: BTreeMap::new(), next_order: 0 }
     }
 
     pub fn clusters(&self) -> u32 {
@@ -130,13 +133,12 @@ impl Table {
     }
 
     fn server_alive(&self, cluster: u32, id: u32, now: Instant) -> bool {
-        self.nodes
-            .get(&(Kind::Server, cluster, id))
-            .is_some_and(|e| self.alive(e, now))
+        self.nodes.get(&(Kind::Server, cluster, id)).is_some_and(|e| self.alive(e, now))
     }
 
-    /// Records a heartbeat and returns the node's role.
-    pub fn heartbeat(&mut self, now: Instant, beat: &Beat) -> (Assignment, Vec<Promotion>) {
+    /// Records a heartbeat and returns the node's role, the promotions it
+    /// caused, and whether the node (re)registered.
+    pub fn heartbeat(&mut self, now: Instant, beat: &Beat) -> (Assignment, Vec<Promotion>, bool) {
         let key = (beat.kind, beat.cluster, beat.id);
         let was_alive = self.nodes.get(&key).is_some_and(|e| self.alive(e, now));
         let order = match self.nodes.get(&key) {
@@ -154,6 +156,7 @@ impl Table {
                 paired_server: beat.paired_server,
                 last_seen: now,
                 order,
+                term: beat.term,
             },
         );
         let mut promotions = Vec::new();
@@ -165,38 +168,47 @@ impl Table {
             if beat.claims_master && roles.master.is_none() && beat.term >= roles.term {
                 roles.master = Some(beat.id);
                 roles.term = beat.term;
-                promotions.push(Promotion {
-                    cluster: beat.cluster,
-                    old: None,
-                    new: Some(beat.id),
-                    term: beat.term,
-                });
+                promotions.push(Promotion { cluster: beat.cluster, old: None, new: Some(beat.id), term: beat.term });
             }
+            // Terms never go backwards, even across a coordinator restart:
+            // the next promotion is numbered above any term a node knows.
+            roles.term = roles.term.max(beat.term);
         }
         promotions.extend(self.refresh(now));
-        (self.assignment(now, beat), promotions)
+        (self.assignment(now, beat.kind, beat.cluster, beat.id), promotions, !was_alive)
+    }
+
+    /// Declares a node dead now (its lease dropped and a probe failed).
+    pub fn mark_dead(&mut self, now: Instant, kind: Kind, cluster: u32, id: u32) -> Vec<Promotion> {
+        let timeout = self.timeout;
+        if let Some(e) = self.nodes.get_mut(&(kind, cluster, id)) {
+            e.last_seen = now.checked_sub(timeout).unwrap_or(e.last_seen.min(now));
+        }
+        self.refresh(now)
     }
 
     /// Declares dead masters dead and elects replacements.
     pub fn refresh(&mut self, now: Instant) -> Vec<Promotion> {
         let mut promotions = Vec::new();
-        let clusters: Vec<u32> = self
-            .nodes
-            .keys()
-            .filter(|(k, _, _)| *k == Kind::Server)
-            .map(|(_, c, _)| *c)
-            .collect();
+        let clusters: Vec<u32> = self.nodes.keys().filter(|(k, _, _)| *k == Kind::Server).map(|(_, c, _)| *c).collect();
+        let young = now.saturating_duration_since(self.started) < self.timeout;
         for cluster in clusters {
             let current = self.roles.get(&cluster).and_then(|r| r.master);
             if current.is_some_and(|m| self.server_alive(cluster, m, now)) {
                 continue;
             }
-            let next = self
+            let live: Vec<(&(Kind, u32, u32), &Entry)> = self
                 .nodes
                 .iter()
                 .filter(|((k, c, _), e)| *k == Kind::Server && *c == cluster && self.alive(e, now))
-                .min_by_key(|(_, e)| e.order)
-                .map(|((_, _, id), _)| *id);
+                .collect();
+            // Just after a restart, a server that remembers a term means the
+            // cluster had a master, which may not have beaten yet: give it
+            // one timeout to reclaim the role before electing anyone else.
+            if current.is_none() && young && live.iter().any(|(_, e)| e.term > 0) {
+                continue;
+            }
+            let next = live.iter().min_by_key(|(_, e)| e.order).map(|((_, _, id), _)| *id);
             if next == current {
                 continue;
             }
@@ -205,42 +217,40 @@ impl Table {
             if next.is_some() {
                 roles.term += 1;
             }
-            promotions.push(Promotion {
-                cluster,
-                old: current,
-                new: next,
-                term: roles.term,
-            });
+            promotions.push(Promotion { cluster, old: current, new: next, term: roles.term });
         }
         promotions
     }
 
-    fn assignment(&self, now: Instant, beat: &Beat) -> Assignment {
-        let roles = self.roles.get(&beat.cluster).cloned().unwrap_or_default();
-        let server = match beat.kind {
-            Kind::Server => beat.id,
-            Kind::Synchronizer => beat.paired_server,
+    /// The role of a registered node (None if it never registered).
+    pub fn assignment_of(&self, now: Instant, kind: Kind, cluster: u32, id: u32) -> Option<Assignment> {
+        self.nodes.contains_key(&(kind, cluster, id)).then(|| self.assignment(now, kind, cluster, id))
+    }
+
+    fn assignment(&self, now: Instant, kind: Kind, cluster: u32, id: u32) -> Assignment {
+        let roles = self.roles.get(&cluster).cloned().unwrap_or_default();
+        let server = match kind {
+            Kind::Server => id,
+            Kind::Synchronizer => self.nodes.get(&(kind, cluster, id)).map_or(0, |e| e.paired_server),
         };
-        let is_master =
-            roles.master == Some(server) && self.server_alive(beat.cluster, server, now);
-        let slave = if is_master && beat.kind == Kind::Server {
-            self.slave(now, beat.cluster)
-                .map(|v| (v.id, v.host, v.port))
+        let is_master = roles.master == Some(server) && self.server_alive(cluster, server, now);
+        let slave = if is_master && kind == Kind::Server {
+            self.slave(now, cluster).map(|v| (v.id, v.host, v.port))
         } else {
             None
         };
-        Assignment {
-            is_master,
-            term: roles.term,
-            slave,
-        }
+        Assignment { is_master, term: roles.term, slave }
+    }
+
+    /// Address of a node, if registered.
+    pub fn address(&self, kind: Kind, cluster: u32, id: u32) -> Option<(String, String)> {
+        self.nodes.get(&(kind, cluster, id)).map(|e| (e.host.clone(), e.port.clone()))
     }
 
     /// The live master server of `cluster`.
     pub fn master(&self, now: Instant, cluster: u32) -> Option<NodeView> {
         let id = self.roles.get(&cluster)?.master?;
-        self.view(now, Kind::Server, cluster, id)
-            .filter(|v| v.alive)
+        self.view(now, Kind::Server, cluster, id).filter(|v| v.alive)
     }
 
     /// The live slave of `cluster`: the earliest-registered live server that
@@ -249,39 +259,29 @@ impl Table {
         let master = self.roles.get(&cluster).and_then(|r| r.master);
         self.nodes
             .iter()
-            .filter(|((k, c, id), e)| {
-                *k == Kind::Server && *c == cluster && Some(*id) != master && self.alive(e, now)
-            })
+            .filter(|((k, c, id), e)| *k == Kind::Server && *c == cluster && Some(*id) != master && self.alive(e, now))
             .min_by_key(|(_, e)| e.order)
             .and_then(|((_, _, id), _)| self.view(now, Kind::Server, cluster, *id))
     }
 
     /// The live synchronizer that works beside the master of `cluster`.
     pub fn master_synchronizer(&self, now: Instant, cluster: u32) -> Option<NodeView> {
-        self.all(now).into_iter().find(|v| {
-            v.kind == Kind::Synchronizer && v.cluster == cluster && v.alive && v.is_master
-        })
+        self.all(now)
+            .into_iter()
+            .find(|v| v.kind == Kind::Synchronizer && v.cluster == cluster && v.alive && v.is_master)
     }
 
     /// Every node, alive or not, ordered by kind, cluster and id.
     pub fn all(&self, now: Instant) -> Vec<NodeView> {
-        self.nodes
-            .keys()
-            .filter_map(|(k, c, id)| self.view(now, *k, *c, *id))
-            .collect()
+        self.nodes.keys().filter_map(|(k, c, id)| self.view(now, *k, *c, *id)).collect()
     }
 
     fn view(&self, now: Instant, kind: Kind, cluster: u32, id: u32) -> Option<NodeView> {
         let e = self.nodes.get(&(kind, cluster, id))?;
         let roles = self.roles.get(&cluster).cloned().unwrap_or_default();
         let alive = self.alive(e, now);
-        let server = if kind == Kind::Server {
-            id
-        } else {
-            e.paired_server
-        };
-        let is_master =
-            alive && roles.master == Some(server) && self.server_alive(cluster, server, now);
+        let server = if kind == Kind::Server { id } else { e.paired_server };
+        let is_master = alive && roles.master == Some(server) && self.server_alive(cluster, server, now);
         Some(NodeView {
             kind,
             cluster,
@@ -317,24 +317,20 @@ mod tests {
     }
 
     fn sync(cluster: u32, id: u32, paired: u32) -> Beat {
-        Beat {
-            kind: Kind::Synchronizer,
-            paired_server: paired,
-            ..server(cluster, id)
-        }
+        Beat { kind: Kind::Synchronizer, paired_server: paired, ..server(cluster, id) }
     }
 
     #[test]
     fn first_server_is_master_second_is_slave() {
         let t0 = Instant::now();
         let mut table = Table::new(3, T);
-        let (a, _) = table.heartbeat(t0, &server(2, 1));
+        let (a, _, _) = table.heartbeat(t0, &server(2, 1));
         assert!(a.is_master);
         assert_eq!(a.term, 1);
-        let (b, _) = table.heartbeat(t0, &server(2, 2));
+        let (b, _, _) = table.heartbeat(t0, &server(2, 2));
         assert!(!b.is_master);
         assert_eq!(b.term, 1);
-        let (a, _) = table.heartbeat(t0, &server(2, 1));
+        let (a, _, _) = table.heartbeat(t0, &server(2, 1));
         assert_eq!(a.slave, Some((2, "127.0.0.1".into(), "9022".into())));
         assert_eq!(table.master(t0, 2).unwrap().id, 1);
         assert_eq!(table.slave(t0, 2).unwrap().id, 2);
@@ -349,24 +345,16 @@ mod tests {
         table.heartbeat(t0, &server(2, 2));
         // Server 1 goes silent; server 2 keeps beating.
         let t1 = t0 + Duration::from_secs(6);
-        let (b, p) = table.heartbeat(t1, &server(2, 2));
+        let (b, p, _) = table.heartbeat(t1, &server(2, 2));
         assert!(!b.is_master && p.is_empty(), "not dead before the timeout");
         let t2 = t0 + T;
-        let (b, p) = table.heartbeat(t2, &server(2, 2));
+        let (b, p, _) = table.heartbeat(t2, &server(2, 2));
         assert!(b.is_master);
         assert_eq!(b.term, 2);
-        assert_eq!(
-            p,
-            vec![Promotion {
-                cluster: 2,
-                old: Some(1),
-                new: Some(2),
-                term: 2
-            }]
-        );
+        assert_eq!(p, vec![Promotion { cluster: 2, old: Some(1), new: Some(2), term: 2 }]);
         assert!(table.slave(t2, 2).is_none());
         // The old master comes back: it registers anew, as slave.
-        let (a, _) = table.heartbeat(t2, &server(2, 1));
+        let (a, _, _) = table.heartbeat(t2, &server(2, 1));
         assert!(!a.is_master);
         assert_eq!(a.term, 2);
         assert_eq!(table.slave(t2, 2).unwrap().id, 1);
@@ -379,17 +367,9 @@ mod tests {
         table.heartbeat(t0, &server(1, 1));
         let later = t0 + T * 2;
         let p = table.refresh(later);
-        assert_eq!(
-            p,
-            vec![Promotion {
-                cluster: 1,
-                old: Some(1),
-                new: None,
-                term: 1
-            }]
-        );
+        assert_eq!(p, vec![Promotion { cluster: 1, old: Some(1), new: None, term: 1 }]);
         assert!(table.master(later, 1).is_none());
-        let (a, _) = table.heartbeat(later, &server(1, 1));
+        let (a, _, _) = table.heartbeat(later, &server(1, 1));
         assert!(a.is_master);
         assert_eq!(a.term, 2);
     }
@@ -400,66 +380,76 @@ mod tests {
         let mut table = Table::new(3, T);
         table.heartbeat(t0, &server(1, 1));
         table.heartbeat(t0, &server(1, 2));
-        let (s1, _) = table.heartbeat(t0, &sync(1, 1, 1));
-        let (s4, _) = table.heartbeat(t0, &sync(1, 4, 2));
+        let (s1, _, _) = table.heartbeat(t0, &sync(1, 1, 1));
+        let (s4, _, _) = table.heartbeat(t0, &sync(1, 4, 2));
         assert!(s1.is_master && !s4.is_master);
         assert_eq!(table.master_synchronizer(t0, 1).unwrap().id, 1);
         let t1 = t0 + T;
         table.heartbeat(t1, &server(1, 2));
-        let (s4, _) = table.heartbeat(t1, &sync(1, 4, 2));
+        let (s4, _, _) = table.heartbeat(t1, &sync(1, 4, 2));
         assert!(s4.is_master);
         assert_eq!(table.master_synchronizer(t1, 1).unwrap().id, 4);
-        let alive: Vec<u32> = table
-            .all(t1)
-            .iter()
-            .filter(|v| v.kind == Kind::Synchronizer && v.alive)
-            .map(|v| v.id)
-            .collect();
+        let alive: Vec<u32> =
+            table.all(t1).iter().filter(|v| v.kind == Kind::Synchronizer && v.alive).map(|v| v.id).collect();
         assert_eq!(alive, vec![4]);
     }
 
     #[test]
-    fn a_restarted_coordinator_keeps_the_claimed_master() {
+    fn a_restarted_coordinator_keeps_the_existing_master() {
         let t0 = Instant::now();
-        let mut table = Table::new(3, T);
-        // The slave's heartbeat happens to arrive first.
-        let (b, _) = table.heartbeat(
-            t0,
-            &Beat {
-                claims_master: false,
-                term: 4,
-                ..server(3, 2)
-            },
-        );
-        assert!(b.is_master, "no claim yet: the first server takes the role");
-        // A claim with an older or equal term never unseats a live master.
-        let (a, _) = table.heartbeat(
-            t0,
-            &Beat {
-                claims_master: true,
-                term: 4,
-                ..server(3, 1)
-            },
-        );
-        assert!(!a.is_master);
-        let mut fresh = Table::new(3, T);
-        let (a, _) = fresh.heartbeat(
-            t0,
-            &Beat {
-                claims_master: true,
-                term: 4,
-                ..server(3, 1)
-            },
-        );
+        let mut table = Table::starting_at(t0, 3, T);
+        // The slave's heartbeat happens to arrive first: it remembers term 4,
+        // so a master existed; nobody is elected yet.
+        let (b, p, _) = table.heartbeat(t0, &Beat { claims_master: false, term: 4, ..server(3, 2) });
+        assert!(!b.is_master && p.is_empty());
+        assert!(table.master(t0, 3).is_none());
+        // The master reclaims its role under its term.
+        let (a, _, _) = table.heartbeat(t0, &Beat { claims_master: true, term: 4, ..server(3, 1) });
         assert!(a.is_master);
         assert_eq!(a.term, 4);
-        let (b, _) = fresh.heartbeat(
-            t0,
-            &Beat {
-                term: 4,
-                ..server(3, 2)
-            },
-        );
+        let (b, _, _) = table.heartbeat(t0, &Beat { term: 4, ..server(3, 2) });
         assert!(!b.is_master);
+        assert_eq!(b.term, 4);
+    }
+
+    #[test]
+    fn after_the_grace_period_the_survivor_is_elected_above_every_known_term() {
+        let t0 = Instant::now();
+        let mut table = Table::starting_at(t0, 3, T);
+        table.heartbeat(t0, &Beat { term: 7, ..server(1, 2) });
+        let t1 = t0 + T;
+        let (b, p, _) = table.heartbeat(t1, &Beat { term: 7, ..server(1, 2) });
+        assert!(b.is_master);
+        assert_eq!(b.term, 8, "never reuse a term a node has seen");
+        assert_eq!(p.len(), 1);
+        // A stale claim (older term) does not unseat it.
+        let (a, _, _) = table.heartbeat(t1, &Beat { claims_master: true, term: 7, ..server(1, 1) });
+        assert!(!a.is_master);
+    }
+
+    #[test]
+    fn a_fresh_deployment_elects_at_once() {
+        let t0 = Instant::now();
+        let mut table = Table::starting_at(t0, 3, T);
+        let (a, _, registered) = table.heartbeat(t0, &server(2, 1));
+        assert!(a.is_master && registered);
+        let (_, _, registered) = table.heartbeat(t0, &server(2, 1));
+        assert!(!registered);
+    }
+
+    #[test]
+    fn a_node_marked_dead_is_replaced_at_once() {
+        let t0 = Instant::now();
+        let mut table = Table::starting_at(t0, 3, T);
+        table.heartbeat(t0, &server(2, 1));
+        table.heartbeat(t0, &server(2, 2));
+        let t1 = t0 + Duration::from_millis(10);
+        let p = table.mark_dead(t1, Kind::Server, 2, 1);
+        assert_eq!(p, vec![Promotion { cluster: 2, old: Some(1), new: Some(2), term: 2 }]);
+        assert_eq!(table.assignment_of(t1, Kind::Server, 2, 2).unwrap().term, 2);
+        assert!(table.assignment_of(t1, Kind::Server, 2, 2).unwrap().is_master);
+        // It comes back: registered anew, as slave.
+        let (a, _, registered) = table.heartbeat(t1, &server(2, 1));
+        assert!(!a.is_master && registered);
     }
 }

@@ -6,31 +6,49 @@
 //! [`sns`] (course protocol) and [`replica`] (our internal service) are thin
 //! and call into it.
 //!
-//! Writes: every change (client write, replicated write, remote event) goes
-//! through the single write lane, so master and slave apply client writes in
-//! the same order. A client write is durable on the master (journal fsync)
-//! and acknowledged by the slave (which fsyncs too) before the client hears
-//! SUCCESS; the two happen concurrently.
+//! Writes: every change (client write, replicated write, remote event,
+//! snapshot) goes through the single write lane, so master and slave apply
+//! client writes in the same order. A client write is journaled (fsync) on
+//! the master and, concurrently, on the slave; the client hears SUCCESS only
+//! once both have it. If the slave does not answer, the master asks the
+//! coordinator: while the slave still counts as live it keeps trying; once
+//! the coordinator drops it, the master carries on alone and says so in its
+//! status ("degraded").
+//!
+//! Roles: the coordinator pushes this server's role over a lease stream the
+//! moment it changes (and the course's heartbeat remains as the backstop).
+//! Every promotion carries a new term. A master whose forward is refused
+//! because the slave knows a newer term has been replaced: it stops taking
+//! writes at once and the write fails; it never answers SUCCESS.
+//!
+//! Catch-up: a slave takes forwarded writes only under the term it was last
+//! synced in. A master installs its whole state on a slave (a snapshot)
+//! when a new slave appears, after a promotion, and whenever the slave asks
+//! for it; the write lane is held meanwhile, so no write slips between the
+//! snapshot and the forwards that follow it.
 
 pub mod replica;
 pub mod sns;
 
 use crate::error::{Error, Result};
 use crate::net;
-use crate::store::state::{Change, Effect, Entry, LocalOp, RemoteEvent, State};
+use crate::store::state::{Change, Effect, Entry, LocalOp, RemoteEvent, Snapshot, State};
 use crate::store::{Store, codec};
 use sns_proto::csce438::ServerInfo;
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
-use sns_proto::internal::ReplicateRequest;
+use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
+use sns_proto::internal::{LeaseRequest, ReplicateRequest, SnapshotChunk};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 use tonic::transport::Channel;
+use tonic::{Code, Status};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -53,6 +71,21 @@ pub struct Role {
     pub slave: Option<(u32, String, String)>,
 }
 
+/// While a master has no slave it asks this often, so a slave that just
+/// registered starts receiving writes within a fraction of a second rather
+/// than a whole heartbeat period (the course's 5 s).
+const SLAVE_DISCOVERY: Duration = Duration::from_millis(200);
+/// Pause between two forwards to a slave that did not answer, while the
+/// coordinator still counts it as live.
+const FORWARD_RETRY: Duration = Duration::from_millis(50);
+/// A write gives up on a slave that neither answers nor is declared dead
+/// within this long (the coordinator's heartbeat timeout is far shorter).
+const FORWARD_GIVE_UP: Duration = Duration::from_secs(60);
+/// Snapshot chunk size: well under gRPC's 4 MiB default message limit.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+type SlaveAddr = (String, String);
+
 struct Inner {
     cfg: ServerConfig,
     port: u16,
@@ -61,32 +94,48 @@ struct Inner {
     /// slave, so both apply them in one order.
     lane: tokio::sync::Mutex<()>,
     role: watch::Sender<Role>,
-    /// Bumped after every local commit: wakes the outbox tail.
-    commits: watch::Sender<u64>,
-    coord: CoordServiceClient<Channel>,
+    /// The highest local seq that is fully written (here and on the slave):
+    /// only this much of the outbox may be published, so a master that dies
+    /// mid-write never publishes an event its successor does not have.
+    stable: watch::Sender<u64>,
+    coord: Channel,
     /// The replica client of the current slave, keyed by its address.
     slave: Mutex<Option<(SlaveAddr, ReplicaClient<Channel>)>>,
+    /// (slave address, term) of the last snapshot this master installed.
+    synced_slave: Mutex<Option<(SlaveAddr, u64)>>,
+    /// As a slave: the term whose master last installed a snapshot here.
+    synced_term: AtomicU64,
+    /// Why this master is not replicating ("" when it is).
+    degraded: Mutex<String>,
+    /// Every term under which this server accepted a client write as master.
+    master_terms: Mutex<BTreeSet<u64>>,
 }
-
-type SlaveAddr = (String, String);
 
 #[derive(Clone)]
 pub struct Node(Arc<Inner>);
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Node {
     pub fn open(cfg: ServerConfig, port: u16) -> Result<Node> {
         let store = Store::open(&cfg.data_dir, cfg.cluster, cfg.clusters)?;
-        let coord =
-            CoordServiceClient::new(net::channel(&cfg.coord_host, &cfg.coord_port.to_string())?);
+        let stable = store.state().next_seq() - 1;
+        let coord = net::channel(&cfg.coord_host, &cfg.coord_port.to_string())?;
         Ok(Node(Arc::new(Inner {
             cfg,
             port,
             store: Mutex::new(store),
             lane: tokio::sync::Mutex::new(()),
             role: watch::channel(Role::default()).0,
-            commits: watch::channel(0).0,
+            stable: watch::channel(stable).0,
             coord,
             slave: Mutex::new(None),
+            synced_slave: Mutex::new(None),
+            synced_term: AtomicU64::new(0),
+            degraded: Mutex::new(String::new()),
+            master_terms: Mutex::new(BTreeSet::new()),
         })))
     }
 
@@ -95,7 +144,7 @@ impl Node {
     }
 
     pub fn store(&self) -> MutexGuard<'_, Store> {
-        self.0.store.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.0.store)
     }
 
     /// Reads the state under the store lock.
@@ -111,8 +160,33 @@ impl Node {
         self.0.role.subscribe()
     }
 
-    pub fn watch_commits(&self) -> watch::Receiver<u64> {
-        self.0.commits.subscribe()
+    /// The stable outbox mark (see [`Inner::stable`]), as a watch.
+    pub fn watch_stable(&self) -> watch::Receiver<u64> {
+        self.0.stable.subscribe()
+    }
+
+    pub fn degraded(&self) -> String {
+        lock(&self.0.degraded).clone()
+    }
+
+    pub fn master_terms(&self) -> Vec<u64> {
+        lock(&self.0.master_terms).iter().copied().collect()
+    }
+
+    pub fn synced_term(&self) -> u64 {
+        self.0.synced_term.load(Ordering::SeqCst)
+    }
+
+    fn set_degraded(&self, why: &str) {
+        let mut d = lock(&self.0.degraded);
+        if *d != why {
+            if why.is_empty() {
+                tracing::info!("replicating to the slave again");
+            } else {
+                tracing::warn!(reason = why, "master carries on without a slave");
+            }
+            *d = why.to_string();
+        }
     }
 
     /// Sends one heartbeat and adopts the role it returns.
@@ -128,19 +202,14 @@ impl Node {
             term: current.term as i64,
             paired_server_id: 0,
         };
-        let reply = self.0.coord.clone().heartbeat(info).await?.into_inner();
+        let reply = CoordServiceClient::new(self.0.coord.clone()).heartbeat(info).await?.into_inner();
         let slave = (reply.is_master && !reply.slave_port.is_empty()).then_some((
             reply.slave_server_id as u32,
             reply.slave_hostname,
             reply.slave_port,
         ));
-        let role = Role {
-            is_master: reply.is_master,
-            term: reply.term.max(0) as u64,
-            slave,
-        };
-        self.adopt(role.clone());
-        Ok(role)
+        self.adopt(Role { is_master: reply.is_master, term: reply.term.max(0) as u64, slave });
+        Ok(self.role())
     }
 
     /// Takes on a role, ignoring anything older than the term we know.
@@ -167,12 +236,10 @@ impl Node {
     pub fn fence(&self, term: u64) {
         let cur = self.role();
         if term > cur.term {
-            tracing::warn!(term, old_term = cur.term, "newer term seen: fenced");
-            self.adopt(Role {
-                is_master: false,
-                term,
-                slave: None,
-            });
+            if cur.is_master {
+                tracing::warn!(term, old_term = cur.term, "a newer term exists: this server is fenced");
+            }
+            self.adopt(Role { is_master: false, term, slave: None });
         }
     }
 
@@ -186,30 +253,32 @@ impl Node {
         }
         match self.heartbeat().await {
             Ok(role) if role.is_master => Ok(role),
-            _ => Err(Status::unavailable(format!(
-                "server {} is not the master of cluster {}",
-                self.0.cfg.id, self.0.cfg.cluster
-            ))),
+            _ => Err(self.not_master()),
         }
+    }
+
+    fn not_master(&self) -> Status {
+        Status::unavailable(format!("server {} is not the master of cluster {}", self.0.cfg.id, self.0.cfg.cluster))
     }
 
     /// Commits an entry on a blocking thread (the journal fsyncs).
     async fn commit(&self, entry: Entry, durable: bool) -> Result<Vec<Effect>> {
         let node = self.clone();
-        let local = matches!(entry, Entry::Local(_));
-        let effects = tokio::task::spawn_blocking(move || node.store().commit(&entry, durable))
+        tokio::task::spawn_blocking(move || node.store().commit(&entry, durable))
             .await
-            .map_err(|e| Error::Other(format!("commit task failed: {e}")))??;
-        if local {
-            self.0.commits.send_modify(|n| *n += 1);
-        }
-        Ok(effects)
+            .map_err(|e| Error::Other(format!("commit task failed: {e}")))?
+    }
+
+    /// Everything journaled is stable (a slave, or a master between writes).
+    fn mark_all_stable(&self) {
+        let last = self.read(|s| s.next_seq()) - 1;
+        self.0.stable.send_if_modified(|s| std::mem::replace(s, last) != last);
     }
 
     /// Runs a client write as master: `decide` looks at the state (under the
     /// write lane, so nothing changes meanwhile) and returns the change to
-    /// make, or a refusal. The change is journaled here and on the slave
-    /// before this returns.
+    /// make (None: nothing to do), or a refusal. The change is journaled here
+    /// and on the slave before this returns Ok.
     pub async fn write<T>(
         &self,
         decide: impl FnOnce(&State) -> std::result::Result<Option<Change>, T>,
@@ -221,50 +290,112 @@ impl Node {
             match decide(store.state()) {
                 Err(refusal) => return Ok(Err(refusal)),
                 Ok(None) => return Ok(Ok(())),
-                Ok(Some(change)) => (
-                    change,
-                    store.state().next_seq(),
-                    store.state().published_upto(),
-                ),
+                Ok(Some(change)) => (change, store.state().next_seq(), store.state().published_upto()),
             }
         };
         let op = LocalOp { seq, change };
-        let replicate = self.replicate(&role, &op, published);
+        let replicate = self.forward(&role, &op, published);
         let local = self.commit(Entry::Local(op.clone()), true);
         let (replicated, committed) = tokio::join!(replicate, local);
         committed.map_err(Status::from)?;
-        if let Err(status) = replicated {
-            // A slave that rejects a write because it knows a newer term
-            // proves this server was replaced: stop taking writes.
-            if status.code() == tonic::Code::FailedPrecondition {
-                self.heartbeat().await.ok();
-            }
-            tracing::warn!(seq, error = %status.message(), "slave did not take the write; carrying on without it");
+        self.finish_forward(role.clone(), &op, published, replicated).await?;
+        if lock(&self.0.master_terms).insert(role.term) {
+            // One line per term: tests check no two servers of a cluster
+            // ever log the same term.
+            tracing::info!(
+                cluster = self.0.cfg.cluster,
+                id = self.0.cfg.id,
+                term = role.term,
+                "accepting writes as master"
+            );
         }
+        self.0.stable.send_replace(seq);
         Ok(Ok(()))
     }
 
-    async fn replicate(
+    /// Drives a forward to completion: done when the slave has the write,
+    /// or when the coordinator says there is no live slave any more; failed
+    /// when this server turns out to be replaced.
+    async fn finish_forward(
         &self,
-        role: &Role,
+        mut role: Role,
         op: &LocalOp,
-        published_upto: u64,
+        published: u64,
+        mut result: Result<(), Status>,
     ) -> Result<(), Status> {
-        let Some((slave_id, host, port)) = role.slave.clone() else {
-            return Ok(());
-        };
-        let mut client = {
-            let mut cached = self.0.slave.lock().unwrap_or_else(PoisonError::into_inner);
-            match cached.as_ref() {
-                Some((addr, client)) if *addr == (host.clone(), port.clone()) => client.clone(),
+        let give_up = Instant::now() + FORWARD_GIVE_UP;
+        loop {
+            let status = match result {
+                Ok(()) => {
+                    self.set_degraded("");
+                    return Ok(());
+                }
+                Err(status) => status,
+            };
+            match status.code() {
+                // The slave knows a newer term: we were replaced.
+                Code::FailedPrecondition => {
+                    tracing::warn!(seq = op.seq, error = %status.message(), "write refused by a newer term");
+                    if let Ok(r) = self.heartbeat().await
+                        && r.is_master
+                        && r.term > role.term
+                    {
+                        // Re-elected meanwhile (e.g. a coordinator restart): retry.
+                        role = r;
+                    } else {
+                        self.fence(role.term + 1);
+                        return Err(Status::unavailable(format!(
+                            "server {} was replaced as master of cluster {}; the write was not acknowledged",
+                            self.0.cfg.id, self.0.cfg.cluster
+                        )));
+                    }
+                }
+                // The slave must be brought up to date first.
+                Code::Aborted => {
+                    if let Err(e) = self.sync_slave(&role).await {
+                        result = Err(e);
+                        continue;
+                    }
+                }
                 _ => {
-                    let client =
-                        ReplicaClient::new(net::channel(&host, &port).map_err(Status::from)?);
-                    *cached = Some(((host, port), client.clone()));
-                    client
+                    tracing::debug!(seq = op.seq, error = %status.message(), "forward failed");
+                    match self.heartbeat().await {
+                        Ok(r) if !r.is_master => return Err(self.not_master()),
+                        Ok(r) => {
+                            if r.slave.is_none() {
+                                self.set_degraded("no live slave");
+                                return Ok(());
+                            }
+                            role = r;
+                        }
+                        Err(_) => {} // coordinator unreachable: keep trying the slave we know
+                    }
+                    if Instant::now() > give_up {
+                        self.set_degraded("slave unreachable");
+                        return Err(Status::unavailable("the slave does not answer; the write was not acknowledged"));
+                    }
+                    tokio::time::sleep(FORWARD_RETRY).await;
                 }
             }
-        };
+            result = self.forward(&role, op, published).await;
+        }
+    }
+
+    fn slave_client(&self, host: &str, port: &str) -> Result<ReplicaClient<Channel>, Status> {
+        let mut cached = lock(&self.0.slave);
+        let addr = (host.to_string(), port.to_string());
+        match cached.as_ref() {
+            Some((a, client)) if *a == addr => Ok(client.clone()),
+            _ => {
+                let client = ReplicaClient::new(net::channel(host, port).map_err(Status::from)?);
+                *cached = Some((addr, client.clone()));
+                Ok(client)
+            }
+        }
+    }
+
+    async fn forward(&self, role: &Role, op: &LocalOp, published_upto: u64) -> Result<(), Status> {
+        let Some((slave_id, host, port)) = role.slave.clone() else { return Ok(()) };
         let req = ReplicateRequest {
             term: role.term,
             op: Some(codec::local_op_to_pb(op)),
@@ -272,21 +403,59 @@ impl Node {
             cluster: self.0.cfg.cluster,
             from_server: self.0.cfg.id,
         };
-        client
+        self.slave_client(&host, &port)?
             .replicate(req)
             .await
             .map(|_| ())
             .map_err(|s| Status::new(s.code(), format!("slave {slave_id}: {}", s.message())))
     }
 
-    /// Applies a client write forwarded by the master.
-    pub async fn apply_replicated(
-        &self,
-        term: u64,
-        op: LocalOp,
-        published_upto: u64,
-    ) -> Result<(), Status> {
+    /// Installs this master's whole state on its slave. Called with the
+    /// write lane held.
+    async fn sync_slave(&self, role: &Role) -> Result<(), Status> {
+        let Some((slave_id, host, port)) = role.slave.clone() else { return Ok(()) };
+        let started = Instant::now();
+        let (bytes, posts) = {
+            let store = self.store();
+            (codec::encode_snapshot(&store.state().snapshot(), self.0.cfg.cluster), store.state().post_count())
+        };
+        let size = bytes.len();
+        let (term, cluster) = (role.term, self.0.cfg.cluster);
+        let chunks: Vec<SnapshotChunk> =
+            bytes.chunks(SNAPSHOT_CHUNK).map(|c| SnapshotChunk { term, cluster, data: c.to_vec() }).collect::<Vec<_>>();
+        let chunks = if chunks.is_empty() { vec![SnapshotChunk { term, cluster, data: Vec::new() }] } else { chunks };
+        self.slave_client(&host, &port)?
+            .install_snapshot(tokio_stream::iter(chunks))
+            .await
+            .map_err(|s| Status::new(s.code(), format!("slave {slave_id}: {}", s.message())))?;
+        *lock(&self.0.synced_slave) = Some(((host, port), term));
+        tracing::info!(
+            slave = slave_id,
+            term,
+            bytes = size,
+            posts,
+            ms = started.elapsed().as_millis() as u64,
+            "slave caught up"
+        );
+        Ok(())
+    }
+
+    /// As master: bring a newly seen slave up to date without waiting for
+    /// the next client write.
+    async fn sync_new_slave(&self) {
         let _lane = self.0.lane.lock().await;
+        let role = self.role();
+        let Some((_, host, port)) = role.slave.clone() else { return };
+        if !role.is_master || *lock(&self.0.synced_slave) == Some(((host, port), role.term)) {
+            return;
+        }
+        if let Err(e) = self.sync_slave(&role).await {
+            tracing::warn!(error = %e.message(), "could not bring the slave up to date; will retry on the next write");
+        }
+    }
+
+    /// Checks a forward or snapshot from a master under `term`.
+    fn check_master_term(&self, term: u64) -> Result<(), Status> {
         let role = self.role();
         if term < role.term || (role.is_master && term <= role.term) {
             return Err(Status::failed_precondition(format!(
@@ -295,23 +464,47 @@ impl Node {
             )));
         }
         self.fence(term);
+        Ok(())
+    }
+
+    /// Applies a client write forwarded by the master.
+    pub async fn apply_replicated(&self, term: u64, op: LocalOp, published_upto: u64) -> Result<(), Status> {
+        let _lane = self.0.lane.lock().await;
+        self.check_master_term(term)?;
+        if self.synced_term() != term {
+            return Err(Status::aborted(format!("not synced under term {term}: send a snapshot first")));
+        }
         let next = self.read(|s| s.next_seq());
         if op.seq < next {
             return Ok(()); // already have it: a retried forward
         }
         if op.seq > next {
-            tracing::warn!(
-                expected = next,
-                got = op.seq,
-                "gap in replicated writes; this replica missed some"
-            );
+            // Cannot happen under the same term; resync rather than diverge.
+            self.0.synced_term.store(0, Ordering::SeqCst);
+            return Err(Status::aborted(format!("expected seq {next}, got {}: send a snapshot", op.seq)));
         }
         self.commit(Entry::Local(op), true).await?;
         if published_upto > self.read(|s| s.published_upto()) {
-            self.commit(Entry::PublishedUpto(published_upto), false)
-                .await?;
+            self.commit(Entry::PublishedUpto(published_upto), false).await?;
         }
+        self.mark_all_stable();
         Ok(())
+    }
+
+    /// Installs the master's state (a rejoin or a new term).
+    pub async fn install_snapshot(&self, term: u64, snapshot: Snapshot) -> Result<u64, Status> {
+        let _lane = self.0.lane.lock().await;
+        self.check_master_term(term)?;
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || node.store().install_snapshot(snapshot))
+            .await
+            .map_err(|e| Status::internal(format!("install task failed: {e}")))?
+            .map_err(Status::from)?;
+        self.0.synced_term.store(term, Ordering::SeqCst);
+        self.mark_all_stable();
+        let next = self.read(|s| s.next_seq());
+        tracing::info!(term, next_seq = next, "installed the master's snapshot");
+        Ok(next)
     }
 
     /// Applies an event from another cluster; false if it changed nothing.
@@ -333,11 +526,6 @@ impl Node {
         Ok(())
     }
 }
-
-/// While a master has no slave it asks this often, so a slave that just
-/// registered starts receiving writes within a fraction of a second rather
-/// than a whole heartbeat period (the course's 5 s).
-const SLAVE_DISCOVERY: Duration = Duration::from_millis(200);
 
 /// Heartbeats until shutdown; the first one registers.
 async fn heartbeat_loop(node: Node, shutdown: CancellationToken) {
@@ -368,26 +556,70 @@ async fn heartbeat_loop(node: Node, shutdown: CancellationToken) {
     }
 }
 
+/// Holds the lease stream to the coordinator open, adopting every role it
+/// pushes; reopens it when it breaks (a coordinator restart).
+async fn lease_loop(node: Node, shutdown: CancellationToken) {
+    let req = LeaseRequest { cluster: node.cfg().cluster, id: node.cfg().id };
+    loop {
+        let mut admin = CoordAdminClient::new(node.0.coord.clone());
+        if let Ok(stream) = admin.lease(req).await {
+            let mut stream = stream.into_inner();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    update = stream.message() => match update {
+                        Ok(Some(u)) => {
+                            let slave = (u.is_master && !u.slave_port.is_empty())
+                                .then_some((u.slave_id, u.slave_host, u.slave_port));
+                            node.adopt(Role { is_master: u.is_master, term: u.term, slave });
+                        }
+                        _ => break,
+                    },
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SLAVE_DISCOVERY) => {}
+        }
+    }
+}
+
+/// As master, brings each new slave up to date as soon as it appears.
+async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
+    let mut role = node.watch_role();
+    loop {
+        let current = role.borrow_and_update().clone();
+        if current.is_master && current.slave.is_some() {
+            node.sync_new_slave().await;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = role.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// Serves a server node on `listener` until `shutdown` is cancelled.
-pub async fn run(
-    cfg: ServerConfig,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<()> {
+pub async fn run(cfg: ServerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let port = net::local_port(&listener)?;
     let node = Node::open(cfg, port)?;
     tracing::info!(cluster = node.cfg().cluster, id = node.cfg().id, port, dir = %node.cfg().data_dir.display(), "server listening");
-    let beats = tokio::spawn(heartbeat_loop(node.clone(), shutdown.clone()));
+    let tasks = [
+        tokio::spawn(heartbeat_loop(node.clone(), shutdown.clone())),
+        tokio::spawn(lease_loop(node.clone(), shutdown.clone())),
+        tokio::spawn(slave_sync_loop(node.clone(), shutdown.clone())),
+    ];
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<sns_proto::csce438::sns_service_server::SnsServiceServer<sns::Sns>>()
-        .await;
+    health.set_serving::<sns_proto::csce438::sns_service_server::SnsServiceServer<sns::Sns>>().await;
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(sns::service(node.clone(), shutdown.clone()))
         .add_service(replica::service(node.clone(), shutdown.clone()))
         .serve_with_incoming_shutdown(net::incoming(listener), shutdown.cancelled())
         .await;
-    beats.abort();
+    for t in tasks {
+        t.abort();
+    }
     Ok(result?)
 }

@@ -5,7 +5,7 @@ use super::Node;
 use crate::store::codec;
 use sns_proto::internal::replica_server::{Replica, ReplicaServer};
 use sns_proto::internal::{
-    AckReply, AckRequest, ApplyReply, ReplicateReply, ReplicateRequest, ServerStatus,
+    AckReply, AckRequest, ApplyReply, InstallReply, ReplicateReply, ReplicateRequest, ServerStatus, SnapshotChunk,
     StatusRequest, SyncEvent, TailRequest,
 };
 use std::pin::Pin;
@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 pub struct ReplicaService {
     node: Node,
@@ -29,10 +29,7 @@ const TAIL_BATCH: usize = 256;
 
 #[tonic::async_trait]
 impl Replica for ReplicaService {
-    async fn replicate(
-        &self,
-        req: Request<ReplicateRequest>,
-    ) -> Result<Response<ReplicateReply>, Status> {
+    async fn replicate(&self, req: Request<ReplicateRequest>) -> Result<Response<ReplicateReply>, Status> {
         let req = req.into_inner();
         if req.cluster != self.node.cfg().cluster {
             return Err(Status::invalid_argument(format!(
@@ -42,47 +39,35 @@ impl Replica for ReplicaService {
             )));
         }
         let op = req.op.ok_or_else(|| Status::invalid_argument("no op"))?;
-        let op =
-            codec::local_op_from_pb(&op).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.node
-            .apply_replicated(req.term, op, req.published_upto)
-            .await?;
+        let op = codec::local_op_from_pb(&op).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.node.apply_replicated(req.term, op, req.published_upto).await?;
         Ok(Response::new(ReplicateReply {}))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<ServerStatus>, Status> {
         let role = self.node.role();
         let cfg = self.node.cfg();
-        let (next_seq, published_upto, users, posts) = self.node.read(|s| {
-            (
-                s.next_seq(),
-                s.published_upto(),
-                s.users().len() as u32,
-                s.post_count(),
-            )
-        });
+        let (next_seq, published_upto, users, posts) =
+            self.node.read(|s| (s.next_seq(), s.published_upto(), s.users().len() as u32, s.post_count()));
         Ok(Response::new(ServerStatus {
             cluster: cfg.cluster,
             server_id: cfg.id,
             is_master: role.is_master,
             term: role.term,
-            slave: role
-                .slave
-                .map(|(_, h, p)| format!("{h}:{p}"))
-                .unwrap_or_default(),
+            slave: role.slave.map(|(_, h, p)| format!("{h}:{p}")).unwrap_or_default(),
             next_seq,
             published_upto,
             users,
             posts,
+            degraded: if role.is_master { self.node.degraded() } else { String::new() },
+            master_terms: self.node.master_terms(),
+            synced_term: self.node.synced_term(),
         }))
     }
 
     type TailOutboxStream = Pin<Box<dyn Stream<Item = Result<SyncEvent, Status>> + Send>>;
 
-    async fn tail_outbox(
-        &self,
-        _req: Request<TailRequest>,
-    ) -> Result<Response<Self::TailOutboxStream>, Status> {
+    async fn tail_outbox(&self, _req: Request<TailRequest>) -> Result<Response<Self::TailOutboxStream>, Status> {
         let (tx, rx) = mpsc::channel(TAIL_BATCH);
         tokio::spawn(tail(self.node.clone(), tx, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -91,6 +76,24 @@ impl Replica for ReplicaService {
     async fn ack_outbox(&self, req: Request<AckRequest>) -> Result<Response<AckReply>, Status> {
         self.node.ack_outbox(req.into_inner().upto).await?;
         Ok(Response::new(AckReply {}))
+    }
+
+    async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<InstallReply>, Status> {
+        let mut chunks = req.into_inner();
+        let (mut data, mut term) = (Vec::new(), None);
+        let cluster = self.node.cfg().cluster;
+        while let Some(chunk) = chunks.message().await? {
+            if chunk.cluster != cluster || term.is_some_and(|t| t != chunk.term) {
+                return Err(Status::invalid_argument("snapshot chunks disagree on cluster or term"));
+            }
+            term = Some(chunk.term);
+            data.extend_from_slice(&chunk.data);
+        }
+        let term = term.ok_or_else(|| Status::invalid_argument("empty snapshot"))?;
+        let snapshot = codec::decode_snapshot(&data, cluster, self.node.cfg().clusters)
+            .map_err(|e| Status::invalid_argument(format!("bad snapshot: {e}")))?;
+        let next_seq = self.node.install_snapshot(term, snapshot).await?;
+        Ok(Response::new(InstallReply { next_seq }))
     }
 
     async fn apply_remote(&self, req: Request<SyncEvent>) -> Result<Response<ApplyReply>, Status> {
@@ -105,13 +108,9 @@ impl Replica for ReplicaService {
 /// waits to become master, sends everything after the published mark, then
 /// each new event as it is committed. Ends when the server stops being
 /// master, so a demoted server's synchronizer stops publishing at once.
-async fn tail(
-    node: Node,
-    tx: mpsc::Sender<Result<SyncEvent, Status>>,
-    shutdown: CancellationToken,
-) {
+async fn tail(node: Node, tx: mpsc::Sender<Result<SyncEvent, Status>>, shutdown: CancellationToken) {
     let mut role = node.watch_role();
-    let mut commits = node.watch_commits();
+    let mut stable = node.watch_stable();
     loop {
         if role.borrow_and_update().is_master {
             break;
@@ -124,12 +123,9 @@ async fn tail(
     }
     let mut sent = node.read(|s| s.published_upto());
     loop {
-        commits.borrow_and_update();
+        let upto = *stable.borrow_and_update();
         let batch: Vec<SyncEvent> = node.read(|s| {
-            s.outbox_after(sent)
-                .take(TAIL_BATCH)
-                .map(codec::event_to_pb)
-                .collect()
+            s.outbox_after(sent).take_while(|e| e.seq <= upto).take(TAIL_BATCH).map(codec::event_to_pb).collect()
         });
         for event in batch {
             sent = event.seq;
@@ -137,13 +133,13 @@ async fn tail(
                 return;
             }
         }
-        if node.read(|s| s.outbox_after(sent).next().is_some()) {
+        if node.read(|s| s.outbox_after(sent).next().is_some_and(|e| e.seq <= upto)) {
             continue;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tx.closed() => return,
-            changed = commits.changed() => if changed.is_err() { return },
+            changed = stable.changed() => if changed.is_err() { return },
             changed = role.changed() => {
                 if changed.is_err() || !role.borrow_and_update().is_master {
                     return;

@@ -25,9 +25,7 @@ pub fn service(node: Node, shutdown: CancellationToken) -> SnsServiceServer<Sns>
 }
 
 fn reply(outcome: Outcome) -> Response<Reply> {
-    Response::new(Reply {
-        msg: outcome.as_str().to_string(),
-    })
+    Response::new(Reply { msg: outcome.as_str().to_string() })
 }
 
 fn to_message(p: &Post) -> Message {
@@ -38,6 +36,7 @@ fn to_message(p: &Post) -> Message {
             seconds: p.at_ms.div_euclid(1000),
             nanos: (p.at_ms.rem_euclid(1000) * 1_000_000) as i32,
         }),
+        post_id: 0,
     }
 }
 
@@ -54,11 +53,7 @@ impl Sns {
     /// The caller: a valid id of this server's cluster.
     fn caller(&self, username: &str) -> Result<u32, Outcome> {
         let user = parse_user(username).map_err(|_| Outcome::InvalidUsername)?;
-        if self.node.read(|s| s.is_local(user)) {
-            Ok(user)
-        } else {
-            Err(Outcome::Invalid)
-        }
+        if self.node.read(|s| s.is_local(user)) { Ok(user) } else { Err(Outcome::Invalid) }
     }
 
     async fn relation(&self, req: SnsRequest, follow: bool) -> Result<Response<Reply>, Status> {
@@ -66,28 +61,17 @@ impl Sns {
             Ok(u) => u,
             Err(o) => return Ok(reply(o)),
         };
-        let Some(target) = req
-            .arguments
-            .first()
-            .and_then(|a| parse_user(a.trim()).ok())
-        else {
+        let Some(target) = req.arguments.first().and_then(|a| parse_user(a.trim()).ok()) else {
             return Ok(reply(Outcome::InvalidUsername));
         };
         let outcome = self
             .node
             .write(|s| {
-                let check = if follow {
-                    s.check_follow(user, target)
-                } else {
-                    s.check_unfollow(user, target)
-                };
+                let check = if follow { s.check_follow(user, target) } else { s.check_unfollow(user, target) };
                 match check {
-                    Outcome::Success => Ok(Some(Change::Relation {
-                        follower: user,
-                        followee: target,
-                        follow,
-                        at_ms: now_ms(),
-                    })),
+                    Outcome::Success => {
+                        Ok(Some(Change::Relation { follower: user, followee: target, follow, at_ms: now_ms() }))
+                    }
                     refusal => Err(refusal),
                 }
             })
@@ -105,17 +89,12 @@ impl SnsService for Sns {
             Ok(u) => u,
             Err(o) => return Ok(reply(o)),
         };
-        let result = self
-            .node
-            .write::<Outcome>(|s| Ok((!s.has_user(user)).then_some(Change::User(user))))
-            .await?;
+        let result = self.node.write::<Outcome>(|s| Ok((!s.has_user(user)).then_some(Change::User(user)))).await?;
         Ok(reply(result.err().unwrap_or(Outcome::Success)))
     }
 
     async fn list(&self, req: Request<SnsRequest>) -> Result<Response<ListReply>, Status> {
-        let user = self
-            .caller(&req.into_inner().username)
-            .map_err(|o| Status::invalid_argument(o.as_str()))?;
+        let user = self.caller(&req.into_inner().username).map_err(|o| Status::invalid_argument(o.as_str()))?;
         self.node.read(|s| {
             if !s.has_user(user) {
                 return Err(Status::not_found(Outcome::NotExists.as_str()));
@@ -137,24 +116,17 @@ impl SnsService for Sns {
 
     type TimelineStream = TimelineStream;
 
-    async fn timeline(
-        &self,
-        req: Request<Streaming<Message>>,
-    ) -> Result<Response<TimelineStream>, Status> {
+    async fn timeline(&self, req: Request<Streaming<Message>>) -> Result<Response<TimelineStream>, Status> {
         let mut inbound = req.into_inner();
         // The opening names the user; its text is ignored (course clients
         // send an empty or a fixed one).
-        let opening = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("timeline opened without a message naming the user")
-        })?;
-        let user = self
-            .caller(&opening.username)
-            .map_err(|o| Status::invalid_argument(o.as_str()))?;
+        let opening = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("timeline opened without a message naming the user"))?;
+        let user = self.caller(&opening.username).map_err(|o| Status::invalid_argument(o.as_str()))?;
         if !self.node.read(|s| s.has_user(user)) {
-            return Err(Status::not_found(format!(
-                "{}: user {user} has not logged in",
-                Outcome::NotExists.as_str()
-            )));
+            return Err(Status::not_found(format!("{}: user {user} has not logged in", Outcome::NotExists.as_str())));
         }
         let (backlog, live) = self.node.store().subscribe(user);
         let (tx, rx) = mpsc::channel(64);
@@ -197,12 +169,7 @@ async fn send_posts(
 }
 
 /// Turns every later client message into a post.
-async fn take_posts(
-    node: Node,
-    user: u32,
-    mut inbound: Streaming<Message>,
-    tx: mpsc::Sender<Result<Message, Status>>,
-) {
+async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: mpsc::Sender<Result<Message, Status>>) {
     loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -216,15 +183,18 @@ async fn take_posts(
             let _ = tx.send(Err(Status::invalid_argument(why))).await;
             return;
         }
-        let post = Post {
-            user,
-            text: msg.msg.as_str().into(),
-            at_ms: post_time(&msg),
-        };
-        match node
-            .write::<Outcome>(|_| Ok(Some(Change::Post(post))))
-            .await
-        {
+        let id = msg.post_id;
+        let post = Post { user, text: msg.msg.as_str().into(), at_ms: post_time(&msg), client_id: id };
+        // A post resent after a failover (same id) is acknowledged again
+        // but applied only once.
+        let written = node.write::<Outcome>(|s| Ok((!s.has_post_id(user, id)).then_some(Change::Post(post)))).await;
+        match written {
+            Ok(_) if id != 0 => {
+                let ack = Message { post_id: id, ..Default::default() };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
             Ok(_) => {}
             Err(status) => {
                 let _ = tx.send(Err(status)).await;

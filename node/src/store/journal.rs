@@ -10,8 +10,9 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 /// Largest record accepted when reading; anything bigger is corruption.
-/// Posts are capped at a few KiB, so 1 MiB leaves ample room.
-const MAX_RECORD: usize = 1 << 20;
+/// Ordinary records are a few KiB at most; a snapshot (the first record
+/// after a rejoin) holds a whole server's state.
+const MAX_RECORD: usize = 1 << 30;
 const HEADER: usize = 8;
 
 pub struct Journal {
@@ -22,11 +23,7 @@ impl Journal {
     /// Opens (or creates) the journal at `path` and returns every intact
     /// record payload, cutting a torn tail.
     pub fn open(path: &Path) -> io::Result<(Journal, Vec<Vec<u8>>)> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let mut file = OpenOptions::new().read(true).create(true).append(true).open(path)?;
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
         let (records, good) = split_records(&data);

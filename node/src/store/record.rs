@@ -23,10 +23,7 @@ pub struct PostRecord {
 
 /// Renders a millisecond timestamp as the `T` line value.
 pub fn format_time(at_ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(at_ms)
-        .unwrap_or_default()
-        .format(TIME_FORMAT)
-        .to_string()
+    DateTime::<Utc>::from_timestamp_millis(at_ms).unwrap_or_default().format(TIME_FORMAT).to_string()
 }
 
 /// Appends one post record (four lines) to `out`.
@@ -51,11 +48,9 @@ pub fn decode_posts(data: &str) -> Vec<PostRecord> {
         let user = u.strip_prefix("U ").and_then(|s| s.parse().ok());
         let text = w.strip_prefix("W ").or_else(|| (w == "W").then_some(""));
         match (parsed, user, text, blank) {
-            (Some(t), Some(user), Some(text), Some("")) => posts.push(PostRecord {
-                user,
-                text: text.to_string(),
-                at_secs: t.and_utc().timestamp(),
-            }),
+            (Some(t), Some(user), Some(text), Some("")) => {
+                posts.push(PostRecord { user, text: text.to_string(), at_secs: t.and_utc().timestamp() })
+            }
             // A record cut short by a crash is the last one: stop there.
             (_, _, _, None) => break,
             _ => {}
@@ -92,16 +87,8 @@ mod tests {
         assert_eq!(
             posts,
             vec![
-                PostRecord {
-                    user: 4,
-                    text: "hello world".into(),
-                    at_secs: 1_744_336_636
-                },
-                PostRecord {
-                    user: 1,
-                    text: String::new(),
-                    at_secs: 0
-                },
+                PostRecord { user: 4, text: "hello world".into(), at_secs: 1_744_336_636 },
+                PostRecord { user: 1, text: String::new(), at_secs: 0 },
             ]
         );
     }

@@ -9,11 +9,14 @@
 //! keeps their files identical.
 
 use crate::ids::cluster_of;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 /// How many posts a timeline shows on entry (SPEC §3).
 pub const BACKLOG: usize = 20;
+/// Client post ids remembered per user to refuse a resent post. A client
+/// resends only the few posts in flight when its server died.
+pub const RECENT_POST_IDS: usize = 1024;
 
 /// A post as it lives in memory; the text is shared by every feed holding it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +24,8 @@ pub struct Post {
     pub user: u32,
     pub text: Arc<str>,
     pub at_ms: i64,
+    /// The client's id for the post (0 = none): a resent post is ignored.
+    pub client_id: u64,
 }
 
 impl Post {
@@ -67,6 +72,29 @@ pub enum Entry {
     Remote(RemoteEvent),
     /// Outbox events up to this seq are confirmed by the broker.
     PublishedUpto(u64),
+    /// The whole state, installed from the master.
+    Snapshot(Box<Snapshot>),
+}
+
+/// A server's whole state, as a rejoining slave installs it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    pub users: Vec<u32>,
+    pub local_users: Vec<UserSnapshot>,
+    pub next_seq: u64,
+    pub published_upto: u64,
+    pub outbox: Vec<RemoteEvent>,
+    pub applied: Vec<(u32, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserSnapshot {
+    pub user: u32,
+    pub following: Vec<(u32, i64)>,
+    pub followers: Vec<u32>,
+    pub timeline: Vec<Post>,
+    pub feed: Vec<Post>,
+    pub recent_post_ids: Vec<u64>,
 }
 
 /// What an applied entry changed, for the file views and the live streams.
@@ -88,6 +116,8 @@ pub enum Effect {
         post: Post,
         appended: bool,
     },
+    /// Everything was replaced (a snapshot was installed).
+    Reset,
 }
 
 /// The outcome of a command, in the course's status words.
@@ -136,6 +166,8 @@ pub struct State {
     outbox: BTreeMap<u64, RemoteEvent>,
     /// origin cluster -> highest event seq applied from it.
     applied: HashMap<u32, u64>,
+    /// user -> the client ids of its latest posts, oldest first.
+    recent_ids: HashMap<u32, VecDeque<u64>>,
 }
 
 impl State {
@@ -153,7 +185,72 @@ impl State {
             published_upto: 0,
             outbox: BTreeMap::new(),
             applied: HashMap::new(),
+            recent_ids: HashMap::new(),
         }
+    }
+
+    /// Whether `user` already posted with client id `id` (recently).
+    pub fn has_post_id(&self, user: u32, id: u64) -> bool {
+        id != 0 && self.recent_ids.get(&user).is_some_and(|ids| ids.contains(&id))
+    }
+
+    /// The whole state, for a rejoining slave.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut local: BTreeSet<u32> = self.users.iter().copied().filter(|u| self.is_local(*u)).collect();
+        local.extend(self.following.keys().chain(self.timelines.keys()).chain(self.feeds.keys()));
+        Snapshot {
+            users: self.users.iter().copied().collect(),
+            local_users: local
+                .into_iter()
+                .map(|u| UserSnapshot {
+                    user: u,
+                    following: self
+                        .following
+                        .get(&u)
+                        .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+                        .unwrap_or_default(),
+                    followers: self.followers(u).collect(),
+                    timeline: self.timeline(u).to_vec(),
+                    feed: self.feed(u).to_vec(),
+                    recent_post_ids: self.recent_ids.get(&u).map(|d| d.iter().copied().collect()).unwrap_or_default(),
+                })
+                .collect(),
+            next_seq: self.next_seq,
+            published_upto: self.published_upto,
+            outbox: self.outbox.values().cloned().collect(),
+            applied: self.applied.iter().map(|(k, v)| (*k, *v)).collect(),
+        }
+    }
+
+    /// Replaces everything with `snap`.
+    fn install(&mut self, snap: &Snapshot) {
+        let mut fresh = State::new(self.cluster, self.clusters);
+        fresh.users = snap.users.iter().copied().collect();
+        for u in &snap.local_users {
+            if !u.following.is_empty() {
+                fresh.following.insert(u.user, u.following.iter().copied().collect());
+                for (followee, _) in &u.following {
+                    fresh.local_followers.entry(*followee).or_default().insert(u.user);
+                }
+            }
+            if !u.followers.is_empty() {
+                fresh.followers.insert(u.user, u.followers.iter().copied().collect());
+            }
+            if !u.timeline.is_empty() {
+                fresh.timelines.insert(u.user, u.timeline.clone());
+            }
+            if !u.feed.is_empty() {
+                fresh.feeds.insert(u.user, u.feed.clone());
+            }
+            if !u.recent_post_ids.is_empty() {
+                fresh.recent_ids.insert(u.user, u.recent_post_ids.iter().copied().collect());
+            }
+        }
+        fresh.next_seq = snap.next_seq.max(1);
+        fresh.published_upto = snap.published_upto;
+        fresh.outbox = snap.outbox.iter().map(|e| (e.seq, e.clone())).collect();
+        fresh.applied = snap.applied.iter().copied().collect();
+        *self = fresh;
     }
 
     pub fn cluster(&self) -> u32 {
@@ -173,17 +270,11 @@ impl State {
     }
 
     pub fn following(&self, user: u32) -> impl Iterator<Item = u32> + '_ {
-        self.following
-            .get(&user)
-            .into_iter()
-            .flat_map(|m| m.keys().copied())
+        self.following.get(&user).into_iter().flat_map(|m| m.keys().copied())
     }
 
     pub fn followers(&self, user: u32) -> impl Iterator<Item = u32> + '_ {
-        self.followers
-            .get(&user)
-            .into_iter()
-            .flat_map(|s| s.iter().copied())
+        self.followers.get(&user).into_iter().flat_map(|s| s.iter().copied())
     }
 
     pub fn timeline(&self, user: u32) -> &[Post] {
@@ -214,8 +305,7 @@ impl State {
     /// Whether `event` would change anything (false for a redelivery, an
     /// event of our own cluster, or one that is not ours to apply).
     pub fn is_new_remote(&self, event: &RemoteEvent) -> bool {
-        event.origin != self.cluster
-            && event.seq > self.applied.get(&event.origin).copied().unwrap_or(0)
+        event.origin != self.cluster && event.seq > self.applied.get(&event.origin).copied().unwrap_or(0)
     }
 
     /// Checks a FOLLOW of `target` by `user` (a known local user).
@@ -226,11 +316,7 @@ impl State {
             Outcome::AlreadyExists
         } else if !self.users.contains(&target) {
             Outcome::InvalidUsername
-        } else if self
-            .following
-            .get(&user)
-            .is_some_and(|m| m.contains_key(&target))
-        {
+        } else if self.following.get(&user).is_some_and(|m| m.contains_key(&target)) {
             Outcome::AlreadyExists
         } else {
             Outcome::Success
@@ -243,11 +329,7 @@ impl State {
             Outcome::NotExists
         } else if target == user || !self.users.contains(&target) {
             Outcome::InvalidUsername
-        } else if !self
-            .following
-            .get(&user)
-            .is_some_and(|m| m.contains_key(&target))
-        {
+        } else if !self.following.get(&user).is_some_and(|m| m.contains_key(&target)) {
             Outcome::NotAFollower
         } else {
             Outcome::Success
@@ -258,20 +340,9 @@ impl State {
     /// users `user` follows now, made after the follow began, oldest first.
     pub fn backlog(&self, user: u32) -> Vec<Post> {
         let follows = self.following.get(&user);
-        let visible = |p: &&Post| {
-            p.user != user
-                && follows
-                    .and_then(|m| m.get(&p.user))
-                    .is_some_and(|since| p.at_ms >= *since)
-        };
-        let mut posts: Vec<Post> = self
-            .feed(user)
-            .iter()
-            .rev()
-            .filter(visible)
-            .take(BACKLOG)
-            .cloned()
-            .collect();
+        let visible =
+            |p: &&Post| p.user != user && follows.and_then(|m| m.get(&p.user)).is_some_and(|since| p.at_ms >= *since);
+        let mut posts: Vec<Post> = self.feed(user).iter().rev().filter(visible).take(BACKLOG).cloned().collect();
         posts.reverse();
         posts
     }
@@ -301,6 +372,10 @@ impl State {
                     self.outbox = self.outbox.split_off(&(upto + 1));
                 }
             }
+            Entry::Snapshot(snap) => {
+                self.install(snap);
+                effects.push(Effect::Reset);
+            }
         }
         effects
     }
@@ -313,11 +388,7 @@ impl State {
             Change::User(_) | Change::Post(_) => true,
             Change::Relation { followee, .. } => !self.is_local(*followee),
         };
-        wanted.then(|| RemoteEvent {
-            origin: self.cluster,
-            seq: op.seq,
-            change: op.change.clone(),
-        })
+        wanted.then(|| RemoteEvent { origin: self.cluster, seq: op.seq, change: op.change.clone() })
     }
 
     fn apply_change(&mut self, change: &Change, local: bool, effects: &mut Vec<Effect>) {
@@ -330,12 +401,7 @@ impl State {
                     }
                 }
             }
-            Change::Relation {
-                follower,
-                followee,
-                follow,
-                at_ms,
-            } => {
+            Change::Relation { follower, followee, follow, at_ms } => {
                 let (follower, followee) = (*follower, *followee);
                 // A local op records the follower's side; the followee's side
                 // is recorded wherever the followee lives (here, or through
@@ -359,11 +425,7 @@ impl State {
                 }
                 if self.is_local(followee) {
                     let set = self.followers.entry(followee).or_default();
-                    let changed = if *follow {
-                        set.insert(follower)
-                    } else {
-                        set.remove(&follower)
-                    };
+                    let changed = if *follow { set.insert(follower) } else { set.remove(&follower) };
                     if changed {
                         effects.push(Effect::Followers(followee));
                     }
@@ -371,14 +433,15 @@ impl State {
             }
             Change::Post(post) => {
                 if local {
-                    self.timelines
-                        .entry(post.user)
-                        .or_default()
-                        .push(post.clone());
-                    effects.push(Effect::TimelineAppend {
-                        user: post.user,
-                        post: post.clone(),
-                    });
+                    if post.client_id != 0 {
+                        let ids = self.recent_ids.entry(post.user).or_default();
+                        if ids.len() == RECENT_POST_IDS {
+                            ids.pop_front();
+                        }
+                        ids.push_back(post.client_id);
+                    }
+                    self.timelines.entry(post.user).or_default().push(post.clone());
+                    effects.push(Effect::TimelineAppend { user: post.user, post: post.clone() });
                 }
                 let Some(readers) = self.local_followers.get(&post.user) else {
                     return;
@@ -392,11 +455,7 @@ impl State {
                     let at = feed.partition_point(|p| p.key() <= post.key());
                     let appended = at == feed.len();
                     feed.insert(at, post.clone());
-                    effects.push(Effect::Feed {
-                        user: *reader,
-                        post: post.clone(),
-                        appended,
-                    });
+                    effects.push(Effect::Feed { user: *reader, post: post.clone(), appended });
                 }
             }
         }
@@ -408,20 +467,11 @@ mod tests {
     use super::*;
 
     fn post(user: u32, text: &str, at_ms: i64) -> Change {
-        Change::Post(Post {
-            user,
-            text: text.into(),
-            at_ms,
-        })
+        Change::Post(Post { user, text: text.into(), at_ms, client_id: 0 })
     }
 
     fn rel(follower: u32, followee: u32, follow: bool, at_ms: i64) -> Change {
-        Change::Relation {
-            follower,
-            followee,
-            follow,
-            at_ms,
-        }
+        Change::Relation { follower, followee, follow, at_ms }
     }
 
     /// A cluster-1 state (of 3) that applies local ops with dense seqs.
@@ -431,20 +481,14 @@ mod tests {
 
     impl Node {
         fn new(cluster: u32) -> Self {
-            Node {
-                state: State::new(cluster, 3),
-            }
+            Node { state: State::new(cluster, 3) }
         }
         fn local(&mut self, change: Change) -> Vec<Effect> {
             let seq = self.state.next_seq();
             self.state.apply(&Entry::Local(LocalOp { seq, change }))
         }
         fn remote(&mut self, origin: u32, seq: u64, change: Change) -> Vec<Effect> {
-            self.state.apply(&Entry::Remote(RemoteEvent {
-                origin,
-                seq,
-                change,
-            }))
+            self.state.apply(&Entry::Remote(RemoteEvent { origin, seq, change }))
         }
     }
 
@@ -479,21 +523,10 @@ mod tests {
         let fx = n.local(post(1, "p11", 20));
         assert!(fx.contains(&Effect::Feed {
             user: 4,
-            post: Post {
-                user: 1,
-                text: "p11".into(),
-                at_ms: 20
-            },
+            post: Post { user: 1, text: "p11".into(), at_ms: 20, client_id: 0 },
             appended: true
         }));
-        assert_eq!(
-            n.state
-                .backlog(4)
-                .iter()
-                .map(|p| &*p.text)
-                .collect::<Vec<_>>(),
-            vec!["p11"]
-        );
+        assert_eq!(n.state.backlog(4).iter().map(|p| &*p.text).collect::<Vec<_>>(), vec!["p11"]);
         assert!(n.state.backlog(7).is_empty());
         assert!(n.state.backlog(1).is_empty());
         assert_eq!(n.state.timeline(1).len(), 2);
@@ -513,10 +546,7 @@ mod tests {
         assert_eq!(&*b[0].text, "p10");
         assert_eq!(&*b[19].text, "p29");
         n.local(rel(4, 1, false, 200));
-        assert!(
-            n.state.backlog(4).is_empty(),
-            "unfollowed authors disappear"
-        );
+        assert!(n.state.backlog(4).is_empty(), "unfollowed authors disappear");
     }
 
     #[test]
@@ -524,10 +554,7 @@ mod tests {
         let mut n = Node::new(2);
         n.local(Change::User(2));
         assert_eq!(n.remote(1, 1, Change::User(1)), vec![Effect::Users]);
-        assert!(
-            n.remote(1, 1, Change::User(1)).is_empty(),
-            "redelivery changes nothing"
-        );
+        assert!(n.remote(1, 1, Change::User(1)).is_empty(), "redelivery changes nothing");
         n.local(rel(2, 1, true, 50));
         // A remote post from before the follow is not shown; after it is.
         assert!(n.remote(1, 2, post(1, "old", 40)).is_empty());
@@ -543,15 +570,9 @@ mod tests {
     fn remote_relations_update_followers_of_local_users() {
         let mut n = Node::new(2);
         n.local(Change::User(2));
-        assert_eq!(
-            n.remote(1, 1, rel(1, 2, true, 5)),
-            vec![Effect::Followers(2)]
-        );
+        assert_eq!(n.remote(1, 1, rel(1, 2, true, 5)), vec![Effect::Followers(2)]);
         assert_eq!(n.state.followers(2).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(
-            n.remote(1, 2, rel(1, 2, false, 6)),
-            vec![Effect::Followers(2)]
-        );
+        assert_eq!(n.remote(1, 2, rel(1, 2, false, 6)), vec![Effect::Followers(2)]);
         assert_eq!(n.state.followers(2).count(), 0);
     }
 
@@ -570,6 +591,51 @@ mod tests {
         b.remote(1, 1, post(1, "x", 30));
         assert_eq!(a.state.feed(3), b.state.feed(3));
         assert_eq!(&*a.state.feed(3)[0].text, "y");
+    }
+
+    #[test]
+    fn a_snapshot_reproduces_the_state_exactly() {
+        let mut n = Node::new(1);
+        for u in [1, 4] {
+            n.local(Change::User(u));
+        }
+        n.remote(2, 1, Change::User(2));
+        n.local(rel(4, 1, true, 1));
+        n.local(rel(1, 2, true, 1));
+        n.remote(2, 2, rel(2, 1, true, 1));
+        n.local(Change::Post(Post { user: 1, text: "a".into(), at_ms: 5, client_id: 77 }));
+        n.remote(2, 3, post(2, "b", 6));
+        n.state.apply(&Entry::PublishedUpto(2));
+        let snap = n.state.snapshot();
+        let mut other = Node::new(1);
+        other.local(Change::User(9)); // whatever was there is replaced
+        assert_eq!(other.state.apply(&Entry::Snapshot(Box::new(snap.clone()))), vec![Effect::Reset]);
+        assert_eq!(other.state.snapshot(), snap);
+        assert!(other.state.has_post_id(1, 77));
+        assert!(!other.state.has_user(9));
+        assert_eq!(other.state.feed(1).len(), 1);
+        assert_eq!(other.state.backlog(4).len(), 1);
+        assert_eq!(other.state.next_seq(), n.state.next_seq());
+        assert!(!other.state.is_new_remote(&RemoteEvent { origin: 2, seq: 3, change: Change::User(2) }));
+        // Both go on identically.
+        let a = n.local(post(1, "c", 9));
+        let b = other.local(post(1, "c", 9));
+        assert_eq!(a, b);
+        assert_eq!(n.state.snapshot(), other.state.snapshot());
+    }
+
+    #[test]
+    fn post_ids_are_remembered_for_dedup() {
+        let mut n = Node::new(1);
+        n.local(Change::User(1));
+        assert!(!n.state.has_post_id(1, 5));
+        n.local(Change::Post(Post { user: 1, text: "x".into(), at_ms: 1, client_id: 5 }));
+        assert!(n.state.has_post_id(1, 5));
+        assert!(!n.state.has_post_id(1, 0), "id 0 means none");
+        for i in 0..RECENT_POST_IDS as u64 {
+            n.local(Change::Post(Post { user: 1, text: "y".into(), at_ms: 2, client_id: 100 + i }));
+        }
+        assert!(!n.state.has_post_id(1, 5), "only the latest ids are kept");
     }
 
     #[test]

@@ -17,9 +17,7 @@ pub mod topology;
 use crate::error::{Error, Result};
 use crate::net;
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel as AmqpChannel, Connection, ConnectionProperties};
 use prost::Message as _;
@@ -61,25 +59,14 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Runs a synchronizer until `shutdown` is cancelled.
-pub async fn run(
-    cfg: SyncConfig,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<()> {
+pub async fn run(cfg: SyncConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let port = net::local_port(&listener)?;
     tracing::info!(id = cfg.id, cluster = cfg.cluster, server = cfg.paired_server, port, deployment = %cfg.deployment, "synchronizer starting");
     let coord = net::channel(&cfg.coord_host, &cfg.coord_port.to_string())?;
-    let beats = tokio::spawn(heartbeats(
-        cfg.clone(),
-        port,
-        coord.clone(),
-        shutdown.clone(),
-    ));
+    let beats = tokio::spawn(heartbeats(cfg.clone(), port, coord.clone(), shutdown.clone()));
     let bridge = tokio::spawn(bridge(cfg, coord, shutdown.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .serve_with_incoming_shutdown(net::incoming(listener), shutdown.cancelled())
@@ -125,28 +112,10 @@ async fn bridge(cfg: SyncConfig, coord: Channel, shutdown: CancellationToken) {
             let server = find_server(&cfg, coord.clone(), &shutdown).await?;
             let conn = Connection::connect(&cfg.amqp_url, ConnectionProperties::default()).await?;
             let setup = conn.create_channel().await?;
-            topology::declare(
-                &setup,
-                &names,
-                cfg.clusters,
-                cfg.servers_per_cluster,
-                cfg.queue_expires,
-            )
-            .await?;
+            topology::declare(&setup, &names, cfg.clusters, cfg.servers_per_cluster, cfg.queue_expires).await?;
             tracing::info!(server = %server, "connected to server and broker");
-            let consumer = consume(
-                &cfg,
-                &names,
-                &conn,
-                ReplicaClient::new(net::channel_to(&server)?),
-            );
-            let publisher = publish(
-                &cfg,
-                &names,
-                &conn,
-                ReplicaClient::new(net::channel_to(&server)?),
-                &shutdown,
-            );
+            let consumer = consume(&cfg, &names, &conn, ReplicaClient::new(net::channel_to(&server)?));
+            let publisher = publish(&cfg, &names, &conn, ReplicaClient::new(net::channel_to(&server)?), &shutdown);
             let result = tokio::select! {
                 r = consumer => r,
                 r = publisher => r,
@@ -172,23 +141,18 @@ async fn bridge(cfg: SyncConfig, coord: Channel, shutdown: CancellationToken) {
 
 /// The address of this synchronizer's server: configured, or the live
 /// server of our cluster with our paired id in the coordinator's table.
-async fn find_server(
-    cfg: &SyncConfig,
-    coord: Channel,
-    shutdown: &CancellationToken,
-) -> Result<String> {
+async fn find_server(cfg: &SyncConfig, coord: Channel, shutdown: &CancellationToken) -> Result<String> {
     if let Some(addr) = &cfg.server_addr {
         return Ok(addr.clone());
     }
     let mut admin = CoordAdminClient::new(coord);
     loop {
         if let Ok(table) = admin.table(TableRequest {}).await {
-            let found = table.into_inner().nodes.into_iter().find(|n| {
-                n.kind == "server"
-                    && n.cluster == cfg.cluster
-                    && n.id == cfg.paired_server
-                    && n.alive
-            });
+            let found = table
+                .into_inner()
+                .nodes
+                .into_iter()
+                .find(|n| n.kind == "server" && n.cluster == cfg.cluster && n.id == cfg.paired_server && n.alive);
             if let Some(n) = found {
                 return Ok(format!("{}:{}", n.host, n.port));
             }
@@ -202,16 +166,9 @@ async fn find_server(
 
 /// Applies every delivery to the server, then acknowledges it. A message
 /// that cannot be decoded is rejected to the dead-letter queue and logged.
-async fn consume(
-    cfg: &SyncConfig,
-    names: &Names,
-    conn: &Connection,
-    mut server: ReplicaClient<Channel>,
-) -> Result<()> {
+async fn consume(cfg: &SyncConfig, names: &Names, conn: &Connection, mut server: ReplicaClient<Channel>) -> Result<()> {
     let channel = conn.create_channel().await?;
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await?;
+    channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let queue = names.queue(cfg.id);
     let mut deliveries = channel
         .basic_consume(
@@ -227,16 +184,12 @@ async fn consume(
             Ok(e) => e,
             Err(e) => {
                 tracing::error!(error = %e, bytes = delivery.data.len(), routing_key = %delivery.routing_key, "malformed broker message: dead-lettered");
-                delivery
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await?;
+                delivery.reject(BasicRejectOptions { requeue: false }).await?;
                 continue;
             }
         };
         if event.origin != cfg.cluster {
-            let reply = server
-                .apply_remote(crate::store::codec::event_to_pb(&event))
-                .await?;
+            let reply = server.apply_remote(crate::store::codec::event_to_pb(&event)).await?;
             tracing::debug!(
                 origin = event.origin,
                 seq = event.seq,
@@ -285,12 +238,7 @@ async fn publish(
     }
 }
 
-async fn publish_batch(
-    channel: &AmqpChannel,
-    names: &Names,
-    clusters: u32,
-    batch: &[SyncEvent],
-) -> Result<()> {
+async fn publish_batch(channel: &AmqpChannel, names: &Names, clusters: u32, batch: &[SyncEvent]) -> Result<()> {
     let mut confirms = Vec::with_capacity(batch.len());
     for event in batch {
         let key = topology::routing_key(event, clusters);

@@ -55,10 +55,8 @@ pub fn routing_key(event: &SyncEvent, clusters: u32) -> String {
 
 /// The keys the queue of a synchronizer of `cluster` is bound with.
 pub fn bindings(cluster: u32, clusters: u32) -> Vec<String> {
-    let mut keys: Vec<String> = (1..=clusters)
-        .filter(|o| *o != cluster)
-        .flat_map(|o| [format!("user.{o}"), format!("post.{o}")])
-        .collect();
+    let mut keys: Vec<String> =
+        (1..=clusters).filter(|o| *o != cluster).flat_map(|o| [format!("user.{o}"), format!("post.{o}")]).collect();
     keys.push(format!("rel.{cluster}"));
     keys
 }
@@ -71,43 +69,19 @@ pub async fn declare(
     servers_per_cluster: u32,
     expires: Option<Duration>,
 ) -> Result<()> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
     channel
-        .exchange_declare(
-            names.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
+        .exchange_declare(names.exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
         .await?;
-    channel
-        .exchange_declare(
-            names.dead.as_str().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
+    channel.exchange_declare(names.dead.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
     let mut args = FieldTable::default();
     if let Some(expires) = expires {
         // Lets the broker drop the queues of a deployment nobody runs any
         // more (test runs), never those of a live one.
-        args.insert(
-            "x-expires".into(),
-            AMQPValue::LongLongInt(expires.as_millis() as i64),
-        );
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(expires.as_millis() as i64));
     }
     let mut dead_args = args.clone();
-    channel
-        .queue_declare(
-            names.dead.as_str().into(),
-            QueueDeclareOptions::durable(),
-            dead_args.clone(),
-        )
-        .await?;
+    channel.queue_declare(names.dead.as_str().into(), QueueDeclareOptions::durable(), dead_args.clone()).await?;
     channel
         .queue_bind(
             names.dead.as_str().into(),
@@ -117,20 +91,11 @@ pub async fn declare(
             FieldTable::default(),
         )
         .await?;
-    dead_args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(names.dead.as_str().into()),
-    );
+    dead_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(names.dead.as_str().into()));
     for id in 1..=clusters * servers_per_cluster {
         let queue = names.queue(id);
         let (cluster, _) = sync_pairing(id, clusters);
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                dead_args.clone(),
-            )
-            .await?;
+        channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), dead_args.clone()).await?;
         for key in bindings(cluster, clusters) {
             channel
                 .queue_bind(
@@ -161,38 +126,16 @@ mod tests {
 
     #[test]
     fn events_route_to_the_clusters_that_need_them() {
-        let ev = |kind| SyncEvent {
-            origin_cluster: 1,
-            seq: 1,
-            kind: Some(kind),
-        };
+        let ev = |kind| SyncEvent { origin_cluster: 1, seq: 1, kind: Some(kind) };
+        assert_eq!(routing_key(&ev(Kind::User(UserAdded { user: 1 })), 3), "user.1");
         assert_eq!(
-            routing_key(&ev(Kind::User(UserAdded { user: 1 })), 3),
-            "user.1"
-        );
-        assert_eq!(
-            routing_key(
-                &ev(Kind::Post(Post {
-                    user: 1,
-                    text: "x".into(),
-                    at_ms: 0
-                })),
-                3
-            ),
+            routing_key(&ev(Kind::Post(Post { user: 1, text: "x".into(), at_ms: 0, client_id: 0 })), 3),
             "post.1"
         );
-        let rel = Relation {
-            follower: 1,
-            followee: 5,
-            follow: true,
-            at_ms: 0,
-        };
+        let rel = Relation { follower: 1, followee: 5, follow: true, at_ms: 0 };
         assert_eq!(routing_key(&ev(Kind::Relation(rel)), 3), "rel.2");
         // Cluster 2 hears users and posts of 1 and 3, and relations aimed at 2.
-        assert_eq!(
-            bindings(2, 3),
-            vec!["user.1", "post.1", "user.3", "post.3", "rel.2"]
-        );
+        assert_eq!(bindings(2, 3), vec!["user.1", "post.1", "user.3", "post.3", "rel.2"]);
         assert_eq!(bindings(1, 1), vec!["rel.1"]);
     }
 }

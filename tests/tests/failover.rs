@@ -1,0 +1,369 @@
+//! Failover without loss, end to end: masters killed under load, a hung
+//! master fenced, a restarted master catching up and taking over again, a
+//! coordinator restart. Real processes, real broker; every wait polls with a
+//! deadline. The suites run with a 500 ms heartbeat (1 s timeout); crash
+//! detection itself does not wait for it (lease + probe).
+
+use sns_e2e::load::{self, WriterReport};
+use sns_e2e::{DEADLINE, Deployment, check_convergence, eventually, spec_files};
+use sns_proto::internal::coord_admin_client::CoordAdminClient;
+use sns_proto::internal::replica_client::ReplicaClient;
+use sns_proto::internal::{Node, ServerStatus, StatusRequest, TableRequest};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime")
+}
+
+async fn table(coord_port: u16) -> anyhow::Result<Vec<Node>> {
+    let mut admin = CoordAdminClient::connect(format!("http://127.0.0.1:{coord_port}")).await?;
+    Ok(admin.table(TableRequest {}).await?.into_inner().nodes)
+}
+
+async fn status(node: &Node) -> anyhow::Result<ServerStatus> {
+    let mut c = ReplicaClient::connect(format!("http://{}:{}", node.host, node.port)).await?;
+    Ok(c.status(StatusRequest {}).await?.into_inner())
+}
+
+/// The live master's (id, term) of `cluster`, per the coordinator.
+async fn master_of(coord_port: u16, cluster: u32) -> Option<(u32, u64)> {
+    table(coord_port)
+        .await
+        .ok()?
+        .into_iter()
+        .find(|n| n.kind == "server" && n.cluster == cluster && n.is_master && n.alive)
+        .map(|n| (n.id, n.term))
+}
+
+/// Waits until `cluster`'s master is server `id` under a term above `after`,
+/// and that server says so itself; returns the term.
+fn wait_master(rt: &tokio::runtime::Runtime, d: &Deployment, cluster: u32, id: u32, after: u64) -> anyhow::Result<u64> {
+    eventually(&format!("server {cluster}/{id} to be master above term {after}"), || {
+        rt.block_on(async {
+            let (m, term) = master_of(d.coord_port, cluster).await?;
+            let node = table(d.coord_port)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|n| n.kind == "server" && n.cluster == cluster && n.id == id)?;
+            let s = status(&node).await.ok()?;
+            (m == id && term > after && s.is_master && s.term == term).then_some(term)
+        })
+    })
+}
+
+/// Waits until server `id` of `cluster` is a live slave synced under the
+/// master's current term (i.e. it caught up).
+fn wait_synced_slave(rt: &tokio::runtime::Runtime, d: &Deployment, cluster: u32, id: u32) -> anyhow::Result<()> {
+    eventually(&format!("server {cluster}/{id} to rejoin as a synced slave"), || {
+        rt.block_on(async {
+            let nodes = table(d.coord_port).await.ok()?;
+            let node = nodes.iter().find(|n| n.kind == "server" && n.cluster == cluster && n.id == id && n.alive)?;
+            let (_, term) = master_of(d.coord_port, cluster).await?;
+            let s = status(node).await.ok()?;
+            (!s.is_master && s.synced_term == term).then_some(())
+        })
+    })
+}
+
+/// (cluster, term) -> servers that logged accepting writes as master in it.
+fn master_terms(d: &Deployment) -> BTreeMap<(u32, u64), BTreeSet<u32>> {
+    let mut seen: BTreeMap<(u32, u64), BTreeSet<u32>> = BTreeMap::new();
+    for c in 1..=d.clusters {
+        for s in 1..=d.servers {
+            for line in d.log(&format!("server-{c}-{s}")).lines().filter(|l| l.contains("accepting writes as master")) {
+                let field = |k: &str| {
+                    line.split(&format!("{k}="))
+                        .nth(1)
+                        .and_then(|r| r.split_whitespace().next())
+                        .and_then(|v| v.parse::<u64>().ok())
+                };
+                if let (Some(cluster), Some(id), Some(term)) = (field("cluster"), field("id"), field("term")) {
+                    seen.entry((cluster as u32, term)).or_default().insert(id as u32);
+                }
+            }
+        }
+    }
+    seen
+}
+
+fn assert_one_master_per_term(d: &Deployment) {
+    let terms = master_terms(d);
+    assert!(!terms.is_empty(), "no server logged accepting writes");
+    for ((cluster, term), ids) in &terms {
+        assert_eq!(ids.len(), 1, "cluster {cluster}: servers {ids:?} all accepted writes in term {term}");
+    }
+}
+
+/// Every acknowledged post of each writer appears exactly once in the feed
+/// of each of its followers, on every server of the follower's cluster.
+fn assert_exactly_once(
+    d: &Deployment,
+    servers: &[(u32, u32)],
+    reports: &[WriterReport],
+    followers: &BTreeMap<u32, Vec<u32>>,
+) -> anyhow::Result<()> {
+    let mut last = String::new();
+    let ok = eventually("every acknowledged post exactly once in every follower's feed", || {
+        for &(c, s) in servers {
+            let files = match spec_files(&d.server_dir(c, s)) {
+                Ok(f) => f,
+                Err(e) => {
+                    last = e.to_string();
+                    return None;
+                }
+            };
+            for r in reports {
+                for &f in followers.get(&r.user).into_iter().flatten() {
+                    if sns_node::ids::cluster_of(f, d.clusters) != c {
+                        continue;
+                    }
+                    let feed = sns_node::store::record::decode_posts(
+                        files.get(&format!("{f}_following.txt")).map_or("", |t| t),
+                    );
+                    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+                    for p in feed.iter().filter(|p| p.user == r.user) {
+                        *counts.entry(p.text.as_str()).or_default() += 1;
+                    }
+                    for text in &r.acked {
+                        let n = counts.get(text.as_str()).copied().unwrap_or(0);
+                        if n != 1 {
+                            last = format!("server {c}/{s}: feed of {f} has {text:?} {n} times");
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+        Some(())
+    });
+    ok.map_err(|e| anyhow::anyhow!("{e}: {last}"))
+}
+
+/// Kill the master of each cluster in turn (SIGKILL) while writers post
+/// continuously, restarting each old master so it rejoins and catches up.
+#[test]
+fn killing_masters_under_load_loses_no_acknowledged_post() -> anyhow::Result<()> {
+    let mut d = Deployment::start(3, 2)?;
+    let rt = rt();
+    let users: Vec<u32> = (1..=6).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    // Everyone follows everyone (across all three clusters).
+    rt.block_on(async {
+        for &u in &users {
+            load::attach(d.coord_port, u).await?;
+        }
+        for &u in &users {
+            for &t in users.iter().filter(|t| **t != u) {
+                let mut msg = String::new();
+                // The followee may not have reached u's cluster yet.
+                while msg != "SUCCESS" && Instant::now() < deadline {
+                    msg = load::command(d.coord_port, u, true, t, deadline).await?;
+                }
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let followers: BTreeMap<u32, Vec<u32>> =
+        users.iter().map(|&u| (u, users.iter().copied().filter(|f| *f != u).collect())).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let writers: Vec<_> = users
+        .iter()
+        .map(|&u| rt.spawn(load::writer_counting(d.coord_port, u, stop.clone(), 100_000, deadline, progress.clone())))
+        .collect();
+    // Posts acknowledged between two kills, so each kill lands mid-stream.
+    let phase = 200;
+    let wait_progress = |from: usize| {
+        eventually("writers to make progress", || (progress.load(Ordering::SeqCst) >= from + phase).then_some(()))
+    };
+    // Follow/unfollow churn between users outside the checked set.
+    let churn = {
+        let stop = stop.clone();
+        let port = d.coord_port;
+        rt.spawn(async move {
+            let _ = load::attach(port, 7).await;
+            let _ = load::attach(port, 8).await;
+            let mut follow = true;
+            let mut done = 0u32;
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                if load::command(port, 7, follow, 8, deadline).await.is_ok() {
+                    done += 1;
+                }
+                follow = !follow;
+            }
+            done
+        })
+    };
+    let mut outages = Vec::new();
+    for cluster in 1..=3u32 {
+        wait_progress(progress.load(Ordering::SeqCst))?;
+        let (old, term) = rt
+            .block_on(master_of(d.coord_port, cluster))
+            .ok_or_else(|| anyhow::anyhow!("cluster {cluster} has no master"))?;
+        let survivor = 3 - old;
+        let before =
+            d.log(&format!("server-{cluster}-{survivor}")).lines().filter(|l| l.contains("accepting writes")).count();
+        let killed = Instant::now();
+        let reply = d.command(&format!("kill server-{cluster}-{old}"))?;
+        assert!(reply.starts_with("killed"), "{reply}");
+        let new_term = wait_master(&rt, &d, cluster, survivor, term)?;
+        outages.push(killed.elapsed());
+        // Writers of this cluster go on against the new master.
+        eventually("writes accepted by the new master", || {
+            (d.log(&format!("server-{cluster}-{survivor}")).lines().filter(|l| l.contains("accepting writes")).count()
+                > before)
+                .then_some(())
+        })?;
+        d.command(&format!("start server-{cluster}-{old}"))?;
+        wait_synced_slave(&rt, &d, cluster, old)?;
+        assert!(new_term > term);
+    }
+    wait_progress(progress.load(Ordering::SeqCst))?;
+    stop.store(true, Ordering::SeqCst);
+    let reports: Vec<WriterReport> = writers.into_iter().map(|w| rt.block_on(w)).collect::<Result<_, _>>()?;
+    let churned = rt.block_on(churn)?;
+    let acked: usize = reports.iter().map(|r| r.acked.len()).sum();
+    eprintln!(
+        "load: {acked} acknowledged posts, {churned} follow/unfollow, failovers seen by writers {:?}, longest gaps {:?}, promotion after kill {:?}",
+        reports.iter().map(|r| r.failovers).collect::<Vec<_>>(),
+        reports.iter().map(|r| r.longest_gap).collect::<Vec<_>>(),
+        outages
+    );
+    assert!(reports.iter().all(|r| r.acked.len() >= 5), "every writer made progress: {reports:?}");
+
+    let all: Vec<(u32, u32)> = (1..=3).flat_map(|c| [(c, 1), (c, 2)]).collect();
+    assert_exactly_once(&d, &all, &reports, &followers)?;
+    check_convergence(&d, &all, &[])?;
+    assert_one_master_per_term(&d);
+    Ok(())
+}
+
+/// A hung master (SIGSTOP) is replaced within the heartbeat timeout; when it
+/// resumes it is fenced (never acknowledges a write) and rejoins as slave.
+#[test]
+fn a_hung_master_is_fenced_and_rejoins_as_slave() -> anyhow::Result<()> {
+    let mut d = Deployment::start(2, 2)?;
+    let rt = rt();
+    let (old, term) = rt.block_on(async {
+        load::attach(d.coord_port, 2).await?;
+        master_of(d.coord_port, 2).await.ok_or_else(|| anyhow::anyhow!("no master"))
+    })?;
+    let old_node = rt
+        .block_on(table(d.coord_port))?
+        .into_iter()
+        .find(|n| n.kind == "server" && n.cluster == 2 && n.id == old)
+        .expect("old master");
+    d.command(&format!("pause server-2-{old}"))?;
+    let new = 3 - old;
+    let new_term = wait_master(&rt, &d, 2, new, term)?;
+    let deadline = Instant::now() + DEADLINE;
+    let reply = rt.block_on(load::command(d.coord_port, 2, true, 2, deadline))?;
+    assert_eq!(reply, "FAILURE_ALREADY_EXISTS", "the new master answers");
+    rt.block_on(async {
+        let mut sns = load::attach(d.coord_port, 4).await?;
+        let r = sns.follow(sns_proto::csce438::Request { username: "4".into(), arguments: vec!["2".into()] }).await?;
+        assert_eq!(r.into_inner().msg, "SUCCESS");
+        anyhow::Ok(())
+    })?;
+    d.command(&format!("resume server-2-{old}"))?;
+    // Straight at the resumed old master: whatever it answers, never SUCCESS.
+    let answer = rt.block_on(async {
+        let mut c = sns_proto::csce438::sns_service_client::SnsServiceClient::connect(format!(
+            "http://{}:{}",
+            old_node.host, old_node.port
+        ))
+        .await?;
+        let r = c.login(sns_proto::csce438::Request { username: "6".into(), arguments: vec![] }).await;
+        anyhow::Ok(r.map(|r| r.into_inner().msg))
+    })?;
+    if let Ok(msg) = &answer {
+        assert_ne!(msg, "SUCCESS", "a fenced master acknowledged a write");
+    }
+    wait_synced_slave(&rt, &d, 2, old)?;
+    let s = rt.block_on(status(&old_node))?;
+    assert!(!s.is_master && s.term >= new_term, "{s:?}");
+    check_convergence(&d, &[(1, 1), (1, 2), (2, 1), (2, 2)], &[])?;
+    let f = spec_files(&d.server_dir(2, old))?;
+    assert_eq!(
+        f.get("2_followers.txt").map(String::as_str),
+        Some("4\n"),
+        "the write made during the pause reached the old master"
+    );
+    assert!(!f.contains_key("6_timeline.txt"), "the refused login left nothing behind");
+    assert_one_master_per_term(&d);
+    Ok(())
+}
+
+/// After a failover the old master comes back, catches up, and when the new
+/// master dies it takes over with nothing lost.
+#[test]
+fn a_restarted_master_catches_up_and_takes_over_again() -> anyhow::Result<()> {
+    let mut d = Deployment::start(1, 2)?;
+    let rt = rt();
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt.block_on(async {
+        load::attach(d.coord_port, 1).await?;
+        load::attach(d.coord_port, 2).await?;
+        assert_eq!(load::command(d.coord_port, 2, true, 1, deadline).await?, "SUCCESS");
+        anyhow::Ok(())
+    })?;
+    let first = rt.block_on(load::writer(d.coord_port, 1, stop.clone(), 20, deadline));
+    let (m, term) = rt.block_on(master_of(d.coord_port, 1)).expect("master");
+    d.command(&format!("kill server-1-{m}"))?;
+    let other = 3 - m;
+    let term2 = wait_master(&rt, &d, 1, other, term)?;
+    let mut second = rt.block_on(load::writer(d.coord_port, 1, stop.clone(), 20, deadline));
+    d.command(&format!("start server-1-{m}"))?;
+    wait_synced_slave(&rt, &d, 1, m)?;
+    check_convergence(&d, &[(1, 1), (1, 2)], &[])?;
+    d.command(&format!("kill server-1-{other}"))?;
+    wait_master(&rt, &d, 1, m, term2)?;
+    let third = rt.block_on(load::writer(d.coord_port, 1, stop, 20, deadline));
+    // Posts of all three phases are in user 2's feed on the survivor.
+    second.acked.extend(third.acked);
+    second.acked.extend(first.acked);
+    let all = WriterReport { user: 1, acked: second.acked, ..Default::default() };
+    assert_eq!(all.acked.len(), 60);
+    let followers = BTreeMap::from([(1, vec![2])]);
+    assert_exactly_once(&d, &[(1, m)], &[all], &followers)?;
+    assert_one_master_per_term(&d);
+    Ok(())
+}
+
+/// The coordinator restarts mid-run: roles and terms survive, clients go on.
+#[test]
+fn a_coordinator_restart_keeps_roles_and_terms() -> anyhow::Result<()> {
+    let mut d = Deployment::start(2, 2)?;
+    let rt = rt();
+    let mut c1 = d.client("1")?;
+    c1.expect_line("=====================================")?;
+    let before: Vec<(u32, u32, u64)> = eventually("masters of both clusters", || {
+        let t = rt.block_on(table(d.coord_port)).ok()?;
+        let m: Vec<_> =
+            t.iter().filter(|n| n.kind == "server" && n.is_master).map(|n| (n.cluster, n.id, n.term)).collect();
+        (m.len() == 2).then_some(m)
+    })?;
+    let reply = d.command("restart coordinator")?;
+    assert!(reply.contains("started coordinator"), "{reply}");
+    let after: Vec<(u32, u32, u64)> = eventually("masters re-registered with the restarted coordinator", || {
+        let t = rt.block_on(table(d.coord_port)).ok()?;
+        let alive = t.iter().filter(|n| n.alive).count();
+        let m: Vec<_> =
+            t.iter().filter(|n| n.kind == "server" && n.is_master).map(|n| (n.cluster, n.id, n.term)).collect();
+        (alive == 8 && m.len() == 2).then_some(m)
+    })?;
+    assert_eq!(before, after, "the same masters under the same terms");
+    // The client still works: a write through the same session.
+    c1.run("FOLLOW 1", "Input username already exists, command failed")?;
+    let mut c2 = d.client("2")?;
+    c2.run("FOLLOW 1", "Command completed successfully")?;
+    c1.poll_list(&[1, 2], &[2])?;
+    assert_one_master_per_term(&d);
+    Ok(())
+}
