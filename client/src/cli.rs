@@ -28,6 +28,12 @@ pub struct Args {
     #[arg(short = 'u', long = "user", env = "SNS_USER", value_parser = parse_user_id, allow_hyphen_values = true)]
     pub user: u32,
 
+    /// Talk to the servers through the coordinator (started with
+    /// `--gateway`), e.g. through `kubectl port-forward`, when the server
+    /// addresses it hands out cannot be reached from here.
+    #[arg(long, env = "SNS_GATEWAY")]
+    pub gateway: bool,
+
     /// Print help.
     #[arg(long = "help", action = ArgAction::Help)]
     help: Option<bool>,
@@ -36,7 +42,13 @@ pub struct Args {
 impl Args {
     /// The session configuration these flags describe, with default timing.
     pub fn into_config(self) -> Config {
-        Config { coord_host: self.host, coord_port: self.port, user: self.user, timing: Timing::default() }
+        Config {
+            coord_host: self.host,
+            coord_port: self.port,
+            user: self.user,
+            gateway: self.gateway,
+            timing: Timing::default(),
+        }
     }
 }
 

@@ -73,6 +73,9 @@ pub struct Config {
     pub coord_port: u16,
     /// The user this client logs in as.
     pub user: u32,
+    /// Send every call to the coordinator's gateway instead of to the
+    /// server address it hands out.
+    pub gateway: bool,
     /// Timeouts and backoff.
     pub timing: Timing,
 }
@@ -400,12 +403,17 @@ async fn attach(
     let id = i32::try_from(config.user).map_err(|_| Error::UserOutOfRange(config.user))?;
     let mut ask = tonic::Request::new(Id { id });
     ask.set_timeout(timing.rpc);
-    let info = unary(timing.rpc, coordinator.clone().get_server(ask)).await?;
-    if info.hostname.is_empty() || info.port.is_empty() || info.server_id <= 0 {
-        return Err(Error::NoServer);
-    }
-    let address = format!("{}:{}", info.hostname, info.port);
-    let channel = connect(&info.hostname, &info.port, timing).await?;
+    let (host, port) = if config.gateway {
+        (config.coord_host.clone(), config.coord_port.to_string())
+    } else {
+        let info = unary(timing.rpc, coordinator.clone().get_server(ask)).await?;
+        if info.hostname.is_empty() || info.port.is_empty() || info.server_id <= 0 {
+            return Err(Error::NoServer);
+        }
+        (info.hostname, info.port)
+    };
+    let address = format!("{host}:{port}");
+    let channel = connect(&host, &port, timing).await?;
     let mut server = SnsServiceClient::new(channel);
     let reply = unary(timing.rpc, server.login(request(timing.rpc, config.user.to_string(), None))).await?;
     if reply.msg != "SUCCESS" {

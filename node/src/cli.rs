@@ -84,6 +84,11 @@ pub struct CoordinatorArgs {
     /// Number of clusters: user u belongs to cluster ((u-1) mod N)+1.
     #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub clusters: u32,
+    /// Also serve the clients' SNSService here, forwarding each call to the
+    /// caller's master (for clients that cannot reach the servers, e.g.
+    /// through `kubectl port-forward`; use `tsc --gateway`).
+    #[arg(long, env = "SNS_GATEWAY")]
+    pub gateway: bool,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
     #[command(flatten)]
@@ -92,7 +97,12 @@ pub struct CoordinatorArgs {
 
 impl CoordinatorArgs {
     pub fn config(&self) -> CoordinatorConfig {
-        CoordinatorConfig { clusters: self.clusters, heartbeat: self.heartbeat.interval, missed: self.heartbeat.missed }
+        CoordinatorConfig {
+            clusters: self.clusters,
+            gateway: self.gateway,
+            heartbeat: self.heartbeat.interval,
+            missed: self.heartbeat.missed,
+        }
     }
 }
 

@@ -203,7 +203,11 @@ impl Launcher {
         if let Some(i) = args.iter().position(|a| a == "-p") {
             args[i + 1] = proc.port.to_string();
         }
-        if proc.plan.role != Role::Coordinator {
+        if proc.plan.role == Role::Coordinator {
+            // Locally every server is reachable too; the gateway lets the
+            // same `tsc --gateway` that works through a port-forward work here.
+            args.push("--gateway".to_string());
+        } else {
             args.extend(["-k".to_string(), coord_port.to_string()]);
         }
         args.extend(["--port-file".to_string(), port_file.display().to_string()]);

@@ -37,22 +37,10 @@ fn scenario_1_one_cluster() -> anyhow::Result<()> {
     c1.expect_post(4, "p41")?;
     c1.expect_post(4, "p42")?;
     // Nobody sees their own posts.
-    assert!(
-        c1.posts_seen().iter().all(|(a, _)| a == "4"),
-        "{:?}",
-        c1.posts_seen()
-    );
-    assert!(
-        c4.posts_seen().iter().all(|(a, _)| a == "1"),
-        "{:?}",
-        c4.posts_seen()
-    );
+    assert!(c1.posts_seen().iter().all(|(a, _)| a == "4"), "{:?}", c1.posts_seen());
+    assert!(c4.posts_seen().iter().all(|(a, _)| a == "1"), "{:?}", c4.posts_seen());
 
-    check_convergence(
-        &d,
-        &[(1, 1), (1, 2)],
-        &[(4, 1, "p11"), (4, 1, "p12"), (1, 4, "p41"), (1, 4, "p42")],
-    )?;
+    check_convergence(&d, &[(1, 1), (1, 2)], &[(4, 1, "p11"), (4, 1, "p12"), (1, 4, "p41"), (1, 4, "p42")])?;
     Ok(())
 }
 
@@ -70,10 +58,7 @@ fn scenarios_2_and_3_three_clusters_and_failover() -> anyhow::Result<()> {
     for client in c.iter_mut() {
         client.poll_list(&[1, 2, 3], &[])?;
     }
-    for (i, others) in [("1", ["2", "3"]), ("2", ["1", "3"]), ("3", ["1", "2"])]
-        .iter()
-        .enumerate()
-    {
+    for (i, others) in [("1", ["2", "3"]), ("2", ["1", "3"]), ("3", ["1", "2"])].iter().enumerate() {
         for o in others.1 {
             c[i].run(&format!("FOLLOW {o}"), OK)?;
         }
@@ -98,10 +83,7 @@ fn scenarios_2_and_3_three_clusters_and_failover() -> anyhow::Result<()> {
     let cursor_posts = ["p11", "p12", "p21", "p22"];
     sns_e2e::eventually("user 3 to see p11 p12 p21 p22", || {
         let seen: Vec<String> = c[2].posts_seen().into_iter().map(|(_, t)| t).collect();
-        cursor_posts
-            .iter()
-            .all(|p| seen.iter().any(|s| s == p))
-            .then_some(())
+        cursor_posts.iter().all(|p| seen.iter().any(|s| s == p)).then_some(())
     })?;
     c[2].send("p31")?;
     c[2].send("p32")?;
@@ -128,9 +110,7 @@ fn scenarios_2_and_3_three_clusters_and_failover() -> anyhow::Result<()> {
     assert!(reply.starts_with("killed server-2-1"), "{reply}");
     // User 2's client notices, reconnects to the promoted slave by itself
     // and stays in timeline mode.
-    c[1].expect("a reconnection notice", |l| {
-        l.starts_with("Reconnected to server ")
-    })?;
+    c[1].expect("a reconnection notice", |l| l.starts_with("Reconnected to server "))?;
     let mut c5 = d.client("5")?;
     c5.expect_line("=====================================")?;
     c5.poll_list(&[1, 2, 3, 5], &[])?;
@@ -171,10 +151,7 @@ fn scenarios_2_and_3_three_clusters_and_failover() -> anyhow::Result<()> {
     // User 5 followed after the first posts: it never sees them.
     let seen5: Vec<String> = c5.posts_seen().into_iter().map(|(_, t)| t).collect();
     for old in ["p11", "p12", "p21", "p22", "p31", "p32"] {
-        assert!(
-            !seen5.iter().any(|s| s == old),
-            "user 5 saw {old}: {seen5:?}"
-        );
+        assert!(!seen5.iter().any(|s| s == old), "user 5 saw {old}: {seen5:?}");
     }
     // Nothing from before the kill is lost: the live servers hold it all.
     let live = [(1, 1), (1, 2), (2, 2), (3, 1), (3, 2)];
@@ -191,10 +168,7 @@ fn scenarios_2_and_3_three_clusters_and_failover() -> anyhow::Result<()> {
     check_convergence(&d, &live, &feeds_3)?;
     let tl = std::fs::read_to_string(d.server_dir(2, 2).join("2_timeline.txt"))?;
     for p in ["p21", "p22", "p23", "p24"] {
-        assert!(
-            tl.contains(&format!("W {p}\n")),
-            "server 2/2 lost {p}: {tl}"
-        );
+        assert!(tl.contains(&format!("W {p}\n")), "server 2/2 lost {p}: {tl}");
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The coordinator: the routing table behind the course's `CoordService`,
 //! plus our `CoordAdmin` view of the whole table.
 
+pub mod gateway;
 pub mod table;
 
 use crate::error::Result;
@@ -23,6 +24,8 @@ use tonic::{Request, Response, Status};
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     pub clusters: u32,
+    /// Also serve `SNSService`, forwarding to each caller's master.
+    pub gateway: bool,
     pub heartbeat: Duration,
     pub missed: u32,
 }
@@ -287,7 +290,8 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: Cancel
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(CoordServiceServer::new(coord.clone()))
-        .add_service(CoordAdminServer::new(coord))
+        .add_service(CoordAdminServer::new(coord.clone()))
+        .add_optional_service(cfg.gateway.then(|| gateway::service(coord)))
         .serve_with_incoming_shutdown(net::incoming(listener), shutdown.cancelled())
         .await;
     sweeper.abort();
