@@ -274,7 +274,13 @@ impl Session {
         loop {
             let opened = Instant::now();
             let err = match self.stream(input, console, &mut seen, &mut pending).await {
-                StreamEnd::EndOfInput => return Exit::EndOfInput,
+                StreamEnd::EndOfInput => {
+                    // Whatever the server has not confirmed may be lost: say so.
+                    for post in pending.undelivered_at_exit() {
+                        console.line(&output::post_not_delivered(&post.msg));
+                    }
+                    return Exit::EndOfInput;
+                }
                 StreamEnd::Broken(err) => err,
             };
             if opened.elapsed() >= STABLE_STREAM {
@@ -340,7 +346,8 @@ impl Session {
                 return StreamEnd::Broken(Error::StreamEnded);
             }
         }
-        // Set at end of input: how long to wait for the last acknowledgements.
+        // Set at end of input: until when to wait for the last
+        // acknowledgements (pushed back while they keep coming).
         let mut closing: Option<Instant> = None;
         loop {
             if let Some(deadline) = closing
@@ -355,7 +362,12 @@ impl Session {
                 // open rather than going into the dead one.
                 biased;
                 received = incoming.message() => match received {
-                    Ok(Some(post)) if post.post_id != 0 && post.msg.is_empty() => pending.ack(post.post_id),
+                    Ok(Some(post)) if post.post_id != 0 && post.msg.is_empty() => {
+                        pending.ack(post.post_id);
+                        if closing.is_some() {
+                            closing = Some(Instant::now() + self.config.timing.rpc);
+                        }
+                    }
                     Ok(Some(post)) => show(post, seen, console),
                     Ok(None) => return StreamEnd::Broken(Error::StreamEnded),
                     Err(status) => return StreamEnd::Broken(status.into()),

@@ -359,6 +359,7 @@ impl Node {
                 }
                 _ => {
                     tracing::debug!(seq = op.seq, error = %status.message(), "forward failed");
+                    *lock(&self.0.synced_slave) = None;
                     match self.heartbeat().await {
                         Ok(r) if !r.is_master => return Err(self.not_master()),
                         Ok(r) => {
@@ -592,6 +593,10 @@ async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
         let current = role.borrow_and_update().clone();
         if current.is_master && current.slave.is_some() {
             node.sync_new_slave().await;
+        } else {
+            // The slave left (or we are no longer master): whoever comes
+            // next, even at the same address, starts from a snapshot.
+            *lock(&node.0.synced_slave) = None;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
