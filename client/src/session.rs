@@ -363,7 +363,11 @@ impl Session {
                 biased;
                 received = incoming.message() => match received {
                     Ok(Some(post)) if post.post_id != 0 && post.msg.is_empty() => {
-                        pending.ack(post.post_id);
+                        for post in pending.ack(post.post_id) {
+                            if outbox.send(post).is_err() {
+                                return StreamEnd::Broken(Error::StreamEnded);
+                            }
+                        }
                         if closing.is_some() {
                             closing = Some(Instant::now() + self.config.timing.rpc);
                         }
@@ -372,7 +376,7 @@ impl Session {
                     Ok(None) => return StreamEnd::Broken(Error::StreamEnded),
                     Err(status) => return StreamEnd::Broken(status.into()),
                 },
-                _ = sleep_until(wait_until.into()), if closing.is_some() => {}
+                _ = sleep_until(wait_until), if closing.is_some() => {}
                 typed = input.next_line(), if closing.is_none() => match typed {
                     Ok(Some(line)) => match timeline::classify(&line) {
                         Typed::Blank => {}

@@ -112,10 +112,15 @@ impl<T: Clone> PendingPosts<T> {
         id
     }
 
-    /// The server acknowledged `id`.
-    pub fn ack(&mut self, id: u64) {
+    /// The server acknowledged `id`. Returns the posts to send again now:
+    /// on the first acknowledgement of the session, every other post that
+    /// was sent but never confirmed (a server that acknowledges drops a
+    /// repeated id, so one that did arrive is only confirmed, not doubled).
+    pub fn ack(&mut self, id: u64) -> Vec<T> {
+        let first = !self.acks_seen;
         self.acks_seen = true;
         self.queue.retain(|p| p.id != id);
+        if first { self.queue.iter().filter(|p| p.sent).map(|p| p.post.clone()).collect() } else { Vec::new() }
     }
 
     /// Posts to write on a fresh stream, in typing order; marks them sent.
@@ -206,12 +211,13 @@ mod tests {
         assert_eq!(p.to_send().len(), 2);
         // Before any acknowledgement (maybe a course server): nothing resent.
         assert!(p.to_send().is_empty());
-        p.ack(a);
+        // The first acknowledgement brings back what was never confirmed.
+        assert_eq!(p.ack(a), vec![format!("b{b}")]);
         // Now the server is known to deduplicate: b goes again.
         assert_eq!(p.to_send(), vec![format!("b{b}")]);
         assert!(p.awaiting_ack());
         assert_eq!(p.undelivered().count(), 1);
-        p.ack(b);
+        assert!(p.ack(b).is_empty(), "only the first acknowledgement resends");
         assert!(!p.awaiting_ack());
         assert_eq!(p.undelivered().count(), 0);
     }

@@ -22,10 +22,13 @@ use tokio_stream::Stream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+/// Clients of the masters, by (host, port).
+type Clients = HashMap<(String, String), SnsServiceClient<Channel>>;
+
 #[derive(Clone)]
 pub struct Gateway {
     coord: Coordinator,
-    clients: Arc<Mutex<HashMap<(String, String), SnsServiceClient<Channel>>>>,
+    clients: Arc<Mutex<Clients>>,
 }
 
 pub fn service(coord: Coordinator) -> SnsServiceServer<Gateway> {

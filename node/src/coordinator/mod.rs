@@ -34,6 +34,9 @@ pub struct CoordinatorConfig {
 #[derive(Clone)]
 pub struct Coordinator {
     table: Arc<Mutex<Table>>,
+    /// This coordinator's start time (ms since the Unix epoch): a restarted
+    /// coordinator's answers order after the previous one's.
+    epoch: u64,
     /// Bumped on every change of role or membership: wakes lease streams.
     changes: watch::Sender<u64>,
     shutdown: CancellationToken,
@@ -49,6 +52,7 @@ impl Coordinator {
         let timeout = cfg.heartbeat * cfg.missed.max(1);
         Coordinator {
             table: Arc::new(Mutex::new(Table::new(cfg.clusters, timeout))),
+            epoch: net::now_ms().max(0) as u64,
             changes: watch::channel(0).0,
             shutdown,
         }
@@ -162,6 +166,8 @@ impl CoordService for Coordinator {
             slave_hostname: slave_host,
             slave_port,
             slave_server_id: slave_id as i32,
+            coordinator_epoch: self.epoch as i64,
+            role_version: a.version as i64,
         }))
     }
 
@@ -247,6 +253,8 @@ impl CoordAdmin for Coordinator {
                         slave_id: a.slave.as_ref().map_or(0, |s| s.0),
                         slave_host: a.slave.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
                         slave_port: a.slave.as_ref().map(|s| s.2.clone()).unwrap_or_default(),
+                        epoch: coord.epoch,
+                        version: a.version,
                     };
                     if tx.send(Ok(update)).await.is_err() {
                         break;

@@ -72,6 +72,9 @@ pub struct NodeView {
 pub struct Assignment {
     pub is_master: bool,
     pub term: u64,
+    /// The table version this answer reflects: newer answers carry larger
+    /// versions, so a node can ignore one that arrives late.
+    pub version: u64,
     /// For a master server: the cluster's live slave (id, host, port).
     pub slave: Option<(u32, String, String)>,
 }
@@ -104,6 +107,8 @@ pub struct Table {
     nodes: BTreeMap<(Kind, u32, u32), Entry>,
     roles: BTreeMap<u32, ClusterRoles>,
     next_order: u64,
+    /// Bumped on every registration, promotion and death.
+    version: u64,
 }
 
 /// A change of master, for the log.
@@ -121,7 +126,7 @@ impl Table {
     }
 
     pub fn starting_at(started: Instant, clusters: u32, timeout: Duration) -> Table {
-        Table { started, timeout, clusters, nodes: BTreeMap::new(), roles: BTreeMap::new(), next_order: 0 }
+        Table { started, timeout, clusters, nodes: BTreeMap::new(), roles: BTreeMap::new(), next_order: 0, version: 0 }
     }
 
     pub fn clusters(&self) -> u32 {
@@ -175,6 +180,9 @@ impl Table {
             roles.term = roles.term.max(beat.term);
         }
         promotions.extend(self.refresh(now));
+        if !was_alive {
+            self.version += 1;
+        }
         (self.assignment(now, beat.kind, beat.cluster, beat.id), promotions, !was_alive)
     }
 
@@ -184,6 +192,7 @@ impl Table {
         if let Some(e) = self.nodes.get_mut(&(kind, cluster, id)) {
             e.last_seen = now.checked_sub(timeout).unwrap_or(e.last_seen.min(now));
         }
+        self.version += 1;
         self.refresh(now)
     }
 
@@ -219,6 +228,9 @@ impl Table {
             }
             promotions.push(Promotion { cluster, old: current, new: next, term: roles.term });
         }
+        if !promotions.is_empty() {
+            self.version += 1;
+        }
         promotions
     }
 
@@ -239,7 +251,7 @@ impl Table {
         } else {
             None
         };
-        Assignment { is_master, term: roles.term, slave }
+        Assignment { is_master, term: roles.term, version: self.version, slave }
     }
 
     /// Address of a node, if registered.
@@ -425,6 +437,21 @@ mod tests {
         // A stale claim (older term) does not unseat it.
         let (a, _, _) = table.heartbeat(t1, &Beat { claims_master: true, term: 7, ..server(1, 1) });
         assert!(!a.is_master);
+    }
+
+    #[test]
+    fn answers_are_versioned_so_late_ones_can_be_ignored() {
+        let t0 = Instant::now();
+        let mut table = Table::starting_at(t0, 3, T);
+        let (early, _, _) = table.heartbeat(t0, &server(1, 1));
+        assert!(early.slave.is_none());
+        table.heartbeat(t0, &server(1, 2));
+        let (late, _, _) = table.heartbeat(t0, &server(1, 1));
+        assert!(late.slave.is_some());
+        assert!(late.version > early.version, "the answer naming the slave is newer");
+        let v = late.version;
+        table.mark_dead(t0, Kind::Server, 1, 2);
+        assert!(table.assignment_of(t0, Kind::Server, 1, 1).unwrap().version > v);
     }
 
     #[test]

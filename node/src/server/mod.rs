@@ -69,6 +69,8 @@ pub struct Role {
     pub term: u64,
     /// The slave to forward writes to: (id, host, port).
     pub slave: Option<(u32, String, String)>,
+    /// (coordinator epoch, table version) of the answer this came from.
+    pub version: (u64, u64),
 }
 
 /// While a master has no slave it asks this often, so a slave that just
@@ -208,14 +210,17 @@ impl Node {
             reply.slave_hostname,
             reply.slave_port,
         ));
-        self.adopt(Role { is_master: reply.is_master, term: reply.term.max(0) as u64, slave });
+        let version = (reply.coordinator_epoch.max(0) as u64, reply.role_version.max(0) as u64);
+        self.adopt(Role { is_master: reply.is_master, term: reply.term.max(0) as u64, slave, version });
         Ok(self.role())
     }
 
     /// Takes on a role, ignoring anything older than the term we know.
     fn adopt(&self, role: Role) {
         self.0.role.send_if_modified(|cur| {
-            if role.term < cur.term || *cur == role {
+            // Older terms never; within a term, never an older answer (a
+            // heartbeat reply overtaken by a lease push must not undo it).
+            if role.term < cur.term || (role.term == cur.term && role.version < cur.version) || *cur == role {
                 return false;
             }
             if role.is_master != cur.is_master || role.term != cur.term {
@@ -239,7 +244,7 @@ impl Node {
             if cur.is_master {
                 tracing::warn!(term, old_term = cur.term, "a newer term exists: this server is fenced");
             }
-            self.adopt(Role { is_master: false, term, slave: None });
+            self.adopt(Role { is_master: false, term, slave: None, version: cur.version });
         }
     }
 
@@ -572,7 +577,7 @@ async fn lease_loop(node: Node, shutdown: CancellationToken) {
                         Ok(Some(u)) => {
                             let slave = (u.is_master && !u.slave_port.is_empty())
                                 .then_some((u.slave_id, u.slave_host, u.slave_port));
-                            node.adopt(Role { is_master: u.is_master, term: u.term, slave });
+                            node.adopt(Role { is_master: u.is_master, term: u.term, slave, version: (u.epoch, u.version) });
                         }
                         _ => break,
                     },
