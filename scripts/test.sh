@@ -12,3 +12,4 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The end-to-end suites run the real binaries: build them first.
 cargo build --workspace --bins --quiet
 cargo test --workspace --no-fail-fast
+bash scripts/check-k8s.sh

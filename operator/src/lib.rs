@@ -1,5 +1,26 @@
 //! The Kubernetes operator for `SnsCluster` resources.
 //!
-//! Not built yet: the CRD types, the reconciler and the `sns-operator`
-//! binary come with their own issue. The crate exists so the workspace
-//! layout is final from the start.
+//! - [`crd`]: the resource's Rust types; the CRD YAML is generated from them;
+//! - [`render`]: the child objects of an SnsCluster, a pure function whose
+//!   pod command lines come from the same deployment plan as the local
+//!   launcher (`sns_node::topology`);
+//! - [`coordinator`]: the coordinator's routing table, behind a trait;
+//! - [`status`]: role labels, conditions, failover detection (pure);
+//! - [`controller`]: `reconcile` and `error_policy`;
+//! - [`metrics`]: Prometheus counters and the health endpoint;
+//! - [`manager`]: `sns-operator run`, wiring the above to a cluster.
+
+pub mod controller;
+pub mod coordinator;
+pub mod crd;
+pub mod error;
+pub mod manager;
+pub mod metrics;
+pub mod render;
+pub mod status;
+
+#[cfg(test)]
+mod fixtures;
+
+pub use crd::{SnsCluster, SnsClusterSpec, SnsClusterStatus};
+pub use error::{Error, Result};

@@ -1,0 +1,613 @@
+//! The reconciler: `reconcile(obj, ctx) -> Result<Action>` and
+//! `error_policy`, in the shape of kube-rs's controller-rs.
+//!
+//! One reconcile of an SnsCluster:
+//! 1. kube's `finalizer()` helper adds `sns.io/cleanup` first, and on
+//!    deletion runs [`cleanup`] (PVC retention) before letting it go;
+//! 2. the broker credentials Secret is created if missing (never
+//!    overwritten: RabbitMQ keeps the password in its volume);
+//! 3. every rendered child is server-side applied with the one field
+//!    manager `sns-operator`, and StatefulSets/Services this SnsCluster no
+//!    longer wants (scale-down, a switch to an external broker) are
+//!    deleted — with their volumes when `storage.retention` is `Delete`.
+//!    Steps 2-3 run when the rendered state changed or every resync period
+//!    (drift repair), not on every poll;
+//! 4. the coordinator's routing table gives each server pod's role: the
+//!    `sns.io/role` label is patched where it is wrong, which moves the
+//!    per-cluster master Service;
+//! 5. status (conditions, masters, terms, last failover) is written via the
+//!    status subresource when it changed, and Events tell of creation,
+//!    scaling and failover;
+//! 6. requeue after one heartbeat interval (1-10 s), which is what keeps the
+//!    role labels current: the coordinator has no watch API.
+
+use crate::coordinator::RoutingTable;
+use crate::crd::{PvcRetention, SnsCluster};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::render::{
+    self, Child, LABEL_CLUSTER, LABEL_COMPONENT, LABEL_ROLE, LABEL_SERVER, MANAGER, Names, RenderOptions, Rendered,
+};
+use crate::status::{self, Observation};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const FINALIZER: &str = "sns.io/cleanup";
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub routing: Arc<dyn RoutingTable>,
+    pub metrics: Arc<Metrics>,
+    pub render: RenderOptions,
+    /// How often the children are re-applied even if nothing changed.
+    pub resync: Duration,
+    recorder: Recorder,
+    /// Per SnsCluster (`ns/name`): checksum of the last full apply and when.
+    applied: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Per SnsCluster: consecutive failures, for the backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        routing: Arc<dyn RoutingTable>,
+        metrics: Arc<Metrics>,
+        render: RenderOptions,
+        resync: Duration,
+    ) -> Self {
+        let reporter = Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            routing,
+            metrics,
+            render,
+            resync,
+            applied: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn publish(&self, obj: &SnsCluster, warning: bool, reason: &str, action: &str, note: String) {
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        // Events are for people: failing to publish one is logged, never a
+        // reason to fail the reconcile.
+        match self.recorder.publish(&event, &obj.object_ref(&())).await {
+            Ok(()) => self.metrics.event(),
+            Err(e) => tracing::warn!(error = %e, reason, "cannot publish event"),
+        }
+    }
+}
+
+fn key(obj: &SnsCluster) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// How often the role labels and status are refreshed: one heartbeat
+/// interval (a failover is noticed within one beat of the coordinator
+/// deciding it), but at least 1 s apart and at most 10 s.
+pub fn poll_interval(obj: &SnsCluster) -> Duration {
+    Duration::from_millis(obj.spec.heartbeat.interval_millis.clamp(1000, 10_000))
+}
+
+#[tracing::instrument(skip_all, fields(sns_cluster = %key(&obj)))]
+pub async fn reconcile(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let k = key(&obj);
+    let ns = obj.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<SnsCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            Finalizer::Apply(obj) => apply(obj, ctx.clone()).await,
+            Finalizer::Cleanup(obj) => cleanup(obj, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(started.elapsed(), result.is_ok());
+    if result.is_ok() {
+        ctx.failures.lock().expect("failures lock").remove(&k);
+    }
+    result
+}
+
+/// Exponential backoff per SnsCluster: 5 s (the poll cadence), doubling up
+/// to 5 minutes, reset by the next success.
+pub fn error_policy(obj: Arc<SnsCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    let n = {
+        let mut f = ctx.failures.lock().expect("failures lock");
+        let n = f.entry(key(&obj)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(n);
+    tracing::warn!(sns_cluster = %key(&obj), error = %error, failures = n, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+pub fn backoff(failures: u32) -> Duration {
+    let secs = 5u64.saturating_mul(1u64 << failures.saturating_sub(1).min(16));
+    Duration::from_secs(secs.min(300))
+}
+
+async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
+    let names = Names::of(&obj)?;
+    let rendered = render::render(&obj, &ctx.render)?;
+    let k = key(&obj);
+    let checksum = rendered.checksum();
+    let due = ctx
+        .applied
+        .lock()
+        .expect("applied lock")
+        .get(&k)
+        .is_none_or(|(sum, at)| *sum != checksum || at.elapsed() >= ctx.resync);
+    if due {
+        apply_children(&obj, &names, &rendered, &ctx).await?;
+        prune(&obj, &names, &rendered, &ctx).await?;
+        ctx.applied.lock().expect("applied lock").insert(k, (checksum, Instant::now()));
+        ctx.metrics.applied();
+    }
+
+    let spec = &obj.spec;
+    let observation = ctx
+        .routing
+        .table(&names.coordinator_endpoint())
+        .await
+        .map(|nodes| Observation::from_table(spec.clusters, spec.servers_per_cluster, &nodes));
+    match &observation {
+        Ok(o) => label_roles(&names, o, &ctx).await?,
+        Err(e) => tracing::info!(error = %e, "no routing table yet; role labels left as they are"),
+    }
+    let why;
+    let obs = match &observation {
+        Ok(o) => Ok(o),
+        Err(e) => {
+            why = e.to_string();
+            Err(why.as_str())
+        }
+    };
+    let (status, notices) = status::next_status(&obj, &names, obs, Timestamp::now());
+    for n in notices {
+        if n.reason == "Failover" {
+            ctx.metrics.failover();
+        }
+        tracing::info!(reason = n.reason, note = %n.note, "event");
+        ctx.publish(&obj, n.warning, n.reason, n.action, n.note).await;
+    }
+    if obj.status.as_ref() != Some(&status) {
+        let api: Api<SnsCluster> = Api::namespaced(ctx.client.clone(), &names.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": "sns.io/v1alpha1",
+            "kind": "SnsCluster",
+            "status": status,
+        });
+        api.patch_status(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    }
+    Ok(Action::requeue(poll_interval(&obj)))
+}
+
+async fn ssa<K>(client: &Client, ns: &str, obj: &K) -> Result<()>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    api.patch(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj)).await?;
+    Ok(())
+}
+
+async fn apply_children(obj: &SnsCluster, names: &Names, rendered: &Rendered, ctx: &Context) -> Result<()> {
+    let ns = names.namespace.as_str();
+    if let Some(template) = &rendered.broker_secret {
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+        let secret = render::broker_secret(template, names, &render::random_password()?);
+        let params = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+        match secrets.create(&params, &secret).await {
+            Ok(_) => tracing::info!(secret = %names.rabbitmq_secret(), "broker credentials created"),
+            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for child in &rendered.children {
+        match child {
+            Child::ConfigMap(o) => ssa::<ConfigMap>(&ctx.client, ns, o).await?,
+            Child::Service(o) => ssa::<Service>(&ctx.client, ns, o).await?,
+            Child::StatefulSet(o) => ssa::<StatefulSet>(&ctx.client, ns, o).await?,
+            Child::Deployment(o) => ssa::<Deployment>(&ctx.client, ns, o).await?,
+            Child::Pdb(o) => ssa::<PodDisruptionBudget>(&ctx.client, ns, o).await?,
+        }
+    }
+    tracing::debug!(objects = rendered.children.len(), uid = ?obj.uid(), "children applied");
+    Ok(())
+}
+
+fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, obj: &SnsCluster) -> bool {
+    meta.owner_references.iter().flatten().any(|o| Some(&o.uid) == obj.metadata.uid.as_ref())
+}
+
+/// Deletes the StatefulSets and Services of this SnsCluster that the
+/// current spec no longer renders.
+async fn prune(obj: &SnsCluster, names: &Names, rendered: &Rendered, ctx: &Context) -> Result<()> {
+    let ns = names.namespace.as_str();
+    let selector = ListParams::default().labels(&names.selector());
+    let wanted = rendered.names_of("StatefulSet");
+    let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    for s in sts.list(&selector).await? {
+        let name = s.name_any();
+        if wanted.contains(&name) || !owned_by(&s.metadata, obj) {
+            continue;
+        }
+        tracing::info!(statefulset = %name, "removing what the spec no longer wants");
+        ignore_not_found(sts.delete(&name, &DeleteParams::background()).await.map(|_| ()))?;
+        let labels = s.labels();
+        let server = (
+            labels.get(LABEL_COMPONENT).map(String::as_str),
+            labels.get(LABEL_CLUSTER).and_then(|v| v.parse::<u32>().ok()),
+            labels.get(LABEL_SERVER).and_then(|v| v.parse::<u32>().ok()),
+        );
+        if let (Some("server"), Some(c), Some(id)) = server
+            && obj.spec.storage.retention == PvcRetention::Delete
+        {
+            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+            let pvc = names.server_pvc(c, id);
+            tracing::info!(pvc = %pvc, "deleting the removed server's volume (retention: Delete)");
+            ignore_not_found(pvcs.delete(&pvc, &DeleteParams::default()).await.map(|_| ()))?;
+        }
+    }
+    let wanted = rendered.names_of("Service");
+    let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    for s in svcs.list(&selector).await? {
+        let name = s.name_any();
+        if !wanted.contains(&name) && owned_by(&s.metadata, obj) {
+            tracing::info!(service = %name, "removing what the spec no longer wants");
+            ignore_not_found(svcs.delete(&name, &DeleteParams::default()).await.map(|_| ()))?;
+        }
+    }
+    Ok(())
+}
+
+fn ignore_not_found(r: Result<(), kube::Error>) -> Result<()> {
+    match r {
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// Sets `sns.io/role` on every server pod whose label disagrees with the
+/// coordinator. A merge patch, not an apply: the pods belong to their
+/// StatefulSets, the operator only owns this one label.
+async fn label_roles(names: &Names, obs: &Observation, ctx: &Context) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let list = pods.list(&ListParams::default().labels(&names.server_selector())).await?;
+    let params = PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+    for (pod, role) in status::role_changes(&list.items, obs) {
+        tracing::info!(pod = %pod, role, "role label");
+        let patch = serde_json::json!({"metadata": {"labels": {LABEL_ROLE: role}}});
+        ignore_not_found(pods.patch(&pod, &params, &Patch::Merge(&patch)).await.map(|_| ()))?;
+    }
+    Ok(())
+}
+
+/// Runs before the SnsCluster goes: owner references take the children
+/// (garbage collection); what is left to decide is the volumes, which no
+/// owner reference covers when they are retained.
+async fn cleanup(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
+    let names = Names::of(&obj)?;
+    let note = match obj.spec.storage.retention {
+        PvcRetention::Delete => {
+            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &names.namespace);
+            pvcs.delete_collection(&DeleteParams::default(), &ListParams::default().labels(&names.selector())).await?;
+            "deleting the SnsCluster and its PersistentVolumeClaims (storage.retention: Delete)"
+        }
+        PvcRetention::Retain => {
+            "deleting the SnsCluster; its PersistentVolumeClaims are kept (storage.retention: Retain)"
+        }
+    };
+    tracing::info!(note, "cleanup");
+    ctx.publish(&obj, false, "Deleting", "Delete", note.into()).await;
+    ctx.applied.lock().expect("applied lock").remove(&key(&obj));
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::SnsClusterStatus;
+    use crate::fixtures::{Mock, World, cluster, healthy_table, server_pod};
+    use crate::status::{PROGRESSING, READY};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use serde_json::{Value, json};
+
+    fn finalized(mut obj: SnsCluster) -> SnsCluster {
+        obj.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        obj
+    }
+
+    fn lines(calls: &[crate::fixtures::Call]) -> Vec<String> {
+        calls.iter().map(|c| c.line()).collect()
+    }
+
+    const NS: &str = "/api/v1/namespaces/prod";
+    const APPS: &str = "/apis/apps/v1/namespaces/prod";
+
+    /// The calls of a full apply of the default `demo` SnsCluster.
+    fn full_apply() -> Vec<String> {
+        let mut v = vec![
+            format!("POST {NS}/secrets"),
+            format!("PATCH {NS}/configmaps/demo-config"),
+            format!("PATCH {NS}/services/demo-coordinator"),
+            format!("PATCH {NS}/services/demo-nodes"),
+        ];
+        for c in 1..=3 {
+            v.push(format!("PATCH {NS}/services/demo-master-{c}"));
+        }
+        v.push(format!("PATCH {NS}/services/demo-rabbitmq"));
+        v.push(format!("PATCH {APPS}/statefulsets/demo-rabbitmq"));
+        v.push(format!("PATCH {APPS}/deployments/demo-coordinator"));
+        for c in 1..=3 {
+            for s in 1..=2 {
+                v.push(format!("PATCH {APPS}/statefulsets/demo-server-{c}-{s}"));
+            }
+        }
+        for c in 1..=3 {
+            v.push(format!("PATCH /apis/policy/v1/namespaces/prod/poddisruptionbudgets/demo-cluster-{c}"));
+        }
+        v.push(format!("GET {APPS}/statefulsets"));
+        v.push(format!("GET {NS}/services"));
+        v
+    }
+
+    fn status_of(call: &crate::fixtures::Call) -> SnsClusterStatus {
+        serde_json::from_value(call.body["status"].clone()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_new_sns_cluster_first_gets_the_finalizer() {
+        let mock = Mock::new(World::default(), None);
+        let action = reconcile(Arc::new(cluster("demo", json!({}))), mock.ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        let calls = mock.calls().await;
+        assert_eq!(lines(&calls), ["PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo"]);
+        let ops = calls[0].body.as_array().unwrap();
+        assert_eq!(ops.last().unwrap()["value"], json!([FINALIZER]));
+    }
+
+    #[tokio::test]
+    async fn first_apply_creates_everything_labels_roles_and_writes_status() {
+        let world =
+            World { pods: vec![server_pod("demo", 1, 1, None), server_pod("demo", 1, 2, None)], ..Default::default() };
+        let mock = Mock::new(world, Some(healthy_table(3, 2)));
+        let obj = finalized(cluster("demo", json!({})));
+        let action = reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+        assert_eq!(mock.ctx.metrics.reconciles(), 1);
+        let calls = mock.calls().await;
+        let mut expected = full_apply();
+        expected.extend([
+            format!("GET {NS}/pods"),
+            format!("PATCH {NS}/pods/demo-server-1-1-0"),
+            format!("PATCH {NS}/pods/demo-server-1-2-0"),
+            "POST /apis/events.k8s.io/v1/namespaces/prod/events".into(),
+            "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo/status".into(),
+        ]);
+        assert_eq!(lines(&calls), expected);
+
+        // Every apply is a server-side apply by our one field manager.
+        for c in calls.iter().filter(|c| c.method == "PATCH" && !c.uri.contains("/pods/")) {
+            assert!(c.uri.contains("fieldManager=sns-operator"), "{}", c.uri);
+            assert!(c.uri.contains("force=true"), "{}", c.uri);
+        }
+        // The generated password went into the Secret, URL included.
+        let secret = &calls[0].body;
+        assert_eq!(secret["metadata"]["name"], "demo-rabbitmq-credentials");
+        assert!(secret["data"]["url"].is_string());
+        // Pods listed by the server selector; roles from the table.
+        let pods = full_apply().len();
+        assert!(calls[pods].uri.contains("labelSelector="), "{}", calls[pods].uri);
+        assert_eq!(calls[pods + 1].body, json!({"metadata": {"labels": {"sns.io/role": "master"}}}));
+        assert_eq!(calls[pods + 2].body, json!({"metadata": {"labels": {"sns.io/role": "slave"}}}));
+        assert_eq!(calls[pods + 3].body["reason"], "Created");
+        let status = status_of(&calls[pods + 4]);
+        assert_eq!(status.observed_generation, Some(1));
+        assert_eq!(status.masters.as_deref(), Some("3/3"));
+        let ready = status.conditions.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!(ready.status, "True");
+        assert_eq!(status.clusters[2].master.as_deref(), Some("demo-server-3-1-0"));
+    }
+
+    #[tokio::test]
+    async fn steady_state_touches_nothing_and_a_failover_updates_status() {
+        let mock = Mock::new(World::default(), Some(healthy_table(3, 2)));
+        let mut obj = finalized(cluster("demo", json!({})));
+        reconcile(Arc::new(obj.clone()), mock.ctx.clone()).await.unwrap();
+        // As the watch would deliver it: the object with the status written.
+        let mut table = healthy_table(3, 2);
+        let names = Names::of(&obj).unwrap();
+        let observed = Observation::from_table(3, 2, &table);
+        obj.status = Some(status::next_status(&obj, &names, Ok(&observed), Timestamp::now()).0);
+
+        // Nothing changed: the children are not re-applied (the Context
+        // remembers them), the status is not rewritten; only the pod list.
+        reconcile(Arc::new(obj.clone()), mock.ctx.clone()).await.unwrap();
+
+        // Cluster 2 fails over to server 2.
+        table[2].alive = false;
+        table[2].is_master = false;
+        table[3].is_master = true;
+        table[3].term = 2;
+        mock.set_table(Some(table));
+        reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
+        assert_eq!(mock.ctx.metrics.failovers(), 1);
+        let calls = mock.calls().await;
+        let all = lines(&calls);
+        let first = full_apply().len() + 3; // pods, event, status
+        assert_eq!(all[first..first + 1], [format!("GET {NS}/pods")], "{all:#?}");
+        assert_eq!(
+            all[first + 1..],
+            [
+                format!("GET {NS}/pods"),
+                "POST /apis/events.k8s.io/v1/namespaces/prod/events".to_string(),
+                "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo/status".to_string(),
+            ]
+        );
+        let event = &calls[calls.len() - 2].body;
+        assert_eq!(event["reason"], "Failover");
+        assert_eq!(event["type"], "Warning");
+        let status = status_of(calls.last().unwrap());
+        assert_eq!(status.clusters[1].master.as_deref(), Some("demo-server-2-2-0"));
+        assert_eq!(status.clusters[1].term, Some(2));
+        assert!(status.last_failover_time.is_some());
+    }
+
+    #[tokio::test]
+    async fn unreachable_coordinator_still_applies_and_reports_progressing() {
+        let world = World { secret_exists: true, ..Default::default() };
+        let mock = Mock::new(world, None);
+        let obj = finalized(cluster("demo", json!({})));
+        let action = reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+        let calls = mock.calls().await;
+        let mut expected = full_apply();
+        expected.extend([
+            "POST /apis/events.k8s.io/v1/namespaces/prod/events".to_string(),
+            "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo/status".to_string(),
+        ]);
+        assert_eq!(lines(&calls), expected, "no pod list or label without a routing table");
+        let status = status_of(calls.last().unwrap());
+        let ready = status.conditions.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!(ready.reason, "CoordinatorUnreachable");
+        let progressing = status.conditions.iter().find(|c| c.type_ == PROGRESSING).unwrap();
+        assert_eq!(progressing.status, "True");
+    }
+
+    #[tokio::test]
+    async fn scale_down_prunes_the_second_servers() {
+        let leftover = |c: u32| -> Value {
+            json!({
+                "apiVersion": "apps/v1", "kind": "StatefulSet",
+                "metadata": {
+                    "name": format!("demo-server-{c}-2"), "namespace": "prod",
+                    "labels": {"app.kubernetes.io/component": "server", "sns.io/cluster": c.to_string(), "sns.io/server": "2"},
+                    "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": "demo", "uid": "uid-1"}]
+                }
+            })
+        };
+        for (retention, deletes_pvcs) in [("Retain", false), ("Delete", true)] {
+            let world =
+                World { statefulsets: vec![leftover(1), leftover(2)], secret_exists: true, ..Default::default() };
+            let mock = Mock::new(world, None);
+            let obj = finalized(cluster(
+                "demo",
+                json!({"clusters": 2, "serversPerCluster": 1, "storage": {"retention": retention}}),
+            ));
+            reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
+            let calls = lines(&mock.calls().await);
+            let list = calls.iter().position(|l| l == &format!("GET {APPS}/statefulsets")).unwrap();
+            let mut expected = Vec::new();
+            for c in 1..=2 {
+                expected.push(format!("DELETE {APPS}/statefulsets/demo-server-{c}-2"));
+                if deletes_pvcs {
+                    expected.push(format!("DELETE {NS}/persistentvolumeclaims/data-demo-server-{c}-2-0"));
+                }
+            }
+            expected.push(format!("GET {NS}/services"));
+            assert_eq!(calls[list + 1..list + 1 + expected.len()], expected[..], "{retention}");
+        }
+    }
+
+    #[tokio::test]
+    async fn deletion_with_retain_keeps_volumes() {
+        let mock = Mock::new(World::default(), None);
+        let mut obj = finalized(cluster("demo", json!({})));
+        obj.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        let action = reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        let calls = mock.calls().await;
+        assert_eq!(
+            lines(&calls),
+            [
+                "POST /apis/events.k8s.io/v1/namespaces/prod/events",
+                "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo",
+            ]
+        );
+        assert!(calls[0].body["note"].as_str().unwrap().contains("kept"));
+        // The finalizer helper tests that ours is still there, then removes it.
+        let ops = calls[1].body.as_array().unwrap();
+        assert_eq!(ops[0]["op"], "test");
+        assert_eq!(ops[1]["op"], "remove");
+    }
+
+    #[tokio::test]
+    async fn deletion_with_delete_removes_this_clusters_volumes() {
+        let mock = Mock::new(World::default(), None);
+        let mut obj = finalized(cluster("demo", json!({"storage": {"retention": "Delete"}})));
+        obj.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
+        let calls = mock.calls().await;
+        assert_eq!(
+            lines(&calls),
+            [
+                format!("DELETE {NS}/persistentvolumeclaims"),
+                "POST /apis/events.k8s.io/v1/namespaces/prod/events".to_string(),
+                "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo".to_string(),
+            ]
+        );
+        let uri = &calls[0].uri;
+        assert!(
+            uri.contains("labelSelector=app.kubernetes.io%2Finstance%3Ddemo"),
+            "only this SnsCluster's claims: {uri}"
+        );
+    }
+
+    #[tokio::test]
+    async fn api_errors_fail_the_reconcile_and_back_off() {
+        let world = World { fail_applies: true, ..Default::default() };
+        let mock = Mock::new(world, None);
+        let obj = Arc::new(finalized(cluster("demo", json!({}))));
+        let err = reconcile(obj.clone(), mock.ctx.clone()).await.unwrap_err();
+        assert!(err.to_string().contains("bad day"), "{err}");
+        assert_eq!(mock.ctx.metrics.failures(), 1);
+        let ctx = mock.ctx.clone();
+        assert_eq!(error_policy(obj.clone(), &err, ctx.clone()), Action::requeue(Duration::from_secs(5)));
+        assert_eq!(error_policy(obj.clone(), &err, ctx.clone()), Action::requeue(Duration::from_secs(10)));
+        drop(ctx);
+        let calls = lines(&mock.calls().await);
+        // The secret, then the first apply fails and nothing else is tried.
+        assert_eq!(calls, [format!("POST {NS}/secrets"), format!("PATCH {NS}/configmaps/demo-config")]);
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(7), Duration::from_secs(300));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn polling_follows_the_heartbeat() {
+        let fast = cluster("demo", json!({"heartbeat": {"intervalMillis": 500}}));
+        assert_eq!(poll_interval(&fast), Duration::from_secs(1));
+        let slow = cluster("demo", json!({"heartbeat": {"intervalMillis": 60000}}));
+        assert_eq!(poll_interval(&slow), Duration::from_secs(10));
+    }
+}

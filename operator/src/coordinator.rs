@@ -1,0 +1,124 @@
+//! The operator's view of a deployment's coordinator: its routing table
+//! (who is alive, who is master, under which term).
+//!
+//! The reconciler sees only the [`RoutingTable`] trait, so its tests run
+//! against a fixed table with no network; [`GrpcRoutingTable`] is the real
+//! one, over `CoordAdmin.Table`. Protobuf types stay in this module.
+
+use crate::error::{Error, Result};
+use futures_util::future::BoxFuture;
+use sns_proto::internal::TableRequest;
+use sns_proto::internal::coord_admin_client::CoordAdminClient;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    Server,
+    Synchronizer,
+}
+
+/// One node of the routing table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub cluster: u32,
+    /// Server id within the cluster, or the synchronizer's id.
+    pub id: u32,
+    pub kind: NodeKind,
+    pub alive: bool,
+    pub is_master: bool,
+    /// The cluster's current promotion term.
+    pub term: u64,
+}
+
+pub trait RoutingTable: Send + Sync + 'static {
+    /// The routing table of the coordinator at `endpoint`
+    /// (`http://host:port`).
+    fn table<'a>(&'a self, endpoint: &'a str) -> BoxFuture<'a, Result<Vec<NodeView>>>;
+}
+
+/// `CoordAdmin.Table` over gRPC, one lazily connected channel per
+/// coordinator.
+pub struct GrpcRoutingTable {
+    channels: Mutex<HashMap<String, Channel>>,
+    timeout: Duration,
+}
+
+impl GrpcRoutingTable {
+    /// `timeout` bounds each call: a coordinator that does not answer must
+    /// not hold up the reconcile loop.
+    pub fn new(timeout: Duration) -> Self {
+        GrpcRoutingTable { channels: Mutex::new(HashMap::new()), timeout }
+    }
+
+    fn channel(&self, endpoint: &str) -> Result<Channel> {
+        let mut map = self.channels.lock().expect("channel map lock");
+        if let Some(c) = map.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| Error::Coordinator { endpoint: endpoint.into(), reason: e.to_string() })?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout)
+            .connect_lazy();
+        map.insert(endpoint.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Drops the channel of a coordinator that is gone (its SnsCluster was
+    /// deleted).
+    pub fn forget(&self, endpoint: &str) {
+        self.channels.lock().expect("channel map lock").remove(endpoint);
+    }
+}
+
+impl RoutingTable for GrpcRoutingTable {
+    fn table<'a>(&'a self, endpoint: &'a str) -> BoxFuture<'a, Result<Vec<NodeView>>> {
+        Box::pin(async move {
+            let mut client = CoordAdminClient::new(self.channel(endpoint)?);
+            let call = client.table(TableRequest {});
+            let reply = tokio::time::timeout(self.timeout, call)
+                .await
+                .map_err(|_| Error::CoordinatorTimeout { endpoint: endpoint.into(), timeout: self.timeout })?
+                .map_err(|s| Error::Coordinator { endpoint: endpoint.into(), reason: s.message().to_string() })?;
+            Ok(reply
+                .into_inner()
+                .nodes
+                .into_iter()
+                .filter_map(|n| {
+                    let kind = match n.kind.as_str() {
+                        "server" => NodeKind::Server,
+                        "synchronizer" => NodeKind::Synchronizer,
+                        _ => return None,
+                    };
+                    Some(NodeView {
+                        cluster: n.cluster,
+                        id: n.id,
+                        kind,
+                        alive: n.alive,
+                        is_master: n.is_master,
+                        term: n.term,
+                    })
+                })
+                .collect())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_absent_coordinator_is_an_error_not_a_hang() {
+        // Port 9 on loopback (discard) has no gRPC server in any test setup.
+        let t = GrpcRoutingTable::new(Duration::from_millis(500));
+        let started = std::time::Instant::now();
+        let err = t.table("http://127.0.0.1:9").await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(err.reason(), "CoordinatorUnreachable");
+        assert!(t.table("not a url").await.is_err());
+    }
+}

@@ -1,0 +1,501 @@
+//! The `SnsCluster` custom resource (`sns.io/v1alpha1`, short name `sns`).
+//!
+//! The spec keeps the camelCase shape that `sns_node::topology::DeploymentSpec`
+//! reads (`clusters`, `serversPerCluster`, `heartbeat.intervalMillis`,
+//! `heartbeat.missed`), so one YAML file runs unchanged under
+//! `sns-node local --spec` and under the operator. Everything else (image,
+//! storage, broker, Service type) belongs to the operator and the local
+//! launcher ignores it.
+//!
+//! Validation lives in the schema where the API server enforces it: ranges
+//! through schemars, CEL rules (`x-kubernetes-validations`) through kube's
+//! `KubeSchema` derive. The CRD YAML in `manifests/` is generated from these
+//! types by `sns-operator crd` and checked for drift by a test.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{CustomResourceDefinition, JSONSchemaProps};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sns_node::topology::{DeploymentSpec, HeartbeatSpec as PlanHeartbeat};
+
+/// Longest `SnsCluster` name: the StatefulSet `<name>-server-<c>-<s>` (with
+/// c up to 100) must leave room in its pods' 63-character
+/// `controller-revision-hash` label for the 11-character hash suffix.
+pub const MAX_NAME_LEN: usize = 39;
+
+/// Desired state of a Tiny SNS deployment.
+// Each printcolumn repeats `type_`, which clippy mistakes for a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sns.io",
+    version = "v1alpha1",
+    kind = "SnsCluster",
+    plural = "snsclusters",
+    shortname = "sns",
+    namespaced,
+    status = "SnsClusterStatus",
+    derive = "PartialEq",
+    doc = "A Tiny SNS deployment: a coordinator, N clusters of master/slave servers with a synchronizer beside each, and a RabbitMQ broker between clusters.",
+    printcolumn(name = "Clusters", type_ = "integer", json_path = ".spec.clusters"),
+    printcolumn(
+        name = "Servers",
+        type_ = "integer",
+        json_path = ".spec.serversPerCluster",
+        description = "servers per cluster"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.readyServers",
+        description = "live servers / planned servers"
+    ),
+    printcolumn(
+        name = "Masters",
+        type_ = "string",
+        json_path = ".status.masters",
+        description = "clusters with a live master / clusters"
+    ),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SnsClusterSpec {
+    /// Number of clusters; user u belongs to cluster ((u-1) mod N)+1, so the
+    /// count cannot change once users exist.
+    #[serde(default = "default_clusters")]
+    #[schemars(range(min = 1, max = 100))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("clusters is immutable: users are assigned to clusters by their id modulo the count"))]
+    pub clusters: u32,
+    /// Servers per cluster: 2 = master + slave, 1 = master only.
+    #[serde(default = "default_servers")]
+    #[schemars(range(min = 1, max = 2))]
+    pub servers_per_cluster: u32,
+    /// Heartbeat period and how many a node may miss before it is dead.
+    #[serde(default)]
+    pub heartbeat: HeartbeatSpec,
+    /// Image with `sns-node` (default: the operator's own image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Pull policy of that image (default: Kubernetes' default for the tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// Resources of every `sns-node` container (coordinator, server, synchronizer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Each server's persistent volume.
+    #[serde(default)]
+    pub storage: StorageSpec,
+    /// The RabbitMQ broker between clusters.
+    #[serde(default)]
+    pub broker: BrokerSpec,
+    /// The coordinator's Service.
+    #[serde(default)]
+    pub coordinator: CoordinatorSpec,
+    /// `SNS_LOG` of every node (tracing-subscriber filter syntax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+fn default_clusters() -> u32 {
+    3
+}
+fn default_servers() -> u32 {
+    2
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatSpec {
+    /// Milliseconds between heartbeats.
+    #[serde(default = "default_interval")]
+    #[schemars(range(min = 10, max = 600000))]
+    pub interval_millis: u64,
+    /// Heartbeats a node may miss before the coordinator declares it dead.
+    #[serde(default = "default_missed")]
+    #[schemars(range(min = 1, max = 100))]
+    pub missed: u32,
+}
+
+fn default_interval() -> u64 {
+    5000
+}
+fn default_missed() -> u32 {
+    2
+}
+
+impl Default for HeartbeatSpec {
+    fn default() -> Self {
+        HeartbeatSpec { interval_millis: default_interval(), missed: default_missed() }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// What happens to the servers' PersistentVolumeClaims when the SnsCluster
+/// is deleted or scaled down.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PvcRetention {
+    /// Keep them: a re-created SnsCluster of the same name finds its data.
+    #[default]
+    Retain,
+    /// Delete them with the SnsCluster or the removed servers.
+    Delete,
+}
+
+/// The volumes are the StatefulSets' volumeClaimTemplates, which Kubernetes
+/// does not let change: size and class are immutable here too, so a change
+/// is refused up front instead of failing every reconcile (grow a volume by
+/// expanding its PVC directly).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)").message("storage.storageClassName is immutable"))]
+pub struct StorageSpec {
+    /// Size of each server's volume.
+    #[serde(default = "default_storage_size")]
+    #[schemars(length(max = 32))]
+    #[x_kube(
+        validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("storage.size must be a positive quantity such as 1Gi"),
+        validation = Rule::new("self == oldSelf").message("storage.size is immutable (expand the PersistentVolumeClaims directly)")
+    )]
+    pub size: String,
+    /// StorageClass of the volumes (default: the cluster's default class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub storage_class_name: Option<String>,
+    /// PVC retention on delete and scale-down.
+    #[serde(default)]
+    pub retention: PvcRetention,
+}
+
+fn default_storage_size() -> String {
+    "1Gi".into()
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        StorageSpec { size: default_storage_size(), storage_class_name: None, retention: PvcRetention::Retain }
+    }
+}
+
+/// Either a broker the operator runs (`managed`, the default when neither
+/// is given) or an existing one (`external`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.managed) && has(self.external))").message("set broker.managed or broker.external, not both"))]
+pub struct BrokerSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<ManagedBroker>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalBroker>,
+}
+
+/// A RabbitMQ StatefulSet with its own volume and generated credentials.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedBroker {
+    #[serde(default = "default_broker_image")]
+    pub image: String,
+    #[serde(default = "default_storage_size")]
+    #[schemars(length(max = 32))]
+    #[x_kube(
+        validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("broker.managed.storageSize must be a positive quantity such as 1Gi"),
+        validation = Rule::new("self == oldSelf").message("broker.managed.storageSize is immutable")
+    )]
+    pub storage_size: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub storage_class_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// The default broker image: RabbitMQ 3 with the management plugin (so
+/// `kubectl port-forward` to 15672 shows the queues).
+pub const DEFAULT_BROKER_IMAGE: &str = "rabbitmq:3.13-management";
+
+fn default_broker_image() -> String {
+    DEFAULT_BROKER_IMAGE.into()
+}
+
+impl Default for ManagedBroker {
+    fn default() -> Self {
+        ManagedBroker {
+            image: default_broker_image(),
+            storage_size: default_storage_size(),
+            storage_class_name: None,
+            resources: None,
+        }
+    }
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalBroker {
+    /// Secret key holding the AMQP URL (`amqp://user:pass@host:5672/%2f`).
+    pub url_secret_ref: SecretKeyRef,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret in the SnsCluster's namespace.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[serde(default = "default_url_key")]
+    pub key: String,
+}
+
+fn default_url_key() -> String {
+    "url".into()
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CoordinatorSpec {
+    /// Type of the `<name>-coordinator` Service (which is also the client
+    /// gateway).
+    #[serde(default)]
+    pub service_type: ServiceType,
+}
+
+/// Observed state, written by the operator through the status subresource.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SnsClusterStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing and Degraded.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Servers per cluster that the operator last rolled out (scale events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub servers_per_cluster: Option<u32>,
+    /// Live servers / planned servers, e.g. `6/6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_servers: Option<String>,
+    /// Clusters with a live master / clusters, e.g. `3/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masters: Option<String>,
+    /// Each SNS cluster's current master.
+    #[serde(default)]
+    pub clusters: Vec<ClusterStatus>,
+    /// When a cluster's master last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover_time: Option<Time>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    /// SNS cluster id (1-based).
+    pub cluster: u32,
+    /// Pod of the live master, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master: Option<String>,
+    /// Server id of that master.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_server: Option<u32>,
+    /// The coordinator's promotion term for the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<u64>,
+    /// Whether `master` is alive (a cluster whose master died keeps
+    /// showing it until another is promoted).
+    #[serde(default)]
+    pub master_alive: bool,
+    /// Live servers of the cluster.
+    #[serde(default)]
+    pub live_servers: u32,
+}
+
+impl SnsClusterSpec {
+    /// The topology part, as the deployment plan reads it.
+    pub fn deployment_spec(&self) -> DeploymentSpec {
+        DeploymentSpec {
+            clusters: self.clusters,
+            servers_per_cluster: self.servers_per_cluster,
+            heartbeat: PlanHeartbeat { interval_millis: self.heartbeat.interval_millis, missed: self.heartbeat.missed },
+        }
+    }
+
+    /// The managed broker's settings, or None for an external broker.
+    pub fn managed_broker(&self) -> Option<ManagedBroker> {
+        match (&self.broker.managed, &self.broker.external) {
+            (_, Some(_)) => None,
+            (Some(m), None) => Some(m.clone()),
+            (None, None) => Some(ManagedBroker::default()),
+        }
+    }
+}
+
+/// The CRD: kube's derived one, plus constraints on `metadata.name` (the only
+/// metadata field a CRD schema may constrain). They are plain OpenAPI rather
+/// than CEL because the API server's CEL cost estimate treats
+/// `metadata.name` as unbounded, which a regex rule would exceed.
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = SnsCluster::crd();
+    for version in &mut crd.spec.versions {
+        let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) else {
+            continue;
+        };
+        let name = JSONSchemaProps {
+            type_: Some("string".into()),
+            max_length: Some(MAX_NAME_LEN as i64),
+            // A DNS-1035 label: Service names derived from it must start
+            // with a letter and contain no dots.
+            pattern: Some("^[a-z]([-a-z0-9]*[a-z0-9])?$".into()),
+            ..Default::default()
+        };
+        let metadata = JSONSchemaProps {
+            type_: Some("object".into()),
+            properties: Some([("name".to_string(), name)].into()),
+            ..Default::default()
+        };
+        schema.properties.get_or_insert_with(Default::default).insert("metadata".into(), metadata);
+    }
+    crd
+}
+
+/// The CRD as YAML, exactly as `sns-operator crd` prints it and
+/// `manifests/crd.yaml` holds it.
+pub fn crd_yaml() -> String {
+    let crd = crd();
+    let body = serde_yaml::to_string(&crd).expect("a CRD always serializes");
+    format!("# Generated by `sns-operator crd` from operator/src/crd.rs; do not edit.\n---\n{body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn schema() -> Value {
+        let crd = serde_json::to_value(crd()).unwrap();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    }
+
+    fn rules(v: &Value) -> Vec<String> {
+        v["x-kubernetes-validations"]
+            .as_array()
+            .map(|a| a.iter().map(|r| r["rule"].as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn crd_has_names_subresources_and_columns() {
+        let crd = serde_json::to_value(crd()).unwrap();
+        assert_eq!(crd["metadata"]["name"], "snsclusters.sns.io");
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        assert_eq!(crd["spec"]["names"]["shortNames"][0], "sns");
+        let v = &crd["spec"]["versions"][0];
+        assert_eq!(v["name"], "v1alpha1");
+        assert!(v["subresources"]["status"].is_object());
+        let cols: Vec<&str> =
+            v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(cols, ["Clusters", "Servers", "Ready", "Masters", "Status", "Age"]);
+    }
+
+    #[test]
+    fn schema_carries_ranges_defaults_and_cel_rules() {
+        let s = schema();
+        let spec = &s["properties"]["spec"]["properties"];
+        assert_eq!(spec["clusters"]["default"], 3);
+        let num = |v: &Value| v.as_f64().unwrap();
+        assert_eq!(num(&spec["clusters"]["minimum"]), 1.0);
+        assert_eq!(num(&spec["clusters"]["maximum"]), 100.0);
+        assert_eq!(rules(&spec["clusters"]), ["self == oldSelf"]);
+        assert_eq!(spec["serversPerCluster"]["default"], 2);
+        assert_eq!(num(&spec["serversPerCluster"]["minimum"]), 1.0);
+        assert_eq!(num(&spec["serversPerCluster"]["maximum"]), 2.0);
+        let hb = &spec["heartbeat"]["properties"];
+        assert_eq!(hb["intervalMillis"]["default"], 5000);
+        assert_eq!(num(&hb["intervalMillis"]["minimum"]), 10.0);
+        assert_eq!(hb["missed"]["default"], 2);
+        assert_eq!(rules(&spec["broker"]), ["!(has(self.managed) && has(self.external))"]);
+        assert_eq!(spec["storage"]["properties"]["retention"]["enum"], serde_json::json!(["Retain", "Delete"]));
+        assert_eq!(spec["storage"]["properties"]["retention"]["default"], "Retain");
+        let size = rules(&spec["storage"]["properties"]["size"]);
+        assert!(size[0].contains("quantity(self)"));
+        assert_eq!(size[1], "self == oldSelf");
+        assert!(rules(&spec["storage"])[0].contains("self.storageClassName == oldSelf.storageClassName"));
+        let broker = &spec["broker"]["properties"]["managed"]["properties"]["storageSize"];
+        assert_eq!(rules(broker)[1], "self == oldSelf");
+        assert_eq!(
+            spec["imagePullPolicy"]["enum"],
+            // kube marks an optional enum nullable, with null among the values.
+            serde_json::json!(["Always", "IfNotPresent", "Never", null])
+        );
+        let name = &s["properties"]["metadata"]["properties"]["name"];
+        assert_eq!(name["maxLength"], MAX_NAME_LEN);
+        assert_eq!(name["pattern"], "^[a-z]([-a-z0-9]*[a-z0-9])?$");
+    }
+
+    #[test]
+    fn condition_and_status_shapes() {
+        let s = schema();
+        let cond = &s["properties"]["status"]["properties"]["conditions"]["items"];
+        let mut required: Vec<&str> =
+            cond["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        required.sort();
+        assert_eq!(required, ["lastTransitionTime", "message", "reason", "status", "type"]);
+        let status = &s["properties"]["status"]["properties"];
+        for field in ["observedGeneration", "clusters", "lastFailoverTime", "masters"] {
+            assert!(status[field].is_object(), "status.{field} missing");
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_local_launcher() {
+        let spec: SnsClusterSpec = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(spec.deployment_spec(), DeploymentSpec::default());
+        assert_eq!(spec.storage.retention, PvcRetention::Retain);
+        assert_eq!(spec.managed_broker(), Some(ManagedBroker::default()));
+        assert_eq!(spec.coordinator.service_type, ServiceType::ClusterIP);
+    }
+
+    #[test]
+    fn external_broker_wins_over_managed_default() {
+        let spec: SnsClusterSpec = serde_json::from_value(serde_json::json!({
+            "broker": {"external": {"urlSecretRef": {"name": "amqp"}}}
+        }))
+        .unwrap();
+        assert_eq!(spec.managed_broker(), None);
+        assert_eq!(spec.broker.external.unwrap().url_secret_ref.key, "url", "the key defaults to `url`");
+    }
+}

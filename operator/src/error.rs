@@ -1,0 +1,41 @@
+//! The operator's one error type.
+
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("the SnsCluster has no namespace")]
+    MissingNamespace,
+    #[error("the SnsCluster has no uid yet")]
+    MissingUid,
+    #[error("invalid SnsCluster: {0}")]
+    InvalidSpec(String),
+    #[error("coordinator at {endpoint}: {reason}")]
+    Coordinator { endpoint: String, reason: String },
+    #[error("coordinator at {endpoint} did not answer within {timeout:?}")]
+    CoordinatorTimeout { endpoint: String, timeout: Duration },
+    #[error("cannot generate a password: {0}")]
+    Random(String),
+    #[error("serializing {0}: {1}")]
+    Serialize(&'static str, serde_json::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A short label for the failure metric and the Warning event.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubeApiError",
+            Error::Finalizer(_) => "FinalizerError",
+            Error::MissingNamespace | Error::MissingUid | Error::InvalidSpec(_) => "InvalidSpec",
+            Error::Coordinator { .. } | Error::CoordinatorTimeout { .. } => "CoordinatorUnreachable",
+            Error::Random(_) => "RandomSourceError",
+            Error::Serialize(..) => "SerializeError",
+        }
+    }
+}

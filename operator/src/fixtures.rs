@@ -1,0 +1,214 @@
+//! Test helpers: SnsCluster and pod fixtures, a fixed routing table, and a
+//! mocked API server (tower-test) that answers like Kubernetes would and
+//! records every call, so a reconcile test asserts the exact call sequence.
+
+use crate::controller::Context;
+use crate::coordinator::{NodeKind, NodeView, RoutingTable};
+use crate::crd::{SnsCluster, SnsClusterSpec};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::render::{LABEL_CLUSTER, LABEL_INSTANCE, LABEL_ROLE, LABEL_SERVER, RenderOptions};
+use futures_util::future::BoxFuture;
+use http::{Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tower_test::mock;
+
+/// An SnsCluster `name` in namespace `prod`, as the API server would hand
+/// it to the reconciler (uid, generation 1).
+pub fn cluster(name: &str, spec: Value) -> SnsCluster {
+    let spec: SnsClusterSpec = serde_json::from_value(spec).unwrap();
+    let mut obj = SnsCluster::new(name, spec);
+    obj.metadata.namespace = Some("prod".into());
+    obj.metadata.uid = Some("uid-1".into());
+    obj.metadata.generation = Some(1);
+    obj.metadata.resource_version = Some("100".into());
+    obj
+}
+
+pub fn node(cluster: u32, id: u32, alive: bool, is_master: bool, term: u64) -> NodeView {
+    NodeView { cluster, id, kind: NodeKind::Server, alive, is_master, term }
+}
+
+/// The healthy table of a default deployment: server 1 is every master.
+pub fn healthy_table(clusters: u32, servers: u32) -> Vec<NodeView> {
+    let mut nodes = Vec::new();
+    for c in 1..=clusters {
+        for s in 1..=servers {
+            nodes.push(node(c, s, true, s == 1, 1));
+        }
+    }
+    nodes
+}
+
+pub fn server_pod(instance: &str, cluster: u32, server: u32, role: Option<&str>) -> Pod {
+    let mut labels = BTreeMap::new();
+    labels.insert(LABEL_INSTANCE.to_string(), instance.to_string());
+    labels.insert(LABEL_CLUSTER.to_string(), cluster.to_string());
+    labels.insert(LABEL_SERVER.to_string(), server.to_string());
+    if let Some(r) = role {
+        labels.insert(LABEL_ROLE.to_string(), r.to_string());
+    }
+    let mut pod = Pod::default();
+    pod.metadata.name = Some(format!("{instance}-server-{cluster}-{server}-0"));
+    pod.metadata.namespace = Some("prod".into());
+    pod.metadata.labels = Some(labels);
+    pod
+}
+
+/// A routing table that answers from memory (or fails, when None).
+pub struct FixedTable(pub Mutex<Option<Vec<NodeView>>>);
+
+impl RoutingTable for FixedTable {
+    fn table<'a>(&'a self, endpoint: &'a str) -> BoxFuture<'a, Result<Vec<NodeView>>> {
+        let answer = self.0.lock().unwrap().clone();
+        Box::pin(async move {
+            answer.ok_or_else(|| Error::Coordinator { endpoint: endpoint.into(), reason: "connection refused".into() })
+        })
+    }
+}
+
+/// What the mocked API server holds, for its list answers.
+#[derive(Default, Clone)]
+pub struct World {
+    pub statefulsets: Vec<Value>,
+    pub services: Vec<Value>,
+    pub pods: Vec<Pod>,
+    /// Answer Secret creation with 409 AlreadyExists.
+    pub secret_exists: bool,
+    /// Answer every server-side apply with 500.
+    pub fail_applies: bool,
+}
+
+/// One call the reconciler made.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: String,
+    /// Path and query, e.g. `/api/v1/namespaces/prod/pods?&labelSelector=...`.
+    pub uri: String,
+    pub body: Value,
+}
+
+impl Call {
+    /// `METHOD path` without the query string.
+    pub fn line(&self) -> String {
+        let path = self.uri.split('?').next().unwrap_or_default();
+        format!("{} {path}", self.method)
+    }
+}
+
+/// A Context wired to a mocked API server and a routing table that the
+/// test can change; the server task answers requests until the Context is
+/// dropped and then yields every call it saw.
+pub struct Mock {
+    pub ctx: Arc<Context>,
+    pub table: Arc<FixedTable>,
+    server: tokio::task::JoinHandle<Vec<Call>>,
+}
+
+impl Mock {
+    pub fn new(world: World, table: Option<Vec<NodeView>>) -> Mock {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let fixed = Arc::new(FixedTable(Mutex::new(table)));
+        let ctx = Context::new(
+            client,
+            fixed.clone(),
+            Arc::new(Metrics::default()),
+            RenderOptions { default_image: "ghcr.io/example/tiny-sns:test".into() },
+            Duration::from_secs(60),
+        );
+        let server = tokio::spawn(async move {
+            let mut handle = handle;
+            let mut calls = Vec::new();
+            while let Some((req, send)) = handle.next_request().await {
+                let method = req.method().to_string();
+                let uri = req.uri().to_string();
+                let bytes = req.into_body().collect_bytes().await.unwrap();
+                let body: Value =
+                    if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+                let (status, reply) = answer(&world, &method, &uri, &body);
+                calls.push(Call { method, uri, body });
+                send.send_response(
+                    Response::builder()
+                        .status(status)
+                        .header("content-type", "application/json")
+                        .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                        .unwrap(),
+                );
+            }
+            calls
+        });
+        Mock { ctx: Arc::new(ctx), table: fixed, server }
+    }
+
+    pub fn set_table(&self, table: Option<Vec<NodeView>>) {
+        *self.table.0.lock().unwrap() = table;
+    }
+
+    /// Drops the Context (so the mocked server sees its client go) and
+    /// returns every call made.
+    pub async fn calls(self) -> Vec<Call> {
+        drop(self.ctx);
+        tokio::time::timeout(Duration::from_secs(10), self.server)
+            .await
+            .expect("the mocked API server stops once the client is dropped")
+            .unwrap()
+    }
+}
+
+fn list(kind: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+/// What a real API server would answer, closely enough for the client.
+fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, Value) {
+    let path = uri.split('?').next().unwrap_or_default();
+    let last = path.rsplit('/').next().unwrap_or_default();
+    match method {
+        "GET" if last == "statefulsets" => (StatusCode::OK, list("StatefulSetList", world.statefulsets.clone())),
+        "GET" if last == "services" => (StatusCode::OK, list("ServiceList", world.services.clone())),
+        "GET" if last == "pods" => {
+            (StatusCode::OK, list("PodList", world.pods.iter().map(|p| serde_json::to_value(p).unwrap()).collect()))
+        }
+        "POST" if last == "secrets" && world.secret_exists => (
+            StatusCode::CONFLICT,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "already exists"}),
+        ),
+        "POST" => (StatusCode::CREATED, body.clone()),
+        "DELETE" if last == "persistentvolumeclaims" => (StatusCode::OK, list("PersistentVolumeClaimList", vec![])),
+        "DELETE" => (StatusCode::OK, json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200})),
+        "PATCH" if world.fail_applies && !body.is_array() => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd is having a bad day"}),
+        ),
+        "PATCH" if path.ends_with("/status") => {
+            let name = path.rsplit('/').nth(1).unwrap_or_default();
+            (
+                StatusCode::OK,
+                json!({"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "metadata": {"name": name, "namespace": "prod"}, "spec": {}, "status": body["status"]}),
+            )
+        }
+        // A merge patch of a pod's labels: answer with a pod of that name.
+        "PATCH" if path.contains("/pods/") => (
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": last, "namespace": "prod"}}),
+        ),
+        // The finalizer helper's JSON patch: answer with a bare SnsCluster.
+        "PATCH" if body.is_array() => (
+            StatusCode::OK,
+            json!({"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "metadata": {"name": last, "namespace": "prod"}, "spec": {}}),
+        ),
+        // Server-side apply: the applied object is what comes back.
+        "PATCH" => (StatusCode::OK, body.clone()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+        ),
+    }
+}

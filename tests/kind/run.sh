@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# End-to-end suite on a real Kubernetes (kind): builds the image, installs
+# the chart, applies SnsClusters, drives real `tsc` clients through
+# `kubectl port-forward` (the coordinator's gateway), and kills master pods
+# while a user posts.
+#
+# What it asserts:
+#  1. SPEC scenario 1 on a one-cluster SnsCluster `one` (users 1 and 4);
+#  2. SPEC scenario 2 on the example SnsCluster `demo` (3 clusters, users
+#     1, 2, 3: lists converge, posts cross clusters through RabbitMQ);
+#  3. SPEC scenario 3: the master pod of cluster 2 is deleted, user 5 joins
+#     cluster 2, follows and posts converge, user 5 sees no older post;
+#  4. failover drills, twice (grace 0 --force, then a 1 s grace), each while
+#     user 2 posts: the SnsCluster status names a new live master within
+#     FAILOVER_BUDGET seconds, a Failover event is recorded, the master
+#     Service follows the role label, every post reaches its follower
+#     (nothing acknowledged is lost), and the old pod comes back as slave;
+#  5. deleting `one` (retention Retain) removes its pods and keeps its PVCs.
+#
+# Needs docker (with a daemon), kind, kubectl and helm. Where any is missing
+# the suite is SKIPPED with a message and exits 0 (set KIND_E2E_REQUIRED=1,
+# as the hosted workflow does, to make that a failure). It is never run
+# from .ci/run: the machines there have no container runtime.
+#
+# Environment: KIND_CLUSTER (default sns-e2e), KIND_NODE_IMAGE (default:
+# kind's), IMAGE (default tiny-sns:e2e), KEEP_CLUSTER=1 to leave it running,
+# FAILOVER_BUDGET (s, default 30), OUT (logs, default target/kind).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+skip() {
+  echo "kind suite: SKIPPED: $*"
+  echo "kind suite: it runs in the hosted workflow .github/workflows/kind-e2e.yml"
+  if [ "${KIND_E2E_REQUIRED:-0}" = 1 ]; then exit 1; fi
+  exit 0
+}
+for tool in docker kind kubectl helm; do
+  command -v "$tool" >/dev/null 2>&1 || skip "'$tool' is not installed"
+done
+docker info >/dev/null 2>&1 || skip "no Docker daemon answers (docker info failed)"
+
+CLUSTER=${KIND_CLUSTER:-sns-e2e}
+IMAGE=${IMAGE:-tiny-sns:e2e}
+BROKER_IMAGE=rabbitmq:3.13-management
+NS=sns-e2e
+OUT=${OUT:-target/kind}
+FAILOVER_BUDGET=${FAILOVER_BUDGET:-30}
+rm -rf "$OUT"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+START=$(date +%s)
+# shellcheck source=tests/kind/lib.sh
+. tests/kind/lib.sh
+
+diagnostics() {
+  log "collecting diagnostics into $OUT"
+  {
+    kubectl get sns,all,pvc,pdb,endpointslices -A -o wide
+    kubectl describe sns -n "$NS"
+    kubectl get events -n "$NS" --sort-by=.lastTimestamp
+  } >"$OUT/cluster.txt" 2>&1 || true
+  kubectl logs -n sns-system deploy/sns --tail=500 >"$OUT/operator.log" 2>&1 || true
+  for pod in $(kubectl get pods -n "$NS" -o name 2>/dev/null); do
+    kubectl logs -n "$NS" "$pod" --all-containers --prefix --tail=300 >"$OUT/${pod#pod/}.log" 2>&1 || true
+  done
+  tail -n 60 "$OUT/cluster.txt" "$OUT/operator.log" || true
+  for f in "$OUT"/client-*.log; do
+    [ -f "$f" ] && { echo "== $f"; tail -n 20 "$f"; }
+  done
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  for name in "${!CFD[@]}"; do
+    eval "exec ${CFD[$name]}>&-"
+  done
+  for pid in "${BG_PIDS[@]}" "${CPID[@]}"; do
+    kill "$pid" 2>/dev/null
+  done
+  [ "$rc" -ne 0 ] && diagnostics
+  if [ "${KEEP_CLUSTER:-0}" != 1 ]; then
+    kind delete cluster --name "$CLUSTER" >/dev/null 2>&1
+  fi
+  if [ "$rc" -eq 0 ]; then
+    log "kind suite: PASSED"
+  else
+    log "kind suite: FAILED (logs in $OUT)"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+
+# --- cluster, image, operator --------------------------------------------------
+log "creating kind cluster $CLUSTER"
+kind_args=(--name "$CLUSTER" --wait 120s)
+[ -n "${KIND_NODE_IMAGE:-}" ] && kind_args+=(--image "$KIND_NODE_IMAGE")
+kind delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
+kind create cluster "${kind_args[@]}"
+minor=$(kubectl version -o json | sed -n 's/.*"minor": *"\([0-9]*\).*/\1/p' | tail -1)
+[ "${minor:-0}" -ge 33 ] || log "warning: the API server is 1.$minor; the operator targets 1.33 or newer"
+
+log "building $IMAGE"
+docker build -t "$IMAGE" .
+docker pull -q "$BROKER_IMAGE" >/dev/null
+kind load docker-image --name "$CLUSTER" "$IMAGE" "$BROKER_IMAGE"
+cid=$(docker create "$IMAGE")
+docker cp "$cid:/usr/local/bin/tsc" "$OUT/tsc"
+docker rm "$cid" >/dev/null
+TSC=$OUT/tsc
+
+log "installing the chart"
+helm install sns charts/sns -n sns-system --create-namespace \
+  --set image.repository="${IMAGE%:*}" --set image.tag="${IMAGE##*:}" --set image.pullPolicy=Never \
+  --wait --timeout 5m
+kubectl get crd snsclusters.sns.io >/dev/null
+
+log "applying SnsClusters: demo (the example) and one (a single cluster)"
+kubectl create namespace "$NS"
+kubectl apply -n "$NS" -f manifests/examples/snscluster.yaml
+kubectl apply -n "$NS" -f - <<'EOF'
+apiVersion: sns.io/v1alpha1
+kind: SnsCluster
+metadata:
+  name: one
+spec:
+  clusters: 1
+  serversPerCluster: 2
+  heartbeat: {intervalMillis: 1000, missed: 2}
+  storage: {size: 256Mi, retention: Retain}
+EOF
+# The API server enforces the schema and the CEL rules the offline checks cannot.
+if kubectl patch sns demo -n "$NS" --type merge -p '{"spec":{"clusters":4}}' >/dev/null 2>&1; then
+  die "clusters changed although the CRD makes it immutable"
+fi
+if kubectl patch sns demo -n "$NS" --type merge -p '{"spec":{"storage":{"size":"2Gi"}}}' >/dev/null 2>&1; then
+  die "storage.size changed although the CRD makes it immutable"
+fi
+if kubectl apply -n "$NS" -f - >/dev/null 2>&1 <<'EOF'; then
+apiVersion: sns.io/v1alpha1
+kind: SnsCluster
+metadata: {name: bad}
+spec: {broker: {managed: {}, external: {urlSecretRef: {name: x}}}}
+EOF
+  die "an SnsCluster with both broker kinds was accepted"
+fi
+log "CEL rules enforced (clusters and storage size immutable, one broker kind)"
+
+for cr in one demo; do
+  log "waiting for $cr to be Ready"
+  kubectl wait -n "$NS" "sns/$cr" --for=condition=Ready --timeout=600s
+done
+kubectl get sns -n "$NS"
+[ "$(kubectl get pods -n "$NS" -l app.kubernetes.io/instance=demo,sns.io/role=master -o name | wc -l)" -eq 3 ] ||
+  die "demo should have exactly 3 pods labelled sns.io/role=master"
+
+# --- clients through port-forward ----------------------------------------------
+port_forward() {
+  local cr=$1 port=$2
+  kubectl port-forward -n "$NS" "svc/$cr-coordinator" "$port:9000" >"$OUT/port-forward-$cr.log" 2>&1 &
+  BG_PIDS+=($!)
+  PORT_OF[$cr]=$port
+  eventually 30 "port-forward to $cr" "(exec 3<>/dev/tcp/127.0.0.1/$port)"
+}
+port_forward one 19000
+port_forward demo 19100
+
+# --- scenario 1: one cluster ---------------------------------------------------
+log "scenario 1 (SnsCluster one): users 1 and 4"
+client s1-1 one 1
+client s1-4 one 4
+poll_list s1-1 "1, 4, " ""
+run s1-1 "FOLLOW 4"
+run s1-4 "follow 1"
+poll_list s1-1 "1, 4, " "4, "
+poll_list s1-4 "1, 4, " "1, "
+enter_timeline s1-1
+send s1-1 p11
+send s1-1 p12
+enter_timeline s1-4
+expect_post s1-4 1 p11
+expect_post s1-4 1 p12
+send s1-4 p41
+send s1-4 p42
+expect_post s1-1 4 p41
+expect_post s1-1 4 p42
+grep -Eq "$(post_re 1 'p1[12]')" "$OUT/client-s1-1.log" && die "user 1 saw its own posts"
+log "scenario 1 passed"
+
+# --- scenario 2: three clusters ------------------------------------------------
+log "scenario 2 (SnsCluster demo): users 1, 2, 3 across three clusters"
+for u in 1 2 3; do client "u$u" demo "$u"; done
+for u in 1 2 3; do poll_list "u$u" "1, 2, 3, " ""; done
+run u1 "FOLLOW 2"; run u1 "FOLLOW 3"
+run u2 "FOLLOW 1"; run u2 "FOLLOW 3"
+run u3 "FOLLOW 1"; run u3 "FOLLOW 2"
+poll_list u1 "1, 2, 3, " "2, 3, "
+poll_list u2 "1, 2, 3, " "1, 3, "
+poll_list u3 "1, 2, 3, " "1, 2, "
+enter_timeline u1; send u1 p11; send u1 p12
+enter_timeline u2; send u2 p21; send u2 p22
+expect_post u1 2 p21
+expect_post u2 1 p12
+enter_timeline u3
+for p in "1 p11" "1 p12" "2 p21" "2 p22"; do expect_post u3 $p; done
+send u3 p31; send u3 p32
+for u in u1 u2; do expect_post "$u" 3 p31; expect_post "$u" 3 p32; done
+log "scenario 2 passed"
+
+# --- scenario 3: kill the master of cluster 2 ---------------------------------
+status_master() { kubectl get sns demo -n "$NS" -o jsonpath="{.status.clusters[?(@.cluster==$1)].master}"; }
+status_alive() { kubectl get sns demo -n "$NS" -o jsonpath="{.status.clusters[?(@.cluster==$1)].masterAlive}"; }
+log "scenario 3: deleting the master pod of cluster 2"
+old=$(status_master 2)
+[ -n "$old" ] || die "no master of cluster 2 in status"
+kubectl delete pod -n "$NS" "$old" --grace-period=0 --force
+eventually "$FAILOVER_BUDGET" "a new master of cluster 2 in status" \
+  '[ "$(status_master 2)" != "$old" ] && [ "$(status_alive 2)" = true ]'
+client u5 demo 5
+poll_list u5 "1, 2, 3, 5, " ""
+for o in 1 2 3; do run u5 "FOLLOW $o"; done
+for u in 1 2 3; do
+  client "u${u}b" demo "$u"
+  run "u${u}b" "FOLLOW 5"
+done
+poll_list u5 "1, 2, 3, 5, " "1, 2, 3, "
+poll_list u1b "1, 2, 3, 5, " "2, 3, 5, "
+poll_list u2b "1, 2, 3, 5, " "1, 3, 5, "
+poll_list u3b "1, 2, 3, 5, " "1, 2, 5, "
+enter_timeline u5
+send u5 p51; send u5 p52
+for u in u1 u2 u3; do expect_post "$u" 5 p51 60; expect_post "$u" 5 p52 60; done
+send u3 p33; send u3 p34
+send u2 p23; send u2 p24
+expect_post u5 3 p33; expect_post u5 3 p34
+for u in u1 u3; do expect_post "$u" 2 p23 60; expect_post "$u" 2 p24 60; done
+for p in p11 p12 p21 p22 p31 p32; do
+  grep -Eq ">> $p\$" "$OUT/client-u5.log" && die "user 5 saw $p, posted before it followed"
+done
+log "scenario 3 passed"
+
+# --- failover drills while posting ---------------------------------------------
+# User 2 (cluster 2) posts every 200 ms; user 1 (cluster 1) and user 5
+# (cluster 2) follow it and must see every post exactly as typed.
+drill() {
+  local round=$1 grace=$2 n=40 i
+  local old new
+  old=$(status_master 2)
+  log "drill $round: deleting master $old of cluster 2 (grace $grace) while user 2 posts"
+  for i in $(seq 1 "$n"); do
+    send u2 "d$round-$i"
+    if [ "$i" -eq 10 ]; then
+      if [ "$grace" = 0 ]; then
+        kubectl delete pod -n "$NS" "$old" --grace-period=0 --force --wait=false
+      else
+        kubectl delete pod -n "$NS" "$old" --grace-period="$grace" --wait=false
+      fi
+    fi
+    sleep 0.2
+  done
+  eventually "$FAILOVER_BUDGET" "a new live master of cluster 2 in status" \
+    '[ "$(status_master 2)" != "$old" ] && [ "$(status_alive 2)" = true ]'
+  new=$(status_master 2)
+  log "drill $round: status names $new as master (term $(kubectl get sns demo -n "$NS" -o jsonpath='{.status.clusters[?(@.cluster==2)].term}'))"
+  eventually 30 "the master Service of cluster 2 to select $new" \
+    "kubectl get endpointslices -n $NS -l kubernetes.io/service-name=demo-master-2 -o jsonpath='{.items[*].endpoints[*].targetRef.name}' | grep -qx '$new'"
+  for i in $(seq 1 "$n"); do
+    expect_post u1 2 "d$round-$i" 90
+    expect_post u5 2 "d$round-$i" 90
+  done
+  for u in u1 u5; do
+    local dups
+    dups=$(grep -E "$(post_re 2 "d$round-[0-9]+")" "$OUT/client-$u.log" | sed 's/.*>> //' | sort | uniq -d)
+    [ -z "$dups" ] || die "user ${u#u} saw posts twice: $dups"
+  done
+  log "drill $round: all $n posts reached users 1 and 5 once"
+  eventually 180 "the old master $old to come back as slave" \
+    "kubectl get pod -n $NS $old -o jsonpath='{.metadata.labels.sns\\.io/role}' | grep -qx slave"
+  kubectl get events -n "$NS" --field-selector reason=Failover -o name | grep -q . || die "no Failover event"
+  log "drill $round passed"
+}
+drill 1 0
+drill 2 1
+kubectl get pods -n "$NS" -L sns.io/cluster,sns.io/role
+
+# --- deletion honours retention -------------------------------------------------
+log "deleting SnsCluster one (retention Retain)"
+kubectl delete sns one -n "$NS" --wait --timeout=120s
+eventually 120 "one's pods to go" \
+  "[ -z \"\$(kubectl get pods -n $NS -l app.kubernetes.io/instance=one -o name)\" ]"
+kubectl get pvc -n "$NS" data-one-server-1-1-0 data-one-server-1-2-0 >/dev/null ||
+  die "Retain should have kept one's PersistentVolumeClaims"
+log "PVCs kept after deletion"
