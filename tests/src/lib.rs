@@ -6,6 +6,7 @@
 //! The binaries are the workspace's own (`cargo build --workspace` first);
 //! `SNS_BIN_DIR` points elsewhere if needed.
 
+pub mod bench;
 pub mod load;
 
 use anyhow::{Context, Result, anyhow, bail};

@@ -1,0 +1,333 @@
+//! The raw baselines, measured in the same run on the same machine: what
+//! the hardware and the libraries we build on give before any Tiny SNS
+//! logic — a bare tonic unary round trip, an fsync'd append, a RabbitMQ
+//! publish→consume with the synchronizers' durability settings, and a
+//! process spawn.
+
+use super::stats::{Clock, Samples, ms};
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::io::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+/// The synchronizers' own settings (node/src/sync/mod.rs): publishes are
+/// confirmed in batches of up to 256, and the broker may push 256
+/// unacknowledged deliveries ahead of the consumer.
+const PUBLISH_BATCH: usize = 256;
+const PREFETCH: u16 = 256;
+/// Roughly a post event on the wire (protobuf `SyncEvent` with a short text).
+const PAYLOAD: usize = 100;
+/// A throwaway queue outlives a crashed bench by at most this long.
+const QUEUE_EXPIRES_MS: i64 = 60_000;
+
+/// Sequential gRPC health checks against a node (a bare tonic server in
+/// another process): microseconds per round trip.
+pub async fn grpc_unary(addr: &str, calls: usize, budget: Duration) -> Result<Samples> {
+    let mut client = HealthClient::new(super::grpc::connect(addr).await?);
+    let req = || HealthCheckRequest { service: "csce438.CoordService".into() };
+    // Warm the connection and both sides' allocators.
+    for _ in 0..20 {
+        client.check(req()).await?;
+    }
+    let mut samples = Samples::default();
+    let deadline = Instant::now() + budget;
+    while samples.len() < calls && Instant::now() < deadline {
+        let t = Instant::now();
+        client.check(req()).await?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(samples)
+}
+
+/// Appends of a ~100-byte record to a file in `dir`, each followed by
+/// fdatasync, as the journal does: microseconds per append.
+pub fn fsync_append(dir: &Path, appends: usize, budget: Duration) -> Result<Samples> {
+    let path = dir.join(format!("sns-bench-fsync-{}.log", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let record = [b'x'; PAYLOAD];
+    let mut samples = Samples::default();
+    let deadline = Instant::now() + budget;
+    let result = (|| {
+        while samples.len() < appends && Instant::now() < deadline {
+            let t = Instant::now();
+            file.write_all(&record)?;
+            file.sync_data()?;
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok::<_, std::io::Error>(())
+    })();
+    let _ = std::fs::remove_file(&path);
+    result.with_context(|| format!("appending to {}", path.display()))?;
+    Ok(samples)
+}
+
+/// Wall time of spawning `program --help` to its exit: the floor of
+/// starting one node process (milliseconds).
+pub fn process_spawn(program: &Path, runs: usize) -> Result<Samples> {
+    let mut samples = Samples::default();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let status = std::process::Command::new(program)
+            .arg("--help")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .with_context(|| format!("running {}", program.display()))?;
+        if !status.success() {
+            bail!("{} --help failed: {status}", program.display());
+        }
+        samples.push(ms(t.elapsed()));
+    }
+    Ok(samples)
+}
+
+/// Publish→consume throughput figures of the broker.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerRate {
+    /// Messages published and consumed (by every queue) per second.
+    pub msgs_per_s: f64,
+    pub messages: usize,
+}
+
+struct Broker {
+    conn: Connection,
+    prefix: String,
+}
+
+impl Broker {
+    async fn connect(url: &str, prefix: &str) -> Result<Broker> {
+        let conn = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .with_context(|| format!("connecting to the broker at {url}"))?;
+        Ok(Broker { conn, prefix: prefix.to_string() })
+    }
+
+    async fn durable_queue(&self, ch: &Channel, name: &str) -> Result<()> {
+        let mut args = FieldTable::default();
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(QUEUE_EXPIRES_MS));
+        ch.queue_declare(name.into(), QueueDeclareOptions::durable(), args).await?;
+        Ok(())
+    }
+
+    /// A consumer on `queue` that acks every delivery and reports the time
+    /// (ns on `clock`) each one arrived.
+    async fn consumer(&self, queue: &str, clock: Clock) -> Result<mpsc::UnboundedReceiver<u64>> {
+        let ch = self.conn.create_channel().await?;
+        ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+        let mut deliveries = ch
+            .basic_consume(
+                queue.into(),
+                format!("{queue}-consumer").into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let _ch = ch;
+            while let Some(Ok(delivery)) = deliveries.next().await {
+                let at = clock.ns();
+                if delivery.ack(BasicAckOptions::default()).await.is_err() || tx.send(at).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn publisher(&self) -> Result<Channel> {
+        let ch = self.conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(ch)
+    }
+
+    async fn close(self) {
+        self.conn.close(200, "bench done".into()).await.ok();
+    }
+}
+
+/// Persistent, like the synchronizers' messages.
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2).with_content_type("application/x-protobuf".into())
+}
+
+/// Publishes `count` persistent messages to `exchange` with `key`, in
+/// confirmed batches as the synchronizer does.
+async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, count: usize) -> Result<()> {
+    let payload = vec![b'p'; PAYLOAD];
+    let mut sent = 0;
+    while sent < count {
+        let n = PUBLISH_BATCH.min(count - sent);
+        let mut confirms = Vec::with_capacity(n);
+        for _ in 0..n {
+            confirms.push(
+                ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), &payload, persistent())
+                    .await?,
+            );
+        }
+        for c in confirms {
+            if !c.await?.is_ack() {
+                bail!("broker nacked a publish");
+            }
+        }
+        sent += n;
+    }
+    Ok(())
+}
+
+/// Waits until each receiver has seen `count` deliveries; returns the
+/// latest arrival time (ns).
+async fn wait_consumed(rxs: &mut [mpsc::UnboundedReceiver<u64>], count: usize, deadline: Instant) -> Result<u64> {
+    let mut last = 0;
+    for rx in rxs.iter_mut() {
+        for i in 0..count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, rx.recv()).await {
+                Ok(Some(at)) => last = last.max(at),
+                Ok(None) => bail!("consumer stopped after {i} of {count} messages"),
+                Err(_) => bail!("consumed only {i} of {count} messages in time"),
+            }
+        }
+    }
+    Ok(last)
+}
+
+/// Raw publish→consume rate through one durable queue: persistent
+/// messages, publisher confirms in batches, prefetch and one manual ack per
+/// message — the synchronizers' settings, without any Tiny SNS work.
+/// With `fanout > 1`, a durable topic exchange routes every message to
+/// `fanout` durable queues (as a post goes to the other clusters'
+/// synchronizer queues) and the rate counts messages published.
+pub async fn broker_rate(url: &str, prefix: &str, fanout: usize, count: usize, budget: Duration) -> Result<BrokerRate> {
+    let broker = Broker::connect(url, prefix).await?;
+    let result = broker_rate_on(&broker, fanout, count, budget).await;
+    broker.close().await;
+    result
+}
+
+async fn broker_rate_on(broker: &Broker, fanout: usize, count: usize, budget: Duration) -> Result<BrokerRate> {
+    let clock = Clock::new();
+    let setup = broker.conn.create_channel().await?;
+    let exchange = format!("{}.fanout{fanout}", broker.prefix);
+    let queues: Vec<String> = (1..=fanout).map(|i| format!("{}.fanout{fanout}.q{i}", broker.prefix)).collect();
+    let (target, key) = if fanout > 1 {
+        setup
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        (exchange.clone(), "post.1".to_string())
+    } else {
+        (String::new(), queues[0].clone())
+    };
+    for q in &queues {
+        broker.durable_queue(&setup, q).await?;
+        if fanout > 1 {
+            setup
+                .queue_bind(
+                    q.as_str().into(),
+                    exchange.as_str().into(),
+                    "post.*".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
+    let run = async {
+        let mut rxs = Vec::new();
+        for q in &queues {
+            rxs.push(broker.consumer(q, clock).await?);
+        }
+        let ch = broker.publisher().await?;
+        let deadline = Instant::now() + budget;
+        let t0 = clock.ns();
+        let publish = tokio::time::timeout(budget, publish_confirmed(&ch, &target, &key, count));
+        publish.await.map_err(|_| anyhow!("publishing {count} messages took over {budget:?}"))??;
+        let last = wait_consumed(&mut rxs, count, deadline).await?;
+        let secs = (last.saturating_sub(t0)) as f64 / 1e9;
+        Ok(BrokerRate { msgs_per_s: count as f64 / secs.max(1e-9), messages: count })
+    };
+    let result = run.await;
+    for q in &queues {
+        setup.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await.ok();
+    }
+    if fanout > 1 {
+        setup.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await.ok();
+    }
+    result
+}
+
+/// One persistent message at a time through a durable queue: microseconds
+/// from publish to its delivery to the consumer (the broker hop of a post).
+pub async fn broker_latency(url: &str, prefix: &str, count: usize, budget: Duration) -> Result<Samples> {
+    let broker = Broker::connect(url, prefix).await?;
+    let clock = Clock::new();
+    let queue = format!("{prefix}.latency");
+    let setup = broker.conn.create_channel().await?;
+    broker.durable_queue(&setup, &queue).await?;
+    let run = async {
+        let mut rx = broker.consumer(&queue, clock).await?;
+        let ch = broker.publisher().await?;
+        let payload = vec![b'p'; PAYLOAD];
+        let mut samples = Samples::default();
+        let deadline = Instant::now() + budget;
+        // The first few warm the channels and the queue process.
+        let mut i = 0;
+        while samples.len() < count && Instant::now() < deadline {
+            let t0 = clock.ns();
+            let confirm = ch
+                .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), &payload, persistent())
+                .await?;
+            let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+            let at = tokio::time::timeout(left, rx.recv())
+                .await
+                .map_err(|_| anyhow!("a message took over {left:?} to arrive"))?
+                .ok_or_else(|| anyhow!("consumer stopped"))?;
+            confirm.await?;
+            if i >= 5 {
+                samples.push((at - t0) as f64 / 1e3);
+            }
+            i += 1;
+        }
+        Ok(samples)
+    };
+    let result = run.await;
+    setup.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.ok();
+    broker.close().await;
+    result
+}
+
+/// Deletes the broker objects a deployment named `deployment` declared
+/// (README "Broker objects"), once it has stopped.
+pub async fn delete_deployment_objects(url: &str, deployment: &str, clusters: u32, servers: u32) -> Result<()> {
+    let broker = Broker::connect(url, deployment).await?;
+    let ch = broker.conn.create_channel().await?;
+    let mut queues: Vec<String> = (1..=clusters * servers).map(|id| format!("{deployment}.sync.{id}")).collect();
+    queues.push(format!("{deployment}.dead"));
+    for q in &queues {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await?;
+    }
+    for x in [format!("{deployment}.events"), format!("{deployment}.dead")] {
+        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await?;
+    }
+    broker.close().await;
+    Ok(())
+}

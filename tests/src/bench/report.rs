@@ -1,0 +1,279 @@
+//! The results: flat `key -> number` (plus a few texts describing the run),
+//! written as JSON, and the table printed for people.
+
+use super::stats::Samples;
+use anyhow::{Context, Result};
+use serde_json::{Map, Value};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Keys every run writes with a number (the smoke test checks them).
+pub const REQUIRED_KEYS: &[&str] = &[
+    "cross_cluster_post_p50_ms",
+    "cross_cluster_post_p90_ms",
+    "cross_cluster_post_p99_ms",
+    "cross_cluster_post_max_ms",
+    "loaded_cross_cluster_post_p50_ms",
+    "loaded_cross_cluster_post_p99_ms",
+    "follow_visible_p50_ms",
+    "follow_visible_p99_ms",
+    "failover_outage_median_ms",
+    "failover_outage_max_ms",
+    "failover_kills",
+    "failover_heartbeat_ms",
+    "failover_missed_heartbeats",
+    "posts_per_s",
+    "broker_baseline_msgs_per_s",
+    "posts_vs_broker_ratio",
+    "grpc_unary_baseline_p50_us",
+    "fsync_append_baseline_p50_us",
+    "fsync_append_baseline_p99_us",
+    "broker_latency_baseline_p50_us",
+    "idle_rss_kb_max",
+    "startup_ms",
+    "startup_wall_ms",
+    "cross_cluster_post_vs_floor_ratio",
+    "follow_visible_vs_floor_ratio",
+    "failover_vs_detection_ratio",
+    "startup_vs_spawn_ratio",
+];
+
+#[derive(Debug, Default)]
+pub struct Report {
+    values: Map<String, Value>,
+    errors: Vec<String>,
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+impl Report {
+    /// Records a number (rounded to 3 decimals); NaN and infinities are
+    /// not numbers in JSON and are left out.
+    pub fn num(&mut self, key: &str, v: f64) {
+        if let Some(n) = serde_json::Number::from_f64(round3(v)) {
+            self.values.insert(key.to_string(), Value::Number(n));
+        }
+    }
+
+    pub fn int(&mut self, key: &str, v: u64) {
+        self.values.insert(key.to_string(), Value::from(v));
+    }
+
+    pub fn text(&mut self, key: &str, v: &str) {
+        self.values.insert(key.to_string(), Value::from(v));
+    }
+
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.values.get(key).and_then(Value::as_f64)
+    }
+
+    /// `<prefix>_p50<unit>`, `_p90`, `_p99`, `_max` and `_samples`.
+    pub fn percentiles(&mut self, prefix: &str, unit: &str, s: &mut Samples) {
+        self.int(&format!("{prefix}_samples"), s.len() as u64);
+        for (name, p) in [("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("max", 100.0)] {
+            if let Some(v) = s.percentile(p) {
+                self.num(&format!("{prefix}_{name}_{unit}"), v);
+            }
+        }
+    }
+
+    /// A measure that failed: the run goes on, the message is reported and
+    /// the tool exits non-zero.
+    pub fn error(&mut self, measure: &str, e: &anyhow::Error) {
+        let msg = format!("{measure}: {e:#}");
+        self.errors.push(msg.clone());
+        let key = format!("{measure}_error");
+        self.text(&key, &msg);
+    }
+
+    pub fn errors(&self) -> &[String] {
+        &self.errors
+    }
+
+    /// Required keys that hold no number.
+    pub fn missing(&self) -> Vec<&'static str> {
+        REQUIRED_KEYS.iter().copied().filter(|k| self.get(k).is_none()).collect()
+    }
+
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(&Value::Object(self.values.clone()))?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The table: each figure beside its target and its baseline.
+    pub fn table(&self) -> String {
+        let f = |k: &str| self.get(k);
+        let fmt = |v: Option<f64>, unit: &str| match v {
+            Some(v) if v >= 100.0 => format!("{v:.0} {unit}"),
+            Some(v) if v >= 10.0 => format!("{v:.1} {unit}"),
+            Some(v) => format!("{v:.2} {unit}"),
+            None => "n/a".into(),
+        };
+        let verdict = |ok: Option<bool>| match ok {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "n/a",
+        };
+        let le = |k: &str, t: f64| f(k).map(|v| v <= t);
+        let both = |a: Option<bool>, b: Option<bool>| Some(a? && b?);
+        let floor = fmt(f("post_path_floor_ms"), "ms");
+        let hb = format!(
+            "detection bound {} (heartbeat {} x {})",
+            fmt(f("failover_detection_bound_ms"), "ms"),
+            fmt(f("failover_heartbeat_ms"), "ms"),
+            f("failover_missed_heartbeats").unwrap_or(0.0)
+        );
+        let rows: Vec<[String; 5]> = vec![
+            [
+                "post -> follower's stream, other cluster (idle)".into(),
+                format!(
+                    "p50 {} p90 {} p99 {} max {}",
+                    fmt(f("cross_cluster_post_p50_ms"), "ms"),
+                    fmt(f("cross_cluster_post_p90_ms"), "ms"),
+                    fmt(f("cross_cluster_post_p99_ms"), "ms"),
+                    fmt(f("cross_cluster_post_max_ms"), "ms")
+                ),
+                "p50 <= 20 ms, p99 <= 100 ms".into(),
+                format!("floor {floor}"),
+                verdict(both(le("cross_cluster_post_p50_ms", 20.0), le("cross_cluster_post_p99_ms", 100.0))).into(),
+            ],
+            [
+                format!("  same, under load ({} posts/s)", fmt(f("loaded_rate_posts_per_s"), "").trim_end()),
+                format!(
+                    "p50 {} p90 {} p99 {} max {}",
+                    fmt(f("loaded_cross_cluster_post_p50_ms"), "ms"),
+                    fmt(f("loaded_cross_cluster_post_p90_ms"), "ms"),
+                    fmt(f("loaded_cross_cluster_post_p99_ms"), "ms"),
+                    fmt(f("loaded_cross_cluster_post_max_ms"), "ms")
+                ),
+                "p50 <= 20 ms, p99 <= 100 ms".into(),
+                format!("floor {floor}"),
+                verdict(both(
+                    le("loaded_cross_cluster_post_p50_ms", 20.0),
+                    le("loaded_cross_cluster_post_p99_ms", 100.0),
+                ))
+                .into(),
+            ],
+            [
+                "follow -> visible in followee's LIST, other cluster".into(),
+                format!(
+                    "p50 {} p99 {} max {}",
+                    fmt(f("follow_visible_p50_ms"), "ms"),
+                    fmt(f("follow_visible_p99_ms"), "ms"),
+                    fmt(f("follow_visible_max_ms"), "ms")
+                ),
+                "p99 <= 100 ms".into(),
+                format!("floor {floor}"),
+                verdict(le("follow_visible_p99_ms", 100.0)).into(),
+            ],
+            [
+                format!("master SIGKILL -> client's next command ({} kills)", f("failover_kills").unwrap_or(0.0)),
+                format!(
+                    "median {} max {}",
+                    fmt(f("failover_outage_median_ms"), "ms"),
+                    fmt(f("failover_outage_max_ms"), "ms")
+                ),
+                "median <= 1500 ms".into(),
+                hb,
+                verdict(le("failover_outage_median_ms", 1500.0)).into(),
+            ],
+            [
+                "sustained posts/s, 3 clusters, durable, fan-out".into(),
+                format!(
+                    "{} ({:.0}% of broker)",
+                    fmt(f("posts_per_s"), "posts/s"),
+                    f("posts_vs_broker_ratio").unwrap_or(0.0) * 100.0
+                ),
+                ">= 50% of broker".into(),
+                format!(
+                    "broker {} (4-way fan-out {})",
+                    fmt(f("broker_baseline_msgs_per_s"), "msg/s"),
+                    fmt(f("broker_fanout4_baseline_msgs_per_s"), "msg/s")
+                ),
+                verdict(f("posts_vs_broker_ratio").map(|r| r >= 0.5)).into(),
+            ],
+            [
+                "idle RSS per node process (max)".into(),
+                format!(
+                    "{} (coord {}, server {}, sync {})",
+                    fmt(f("idle_rss_kb_max").map(|k| k / 1024.0), "MB"),
+                    fmt(f("idle_rss_kb_coordinator").map(|k| k / 1024.0), "MB"),
+                    fmt(f("idle_rss_kb_server_max").map(|k| k / 1024.0), "MB"),
+                    fmt(f("idle_rss_kb_sync_max").map(|k| k / 1024.0), "MB"),
+                ),
+                "<= 15 MB".into(),
+                format!("launcher (same binary, idle) {}", fmt(f("idle_rss_kb_launcher").map(|k| k / 1024.0), "MB")),
+                verdict(le("idle_rss_kb_max", 15.0 * 1024.0)).into(),
+            ],
+            [
+                "local topology start -> ready".into(),
+                format!("{} (launcher) / {} (wall)", fmt(f("startup_ms"), "ms"), fmt(f("startup_wall_ms"), "ms")),
+                "<= 2000 ms".into(),
+                format!(
+                    "{} x spawn {}",
+                    f("startup_processes").unwrap_or(0.0),
+                    fmt(f("process_spawn_baseline_p50_ms"), "ms")
+                ),
+                verdict(le("startup_wall_ms", 2000.0)).into(),
+            ],
+        ];
+        let mut rows = rows;
+        if let Some(n) = f("hang_pauses") {
+            rows.insert(
+                4,
+                [
+                    format!("  master SIGSTOP (hung) -> next command ({n} pauses)"),
+                    format!(
+                        "median {} max {}",
+                        fmt(f("hang_outage_median_ms"), "ms"),
+                        fmt(f("hang_outage_max_ms"), "ms")
+                    ),
+                    "- (informative)".into(),
+                    format!("detection bound {}", fmt(f("failover_detection_bound_ms"), "ms")),
+                    "n/a".into(),
+                ],
+            );
+        }
+        let mut out = String::new();
+        let head = ["measure", "figure", "target", "baseline", "verdict"];
+        let widths: Vec<usize> =
+            (0..5).map(|i| rows.iter().map(|r| r[i].len()).chain([head[i].len()]).max().unwrap_or(0)).collect();
+        let mut line = |cells: &[&str]| {
+            let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            let _ = writeln!(out, "{}", parts.join(" | ").trim_end());
+        };
+        line(&head);
+        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+        line(&rule.iter().map(String::as_str).collect::<Vec<_>>());
+        for r in &rows {
+            line(&r.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        let _ = writeln!(
+            out,
+            "\nbaselines: gRPC unary p50 {} p99 {}; fsync'd append p50 {} p99 {}; broker hop p50 {}; floor of the post path (2 gRPC + 2 fsync + broker hop) {}",
+            fmt(f("grpc_unary_baseline_p50_us"), "us"),
+            fmt(f("grpc_unary_baseline_p99_us"), "us"),
+            fmt(f("fsync_append_baseline_p50_us"), "us"),
+            fmt(f("fsync_append_baseline_p99_us"), "us"),
+            fmt(f("broker_latency_baseline_p50_us"), "us"),
+            floor,
+        );
+        if let Some(ack) = f("post_ack_p50_ms") {
+            let _ = writeln!(
+                out,
+                "post acknowledged (durable on master and slave): p50 {} p99 {}",
+                fmt(Some(ack), "ms"),
+                fmt(f("post_ack_p99_ms"), "ms")
+            );
+        }
+        let _ = writeln!(
+            out,
+            "client write (FOLLOW) acknowledged: p50 {} p99 {}",
+            fmt(f("follow_ack_p50_ms"), "ms"),
+            fmt(f("follow_ack_p99_ms"), "ms")
+        );
+        out
+    }
+}
