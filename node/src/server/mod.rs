@@ -513,14 +513,48 @@ impl Node {
         Ok(next)
     }
 
-    /// Applies an event from another cluster; false if it changed nothing.
-    pub async fn apply_remote(&self, event: RemoteEvent) -> Result<bool> {
+    /// Applies events from other clusters, in order, with one fsync;
+    /// returns how many changed anything (a redelivered one does not).
+    pub async fn apply_remote(&self, events: Vec<RemoteEvent>) -> Result<usize> {
         let _lane = self.0.lane.lock().await;
-        if !self.read(|s| s.is_new_remote(&event)) {
-            return Ok(false);
+        let fresh: Vec<Entry> = self.read(|s| {
+            let mut marks = std::collections::HashMap::new();
+            events
+                .into_iter()
+                .filter(|e| {
+                    // Within the batch too: each origin's seqs must increase.
+                    let last = marks.entry(e.origin).or_insert(0u64);
+                    let new = s.is_new_remote(e) && e.seq > *last;
+                    if new {
+                        *last = e.seq;
+                    }
+                    new
+                })
+                .map(Entry::Remote)
+                .collect()
+        });
+        if fresh.is_empty() {
+            return Ok(0);
         }
-        self.commit(Entry::Remote(event), true).await?;
-        Ok(true)
+        let n = fresh.len();
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || node.store().commit_all(&fresh, true))
+            .await
+            .map_err(|e| Error::Other(format!("commit task failed: {e}")))??;
+        Ok(n)
+    }
+
+    /// Writes the view files that lag behind the journal.
+    pub async fn flush_views(&self) {
+        if !self.store().views_dirty() {
+            return;
+        }
+        let node = self.clone();
+        let flushed = tokio::task::spawn_blocking(move || node.store().flush_views()).await;
+        if let Ok(Err(e)) = flushed {
+            // The journal has everything; the views are rebuilt on restart.
+            tracing::error!(error = %e, "writing view files failed");
+        }
     }
 
     /// Records that the broker confirmed the outbox up to `upto`. Not
@@ -591,6 +625,23 @@ async fn lease_loop(node: Node, shutdown: CancellationToken) {
     }
 }
 
+/// How far the spec's view files may lag behind the journal. Short enough
+/// that a person reading the files sees every write at once; long enough
+/// to write each busy file once for many writes.
+const VIEW_FLUSH: Duration = Duration::from_millis(50);
+
+/// Keeps the view files current.
+async fn flush_loop(node: Node, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(VIEW_FLUSH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => node.flush_views().await,
+        }
+    }
+}
+
 /// As master, brings each new slave up to date as soon as it appears.
 async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
     let mut role = node.watch_role();
@@ -619,6 +670,7 @@ pub async fn run(cfg: ServerConfig, listener: TcpListener, shutdown: Cancellatio
         tokio::spawn(heartbeat_loop(node.clone(), shutdown.clone())),
         tokio::spawn(lease_loop(node.clone(), shutdown.clone())),
         tokio::spawn(slave_sync_loop(node.clone(), shutdown.clone())),
+        tokio::spawn(flush_loop(node.clone(), shutdown.clone())),
     ];
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<sns_proto::csce438::sns_service_server::SnsServiceServer<sns::Sns>>().await;
@@ -631,5 +683,6 @@ pub async fn run(cfg: ServerConfig, listener: TcpListener, shutdown: Cancellatio
     for t in tasks {
         t.abort();
     }
+    node.flush_views().await;
     Ok(result?)
 }

@@ -6,7 +6,7 @@ use crate::store::codec;
 use sns_proto::internal::replica_server::{Replica, ReplicaServer};
 use sns_proto::internal::{
     AckReply, AckRequest, ApplyReply, InstallReply, ReplicateReply, ReplicateRequest, ServerStatus, SnapshotChunk,
-    StatusRequest, SyncEvent, TailRequest,
+    StatusRequest, SyncBatch, SyncEvent, TailRequest,
 };
 use std::pin::Pin;
 use tokio::sync::mpsc;
@@ -96,11 +96,17 @@ impl Replica for ReplicaService {
         Ok(Response::new(InstallReply { next_seq }))
     }
 
-    async fn apply_remote(&self, req: Request<SyncEvent>) -> Result<Response<ApplyReply>, Status> {
-        let event = codec::event_from_pb(&req.into_inner(), self.node.cfg().clusters)
+    async fn apply_remote(&self, req: Request<SyncBatch>) -> Result<Response<ApplyReply>, Status> {
+        let clusters = self.node.cfg().clusters;
+        let events = req
+            .into_inner()
+            .events
+            .iter()
+            .map(|e| codec::event_from_pb(e, clusters))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let applied = self.node.apply_remote(event).await?;
-        Ok(Response::new(ApplyReply { applied }))
+        let applied = self.node.apply_remote(events).await?;
+        Ok(Response::new(ApplyReply { applied: applied as u32 }))
     }
 }
 

@@ -8,6 +8,12 @@
 //! the whole write durable at once; the per-user files are then plain views
 //! that are rewritten from the journal on start, so a crash between two file
 //! writes can never leave them disagreeing or torn.
+//!
+//! Views are written behind the journal, not in the write path: a commit
+//! only notes which files changed, and [`Store::flush_views`] (called every
+//! few tens of milliseconds by the server) appends what is new, or rewrites
+//! a file once when a post landed before what it already holds. Under load
+//! that turns one rewrite per event into one per flush.
 
 pub mod codec;
 pub mod journal;
@@ -17,7 +23,7 @@ pub mod state;
 use crate::error::{Error, Result};
 use journal::Journal;
 use state::{Effect, Entry, Post, Snapshot, State};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -34,6 +40,39 @@ pub struct Store {
     journal: Journal,
     state: State,
     live: HashMap<u32, broadcast::Sender<Post>>,
+    dirty: Dirty,
+    /// Records already in each user's timeline / feed file.
+    on_disk: HashMap<(u32, PostFile), usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum PostFile {
+    Timeline,
+    Feed,
+}
+
+/// View files that lag behind the state.
+#[derive(Debug, Default)]
+struct Dirty {
+    users: bool,
+    new_users: BTreeSet<u32>,
+    follow_lists: BTreeSet<u32>,
+    followers: BTreeSet<u32>,
+    timelines: BTreeSet<u32>,
+    feeds: BTreeSet<u32>,
+    /// Feeds in which a post sorted before what the file already holds.
+    reordered: BTreeSet<u32>,
+}
+
+impl Dirty {
+    fn is_empty(&self) -> bool {
+        !self.users
+            && self.new_users.is_empty()
+            && self.follow_lists.is_empty()
+            && self.followers.is_empty()
+            && self.timelines.is_empty()
+            && self.feeds.is_empty()
+    }
 }
 
 impl Store {
@@ -49,7 +88,14 @@ impl Store {
                 .map_err(|e| Error::Corrupt(format!("{} record {i}: {e}", path.display())))?;
             state.apply(&entry);
         }
-        let store = Store { dir: dir.to_path_buf(), journal, state, live: HashMap::new() };
+        let mut store = Store {
+            dir: dir.to_path_buf(),
+            journal,
+            state,
+            live: HashMap::new(),
+            dirty: Dirty::default(),
+            on_disk: HashMap::new(),
+        };
         store.rebuild_views()?;
         tracing::info!(dir = %dir.display(), records = records.len(), users = store.state.users().len(), "store opened");
         Ok(store)
@@ -66,21 +112,121 @@ impl Store {
     /// Journals `entry` (fsynced when `durable`), applies it, updates the
     /// files and wakes the timeline streams it concerns.
     pub fn commit(&mut self, entry: &Entry, durable: bool) -> Result<Vec<Effect>> {
-        let bytes = codec::encode_entry(entry);
-        self.journal.append(&bytes, durable).map_err(|e| Error::io(&self.dir.join(JOURNAL_FILE), e))?;
-        let effects = self.state.apply(entry);
-        for effect in &effects {
-            if let Err(e) = self.write_view(effect) {
-                // The journal has the write; the view is rebuilt on restart.
-                tracing::error!(error = %e, "updating a view file failed");
+        self.commit_all(std::slice::from_ref(entry), durable)
+    }
+
+    /// Journals `entries` in one write and one fsync, then applies them in
+    /// order.
+    pub fn commit_all(&mut self, entries: &[Entry], durable: bool) -> Result<Vec<Effect>> {
+        let encoded: Vec<Vec<u8>> = entries.iter().map(codec::encode_entry).collect();
+        let slices: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+        self.journal.append_all(&slices, durable).map_err(|e| Error::io(&self.dir.join(JOURNAL_FILE), e))?;
+        let mut all = Vec::new();
+        for entry in entries {
+            let effects = self.state.apply(entry);
+            for effect in &effects {
+                self.note(effect)?;
+                if let Effect::Feed { user, post, .. } = effect
+                    && let Some(tx) = self.live.get(user)
+                {
+                    let _ = tx.send(post.clone());
+                }
             }
-            if let Effect::Feed { user, post, .. } = effect
-                && let Some(tx) = self.live.get(user)
-            {
-                let _ = tx.send(post.clone());
+            all.extend(effects);
+        }
+        Ok(all)
+    }
+
+    /// Whether some view file lags behind the state.
+    pub fn views_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    fn note(&mut self, effect: &Effect) -> Result<()> {
+        let d = &mut self.dirty;
+        match effect {
+            Effect::Users => d.users = true,
+            Effect::NewLocalUser(u) => {
+                d.new_users.insert(*u);
+            }
+            Effect::FollowList(u) => {
+                d.follow_lists.insert(*u);
+            }
+            Effect::Followers(u) => {
+                d.followers.insert(*u);
+            }
+            Effect::TimelineAppend { user, .. } => {
+                d.timelines.insert(*user);
+            }
+            Effect::Feed { user, post, appended } => {
+                d.feeds.insert(*user);
+                if !appended {
+                    let written = self.on_disk.get(&(*user, PostFile::Feed)).copied().unwrap_or(0);
+                    let at = self
+                        .state
+                        .feed(*user)
+                        .partition_point(|p| (p.at_ms, p.user, &*p.text) < (post.at_ms, post.user, &*post.text));
+                    if at < written {
+                        d.reordered.insert(*user);
+                    }
+                }
+            }
+            Effect::Reset => {
+                self.dirty = Dirty::default();
+                self.reset_views()?;
             }
         }
-        Ok(effects)
+        Ok(())
+    }
+
+    /// Brings every view file up to date with the state.
+    pub fn flush_views(&mut self) -> Result<()> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let io = |path: &Path, r: std::io::Result<()>| r.map_err(|e| Error::io(path, e));
+        if dirty.users {
+            let path = self.dir.join("all_users.txt");
+            io(&path, replace(&path, &record::encode_ids(self.state.users())))?;
+        }
+        for u in &dirty.new_users {
+            for suffix in ["follow_list", "followers", "timeline", "following"] {
+                let path = self.path(*u, suffix);
+                io(&path, fs::OpenOptions::new().create(true).append(true).open(&path).map(drop))?;
+            }
+        }
+        for u in &dirty.follow_lists {
+            let ids: Vec<u32> = self.state.following(*u).collect();
+            let path = self.path(*u, "follow_list");
+            io(&path, replace(&path, &record::encode_ids(&ids)))?;
+        }
+        for u in &dirty.followers {
+            let ids: Vec<u32> = self.state.followers(*u).collect();
+            let path = self.path(*u, "followers");
+            io(&path, replace(&path, &record::encode_ids(&ids)))?;
+        }
+        for u in &dirty.timelines {
+            self.flush_posts(*u, PostFile::Timeline, false)?;
+        }
+        for u in &dirty.feeds {
+            self.flush_posts(*u, PostFile::Feed, dirty.reordered.contains(u))?;
+        }
+        Ok(())
+    }
+
+    fn flush_posts(&mut self, user: u32, file: PostFile, rewrite: bool) -> Result<()> {
+        let (posts, suffix) = match file {
+            PostFile::Timeline => (self.state.timeline(user), "timeline"),
+            PostFile::Feed => (self.state.feed(user), "following"),
+        };
+        let path = self.path(user, suffix);
+        let written = self.on_disk.get(&(user, file)).copied().unwrap_or(0);
+        let result = if rewrite || written > posts.len() {
+            replace(&path, &posts_text(posts))
+        } else {
+            append(&path, &posts[written..])
+        };
+        result.map_err(|e| Error::io(&path, e))?;
+        self.on_disk.insert((user, file), posts.len());
+        Ok(())
     }
 
     /// The timeline backlog of `user` and a receiver of its later feed
@@ -93,32 +239,6 @@ impl Store {
 
     fn path(&self, user: u32, suffix: &str) -> PathBuf {
         self.dir.join(format!("{user}_{suffix}.txt"))
-    }
-
-    fn write_view(&self, effect: &Effect) -> std::io::Result<()> {
-        match effect {
-            Effect::Users => replace(&self.dir.join("all_users.txt"), &record::encode_ids(self.state.users())),
-            Effect::NewLocalUser(u) => {
-                for suffix in ["follow_list", "followers", "timeline", "following"] {
-                    fs::OpenOptions::new().create(true).append(true).open(self.path(*u, suffix))?;
-                }
-                Ok(())
-            }
-            Effect::FollowList(u) => {
-                let ids: Vec<u32> = self.state.following(*u).collect();
-                replace(&self.path(*u, "follow_list"), &record::encode_ids(&ids))
-            }
-            Effect::Followers(u) => {
-                let ids: Vec<u32> = self.state.followers(*u).collect();
-                replace(&self.path(*u, "followers"), &record::encode_ids(&ids))
-            }
-            Effect::TimelineAppend { user, post } => append(&self.path(*user, "timeline"), &[post]),
-            Effect::Feed { user, post, appended: true } => append(&self.path(*user, "following"), &[post]),
-            Effect::Feed { user, appended: false, .. } => {
-                replace(&self.path(*user, "following"), &posts_text(self.state.feed(*user)))
-            }
-            Effect::Reset => self.reset_views().map_err(|e| std::io::Error::other(e.to_string())),
-        }
     }
 
     /// Replaces the whole state with `snapshot` (from the master): the
@@ -138,12 +258,13 @@ impl Store {
         let (journal, _) = Journal::open(&path).map_err(|e| Error::io(&path, e))?;
         self.journal = journal;
         self.state.apply(&entry);
+        self.dirty = Dirty::default();
         self.reset_views()
     }
 
     /// Removes every view file and writes them anew from the state (files
     /// of users the new state does not have must not linger).
-    fn reset_views(&self) -> Result<()> {
+    fn reset_views(&mut self) -> Result<()> {
         let entries = fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         for entry in entries.flatten() {
             let name = entry.file_name();
@@ -154,16 +275,20 @@ impl Store {
         self.rebuild_views()
     }
 
-    fn rebuild_views(&self) -> Result<()> {
+    fn rebuild_views(&mut self) -> Result<()> {
         let write = |path: PathBuf, text: String| replace(&path, &text).map_err(|e| Error::io(&path, e));
         write(self.dir.join("all_users.txt"), record::encode_ids(self.state.users()))?;
-        for &u in self.state.users().iter().filter(|u| self.state.is_local(**u)) {
+        self.on_disk.clear();
+        let local: Vec<u32> = self.state.users().iter().copied().filter(|u| self.state.is_local(*u)).collect();
+        for u in local {
             let follows: Vec<u32> = self.state.following(u).collect();
             let followers: Vec<u32> = self.state.followers(u).collect();
             write(self.path(u, "follow_list"), record::encode_ids(&follows))?;
             write(self.path(u, "followers"), record::encode_ids(&followers))?;
             write(self.path(u, "timeline"), posts_text(self.state.timeline(u)))?;
             write(self.path(u, "following"), posts_text(self.state.feed(u)))?;
+            self.on_disk.insert((u, PostFile::Timeline), self.state.timeline(u).len());
+            self.on_disk.insert((u, PostFile::Feed), self.state.feed(u).len());
         }
         Ok(())
     }
@@ -186,11 +311,11 @@ fn replace(path: &Path, text: &str) -> std::io::Result<()> {
     fs::rename(&tmp, path)
 }
 
-fn append(path: &Path, posts: &[&Post]) -> std::io::Result<()> {
+fn append(path: &Path, posts: &[Post]) -> std::io::Result<()> {
     let mut f = fs::OpenOptions::new().create(true).append(true).open(path)?;
-    // One write per append: concurrent readers never see a partial record
+    // One write per append: a reader never sees half a batch of records
     // followed by another writer's bytes.
-    f.write_all(posts_text(posts.iter().copied()).as_bytes())
+    f.write_all(posts_text(posts).as_bytes())
 }
 
 #[cfg(test)]
@@ -233,6 +358,8 @@ mod tests {
             v.sort();
             v
         };
+        a.flush_views().unwrap();
+        b.flush_views().unwrap();
         assert_eq!(files(&a_dir), files(&b_dir));
         // The installed state survives a restart, and writes go on after it.
         local(&mut b, Change::Post(Post { user: 1, text: "more".into(), at_ms: 11, client_id: 4 }));
@@ -240,6 +367,45 @@ mod tests {
         let b = Store::open(&b_dir, 1, 3).unwrap();
         assert_eq!(b.state().timeline(1).len(), 2);
         assert!(b.state().has_post_id(1, 3) && b.state().has_post_id(1, 4));
+    }
+
+    #[test]
+    fn views_follow_the_journal_in_feed_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("v");
+        let mut s = Store::open(&dir, 3, 3).unwrap();
+        local(&mut s, Change::User(3));
+        local(&mut s, Change::Relation { follower: 3, followee: 1, follow: true, at_ms: 0 });
+        local(&mut s, Change::Relation { follower: 3, followee: 2, follow: true, at_ms: 0 });
+        let post = |origin: u32, seq: u64, text: &str, at_ms: i64| {
+            Entry::Remote(RemoteEvent {
+                origin,
+                seq,
+                change: Change::Post(Post { user: origin, text: text.into(), at_ms, client_id: 0 }),
+            })
+        };
+        s.commit_all(&[post(1, 1, "b", 2_000), post(1, 2, "c", 3_000)], true).unwrap();
+        assert!(s.views_dirty());
+        assert_eq!(fs::read_to_string(dir.join("3_following.txt")).unwrap_or_default(), "", "views lag until flushed");
+        s.flush_views().unwrap();
+        assert!(!s.views_dirty());
+        let texts = |d: &Path| -> Vec<String> {
+            record::decode_posts(&read(d, "3_following.txt")).into_iter().map(|p| p.text).collect()
+        };
+        assert_eq!(texts(&dir), vec!["b", "c"]);
+        // A post that sorts before what the file holds forces a rewrite...
+        s.commit(&post(2, 1, "a", 1_000), true).unwrap();
+        // ...one that sorts after is appended.
+        s.commit(&post(2, 2, "d", 4_000), true).unwrap();
+        s.flush_views().unwrap();
+        assert_eq!(texts(&dir), vec!["a", "b", "c", "d"]);
+        s.commit(&post(2, 3, "e", 5_000), true).unwrap();
+        s.flush_views().unwrap();
+        assert_eq!(texts(&dir), vec!["a", "b", "c", "d", "e"]);
+        // Both batch records are in the journal.
+        drop(s);
+        let s = Store::open(&dir, 3, 3).unwrap();
+        assert_eq!(s.state().feed(3).len(), 5);
     }
 
     #[test]
@@ -256,6 +422,7 @@ mod tests {
         assert_eq!(backlog.len(), 1);
         local(&mut s, Change::Post(Post { user: 1, text: "p12".into(), at_ms: 1_744_336_637_000, client_id: 0 }));
         assert_eq!(&*rx.try_recv().unwrap().text, "p12");
+        s.flush_views().unwrap();
 
         assert_eq!(read(&dir, "all_users.txt"), "1\n2\n4\n");
         assert_eq!(read(&dir, "4_follow_list.txt"), "1\n");
