@@ -32,20 +32,20 @@ pub mod sns;
 
 use crate::error::{Error, Result};
 use crate::net;
-use crate::store::state::{Change, Effect, Entry, LocalOp, RemoteEvent, Snapshot, State};
+use crate::store::state::{Change, Effect, Entry, LocalOp, Post, RemoteEvent, Snapshot, State};
 use crate::store::{Store, codec};
 use sns_proto::csce438::ServerInfo;
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{LeaseRequest, ReplicateRequest, SnapshotChunk};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -88,8 +88,20 @@ const SNAPSHOT_CHUNK: usize = 1 << 20;
 
 type SlaveAddr = (String, String);
 
+/// A post waiting to be committed, and who waits for it.
+pub struct PostRequest {
+    post: Post,
+    done: oneshot::Sender<Result<(), Status>>,
+}
+
+/// Most posts committed as one group: bounds one journal write and one
+/// replication request (posts are at most 4 KiB).
+const POST_BATCH: usize = 256;
+
 struct Inner {
     cfg: ServerConfig,
+    /// Posts waiting for the committer.
+    posts: mpsc::UnboundedSender<PostRequest>,
     port: u16,
     store: Mutex<Store>,
     /// Serializes every change, and the forwarding of client writes to the
@@ -121,12 +133,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Node {
-    pub fn open(cfg: ServerConfig, port: u16) -> Result<Node> {
+    pub fn open(cfg: ServerConfig, port: u16) -> Result<(Node, mpsc::UnboundedReceiver<PostRequest>)> {
         let store = Store::open(&cfg.data_dir, cfg.cluster, cfg.clusters)?;
         let stable = store.state().next_seq() - 1;
         let coord = net::channel(&cfg.coord_host, &cfg.coord_port.to_string())?;
-        Ok(Node(Arc::new(Inner {
+        let (posts, queued) = mpsc::unbounded_channel();
+        let node = Node(Arc::new(Inner {
             cfg,
+            posts,
             port,
             store: Mutex::new(store),
             lane: tokio::sync::Mutex::new(()),
@@ -138,7 +152,8 @@ impl Node {
             synced_term: AtomicU64::new(0),
             degraded: Mutex::new(String::new()),
             master_terms: Mutex::new(BTreeSet::new()),
-        })))
+        }));
+        Ok((node, queued))
     }
 
     pub fn cfg(&self) -> &ServerConfig {
@@ -298,12 +313,21 @@ impl Node {
                 Ok(Some(change)) => (change, store.state().next_seq(), store.state().published_upto()),
             }
         };
-        let op = LocalOp { seq, change };
-        let replicate = self.forward(&role, &op, published);
-        let local = self.commit(Entry::Local(op.clone()), true);
+        self.write_ops(&role, vec![LocalOp { seq, change }], published).await?;
+        Ok(Ok(()))
+    }
+
+    /// Journals consecutive ops here and on the slave (concurrently), and
+    /// finishes the forward. Called with the write lane held.
+    async fn write_ops(&self, role: &Role, ops: Vec<LocalOp>, published: u64) -> Result<(), Status> {
+        let last = ops.last().map_or(0, |op| op.seq);
+        let entries: Vec<Entry> = ops.iter().cloned().map(Entry::Local).collect();
+        let replicate = self.forward(role, &ops, published);
+        let node = self.clone();
+        let local = tokio::task::spawn_blocking(move || node.store().commit_all(&entries, true));
         let (replicated, committed) = tokio::join!(replicate, local);
-        committed.map_err(Status::from)?;
-        self.finish_forward(role.clone(), &op, published, replicated).await?;
+        committed.map_err(|e| Status::internal(format!("commit task failed: {e}")))?.map_err(Status::from)?;
+        self.finish_forward(role.clone(), &ops, published, replicated).await?;
         if lock(&self.0.master_terms).insert(role.term) {
             // One line per term: tests check no two servers of a cluster
             // ever log the same term.
@@ -314,8 +338,50 @@ impl Node {
                 "accepting writes as master"
             );
         }
-        self.0.stable.send_replace(seq);
-        Ok(Ok(()))
+        self.0.stable.send_replace(last);
+        Ok(())
+    }
+
+    /// Posts a message: queued, and committed with the other posts that are
+    /// waiting (one lane turn, one fsync here and one on the slave for the
+    /// whole group). A post whose client id was already applied is
+    /// acknowledged without being applied again.
+    pub async fn post(&self, post: Post) -> Result<(), Status> {
+        let (done, result) = oneshot::channel();
+        self.0.posts.send(PostRequest { post, done }).map_err(|_| Status::unavailable("server stopping"))?;
+        result.await.map_err(|_| Status::unavailable("server stopping"))?
+    }
+
+    /// Commits a group of queued posts.
+    async fn write_posts(&self, batch: Vec<PostRequest>) {
+        let _lane = self.0.lane.lock().await;
+        let result = async {
+            let role = self.ensure_master().await?;
+            let (ops, published) = {
+                let store = self.store();
+                let state = store.state();
+                let mut seq = state.next_seq();
+                let mut ids = HashSet::new();
+                let mut ops = Vec::new();
+                for r in &batch {
+                    let (user, id) = (r.post.user, r.post.client_id);
+                    if id != 0 && (state.has_post_id(user, id) || !ids.insert((user, id))) {
+                        continue; // a resent post: acknowledge, do not apply
+                    }
+                    ops.push(LocalOp { seq, change: Change::Post(r.post.clone()) });
+                    seq += 1;
+                }
+                (ops, state.published_upto())
+            };
+            if ops.is_empty() {
+                return Ok(());
+            }
+            self.write_ops(&role, ops, published).await
+        }
+        .await;
+        for r in batch {
+            let _ = r.done.send(result.clone());
+        }
     }
 
     /// Drives a forward to completion: done when the slave has the write,
@@ -324,10 +390,11 @@ impl Node {
     async fn finish_forward(
         &self,
         mut role: Role,
-        op: &LocalOp,
+        ops: &[LocalOp],
         published: u64,
         mut result: Result<(), Status>,
     ) -> Result<(), Status> {
+        let seq = ops.first().map_or(0, |op| op.seq);
         let give_up = Instant::now() + FORWARD_GIVE_UP;
         loop {
             let status = match result {
@@ -340,7 +407,7 @@ impl Node {
             match status.code() {
                 // The slave knows a newer term: we were replaced.
                 Code::FailedPrecondition => {
-                    tracing::warn!(seq = op.seq, error = %status.message(), "write refused by a newer term");
+                    tracing::warn!(seq, error = %status.message(), "write refused by a newer term");
                     if let Ok(r) = self.heartbeat().await
                         && r.is_master
                         && r.term > role.term
@@ -363,7 +430,7 @@ impl Node {
                     }
                 }
                 _ => {
-                    tracing::debug!(seq = op.seq, error = %status.message(), "forward failed");
+                    tracing::debug!(seq, error = %status.message(), "forward failed");
                     *lock(&self.0.synced_slave) = None;
                     match self.heartbeat().await {
                         Ok(r) if !r.is_master => return Err(self.not_master()),
@@ -383,7 +450,7 @@ impl Node {
                     tokio::time::sleep(FORWARD_RETRY).await;
                 }
             }
-            result = self.forward(&role, op, published).await;
+            result = self.forward(&role, ops, published).await;
         }
     }
 
@@ -400,11 +467,11 @@ impl Node {
         }
     }
 
-    async fn forward(&self, role: &Role, op: &LocalOp, published_upto: u64) -> Result<(), Status> {
+    async fn forward(&self, role: &Role, ops: &[LocalOp], published_upto: u64) -> Result<(), Status> {
         let Some((slave_id, host, port)) = role.slave.clone() else { return Ok(()) };
         let req = ReplicateRequest {
             term: role.term,
-            op: Some(codec::local_op_to_pb(op)),
+            ops: ops.iter().map(codec::local_op_to_pb).collect(),
             published_upto,
             cluster: self.0.cfg.cluster,
             from_server: self.0.cfg.id,
@@ -474,22 +541,26 @@ impl Node {
     }
 
     /// Applies a client write forwarded by the master.
-    pub async fn apply_replicated(&self, term: u64, op: LocalOp, published_upto: u64) -> Result<(), Status> {
+    pub async fn apply_replicated(&self, term: u64, ops: Vec<LocalOp>, published_upto: u64) -> Result<(), Status> {
         let _lane = self.0.lane.lock().await;
         self.check_master_term(term)?;
         if self.synced_term() != term {
             return Err(Status::aborted(format!("not synced under term {term}: send a snapshot first")));
         }
         let next = self.read(|s| s.next_seq());
-        if op.seq < next {
-            return Ok(()); // already have it: a retried forward
-        }
-        if op.seq > next {
+        // Ops already here come from a retried forward.
+        let fresh: Vec<Entry> = ops.into_iter().filter(|op| op.seq >= next).map(Entry::Local).collect();
+        let Some(Entry::Local(first)) = fresh.first() else { return Ok(()) };
+        if first.seq > next {
             // Cannot happen under the same term; resync rather than diverge.
             self.0.synced_term.store(0, Ordering::SeqCst);
-            return Err(Status::aborted(format!("expected seq {next}, got {}: send a snapshot", op.seq)));
+            return Err(Status::aborted(format!("expected seq {next}, got {}: send a snapshot", first.seq)));
         }
-        self.commit(Entry::Local(op), true).await?;
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || node.store().commit_all(&fresh, true))
+            .await
+            .map_err(|e| Status::internal(format!("commit task failed: {e}")))?
+            .map_err(Status::from)?;
         if published_upto > self.read(|s| s.published_upto()) {
             self.commit(Entry::PublishedUpto(published_upto), false).await?;
         }
@@ -625,6 +696,24 @@ async fn lease_loop(node: Node, shutdown: CancellationToken) {
     }
 }
 
+/// Commits queued posts in groups, in arrival order.
+async fn post_loop(node: Node, mut queued: mpsc::UnboundedReceiver<PostRequest>, shutdown: CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = queued.recv() => match r { Some(r) => r, None => return },
+        };
+        let mut batch = vec![first];
+        while batch.len() < POST_BATCH {
+            match queued.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        node.write_posts(batch).await;
+    }
+}
+
 /// How far the spec's view files may lag behind the journal. Short enough
 /// that a person reading the files sees every write at once; long enough
 /// to write each busy file once for many writes.
@@ -664,13 +753,14 @@ async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
 /// Serves a server node on `listener` until `shutdown` is cancelled.
 pub async fn run(cfg: ServerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let port = net::local_port(&listener)?;
-    let node = Node::open(cfg, port)?;
+    let (node, queued) = Node::open(cfg, port)?;
     tracing::info!(cluster = node.cfg().cluster, id = node.cfg().id, port, dir = %node.cfg().data_dir.display(), "server listening");
     let tasks = [
         tokio::spawn(heartbeat_loop(node.clone(), shutdown.clone())),
         tokio::spawn(lease_loop(node.clone(), shutdown.clone())),
         tokio::spawn(slave_sync_loop(node.clone(), shutdown.clone())),
         tokio::spawn(flush_loop(node.clone(), shutdown.clone())),
+        tokio::spawn(post_loop(node.clone(), queued, shutdown.clone())),
     ];
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<sns_proto::csce438::sns_service_server::SnsServiceServer<sns::Sns>>().await;

@@ -38,9 +38,16 @@ impl Replica for ReplicaService {
                 self.node.cfg().cluster
             )));
         }
-        let op = req.op.ok_or_else(|| Status::invalid_argument("no op"))?;
-        let op = codec::local_op_from_pb(&op).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.node.apply_replicated(req.term, op, req.published_upto).await?;
+        let ops = req
+            .ops
+            .iter()
+            .map(codec::local_op_from_pb)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if ops.is_empty() || ops.windows(2).any(|w| w[1].seq != w[0].seq + 1) {
+            return Err(Status::invalid_argument("replicated writes must be consecutive and non-empty"));
+        }
+        self.node.apply_replicated(req.term, ops, req.published_upto).await?;
         Ok(Response::new(ReplicateReply {}))
     }
 

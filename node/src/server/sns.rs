@@ -187,15 +187,14 @@ async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: 
         let post = Post { user, text: msg.msg.as_str().into(), at_ms: post_time(&msg), client_id: id };
         // A post resent after a failover (same id) is acknowledged again
         // but applied only once.
-        let written = node.write::<Outcome>(|s| Ok((!s.has_post_id(user, id)).then_some(Change::Post(post)))).await;
-        match written {
-            Ok(_) if id != 0 => {
+        match node.post(post).await {
+            Ok(()) if id != 0 => {
                 let ack = Message { post_id: id, ..Default::default() };
                 if tx.send(Ok(ack)).await.is_err() {
                     return;
                 }
             }
-            Ok(_) => {}
+            Ok(()) => {}
             Err(status) => {
                 let _ = tx.send(Err(status)).await;
                 return;
