@@ -620,8 +620,8 @@ impl Node {
         if !self.store().views_dirty() {
             return;
         }
-        let node = self.clone();
-        let flushed = tokio::task::spawn_blocking(move || node.store().flush_views()).await;
+        let writes = self.store().prepare_flush();
+        let flushed = tokio::task::spawn_blocking(move || writes.apply()).await;
         if let Ok(Err(e)) = flushed {
             // The journal has everything; the views are rebuilt on restart.
             tracing::error!(error = %e, "writing view files failed");

@@ -27,6 +27,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::broadcast;
 
 /// Live posts a slow timeline reader may fall behind by before it misses
@@ -43,6 +44,36 @@ pub struct Store {
     dirty: Dirty,
     /// Records already in each user's timeline / feed file.
     on_disk: HashMap<(u32, PostFile), usize>,
+    /// Held while view files are written, so writes prepared by one flush
+    /// never interleave with another flush or a reset.
+    view_io: Arc<Mutex<()>>,
+}
+
+/// One pending view file write.
+enum ViewWrite {
+    Replace(PathBuf, String),
+    Append(PathBuf, String),
+}
+
+/// View file writes prepared by [`Store::prepare_flush`].
+pub struct ViewWrites {
+    io: Arc<Mutex<()>>,
+    writes: Vec<ViewWrite>,
+}
+
+impl ViewWrites {
+    /// Carries the writes out (without the store lock).
+    pub fn apply(self) -> Result<()> {
+        let _io = self.io.lock().unwrap_or_else(PoisonError::into_inner);
+        for w in &self.writes {
+            let (path, result) = match w {
+                ViewWrite::Replace(path, text) => (path, replace(path, text)),
+                ViewWrite::Append(path, text) => (path, append_text(path, text)),
+            };
+            result.map_err(|e| Error::io(path, e))?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,6 +126,7 @@ impl Store {
             live: HashMap::new(),
             dirty: Dirty::default(),
             on_disk: HashMap::new(),
+            view_io: Arc::default(),
         };
         store.rebuild_views()?;
         tracing::info!(dir = %dir.display(), records = records.len(), users = store.state.users().len(), "store opened");
@@ -181,52 +213,54 @@ impl Store {
 
     /// Brings every view file up to date with the state.
     pub fn flush_views(&mut self) -> Result<()> {
+        self.prepare_flush().apply()
+    }
+
+    /// The file writes that bring the views up to date, prepared under the
+    /// store lock (cheap: formatting) and carried out after it is released
+    /// (the disk), so a flush never stalls commits or live streams.
+    pub fn prepare_flush(&mut self) -> ViewWrites {
         let dirty = std::mem::take(&mut self.dirty);
-        let io = |path: &Path, r: std::io::Result<()>| r.map_err(|e| Error::io(path, e));
+        let mut writes = Vec::new();
         if dirty.users {
-            let path = self.dir.join("all_users.txt");
-            io(&path, replace(&path, &record::encode_ids(self.state.users())))?;
+            writes.push(ViewWrite::Replace(self.dir.join("all_users.txt"), record::encode_ids(self.state.users())));
         }
         for u in &dirty.new_users {
             for suffix in ["follow_list", "followers", "timeline", "following"] {
-                let path = self.path(*u, suffix);
-                io(&path, fs::OpenOptions::new().create(true).append(true).open(&path).map(drop))?;
+                writes.push(ViewWrite::Append(self.path(*u, suffix), String::new()));
             }
         }
         for u in &dirty.follow_lists {
             let ids: Vec<u32> = self.state.following(*u).collect();
-            let path = self.path(*u, "follow_list");
-            io(&path, replace(&path, &record::encode_ids(&ids)))?;
+            writes.push(ViewWrite::Replace(self.path(*u, "follow_list"), record::encode_ids(&ids)));
         }
         for u in &dirty.followers {
             let ids: Vec<u32> = self.state.followers(*u).collect();
-            let path = self.path(*u, "followers");
-            io(&path, replace(&path, &record::encode_ids(&ids)))?;
+            writes.push(ViewWrite::Replace(self.path(*u, "followers"), record::encode_ids(&ids)));
         }
         for u in &dirty.timelines {
-            self.flush_posts(*u, PostFile::Timeline, false)?;
+            writes.push(self.post_write(*u, PostFile::Timeline, false));
         }
         for u in &dirty.feeds {
-            self.flush_posts(*u, PostFile::Feed, dirty.reordered.contains(u))?;
+            writes.push(self.post_write(*u, PostFile::Feed, dirty.reordered.contains(u)));
         }
-        Ok(())
+        ViewWrites { io: self.view_io.clone(), writes }
     }
 
-    fn flush_posts(&mut self, user: u32, file: PostFile, rewrite: bool) -> Result<()> {
+    fn post_write(&mut self, user: u32, file: PostFile, rewrite: bool) -> ViewWrite {
         let (posts, suffix) = match file {
             PostFile::Timeline => (self.state.timeline(user), "timeline"),
             PostFile::Feed => (self.state.feed(user), "following"),
         };
         let path = self.path(user, suffix);
         let written = self.on_disk.get(&(user, file)).copied().unwrap_or(0);
-        let result = if rewrite || written > posts.len() {
-            replace(&path, &posts_text(posts))
+        let write = if rewrite || written > posts.len() {
+            ViewWrite::Replace(path, posts_text(posts))
         } else {
-            append(&path, &posts[written..])
+            ViewWrite::Append(path, posts_text(&posts[written..]))
         };
-        result.map_err(|e| Error::io(&path, e))?;
         self.on_disk.insert((user, file), posts.len());
-        Ok(())
+        write
     }
 
     /// The timeline backlog of `user` and a receiver of its later feed
@@ -265,6 +299,8 @@ impl Store {
     /// Removes every view file and writes them anew from the state (files
     /// of users the new state does not have must not linger).
     fn reset_views(&mut self) -> Result<()> {
+        let io = self.view_io.clone();
+        let _io = io.lock().unwrap_or_else(PoisonError::into_inner);
         let entries = fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         for entry in entries.flatten() {
             let name = entry.file_name();
@@ -311,11 +347,10 @@ fn replace(path: &Path, text: &str) -> std::io::Result<()> {
     fs::rename(&tmp, path)
 }
 
-fn append(path: &Path, posts: &[Post]) -> std::io::Result<()> {
+fn append_text(path: &Path, text: &str) -> std::io::Result<()> {
     let mut f = fs::OpenOptions::new().create(true).append(true).open(path)?;
-    // One write per append: a reader never sees half a batch of records
-    // followed by another writer's bytes.
-    f.write_all(posts_text(posts).as_bytes())
+    // One write per append: a reader never sees half a batch of records.
+    f.write_all(text.as_bytes())
 }
 
 #[cfg(test)]
