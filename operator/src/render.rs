@@ -428,14 +428,7 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
         spec: Some(ServiceSpec {
             type_: Some(spec.coordinator.service_type.as_str().into()),
             selector: Some(selector_of(&coord_labels)),
-            ports: Some(vec![ServicePort {
-                name: Some("grpc".into()),
-                port: SERVICE_PORT,
-                target_port: Some(IntOrString::String("grpc".into())),
-                protocol: Some("TCP".into()),
-                app_protocol: Some("kubernetes.io/h2c".into()),
-                ..Default::default()
-            }]),
+            ports: Some(vec![grpc_port("grpc", Some("kubernetes.io/h2c"))]),
             ..Default::default()
         }),
         ..Default::default()
@@ -449,13 +442,7 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
             // peers must resolve it before the readiness probe passes.
             publish_not_ready_addresses: Some(true),
             selector: Some(server_sel.clone()),
-            ports: Some(vec![ServicePort {
-                name: Some("sns".into()),
-                port: SERVICE_PORT,
-                target_port: Some(IntOrString::String("sns".into())),
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            }]),
+            ports: Some(vec![grpc_port("sns", None)]),
             ..Default::default()
         }),
         ..Default::default()
@@ -470,14 +457,7 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
             metadata: meta(names.master(cluster), &names, l, &owner),
             spec: Some(ServiceSpec {
                 selector: Some(sel),
-                ports: Some(vec![ServicePort {
-                    name: Some("sns".into()),
-                    port: SERVICE_PORT,
-                    target_port: Some(IntOrString::String("sns".into())),
-                    protocol: Some("TCP".into()),
-                    app_protocol: Some("kubernetes.io/h2c".into()),
-                    ..Default::default()
-                }]),
+                ports: Some(vec![grpc_port("sns", Some("kubernetes.io/h2c"))]),
                 ..Default::default()
             }),
             ..Default::default()
@@ -847,6 +827,18 @@ pub fn to_yaml(rendered: &Rendered, names: &Names) -> String {
         docs.push(serde_json::to_value(broker_secret(t, names, "rendered-placeholder")).expect("a Secret serializes"));
     }
     docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("JSON values serialize as YAML"))).collect()
+}
+
+/// The gRPC port of a Service, by the container port's name.
+fn grpc_port(name: &str, app_protocol: Option<&str>) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port: SERVICE_PORT,
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        app_protocol: app_protocol.map(Into::into),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

@@ -11,14 +11,13 @@
 use super::Coordinator;
 use crate::ids::{cluster_of, parse_user};
 use crate::net;
+use crate::server::sns::{TimelineStream, read_opening};
 use sns_proto::csce438::sns_service_client::SnsServiceClient;
 use sns_proto::csce438::sns_service_server::{SnsService, SnsServiceServer};
 use sns_proto::csce438::{ListReply, Message, Reply, Request as SnsRequest};
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
-use tokio_stream::Stream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -59,8 +58,6 @@ impl Gateway {
     }
 }
 
-type TimelineStream = Pin<Box<dyn Stream<Item = Result<Message, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl SnsService for Gateway {
     async fn login(&self, req: Request<SnsRequest>) -> Result<Response<Reply>, Status> {
@@ -96,10 +93,7 @@ impl SnsService for Gateway {
 
     async fn timeline(&self, req: Request<Streaming<Message>>) -> Result<Response<TimelineStream>, Status> {
         let mut inbound = req.into_inner();
-        let opening = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("timeline opened without a message naming the user"))?;
+        let opening = read_opening(&mut inbound).await?;
         let mut master = self.route(&opening.username)?;
         // Forward the opening, then everything the client sends, until it
         // stops or its stream breaks.

@@ -80,7 +80,17 @@ impl Sns {
     }
 }
 
-type TimelineStream = Pin<Box<dyn Stream<Item = Result<Message, Status>> + Send>>;
+/// The response stream of `Timeline`, shared with the gateway.
+pub(crate) type TimelineStream = Pin<Box<dyn Stream<Item = Result<Message, Status>> + Send>>;
+
+/// The first message of a timeline stream: it names the user; its text is
+/// ignored (course clients send an empty or a fixed one).
+pub(crate) async fn read_opening(inbound: &mut Streaming<Message>) -> Result<Message, Status> {
+    inbound
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("timeline opened without a message naming the user"))
+}
 
 #[tonic::async_trait]
 impl SnsService for Sns {
@@ -118,12 +128,7 @@ impl SnsService for Sns {
 
     async fn timeline(&self, req: Request<Streaming<Message>>) -> Result<Response<TimelineStream>, Status> {
         let mut inbound = req.into_inner();
-        // The opening names the user; its text is ignored (course clients
-        // send an empty or a fixed one).
-        let opening = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("timeline opened without a message naming the user"))?;
+        let opening = read_opening(&mut inbound).await?;
         let user = self.caller(&opening.username).map_err(|o| Status::invalid_argument(o.as_str()))?;
         if !self.node.read(|s| s.has_user(user)) {
             return Err(Status::not_found(format!("{}: user {user} has not logged in", Outcome::NotExists.as_str())));
