@@ -145,3 +145,20 @@ fn malformed_broker_messages_are_dead_lettered() -> anyhow::Result<()> {
     eventually("sync-2-1 still running", || (!d.log("sync-2-1").contains("panicked")).then_some(()))?;
     Ok(())
 }
+
+#[test]
+fn the_launcher_says_how_to_get_a_broker_when_none_answers() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Port 1 on loopback: nothing listens there.
+    let out = std::process::Command::new(sns_e2e::bin("sns-node"))
+        .args(["local", "--base-port", "0", "--no-broker-start", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2f"])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()?;
+    assert!(!out.status.success(), "the launcher must not start without a broker");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no RabbitMQ broker answers at 127.0.0.1:1"), "{err}");
+    assert!(err.contains("apt-get install -y rabbitmq-server"), "{err}");
+    assert!(!dir.path().join("logs").join("coordinator.log").exists(), "nothing was started");
+    Ok(())
+}
