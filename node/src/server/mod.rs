@@ -615,6 +615,14 @@ impl Node {
         Ok(n)
     }
 
+    /// Compacts the journal when it has grown large.
+    async fn compact(&self) {
+        let node = self.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || node.store().compact_if_large()).await {
+            tracing::error!(error = %e, "journal compaction failed; the old journal is intact");
+        }
+    }
+
     /// Writes the view files that lag behind the journal.
     pub async fn flush_views(&self) {
         if !self.store().views_dirty() {
@@ -726,7 +734,10 @@ async fn flush_loop(node: Node, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => node.flush_views().await,
+            _ = tick.tick() => {
+                node.flush_views().await;
+                node.compact().await;
+            }
         }
     }
 }

@@ -17,6 +17,8 @@ const HEADER: usize = 8;
 
 pub struct Journal {
     file: File,
+    /// Bytes in the file.
+    len: u64,
 }
 
 impl Journal {
@@ -32,8 +34,13 @@ impl Journal {
             file.set_len(good as u64)?;
             file.sync_all()?;
         }
-        file.seek(SeekFrom::End(0))?;
-        Ok((Journal { file }, records))
+        let len = file.seek(SeekFrom::End(0))?;
+        Ok((Journal { file, len }, records))
+    }
+
+    /// Bytes in the journal.
+    pub fn len(&self) -> u64 {
+        self.len
     }
 
     /// Appends one record; with `durable`, returns only once it is on disk.
@@ -51,6 +58,7 @@ impl Journal {
             buf.extend_from_slice(payload);
         }
         self.file.write_all(&buf)?;
+        self.len += buf.len() as u64;
         if durable {
             self.file.sync_data()?;
         }

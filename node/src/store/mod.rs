@@ -36,6 +36,14 @@ const LIVE_BUFFER: usize = 1024;
 
 pub const JOURNAL_FILE: &str = "journal.log";
 
+/// Journal size that triggers compaction: big enough that compaction is
+/// rare (a snapshot write holds the store for a few tens of ms), small
+/// enough that a restart replays quickly.
+#[cfg(not(test))]
+const COMPACT_AT: u64 = 64 << 20;
+#[cfg(test)]
+const COMPACT_AT: u64 = 4 << 10;
+
 pub struct Store {
     dir: PathBuf,
     journal: Journal,
@@ -47,6 +55,8 @@ pub struct Store {
     /// Held while view files are written, so writes prepared by one flush
     /// never interleave with another flush or a reset.
     view_io: Arc<Mutex<()>>,
+    /// Journal size right after the last compaction (or snapshot install).
+    compacted_len: u64,
 }
 
 /// One pending view file write.
@@ -127,6 +137,7 @@ impl Store {
             dirty: Dirty::default(),
             on_disk: HashMap::new(),
             view_io: Arc::default(),
+            compacted_len: 0,
         };
         store.rebuild_views()?;
         tracing::info!(dir = %dir.display(), records = records.len(), users = store.state.users().len(), "store opened");
@@ -279,21 +290,51 @@ impl Store {
     /// journal is rewritten to hold just the snapshot, in one atomic rename,
     /// so a crash leaves either the old state or the new one.
     pub fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<()> {
+        let entry = Entry::Snapshot(Box::new(snapshot));
+        self.replace_journal(&entry)?;
+        self.compacted_len = self.journal.len();
+        self.state.apply(&entry);
+        self.dirty = Dirty::default();
+        self.reset_views()
+    }
+
+    /// Rewrites the journal as one snapshot of the current state when it
+    /// has grown past [`COMPACT_AT`] and twice its size after the last
+    /// compaction (so a large state is not rewritten over and over).
+    /// Returns whether it did.
+    pub fn compact_if_large(&mut self) -> Result<bool> {
+        if self.journal.len() < COMPACT_AT.max(2 * self.compacted_len) {
+            return Ok(false);
+        }
+        let before = self.journal.len();
+        let entry = Entry::Snapshot(Box::new(self.state.snapshot()));
+        // Feeds hold a copy of each post per follower: a state can be
+        // bigger than the journal that built it. Never grow the file.
+        if codec::encode_entry(&entry).len() as u64 >= before {
+            self.compacted_len = before;
+            return Ok(false);
+        }
+        self.replace_journal(&entry)?;
+        self.compacted_len = self.journal.len();
+        tracing::info!(before, after = self.compacted_len, "journal compacted");
+        Ok(true)
+    }
+
+    /// Replaces the journal with one holding just `entry`, atomically: a
+    /// crash leaves the old journal or the new one.
+    fn replace_journal(&mut self, entry: &Entry) -> Result<()> {
         let path = self.dir.join(JOURNAL_FILE);
         let tmp = self.dir.join(format!(".{JOURNAL_FILE}.tmp"));
         let _ = fs::remove_file(&tmp);
-        let entry = Entry::Snapshot(Box::new(snapshot));
         {
             let (mut fresh, _) = Journal::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            fresh.append(&codec::encode_entry(&entry), true).map_err(|e| Error::io(&tmp, e))?;
+            fresh.append(&codec::encode_entry(entry), true).map_err(|e| Error::io(&tmp, e))?;
         }
         fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
         fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(&self.dir, e))?;
         let (journal, _) = Journal::open(&path).map_err(|e| Error::io(&path, e))?;
         self.journal = journal;
-        self.state.apply(&entry);
-        self.dirty = Dirty::default();
-        self.reset_views()
+        Ok(())
     }
 
     /// Removes every view file and writes them anew from the state (files
@@ -402,6 +443,52 @@ mod tests {
         let b = Store::open(&b_dir, 1, 3).unwrap();
         assert_eq!(b.state().timeline(1).len(), 2);
         assert!(b.state().has_post_id(1, 3) && b.state().has_post_id(1, 4));
+    }
+
+    #[test]
+    fn a_large_journal_is_compacted_into_one_snapshot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c");
+        let mut s = Store::open(&dir, 1, 3).unwrap();
+        local(&mut s, Change::User(1));
+        local(&mut s, Change::User(4));
+        local(&mut s, Change::Relation { follower: 4, followee: 1, follow: true, at_ms: 0 });
+        assert!(!s.compact_if_large().unwrap(), "small journals are left alone");
+        for i in 0..100 {
+            local(&mut s, Change::Post(Post { user: 1, text: format!("post {i}").into(), at_ms: i, client_id: 0 }));
+        }
+        // Every post is in a timeline, a feed and the unpublished outbox:
+        // a snapshot would be bigger than the journal, so none is written.
+        let before = s.journal.len();
+        assert!(!s.compact_if_large().unwrap());
+        assert_eq!(s.journal.len(), before);
+        s.commit(&Entry::PublishedUpto(s.state().next_seq() - 1), false).unwrap();
+        for i in 0..400 {
+            // Churn that a snapshot does not keep.
+            local(&mut s, Change::Relation { follower: 1, followee: 4, follow: i % 2 == 0, at_ms: i });
+        }
+        let before = s.journal.len();
+        let state = s.state().snapshot();
+        assert!(s.compact_if_large().unwrap());
+        assert!(s.journal.len() < before, "{} >= {before}", s.journal.len());
+        assert!(!s.compact_if_large().unwrap(), "not again right away");
+        local(&mut s, Change::Post(Post { user: 1, text: "after".into(), at_ms: 200, client_id: 0 }));
+        drop(s);
+        let s = Store::open(&dir, 1, 3).unwrap();
+        assert_eq!(s.state().timeline(1).len(), 101);
+        assert_eq!(s.state().feed(4).len(), 101);
+        let mut expected = state;
+        expected
+            .local_users
+            .iter_mut()
+            .find(|u| u.user == 1)
+            .unwrap()
+            .timeline
+            .push(s.state().timeline(1)[100].clone());
+        expected.local_users.iter_mut().find(|u| u.user == 4).unwrap().feed.push(s.state().feed(4)[100].clone());
+        expected.next_seq += 1;
+        expected.outbox.push(s.state().snapshot().outbox.last().unwrap().clone());
+        assert_eq!(s.state().snapshot(), expected);
     }
 
     #[test]
