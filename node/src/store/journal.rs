@@ -39,7 +39,7 @@ impl Journal {
     }
 
     /// Bytes in the journal.
-    pub fn len(&self) -> u64 {
+    pub fn bytes(&self) -> u64 {
         self.len
     }
 

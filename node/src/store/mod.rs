@@ -292,7 +292,7 @@ impl Store {
     pub fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<()> {
         let entry = Entry::Snapshot(Box::new(snapshot));
         self.replace_journal(&entry)?;
-        self.compacted_len = self.journal.len();
+        self.compacted_len = self.journal.bytes();
         self.state.apply(&entry);
         self.dirty = Dirty::default();
         self.reset_views()
@@ -303,10 +303,10 @@ impl Store {
     /// compaction (so a large state is not rewritten over and over).
     /// Returns whether it did.
     pub fn compact_if_large(&mut self) -> Result<bool> {
-        if self.journal.len() < COMPACT_AT.max(2 * self.compacted_len) {
+        if self.journal.bytes() < COMPACT_AT.max(2 * self.compacted_len) {
             return Ok(false);
         }
-        let before = self.journal.len();
+        let before = self.journal.bytes();
         let entry = Entry::Snapshot(Box::new(self.state.snapshot()));
         // Feeds hold a copy of each post per follower: a state can be
         // bigger than the journal that built it. Never grow the file.
@@ -315,7 +315,7 @@ impl Store {
             return Ok(false);
         }
         self.replace_journal(&entry)?;
-        self.compacted_len = self.journal.len();
+        self.compacted_len = self.journal.bytes();
         tracing::info!(before, after = self.compacted_len, "journal compacted");
         Ok(true)
     }
@@ -459,18 +459,18 @@ mod tests {
         }
         // Every post is in a timeline, a feed and the unpublished outbox:
         // a snapshot would be bigger than the journal, so none is written.
-        let before = s.journal.len();
+        let before = s.journal.bytes();
         assert!(!s.compact_if_large().unwrap());
-        assert_eq!(s.journal.len(), before);
+        assert_eq!(s.journal.bytes(), before);
         s.commit(&Entry::PublishedUpto(s.state().next_seq() - 1), false).unwrap();
         for i in 0..400 {
             // Churn that a snapshot does not keep.
             local(&mut s, Change::Relation { follower: 1, followee: 4, follow: i % 2 == 0, at_ms: i });
         }
-        let before = s.journal.len();
+        let before = s.journal.bytes();
         let state = s.state().snapshot();
         assert!(s.compact_if_large().unwrap());
-        assert!(s.journal.len() < before, "{} >= {before}", s.journal.len());
+        assert!(s.journal.bytes() < before, "{} >= {before}", s.journal.bytes());
         assert!(!s.compact_if_large().unwrap(), "not again right away");
         local(&mut s, Change::Post(Post { user: 1, text: "after".into(), at_ms: 200, client_id: 0 }));
         drop(s);
