@@ -12,6 +12,6 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 bash scripts/ensure-rabbitmq.sh
 echo "building (release)..."
-cargo build --release --bins --quiet
+cargo build --release -p sns-node -p sns-client --quiet
 echo "tsc is at $(pwd)/target/release/tsc"
 exec target/release/sns-node local "$@"
