@@ -551,11 +551,7 @@ fn render_coordinator(
             strategy: Some(DeploymentStrategy { type_: Some("Recreate".into()), ..Default::default() }),
             selector: LabelSelector { match_labels: Some(selector_of(&l)), ..Default::default() },
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(l),
-                    annotations: Some([(CONFIG_HASH.to_string(), config_hash.to_string())].into()),
-                    ..Default::default()
-                }),
+                metadata: Some(template_meta(l, config_hash)),
                 spec: Some(PodSpec {
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
@@ -665,11 +661,7 @@ fn render_server(
             selector: LabelSelector { match_labels: Some(selector_of(&l)), ..Default::default() },
             persistent_volume_claim_retention_policy: Some(retention_policy(spec.storage.retention)),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(l),
-                    annotations: Some([(CONFIG_HASH.to_string(), config_hash.to_string())].into()),
-                    ..Default::default()
-                }),
+                metadata: Some(template_meta(l, config_hash)),
                 spec: Some(PodSpec {
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
@@ -827,6 +819,16 @@ pub fn to_yaml(rendered: &Rendered, names: &Names) -> String {
         docs.push(serde_json::to_value(broker_secret(t, names, "rendered-placeholder")).expect("a Secret serializes"));
     }
     docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("JSON values serialize as YAML"))).collect()
+}
+
+/// Pod template metadata: the labels, and the config hash whose change
+/// rolls the pods when the shared settings change.
+fn template_meta(labels: BTreeMap<String, String>, config_hash: &str) -> ObjectMeta {
+    ObjectMeta {
+        labels: Some(labels),
+        annotations: Some([(CONFIG_HASH.to_string(), config_hash.to_string())].into()),
+        ..Default::default()
+    }
 }
 
 /// The gRPC port of a Service, by the container port's name.
