@@ -178,6 +178,44 @@ pub fn event_from_pb(e: &pb::SyncEvent, clusters: u32) -> Result<RemoteEvent, De
     Ok(RemoteEvent { origin: e.origin_cluster, seq: e.seq, change })
 }
 
+/// The AMQP `type` of a broker message whose body is a `SyncBatch`: a run
+/// of one origin's events in seq order. A message without it holds one
+/// `SyncEvent` (what a single-event publisher sends).
+pub const BATCH_TYPE: &str = "tinysns.internal.v1.SyncBatch";
+
+/// Encodes events as a `SyncBatch` broker message body.
+pub fn encode_batch(events: &[pb::SyncEvent]) -> Vec<u8> {
+    let len: usize = events.iter().map(|e| prost::encoding::message::encoded_len(1, e)).sum();
+    let mut buf = Vec::with_capacity(len);
+    for e in events {
+        prost::encoding::message::encode(1, e, &mut buf);
+    }
+    buf
+}
+
+/// Decodes and validates a broker message body: a batch (`batch`, see
+/// [`BATCH_TYPE`]) must hold events of one origin with increasing seqs.
+pub fn decode_message(body: &[u8], batch: bool, clusters: u32) -> Result<Vec<pb::SyncEvent>, DecodeError> {
+    let events = if batch {
+        pb::SyncBatch::decode(body).map_err(|e| DecodeError::Protobuf(e.to_string()))?.events
+    } else {
+        vec![pb::SyncEvent::decode(body).map_err(|e| DecodeError::Protobuf(e.to_string()))?]
+    };
+    let first = events.first().ok_or(DecodeError::Empty)?;
+    let (origin, mut last) = (first.origin_cluster, 0);
+    for e in &events {
+        event_from_pb(e, clusters)?;
+        if e.origin_cluster != origin || e.seq <= last {
+            return Err(DecodeError::Invalid(format!(
+                "batch out of order: event {}:{} after {origin}:{last}",
+                e.origin_cluster, e.seq
+            )));
+        }
+        last = e.seq;
+    }
+    Ok(events)
+}
+
 /// Encodes a broker message body.
 pub fn encode_event(e: &RemoteEvent) -> Vec<u8> {
     event_to_pb(e).encode_to_vec()
@@ -262,6 +300,20 @@ mod tests {
         assert_eq!(decode_entry(&encode_entry(&entry), 3), Ok(entry));
         assert_eq!(decode_snapshot(&encode_snapshot(&snap, 1), 1, 3), Ok(snap.clone()));
         assert!(decode_snapshot(&encode_snapshot(&snap, 2), 1, 3).is_err(), "another cluster's state");
+    }
+
+    #[test]
+    fn broker_batches_round_trip_and_must_be_one_origin_in_order() {
+        let ev = |origin, seq, user| event_to_pb(&RemoteEvent { origin, seq, change: Change::User(user) });
+        let batch = vec![ev(2, 7, 4), ev(2, 9, 5)];
+        assert_eq!(decode_message(&encode_batch(&batch), true, 3), Ok(batch));
+        let single = encode_event(&RemoteEvent { origin: 1, seq: 3, change: Change::User(1) });
+        assert_eq!(decode_message(&single, false, 3), Ok(vec![ev(1, 3, 1)]));
+        assert_eq!(decode_message(&encode_batch(&[]), true, 3), Err(DecodeError::Empty));
+        assert!(decode_message(&encode_batch(&[ev(2, 9, 4), ev(2, 9, 5)]), true, 3).is_err(), "seq repeated");
+        assert!(decode_message(&encode_batch(&[ev(2, 9, 4), ev(3, 10, 5)]), true, 3).is_err(), "two origins");
+        assert!(decode_message(&encode_batch(&[ev(2, 9, 4), ev(2, 10, 0)]), true, 3).is_err(), "user 0");
+        assert!(decode_message(b"\xff\xff", true, 3).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod topology;
 
 use crate::error::{Error, Result};
 use crate::net;
+use crate::store::codec;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
@@ -52,11 +53,16 @@ pub struct SyncConfig {
 
 /// Most events published before waiting for the broker's confirms: enough
 /// to amortize a confirm round trip, small enough to bound a retry.
-const PUBLISH_BATCH: usize = 256;
+const PUBLISH_BATCH: usize = 1024;
+/// Most bytes of events in one broker message. Consecutive events with one
+/// routing key travel as one message (a `SyncBatch`): the broker's cost is
+/// per message, and a post is routed to every other cluster's queues.
+const MESSAGE_BYTES: usize = 256 * 1024;
 /// Unacknowledged deliveries the broker may push ahead of our applies.
-const PREFETCH: u16 = 512;
-/// Most events handed to the server in one apply (one fsync).
-const APPLY_BATCH: usize = 256;
+const PREFETCH: u16 = 64;
+/// Events handed to the server in one apply (one fsync), at most: more
+/// deliveries are taken while the total stays below this.
+const APPLY_BATCH: usize = 1024;
 /// AMQP frame size asked of the broker. lapin keeps two buffers of 32
 /// frames each per connection, so the broker's default (128 KiB) costs 8 MiB
 /// of memory; events are at most a few KiB, and 16 KiB frames cost 1 MiB.
@@ -195,29 +201,26 @@ async fn consume(cfg: &SyncConfig, names: &Names, conn: &Connection, mut server:
         )
         .await?;
     while let Some(first) = deliveries.next().await {
-        // Take whatever else has arrived too: the server applies a batch
+        // Take whatever else has arrived too: the server applies it all
         // with one fsync, and one broker ack (multiple) settles it.
-        let mut batch = vec![first?];
-        while batch.len() < APPLY_BATCH {
-            match deliveries.next().now_or_never() {
-                Some(Some(d)) => batch.push(d?),
-                Some(None) | None => break,
-            }
-        }
-        let mut events = Vec::with_capacity(batch.len());
+        let mut next = Some(first);
+        let mut events = Vec::new();
         let mut last = None;
-        for delivery in batch {
-            match crate::store::codec::decode_event(&delivery.data, cfg.clusters) {
-                Ok(e) => {
-                    if e.origin != cfg.cluster {
-                        events.push(crate::store::codec::event_to_pb(&e));
-                    }
+        while let Some(delivery) = next.take() {
+            let delivery = delivery?;
+            let batch = delivery.properties.kind().as_ref().is_some_and(|k| k.as_str() == codec::BATCH_TYPE);
+            match codec::decode_message(&delivery.data, batch, cfg.clusters) {
+                Ok(decoded) => {
+                    events.extend(decoded.into_iter().filter(|e| e.origin_cluster != cfg.cluster));
                     last = Some(delivery);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, bytes = delivery.data.len(), routing_key = %delivery.routing_key, "malformed broker message: dead-lettered");
                     delivery.reject(BasicRejectOptions { requeue: false }).await?;
                 }
+            }
+            if events.len() < APPLY_BATCH {
+                next = deliveries.next().now_or_never().flatten();
             }
         }
         if !events.is_empty() {
@@ -268,20 +271,23 @@ async fn publish(
     }
 }
 
+/// Publishes outbox events, a message per run (see [`runs`]), and waits
+/// for the broker's confirms.
 async fn publish_batch(channel: &AmqpChannel, names: &Names, clusters: u32, batch: &[SyncEvent]) -> Result<()> {
-    let mut confirms = Vec::with_capacity(batch.len());
-    for event in batch {
-        let key = topology::routing_key(event, clusters);
+    let mut confirms = Vec::new();
+    for (key, run) in runs(batch, clusters, MESSAGE_BYTES) {
+        let (first, last) = (&run[0], &run[run.len() - 1]);
         let props = BasicProperties::default()
             .with_delivery_mode(2) // persistent
             .with_content_type("application/x-protobuf".into())
-            .with_message_id(format!("{}:{}", event.origin_cluster, event.seq).into());
+            .with_type(codec::BATCH_TYPE.into())
+            .with_message_id(format!("{}:{}-{}", first.origin_cluster, first.seq, last.seq).into());
         let confirm = channel
             .basic_publish(
                 names.exchange.as_str().into(),
                 key.into(),
                 BasicPublishOptions::default(),
-                &event.encode_to_vec(),
+                &codec::encode_batch(run),
                 props,
             )
             .await?;
@@ -295,9 +301,55 @@ async fn publish_batch(channel: &AmqpChannel, names: &Names, clusters: u32, batc
     Ok(())
 }
 
+/// Splits outbox events into runs of consecutive events with one routing
+/// key and at most `max_bytes` (a larger event is a run alone). Runs keep
+/// the outbox order, so every queue still receives each origin's events in
+/// seq order, which is what receivers' high-water marks rely on.
+fn runs(events: &[SyncEvent], clusters: u32, max_bytes: usize) -> Vec<(String, &[SyncEvent])> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes, mut key) = (0, 0, None::<String>);
+    for (i, event) in events.iter().enumerate() {
+        let k = topology::routing_key(event, clusters);
+        let size = event.encoded_len();
+        if key.as_deref() != Some(k.as_str()) || bytes + size > max_bytes {
+            if let Some(prev) = key.replace(k) {
+                out.push((prev, &events[start..i]));
+            }
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if let Some(k) = key {
+        out.push((k, &events[start..]));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sns_proto::internal::sync_event::Kind;
+    use sns_proto::internal::{Relation, UserAdded};
+
+    #[test]
+    fn outbox_events_travel_in_runs_of_one_routing_key() {
+        let user = |seq, u| SyncEvent { origin_cluster: 1, seq, kind: Some(Kind::User(UserAdded { user: u })) };
+        let rel = |seq, followee| SyncEvent {
+            origin_cluster: 1,
+            seq,
+            kind: Some(Kind::Relation(Relation { follower: 1, followee, follow: true, ..Default::default() })),
+        };
+        let events = [user(1, 1), user(2, 4), rel(3, 2), rel(4, 5), rel(5, 3), user(6, 7)];
+        let got: Vec<(String, Vec<u64>)> =
+            runs(&events, 3, 1 << 20).into_iter().map(|(k, r)| (k, r.iter().map(|e| e.seq).collect())).collect();
+        let want = [("user.1", vec![1, 2]), ("rel.2", vec![3, 4]), ("rel.3", vec![5]), ("user.1", vec![6])];
+        assert_eq!(got, want.map(|(k, s)| (k.to_string(), s)));
+        // The size cap splits a run; an event larger than the cap goes alone.
+        let size = events[0].encoded_len();
+        let capped: Vec<usize> = runs(&events[..2], 3, size).iter().map(|(_, r)| r.len()).collect();
+        assert_eq!(capped, [1, 1]);
+        assert!(runs(&[], 3, size).is_empty());
+    }
 
     #[test]
     fn broker_urls_get_small_frames_unless_they_choose() {
