@@ -7,7 +7,7 @@
 //! Readers skip a torn or malformed record instead of failing, so a file cut
 //! short by a crash never breaks reading.
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, Timelike, Utc};
 use std::fmt::Write as _;
 
 const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S UTC";
@@ -23,13 +23,49 @@ pub struct PostRecord {
 
 /// Renders a millisecond timestamp as the `T` line value.
 pub fn format_time(at_ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(at_ms).unwrap_or_default().format(TIME_FORMAT).to_string()
+    let mut out = String::with_capacity(TIME_LEN);
+    write_time(&mut out, at_ms);
+    out
+}
+
+/// Length of a `T` line value for a year of four digits.
+const TIME_LEN: usize = "YYYY-MM-DD HH:MM:SS UTC".len();
+
+/// Appends the `T` line value of a millisecond timestamp to `out`. Views
+/// rewrite many records, so years of four digits (all real ones) skip
+/// chrono's format-string interpreter; the result is the same.
+fn write_time(out: &mut String, at_ms: i64) {
+    let t = DateTime::<Utc>::from_timestamp_millis(at_ms).unwrap_or_default();
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        let _ = write!(out, "{}", t.format(TIME_FORMAT));
+        return;
+    }
+    let fields = [(year as u32, 4, '-'), (t.month(), 2, '-'), (t.day(), 2, ' ')];
+    let fields = fields.into_iter().chain([(t.hour(), 2, ':'), (t.minute(), 2, ':'), (t.second(), 2, ' ')]);
+    for (v, width, sep) in fields {
+        for i in (0..width).rev() {
+            out.push(char::from(b'0' + (v / 10u32.pow(i) % 10) as u8));
+        }
+        out.push(sep);
+    }
+    out.push_str("UTC");
 }
 
 /// Appends one post record (four lines) to `out`.
 pub fn encode_post(out: &mut String, user: u32, text: &str, at_ms: i64) {
     // `text` never holds a newline: the server rejects such posts.
-    let _ = write!(out, "T {}\nU {}\nW {}\n\n", format_time(at_ms), user, text);
+    out.push_str("T ");
+    write_time(out, at_ms);
+    let _ = write!(out, "\nU {user}\nW {text}\n\n");
+}
+
+/// The length in bytes of the record [`encode_post`] writes.
+pub fn post_len(user: u32, text: &str, at_ms: i64) -> usize {
+    let year = DateTime::<Utc>::from_timestamp_millis(at_ms).unwrap_or_default().year();
+    let time = if (0..=9999).contains(&year) { TIME_LEN } else { format_time(at_ms).len() };
+    let user_digits = user.checked_ilog10().unwrap_or(0) as usize + 1;
+    "T \nU \nW \n\n".len() + time + user_digits + text.len()
 }
 
 /// Parses every complete, well-formed post record of a file.
@@ -91,6 +127,19 @@ mod tests {
                 PostRecord { user: 1, text: String::new(), at_secs: 0 },
             ]
         );
+    }
+
+    #[test]
+    fn fast_time_format_matches_chrono_and_lengths_match_records() {
+        let chrono = |ms| DateTime::<Utc>::from_timestamp_millis(ms).unwrap().format(TIME_FORMAT).to_string();
+        for ms in [0, 999, 1_744_336_636_789, 951_782_400_000, 4_102_444_799_999, -1, 253_402_300_800_000] {
+            assert_eq!(format_time(ms), chrono(ms), "{ms}");
+        }
+        for (user, text, ms) in [(4, "hi", 1_744_336_636_789), (1_000_000, "", 0), (9, "x y", 253_402_300_800_000)] {
+            let mut out = String::new();
+            encode_post(&mut out, user, text, ms);
+            assert_eq!(post_len(user, text, ms), out.len(), "{out:?}");
+        }
     }
 
     #[test]

@@ -110,11 +110,12 @@ pub enum Effect {
         user: u32,
         post: Post,
     },
-    /// `post` entered `user`'s feed; `appended` = it sorts last.
+    /// `post` entered `user`'s feed at index `at` (the feed's length
+    /// before, when it sorts last).
     Feed {
         user: u32,
         post: Post,
-        appended: bool,
+        at: usize,
     },
     /// Everything was replaced (a snapshot was installed).
     Reset,
@@ -453,9 +454,8 @@ impl State {
                     }
                     let feed = self.feeds.entry(*reader).or_default();
                     let at = feed.partition_point(|p| p.key() <= post.key());
-                    let appended = at == feed.len();
                     feed.insert(at, post.clone());
-                    effects.push(Effect::Feed { user: *reader, post: post.clone(), appended });
+                    effects.push(Effect::Feed { user: *reader, post: post.clone(), at });
                 }
             }
         }
@@ -524,7 +524,7 @@ mod tests {
         assert!(fx.contains(&Effect::Feed {
             user: 4,
             post: Post { user: 1, text: "p11".into(), at_ms: 20, client_id: 0 },
-            appended: true
+            at: 0
         }));
         assert_eq!(n.state.backlog(4).iter().map(|p| &*p.text).collect::<Vec<_>>(), vec!["p11"]);
         assert!(n.state.backlog(7).is_empty());
