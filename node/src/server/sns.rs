@@ -6,12 +6,14 @@ use crate::ids::parse_user;
 use crate::net::now_ms;
 use crate::store::codec::check_post_text;
 use crate::store::state::{Change, Outcome, Post};
+use futures_util::StreamExt as _;
 use sns_proto::csce438::sns_service_server::{SnsService, SnsServiceServer};
 use sns_proto::csce438::{ListReply, Message, Reply, Request as SnsRequest};
 use std::pin::Pin;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -134,43 +136,32 @@ impl SnsService for Sns {
             return Err(Status::not_found(format!("{}: user {user} has not logged in", Outcome::NotExists.as_str())));
         }
         let (backlog, live) = self.node.store().subscribe(user);
+        // Acknowledgements and refusals of the client's posts.
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(send_posts(backlog, live, tx.clone(), self.shutdown.clone()));
         tokio::spawn(take_posts(self.node.clone(), user, inbound, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let posts = feed_stream(backlog, live);
+        let out = tokio_stream::StreamExt::merge(posts, ReceiverStream::new(rx));
+        Ok(Response::new(Box::pin(out.take_until(self.shutdown.clone().cancelled_owned()))))
     }
 }
 
-/// Streams the backlog, then live feed posts, until the client goes away.
-async fn send_posts(
+/// The backlog, then live feed posts, polled straight by the connection
+/// (no task in between: a post wakes the stream that sends it, and posts
+/// that landed together go out in one write).
+fn feed_stream(
     backlog: Vec<Post>,
-    mut live: broadcast::Receiver<Post>,
-    tx: mpsc::Sender<Result<Message, Status>>,
-    shutdown: CancellationToken,
-) {
-    for p in &backlog {
-        if tx.send(Ok(to_message(p))).await.is_err() {
-            return;
-        }
-    }
-    loop {
-        let post = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tx.closed() => return,
-            post = live.recv() => post,
-        };
-        match post {
-            Ok(p) => {
-                if tx.send(Ok(to_message(&p))).await.is_err() {
-                    return;
-                }
+    live: broadcast::Receiver<Post>,
+) -> impl Stream<Item = Result<Message, Status>> + Send + 'static {
+    let live = BroadcastStream::new(live).filter_map(|r| {
+        std::future::ready(match r {
+            Ok(p) => Some(Ok(to_message(&p))),
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "timeline reader too slow; skipped posts");
+                None
             }
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "timeline reader too slow; skipped posts")
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
-        }
-    }
+        })
+    });
+    tokio_stream::iter(backlog.into_iter().map(|p| Ok(to_message(&p)))).chain(live)
 }
 
 /// Turns every later client message into a post.
