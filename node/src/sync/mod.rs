@@ -17,6 +17,7 @@ pub mod topology;
 use crate::error::{Error, Result};
 use crate::net;
 use crate::store::codec;
+use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
@@ -29,6 +30,7 @@ use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{AckRequest, SyncBatch, SyncEvent, TableRequest, TailRequest};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use topology::Names;
@@ -54,6 +56,8 @@ pub struct SyncConfig {
 /// Most events published before waiting for the broker's confirms: enough
 /// to amortize a confirm round trip, small enough to bound a retry.
 const PUBLISH_BATCH: usize = 1024;
+/// Most events published and not yet confirmed by the broker.
+const UNCONFIRMED_MAX: usize = 8 * PUBLISH_BATCH;
 /// Most bytes of events in one broker message. Consecutive events with one
 /// routing key travel as one message (a `SyncBatch`): the broker's cost is
 /// per message, and a post is routed to every other cluster's queues.
@@ -237,43 +241,97 @@ async fn consume(cfg: &SyncConfig, names: &Names, conn: &Connection, mut server:
 
 /// Publishes the server's outbox while the server is master, with publisher
 /// confirms, and reports each confirmed prefix back to the server.
+///
+/// Publishing does not wait for confirms: under load the broker confirms
+/// persistent messages only when it syncs its files (in batches, tens of
+/// ms apart), and a publisher that waited would hold every later event back
+/// that long. Up to [`UNCONFIRMED_MAX`] events are out unconfirmed; a
+/// reconnect republishes them from the server's mark, and receivers ignore
+/// what they already applied.
 async fn publish(
     cfg: &SyncConfig,
     names: &Names,
     conn: &Connection,
-    mut server: ReplicaClient<Channel>,
+    server: ReplicaClient<Channel>,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let channel = conn.create_channel().await?;
     channel.confirm_select(Default::default()).await?;
-    loop {
-        let mut outbox = server.tail_outbox(TailRequest {}).await?.into_inner();
-        while let Some(first) = outbox.message().await? {
-            let mut batch = vec![first];
-            while batch.len() < PUBLISH_BATCH {
-                match outbox.message().now_or_never() {
-                    Some(Ok(Some(e))) => batch.push(e),
-                    Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(None)) | None => break,
+    let (confirmed, confirmed_rx) = watch::channel(0u64);
+    let publisher = async {
+        let mut server = server.clone();
+        loop {
+            let mut outbox = server.tail_outbox(TailRequest {}).await?.into_inner();
+            let mut inflight = FuturesOrdered::new();
+            let mut unconfirmed = 0;
+            loop {
+                tokio::select! {
+                    Some(done) = inflight.next() => {
+                        let (upto, count): (u64, usize) = done?;
+                        unconfirmed -= count;
+                        confirmed.send_replace(upto);
+                    }
+                    next = outbox.message(), if unconfirmed < UNCONFIRMED_MAX => {
+                        let Some(first) = next? else { break };
+                        let mut batch = vec![first];
+                        while batch.len() < PUBLISH_BATCH {
+                            match outbox.message().now_or_never() {
+                                Some(Ok(Some(e))) => batch.push(e),
+                                Some(Err(e)) => return Err(e.into()),
+                                Some(Ok(None)) | None => break,
+                            }
+                        }
+                        let confirms = send_batch(&channel, names, cfg.clusters, &batch).await?;
+                        let (upto, count) = (batch.last().map_or(0, |e| e.seq), batch.len());
+                        unconfirmed += count;
+                        inflight.push_back(async move {
+                            for confirm in confirms {
+                                if !confirm.await?.is_ack() {
+                                    return Err(Error::Other("broker refused a message (nack)".into()));
+                                }
+                            }
+                            tracing::debug!(upto, count, "published");
+                            Ok((upto, count))
+                        });
+                    }
                 }
             }
-            publish_batch(&channel, names, cfg.clusters, &batch).await?;
-            let upto = batch.last().map_or(0, |e| e.seq);
-            server.ack_outbox(AckRequest { upto }).await?;
-            tracing::debug!(upto, count = batch.len(), "published");
+            // Our server stopped being master: settle what is out, wait a
+            // beat and ask again (the stream waits until it is master).
+            while let Some(done) = inflight.next().await {
+                confirmed.send_replace(done?.0);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(RETRY_MIN) => {}
+            }
         }
-        // The stream ends when our server stops being master; wait a beat
-        // and ask again (it waits until the server is master).
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(RETRY_MIN) => {}
-        }
+    };
+    tokio::select! {
+        r = publisher => r,
+        r = report_confirmed(server.clone(), confirmed_rx) => r,
     }
 }
 
-/// Publishes outbox events, a message per run (see [`runs`]), and waits
-/// for the broker's confirms.
-async fn publish_batch(channel: &AmqpChannel, names: &Names, clusters: u32, batch: &[SyncEvent]) -> Result<()> {
+/// Tells the server how far the broker has confirmed its outbox, as often
+/// as a round trip allows (only the latest mark matters).
+async fn report_confirmed(mut server: ReplicaClient<Channel>, mut confirmed: watch::Receiver<u64>) -> Result<()> {
+    while confirmed.changed().await.is_ok() {
+        let upto = *confirmed.borrow_and_update();
+        server.ack_outbox(AckRequest { upto }).await?;
+    }
+    // The publisher is gone, and with it this link.
+    std::future::pending().await
+}
+
+/// Sends outbox events, a message per run (see [`runs`]); returns the
+/// broker's confirms to wait for.
+async fn send_batch(
+    channel: &AmqpChannel,
+    names: &Names,
+    clusters: u32,
+    batch: &[SyncEvent],
+) -> Result<Vec<lapin::PublisherConfirm>> {
     let mut confirms = Vec::new();
     for (key, run) in runs(batch, clusters, MESSAGE_BYTES) {
         let (first, last) = (&run[0], &run[run.len() - 1]);
@@ -293,12 +351,7 @@ async fn publish_batch(channel: &AmqpChannel, names: &Names, clusters: u32, batc
             .await?;
         confirms.push(confirm);
     }
-    for confirm in confirms {
-        if !confirm.await?.is_ack() {
-            return Err(Error::Other("broker refused a message (nack)".into()));
-        }
-    }
-    Ok(())
+    Ok(confirms)
 }
 
 /// Splits outbox events into runs of consecutive events with one routing
