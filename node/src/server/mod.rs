@@ -6,9 +6,10 @@
 //! [`sns`] (course protocol) and [`replica`] (our internal service) are thin
 //! and call into it.
 //!
-//! Writes: every change (client write, replicated write, remote event,
-//! snapshot) goes through the single write lane, so master and slave apply
-//! client writes in the same order. A client write is journaled (fsync) on
+//! Writes: every client write, replicated write and snapshot goes through
+//! the single write lane, so master and slave apply client writes in the
+//! same order (remote events, which each server applies from its own queue,
+//! only take the store lock). A client write is journaled (fsync) on
 //! the master and, concurrently, on the slave; the client hears SUCCESS only
 //! once both have it. If the slave does not answer, the master asks the
 //! coordinator: while the slave still counts as live it keeps trying; once
@@ -586,8 +587,14 @@ impl Node {
 
     /// Applies events from other clusters, in order, with one fsync;
     /// returns how many changed anything (a redelivered one does not).
+    ///
+    /// Not in the write lane: remote events do not take part in the order
+    /// master and slave share (each server applies them from its own queue,
+    /// tracked per origin), so they need not wait behind a client write's
+    /// round trip to the slave. Only this server's synchronizer calls this,
+    /// one batch at a time; the store lock orders the commit with the rest,
+    /// and applying skips an event the state already has.
     pub async fn apply_remote(&self, events: Vec<RemoteEvent>) -> Result<usize> {
-        let _lane = self.0.lane.lock().await;
         let fresh: Vec<Entry> = self.read(|s| {
             let mut marks = std::collections::HashMap::new();
             events
