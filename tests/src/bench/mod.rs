@@ -77,6 +77,10 @@ pub struct Plan {
     pub load_users: u32,
     pub load_follows: u32,
     pub max_rate_time: Duration,
+    /// Controlled-rate runs, as fractions of the measured maximum (unless
+    /// `--rate`); the last one's figures are the `loaded_*` keys, the
+    /// others' `loaded_<percent>pct_*`.
+    pub loaded_fractions: &'static [f64],
     pub loaded_time: Duration,
     pub drain: Duration,
     pub kills: usize,
@@ -116,7 +120,8 @@ impl Plan {
             load_users: 120,
             load_follows: 10,
             max_rate_time: Duration::from_secs(15),
-            loaded_time: Duration::from_secs(15),
+            loaded_fractions: &[0.25, 0.5],
+            loaded_time: Duration::from_secs(10),
             drain: Duration::from_secs(20),
             kills: 10,
             pauses: 3,
@@ -159,6 +164,7 @@ impl Plan {
                 load_users: 12,
                 load_follows: 3,
                 max_rate_time: Duration::from_millis(700),
+                loaded_fractions: &[0.5],
                 loaded_time: Duration::from_millis(700),
                 drain: Duration::from_secs(3),
                 kills: 1,
@@ -470,26 +476,41 @@ impl Main<'_> {
         }
         s.drain();
 
-        // Controlled rate: latency under load, below saturation.
-        let target = self.opts.rate.unwrap_or((rate * 0.5).max(1.0));
-        progress(self.t0, &format!("load: {target:.0} posts/s for {:?}", p.loaded_time));
-        let (mut t, overloaded) =
-            load::fixed_rate(&mut s, &ids, target, p.loaded_time, p.drain, (target * 5.0) as usize + 2 * u, n).await?;
-        r.num("loaded_rate_posts_per_s", target);
-        r.num("loaded_achieved_posts_per_s", t.rate());
-        r.int("loaded_posts", t.completed as u64);
-        r.int("loaded_overloaded", u64::from(overloaded));
-        r.int("loaded_duplicate_deliveries", t.duplicates as u64);
-        r.percentiles("loaded_cross_cluster_post", "ms", &mut t.cross);
-        r.percentiles("loaded_same_cluster_post", "ms", &mut t.same);
-        if !t.ack.is_empty() {
-            r.percentiles("loaded_post_ack", "ms", &mut t.ack);
-        }
-        if t.outstanding() > 0 {
-            return Err(anyhow!(
-                "{} posts of the controlled-rate run never reached all their followers",
-                t.outstanding()
-            ));
+        // Controlled rates: latency under load, below saturation.
+        let targets: Vec<(String, f64)> = match self.opts.rate {
+            Some(rate) => vec![("loaded".into(), rate)],
+            None => p
+                .loaded_fractions
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let last = i + 1 == p.loaded_fractions.len();
+                    let prefix = if last { "loaded".into() } else { format!("loaded_{:.0}pct", f * 100.0) };
+                    (prefix, (rate * f).max(1.0))
+                })
+                .collect(),
+        };
+        for (prefix, target) in targets {
+            progress(self.t0, &format!("load: {target:.0} posts/s for {:?}", p.loaded_time));
+            let budget = (target * 5.0) as usize + 2 * u;
+            let (mut t, overloaded) = load::fixed_rate(&mut s, &ids, target, p.loaded_time, p.drain, budget, n).await?;
+            r.num(&format!("{prefix}_rate_posts_per_s"), target);
+            r.num(&format!("{prefix}_achieved_posts_per_s"), t.rate());
+            r.int(&format!("{prefix}_posts"), t.completed as u64);
+            r.int(&format!("{prefix}_overloaded"), u64::from(overloaded));
+            r.int(&format!("{prefix}_duplicate_deliveries"), t.duplicates as u64);
+            r.percentiles(&format!("{prefix}_cross_cluster_post"), "ms", &mut t.cross);
+            r.percentiles(&format!("{prefix}_same_cluster_post"), "ms", &mut t.same);
+            if !t.ack.is_empty() {
+                r.percentiles(&format!("{prefix}_post_ack"), "ms", &mut t.ack);
+            }
+            if t.outstanding() > 0 {
+                return Err(anyhow!(
+                    "{} posts of the controlled-rate run at {target:.0} posts/s never reached all their followers",
+                    t.outstanding()
+                ));
+            }
+            s.drain();
         }
         Ok(())
     }
