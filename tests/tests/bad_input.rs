@@ -70,16 +70,21 @@ fn bad_commands_and_posts_keep_the_server_running() -> anyhow::Result<()> {
         let mut coord = CoordServiceClient::connect(format!("http://127.0.0.1:{}", d.coord_port)).await?;
         let info = coord.get_server(Id { id: 1 }).await?.into_inner();
         let mut sns = SnsServiceClient::connect(format!("http://{}:{}", info.hostname, info.port)).await?;
-        let msg = |text: &str| Message { username: "1".into(), msg: text.into(), timestamp: None, post_id: 0 };
-        let outbound = tokio_stream_iter(vec![msg(""), msg(&huge)]);
-        let mut inbound = sns.timeline(outbound).await?.into_inner();
+        let msg = |text: &str, post_id| Message { username: "1".into(), msg: text.into(), timestamp: None, post_id };
+        // Posts ahead of the refused one are queued together, committed
+        // and acknowledged in order before the refusal.
+        let posts = [msg("", 0), msg("piped 1", 11), msg("piped 2", 12), msg("piped 3", 13), msg(&huge, 14)];
+        let mut inbound = sns.timeline(tokio_stream_iter(posts.to_vec())).await?.into_inner();
+        let mut acks = Vec::new();
         let err = loop {
             match inbound.next().await {
+                Some(Ok(m)) if m.post_id != 0 => acks.push(m.post_id),
                 Some(Ok(_)) => continue,
                 Some(Err(status)) => break status,
                 None => anyhow::bail!("stream ended without refusing the post"),
             }
         };
+        assert_eq!(acks, [11, 12, 13]);
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("at most 4096"), "{}", err.message());
         let reply = sns.login(Request { username: "abc".into(), arguments: vec![] }).await?.into_inner();
@@ -90,8 +95,14 @@ fn bad_commands_and_posts_keep_the_server_running() -> anyhow::Result<()> {
     })?;
     c.send("still here")?;
     reader.expect_post(1, "still here")?;
-    let tl = std::fs::read_to_string(d.server_dir(1, 2).join("1_timeline.txt"))?;
+    // The slave's view file, once it has the last post.
+    let tl = eventually("the slave's timeline file", || {
+        std::fs::read_to_string(d.server_dir(1, 2).join("1_timeline.txt")).ok().filter(|t| t.contains("still here"))
+    })?;
     assert!(!tl.contains("xxxxxxxx"), "the oversized post must not be stored");
+    let texts: Vec<String> = sns_node::store::record::decode_posts(&tl).into_iter().map(|p| p.text).collect();
+    let piped: Vec<&str> = texts.iter().map(String::as_str).filter(|t| t.starts_with("piped")).collect();
+    assert_eq!(piped, ["piped 1", "piped 2", "piped 3"], "once each, in order");
     Ok(())
 }
 

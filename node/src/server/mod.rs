@@ -343,14 +343,20 @@ impl Node {
         Ok(())
     }
 
-    /// Posts a message: queued, and committed with the other posts that are
-    /// waiting (one lane turn, one fsync here and one on the slave for the
-    /// whole group). A post whose client id was already applied is
-    /// acknowledged without being applied again.
-    pub async fn post(&self, post: Post) -> Result<(), Status> {
+    /// Queues a post: it is committed with the other posts that are waiting
+    /// (one lane turn, one fsync here and one on the slave for the whole
+    /// group), in queue order; the receiver tells when. A post whose client
+    /// id was already applied is acknowledged without being applied again.
+    pub fn queue_post(&self, post: Post) -> oneshot::Receiver<Result<(), Status>> {
         let (done, result) = oneshot::channel();
-        self.0.posts.send(PostRequest { post, done }).map_err(|_| Status::unavailable("server stopping"))?;
-        result.await.map_err(|_| Status::unavailable("server stopping"))?
+        // A closed queue drops `done`: the receiver then reports the stop.
+        let _ = self.0.posts.send(PostRequest { post, done });
+        result
+    }
+
+    /// Posts a message and waits until it is committed (see [`Node::queue_post`]).
+    pub async fn post(&self, post: Post) -> Result<(), Status> {
+        self.queue_post(post).await.map_err(|_| Status::unavailable("server stopping"))?
     }
 
     /// Commits a group of queued posts.
@@ -548,23 +554,24 @@ impl Node {
         if self.synced_term() != term {
             return Err(Status::aborted(format!("not synced under term {term}: send a snapshot first")));
         }
-        let next = self.read(|s| s.next_seq());
+        let (next, published) = self.read(|s| (s.next_seq(), s.published_upto()));
         // Ops already here come from a retried forward.
-        let fresh: Vec<Entry> = ops.into_iter().filter(|op| op.seq >= next).map(Entry::Local).collect();
+        let mut fresh: Vec<Entry> = ops.into_iter().filter(|op| op.seq >= next).map(Entry::Local).collect();
         let Some(Entry::Local(first)) = fresh.first() else { return Ok(()) };
         if first.seq > next {
             // Cannot happen under the same term; resync rather than diverge.
             self.0.synced_term.store(0, Ordering::SeqCst);
             return Err(Status::aborted(format!("expected seq {next}, got {}: send a snapshot", first.seq)));
         }
+        // The master's published mark rides in the same journal write.
+        if published_upto > published {
+            fresh.push(Entry::PublishedUpto(published_upto));
+        }
         let node = self.clone();
         tokio::task::spawn_blocking(move || node.store().commit_all(&fresh, true))
             .await
             .map_err(|e| Status::internal(format!("commit task failed: {e}")))?
             .map_err(Status::from)?;
-        if published_upto > self.read(|s| s.published_upto()) {
-            self.commit(Entry::PublishedUpto(published_upto), false).await?;
-        }
         self.mark_all_stable();
         Ok(())
     }

@@ -10,7 +10,7 @@ use futures_util::StreamExt as _;
 use sns_proto::csce438::sns_service_server::{SnsService, SnsServiceServer};
 use sns_proto::csce438::{ListReply, Message, Reply, Request as SnsRequest};
 use std::pin::Pin;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
@@ -164,37 +164,64 @@ fn feed_stream(
     tokio_stream::iter(backlog.into_iter().map(|p| Ok(to_message(&p)))).chain(live)
 }
 
-/// Turns every later client message into a post.
+/// Posts of one stream queued and not yet acknowledged, at most: a client
+/// that sends faster waits (HTTP/2 flow control holds it back).
+const POSTS_IN_FLIGHT: usize = 64;
+
+type Committed = oneshot::Receiver<Result<(), Status>>;
+
+/// Turns every later client message into a post. Posts are queued as they
+/// arrive, without waiting for the previous one's commit (so a client's
+/// posts in flight commit together), and acknowledged in order.
 async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: mpsc::Sender<Result<Message, Status>>) {
-    loop {
-        let msg = match inbound.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) | Err(_) => return,
-        };
-        if msg.msg.is_empty() {
-            continue;
-        }
-        if let Err(why) = check_post_text(&msg.msg) {
-            // Refuse loudly and end the session: the client learns why.
-            let _ = tx.send(Err(Status::invalid_argument(why))).await;
-            return;
-        }
-        let id = msg.post_id;
-        let post = Post { user, text: msg.msg.as_str().into(), at_ms: post_time(&msg), client_id: id };
-        // A post resent after a failover (same id) is acknowledged again
-        // but applied only once.
-        match node.post(post).await {
-            Ok(()) if id != 0 => {
-                let ack = Message { post_id: id, ..Default::default() };
-                if tx.send(Ok(ack)).await.is_err() {
+    let (queued, mut pending) = mpsc::channel::<(u64, Committed)>(POSTS_IN_FLIGHT);
+    let acks = async move {
+        while let Some((id, committed)) = pending.recv().await {
+            match committed.await.unwrap_or_else(|_| Err(Status::unavailable("server stopping"))) {
+                // A post resent after a failover (same id) is acknowledged
+                // again but applied only once.
+                Ok(()) if id != 0 => {
+                    if tx.send(Ok(Message { post_id: id, ..Default::default() })).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(()) => {}
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
                     return;
                 }
             }
-            Ok(()) => {}
-            Err(status) => {
-                let _ = tx.send(Err(status)).await;
+        }
+    };
+    let reads = async move {
+        while let Ok(Some(msg)) = inbound.message().await {
+            if msg.msg.is_empty() {
+                continue;
+            }
+            let committed = match check_post_text(&msg.msg) {
+                Ok(()) => {
+                    let at_ms = post_time(&msg);
+                    node.queue_post(Post { user, text: msg.msg.as_str().into(), at_ms, client_id: msg.post_id })
+                }
+                Err(why) => {
+                    // Refuse loudly (after the acks of the posts before it)
+                    // and end the session: the client learns why.
+                    let (refused, committed) = oneshot::channel();
+                    let _ = refused.send(Err(Status::invalid_argument(why)));
+                    let _ = queued.send((msg.post_id, committed)).await;
+                    return;
+                }
+            };
+            if queued.send((msg.post_id, committed)).await.is_err() {
                 return;
             }
         }
+    };
+    // Reading stops when the acks stop (the client left, or a refusal);
+    // the acks go on until every queued post is answered.
+    tokio::pin!(acks);
+    tokio::select! {
+        _ = &mut acks => {}
+        _ = reads => acks.await,
     }
 }
