@@ -354,11 +354,6 @@ impl Node {
         result
     }
 
-    /// Posts a message and waits until it is committed (see [`Node::queue_post`]).
-    pub async fn post(&self, post: Post) -> Result<(), Status> {
-        self.queue_post(post).await.map_err(|_| Status::unavailable("server stopping"))?
-    }
-
     /// Commits a group of queued posts.
     async fn write_posts(&self, batch: Vec<PostRequest>) {
         let _lane = self.0.lane.lock().await;

@@ -216,17 +216,6 @@ pub fn decode_message(body: &[u8], batch: bool, clusters: u32) -> Result<Vec<pb:
     Ok(events)
 }
 
-/// Encodes a broker message body.
-pub fn encode_event(e: &RemoteEvent) -> Vec<u8> {
-    event_to_pb(e).encode_to_vec()
-}
-
-/// Decodes and validates a broker message body.
-pub fn decode_event(body: &[u8], clusters: u32) -> Result<RemoteEvent, DecodeError> {
-    let msg = pb::SyncEvent::decode(body).map_err(|e| DecodeError::Protobuf(e.to_string()))?;
-    event_from_pb(&msg, clusters)
-}
-
 pub fn encode_entry(entry: &Entry) -> Vec<u8> {
     use pb::journal_entry::Entry as E;
     let e = match entry {
@@ -253,6 +242,15 @@ pub fn decode_entry(body: &[u8], clusters: u32) -> Result<Entry, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn encode_event(e: &RemoteEvent) -> Vec<u8> {
+        event_to_pb(e).encode_to_vec()
+    }
+
+    /// A single-event broker message, through the consumer's decoder.
+    fn decode_event(body: &[u8], clusters: u32) -> Result<RemoteEvent, DecodeError> {
+        event_from_pb(&decode_message(body, false, clusters)?[0], clusters)
+    }
 
     fn samples() -> Vec<Change> {
         vec![

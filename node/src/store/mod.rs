@@ -296,6 +296,7 @@ impl Store {
         // records; what precedes them stays.
         let replaced = (text.len() as u64).checked_sub(new_bytes.unwrap_or(text.len() as u64));
         let keep = replaced.and_then(|r| disk.bytes.checked_sub(r));
+        let len = text.len() as u64;
         let (write, bytes) = match keep {
             Some(keep) if keep == disk.bytes => (ViewWrite::Append(path, text), disk.bytes),
             Some(keep) => (ViewWrite::WriteAt(path, keep, text), keep),
@@ -306,9 +307,6 @@ impl Store {
                 self.on_disk.insert((user, file), OnDisk { records: posts.len(), bytes: len });
                 return ViewWrite::Replace(path, all);
             }
-        };
-        let len = match &write {
-            ViewWrite::Append(_, t) | ViewWrite::WriteAt(_, _, t) | ViewWrite::Replace(_, t) => t.len() as u64,
         };
         self.on_disk.insert((user, file), OnDisk { records: posts.len(), bytes: bytes + len });
         write

@@ -53,8 +53,8 @@ pub struct SyncConfig {
     pub heartbeat: Duration,
 }
 
-/// Most events published before waiting for the broker's confirms: enough
-/// to amortize a confirm round trip, small enough to bound a retry.
+/// Most events taken from the outbox for one publish (split into messages
+/// by [`runs`]).
 const PUBLISH_BATCH: usize = 1024;
 /// Most events published and not yet confirmed by the broker.
 const UNCONFIRMED_MAX: usize = 8 * PUBLISH_BATCH;
