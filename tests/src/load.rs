@@ -9,7 +9,7 @@ use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::csce438::sns_service_client::SnsServiceClient;
 use sns_proto::csce438::{Id, Message, Request};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -18,6 +18,23 @@ use tonic::transport::{Channel, Endpoint};
 /// Longest a writer waits for one acknowledgement before it treats the
 /// server as gone and fails over.
 const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Numbers every post a writer of this process makes: each call of
+/// [`writer`] takes a fresh range, so no two phases of a test ever send the
+/// same post id or text (a server acknowledges a resent id without writing
+/// it again, so a reused id would make a phase look written when it wrote
+/// nothing). Seeded from the clock so that two test processes sharing a
+/// deployment never collide either.
+static NEXT_CALL: AtomicU64 = AtomicU64::new(0);
+
+/// A process-unique tag for one writer call: (call number, id base).
+fn next_call() -> (u64, u64) {
+    let call = NEXT_CALL.fetch_add(1, Ordering::SeqCst);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    // 2^24 posts per call at most; the high bits keep processes apart.
+    let base = ((seed ^ u64::from(std::process::id())) << 40) ^ (call << 24);
+    (call, base)
+}
 
 /// What one writer saw.
 #[derive(Debug, Default, Clone)]
@@ -45,7 +62,8 @@ pub async fn attach(coord_port: u16, user: u32) -> Result<SnsServiceClient<Chann
         return Err(anyhow!("no master for user {user} yet"));
     }
     let mut sns = SnsServiceClient::new(channel(&format!("{}:{}", info.hostname, info.port))?);
-    let reply = sns.login(Request { username: user.to_string(), arguments: vec![] }).await?.into_inner();
+    let login = Request { username: user.to_string(), arguments: vec![], request_id: next_call().1 };
+    let reply = sns.login(login).await?.into_inner();
     if reply.msg != "SUCCESS" {
         return Err(anyhow!("login of {user}: {}", reply.msg));
     }
@@ -53,12 +71,15 @@ pub async fn attach(coord_port: u16, user: u32) -> Result<SnsServiceClient<Chann
 }
 
 /// Runs a unary command against the user's master, failing over until it
-/// gets an answer (bounded by `deadline`); returns the status word.
+/// gets an answer (bounded by `deadline`); returns the status word. Every
+/// attempt carries the same request id, as `tsc` does: a retry of a write
+/// the old master made durable answers as the first attempt did.
 pub async fn command(coord_port: u16, user: u32, follow: bool, target: u32, deadline: Instant) -> Result<String> {
+    let request_id = next_call().1;
     loop {
         let attempt = async {
             let mut sns = attach(coord_port, user).await?;
-            let req = Request { username: user.to_string(), arguments: vec![target.to_string()] };
+            let req = Request { username: user.to_string(), arguments: vec![target.to_string()], request_id };
             let reply = if follow { sns.follow(req).await? } else { sns.un_follow(req).await? };
             anyhow::Ok(reply.into_inner().msg)
         };
@@ -70,8 +91,9 @@ pub async fn command(coord_port: u16, user: u32, follow: bool, target: u32, dead
     }
 }
 
-/// Posts `user-<n>` texts until `stop` is set (or `max` posts, or
-/// `deadline`), each acknowledged before the next.
+/// Posts `<user>-w<call>-<n>` texts until `stop` is set (or `max` posts,
+/// or `deadline`), each acknowledged before the next. Every call posts
+/// texts and ids no earlier call used.
 pub async fn writer(coord_port: u16, user: u32, stop: Arc<AtomicBool>, max: usize, deadline: Instant) -> WriterReport {
     writer_counting(coord_port, user, stop, max, deadline, Arc::default()).await
 }
@@ -86,7 +108,7 @@ pub async fn writer_counting(
     progress: Arc<AtomicUsize>,
 ) -> WriterReport {
     let mut report = WriterReport { user, ..Default::default() };
-    let id_base = (u64::from(std::process::id()) << 40) ^ (u64::from(user) << 24);
+    let (call, id_base) = next_call();
     let mut last_ack = Instant::now();
     let mut n = 0usize;
     'session: while !stop.load(Ordering::SeqCst) && n < max && Instant::now() < deadline {
@@ -100,7 +122,7 @@ pub async fn writer_counting(
         let Ok(resp) = sns.timeline(UnboundedReceiverStream::new(rx)).await else { continue };
         let mut inbound = resp.into_inner();
         while !stop.load(Ordering::SeqCst) && n < max && Instant::now() < deadline {
-            let text = format!("{user}-{n}");
+            let text = format!("{user}-w{call}-{n}");
             let id = id_base + n as u64 + 1;
             let post = Message { username: user.to_string(), msg: text.clone(), timestamp: None, post_id: id };
             if tx.send(post).is_err() {

@@ -87,9 +87,9 @@ fn bad_commands_and_posts_keep_the_server_running() -> anyhow::Result<()> {
         assert_eq!(acks, [11, 12, 13]);
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("at most 4096"), "{}", err.message());
-        let reply = sns.login(Request { username: "abc".into(), arguments: vec![] }).await?.into_inner();
+        let reply = sns.login(Request { username: "abc".into(), arguments: vec![], request_id: 0 }).await?.into_inner();
         assert_eq!(reply.msg, "FAILURE_INVALID_USERNAME");
-        let list = sns.list(Request { username: "1".into(), arguments: vec![] }).await?.into_inner();
+        let list = sns.list(Request { username: "1".into(), arguments: vec![], request_id: 0 }).await?.into_inner();
         assert_eq!(list.all_users, vec!["1", "2"]);
         anyhow::Ok(())
     })?;

@@ -5,143 +5,15 @@
 //! detection itself does not wait for it (lease + probe).
 
 use sns_e2e::load::{self, WriterReport};
+use sns_e2e::nodes::{
+    assert_exactly_once, assert_one_master_per_term, master_of, master_terms, rt, status, table, wait_master,
+    wait_synced_slave,
+};
 use sns_e2e::{DEADLINE, Deployment, check_convergence, eventually, spec_files};
-use sns_proto::internal::coord_admin_client::CoordAdminClient;
-use sns_proto::internal::replica_client::ReplicaClient;
-use sns_proto::internal::{Node, ServerStatus, StatusRequest, TableRequest};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime")
-}
-
-async fn table(coord_port: u16) -> anyhow::Result<Vec<Node>> {
-    let mut admin = CoordAdminClient::connect(format!("http://127.0.0.1:{coord_port}")).await?;
-    Ok(admin.table(TableRequest {}).await?.into_inner().nodes)
-}
-
-async fn status(node: &Node) -> anyhow::Result<ServerStatus> {
-    let mut c = ReplicaClient::connect(format!("http://{}:{}", node.host, node.port)).await?;
-    Ok(c.status(StatusRequest {}).await?.into_inner())
-}
-
-/// The live master's (id, term) of `cluster`, per the coordinator.
-async fn master_of(coord_port: u16, cluster: u32) -> Option<(u32, u64)> {
-    table(coord_port)
-        .await
-        .ok()?
-        .into_iter()
-        .find(|n| n.kind == "server" && n.cluster == cluster && n.is_master && n.alive)
-        .map(|n| (n.id, n.term))
-}
-
-/// Waits until `cluster`'s master is server `id` under a term above `after`,
-/// and that server says so itself; returns the term.
-fn wait_master(rt: &tokio::runtime::Runtime, d: &Deployment, cluster: u32, id: u32, after: u64) -> anyhow::Result<u64> {
-    eventually(&format!("server {cluster}/{id} to be master above term {after}"), || {
-        rt.block_on(async {
-            let (m, term) = master_of(d.coord_port, cluster).await?;
-            let node = table(d.coord_port)
-                .await
-                .ok()?
-                .into_iter()
-                .find(|n| n.kind == "server" && n.cluster == cluster && n.id == id)?;
-            let s = status(&node).await.ok()?;
-            (m == id && term > after && s.is_master && s.term == term).then_some(term)
-        })
-    })
-}
-
-/// Waits until server `id` of `cluster` is a live slave synced under the
-/// master's current term (i.e. it caught up).
-fn wait_synced_slave(rt: &tokio::runtime::Runtime, d: &Deployment, cluster: u32, id: u32) -> anyhow::Result<()> {
-    eventually(&format!("server {cluster}/{id} to rejoin as a synced slave"), || {
-        rt.block_on(async {
-            let nodes = table(d.coord_port).await.ok()?;
-            let node = nodes.iter().find(|n| n.kind == "server" && n.cluster == cluster && n.id == id && n.alive)?;
-            let (_, term) = master_of(d.coord_port, cluster).await?;
-            let s = status(node).await.ok()?;
-            (!s.is_master && s.synced_term == term).then_some(())
-        })
-    })
-}
-
-/// (cluster, term) -> servers that logged accepting writes as master in it.
-fn master_terms(d: &Deployment) -> BTreeMap<(u32, u64), BTreeSet<u32>> {
-    let mut seen: BTreeMap<(u32, u64), BTreeSet<u32>> = BTreeMap::new();
-    for c in 1..=d.clusters {
-        for s in 1..=d.servers {
-            for line in d.log(&format!("server-{c}-{s}")).lines().filter(|l| l.contains("accepting writes as master")) {
-                let field = |k: &str| {
-                    line.split(&format!("{k}="))
-                        .nth(1)
-                        .and_then(|r| r.split_whitespace().next())
-                        .and_then(|v| v.parse::<u64>().ok())
-                };
-                if let (Some(cluster), Some(id), Some(term)) = (field("cluster"), field("id"), field("term")) {
-                    seen.entry((cluster as u32, term)).or_default().insert(id as u32);
-                }
-            }
-        }
-    }
-    seen
-}
-
-fn assert_one_master_per_term(d: &Deployment) {
-    let terms = master_terms(d);
-    assert!(!terms.is_empty(), "no server logged accepting writes");
-    for ((cluster, term), ids) in &terms {
-        assert_eq!(ids.len(), 1, "cluster {cluster}: servers {ids:?} all accepted writes in term {term}");
-    }
-}
-
-/// Every acknowledged post of each writer appears exactly once in the feed
-/// of each of its followers, on every server of the follower's cluster.
-fn assert_exactly_once(
-    d: &Deployment,
-    servers: &[(u32, u32)],
-    reports: &[WriterReport],
-    followers: &BTreeMap<u32, Vec<u32>>,
-) -> anyhow::Result<()> {
-    let mut last = String::new();
-    let ok = eventually("every acknowledged post exactly once in every follower's feed", || {
-        for &(c, s) in servers {
-            let files = match spec_files(&d.server_dir(c, s)) {
-                Ok(f) => f,
-                Err(e) => {
-                    last = e.to_string();
-                    return None;
-                }
-            };
-            for r in reports {
-                for &f in followers.get(&r.user).into_iter().flatten() {
-                    if sns_node::ids::cluster_of(f, d.clusters) != c {
-                        continue;
-                    }
-                    let feed = sns_node::store::record::decode_posts(
-                        files.get(&format!("{f}_following.txt")).map_or("", |t| t),
-                    );
-                    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-                    for p in feed.iter().filter(|p| p.user == r.user) {
-                        *counts.entry(p.text.as_str()).or_default() += 1;
-                    }
-                    for text in &r.acked {
-                        let n = counts.get(text.as_str()).copied().unwrap_or(0);
-                        if n != 1 {
-                            last = format!("server {c}/{s}: feed of {f} has {text:?} {n} times");
-                            return None;
-                        }
-                    }
-                }
-            }
-        }
-        Some(())
-    });
-    ok.map_err(|e| anyhow::anyhow!("{e}: {last}"))
-}
 
 /// Kill the master of each cluster in turn (SIGKILL) while writers post
 /// continuously, restarting each old master so it rejoins and catches up.
@@ -266,7 +138,9 @@ fn a_hung_master_is_fenced_and_rejoins_as_slave() -> anyhow::Result<()> {
     assert_eq!(reply, "FAILURE_ALREADY_EXISTS", "the new master answers");
     rt.block_on(async {
         let mut sns = load::attach(d.coord_port, 4).await?;
-        let r = sns.follow(sns_proto::csce438::Request { username: "4".into(), arguments: vec!["2".into()] }).await?;
+        let r = sns
+            .follow(sns_proto::csce438::Request { username: "4".into(), arguments: vec!["2".into()], request_id: 0 })
+            .await?;
         assert_eq!(r.into_inner().msg, "SUCCESS");
         anyhow::Ok(())
     })?;
@@ -278,7 +152,7 @@ fn a_hung_master_is_fenced_and_rejoins_as_slave() -> anyhow::Result<()> {
             old_node.host, old_node.port
         ))
         .await?;
-        let r = c.login(sns_proto::csce438::Request { username: "6".into(), arguments: vec![] }).await;
+        let r = c.login(sns_proto::csce438::Request { username: "6".into(), arguments: vec![], request_id: 0 }).await;
         anyhow::Ok(r.map(|r| r.into_inner().msg))
     })?;
     if let Ok(msg) = &answer {
@@ -300,7 +174,9 @@ fn a_hung_master_is_fenced_and_rejoins_as_slave() -> anyhow::Result<()> {
 }
 
 /// After a failover the old master comes back, catches up, and when the new
-/// master dies it takes over with nothing lost.
+/// master dies it takes over with nothing lost: each of the three phases
+/// writes posts of its own (new ids and texts), the second one under the
+/// promoted server's term, and all of them survive the second takeover.
 #[test]
 fn a_restarted_master_catches_up_and_takes_over_again() -> anyhow::Result<()> {
     let mut d = Deployment::start(1, 2)?;
@@ -318,18 +194,31 @@ fn a_restarted_master_catches_up_and_takes_over_again() -> anyhow::Result<()> {
     d.command(&format!("kill server-1-{m}"))?;
     let other = 3 - m;
     let term2 = wait_master(&rt, &d, 1, other, term)?;
-    let mut second = rt.block_on(load::writer(d.coord_port, 1, stop.clone(), 20, deadline));
+    let second = rt.block_on(load::writer(d.coord_port, 1, stop.clone(), 20, deadline));
+    // The promoted server itself accepted the second phase, under its term.
+    let terms = master_terms(&d);
+    assert_eq!(
+        terms.get(&(1, term2)).map(|ids| ids.iter().copied().collect::<Vec<_>>()),
+        Some(vec![other]),
+        "server {other} accepted writes under term {term2}: {terms:?}"
+    );
     d.command(&format!("start server-1-{m}"))?;
     wait_synced_slave(&rt, &d, 1, m)?;
-    check_convergence(&d, &[(1, 1), (1, 2)], &[])?;
+    let newest = second.acked.last().map_or("(none acknowledged)", String::as_str);
+    check_convergence(&d, &[(1, 1), (1, 2)], &[(2, 1, newest)])?;
     d.command(&format!("kill server-1-{other}"))?;
     wait_master(&rt, &d, 1, m, term2)?;
     let third = rt.block_on(load::writer(d.coord_port, 1, stop, 20, deadline));
-    // Posts of all three phases are in user 2's feed on the survivor.
-    second.acked.extend(third.acked);
-    second.acked.extend(first.acked);
-    let all = WriterReport { user: 1, acked: second.acked, ..Default::default() };
-    assert_eq!(all.acked.len(), 60);
+    // Posts of all three phases, each phase its own, are in user 2's feed
+    // on the survivor.
+    let phases = [&first, &second, &third];
+    for (i, phase) in phases.iter().enumerate() {
+        assert_eq!(phase.acked.len(), 20, "phase {} acknowledged {} posts", i + 1, phase.acked.len());
+    }
+    let acked: Vec<String> = phases.iter().flat_map(|p| p.acked.iter().cloned()).collect();
+    let distinct: std::collections::BTreeSet<&String> = acked.iter().collect();
+    assert_eq!(distinct.len(), 60, "every phase wrote posts of its own");
+    let all = WriterReport { user: 1, acked, ..Default::default() };
     let followers = BTreeMap::from([(1, vec![2])]);
     assert_exactly_once(&d, &[(1, m)], &[all], &followers)?;
     assert_one_master_per_term(&d);

@@ -1,0 +1,168 @@
+//! What the suites ask the running nodes: the coordinator's routing table,
+//! each server's `Replica.Status`, and the checks built on them (who is
+//! master under which term, whether a slave caught up, that no two servers
+//! accepted writes in one term, that every acknowledged post is in every
+//! follower's feed exactly once).
+
+use crate::load::WriterReport;
+use crate::{Deployment, eventually, spec_files};
+use anyhow::{Result, anyhow};
+use sns_proto::internal::coord_admin_client::CoordAdminClient;
+use sns_proto::internal::replica_client::ReplicaClient;
+use sns_proto::internal::{Node, ServerStatus, StatusRequest, TableRequest};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// A multi-threaded runtime for a synchronous test.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime")
+}
+
+/// Bounds one call to a node: a paused (SIGSTOPped) node must not hang a
+/// poll loop.
+const CALL: Duration = Duration::from_secs(2);
+
+/// The coordinator's whole routing table.
+pub async fn table(coord_port: u16) -> Result<Vec<Node>> {
+    let call = async {
+        let mut admin = CoordAdminClient::connect(format!("http://127.0.0.1:{coord_port}")).await?;
+        anyhow::Ok(admin.table(TableRequest {}).await?.into_inner().nodes)
+    };
+    tokio::time::timeout(CALL, call).await.map_err(|_| anyhow!("coordinator did not answer within {CALL:?}"))?
+}
+
+/// A server's own account of itself.
+pub async fn status(node: &Node) -> Result<ServerStatus> {
+    status_at(&node.host, &node.port).await
+}
+
+/// `Replica.Status` of the server at `host:port`.
+pub async fn status_at(host: &str, port: &str) -> Result<ServerStatus> {
+    let call = async {
+        let mut c = ReplicaClient::connect(format!("http://{host}:{port}")).await?;
+        anyhow::Ok(c.status(StatusRequest {}).await?.into_inner())
+    };
+    tokio::time::timeout(CALL, call).await.map_err(|_| anyhow!("{host}:{port} did not answer within {CALL:?}"))?
+}
+
+/// The table's entry for server `id` of `cluster`.
+pub async fn server_node(coord_port: u16, cluster: u32, id: u32) -> Option<Node> {
+    table(coord_port).await.ok()?.into_iter().find(|n| n.kind == "server" && n.cluster == cluster && n.id == id)
+}
+
+/// The live master's (id, term) of `cluster`, per the coordinator.
+pub async fn master_of(coord_port: u16, cluster: u32) -> Option<(u32, u64)> {
+    table(coord_port)
+        .await
+        .ok()?
+        .into_iter()
+        .find(|n| n.kind == "server" && n.cluster == cluster && n.is_master && n.alive)
+        .map(|n| (n.id, n.term))
+}
+
+/// Waits until `cluster`'s master is server `id` under a term above `after`,
+/// and that server says so itself; returns the term.
+pub fn wait_master(rt: &tokio::runtime::Runtime, d: &Deployment, cluster: u32, id: u32, after: u64) -> Result<u64> {
+    eventually(&format!("server {cluster}/{id} to be master above term {after}"), || {
+        rt.block_on(async {
+            let (m, term) = master_of(d.coord_port, cluster).await?;
+            let node = server_node(d.coord_port, cluster, id).await?;
+            let s = status(&node).await.ok()?;
+            (m == id && term > after && s.is_master && s.term == term).then_some(term)
+        })
+    })
+}
+
+/// Waits until server `id` of `cluster` is a live slave synced under the
+/// master's current term (i.e. it caught up).
+pub fn wait_synced_slave(rt: &tokio::runtime::Runtime, d: &Deployment, cluster: u32, id: u32) -> Result<()> {
+    eventually(&format!("server {cluster}/{id} to rejoin as a synced slave"), || {
+        rt.block_on(async {
+            let node = server_node(d.coord_port, cluster, id).await.filter(|n| n.alive)?;
+            let (_, term) = master_of(d.coord_port, cluster).await?;
+            let s = status(&node).await.ok()?;
+            (!s.is_master && s.synced_term == term).then_some(())
+        })
+    })
+}
+
+/// (cluster, term) -> servers that logged accepting writes as master in it.
+pub fn master_terms(d: &Deployment) -> BTreeMap<(u32, u64), BTreeSet<u32>> {
+    let mut seen: BTreeMap<(u32, u64), BTreeSet<u32>> = BTreeMap::new();
+    for c in 1..=d.clusters {
+        for s in 1..=d.servers {
+            for line in d.log(&format!("server-{c}-{s}")).lines().filter(|l| l.contains("accepting writes as master")) {
+                let field = |k: &str| {
+                    line.split(&format!("{k}="))
+                        .nth(1)
+                        .and_then(|r| r.split_whitespace().next())
+                        .and_then(|v| v.parse::<u64>().ok())
+                };
+                if let (Some(cluster), Some(id), Some(term)) = (field("cluster"), field("id"), field("term")) {
+                    seen.entry((cluster as u32, term)).or_default().insert(id as u32);
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// No two servers of a cluster accepted writes under the same term (and
+/// some server accepted writes at all, so the check is not vacuous).
+pub fn assert_one_master_per_term(d: &Deployment) {
+    let terms = master_terms(d);
+    assert!(!terms.is_empty(), "no server logged accepting writes");
+    for ((cluster, term), ids) in &terms {
+        assert_eq!(ids.len(), 1, "cluster {cluster}: servers {ids:?} all accepted writes in term {term}");
+    }
+}
+
+/// Every acknowledged post of each writer appears exactly once in the feed
+/// of each of its followers, on every server of the follower's cluster.
+pub fn assert_exactly_once(
+    d: &Deployment,
+    servers: &[(u32, u32)],
+    reports: &[WriterReport],
+    followers: &BTreeMap<u32, Vec<u32>>,
+) -> Result<()> {
+    let mut last = String::new();
+    let mut checked = 0usize;
+    let ok = eventually("every acknowledged post exactly once in every follower's feed", || {
+        checked = 0;
+        for &(c, s) in servers {
+            let files = match spec_files(&d.server_dir(c, s)) {
+                Ok(f) => f,
+                Err(e) => {
+                    last = e.to_string();
+                    return None;
+                }
+            };
+            for r in reports {
+                for &f in followers.get(&r.user).into_iter().flatten() {
+                    if sns_node::ids::cluster_of(f, d.clusters) != c {
+                        continue;
+                    }
+                    let feed = sns_node::store::record::decode_posts(
+                        files.get(&format!("{f}_following.txt")).map_or("", |t| t),
+                    );
+                    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+                    for p in feed.iter().filter(|p| p.user == r.user) {
+                        *counts.entry(p.text.as_str()).or_default() += 1;
+                    }
+                    for text in &r.acked {
+                        let n = counts.get(text.as_str()).copied().unwrap_or(0);
+                        if n != 1 {
+                            last = format!("server {c}/{s}: feed of {f} has {text:?} {n} times");
+                            return None;
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        Some(())
+    });
+    ok.map_err(|e| anyhow!("{e}: {last}"))?;
+    anyhow::ensure!(checked > 0, "no acknowledged post to check: the check would pass vacuously");
+    Ok(())
+}
