@@ -13,9 +13,10 @@ pub enum Error {
     /// The user id does not fit the coordinator protocol's `int32` id.
     #[error("user id {0} does not fit the coordinator's int32 id")]
     UserOutOfRange(u32),
-    /// The coordinator knows no live server for the user's cluster.
-    #[error("the coordinator has no server for this user")]
-    NoServer,
+    /// The coordinator knows no live master for the user's cluster; why,
+    /// when it says (e.g. no server holding every acknowledged write is up).
+    #[error("the coordinator has no server for this user{}", if .0.is_empty() { String::new() } else { format!(": {}", .0) })]
+    NoServer(String),
     /// The TCP/HTTP2 connection could not be established.
     #[error("cannot connect to {address}: {source}")]
     Connect {
@@ -57,7 +58,7 @@ impl Error {
     /// purpose.
     pub fn is_connection_lost(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Timeout(_) | Error::NoServer | Error::StreamEnded => true,
+            Error::Connect { .. } | Error::Timeout(_) | Error::NoServer(_) | Error::StreamEnded => true,
             Error::Rpc(status) => {
                 matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
             }
@@ -86,7 +87,7 @@ mod tests {
         }
         assert!(Error::Timeout(Duration::from_secs(5)).is_connection_lost());
         assert!(Error::StreamEnded.is_connection_lost());
-        assert!(Error::NoServer.is_connection_lost());
+        assert!(Error::NoServer(String::new()).is_connection_lost());
     }
 
     #[test]

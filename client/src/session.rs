@@ -166,6 +166,10 @@ struct Session {
     config: Config,
     coordinator: CoordServiceClient<Channel>,
     server: SnsServiceClient<Channel>,
+    /// The id of this session's next Login / Follow / UnFollow: kept by
+    /// each retry of a command, so a server that already applied it
+    /// answers as it did the first time.
+    next_request: u64,
 }
 
 impl Session {
@@ -176,8 +180,9 @@ impl Session {
         // Lazy: the coordinator is asked again at every failover, and a lazy
         // channel reconnects by itself if the coordinator restarted meanwhile.
         let coordinator = CoordServiceClient::new(endpoint.connect_timeout(config.timing.connect).connect_lazy());
-        let (server, _) = attach(&config, &coordinator).await?;
-        Ok(Session { config, coordinator, server })
+        let next_request = (session_seed() << 20) | 1;
+        let (server, _) = attach(&config, &coordinator, next_request).await?;
+        Ok(Session { config, coordinator, server, next_request: next_request + 1 })
     }
 
     fn username(&self) -> String {
@@ -189,8 +194,9 @@ impl Session {
     /// replacement could be found.
     async fn execute<W: Write>(&mut self, command: &Command, console: &mut Console<W>) -> Result<(), Error> {
         let mut failovers = 0;
+        let id = self.new_request_id();
         loop {
-            match self.send(command).await {
+            match self.send(command, id).await {
                 Ok(lines) => {
                     for line in &lines {
                         console.line(line);
@@ -210,16 +216,23 @@ impl Session {
         }
     }
 
-    /// One attempt at a unary command; the lines to print on success.
-    async fn send(&self, command: &Command) -> Result<Vec<String>, Error> {
+    fn new_request_id(&mut self) -> u64 {
+        let id = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1).max(1);
+        id
+    }
+
+    /// One attempt at a unary command (request id `id`); the lines to print
+    /// on success.
+    async fn send(&self, command: &Command, id: u64) -> Result<Vec<String>, Error> {
         let rpc = self.config.timing.rpc;
         let mut server = self.server.clone();
         let user = self.username();
         let status = match command {
-            Command::Follow(target) => unary(rpc, server.follow(request(rpc, user, Some(target)))).await?,
-            Command::Unfollow(target) => unary(rpc, server.un_follow(request(rpc, user, Some(target)))).await?,
+            Command::Follow(target) => unary(rpc, server.follow(request(rpc, user, Some(target), id))).await?,
+            Command::Unfollow(target) => unary(rpc, server.un_follow(request(rpc, user, Some(target), id))).await?,
             Command::List => {
-                let list = unary(rpc, server.list(request(rpc, user, None))).await?;
+                let list = unary(rpc, server.list(request(rpc, user, None, 0))).await?;
                 return Ok(output::list_lines(list.all_users, list.followers).into());
             }
             // `run` sends only the three commands above here.
@@ -233,14 +246,15 @@ impl Session {
     /// Polls the coordinator until it names a server that accepts our login,
     /// then switches to it. `Err` once the failover budget is spent.
     async fn fail_over<W: Write>(&mut self, console: &mut Console<W>) -> Result<(), Error> {
-        let timing = &self.config.timing;
+        let timing = self.config.timing.clone();
         let deadline = Instant::now() + timing.failover;
         let mut backoff = Backoff::new(timing.backoff_min, timing.backoff_max);
         loop {
             // Until the coordinator notices the death it may name the dead
             // server again, or a live one that is not (yet) the master; both
             // fail here and just mean "ask again".
-            let last_error = match timeout_at(deadline, attach(&self.config, &self.coordinator)).await {
+            let login = self.new_request_id();
+            let last_error = match timeout_at(deadline, attach(&self.config, &self.coordinator, login)).await {
                 Ok(Ok((server, address))) => {
                     self.server = server;
                     console.line(&output::reconnected(&address));
@@ -409,11 +423,13 @@ enum StreamEnd {
     Broken(Error),
 }
 
-/// Asks the coordinator for the user's server, connects and logs in.
-/// Returns the logged-in client and the server's `host:port`.
+/// Asks the coordinator for the user's server, connects and logs in (with
+/// request id `login`). Returns the logged-in client and the server's
+/// `host:port`.
 async fn attach(
     config: &Config,
     coordinator: &CoordServiceClient<Channel>,
+    login: u64,
 ) -> Result<(SnsServiceClient<Channel>, String), Error> {
     let timing = &config.timing;
     let id = i32::try_from(config.user).map_err(|_| Error::UserOutOfRange(config.user))?;
@@ -424,14 +440,14 @@ async fn attach(
     } else {
         let info = unary(timing.rpc, coordinator.clone().get_server(ask)).await?;
         if info.hostname.is_empty() || info.port.is_empty() || info.server_id <= 0 {
-            return Err(Error::NoServer);
+            return Err(Error::NoServer(info.unavailable_reason));
         }
         (info.hostname, info.port)
     };
     let address = format!("{host}:{port}");
     let channel = connect(&host, &port, timing).await?;
     let mut server = SnsServiceClient::new(channel);
-    let reply = unary(timing.rpc, server.login(request(timing.rpc, config.user.to_string(), None))).await?;
+    let reply = unary(timing.rpc, server.login(request(timing.rpc, config.user.to_string(), None, login))).await?;
     if reply.msg != "SUCCESS" {
         return Err(Error::LoginRefused(reply.msg));
     }
@@ -484,11 +500,15 @@ async fn unary<T>(
     }
 }
 
-/// A `Request` for `user`, with the client's deadline passed on to the
-/// server (`grpc-timeout`) so it can drop work nobody waits for.
-fn request(limit: Duration, user: String, argument: Option<&String>) -> tonic::Request<Request> {
-    let mut request =
-        tonic::Request::new(Request { username: user, arguments: argument.cloned().into_iter().collect() });
+/// A `Request` for `user` with request id `id` (0: none), with the
+/// client's deadline passed on to the server (`grpc-timeout`) so it can drop
+/// work nobody waits for.
+fn request(limit: Duration, user: String, argument: Option<&String>, id: u64) -> tonic::Request<Request> {
+    let mut request = tonic::Request::new(Request {
+        username: user,
+        arguments: argument.cloned().into_iter().collect(),
+        request_id: id,
+    });
     request.set_timeout(limit);
     request
 }
@@ -539,10 +559,10 @@ mod tests {
 
     #[test]
     fn requests_carry_the_argument_as_typed() {
-        let req = request(Duration::from_secs(1), "1".into(), Some(&"../../etc".to_owned())).into_inner();
+        let req = request(Duration::from_secs(1), "1".into(), Some(&"../../etc".to_owned()), 7).into_inner();
         assert_eq!(req.username, "1");
         assert_eq!(req.arguments, ["../../etc"]);
-        assert!(request(Duration::from_secs(1), "1".into(), None).into_inner().arguments.is_empty());
+        assert!(request(Duration::from_secs(1), "1".into(), None, 0).into_inner().arguments.is_empty());
     }
 
     #[test]

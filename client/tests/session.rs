@@ -35,7 +35,10 @@ use sns_proto::csce438::{Confirmation, Id, Message, Request, ServerInfo, ServerL
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::coord_admin_server::{CoordAdmin, CoordAdminServer};
 use sns_proto::internal::replica_client::ReplicaClient;
-use sns_proto::internal::{LeaseRequest, RoleUpdate, RoutingTable, ServerStatus, StatusRequest, TableRequest};
+use sns_proto::internal::{
+    InSyncReply, InSyncRequest, LeaseRequest, PromoteReply, PromoteRequest, RoleUpdate, RoutingTable, ServerStatus,
+    StatusRequest, TableRequest,
+};
 use sns_proto::prost_types::Timestamp;
 use tempfile::TempDir;
 use tokio::io::{AsyncWriteExt, DuplexStream};
@@ -61,6 +64,8 @@ const HEARTBEAT: Duration = Duration::from_millis(100);
 /// machines, and a heartbeat delayed past a 200 ms window would depose a
 /// live master in the middle of a test that expects no failover.
 const MISSED: u32 = 3;
+/// The master's lease: at most half of `HEARTBEAT * MISSED`.
+const LEASE: Duration = Duration::from_millis(150);
 
 /// Locks a mutex, ignoring poisoning (a panicking test fails anyway).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -145,7 +150,14 @@ struct Deployment {
 
 impl Deployment {
     fn start(clusters: u32) -> Deployment {
-        let config = CoordinatorConfig { clusters, gateway: false, heartbeat: HEARTBEAT, missed: MISSED };
+        let config = CoordinatorConfig {
+            clusters,
+            gateway: false,
+            heartbeat: HEARTBEAT,
+            missed: MISSED,
+            lease: LEASE,
+            data_dir: None,
+        };
         let coordinator = Hosted::start("coordinator", move |listener| {
             // Never cancelled: a test stops a node by killing its runtime.
             coordinator::run(config, listener, CancellationToken::new())
@@ -193,7 +205,11 @@ impl Deployment {
         let (master_port, slave_address) = (master.port, format!("127.0.0.1:{}", slave.port));
         let forwards = || {
             let slave_address = slave_address.clone();
-            async move { status(master_port).await.filter(|s| s.slave == slave_address).map(|_| ()) }
+            // Named, and recorded as holding every acknowledged write (so
+            // it takes over when the master dies).
+            async move {
+                status(master_port).await.filter(|s| s.slave == slave_address && s.in_sync.contains(&2)).map(|_| ())
+            }
         };
         eventually("the master to learn of its slave", forwards).await;
         // An answer to a heartbeat sent before the slave registered can reach
@@ -363,6 +379,14 @@ impl CoordAdmin for TapService {
         CoordAdminClient::new(self.pass()?).table(request.into_inner()).await
     }
 
+    async fn set_in_sync(&self, request: tonic::Request<InSyncRequest>) -> Result<Response<InSyncReply>, Status> {
+        CoordAdminClient::new(self.pass()?).set_in_sync(request.into_inner()).await
+    }
+
+    async fn promote(&self, request: tonic::Request<PromoteRequest>) -> Result<Response<PromoteReply>, Status> {
+        CoordAdminClient::new(self.pass()?).promote(request.into_inner()).await
+    }
+
     type LeaseStream = Pin<Box<dyn Stream<Item = Result<RoleUpdate, Status>> + Send>>;
 
     async fn lease(&self, request: tonic::Request<LeaseRequest>) -> Result<Response<Self::LeaseStream>, Status> {
@@ -375,7 +399,7 @@ impl CoordAdmin for TapService {
 // ------------------------------------------------------------- other users
 
 fn request(user: u32, argument: Option<u32>) -> Request {
-    Request { username: user.to_string(), arguments: argument.iter().map(u32::to_string).collect() }
+    Request { username: user.to_string(), arguments: argument.iter().map(u32::to_string).collect(), request_id: 0 }
 }
 
 /// Logs `user` in straight at `server`.

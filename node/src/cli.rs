@@ -37,6 +37,10 @@ pub enum Command {
     Synchronizer(SyncArgs),
     /// Runs a whole deployment as processes on this machine.
     Local(crate::launcher::LocalArgs),
+    /// Makes a chosen server its cluster's master under a new term (an
+    /// operator's override for a cluster left without an in-sync server).
+    #[command(disable_help_flag = true)]
+    Promote(PromoteArgs),
 }
 
 /// Parses durations like `5s`, `500ms`, `2m` or a bare number of seconds.
@@ -89,6 +93,15 @@ pub struct CoordinatorArgs {
     /// through `kubectl port-forward`; use `tsc --gateway`).
     #[arg(long, env = "SNS_GATEWAY")]
     pub gateway: bool,
+    /// Directory for the coordinator's records (terms, masters, which
+    /// servers hold every acknowledged write), kept across restarts.
+    #[arg(long, env = "SNS_DATA_DIR", default_value = "coordinator")]
+    pub data_dir: PathBuf,
+    /// How long a master keeps serving without renewing its role with this
+    /// coordinator; capped at half of heartbeat-interval x missed-heartbeats.
+    /// A crashed master is replaced after at most this long.
+    #[arg(long, env = "SNS_LEASE", default_value = "1s", value_parser = parse_duration)]
+    pub lease: Duration,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
     #[command(flatten)]
@@ -102,8 +115,29 @@ impl CoordinatorArgs {
             gateway: self.gateway,
             heartbeat: self.heartbeat.interval,
             missed: self.heartbeat.missed,
+            lease: self.lease,
+            data_dir: Some(self.data_dir.clone()),
         }
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    pub coord: CoordAddrArgs,
+    /// The cluster.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub cluster: u32,
+    /// The server to promote.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub server: u32,
+    /// Promote it even if it is not known to hold every acknowledged write:
+    /// what it lacks is lost.
+    #[arg(long)]
+    pub accept_data_loss: bool,
+    /// Print help.
+    #[arg(long, action = ArgAction::Help)]
+    pub help: Option<bool>,
 }
 
 #[derive(Debug, Clone, Args)]

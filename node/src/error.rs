@@ -10,6 +10,10 @@ pub enum Error {
     Io { path: String, source: std::io::Error },
     #[error("corrupt journal: {0}")]
     Corrupt(String),
+    /// An append to the journal failed and was cut back: nothing of it
+    /// stays. `poisoned`: the journal refuses appends until a restart.
+    #[error("cannot write the journal {path}: {source}")]
+    Journal { path: String, source: std::io::Error, disk_full: bool, poisoned: bool },
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC call failed: {0}")]
@@ -33,6 +37,10 @@ impl From<Error> for tonic::Status {
         match e {
             Error::Rpc(status) => status,
             Error::Transport(_) => tonic::Status::unavailable(e.to_string()),
+            // A peer that cannot write says so at once (a master reacts to
+            // it instead of retrying).
+            Error::Journal { disk_full: true, .. } => tonic::Status::resource_exhausted(e.to_string()),
+            Error::Journal { .. } => tonic::Status::data_loss(e.to_string()),
             other => tonic::Status::internal(other.to_string()),
         }
     }

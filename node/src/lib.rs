@@ -47,6 +47,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 sync::run(cfg, listener, shutdown).await
             }
             Command::Local(a) => launcher::run(a, shutdown).await,
+            Command::Promote(a) => coordinator::promote(&a).await,
         }
     });
     // A blocking read of stdin (the launcher's command reader) cannot be

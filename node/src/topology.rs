@@ -153,6 +153,11 @@ pub fn port(base: u16, role: Role) -> u16 {
     base.saturating_add(offset as u16)
 }
 
+/// The coordinator's records (its state file) under the data root.
+pub fn coordinator_dir(root: &Path) -> PathBuf {
+    root.join("coordinator")
+}
+
 pub fn data_dir(root: &Path, cluster: u32, server: u32) -> PathBuf {
     root.join(format!("cluster_{cluster}")).join(server.to_string())
 }
@@ -171,7 +176,13 @@ pub fn plan(spec: &DeploymentSpec, opts: &PlanOptions) -> Vec<Process> {
     };
     let mut out = Vec::new();
     let role = Role::Coordinator;
-    let mut args = vec!["coordinator".to_string(), "-p".into(), port(opts.base_port, role).to_string()];
+    let mut args = vec![
+        "coordinator".to_string(),
+        "-p".into(),
+        port(opts.base_port, role).to_string(),
+        "--data-dir".into(),
+        coordinator_dir(&opts.data_root).display().to_string(),
+    ];
     common(&mut args);
     out.push(Process { name: "coordinator".into(), role, port: port(opts.base_port, role), args });
     for cluster in 1..=spec.clusters {

@@ -38,8 +38,13 @@ impl Gateway {
     /// A client of the master serving `username`.
     fn route(&self, username: &str) -> Result<SnsServiceClient<Channel>, Status> {
         let user = parse_user(username).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let master = self.coord.with(|t| t.master(Instant::now(), cluster_of(user, t.clusters())));
-        let master = master.ok_or_else(|| Status::unavailable(format!("no live master for user {user} yet")))?;
+        let (master, why) = self.coord.with(|t| {
+            let cluster = cluster_of(user, t.clusters());
+            (t.master(Instant::now(), cluster), t.unavailable(cluster).map(str::to_string))
+        });
+        let master = master.ok_or_else(|| {
+            Status::unavailable(why.unwrap_or_else(|| format!("no live master for user {user} yet; ask again")))
+        })?;
         let key = (master.host, master.port);
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = clients.get(&key) {

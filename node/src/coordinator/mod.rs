@@ -1,7 +1,17 @@
 //! The coordinator: the routing table behind the course's `CoordService`,
-//! plus our `CoordAdmin` view of the whole table.
+//! our `CoordAdmin` (the whole table, lease streams, the in-sync set, the
+//! operator's override), and the one task that changes its durable records.
+//!
+//! Shape: [`Coordinator`] is a cheap handle around the [`Table`] (liveness
+//! and records, in memory) and a channel to the *elector*, the only task
+//! that changes records: it asks the table what the rules call for, writes
+//! the new records to the state file (fsync), and only then installs them
+//! and wakes the lease streams. So no server ever hears of a promotion, or
+//! of a slave dropped from the in-sync set, that a coordinator restart
+//! could forget. Heartbeats and queries never wait for the disk.
 
 pub mod gateway;
+pub mod state;
 pub mod table;
 
 use crate::error::Result;
@@ -9,13 +19,19 @@ use crate::net;
 use sns_proto::csce438::coord_service_server::{CoordService, CoordServiceServer};
 use sns_proto::csce438::{Confirmation, Id, ServerInfo, ServerList};
 use sns_proto::internal::coord_admin_server::{CoordAdmin, CoordAdminServer};
-use sns_proto::internal::{LeaseRequest, Node, RoleUpdate, RoutingTable, TableRequest};
+use sns_proto::internal::{
+    InSyncReply, InSyncRequest, LeaseRequest, Node, PromoteReply, PromoteRequest, RoleUpdate, RoutingTable,
+    TableRequest,
+};
+use state::StateFile;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use table::{Beat, Kind, NodeView, Promotion, Table};
+use table::{Beat, Change, Kind, NodeView, Refusal, Table, Why};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +44,26 @@ pub struct CoordinatorConfig {
     pub gateway: bool,
     pub heartbeat: Duration,
     pub missed: u32,
+    /// How long a master may serve after its last renewal (at most half
+    /// the heartbeat timeout).
+    pub lease: Duration,
+    /// Where the records live; None keeps them in memory only (tests).
+    pub data_dir: Option<PathBuf>,
+}
+
+impl CoordinatorConfig {
+    /// The lease actually granted: never more than half the time the
+    /// coordinator waits before it declares a silent node dead, so a
+    /// partitioned master stops serving well before anyone replaces it.
+    pub fn lease(&self) -> Duration {
+        self.lease.min(self.heartbeat * self.missed.max(1) / 2).max(Duration::from_millis(50))
+    }
+}
+
+/// A request only the elector may carry out (it changes records).
+enum Job {
+    SetInSync(InSyncRequest, oneshot::Sender<Result<Vec<u32>, Status>>),
+    Promote(PromoteRequest, oneshot::Sender<Result<PromoteReply, Status>>),
 }
 
 /// Cheap cloneable handle on the routing table.
@@ -39,6 +75,9 @@ pub struct Coordinator {
     epoch: u64,
     /// Bumped on every change of role or membership: wakes lease streams.
     changes: watch::Sender<u64>,
+    /// Wakes the elector: something may call for a decision.
+    kick: Arc<Notify>,
+    jobs: mpsc::Sender<Job>,
     shutdown: CancellationToken,
 }
 
@@ -48,27 +87,35 @@ pub struct Coordinator {
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Coordinator {
-    pub fn new(cfg: &CoordinatorConfig, shutdown: CancellationToken) -> Coordinator {
+    /// A coordinator with its records loaded, and the elector to run.
+    pub fn new(cfg: &CoordinatorConfig, shutdown: CancellationToken) -> Result<(Coordinator, Elector)> {
         let timeout = cfg.heartbeat * cfg.missed.max(1);
-        Coordinator {
-            table: Arc::new(Mutex::new(Table::new(cfg.clusters, timeout))),
+        let mut table = Table::new(cfg.clusters, timeout, cfg.lease());
+        let file = cfg.data_dir.as_deref().map(StateFile::in_dir).transpose()?;
+        if let Some(file) = &file {
+            match file.load()? {
+                Some(records) => {
+                    tracing::info!(path = %file.path().display(), clusters = records.len(), "coordinator records loaded");
+                    table.load(records);
+                }
+                None => tracing::info!(path = %file.path().display(), "no coordinator records yet: a new deployment"),
+            }
+        }
+        let (jobs, rx) = mpsc::channel(64);
+        let coord = Coordinator {
+            table: Arc::new(Mutex::new(table)),
             epoch: net::now_ms().max(0) as u64,
             changes: watch::channel(0).0,
+            kick: Arc::new(Notify::new()),
+            jobs,
             shutdown,
-        }
+        };
+        Ok((coord.clone(), Elector { coord, file, jobs: rx, sweep: cfg.heartbeat / 2 }))
     }
 
-    /// Logs promotions and wakes the lease streams if anything changed.
-    fn changed(&self, promotions: &[Promotion], registered: bool) {
-        log_promotions(promotions);
-        if registered || !promotions.is_empty() {
-            self.changes.send_modify(|v| *v += 1);
-        }
-    }
-
-    fn refresh(&self) {
-        let promotions = self.with(|t| t.refresh(Instant::now()));
-        self.changed(&promotions, false);
+    /// Wakes the lease streams.
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
     }
 
     /// A server's lease stream ended: if the server does not answer a health
@@ -86,8 +133,9 @@ impl Coordinator {
             return;
         }
         tracing::warn!(cluster, id, "lease dropped and the server does not answer: declared dead");
-        let promotions = self.with(|t| t.mark_dead(Instant::now(), Kind::Server, cluster, id));
-        self.changed(&promotions, true);
+        self.with(|t| t.mark_dead(Instant::now(), Kind::Server, cluster, id));
+        self.changed();
+        self.kick.notify_one();
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Table) -> T) -> T {
@@ -98,15 +146,140 @@ impl Coordinator {
         let clusters = self.with(|t| t.clusters());
         (user > 0).then(|| crate::ids::cluster_of(user as u32, clusters))
     }
+
+    /// Hands a job to the elector and waits for its answer.
+    async fn job<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, Status>>) -> Job) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs.send(make(tx)).await.map_err(|_| Status::unavailable("coordinator stopping"))?;
+        rx.await.map_err(|_| Status::unavailable("coordinator stopping"))?
+    }
 }
 
-fn log_promotions(promotions: &[Promotion]) {
-    for p in promotions {
-        match p.new {
-            Some(new) => {
-                tracing::info!(cluster = p.cluster, old = ?p.old, new, term = p.term, "master assigned")
+/// The task that changes records: decisions of the rules, the masters'
+/// in-sync changes and the operator's overrides, one at a time, each on
+/// disk before it is installed.
+pub struct Elector {
+    coord: Coordinator,
+    file: Option<StateFile>,
+    jobs: mpsc::Receiver<Job>,
+    /// The longest it sleeps without a reason (liveness changes by itself).
+    sweep: Duration,
+}
+
+impl Elector {
+    pub async fn run(mut self) {
+        loop {
+            let wake_at = self.decide().await;
+            let sweep = Instant::now() + self.sweep.max(Duration::from_millis(50));
+            let until = wake_at.map_or(sweep, |w| w.min(sweep));
+            tokio::select! {
+                _ = self.coord.shutdown.cancelled() => return,
+                _ = self.coord.kick.notified() => {}
+                _ = tokio::time::sleep_until(until.into()) => {}
+                job = self.jobs.recv() => match job {
+                    Some(job) => self.handle(job).await,
+                    None => return,
+                },
             }
-            None => tracing::warn!(cluster = p.cluster, old = ?p.old, "cluster has no live server"),
+        }
+    }
+
+    /// Carries out what the rules call for now; returns when to look again.
+    async fn decide(&mut self) -> Option<Instant> {
+        let decisions = self.coord.with(|t| t.decide(Instant::now()));
+        for change in &decisions.changes {
+            match self.commit(change).await {
+                Ok(()) => log_change(change),
+                Err(e) => {
+                    tracing::error!(cluster = change.cluster, error = %e, "cannot write the coordinator's records; not acting on the change");
+                    self.coord.with(|t| t.abandon(change));
+                }
+            }
+        }
+        for cluster in 1..=self.coord.with(|t| t.clusters()) {
+            if let Some(why) = self.coord.with(|t| t.unavailable(cluster).map(str::to_string)) {
+                tracing::debug!(cluster, reason = %why, "cluster has no master");
+            }
+        }
+        decisions.wake_at
+    }
+
+    /// Writes the records with `change` applied, then installs it.
+    async fn commit(&self, change: &Change) -> Result<()> {
+        if let Some(file) = self.file.clone() {
+            let mut records: BTreeMap<u32, table::Record> = self.coord.with(|t| t.records().clone());
+            records.insert(change.cluster, change.record.clone());
+            tokio::task::spawn_blocking(move || file.save(&records))
+                .await
+                .map_err(|e| crate::error::Error::Other(format!("state write task failed: {e}")))??;
+        }
+        self.coord.with(|t| t.install(change));
+        self.coord.changed();
+        Ok(())
+    }
+
+    async fn handle(&mut self, job: Job) {
+        match job {
+            Job::SetInSync(req, reply) => {
+                let members: Vec<(u32, u64)> = req.members.iter().map(|m| (m.id, m.incarnation)).collect();
+                let proposed =
+                    self.coord.with(|t| t.set_in_sync(Instant::now(), req.cluster, req.term, req.master, &members));
+                let result = match proposed {
+                    Err(refusal) => Err(refusal_status(refusal)),
+                    Ok(change) => match self.commit(&change).await {
+                        Ok(()) => {
+                            tracing::info!(cluster = req.cluster, term = req.term, master = req.master, in_sync = ?change.record.in_sync.keys().collect::<Vec<_>>(), "in-sync servers recorded");
+                            Ok(change.record.in_sync.keys().copied().collect())
+                        }
+                        Err(e) => Err(Status::unavailable(format!("cannot record the in-sync servers: {e}"))),
+                    },
+                };
+                let _ = reply.send(result);
+            }
+            Job::Promote(req, reply) => {
+                let proposed =
+                    self.coord.with(|t| t.promote(Instant::now(), req.cluster, req.server, req.accept_data_loss));
+                let result = match proposed {
+                    Err(refusal) => Err(refusal_status(refusal)),
+                    Ok(change) => match self.commit(&change).await {
+                        Ok(()) => {
+                            let warning = match change.record.override_server {
+                                Some(s) => format!(
+                                    "server {s} was not known to hold every acknowledged write of cluster {}: writes it lacks are lost; its events are numbered from {} on",
+                                    req.cluster, change.record.seq_floor
+                                ),
+                                None => String::new(),
+                            };
+                            tracing::warn!(cluster = req.cluster, server = req.server, term = change.record.term, accept_data_loss = req.accept_data_loss, warning = %warning, "operator override: master promoted");
+                            Ok(PromoteReply { term: change.record.term, warning })
+                        }
+                        Err(e) => {
+                            self.coord.with(|t| t.abandon(&change));
+                            Err(Status::unavailable(format!("cannot record the promotion: {e}")))
+                        }
+                    },
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
+fn refusal_status(refusal: Refusal) -> Status {
+    match refusal {
+        Refusal::NotMaster(m) => Status::failed_precondition(m),
+        Refusal::Invalid(m) => Status::invalid_argument(m),
+        Refusal::Unsafe(m) => Status::failed_precondition(m),
+    }
+}
+
+fn log_change(change: &Change) {
+    match &change.why {
+        Why::Promotion { old, new } => {
+            tracing::info!(cluster = change.cluster, old = ?old, new, term = change.record.term, "master assigned")
+        }
+        Why::Dropped(ids) => {
+            tracing::warn!(cluster = change.cluster, servers = ?ids, "servers dropped from the in-sync set (damaged journal or replaced disk)")
         }
     }
 }
@@ -121,6 +294,10 @@ fn info(v: &NodeView) -> ServerInfo {
         is_master: v.is_master,
         term: v.term as i64,
         paired_server_id: v.paired_server as i32,
+        incarnation: v.incarnation,
+        damaged: v.damaged,
+        unwritable: v.unwritable,
+        ..ServerInfo::default()
     }
 }
 
@@ -147,7 +324,7 @@ impl CoordService for Coordinator {
             (Kind::Server, _) => 0,
         };
         let beat = Beat {
-            kind,
+            kind: Some(kind),
             cluster: s.cluster_id as u32,
             id: s.server_id as u32,
             host: s.hostname,
@@ -155,9 +332,19 @@ impl CoordService for Coordinator {
             paired_server: paired,
             claims_master: s.is_master,
             term: s.term.max(0) as u64,
+            incarnation: s.incarnation,
+            damaged: s.damaged,
+            unwritable: s.unwritable,
+            next_seq: s.next_seq,
         };
-        let (a, promotions, registered) = self.with(|t| t.heartbeat(Instant::now(), &beat));
-        self.changed(&promotions, registered);
+        let (a, lease, registered) = self.with(|t| {
+            let (a, registered) = t.heartbeat(Instant::now(), &beat);
+            (a, t.lease(), registered)
+        });
+        if registered {
+            self.changed();
+            self.kick.notify_one();
+        }
         let (slave_id, slave_host, slave_port) = a.slave.unwrap_or((0, String::new(), String::new()));
         Ok(Response::new(Confirmation {
             status: true,
@@ -168,17 +355,25 @@ impl CoordService for Coordinator {
             slave_server_id: slave_id as i32,
             coordinator_epoch: self.epoch as i64,
             role_version: a.version as i64,
+            lease_millis: if a.is_master && kind == Kind::Server { lease.as_millis() as i64 } else { 0 },
+            in_sync_i_ds: a.in_sync.iter().map(|id| *id as i32).collect(),
+            seq_floor: a.seq_floor,
+            accept_data_loss: a.accept_data_loss,
         }))
     }
 
     async fn get_server(&self, req: Request<Id>) -> Result<Response<ServerInfo>, Status> {
         // An unknown user or a cluster with no master gets an empty
         // ServerInfo: the course client then prints "connection failed: -1".
-        let reply = self
-            .cluster_of_user(req.into_inner().id)
-            .and_then(|c| self.with(|t| t.master(Instant::now(), c)))
-            .map(|v| info(&v))
-            .unwrap_or_default();
+        let Some(cluster) = self.cluster_of_user(req.into_inner().id) else {
+            return Ok(Response::new(ServerInfo::default()));
+        };
+        let (master, why) =
+            self.with(|t| (t.master(Instant::now(), cluster), t.unavailable(cluster).map(str::to_string)));
+        let reply = match master {
+            Some(v) => info(&v),
+            None => ServerInfo { unavailable_reason: why.unwrap_or_default(), ..ServerInfo::default() },
+        };
         Ok(Response::new(reply))
     }
 
@@ -212,7 +407,6 @@ impl CoordService for Coordinator {
 #[tonic::async_trait]
 impl CoordAdmin for Coordinator {
     async fn table(&self, _req: Request<TableRequest>) -> Result<Response<RoutingTable>, Status> {
-        self.refresh();
         let (clusters, views) = self.with(|t| (t.clusters(), t.all(Instant::now())));
         let nodes = views
             .into_iter()
@@ -227,9 +421,30 @@ impl CoordAdmin for Coordinator {
                 term: v.term,
                 paired_server: v.paired_server,
                 last_seen_ms: v.last_seen.as_millis() as u64,
+                in_sync: v.in_sync,
+                incarnation: v.incarnation,
+                damaged: v.damaged,
+                unwritable: v.unwritable,
             })
             .collect();
         Ok(Response::new(RoutingTable { nodes, clusters }))
+    }
+
+    async fn set_in_sync(&self, req: Request<InSyncRequest>) -> Result<Response<InSyncReply>, Status> {
+        let req = req.into_inner();
+        let in_sync = self.job(|tx| Job::SetInSync(req, tx)).await?;
+        Ok(Response::new(InSyncReply { in_sync }))
+    }
+
+    async fn promote(&self, req: Request<PromoteRequest>) -> Result<Response<PromoteReply>, Status> {
+        let req = req.into_inner();
+        tracing::warn!(
+            cluster = req.cluster,
+            server = req.server,
+            accept_data_loss = req.accept_data_loss,
+            "operator asks to promote a server"
+        );
+        Ok(Response::new(self.job(|tx| Job::Promote(req, tx)).await?))
     }
 
     type LeaseStream = Pin<Box<dyn Stream<Item = Result<RoleUpdate, Status>> + Send>>;
@@ -255,6 +470,9 @@ impl CoordAdmin for Coordinator {
                         slave_port: a.slave.as_ref().map(|s| s.2.clone()).unwrap_or_default(),
                         epoch: coord.epoch,
                         version: a.version,
+                        in_sync: a.in_sync.clone(),
+                        seq_floor: a.seq_floor,
+                        accept_data_loss: a.accept_data_loss,
                     };
                     if tx.send(Ok(update)).await.is_err() {
                         break;
@@ -273,26 +491,30 @@ impl CoordAdmin for Coordinator {
     }
 }
 
+/// `sns-node promote`: asks the coordinator to promote a server, and says
+/// what it answered.
+#[allow(clippy::print_stdout, reason = "a command-line tool's answer goes to stdout")]
+pub async fn promote(args: &crate::cli::PromoteArgs) -> Result<()> {
+    use sns_proto::internal::coord_admin_client::CoordAdminClient;
+    let channel = net::channel(&args.coord.coord_host, &args.coord.coord_port.to_string())?;
+    let req = PromoteRequest { cluster: args.cluster, server: args.server, accept_data_loss: args.accept_data_loss };
+    let reply = CoordAdminClient::new(channel)
+        .promote(req)
+        .await
+        .map_err(|s| crate::error::Error::Other(format!("the coordinator refused: {}", s.message())))?;
+    let reply = reply.into_inner();
+    println!("server {} is the master of cluster {} under term {}", args.server, args.cluster, reply.term);
+    if !reply.warning.is_empty() {
+        println!("warning: {}", reply.warning);
+    }
+    Ok(())
+}
+
 /// Serves the coordinator on `listener` until `shutdown` is cancelled.
 pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
-    let coord = Coordinator::new(&cfg, shutdown.clone());
-    tracing::info!(addr = %listener.local_addr().map_err(|e| crate::error::Error::Other(e.to_string()))?, clusters = cfg.clusters, "coordinator listening");
-    // Elections happen on every query too; this sweep only makes a master's
-    // death show in the log when nobody is asking.
-    let sweeper = {
-        let coord = coord.clone();
-        let token = shutdown.clone();
-        let period = cfg.heartbeat / 2;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period.max(Duration::from_millis(50)));
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tick.tick() => coord.refresh(),
-                }
-            }
-        })
-    };
+    let (coord, elector) = Coordinator::new(&cfg, shutdown.clone())?;
+    tracing::info!(addr = %listener.local_addr().map_err(|e| crate::error::Error::Other(e.to_string()))?, clusters = cfg.clusters, lease_ms = cfg.lease().as_millis() as u64, "coordinator listening");
+    let elector = tokio::spawn(elector.run());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordServiceServer<Coordinator>>().await;
     let result = tonic::transport::Server::builder()
@@ -302,6 +524,6 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: Cancel
         .add_optional_service(cfg.gateway.then(|| gateway::service(coord)))
         .serve_with_incoming_shutdown(net::incoming(listener), shutdown.cancelled())
         .await;
-    sweeper.abort();
+    elector.abort();
     Ok(result?)
 }

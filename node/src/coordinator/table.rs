@@ -1,17 +1,37 @@
-//! The coordinator's routing table: who is alive, who is master, which term.
+//! The coordinator's routing table and the rules that decide roles.
 //!
-//! Pure: time comes in as an `Instant` argument, so the rules are tested
-//! without a clock. Rules (SPEC §5):
-//! - a node is alive while its last heartbeat is younger than the timeout
-//!   (heartbeat period × missed-heartbeat limit);
-//! - the first live server of a cluster is its master; when the master dies
-//!   the live server that registered earliest takes over, and every change
-//!   of master increments the cluster's term;
-//! - a node that comes back after being declared dead registers anew, at
-//!   the back of the line;
+//! Pure: time comes in as an `Instant` argument and nothing here touches a
+//! disk, so the rules are tested without a clock. Two kinds of knowledge:
+//!
+//! - **Liveness** (in memory): every server and synchronizer's address,
+//!   last heartbeat, and what it says of itself (incarnation, damaged,
+//!   unwritable, journal position). A node is alive while its last
+//!   heartbeat is younger than the timeout (heartbeat period × missed
+//!   heartbeats).
+//! - **Records** (durable, one [`Record`] per cluster, kept on disk by the
+//!   coordinator before anything acts on them): the term, its master, and
+//!   the servers that hold every acknowledged write (*in sync*).
+//!
+//! Rules:
+//! - a cluster's first server becomes master under term 1, in sync alone;
+//! - a master's slave is added to the in-sync set by the master once it
+//!   installed the master's state, and dropped by the master before the
+//!   master acknowledges a write the slave lacks ([`Table::set_in_sync`]);
+//! - when the master dies (or says it cannot write), the earliest
+//!   registered live in-sync server takes over under a new term, but only
+//!   once the old master's lease ran out, so two masters never serve at
+//!   once; a server that is not in sync is **never** promoted by itself:
+//!   the cluster stays without a master until an in-sync server is back,
+//!   or an operator promotes one accepting the loss ([`Table::promote`]);
+//! - a server whose journal is damaged, or whose disk was replaced (new
+//!   incarnation), is dropped from the in-sync set;
 //! - a synchronizer is master exactly when its paired server is.
+//!
+//! Decisions that change a record are proposed by [`Table::decide`] (and
+//! the two requests above), written to disk by the coordinator, and only
+//! then installed with [`Table::install`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -38,19 +58,45 @@ impl Kind {
 }
 
 /// What a node says about itself in a heartbeat.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Beat {
-    pub kind: Kind,
+    pub kind: Option<Kind>,
     pub cluster: u32,
     pub id: u32,
     pub host: String,
     pub port: String,
     /// Synchronizers: the server they work beside.
     pub paired_server: u32,
-    /// The node believes it is master, under this term (a restarted
-    /// coordinator uses this to keep the existing master).
+    /// The node believes it is master, under this term.
     pub claims_master: bool,
     pub term: u64,
+    /// Servers: their journal's incarnation (0 = unknown).
+    pub incarnation: u64,
+    pub damaged: bool,
+    pub unwritable: bool,
+    pub next_seq: u64,
+}
+
+impl Beat {
+    fn kind(&self) -> Kind {
+        self.kind.unwrap_or(Kind::Server)
+    }
+}
+
+/// A cluster's durable record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Record {
+    pub term: u64,
+    /// The master of `term` (None before the first election).
+    pub master: Option<u32>,
+    /// Servers holding every acknowledged write: id -> incarnation.
+    pub in_sync: BTreeMap<u32, u64>,
+    /// Local events of this cluster are numbered at least this high by a
+    /// master promoted by override (the highest journal position a master
+    /// reported).
+    pub seq_floor: u64,
+    /// The server an operator promoted accepting data loss, in this term.
+    pub override_server: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,10 +111,14 @@ pub struct NodeView {
     pub is_master: bool,
     pub term: u64,
     pub last_seen: Duration,
+    pub in_sync: bool,
+    pub incarnation: u64,
+    pub damaged: bool,
+    pub unwritable: bool,
 }
 
 /// The coordinator's answer to a heartbeat.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Assignment {
     pub is_master: bool,
     pub term: u64,
@@ -77,6 +127,11 @@ pub struct Assignment {
     pub version: u64,
     /// For a master server: the cluster's live slave (id, host, port).
     pub slave: Option<(u32, String, String)>,
+    /// For a master server: the in-sync set.
+    pub in_sync: Vec<u32>,
+    pub seq_floor: u64,
+    /// The master was promoted by an operator accepting data loss.
+    pub accept_data_loss: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -87,151 +142,496 @@ struct Entry {
     last_seen: Instant,
     /// Registration order; reset when a dead node comes back.
     order: u64,
-    /// The term the node last reported.
     term: u64,
+    claims_master: bool,
+    incarnation: u64,
+    damaged: bool,
+    unwritable: bool,
+    next_seq: u64,
 }
 
-#[derive(Debug, Clone, Default)]
-struct ClusterRoles {
-    master: Option<u32>,
-    term: u64,
+/// A record change proposed by [`Table::decide`], with why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub cluster: u32,
+    pub record: Record,
+    pub why: Why,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Why {
+    /// A new master (first election, failover, or an adopted claim).
+    Promotion { old: Option<u32>, new: u32 },
+    /// Servers dropped from the in-sync set: damaged, or a new incarnation.
+    Dropped(Vec<u32>),
+}
+
+/// Why a request about a record is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    NotMaster(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unsafe(String),
+}
+
+/// What [`Table::decide`] proposes.
+#[derive(Debug, Default)]
+pub struct Decisions {
+    pub changes: Vec<Change>,
+    /// When something may change by itself (a lease running out).
+    pub wake_at: Option<Instant>,
 }
 
 #[derive(Debug)]
 pub struct Table {
-    /// When this coordinator started: right after a restart, servers that
-    /// remember a term get one timeout to reclaim their roles.
+    /// When this coordinator started: leases granted before a restart are
+    /// unknown, so no one is promoted before one lease has passed, and a
+    /// recorded master gets one timeout to come back.
     started: Instant,
     timeout: Duration,
+    lease: Duration,
     clusters: u32,
     nodes: BTreeMap<(Kind, u32, u32), Entry>,
-    roles: BTreeMap<u32, ClusterRoles>,
+    records: BTreeMap<u32, Record>,
+    /// Per cluster: the master granted the latest lease, and until when.
+    leases: BTreeMap<u32, (u32, Instant)>,
+    /// Clusters whose master is changing: no lease is granted there until
+    /// the change is on disk and installed.
+    changing: BTreeSet<u32>,
+    /// Why each cluster without a master has none (for logs and clients).
+    unavailable: BTreeMap<u32, String>,
     next_order: u64,
-    /// Bumped on every registration, promotion and death.
+    /// Bumped on every registration, role change and death.
     version: u64,
 }
 
-/// A change of master, for the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Promotion {
-    pub cluster: u32,
-    pub old: Option<u32>,
-    pub new: Option<u32>,
-    pub term: u64,
-}
-
 impl Table {
-    pub fn new(clusters: u32, timeout: Duration) -> Table {
-        Table::starting_at(Instant::now(), clusters, timeout)
+    pub fn new(clusters: u32, timeout: Duration, lease: Duration) -> Table {
+        Table::starting_at(Instant::now(), clusters, timeout, lease)
     }
 
-    pub fn starting_at(started: Instant, clusters: u32, timeout: Duration) -> Table {
-        Table { started, timeout, clusters, nodes: BTreeMap::new(), roles: BTreeMap::new(), next_order: 0, version: 0 }
+    pub fn starting_at(started: Instant, clusters: u32, timeout: Duration, lease: Duration) -> Table {
+        Table {
+            started,
+            timeout,
+            lease,
+            clusters,
+            nodes: BTreeMap::new(),
+            records: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            changing: BTreeSet::new(),
+            unavailable: BTreeMap::new(),
+            next_order: 0,
+            version: 0,
+        }
+    }
+
+    /// Loads the records read from disk (at start-up).
+    pub fn load(&mut self, records: BTreeMap<u32, Record>) {
+        self.records = records;
+    }
+
+    pub fn records(&self) -> &BTreeMap<u32, Record> {
+        &self.records
     }
 
     pub fn clusters(&self) -> u32 {
         self.clusters
     }
 
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
     fn alive(&self, e: &Entry, now: Instant) -> bool {
         now.saturating_duration_since(e.last_seen) < self.timeout
     }
 
-    fn server_alive(&self, cluster: u32, id: u32, now: Instant) -> bool {
-        self.nodes.get(&(Kind::Server, cluster, id)).is_some_and(|e| self.alive(e, now))
+    fn server(&self, cluster: u32, id: u32) -> Option<&Entry> {
+        self.nodes.get(&(Kind::Server, cluster, id))
     }
 
-    /// Records a heartbeat and returns the node's role, the promotions it
-    /// caused, and whether the node (re)registered.
-    pub fn heartbeat(&mut self, now: Instant, beat: &Beat) -> (Assignment, Vec<Promotion>, bool) {
-        let key = (beat.kind, beat.cluster, beat.id);
-        let was_alive = self.nodes.get(&key).is_some_and(|e| self.alive(e, now));
-        let order = match self.nodes.get(&key) {
+    fn server_alive(&self, cluster: u32, id: u32, now: Instant) -> bool {
+        self.server(cluster, id).is_some_and(|e| self.alive(e, now))
+    }
+
+    /// Whether the live server `id` is recorded in sync under its current
+    /// incarnation.
+    fn in_sync(&self, cluster: u32, id: u32) -> bool {
+        let recorded = self.records.get(&cluster).and_then(|r| r.in_sync.get(&id));
+        matches!((recorded, self.server(cluster, id)), (Some(inc), Some(e)) if *inc == e.incarnation)
+    }
+
+    /// Whether server `id` may be promoted by the rules: alive, in sync,
+    /// able to write, journal intact.
+    fn candidate(&self, cluster: u32, id: u32, now: Instant) -> bool {
+        self.server(cluster, id).is_some_and(|e| self.alive(e, now) && !e.damaged && !e.unwritable)
+            && self.in_sync(cluster, id)
+    }
+
+    /// Whether server `id` is the master of its cluster right now.
+    fn is_master(&self, cluster: u32, id: u32, now: Instant) -> bool {
+        let Some(r) = self.records.get(&cluster) else { return false };
+        if r.master != Some(id) || self.changing.contains(&cluster) {
+            return false;
+        }
+        let Some(e) = self.server(cluster, id) else { return false };
+        // A damaged journal serves only when an operator accepted its loss.
+        self.alive(e, now)
+            && !e.unwritable
+            && (!e.damaged || r.override_server == Some(id))
+            && self.in_sync(cluster, id)
+    }
+
+    /// Records a heartbeat and returns the node's role, and whether the
+    /// node (re)registered. A master's heartbeat renews its lease.
+    pub fn heartbeat(&mut self, now: Instant, beat: &Beat) -> (Assignment, bool) {
+        let kind = beat.kind();
+        let key = (kind, beat.cluster, beat.id);
+        let previous = self.nodes.get(&key).cloned();
+        let was_alive = previous.as_ref().is_some_and(|e| self.alive(e, now));
+        let order = match &previous {
             Some(e) if was_alive => e.order,
             _ => {
                 self.next_order += 1;
                 self.next_order
             }
         };
-        self.nodes.insert(
-            key,
-            Entry {
-                host: beat.host.clone(),
-                port: beat.port.clone(),
-                paired_server: beat.paired_server,
-                last_seen: now,
-                order,
-                term: beat.term,
-            },
-        );
-        let mut promotions = Vec::new();
-        if beat.kind == Kind::Server {
-            let roles = self.roles.entry(beat.cluster).or_default();
-            // A master that outlived a coordinator restart keeps its role:
-            // the claim is honoured only when no one holds the role and the
-            // claimed term is not older than what this coordinator has seen.
-            if beat.claims_master && roles.master.is_none() && beat.term >= roles.term {
-                roles.master = Some(beat.id);
-                roles.term = beat.term;
-                promotions.push(Promotion { cluster: beat.cluster, old: None, new: Some(beat.id), term: beat.term });
-            }
-            // Terms never go backwards, even across a coordinator restart:
-            // the next promotion is numbered above any term a node knows.
-            roles.term = roles.term.max(beat.term);
-        }
-        promotions.extend(self.refresh(now));
-        if !was_alive {
+        let entry = Entry {
+            host: beat.host.clone(),
+            port: beat.port.clone(),
+            paired_server: beat.paired_server,
+            last_seen: now,
+            order,
+            term: beat.term,
+            claims_master: beat.claims_master,
+            incarnation: beat.incarnation,
+            damaged: beat.damaged,
+            unwritable: beat.unwritable,
+            next_seq: beat.next_seq,
+        };
+        // A change in what a server says of itself can change roles.
+        let changed = previous.as_ref().is_none_or(|p| {
+            p.incarnation != entry.incarnation || p.damaged != entry.damaged || p.unwritable != entry.unwritable
+        });
+        self.nodes.insert(key, entry);
+        if !was_alive || changed {
             self.version += 1;
         }
-        (self.assignment(now, beat.kind, beat.cluster, beat.id), promotions, !was_alive)
+        let a = self.assignment(now, kind, beat.cluster, beat.id);
+        if kind == Kind::Server && a.is_master {
+            self.leases.insert(beat.cluster, (beat.id, now + self.lease));
+        }
+        (a, !was_alive || changed)
     }
 
-    /// Declares a node dead now (its lease dropped and a probe failed).
-    pub fn mark_dead(&mut self, now: Instant, kind: Kind, cluster: u32, id: u32) -> Vec<Promotion> {
+    /// Declares a node dead now (its lease stream dropped and a probe
+    /// failed).
+    pub fn mark_dead(&mut self, now: Instant, kind: Kind, cluster: u32, id: u32) {
         let timeout = self.timeout;
         if let Some(e) = self.nodes.get_mut(&(kind, cluster, id)) {
             e.last_seen = now.checked_sub(timeout).unwrap_or(e.last_seen.min(now));
         }
         self.version += 1;
-        self.refresh(now)
     }
 
-    /// Declares dead masters dead and elects replacements.
-    pub fn refresh(&mut self, now: Instant) -> Vec<Promotion> {
-        let mut promotions = Vec::new();
-        let clusters: Vec<u32> = self.nodes.keys().filter(|(k, _, _)| *k == Kind::Server).map(|(_, c, _)| *c).collect();
-        let young = now.saturating_duration_since(self.started) < self.timeout;
+    /// Until when the master of `cluster` may still be serving on a lease.
+    fn lease_until(&self, cluster: u32, master: u32) -> Instant {
+        // Leases granted by a previous run of the coordinator are unknown:
+        // assume one was granted just before it started.
+        let before_restart = self.started + self.lease;
+        match self.leases.get(&cluster) {
+            Some((m, until)) if *m == master => (*until).max(before_restart),
+            _ => before_restart,
+        }
+    }
+
+    /// The record changes the rules call for now, and when to look again.
+    /// A proposed change of master blocks lease grants in its cluster until
+    /// [`Table::install`] or [`Table::abandon`].
+    pub fn decide(&mut self, now: Instant) -> Decisions {
+        let mut out = Decisions::default();
+        let clusters: BTreeSet<u32> =
+            self.nodes.keys().filter(|(k, _, _)| *k == Kind::Server).map(|(_, c, _)| *c).collect();
         for cluster in clusters {
-            let current = self.roles.get(&cluster).and_then(|r| r.master);
-            if current.is_some_and(|m| self.server_alive(cluster, m, now)) {
+            if self.changing.contains(&cluster) {
                 continue;
             }
-            let live: Vec<(&(Kind, u32, u32), &Entry)> = self
-                .nodes
-                .iter()
-                .filter(|((k, c, _), e)| *k == Kind::Server && *c == cluster && self.alive(e, now))
-                .collect();
-            // Just after a restart, a server that remembers a term means the
-            // cluster had a master, which may not have beaten yet: give it
-            // one timeout to reclaim the role before electing anyone else.
-            if current.is_none() && young && live.iter().any(|(_, e)| e.term > 0) {
-                continue;
+            let change = match self.records.get(&cluster) {
+                None => self.first_election(now, cluster, &mut out.wake_at),
+                Some(_) => self.drop_lost(now, cluster).or_else(|| self.failover(now, cluster, &mut out.wake_at)),
+            };
+            if let Some(change) = change {
+                if matches!(change.why, Why::Promotion { .. }) {
+                    self.changing.insert(cluster);
+                }
+                out.changes.push(change);
             }
-            let next = live.iter().min_by_key(|(_, e)| e.order).map(|((_, _, id), _)| *id);
-            if next == current {
-                continue;
-            }
-            let roles = self.roles.entry(cluster).or_default();
-            roles.master = next;
-            if next.is_some() {
-                roles.term += 1;
-            }
-            promotions.push(Promotion { cluster, old: current, new: next, term: roles.term });
         }
-        if !promotions.is_empty() {
-            self.version += 1;
+        out
+    }
+
+    /// A cluster this coordinator has no record of.
+    fn first_election(&mut self, now: Instant, cluster: u32, wake: &mut Option<Instant>) -> Option<Change> {
+        let live: Vec<(u32, Entry)> = self
+            .nodes
+            .iter()
+            .filter(|((k, c, _), e)| *k == Kind::Server && *c == cluster && self.alive(e, now))
+            .map(|((_, _, id), e)| (*id, e.clone()))
+            .collect();
+        // A server that outlived a coordinator which lost its records (or
+        // predates them) and still holds the role keeps it.
+        if let Some((id, e)) = live
+            .iter()
+            .filter(|(_, e)| e.claims_master && e.term > 0 && !e.damaged && !e.unwritable)
+            .max_by_key(|(_, e)| e.term)
+        {
+            let record = Record {
+                term: e.term,
+                master: Some(*id),
+                in_sync: BTreeMap::from([(*id, e.incarnation)]),
+                ..Record::default()
+            };
+            return Some(Change { cluster, record, why: Why::Promotion { old: None, new: *id } });
         }
-        promotions
+        let history = live.iter().find(|(_, e)| e.next_seq > 1 || e.term > 0 || e.damaged);
+        if let Some((id, e)) = history {
+            // Servers with data and no record: whoever is elected could lack
+            // acknowledged writes. Give a master that survived a coordinator
+            // restart one timeout to claim its role, then leave it to an
+            // operator.
+            let grace = self.started + self.timeout;
+            if now < grace {
+                *wake = min_instant(*wake, grace);
+                return None;
+            }
+            self.unavailable.insert(
+                cluster,
+                format!(
+                    "cluster {cluster}: server {id} holds data (next seq {}, term {}) but the coordinator has no record of the cluster; if its state was lost, promote a server with `sns-node promote --cluster {cluster} --server <id> --accept-data-loss`",
+                    e.next_seq, e.term
+                ),
+            );
+            return None;
+        }
+        let (id, e) = live.iter().filter(|(_, e)| !e.unwritable).min_by_key(|(_, e)| e.order)?;
+        let record =
+            Record { term: 1, master: Some(*id), in_sync: BTreeMap::from([(*id, e.incarnation)]), ..Record::default() };
+        Some(Change { cluster, record, why: Why::Promotion { old: None, new: *id } })
+    }
+
+    /// Drops in-sync servers that lost what they held: a damaged journal,
+    /// or a new incarnation (a wiped or replaced disk).
+    fn drop_lost(&self, now: Instant, cluster: u32) -> Option<Change> {
+        let record = self.records.get(&cluster)?;
+        let lost: Vec<u32> = record
+            .in_sync
+            .iter()
+            .filter(|(id, inc)| {
+                self.server(cluster, **id).is_some_and(|e| {
+                    self.alive(e, now)
+                        && ((e.damaged && record.override_server != Some(**id))
+                            || (e.incarnation != **inc && e.incarnation != 0))
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if lost.is_empty() {
+            return None;
+        }
+        let mut record = record.clone();
+        for id in &lost {
+            record.in_sync.remove(id);
+        }
+        Some(Change { cluster, record, why: Why::Dropped(lost) })
+    }
+
+    /// Replaces a master that is gone or cannot serve, by the rules.
+    fn failover(&mut self, now: Instant, cluster: u32, wake: &mut Option<Instant>) -> Option<Change> {
+        let record = self.records.get(&cluster)?.clone();
+        let old = record.master;
+        if let Some(m) = old {
+            if self.is_master(cluster, m, now) {
+                self.unavailable.remove(&cluster);
+                return None;
+            }
+            // A master that said it cannot serve (or came back as someone
+            // else) stopped by itself; a silent one may still be serving
+            // on its lease.
+            let stopped = self.server(cluster, m).is_some_and(|e| {
+                self.alive(e, now) && (e.unwritable || e.damaged || record.in_sync.get(&m) != Some(&e.incarnation))
+            });
+            if !stopped {
+                if self.server(cluster, m).is_none() && now < self.started + self.timeout {
+                    // Just restarted: give the recorded master one timeout
+                    // to report before replacing it.
+                    *wake = min_instant(*wake, self.started + self.timeout);
+                    return None;
+                }
+                let until = self.lease_until(cluster, m);
+                if now < until {
+                    *wake = min_instant(*wake, until);
+                    return None;
+                }
+            }
+        }
+        let next = self
+            .nodes
+            .iter()
+            .filter(|((k, c, id), _)| *k == Kind::Server && *c == cluster && self.candidate(cluster, *id, now))
+            .min_by_key(|(_, e)| e.order)
+            .map(|((_, _, id), _)| *id);
+        let Some(new) = next else {
+            let in_sync: Vec<u32> = record.in_sync.keys().copied().collect();
+            self.unavailable.insert(
+                cluster,
+                format!(
+                    "cluster {cluster} has no live server holding every acknowledged write (in sync: {in_sync:?}); writes are refused until one of them is back, or an operator promotes another with `sns-node promote --cluster {cluster} --server <id> --accept-data-loss`"
+                ),
+            );
+            return None;
+        };
+        let seen = self.nodes.iter().filter(|((_, c, _), _)| *c == cluster).map(|(_, e)| e.term).max().unwrap_or(0);
+        let record = Record {
+            term: record.term.max(seen) + 1,
+            master: Some(new),
+            override_server: None,
+            seq_floor: record.seq_floor.max(self.reported_seq(cluster)),
+            ..record
+        };
+        Some(Change { cluster, record, why: Why::Promotion { old, new } })
+    }
+
+    /// The highest journal position a server of `cluster` reported.
+    fn reported_seq(&self, cluster: u32) -> u64 {
+        self.nodes
+            .iter()
+            .filter(|((k, c, _), _)| *k == Kind::Server && *c == cluster)
+            .map(|(_, e)| e.next_seq)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Installs a change once it is on disk.
+    pub fn install(&mut self, change: &Change) {
+        self.changing.remove(&change.cluster);
+        if self.records.get(&change.cluster).map(|r| r.master) != Some(change.record.master) {
+            self.leases.remove(&change.cluster);
+        }
+        self.records.insert(change.cluster, change.record.clone());
+        self.unavailable.remove(&change.cluster);
+        self.version += 1;
+    }
+
+    /// Gives up a proposed change that could not be written.
+    pub fn abandon(&mut self, change: &Change) {
+        self.changing.remove(&change.cluster);
+    }
+
+    /// The master's request to set the in-sync set of its cluster: members
+    /// as (id, incarnation; 0 = as recorded). Returns the record to write.
+    pub fn set_in_sync(
+        &self,
+        now: Instant,
+        cluster: u32,
+        term: u64,
+        master: u32,
+        members: &[(u32, u64)],
+    ) -> Result<Change, Refusal> {
+        let record = self
+            .records
+            .get(&cluster)
+            .ok_or_else(|| Refusal::Invalid(format!("cluster {cluster} has no master yet")))?;
+        if record.term != term || record.master != Some(master) || !self.is_master(cluster, master, now) {
+            return Err(Refusal::NotMaster(format!(
+                "server {master} is not the master of cluster {cluster} under term {term} (term {}, master {:?})",
+                record.term, record.master
+            )));
+        }
+        let mut in_sync = BTreeMap::new();
+        for &(id, incarnation) in members {
+            let inc = match (incarnation, record.in_sync.get(&id), self.server(cluster, id)) {
+                (0, Some(recorded), _) => *recorded,
+                (0, None, _) => {
+                    return Err(Refusal::Invalid(format!("server {id} is not in sync; name its incarnation")));
+                }
+                (inc, _, Some(e)) if e.incarnation == inc && !e.damaged => inc,
+                (inc, _, _) => {
+                    return Err(Refusal::Invalid(format!(
+                        "server {id} of cluster {cluster} is not registered with incarnation {inc:#x}"
+                    )));
+                }
+            };
+            in_sync.insert(id, inc);
+        }
+        if !in_sync.contains_key(&master) {
+            return Err(Refusal::Invalid("the in-sync set must hold the master".into()));
+        }
+        let record = Record { in_sync, seq_floor: record.seq_floor.max(self.reported_seq(cluster)), ..record.clone() };
+        Ok(Change { cluster, record, why: Why::Dropped(vec![]) })
+    }
+
+    /// An operator's override: `server` becomes master under a new term.
+    /// A server that is not in sync needs `accept_data_loss`; a live,
+    /// serving master is never replaced this way.
+    pub fn promote(
+        &mut self,
+        now: Instant,
+        cluster: u32,
+        server: u32,
+        accept_data_loss: bool,
+    ) -> Result<Change, Refusal> {
+        let e = self
+            .server(cluster, server)
+            .filter(|e| self.alive(e, now))
+            .ok_or_else(|| Refusal::Invalid(format!("server {server} of cluster {cluster} is not live")))?
+            .clone();
+        if e.unwritable {
+            return Err(Refusal::Invalid(format!("server {server} of cluster {cluster} cannot write its journal")));
+        }
+        let record = self.records.get(&cluster).cloned().unwrap_or_default();
+        if let Some(m) = record.master
+            && self.is_master(cluster, m, now)
+        {
+            return Err(Refusal::Invalid(format!(
+                "cluster {cluster} has a live master (server {m}); nothing to override"
+            )));
+        }
+        if self.changing.contains(&cluster) {
+            return Err(Refusal::Invalid(format!("cluster {cluster} is changing master; try again")));
+        }
+        let safe = self.candidate(cluster, server, now);
+        if !safe && !accept_data_loss {
+            return Err(Refusal::Unsafe(format!(
+                "server {server} is not known to hold every acknowledged write of cluster {cluster}{}; promoting it loses what it lacks: pass --accept-data-loss to do it anyway",
+                if e.damaged { " (its journal is damaged)" } else { "" }
+            )));
+        }
+        if let Some(m) = record.master
+            && !self.server_alive(cluster, m, now)
+            && now < self.lease_until(cluster, m)
+        {
+            return Err(Refusal::Invalid(format!(
+                "the old master (server {m}) may still hold its lease for {:?}; try again",
+                self.lease_until(cluster, m) - now
+            )));
+        }
+        let seen = self.nodes.iter().filter(|((_, c, _), _)| *c == cluster).map(|(_, e)| e.term).max().unwrap_or(0);
+        let mut in_sync = if safe { record.in_sync.clone() } else { BTreeMap::new() };
+        in_sync.insert(server, e.incarnation);
+        let record = Record {
+            term: record.term.max(seen) + 1,
+            master: Some(server),
+            in_sync,
+            seq_floor: record.seq_floor.max(self.reported_seq(cluster)),
+            override_server: (!safe).then_some(server),
+        };
+        let old = self.records.get(&cluster).and_then(|r| r.master);
+        self.changing.insert(cluster);
+        Ok(Change { cluster, record, why: Why::Promotion { old, new: server } })
     }
 
     /// The role of a registered node (None if it never registered).
@@ -240,18 +640,22 @@ impl Table {
     }
 
     fn assignment(&self, now: Instant, kind: Kind, cluster: u32, id: u32) -> Assignment {
-        let roles = self.roles.get(&cluster).cloned().unwrap_or_default();
+        let record = self.records.get(&cluster).cloned().unwrap_or_default();
         let server = match kind {
             Kind::Server => id,
             Kind::Synchronizer => self.nodes.get(&(kind, cluster, id)).map_or(0, |e| e.paired_server),
         };
-        let is_master = roles.master == Some(server) && self.server_alive(cluster, server, now);
-        let slave = if is_master && kind == Kind::Server {
-            self.slave(now, cluster).map(|v| (v.id, v.host, v.port))
-        } else {
-            None
-        };
-        Assignment { is_master, term: roles.term, version: self.version, slave }
+        let is_master = self.is_master(cluster, server, now);
+        let master_server = is_master && kind == Kind::Server;
+        Assignment {
+            is_master,
+            term: record.term,
+            version: self.version,
+            slave: if master_server { self.slave(now, cluster).map(|v| (v.id, v.host, v.port)) } else { None },
+            in_sync: if master_server { record.in_sync.keys().copied().collect() } else { vec![] },
+            seq_floor: if master_server { record.seq_floor } else { 0 },
+            accept_data_loss: master_server && record.override_server == Some(id),
+        }
     }
 
     /// Address of a node, if registered.
@@ -261,14 +665,19 @@ impl Table {
 
     /// The live master server of `cluster`.
     pub fn master(&self, now: Instant, cluster: u32) -> Option<NodeView> {
-        let id = self.roles.get(&cluster)?.master?;
-        self.view(now, Kind::Server, cluster, id).filter(|v| v.alive)
+        let id = self.records.get(&cluster)?.master?;
+        self.view(now, Kind::Server, cluster, id).filter(|v| v.is_master)
+    }
+
+    /// Why `cluster` has no master, if the rules keep it without one.
+    pub fn unavailable(&self, cluster: u32) -> Option<&str> {
+        self.unavailable.get(&cluster).map(String::as_str)
     }
 
     /// The live slave of `cluster`: the earliest-registered live server that
-    /// is not the master.
+    /// is not the master (in sync or not: the master brings it up to date).
     pub fn slave(&self, now: Instant, cluster: u32) -> Option<NodeView> {
-        let master = self.roles.get(&cluster).and_then(|r| r.master);
+        let master = self.records.get(&cluster).and_then(|r| r.master);
         self.nodes
             .iter()
             .filter(|((k, c, id), e)| *k == Kind::Server && *c == cluster && Some(*id) != master && self.alive(e, now))
@@ -290,10 +699,9 @@ impl Table {
 
     fn view(&self, now: Instant, kind: Kind, cluster: u32, id: u32) -> Option<NodeView> {
         let e = self.nodes.get(&(kind, cluster, id))?;
-        let roles = self.roles.get(&cluster).cloned().unwrap_or_default();
+        let record = self.records.get(&cluster).cloned().unwrap_or_default();
         let alive = self.alive(e, now);
         let server = if kind == Kind::Server { id } else { e.paired_server };
-        let is_master = alive && roles.master == Some(server) && self.server_alive(cluster, server, now);
         Some(NodeView {
             kind,
             cluster,
@@ -302,11 +710,19 @@ impl Table {
             port: e.port.clone(),
             paired_server: e.paired_server,
             alive,
-            is_master,
-            term: roles.term,
+            is_master: alive && self.is_master(cluster, server, now),
+            term: record.term,
             last_seen: now.saturating_duration_since(e.last_seen),
+            in_sync: kind == Kind::Server && self.in_sync(cluster, id),
+            incarnation: e.incarnation,
+            damaged: e.damaged,
+            unwritable: e.unwritable,
         })
     }
+}
+
+fn min_instant(a: Option<Instant>, b: Instant) -> Option<Instant> {
+    Some(a.map_or(b, |a| a.min(b)))
 }
 
 #[cfg(test)]
@@ -314,169 +730,254 @@ mod tests {
     use super::*;
 
     const T: Duration = Duration::from_secs(10);
+    const L: Duration = Duration::from_secs(1);
 
     fn server(cluster: u32, id: u32) -> Beat {
         Beat {
-            kind: Kind::Server,
+            kind: Some(Kind::Server),
             cluster,
             id,
             host: "127.0.0.1".into(),
             port: format!("90{cluster}{id}"),
-            paired_server: 0,
-            claims_master: false,
-            term: 0,
+            incarnation: u64::from(100 * cluster + id),
+            next_seq: 1,
+            ..Beat::default()
         }
     }
 
     fn sync(cluster: u32, id: u32, paired: u32) -> Beat {
-        Beat { kind: Kind::Synchronizer, paired_server: paired, ..server(cluster, id) }
+        Beat { kind: Some(Kind::Synchronizer), paired_server: paired, incarnation: 0, ..server(cluster, id) }
+    }
+
+    /// Decides and installs every change at once (as if the disk were
+    /// instant); returns the changes.
+    fn settle(t: &mut Table, now: Instant) -> Vec<Change> {
+        let d = t.decide(now);
+        for c in &d.changes {
+            t.install(c);
+        }
+        d.changes
+    }
+
+    /// A table whose cluster 2 has master 1 and in-sync slave 2 (term 1).
+    fn pair(t0: Instant) -> Table {
+        let mut t = Table::starting_at(t0, 3, T, L);
+        t.heartbeat(t0, &server(2, 1));
+        settle(&mut t, t0);
+        t.heartbeat(t0, &server(2, 2));
+        let c = t.set_in_sync(t0, 2, 1, 1, &[(1, 0), (2, 202)]).unwrap();
+        t.install(&c);
+        t
     }
 
     #[test]
     fn first_server_is_master_second_is_slave() {
         let t0 = Instant::now();
-        let mut table = Table::new(3, T);
-        let (a, _, _) = table.heartbeat(t0, &server(2, 1));
+        let mut t = Table::starting_at(t0, 3, T, L);
+        let (a, registered) = t.heartbeat(t0, &server(2, 1));
+        assert!(registered && !a.is_master, "no master before the record is written");
+        let changes = settle(&mut t, t0);
+        assert_eq!(changes[0].why, Why::Promotion { old: None, new: 1 });
+        assert_eq!(changes[0].record.in_sync, BTreeMap::from([(1, 201)]));
+        let (a, _) = t.heartbeat(t0, &server(2, 1));
         assert!(a.is_master);
         assert_eq!(a.term, 1);
-        let (b, _, _) = table.heartbeat(t0, &server(2, 2));
+        let (b, _) = t.heartbeat(t0, &server(2, 2));
         assert!(!b.is_master);
-        assert_eq!(b.term, 1);
-        let (a, _, _) = table.heartbeat(t0, &server(2, 1));
+        let (a, _) = t.heartbeat(t0, &server(2, 1));
         assert_eq!(a.slave, Some((2, "127.0.0.1".into(), "9022".into())));
-        assert_eq!(table.master(t0, 2).unwrap().id, 1);
-        assert_eq!(table.slave(t0, 2).unwrap().id, 2);
-        assert!(table.master(t0, 1).is_none());
+        assert_eq!(a.in_sync, vec![1], "the slave is not in sync until the master says so");
+        assert_eq!(t.master(t0, 2).unwrap().id, 1);
+        assert!(t.master(t0, 1).is_none());
     }
 
     #[test]
-    fn dead_master_is_replaced_with_a_new_term() {
+    fn a_dead_master_is_replaced_by_an_in_sync_slave_once_its_lease_ran_out() {
         let t0 = Instant::now();
-        let mut table = Table::new(3, T);
-        table.heartbeat(t0, &server(2, 1));
-        table.heartbeat(t0, &server(2, 2));
-        // Server 1 goes silent; server 2 keeps beating.
-        let t1 = t0 + Duration::from_secs(6);
-        let (b, p, _) = table.heartbeat(t1, &server(2, 2));
-        assert!(!b.is_master && p.is_empty(), "not dead before the timeout");
-        let t2 = t0 + T;
-        let (b, p, _) = table.heartbeat(t2, &server(2, 2));
-        assert!(b.is_master);
-        assert_eq!(b.term, 2);
-        assert_eq!(p, vec![Promotion { cluster: 2, old: Some(1), new: Some(2), term: 2 }]);
-        assert!(table.slave(t2, 2).is_none());
-        // The old master comes back: it registers anew, as slave.
-        let (a, _, _) = table.heartbeat(t2, &server(2, 1));
-        assert!(!a.is_master);
-        assert_eq!(a.term, 2);
-        assert_eq!(table.slave(t2, 2).unwrap().id, 1);
+        let mut t = pair(t0);
+        let t1 = t0 + Duration::from_secs(5);
+        t.heartbeat(t1, &server(2, 1)); // lease until t1 + L
+        t.heartbeat(t1, &server(2, 2));
+        let t2 = t1 + Duration::from_millis(100);
+        t.mark_dead(t2, Kind::Server, 2, 1);
+        let d = t.decide(t2);
+        assert!(d.changes.is_empty(), "the old master may still serve on its lease");
+        assert_eq!(d.wake_at, Some(t1 + L));
+        let changes = settle(&mut t, t1 + L);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].record.term, 2);
+        assert_eq!(changes[0].record.master, Some(2));
+        assert!(t.heartbeat(t1 + L, &server(2, 2)).0.is_master);
+        // The old master comes back: slave, under the new term.
+        let (a, registered) = t.heartbeat(t1 + L, &server(2, 1));
+        assert!(registered && !a.is_master && a.term == 2);
     }
 
     #[test]
-    fn a_cluster_with_no_live_server_has_no_master() {
+    fn a_stale_server_is_never_promoted_by_itself() {
         let t0 = Instant::now();
-        let mut table = Table::new(3, T);
-        table.heartbeat(t0, &server(1, 1));
-        let later = t0 + T * 2;
-        let p = table.refresh(later);
-        assert_eq!(p, vec![Promotion { cluster: 1, old: Some(1), new: None, term: 1 }]);
-        assert!(table.master(later, 1).is_none());
-        let (a, _, _) = table.heartbeat(later, &server(1, 1));
-        assert!(a.is_master);
-        assert_eq!(a.term, 2);
+        let mut t = pair(t0);
+        let t1 = t0 + Duration::from_secs(20);
+        // Server 1 (master) dies; 2 takes over.
+        t.heartbeat(t1, &server(2, 2));
+        settle(&mut t, t1);
+        assert_eq!(t.master(t1, 2).unwrap().id, 2);
+        // 2 writes alone: first it drops 1 from the in-sync set.
+        let c = t.set_in_sync(t1, 2, 2, 2, &[(2, 0)]).unwrap();
+        t.install(&c);
+        // 2 dies; the stale 1 comes back first.
+        let t2 = t1 + Duration::from_secs(20);
+        t.heartbeat(t2, &server(2, 1));
+        assert!(settle(&mut t, t2).is_empty());
+        assert!(t.master(t2, 2).is_none());
+        assert!(t.unavailable(2).unwrap().contains("no live server holding every acknowledged write"));
+        assert!(!t.heartbeat(t2, &server(2, 1)).0.is_master);
+        // 2 comes back: still the recorded master of term 2, it serves again
+        // (its journal holds every write it acknowledged).
+        let (a, _) = t.heartbeat(t2, &server(2, 2));
+        assert!(a.is_master && a.term == 2);
+        assert!(settle(&mut t, t2).is_empty());
+        assert!(t.unavailable(2).is_none());
+    }
+
+    #[test]
+    fn an_operator_may_promote_a_stale_server_accepting_the_loss() {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        let t1 = t0 + Duration::from_secs(20);
+        t.heartbeat(t1, &server(2, 2));
+        settle(&mut t, t1);
+        t.install(&t.set_in_sync(t1, 2, 2, 2, &[(2, 0)]).unwrap());
+        let t2 = t1 + Duration::from_secs(20);
+        t.heartbeat(t2, &Beat { next_seq: 40, ..server(2, 1) });
+        let refused = t.promote(t2, 2, 1, false).unwrap_err();
+        assert!(matches!(refused, Refusal::Unsafe(_)), "{refused}");
+        let c = t.promote(t2, 2, 1, true).unwrap();
+        assert_eq!(c.record.override_server, Some(1));
+        assert_eq!(c.record.in_sync, BTreeMap::from([(1, 201)]));
+        assert!(c.record.seq_floor >= 40);
+        t.install(&c);
+        let (a, _) = t.heartbeat(t2, &server(2, 1));
+        assert!(a.is_master && a.accept_data_loss && a.term == 3);
+        // A live master is never overridden.
+        assert!(t.promote(t2, 2, 1, true).is_err());
+    }
+
+    #[test]
+    fn only_the_current_master_changes_the_in_sync_set() {
+        let t0 = Instant::now();
+        let t = pair(t0);
+        assert!(matches!(t.set_in_sync(t0, 2, 1, 2, &[(2, 0)]), Err(Refusal::NotMaster(_))));
+        assert!(matches!(t.set_in_sync(t0, 2, 0, 1, &[(1, 0)]), Err(Refusal::NotMaster(_))));
+        assert!(matches!(t.set_in_sync(t0, 2, 1, 1, &[(2, 0)]), Err(Refusal::Invalid(_))), "must hold the master");
+        assert!(t.set_in_sync(t0, 2, 1, 1, &[(1, 0), (2, 999)]).is_err(), "wrong incarnation");
+        assert!(t.set_in_sync(t0, 2, 1, 1, &[(1, 0)]).is_ok());
+    }
+
+    #[test]
+    fn damaged_or_replaced_servers_leave_the_in_sync_set() {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        t.heartbeat(t0, &Beat { damaged: true, ..server(2, 2) });
+        let changes = settle(&mut t, t0);
+        assert_eq!(changes[0].why, Why::Dropped(vec![2]));
+        assert_eq!(t.records()[&2].in_sync.keys().copied().collect::<Vec<_>>(), vec![1]);
+        // The master's disk is replaced: a new incarnation is not in sync,
+        // so no one is left to promote.
+        let t1 = t0 + Duration::from_secs(3);
+        t.heartbeat(t1, &Beat { damaged: false, ..server(2, 2) });
+        t.heartbeat(t1, &Beat { incarnation: 7, ..server(2, 1) });
+        settle(&mut t, t1 + L);
+        let d = t.decide(t1 + L);
+        assert!(d.changes.is_empty());
+        assert!(t.master(t1 + L, 2).is_none());
+    }
+
+    #[test]
+    fn a_master_that_cannot_write_is_replaced_at_once() {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        t.heartbeat(t0, &Beat { unwritable: true, ..server(2, 1) });
+        let changes = settle(&mut t, t0);
+        assert_eq!(changes[0].record.master, Some(2), "no lease wait: it stopped by itself");
+    }
+
+    #[test]
+    fn a_restarted_coordinator_keeps_its_records_and_waits_for_the_master() {
+        let t0 = Instant::now();
+        let before = pair(t0);
+        let mut t = Table::starting_at(t0 + T, 3, T, L);
+        t.load(before.records().clone());
+        let t1 = t0 + T;
+        // The slave reports first: nobody is promoted while the recorded
+        // master may still come back.
+        t.heartbeat(t1, &Beat { term: 1, ..server(2, 2) });
+        let d = t.decide(t1);
+        assert!(d.changes.is_empty() && d.wake_at == Some(t1 + T));
+        let (a, _) = t.heartbeat(t1, &Beat { term: 1, claims_master: true, ..server(2, 1) });
+        assert!(a.is_master && a.term == 1);
+        // Had it not come back, the in-sync slave takes over after the grace.
+        let mut t = Table::starting_at(t1, 3, T, L);
+        t.load(before.records().clone());
+        t.heartbeat(t1 + T, &Beat { term: 1, ..server(2, 2) });
+        let changes = settle(&mut t, t1 + T);
+        assert_eq!(changes[0].record.master, Some(2));
+    }
+
+    #[test]
+    fn a_coordinator_without_records_adopts_a_live_master_and_refuses_to_guess() {
+        let t0 = Instant::now();
+        let mut t = Table::starting_at(t0, 3, T, L);
+        t.heartbeat(t0, &Beat { term: 4, claims_master: true, next_seq: 9, ..server(1, 1) });
+        let changes = settle(&mut t, t0);
+        assert_eq!(changes[0].record.term, 4);
+        assert_eq!(changes[0].record.master, Some(1));
+        // Servers with data, none claiming: no guess, after the grace either.
+        t.heartbeat(t0, &Beat { next_seq: 12, ..server(3, 1) });
+        let d = t.decide(t0);
+        assert!(d.changes.is_empty() && d.wake_at == Some(t0 + T));
+        t.heartbeat(t0 + T, &Beat { next_seq: 12, ..server(3, 1) });
+        assert!(settle(&mut t, t0 + T).is_empty());
+        assert!(t.unavailable(3).unwrap().contains("--accept-data-loss"));
     }
 
     #[test]
     fn synchronizers_follow_their_server() {
         let t0 = Instant::now();
-        let mut table = Table::new(3, T);
-        table.heartbeat(t0, &server(1, 1));
-        table.heartbeat(t0, &server(1, 2));
-        let (s1, _, _) = table.heartbeat(t0, &sync(1, 1, 1));
-        let (s4, _, _) = table.heartbeat(t0, &sync(1, 4, 2));
-        assert!(s1.is_master && !s4.is_master);
-        assert_eq!(table.master_synchronizer(t0, 1).unwrap().id, 1);
-        let t1 = t0 + T;
-        table.heartbeat(t1, &server(1, 2));
-        let (s4, _, _) = table.heartbeat(t1, &sync(1, 4, 2));
-        assert!(s4.is_master);
-        assert_eq!(table.master_synchronizer(t1, 1).unwrap().id, 4);
-        let alive: Vec<u32> =
-            table.all(t1).iter().filter(|v| v.kind == Kind::Synchronizer && v.alive).map(|v| v.id).collect();
-        assert_eq!(alive, vec![4]);
-    }
-
-    #[test]
-    fn a_restarted_coordinator_keeps_the_existing_master() {
-        let t0 = Instant::now();
-        let mut table = Table::starting_at(t0, 3, T);
-        // The slave's heartbeat happens to arrive first: it remembers term 4,
-        // so a master existed; nobody is elected yet.
-        let (b, p, _) = table.heartbeat(t0, &Beat { claims_master: false, term: 4, ..server(3, 2) });
-        assert!(!b.is_master && p.is_empty());
-        assert!(table.master(t0, 3).is_none());
-        // The master reclaims its role under its term.
-        let (a, _, _) = table.heartbeat(t0, &Beat { claims_master: true, term: 4, ..server(3, 1) });
-        assert!(a.is_master);
-        assert_eq!(a.term, 4);
-        let (b, _, _) = table.heartbeat(t0, &Beat { term: 4, ..server(3, 2) });
-        assert!(!b.is_master);
-        assert_eq!(b.term, 4);
-    }
-
-    #[test]
-    fn after_the_grace_period_the_survivor_is_elected_above_every_known_term() {
-        let t0 = Instant::now();
-        let mut table = Table::starting_at(t0, 3, T);
-        table.heartbeat(t0, &Beat { term: 7, ..server(1, 2) });
-        let t1 = t0 + T;
-        let (b, p, _) = table.heartbeat(t1, &Beat { term: 7, ..server(1, 2) });
-        assert!(b.is_master);
-        assert_eq!(b.term, 8, "never reuse a term a node has seen");
-        assert_eq!(p.len(), 1);
-        // A stale claim (older term) does not unseat it.
-        let (a, _, _) = table.heartbeat(t1, &Beat { claims_master: true, term: 7, ..server(1, 1) });
-        assert!(!a.is_master);
+        let mut t = pair(t0);
+        let (s1, _) = t.heartbeat(t0, &sync(2, 2, 1));
+        let (s5, _) = t.heartbeat(t0, &sync(2, 5, 2));
+        assert!(s1.is_master && !s5.is_master);
+        assert_eq!(t.master_synchronizer(t0, 2).unwrap().id, 2);
     }
 
     #[test]
     fn answers_are_versioned_so_late_ones_can_be_ignored() {
         let t0 = Instant::now();
-        let mut table = Table::starting_at(t0, 3, T);
-        let (early, _, _) = table.heartbeat(t0, &server(1, 1));
-        assert!(early.slave.is_none());
-        table.heartbeat(t0, &server(1, 2));
-        let (late, _, _) = table.heartbeat(t0, &server(1, 1));
-        assert!(late.slave.is_some());
-        assert!(late.version > early.version, "the answer naming the slave is newer");
+        let mut t = Table::starting_at(t0, 3, T, L);
+        t.heartbeat(t0, &server(1, 1));
+        settle(&mut t, t0);
+        let (early, _) = t.heartbeat(t0, &server(1, 1));
+        t.heartbeat(t0, &server(1, 2));
+        let (late, _) = t.heartbeat(t0, &server(1, 1));
+        assert!(late.slave.is_some() && early.slave.is_none());
+        assert!(late.version > early.version);
         let v = late.version;
-        table.mark_dead(t0, Kind::Server, 1, 2);
-        assert!(table.assignment_of(t0, Kind::Server, 1, 1).unwrap().version > v);
+        t.mark_dead(t0, Kind::Server, 1, 2);
+        assert!(t.assignment_of(t0, Kind::Server, 1, 1).unwrap().version > v);
     }
 
     #[test]
-    fn a_fresh_deployment_elects_at_once() {
+    fn no_lease_is_granted_while_the_master_changes() {
         let t0 = Instant::now();
-        let mut table = Table::starting_at(t0, 3, T);
-        let (a, _, registered) = table.heartbeat(t0, &server(2, 1));
-        assert!(a.is_master && registered);
-        let (_, _, registered) = table.heartbeat(t0, &server(2, 1));
-        assert!(!registered);
-    }
-
-    #[test]
-    fn a_node_marked_dead_is_replaced_at_once() {
-        let t0 = Instant::now();
-        let mut table = Table::starting_at(t0, 3, T);
-        table.heartbeat(t0, &server(2, 1));
-        table.heartbeat(t0, &server(2, 2));
-        let t1 = t0 + Duration::from_millis(10);
-        let p = table.mark_dead(t1, Kind::Server, 2, 1);
-        assert_eq!(p, vec![Promotion { cluster: 2, old: Some(1), new: Some(2), term: 2 }]);
-        assert_eq!(table.assignment_of(t1, Kind::Server, 2, 2).unwrap().term, 2);
-        assert!(table.assignment_of(t1, Kind::Server, 2, 2).unwrap().is_master);
-        // It comes back: registered anew, as slave.
-        let (a, _, registered) = table.heartbeat(t1, &server(2, 1));
-        assert!(!a.is_master && registered);
+        let mut t = pair(t0);
+        t.heartbeat(t0, &Beat { unwritable: true, ..server(2, 1) });
+        let d = t.decide(t0);
+        assert_eq!(d.changes.len(), 1);
+        // The change is being written: the new master has no role yet.
+        assert!(!t.heartbeat(t0, &server(2, 2)).0.is_master);
+        t.abandon(&d.changes[0]);
+        // Written or not, the next decision proposes it again.
+        assert_eq!(t.decide(t0).changes.len(), 1);
     }
 }

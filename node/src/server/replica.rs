@@ -69,6 +69,11 @@ impl Replica for ReplicaService {
             degraded: if role.is_master { self.node.degraded() } else { String::new() },
             master_terms: self.node.master_terms(),
             synced_term: self.node.synced_term(),
+            incarnation: self.node.incarnation(),
+            damage: self.node.damage().unwrap_or_default(),
+            unwritable: self.node.unwritable().unwrap_or_default(),
+            lease_valid: role.is_master && self.node.lease_valid(),
+            in_sync: if role.is_master { role.in_sync.clone() } else { vec![] },
         }))
     }
 
@@ -99,8 +104,8 @@ impl Replica for ReplicaService {
         let term = term.ok_or_else(|| Status::invalid_argument("empty snapshot"))?;
         let snapshot = codec::decode_snapshot(&data, cluster, self.node.cfg().clusters)
             .map_err(|e| Status::invalid_argument(format!("bad snapshot: {e}")))?;
-        let next_seq = self.node.install_snapshot(term, snapshot).await?;
-        Ok(Response::new(InstallReply { next_seq }))
+        let (next_seq, incarnation) = self.node.install_snapshot(term, snapshot).await?;
+        Ok(Response::new(InstallReply { next_seq, incarnation }))
     }
 
     async fn apply_remote(&self, req: Request<SyncBatch>) -> Result<Response<ApplyReply>, Status> {

@@ -68,7 +68,7 @@ impl Sns {
         };
         let outcome = self
             .node
-            .write(|s| {
+            .write(user, req.request_id, |s| {
                 let check = if follow { s.check_follow(user, target) } else { s.check_unfollow(user, target) };
                 match check {
                     Outcome::Success => {
@@ -97,16 +97,22 @@ pub(crate) async fn read_opening(inbound: &mut Streaming<Message>) -> Result<Mes
 #[tonic::async_trait]
 impl SnsService for Sns {
     async fn login(&self, req: Request<SnsRequest>) -> Result<Response<Reply>, Status> {
-        let user = match self.caller(&req.into_inner().username) {
+        let req = req.into_inner();
+        let user = match self.caller(&req.username) {
             Ok(u) => u,
             Err(o) => return Ok(reply(o)),
         };
-        let result = self.node.write::<Outcome>(|s| Ok((!s.has_user(user)).then_some(Change::User(user)))).await?;
+        let result = self
+            .node
+            .write::<Outcome>(user, req.request_id, |s| Ok((!s.has_user(user)).then_some(Change::User(user))))
+            .await?;
         Ok(reply(result.err().unwrap_or(Outcome::Success)))
     }
 
     async fn list(&self, req: Request<SnsRequest>) -> Result<Response<ListReply>, Status> {
         let user = self.caller(&req.into_inner().username).map_err(|o| Status::invalid_argument(o.as_str()))?;
+        // Committed state, from the master of the current term only.
+        self.node.ensure_serving().await?;
         self.node.read(|s| {
             if !s.has_user(user) {
                 return Err(Status::not_found(Outcome::NotExists.as_str()));
@@ -132,6 +138,7 @@ impl SnsService for Sns {
         let mut inbound = req.into_inner();
         let opening = read_opening(&mut inbound).await?;
         let user = self.caller(&opening.username).map_err(|o| Status::invalid_argument(o.as_str()))?;
+        self.node.ensure_serving().await?;
         if !self.node.read(|s| s.has_user(user)) {
             return Err(Status::not_found(format!("{}: user {user} has not logged in", Outcome::NotExists.as_str())));
         }
@@ -141,8 +148,32 @@ impl SnsService for Sns {
         tokio::spawn(take_posts(self.node.clone(), user, inbound, tx));
         let posts = feed_stream(backlog, live);
         let out = tokio_stream::StreamExt::merge(posts, ReceiverStream::new(rx));
+        // The stream ends, telling the client to ask again, the moment this
+        // server stops serving (lease lost, replaced, disk failed).
+        let stopped = stop_serving(self.node.clone());
+        let out = tokio_stream::StreamExt::merge(
+            out.take_until(stopped.clone()),
+            tokio_stream::once(()).then(move |()| {
+                let stopped = stopped.clone();
+                async move {
+                    stopped.await;
+                    Err(Status::unavailable("this server stopped serving; ask the coordinator for the master again"))
+                }
+            }),
+        );
         Ok(Response::new(Box::pin(out.take_until(self.shutdown.clone().cancelled_owned()))))
     }
+}
+
+/// Resolves once `node` stops serving clients.
+fn stop_serving(node: Node) -> futures_util::future::Shared<futures_util::future::BoxFuture<'static, ()>> {
+    use futures_util::FutureExt as _;
+    async move {
+        let mut serving = node.watch_serving();
+        let _ = serving.wait_for(|s| !*s).await;
+    }
+    .boxed()
+    .shared()
 }
 
 /// The backlog, then live feed posts, polled straight by the connection

@@ -76,6 +76,7 @@ pub fn snapshot_to_pb(s: &Snapshot, cluster: u32) -> pb::StateSnapshot {
                 timeline: u.timeline.iter().map(post_to_pb).collect(),
                 feed: u.feed.iter().map(post_to_pb).collect(),
                 recent_post_ids: u.recent_post_ids.clone(),
+                recent_request_ids: u.recent_request_ids.clone(),
             })
             .collect(),
         next_seq: s.next_seq,
@@ -100,6 +101,7 @@ pub fn snapshot_from_pb(s: &pb::StateSnapshot, clusters: u32) -> Result<Snapshot
                     timeline: posts(&u.timeline)?,
                     feed: posts(&u.feed)?,
                     recent_post_ids: u.recent_post_ids.clone(),
+                    recent_request_ids: u.recent_request_ids.clone(),
                 })
             })
             .collect::<Result<_, DecodeError>>()?,
@@ -133,7 +135,7 @@ pub fn local_op_to_pb(op: &LocalOp) -> pb::LocalOp {
         }
         Change::Post(p) => Kind::Post(post_to_pb(p)),
     };
-    pb::LocalOp { seq: op.seq, kind: Some(kind) }
+    pb::LocalOp { seq: op.seq, kind: Some(kind), request_id: op.request_id }
 }
 
 pub fn local_op_from_pb(op: &pb::LocalOp) -> Result<LocalOp, DecodeError> {
@@ -146,7 +148,7 @@ pub fn local_op_from_pb(op: &pb::LocalOp) -> Result<LocalOp, DecodeError> {
     if op.seq == 0 {
         return Err(DecodeError::Invalid("seq 0".into()));
     }
-    Ok(LocalOp { seq: op.seq, change })
+    Ok(LocalOp { seq: op.seq, change, request_id: op.request_id })
 }
 
 pub fn event_to_pb(e: &RemoteEvent) -> pb::SyncEvent {
@@ -272,7 +274,7 @@ mod tests {
     #[test]
     fn journal_entries_round_trip() {
         for (i, change) in samples().into_iter().enumerate() {
-            let local = Entry::Local(LocalOp { seq: i as u64 + 1, change: change.clone() });
+            let local = Entry::Local(LocalOp { seq: i as u64 + 1, change: change.clone(), request_id: i as u64 });
             assert_eq!(decode_entry(&encode_entry(&local), 3), Ok(local));
             let remote = Entry::Remote(RemoteEvent { origin: 3, seq: 9, change });
             assert_eq!(decode_entry(&encode_entry(&remote), 3), Ok(remote));
@@ -288,6 +290,7 @@ mod tests {
                 timeline: vec![Post { user: 1, text: "t".into(), at_ms: 3, client_id: 9 }],
                 feed: vec![Post { user: 2, text: "f".into(), at_ms: 8, client_id: 0 }],
                 recent_post_ids: vec![9],
+                recent_request_ids: vec![77],
             }],
             next_seq: 12,
             published_upto: 10,

@@ -50,6 +50,12 @@ const COMPACT_AT: u64 = 4 << 10;
 pub struct Store {
     dir: PathBuf,
     journal: Journal,
+    /// Why the journal cannot be trusted (file, offset), if it cannot: the
+    /// state then holds only the records before the damage.
+    damage: Option<String>,
+    /// Entries journaled and not yet applied (a write waiting for its
+    /// replication verdict); 0 outside the write lane.
+    pending: usize,
     state: State,
     live: HashMap<u32, broadcast::Sender<Post>>,
     dirty: Dirty,
@@ -141,20 +147,34 @@ impl Dirty {
 
 impl Store {
     /// Opens the store in `dir` (created if missing), replays the journal
-    /// and rewrites every view file from it.
+    /// and rewrites every view file from it. A damaged journal (see
+    /// [`journal`]) opens too, holding the records before the damage and
+    /// refusing writes: [`Store::damage`] says why.
     pub fn open(dir: &Path, cluster: u32, clusters: u32) -> Result<Store> {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let path = dir.join(JOURNAL_FILE);
-        let (journal, records) = Journal::open(&path).map_err(|e| Error::io(&path, e))?;
+        let opened = Journal::open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut damage = opened.damage.map(|d| format!("{}: {d}", path.display()));
         let mut state = State::new(cluster, clusters);
-        for (i, rec) in records.iter().enumerate() {
-            let entry = codec::decode_entry(rec, clusters)
-                .map_err(|e| Error::Corrupt(format!("{} record {i}: {e}", path.display())))?;
-            state.apply(&entry);
+        for (i, rec) in opened.records.iter().enumerate() {
+            match codec::decode_entry(rec, clusters) {
+                Ok(entry) => {
+                    state.apply(&entry);
+                }
+                Err(e) => {
+                    // Intact bytes that do not decode: written by something
+                    // else, or altered with a matching checksum. Damage too.
+                    damage = Some(format!("{}: record {i} does not decode: {e}", path.display()));
+                    break;
+                }
+            }
         }
+        let records = opened.records.len();
         let mut store = Store {
             dir: dir.to_path_buf(),
-            journal,
+            journal: opened.journal,
+            damage,
+            pending: 0,
             state,
             live: HashMap::new(),
             dirty: Dirty::default(),
@@ -162,9 +182,23 @@ impl Store {
             view_io: Arc::default(),
             compacted_len: 0,
         };
+        if let Some(why) = &store.damage {
+            tracing::error!(damage = %why, records_before = records, "journal damaged: this server holds no trustworthy state and serves nothing until it is rebuilt from an in-sync peer");
+            return Ok(store);
+        }
         store.rebuild_views()?;
-        tracing::info!(dir = %dir.display(), records = records.len(), users = store.state.users().len(), "store opened");
+        tracing::info!(dir = %dir.display(), records, users = store.state.users().len(), incarnation = store.journal.incarnation(), "store opened");
         Ok(store)
+    }
+
+    /// Why the journal cannot be trusted, if it cannot.
+    pub fn damage(&self) -> Option<&str> {
+        self.damage.as_deref()
+    }
+
+    /// The journal's incarnation (see [`journal`]).
+    pub fn incarnation(&self) -> u64 {
+        self.journal.incarnation()
     }
 
     pub fn state(&self) -> &State {
@@ -184,14 +218,36 @@ impl Store {
     /// Journals `entries` in one write and one fsync, then applies them in
     /// order.
     pub fn commit_all(&mut self, entries: &[Entry], durable: bool) -> Result<Vec<Effect>> {
+        self.append(entries, durable)?;
+        Ok(self.apply_appended(entries))
+    }
+
+    /// Journals `entries` in one write (and one fsync when `durable`)
+    /// without applying them: readers keep seeing the state before them
+    /// until [`Store::apply_appended`]. On failure nothing of them stays in
+    /// the journal.
+    pub fn append(&mut self, entries: &[Entry], durable: bool) -> Result<()> {
         let encoded: Vec<Vec<u8>> = entries.iter().map(codec::encode_entry).collect();
         let slices: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
-        self.journal.append_all(&slices, durable).map_err(|e| Error::io(&self.dir.join(JOURNAL_FILE), e))?;
+        self.journal.append_all(&slices, durable).map_err(|e| Error::Journal {
+            path: self.dir.join(JOURNAL_FILE).display().to_string(),
+            disk_full: journal::is_disk_full(&e.source),
+            poisoned: e.poisoned,
+            source: e.source,
+        })?;
+        self.pending += entries.len();
+        Ok(())
+    }
+
+    /// Applies entries [`Store::append`] journaled, in order, and wakes the
+    /// timeline streams they concern.
+    pub fn apply_appended(&mut self, entries: &[Entry]) -> Vec<Effect> {
+        self.pending = self.pending.saturating_sub(entries.len());
         let mut all = Vec::new();
         for entry in entries {
             let effects = self.state.apply(entry);
             for effect in &effects {
-                self.note(effect)?;
+                self.note(effect);
                 if let Effect::Feed { user, post, .. } = effect
                     && let Some(tx) = self.live.get(user)
                 {
@@ -200,7 +256,7 @@ impl Store {
             }
             all.extend(effects);
         }
-        Ok(all)
+        all
     }
 
     /// Whether some view file lags behind the state.
@@ -208,7 +264,7 @@ impl Store {
         !self.dirty.is_empty()
     }
 
-    fn note(&mut self, effect: &Effect) -> Result<()> {
+    fn note(&mut self, effect: &Effect) {
         let d = &mut self.dirty;
         match effect {
             Effect::Users => d.users = true,
@@ -229,12 +285,10 @@ impl Store {
                 change.from = change.from.min(*at);
                 change.bytes += record::post_len(post.user, &post.text, post.at_ms) as u64;
             }
-            Effect::Reset => {
-                self.dirty = Dirty::default();
-                self.reset_views()?;
-            }
+            // Only a snapshot install resets, and it rewrites the views
+            // itself.
+            Effect::Reset => self.dirty = Dirty::default(),
         }
-        Ok(())
     }
 
     /// Brings every view file up to date with the state.
@@ -326,7 +380,8 @@ impl Store {
 
     /// Replaces the whole state with `snapshot` (from the master): the
     /// journal is rewritten to hold just the snapshot, in one atomic rename,
-    /// so a crash leaves either the old state or the new one.
+    /// so a crash leaves either the old state or the new one. A damaged
+    /// journal is kept aside (`journal.log.damaged-<ms>`), not deleted.
     pub fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<()> {
         let entry = Entry::Snapshot(Box::new(snapshot));
         self.replace_journal(&entry)?;
@@ -336,12 +391,28 @@ impl Store {
         self.reset_views()
     }
 
+    /// Makes a damaged journal's surviving records the state, accepting the
+    /// loss of what followed the damage (an operator's explicit override),
+    /// and numbers later local writes from at least `seq_floor` so that no
+    /// event other clusters may have seen is numbered again.
+    pub fn accept_loss(&mut self, seq_floor: u64) -> Result<()> {
+        let mut snapshot = self.state.snapshot();
+        snapshot.next_seq = snapshot.next_seq.max(seq_floor);
+        let lost = self.damage.clone();
+        self.install_snapshot(snapshot)?;
+        if let Some(why) = lost {
+            tracing::warn!(damage = %why, next_seq = self.state.next_seq(), "accepted the loss of what followed the damage");
+        }
+        Ok(())
+    }
+
     /// Rewrites the journal as one snapshot of the current state when it
     /// has grown past [`COMPACT_AT`] and twice its size after the last
     /// compaction (so a large state is not rewritten over and over).
-    /// Returns whether it did.
+    /// Returns whether it did. Never while a write waits for its verdict
+    /// (its record is in the journal, not in the state).
     pub fn compact_if_large(&mut self) -> Result<bool> {
-        if self.journal.bytes() < COMPACT_AT.max(2 * self.compacted_len) {
+        if self.pending > 0 || self.damage.is_some() || self.journal.bytes() < COMPACT_AT.max(2 * self.compacted_len) {
             return Ok(false);
         }
         let before = self.journal.bytes();
@@ -359,19 +430,32 @@ impl Store {
     }
 
     /// Replaces the journal with one holding just `entry`, atomically: a
-    /// crash leaves the old journal or the new one.
+    /// crash leaves the old journal or the new one. The incarnation stays
+    /// (a fresh one if the old header was unreadable); a damaged journal is
+    /// kept aside first.
     fn replace_journal(&mut self, entry: &Entry) -> Result<()> {
         let path = self.dir.join(JOURNAL_FILE);
-        let tmp = self.dir.join(format!(".{JOURNAL_FILE}.tmp"));
-        let _ = fs::remove_file(&tmp);
-        {
-            let (mut fresh, _) = Journal::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            fresh.append(&codec::encode_entry(entry), true).map_err(|e| Error::io(&tmp, e))?;
+        if let Some(why) = &self.damage {
+            let aside = self.dir.join(format!("{JOURNAL_FILE}.damaged-{}", crate::net::now_ms()));
+            // A link, so that a crash before the rename below still leaves
+            // the damaged file in place (and the server still knows it).
+            fs::hard_link(&path, &aside)
+                .or_else(|_| fs::copy(&path, &aside).map(drop))
+                .map_err(|e| Error::io(&aside, e))?;
+            tracing::warn!(damage = %why, kept = %aside.display(), "damaged journal kept aside");
         }
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(&self.dir, e))?;
-        let (journal, _) = Journal::open(&path).map_err(|e| Error::io(&path, e))?;
+        let journal =
+            Journal::replace(&path, self.journal.incarnation(), &[&codec::encode_entry(entry)]).map_err(|e| {
+                Error::Journal {
+                    path: path.display().to_string(),
+                    disk_full: journal::is_disk_full(&e),
+                    poisoned: false,
+                    source: e,
+                }
+            })?;
         self.journal = journal;
+        self.damage = None;
+        self.pending = 0;
         Ok(())
     }
 
@@ -451,7 +535,7 @@ mod tests {
 
     fn local(store: &mut Store, change: Change) {
         let seq = store.state().next_seq();
-        store.commit(&Entry::Local(LocalOp { seq, change }), true).unwrap();
+        store.commit(&Entry::Local(LocalOp::new(seq, change)), true).unwrap();
     }
 
     fn read(dir: &Path, name: &str) -> String {
@@ -607,7 +691,7 @@ mod tests {
             let post = Post { user: author, text: text.into(), at_ms, client_id: 0 };
             let entry = if author == 4 {
                 local_seq += 1;
-                Entry::Local(LocalOp { seq: local_seq, change: Change::Post(post) })
+                Entry::Local(LocalOp::new(local_seq, Change::Post(post)))
             } else {
                 let i = author as usize - 1;
                 seqs[i] += 1;

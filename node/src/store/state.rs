@@ -17,6 +17,10 @@ pub const BACKLOG: usize = 20;
 /// Client post ids remembered per user to refuse a resent post. A client
 /// resends only the few posts in flight when its server died.
 pub const RECENT_POST_IDS: usize = 1024;
+/// Request ids of Login / Follow / UnFollow remembered per user. A client
+/// retries one command at a time, so a handful covers every retry; more
+/// covers several clients of one user.
+pub const RECENT_REQUEST_IDS: usize = 64;
 
 /// A post as it lives in memory; the text is shared by every feed holding it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,11 +54,31 @@ pub enum Change {
     Post(Post),
 }
 
+impl Change {
+    /// The user whose request made this change.
+    pub fn requester(&self) -> Option<u32> {
+        match self {
+            Change::User(u) => Some(*u),
+            Change::Relation { follower, .. } => Some(*follower),
+            Change::Post(p) => Some(p.user),
+        }
+    }
+}
+
 /// A client write accepted by this cluster's master; `seq` is dense.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalOp {
     pub seq: u64,
     pub change: Change,
+    /// The client's id for a Login / Follow / UnFollow (0 = none): a
+    /// retried request is answered without being applied again.
+    pub request_id: u64,
+}
+
+impl LocalOp {
+    pub fn new(seq: u64, change: Change) -> LocalOp {
+        LocalOp { seq, change, request_id: 0 }
+    }
 }
 
 /// An event of cluster `origin`, as published between clusters.
@@ -95,6 +119,7 @@ pub struct UserSnapshot {
     pub timeline: Vec<Post>,
     pub feed: Vec<Post>,
     pub recent_post_ids: Vec<u64>,
+    pub recent_request_ids: Vec<u64>,
 }
 
 /// What an applied entry changed, for the file views and the live streams.
@@ -169,6 +194,8 @@ pub struct State {
     applied: HashMap<u32, u64>,
     /// user -> the client ids of its latest posts, oldest first.
     recent_ids: HashMap<u32, VecDeque<u64>>,
+    /// user -> the request ids of its latest other writes, oldest first.
+    recent_requests: HashMap<u32, VecDeque<u64>>,
 }
 
 impl State {
@@ -187,6 +214,7 @@ impl State {
             outbox: BTreeMap::new(),
             applied: HashMap::new(),
             recent_ids: HashMap::new(),
+            recent_requests: HashMap::new(),
         }
     }
 
@@ -195,10 +223,21 @@ impl State {
         id != 0 && self.recent_ids.get(&user).is_some_and(|ids| ids.contains(&id))
     }
 
+    /// Whether `user` already made a write with request id `id` (recently).
+    pub fn has_request_id(&self, user: u32, id: u64) -> bool {
+        id != 0 && self.recent_requests.get(&user).is_some_and(|ids| ids.contains(&id))
+    }
+
     /// The whole state, for a rejoining slave.
     pub fn snapshot(&self) -> Snapshot {
         let mut local: BTreeSet<u32> = self.users.iter().copied().filter(|u| self.is_local(*u)).collect();
-        local.extend(self.following.keys().chain(self.timelines.keys()).chain(self.feeds.keys()));
+        local.extend(
+            self.following
+                .keys()
+                .chain(self.timelines.keys())
+                .chain(self.feeds.keys())
+                .chain(self.recent_requests.keys()),
+        );
         Snapshot {
             users: self.users.iter().copied().collect(),
             local_users: local
@@ -214,6 +253,11 @@ impl State {
                     timeline: self.timeline(u).to_vec(),
                     feed: self.feed(u).to_vec(),
                     recent_post_ids: self.recent_ids.get(&u).map(|d| d.iter().copied().collect()).unwrap_or_default(),
+                    recent_request_ids: self
+                        .recent_requests
+                        .get(&u)
+                        .map(|d| d.iter().copied().collect())
+                        .unwrap_or_default(),
                 })
                 .collect(),
             next_seq: self.next_seq,
@@ -245,6 +289,9 @@ impl State {
             }
             if !u.recent_post_ids.is_empty() {
                 fresh.recent_ids.insert(u.user, u.recent_post_ids.iter().copied().collect());
+            }
+            if !u.recent_request_ids.is_empty() {
+                fresh.recent_requests.insert(u.user, u.recent_request_ids.iter().copied().collect());
             }
         }
         fresh.next_seq = snap.next_seq.max(1);
@@ -355,6 +402,15 @@ impl State {
         match entry {
             Entry::Local(op) => {
                 self.next_seq = self.next_seq.max(op.seq + 1);
+                if op.request_id != 0
+                    && let Some(user) = op.change.requester()
+                {
+                    let ids = self.recent_requests.entry(user).or_default();
+                    if ids.len() == RECENT_REQUEST_IDS {
+                        ids.pop_front();
+                    }
+                    ids.push_back(op.request_id);
+                }
                 self.apply_change(&op.change, true, &mut effects);
                 if let Some(event) = self.publishable(op) {
                     self.outbox.insert(op.seq, event);
@@ -485,7 +541,7 @@ mod tests {
         }
         fn local(&mut self, change: Change) -> Vec<Effect> {
             let seq = self.state.next_seq();
-            self.state.apply(&Entry::Local(LocalOp { seq, change }))
+            self.state.apply(&Entry::Local(LocalOp::new(seq, change)))
         }
         fn remote(&mut self, origin: u32, seq: u64, change: Change) -> Vec<Effect> {
             self.state.apply(&Entry::Remote(RemoteEvent { origin, seq, change }))

@@ -111,6 +111,7 @@ async fn heartbeats(cfg: SyncConfig, port: u16, coord: Channel, shutdown: Cancel
             is_master,
             term: 0,
             paired_server_id: cfg.paired_server as i32,
+            ..ServerInfo::default()
         };
         match client.heartbeat(info).await {
             Ok(r) => is_master = r.into_inner().is_master,

@@ -1,0 +1,505 @@
+//! A master's write path: decide under the write lane, journal here,
+//! replicate, then commit (apply to memory, publish, acknowledge).
+//!
+//! Replication rule: the coordinator records which servers hold every
+//! acknowledged write (the *in-sync set*). A write is acknowledged once
+//! every member of the set has it; a member that does not answer, or
+//! answers that it cannot write, is first recorded out of sync by the
+//! coordinator (on its disk) — only then does the master carry on without
+//! it. A slave outside the set still gets every write while it keeps up,
+//! and is brought back (a snapshot of the committed state, then added to
+//! the set) as soon as it can be.
+//!
+//! Every failure has one outcome for the client and one for the journal:
+//! - the master's own journal write fails: it is cut back (nothing of it
+//!   stays), the master stops taking writes and tells the coordinator; the
+//!   client hears the write was not made;
+//! - the slave knows a newer term, or the coordinator says this server is
+//!   no longer master: the write stays in this server's journal but was
+//!   never acknowledged (a snapshot from the new master replaces it); the
+//!   client hears it was not acknowledged;
+//! - the coordinator cannot be reached before the lease runs out: the
+//!   outcome is unknown (the slave may have it); the client retries with
+//!   the same request id and gets the first outcome.
+
+use super::{Node, PostRequest, Role, SlaveAddr, encode_state, lock, snapshot_chunks};
+use crate::net;
+use crate::store::codec;
+use crate::store::state::{Change, Entry, LocalOp, State};
+use sns_proto::internal::coord_admin_client::CoordAdminClient;
+use sns_proto::internal::replica_client::ReplicaClient;
+use sns_proto::internal::{InSyncMember, InSyncRequest, ReplicateRequest};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// Most posts committed as one group: bounds one journal write and one
+/// replication request (posts are at most 4 KiB).
+pub const POST_BATCH: usize = 256;
+/// Pause between two attempts to reach the coordinator about a write.
+const COORD_RETRY: Duration = Duration::from_millis(50);
+/// Backoff of the background catch-up of a slave that failed it.
+const RESYNC_MIN: Duration = Duration::from_millis(200);
+const RESYNC_MAX: Duration = Duration::from_secs(5);
+/// A snapshot travels at least this fast on the networks we run on; its
+/// install may take this long per byte on top of the forward patience.
+const SNAPSHOT_BYTES_PER_SEC: u64 = 50 << 20;
+
+/// The slave this master brought up to date under its current term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncedSlave {
+    pub id: u32,
+    pub addr: SlaveAddr,
+    pub incarnation: u64,
+    pub term: u64,
+}
+
+/// How replication of a write ended.
+enum Verdict {
+    /// Every in-sync server has it: acknowledge.
+    Committed,
+    /// A newer master exists: not acknowledged.
+    Deposed(String),
+    /// The coordinator could not be reached within the lease.
+    Unknown(String),
+}
+
+impl Node {
+    /// How long a master waits for its slave's answer before it counts the
+    /// slave out: within one heartbeat period (and at most a second).
+    fn patience(&self) -> Duration {
+        self.cfg().heartbeat.min(Duration::from_secs(1))
+    }
+
+    /// Runs a client write as master: `decide` looks at the state (under the
+    /// write lane, so nothing changes meanwhile) and returns the change to
+    /// make (None: nothing to do), or a refusal. The change is on every
+    /// in-sync server before this returns Ok. A request id this user
+    /// already used is answered as done (a retry after a failover).
+    pub async fn write<T>(
+        &self,
+        user: u32,
+        request_id: u64,
+        decide: impl FnOnce(&State) -> std::result::Result<Option<Change>, T>,
+    ) -> Result<std::result::Result<(), T>, Status> {
+        let _lane = self.0.lane.lock().await;
+        let role = self.ensure_serving().await?;
+        self.prepare_role(&role).await?;
+        let (op, published) = {
+            let store = self.store();
+            let state = store.state();
+            if state.has_request_id(user, request_id) {
+                return Ok(Ok(()));
+            }
+            match decide(state) {
+                Err(refusal) => return Ok(Err(refusal)),
+                Ok(None) => return Ok(Ok(())),
+                Ok(Some(change)) => (LocalOp { seq: state.next_seq(), change, request_id }, state.published_upto()),
+            }
+        };
+        self.write_ops(&role, vec![op], published).await?;
+        Ok(Ok(()))
+    }
+
+    /// Queues a post: it is committed with the other posts that are waiting
+    /// (one lane turn, one fsync here and one on the slave for the whole
+    /// group), in queue order; the receiver tells when. A post whose client
+    /// id was already applied is acknowledged without being applied again.
+    pub fn queue_post(&self, post: crate::store::state::Post) -> tokio::sync::oneshot::Receiver<Result<(), Status>> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        // A closed queue drops `done`: the receiver then reports the stop.
+        let _ = self.0.posts.send(PostRequest { post, done });
+        result
+    }
+
+    /// Commits a group of queued posts.
+    pub(super) async fn write_posts(&self, batch: Vec<PostRequest>) {
+        let _lane = self.0.lane.lock().await;
+        let result = async {
+            let role = self.ensure_serving().await?;
+            self.prepare_role(&role).await?;
+            let (ops, published) = {
+                let store = self.store();
+                let state = store.state();
+                let mut seq = state.next_seq();
+                let mut ids = HashSet::new();
+                let mut ops = Vec::new();
+                for r in &batch {
+                    let (user, id) = (r.post.user, r.post.client_id);
+                    if id != 0 && (state.has_post_id(user, id) || !ids.insert((user, id))) {
+                        continue; // a resent post: acknowledge, do not apply
+                    }
+                    ops.push(LocalOp::new(seq, Change::Post(r.post.clone())));
+                    seq += 1;
+                }
+                (ops, state.published_upto())
+            };
+            if ops.is_empty() {
+                return Ok(());
+            }
+            self.write_ops(&role, ops, published).await
+        }
+        .await;
+        for r in batch {
+            let _ = r.done.send(result.clone());
+        }
+    }
+
+    /// A master promoted by an operator accepting data loss makes what its
+    /// journal holds its state (keeping a damaged file aside) and numbers
+    /// its events above any the cluster may have published. Called with
+    /// the write lane held; does nothing otherwise.
+    pub(super) async fn prepare_role(&self, role: &Role) -> Result<(), Status> {
+        if !self.needs_prepare(role) {
+            return Ok(());
+        }
+        let node = self.clone();
+        let floor = role.seq_floor;
+        tokio::task::spawn_blocking(move || node.store().accept_loss(floor))
+            .await
+            .map_err(|e| Status::internal(format!("task failed: {e}")))?
+            .map_err(Status::from)?;
+        self.mark_all_stable();
+        self.update_serving();
+        Ok(())
+    }
+
+    fn needs_prepare(&self, role: &Role) -> bool {
+        role.is_master && role.accept_data_loss && {
+            let store = self.store();
+            store.damage().is_some() || store.state().next_seq() < role.seq_floor
+        }
+    }
+
+    /// Journals consecutive ops here, replicates them, then applies them:
+    /// Ok once they are committed. Called with the write lane held.
+    async fn write_ops(&self, role: &Role, ops: Vec<LocalOp>, published: u64) -> Result<(), Status> {
+        let last = ops.last().map_or(0, |op| op.seq);
+        let entries: Vec<Entry> = ops.iter().cloned().map(Entry::Local).collect();
+        let node = self.clone();
+        let journaled = entries.clone();
+        let appended = tokio::task::spawn_blocking(move || node.store().append(&journaled, true))
+            .await
+            .map_err(|e| Status::internal(format!("commit task failed: {e}")))?;
+        if let Err(e) = appended {
+            self.cannot_write(&e);
+            return Err(Status::unavailable(format!(
+                "the write was not made: {e}; ask the coordinator for the master again"
+            )));
+        }
+        let verdict = self.replicate(role, &ops, published).await;
+        // The journal holds the ops whatever the verdict: memory follows it.
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || node.store().apply_appended(&entries))
+            .await
+            .map_err(|e| Status::internal(format!("apply task failed: {e}")))?;
+        match verdict {
+            Verdict::Committed => {
+                let term = self.role().term;
+                if lock(&self.0.master_terms).insert(term) {
+                    // One line per term: tests check no two servers of a
+                    // cluster ever log the same term.
+                    tracing::info!(
+                        cluster = self.0.cfg.cluster,
+                        id = self.0.cfg.id,
+                        term,
+                        "accepting writes as master"
+                    );
+                }
+                self.0.stable.send_replace(last);
+                Ok(())
+            }
+            Verdict::Deposed(why) => Err(Status::unavailable(format!(
+                "{why}; the write was not acknowledged: ask the coordinator for the master again"
+            ))),
+            Verdict::Unknown(why) => {
+                self.fence(0);
+                Err(Status::unavailable(format!(
+                    "{why}; the write may or may not have been made: retry it with the same request id"
+                )))
+            }
+        }
+    }
+
+    /// The slave synced under `role`'s term, if it is `role`'s slave.
+    fn synced(&self, role: &Role) -> Option<SyncedSlave> {
+        let (id, host, port) = role.slave.clone()?;
+        lock(&self.0.synced_slave).clone().filter(|s| s.id == id && s.addr == (host, port) && s.term == role.term)
+    }
+
+    fn unsync(&self) {
+        *lock(&self.0.synced_slave) = None;
+    }
+
+    /// Gets `ops` onto every in-sync server, or has the coordinator record
+    /// the ones that lack them as out of sync.
+    async fn replicate(&self, role: &Role, ops: &[LocalOp], published: u64) -> Verdict {
+        let mut role = role.clone();
+        let me = self.0.cfg.id;
+        let seq = ops.first().map_or(0, |op| op.seq);
+        let mut tried_catch_up = false;
+        loop {
+            let mut holders = vec![(me, self.incarnation())];
+            let mut lacking = String::new();
+            if let Some((slave_id, _, _)) = role.slave.clone() {
+                let mut synced = self.synced(&role);
+                if synced.is_none() && role.in_sync.contains(&slave_id) && !tried_catch_up {
+                    // The slave counts for acknowledgements: bring it up
+                    // to date now (once), or count it out below.
+                    tried_catch_up = true;
+                    match self.sync_slave(&role).await {
+                        Ok(s) => synced = Some(s),
+                        Err(e) => lacking = format!("slave {slave_id} could not catch up: {}", e.message()),
+                    }
+                }
+                if let Some(s) = synced {
+                    match self.forward(&role, &s, ops, published).await {
+                        Ok(()) => holders.push((s.id, s.incarnation)),
+                        Err(status) if status.code() == Code::FailedPrecondition => {
+                            tracing::warn!(seq, error = %status.message(), "write refused by a newer term");
+                            if let Some(r) = self.reelected(&role).await {
+                                role = r;
+                                continue;
+                            }
+                            self.fence(role.term + 1);
+                            return Verdict::Deposed(format!(
+                                "server {me} was replaced as master of cluster {}",
+                                self.0.cfg.cluster
+                            ));
+                        }
+                        Err(status) => {
+                            self.unsync();
+                            lacking = format!("slave {slave_id}: {}", status.message());
+                        }
+                    }
+                }
+            }
+            let missing: Vec<u32> =
+                role.in_sync.iter().copied().filter(|id| !holders.iter().any(|(h, _)| h == id)).collect();
+            if missing.is_empty() {
+                self.set_degraded(if holders.len() > 1 { "" } else { "no slave in sync" });
+                return Verdict::Committed;
+            }
+            // Before acknowledging without them, the coordinator must know
+            // they lack this write.
+            let keep: Vec<(u32, u64)> =
+                holders.iter().copied().filter(|(id, _)| *id == me || role.in_sync.contains(id)).collect();
+            match self.record_in_sync(&role, &keep).await {
+                Ok(in_sync) => {
+                    role.in_sync = in_sync;
+                    let why = if lacking.is_empty() { format!("servers {missing:?} are not live") } else { lacking };
+                    tracing::warn!(seq, out_of_sync = ?missing, reason = %why, "servers recorded out of sync");
+                    self.set_degraded(&format!("out of sync: {missing:?} ({why})"));
+                    return Verdict::Committed;
+                }
+                Err(status) if status.code() == Code::FailedPrecondition => {
+                    if let Some(r) = self.reelected(&role).await {
+                        role = r;
+                        continue;
+                    }
+                    self.fence(role.term + 1);
+                    return Verdict::Deposed(format!("server {me} is no longer master: {}", status.message()));
+                }
+                Err(status) => {
+                    if !self.lease_valid() {
+                        return Verdict::Unknown(format!(
+                            "the coordinator could not record {missing:?} out of sync before the lease ran out ({})",
+                            status.message()
+                        ));
+                    }
+                    tokio::time::sleep(COORD_RETRY).await;
+                }
+            }
+        }
+    }
+
+    /// After a refusal: the coordinator may have re-elected this server
+    /// under a newer term meanwhile (e.g. after its restart).
+    async fn reelected(&self, role: &Role) -> Option<Role> {
+        match self.heartbeat().await {
+            Ok(r) if r.is_master && r.term > role.term => Some(r),
+            _ => None,
+        }
+    }
+
+    fn slave_client(&self, host: &str, port: &str) -> Result<ReplicaClient<Channel>, Status> {
+        let mut cached = lock(&self.0.slave);
+        let addr = (host.to_string(), port.to_string());
+        match cached.as_ref() {
+            Some((a, client)) if *a == addr => Ok(client.clone()),
+            _ => {
+                let client = ReplicaClient::new(net::channel(host, port).map_err(Status::from)?);
+                *cached = Some((addr, client.clone()));
+                Ok(client)
+            }
+        }
+    }
+
+    async fn forward(&self, role: &Role, slave: &SyncedSlave, ops: &[LocalOp], published: u64) -> Result<(), Status> {
+        let mut req = tonic::Request::new(ReplicateRequest {
+            term: role.term,
+            ops: ops.iter().map(codec::local_op_to_pb).collect(),
+            published_upto: published,
+            cluster: self.0.cfg.cluster,
+            from_server: self.0.cfg.id,
+        });
+        req.set_timeout(self.patience());
+        let (host, port) = &slave.addr;
+        let mut client = self.slave_client(host, port)?;
+        tokio::time::timeout(self.patience(), client.replicate(req))
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!("slave {} did not answer within {:?}", slave.id, self.patience()))
+            })?
+            .map(drop)
+            .map_err(|s| Status::new(s.code(), format!("slave {}: {}", slave.id, s.message())))
+    }
+
+    /// Installs this master's committed state on its slave, then has the
+    /// coordinator add the slave to the in-sync set. Called with the write
+    /// lane held, so no write slips in between.
+    async fn sync_slave(&self, role: &Role) -> Result<SyncedSlave, Status> {
+        let Some((slave_id, host, port)) = role.slave.clone() else {
+            return Err(Status::failed_precondition("no slave"));
+        };
+        let started = Instant::now();
+        let (bytes, posts) = encode_state(self);
+        let size = bytes.len();
+        let chunks = snapshot_chunks(&bytes, role.term, self.0.cfg.cluster);
+        let limit = self.patience() + Duration::from_millis(size as u64 * 1000 / SNAPSHOT_BYTES_PER_SEC);
+        let mut client = self.slave_client(&host, &port)?;
+        let mut req = tonic::Request::new(tokio_stream::iter(chunks));
+        req.set_timeout(limit);
+        let reply = tokio::time::timeout(limit, client.install_snapshot(req))
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!("slave {slave_id} did not install the snapshot within {limit:?}"))
+            })?
+            .map_err(|s| Status::new(s.code(), format!("slave {slave_id}: {}", s.message())))?
+            .into_inner();
+        let synced = SyncedSlave { id: slave_id, addr: (host, port), incarnation: reply.incarnation, term: role.term };
+        *lock(&self.0.synced_slave) = Some(synced.clone());
+        tracing::info!(
+            slave = slave_id,
+            term = role.term,
+            bytes = size,
+            posts,
+            ms = started.elapsed().as_millis() as u64,
+            "slave caught up"
+        );
+        if !role.in_sync.contains(&slave_id) {
+            let mut members: Vec<(u32, u64)> = role.in_sync.iter().map(|id| (*id, 0)).collect();
+            members.retain(|(id, _)| *id != self.0.cfg.id);
+            members.push((self.0.cfg.id, self.incarnation()));
+            members.push((slave_id, reply.incarnation));
+            match self.record_in_sync(role, &members).await {
+                Ok(_) => tracing::info!(slave = slave_id, term = role.term, "slave recorded in sync"),
+                // It holds every write all the same; the next catch-up
+                // round records it.
+                Err(e) => tracing::warn!(slave = slave_id, error = %e.message(), "could not record the slave in sync"),
+            }
+        }
+        Ok(synced)
+    }
+
+    /// Asks the coordinator to record `members` ((id, incarnation; 0 = as
+    /// recorded)) as the in-sync set; returns the set it recorded.
+    async fn record_in_sync(&self, role: &Role, members: &[(u32, u64)]) -> Result<Vec<u32>, Status> {
+        let mut req = tonic::Request::new(InSyncRequest {
+            cluster: self.0.cfg.cluster,
+            term: role.term,
+            master: self.0.cfg.id,
+            members: members
+                .iter()
+                .map(|(id, incarnation)| InSyncMember { id: *id, incarnation: *incarnation })
+                .collect(),
+        });
+        req.set_timeout(net::CALL_TIMEOUT);
+        let reply = CoordAdminClient::new(self.0.coord.clone()).set_in_sync(req).await?.into_inner();
+        let in_sync = reply.in_sync;
+        self.0.role.send_if_modified(|r| {
+            let same_term = r.term == role.term && r.is_master;
+            if same_term && r.in_sync != in_sync {
+                r.in_sync = in_sync.clone();
+            }
+            same_term
+        });
+        Ok(in_sync)
+    }
+
+    /// Whether the slave of `role` still needs a catch-up or a record.
+    fn slave_behind(&self, role: &Role) -> bool {
+        role.is_master
+            && (self.needs_prepare(role)
+                || role
+                    .slave
+                    .as_ref()
+                    .is_some_and(|(id, _, _)| self.synced(role).is_none() || !role.in_sync.contains(id)))
+    }
+
+    /// As master: brings the slave up to date (and into the in-sync set)
+    /// outside of any write.
+    async fn catch_up_slave(&self) -> Result<(), Status> {
+        let _lane = self.0.lane.lock().await;
+        let role = self.role();
+        if !role.is_master {
+            return Ok(());
+        }
+        self.prepare_role(&role).await?;
+        let Some((slave_id, _, _)) = role.slave.clone() else { return Ok(()) };
+        if self.synced(&role).is_none() {
+            self.sync_slave(&role).await?;
+            return Ok(());
+        }
+        if !role.in_sync.contains(&slave_id)
+            && let Some(s) = self.synced(&role)
+        {
+            let mut members: Vec<(u32, u64)> =
+                role.in_sync.iter().filter(|id| **id != self.0.cfg.id).map(|id| (*id, 0)).collect();
+            members.push((self.0.cfg.id, self.incarnation()));
+            members.push((s.id, s.incarnation));
+            self.record_in_sync(&role, &members).await?;
+        }
+        Ok(())
+    }
+}
+
+/// As master, brings each slave up to date as soon as it appears, and
+/// again (with backoff) while it cannot be; as a slave, forgets any synced
+/// slave (whoever comes next starts from a snapshot).
+pub(super) async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
+    let mut role = node.watch_role();
+    let mut backoff = RESYNC_MIN;
+    loop {
+        let current = role.borrow_and_update().clone();
+        let mut retry = None;
+        if node.slave_behind(&current) {
+            match node.catch_up_slave().await {
+                Ok(()) if node.slave_behind(&node.role()) => retry = Some(backoff),
+                Ok(()) => backoff = RESYNC_MIN,
+                Err(e) => {
+                    tracing::warn!(error = %e.message(), retry_in = ?backoff, "could not bring the slave up to date");
+                    retry = Some(backoff);
+                }
+            }
+            if retry.is_some() {
+                backoff = (backoff * 2).min(RESYNC_MAX);
+            }
+        } else if !current.is_master {
+            node.unsync();
+            backoff = RESYNC_MIN;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = role.changed() => if changed.is_err() { return },
+            _ = async {
+                match retry {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+    }
+}
