@@ -12,6 +12,7 @@
 use crate::cli::{HeartbeatArgs, parse_deployment, parse_duration};
 use crate::error::{Error, Result};
 use crate::net;
+use crate::relay::Relay;
 use crate::topology::{self, DeploymentSpec, HeartbeatSpec, PlanOptions, Process, Role};
 use clap::Args;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
@@ -64,6 +65,9 @@ pub struct LocalArgs {
     pub ready_timeout: Duration,
 }
 
+/// The console's commands, for the start-up hint and unknown commands.
+const COMMANDS: &str = "status | kill <name> | stop <name> | start <name> | restart <name> | pause <name> | resume <name> | partition <server> | heal <server> | promote <server> [--accept-data-loss]";
+
 /// How long a stopped child gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -78,6 +82,9 @@ struct Launcher {
     dir: PathBuf,
     coord_port: u16,
     procs: BTreeMap<String, Proc>,
+    /// Each server reaches the coordinator through its own relay, which
+    /// `partition` cuts.
+    relays: BTreeMap<String, Relay>,
 }
 
 pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
@@ -123,13 +130,22 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
     };
     let plan = topology::plan(&spec, &opts);
     let started = Instant::now();
-    let mut l = Launcher { bin, dir: dir.clone(), coord_port: 0, procs: BTreeMap::new() };
+    let mut l = Launcher { bin, dir: dir.clone(), coord_port: 0, procs: BTreeMap::new(), relays: BTreeMap::new() };
     for p in plan {
         l.procs.insert(p.name.clone(), Proc { port: p.port, plan: p, child: None });
     }
     let result = async {
         l.start("coordinator").await?;
         l.coord_port = l.procs["coordinator"].port;
+        let servers: Vec<String> = l
+            .procs
+            .iter()
+            .filter(|(_, p)| matches!(p.plan.role, Role::Server { .. }))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in servers {
+            l.relays.insert(name, Relay::start(l.coord_port, shutdown.clone()).await?);
+        }
         let names: Vec<String> = l.procs.keys().filter(|n| *n != "coordinator").cloned().collect();
         for n in &names {
             l.start(n).await?;
@@ -150,9 +166,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         dir.display()
     );
     println!("connect a client with: tsc -h 127.0.0.1 -k {} -u <user id>", l.coord_port);
-    println!(
-        "commands: status | kill <name> | stop <name> | start <name> | restart <name>  (names: server-2-1, sync-2-1, master-2, slave-2, coordinator)"
-    );
+    println!("commands: {COMMANDS}  (names: server-2-1, sync-2-1, master-2, slave-2, coordinator)");
 
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
@@ -208,7 +222,8 @@ impl Launcher {
             // same `tsc --gateway` that works through a port-forward work here.
             args.push("--gateway".to_string());
         } else {
-            args.extend(["-k".to_string(), coord_port.to_string()]);
+            let port = self.relays.get(name).map_or(coord_port, |r| r.port);
+            args.extend(["-k".to_string(), port.to_string()]);
         }
         args.extend(["--port-file".to_string(), port_file.display().to_string()]);
         let mut cmd = Command::new(&self.bin);
@@ -338,6 +353,18 @@ impl Launcher {
                 reply
             }
             ("pause", Some(n)) => self.signal(&n, libc::SIGSTOP, "paused"),
+            ("partition" | "heal", Some(n)) => match self.relays.get(&n) {
+                Some(relay) => {
+                    relay.set_cut(verb == "partition");
+                    if verb == "partition" {
+                        format!("partitioned {n} from the coordinator")
+                    } else {
+                        format!("healed {n}")
+                    }
+                }
+                None => format!("error: only a server can be partitioned from the coordinator, not {n}"),
+            },
+            ("promote", Some(n)) => self.promote(&n, words.next() == Some("--accept-data-loss")).await,
             ("resume", Some(n)) => self.signal(&n, libc::SIGCONT, "resumed"),
             ("start", Some(n)) => match self.start(&n).await {
                 Ok(()) => format!("started {n} on port {}", self.procs[&n].port),
@@ -351,7 +378,27 @@ impl Launcher {
                     Err(e) => format!("error: {e}"),
                 }
             }
-            _ => "commands: status | kill <name> | stop <name> | start <name> | restart <name> | pause <name> | resume <name>".into(),
+            _ => format!("commands: {COMMANDS}"),
+        }
+    }
+
+    /// Asks the coordinator to make server `name` its cluster's master.
+    async fn promote(&self, name: &str, accept_data_loss: bool) -> String {
+        let Some(Role::Server { cluster, id }) = self.procs.get(name).map(|p| p.plan.role) else {
+            return format!("error: {name} is not a server");
+        };
+        let req = sns_proto::internal::PromoteRequest { cluster, server: id, accept_data_loss };
+        let channel = match net::channel("127.0.0.1", &self.coord_port.to_string()) {
+            Ok(c) => c,
+            Err(e) => return format!("error: {e}"),
+        };
+        match CoordAdminClient::new(channel).promote(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let warning = if r.warning.is_empty() { String::new() } else { format!(" (warning: {})", r.warning) };
+                format!("promoted {name} under term {}{warning}", r.term)
+            }
+            Err(s) => format!("error: {}", s.message()),
         }
     }
 

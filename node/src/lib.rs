@@ -12,6 +12,7 @@ pub mod error;
 pub mod ids;
 pub mod launcher;
 pub mod net;
+pub mod relay;
 pub mod server;
 pub mod store;
 pub mod sync;

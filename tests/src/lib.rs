@@ -7,6 +7,7 @@
 //! `SNS_BIN_DIR` points elsewhere if needed.
 
 pub mod bench;
+pub mod disk;
 pub mod load;
 pub mod nodes;
 
@@ -148,6 +149,8 @@ pub struct DeploymentBuilder {
     node_bin: Option<PathBuf>,
     log: Option<String>,
     ready_timeout: Duration,
+    /// Servers whose data directory is a small tmpfs: (cluster, id, bytes).
+    tmpfs: Vec<(u32, u32, u64)>,
 }
 
 impl Default for DeploymentBuilder {
@@ -161,6 +164,7 @@ impl Default for DeploymentBuilder {
             node_bin: None,
             log: Some("info".into()),
             ready_timeout: Duration::from_secs(60),
+            tmpfs: Vec::new(),
         }
     }
 }
@@ -212,9 +216,22 @@ impl DeploymentBuilder {
         self
     }
 
+    /// Puts server `id` of `cluster`'s data directory on a tmpfs of
+    /// `bytes` (so a test can fill its disk). [`DeploymentBuilder::start`]
+    /// fails with [`disk::MountRefused`] where mounting is not allowed.
+    pub fn tmpfs(mut self, cluster: u32, id: u32, bytes: u64) -> Self {
+        self.tmpfs.push((cluster, id, bytes));
+        self
+    }
+
     /// Runs the launcher and waits for its `ready:` line.
     pub fn start(self) -> Result<Deployment> {
         let dir = tempfile::Builder::new().prefix("sns-e2e-").tempdir()?;
+        let mut mounts = Vec::new();
+        for &(cluster, id, bytes) in &self.tmpfs {
+            let path = dir.path().join(format!("cluster_{cluster}")).join(id.to_string());
+            mounts.push(disk::Tmpfs::mount(&path, bytes)?);
+        }
         let name = self
             .name
             .clone()
@@ -259,6 +276,7 @@ impl DeploymentBuilder {
             dir,
             spawn_to_ready: Duration::ZERO,
             ready_line: String::new(),
+            mounts,
         };
         let deadline = Instant::now() + self.ready_timeout;
         if !d.out.wait(deadline, |t| t.contains("\nconnect a client")) {
@@ -295,6 +313,8 @@ pub struct Deployment {
     pub spawn_to_ready: Duration,
     /// The launcher's `ready:` line (it reports its own start-up time).
     pub ready_line: String,
+    /// Unmounted when the deployment is dropped, after its processes.
+    mounts: Vec<disk::Tmpfs>,
 }
 
 impl Deployment {
@@ -364,6 +384,9 @@ impl Deployment {
                     || l.starts_with("killed ")
                     || l.starts_with("started ")
                     || l.starts_with("stopped ")
+                    || l.starts_with("partitioned ")
+                    || l.starts_with("healed ")
+                    || l.starts_with("promoted ")
                     || l.starts_with("error:")
                     || l.starts_with("status:")
                     || l.contains("; started ")
@@ -413,6 +436,7 @@ impl Drop for Deployment {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.mounts.clear();
         if std::thread::panicking() || std::env::var_os("SNS_KEEP").is_some() {
             let kept = self.dir.path().to_path_buf();
             eprintln!("deployment {} kept in {} (launcher stdout:\n{})", self.name, kept.display(), self.out.text());

@@ -107,6 +107,20 @@ pub async fn writer_counting(
     deadline: Instant,
     progress: Arc<AtomicUsize>,
 ) -> WriterReport {
+    writer_padded(coord_port, user, stop, max, deadline, progress, 0).await
+}
+
+/// [`writer_counting`] with `pad` bytes of filler after each text (posts
+/// big enough to need new disk pages).
+pub async fn writer_padded(
+    coord_port: u16,
+    user: u32,
+    stop: Arc<AtomicBool>,
+    max: usize,
+    deadline: Instant,
+    progress: Arc<AtomicUsize>,
+    pad: usize,
+) -> WriterReport {
     let mut report = WriterReport { user, ..Default::default() };
     let (call, id_base) = next_call();
     let mut last_ack = Instant::now();
@@ -122,7 +136,7 @@ pub async fn writer_counting(
         let Ok(resp) = sns.timeline(UnboundedReceiverStream::new(rx)).await else { continue };
         let mut inbound = resp.into_inner();
         while !stop.load(Ordering::SeqCst) && n < max && Instant::now() < deadline {
-            let text = format!("{user}-w{call}-{n}");
+            let text = format!("{user}-w{call}-{n}{}", ".".repeat(pad));
             let id = id_base + n as u64 + 1;
             let post = Message { username: user.to_string(), msg: text.clone(), timestamp: None, post_id: id };
             if tx.send(post).is_err() {

@@ -166,3 +166,50 @@ pub fn assert_exactly_once(
     anyhow::ensure!(checked > 0, "no acknowledged post to check: the check would pass vacuously");
     Ok(())
 }
+
+/// The coordinator's `GetServer` answer for `user`.
+pub async fn get_server(coord_port: u16, user: u32) -> Result<sns_proto::csce438::ServerInfo> {
+    use sns_proto::csce438::coord_service_client::CoordServiceClient;
+    let call = async {
+        let mut c = CoordServiceClient::connect(format!("http://127.0.0.1:{coord_port}")).await?;
+        anyhow::Ok(c.get_server(sns_proto::csce438::Id { id: user as i32 }).await?.into_inner())
+    };
+    tokio::time::timeout(CALL, call).await.map_err(|_| anyhow!("coordinator did not answer within {CALL:?}"))?
+}
+
+/// A client of the SNS service at `host:port` (one server, not through the
+/// coordinator).
+pub async fn sns_at(
+    host: &str,
+    port: &str,
+) -> Result<sns_proto::csce438::sns_service_client::SnsServiceClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))?
+        .connect_timeout(CALL)
+        .timeout(CALL)
+        .connect_lazy();
+    Ok(sns_proto::csce438::sns_service_client::SnsServiceClient::new(channel))
+}
+
+/// A Login / Follow / UnFollow request.
+pub fn request(user: u32, argument: Option<u32>, request_id: u64) -> sns_proto::csce438::Request {
+    sns_proto::csce438::Request {
+        username: user.to_string(),
+        arguments: argument.iter().map(u32::to_string).collect(),
+        request_id,
+    }
+}
+
+/// Runs `sns-node promote` against the deployment's coordinator.
+pub fn promote_cli(d: &Deployment, cluster: u32, server: u32, accept_data_loss: bool) -> Result<std::process::Output> {
+    let mut cmd = std::process::Command::new(crate::bin("sns-node"));
+    cmd.args(["promote", "-h", "127.0.0.1", "-k", &d.coord_port.to_string()]).args([
+        "--cluster",
+        &cluster.to_string(),
+        "--server",
+        &server.to_string(),
+    ]);
+    if accept_data_loss {
+        cmd.arg("--accept-data-loss");
+    }
+    Ok(cmd.output()?)
+}

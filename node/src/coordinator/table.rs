@@ -558,7 +558,10 @@ impl Table {
                 (0, None, _) => {
                     return Err(Refusal::Invalid(format!("server {id} is not in sync; name its incarnation")));
                 }
-                (inc, _, Some(e)) if e.incarnation == inc && !e.damaged => inc,
+                (_, _, Some(e)) if e.damaged => {
+                    return Err(Refusal::Invalid(format!("server {id} of cluster {cluster} has a damaged journal")));
+                }
+                (inc, _, Some(e)) if e.incarnation == inc => inc,
                 (inc, _, _) => {
                     return Err(Refusal::Invalid(format!(
                         "server {id} of cluster {cluster} is not registered with incarnation {inc:#x}"

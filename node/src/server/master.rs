@@ -69,7 +69,7 @@ enum Verdict {
 impl Node {
     /// How long a master waits for its slave's answer before it counts the
     /// slave out: within one heartbeat period (and at most a second).
-    fn patience(&self) -> Duration {
+    pub(super) fn patience(&self) -> Duration {
         self.cfg().heartbeat.min(Duration::from_secs(1))
     }
 
@@ -271,7 +271,7 @@ impl Node {
                         }
                         Err(status) => {
                             self.unsync();
-                            lacking = format!("slave {slave_id}: {}", status.message());
+                            lacking = status.message().to_string();
                         }
                     }
                 }
@@ -279,7 +279,12 @@ impl Node {
             let missing: Vec<u32> =
                 role.in_sync.iter().copied().filter(|id| !holders.iter().any(|(h, _)| h == id)).collect();
             if missing.is_empty() {
-                self.set_degraded(if holders.len() > 1 { "" } else { "no slave in sync" });
+                if holders.len() > 1 {
+                    self.set_degraded("");
+                } else if role.slave.is_none() {
+                    self.set_degraded("no live slave");
+                }
+                // (A slave recorded out of sync keeps the reason it was.)
                 return Verdict::Committed;
             }
             // Before acknowledging without them, the coordinator must know
@@ -429,14 +434,36 @@ impl Node {
         Ok(in_sync)
     }
 
-    /// Whether the slave of `role` still needs a catch-up or a record.
-    fn slave_behind(&self, role: &Role) -> bool {
-        role.is_master
-            && (self.needs_prepare(role)
-                || role
-                    .slave
-                    .as_ref()
-                    .is_some_and(|(id, _, _)| self.synced(role).is_none() || !role.in_sync.contains(id)))
+    /// Whether the slave of `role` still needs a catch-up or a record. A
+    /// slave this master synced is asked whether it still is: it may have
+    /// restarted at the same address (and lost its place), or found its
+    /// journal damaged.
+    async fn slave_behind(&self, role: &Role) -> bool {
+        if !role.is_master {
+            return false;
+        }
+        if self.needs_prepare(role) {
+            return true;
+        }
+        let Some((id, host, port)) = role.slave.clone() else { return false };
+        if self.synced(role).is_none() || !role.in_sync.contains(&id) {
+            return true;
+        }
+        let asked = async {
+            let mut client = self.slave_client(&host, &port).ok()?;
+            let mut req = tonic::Request::new(sns_proto::internal::StatusRequest {});
+            req.set_timeout(self.patience());
+            client.status(req).await.ok().map(|s| s.into_inner())
+        };
+        match asked.await {
+            Some(s) if s.synced_term == role.term && s.damage.is_empty() => false,
+            Some(_) => {
+                self.unsync();
+                true
+            }
+            // Not answering: writes find out (and drop it) when they come.
+            None => false,
+        }
     }
 
     /// As master: brings the slave up to date (and into the in-sync set)
@@ -460,7 +487,11 @@ impl Node {
                 role.in_sync.iter().filter(|id| **id != self.0.cfg.id).map(|id| (*id, 0)).collect();
             members.push((self.0.cfg.id, self.incarnation()));
             members.push((s.id, s.incarnation));
-            self.record_in_sync(&role, &members).await?;
+            if let Err(e) = self.record_in_sync(&role, &members).await {
+                // Refused (e.g. it turned out damaged): start it over.
+                self.unsync();
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -475,9 +506,13 @@ pub(super) async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
     loop {
         let current = role.borrow_and_update().clone();
         let mut retry = None;
-        if node.slave_behind(&current) {
+        if current.is_master && current.slave.is_none() {
+            // Whoever comes next, even at the same address, starts over.
+            node.unsync();
+        }
+        if node.slave_behind(&current).await {
             match node.catch_up_slave().await {
-                Ok(()) if node.slave_behind(&node.role()) => retry = Some(backoff),
+                Ok(()) if node.slave_behind(&node.role()).await => retry = Some(backoff),
                 Ok(()) => backoff = RESYNC_MIN,
                 Err(e) => {
                     tracing::warn!(error = %e.message(), retry_in = ?backoff, "could not bring the slave up to date");

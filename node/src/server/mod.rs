@@ -379,7 +379,9 @@ impl Node {
     /// first (it may just have been promoted, or need its lease renewed).
     pub async fn ensure_serving(&self) -> Result<Role, Status> {
         if self.not_serving().is_some() && self.unwritable().is_none() && self.damage().is_none() {
-            let _ = self.heartbeat().await;
+            // Bounded: a master cut off from the coordinator must answer
+            // its clients at once, not when the call times out.
+            let _ = tokio::time::timeout(self.patience(), self.heartbeat()).await;
         }
         match self.not_serving() {
             None => Ok(self.role()),

@@ -1,0 +1,118 @@
+//! Real disk faults for the suites: a small tmpfs under a server's data
+//! directory that a test fills up (ENOSPC from the kernel, not a mock), and
+//! bytes flipped in a real journal.
+//!
+//! Mounting needs root (CI runs as root). Where the kernel refuses, the
+//! tests that need a full disk skip, saying so (see `crate::skip`).
+
+use anyhow::{Context, Result, bail};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Mounting a tmpfs was refused (not root, or no CAP_SYS_ADMIN).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot mount a tmpfs at {path}: {reason}")]
+pub struct MountRefused {
+    pub path: String,
+    pub reason: String,
+}
+
+/// A tmpfs mounted for a test; unmounted (lazily, so a process still
+/// holding a file there does not keep it) when dropped.
+#[derive(Debug)]
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, bytes: u64) -> Result<Tmpfs> {
+        std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .context("running mount")?;
+        if !out.status.success() {
+            return Err(MountRefused {
+                path: path.display().to_string(),
+                reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            }
+            .into());
+        }
+        Ok(Tmpfs { path: path.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+    }
+}
+
+/// Whether `e` (from starting a deployment) is a refused mount, and why.
+pub fn mount_refused(e: &anyhow::Error) -> Option<String> {
+    e.downcast_ref::<MountRefused>().map(ToString::to_string)
+}
+
+/// The file [`fill`] writes in a directory.
+pub fn filler(dir: &Path) -> PathBuf {
+    dir.join(".filler")
+}
+
+/// Fills the file system holding `dir` until the kernel says it is full
+/// (ENOSPC); returns the bytes written. Bounded by the file system's size.
+pub fn fill(dir: &Path) -> Result<u64> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(filler(dir))?;
+    let chunk = vec![0xa5u8; 64 * 1024];
+    let mut written = 0u64;
+    // Then page by page: the last pages matter.
+    for size in [chunk.len(), 4096, 512] {
+        loop {
+            match f.write(&chunk[..size]) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => return Err(e.into()),
+            }
+            if written > 1 << 30 {
+                bail!("{} is not filling up: not a small file system?", dir.display());
+            }
+        }
+    }
+    let _ = f.sync_all();
+    Ok(written)
+}
+
+/// Frees what [`fill`] took.
+pub fn unfill(dir: &Path) -> Result<()> {
+    std::fs::remove_file(filler(dir)).with_context(|| format!("removing the filler in {}", dir.display()))
+}
+
+/// Flips `n` bytes (xor 0x5a) at `offset` of the file at `path`.
+pub fn flip(path: &Path, offset: u64, n: usize) -> Result<()> {
+    let mut data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let at = offset as usize;
+    if at + n > data.len() {
+        bail!("{} has {} bytes; cannot flip {n} at {offset}", path.display(), data.len());
+    }
+    for b in &mut data[at..at + n] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(path, &data)?;
+    Ok(())
+}
+
+/// Journal files kept aside as damaged in a server directory.
+pub fn damaged_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("journal.log.damaged-")))
+        .collect()
+}

@@ -1,0 +1,390 @@
+//! Combined faults inside a cluster, one regression test per way they used
+//! to lose acknowledged writes: a double fault restarted in the worst
+//! order, a full disk on the master and on the slave, a journal damaged in
+//! the middle, a master cut off from the coordinator, writes retried after
+//! a failover. Real processes, real files, real ENOSPC from a small tmpfs,
+//! real flipped bytes; every wait polls with a deadline.
+
+use sns_e2e::disk::{self, damaged_files};
+use sns_e2e::load::{self, WriterReport};
+use sns_e2e::nodes::{
+    assert_exactly_once, assert_one_master_per_term, get_server, master_of, promote_cli, request, rt, server_node,
+    sns_at, status, wait_master, wait_synced_slave,
+};
+use sns_e2e::{DEADLINE, Deployment, check_convergence, eventually, spec_files};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
+
+const BOTH: [(u32, u32); 2] = [(1, 1), (1, 2)];
+
+/// One cluster of two servers, users 1 and 2 logged in, 2 following 1.
+fn cluster_of_two(builder: sns_e2e::DeploymentBuilder) -> anyhow::Result<(Deployment, Runtime)> {
+    let d = match builder.clusters(1).servers(2).start() {
+        Ok(d) => d,
+        Err(e) => {
+            if let Some(why) = disk::mount_refused(&e) {
+                return Err(anyhow::anyhow!("SKIP:{why}"));
+            }
+            return Err(e);
+        }
+    };
+    let rt = rt();
+    let deadline = Instant::now() + DEADLINE;
+    rt.block_on(async {
+        load::attach(d.coord_port, 1).await?;
+        load::attach(d.coord_port, 2).await?;
+        anyhow::ensure!(load::command(d.coord_port, 2, true, 1, deadline).await? == "SUCCESS");
+        anyhow::Ok(())
+    })?;
+    Ok((d, rt))
+}
+
+/// [`cluster_of_two`] with both data directories on small tmpfs mounts, or
+/// None (the test skips, recorded) where mounting is refused.
+fn cluster_on_tmpfs(test: &str) -> anyhow::Result<Option<(Deployment, Runtime)>> {
+    // Room for the journals and views of these tests, little more.
+    const SIZE: u64 = 2 << 20;
+    let builder = Deployment::builder().tmpfs(1, 1, SIZE).tmpfs(1, 2, SIZE);
+    match cluster_of_two(builder) {
+        Err(e) if e.to_string().starts_with("SKIP:") => {
+            sns_e2e::skip(test, &format!("a full disk needs a tmpfs mount: {}", &e.to_string()[5..]));
+            Ok(None)
+        }
+        other => other.map(Some),
+    }
+}
+
+/// The master and the slave of cluster 1, once the slave is in sync.
+fn pair(rt: &Runtime, d: &Deployment) -> anyhow::Result<(u32, u32, u64)> {
+    let (m, term) = eventually("a master", || rt.block_on(master_of(d.coord_port, 1)))?;
+    let s = 3 - m;
+    wait_in_sync(rt, d, s)?;
+    Ok((m, s, term))
+}
+
+/// Waits until server `id` of cluster 1 is a synced slave recorded in sync.
+fn wait_in_sync(rt: &Runtime, d: &Deployment, id: u32) -> anyhow::Result<()> {
+    wait_synced_slave(rt, d, 1, id)?;
+    eventually(&format!("server 1/{id} recorded in sync"), || {
+        rt.block_on(server_node(d.coord_port, 1, id)).filter(|n| n.in_sync && n.alive).map(|_| ())
+    })
+}
+
+fn posts(rt: &Runtime, d: &Deployment, n: usize) -> WriterReport {
+    sized_posts(rt, d, n, 0)
+}
+
+/// Posts of about `pad` bytes each: a full disk fails them (small ones fit
+/// in the slack of a page the journal already has).
+fn sized_posts(rt: &Runtime, d: &Deployment, n: usize, pad: usize) -> WriterReport {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stop = Arc::new(AtomicBool::new(false));
+    rt.block_on(load::writer_padded(d.coord_port, 1, stop, n, deadline, Arc::default(), pad))
+}
+
+fn follows(d: &Deployment, s: u32) -> anyhow::Result<String> {
+    Ok(spec_files(&d.server_dir(1, s))?.get("1_follow_list.txt").cloned().unwrap_or_default())
+}
+
+/// Defect: kill the master, write on the promoted slave alone, kill it,
+/// restart the stale server first. The stale server used to become master
+/// and wipe the good one. Now it is never promoted; the cluster waits for
+/// the up-to-date server, which then rebuilds the stale one.
+#[test]
+fn a_stale_server_is_never_promoted_and_the_up_to_date_one_wins() -> anyhow::Result<()> {
+    let (mut d, rt) = cluster_of_two(Deployment::builder())?;
+    let (stale, good, term) = pair(&rt, &d)?;
+    d.command(&format!("kill server-1-{stale}"))?;
+    wait_master(&rt, &d, 1, good, term)?;
+    // Acknowledged by `good` alone: first it had `stale` recorded out of sync.
+    let deadline = Instant::now() + DEADLINE;
+    assert_eq!(rt.block_on(load::command(d.coord_port, 1, true, 2, deadline))?, "SUCCESS");
+    let node = rt.block_on(server_node(d.coord_port, 1, stale)).expect("stale server registered");
+    assert!(!node.in_sync, "the coordinator records the stale server out of sync before the write is acknowledged");
+    d.command(&format!("kill server-1-{good}"))?;
+    d.command(&format!("start server-1-{stale}"))?;
+    // The stale server is live, and the cluster has no master: it says why.
+    let reason = eventually("the coordinator to explain why cluster 1 has no master", || {
+        let info = rt.block_on(get_server(d.coord_port, 1)).ok()?;
+        let live = rt.block_on(server_node(d.coord_port, 1, stale)).is_some_and(|n| n.alive);
+        (live && info.port.is_empty() && !info.unavailable_reason.is_empty()).then_some(info.unavailable_reason)
+    })?;
+    assert!(reason.contains("no live server holding every acknowledged write"), "{reason}");
+    let s = rt.block_on(status(&node))?;
+    assert!(!s.is_master, "{s:?}");
+    // Writes are refused, clearly.
+    let refused = rt.block_on(async {
+        let mut sns = sns_at(&node.host, &node.port).await?;
+        anyhow::Ok(sns.follow(request(2, Some(1), 0)).await)
+    })?;
+    let status_code = refused.expect_err("a server that is not master refuses writes");
+    assert_eq!(status_code.code(), tonic::Code::Unavailable, "{status_code:?}");
+    // Without accepting the loss, an operator cannot promote it either.
+    let out = promote_cli(&d, 1, stale, false)?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--accept-data-loss"), "{out:?}");
+    // The up-to-date server returns: it is master again, and the stale
+    // one catches up from it.
+    d.command(&format!("start server-1-{good}"))?;
+    wait_master(&rt, &d, 1, good, 0)?;
+    wait_in_sync(&rt, &d, stale)?;
+    for s in [stale, good] {
+        assert_eq!(follows(&d, s)?, "2\n", "server 1/{s} has the acknowledged follow");
+    }
+    check_convergence(&d, &BOTH, &[])?;
+    assert_one_master_per_term(&d);
+    Ok(())
+}
+
+/// The override: an operator promotes the stale server, accepting the loss
+/// of what it lacks; the cluster serves again and the other server follows
+/// it.
+#[test]
+fn an_operator_can_promote_a_stale_server_accepting_the_loss() -> anyhow::Result<()> {
+    let (mut d, rt) = cluster_of_two(Deployment::builder())?;
+    let (stale, good, term) = pair(&rt, &d)?;
+    d.command(&format!("kill server-1-{stale}"))?;
+    wait_master(&rt, &d, 1, good, term)?;
+    let deadline = Instant::now() + DEADLINE;
+    assert_eq!(rt.block_on(load::command(d.coord_port, 1, true, 2, deadline))?, "SUCCESS");
+    d.command(&format!("kill server-1-{good}"))?;
+    d.command(&format!("start server-1-{stale}"))?;
+    eventually("cluster 1 without a master", || {
+        let info = rt.block_on(get_server(d.coord_port, 1)).ok()?;
+        (!info.unavailable_reason.is_empty()).then_some(())
+    })?;
+    let out = promote_cli(&d, 1, stale, true)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains(&format!("server {stale} is the master of cluster 1")), "{stdout}");
+    assert!(stdout.contains("warning:"), "the loss is spelled out: {stdout}");
+    assert!(d.log("coordinator").contains("operator override"), "the override is logged");
+    let term = wait_master(&rt, &d, 1, stale, term)?;
+    // It serves: a new write is acknowledged.
+    assert_eq!(rt.block_on(load::command(d.coord_port, 2, false, 1, deadline))?, "SUCCESS");
+    // The other server comes back as its slave and takes its state.
+    d.command(&format!("start server-1-{good}"))?;
+    wait_in_sync(&rt, &d, good)?;
+    check_convergence(&d, &BOTH, &[])?;
+    let (m, t) = rt.block_on(master_of(d.coord_port, 1)).expect("master");
+    assert_eq!((m, t), (stale, term));
+    Ok(())
+}
+
+/// Defect: the master's disk fills up. The post that hit ENOSPC used to be
+/// half in the journal, applied by the slave, and its sequence number
+/// reused by the next acknowledged post. Now the failed append leaves no
+/// trace, the master steps down, the slave takes over, and every
+/// acknowledged post is exactly once on both servers.
+#[test]
+fn a_full_disk_on_the_master_loses_nothing_and_forks_nothing() -> anyhow::Result<()> {
+    let Some((mut d, rt)) = cluster_on_tmpfs("a_full_disk_on_the_master_loses_nothing_and_forks_nothing")? else {
+        return Ok(());
+    };
+    let (m, s, term) = pair(&rt, &d)?;
+    let before = posts(&rt, &d, 20);
+    disk::fill(&d.server_dir(1, m))?;
+    // Posts go on: the one that hits the full disk fails over.
+    let during = sized_posts(&rt, &d, 20, 3000);
+    assert_eq!((before.acked.len(), during.acked.len()), (20, 20));
+    assert!(during.failovers > 0, "the full master stopped taking writes");
+    let new_term = wait_master(&rt, &d, 1, s, term)?;
+    let old = rt.block_on(server_node(d.coord_port, 1, m)).expect("old master");
+    let st = rt.block_on(status(&old))?;
+    assert!(!st.is_master && !st.unwritable.is_empty(), "{st:?}");
+    assert!(st.damage.is_empty(), "the failed append was cut back: {st:?}");
+    // Restarted with the disk still full it reads a clean journal; with
+    // room again it catches up.
+    d.command(&format!("kill server-1-{m}"))?;
+    disk::unfill(&d.server_dir(1, m))?;
+    d.command(&format!("start server-1-{m}"))?;
+    wait_in_sync(&rt, &d, m)?;
+    let after = posts(&rt, &d, 5);
+    let all = WriterReport { user: 1, acked: [before.acked, during.acked, after.acked].concat(), ..Default::default() };
+    assert_exactly_once(&d, &BOTH, &[all], &BTreeMap::from([(1, vec![2])]))?;
+    check_convergence(&d, &BOTH, &[])?;
+    assert!(new_term > term);
+    assert_one_master_per_term(&d);
+    Ok(())
+}
+
+/// Defect: the slave's disk fills up. Every write used to stall for a
+/// minute. Now the slave says so at once, the master records it out of
+/// sync and goes on (no writer ever waits for a failover), and the slave is
+/// rebuilt once it has room again.
+#[test]
+fn a_full_disk_on_the_slave_is_dropped_at_once_and_rebuilt() -> anyhow::Result<()> {
+    let Some((d, rt)) = cluster_on_tmpfs("a_full_disk_on_the_slave_is_dropped_at_once_and_rebuilt")? else {
+        return Ok(());
+    };
+    let (m, s, _) = pair(&rt, &d)?;
+    let before = posts(&rt, &d, 10);
+    disk::fill(&d.server_dir(1, s))?;
+    let during = sized_posts(&rt, &d, 20, 3000);
+    assert_eq!(during.acked.len(), 20);
+    assert_eq!(during.failovers, 0, "the master never stalled past the writer's patience: {during:?}");
+    let master = rt.block_on(server_node(d.coord_port, 1, m)).expect("master");
+    let slave = rt.block_on(server_node(d.coord_port, 1, s)).expect("slave");
+    let ms = rt.block_on(status(&master))?;
+    assert!(ms.is_master && ms.in_sync == vec![m], "the slave is recorded out of sync: {ms:?}");
+    assert!(ms.degraded.contains("out of sync"), "{ms:?}");
+    let ss = rt.block_on(status(&slave))?;
+    assert!(ss.unwritable.contains("No space left"), "the slave says why: {ss:?}");
+    disk::unfill(&d.server_dir(1, s))?;
+    wait_in_sync(&rt, &d, s)?;
+    let all = WriterReport { user: 1, acked: [before.acked, during.acked].concat(), ..Default::default() };
+    assert_exactly_once(&d, &BOTH, &[all], &BTreeMap::from([(1, vec![2])]))?;
+    check_convergence(&d, &BOTH, &[])?;
+    Ok(())
+}
+
+/// The middle of `server`'s journal.
+fn journal_middle(d: &Deployment, server: u32) -> anyhow::Result<(std::path::PathBuf, u64)> {
+    let path = d.server_dir(1, server).join("journal.log");
+    let len = std::fs::metadata(&path)?.len();
+    Ok((path, len / 2))
+}
+
+/// Defect: four bytes flipped in the middle of a stopped slave's journal.
+/// It used to keep what preceded the damage and drop the rest. Now it
+/// serves nothing, is rebuilt from the master, and keeps the damaged file
+/// aside.
+#[test]
+fn a_damaged_journal_is_rebuilt_from_an_in_sync_peer_and_kept_aside() -> anyhow::Result<()> {
+    let (mut d, rt) = cluster_of_two(Deployment::builder())?;
+    let (_, s, _) = pair(&rt, &d)?;
+    let written = posts(&rt, &d, 30);
+    wait_synced_slave(&rt, &d, 1, s)?;
+    d.command(&format!("kill server-1-{s}"))?;
+    let (path, offset) = journal_middle(&d, s)?;
+    disk::flip(&path, offset, 4)?;
+    d.command(&format!("start server-1-{s}"))?;
+    wait_in_sync(&rt, &d, s)?;
+    let log = d.log(&format!("server-1-{s}"));
+    assert!(log.contains("journal damaged") && log.contains(&path.display().to_string()), "{log}");
+    assert_eq!(damaged_files(&d.server_dir(1, s)).len(), 1, "the damaged journal is kept aside");
+    assert_exactly_once(&d, &BOTH, &[written], &BTreeMap::from([(1, vec![2])]))?;
+    check_convergence(&d, &BOTH, &[])?;
+    Ok(())
+}
+
+/// Both servers down, the master's journal damaged, and it comes back
+/// first: it is not promoted (it lost writes), says which file and where,
+/// and waits; the slave returns, takes over, and rebuilds it.
+#[test]
+fn a_damaged_server_back_first_waits_for_its_in_sync_peer() -> anyhow::Result<()> {
+    let (mut d, rt) = cluster_of_two(Deployment::builder())?;
+    let (m, s, _) = pair(&rt, &d)?;
+    let written = posts(&rt, &d, 30);
+    d.command(&format!("kill server-1-{s}"))?;
+    d.command(&format!("kill server-1-{m}"))?;
+    let (path, offset) = journal_middle(&d, m)?;
+    disk::flip(&path, offset, 4)?;
+    d.command(&format!("start server-1-{m}"))?;
+    let node = eventually("the damaged server to register", || {
+        rt.block_on(server_node(d.coord_port, 1, m)).filter(|n| n.alive && n.damaged)
+    })?;
+    let reason = eventually("cluster 1 to wait for an in-sync server", || {
+        let info = rt.block_on(get_server(d.coord_port, 1)).ok()?;
+        (!info.unavailable_reason.is_empty()).then_some(info.unavailable_reason)
+    })?;
+    assert!(reason.contains("in sync"), "{reason}");
+    eventually("the damaged server recorded out of sync", || {
+        rt.block_on(server_node(d.coord_port, 1, m)).filter(|n| !n.in_sync).map(|_| ())
+    })?;
+    let st = rt.block_on(status(&node))?;
+    assert!(st.damage.contains(&path.display().to_string()) && st.damage.contains("offset"), "{st:?}");
+    assert!(!st.is_master);
+    d.command(&format!("start server-1-{s}"))?;
+    wait_master(&rt, &d, 1, s, 0)?;
+    wait_in_sync(&rt, &d, m)?;
+    assert_eq!(damaged_files(&d.server_dir(1, m)).len(), 1);
+    assert_exactly_once(&d, &BOTH, &[written], &BTreeMap::from([(1, vec![2])]))?;
+    check_convergence(&d, &BOTH, &[])?;
+    assert_one_master_per_term(&d);
+    Ok(())
+}
+
+/// Defect: a master cut off from the coordinator (not from its clients)
+/// used to go on answering reads from state nobody committed, and its
+/// clients hung. Now it stops serving once its lease runs out, answers
+/// UNAVAILABLE (so clients ask the coordinator), never acknowledges a
+/// write, and rejoins as slave when the partition heals.
+#[test]
+fn a_master_cut_off_from_the_coordinator_stops_serving_and_rejoins() -> anyhow::Result<()> {
+    let (mut d, rt) = cluster_of_two(Deployment::builder())?;
+    let (m, s, term) = pair(&rt, &d)?;
+    let old = rt.block_on(server_node(d.coord_port, 1, m)).expect("master");
+    let reply = d.command(&format!("partition server-1-{m}"))?;
+    assert!(reply.starts_with("partitioned"), "{reply}");
+    // It stops serving on its own, and says so.
+    let refused = eventually("the cut-off master to stop serving reads", || {
+        rt.block_on(async {
+            let mut sns = sns_at(&old.host, &old.port).await.ok()?;
+            sns.list(request(1, None, 0)).await.err()
+        })
+    })?;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("ask the coordinator"), "{refused:?}");
+    // A login sent straight to it is never acknowledged.
+    let login = rt.block_on(async {
+        let mut sns = sns_at(&old.host, &old.port).await?;
+        anyhow::Ok(sns.login(request(9, None, 0)).await)
+    })?;
+    assert!(login.is_err(), "a cut-off master acknowledged a write: {login:?}");
+    // The slave takes over; clients go on there.
+    wait_master(&rt, &d, 1, s, term)?;
+    let deadline = Instant::now() + DEADLINE;
+    rt.block_on(load::attach(d.coord_port, 7))?;
+    assert_eq!(rt.block_on(load::command(d.coord_port, 7, true, 1, deadline))?, "SUCCESS");
+    d.command(&format!("heal server-1-{m}"))?;
+    wait_in_sync(&rt, &d, m)?;
+    check_convergence(&d, &BOTH, &[])?;
+    for server in [m, s] {
+        let users = spec_files(&d.server_dir(1, server))?.get("all_users.txt").cloned().unwrap_or_default();
+        assert_eq!(users, "1\n2\n7\n", "server 1/{server}: the refused login left nothing, the new one is there");
+    }
+    assert_one_master_per_term(&d);
+    Ok(())
+}
+
+/// Defect: a write made durable just before its master died, retried on
+/// the new master, used to answer "already exists". Now a retry with the
+/// same request id answers as the first attempt did.
+#[test]
+fn a_retried_write_answers_as_the_first_attempt() -> anyhow::Result<()> {
+    let (mut d, rt) = cluster_of_two(Deployment::builder())?;
+    let (m, s, term) = pair(&rt, &d)?;
+    let master = rt.block_on(server_node(d.coord_port, 1, m)).expect("master");
+    rt.block_on(async {
+        let mut sns = sns_at(&master.host, &master.port).await?;
+        assert_eq!(sns.login(request(3, None, 11)).await?.into_inner().msg, "SUCCESS");
+        assert_eq!(sns.follow(request(1, Some(3), 12)).await?.into_inner().msg, "SUCCESS");
+        assert_eq!(sns.un_follow(request(2, Some(1), 13)).await?.into_inner().msg, "SUCCESS");
+        anyhow::Ok(())
+    })?;
+    // The master dies before the client hears back; the client retries on
+    // the new master with the same ids.
+    d.command(&format!("kill server-1-{m}"))?;
+    wait_master(&rt, &d, 1, s, term)?;
+    let promoted = rt.block_on(server_node(d.coord_port, 1, s)).expect("new master");
+    rt.block_on(async {
+        let mut sns = sns_at(&promoted.host, &promoted.port).await?;
+        assert_eq!(sns.login(request(3, None, 11)).await?.into_inner().msg, "SUCCESS");
+        assert_eq!(sns.follow(request(1, Some(3), 12)).await?.into_inner().msg, "SUCCESS");
+        assert_eq!(sns.un_follow(request(2, Some(1), 13)).await?.into_inner().msg, "SUCCESS");
+        // A new request is judged afresh.
+        assert_eq!(sns.follow(request(1, Some(3), 14)).await?.into_inner().msg, "FAILURE_ALREADY_EXISTS");
+        assert_eq!(sns.un_follow(request(2, Some(1), 15)).await?.into_inner().msg, "FAILURE_NOT_A_FOLLOWER");
+        anyhow::Ok(())
+    })?;
+    // Applied once: 1 follows 3 once, 2 follows nobody.
+    let files = spec_files(&d.server_dir(1, s))?;
+    assert_eq!(files.get("1_follow_list.txt").map(String::as_str), Some("3\n"));
+    assert_eq!(files.get("2_follow_list.txt").map(String::as_str), Some(""));
+    assert_eq!(files.get("3_followers.txt").map(String::as_str), Some("1\n"));
+    Ok(())
+}
