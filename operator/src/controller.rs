@@ -10,6 +10,9 @@
 //!    manager `sns-operator`, and StatefulSets/Services this SnsCluster no
 //!    longer wants (scale-down, a switch to an external broker) are
 //!    deleted — with their volumes when `storage.retention` is `Delete`.
+//!    The coordinator's StatefulSet is applied only once no coordinator
+//!    Deployment of the same name (what older versions ran) is left: that
+//!    one is deleted first, and two coordinators must never run at once.
 //!    Steps 2-3 run when the rendered state changed or every resync period
 //!    (drift repair), not on every poll;
 //! 4. the coordinator's routing table gives each server pod's role: the
@@ -26,7 +29,8 @@ use crate::crd::{PvcRetention, SnsCluster};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::render::{
-    self, Child, LABEL_CLUSTER, LABEL_COMPONENT, LABEL_ROLE, LABEL_SERVER, MANAGER, Names, RenderOptions, Rendered,
+    self, Child, LABEL_CLUSTER, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_ROLE, LABEL_SERVER, MANAGER,
+    Names, RenderOptions, Rendered,
 };
 use crate::status::{self, Observation};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -163,9 +167,13 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
         .get(&k)
         .is_none_or(|(sum, at)| *sum != checksum || at.elapsed() >= ctx.resync);
     if due {
-        apply_children(&obj, &names, &rendered, &ctx).await?;
+        let complete = apply_children(&obj, &names, &rendered, &ctx).await?;
         prune(&obj, &names, &rendered, &ctx).await?;
-        ctx.applied.lock().expect("applied lock").insert(k, (checksum, Instant::now()));
+        // Left incomplete (the old coordinator still terminating), the
+        // next poll applies again rather than waiting for a resync.
+        if complete {
+            ctx.applied.lock().expect("applied lock").insert(k, (checksum, Instant::now()));
+        }
         ctx.metrics.applied();
     }
 
@@ -220,7 +228,9 @@ where
     Ok(())
 }
 
-async fn apply_children(obj: &SnsCluster, names: &Names, rendered: &Rendered, ctx: &Context) -> Result<()> {
+/// Applies every child; false when the coordinator's StatefulSet had to
+/// wait for the Deployment it replaces to go.
+async fn apply_children(obj: &SnsCluster, names: &Names, rendered: &Rendered, ctx: &Context) -> Result<bool> {
     let ns = names.namespace.as_str();
     if let Some(template) = &rendered.broker_secret {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
@@ -232,17 +242,56 @@ async fn apply_children(obj: &SnsCluster, names: &Names, rendered: &Rendered, ct
             Err(e) => return Err(e.into()),
         }
     }
+    let mut complete = true;
     for child in &rendered.children {
         match child {
             Child::ConfigMap(o) => ssa::<ConfigMap>(&ctx.client, ns, o).await?,
             Child::Service(o) => ssa::<Service>(&ctx.client, ns, o).await?,
+            Child::StatefulSet(o) if o.name_any() == names.coordinator() => {
+                if retire_coordinator_deployment(obj, names, ctx).await? {
+                    ssa::<StatefulSet>(&ctx.client, ns, o).await?;
+                } else {
+                    complete = false;
+                }
+            }
             Child::StatefulSet(o) => ssa::<StatefulSet>(&ctx.client, ns, o).await?,
-            Child::Deployment(o) => ssa::<Deployment>(&ctx.client, ns, o).await?,
             Child::Pdb(o) => ssa::<PodDisruptionBudget>(&ctx.client, ns, o).await?,
         }
     }
-    tracing::debug!(objects = rendered.children.len(), uid = ?obj.uid(), "children applied");
-    Ok(())
+    tracing::debug!(objects = rendered.children.len(), uid = ?obj.uid(), complete, "children applied");
+    Ok(complete)
+}
+
+/// Upgrade path: before the coordinator kept records on a volume it ran as
+/// a Deployment of the same name. Its replacement must not start while the
+/// old pod runs (two coordinators would each appoint masters, and both
+/// would answer behind the one Service), so the Deployment is deleted in
+/// the foreground, which removes it only once its pods are gone, and the
+/// StatefulSet waits for that. Returns whether no such Deployment is left.
+/// The old coordinator kept its records in memory only: the new one starts
+/// without them (see docs/kubernetes.md on `sns-node promote`).
+async fn retire_coordinator_deployment(obj: &SnsCluster, names: &Names, ctx: &Context) -> Result<bool> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let name = names.coordinator();
+    let Some(old) = api.get_opt(&name).await? else {
+        return Ok(true);
+    };
+    // Ours if this SnsCluster owns it, or it carries our labels (left over
+    // from an earlier SnsCluster of this name deleted with orphaning).
+    let labels = old.labels();
+    let labelled = labels.get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGER)
+        && labels.get(LABEL_INSTANCE) == Some(&names.instance);
+    if !owned_by(&old.metadata, obj) && !labelled {
+        tracing::warn!(deployment = %name, "a Deployment named like the coordinator that sns-operator did not create: left alone");
+        return Ok(true);
+    }
+    if old.metadata.deletion_timestamp.is_none() {
+        tracing::info!(deployment = %name, "replacing the coordinator Deployment with a StatefulSet: deleting it first");
+        ignore_not_found(api.delete(&name, &DeleteParams::foreground()).await.map(|_| ()))?;
+    } else {
+        tracing::info!(deployment = %name, "waiting for the old coordinator Deployment to go");
+    }
+    Ok(false)
 }
 
 fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, obj: &SnsCluster) -> bool {
@@ -313,18 +362,19 @@ async fn label_roles(names: &Names, obs: &Observation, ctx: &Context) -> Result<
 }
 
 /// Runs before the SnsCluster goes: owner references take the children
-/// (garbage collection); what is left to decide is the volumes, which no
-/// owner reference covers when they are retained.
+/// (garbage collection); what is left to decide is the volumes (servers',
+/// coordinator's, managed broker's: all carry the SnsCluster's labels),
+/// which no owner reference covers when they are retained.
 async fn cleanup(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
     let names = Names::of(&obj)?;
     let note = match obj.spec.storage.retention {
         PvcRetention::Delete => {
             let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &names.namespace);
             pvcs.delete_collection(&DeleteParams::default(), &ListParams::default().labels(&names.selector())).await?;
-            "deleting the SnsCluster and its PersistentVolumeClaims (storage.retention: Delete)"
+            "deleting the SnsCluster and its PersistentVolumeClaims, the coordinator's records included (storage.retention: Delete)"
         }
         PvcRetention::Retain => {
-            "deleting the SnsCluster; its PersistentVolumeClaims are kept (storage.retention: Retain)"
+            "deleting the SnsCluster; its PersistentVolumeClaims are kept, the coordinator's records included (storage.retention: Retain)"
         }
     };
     tracing::info!(note, "cleanup");
@@ -337,7 +387,7 @@ async fn cleanup(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
 mod tests {
     use super::*;
     use crate::crd::SnsClusterStatus;
-    use crate::fixtures::{Mock, World, cluster, healthy_table, server_pod};
+    use crate::fixtures::{Mock, World, cluster, healthy_table, old_coordinator_deployment, server_pod};
     use crate::status::{PROGRESSING, READY};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use serde_json::{Value, json};
@@ -367,7 +417,9 @@ mod tests {
         }
         v.push(format!("PATCH {NS}/services/demo-rabbitmq"));
         v.push(format!("PATCH {APPS}/statefulsets/demo-rabbitmq"));
-        v.push(format!("PATCH {APPS}/deployments/demo-coordinator"));
+        // No Deployment left from before the coordinator had a volume.
+        v.push(format!("GET {APPS}/deployments/demo-coordinator"));
+        v.push(format!("PATCH {APPS}/statefulsets/demo-coordinator"));
         for c in 1..=3 {
             for s in 1..=2 {
                 v.push(format!("PATCH {APPS}/statefulsets/demo-server-{c}-{s}"));
@@ -431,6 +483,18 @@ mod tests {
         assert_eq!(calls[pods + 1].body, json!({"metadata": {"labels": {"sns.io/role": "master"}}}));
         assert_eq!(calls[pods + 2].body, json!({"metadata": {"labels": {"sns.io/role": "slave"}}}));
         assert_eq!(calls[pods + 3].body["reason"], "Created");
+        // The coordinator: a StatefulSet whose records live on its claim.
+        let coord = calls.iter().find(|c| c.uri.contains("/statefulsets/demo-coordinator?")).unwrap();
+        assert_eq!(coord.body["kind"], "StatefulSet");
+        let claim = &coord.body["spec"]["volumeClaimTemplates"][0];
+        assert_eq!(claim["metadata"]["name"], "data");
+        assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "1Gi");
+        let pod = &coord.body["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(pod["volumeMounts"][0], json!({"name": "data", "mountPath": "/data"}));
+        let args: Vec<&str> = pod["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        assert!(args.windows(2).any(|w| w == ["--data-dir", "/data/coordinator"]), "{args:?}");
+        assert!(args.contains(&"--gateway"));
+        assert!(calls.iter().all(|c| !c.uri.contains("/deployments/") || c.method == "GET"));
         let status = status_of(&calls[pods + 4]);
         assert_eq!(status.observed_generation, Some(1));
         assert_eq!(status.masters.as_deref(), Some("3/3"));
@@ -505,6 +569,67 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn upgrade_retires_the_coordinator_deployment_before_the_statefulset_starts() {
+        let world = World {
+            deployments: vec![old_coordinator_deployment("demo", false)],
+            secret_exists: true,
+            ..Default::default()
+        };
+        let mock = Mock::new(world, None);
+        let obj = Arc::new(finalized(cluster("demo", json!({}))));
+        // 1. The old Deployment is there: deleted in the foreground (it goes
+        //    only after its pod), and the StatefulSet waits.
+        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+        // 2. Still terminating: not deleted twice, the StatefulSet still
+        //    waits, and the whole apply is retried at once (not at resync).
+        mock.change_world(|w| w.deployments = vec![old_coordinator_deployment("demo", true)]);
+        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+        // 3. Gone: now the StatefulSet is applied, and the apply counts as
+        //    done, so 4. a further poll applies nothing.
+        mock.change_world(|w| w.deployments.clear());
+        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+
+        let calls = mock.calls().await;
+        let all = lines(&calls);
+        // Each full apply starts with the Secret and ends with the prune's
+        // Service list; events and status writes come between.
+        let starts: Vec<usize> =
+            all.iter().enumerate().filter(|(_, l)| l.ends_with("/secrets")).map(|(i, _)| i).collect();
+        assert_eq!(starts.len(), 3, "three full applies, none on the fourth poll: {all:#?}");
+        let applies: Vec<&[String]> = starts
+            .iter()
+            .map(|&i| {
+                let end = i + all[i..].iter().position(|l| *l == format!("GET {NS}/services")).unwrap();
+                &all[i..=end]
+            })
+            .collect();
+        let coordinator_sts = format!("PATCH {APPS}/statefulsets/demo-coordinator");
+        let old = format!("{APPS}/deployments/demo-coordinator");
+        let mut waiting: Vec<String> = full_apply().into_iter().filter(|l| *l != coordinator_sts).collect();
+        assert_eq!(applies[1], waiting, "2: still waiting");
+        let at = waiting.iter().position(|l| *l == format!("GET {old}")).unwrap();
+        waiting.insert(at + 1, format!("DELETE {old}"));
+        assert_eq!(applies[0], waiting, "1: deleted, the StatefulSet waits");
+        let delete = calls.iter().find(|c| c.method == "DELETE").unwrap();
+        assert_eq!(delete.body["propagationPolicy"], "Foreground", "the Deployment goes only after its pods");
+        assert_eq!(applies[2], full_apply(), "3: gone, the StatefulSet applied");
+        assert_eq!(all.iter().filter(|l| l.starts_with("DELETE")).count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_deployment_the_operator_did_not_make_is_left_alone() {
+        let mut foreign = old_coordinator_deployment("demo", false);
+        foreign["metadata"]["labels"] = json!({"app": "something-else"});
+        foreign["metadata"]["ownerReferences"] = json!([]);
+        let world = World { deployments: vec![foreign], secret_exists: true, ..Default::default() };
+        let mock = Mock::new(world, None);
+        reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
+        let all = lines(&mock.calls().await);
+        assert_eq!(all[..full_apply().len()], full_apply()[..], "{all:#?}");
+    }
+
+    #[tokio::test]
     async fn scale_down_prunes_the_second_servers() {
         let leftover = |c: u32| -> Value {
             json!({
@@ -516,9 +641,21 @@ mod tests {
                 }
             })
         };
+        // The coordinator is always wanted: never pruned, its claim kept.
+        let coordinator = json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {
+                "name": "demo-coordinator", "namespace": "prod",
+                "labels": {"app.kubernetes.io/component": "coordinator"},
+                "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": "demo", "uid": "uid-1"}]
+            }
+        });
         for (retention, deletes_pvcs) in [("Retain", false), ("Delete", true)] {
-            let world =
-                World { statefulsets: vec![leftover(1), leftover(2)], secret_exists: true, ..Default::default() };
+            let world = World {
+                statefulsets: vec![coordinator.clone(), leftover(1), leftover(2)],
+                secret_exists: true,
+                ..Default::default()
+            };
             let mock = Mock::new(world, None);
             let obj = finalized(cluster(
                 "demo",
@@ -536,6 +673,7 @@ mod tests {
             }
             expected.push(format!("GET {NS}/services"));
             assert_eq!(calls[list + 1..list + 1 + expected.len()], expected[..], "{retention}");
+            assert!(calls.iter().all(|l| !l.contains("coordinator") || !l.starts_with("DELETE")), "{calls:#?}");
         }
     }
 
@@ -555,6 +693,7 @@ mod tests {
             ]
         );
         assert!(calls[0].body["note"].as_str().unwrap().contains("kept"));
+        assert!(calls.iter().all(|c| !c.uri.contains("persistentvolumeclaims")), "no claim is touched");
         // The finalizer helper tests that ours is still there, then removes it.
         let ops = calls[1].body.as_array().unwrap();
         assert_eq!(ops[0]["op"], "test");
@@ -581,6 +720,40 @@ mod tests {
             uri.contains("labelSelector=app.kubernetes.io%2Finstance%3Ddemo"),
             "only this SnsCluster's claims: {uri}"
         );
+        // The selector takes the coordinator's claim (its records) with the
+        // servers' and the broker's, and no other SnsCluster's.
+        let selector = uri.split("labelSelector=").nth(1).unwrap().split('&').next().unwrap();
+        let selector = selector.replace("%2F", "/").replace("%3D", "=").replace("%2C", ",");
+        let matches = |labels: &std::collections::BTreeMap<String, String>| {
+            selector.split(',').all(|t| {
+                let (k, v) = t.split_once('=').unwrap();
+                labels.get(k).map(String::as_str) == Some(v)
+            })
+        };
+        let claims = |obj: &SnsCluster| -> Vec<(String, std::collections::BTreeMap<String, String>)> {
+            let r = render::render(obj, &RenderOptions { default_image: "x".into() }).unwrap();
+            r.children
+                .iter()
+                .filter_map(|c| match c {
+                    Child::StatefulSet(s) => Some(s),
+                    _ => None,
+                })
+                .map(|s| {
+                    let t = &s.spec.as_ref().unwrap().volume_claim_templates.as_ref().unwrap()[0];
+                    (s.name_any(), t.metadata.labels.clone().unwrap())
+                })
+                .collect()
+        };
+        let ours = claims(&cluster("demo", json!({"storage": {"retention": "Delete"}})));
+        assert!(ours.iter().any(|(n, _)| n == "demo-coordinator"));
+        assert_eq!(ours.len(), 8);
+        for (name, labels) in &ours {
+            assert!(matches(labels), "{name}'s claim is deleted: {selector} vs {labels:?}");
+        }
+        for (name, labels) in claims(&cluster("other", json!({}))) {
+            assert!(!matches(&labels), "{name} belongs to another SnsCluster");
+        }
+        assert!(calls[1].body["note"].as_str().unwrap().contains("coordinator"));
     }
 
     #[tokio::test]

@@ -85,13 +85,14 @@ pub struct SnsClusterSpec {
     /// Resources of every `sns-node` container (coordinator, server, synchronizer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Each server's persistent volume.
+    /// Each server's persistent volume (class and retention apply to the
+    /// coordinator's volume too).
     #[serde(default)]
     pub storage: StorageSpec,
     /// The RabbitMQ broker between clusters.
     #[serde(default)]
     pub broker: BrokerSpec,
-    /// The coordinator's Service.
+    /// The coordinator's Service and volume.
     #[serde(default)]
     pub coordinator: CoordinatorSpec,
     /// `SNS_LOG` of every node (tracing-subscriber filter syntax).
@@ -149,8 +150,8 @@ impl PullPolicy {
     }
 }
 
-/// What happens to the servers' PersistentVolumeClaims when the SnsCluster
-/// is deleted or scaled down.
+/// What happens to the PersistentVolumeClaims (servers', coordinator's,
+/// managed broker's) when the SnsCluster is deleted or scaled down.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PvcRetention {
     /// Keep them: a re-created SnsCluster of the same name finds its data.
@@ -285,13 +286,33 @@ impl ServiceType {
     }
 }
 
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+/// The coordinator: its Service, and the volume of its records (terms,
+/// masters, which servers hold every acknowledged write), which a restarted
+/// coordinator needs to know which server it may promote.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct CoordinatorSpec {
     /// Type of the `<name>-coordinator` Service (which is also the client
     /// gateway).
     #[serde(default)]
     pub service_type: ServiceType,
+    /// Size of the coordinator's volume, which holds its records (class and
+    /// retention are `storage`'s).
+    // The records take a few kilobytes; the 1Gi default because many
+    // provisioners round smaller claims up to that anyway.
+    #[serde(default = "default_storage_size")]
+    #[schemars(length(max = 32))]
+    #[x_kube(
+        validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("coordinator.storageSize must be a positive quantity such as 1Gi"),
+        validation = Rule::new("self == oldSelf").message("coordinator.storageSize is immutable (expand the PersistentVolumeClaim directly)")
+    )]
+    pub storage_size: String,
+}
+
+impl Default for CoordinatorSpec {
+    fn default() -> Self {
+        CoordinatorSpec { service_type: ServiceType::default(), storage_size: default_storage_size() }
+    }
 }
 
 /// Observed state, written by the operator through the status subresource.
@@ -456,6 +477,11 @@ mod tests {
         assert!(rules(&spec["storage"])[0].contains("self.storageClassName == oldSelf.storageClassName"));
         let broker = &spec["broker"]["properties"]["managed"]["properties"]["storageSize"];
         assert_eq!(rules(broker)[1], "self == oldSelf");
+        let coord = &spec["coordinator"]["properties"]["storageSize"];
+        assert_eq!(coord["default"], "1Gi");
+        assert!(rules(coord)[0].contains("quantity(self)"));
+        assert_eq!(rules(coord)[1], "self == oldSelf");
+        assert_eq!(spec["coordinator"]["default"]["storageSize"], "1Gi", "an absent `coordinator` gets the size too");
         assert_eq!(
             spec["imagePullPolicy"]["enum"],
             // kube marks an optional enum nullable, with null among the values.
@@ -487,6 +513,10 @@ mod tests {
         assert_eq!(spec.storage.retention, PvcRetention::Retain);
         assert_eq!(spec.managed_broker(), Some(ManagedBroker::default()));
         assert_eq!(spec.coordinator.service_type, ServiceType::ClusterIP);
+        assert_eq!(spec.coordinator.storage_size, "1Gi");
+        let partial: SnsClusterSpec =
+            serde_json::from_value(serde_json::json!({"coordinator": {"serviceType": "NodePort"}})).unwrap();
+        assert_eq!(partial.coordinator.storage_size, "1Gi");
     }
 
     #[test]

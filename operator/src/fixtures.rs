@@ -73,12 +73,14 @@ impl RoutingTable for FixedTable {
     }
 }
 
-/// What the mocked API server holds, for its list answers.
+/// What the mocked API server holds, for its list and get answers.
 #[derive(Default, Clone)]
 pub struct World {
     pub statefulsets: Vec<Value>,
     pub services: Vec<Value>,
     pub pods: Vec<Pod>,
+    /// Answers to GET of a Deployment by name (the coordinator's former kind).
+    pub deployments: Vec<Value>,
     /// Answer Secret creation with 409 AlreadyExists.
     pub secret_exists: bool,
     /// Answer every server-side apply with 500.
@@ -108,6 +110,7 @@ impl Call {
 pub struct Mock {
     pub ctx: Arc<Context>,
     pub table: Arc<FixedTable>,
+    world: Arc<Mutex<World>>,
     server: tokio::task::JoinHandle<Vec<Call>>,
 }
 
@@ -123,6 +126,8 @@ impl Mock {
             RenderOptions { default_image: "ghcr.io/example/tiny-sns:test".into() },
             Duration::from_secs(60),
         );
+        let world = Arc::new(Mutex::new(world));
+        let shared = world.clone();
         let server = tokio::spawn(async move {
             let mut handle = handle;
             let mut calls = Vec::new();
@@ -132,7 +137,7 @@ impl Mock {
                 let bytes = req.into_body().collect_bytes().await.unwrap();
                 let body: Value =
                     if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
-                let (status, reply) = answer(&world, &method, &uri, &body);
+                let (status, reply) = answer(&shared.lock().unwrap(), &method, &uri, &body);
                 calls.push(Call { method, uri, body });
                 send.send_response(
                     Response::builder()
@@ -144,11 +149,17 @@ impl Mock {
             }
             calls
         });
-        Mock { ctx: Arc::new(ctx), table: fixed, server }
+        Mock { ctx: Arc::new(ctx), table: fixed, world, server }
     }
 
     pub fn set_table(&self, table: Option<Vec<NodeView>>) {
         *self.table.0.lock().unwrap() = table;
+    }
+
+    /// Changes what the API server holds from now on (as other controllers
+    /// would between two reconciles).
+    pub fn change_world(&self, change: impl FnOnce(&mut World)) {
+        change(&mut self.world.lock().unwrap());
     }
 
     /// Drops the Context (so the mocked server sees its client go) and
@@ -175,6 +186,12 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
         "GET" if last == "services" => (StatusCode::OK, list("ServiceList", world.services.clone())),
         "GET" if last == "pods" => {
             (StatusCode::OK, list("PodList", world.pods.iter().map(|p| serde_json::to_value(p).unwrap()).collect()))
+        }
+        "GET" if path.contains("/deployments/") => {
+            match world.deployments.iter().find(|d| d["metadata"]["name"] == last) {
+                Some(d) => (StatusCode::OK, d.clone()),
+                None => not_found(),
+            }
         }
         "POST" if last == "secrets" && world.secret_exists => (
             StatusCode::CONFLICT,
@@ -206,9 +223,34 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
         ),
         // Server-side apply: the applied object is what comes back.
         "PATCH" => (StatusCode::OK, body.clone()),
-        _ => (
-            StatusCode::NOT_FOUND,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
-        ),
+        _ => not_found(),
     }
+}
+
+fn not_found() -> (StatusCode, Value) {
+    (
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+    )
+}
+
+/// A Deployment `name` in `prod`, as older operators made the coordinator:
+/// owned by the fixture SnsCluster (`uid-1`) and labelled as its children.
+pub fn old_coordinator_deployment(name: &str, deleting: bool) -> Value {
+    let mut d = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {
+            "name": format!("{name}-coordinator"), "namespace": "prod",
+            "labels": {
+                "app.kubernetes.io/instance": name, "app.kubernetes.io/managed-by": "sns-operator",
+                "app.kubernetes.io/component": "coordinator"
+            },
+            "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": name, "uid": "uid-1", "controller": true}]
+        }
+    });
+    if deleting {
+        d["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:00Z");
+        d["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+    }
+    d
 }

@@ -9,7 +9,7 @@ use crate::metrics::{self, Endpoint, Metrics};
 use crate::render::{LABEL_MANAGED_BY, MANAGER, RenderOptions};
 use anyhow::Context as _;
 use futures_util::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
 use kube::Client;
 use kube::api::{Api, ListParams};
@@ -69,7 +69,6 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let children = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
     let controller = Controller::new(clusters, watcher::Config::default().any_semantic())
         .owns(api::<StatefulSet>(&client, ns), children.clone())
-        .owns(api::<Deployment>(&client, ns), children.clone())
         .owns(api::<Service>(&client, ns), children);
     let store = controller.store();
 

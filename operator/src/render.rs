@@ -5,7 +5,7 @@
 //!
 //! | object | name | what |
 //! |---|---|---|
-//! | Deployment + Service | `demo-coordinator` | the coordinator (1 replica, `Recreate`: two coordinators must never run at once); the Service also serves the client gateway |
+//! | StatefulSet (replicas 1) + Service | `demo-coordinator` | the coordinator, its records on the PVC `data` (`data-demo-coordinator-0`); a StatefulSet so that two coordinators never run at once and a restarted one finds its records; the Service also serves the client gateway |
 //! | StatefulSet (replicas 1) | `demo-server-<c>-<s>` | one per server process: containers `server` and `synchronizer` sharing the PVC `data` |
 //! | headless Service | `demo-nodes` | stable DNS `demo-server-<c>-<s>-0.demo-nodes.<ns>.svc` for every server pod |
 //! | Service | `demo-master-<c>` | selects the pod labelled `sns.io/role=master` in cluster c |
@@ -24,8 +24,7 @@
 use crate::crd::{PvcRetention, SnsCluster, SnsClusterSpec};
 use crate::error::{Error, Result};
 use k8s_openapi::api::apps::v1::{
-    Deployment, DeploymentSpec, DeploymentStrategy, StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy,
-    StatefulSetSpec,
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
@@ -46,8 +45,9 @@ use std::path::PathBuf;
 /// The plan's base port: the coordinator listens on 9000 (the course's
 /// port), server (c, s) on 9000 + 10c + s, its synchronizer on 9000 + 10c + 5 + s.
 pub const BASE_PORT: u16 = 9000;
-/// Where each server pod mounts its volume; the plan puts server (c, s) in
-/// `/data/cluster_<c>/<s>`.
+/// Where each server pod and the coordinator mount their volume; the plan
+/// puts server (c, s) in `/data/cluster_<c>/<s>` and the coordinator's
+/// records in `/data/coordinator`.
 pub const DATA_ROOT: &str = "/data";
 /// Port of the services that front a whole role (coordinator, masters).
 pub const SERVICE_PORT: i32 = 9000;
@@ -90,8 +90,13 @@ impl Names {
         let namespace = obj.namespace().ok_or(Error::MissingNamespace)?;
         Ok(Names { instance, namespace })
     }
+    /// The coordinator's StatefulSet and Service.
     pub fn coordinator(&self) -> String {
         format!("{}-coordinator", self.instance)
+    }
+    /// The PVC of the coordinator (from the `data` volumeClaimTemplate).
+    pub fn coordinator_pvc(&self) -> String {
+        format!("data-{}-0", self.coordinator())
     }
     pub fn nodes(&self) -> String {
         format!("{}-nodes", self.instance)
@@ -162,12 +167,15 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// One child object, in the order the reconciler applies them.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a few dozen children per render, built once and applied: boxing the StatefulSets would save nothing measurable"
+)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Child {
     ConfigMap(ConfigMap),
     Service(Service),
     StatefulSet(StatefulSet),
-    Deployment(Deployment),
     Pdb(PodDisruptionBudget),
 }
 
@@ -177,7 +185,6 @@ impl Child {
             Child::ConfigMap(o) => o.name_any(),
             Child::Service(o) => o.name_any(),
             Child::StatefulSet(o) => o.name_any(),
-            Child::Deployment(o) => o.name_any(),
             Child::Pdb(o) => o.name_any(),
         }
     }
@@ -186,7 +193,6 @@ impl Child {
             Child::ConfigMap(_) => "ConfigMap",
             Child::Service(_) => "Service",
             Child::StatefulSet(_) => "StatefulSet",
-            Child::Deployment(_) => "Deployment",
             Child::Pdb(_) => "PodDisruptionBudget",
         }
     }
@@ -195,7 +201,6 @@ impl Child {
             Child::ConfigMap(o) => serde_json::to_value(o),
             Child::Service(o) => serde_json::to_value(o),
             Child::StatefulSet(o) => serde_json::to_value(o),
-            Child::Deployment(o) => serde_json::to_value(o),
             Child::Pdb(o) => serde_json::to_value(o),
         }
         .expect("Kubernetes objects always serialize")
@@ -480,7 +485,7 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
     };
 
     let coordinator = processes.iter().find(|p| p.role == Role::Coordinator).expect("every plan has a coordinator");
-    children.push(Child::Deployment(render_coordinator(&names, spec, &image, coordinator, &config_hash, &owner)));
+    children.push(Child::StatefulSet(render_coordinator(&names, spec, &image, coordinator, &config_hash, &owner)));
 
     for p in &processes {
         let Role::Server { cluster, id } = p.role else {
@@ -520,6 +525,13 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
     Ok(Rendered { children, broker_secret })
 }
 
+/// The coordinator: a StatefulSet of one pod whose records (terms, masters,
+/// which servers hold every acknowledged write) live on its own PVC, so a
+/// restarted or rescheduled coordinator still knows which server it may
+/// promote. A StatefulSet rather than a Deployment also because it never
+/// runs two pods of one identity at once: the replacement is created only
+/// after the old pod is gone, and two coordinators would each appoint
+/// masters.
 fn render_coordinator(
     names: &Names,
     spec: &SnsClusterSpec,
@@ -527,8 +539,9 @@ fn render_coordinator(
     p: &Process,
     config_hash: &str,
     owner: &OwnerReference,
-) -> Deployment {
+) -> StatefulSet {
     let l = labels(names, "coordinator");
+    let data_mount = VolumeMount { name: "data".into(), mount_path: DATA_ROOT.into(), ..Default::default() };
     let (tmp, tmp_mount) = tmp_volume();
     let container = node_container(
         spec,
@@ -540,28 +553,48 @@ fn render_coordinator(
             port_name: "grpc",
             port: p.port,
             env: vec![],
-            mounts: vec![tmp_mount],
+            mounts: vec![data_mount, tmp_mount],
         },
     );
-    Deployment {
+    let mut pvc_labels = selector_of(&l);
+    pvc_labels.insert(LABEL_NAME.into(), "sns".into());
+    StatefulSet {
         metadata: meta(names.coordinator(), names, l.clone(), owner),
-        spec: Some(DeploymentSpec {
+        spec: Some(StatefulSetSpec {
             replicas: Some(1),
-            // Two coordinators would each appoint masters: never overlap.
-            strategy: Some(DeploymentStrategy { type_: Some("Recreate".into()), ..Default::default() }),
+            // No serviceName: nothing dials the coordinator pod by name;
+            // clients and nodes go through the `<name>-coordinator` Service,
+            // which may be a NodePort or LoadBalancer and so not headless.
+            // Parallel: with one pod there is no order to keep, and an
+            // OrderedReady rollout would stall behind a pod that never gets
+            // ready instead of replacing it with the next revision.
+            pod_management_policy: Some("Parallel".into()),
+            // One pod at a time: deleted, gone, then its replacement.
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..Default::default()
+            }),
             selector: LabelSelector { match_labels: Some(selector_of(&l)), ..Default::default() },
+            persistent_volume_claim_retention_policy: Some(retention_policy(spec.storage.retention)),
             template: PodTemplateSpec {
                 metadata: Some(template_meta(l, config_hash)),
                 spec: Some(PodSpec {
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
+                    // fsGroup makes the volume writable by the non-root user.
                     security_context: Some(pod_security(RUN_AS_USER)),
                     containers: vec![container],
                     volumes: Some(vec![tmp]),
+                    // The records are fsynced before they are acted on.
                     termination_grace_period_seconds: Some(10),
                     ..Default::default()
                 }),
             },
+            volume_claim_templates: Some(vec![pvc_template(
+                pvc_labels,
+                &spec.coordinator.storage_size,
+                spec.storage.storage_class_name.as_ref(),
+            )]),
             ..Default::default()
         }),
         ..Default::default()
@@ -908,7 +941,7 @@ mod tests {
                 "Service/demo-master-3",
                 "Service/demo-rabbitmq",
                 "StatefulSet/demo-rabbitmq",
-                "Deployment/demo-coordinator",
+                "StatefulSet/demo-coordinator",
                 "StatefulSet/demo-server-1-1",
                 "StatefulSet/demo-server-1-2",
                 "StatefulSet/demo-server-2-1",
@@ -968,21 +1001,91 @@ mod tests {
             checked += 1;
         }
         assert_eq!(checked, 12);
-        let coord = r
-            .children
-            .iter()
-            .find_map(|c| match c {
-                Child::Deployment(d) => Some(d),
-                _ => None,
-            })
-            .unwrap();
-        let t = &coord.spec.as_ref().unwrap().template;
-        let args = container(t, "coordinator").args.clone().unwrap();
+        let coord = sts(&r, "demo-coordinator");
+        let args = container(template(coord), "coordinator").args.clone().unwrap();
         let mut expected = procs[0].args.clone();
         expected.push("--gateway".into());
         assert_eq!(args, expected);
         assert!(args.windows(2).any(|w| w == ["--heartbeat-interval", "1000ms"]));
-        assert_eq!(coord.spec.as_ref().unwrap().strategy.as_ref().unwrap().type_.as_deref(), Some("Recreate"));
+        assert!(args.windows(2).any(|w| w == ["--data-dir", "/data/coordinator"]), "{args:?}");
+    }
+
+    #[test]
+    fn coordinator_keeps_its_records_on_its_own_claim() {
+        let obj = cluster(
+            "demo",
+            serde_json::json!({
+                "storage": {"size": "5Gi", "storageClassName": "fast", "retention": "Delete"},
+                "coordinator": {"storageSize": "256Mi"},
+            }),
+        );
+        let r = render(&obj, &opts()).unwrap();
+        assert!(r.children.iter().all(|c| c.kind() != "Deployment"), "the coordinator is no Deployment any more");
+        let s = sts(&r, "demo-coordinator");
+        let spec = s.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(1));
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        assert_eq!(spec.update_strategy.as_ref().unwrap().type_.as_deref(), Some("RollingUpdate"));
+        let policy = spec.persistent_volume_claim_retention_policy.as_ref().unwrap();
+        assert_eq!(policy.when_deleted.as_deref(), Some("Delete"));
+
+        // The claim: its own size, the servers' class, labels the cleanup's
+        // selector finds.
+        let pvc = &spec.volume_claim_templates.as_ref().unwrap()[0];
+        assert_eq!(pvc.metadata.name.as_deref(), Some("data"));
+        let pvc_spec = pvc.spec.as_ref().unwrap();
+        assert_eq!(pvc_spec.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(pvc_spec.access_modes.as_ref().unwrap(), &["ReadWriteOnce"]);
+        assert_eq!(
+            pvc_spec.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"],
+            Quantity("256Mi".into())
+        );
+        let names = Names::of(&obj).unwrap();
+        let pvc_labels = pvc.metadata.labels.as_ref().unwrap();
+        for term in names.selector().split(',') {
+            let (k, v) = term.split_once('=').unwrap();
+            assert_eq!(pvc_labels.get(k).map(String::as_str), Some(v), "{term}");
+        }
+        assert_eq!(names.coordinator_pvc(), "data-demo-coordinator-0");
+
+        // Mounted writable at /data, where --data-dir points, by a locked
+        // down non-root pod whose fsGroup owns the volume.
+        let t = template(s);
+        let c = container(t, "coordinator");
+        let mount = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "data").unwrap();
+        assert_eq!(mount.mount_path, DATA_ROOT);
+        assert_ne!(mount.read_only, Some(true));
+        let args = c.args.as_ref().unwrap();
+        assert!(args.windows(2).any(|w| w == ["--data-dir", "/data/coordinator"]), "{args:?}");
+        assert!(args.contains(&"--gateway".to_string()));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &["ALL"]);
+        let pod = t.spec.as_ref().unwrap();
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(
+            (psc.run_as_non_root, psc.run_as_user, psc.fs_group),
+            (Some(true), Some(RUN_AS_USER), Some(RUN_AS_USER))
+        );
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let readiness = c.readiness_probe.as_ref().unwrap();
+        assert_eq!(readiness.grpc.as_ref().unwrap().port, i32::from(BASE_PORT));
+        assert!(c.liveness_probe.is_some());
+        let annotations = t.metadata.as_ref().unwrap().annotations.as_ref().unwrap();
+        assert!(annotations.contains_key(CONFIG_HASH));
+
+        // The Service the clients port-forward to selects this pod.
+        let svc = service(&r, "demo-coordinator").spec.clone().unwrap();
+        let pod_labels = t.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        assert!(svc.selector.unwrap().iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+        assert_eq!(spec.selector.match_labels.as_ref().unwrap(), &selector_of(pod_labels));
+
+        // Without a size given, 1Gi.
+        let r = render(&cluster("demo", serde_json::json!({})), &opts()).unwrap();
+        let pvc = &sts(&r, "demo-coordinator").spec.as_ref().unwrap().volume_claim_templates.as_ref().unwrap()[0];
+        let requests = pvc.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.clone().unwrap();
+        assert_eq!(requests["storage"], Quantity("1Gi".into()));
+        assert_eq!(pvc.spec.as_ref().unwrap().storage_class_name, None);
     }
 
     #[test]
@@ -995,7 +1098,6 @@ mod tests {
         for c in &r.children {
             let template = match c {
                 Child::StatefulSet(s) => &s.spec.as_ref().unwrap().template,
-                Child::Deployment(d) => &d.spec.as_ref().unwrap().template,
                 _ => continue,
             };
             for container in &template.spec.as_ref().unwrap().containers {
@@ -1010,6 +1112,7 @@ mod tests {
                         let cfg = a.config();
                         assert!(cfg.gateway, "the coordinator serves the client gateway");
                         assert_eq!(cfg.clusters, 3);
+                        assert_eq!(cfg.data_dir.as_deref(), Some(std::path::Path::new("/data/coordinator")));
                     }
                     Command::Server(a) => {
                         let cfg = a.config().unwrap();
@@ -1022,6 +1125,7 @@ mod tests {
                         assert_eq!(cfg.servers_per_cluster, 1);
                     }
                     Command::Local(_) => panic!("no pod runs the launcher"),
+                    Command::Promote(_) => panic!("promote is a person's command, run by hand"),
                 }
                 parsed += 1;
             }
@@ -1078,7 +1182,7 @@ mod tests {
         let r = render(&obj, &opts()).unwrap();
         let mut names = r.names_of("StatefulSet");
         names.sort();
-        assert_eq!(names, ["solo-rabbitmq", "solo-server-1-1", "solo-server-2-1"]);
+        assert_eq!(names, ["solo-coordinator", "solo-rabbitmq", "solo-server-1-1", "solo-server-2-1"]);
         let t = template(sts(&r, "solo-server-2-1"));
         let args = container(t, "synchronizer").args.clone().unwrap();
         assert!(args.windows(2).any(|w| w == ["--servers-per-cluster", "1"]));
@@ -1152,6 +1256,8 @@ mod tests {
         for (retention, expected) in [("Retain", "Retain"), ("Delete", "Delete")] {
             let obj = cluster("demo", serde_json::json!({"storage": {"retention": retention}}));
             let r = render(&obj, &opts()).unwrap();
+            // Servers, coordinator and broker alike.
+            assert_eq!(statefulsets(&r).len(), 8);
             for s in statefulsets(&r) {
                 let p = s.spec.as_ref().unwrap().persistent_volume_claim_retention_policy.clone().unwrap();
                 assert_eq!(p.when_deleted.as_deref(), Some(expected));
@@ -1164,11 +1270,12 @@ mod tests {
     fn config_changes_roll_the_pods() {
         let a = render(&cluster("demo", serde_json::json!({})), &opts()).unwrap();
         let b = render(&cluster("demo", serde_json::json!({"logLevel": "debug"})), &opts()).unwrap();
-        let hash = |r: &Rendered| {
-            template(sts(r, "demo-server-1-1")).metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH]
-                .clone()
+        let hash = |r: &Rendered, name: &str| {
+            template(sts(r, name)).metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH].clone()
         };
-        assert_ne!(hash(&a), hash(&b));
+        for name in ["demo-server-1-1", "demo-coordinator"] {
+            assert_ne!(hash(&a, name), hash(&b, name), "{name}");
+        }
         assert_ne!(a.checksum(), b.checksum());
         assert_eq!(a.checksum(), render(&cluster("demo", serde_json::json!({})), &opts()).unwrap().checksum());
     }

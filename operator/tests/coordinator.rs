@@ -1,5 +1,7 @@
 //! The real routing-table client against a real coordinator on
-//! 127.0.0.1:0: what the reconciler reads is what the coordinator decided.
+//! 127.0.0.1:0: what the reconciler reads is what the coordinator decided,
+//! and the coordinator keeps its records under `--data-dir` (the directory
+//! the operator puts on the coordinator's PersistentVolumeClaim).
 
 use clap::Parser;
 use sns_node::cli::{Cli, Command};
@@ -11,7 +13,19 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn routing_table_reports_the_registered_master() {
-    let cli = Cli::try_parse_from(["sns-node", "coordinator", "-p", "0", "--clusters", "2"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("coordinator");
+    let cli = Cli::try_parse_from([
+        "sns-node",
+        "coordinator",
+        "-p",
+        "0",
+        "--clusters",
+        "2",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ])
+    .unwrap();
     let Command::Coordinator(args) = cli.command else { panic!("not a coordinator") };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -36,10 +50,12 @@ async fn routing_table_reports_the_registered_master() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let nodes = loop {
         let nodes = table.table(&endpoint).await.unwrap();
-        if nodes.iter().filter(|n| n.alive).count() == 2 {
+        // Both registered and one elected (the election follows the
+        // registration, once its record is on disk).
+        if nodes.iter().filter(|n| n.alive).count() == 2 && nodes.iter().any(|n| n.is_master) {
             break nodes;
         }
-        assert!(Instant::now() < deadline, "servers never showed up: {nodes:?}");
+        assert!(Instant::now() < deadline, "servers or master never showed up: {nodes:?}");
         tokio::task::yield_now().await;
     };
     let master = nodes.iter().find(|n| n.is_master).expect("a master");
@@ -47,6 +63,10 @@ async fn routing_table_reports_the_registered_master() {
     assert!(master.term >= 1);
     let slave = nodes.iter().find(|n| n.id == 2).unwrap();
     assert!(!slave.is_master && slave.alive);
+    // The master was recorded before it was announced: this file is what
+    // the coordinator's volume keeps across restarts.
+    let state = data_dir.join(sns_node::coordinator::state::STATE_FILE);
+    assert!(std::fs::metadata(&state).is_ok_and(|m| m.len() > 8), "{} holds the records", state.display());
 
     shutdown.cancel();
     coordinator.await.unwrap().unwrap();

@@ -41,6 +41,7 @@ fn example_runs_under_the_operator_and_the_local_launcher() {
     obj.metadata.namespace = Some("default".into());
     obj.metadata.uid = Some("uid".into());
     let rendered = render::render(&obj, &RenderOptions { default_image: "tiny-sns:test".into() }).unwrap();
-    assert_eq!(rendered.names_of("StatefulSet").len(), 7);
+    // 6 servers, the coordinator, the managed broker.
+    assert_eq!(rendered.names_of("StatefulSet").len(), 8);
     assert!(!render::to_yaml(&rendered, &Names::of(&obj).unwrap()).is_empty());
 }
