@@ -12,9 +12,10 @@ die() {
 }
 
 # Background processes (port-forwards) and clients, for run.sh's cleanup.
+# BG_PIDS and CPID are only read by run.sh, which sources this file: seen
+# alone, this file seems to leave them unused (SC2034).
 # shellcheck disable=SC2034
 BG_PIDS=()
-# shellcheck disable=SC2034
 declare -A CPID CFD MARK PORT_OF
 
 # Polls `cmd` (a shell string) until it succeeds or `secs` pass.
@@ -34,7 +35,7 @@ client() {
   mkfifo "$OUT/client-$name.in"
   "$TSC" -h 127.0.0.1 -k "${PORT_OF[$cr]}" -u "$user" --gateway \
     <"$OUT/client-$name.in" >"$OUT/client-$name.log" 2>&1 &
-  # shellcheck disable=SC2034
+  # shellcheck disable=SC2034 # read by run.sh's cleanup (see BG_PIDS above)
   CPID[$name]=$!
   exec {fd}>"$OUT/client-$name.in"
   CFD[$name]=$fd
