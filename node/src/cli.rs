@@ -224,7 +224,8 @@ pub struct SyncArgs {
     /// Number of clusters in the deployment.
     #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub clusters: u32,
-    /// Servers per cluster (each has a synchronizer and a broker queue).
+    /// Servers per cluster (each has a synchronizer; the cluster has one
+    /// broker queue, consumed beside its master).
     #[arg(long, env = "SNS_SERVERS_PER_CLUSTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
     pub servers_per_cluster: u32,
     /// RabbitMQ URL.

@@ -39,8 +39,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Command::Server(a) => {
                 let cfg = a.config().map_err(Error::Config)?;
-                let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
-                server::run(cfg, listener, shutdown).await
+                // The port file is written once the store is open, so a
+                // launcher that starts servers one after another has them
+                // register in that order (the first becomes master).
+                let listener = net::bind(&a.listen.bind, a.port, None).await?;
+                server::serve(cfg, listener, a.listen.port_file.as_deref(), shutdown).await
             }
             Command::Synchronizer(a) => {
                 let cfg = a.config().map_err(Error::Config)?;

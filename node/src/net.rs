@@ -19,12 +19,16 @@ pub async fn bind(bind: &str, port: u16, port_file: Option<&Path>) -> Result<Tcp
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {bind}:{port}: {e}")))?;
     if let Some(path) = port_file {
-        let port = local_port(&listener)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, port.to_string()).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        write_port_file(path, local_port(&listener)?)?;
     }
     Ok(listener)
+}
+
+/// Writes `port` to `path` atomically (a launcher polls for it).
+pub fn write_port_file(path: &Path, port: u16) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, port.to_string()).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 pub fn local_port(listener: &TcpListener) -> Result<u16> {

@@ -69,14 +69,19 @@ pub fn skip(test: &str, reason: &str) {
 }
 
 /// Polls `check` until it returns Some, or fails after `DEADLINE`.
-pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T> {
-    let deadline = Instant::now() + DEADLINE;
+pub fn eventually<T>(what: &str, check: impl FnMut() -> Option<T>) -> Result<T> {
+    eventually_within(what, DEADLINE, check)
+}
+
+/// [`eventually`] with a deadline of `limit`.
+pub fn eventually_within<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = check() {
             return Ok(v);
         }
         if Instant::now() > deadline {
-            bail!("timed out after {DEADLINE:?} waiting for {what}");
+            bail!("timed out after {limit:?} waiting for {what}");
         }
         std::thread::sleep(POLL);
     }

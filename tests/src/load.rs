@@ -121,50 +121,78 @@ pub async fn writer_padded(
     progress: Arc<AtomicUsize>,
     pad: usize,
 ) -> WriterReport {
-    let mut report = WriterReport { user, ..Default::default() };
-    let (call, id_base) = next_call();
-    let mut last_ack = Instant::now();
-    let mut n = 0usize;
-    'session: while !stop.load(Ordering::SeqCst) && n < max && Instant::now() < deadline {
-        let Ok(mut sns) = attach(coord_port, user).await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let opening = Message { username: user.to_string(), ..Default::default() };
-        let _ = tx.send(opening);
-        let Ok(resp) = sns.timeline(UnboundedReceiverStream::new(rx)).await else { continue };
-        let mut inbound = resp.into_inner();
-        while !stop.load(Ordering::SeqCst) && n < max && Instant::now() < deadline {
-            let text = format!("{user}-w{call}-{n}{}", ".".repeat(pad));
-            let id = id_base + n as u64 + 1;
-            let post = Message { username: user.to_string(), msg: text.clone(), timestamp: None, post_id: id };
-            if tx.send(post).is_err() {
-                report.failovers += 1;
-                continue 'session;
-            }
-            let acked = tokio::time::timeout(ACK_TIMEOUT, async {
-                loop {
-                    match inbound.message().await {
-                        Ok(Some(m)) if m.post_id == id && m.msg.is_empty() => return true,
-                        Ok(Some(_)) => continue, // a followee's post
-                        _ => return false,
-                    }
+    Writer { coord_port, user, stop, max, deadline, progress, pad, pace: Duration::ZERO }.run().await
+}
+
+/// A writer with every knob: see [`writer`].
+#[derive(Debug, Clone)]
+pub struct Writer {
+    pub coord_port: u16,
+    pub user: u32,
+    pub stop: Arc<AtomicBool>,
+    pub max: usize,
+    pub deadline: Instant,
+    pub progress: Arc<AtomicUsize>,
+    /// Filler bytes after each text.
+    pub pad: usize,
+    /// Pause after each acknowledged post (a steady, bounded load).
+    pub pace: Duration,
+}
+
+impl Writer {
+    pub async fn run(self) -> WriterReport {
+        let Writer { coord_port, user, stop, max, deadline, progress, pad, pace } = self;
+        let mut report = WriterReport { user, ..Default::default() };
+        let (call, id_base) = next_call();
+        let mut last_ack = Instant::now();
+        let mut n = 0usize;
+        'session: while !stop.load(Ordering::SeqCst) && n < max && Instant::now() < deadline {
+            let Ok(mut sns) = attach(coord_port, user).await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            let opening = Message { username: user.to_string(), ..Default::default() };
+            let _ = tx.send(opening);
+            let Ok(resp) = sns.timeline(UnboundedReceiverStream::new(rx)).await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let mut inbound = resp.into_inner();
+            while !stop.load(Ordering::SeqCst) && n < max && Instant::now() < deadline {
+                let text = format!("{user}-w{call}-{n}{}", ".".repeat(pad));
+                let id = id_base + n as u64 + 1;
+                let post = Message { username: user.to_string(), msg: text.clone(), timestamp: None, post_id: id };
+                if tx.send(post).is_err() {
+                    report.failovers += 1;
+                    continue 'session;
                 }
-            })
-            .await;
-            if acked != Ok(true) {
-                // Same post, same id, on the next server: applied at most once.
-                report.failovers += 1;
-                continue 'session;
+                let acked = tokio::time::timeout(ACK_TIMEOUT, async {
+                    loop {
+                        match inbound.message().await {
+                            Ok(Some(m)) if m.post_id == id && m.msg.is_empty() => return true,
+                            Ok(Some(_)) => continue, // a followee's post
+                            _ => return false,
+                        }
+                    }
+                })
+                .await;
+                if acked != Ok(true) {
+                    // Same post, same id, on the next server: applied at most once.
+                    report.failovers += 1;
+                    continue 'session;
+                }
+                report.longest_gap = report.longest_gap.max(last_ack.elapsed());
+                last_ack = Instant::now();
+                report.acked.push(text);
+                progress.fetch_add(1, Ordering::SeqCst);
+                n += 1;
+                if !pace.is_zero() {
+                    tokio::time::sleep(pace).await;
+                }
             }
-            report.longest_gap = report.longest_gap.max(last_ack.elapsed());
-            last_ack = Instant::now();
-            report.acked.push(text);
-            progress.fetch_add(1, Ordering::SeqCst);
-            n += 1;
+            break;
         }
-        break;
+        report
     }
-    report
 }

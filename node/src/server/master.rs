@@ -25,7 +25,7 @@
 use super::{Node, PostRequest, Role, SlaveAddr, encode_state, lock, snapshot_chunks};
 use crate::net;
 use crate::store::codec;
-use crate::store::state::{Change, Entry, LocalOp, State};
+use crate::store::state::{Change, Entry, LocalOp, RemoteEvent, State};
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{InSyncMember, InSyncRequest, ReplicateRequest};
@@ -99,8 +99,42 @@ impl Node {
                 Ok(Some(change)) => (LocalOp { seq: state.next_seq(), change, request_id }, state.published_upto()),
             }
         };
-        self.write_ops(&role, vec![op], published).await?;
+        self.write_entries(&role, vec![Entry::Local(op)], published).await?;
         Ok(Ok(()))
+    }
+
+    /// Applies events of other clusters as master: in the write lane, in
+    /// this cluster's journal order, replicated to the in-sync servers like
+    /// a client write; Ok (with how many changed anything) once committed.
+    /// A slave never applies them on its own: it gets them from its master,
+    /// so both hold the same events in the same order.
+    pub async fn apply_remote(&self, events: Vec<RemoteEvent>) -> Result<usize, Status> {
+        let _lane = self.0.lane.lock().await;
+        let role = self.ensure_serving().await?;
+        self.prepare_role(&role).await?;
+        let (fresh, published): (Vec<Entry>, u64) = self.read(|s| {
+            let mut marks = std::collections::HashMap::new();
+            let fresh = events
+                .into_iter()
+                .filter(|e| {
+                    // Within the batch too: each origin's seqs must increase.
+                    let last = marks.entry(e.origin).or_insert(0u64);
+                    let new = s.is_new_remote(e) && e.seq > *last;
+                    if new {
+                        *last = e.seq;
+                    }
+                    new
+                })
+                .map(Entry::Remote)
+                .collect();
+            (fresh, s.published_upto())
+        });
+        if fresh.is_empty() {
+            return Ok(0);
+        }
+        let n = fresh.len();
+        self.write_entries(&role, fresh, published).await?;
+        Ok(n)
     }
 
     /// Queues a post: it is committed with the other posts that are waiting
@@ -131,7 +165,7 @@ impl Node {
                     if id != 0 && (state.has_post_id(user, id) || !ids.insert((user, id))) {
                         continue; // a resent post: acknowledge, do not apply
                     }
-                    ops.push(LocalOp::new(seq, Change::Post(r.post.clone())));
+                    ops.push(Entry::Local(LocalOp::new(seq, Change::Post(r.post.clone()))));
                     seq += 1;
                 }
                 (ops, state.published_upto())
@@ -139,7 +173,7 @@ impl Node {
             if ops.is_empty() {
                 return Ok(());
             }
-            self.write_ops(&role, ops, published).await
+            self.write_entries(&role, ops, published).await
         }
         .await;
         for r in batch {
@@ -173,11 +207,11 @@ impl Node {
         }
     }
 
-    /// Journals consecutive ops here, replicates them, then applies them:
-    /// Ok once they are committed. Called with the write lane held.
-    async fn write_ops(&self, role: &Role, ops: Vec<LocalOp>, published: u64) -> Result<(), Status> {
-        let last = ops.last().map_or(0, |op| op.seq);
-        let entries: Vec<Entry> = ops.iter().cloned().map(Entry::Local).collect();
+    /// Journals entries here (client writes with consecutive seqs, other
+    /// clusters' events), replicates them, then applies them: Ok once they
+    /// are committed. Called with the write lane held.
+    async fn write_entries(&self, role: &Role, entries: Vec<Entry>, published: u64) -> Result<(), Status> {
+        let last = entries.iter().filter_map(|e| if let Entry::Local(op) = e { Some(op.seq) } else { None }).max();
         let node = self.clone();
         let journaled = entries.clone();
         let appended = tokio::task::spawn_blocking(move || node.store().append(&journaled, true))
@@ -189,7 +223,7 @@ impl Node {
                 "the write was not made: {e}; ask the coordinator for the master again"
             )));
         }
-        let verdict = self.replicate(role, &ops, published).await;
+        let verdict = self.replicate(role, &entries, published).await;
         // The journal holds the ops whatever the verdict: memory follows it.
         let node = self.clone();
         tokio::task::spawn_blocking(move || node.store().apply_appended(&entries))
@@ -208,7 +242,9 @@ impl Node {
                         "accepting writes as master"
                     );
                 }
-                self.0.stable.send_replace(last);
+                if let Some(last) = last {
+                    self.0.stable.send_replace(last);
+                }
                 Ok(())
             }
             Verdict::Deposed(why) => Err(Status::unavailable(format!(
@@ -233,12 +269,12 @@ impl Node {
         *lock(&self.0.synced_slave) = None;
     }
 
-    /// Gets `ops` onto every in-sync server, or has the coordinator record
-    /// the ones that lack them as out of sync.
-    async fn replicate(&self, role: &Role, ops: &[LocalOp], published: u64) -> Verdict {
+    /// Gets `entries` onto every in-sync server, or has the coordinator
+    /// record the ones that lack them as out of sync.
+    async fn replicate(&self, role: &Role, entries: &[Entry], published: u64) -> Verdict {
         let mut role = role.clone();
         let me = self.0.cfg.id;
-        let seq = ops.first().map_or(0, |op| op.seq);
+        let seq = entries.iter().find_map(|e| if let Entry::Local(op) = e { Some(op.seq) } else { None }).unwrap_or(0);
         let mut tried_catch_up = false;
         loop {
             let mut holders = vec![(me, self.incarnation())];
@@ -255,7 +291,7 @@ impl Node {
                     }
                 }
                 if let Some(s) = synced {
-                    match self.forward(&role, &s, ops, published).await {
+                    match self.forward(&role, &s, entries, published).await {
                         Ok(()) => holders.push((s.id, s.incarnation)),
                         Err(status) if status.code() == Code::FailedPrecondition => {
                             tracing::warn!(seq, error = %status.message(), "write refused by a newer term");
@@ -342,10 +378,10 @@ impl Node {
         }
     }
 
-    async fn forward(&self, role: &Role, slave: &SyncedSlave, ops: &[LocalOp], published: u64) -> Result<(), Status> {
+    async fn forward(&self, role: &Role, slave: &SyncedSlave, entries: &[Entry], published: u64) -> Result<(), Status> {
         let mut req = tonic::Request::new(ReplicateRequest {
             term: role.term,
-            ops: ops.iter().map(codec::local_op_to_pb).collect(),
+            entries: entries.iter().map(codec::entry_to_pb).collect(),
             published_upto: published,
             cluster: self.0.cfg.cluster,
             from_server: self.0.cfg.id,

@@ -660,8 +660,21 @@ async fn flush_loop(node: Node, shutdown: CancellationToken) {
 
 /// Serves a server node on `listener` until `shutdown` is cancelled.
 pub async fn run(cfg: ServerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    serve(cfg, listener, None, shutdown).await
+}
+
+/// [`run`], writing the port to `port_file` once the store is open.
+pub async fn serve(
+    cfg: ServerConfig,
+    listener: TcpListener,
+    port_file: Option<&std::path::Path>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let port = net::local_port(&listener)?;
     let (node, queued) = Node::open(cfg, port)?;
+    if let Some(path) = port_file {
+        net::write_port_file(path, port)?;
+    }
     tracing::info!(cluster = node.cfg().cluster, id = node.cfg().id, port, dir = %node.cfg().data_dir.display(), incarnation = node.incarnation(), "server listening");
     let tasks = [
         tokio::spawn(heartbeat_loop(node.clone(), shutdown.clone())),

@@ -3,10 +3,12 @@
 
 use super::Node;
 use crate::store::codec;
+use crate::store::state::Entry;
+use futures_util::StreamExt as _;
 use sns_proto::internal::replica_server::{Replica, ReplicaServer};
 use sns_proto::internal::{
-    AckReply, AckRequest, ApplyReply, InstallReply, ReplicateReply, ReplicateRequest, ServerStatus, SnapshotChunk,
-    StatusRequest, SyncBatch, SyncEvent, TailRequest,
+    AckReply, AckRequest, ApplyReply, InstallReply, ReplicateReply, ReplicateRequest, ServerStatus, ServingState,
+    SnapshotChunk, StatusRequest, SyncBatch, SyncEvent, TailRequest,
 };
 use std::pin::Pin;
 use tokio::sync::mpsc;
@@ -38,16 +40,19 @@ impl Replica for ReplicaService {
                 self.node.cfg().cluster
             )));
         }
-        let ops = req
-            .ops
-            .iter()
-            .map(codec::local_op_from_pb)
+        let clusters = self.node.cfg().clusters;
+        let entries = req
+            .entries
+            .into_iter()
+            .map(|e| codec::entry_from_pb(e, clusters))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if ops.is_empty() || ops.windows(2).any(|w| w[1].seq != w[0].seq + 1) {
-            return Err(Status::invalid_argument("replicated writes must be consecutive and non-empty"));
+        let seqs: Vec<u64> =
+            entries.iter().filter_map(|e| if let Entry::Local(op) = e { Some(op.seq) } else { None }).collect();
+        if entries.is_empty() || seqs.windows(2).any(|w| w[1] != w[0] + 1) {
+            return Err(Status::invalid_argument("replicated records must be non-empty, client writes consecutive"));
         }
-        self.node.apply_replicated(req.term, ops, req.published_upto).await?;
+        self.node.apply_replicated(req.term, entries, req.published_upto).await?;
         Ok(Response::new(ReplicateReply {}))
     }
 
@@ -75,6 +80,15 @@ impl Replica for ReplicaService {
             lease_valid: role.is_master && self.node.lease_valid(),
             in_sync: if role.is_master { role.in_sync.clone() } else { vec![] },
         }))
+    }
+
+    type WatchServingStream = Pin<Box<dyn Stream<Item = Result<ServingState, Status>> + Send>>;
+
+    async fn watch_serving(&self, _req: Request<TailRequest>) -> Result<Response<Self::WatchServingStream>, Status> {
+        let node = self.node.clone();
+        let serving = tokio_stream::wrappers::WatchStream::new(node.watch_serving())
+            .map(move |serving| Ok(ServingState { serving, term: node.role().term }));
+        Ok(Response::new(Box::pin(serving.take_until(self.shutdown.clone().cancelled_owned()))))
     }
 
     type TailOutboxStream = Pin<Box<dyn Stream<Item = Result<SyncEvent, Status>> + Send>>;

@@ -1,6 +1,6 @@
-//! What a server applies on others' behalf: writes its master forwards,
-//! the master's whole state (a snapshot), and events of other clusters
-//! that its synchronizer hands it.
+//! What a slave applies on its master's behalf: the records its master
+//! journaled (client writes and other clusters' events, in the master's
+//! order), and the master's whole state (a snapshot).
 //!
 //! A slave takes forwarded writes only under the term it was last synced
 //! in, in seq order with nothing missing. When it cannot write its journal
@@ -11,7 +11,7 @@
 
 use super::Node;
 use crate::error::{Error, Result};
-use crate::store::state::{Entry, LocalOp, RemoteEvent, Snapshot};
+use crate::store::state::{Entry, Snapshot};
 use std::sync::atomic::Ordering;
 use tonic::Status;
 
@@ -48,8 +48,10 @@ impl Node {
         }
     }
 
-    /// Applies a client write forwarded by the master.
-    pub async fn apply_replicated(&self, term: u64, ops: Vec<LocalOp>, published_upto: u64) -> Result<(), Status> {
+    /// Applies journal records forwarded by the master, in its order:
+    /// client writes (seqs continuing this server's) and other clusters'
+    /// events.
+    pub async fn apply_replicated(&self, term: u64, entries: Vec<Entry>, published_upto: u64) -> Result<(), Status> {
         let _lane = self.0.lane.lock().await;
         self.check_master_term(term)?;
         if let Some(damage) = self.damage() {
@@ -59,13 +61,32 @@ impl Node {
             return Err(Status::aborted(format!("not synced under term {term}: send a snapshot first")));
         }
         let (next, published) = self.read(|s| (s.next_seq(), s.published_upto()));
-        // Ops already here come from a retried forward.
-        let mut fresh: Vec<Entry> = ops.into_iter().filter(|op| op.seq >= next).map(Entry::Local).collect();
-        let Some(Entry::Local(first)) = fresh.first() else { return Ok(()) };
-        if first.seq > next {
-            // Cannot happen under the same term; resync rather than diverge.
-            self.0.synced_term.store(0, Ordering::SeqCst);
-            return Err(Status::aborted(format!("expected seq {next}, got {}: send a snapshot", first.seq)));
+        // Records already here come from a retried forward (the first try
+        // was applied whole, or not at all).
+        let mut expected = next;
+        let mut fresh = Vec::new();
+        for entry in entries {
+            match entry {
+                Entry::Local(op) if op.seq < next => {}
+                Entry::Local(op) if op.seq == expected => {
+                    expected += 1;
+                    fresh.push(Entry::Local(op));
+                }
+                Entry::Local(op) => {
+                    // Cannot happen under the same term; resync rather
+                    // than diverge.
+                    self.0.synced_term.store(0, Ordering::SeqCst);
+                    return Err(Status::aborted(format!("expected seq {expected}, got {}: send a snapshot", op.seq)));
+                }
+                Entry::Remote(ev) if self.read(|s| s.is_new_remote(&ev)) => fresh.push(Entry::Remote(ev)),
+                Entry::Remote(_) => {}
+                Entry::PublishedUpto(_) | Entry::Snapshot(_) => {
+                    return Err(Status::invalid_argument("only client writes and remote events are replicated"));
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(());
         }
         // The master's published mark rides in the same journal write.
         if published_upto > published {
@@ -97,40 +118,5 @@ impl Node {
         let next = self.read(|s| s.next_seq());
         tracing::info!(term, next_seq = next, "installed the master's snapshot");
         Ok((next, self.incarnation()))
-    }
-
-    /// Applies events from other clusters, in order, with one fsync;
-    /// returns how many changed anything (a redelivered one does not).
-    ///
-    /// In the write lane, so that the journal's order is the order in which
-    /// memory changes. Master and slave each apply other clusters' events
-    /// from their own broker queue.
-    pub async fn apply_remote(&self, events: Vec<RemoteEvent>) -> Result<usize> {
-        let _lane = self.0.lane.lock().await;
-        if let Some(damage) = self.damage() {
-            return Err(Error::Other(format!("journal damaged ({damage}): not applying events until rebuilt")));
-        }
-        let fresh: Vec<Entry> = self.read(|s| {
-            let mut marks = std::collections::HashMap::new();
-            events
-                .into_iter()
-                .filter(|e| {
-                    // Within the batch too: each origin's seqs must increase.
-                    let last = marks.entry(e.origin).or_insert(0u64);
-                    let new = s.is_new_remote(e) && e.seq > *last;
-                    if new {
-                        *last = e.seq;
-                    }
-                    new
-                })
-                .map(Entry::Remote)
-                .collect()
-        });
-        if fresh.is_empty() {
-            return Ok(0);
-        }
-        let n = fresh.len();
-        self.commit_entries(fresh).await?;
-        Ok(n)
     }
 }

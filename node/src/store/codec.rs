@@ -219,6 +219,10 @@ pub fn decode_message(body: &[u8], batch: bool, clusters: u32) -> Result<Vec<pb:
 }
 
 pub fn encode_entry(entry: &Entry) -> Vec<u8> {
+    entry_to_pb(entry).encode_to_vec()
+}
+
+pub fn entry_to_pb(entry: &Entry) -> pb::JournalEntry {
     use pb::journal_entry::Entry as E;
     let e = match entry {
         Entry::Local(op) => E::Local(local_op_to_pb(op)),
@@ -227,12 +231,16 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
         // The journal does not know its cluster; 0 marks "this server's".
         Entry::Snapshot(s) => E::Snapshot(snapshot_to_pb(s, 0)),
     };
-    pb::JournalEntry { entry: Some(e) }.encode_to_vec()
+    pb::JournalEntry { entry: Some(e) }
 }
 
 pub fn decode_entry(body: &[u8], clusters: u32) -> Result<Entry, DecodeError> {
-    use pb::journal_entry::Entry as E;
     let msg = pb::JournalEntry::decode(body).map_err(|e| DecodeError::Protobuf(e.to_string()))?;
+    entry_from_pb(msg, clusters)
+}
+
+pub fn entry_from_pb(msg: pb::JournalEntry, clusters: u32) -> Result<Entry, DecodeError> {
+    use pb::journal_entry::Entry as E;
     match msg.entry.ok_or(DecodeError::Empty)? {
         E::Local(op) => Ok(Entry::Local(local_op_from_pb(&op)?)),
         E::Remote(ev) => Ok(Entry::Remote(event_from_pb(&ev, clusters)?)),

@@ -6,8 +6,12 @@
 //! `Replica.TailOutbox` stream, which only flows while its server is master,
 //! so exactly the master's synchronizer publishes and a promoted server's
 //! synchronizer takes over by itself, starting from the replicated published
-//! mark. Incoming events are applied through `Replica.ApplyRemote`, which is
-//! idempotent, and acknowledged to the broker only after that returns.
+//! mark. Incoming events come from one queue per cluster, consumed by the
+//! synchronizer beside the master only (it watches its server's role), and
+//! are applied through `Replica.ApplyRemote` by the master, which orders
+//! them with its own writes and replicates them to its slave; they are
+//! acknowledged to the broker only once committed. Redeliveries change
+//! nothing (the replicated record of what was applied).
 //! Why not write the files directly as the course does: the server is then
 //! the only writer of its directory, and it can push a remote post to open
 //! timeline streams the moment it lands.
@@ -64,6 +68,9 @@ const UNCONFIRMED_MAX: usize = 8 * PUBLISH_BATCH;
 const MESSAGE_BYTES: usize = 256 * 1024;
 /// Unacknowledged deliveries the broker may push ahead of our applies.
 const PREFETCH: u16 = 64;
+/// How long an apply may take before the synchronizer gives up on its
+/// server (a hung master) and lets the broker redeliver elsewhere.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Events handed to the server in one apply (one fsync), at most: more
 /// deliveries are taken while the total stays below this.
 const APPLY_BATCH: usize = 1024;
@@ -129,9 +136,9 @@ async fn bridge(cfg: SyncConfig, coord: Channel, shutdown: CancellationToken) {
             let server = find_server(&cfg, coord.clone(), &shutdown).await?;
             let conn = Connection::connect(&with_frame_max(&cfg.amqp_url), ConnectionProperties::default()).await?;
             let setup = conn.create_channel().await?;
-            topology::declare(&setup, &names, cfg.clusters, cfg.servers_per_cluster, cfg.queue_expires).await?;
+            topology::declare(&setup, &names, cfg.clusters, cfg.queue_expires).await?;
             tracing::info!(server = %server, "connected to server and broker");
-            let consumer = consume(&cfg, &names, &conn, ReplicaClient::new(net::channel_to(&server)?));
+            let consumer = consume_while_master(&cfg, &names, &conn, ReplicaClient::new(net::channel_to(&server)?));
             let publisher = publish(&cfg, &names, &conn, ReplicaClient::new(net::channel_to(&server)?), &shutdown);
             let result = tokio::select! {
                 r = consumer => r,
@@ -191,12 +198,62 @@ async fn find_server(cfg: &SyncConfig, coord: Channel, shutdown: &CancellationTo
     }
 }
 
+/// Consumes the cluster's queue while this synchronizer's server serves as
+/// master, and stands by otherwise: the master applies other clusters'
+/// events in its own order and replicates them to its slave, so the
+/// slave's synchronizer has nothing to apply. When the server stops being
+/// master the channel is closed, and the broker hands what was delivered
+/// but not acknowledged to the next master's synchronizer.
+async fn consume_while_master(
+    cfg: &SyncConfig,
+    names: &Names,
+    conn: &Connection,
+    mut server: ReplicaClient<Channel>,
+) -> Result<()> {
+    let mut states = server.watch_serving(TailRequest {}).await?.into_inner();
+    loop {
+        // Stand by until the server serves as master.
+        loop {
+            match states.message().await? {
+                Some(s) if s.serving => break,
+                Some(_) => {}
+                None => return Err(Error::Other("the server ended its serving stream".into())),
+            }
+        }
+        tracing::info!(queue = %names.queue(cfg.cluster), "server is master: consuming the cluster's queue");
+        let channel = conn.create_channel().await?;
+        let stepped_down = async {
+            loop {
+                match states.message().await {
+                    Ok(Some(s)) if !s.serving => return Ok(()),
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err(Error::Other("the server ended its serving stream".into())),
+                    Err(e) => return Err(Error::from(e)),
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = consume(cfg, names, &channel, server.clone()) => r,
+            r = stepped_down => r,
+        };
+        // Unacknowledged deliveries go back to the queue for whoever
+        // consumes next.
+        channel.close(200, "server is not master".into()).await.ok();
+        result?;
+        tracing::info!("server stopped serving as master: standing by");
+    }
+}
+
 /// Applies every delivery to the server, then acknowledges it. A message
 /// that cannot be decoded is rejected to the dead-letter queue and logged.
-async fn consume(cfg: &SyncConfig, names: &Names, conn: &Connection, mut server: ReplicaClient<Channel>) -> Result<()> {
-    let channel = conn.create_channel().await?;
+async fn consume(
+    cfg: &SyncConfig,
+    names: &Names,
+    channel: &AmqpChannel,
+    mut server: ReplicaClient<Channel>,
+) -> Result<()> {
     channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let queue = names.queue(cfg.id);
+    let queue = names.queue(cfg.cluster);
     let mut deliveries = channel
         .basic_consume(
             queue.as_str().into(),
@@ -230,7 +287,9 @@ async fn consume(cfg: &SyncConfig, names: &Names, conn: &Connection, mut server:
         }
         if !events.is_empty() {
             let count = events.len();
-            let reply = server.apply_remote(SyncBatch { events }).await?;
+            let mut req = tonic::Request::new(SyncBatch { events });
+            req.set_timeout(APPLY_TIMEOUT);
+            let reply = server.apply_remote(req).await?;
             tracing::debug!(count, applied = reply.into_inner().applied, "events applied");
         }
         if let Some(last) = last {

@@ -5,16 +5,18 @@
 //! - `<dep>.events`: durable topic exchange every master synchronizer
 //!   publishes to, with keys `user.<origin>`, `post.<origin>` and
 //!   `rel.<followee's cluster>`;
-//! - `<dep>.sync.<id>`: one durable queue per synchronizer, bound to the
-//!   users and posts of every other cluster and to relations aimed at its
-//!   own cluster;
+//! - `<dep>.cluster.<c>`: one durable queue per cluster, bound to the
+//!   users and posts of every other cluster and to relations aimed at
+//!   cluster c. Only the synchronizer beside the cluster's master consumes
+//!   it (the other stands by); `x-single-active-consumer` makes sure that,
+//!   during a handover, one of them at a time gets deliveries;
 //! - `<dep>.dead`: dead-letter exchange and queue for malformed messages.
 //!
 //! Every synchronizer declares the whole topology (it is idempotent), so no
 //! event is dropped as unroutable because its receiver has not started yet.
 
 use crate::error::Result;
-use crate::ids::{cluster_of, sync_pairing};
+use crate::ids::cluster_of;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
@@ -38,8 +40,9 @@ impl Names {
         }
     }
 
-    pub fn queue(&self, sync_id: u32) -> String {
-        format!("{}.sync.{sync_id}", self.deployment)
+    /// The queue of `cluster`'s incoming events.
+    pub fn queue(&self, cluster: u32) -> String {
+        format!("{}.cluster.{cluster}", self.deployment)
     }
 }
 
@@ -61,14 +64,8 @@ pub fn bindings(cluster: u32, clusters: u32) -> Vec<String> {
     keys
 }
 
-/// Declares exchanges, every synchronizer queue and their bindings.
-pub async fn declare(
-    channel: &Channel,
-    names: &Names,
-    clusters: u32,
-    servers_per_cluster: u32,
-    expires: Option<Duration>,
-) -> Result<()> {
+/// Declares exchanges, every cluster's queue and their bindings.
+pub async fn declare(channel: &Channel, names: &Names, clusters: u32, expires: Option<Duration>) -> Result<()> {
     let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
     channel
         .exchange_declare(names.exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
@@ -92,9 +89,9 @@ pub async fn declare(
         )
         .await?;
     dead_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(names.dead.as_str().into()));
-    for id in 1..=clusters * servers_per_cluster {
-        let queue = names.queue(id);
-        let (cluster, _) = sync_pairing(id, clusters);
+    dead_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    for cluster in 1..=clusters {
+        let queue = names.queue(cluster);
         channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), dead_args.clone()).await?;
         for key in bindings(cluster, clusters) {
             channel
@@ -120,7 +117,7 @@ mod tests {
     fn names_carry_the_deployment() {
         let n = Names::new("t42");
         assert_eq!(n.exchange, "t42.events");
-        assert_eq!(n.queue(5), "t42.sync.5");
+        assert_eq!(n.queue(2), "t42.cluster.2");
         assert_eq!(n.dead, "t42.dead");
     }
 

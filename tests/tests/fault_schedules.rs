@@ -1,0 +1,539 @@
+//! Randomized fault schedules, seeded and reproducible: while clients make
+//! acknowledged writes in every cluster (posts, follows and unfollows,
+//! logins), a schedule kills, restarts, pauses and partitions servers,
+//! synchronizers and the coordinator, with double faults restarted in the
+//! worst order, a full disk on one server and a damaged journal. At the
+//! end, every acknowledged write must be on every server (all in sync by
+//! then), master and slave files byte-identical, no two servers must have
+//! acknowledged writes in one term, and traffic between clusters must
+//! still flow.
+//!
+//! `SNS_FAULT_SCHEDULES` (default 3) and `SNS_FAULT_STEPS` (default 6) set
+//! the length; `SNS_FAULT_SEED` replays a run (every failure names its
+//! seed). The full disk needs a tmpfs mount (root); where mounting is
+//! refused that one fault is left out, saying so.
+
+use anyhow::{Context, Result, anyhow, bail};
+use sns_e2e::disk;
+use sns_e2e::load::{self, Writer, WriterReport};
+use sns_e2e::nodes::{
+    assert_exactly_once, assert_one_master_per_term, get_server, master_of, rt, server_node, status, table,
+};
+use sns_e2e::{Deployment, check_convergence, eventually_within, spec_files};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
+
+const CLUSTERS: u32 = 3;
+/// Writers (one per cluster) post; everyone of them follows the others.
+const WRITERS: [u32; 3] = [1, 2, 3];
+/// Users that follow and unfollow users of other clusters.
+const CHURNERS: [u32; 3] = [4, 5, 6];
+const TARGETS: [u32; 3] = [7, 8, 9];
+/// How long the deployment may take to heal after a fault (a double fault
+/// restarted in the worst order, a rebuild from a snapshot).
+const HEAL: Duration = Duration::from_secs(30);
+/// Room for every file a server writes in a run, the full-disk server's
+/// limit.
+const TMPFS: u64 = 64 << 20;
+
+/// xorshift64*: small, seedable, good enough to pick faults.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn cluster(&mut self) -> u32 {
+        self.below(u64::from(CLUSTERS)) as u32 + 1
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillMaster,
+    KillSlave,
+    /// Kill the master, write on the new one alone, kill it, restart the
+    /// stale server first (or, half the time, in the good order).
+    DoubleFault,
+    PauseMaster,
+    PauseSlave,
+    PartitionMaster,
+    KillSynchronizer,
+    RestartCoordinator,
+    DiskFull,
+    DamagedJournal,
+}
+
+const FAULTS: [Fault; 10] = [
+    Fault::KillMaster,
+    Fault::KillSlave,
+    Fault::DoubleFault,
+    Fault::PauseMaster,
+    Fault::PauseSlave,
+    Fault::PartitionMaster,
+    Fault::KillSynchronizer,
+    Fault::RestartCoordinator,
+    Fault::DiskFull,
+    Fault::DamagedJournal,
+];
+
+#[derive(Debug, Default)]
+struct Totals {
+    schedules: u64,
+    faults: BTreeMap<String, u64>,
+    posts: usize,
+    relation_ops: usize,
+    logins: usize,
+    checked_relations: usize,
+}
+
+#[test]
+fn randomized_fault_schedules_lose_no_acknowledged_write() -> Result<()> {
+    let schedules = env_u64("SNS_FAULT_SCHEDULES").unwrap_or(3);
+    let steps = env_u64("SNS_FAULT_STEPS").unwrap_or(6);
+    let seed = env_u64("SNS_FAULT_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
+    });
+    eprintln!("fault schedules: {schedules} x {steps} steps, seed {seed} (replay: SNS_FAULT_SEED={seed})");
+    let mut totals = Totals::default();
+    for i in 0..schedules {
+        let s = seed.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+        run_schedule(s, steps, &mut totals).with_context(|| {
+            format!("schedule {i} failed (seed {s}); replay it with SNS_FAULT_SEED={seed} SNS_FAULT_STEPS={steps}")
+        })?;
+        totals.schedules += 1;
+    }
+    let faults: u64 = totals.faults.values().sum();
+    eprintln!(
+        "fault schedules passed: {} schedules, {faults} faults {:?}; checked {} acknowledged posts, {} follow/unfollow ({} final relations), {} logins",
+        totals.schedules, totals.faults, totals.posts, totals.relation_ops, totals.checked_relations, totals.logins
+    );
+    Ok(())
+}
+
+/// The last acknowledged state of each (follower, followee) pair, and the
+/// answers that contradict it.
+#[derive(Debug, Default)]
+struct Relations {
+    state: BTreeMap<(u32, u32), Option<bool>>,
+    ops: usize,
+    violations: Vec<String>,
+}
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    /// Acknowledged posts per writer, as they happen.
+    progress: BTreeMap<u32, Arc<AtomicUsize>>,
+    writers: Vec<tokio::task::JoinHandle<WriterReport>>,
+    churn: tokio::task::JoinHandle<Relations>,
+    logins: tokio::task::JoinHandle<Vec<u32>>,
+}
+
+fn start_load(rt: &Runtime, d: &Deployment) -> Result<Load> {
+    let port = d.coord_port;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    rt.block_on(async {
+        for u in WRITERS.iter().chain(&CHURNERS).chain(&TARGETS) {
+            load::attach(port, *u).await?;
+        }
+        for &u in &WRITERS {
+            for &t in WRITERS.iter().filter(|t| **t != u) {
+                let mut msg = String::new();
+                // The followee may not have reached u's cluster yet.
+                while msg != "SUCCESS" && Instant::now() < deadline {
+                    msg = load::command(port, u, true, t, deadline).await?;
+                }
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut progress = BTreeMap::new();
+    let mut writers = Vec::new();
+    for &u in &WRITERS {
+        let counter = Arc::new(AtomicUsize::new(0));
+        progress.insert(u, counter.clone());
+        let w = Writer {
+            coord_port: port,
+            user: u,
+            stop: stop.clone(),
+            max: 1_000_000,
+            deadline,
+            progress: counter,
+            pad: 0,
+            // A steady load that keeps the files of a long run small.
+            pace: Duration::from_millis(5),
+        };
+        writers.push(rt.spawn(w.run()));
+    }
+    let churn = rt.spawn(churn(port, stop.clone(), deadline));
+    let logins = rt.spawn(logins(port, stop.clone(), deadline));
+    Ok(Load { stop, progress, writers, churn, logins })
+}
+
+/// Follows and unfollows users of other clusters, one answered operation
+/// at a time, checking each answer against the acknowledged past.
+async fn churn(port: u16, stop: Arc<AtomicBool>, deadline: Instant) -> Relations {
+    let mut r = Relations::default();
+    let mut round = 0usize;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        let follower = CHURNERS[round % CHURNERS.len()];
+        let followee = TARGETS[(round / CHURNERS.len()) % TARGETS.len()];
+        round += 1;
+        let known = r.state.get(&(follower, followee)).copied().flatten();
+        let follow = !known.unwrap_or(false);
+        // Each attempt keeps one request id: a retry answers as the first.
+        let answer = load::command(port, follower, follow, followee, Instant::now() + Duration::from_secs(20)).await;
+        r.ops += 1;
+        let now = match answer.as_deref() {
+            Ok("SUCCESS") => Some(follow),
+            Ok("FAILURE_ALREADY_EXISTS") if follow => {
+                if known == Some(false) {
+                    r.violations.push(format!(
+                        "{follower} -> {followee}: follow answered already-exists after an acknowledged unfollow"
+                    ));
+                }
+                Some(true)
+            }
+            Ok("FAILURE_NOT_A_FOLLOWER") if !follow => {
+                if known == Some(true) {
+                    r.violations.push(format!(
+                        "{follower} -> {followee}: unfollow answered not-a-follower after an acknowledged follow"
+                    ));
+                }
+                Some(false)
+            }
+            // The followee may not have reached the follower's cluster yet.
+            Ok("FAILURE_INVALID_USERNAME") => known,
+            Ok(other) => {
+                r.violations.push(format!("{follower} -> {followee}: unexpected answer {other}"));
+                known
+            }
+            // No answer within the deadline: it may or may not have happened.
+            Err(_) => None,
+        };
+        r.state.insert((follower, followee), now);
+    }
+    r
+}
+
+/// Logs in new users, one at a time; returns those acknowledged.
+async fn logins(port: u16, stop: Arc<AtomicBool>, deadline: Instant) -> Vec<u32> {
+    let mut acked = Vec::new();
+    let mut next = 10u32;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        if load::attach(port, next).await.is_ok() {
+            acked.push(next);
+            next += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    acked
+}
+
+/// Server ids of `cluster`: (master, slave), per the coordinator.
+fn roles(rt: &Runtime, d: &Deployment, cluster: u32) -> Option<(u32, u32)> {
+    let (m, _) = rt.block_on(master_of(d.coord_port, cluster))?;
+    Some((m, 3 - m))
+}
+
+/// Whether every cluster has a master serving and a slave recorded in sync
+/// and synced under its term.
+fn healthy(rt: &Runtime, d: &Deployment) -> Option<()> {
+    rt.block_on(async {
+        let nodes = table(d.coord_port).await.ok()?;
+        for c in 1..=CLUSTERS {
+            let servers: Vec<_> = nodes.iter().filter(|n| n.kind == "server" && n.cluster == c).collect();
+            let master = servers.iter().find(|n| n.is_master && n.alive)?;
+            let slave = servers.iter().find(|n| n.id != master.id && n.alive && n.in_sync)?;
+            let (ms, ss) = (status(master).await.ok()?, status(slave).await.ok()?);
+            if !(ms.is_master && ms.lease_valid && ss.synced_term == ms.term && ms.in_sync.len() == 2) {
+                return None;
+            }
+        }
+        let syncs = nodes.iter().filter(|n| n.kind == "synchronizer" && n.alive).count();
+        (syncs == (CLUSTERS * 2) as usize).then_some(())
+    })
+}
+
+fn wait_healthy(rt: &Runtime, d: &Deployment) -> Result<()> {
+    eventually_within("every cluster to have a master and an in-sync slave again", HEAL, || healthy(rt, d))
+}
+
+/// Waits until writer `user` made `n` more acknowledged posts.
+fn progress(load: &Load, user: u32, n: usize) -> Result<()> {
+    let counter = &load.progress[&user];
+    let target = counter.load(Ordering::SeqCst) + n;
+    eventually_within(&format!("writer {user} to make {n} more posts"), HEAL, || {
+        (counter.load(Ordering::SeqCst) >= target).then_some(())
+    })
+}
+
+fn wait_master_is(rt: &Runtime, d: &Deployment, cluster: u32, id: u32) -> Result<()> {
+    eventually_within(&format!("server {cluster}/{id} to be master"), HEAL, || {
+        (roles(rt, d, cluster)?.0 == id).then_some(())
+    })
+}
+
+fn cmd(d: &mut Deployment, line: &str) -> Result<()> {
+    let reply = d.command(line)?;
+    if reply.starts_with("error:") {
+        bail!("{line}: {reply}");
+    }
+    Ok(())
+}
+
+/// Applies one fault and ends it; returns its name for the totals.
+fn inject(
+    rng: &mut Rng,
+    rt: &Runtime,
+    d: &mut Deployment,
+    load: &Load,
+    disk_server: Option<(u32, u32)>,
+) -> Result<String> {
+    let c = rng.cluster();
+    let writer = WRITERS[c as usize - 1];
+    let (m, s) = roles(rt, d, c).ok_or_else(|| anyhow!("cluster {c} has no master before the fault"))?;
+    let fault = FAULTS[rng.below(FAULTS.len() as u64) as usize];
+    let name = match fault {
+        Fault::KillMaster => {
+            cmd(d, &format!("kill server-{c}-{m}"))?;
+            progress(load, writer, 1 + rng.below(30) as usize)?;
+            cmd(d, &format!("start server-{c}-{m}"))?;
+            "kill master"
+        }
+        Fault::KillSlave => {
+            cmd(d, &format!("kill server-{c}-{s}"))?;
+            progress(load, writer, 1 + rng.below(30) as usize)?;
+            cmd(d, &format!("start server-{c}-{s}"))?;
+            "kill slave"
+        }
+        Fault::DoubleFault => {
+            cmd(d, &format!("kill server-{c}-{m}"))?;
+            wait_master_is(rt, d, c, s)?;
+            // The new master writes alone: the old one falls out of sync.
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            cmd(d, &format!("kill server-{c}-{s}"))?;
+            if rng.below(2) == 0 {
+                // The worst order: the stale server first. It must not be
+                // promoted; the coordinator says why.
+                cmd(d, &format!("start server-{c}-{m}"))?;
+                let reason = eventually_within("the cluster to wait for its in-sync server", HEAL, || {
+                    let live = rt.block_on(server_node(d.coord_port, c, m)).is_some_and(|n| n.alive);
+                    let info = rt.block_on(get_server(d.coord_port, writer)).ok()?;
+                    (live && !info.unavailable_reason.is_empty()).then_some(info.unavailable_reason)
+                })?;
+                if rt.block_on(master_of(d.coord_port, c)).is_some() {
+                    bail!("cluster {c} has a master while it says: {reason}");
+                }
+                cmd(d, &format!("start server-{c}-{s}"))?;
+                "double fault, stale server back first"
+            } else {
+                cmd(d, &format!("start server-{c}-{s}"))?;
+                cmd(d, &format!("start server-{c}-{m}"))?;
+                "double fault"
+            }
+        }
+        Fault::PauseMaster => {
+            cmd(d, &format!("pause server-{c}-{m}"))?;
+            if rng.below(2) == 0 {
+                // Long enough to be replaced.
+                wait_master_is(rt, d, c, s)?;
+            } else {
+                // A stall shorter than the lease.
+                std::thread::sleep(Duration::from_millis(50 + rng.below(300)));
+            }
+            cmd(d, &format!("resume server-{c}-{m}"))?;
+            "pause master"
+        }
+        Fault::PauseSlave => {
+            cmd(d, &format!("pause server-{c}-{s}"))?;
+            // The master must go on without it.
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            cmd(d, &format!("resume server-{c}-{s}"))?;
+            "pause slave"
+        }
+        Fault::PartitionMaster => {
+            cmd(d, &format!("partition server-{c}-{m}"))?;
+            wait_master_is(rt, d, c, s)?;
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            cmd(d, &format!("heal server-{c}-{m}"))?;
+            "partition master from coordinator"
+        }
+        Fault::KillSynchronizer => {
+            let which = if rng.below(2) == 0 { m } else { s };
+            cmd(d, &format!("kill sync-{c}-{which}"))?;
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            cmd(d, &format!("start sync-{c}-{which}"))?;
+            "kill synchronizer"
+        }
+        Fault::RestartCoordinator => {
+            cmd(d, "restart coordinator")?;
+            "restart coordinator"
+        }
+        Fault::DiskFull => {
+            let Some((dc, ds)) = disk_server else { return Ok("full disk (left out: no tmpfs)".into()) };
+            let dir = d.server_dir(dc, ds);
+            let (dm, _) = roles(rt, d, dc).ok_or_else(|| anyhow!("cluster {dc} has no master"))?;
+            disk::fill(&dir)?;
+            if dm == ds {
+                // The full master steps down; its slave takes over.
+                wait_master_is(rt, d, dc, 3 - ds)?;
+            } else {
+                progress(load, WRITERS[dc as usize - 1], 1 + rng.below(20) as usize)?;
+            }
+            disk::unfill(&dir)?;
+            if dm == ds { "full disk on a master" } else { "full disk on a slave" }
+        }
+        Fault::DamagedJournal => {
+            // Only a server with an in-sync peer: the peer rebuilds it.
+            cmd(d, &format!("kill server-{c}-{s}"))?;
+            let path = d.server_dir(c, s).join("journal.log");
+            let len = std::fs::metadata(&path)?.len();
+            disk::flip(&path, len / 2, 4)?;
+            cmd(d, &format!("start server-{c}-{s}"))?;
+            "damaged journal"
+        }
+    };
+    Ok(name.to_string())
+}
+
+fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
+    let mut rng = Rng(seed);
+    let disk_at = (rng.cluster(), rng.below(2) as u32 + 1);
+    let started = Deployment::builder().clusters(CLUSTERS).servers(2).tmpfs(disk_at.0, disk_at.1, TMPFS).start();
+    let (mut d, disk_server) = match started {
+        Ok(d) => (d, Some(disk_at)),
+        Err(e) => match disk::mount_refused(&e) {
+            Some(why) => {
+                eprintln!("fault schedules: the full-disk fault is left out: {why}");
+                (Deployment::builder().clusters(CLUSTERS).servers(2).start()?, None)
+            }
+            None => return Err(e),
+        },
+    };
+    let rt = rt();
+    wait_healthy(&rt, &d)?;
+    let load = start_load(&rt, &d)?;
+    for step in 0..steps {
+        let name = inject(&mut rng, &rt, &mut d, &load, disk_server).with_context(|| format!("step {step}"))?;
+        *totals.faults.entry(name.clone()).or_default() += 1;
+        wait_healthy(&rt, &d).with_context(|| format!("healing after step {step} ({name})"))?;
+        for &w in &WRITERS {
+            progress(&load, w, 1).with_context(|| format!("after step {step} ({name})"))?;
+        }
+    }
+    load.stop.store(true, Ordering::SeqCst);
+    let reports: Vec<WriterReport> = load.writers.into_iter().map(|w| rt.block_on(w)).collect::<Result<_, _>>()?;
+    let relations = rt.block_on(load.churn)?;
+    let logins = rt.block_on(load.logins)?;
+    anyhow::ensure!(
+        relations.violations.is_empty(),
+        "answers contradicting acknowledged writes: {:?}",
+        relations.violations
+    );
+    wait_healthy(&rt, &d)?;
+    // Traffic between clusters still flows: a last post reaches every
+    // follower in the other clusters.
+    let last = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 1, Instant::now() + HEAL));
+    anyhow::ensure!(last.acked.len() == 1, "a last post after the schedule was not acknowledged");
+    let all: Vec<(u32, u32)> = (1..=CLUSTERS).flat_map(|c| [(c, 1), (c, 2)]).collect();
+    let followers: BTreeMap<u32, Vec<u32>> =
+        WRITERS.iter().map(|&u| (u, WRITERS.iter().copied().filter(|f| *f != u).collect())).collect();
+    let mut checked: Vec<WriterReport> = reports.clone();
+    checked.push(last);
+    assert_exactly_once(&d, &all, &checked, &followers)?;
+    check_timelines(&d, &checked)?;
+    check_logins(&d, &logins)?;
+    let relations_checked = check_relations(&d, &relations)?;
+    check_convergence(&d, &all, &[])?;
+    assert_one_master_per_term(&d);
+    totals.posts += checked.iter().map(|r| r.acked.len()).sum::<usize>();
+    totals.relation_ops += relations.ops;
+    totals.checked_relations += relations_checked;
+    totals.logins += logins.len();
+    Ok(())
+}
+
+/// Every acknowledged post exactly once in its author's timeline, on both
+/// servers of the author's cluster.
+fn check_timelines(d: &Deployment, reports: &[WriterReport]) -> Result<()> {
+    for r in reports {
+        let c = sns_node::ids::cluster_of(r.user, CLUSTERS);
+        for s in [1, 2] {
+            let files = spec_files(&d.server_dir(c, s))?;
+            let timeline =
+                sns_node::store::record::decode_posts(files.get(&format!("{}_timeline.txt", r.user)).map_or("", |t| t));
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for p in &timeline {
+                *counts.entry(p.text.as_str()).or_default() += 1;
+            }
+            for text in &r.acked {
+                let n = counts.get(text.as_str()).copied().unwrap_or(0);
+                anyhow::ensure!(n == 1, "server {c}/{s}: timeline of {} has {text:?} {n} times", r.user);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every acknowledged login is a user on every server.
+fn check_logins(d: &Deployment, logins: &[u32]) -> Result<()> {
+    for c in 1..=CLUSTERS {
+        for s in [1, 2] {
+            let files = spec_files(&d.server_dir(c, s))?;
+            let users: BTreeSet<u32> =
+                sns_node::store::record::decode_ids(files.get("all_users.txt").map_or("", |t| t)).into_iter().collect();
+            let missing: Vec<&u32> = logins.iter().filter(|u| !users.contains(u)).collect();
+            anyhow::ensure!(missing.is_empty(), "server {c}/{s} lacks acknowledged logins {missing:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Each pair's last acknowledged follow state is in the follow list on both
+/// servers of the follower's cluster and in the followers file on both of
+/// the followee's. Returns how many pairs had a known state.
+fn check_relations(d: &Deployment, r: &Relations) -> Result<usize> {
+    let mut checked = 0;
+    let mut last = String::new();
+    let ok = eventually_within("relations to settle", HEAL, || {
+        checked = 0;
+        for (&(follower, followee), state) in &r.state {
+            let Some(follows) = state else { continue };
+            checked += 1;
+            for (user, file, other) in [(follower, "follow_list", followee), (followee, "followers", follower)] {
+                let c = sns_node::ids::cluster_of(user, CLUSTERS);
+                for s in [1, 2] {
+                    let files = spec_files(&d.server_dir(c, s)).ok()?;
+                    let ids =
+                        sns_node::store::record::decode_ids(files.get(&format!("{user}_{file}.txt")).map_or("", |t| t));
+                    if ids.contains(&other) != *follows {
+                        last = format!(
+                            "server {c}/{s}: {user}_{file}.txt is {ids:?}; {follower} follows {followee}: {follows}"
+                        );
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(())
+    });
+    ok.map_err(|e| anyhow!("{e}: {last}"))?;
+    Ok(checked)
+}
