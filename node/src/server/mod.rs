@@ -473,8 +473,10 @@ impl Node {
         let writes = self.store().prepare_flush();
         let flushed = tokio::task::spawn_blocking(move || writes.apply()).await;
         if let Ok(Err(e)) = flushed {
-            // The journal has everything; the views are rebuilt on restart.
-            tracing::error!(error = %e, "writing view files failed");
+            // The journal has everything; every view is rewritten on the
+            // next flush (and on restart).
+            tracing::error!(error = %e, "writing view files failed; they will be rewritten");
+            self.store().views_failed();
         }
     }
 

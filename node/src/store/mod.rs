@@ -66,6 +66,8 @@ pub struct Store {
     view_io: Arc<Mutex<()>>,
     /// Journal size right after the last compaction (or snapshot install).
     compacted_len: u64,
+    /// A view write failed: the next flush rewrites every view file.
+    views_stale: bool,
 }
 
 /// One pending view file write.
@@ -86,7 +88,13 @@ pub struct ViewWrites {
 impl ViewWrites {
     /// Carries the writes out (without the store lock).
     pub fn apply(self) -> Result<()> {
-        let _io = self.io.lock().unwrap_or_else(PoisonError::into_inner);
+        let io = self.io.clone();
+        let _io = io.lock().unwrap_or_else(PoisonError::into_inner);
+        self.apply_locked()
+    }
+
+    /// [`ViewWrites::apply`], with the view lock already held.
+    fn apply_locked(self) -> Result<()> {
         for w in &self.writes {
             let (path, result) = match w {
                 ViewWrite::Replace(path, text) => (path, replace(path, text)),
@@ -181,6 +189,7 @@ impl Store {
             on_disk: HashMap::new(),
             view_io: Arc::default(),
             compacted_len: 0,
+            views_stale: false,
         };
         if let Some(why) = &store.damage {
             tracing::error!(damage = %why, records_before = records, "journal damaged: this server holds no trustworthy state and serves nothing until it is rebuilt from an in-sync peer");
@@ -261,7 +270,7 @@ impl Store {
 
     /// Whether some view file lags behind the state.
     pub fn views_dirty(&self) -> bool {
-        !self.dirty.is_empty()
+        self.views_stale || !self.dirty.is_empty()
     }
 
     fn note(&mut self, effect: &Effect) {
@@ -301,6 +310,9 @@ impl Store {
     /// (the disk), so a flush never stalls commits or live streams.
     pub fn prepare_flush(&mut self) -> ViewWrites {
         let dirty = std::mem::take(&mut self.dirty);
+        if std::mem::take(&mut self.views_stale) {
+            return self.all_view_writes();
+        }
         let mut writes = Vec::new();
         if dirty.users {
             writes.push(ViewWrite::Replace(self.dir.join("all_users.txt"), record::encode_ids(self.state.users())));
@@ -471,29 +483,53 @@ impl Store {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        self.rebuild_views()
+        let written = self.all_view_writes().apply_locked();
+        self.views_written(written);
+        Ok(())
     }
 
     fn rebuild_views(&mut self) -> Result<()> {
-        let write = |path: PathBuf, text: String| replace(&path, &text).map_err(|e| Error::io(&path, e));
-        write(self.dir.join("all_users.txt"), record::encode_ids(self.state.users()))?;
+        let written = self.all_view_writes().apply();
+        self.views_written(written);
+        Ok(())
+    }
+
+    /// The journal holds the truth: views that could not be written (a
+    /// full disk) are rewritten by a later flush, not fatal.
+    fn views_written(&mut self, written: Result<()>) {
+        if let Err(e) = written {
+            tracing::error!(error = %e, "writing view files failed; they will be rewritten");
+            self.views_stale = true;
+        }
+    }
+
+    /// Writes that replace every view file with what the state holds.
+    fn all_view_writes(&mut self) -> ViewWrites {
+        let mut writes =
+            vec![ViewWrite::Replace(self.dir.join("all_users.txt"), record::encode_ids(self.state.users()))];
         self.on_disk.clear();
         let local: Vec<u32> = self.state.users().iter().copied().filter(|u| self.state.is_local(*u)).collect();
         for u in local {
             let follows: Vec<u32> = self.state.following(u).collect();
             let followers: Vec<u32> = self.state.followers(u).collect();
-            write(self.path(u, "follow_list"), record::encode_ids(&follows))?;
-            write(self.path(u, "followers"), record::encode_ids(&followers))?;
+            writes.push(ViewWrite::Replace(self.path(u, "follow_list"), record::encode_ids(&follows)));
+            writes.push(ViewWrite::Replace(self.path(u, "followers"), record::encode_ids(&followers)));
             for (file, suffix, posts) in [
                 (PostFile::Timeline, "timeline", self.state.timeline(u)),
                 (PostFile::Feed, "following", self.state.feed(u)),
             ] {
                 let text = posts_text(posts);
-                write(self.path(u, suffix), text.clone())?;
                 self.on_disk.insert((u, file), OnDisk { records: posts.len(), bytes: text.len() as u64 });
+                writes.push(ViewWrite::Replace(self.path(u, suffix), text));
             }
         }
-        Ok(())
+        ViewWrites { io: self.view_io.clone(), writes }
+    }
+
+    /// Writing the views failed (a full disk): what is on disk is no longer
+    /// known, so the next flush rewrites every view file.
+    pub fn views_failed(&mut self) {
+        self.views_stale = true;
     }
 }
 
@@ -707,6 +743,28 @@ mod tests {
         assert_eq!(read(&dir, "3_following.txt"), posts_text(s.state().feed(3)));
         assert_eq!(read(&dir, "4_timeline.txt"), posts_text(s.state().timeline(4)));
         assert_eq!(s.state().feed(3).len(), 400);
+    }
+
+    #[test]
+    fn views_lost_to_a_failed_flush_are_rewritten_by_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("w");
+        let mut s = Store::open(&dir, 1, 3).unwrap();
+        local(&mut s, Change::User(1));
+        local(&mut s, Change::User(4));
+        local(&mut s, Change::Relation { follower: 4, followee: 1, follow: true, at_ms: 0 });
+        s.flush_views().unwrap();
+        local(&mut s, Change::Post(Post { user: 1, text: "lost".into(), at_ms: 5, client_id: 0 }));
+        // A flush whose writes never reach the disk (ENOSPC).
+        drop(s.prepare_flush());
+        s.views_failed();
+        assert!(s.views_dirty());
+        local(&mut s, Change::Post(Post { user: 1, text: "next".into(), at_ms: 6, client_id: 0 }));
+        s.flush_views().unwrap();
+        assert_eq!(read(&dir, "4_following.txt"), posts_text(s.state().feed(4)));
+        assert_eq!(read(&dir, "1_timeline.txt"), posts_text(s.state().timeline(1)));
+        assert_eq!(s.state().feed(4).len(), 2);
+        assert!(!s.views_dirty());
     }
 
     #[test]
