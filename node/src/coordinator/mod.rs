@@ -110,7 +110,7 @@ impl Coordinator {
             jobs,
             shutdown,
         };
-        Ok((coord.clone(), Elector { coord, file, jobs: rx, sweep: cfg.heartbeat / 2 }))
+        Ok((coord.clone(), Elector { coord, file, jobs: rx, sweep: cfg.heartbeat / 2, unavailable: BTreeMap::new() }))
     }
 
     /// Wakes the lease streams.
@@ -164,6 +164,8 @@ pub struct Elector {
     jobs: mpsc::Receiver<Job>,
     /// The longest it sleeps without a reason (liveness changes by itself).
     sweep: Duration,
+    /// Why each cluster without a master has none, as last logged.
+    unavailable: BTreeMap<u32, String>,
 }
 
 impl Elector {
@@ -197,8 +199,19 @@ impl Elector {
             }
         }
         for cluster in 1..=self.coord.with(|t| t.clusters()) {
-            if let Some(why) = self.coord.with(|t| t.unavailable(cluster).map(str::to_string)) {
-                tracing::debug!(cluster, reason = %why, "cluster has no master");
+            let why = self.coord.with(|t| t.unavailable(cluster).map(str::to_string));
+            if why != self.unavailable.get(&cluster).cloned() {
+                match &why {
+                    Some(why) => tracing::warn!(cluster, reason = %why, "cluster has no master"),
+                    None if self.unavailable.contains_key(&cluster) => {
+                        tracing::info!(cluster, "cluster has a master again")
+                    }
+                    None => {}
+                }
+                match why {
+                    Some(why) => self.unavailable.insert(cluster, why),
+                    None => self.unavailable.remove(&cluster),
+                };
             }
         }
         decisions.wake_at
