@@ -69,7 +69,7 @@ enum Fault {
     KillSlave,
     /// Kill the master, write on the new one alone, kill it, restart the
     /// stale server first (or, half the time, in the good order).
-    DoubleFault,
+    DoubleKill,
     PauseMaster,
     PauseSlave,
     PartitionMaster,
@@ -82,7 +82,7 @@ enum Fault {
 const FAULTS: [Fault; 10] = [
     Fault::KillMaster,
     Fault::KillSlave,
-    Fault::DoubleFault,
+    Fault::DoubleKill,
     Fault::PauseMaster,
     Fault::PauseSlave,
     Fault::PartitionMaster,
@@ -323,7 +323,7 @@ fn inject(
             cmd(d, &format!("start server-{c}-{s}"))?;
             "kill slave"
         }
-        Fault::DoubleFault => {
+        Fault::DoubleKill => {
             cmd(d, &format!("kill server-{c}-{m}"))?;
             wait_master_is(rt, d, c, s)?;
             // The new master writes alone: the old one falls out of sync.

@@ -460,6 +460,13 @@ impl Node {
         req.set_timeout(net::CALL_TIMEOUT);
         let reply = CoordAdminClient::new(self.0.coord.clone()).set_in_sync(req).await?.into_inner();
         let in_sync = reply.in_sync;
+        // A slave recorded out of sync may lack acknowledged writes from now
+        // on: it is never recorded back without a fresh snapshot, whatever
+        // role updates this master may have missed meanwhile.
+        let dropped = lock(&self.0.synced_slave).as_ref().is_some_and(|s| !in_sync.contains(&s.id));
+        if dropped {
+            self.unsync();
+        }
         self.0.role.send_if_modified(|r| {
             let same_term = r.term == role.term && r.is_master;
             if same_term && r.in_sync != in_sync {

@@ -59,25 +59,25 @@ pub struct SyncConfig {
 
 /// Most events taken from the outbox for one publish (split into messages
 /// by [`runs`]).
-const PUBLISH_BATCH: usize = 1024;
+pub const PUBLISH_BATCH: usize = 1024;
 /// Most events published and not yet confirmed by the broker.
-const UNCONFIRMED_MAX: usize = 8 * PUBLISH_BATCH;
+pub const UNCONFIRMED_MAX: usize = 8 * PUBLISH_BATCH;
 /// Most bytes of events in one broker message. Consecutive events with one
 /// routing key travel as one message (a `SyncBatch`): the broker's cost is
 /// per message, and a post is routed to every other cluster's queues.
-const MESSAGE_BYTES: usize = 256 * 1024;
+pub const MESSAGE_BYTES: usize = 256 * 1024;
 /// Unacknowledged deliveries the broker may push ahead of our applies.
-const PREFETCH: u16 = 64;
+pub const PREFETCH: u16 = 64;
 /// How long an apply may take before the synchronizer gives up on its
 /// server (a hung master) and lets the broker redeliver elsewhere.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Events handed to the server in one apply (one fsync), at most: more
 /// deliveries are taken while the total stays below this.
-const APPLY_BATCH: usize = 1024;
+pub const APPLY_BATCH: usize = 1024;
 /// AMQP frame size asked of the broker. lapin keeps two buffers of 32
 /// frames each per connection, so the broker's default (128 KiB) costs 8 MiB
 /// of memory; events are at most a few KiB, and 16 KiB frames cost 1 MiB.
-const FRAME_MAX: u32 = 16 * 1024;
+pub const FRAME_MAX: u32 = 16 * 1024;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 

@@ -1,8 +1,10 @@
 //! The raw baselines, measured in the same run on the same machine: what
 //! the hardware and the libraries we build on give before any Tiny SNS
-//! logic — a bare tonic unary round trip, an fsync'd append, a RabbitMQ
-//! publish→consume with the synchronizers' durability settings, and a
-//! process spawn.
+//! logic — a bare tonic unary round trip, an fsync'd append, the broker's
+//! raw rate for single small messages and its one-message hop, and a
+//! process spawn. The broker baseline that reproduces the synchronizers'
+//! own traffic (batched messages, their fan-out, their settings) is
+//! [`super::sync_baseline`]; the raw rate here is kept beside it.
 
 use super::stats::{Clock, Samples, ms};
 use anyhow::{Context, Result, anyhow, bail};
@@ -13,6 +15,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use sns_node::sync::topology::Names;
 use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -20,13 +23,17 @@ use tokio::sync::mpsc;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-/// The synchronizers' own settings (node/src/sync/mod.rs): publishes are
-/// confirmed in batches of up to 256, and the broker may push 256
-/// unacknowledged deliveries ahead of the consumer.
-const PUBLISH_BATCH: usize = 256;
-const PREFETCH: u16 = 256;
-/// Roughly a post event on the wire (protobuf `SyncEvent` with a short text).
-const PAYLOAD: usize = 100;
+/// The raw rate's own settings, not the synchronizers' (theirs are in
+/// [`super::sync_baseline`]): the publisher waits for the confirms of every
+/// 256 messages before it sends the next 256, and the broker may push 256
+/// unacknowledged deliveries ahead of the consumer, which acknowledges each
+/// message on its own. Large enough that neither wait dominates the rate
+/// of single 100-byte messages.
+const RAW_CONFIRM_BATCH: usize = 256;
+const RAW_PREFETCH: u16 = 256;
+/// One event per message: about a post's `SyncEvent` with a 70-character
+/// text (the same size as [`super::sync_baseline::EVENT_BYTES`]).
+const PAYLOAD: usize = super::sync_baseline::EVENT_BYTES;
 /// A throwaway queue outlives a crashed bench by at most this long.
 const QUEUE_EXPIRES_MS: i64 = 60_000;
 
@@ -123,11 +130,12 @@ impl Broker {
         Ok(())
     }
 
-    /// A consumer on `queue` that acks every delivery and reports the time
-    /// (ns on `clock`) each one arrived.
+    /// A consumer on `queue` (prefetch [`RAW_PREFETCH`]) that acks every
+    /// delivery on its own and reports the time (ns on `clock`) each one
+    /// arrived.
     async fn consumer(&self, queue: &str, clock: Clock) -> Result<mpsc::UnboundedReceiver<u64>> {
         let ch = self.conn.create_channel().await?;
-        ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+        ch.basic_qos(RAW_PREFETCH, BasicQosOptions::default()).await?;
         let mut deliveries = ch
             .basic_consume(
                 queue.into(),
@@ -160,18 +168,20 @@ impl Broker {
     }
 }
 
-/// Persistent, like the synchronizers' messages.
+/// Persistent (delivery mode 2), like the synchronizers' messages.
 fn persistent() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2).with_content_type("application/x-protobuf".into())
 }
 
-/// Publishes `count` persistent messages to `exchange` with `key`, in
-/// confirmed batches as the synchronizer does.
+/// Publishes `count` persistent messages of [`PAYLOAD`] bytes to
+/// `exchange` with `key`, [`RAW_CONFIRM_BATCH`] at a time, waiting for each
+/// group's confirms before the next (unlike the synchronizer, which keeps
+/// publishing while confirms are out).
 async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, count: usize) -> Result<()> {
     let payload = vec![b'p'; PAYLOAD];
     let mut sent = 0;
     while sent < count {
-        let n = PUBLISH_BATCH.min(count - sent);
+        let n = RAW_CONFIRM_BATCH.min(count - sent);
         let mut confirms = Vec::with_capacity(n);
         for _ in 0..n {
             confirms.push(
@@ -206,12 +216,17 @@ async fn wait_consumed(rxs: &mut [mpsc::UnboundedReceiver<u64>], count: usize, d
     Ok(last)
 }
 
-/// Raw publish→consume rate through one durable queue: persistent
-/// messages, publisher confirms in batches, prefetch and one manual ack per
-/// message — the synchronizers' settings, without any Tiny SNS work.
-/// With `fanout > 1`, a durable topic exchange routes every message to
+/// Raw publish→consume rate of single small messages: one publisher
+/// channel and one consumer per queue on one connection (the broker's
+/// default frame size), durable queues, persistent [`PAYLOAD`]-byte
+/// messages (one per event, no batching), confirms awaited per
+/// [`RAW_CONFIRM_BATCH`], prefetch [`RAW_PREFETCH`] and one ack per
+/// message. The rate is messages / (first publish → last delivery). With
+/// `fanout > 1`, a durable topic exchange routes every message to
 /// `fanout` durable queues (as a post goes to the other clusters'
-/// synchronizer queues) and the rate counts messages published.
+/// synchronizer queues), the last delivery is the last of any queue, and
+/// the rate counts messages published. Not the synchronizers' pattern:
+/// that is [`super::sync_baseline`].
 pub async fn broker_rate(url: &str, prefix: &str, fanout: usize, count: usize, budget: Duration) -> Result<BrokerRate> {
     let broker = Broker::connect(url, prefix).await?;
     let result = broker_rate_on(&broker, fanout, count, budget).await;
@@ -275,8 +290,11 @@ async fn broker_rate_on(broker: &Broker, fanout: usize, count: usize, budget: Du
     result
 }
 
-/// One persistent message at a time through a durable queue: microseconds
-/// from publish to its delivery to the consumer (the broker hop of a post).
+/// One persistent 100-byte message at a time through a durable queue (the
+/// default exchange, a confirm channel; the next is published once the
+/// previous was delivered and confirmed): microseconds from publish to its
+/// delivery to the consumer (the broker hop of a post). The first 5 warm
+/// the channels and are not counted.
 pub async fn broker_latency(url: &str, prefix: &str, count: usize, budget: Duration) -> Result<Samples> {
     let broker = Broker::connect(url, prefix).await?;
     let clock = Clock::new();
@@ -316,16 +334,18 @@ pub async fn broker_latency(url: &str, prefix: &str, count: usize, budget: Durat
 }
 
 /// Deletes the broker objects a deployment named `deployment` declared
-/// (README "Broker objects"), once it has stopped.
-pub async fn delete_deployment_objects(url: &str, deployment: &str, clusters: u32, servers: u32) -> Result<()> {
+/// (README "Broker objects"; the names are the node's own), once it has
+/// stopped.
+pub async fn delete_deployment_objects(url: &str, deployment: &str, clusters: u32) -> Result<()> {
+    let names = Names::new(deployment);
     let broker = Broker::connect(url, deployment).await?;
     let ch = broker.conn.create_channel().await?;
-    let mut queues: Vec<String> = (1..=clusters * servers).map(|id| format!("{deployment}.sync.{id}")).collect();
-    queues.push(format!("{deployment}.dead"));
+    let mut queues: Vec<String> = (1..=clusters).map(|c| names.queue(c)).collect();
+    queues.push(names.dead.clone());
     for q in &queues {
         ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await?;
     }
-    for x in [format!("{deployment}.events"), format!("{deployment}.dead")] {
+    for x in [&names.exchange, &names.dead] {
         ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await?;
     }
     broker.close().await;

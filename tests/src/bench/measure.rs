@@ -10,7 +10,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use sns_node::ids::cluster_of;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
-use sns_proto::internal::{StatusRequest, TableRequest};
+use sns_proto::internal::{ServerStatus, StatusRequest, TableRequest};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -202,7 +202,8 @@ impl Fault {
 pub struct FailoverResult {
     /// `kill master-<c>` sent -> the client's next command answered (ms).
     pub outage: Samples,
-    /// `start` of the killed server -> it is back as its master's slave (ms).
+    /// `start` of the killed server -> it is back as its master's synced
+    /// slave (ms).
     pub rejoin: Samples,
     /// Calls the client made during the outages (failed ones included).
     pub attempts: usize,
@@ -210,6 +211,9 @@ pub struct FailoverResult {
     /// answers, but from a different state).
     pub non_success: usize,
 }
+
+/// Pause between two polls of a restarted server's status.
+const REJOIN_POLL: Duration = Duration::from_millis(20);
 
 /// Pause between two tries of a client whose server is gone: short enough
 /// that the measured outage is the system's, not the client's back-off.
@@ -220,8 +224,8 @@ const RETRY: Duration = Duration::from_millis(5);
 /// the launcher and repeats its command (FOLLOW/UNFOLLOW of another user,
 /// alternately), each try bounded by `call_timeout`, re-asking the
 /// coordinator for its server after each failure, until one is answered.
-/// The server is then started (or resumed) and must be back as slave (its
-/// master forwarding to it) before the next fault.
+/// The server is then started (or resumed) and must be back as a synced
+/// slave (see [`wait_synced_slave`]) before the next fault.
 #[allow(clippy::too_many_arguments, reason = "one call site; a struct would only rename them")]
 pub async fn failover(
     d: &mut Deployment,
@@ -279,7 +283,7 @@ pub async fn failover(
             .next()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| anyhow!("unexpected process name {name}"))?;
-        wait_slave(&coord.addr, cluster, server_id, t1 + per_kill)
+        wait_synced_slave(&coord.addr, cluster, server_id, REJOIN_POLL, t1 + per_kill)
             .await
             .with_context(|| format!("{name} rejoining as slave"))?;
         r.rejoin.push(ms(t1.elapsed()));
@@ -343,38 +347,60 @@ async fn retry_command(
     bail!("no server answered within the deadline after {attempts} tries; last error: {last}")
 }
 
-/// Waits until server `id` of `cluster` is alive as slave and its master
-/// forwards writes to it.
-async fn wait_slave(coord_addr: &str, cluster: u32, id: u32, deadline: Instant) -> Result<()> {
+/// Waits until server `id` of `cluster` is back as a slave synced under
+/// its master's current term — the master installed its state on it — as
+/// the failover suites' `wait_synced_slave` checks it: the server says it is
+/// not master and its `synced_term` is the term of the live master. Polls
+/// every `poll`; returns the master's status then.
+pub async fn wait_synced_slave(
+    coord_addr: &str,
+    cluster: u32,
+    id: u32,
+    poll: Duration,
+    deadline: Instant,
+) -> Result<ServerStatus> {
     let mut admin = CoordAdminClient::new(grpc::lazy_channel(coord_addr)?);
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline {
-        if let Ok(table) = admin.table(TableRequest {}).await {
-            let nodes = table.into_inner().nodes;
-            let servers = || nodes.iter().filter(|n| n.kind == "server" && n.cluster == cluster && n.alive);
-            let slave = servers().find(|n| n.id == id && !n.is_master);
-            let master = servers().find(|n| n.is_master);
-            match (slave, master) {
-                (Some(s), Some(m)) => {
-                    let status = ReplicaClient::new(grpc::lazy_channel(&format!("{}:{}", m.host, m.port))?)
-                        .status(StatusRequest {})
-                        .await;
-                    match status {
-                        Ok(st) => {
-                            let st = st.into_inner();
-                            let want = format!("{}:{}", s.host, s.port);
-                            if st.slave == want && st.degraded.is_empty() {
-                                return Ok(());
-                            }
-                            last = format!("master forwards to {:?} (degraded: {:?})", st.slave, st.degraded);
-                        }
-                        Err(e) => last = format!("master status: {}", e.message()),
-                    }
-                }
-                (s, m) => last = format!("slave registered: {}, master: {}", s.is_some(), m.is_some()),
-            }
+        match synced(&mut admin, cluster, id).await {
+            Ok(Ok(master)) => return Ok(master),
+            Ok(Err(why)) => last = why,
+            Err(e) => last = format!("{e:#}"),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(poll).await;
     }
-    bail!("not back as slave in time: {last}")
+    bail!("not back as a synced slave in time; last seen: {last}")
+}
+
+/// The master's status if server `id` is its synced slave, else why not.
+async fn synced(
+    admin: &mut CoordAdminClient<tonic::transport::Channel>,
+    cluster: u32,
+    id: u32,
+) -> Result<std::result::Result<ServerStatus, String>> {
+    let nodes = admin.table(TableRequest {}).await?.into_inner().nodes;
+    let servers = || nodes.iter().filter(|n| n.kind == "server" && n.cluster == cluster);
+    let Some(master) = servers().find(|n| n.is_master && n.alive && n.id != id) else {
+        return Ok(Err("no live master".into()));
+    };
+    let Some(slave) = servers().find(|n| n.id == id) else {
+        return Ok(Err(format!("server {id} is not in the table")));
+    };
+    let status = |n: &sns_proto::internal::Node| {
+        let addr = format!("{}:{}", n.host, n.port);
+        async move { anyhow::Ok(ReplicaClient::new(grpc::lazy_channel(&addr)?).status(StatusRequest {}).await?) }
+    };
+    let m = status(master).await.context("master status")?.into_inner();
+    let s = match status(slave).await {
+        Ok(s) => s.into_inner(),
+        Err(e) => return Ok(Err(format!("server {id}: {e:#}"))),
+    };
+    if m.is_master && !s.is_master && s.synced_term == m.term {
+        Ok(Ok(m))
+    } else {
+        Ok(Err(format!(
+            "server {id}: master={} synced_term={}; master {}: master={} term={} (degraded: {:?})",
+            s.is_master, s.synced_term, master.id, m.is_master, m.term, m.degraded
+        )))
+    }
 }

@@ -23,12 +23,19 @@ pub const REQUIRED_KEYS: &[&str] = &[
     "failover_heartbeat_ms",
     "failover_missed_heartbeats",
     "posts_per_s",
+    "deliveries_per_s",
+    "duplicate_deliveries",
+    "lost_deliveries",
+    "broker_sync_baseline_events_per_s",
+    "posts_vs_broker_sync_ratio",
     "broker_baseline_msgs_per_s",
     "posts_vs_broker_ratio",
     "grpc_unary_baseline_p50_us",
     "fsync_append_baseline_p50_us",
     "fsync_append_baseline_p99_us",
     "broker_latency_baseline_p50_us",
+    "catchup_ms",
+    "catchup_posts",
     "idle_rss_kb_max",
     "startup_ms",
     "startup_wall_ms",
@@ -44,15 +51,21 @@ pub struct Report {
     errors: Vec<String>,
 }
 
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
+/// Three decimals, or four significant digits below 1 (a small ratio such
+/// as 0.0004 must not round to 0).
+fn round(v: f64) -> f64 {
+    if v == 0.0 || v.abs() >= 1.0 || !v.is_finite() {
+        return (v * 1000.0).round() / 1000.0;
+    }
+    let scale = 10f64.powi(3 - v.abs().log10().floor() as i32);
+    (v * scale).round() / scale
 }
 
 impl Report {
-    /// Records a number (rounded to 3 decimals); NaN and infinities are
+    /// Records a number (rounded, see [`round`]); NaN and infinities are
     /// not numbers in JSON and are left out.
     pub fn num(&mut self, key: &str, v: f64) {
-        if let Some(n) = serde_json::Number::from_f64(round3(v)) {
+        if let Some(n) = serde_json::Number::from_f64(round(v)) {
             self.values.insert(key.to_string(), Value::Number(n));
         }
     }
@@ -79,6 +92,17 @@ impl Report {
         }
     }
 
+    /// `duplicate_deliveries` and `lost_deliveries`: the sums of every
+    /// phase's `<phase>_duplicate_deliveries` and `<phase>_lost_deliveries`.
+    pub fn total_deliveries(&mut self) {
+        for what in ["duplicate_deliveries", "lost_deliveries"] {
+            let suffix = format!("_{what}");
+            let total: u64 =
+                self.values.iter().filter(|(k, _)| k.ends_with(&suffix)).filter_map(|(_, v)| v.as_u64()).sum();
+            self.int(what, total);
+        }
+    }
+
     /// A measure that failed: the run goes on, the message is reported and
     /// the tool exits non-zero.
     pub fn error(&mut self, measure: &str, e: &anyhow::Error) {
@@ -95,6 +119,25 @@ impl Report {
     /// Required keys that hold no number.
     pub fn missing(&self) -> Vec<&'static str> {
         REQUIRED_KEYS.iter().copied().filter(|k| self.get(k).is_none()).collect()
+    }
+
+    /// Why the run failed, if it did: a measure's error, a required figure
+    /// missing, a post delivered twice or never to a follower's stream.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = self.errors.clone();
+        let missing = self.missing();
+        if !missing.is_empty() {
+            out.push(format!("no figure for {}", missing.join(", ")));
+        }
+        let count = |k: &str| self.get(k).unwrap_or(0.0);
+        let (dup, lost) = (count("duplicate_deliveries"), count("lost_deliveries"));
+        if dup > 0.0 || lost > 0.0 {
+            out.push(format!(
+                "{dup} duplicate and {lost} lost deliveries to follower streams (see the `*_duplicate_deliveries` \
+                 and `*_lost_deliveries` figures)"
+            ));
+        }
+        out
     }
 
     pub fn write_json(&self, path: &Path) -> Result<()> {
@@ -115,6 +158,12 @@ impl Report {
             Some(true) => "met",
             Some(false) => "MISSED",
             None => "n/a",
+        };
+        let pct = |v: Option<f64>| match v.map(|v| v * 100.0) {
+            Some(p) if p >= 10.0 => format!("{p:.0}%"),
+            Some(p) if p >= 1.0 => format!("{p:.1}%"),
+            Some(p) => format!("{p:.2}%"),
+            None => "n/a".into(),
         };
         let le = |k: &str, t: f64| f(k).map(|v| v <= t);
         let both = |a: Option<bool>, b: Option<bool>| Some(a? && b?);
@@ -195,17 +244,32 @@ impl Report {
             [
                 "sustained posts/s, 3 clusters, durable, fan-out".into(),
                 format!(
-                    "{} ({:.0}% of broker)",
+                    "{} ({} deliveries/s); {} of the synchronizers' pattern, {} of raw",
                     fmt(f("posts_per_s"), "posts/s"),
-                    f("posts_vs_broker_ratio").unwrap_or(0.0) * 100.0
+                    fmt(f("deliveries_per_s"), "").trim_end(),
+                    pct(f("posts_vs_broker_sync_ratio")),
+                    pct(f("posts_vs_broker_ratio")),
                 ),
-                ">= 50% of broker".into(),
+                ">= 50% of broker (synchronizers' pattern)".into(),
                 format!(
-                    "broker {} (4-way fan-out {})",
+                    "synchronizers' pattern {}; raw single messages {} (4-way fan-out {})",
+                    fmt(f("broker_sync_baseline_events_per_s"), "events/s"),
                     fmt(f("broker_baseline_msgs_per_s"), "msg/s"),
                     fmt(f("broker_fanout4_baseline_msgs_per_s"), "msg/s")
                 ),
-                verdict(f("posts_vs_broker_ratio").map(|r| r >= 0.5)).into(),
+                verdict(f("posts_vs_broker_sync_ratio").map(|r| r >= 0.5)).into(),
+            ],
+            [
+                format!("slave rejoin -> synced slave ({} posts in the cluster)", f("catchup_posts").unwrap_or(0.0)),
+                format!(
+                    "{} (snapshot {}, installed in {})",
+                    fmt(f("catchup_ms"), "ms"),
+                    fmt(f("catchup_snapshot_bytes").map(|b| b / 1024.0), "KiB"),
+                    fmt(f("catchup_snapshot_ms"), "ms"),
+                ),
+                "- (informative)".into(),
+                format!("process spawn {}", fmt(f("process_spawn_baseline_p50_ms"), "ms")),
+                "n/a".into(),
             ],
             [
                 "idle RSS per node process (max)".into(),
@@ -289,6 +353,44 @@ impl Report {
             fmt(f("follow_ack_p50_ms"), "ms"),
             fmt(f("follow_ack_p99_ms"), "ms")
         );
+        let _ = writeln!(
+            out,
+            "broker, synchronizers' pattern: {} events in {} messages, each to {} queues; deliveries: {} duplicate, {} lost",
+            f("broker_sync_baseline_events").unwrap_or(0.0),
+            f("broker_sync_baseline_messages").unwrap_or(0.0),
+            f("broker_sync_baseline_queues_per_message").unwrap_or(0.0),
+            f("duplicate_deliveries").unwrap_or(0.0),
+            f("lost_deliveries").unwrap_or(0.0),
+        );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_figures_keep_their_digits() {
+        assert_eq!(round(1234.56789), 1234.568);
+        assert_eq!(round(0.000_412_345), 0.000_412_3);
+        assert_eq!(round(0.5), 0.5);
+        assert_eq!(round(0.0), 0.0);
+        let mut r = Report::default();
+        r.num("tiny_ratio", 0.000_3);
+        assert_eq!(r.get("tiny_ratio"), Some(0.000_3));
+    }
+
+    #[test]
+    fn duplicates_and_losses_are_problems() {
+        let mut r = Report::default();
+        r.int("idle_duplicate_deliveries", 0);
+        r.int("max_rate_duplicate_deliveries", 2);
+        r.int("max_rate_lost_deliveries", 1);
+        r.total_deliveries();
+        assert_eq!(r.get("duplicate_deliveries"), Some(2.0));
+        assert_eq!(r.get("lost_deliveries"), Some(1.0));
+        let problems = r.problems();
+        assert!(problems.iter().any(|p| p.contains("2 duplicate and 1 lost")), "{problems:?}");
     }
 }
