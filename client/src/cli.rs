@@ -64,20 +64,13 @@ impl fmt::Display for InvalidUserId {
 
 impl std::error::Error for InvalidUserId {}
 
-/// Parses a user id: ASCII digits only (no sign, no spaces), 1..=u32::MAX —
-/// the same rule as the server's, so a client never logs in as a user the
-/// server would refuse.
+/// Parses a user id by the protocol's one rule (`sns_proto::rules`), the
+/// server's too, so a client never logs in as a user the server would
+/// refuse.
 pub fn parse_user_id(text: &str) -> Result<u32, InvalidUserId> {
     // Only an echo of the value is bounded, so a huge argument cannot flood
     // the terminal.
-    let bad = || InvalidUserId(text.chars().take(64).collect());
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    match text.parse::<u32>() {
-        Ok(0) | Err(_) => Err(bad()),
-        Ok(user) => Ok(user),
-    }
+    sns_proto::rules::parse_user(text).ok_or_else(|| InvalidUserId(text.chars().take(64).collect()))
 }
 
 /// Parses the process's arguments, or exits: 0 after `--help`/`--version`,
@@ -106,11 +99,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn user_ids_are_positive_integers_that_fit_u32() {
+    fn user_ids_are_canonical_positive_integers_that_fit_31_bits() {
         assert_eq!(parse_user_id("1"), Ok(1));
         assert_eq!(parse_user_id("42"), Ok(42));
-        assert_eq!(parse_user_id("4294967295"), Ok(u32::MAX));
-        for bad in ["abc", "0", "00", "-3", "+3", "../x", "4294967296", "", " 1", "1 ", "1.5"] {
+        assert_eq!(parse_user_id("2147483647"), Ok(2_147_483_647));
+        for bad in ["abc", "0", "00", "007", "-3", "+3", "../x", "2147483648", "", " 1", "1 ", "1.5"] {
             assert!(parse_user_id(bad).is_err(), "{bad:?} must be rejected");
         }
     }

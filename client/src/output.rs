@@ -47,13 +47,14 @@ const CTIME_FORMAT: &str = "%a %b %e %H:%M:%S %Y";
 
 /// The line printed for a `Reply.msg` status word.
 pub fn status_line(status: &str) -> &'static str {
+    use sns_proto::rules as r;
     match status {
-        "SUCCESS" => SUCCESS,
-        "FAILURE_ALREADY_EXISTS" => "Input username already exists, command failed",
-        "FAILURE_NOT_EXISTS" => "Input username does not exists, command failed",
-        "FAILURE_INVALID_USERNAME" => "Command failed with invalid username",
-        "FAILURE_NOT_A_FOLLOWER" => "Command failed with not a follower",
-        "FAILURE_INVALID" => INVALID_COMMAND,
+        r::SUCCESS => SUCCESS,
+        r::FAILURE_ALREADY_EXISTS => "Input username already exists, command failed",
+        r::FAILURE_NOT_EXISTS => "Input username does not exists, command failed",
+        r::FAILURE_INVALID_USERNAME => "Command failed with invalid username",
+        r::FAILURE_NOT_A_FOLLOWER => "Command failed with not a follower",
+        r::FAILURE_INVALID => INVALID_COMMAND,
         _ => UNKNOWN_REASON,
     }
 }

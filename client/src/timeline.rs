@@ -3,10 +3,10 @@
 
 use std::collections::{HashSet, VecDeque};
 
-/// The longest post, in bytes, that the server accepts. Matches the server's
-/// own limit so that the client refuses up front what would be rejected
-/// anyway, and says why, instead of losing it silently.
-pub const MAX_POST_BYTES: usize = 4096;
+/// The longest post, in bytes, that the server accepts: the client refuses
+/// up front what would be rejected anyway, and says why, instead of losing
+/// it silently.
+pub use sns_proto::rules::MAX_POST_BYTES;
 
 /// What a line typed in timeline mode amounts to.
 #[derive(Debug, Clone, PartialEq, Eq)]

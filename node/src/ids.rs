@@ -19,16 +19,9 @@ impl fmt::Display for InvalidUserId {
 
 impl std::error::Error for InvalidUserId {}
 
-/// Parses a user id: ASCII digits only (no sign, no spaces), value 1..=u32::MAX.
+/// Parses a user id by the protocol's one rule (`sns_proto::rules`).
 pub fn parse_user(text: &str) -> Result<UserId, InvalidUserId> {
-    let bad = || InvalidUserId(text.chars().take(64).collect());
-    if text.is_empty() || text.len() > 10 || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    match text.parse::<UserId>() {
-        Ok(0) | Err(_) => Err(bad()),
-        Ok(u) => Ok(u),
-    }
+    sns_proto::rules::parse_user(text).ok_or_else(|| InvalidUserId(text.chars().take(64).collect()))
 }
 
 /// The cluster (1-based) that owns user `user` among `clusters` clusters:
@@ -57,8 +50,10 @@ mod tests {
     #[test]
     fn accepts_positive_integers_only() {
         assert_eq!(parse_user("1"), Ok(1));
-        assert_eq!(parse_user("4294967295"), Ok(u32::MAX));
-        for bad in ["", "0", "00", "-1", "+1", " 1", "1 ", "abc", "../../etc", "4294967296", "1e3", "99999999999"] {
+        assert_eq!(parse_user("2147483647"), Ok(i32::MAX as u32));
+        for bad in
+            ["", "0", "00", "007", "-1", "+1", " 1", "1 ", "abc", "../../etc", "2147483648", "1e3", "99999999999"]
+        {
             assert!(parse_user(bad).is_err(), "{bad:?} must be rejected");
         }
     }

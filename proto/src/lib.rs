@@ -14,5 +14,7 @@ pub mod internal {
     tonic::include_proto!("tinysns.internal.v1");
 }
 
+pub mod rules;
+
 pub use prost;
 pub use prost_types;

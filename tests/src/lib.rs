@@ -584,6 +584,7 @@ impl Client {
             if let Some(status) = self.child.try_wait()? {
                 // Let the reader threads drain what the process printed.
                 self.out.wait(deadline, |_| false);
+                self.err.wait(deadline, |_| false);
                 return Ok(status.code().unwrap_or(-1));
             }
             if Instant::now() > deadline {

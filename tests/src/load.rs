@@ -196,3 +196,25 @@ impl Writer {
         report
     }
 }
+
+/// Waits until `user`'s LIST shows each of `followers` as a follower: their
+/// follows reached `user`'s cluster, so posts `user` makes from now on are
+/// in their feeds (visibility follows the log, not clocks).
+pub async fn wait_followers(coord_port: u16, user: u32, followers: &[u32], deadline: Instant) -> Result<()> {
+    loop {
+        let listed = async {
+            let mut sns = attach(coord_port, user).await?;
+            let req = Request { username: user.to_string(), arguments: vec![], request_id: 0 };
+            anyhow::Ok(sns.list(req).await?.into_inner().followers)
+        };
+        if let Ok(list) = listed.await
+            && followers.iter().all(|f| list.contains(&f.to_string()))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!("user {user}'s followers never included all of {followers:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

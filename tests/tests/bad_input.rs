@@ -14,7 +14,7 @@ const OK: &str = "Command completed successfully";
 
 #[test]
 fn invalid_user_ids_are_refused_by_the_client() -> anyhow::Result<()> {
-    for bad in ["abc", "0", "-3", "../x", "4294967296"] {
+    for bad in ["abc", "0", "007", "-3", "../x", "2147483648"] {
         let mut c = Client::with_args(&["-h", "127.0.0.1", "-k", "1", "-u", bad], bad)?;
         let code = c.wait_exit()?;
         assert_eq!(code, 2, "tsc -u {bad} must fail with a usage error");
@@ -122,7 +122,7 @@ fn malformed_broker_messages_are_dead_lettered() -> anyhow::Result<()> {
         let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
         let ch = conn.create_channel().await?;
         let exchange = format!("{}.events", d.name);
-        for (key, body) in [("user.1", &b"\xff\xfe garbage"[..]), ("post.1", &b""[..])] {
+        for (key, body) in [("to.2", &b"\xff\xfe garbage"[..]), ("to.2", &b""[..])] {
             ch.basic_publish(
                 exchange.as_str().into(),
                 key.into(),
@@ -154,6 +154,69 @@ fn malformed_broker_messages_are_dead_lettered() -> anyhow::Result<()> {
     c1.poll_list(&[1, 2], &[])?;
     assert!(d.log("sync-2-1").contains("malformed broker message"));
     eventually("sync-2-1 still running", || (!d.log("sync-2-1").contains("panicked")).then_some(()))?;
+    Ok(())
+}
+
+/// A well-formed event that cannot be valid (its stream position jumps to
+/// i64::MAX) is dead-lettered, never applied, and does not stop the real
+/// events of its origin that come after it.
+#[test]
+fn a_forged_event_is_dead_lettered_and_later_events_still_apply() -> anyhow::Result<()> {
+    use prost::Message as _;
+    use sns_proto::internal::{SyncBatch, SyncEvent, UserAdded, sync_event::Kind};
+    let d = Deployment::start(2, 1)?;
+    let mut c2 = d.client("2")?;
+    c2.expect_line("=====================================")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let dead_queue = format!("{}.dead", d.name);
+    rt.block_on(async {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+        let ch = conn.create_channel().await?;
+        let forged = SyncEvent {
+            origin_cluster: 1,
+            seq: i64::MAX as u64,
+            kind: Some(Kind::User(UserAdded { user: 99 })),
+            epoch: 1,
+            dest_cluster: 2,
+            dest_seq: i64::MAX as u64,
+            recipients: vec![],
+        };
+        let body = SyncBatch { events: vec![forged] }.encode_to_vec();
+        let props = BasicProperties::default().with_type(sns_node::store::codec::BATCH_TYPE.into());
+        ch.basic_publish(
+            format!("{}.events", d.name).as_str().into(),
+            "to.2".into(),
+            BasicPublishOptions::default(),
+            &body,
+            props,
+        )
+        .await?
+        .await?;
+        let deadline = std::time::Instant::now() + sns_e2e::DEADLINE;
+        let mut dead = None;
+        while dead.is_none() && std::time::Instant::now() < deadline {
+            match ch.basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true }).await? {
+                Some(m) => dead = Some(m),
+                None => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+        let dead = dead.ok_or_else(|| anyhow::anyhow!("the forged event never reached {dead_queue}"))?;
+        let reason = match dead.properties.headers().as_ref().and_then(|h| h.inner().get("x-reason").cloned()) {
+            Some(lapin::types::AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).to_string(),
+            other => format!("{other:?}"),
+        };
+        assert!(reason.contains("jumps past the window"), "the reason travels with it: {reason}");
+        conn.close(200, "done".into()).await?;
+        anyhow::Ok(())
+    })?;
+    // Cluster 1's real events still reach cluster 2, and the forged user
+    // was never made.
+    let mut c1 = d.client("1")?;
+    c1.expect_line("=====================================")?;
+    c2.poll_list(&[1, 2], &[])?;
+    let files = sns_e2e::spec_files(&d.server_dir(2, 1))?;
+    assert_eq!(files.get("all_users.txt").map(String::as_str), Some("1\n2\n"));
+    assert!(d.log("server-2-1").contains("refused"), "the server says why");
     Ok(())
 }
 

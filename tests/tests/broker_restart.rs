@@ -79,7 +79,7 @@ fn synchronizers_ride_through_a_broker_restart() -> anyhow::Result<()> {
         while msg != "SUCCESS" && Instant::now() < deadline {
             msg = load::command(d.coord_port, 2, true, 1, deadline).await?;
         }
-        anyhow::Ok(())
+        load::wait_followers(d.coord_port, 1, &[2], deadline).await
     })?;
     let stop = Arc::new(AtomicBool::new(false));
     let before = rt.block_on(load::writer(d.coord_port, 1, stop.clone(), 20, deadline));

@@ -37,6 +37,11 @@ fn killing_masters_under_load_loses_no_acknowledged_post() -> anyhow::Result<()>
                 }
             }
         }
+        // Posts reach followers whose follow reached the author's cluster.
+        for &u in &users {
+            let others: Vec<u32> = users.iter().copied().filter(|f| *f != u).collect();
+            load::wait_followers(d.coord_port, u, &others, deadline).await?;
+        }
         anyhow::Ok(())
     })?;
     let followers: BTreeMap<u32, Vec<u32>> =

@@ -160,6 +160,12 @@ fn start_load(rt: &Runtime, d: &Deployment) -> Result<Load> {
                 }
             }
         }
+        // A post reaches a follower only if the follow reached the author's
+        // cluster first.
+        for &u in &WRITERS {
+            let others: Vec<u32> = WRITERS.iter().copied().filter(|f| *f != u).collect();
+            load::wait_followers(port, u, &others, deadline).await?;
+        }
         anyhow::Ok(())
     })?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -25,7 +25,7 @@
 use super::{Node, PostRequest, Role, SlaveAddr, encode_state, lock, snapshot_chunks};
 use crate::net;
 use crate::store::codec;
-use crate::store::state::{Change, Entry, LocalOp, RemoteEvent, State};
+use crate::store::state::{Arrival, Change, Entry, LocalOp, RemoteEvent, State};
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{InSyncMember, InSyncRequest, ReplicateRequest};
@@ -105,36 +105,36 @@ impl Node {
 
     /// Applies events of other clusters as master: in the write lane, in
     /// this cluster's journal order, replicated to the in-sync servers like
-    /// a client write; Ok (with how many changed anything) once committed.
+    /// a client write; Ok once committed, with how many were journaled
+    /// (applied, or held until a gap in their stream closes) and which
+    /// cannot be valid (never applied: the synchronizer dead-letters them).
     /// A slave never applies them on its own: it gets them from its master,
     /// so both hold the same events in the same order.
-    pub async fn apply_remote(&self, events: Vec<RemoteEvent>) -> Result<usize, Status> {
+    pub async fn apply_remote(&self, events: Vec<RemoteEvent>) -> Result<(usize, Vec<(usize, String)>), Status> {
         let _lane = self.0.lane.lock().await;
         let role = self.ensure_serving().await?;
         self.prepare_role(&role).await?;
+        let mut rejected = Vec::new();
         let (fresh, published): (Vec<Entry>, u64) = self.read(|s| {
-            let mut marks = std::collections::HashMap::new();
-            let fresh = events
-                .into_iter()
-                .filter(|e| {
-                    // Within the batch too: each origin's seqs must increase.
-                    let last = marks.entry(e.origin).or_insert(0u64);
-                    let new = s.is_new_remote(e) && e.seq > *last;
-                    if new {
-                        *last = e.seq;
-                    }
-                    new
-                })
-                .map(Entry::Remote)
-                .collect();
+            let mut fresh = Vec::new();
+            for (i, e) in events.into_iter().enumerate() {
+                match s.arrival(&e) {
+                    Arrival::Next | Arrival::Early => fresh.push(Entry::Remote(e)),
+                    Arrival::Duplicate => {}
+                    Arrival::Invalid(why) => rejected.push((i, why)),
+                }
+            }
             (fresh, s.published_upto())
         });
+        for (i, why) in &rejected {
+            tracing::warn!(index = i, reason = %why, "event of another cluster refused: dead-lettered");
+        }
         if fresh.is_empty() {
-            return Ok(0);
+            return Ok((0, rejected));
         }
         let n = fresh.len();
         self.write_entries(&role, fresh, published).await?;
-        Ok(n)
+        Ok((n, rejected))
     }
 
     /// Queues a post: it is committed with the other posts that are waiting

@@ -7,8 +7,8 @@ use crate::store::state::Entry;
 use futures_util::StreamExt as _;
 use sns_proto::internal::replica_server::{Replica, ReplicaServer};
 use sns_proto::internal::{
-    AckReply, AckRequest, ApplyReply, InstallReply, ReplicateReply, ReplicateRequest, ServerStatus, ServingState,
-    SnapshotChunk, StatusRequest, SyncBatch, SyncEvent, TailRequest,
+    AckReply, AckRequest, ApplyReply, InstallReply, RejectedEvent, ReplicateReply, ReplicateRequest, ServerStatus,
+    ServingState, SnapshotChunk, StatusRequest, SyncBatch, SyncEvent, TailRequest,
 };
 use std::pin::Pin;
 use tokio::sync::mpsc;
@@ -79,6 +79,7 @@ impl Replica for ReplicaService {
             unwritable: self.node.unwritable().unwrap_or_default(),
             lease_valid: role.is_master && self.node.lease_valid(),
             in_sync: if role.is_master { role.in_sync.clone() } else { vec![] },
+            held: self.node.read(|s| s.held_count() as u64),
         }))
     }
 
@@ -131,8 +132,10 @@ impl Replica for ReplicaService {
             .map(|e| codec::event_from_pb(e, clusters))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let applied = self.node.apply_remote(events).await?;
-        Ok(Response::new(ApplyReply { applied: applied as u32 }))
+        let (applied, rejected) = self.node.apply_remote(events).await?;
+        let rejected =
+            rejected.into_iter().map(|(index, reason)| RejectedEvent { index: index as u32, reason }).collect();
+        Ok(Response::new(ApplyReply { applied: applied as u32, rejected }))
     }
 }
 
@@ -154,10 +157,16 @@ async fn tail(node: Node, tx: mpsc::Sender<Result<SyncEvent, Status>>, shutdown:
         }
     }
     let mut sent = node.read(|s| s.published_upto());
+    let origin = node.cfg().cluster;
     loop {
         let upto = *stable.borrow_and_update();
+        // One message per destination of each event.
         let batch: Vec<SyncEvent> = node.read(|s| {
-            s.outbox_after(sent).take_while(|e| e.seq <= upto).take(TAIL_BATCH).map(codec::event_to_pb).collect()
+            s.outbox_after(sent)
+                .take_while(|e| e.seq <= upto)
+                .take(TAIL_BATCH)
+                .flat_map(|e| e.deliveries.iter().map(move |d| codec::delivery_to_pb(e, origin, d)))
+                .collect()
         });
         for event in batch {
             sent = event.seq;

@@ -11,7 +11,7 @@
 
 use super::Node;
 use crate::error::{Error, Result};
-use crate::store::state::{Entry, Snapshot};
+use crate::store::state::{Arrival, Entry, Snapshot};
 use std::sync::atomic::Ordering;
 use tonic::Status;
 
@@ -78,8 +78,9 @@ impl Node {
                     self.0.synced_term.store(0, Ordering::SeqCst);
                     return Err(Status::aborted(format!("expected seq {expected}, got {}: send a snapshot", op.seq)));
                 }
-                Entry::Remote(ev) if self.read(|s| s.is_new_remote(&ev)) => fresh.push(Entry::Remote(ev)),
-                Entry::Remote(_) => {}
+                // A retried forward repeats events already applied.
+                Entry::Remote(ev) if ev.dest_seq != 0 && self.read(|s| s.arrival(&ev)) == Arrival::Duplicate => {}
+                Entry::Remote(ev) => fresh.push(Entry::Remote(ev)),
                 Entry::PublishedUpto(_) | Entry::Snapshot(_) => {
                     return Err(Status::invalid_argument("only client writes and remote events are replicated"));
                 }

@@ -42,13 +42,9 @@ fn to_message(p: &Post) -> Message {
     }
 }
 
+/// The displayed post time: the client's, unless absent or absurd.
 fn post_time(m: &Message) -> i64 {
-    match &m.timestamp {
-        Some(t) if t.seconds > 0 => {
-            t.seconds.saturating_mul(1000) + i64::from(t.nanos.clamp(0, 999_999_999) / 1_000_000)
-        }
-        _ => now_ms(),
-    }
+    m.timestamp.as_ref().and_then(|t| sns_proto::rules::post_time_ms(t.seconds, t.nanos)).unwrap_or_else(now_ms)
 }
 
 impl Sns {

@@ -3,14 +3,14 @@
 //! Decoding validates: a message that decodes but makes no sense (user 0,
 //! an unknown cluster, a post with a newline) is rejected here, once.
 
-use super::state::{Change, Entry, LocalOp, Post, RemoteEvent, Snapshot, UserSnapshot};
+use super::state::{
+    Change, Delivery, Entry, FeedItem, FollowId, LocalOp, OutEvent, Post, RemoteEvent, Snapshot, UserSnapshot,
+};
 use prost::Message as _;
 use sns_proto::internal as pb;
 use std::sync::Arc;
 
-/// Longest post text accepted, in bytes. Posts are short status lines; the
-/// cap keeps a single post from bloating every follower's feed file.
-pub const MAX_POST_BYTES: usize = 4096;
+pub use sns_proto::rules::{MAX_POST_BYTES, check_post_text};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -20,17 +20,6 @@ pub enum DecodeError {
     Empty,
     #[error("invalid field: {0}")]
     Invalid(String),
-}
-
-/// Why a post text is refused.
-pub fn check_post_text(text: &str) -> Result<(), String> {
-    if text.len() > MAX_POST_BYTES {
-        Err(format!("post is {} bytes; at most {MAX_POST_BYTES} are allowed", text.len()))
-    } else if text.contains(['\n', '\r']) {
-        Err("post must be a single line".to_string())
-    } else {
-        Ok(())
-    }
 }
 
 fn user(id: u32) -> Result<u32, DecodeError> {
@@ -62,6 +51,18 @@ fn post_to_pb(p: &Post) -> pb::Post {
     pb::Post { user: p.user, text: p.text.to_string(), at_ms: p.at_ms, client_id: p.client_id }
 }
 
+fn edges(pairs: &[(u32, FollowId)]) -> Vec<pb::FollowEdge> {
+    pairs.iter().map(|(user, follow_id)| pb::FollowEdge { user: *user, follow_id: *follow_id }).collect()
+}
+
+fn recipients_to_pb(r: &[(u32, FollowId)]) -> Vec<pb::Recipient> {
+    r.iter().map(|(user, follow_id)| pb::Recipient { user: *user, follow_id: *follow_id }).collect()
+}
+
+fn recipients_from_pb(r: &[pb::Recipient]) -> Result<Vec<(u32, FollowId)>, DecodeError> {
+    r.iter().map(|r| Ok((user(r.user)?, r.follow_id))).collect()
+}
+
 pub fn snapshot_to_pb(s: &Snapshot, cluster: u32) -> pb::StateSnapshot {
     pb::StateSnapshot {
         cluster,
@@ -71,35 +72,62 @@ pub fn snapshot_to_pb(s: &Snapshot, cluster: u32) -> pb::StateSnapshot {
             .iter()
             .map(|u| pb::UserState {
                 user: u.user,
-                following: u.following.iter().map(|(f, t)| pb::FollowEdge { followee: *f, since_ms: *t }).collect(),
-                followers: u.followers.clone(),
+                following: edges(&u.following),
+                followers: vec![],
                 timeline: u.timeline.iter().map(post_to_pb).collect(),
-                feed: u.feed.iter().map(post_to_pb).collect(),
+                feed: u.feed.iter().map(|i| post_to_pb(&i.post)).collect(),
                 recent_post_ids: u.recent_post_ids.clone(),
                 recent_request_ids: u.recent_request_ids.clone(),
+                follower_edges: edges(&u.followers),
+                feed_follow_ids: u.feed.iter().map(|i| i.follow).collect(),
             })
             .collect(),
         next_seq: s.next_seq,
         published_upto: s.published_upto,
-        outbox: s.outbox.iter().map(event_to_pb).collect(),
-        applied: s.applied.iter().map(|(o, q)| pb::OriginMark { origin: *o, seq: *q }).collect(),
+        outbox: vec![],
+        applied: s.applied.iter().map(|(o, e, q)| pb::OriginMark { origin: *o, seq: *q, epoch: *e }).collect(),
+        outbox_events: s.outbox.iter().map(|e| outbox_event_to_pb(e, cluster)).collect(),
+        held: s.held.iter().map(event_to_pb).collect(),
+        epoch: s.epoch,
+        sent: s.sent.iter().map(|(d, q)| pb::OriginMark { origin: *d, seq: *q, epoch: s.epoch }).collect(),
     }
 }
 
 pub fn snapshot_from_pb(s: &pb::StateSnapshot, clusters: u32) -> Result<Snapshot, DecodeError> {
     let posts = |ps: &[pb::Post]| ps.iter().map(post_from_pb).collect::<Result<Vec<_>, _>>();
+    let pairs =
+        |es: &[pb::FollowEdge]| es.iter().map(|e| Ok((user(e.user)?, e.follow_id))).collect::<Result<Vec<_>, _>>();
+    let mut outbox: Vec<OutEvent> =
+        s.outbox_events.iter().map(|e| outbox_event_from_pb(e, clusters)).collect::<Result<_, _>>()?;
+    // An earlier version's outbox: its events, to every other cluster.
+    for e in &s.outbox {
+        let ev = event_from_pb(e, clusters)?;
+        let deliveries = (1..=clusters)
+            .filter(|c| *c != ev.origin)
+            .map(|dest| Delivery { dest, dest_seq: 0, recipients: vec![] })
+            .collect();
+        outbox.push(OutEvent { seq: ev.seq, epoch: 0, change: ev.change, deliveries });
+    }
     Ok(Snapshot {
         users: s.users.iter().map(|u| user(*u)).collect::<Result<_, _>>()?,
         local_users: s
             .local_users
             .iter()
             .map(|u| {
+                let feed = posts(&u.feed)?;
+                let follows = u.feed_follow_ids.iter().copied().chain(std::iter::repeat(0));
+                // Earlier versions kept followers without follow ids.
+                let followers = if u.follower_edges.is_empty() {
+                    u.followers.iter().map(|f| Ok((user(*f)?, 0))).collect::<Result<Vec<_>, DecodeError>>()?
+                } else {
+                    pairs(&u.follower_edges)?
+                };
                 Ok(UserSnapshot {
                     user: user(u.user)?,
-                    following: u.following.iter().map(|e| (e.followee, e.since_ms)).collect(),
-                    followers: u.followers.clone(),
+                    following: pairs(&u.following)?,
+                    followers,
                     timeline: posts(&u.timeline)?,
-                    feed: posts(&u.feed)?,
+                    feed: feed.into_iter().zip(follows).map(|(post, follow)| FeedItem { post, follow }).collect(),
                     recent_post_ids: u.recent_post_ids.clone(),
                     recent_request_ids: u.recent_request_ids.clone(),
                 })
@@ -107,9 +135,43 @@ pub fn snapshot_from_pb(s: &pb::StateSnapshot, clusters: u32) -> Result<Snapshot
             .collect::<Result<_, DecodeError>>()?,
         next_seq: s.next_seq,
         published_upto: s.published_upto,
-        outbox: s.outbox.iter().map(|e| event_from_pb(e, clusters)).collect::<Result<_, _>>()?,
-        applied: s.applied.iter().map(|m| (m.origin, m.seq)).collect(),
+        outbox,
+        applied: s.applied.iter().map(|m| (m.origin, m.epoch, m.seq)).collect(),
+        held: s.held.iter().map(|e| event_from_pb(e, clusters)).collect::<Result<_, _>>()?,
+        epoch: s.epoch,
+        sent: s.sent.iter().map(|m| (m.origin, m.seq)).collect(),
     })
+}
+
+fn outbox_event_to_pb(e: &OutEvent, origin: u32) -> pb::OutboxEvent {
+    let event =
+        RemoteEvent { origin, seq: e.seq, epoch: e.epoch, dest_seq: 0, change: e.change.clone(), recipients: vec![] };
+    pb::OutboxEvent {
+        event: Some(event_to_pb(&event)),
+        deliveries: e
+            .deliveries
+            .iter()
+            .map(|d| pb::Delivery { dest: d.dest, dest_seq: d.dest_seq, recipients: recipients_to_pb(&d.recipients) })
+            .collect(),
+    }
+}
+
+fn outbox_event_from_pb(e: &pb::OutboxEvent, clusters: u32) -> Result<OutEvent, DecodeError> {
+    let pb_event = e.event.as_ref().ok_or(DecodeError::Empty)?;
+    // The journal does not know its cluster: an outbox event's origin is
+    // this server's, whatever is written there.
+    let ev = event_from_pb(&pb::SyncEvent { origin_cluster: 1, ..pb_event.clone() }, clusters.max(1))?;
+    let deliveries = e
+        .deliveries
+        .iter()
+        .map(|d| Ok(Delivery { dest: d.dest, dest_seq: d.dest_seq, recipients: recipients_from_pb(&d.recipients)? }))
+        .collect::<Result<_, DecodeError>>()?;
+    Ok(OutEvent { seq: ev.seq, epoch: ev.epoch, change: ev.change, deliveries })
+}
+
+/// An outbox event as published to one destination.
+pub fn delivery_to_pb(e: &OutEvent, origin: u32, d: &Delivery) -> pb::SyncEvent {
+    pb::SyncEvent { dest_cluster: d.dest, ..event_to_pb(&e.for_delivery(origin, d)) }
 }
 
 /// Encodes a snapshot for the wire (`InstallSnapshot` chunks).
@@ -160,7 +222,15 @@ pub fn event_to_pb(e: &RemoteEvent) -> pb::SyncEvent {
         }
         Change::Post(p) => Kind::Post(post_to_pb(p)),
     };
-    pb::SyncEvent { origin_cluster: e.origin, seq: e.seq, kind: Some(kind) }
+    pb::SyncEvent {
+        origin_cluster: e.origin,
+        seq: e.seq,
+        kind: Some(kind),
+        epoch: e.epoch,
+        dest_cluster: 0,
+        dest_seq: e.dest_seq,
+        recipients: recipients_to_pb(&e.recipients),
+    }
 }
 
 /// Validates a decoded broker event for a deployment of `clusters` clusters.
@@ -177,7 +247,14 @@ pub fn event_from_pb(e: &pb::SyncEvent, clusters: u32) -> Result<RemoteEvent, De
         Kind::Relation(r) => change_from_relation(r)?,
         Kind::Post(p) => change_from_post(p)?,
     };
-    Ok(RemoteEvent { origin: e.origin_cluster, seq: e.seq, change })
+    Ok(RemoteEvent {
+        origin: e.origin_cluster,
+        seq: e.seq,
+        epoch: e.epoch,
+        dest_seq: e.dest_seq,
+        change,
+        recipients: recipients_from_pb(&e.recipients)?,
+    })
 }
 
 /// The AMQP `type` of a broker message whose body is a `SyncBatch`: a run
@@ -262,6 +339,10 @@ mod tests {
         event_from_pb(&decode_message(body, false, clusters)?[0], clusters)
     }
 
+    fn re(origin: u32, seq: u64, change: Change) -> RemoteEvent {
+        RemoteEvent { origin, seq, epoch: 1, dest_seq: seq, change, recipients: vec![] }
+    }
+
     fn samples() -> Vec<Change> {
         vec![
             Change::User(7),
@@ -274,7 +355,7 @@ mod tests {
     #[test]
     fn events_round_trip() {
         for (i, change) in samples().into_iter().enumerate() {
-            let e = RemoteEvent { origin: 2, seq: i as u64 + 1, change };
+            let e = RemoteEvent { recipients: vec![(4, 17), (7, 2)], ..re(2, i as u64 + 1, change) };
             assert_eq!(decode_event(&encode_event(&e), 3), Ok(e));
         }
     }
@@ -284,7 +365,7 @@ mod tests {
         for (i, change) in samples().into_iter().enumerate() {
             let local = Entry::Local(LocalOp { seq: i as u64 + 1, change: change.clone(), request_id: i as u64 });
             assert_eq!(decode_entry(&encode_entry(&local), 3), Ok(local));
-            let remote = Entry::Remote(RemoteEvent { origin: 3, seq: 9, change });
+            let remote = Entry::Remote(re(3, 9, change));
             assert_eq!(decode_entry(&encode_entry(&remote), 3), Ok(remote));
         }
         let mark = Entry::PublishedUpto(42);
@@ -294,16 +375,27 @@ mod tests {
             local_users: vec![UserSnapshot {
                 user: 1,
                 following: vec![(2, 7)],
-                followers: vec![4],
+                followers: vec![(4, 3), (2, 11)],
                 timeline: vec![Post { user: 1, text: "t".into(), at_ms: 3, client_id: 9 }],
-                feed: vec![Post { user: 2, text: "f".into(), at_ms: 8, client_id: 0 }],
+                feed: vec![FeedItem { post: Post { user: 2, text: "f".into(), at_ms: 8, client_id: 0 }, follow: 7 }],
                 recent_post_ids: vec![9],
                 recent_request_ids: vec![77],
             }],
             next_seq: 12,
             published_upto: 10,
-            outbox: vec![RemoteEvent { origin: 1, seq: 11, change: Change::User(4) }],
-            applied: vec![(2, 5)],
+            outbox: vec![OutEvent {
+                seq: 11,
+                epoch: 1,
+                change: Change::User(4),
+                deliveries: vec![
+                    Delivery { dest: 2, dest_seq: 5, recipients: vec![] },
+                    Delivery { dest: 3, dest_seq: 4, recipients: vec![(3, 1)] },
+                ],
+            }],
+            applied: vec![(2, 1, 5)],
+            held: vec![re(3, 8, Change::User(9))],
+            epoch: 1,
+            sent: vec![(2, 5), (3, 4)],
         };
         let entry = Entry::Snapshot(Box::new(snap.clone()));
         assert_eq!(decode_entry(&encode_entry(&entry), 3), Ok(entry));
@@ -312,11 +404,23 @@ mod tests {
     }
 
     #[test]
+    fn a_delivery_names_its_destination() {
+        let e = OutEvent {
+            seq: 4,
+            epoch: 2,
+            change: Change::User(1),
+            deliveries: vec![Delivery { dest: 3, dest_seq: 9, recipients: vec![] }],
+        };
+        let pb = delivery_to_pb(&e, 1, &e.deliveries[0]);
+        assert_eq!((pb.origin_cluster, pb.seq, pb.epoch, pb.dest_cluster, pb.dest_seq), (1, 4, 2, 3, 9));
+    }
+
+    #[test]
     fn broker_batches_round_trip_and_must_be_one_origin_in_order() {
-        let ev = |origin, seq, user| event_to_pb(&RemoteEvent { origin, seq, change: Change::User(user) });
+        let ev = |origin, seq, user| event_to_pb(&re(origin, seq, Change::User(user)));
         let batch = vec![ev(2, 7, 4), ev(2, 9, 5)];
         assert_eq!(decode_message(&encode_batch(&batch), true, 3), Ok(batch));
-        let single = encode_event(&RemoteEvent { origin: 1, seq: 3, change: Change::User(1) });
+        let single = encode_event(&re(1, 3, Change::User(1)));
         assert_eq!(decode_message(&single, false, 3), Ok(vec![ev(1, 3, 1)]));
         assert_eq!(decode_message(&encode_batch(&[]), true, 3), Err(DecodeError::Empty));
         assert!(decode_message(&encode_batch(&[ev(2, 9, 4), ev(2, 9, 5)]), true, 3).is_err(), "seq repeated");
@@ -329,7 +433,7 @@ mod tests {
     fn malformed_events_are_rejected() {
         assert!(matches!(decode_event(b"\xff\xff\xff", 3), Err(DecodeError::Protobuf(_))));
         assert_eq!(decode_event(&[], 3), Err(DecodeError::Invalid("origin cluster 0 of 3".into())));
-        let good = RemoteEvent { origin: 1, seq: 1, change: Change::User(1) };
+        let good = re(1, 1, Change::User(1));
         assert!(decode_event(&encode_event(&good), 3).is_ok());
         let mut far = event_to_pb(&good);
         far.origin_cluster = 4;
@@ -340,24 +444,13 @@ mod tests {
         let mut none = event_to_pb(&good);
         none.kind = None;
         assert_eq!(event_from_pb(&none, 3), Err(DecodeError::Empty));
-        let big = pb::SyncEvent {
-            origin_cluster: 1,
-            seq: 1,
-            kind: Some(pb::sync_event::Kind::Post(pb::Post {
-                user: 1,
-                text: "x".repeat(MAX_POST_BYTES + 1),
-                at_ms: 0,
-                client_id: 0,
-            })),
-        };
+        let mut big = event_to_pb(&good);
+        big.kind = Some(pb::sync_event::Kind::Post(pb::Post {
+            user: 1,
+            text: "x".repeat(MAX_POST_BYTES + 1),
+            at_ms: 0,
+            client_id: 0,
+        }));
         assert!(event_from_pb(&big, 3).is_err());
-    }
-
-    #[test]
-    fn post_text_rules() {
-        assert!(check_post_text("fine").is_ok());
-        assert!(check_post_text(&"x".repeat(MAX_POST_BYTES)).is_ok());
-        assert!(check_post_text(&"x".repeat(MAX_POST_BYTES + 1)).is_err());
-        assert!(check_post_text("two\nlines").is_err());
     }
 }

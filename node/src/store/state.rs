@@ -3,10 +3,29 @@
 //! Pure: no files, no network, no clock. Every change arrives as an
 //! [`Entry`] (a client write accepted by the cluster's master, an event from
 //! another cluster, or an outbox mark) and [`State::apply`] returns the
-//! [`Effect`]s the file views and live timeline streams must reflect. Master
-//! and slave apply the same local entries in the same order and the same
-//! remote events in any order, and end in the same state: that is what
-//! keeps their files identical.
+//! [`Effect`]s the file views and live timeline streams must reflect. The
+//! master journals entries in one order and its slave applies the same
+//! entries in the same order, so both end in the same state and write the
+//! same files.
+//!
+//! **Visibility follows the log, never clocks.** A follow is identified by
+//! the sequence number of the follow op in the follower's cluster (its
+//! [`FollowId`]). A post enters a follower's feed if and only if the follow
+//! took effect before the post: for a follower in the author's cluster,
+//! the follow was applied there first; for one in another cluster, the
+//! follow had reached the author's cluster first. The author's cluster
+//! decides: a post carries, for each other cluster, the followers there it
+//! is for and the follow each saw it under, and the receiving cluster puts
+//! it in a feed only if that follow is still the follower's current one.
+//! The post's timestamp is the displayed time only.
+//!
+//! **Events between clusters are numbered per stream.** What origin `o`
+//! sends to cluster `d` is numbered 1, 2, 3, … (`dest_seq`, within an
+//! `epoch` that an operator's override of `o` starts anew). A receiver
+//! applies `o`'s event n only after n-1; a later one waits in `held` (part
+//! of the state, so journaled and replicated) until the gap closes; a
+//! duplicate changes nothing. Posts go only to the clusters with followers
+//! of the author.
 
 use crate::ids::cluster_of;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -21,23 +40,33 @@ pub const RECENT_POST_IDS: usize = 1024;
 /// retries one command at a time, so a handful covers every retry; more
 /// covers several clients of one user.
 pub const RECENT_REQUEST_IDS: usize = 64;
+/// How far past the next expected event of a stream an event may be and
+/// still be held for the gap to close: a republication after a failover
+/// re-sends at most the unconfirmed window of the publisher (8192 events),
+/// so a jump beyond this is not a late event but a forged or broken one.
+pub const HOLD_WINDOW: u64 = 1 << 16;
+/// Events held per origin at most (the rest is refused).
+pub const HOLD_MAX: usize = 4096;
+
+/// Identifies a follow: the seq of the follow op in the follower's cluster.
+pub type FollowId = u64;
 
 /// A post as it lives in memory; the text is shared by every feed holding it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Post {
     pub user: u32,
     pub text: Arc<str>,
+    /// The displayed post time (ms); it decides nothing.
     pub at_ms: i64,
     /// The client's id for the post (0 = none): a resent post is ignored.
     pub client_id: u64,
 }
 
-impl Post {
-    /// Feed order: by time, then author, then text, so that every replica
-    /// orders a feed the same way whatever order the posts arrived in.
-    fn key(&self) -> (i64, u32, &str) {
-        (self.at_ms, self.user, &self.text)
-    }
+/// A post in a feed, with the follow it arrived under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedItem {
+    pub post: Post,
+    pub follow: FollowId,
 }
 
 /// A change to the social graph or the posts.
@@ -49,6 +78,7 @@ pub enum Change {
         follower: u32,
         followee: u32,
         follow: bool,
+        /// When the client asked (display and logs only).
         at_ms: i64,
     },
     Post(Post),
@@ -81,12 +111,52 @@ impl LocalOp {
     }
 }
 
-/// An event of cluster `origin`, as published between clusters.
+/// An event of cluster `origin` for this cluster, as it arrives here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteEvent {
     pub origin: u32,
+    /// The op's seq in its origin (a relation's [`FollowId`]).
     pub seq: u64,
+    /// The origin's stream epoch (0 for events of earlier versions).
+    pub epoch: u64,
+    /// Position in the origin → this cluster stream (0: an event of an
+    /// earlier version, applied as it comes).
+    pub dest_seq: u64,
     pub change: Change,
+    /// For a post: the followers here it is for, with the follow each was
+    /// seen under in the origin.
+    pub recipients: Vec<(u32, FollowId)>,
+}
+
+/// What one destination cluster gets of an outbox event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub dest: u32,
+    pub dest_seq: u64,
+    pub recipients: Vec<(u32, FollowId)>,
+}
+
+/// A local op other clusters need, waiting for the broker's confirm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutEvent {
+    pub seq: u64,
+    pub epoch: u64,
+    pub change: Change,
+    pub deliveries: Vec<Delivery>,
+}
+
+impl OutEvent {
+    /// The event as `delivery`'s destination receives it.
+    pub fn for_delivery(&self, origin: u32, d: &Delivery) -> RemoteEvent {
+        RemoteEvent {
+            origin,
+            seq: self.seq,
+            epoch: self.epoch,
+            dest_seq: d.dest_seq,
+            change: self.change.clone(),
+            recipients: d.recipients.clone(),
+        }
+    }
 }
 
 /// One journal record.
@@ -107,17 +177,22 @@ pub struct Snapshot {
     pub local_users: Vec<UserSnapshot>,
     pub next_seq: u64,
     pub published_upto: u64,
-    pub outbox: Vec<RemoteEvent>,
-    pub applied: Vec<(u32, u64)>,
+    pub outbox: Vec<OutEvent>,
+    /// origin -> (epoch, last dest_seq applied).
+    pub applied: Vec<(u32, u64, u64)>,
+    pub held: Vec<RemoteEvent>,
+    pub epoch: u64,
+    /// destination -> last dest_seq assigned (this epoch).
+    pub sent: Vec<(u32, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UserSnapshot {
     pub user: u32,
-    pub following: Vec<(u32, i64)>,
-    pub followers: Vec<u32>,
+    pub following: Vec<(u32, FollowId)>,
+    pub followers: Vec<(u32, FollowId)>,
     pub timeline: Vec<Post>,
-    pub feed: Vec<Post>,
+    pub feed: Vec<FeedItem>,
     pub recent_post_ids: Vec<u64>,
     pub recent_request_ids: Vec<u64>,
 }
@@ -135,12 +210,10 @@ pub enum Effect {
         user: u32,
         post: Post,
     },
-    /// `post` entered `user`'s feed at index `at` (the feed's length
-    /// before, when it sorts last).
+    /// `post` was appended to `user`'s feed.
     Feed {
         user: u32,
         post: Post,
-        at: usize,
     },
     /// Everything was replaced (a snapshot was installed).
     Reset,
@@ -161,15 +234,28 @@ pub enum Outcome {
 impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
-            Outcome::Success => "SUCCESS",
-            Outcome::AlreadyExists => "FAILURE_ALREADY_EXISTS",
-            Outcome::NotExists => "FAILURE_NOT_EXISTS",
-            Outcome::InvalidUsername => "FAILURE_INVALID_USERNAME",
-            Outcome::NotAFollower => "FAILURE_NOT_A_FOLLOWER",
-            Outcome::Invalid => "FAILURE_INVALID",
-            Outcome::Unknown => "FAILURE_UNKNOWN",
+            Outcome::Success => sns_proto::rules::SUCCESS,
+            Outcome::AlreadyExists => sns_proto::rules::FAILURE_ALREADY_EXISTS,
+            Outcome::NotExists => sns_proto::rules::FAILURE_NOT_EXISTS,
+            Outcome::InvalidUsername => sns_proto::rules::FAILURE_INVALID_USERNAME,
+            Outcome::NotAFollower => sns_proto::rules::FAILURE_NOT_A_FOLLOWER,
+            Outcome::Invalid => sns_proto::rules::FAILURE_INVALID,
+            Outcome::Unknown => sns_proto::rules::FAILURE_UNKNOWN,
         }
     }
+}
+
+/// What a receiver makes of an arriving event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arrival {
+    /// The next of its stream: apply.
+    Next,
+    /// Later than the next: hold until the gap closes.
+    Early,
+    /// Already applied (or held): ignore.
+    Duplicate,
+    /// Cannot be valid: refuse (dead-letter), never apply.
+    Invalid(String),
 }
 
 #[derive(Debug, Clone)]
@@ -177,25 +263,35 @@ pub struct State {
     cluster: u32,
     clusters: u32,
     users: BTreeSet<u32>,
-    /// user (of this cluster) -> followee -> follow start (ms).
-    following: HashMap<u32, BTreeMap<u32, i64>>,
-    /// user of this cluster -> all its followers, from every cluster.
-    followers: HashMap<u32, BTreeSet<u32>>,
-    /// author of any cluster -> the users of this cluster who follow it:
-    /// the fan-out index for local and remote posts alike.
-    local_followers: HashMap<u32, BTreeSet<u32>>,
+    /// user (of this cluster) -> followee -> the follow.
+    following: HashMap<u32, BTreeMap<u32, FollowId>>,
+    /// user of this cluster -> each follower (any cluster) -> the follow.
+    followers: HashMap<u32, BTreeMap<u32, FollowId>>,
     timelines: HashMap<u32, Vec<Post>>,
-    feeds: HashMap<u32, Vec<Post>>,
+    feeds: HashMap<u32, Vec<FeedItem>>,
     next_seq: u64,
     published_upto: u64,
     /// Local events not yet confirmed by the broker, by seq.
-    outbox: BTreeMap<u64, RemoteEvent>,
-    /// origin cluster -> highest event seq applied from it.
-    applied: HashMap<u32, u64>,
+    outbox: BTreeMap<u64, OutEvent>,
+    /// This cluster's outbound stream epoch.
+    epoch: u64,
+    /// destination -> last dest_seq assigned in `epoch`.
+    sent: BTreeMap<u32, u64>,
+    /// origin -> (epoch, last dest_seq applied).
+    applied: HashMap<u32, (u64, u64)>,
+    /// origin -> events waiting for a gap to close, by dest_seq.
+    held: BTreeMap<u32, BTreeMap<u64, RemoteEvent>>,
     /// user -> the client ids of its latest posts, oldest first.
     recent_ids: HashMap<u32, VecDeque<u64>>,
     /// user -> the request ids of its latest other writes, oldest first.
     recent_requests: HashMap<u32, VecDeque<u64>>,
+}
+
+fn push_bounded(ids: &mut VecDeque<u64>, id: u64, max: usize) {
+    if ids.len() == max {
+        ids.pop_front();
+    }
+    ids.push_back(id);
 }
 
 impl State {
@@ -206,13 +302,15 @@ impl State {
             users: BTreeSet::new(),
             following: HashMap::new(),
             followers: HashMap::new(),
-            local_followers: HashMap::new(),
             timelines: HashMap::new(),
             feeds: HashMap::new(),
             next_seq: 1,
             published_upto: 0,
             outbox: BTreeMap::new(),
+            epoch: 1,
+            sent: BTreeMap::new(),
             applied: HashMap::new(),
+            held: BTreeMap::new(),
             recent_ids: HashMap::new(),
             recent_requests: HashMap::new(),
         }
@@ -234,36 +332,38 @@ impl State {
         local.extend(
             self.following
                 .keys()
+                .chain(self.followers.keys())
                 .chain(self.timelines.keys())
                 .chain(self.feeds.keys())
                 .chain(self.recent_requests.keys()),
         );
+        let pairs = |m: Option<&BTreeMap<u32, FollowId>>| -> Vec<(u32, FollowId)> {
+            m.map(|m| m.iter().map(|(k, v)| (*k, *v)).collect()).unwrap_or_default()
+        };
+        let ids = |m: &HashMap<u32, VecDeque<u64>>, u: u32| {
+            m.get(&u).map(|d| d.iter().copied().collect()).unwrap_or_default()
+        };
         Snapshot {
             users: self.users.iter().copied().collect(),
             local_users: local
                 .into_iter()
                 .map(|u| UserSnapshot {
                     user: u,
-                    following: self
-                        .following
-                        .get(&u)
-                        .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
-                        .unwrap_or_default(),
-                    followers: self.followers(u).collect(),
+                    following: pairs(self.following.get(&u)),
+                    followers: pairs(self.followers.get(&u)),
                     timeline: self.timeline(u).to_vec(),
                     feed: self.feed(u).to_vec(),
-                    recent_post_ids: self.recent_ids.get(&u).map(|d| d.iter().copied().collect()).unwrap_or_default(),
-                    recent_request_ids: self
-                        .recent_requests
-                        .get(&u)
-                        .map(|d| d.iter().copied().collect())
-                        .unwrap_or_default(),
+                    recent_post_ids: ids(&self.recent_ids, u),
+                    recent_request_ids: ids(&self.recent_requests, u),
                 })
                 .collect(),
             next_seq: self.next_seq,
             published_upto: self.published_upto,
             outbox: self.outbox.values().cloned().collect(),
-            applied: self.applied.iter().map(|(k, v)| (*k, *v)).collect(),
+            applied: self.applied.iter().map(|(o, (e, s))| (*o, *e, *s)).collect::<BTreeSet<_>>().into_iter().collect(),
+            held: self.held.values().flat_map(|h| h.values().cloned()).collect(),
+            epoch: self.epoch,
+            sent: self.sent.iter().map(|(d, s)| (*d, *s)).collect(),
         }
     }
 
@@ -274,9 +374,6 @@ impl State {
         for u in &snap.local_users {
             if !u.following.is_empty() {
                 fresh.following.insert(u.user, u.following.iter().copied().collect());
-                for (followee, _) in &u.following {
-                    fresh.local_followers.entry(*followee).or_default().insert(u.user);
-                }
             }
             if !u.followers.is_empty() {
                 fresh.followers.insert(u.user, u.followers.iter().copied().collect());
@@ -297,7 +394,12 @@ impl State {
         fresh.next_seq = snap.next_seq.max(1);
         fresh.published_upto = snap.published_upto;
         fresh.outbox = snap.outbox.iter().map(|e| (e.seq, e.clone())).collect();
-        fresh.applied = snap.applied.iter().copied().collect();
+        fresh.applied = snap.applied.iter().map(|(o, e, s)| (*o, (*e, *s))).collect();
+        for ev in &snap.held {
+            fresh.held.entry(ev.origin).or_default().insert(ev.dest_seq, ev.clone());
+        }
+        fresh.epoch = snap.epoch.max(1);
+        fresh.sent = snap.sent.iter().copied().collect();
         *self = fresh;
     }
 
@@ -322,14 +424,14 @@ impl State {
     }
 
     pub fn followers(&self, user: u32) -> impl Iterator<Item = u32> + '_ {
-        self.followers.get(&user).into_iter().flat_map(|s| s.iter().copied())
+        self.followers.get(&user).into_iter().flat_map(|m| m.keys().copied())
     }
 
     pub fn timeline(&self, user: u32) -> &[Post] {
         self.timelines.get(&user).map_or(&[], Vec::as_slice)
     }
 
-    pub fn feed(&self, user: u32) -> &[Post] {
+    pub fn feed(&self, user: u32) -> &[FeedItem] {
         self.feeds.get(&user).map_or(&[], Vec::as_slice)
     }
 
@@ -345,15 +447,55 @@ impl State {
         self.timelines.values().map(|t| t.len() as u64).sum()
     }
 
+    /// Events held for a gap to close, over all origins.
+    pub fn held_count(&self) -> usize {
+        self.held.values().map(BTreeMap::len).sum()
+    }
+
     /// Unpublished outbox events with seq greater than `after`, in order.
-    pub fn outbox_after(&self, after: u64) -> impl Iterator<Item = &RemoteEvent> {
+    pub fn outbox_after(&self, after: u64) -> impl Iterator<Item = &OutEvent> {
         self.outbox.range(after + 1..).map(|(_, e)| e)
     }
 
-    /// Whether `event` would change anything (false for a redelivery, an
-    /// event of our own cluster, or one that is not ours to apply).
-    pub fn is_new_remote(&self, event: &RemoteEvent) -> bool {
-        event.origin != self.cluster && event.seq > self.applied.get(&event.origin).copied().unwrap_or(0)
+    /// What this state makes of an arriving event of another cluster.
+    pub fn arrival(&self, ev: &RemoteEvent) -> Arrival {
+        if ev.origin == self.cluster || ev.origin == 0 || ev.origin > self.clusters {
+            return Arrival::Invalid(format!(
+                "origin cluster {} (this is cluster {} of {})",
+                ev.origin, self.cluster, self.clusters
+            ));
+        }
+        if ev.dest_seq == 0 {
+            return Arrival::Invalid(format!("origin {} event {} has no stream position", ev.origin, ev.seq));
+        }
+        let (epoch, last) = self.applied.get(&ev.origin).copied().unwrap_or((0, 0));
+        let held = self.held.get(&ev.origin);
+        if ev.epoch < epoch || (ev.epoch == epoch && ev.dest_seq <= last) {
+            return Arrival::Duplicate;
+        }
+        if held.is_some_and(|h| h.contains_key(&ev.dest_seq)) {
+            return Arrival::Duplicate;
+        }
+        let next = if ev.epoch == epoch { last + 1 } else { 1 };
+        if ev.dest_seq == next {
+            return Arrival::Next;
+        }
+        if ev.epoch > epoch && epoch != 0 && ev.dest_seq != 1 {
+            return Arrival::Invalid(format!(
+                "a new epoch {} of origin {} must start at 1, not {}",
+                ev.epoch, ev.origin, ev.dest_seq
+            ));
+        }
+        if ev.dest_seq > next + HOLD_WINDOW {
+            return Arrival::Invalid(format!(
+                "origin {} event {} jumps past the window (next is {next})",
+                ev.origin, ev.dest_seq
+            ));
+        }
+        if held.map_or(0, BTreeMap::len) >= HOLD_MAX {
+            return Arrival::Invalid(format!("origin {} has {HOLD_MAX} events held already", ev.origin));
+        }
+        Arrival::Early
     }
 
     /// Checks a FOLLOW of `target` by `user` (a known local user).
@@ -384,45 +526,39 @@ impl State {
         }
     }
 
-    /// What a timeline shows on entry: up to [`BACKLOG`] most recent posts of
-    /// users `user` follows now, made after the follow began, oldest first.
+    /// What a timeline shows on entry: up to [`BACKLOG`] most recent posts
+    /// of users `user` follows now, that arrived under the current follow,
+    /// oldest first.
     pub fn backlog(&self, user: u32) -> Vec<Post> {
         let follows = self.following.get(&user);
-        let visible =
-            |p: &&Post| p.user != user && follows.and_then(|m| m.get(&p.user)).is_some_and(|since| p.at_ms >= *since);
-        let mut posts: Vec<Post> = self.feed(user).iter().rev().filter(visible).take(BACKLOG).cloned().collect();
+        let visible = |i: &&FeedItem| {
+            i.post.user != user && follows.and_then(|m| m.get(&i.post.user)).is_some_and(|f| *f == i.follow)
+        };
+        let mut posts: Vec<Post> =
+            self.feed(user).iter().rev().filter(visible).take(BACKLOG).map(|i| i.post.clone()).collect();
         posts.reverse();
         posts
     }
 
-    /// Applies one journal entry. Applying a remote event twice, or an entry
-    /// that changes nothing, yields no effects.
+    /// Applies one journal entry. Applying an entry that changes nothing
+    /// (a duplicate event) yields no effects.
     pub fn apply(&mut self, entry: &Entry) -> Vec<Effect> {
         let mut effects = Vec::new();
         match entry {
-            Entry::Local(op) => {
-                self.next_seq = self.next_seq.max(op.seq + 1);
-                if op.request_id != 0
-                    && let Some(user) = op.change.requester()
-                {
-                    let ids = self.recent_requests.entry(user).or_default();
-                    if ids.len() == RECENT_REQUEST_IDS {
-                        ids.pop_front();
-                    }
-                    ids.push_back(op.request_id);
+            Entry::Local(op) => self.apply_local(op, &mut effects),
+            // A journal of an earlier version holds events without a stream
+            // position: they were accepted then, so they apply as they are.
+            Entry::Remote(event) if event.dest_seq == 0 => self.apply_remote(event, &mut effects),
+            Entry::Remote(event) => match self.arrival(event) {
+                Arrival::Next => {
+                    self.apply_remote(event, &mut effects);
+                    self.drain_held(event.origin, &mut effects);
                 }
-                self.apply_change(&op.change, true, &mut effects);
-                if let Some(event) = self.publishable(op) {
-                    self.outbox.insert(op.seq, event);
+                Arrival::Early => {
+                    self.held.entry(event.origin).or_default().insert(event.dest_seq, event.clone());
                 }
-            }
-            Entry::Remote(event) => {
-                if !self.is_new_remote(event) {
-                    return effects;
-                }
-                self.applied.insert(event.origin, event.seq);
-                self.apply_change(&event.change, false, &mut effects);
-            }
+                Arrival::Duplicate | Arrival::Invalid(_) => {}
+            },
             Entry::PublishedUpto(upto) => {
                 if *upto > self.published_upto {
                     self.published_upto = *upto;
@@ -437,84 +573,157 @@ impl State {
         effects
     }
 
-    /// The event other clusters need for a local op, if any: users and posts
-    /// go everywhere (each cluster knows its own followers best, so the
-    /// receiver picks the feeds), relations only when the followee is remote.
-    fn publishable(&self, op: &LocalOp) -> Option<RemoteEvent> {
-        let wanted = match &op.change {
-            Change::User(_) | Change::Post(_) => true,
-            Change::Relation { followee, .. } => !self.is_local(*followee),
-        };
-        wanted.then(|| RemoteEvent { origin: self.cluster, seq: op.seq, change: op.change.clone() })
-    }
-
-    fn apply_change(&mut self, change: &Change, local: bool, effects: &mut Vec<Effect>) {
-        match change {
-            Change::User(user) => {
-                if self.users.insert(*user) {
-                    effects.push(Effect::Users);
-                    if self.is_local(*user) {
-                        effects.push(Effect::NewLocalUser(*user));
-                    }
-                }
-            }
-            Change::Relation { follower, followee, follow, at_ms } => {
-                let (follower, followee) = (*follower, *followee);
-                // A local op records the follower's side; the followee's side
-                // is recorded wherever the followee lives (here, or through
-                // the followee's cluster applying the published relation).
-                if local {
-                    let list = self.following.entry(follower).or_default();
-                    let changed = if *follow {
-                        list.insert(followee, *at_ms).is_none()
-                    } else {
-                        list.remove(&followee).is_some()
-                    };
-                    if changed {
-                        effects.push(Effect::FollowList(follower));
-                    }
-                    let index = self.local_followers.entry(followee).or_default();
-                    if *follow {
-                        index.insert(follower);
-                    } else {
-                        index.remove(&follower);
-                    }
-                }
-                if self.is_local(followee) {
-                    let set = self.followers.entry(followee).or_default();
-                    let changed = if *follow { set.insert(follower) } else { set.remove(&follower) };
-                    if changed {
-                        effects.push(Effect::Followers(followee));
-                    }
-                }
-            }
-            Change::Post(post) => {
-                if local {
-                    if post.client_id != 0 {
-                        let ids = self.recent_ids.entry(post.user).or_default();
-                        if ids.len() == RECENT_POST_IDS {
-                            ids.pop_front();
-                        }
-                        ids.push_back(post.client_id);
-                    }
-                    self.timelines.entry(post.user).or_default().push(post.clone());
-                    effects.push(Effect::TimelineAppend { user: post.user, post: post.clone() });
-                }
-                let Some(readers) = self.local_followers.get(&post.user) else {
-                    return;
-                };
-                for reader in readers {
-                    let since = self.following.get(reader).and_then(|m| m.get(&post.user));
-                    if *reader == post.user || since.is_none_or(|s| post.at_ms < *s) {
-                        continue;
-                    }
-                    let feed = self.feeds.entry(*reader).or_default();
-                    let at = feed.partition_point(|p| p.key() <= post.key());
-                    feed.insert(at, post.clone());
-                    effects.push(Effect::Feed { user: *reader, post: post.clone(), at });
+    /// Applies held events of `origin` that the gap no longer blocks.
+    fn drain_held(&mut self, origin: u32, effects: &mut Vec<Effect>) {
+        while let Some(next) = self.pop_held(origin) {
+            match self.arrival(&next) {
+                Arrival::Next => self.apply_remote(&next, effects),
+                Arrival::Duplicate | Arrival::Invalid(_) => {}
+                Arrival::Early => {
+                    self.held.entry(origin).or_default().insert(next.dest_seq, next);
+                    break;
                 }
             }
         }
+    }
+
+    /// Takes the earliest held event of `origin` out.
+    fn pop_held(&mut self, origin: u32) -> Option<RemoteEvent> {
+        let held = self.held.get_mut(&origin)?;
+        let (_, first) = held.pop_first()?;
+        if held.is_empty() {
+            self.held.remove(&origin);
+        }
+        Some(first)
+    }
+
+    fn apply_local(&mut self, op: &LocalOp, effects: &mut Vec<Effect>) {
+        self.next_seq = self.next_seq.max(op.seq + 1);
+        if op.request_id != 0
+            && let Some(user) = op.change.requester()
+        {
+            push_bounded(self.recent_requests.entry(user).or_default(), op.request_id, RECENT_REQUEST_IDS);
+        }
+        // Where other clusters need to hear of it: each destination with
+        // the followers there a post is for.
+        let mut deliveries: BTreeMap<u32, Vec<(u32, FollowId)>> = BTreeMap::new();
+        match &op.change {
+            Change::User(user) => {
+                self.add_user(*user, effects);
+                for dest in (1..=self.clusters).filter(|c| *c != self.cluster) {
+                    deliveries.insert(dest, vec![]);
+                }
+            }
+            Change::Relation { follower, followee, follow, .. } => {
+                let (follower, followee) = (*follower, *followee);
+                let list = self.following.entry(follower).or_default();
+                let changed =
+                    if *follow { list.insert(followee, op.seq).is_none() } else { list.remove(&followee).is_some() };
+                if changed {
+                    effects.push(Effect::FollowList(follower));
+                }
+                if self.is_local(followee) {
+                    self.set_follower(followee, follower, follow.then_some(op.seq), effects);
+                } else {
+                    deliveries.insert(cluster_of(followee, self.clusters), vec![]);
+                }
+            }
+            Change::Post(post) => {
+                if post.client_id != 0 {
+                    push_bounded(self.recent_ids.entry(post.user).or_default(), post.client_id, RECENT_POST_IDS);
+                }
+                self.timelines.entry(post.user).or_default().push(post.clone());
+                effects.push(Effect::TimelineAppend { user: post.user, post: post.clone() });
+                let readers: Vec<(u32, FollowId)> = self
+                    .followers
+                    .get(&post.user)
+                    .map(|m| m.iter().map(|(f, id)| (*f, *id)).collect())
+                    .unwrap_or_default();
+                for (reader, follow) in readers {
+                    if reader == post.user {
+                        continue;
+                    }
+                    if self.is_local(reader) {
+                        self.add_to_feed(reader, post, follow, effects);
+                    } else {
+                        deliveries.entry(cluster_of(reader, self.clusters)).or_default().push((reader, follow));
+                    }
+                }
+            }
+        }
+        if !deliveries.is_empty() {
+            let deliveries = deliveries
+                .into_iter()
+                .map(|(dest, recipients)| {
+                    let n = self.sent.entry(dest).or_default();
+                    *n += 1;
+                    Delivery { dest, dest_seq: *n, recipients }
+                })
+                .collect();
+            let event = OutEvent { seq: op.seq, epoch: self.epoch, change: op.change.clone(), deliveries };
+            self.outbox.insert(op.seq, event);
+        }
+    }
+
+    fn apply_remote(&mut self, event: &RemoteEvent, effects: &mut Vec<Effect>) {
+        if event.dest_seq != 0 {
+            self.applied.insert(event.origin, (event.epoch, event.dest_seq));
+        }
+        match &event.change {
+            Change::User(user) => self.add_user(*user, effects),
+            Change::Relation { follower, followee, follow, .. } => {
+                if self.is_local(*followee) {
+                    self.set_follower(*followee, *follower, follow.then_some(event.seq), effects);
+                }
+            }
+            Change::Post(post) => {
+                if event.dest_seq == 0 {
+                    // An event of an earlier version: its readers are the
+                    // local followers of the author.
+                    let readers: Vec<(u32, FollowId)> =
+                        self.following.iter().filter_map(|(u, m)| m.get(&post.user).map(|f| (*u, *f))).collect();
+                    for (reader, follow) in readers {
+                        self.add_to_feed(reader, post, follow, effects);
+                    }
+                    return;
+                }
+                for &(reader, follow) in &event.recipients {
+                    // Only under the follow the author's cluster saw: a
+                    // follow since undone (or undone and made again) has
+                    // not reached it.
+                    let current = self.following.get(&reader).and_then(|m| m.get(&post.user));
+                    if self.is_local(reader) && reader != post.user && current == Some(&follow) {
+                        self.add_to_feed(reader, post, follow, effects);
+                    }
+                }
+            }
+        }
+    }
+
+    fn add_user(&mut self, user: u32, effects: &mut Vec<Effect>) {
+        if self.users.insert(user) {
+            effects.push(Effect::Users);
+            if self.is_local(user) {
+                effects.push(Effect::NewLocalUser(user));
+            }
+        }
+    }
+
+    /// Records `follower` following local `user` (Some(follow)) or not.
+    fn set_follower(&mut self, user: u32, follower: u32, follow: Option<FollowId>, effects: &mut Vec<Effect>) {
+        let set = self.followers.entry(user).or_default();
+        let changed = match follow {
+            Some(id) => set.insert(follower, id).is_none(),
+            None => set.remove(&follower).is_some(),
+        };
+        if changed {
+            effects.push(Effect::Followers(user));
+        }
+    }
+
+    fn add_to_feed(&mut self, reader: u32, post: &Post, follow: FollowId, effects: &mut Vec<Effect>) {
+        self.feeds.entry(reader).or_default().push(FeedItem { post: post.clone(), follow });
+        effects.push(Effect::Feed { user: reader, post: post.clone() });
     }
 }
 
@@ -526,11 +735,11 @@ mod tests {
         Change::Post(Post { user, text: text.into(), at_ms, client_id: 0 })
     }
 
-    fn rel(follower: u32, followee: u32, follow: bool, at_ms: i64) -> Change {
-        Change::Relation { follower, followee, follow, at_ms }
+    fn rel(follower: u32, followee: u32, follow: bool) -> Change {
+        Change::Relation { follower, followee, follow, at_ms: 0 }
     }
 
-    /// A cluster-1 state (of 3) that applies local ops with dense seqs.
+    /// A cluster of 3 that applies local ops with dense seqs.
     struct Node {
         state: State,
     }
@@ -543,8 +752,21 @@ mod tests {
             let seq = self.state.next_seq();
             self.state.apply(&Entry::Local(LocalOp::new(seq, change)))
         }
-        fn remote(&mut self, origin: u32, seq: u64, change: Change) -> Vec<Effect> {
-            self.state.apply(&Entry::Remote(RemoteEvent { origin, seq, change }))
+        /// Every outbox event for cluster `dest`, as it arrives there.
+        fn sent_to(&self, dest: u32) -> Vec<RemoteEvent> {
+            self.state
+                .outbox_after(0)
+                .flat_map(|e| {
+                    e.deliveries.iter().filter(|d| d.dest == dest).map(|d| e.for_delivery(self.state.cluster, d))
+                })
+                .collect()
+        }
+        /// Delivers what `from` sent here and not yet delivered.
+        fn receive_from(&mut self, from: &Node) -> Vec<Effect> {
+            from.sent_to(self.state.cluster).iter().flat_map(|e| self.state.apply(&Entry::Remote(e.clone()))).collect()
+        }
+        fn feed_texts(&self, user: u32) -> Vec<String> {
+            self.state.feed(user).iter().map(|i| i.post.text.to_string()).collect()
         }
     }
 
@@ -561,27 +783,26 @@ mod tests {
         assert_eq!(s.check_unfollow(1, 4), Outcome::NotAFollower);
         assert_eq!(s.check_unfollow(1, 1), Outcome::InvalidUsername);
         assert_eq!(s.check_unfollow(1, 7), Outcome::InvalidUsername);
-        n.local(rel(1, 4, true, 10));
+        n.local(rel(1, 4, true));
         assert_eq!(n.state.check_follow(1, 4), Outcome::AlreadyExists);
         assert_eq!(n.state.check_unfollow(1, 4), Outcome::Success);
         assert_eq!(n.state.followers(4).collect::<Vec<_>>(), vec![1]);
     }
 
     #[test]
-    fn local_posts_reach_local_followers_after_the_follow_only() {
+    fn local_posts_reach_local_followers_after_the_follow_by_order_not_time() {
         let mut n = Node::new(1);
         for u in [1, 4, 7] {
             n.local(Change::User(u));
         }
-        n.local(post(1, "before", 5));
-        n.local(rel(4, 1, true, 10));
-        n.local(rel(1, 1, true, 10)); // never shows own posts
-        let fx = n.local(post(1, "p11", 20));
-        assert!(fx.contains(&Effect::Feed {
-            user: 4,
-            post: Post { user: 1, text: "p11".into(), at_ms: 20, client_id: 0 },
-            at: 0
-        }));
+        // Timestamps far in the future and the past decide nothing.
+        n.local(post(1, "before", i64::MAX / 2));
+        n.local(rel(4, 1, true));
+        n.local(rel(1, 1, true)); // never shows own posts
+        let fx = n.local(post(1, "p11", -5));
+        assert!(
+            fx.contains(&Effect::Feed { user: 4, post: Post { user: 1, text: "p11".into(), at_ms: -5, client_id: 0 } })
+        );
         assert_eq!(n.state.backlog(4).iter().map(|p| &*p.text).collect::<Vec<_>>(), vec!["p11"]);
         assert!(n.state.backlog(7).is_empty());
         assert!(n.state.backlog(1).is_empty());
@@ -589,99 +810,189 @@ mod tests {
     }
 
     #[test]
-    fn backlog_is_the_last_twenty_oldest_first() {
+    fn backlog_is_the_last_twenty_of_the_current_follow() {
         let mut n = Node::new(1);
         n.local(Change::User(1));
         n.local(Change::User(4));
-        n.local(rel(4, 1, true, 0));
+        n.local(rel(4, 1, true));
         for i in 0..30 {
-            n.local(post(1, &format!("p{i}"), 100 + i));
+            n.local(post(1, &format!("p{i}"), 100 - i));
         }
         let b = n.state.backlog(4);
         assert_eq!(b.len(), BACKLOG);
-        assert_eq!(&*b[0].text, "p10");
+        assert_eq!(&*b[0].text, "p10", "in log order, whatever the timestamps");
         assert_eq!(&*b[19].text, "p29");
-        n.local(rel(4, 1, false, 200));
+        n.local(rel(4, 1, false));
         assert!(n.state.backlog(4).is_empty(), "unfollowed authors disappear");
+        n.local(rel(4, 1, true));
+        assert!(n.state.backlog(4).is_empty(), "posts of an earlier follow stay hidden");
+        n.local(post(1, "again", 0));
+        assert_eq!(n.state.backlog(4).len(), 1);
     }
 
     #[test]
-    fn remote_events_apply_once() {
+    fn a_remote_post_reaches_followers_whose_follow_reached_the_author_first() {
+        let (mut a, mut b) = (Node::new(1), Node::new(2));
+        a.local(Change::User(1));
+        b.local(Change::User(2));
+        b.local(Change::User(5));
+        b.receive_from(&a);
+        a.receive_from(&b);
+        b.local(rel(2, 1, true));
+        // A post made before the follow reached cluster 1: not for user 2.
+        a.local(post(1, "before the follow arrived", i64::MAX / 2));
+        b.receive_from(&a);
+        assert!(b.feed_texts(2).is_empty());
+        a.receive_from(&b);
+        a.local(post(1, "after", -1));
+        b.receive_from(&a);
+        assert_eq!(b.feed_texts(2), vec!["after"]);
+        // 2 unfollows and follows again before cluster 1 hears: a post for
+        // the old follow is not shown under the new one.
+        b.local(rel(2, 1, false));
+        b.local(rel(2, 1, true));
+        a.local(post(1, "for the old follow", 0));
+        b.receive_from(&a);
+        assert_eq!(b.feed_texts(2), vec!["after"]);
+        a.receive_from(&b);
+        a.local(post(1, "for the new follow", 0));
+        b.receive_from(&a);
+        assert_eq!(b.feed_texts(2), vec!["after", "for the new follow"]);
+        assert_eq!(b.state.backlog(2).len(), 1, "the backlog shows the current follow's posts");
+    }
+
+    #[test]
+    fn posts_go_only_to_clusters_with_followers() {
+        let mut a = Node::new(1);
+        a.local(Change::User(1));
+        a.local(Change::User(4));
+        a.local(post(1, "nobody reads", 0));
+        assert!(a.state.outbox_after(1).all(|e| !matches!(e.change, Change::Post(_))));
+        a.state.apply(&Entry::Remote(RemoteEvent {
+            origin: 3,
+            seq: 8,
+            epoch: 1,
+            dest_seq: 1,
+            change: rel(3, 1, true),
+            recipients: vec![],
+        }));
+        a.local(rel(4, 1, true));
+        a.local(post(1, "read in 3", 0));
+        let e = a.state.outbox_after(0).last().unwrap().clone();
+        assert_eq!(e.deliveries, vec![Delivery { dest: 3, dest_seq: 3, recipients: vec![(3, 8)] }]);
+        // Users go everywhere else; each stream is numbered from 1, and the
+        // post follows the two users in stream 1 -> 3.
+        let users: Vec<Vec<(u32, u64)>> = a
+            .state
+            .outbox_after(0)
+            .filter(|e| matches!(e.change, Change::User(_)))
+            .map(|e| e.deliveries.iter().map(|d| (d.dest, d.dest_seq)).collect())
+            .collect();
+        assert_eq!(users, vec![vec![(2, 1), (3, 1)], vec![(2, 2), (3, 2)]]);
+    }
+
+    #[test]
+    fn streams_apply_in_order_hold_gaps_ignore_duplicates_and_refuse_the_impossible() {
         let mut n = Node::new(2);
-        n.local(Change::User(2));
-        assert_eq!(n.remote(1, 1, Change::User(1)), vec![Effect::Users]);
-        assert!(n.remote(1, 1, Change::User(1)).is_empty(), "redelivery changes nothing");
-        n.local(rel(2, 1, true, 50));
-        // A remote post from before the follow is not shown; after it is.
-        assert!(n.remote(1, 2, post(1, "old", 40)).is_empty());
-        assert_eq!(n.remote(1, 3, post(1, "new", 60)).len(), 1);
-        assert!(n.remote(1, 3, post(1, "new", 60)).is_empty());
-        assert!(n.remote(1, 2, post(1, "late duplicate", 70)).is_empty());
-        assert_eq!(n.state.feed(2).len(), 1);
-        // Own-cluster events are never applied from the broker.
-        assert!(n.remote(2, 99, Change::User(5)).is_empty());
+        let ev = |dest_seq, user| RemoteEvent {
+            origin: 1,
+            seq: dest_seq * 10,
+            epoch: 1,
+            dest_seq,
+            change: Change::User(user),
+            recipients: vec![],
+        };
+        assert_eq!(n.state.apply(&Entry::Remote(ev(1, 1))), vec![Effect::Users]);
+        assert!(n.state.apply(&Entry::Remote(ev(1, 1))).is_empty(), "a duplicate changes nothing");
+        assert_eq!(n.state.arrival(&ev(3, 7)), Arrival::Early);
+        assert!(n.state.apply(&Entry::Remote(ev(3, 7))).is_empty(), "held");
+        assert_eq!(n.state.held_count(), 1);
+        assert_eq!(n.state.arrival(&ev(3, 7)), Arrival::Duplicate, "already held");
+        let fx = n.state.apply(&Entry::Remote(ev(2, 4)));
+        assert_eq!(fx.iter().filter(|e| **e == Effect::Users).count(), 2, "the gap closed: 2 then the held 3");
+        assert!(n.state.has_user(7) && n.state.held_count() == 0);
+        // A forged event far ahead (seq i64::MAX) is refused, and later
+        // good events still apply.
+        let forged = RemoteEvent { dest_seq: i64::MAX as u64, ..ev(0, 99) };
+        assert!(matches!(n.state.arrival(&forged), Arrival::Invalid(_)));
+        n.state.apply(&Entry::Remote(forged));
+        assert!(!n.state.has_user(99));
+        n.state.apply(&Entry::Remote(ev(4, 10)));
+        assert!(n.state.has_user(10));
+        // Own cluster, unknown cluster: refused.
+        assert!(matches!(n.state.arrival(&RemoteEvent { origin: 2, ..ev(5, 1) }), Arrival::Invalid(_)));
+        assert!(matches!(n.state.arrival(&RemoteEvent { origin: 4, ..ev(5, 1) }), Arrival::Invalid(_)));
+        // A new epoch (an override at the origin) starts at 1.
+        assert_eq!(n.state.arrival(&RemoteEvent { epoch: 5, ..ev(1, 11) }), Arrival::Next);
+        assert!(matches!(n.state.arrival(&RemoteEvent { epoch: 5, ..ev(3, 11) }), Arrival::Invalid(_)));
+        n.state.apply(&Entry::Remote(RemoteEvent { epoch: 5, ..ev(1, 11) }));
+        assert_eq!(n.state.arrival(&ev(5, 12)), Arrival::Duplicate, "the old epoch is over");
     }
 
     #[test]
     fn remote_relations_update_followers_of_local_users() {
         let mut n = Node::new(2);
         n.local(Change::User(2));
-        assert_eq!(n.remote(1, 1, rel(1, 2, true, 5)), vec![Effect::Followers(2)]);
+        let r = |dest_seq, follow| RemoteEvent {
+            origin: 1,
+            seq: 40 + dest_seq,
+            epoch: 1,
+            dest_seq,
+            change: rel(1, 2, follow),
+            recipients: vec![],
+        };
+        assert_eq!(n.state.apply(&Entry::Remote(r(1, true))), vec![Effect::Followers(2)]);
         assert_eq!(n.state.followers(2).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(n.remote(1, 2, rel(1, 2, false, 6)), vec![Effect::Followers(2)]);
+        assert_eq!(n.state.apply(&Entry::Remote(r(2, false))), vec![Effect::Followers(2)]);
         assert_eq!(n.state.followers(2).count(), 0);
     }
 
     #[test]
-    fn feeds_are_ordered_the_same_whatever_the_arrival_order() {
-        let mut a = Node::new(3);
-        let mut b = Node::new(3);
-        for n in [&mut a, &mut b] {
-            n.local(Change::User(3));
-            n.local(rel(3, 1, true, 0));
-            n.local(rel(3, 2, true, 0));
-        }
-        a.remote(1, 1, post(1, "x", 30));
-        a.remote(2, 1, post(2, "y", 20));
-        b.remote(2, 1, post(2, "y", 20));
-        b.remote(1, 1, post(1, "x", 30));
-        assert_eq!(a.state.feed(3), b.state.feed(3));
-        assert_eq!(&*a.state.feed(3)[0].text, "y");
-    }
-
-    #[test]
     fn a_snapshot_reproduces_the_state_exactly() {
-        let mut n = Node::new(1);
+        let (mut a, mut b) = (Node::new(1), Node::new(2));
         for u in [1, 4] {
-            n.local(Change::User(u));
+            a.local(Change::User(u));
         }
-        n.remote(2, 1, Change::User(2));
-        n.local(rel(4, 1, true, 1));
-        n.local(rel(1, 2, true, 1));
-        n.remote(2, 2, rel(2, 1, true, 1));
-        n.local(Change::Post(Post { user: 1, text: "a".into(), at_ms: 5, client_id: 77 }));
-        n.remote(2, 3, post(2, "b", 6));
-        n.state.apply(&Entry::PublishedUpto(2));
-        let snap = n.state.snapshot();
+        b.local(Change::User(2));
+        a.receive_from(&b);
+        b.receive_from(&a);
+        a.local(rel(4, 1, true));
+        a.local(rel(1, 2, true));
+        b.receive_from(&a);
+        b.local(rel(2, 1, true));
+        a.receive_from(&b);
+        a.local(Change::Post(Post { user: 1, text: "a".into(), at_ms: 5, client_id: 77 }));
+        b.local(post(2, "b", 6));
+        a.receive_from(&b);
+        a.state.apply(&Entry::PublishedUpto(2));
+        // Something held, too.
+        a.state.apply(&Entry::Remote(RemoteEvent {
+            origin: 3,
+            seq: 9,
+            epoch: 1,
+            dest_seq: 2,
+            change: Change::User(3),
+            recipients: vec![],
+        }));
+        let snap = a.state.snapshot();
         let mut other = Node::new(1);
         other.local(Change::User(9)); // whatever was there is replaced
         assert_eq!(other.state.apply(&Entry::Snapshot(Box::new(snap.clone()))), vec![Effect::Reset]);
         assert_eq!(other.state.snapshot(), snap);
         assert!(other.state.has_post_id(1, 77));
         assert!(!other.state.has_user(9));
-        assert_eq!(other.state.feed(1).len(), 1);
+        assert_eq!(other.feed_texts(1), vec!["b"]);
         assert_eq!(other.state.backlog(4).len(), 1);
-        assert_eq!(other.state.next_seq(), n.state.next_seq());
-        assert!(!other.state.is_new_remote(&RemoteEvent { origin: 2, seq: 3, change: Change::User(2) }));
+        assert_eq!(other.state.held_count(), 1);
         // Both go on identically.
-        let a = n.local(post(1, "c", 9));
-        let b = other.local(post(1, "c", 9));
-        assert_eq!(a, b);
-        assert_eq!(n.state.snapshot(), other.state.snapshot());
+        let x = a.local(post(1, "c", 9));
+        let y = other.local(post(1, "c", 9));
+        assert_eq!(x, y);
+        assert_eq!(a.state.snapshot(), other.state.snapshot());
     }
 
     #[test]
-    fn post_ids_are_remembered_for_dedup() {
+    fn post_and_request_ids_are_remembered_for_dedup() {
         let mut n = Node::new(1);
         n.local(Change::User(1));
         assert!(!n.state.has_post_id(1, 5));
@@ -692,21 +1003,24 @@ mod tests {
             n.local(Change::Post(Post { user: 1, text: "y".into(), at_ms: 2, client_id: 100 + i }));
         }
         assert!(!n.state.has_post_id(1, 5), "only the latest ids are kept");
+        let seq = n.state.next_seq();
+        n.state.apply(&Entry::Local(LocalOp { seq, change: Change::User(4), request_id: 33 }));
+        assert!(n.state.has_request_id(4, 33) && !n.state.has_request_id(1, 33));
     }
 
     #[test]
     fn outbox_holds_what_other_clusters_need_until_published() {
         let mut n = Node::new(1);
-        n.local(Change::User(1)); // seq 1: published
+        n.local(Change::User(1)); // seq 1: to 2 and 3
         n.local(Change::User(4)); // seq 2
-        n.local(rel(1, 4, true, 1)); // seq 3: same cluster, not published
-        n.local(rel(1, 2, true, 1)); // seq 4: followee in cluster 2
-        n.local(post(1, "hi", 2)); // seq 5
+        n.local(rel(1, 4, true)); // seq 3: same cluster, not published
+        n.local(rel(1, 2, true)); // seq 4: followee in cluster 2
+        n.local(post(1, "hi", 2)); // seq 5: no followers elsewhere
         let seqs: Vec<u64> = n.state.outbox_after(0).map(|e| e.seq).collect();
-        assert_eq!(seqs, vec![1, 2, 4, 5]);
-        n.state.apply(&Entry::PublishedUpto(4));
+        assert_eq!(seqs, vec![1, 2, 4]);
+        n.state.apply(&Entry::PublishedUpto(2));
         let seqs: Vec<u64> = n.state.outbox_after(0).map(|e| e.seq).collect();
-        assert_eq!(seqs, vec![5]);
-        assert_eq!(n.state.published_upto(), 4);
+        assert_eq!(seqs, vec![4]);
+        assert_eq!(n.state.published_upto(), 2);
     }
 }

@@ -32,6 +32,7 @@ use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{AckRequest, SyncBatch, SyncEvent, TableRequest, TailRequest};
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -139,7 +140,7 @@ async fn bridge(cfg: SyncConfig, coord: Channel, shutdown: CancellationToken) {
             topology::declare(&setup, &names, cfg.clusters, cfg.queue_expires).await?;
             tracing::info!(server = %server, "connected to server and broker");
             let consumer = consume_while_master(&cfg, &names, &conn, ReplicaClient::new(net::channel_to(&server)?));
-            let publisher = publish(&cfg, &names, &conn, ReplicaClient::new(net::channel_to(&server)?), &shutdown);
+            let publisher = publish(&names, &conn, ReplicaClient::new(net::channel_to(&server)?), &shutdown);
             let result = tokio::select! {
                 r = consumer => r,
                 r = publisher => r,
@@ -272,9 +273,13 @@ async fn consume(
             let delivery = delivery?;
             let batch = delivery.properties.kind().as_ref().is_some_and(|k| k.as_str() == codec::BATCH_TYPE);
             match codec::decode_message(&delivery.data, batch, cfg.clusters) {
-                Ok(decoded) => {
-                    events.extend(decoded.into_iter().filter(|e| e.origin_cluster != cfg.cluster));
+                Ok(decoded) if decoded.iter().all(|e| e.dest_cluster == cfg.cluster) => {
+                    events.extend(decoded);
                     last = Some(delivery);
+                }
+                Ok(_) => {
+                    tracing::error!(routing_key = %delivery.routing_key, "broker message for another cluster: dead-lettered");
+                    delivery.reject(BasicRejectOptions { requeue: false }).await?;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, bytes = delivery.data.len(), routing_key = %delivery.routing_key, "malformed broker message: dead-lettered");
@@ -287,16 +292,47 @@ async fn consume(
         }
         if !events.is_empty() {
             let count = events.len();
-            let mut req = tonic::Request::new(SyncBatch { events });
+            let mut req = tonic::Request::new(SyncBatch { events: events.clone() });
             req.set_timeout(APPLY_TIMEOUT);
-            let reply = server.apply_remote(req).await?;
-            tracing::debug!(count, applied = reply.into_inner().applied, "events applied");
+            let reply = server.apply_remote(req).await?.into_inner();
+            tracing::debug!(count, applied = reply.applied, "events applied");
+            // Events that cannot be valid (forged, broken) are never
+            // applied; they go to the dead-letter queue, with why.
+            for r in &reply.rejected {
+                let Some(event) = events.get(r.index as usize) else { continue };
+                dead_letter(channel, names, event, &r.reason).await?;
+            }
         }
         if let Some(last) = last {
             last.ack(BasicAckOptions { multiple: true }).await?;
         }
     }
     Err(Error::Other("broker closed the consumer".into()))
+}
+
+/// Puts a refused event on the dead-letter exchange, with the reason.
+async fn dead_letter(channel: &AmqpChannel, names: &Names, event: &SyncEvent, reason: &str) -> Result<()> {
+    tracing::error!(
+        origin = event.origin_cluster,
+        seq = event.seq,
+        dest_seq = event.dest_seq,
+        reason,
+        "event refused: dead-lettered"
+    );
+    let mut headers = FieldTable::default();
+    headers.insert("x-reason".into(), lapin::types::AMQPValue::LongString(reason.into()));
+    let props =
+        BasicProperties::default().with_delivery_mode(2).with_type(codec::BATCH_TYPE.into()).with_headers(headers);
+    channel
+        .basic_publish(
+            names.dead.as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &codec::encode_batch(std::slice::from_ref(event)),
+            props,
+        )
+        .await?;
+    Ok(())
 }
 
 /// Publishes the server's outbox while the server is master, with publisher
@@ -309,7 +345,6 @@ async fn consume(
 /// reconnect republishes them from the server's mark, and receivers ignore
 /// what they already applied.
 async fn publish(
-    cfg: &SyncConfig,
     names: &Names,
     conn: &Connection,
     server: ReplicaClient<Channel>,
@@ -341,7 +376,7 @@ async fn publish(
                                 Some(Ok(None)) | None => break,
                             }
                         }
-                        let confirms = send_batch(&channel, names, cfg.clusters, &batch).await?;
+                        let confirms = send_batch(&channel, names, &batch).await?;
                         let (upto, count) = (batch.last().map_or(0, |e| e.seq), batch.len());
                         unconfirmed += count;
                         inflight.push_back(async move {
@@ -386,26 +421,23 @@ async fn report_confirmed(mut server: ReplicaClient<Channel>, mut confirmed: wat
 
 /// Sends outbox events, a message per run (see [`runs`]); returns the
 /// broker's confirms to wait for.
-async fn send_batch(
-    channel: &AmqpChannel,
-    names: &Names,
-    clusters: u32,
-    batch: &[SyncEvent],
-) -> Result<Vec<lapin::PublisherConfirm>> {
+async fn send_batch(channel: &AmqpChannel, names: &Names, batch: &[SyncEvent]) -> Result<Vec<lapin::PublisherConfirm>> {
     let mut confirms = Vec::new();
-    for (key, run) in runs(batch, clusters, MESSAGE_BYTES) {
+    for (key, run) in runs(batch, MESSAGE_BYTES) {
         let (first, last) = (&run[0], &run[run.len() - 1]);
         let props = BasicProperties::default()
             .with_delivery_mode(2) // persistent
             .with_content_type("application/x-protobuf".into())
             .with_type(codec::BATCH_TYPE.into())
-            .with_message_id(format!("{}:{}-{}", first.origin_cluster, first.seq, last.seq).into());
+            .with_message_id(
+                format!("{}>{}:{}-{}", first.origin_cluster, first.dest_cluster, first.dest_seq, last.dest_seq).into(),
+            );
         let confirm = channel
             .basic_publish(
                 names.exchange.as_str().into(),
                 key.into(),
                 BasicPublishOptions::default(),
-                &codec::encode_batch(run),
+                &codec::encode_batch(&run),
                 props,
             )
             .await?;
@@ -414,26 +446,32 @@ async fn send_batch(
     Ok(confirms)
 }
 
-/// Splits outbox events into runs of consecutive events with one routing
-/// key and at most `max_bytes` (a larger event is a run alone). Runs keep
-/// the outbox order, so every queue still receives each origin's events in
-/// seq order, which is what receivers' high-water marks rely on.
-fn runs(events: &[SyncEvent], clusters: u32, max_bytes: usize) -> Vec<(String, &[SyncEvent])> {
-    let mut out = Vec::new();
-    let (mut start, mut bytes, mut key) = (0, 0, None::<String>);
-    for (i, event) in events.iter().enumerate() {
-        let k = topology::routing_key(event, clusters);
-        let size = event.encoded_len();
-        if key.as_deref() != Some(k.as_str()) || bytes + size > max_bytes {
-            if let Some(prev) = key.replace(k) {
-                out.push((prev, &events[start..i]));
-            }
-            (start, bytes) = (i, 0);
-        }
-        bytes += size;
+/// Splits outbox events into runs of one routing key (one destination) of
+/// at most `max_bytes` (a larger event is a run alone). Events to one
+/// destination keep their order, which is all receivers rely on (each
+/// origin -> destination stream is numbered on its own); events to
+/// different destinations are regrouped so each travels in few messages.
+fn runs(events: &[SyncEvent], max_bytes: usize) -> Vec<(String, Vec<SyncEvent>)> {
+    let mut by_dest: BTreeMap<u32, Vec<&SyncEvent>> = BTreeMap::new();
+    for e in events {
+        by_dest.entry(e.dest_cluster).or_default().push(e);
     }
-    if let Some(k) = key {
-        out.push((k, &events[start..]));
+    let mut out = Vec::new();
+    for (_, evs) in by_dest {
+        let mut run: Vec<SyncEvent> = Vec::new();
+        let mut bytes = 0;
+        for e in evs {
+            let size = e.encoded_len();
+            if !run.is_empty() && bytes + size > max_bytes {
+                out.push((topology::routing_key(&run[0]), std::mem::take(&mut run)));
+                bytes = 0;
+            }
+            bytes += size;
+            run.push(e.clone());
+        }
+        if !run.is_empty() {
+            out.push((topology::routing_key(&run[0]), run));
+        }
     }
     out
 }
@@ -441,27 +479,29 @@ fn runs(events: &[SyncEvent], clusters: u32, max_bytes: usize) -> Vec<(String, &
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sns_proto::internal::UserAdded;
     use sns_proto::internal::sync_event::Kind;
-    use sns_proto::internal::{Relation, UserAdded};
 
     #[test]
-    fn outbox_events_travel_in_runs_of_one_routing_key() {
-        let user = |seq, u| SyncEvent { origin_cluster: 1, seq, kind: Some(Kind::User(UserAdded { user: u })) };
-        let rel = |seq, followee| SyncEvent {
+    fn outbox_events_travel_in_runs_of_one_destination_in_order() {
+        let ev = |seq, dest| SyncEvent {
             origin_cluster: 1,
             seq,
-            kind: Some(Kind::Relation(Relation { follower: 1, followee, follow: true, ..Default::default() })),
+            dest_cluster: dest,
+            dest_seq: seq,
+            kind: Some(Kind::User(UserAdded { user: 1 })),
+            ..Default::default()
         };
-        let events = [user(1, 1), user(2, 4), rel(3, 2), rel(4, 5), rel(5, 3), user(6, 7)];
+        let events = [ev(1, 2), ev(1, 3), ev(2, 2), ev(3, 3), ev(4, 2)];
         let got: Vec<(String, Vec<u64>)> =
-            runs(&events, 3, 1 << 20).into_iter().map(|(k, r)| (k, r.iter().map(|e| e.seq).collect())).collect();
-        let want = [("user.1", vec![1, 2]), ("rel.2", vec![3, 4]), ("rel.3", vec![5]), ("user.1", vec![6])];
+            runs(&events, 1 << 20).into_iter().map(|(k, r)| (k, r.iter().map(|e| e.seq).collect())).collect();
+        let want = [("to.2", vec![1, 2, 4]), ("to.3", vec![1, 3])];
         assert_eq!(got, want.map(|(k, s)| (k.to_string(), s)));
         // The size cap splits a run; an event larger than the cap goes alone.
         let size = events[0].encoded_len();
-        let capped: Vec<usize> = runs(&events[..2], 3, size).iter().map(|(_, r)| r.len()).collect();
+        let capped: Vec<usize> = runs(&[ev(1, 2), ev(2, 2)], size).iter().map(|(_, r)| r.len()).collect();
         assert_eq!(capped, [1, 1]);
-        assert!(runs(&[], 3, size).is_empty());
+        assert!(runs(&[], size).is_empty());
     }
 
     #[test]

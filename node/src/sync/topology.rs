@@ -3,11 +3,11 @@
 //! Everything is prefixed by the deployment name, so several deployments
 //! (and parallel test runs) share one broker without seeing each other.
 //! - `<dep>.events`: durable topic exchange every master synchronizer
-//!   publishes to, with keys `user.<origin>`, `post.<origin>` and
-//!   `rel.<followee's cluster>`;
-//! - `<dep>.cluster.<c>`: one durable queue per cluster, bound to the
-//!   users and posts of every other cluster and to relations aimed at
-//!   cluster c. Only the synchronizer beside the cluster's master consumes
+//!   publishes to, with key `to.<destination cluster>` (an event goes to
+//!   each cluster that needs it: users to all, a relation to the
+//!   followee's, a post to those of its author's followers);
+//! - `<dep>.cluster.<c>`: one durable queue per cluster, bound to
+//!   `to.<c>`. Only the synchronizer beside the cluster's master consumes
 //!   it (the other stands by); `x-single-active-consumer` makes sure that,
 //!   during a handover, one of them at a time gets deliveries;
 //! - `<dep>.dead`: dead-letter exchange and queue for malformed messages.
@@ -16,12 +16,10 @@
 //! event is dropped as unroutable because its receiver has not started yet.
 
 use crate::error::Result;
-use crate::ids::cluster_of;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 use sns_proto::internal::SyncEvent;
-use sns_proto::internal::sync_event::Kind;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,22 +44,14 @@ impl Names {
     }
 }
 
-/// The routing key of an event.
-pub fn routing_key(event: &SyncEvent, clusters: u32) -> String {
-    match &event.kind {
-        Some(Kind::User(_)) => format!("user.{}", event.origin_cluster),
-        Some(Kind::Post(_)) => format!("post.{}", event.origin_cluster),
-        Some(Kind::Relation(r)) => format!("rel.{}", cluster_of(r.followee.max(1), clusters)),
-        None => "invalid".into(),
-    }
+/// The routing key of an event: its destination cluster.
+pub fn routing_key(event: &SyncEvent) -> String {
+    format!("to.{}", event.dest_cluster)
 }
 
-/// The keys the queue of a synchronizer of `cluster` is bound with.
-pub fn bindings(cluster: u32, clusters: u32) -> Vec<String> {
-    let mut keys: Vec<String> =
-        (1..=clusters).filter(|o| *o != cluster).flat_map(|o| [format!("user.{o}"), format!("post.{o}")]).collect();
-    keys.push(format!("rel.{cluster}"));
-    keys
+/// The keys the queue of `cluster` is bound with.
+pub fn bindings(cluster: u32) -> Vec<String> {
+    vec![format!("to.{cluster}")]
 }
 
 /// Declares exchanges, every cluster's queue and their bindings.
@@ -93,7 +83,7 @@ pub async fn declare(channel: &Channel, names: &Names, clusters: u32, expires: O
     for cluster in 1..=clusters {
         let queue = names.queue(cluster);
         channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), dead_args.clone()).await?;
-        for key in bindings(cluster, clusters) {
+        for key in bindings(cluster) {
             channel
                 .queue_bind(
                     queue.as_str().into(),
@@ -111,7 +101,6 @@ pub async fn declare(channel: &Channel, names: &Names, clusters: u32, expires: O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sns_proto::internal::{Post, Relation, UserAdded};
 
     #[test]
     fn names_carry_the_deployment() {
@@ -122,17 +111,9 @@ mod tests {
     }
 
     #[test]
-    fn events_route_to_the_clusters_that_need_them() {
-        let ev = |kind| SyncEvent { origin_cluster: 1, seq: 1, kind: Some(kind) };
-        assert_eq!(routing_key(&ev(Kind::User(UserAdded { user: 1 })), 3), "user.1");
-        assert_eq!(
-            routing_key(&ev(Kind::Post(Post { user: 1, text: "x".into(), at_ms: 0, client_id: 0 })), 3),
-            "post.1"
-        );
-        let rel = Relation { follower: 1, followee: 5, follow: true, at_ms: 0 };
-        assert_eq!(routing_key(&ev(Kind::Relation(rel)), 3), "rel.2");
-        // Cluster 2 hears users and posts of 1 and 3, and relations aimed at 2.
-        assert_eq!(bindings(2, 3), vec!["user.1", "post.1", "user.3", "post.3", "rel.2"]);
-        assert_eq!(bindings(1, 1), vec!["rel.1"]);
+    fn events_route_to_their_destination() {
+        let ev = SyncEvent { origin_cluster: 1, seq: 1, dest_cluster: 3, ..Default::default() };
+        assert_eq!(routing_key(&ev), "to.3");
+        assert_eq!(bindings(2), vec!["to.2"]);
     }
 }

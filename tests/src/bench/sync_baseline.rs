@@ -6,18 +6,20 @@
 //! topology.rs):
 //! - the deployment's own broker objects, declared by the node's
 //!   [`topology::declare`] under a throwaway deployment name: a durable topic
-//!   exchange and the durable queues of the clusters, bound by the node's
-//!   [`topology::bindings`], so a `post.<c>` message reaches the queue of
-//!   every other cluster (2 with 3 clusters; only the synchronizer beside
-//!   each cluster's master consumes, the other stands by);
+//!   exchange and one durable queue per cluster, bound by the node's
+//!   [`topology::bindings`] to `to.<c>`; a post whose author has followers
+//!   in every other cluster is sent once to each of them (2 with 3
+//!   clusters), numbered in its origin -> destination stream (only the
+//!   synchronizer beside each cluster's master consumes, the other stands
+//!   by);
 //! - per cluster, one connection — the master's synchronizer's — with the
 //!   synchronizer's 16 KiB frames, carrying its publisher and its consumer;
 //! - one publisher per cluster on a confirm channel: up to
-//!   [`PUBLISH_BATCH`] events per publish, split into messages of one
-//!   routing key and at most [`MESSAGE_BYTES`], each a `SyncBatch` encoded
+//!   [`PUBLISH_BATCH`] deliveries per publish, split into messages of one
+//!   destination and at most [`MESSAGE_BYTES`], each a `SyncBatch` encoded
 //!   by the node's codec, persistent; it does not wait for confirms before
-//!   the next publish, but stops taking events while [`UNCONFIRMED_MAX`]
-//!   are unconfirmed;
+//!   the next publish, but stops taking deliveries while
+//!   [`UNCONFIRMED_MAX`] are unconfirmed;
 //! - one consumer per cluster queue with prefetch [`PREFETCH`] that takes
 //!   every delivery already arrived (up to [`APPLY_BATCH`] events), decodes
 //!   it with the node's codec and acknowledges the last one with
@@ -42,25 +44,13 @@ use prost::Message as _;
 use sns_node::store::codec;
 use sns_node::sync::topology::{self, Names};
 use sns_proto::internal::sync_event::Kind;
-use sns_proto::internal::{Post, SyncEvent};
+use sns_proto::internal::{Post, Recipient, SyncEvent};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-// The synchronizer's settings (node/src/sync/mod.rs, private there): keep
-// these in step with it, or the baseline stops being like-for-like.
-/// Most events taken from the outbox for one publish.
-pub const PUBLISH_BATCH: usize = 1024;
-/// Most events published and not yet confirmed.
-pub const UNCONFIRMED_MAX: usize = 8 * PUBLISH_BATCH;
-/// Most bytes of events in one message.
-pub const MESSAGE_BYTES: usize = 256 * 1024;
-/// Unacknowledged deliveries the broker may push ahead of the consumer.
-pub const PREFETCH: u16 = 64;
-/// Most events a consumer takes before it acknowledges.
-pub const APPLY_BATCH: usize = 1024;
-/// AMQP frame size the synchronizers ask of the broker.
-pub const FRAME_MAX: u32 = 16 * 1024;
+// The synchronizer's own settings.
+pub use sns_node::sync::{APPLY_BATCH, FRAME_MAX, MESSAGE_BYTES, PREFETCH, PUBLISH_BATCH, UNCONFIRMED_MAX};
 /// Encoded size of one event: a post of about 70 characters in its
 /// `SyncEvent` (the bench's own posts, `<seq>:<send time>`, are shorter).
 pub const EVENT_BYTES: usize = 100;
@@ -228,19 +218,21 @@ async fn run_on(url: &str, names: &Names, p: Pattern) -> Result<SyncRate> {
         events_per_s: events as f64 / secs.max(1e-9),
         events,
         messages,
-        queues_per_message: (1..=p.clusters).filter(|c| post_origins(*c, p.clusters).contains(&1)).count(),
+        // Each message has one destination.
+        queues_per_message: 1,
         deliveries,
     })
 }
 
-/// The clusters whose posts the queue of `cluster` is bound to (the node's
-/// own bindings).
+/// The clusters whose posts reach the queue of `cluster`: every other one
+/// (their authors have followers everywhere).
 fn post_origins(cluster: u32, clusters: u32) -> Vec<u32> {
-    topology::bindings(cluster, clusters).iter().filter_map(|k| k.strip_prefix("post.")?.parse().ok()).collect()
+    (1..=clusters).filter(|o| *o != cluster).collect()
 }
 
-/// A post event of origin `cluster` of about [`EVENT_BYTES`] encoded.
-fn event(cluster: u32, seq: u64, padding: &str) -> SyncEvent {
+/// Post `seq` of origin `cluster` for cluster `dest`, about [`EVENT_BYTES`]
+/// encoded, one recipient (the deployment's posts name their readers).
+fn event(cluster: u32, dest: u32, seq: u64, padding: &str) -> SyncEvent {
     SyncEvent {
         origin_cluster: cluster,
         seq,
@@ -250,13 +242,17 @@ fn event(cluster: u32, seq: u64, padding: &str) -> SyncEvent {
             at_ms: 1_790_000_000_000 + seq as i64,
             client_id: seq,
         })),
+        epoch: 1,
+        dest_cluster: dest,
+        dest_seq: seq,
+        recipients: vec![Recipient { user: dest, follow_id: 1 }],
     }
 }
 
 /// The padding that makes an event [`EVENT_BYTES`] long (seqs of up to 5
 /// digits; longer ones add a byte or two).
 fn padding() -> String {
-    let base = event(1, 10_000, "").encoded_len();
+    let base = event(1, 2, 10_000, "").encoded_len();
     "x".repeat(EVENT_BYTES.saturating_sub(base + 2))
 }
 
@@ -271,14 +267,21 @@ async fn publish(
     stop: Instant,
 ) -> Result<(usize, usize)> {
     let pad = padding();
+    let dests = post_origins(cluster, clusters);
     let mut inflight = FuturesOrdered::new();
     let (mut seq, mut unconfirmed, mut messages) = (0u64, 0usize, 0usize);
     loop {
         let sending = (seq as usize) < count && Instant::now() < stop;
         if sending && unconfirmed < UNCONFIRMED_MAX {
-            let n = PUBLISH_BATCH.min(count - seq as usize);
-            let batch: Vec<SyncEvent> = (1..=n as u64).map(|i| event(cluster, seq + i, &pad)).collect();
+            // A publish takes PUBLISH_BATCH deliveries: posts times their
+            // destinations, grouped by destination as the synchronizer does.
+            let n = (PUBLISH_BATCH / dests.len().max(1)).max(1).min(count - seq as usize);
+            let batch: Vec<SyncEvent> = dests
+                .iter()
+                .flat_map(|d| (1..=n as u64).map(|i| event(cluster, *d, seq + i, &pad)).collect::<Vec<_>>())
+                .collect();
             seq += n as u64;
+            let k = batch.len();
             let mut confirms = Vec::new();
             for run in runs(&batch, MESSAGE_BYTES) {
                 let (first, last) = (&run[0], &run[run.len() - 1]);
@@ -287,7 +290,7 @@ async fn publish(
                     .with_content_type("application/x-protobuf".into())
                     .with_type(codec::BATCH_TYPE.into())
                     .with_message_id(format!("{}:{}-{}", first.origin_cluster, first.seq, last.seq).into());
-                let key = topology::routing_key(first, clusters);
+                let key = topology::routing_key(first);
                 confirms.push(
                     ch.basic_publish(
                         exchange.into(),
@@ -300,14 +303,14 @@ async fn publish(
                 );
                 messages += 1;
             }
-            unconfirmed += n;
+            unconfirmed += k;
             inflight.push_back(async move {
                 for c in confirms {
                     if !c.await?.is_ack() {
                         bail!("the broker refused a message (nack)");
                     }
                 }
-                Ok(n)
+                Ok(k)
             });
             continue;
         }
@@ -321,14 +324,14 @@ async fn publish(
     Ok((seq as usize, messages))
 }
 
-/// Consecutive events of one routing key and at most `max_bytes` (here all
-/// events are posts of one origin, so only the size splits).
+/// Consecutive events of one routing key (destination) and at most
+/// `max_bytes`.
 fn runs(events: &[SyncEvent], max_bytes: usize) -> Vec<&[SyncEvent]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, e) in events.iter().enumerate() {
         let size = e.encoded_len();
-        if i > start && bytes + size > max_bytes {
+        if i > start && (bytes + size > max_bytes || e.dest_cluster != events[start].dest_cluster) {
             out.push(&events[start..i]);
             (start, bytes) = (i, 0);
         }
@@ -417,17 +420,17 @@ mod tests {
     #[test]
     fn events_are_the_intended_size_and_batches_split_by_bytes() {
         let pad = padding();
-        let e = event(2, 1234, &pad);
+        let e = event(2, 1, 1234, &pad);
         assert!((EVENT_BYTES - 3..=EVENT_BYTES + 1).contains(&e.encoded_len()), "{}", e.encoded_len());
         // Valid for the node's codec (what a synchronizer would apply).
         assert!(codec::event_from_pb(&e, 3).is_ok());
-        let batch: Vec<SyncEvent> = (1..=PUBLISH_BATCH as u64).map(|s| event(1, s, &pad)).collect();
+        let batch: Vec<SyncEvent> = (1..=PUBLISH_BATCH as u64).map(|s| event(1, 2, s, &pad)).collect();
         // A full publish fits in one message, as in the synchronizer.
         assert_eq!(runs(&batch, MESSAGE_BYTES).len(), 1);
         let split = runs(&batch, 10 * EVENT_BYTES);
         assert!(split.len() > 100 && split.iter().all(|r| !r.is_empty()));
         assert_eq!(split.iter().map(|r| r.len()).sum::<usize>(), batch.len());
-        assert_eq!(topology::routing_key(&batch[0], 3), "post.1");
+        assert_eq!(topology::routing_key(&batch[0]), "to.2");
         assert_eq!(with_frame_max("amqp://h/%2f"), "amqp://h/%2f?frame_max=16384");
         // Every other cluster's posts, as the deployment binds them.
         assert_eq!(post_origins(2, 3), vec![1, 3]);
