@@ -807,7 +807,10 @@ async fn timeline_shows_posts_and_sends_typed_lines() {
     // 2 both posts and reads what 1 posts.
     let mut two = RawTimeline::open(server.port, 2).await;
     let three = RawTimeline::open(server.port, 3).await;
+    // Feeds are in the order posts were made (the log's): make them one
+    // after the other.
     two.post("p21", t0);
+    await_posts(server.port, 1).await;
     three.post("p31", t0 + 1);
     await_posts(server.port, 2).await;
 

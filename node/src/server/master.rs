@@ -22,22 +22,18 @@
 //!   outcome is unknown (the slave may have it); the client retries with
 //!   the same request id and gets the first outcome.
 
-use super::{Node, PostRequest, Role, SlaveAddr, encode_state, lock, snapshot_chunks};
+use super::{Node, Role, SlaveAddr, encode_state, lock, snapshot_chunks};
 use crate::net;
 use crate::store::codec;
-use crate::store::state::{Arrival, Change, Entry, LocalOp, RemoteEvent, State};
+use crate::store::state::Entry;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{InSyncMember, InSyncRequest, ReplicateRequest};
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-/// Most posts committed as one group: bounds one journal write and one
-/// replication request (posts are at most 4 KiB).
-pub const POST_BATCH: usize = 256;
 /// Pause between two attempts to reach the coordinator about a write.
 const COORD_RETRY: Duration = Duration::from_millis(50);
 /// Backoff of the background catch-up of a slave that failed it.
@@ -73,114 +69,6 @@ impl Node {
         self.cfg().heartbeat.min(Duration::from_secs(1))
     }
 
-    /// Runs a client write as master: `decide` looks at the state (under the
-    /// write lane, so nothing changes meanwhile) and returns the change to
-    /// make (None: nothing to do), or a refusal. The change is on every
-    /// in-sync server before this returns Ok. A request id this user
-    /// already used is answered as done (a retry after a failover).
-    pub async fn write<T>(
-        &self,
-        user: u32,
-        request_id: u64,
-        decide: impl FnOnce(&State) -> std::result::Result<Option<Change>, T>,
-    ) -> Result<std::result::Result<(), T>, Status> {
-        let _lane = self.0.lane.lock().await;
-        let role = self.ensure_serving().await?;
-        self.prepare_role(&role).await?;
-        let (op, published) = {
-            let store = self.store();
-            let state = store.state();
-            if state.has_request_id(user, request_id) {
-                return Ok(Ok(()));
-            }
-            match decide(state) {
-                Err(refusal) => return Ok(Err(refusal)),
-                Ok(None) => return Ok(Ok(())),
-                Ok(Some(change)) => (LocalOp { seq: state.next_seq(), change, request_id }, state.published_upto()),
-            }
-        };
-        self.write_entries(&role, vec![Entry::Local(op)], published).await?;
-        Ok(Ok(()))
-    }
-
-    /// Applies events of other clusters as master: in the write lane, in
-    /// this cluster's journal order, replicated to the in-sync servers like
-    /// a client write; Ok once committed, with how many were journaled
-    /// (applied, or held until a gap in their stream closes) and which
-    /// cannot be valid (never applied: the synchronizer dead-letters them).
-    /// A slave never applies them on its own: it gets them from its master,
-    /// so both hold the same events in the same order.
-    pub async fn apply_remote(&self, events: Vec<RemoteEvent>) -> Result<(usize, Vec<(usize, String)>), Status> {
-        let _lane = self.0.lane.lock().await;
-        let role = self.ensure_serving().await?;
-        self.prepare_role(&role).await?;
-        let mut rejected = Vec::new();
-        let (fresh, published): (Vec<Entry>, u64) = self.read(|s| {
-            let mut fresh = Vec::new();
-            for (i, e) in events.into_iter().enumerate() {
-                match s.arrival(&e) {
-                    Arrival::Next | Arrival::Early => fresh.push(Entry::Remote(e)),
-                    Arrival::Duplicate => {}
-                    Arrival::Invalid(why) => rejected.push((i, why)),
-                }
-            }
-            (fresh, s.published_upto())
-        });
-        for (i, why) in &rejected {
-            tracing::warn!(index = i, reason = %why, "event of another cluster refused: dead-lettered");
-        }
-        if fresh.is_empty() {
-            return Ok((0, rejected));
-        }
-        let n = fresh.len();
-        self.write_entries(&role, fresh, published).await?;
-        Ok((n, rejected))
-    }
-
-    /// Queues a post: it is committed with the other posts that are waiting
-    /// (one lane turn, one fsync here and one on the slave for the whole
-    /// group), in queue order; the receiver tells when. A post whose client
-    /// id was already applied is acknowledged without being applied again.
-    pub fn queue_post(&self, post: crate::store::state::Post) -> tokio::sync::oneshot::Receiver<Result<(), Status>> {
-        let (done, result) = tokio::sync::oneshot::channel();
-        // A closed queue drops `done`: the receiver then reports the stop.
-        let _ = self.0.posts.send(PostRequest { post, done });
-        result
-    }
-
-    /// Commits a group of queued posts.
-    pub(super) async fn write_posts(&self, batch: Vec<PostRequest>) {
-        let _lane = self.0.lane.lock().await;
-        let result = async {
-            let role = self.ensure_serving().await?;
-            self.prepare_role(&role).await?;
-            let (ops, published) = {
-                let store = self.store();
-                let state = store.state();
-                let mut seq = state.next_seq();
-                let mut ids = HashSet::new();
-                let mut ops = Vec::new();
-                for r in &batch {
-                    let (user, id) = (r.post.user, r.post.client_id);
-                    if id != 0 && (state.has_post_id(user, id) || !ids.insert((user, id))) {
-                        continue; // a resent post: acknowledge, do not apply
-                    }
-                    ops.push(Entry::Local(LocalOp::new(seq, Change::Post(r.post.clone()))));
-                    seq += 1;
-                }
-                (ops, state.published_upto())
-            };
-            if ops.is_empty() {
-                return Ok(());
-            }
-            self.write_entries(&role, ops, published).await
-        }
-        .await;
-        for r in batch {
-            let _ = r.done.send(result.clone());
-        }
-    }
-
     /// A master promoted by an operator accepting data loss makes what its
     /// journal holds its state (keeping a damaged file aside) and numbers
     /// its events above any the cluster may have published. Called with
@@ -189,44 +77,43 @@ impl Node {
         if !self.needs_prepare(role) {
             return Ok(());
         }
-        let node = self.clone();
-        let floor = role.seq_floor;
-        tokio::task::spawn_blocking(move || node.store().accept_loss(floor))
-            .await
-            .map_err(|e| Status::internal(format!("task failed: {e}")))?
-            .map_err(Status::from)?;
-        self.mark_all_stable();
+        let mut snapshot = self.read(|s| s.snapshot());
+        snapshot.next_seq = snapshot.next_seq.max(role.seq_floor);
+        let lost = self.damage();
+        self.install_state(snapshot).await.map_err(Status::from)?;
+        if let Some(why) = lost {
+            tracing::warn!(damage = %why, "accepted the loss of what followed the damage");
+        }
+        tracing::warn!(
+            next_seq = self.read(|s| s.next_seq()),
+            "promoted accepting data loss: serving what this server holds"
+        );
         self.update_serving();
         Ok(())
     }
 
     fn needs_prepare(&self, role: &Role) -> bool {
-        role.is_master && role.accept_data_loss && {
-            let store = self.store();
-            store.damage().is_some() || store.state().next_seq() < role.seq_floor
-        }
+        role.is_master
+            && role.accept_data_loss
+            && (self.damage().is_some() || self.read(|s| s.next_seq()) < role.seq_floor)
     }
 
     /// Journals entries here (client writes with consecutive seqs, other
     /// clusters' events), replicates them, then applies them: Ok once they
     /// are committed. Called with the write lane held.
-    async fn write_entries(&self, role: &Role, entries: Vec<Entry>, published: u64) -> Result<(), Status> {
+    pub(super) async fn write_entries(&self, role: &Role, entries: Vec<Entry>, published: u64) -> Result<(), Status> {
         let last = entries.iter().filter_map(|e| if let Entry::Local(op) = e { Some(op.seq) } else { None }).max();
-        let node = self.clone();
-        let journaled = entries.clone();
-        let appended = tokio::task::spawn_blocking(move || node.store().append(&journaled, true))
-            .await
-            .map_err(|e| Status::internal(format!("commit task failed: {e}")))?;
-        if let Err(e) = appended {
+        if let Err(e) = self.journal(entries.clone()).await {
             self.cannot_write(&e);
             return Err(Status::unavailable(format!(
                 "the write was not made: {e}; ask the coordinator for the master again"
             )));
         }
         let verdict = self.replicate(role, &entries, published).await;
-        // The journal holds the ops whatever the verdict: memory follows it.
+        // The journal holds the entries whatever the verdict: memory
+        // follows it.
         let node = self.clone();
-        tokio::task::spawn_blocking(move || node.store().apply_appended(&entries))
+        tokio::task::spawn_blocking(move || node.store().apply(&entries))
             .await
             .map_err(|e| Status::internal(format!("apply task failed: {e}")))?;
         match verdict {

@@ -25,6 +25,7 @@
 //!   journal serves nothing until it is rebuilt from an in-sync peer or an
 //!   operator accepts its loss.
 
+pub mod commit;
 pub mod master;
 pub mod replica;
 pub mod slave;
@@ -32,8 +33,8 @@ pub mod sns;
 
 use crate::error::Result;
 use crate::net;
-use crate::store::state::{Post, State};
-use crate::store::{Store, codec};
+use crate::store::state::{Entry, Snapshot, State};
+use crate::store::{Log, Store, codec};
 use sns_proto::csce438::ServerInfo;
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::internal::LeaseRequest;
@@ -45,7 +46,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::transport::Channel;
@@ -88,12 +89,6 @@ const DISK_PROBE: Duration = Duration::from_secs(1);
 
 type SlaveAddr = (String, String);
 
-/// A post waiting to be committed, and who waits for it.
-pub struct PostRequest {
-    post: Post,
-    done: oneshot::Sender<Result<(), Status>>,
-}
-
 /// Why this server cannot write, if it cannot.
 #[derive(Debug, Clone, Default)]
 struct Disk {
@@ -106,12 +101,19 @@ struct Disk {
 
 struct Inner {
     cfg: ServerConfig,
-    /// Posts waiting for the committer.
-    posts: mpsc::UnboundedSender<PostRequest>,
+    /// Writes waiting for the writer ([`commit::commit_loop`]).
+    writes: mpsc::UnboundedSender<commit::Request>,
     port: u16,
+    /// The memory half: readers lock it briefly, never across disk I/O.
     store: Mutex<Store>,
-    /// Serializes every change of the journal's order: client writes and
-    /// their forwarding, replicated writes, snapshots, remote events.
+    /// The disk half: only the write lane's holder locks it, on a blocking
+    /// thread (an async handler never waits on it).
+    log: Mutex<Log>,
+    /// What readers need of the log, kept here so they never wait on it.
+    damage: Mutex<Option<String>>,
+    incarnation: AtomicU64,
+    /// Serializes every change of the journal's order: the writer's
+    /// cycles, replicated records, snapshots, compaction.
     lane: tokio::sync::Mutex<()>,
     role: watch::Sender<Role>,
     /// Until when this master may serve (None: no lease).
@@ -147,16 +149,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Node {
-    pub fn open(cfg: ServerConfig, port: u16) -> Result<(Node, mpsc::UnboundedReceiver<PostRequest>)> {
-        let store = Store::open(&cfg.data_dir, cfg.cluster, cfg.clusters)?;
+    pub fn open(cfg: ServerConfig, port: u16) -> Result<(Node, mpsc::UnboundedReceiver<commit::Request>)> {
+        let (log, store) = crate::store::open(&cfg.data_dir, cfg.cluster, cfg.clusters)?;
         let stable = store.state().next_seq() - 1;
         let coord = net::channel(&cfg.coord_host, &cfg.coord_port.to_string())?;
-        let (posts, queued) = mpsc::unbounded_channel();
+        let (writes, queued) = mpsc::unbounded_channel();
         let node = Node(Arc::new(Inner {
             cfg,
-            posts,
+            writes,
             port,
+            damage: Mutex::new(log.damage().map(str::to_string)),
+            incarnation: AtomicU64::new(log.incarnation()),
             store: Mutex::new(store),
+            log: Mutex::new(log),
             lane: tokio::sync::Mutex::new(()),
             role: watch::channel(Role::default()).0,
             lease: watch::channel(None).0,
@@ -220,12 +225,40 @@ impl Node {
     }
 
     pub fn incarnation(&self) -> u64 {
-        self.store().incarnation()
+        self.0.incarnation.load(Ordering::SeqCst)
     }
 
     /// Why the journal cannot be trusted, if it cannot.
     pub fn damage(&self) -> Option<String> {
-        self.store().damage().map(str::to_string)
+        lock(&self.0.damage).clone()
+    }
+
+    /// Journals `entries` (one write, one fsync) on a blocking thread.
+    /// Called by the write lane's holder.
+    async fn journal(&self, entries: Vec<Entry>) -> Result<()> {
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || lock(&node.0.log).append(&entries, true))
+            .await
+            .map_err(|e| crate::error::Error::Other(format!("journal task failed: {e}")))?
+    }
+
+    /// Makes `snapshot` the whole state: the journal first (atomically),
+    /// then memory. Called by the write lane's holder.
+    async fn install_state(&self, snapshot: Snapshot) -> Result<()> {
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut log = lock(&node.0.log);
+            log.replace(&Entry::Snapshot(Box::new(snapshot.clone())))?;
+            *lock(&node.0.damage) = None;
+            node.0.incarnation.store(log.incarnation(), Ordering::SeqCst);
+            drop(log);
+            node.store().install(snapshot);
+            Ok::<_, crate::error::Error>(())
+        })
+        .await
+        .map_err(|e| crate::error::Error::Other(format!("install task failed: {e}")))??;
+        self.mark_all_stable();
+        Ok(())
     }
 
     /// Why this server cannot write its journal, if it cannot.
@@ -253,10 +286,8 @@ impl Node {
     /// heartbeat renews its lease, counted from when it was sent.
     pub async fn heartbeat(&self) -> Result<Role> {
         let current = self.role();
-        let (incarnation, damaged, next_seq) = {
-            let store = self.store();
-            (store.incarnation(), store.damage().is_some(), store.state().next_seq())
-        };
+        let (incarnation, damaged, next_seq) =
+            (self.incarnation(), self.damage().is_some(), self.read(|s| s.next_seq()));
         let info = ServerInfo {
             server_id: self.0.cfg.id as i32,
             hostname: self.0.cfg.advertise_host.clone(),
@@ -439,15 +470,13 @@ impl Node {
     /// Records that the broker confirmed the outbox up to `upto`. Not
     /// fsynced: losing it only means republishing, which receivers ignore.
     pub async fn ack_outbox(&self, upto: u64) -> Result<()> {
-        if upto > self.read(|s| s.published_upto()) && upto < self.read(|s| s.next_seq()) {
+        if self.damage().is_none() && upto > self.read(|s| s.published_upto()) && upto < self.read(|s| s.next_seq()) {
             let node = self.clone();
             tokio::task::spawn_blocking(move || {
-                let mut store = node.store();
-                if store.damage().is_none() {
-                    store.commit_all(&[crate::store::state::Entry::PublishedUpto(upto)], false).map(drop)
-                } else {
-                    Ok(())
-                }
+                let entries = [Entry::PublishedUpto(upto)];
+                lock(&node.0.log).append(&entries, false)?;
+                node.store().apply(&entries);
+                Ok::<_, crate::error::Error>(())
             })
             .await
             .map_err(|e| crate::error::Error::Other(format!("commit task failed: {e}")))??;
@@ -456,11 +485,19 @@ impl Node {
     }
 
     /// Compacts the journal when it has grown large (under the lane, so no
-    /// write is between its journal record and its verdict).
+    /// write is between its journal record and its application).
     async fn compact(&self) {
         let _lane = self.0.lane.lock().await;
         let node = self.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || node.store().compact_if_large()).await {
+        let compacted = tokio::task::spawn_blocking(move || {
+            if !lock(&node.0.log).wants_compaction() {
+                return Ok(false);
+            }
+            let snapshot = node.read(|s| s.snapshot());
+            crate::store::compact(&mut lock(&node.0.log), snapshot)
+        })
+        .await;
+        if let Ok(Err(e)) = compacted {
             tracing::error!(error = %e, "journal compaction failed; the old journal is intact");
         }
     }
@@ -622,24 +659,6 @@ async fn lease_loop(node: Node, shutdown: CancellationToken) {
     }
 }
 
-/// Commits queued posts in groups, in arrival order.
-async fn post_loop(node: Node, mut queued: mpsc::UnboundedReceiver<PostRequest>, shutdown: CancellationToken) {
-    loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = queued.recv() => match r { Some(r) => r, None => return },
-        };
-        let mut batch = vec![first];
-        while batch.len() < master::POST_BATCH {
-            match queued.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        node.write_posts(batch).await;
-    }
-}
-
 /// How far the spec's view files may lag behind the journal. Short enough
 /// that a person reading the files sees every write at once; long enough
 /// to write each busy file once for many writes.
@@ -685,7 +704,7 @@ pub async fn serve(
         tokio::spawn(disk_loop(node.clone(), shutdown.clone())),
         tokio::spawn(master::slave_sync_loop(node.clone(), shutdown.clone())),
         tokio::spawn(flush_loop(node.clone(), shutdown.clone())),
-        tokio::spawn(post_loop(node.clone(), queued, shutdown.clone())),
+        tokio::spawn(commit::commit_loop(node.clone(), queued, shutdown.clone())),
     ];
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<sns_proto::csce438::sns_service_server::SnsServiceServer<sns::Sns>>().await;

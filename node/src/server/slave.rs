@@ -32,10 +32,15 @@ impl Node {
     /// Journals and applies entries on a blocking thread; a journal failure
     /// leaves this server unwritable (and not synced).
     async fn commit_entries(&self, entries: Vec<Entry>) -> Result<()> {
-        let node = self.clone();
-        let committed = tokio::task::spawn_blocking(move || node.store().commit_all(&entries, true))
-            .await
-            .map_err(|e| Error::Other(format!("commit task failed: {e}")))?;
+        let committed = match self.journal(entries.clone()).await {
+            Ok(()) => {
+                let node = self.clone();
+                tokio::task::spawn_blocking(move || drop(node.store().apply(&entries)))
+                    .await
+                    .map_err(|e| Error::Other(format!("apply task failed: {e}")))
+            }
+            Err(e) => Err(e),
+        };
         match committed {
             Ok(_) => {
                 self.can_write();
@@ -104,11 +109,7 @@ impl Node {
     pub async fn install_snapshot(&self, term: u64, snapshot: Snapshot) -> Result<(u64, u64), Status> {
         let _lane = self.0.lane.lock().await;
         self.check_master_term(term)?;
-        let node = self.clone();
-        let installed = tokio::task::spawn_blocking(move || node.store().install_snapshot(snapshot))
-            .await
-            .map_err(|e| Status::internal(format!("install task failed: {e}")))?;
-        if let Err(e) = installed {
+        if let Err(e) = self.install_state(snapshot).await {
             self.cannot_write(&e);
             return Err(Status::from(e));
         }

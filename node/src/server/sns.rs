@@ -59,20 +59,28 @@ impl Sns {
             Ok(u) => u,
             Err(o) => return Ok(reply(o)),
         };
+        // Exactly one argument (SPEC §2).
+        if req.arguments.len() != 1 {
+            return Ok(reply(Outcome::Invalid));
+        }
         let Some(target) = req.arguments.first().and_then(|a| parse_user(a.trim()).ok()) else {
             return Ok(reply(Outcome::InvalidUsername));
         };
         let outcome = self
             .node
-            .write(user, req.request_id, |s| {
-                let check = if follow { s.check_follow(user, target) } else { s.check_unfollow(user, target) };
-                match check {
-                    Outcome::Success => {
-                        Ok(Some(Change::Relation { follower: user, followee: target, follow, at_ms: now_ms() }))
+            .write(
+                user,
+                req.request_id,
+                Box::new(move |s| {
+                    let check = if follow { s.check_follow(user, target) } else { s.check_unfollow(user, target) };
+                    match check {
+                        Outcome::Success => {
+                            Ok(Some(Change::Relation { follower: user, followee: target, follow, at_ms: now_ms() }))
+                        }
+                        refusal => Err(refusal),
                     }
-                    refusal => Err(refusal),
-                }
-            })
+                }),
+            )
             .await?;
         Ok(reply(outcome.err().unwrap_or(Outcome::Success)))
     }
@@ -100,7 +108,7 @@ impl SnsService for Sns {
         };
         let result = self
             .node
-            .write::<Outcome>(user, req.request_id, |s| Ok((!s.has_user(user)).then_some(Change::User(user))))
+            .write(user, req.request_id, Box::new(move |s| Ok((!s.has_user(user)).then_some(Change::User(user)))))
             .await?;
         Ok(reply(result.err().unwrap_or(Outcome::Success)))
     }

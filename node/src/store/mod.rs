@@ -17,11 +17,13 @@
 
 pub mod codec;
 pub mod journal;
+pub mod log;
 pub mod record;
 pub mod state;
 
 use crate::error::{Error, Result};
 use journal::Journal;
+pub use log::Log;
 use state::{Effect, Entry, Post, Snapshot, State};
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
@@ -36,23 +38,11 @@ const LIVE_BUFFER: usize = 1024;
 
 pub const JOURNAL_FILE: &str = "journal.log";
 
-/// Journal size that triggers compaction: big enough that compaction is
-/// rare (a snapshot write holds the store for a few tens of ms), small
-/// enough that a restart replays quickly.
-#[cfg(not(test))]
-const COMPACT_AT: u64 = 64 << 20;
-#[cfg(test)]
-const COMPACT_AT: u64 = 4 << 10;
-
+/// The memory half of a server's storage: the state, the views that lag
+/// it, and the hub of live timeline streams. Never held across disk I/O
+/// (view files are written after the lock is released).
 pub struct Store {
     dir: PathBuf,
-    journal: Journal,
-    /// Why the journal cannot be trusted (file, offset), if it cannot: the
-    /// state then holds only the records before the damage.
-    damage: Option<String>,
-    /// Entries journaled and not yet applied (a write waiting for its
-    /// replication verdict); 0 outside the write lane.
-    pending: usize,
     state: State,
     live: HashMap<u32, broadcast::Sender<Post>>,
     dirty: Dirty,
@@ -61,10 +51,11 @@ pub struct Store {
     /// Held while view files are written, so writes prepared by one flush
     /// never interleave with another flush or a reset.
     view_io: Arc<Mutex<()>>,
-    /// Journal size right after the last compaction (or snapshot install).
-    compacted_len: u64,
     /// A view write failed: the next flush rewrites every view file.
     views_stale: bool,
+    /// The state was replaced (a snapshot): the next flush removes every
+    /// view file and writes them anew.
+    views_reset: bool,
 }
 
 /// One pending view file write.
@@ -76,6 +67,8 @@ enum ViewWrite {
 /// View file writes prepared by [`Store::prepare_flush`].
 pub struct ViewWrites {
     io: Arc<Mutex<()>>,
+    /// Remove every view file of this directory first.
+    clear: Option<PathBuf>,
     writes: Vec<ViewWrite>,
 }
 
@@ -89,6 +82,15 @@ impl ViewWrites {
 
     /// [`ViewWrites::apply`], with the view lock already held.
     fn apply_locked(self) -> Result<()> {
+        if let Some(dir) = &self.clear {
+            // Files of users the new state does not have must not linger.
+            let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().ends_with(".txt") {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
         for w in &self.writes {
             let (path, result) = match w {
                 ViewWrite::Replace(path, text) => (path, replace(path, text)),
@@ -128,63 +130,114 @@ impl Dirty {
     }
 }
 
-impl Store {
-    /// Opens the store in `dir` (created if missing), replays the journal
-    /// and rewrites every view file from it. A damaged journal (see
-    /// [`journal`]) opens too, holding the records before the damage and
-    /// refusing writes: [`Store::damage`] says why.
-    pub fn open(dir: &Path, cluster: u32, clusters: u32) -> Result<Store> {
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let path = dir.join(JOURNAL_FILE);
-        let opened = Journal::open(&path).map_err(|e| Error::io(&path, e))?;
-        let mut damage = opened.damage.map(|d| format!("{}: {d}", path.display()));
-        let mut state = State::new(cluster, clusters);
-        for (i, rec) in opened.records.iter().enumerate() {
-            match codec::decode_entry(rec, clusters) {
-                Ok(entry) => {
-                    state.apply(&entry);
-                }
-                Err(e) => {
-                    // Intact bytes that do not decode: written by something
-                    // else, or altered with a matching checksum. Damage too.
-                    damage = Some(format!("{}: record {i} does not decode: {e}", path.display()));
-                    break;
-                }
+/// Opens the storage in `dir` (created if missing): replays the journal
+/// and rewrites every view file from it. A damaged journal (see
+/// [`journal`]) opens too, its state holding the records before the damage
+/// and its log refusing writes: [`Log::damage`] says why.
+pub fn open(dir: &Path, cluster: u32, clusters: u32) -> Result<(Log, Store)> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let path = dir.join(JOURNAL_FILE);
+    let opened = Journal::open(&path).map_err(|e| Error::io(&path, e))?;
+    let mut damage = opened.damage.map(|d| format!("{}: {d}", path.display()));
+    let mut state = State::new(cluster, clusters);
+    for (i, rec) in opened.records.iter().enumerate() {
+        match codec::decode_entry(rec, clusters) {
+            Ok(entry) => {
+                state.apply(&entry);
+            }
+            Err(e) => {
+                // Intact bytes that do not decode: written by something
+                // else, or altered with a matching checksum. Damage too.
+                damage = Some(format!("{}: record {i} does not decode: {e}", path.display()));
+                break;
             }
         }
-        let records = opened.records.len();
-        let mut store = Store {
-            dir: dir.to_path_buf(),
-            journal: opened.journal,
-            damage,
-            pending: 0,
-            state,
-            live: HashMap::new(),
-            dirty: Dirty::default(),
-            on_disk: HashMap::new(),
-            view_io: Arc::default(),
-            compacted_len: 0,
-            views_stale: false,
-        };
-        if let Some(why) = &store.damage {
-            tracing::error!(damage = %why, records_before = records, "journal damaged: this server holds no trustworthy state and serves nothing until it is rebuilt from an in-sync peer");
-            return Ok(store);
-        }
+    }
+    let records = opened.records.len();
+    let incarnation = opened.journal.incarnation();
+    let mut store = Store {
+        dir: dir.to_path_buf(),
+        state,
+        live: HashMap::new(),
+        dirty: Dirty::default(),
+        on_disk: HashMap::new(),
+        view_io: Arc::default(),
+        views_stale: false,
+        views_reset: false,
+    };
+    if let Some(why) = &damage {
+        tracing::error!(damage = %why, records_before = records, "journal damaged: this server holds no trustworthy state and serves nothing until it is rebuilt from an in-sync peer");
+    } else {
         store.rebuild_views()?;
-        tracing::info!(dir = %dir.display(), records, users = store.state.users().len(), incarnation = store.journal.incarnation(), "store opened");
-        Ok(store)
+        tracing::info!(dir = %dir.display(), records, users = store.state.users().len(), incarnation, "store opened");
+    }
+    Ok((Log::new(dir, opened.journal, damage), store))
+}
+
+/// Rewrites the journal as one `snapshot` of the current state when it
+/// has grown large (see [`Log::wants_compaction`]) and the snapshot is
+/// smaller: feeds hold a copy of each post per follower, so a state can be
+/// bigger than the journal that built it. Returns whether it did.
+pub fn compact(log: &mut Log, snapshot: Snapshot) -> Result<bool> {
+    let before = log.bytes();
+    let entry = Entry::Snapshot(Box::new(snapshot));
+    if codec::encode_entry(&entry).len() as u64 >= before {
+        log.skip_compaction();
+        return Ok(false);
+    }
+    log.replace(&entry)?;
+    tracing::info!(before, after = log.bytes(), "journal compacted");
+    Ok(true)
+}
+
+/// Both halves of the storage in one place, for single-threaded use (tools
+/// and tests); a server keeps them under separate locks.
+pub struct Disk {
+    pub log: Log,
+    pub store: Store,
+}
+
+impl Disk {
+    pub fn open(dir: &Path, cluster: u32, clusters: u32) -> Result<Disk> {
+        let (log, store) = open(dir, cluster, clusters)?;
+        Ok(Disk { log, store })
     }
 
-    /// Why the journal cannot be trusted, if it cannot.
-    pub fn damage(&self) -> Option<&str> {
-        self.damage.as_deref()
+    pub fn state(&self) -> &State {
+        self.store.state()
     }
 
-    /// The journal's incarnation (see [`journal`]).
-    pub fn incarnation(&self) -> u64 {
-        self.journal.incarnation()
+    /// Journals `entry` (fsynced when `durable`) and applies it.
+    pub fn commit(&mut self, entry: &Entry, durable: bool) -> Result<Vec<Effect>> {
+        self.commit_all(std::slice::from_ref(entry), durable)
     }
 
+    /// Journals `entries` in one write and one fsync, then applies them.
+    pub fn commit_all(&mut self, entries: &[Entry], durable: bool) -> Result<Vec<Effect>> {
+        self.log.append(entries, durable)?;
+        Ok(self.store.apply(entries))
+    }
+
+    /// Replaces everything with `snapshot`: the journal first, then memory.
+    pub fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<()> {
+        self.log.replace(&Entry::Snapshot(Box::new(snapshot.clone())))?;
+        self.store.install(snapshot);
+        Ok(())
+    }
+
+    pub fn compact_if_large(&mut self) -> Result<bool> {
+        if !self.log.wants_compaction() {
+            return Ok(false);
+        }
+        compact(&mut self.log, self.store.state().snapshot())
+    }
+
+    pub fn flush_views(&mut self) -> Result<()> {
+        self.store.flush_views()
+    }
+}
+
+impl Store {
     pub fn state(&self) -> &State {
         &self.state
     }
@@ -193,40 +246,9 @@ impl Store {
         &self.dir
     }
 
-    /// Journals `entry` (fsynced when `durable`), applies it, updates the
-    /// files and wakes the timeline streams it concerns.
-    pub fn commit(&mut self, entry: &Entry, durable: bool) -> Result<Vec<Effect>> {
-        self.commit_all(std::slice::from_ref(entry), durable)
-    }
-
-    /// Journals `entries` in one write and one fsync, then applies them in
-    /// order.
-    pub fn commit_all(&mut self, entries: &[Entry], durable: bool) -> Result<Vec<Effect>> {
-        self.append(entries, durable)?;
-        Ok(self.apply_appended(entries))
-    }
-
-    /// Journals `entries` in one write (and one fsync when `durable`)
-    /// without applying them: readers keep seeing the state before them
-    /// until [`Store::apply_appended`]. On failure nothing of them stays in
-    /// the journal.
-    pub fn append(&mut self, entries: &[Entry], durable: bool) -> Result<()> {
-        let encoded: Vec<Vec<u8>> = entries.iter().map(codec::encode_entry).collect();
-        let slices: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
-        self.journal.append_all(&slices, durable).map_err(|e| Error::Journal {
-            path: self.dir.join(JOURNAL_FILE).display().to_string(),
-            disk_full: journal::is_disk_full(&e.source),
-            poisoned: e.poisoned,
-            source: e.source,
-        })?;
-        self.pending += entries.len();
-        Ok(())
-    }
-
-    /// Applies entries [`Store::append`] journaled, in order, and wakes the
-    /// timeline streams they concern.
-    pub fn apply_appended(&mut self, entries: &[Entry]) -> Vec<Effect> {
-        self.pending = self.pending.saturating_sub(entries.len());
+    /// Applies journaled entries, in order, and wakes the timeline streams
+    /// they concern.
+    pub fn apply(&mut self, entries: &[Entry]) -> Vec<Effect> {
         let mut all = Vec::new();
         for entry in entries {
             let effects = self.state.apply(entry);
@@ -245,7 +267,7 @@ impl Store {
 
     /// Whether some view file lags behind the state.
     pub fn views_dirty(&self) -> bool {
-        self.views_stale || !self.dirty.is_empty()
+        self.views_reset || self.views_stale || !self.dirty.is_empty()
     }
 
     fn note(&mut self, effect: &Effect) {
@@ -283,6 +305,12 @@ impl Store {
     /// (the disk), so a flush never stalls commits or live streams.
     pub fn prepare_flush(&mut self) -> ViewWrites {
         let dirty = std::mem::take(&mut self.dirty);
+        if std::mem::take(&mut self.views_reset) {
+            self.views_stale = false;
+            let mut writes = self.all_view_writes();
+            writes.clear = Some(self.dir.clone());
+            return writes;
+        }
         if std::mem::take(&mut self.views_stale) {
             return self.all_view_writes();
         }
@@ -309,7 +337,7 @@ impl Store {
         for u in &dirty.feeds {
             writes.push(self.post_write(*u, PostFile::Feed));
         }
-        ViewWrites { io: self.view_io.clone(), writes }
+        ViewWrites { io: self.view_io.clone(), clear: None, writes }
     }
 
     /// The write that appends the records a post file lacks (timelines and
@@ -343,102 +371,12 @@ impl Store {
         self.dir.join(format!("{user}_{suffix}.txt"))
     }
 
-    /// Replaces the whole state with `snapshot` (from the master): the
-    /// journal is rewritten to hold just the snapshot, in one atomic rename,
-    /// so a crash leaves either the old state or the new one. A damaged
-    /// journal is kept aside (`journal.log.damaged-<ms>`), not deleted.
-    pub fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<()> {
-        let entry = Entry::Snapshot(Box::new(snapshot));
-        self.replace_journal(&entry)?;
-        self.compacted_len = self.journal.bytes();
-        self.state.apply(&entry);
+    /// Replaces the whole state with `snapshot` (once the log holds it):
+    /// every view file is removed and written anew by the next flush.
+    pub fn install(&mut self, snapshot: Snapshot) {
+        self.state.apply(&Entry::Snapshot(Box::new(snapshot)));
         self.dirty = Dirty::default();
-        self.reset_views()
-    }
-
-    /// Makes a damaged journal's surviving records the state, accepting the
-    /// loss of what followed the damage (an operator's explicit override),
-    /// and numbers later local writes from at least `seq_floor` so that no
-    /// event other clusters may have seen is numbered again.
-    pub fn accept_loss(&mut self, seq_floor: u64) -> Result<()> {
-        let mut snapshot = self.state.snapshot();
-        snapshot.next_seq = snapshot.next_seq.max(seq_floor);
-        let lost = self.damage.clone();
-        self.install_snapshot(snapshot)?;
-        if let Some(why) = lost {
-            tracing::warn!(damage = %why, next_seq = self.state.next_seq(), "accepted the loss of what followed the damage");
-        }
-        Ok(())
-    }
-
-    /// Rewrites the journal as one snapshot of the current state when it
-    /// has grown past [`COMPACT_AT`] and twice its size after the last
-    /// compaction (so a large state is not rewritten over and over).
-    /// Returns whether it did. Never while a write waits for its verdict
-    /// (its record is in the journal, not in the state).
-    pub fn compact_if_large(&mut self) -> Result<bool> {
-        if self.pending > 0 || self.damage.is_some() || self.journal.bytes() < COMPACT_AT.max(2 * self.compacted_len) {
-            return Ok(false);
-        }
-        let before = self.journal.bytes();
-        let entry = Entry::Snapshot(Box::new(self.state.snapshot()));
-        // Feeds hold a copy of each post per follower: a state can be
-        // bigger than the journal that built it. Never grow the file.
-        if codec::encode_entry(&entry).len() as u64 >= before {
-            self.compacted_len = before;
-            return Ok(false);
-        }
-        self.replace_journal(&entry)?;
-        self.compacted_len = self.journal.bytes();
-        tracing::info!(before, after = self.compacted_len, "journal compacted");
-        Ok(true)
-    }
-
-    /// Replaces the journal with one holding just `entry`, atomically: a
-    /// crash leaves the old journal or the new one. The incarnation stays
-    /// (a fresh one if the old header was unreadable); a damaged journal is
-    /// kept aside first.
-    fn replace_journal(&mut self, entry: &Entry) -> Result<()> {
-        let path = self.dir.join(JOURNAL_FILE);
-        if let Some(why) = &self.damage {
-            let aside = self.dir.join(format!("{JOURNAL_FILE}.damaged-{}", crate::net::now_ms()));
-            // A link, so that a crash before the rename below still leaves
-            // the damaged file in place (and the server still knows it).
-            fs::hard_link(&path, &aside)
-                .or_else(|_| fs::copy(&path, &aside).map(drop))
-                .map_err(|e| Error::io(&aside, e))?;
-            tracing::warn!(damage = %why, kept = %aside.display(), "damaged journal kept aside");
-        }
-        let journal =
-            Journal::replace(&path, self.journal.incarnation(), &[&codec::encode_entry(entry)]).map_err(|e| {
-                Error::Journal {
-                    path: path.display().to_string(),
-                    disk_full: journal::is_disk_full(&e),
-                    poisoned: false,
-                    source: e,
-                }
-            })?;
-        self.journal = journal;
-        self.damage = None;
-        self.pending = 0;
-        Ok(())
-    }
-
-    /// Removes every view file and writes them anew from the state (files
-    /// of users the new state does not have must not linger).
-    fn reset_views(&mut self) -> Result<()> {
-        let io = self.view_io.clone();
-        let _io = io.lock().unwrap_or_else(PoisonError::into_inner);
-        let entries = fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if name.to_string_lossy().ends_with(".txt") {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-        let written = self.all_view_writes().apply_locked();
-        self.views_written(written);
-        Ok(())
+        self.views_reset = true;
     }
 
     fn rebuild_views(&mut self) -> Result<()> {
@@ -474,7 +412,7 @@ impl Store {
             self.on_disk.insert((u, PostFile::Feed), feed.len());
             writes.push(ViewWrite::Replace(self.path(u, "following"), posts_text(feed.iter().map(|i| &i.post))));
         }
-        ViewWrites { io: self.view_io.clone(), writes }
+        ViewWrites { io: self.view_io.clone(), clear: None, writes }
     }
 
     /// Writing the views failed (a full disk): what is on disk is no longer
@@ -512,7 +450,7 @@ mod tests {
     use super::state::{Change, LocalOp, RemoteEvent};
     use super::*;
 
-    fn local(store: &mut Store, change: Change) {
+    fn local(store: &mut Disk, change: Change) {
         let seq = store.state().next_seq();
         store.commit(&Entry::Local(LocalOp::new(seq, change)), true).unwrap();
     }
@@ -525,8 +463,8 @@ mod tests {
     fn an_installed_snapshot_replaces_journal_and_files() {
         let tmp = tempfile::tempdir().unwrap();
         let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
-        let mut a = Store::open(&a_dir, 1, 3).unwrap();
-        let mut b = Store::open(&b_dir, 1, 3).unwrap();
+        let mut a = Disk::open(&a_dir, 1, 3).unwrap();
+        let mut b = Disk::open(&b_dir, 1, 3).unwrap();
         local(&mut a, Change::User(1));
         local(&mut a, Change::User(4));
         local(&mut a, Change::Relation { follower: 4, followee: 1, follow: true, at_ms: 0 });
@@ -535,6 +473,7 @@ mod tests {
         local(&mut b, Change::User(7));
         b.install_snapshot(a.state().snapshot()).unwrap();
         assert_eq!(b.state().snapshot(), a.state().snapshot());
+        b.flush_views().unwrap();
         assert!(!b_dir.join("7_timeline.txt").exists(), "views of the discarded state are gone");
         let files = |d: &Path| -> Vec<(String, String)> {
             let mut v: Vec<_> = fs::read_dir(d)
@@ -553,7 +492,7 @@ mod tests {
         // The installed state survives a restart, and writes go on after it.
         local(&mut b, Change::Post(Post { user: 1, text: "more".into(), at_ms: 11, client_id: 4 }));
         drop(b);
-        let b = Store::open(&b_dir, 1, 3).unwrap();
+        let b = Disk::open(&b_dir, 1, 3).unwrap();
         assert_eq!(b.state().timeline(1).len(), 2);
         assert!(b.state().has_post_id(1, 3) && b.state().has_post_id(1, 4));
     }
@@ -562,7 +501,7 @@ mod tests {
     fn a_large_journal_is_compacted_into_one_snapshot() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("c");
-        let mut s = Store::open(&dir, 1, 3).unwrap();
+        let mut s = Disk::open(&dir, 1, 3).unwrap();
         local(&mut s, Change::User(1));
         local(&mut s, Change::User(4));
         local(&mut s, Change::Relation { follower: 4, followee: 1, follow: true, at_ms: 0 });
@@ -572,22 +511,22 @@ mod tests {
         }
         // Every post is in a timeline and a feed: a snapshot would be
         // bigger than the journal, so none is written.
-        let before = s.journal.bytes();
+        let before = s.log.bytes();
         assert!(!s.compact_if_large().unwrap());
-        assert_eq!(s.journal.bytes(), before);
+        assert_eq!(s.log.bytes(), before);
         s.commit(&Entry::PublishedUpto(s.state().next_seq() - 1), false).unwrap();
         for i in 0..400 {
             // Churn that a snapshot does not keep.
             local(&mut s, Change::Relation { follower: 1, followee: 4, follow: i % 2 == 0, at_ms: i });
         }
-        let before = s.journal.bytes();
+        let before = s.log.bytes();
         let state = s.state().snapshot();
         assert!(s.compact_if_large().unwrap());
-        assert!(s.journal.bytes() < before, "{} >= {before}", s.journal.bytes());
+        assert!(s.log.bytes() < before, "{} >= {before}", s.log.bytes());
         assert!(!s.compact_if_large().unwrap(), "not again right away");
         local(&mut s, Change::Post(Post { user: 1, text: "after".into(), at_ms: 200, client_id: 0 }));
         drop(s);
-        let s = Store::open(&dir, 1, 3).unwrap();
+        let s = Disk::open(&dir, 1, 3).unwrap();
         assert_eq!(s.state().timeline(1).len(), 101);
         assert_eq!(s.state().feed(4).len(), 101);
         let mut expected = state;
@@ -620,15 +559,15 @@ mod tests {
     fn views_follow_the_journal_in_log_order() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("v");
-        let mut s = Store::open(&dir, 3, 3).unwrap();
+        let mut s = Disk::open(&dir, 3, 3).unwrap();
         local(&mut s, Change::User(3));
         local(&mut s, Change::Relation { follower: 3, followee: 1, follow: true, at_ms: 0 }); // seq 2
         local(&mut s, Change::Relation { follower: 3, followee: 2, follow: true, at_ms: 0 }); // seq 3
         s.commit_all(&[remote_post(1, 1, "b", 2_000, 2), remote_post(1, 2, "c", 3_000, 2)], true).unwrap();
-        assert!(s.views_dirty());
+        assert!(s.store.views_dirty());
         assert_eq!(fs::read_to_string(dir.join("3_following.txt")).unwrap_or_default(), "", "views lag until flushed");
         s.flush_views().unwrap();
-        assert!(!s.views_dirty());
+        assert!(!s.store.views_dirty());
         let texts = |d: &Path| -> Vec<String> {
             record::decode_posts(&read(d, "3_following.txt")).into_iter().map(|p| p.text).collect()
         };
@@ -639,7 +578,7 @@ mod tests {
         s.flush_views().unwrap();
         assert_eq!(texts(&dir), vec!["b", "c", "a", "d"]);
         drop(s);
-        let s = Store::open(&dir, 3, 3).unwrap();
+        let s = Disk::open(&dir, 3, 3).unwrap();
         assert_eq!(s.state().feed(3).len(), 4);
         assert_eq!(texts(&dir), vec!["b", "c", "a", "d"], "rebuilt identically");
     }
@@ -648,7 +587,7 @@ mod tests {
     fn feed_files_equal_the_feed_after_every_flush() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("f");
-        let mut s = Store::open(&dir, 3, 3).unwrap();
+        let mut s = Disk::open(&dir, 3, 3).unwrap();
         local(&mut s, Change::User(3));
         local(&mut s, Change::Relation { follower: 3, followee: 1, follow: true, at_ms: 0 }); // 2
         local(&mut s, Change::Relation { follower: 3, followee: 2, follow: true, at_ms: 0 }); // 3
@@ -694,29 +633,29 @@ mod tests {
     fn views_lost_to_a_failed_flush_are_rewritten_by_the_next() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("w");
-        let mut s = Store::open(&dir, 1, 3).unwrap();
+        let mut s = Disk::open(&dir, 1, 3).unwrap();
         local(&mut s, Change::User(1));
         local(&mut s, Change::User(4));
         local(&mut s, Change::Relation { follower: 4, followee: 1, follow: true, at_ms: 0 });
         s.flush_views().unwrap();
         local(&mut s, Change::Post(Post { user: 1, text: "lost".into(), at_ms: 5, client_id: 0 }));
         // A flush whose writes never reach the disk (ENOSPC).
-        drop(s.prepare_flush());
-        s.views_failed();
-        assert!(s.views_dirty());
+        drop(s.store.prepare_flush());
+        s.store.views_failed();
+        assert!(s.store.views_dirty());
         local(&mut s, Change::Post(Post { user: 1, text: "next".into(), at_ms: 6, client_id: 0 }));
         s.flush_views().unwrap();
         assert_eq!(read(&dir, "4_following.txt"), posts_text(s.state().feed(4).iter().map(|i| &i.post)));
         assert_eq!(read(&dir, "1_timeline.txt"), posts_text(s.state().timeline(1)));
         assert_eq!(s.state().feed(4).len(), 2);
-        assert!(!s.views_dirty());
+        assert!(!s.store.views_dirty());
     }
 
     #[test]
     fn files_follow_the_spec_and_survive_a_restart() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("cluster_1/1");
-        let mut s = Store::open(&dir, 1, 3).unwrap();
+        let mut s = Disk::open(&dir, 1, 3).unwrap();
         local(&mut s, Change::User(4));
         local(&mut s, Change::User(1));
         let user2 =
@@ -724,7 +663,7 @@ mod tests {
         s.commit(&Entry::Remote(user2), true).unwrap();
         local(&mut s, Change::Relation { follower: 4, followee: 1, follow: true, at_ms: 0 });
         local(&mut s, Change::Post(Post { user: 1, text: "p11".into(), at_ms: 1_744_336_636_000, client_id: 0 }));
-        let (backlog, mut rx) = s.subscribe(4);
+        let (backlog, mut rx) = s.store.subscribe(4);
         assert_eq!(backlog.len(), 1);
         local(&mut s, Change::Post(Post { user: 1, text: "p12".into(), at_ms: 1_744_336_637_000, client_id: 0 }));
         assert_eq!(&*rx.try_recv().unwrap().text, "p12");
@@ -746,7 +685,7 @@ mod tests {
 
         // A view damaged by a crash is rebuilt from the journal.
         fs::write(dir.join("4_following.txt"), "T 2025").unwrap();
-        let s = Store::open(&dir, 1, 3).unwrap();
+        let s = Disk::open(&dir, 1, 3).unwrap();
         let after: Vec<String> = ["all_users.txt", "4_following.txt", "1_timeline.txt", "1_followers.txt"]
             .iter()
             .map(|f| read(&dir, f))
@@ -846,8 +785,8 @@ mod tests {
         for seed in 1..=20u64 {
             let tmp = tempfile::tempdir().unwrap();
             let (md, sd) = (tmp.path().join("m"), tmp.path().join("s"));
-            let mut m = Store::open(&md, 1, 3).unwrap();
-            let mut s = Store::open(&sd, 1, 3).unwrap();
+            let mut m = Disk::open(&md, 1, 3).unwrap();
+            let mut s = Disk::open(&sd, 1, 3).unwrap();
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
             let (mut streams, mut sent) = ([0u64; 4], Vec::new());
             for round in 0..120 {
@@ -884,7 +823,7 @@ mod tests {
             assert!(!spec_files(&md).is_empty());
             // And what each holds survives its restart as it is.
             drop((m, s));
-            let (m, s) = (Store::open(&md, 1, 3).unwrap(), Store::open(&sd, 1, 3).unwrap());
+            let (m, s) = (Disk::open(&md, 1, 3).unwrap(), Disk::open(&sd, 1, 3).unwrap());
             assert_eq!(m.state().snapshot(), s.state().snapshot(), "seed {seed} after restart");
         }
     }

@@ -500,30 +500,12 @@ impl State {
 
     /// Checks a FOLLOW of `target` by `user` (a known local user).
     pub fn check_follow(&self, user: u32, target: u32) -> Outcome {
-        if !self.users.contains(&user) {
-            Outcome::NotExists
-        } else if target == user {
-            Outcome::AlreadyExists
-        } else if !self.users.contains(&target) {
-            Outcome::InvalidUsername
-        } else if self.following.get(&user).is_some_and(|m| m.contains_key(&target)) {
-            Outcome::AlreadyExists
-        } else {
-            Outcome::Success
-        }
+        View::new(self, &Pending::default()).check_follow(user, target)
     }
 
     /// Checks an UNFOLLOW of `target` by `user`.
     pub fn check_unfollow(&self, user: u32, target: u32) -> Outcome {
-        if !self.users.contains(&user) {
-            Outcome::NotExists
-        } else if target == user || !self.users.contains(&target) {
-            Outcome::InvalidUsername
-        } else if !self.following.get(&user).is_some_and(|m| m.contains_key(&target)) {
-            Outcome::NotAFollower
-        } else {
-            Outcome::Success
-        }
+        View::new(self, &Pending::default()).check_unfollow(user, target)
     }
 
     /// What a timeline shows on entry: up to [`BACKLOG`] most recent posts
@@ -727,6 +709,100 @@ impl State {
     }
 }
 
+/// What the writes decided so far in one group have changed: the next
+/// write of the group is decided against the state with these on top
+/// (they are journaled and applied together, once the group commits).
+#[derive(Debug, Default)]
+pub struct Pending {
+    users: BTreeSet<u32>,
+    /// (follower, followee) -> follows after the group.
+    relations: HashMap<(u32, u32), bool>,
+    requests: std::collections::HashSet<(u32, u64)>,
+    posts: std::collections::HashSet<(u32, u64)>,
+}
+
+impl Pending {
+    /// Notes a local op decided into the group.
+    pub fn note(&mut self, op: &LocalOp) {
+        if op.request_id != 0
+            && let Some(user) = op.change.requester()
+        {
+            self.requests.insert((user, op.request_id));
+        }
+        match &op.change {
+            Change::User(u) => {
+                self.users.insert(*u);
+            }
+            Change::Relation { follower, followee, follow, .. } => {
+                self.relations.insert((*follower, *followee), *follow);
+            }
+            Change::Post(p) => {
+                if p.client_id != 0 {
+                    self.posts.insert((p.user, p.client_id));
+                }
+            }
+        }
+    }
+}
+
+/// The state as a group of writes being decided sees it: committed state
+/// with the group's earlier writes on top.
+pub struct View<'a> {
+    state: &'a State,
+    pending: &'a Pending,
+}
+
+impl<'a> View<'a> {
+    pub fn new(state: &'a State, pending: &'a Pending) -> View<'a> {
+        View { state, pending }
+    }
+
+    pub fn has_user(&self, user: u32) -> bool {
+        self.state.has_user(user) || self.pending.users.contains(&user)
+    }
+
+    pub fn has_request_id(&self, user: u32, id: u64) -> bool {
+        id != 0 && (self.state.has_request_id(user, id) || self.pending.requests.contains(&(user, id)))
+    }
+
+    pub fn has_post_id(&self, user: u32, id: u64) -> bool {
+        id != 0 && (self.state.has_post_id(user, id) || self.pending.posts.contains(&(user, id)))
+    }
+
+    fn follows(&self, user: u32, target: u32) -> bool {
+        match self.pending.relations.get(&(user, target)) {
+            Some(f) => *f,
+            None => self.state.following.get(&user).is_some_and(|m| m.contains_key(&target)),
+        }
+    }
+
+    /// Checks a FOLLOW of `target` by `user` (a known local user).
+    pub fn check_follow(&self, user: u32, target: u32) -> Outcome {
+        if !self.has_user(user) {
+            Outcome::NotExists
+        } else if target == user || (self.has_user(target) && self.follows(user, target)) {
+            Outcome::AlreadyExists
+        } else if !self.has_user(target) {
+            Outcome::InvalidUsername
+        } else {
+            Outcome::Success
+        }
+    }
+
+    /// Checks an UNFOLLOW of `target` by `user`.
+    pub fn check_unfollow(&self, user: u32, target: u32) -> Outcome {
+        if !self.has_user(user) {
+            Outcome::NotExists
+        } else if target == user || !self.has_user(target) {
+            Outcome::InvalidUsername
+        } else if !self.follows(user, target) {
+            Outcome::NotAFollower
+        } else {
+            Outcome::Success
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -787,6 +863,27 @@ mod tests {
         assert_eq!(n.state.check_follow(1, 4), Outcome::AlreadyExists);
         assert_eq!(n.state.check_unfollow(1, 4), Outcome::Success);
         assert_eq!(n.state.followers(4).collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn a_group_decides_each_write_after_the_ones_before_it() {
+        let mut n = Node::new(1);
+        n.local(Change::User(1));
+        let mut p = Pending::default();
+        let v = View::new(&n.state, &p);
+        assert_eq!(v.check_follow(1, 4), Outcome::InvalidUsername);
+        p.note(&LocalOp { seq: 2, change: Change::User(4), request_id: 9 });
+        let v = View::new(&n.state, &p);
+        assert!(v.has_user(4) && v.has_request_id(4, 9));
+        assert_eq!(v.check_follow(1, 4), Outcome::Success);
+        p.note(&LocalOp::new(3, rel(1, 4, true)));
+        let v = View::new(&n.state, &p);
+        assert_eq!(v.check_follow(1, 4), Outcome::AlreadyExists);
+        assert_eq!(v.check_unfollow(1, 4), Outcome::Success);
+        p.note(&LocalOp::new(4, rel(1, 4, false)));
+        assert_eq!(View::new(&n.state, &p).check_unfollow(1, 4), Outcome::NotAFollower);
+        p.note(&LocalOp::new(5, Change::Post(Post { user: 1, text: "x".into(), at_ms: 0, client_id: 77 })));
+        assert!(View::new(&n.state, &p).has_post_id(1, 77) && !n.state.has_post_id(1, 77));
     }
 
     #[test]

@@ -65,6 +65,27 @@ pub async fn follow_all(users: &[User], edges: &[(u32, u32)]) -> Result<()> {
         }
     });
     futures_util::stream::iter(calls).buffer_unordered(SETUP_CONCURRENCY * 2).try_collect::<Vec<()>>().await?;
+    // A post reaches a follower only if the follow reached the author's
+    // cluster first (visibility follows the log): wait until every followee
+    // lists its followers.
+    let mut followers: HashMap<u32, Vec<u32>> = HashMap::new();
+    for &(f, g) in edges {
+        followers.entry(g).or_default().push(f);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (g, want) in followers {
+        let mut u = (*by_id.get(&g).ok_or_else(|| anyhow!("followee {g} is not a user"))?).clone();
+        loop {
+            let (_, have) = u.list().await?;
+            if want.iter().all(|f| have.contains(f)) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("user {g}'s followers never reached {want:?} (have {have:?})");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,227 @@
+//! The single writer of a master: one task takes every write waiting —
+//! client writes (Login, Follow, UnFollow), posts, other clusters' events —
+//! decides each in arrival order against the committed state with the
+//! group's earlier writes on top, and commits the whole group as one
+//! journal append, one fsync, one forward to the slave and one fsync there.
+//! Under load a cycle carries many writes for the cost of one.
+
+use super::Node;
+use crate::store::state::{Arrival, Change, Entry, LocalOp, Outcome, Pending, Post, RemoteEvent, View};
+use std::collections::HashMap;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// How a client write is decided: the change to make (None: nothing to
+/// do), or a refusal.
+pub type Decide = Box<dyn FnOnce(&View<'_>) -> Result<Option<Change>, Outcome> + Send>;
+
+/// Events of other clusters, once committed: how many were journaled and
+/// which cannot be valid (index in the batch, why).
+pub type Applied = (usize, Vec<(usize, String)>);
+
+/// A write waiting for the writer.
+pub enum Request {
+    Client { user: u32, request_id: u64, decide: Decide, done: oneshot::Sender<Result<Result<(), Outcome>, Status>> },
+    Post { post: Post, done: oneshot::Sender<Result<(), Status>> },
+    Remote { events: Vec<RemoteEvent>, done: oneshot::Sender<Result<Applied, Status>> },
+}
+
+/// Most requests in one cycle, and most posts or events: bounds one
+/// journal write and one replication request (posts are at most 4 KiB).
+const MAX_REQUESTS: usize = 1024;
+const MAX_RECORDS: usize = 2048;
+
+impl Request {
+    fn records(&self) -> usize {
+        match self {
+            Request::Remote { events, .. } => events.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// What one request amounts to once decided.
+enum Answer {
+    Client(Result<(), Outcome>),
+    Post,
+    Remote(Applied),
+}
+
+impl Node {
+    fn submit(&self, request: Request) {
+        // A closed queue drops the request's sender: its receiver then
+        // reports the stop.
+        let _ = self.0.writes.send(request);
+    }
+
+    /// Runs a client write as master: `decide` sees the state (with the
+    /// writes decided before it in its group) and returns the change to
+    /// make (None: nothing to do) or a refusal. Ok once the change is on
+    /// every in-sync server. A request id this user already used is
+    /// answered as done (a retry after a failover).
+    pub async fn write(&self, user: u32, request_id: u64, decide: Decide) -> Result<Result<(), Outcome>, Status> {
+        let (done, result) = oneshot::channel();
+        self.submit(Request::Client { user, request_id, decide, done });
+        result.await.unwrap_or_else(|_| Err(Status::unavailable("server stopping")))
+    }
+
+    /// Queues a post; the receiver tells when it is committed (or why not).
+    /// A post whose client id was already applied is acknowledged without
+    /// being applied again.
+    pub fn queue_post(&self, post: Post) -> oneshot::Receiver<Result<(), Status>> {
+        let (done, result) = oneshot::channel();
+        self.submit(Request::Post { post, done });
+        result
+    }
+
+    /// Applies events of other clusters as master, in this cluster's log
+    /// order with its own writes, replicated to the in-sync servers like
+    /// them. A slave never applies them on its own: it gets them from its
+    /// master, so both hold the same events in the same order.
+    pub async fn apply_remote(&self, events: Vec<RemoteEvent>) -> Result<Applied, Status> {
+        let (done, result) = oneshot::channel();
+        self.submit(Request::Remote { events, done });
+        result.await.unwrap_or_else(|_| Err(Status::unavailable("server stopping")))
+    }
+
+    /// Decides and commits one group of requests, and answers each.
+    async fn commit_group(&self, group: Vec<Request>) {
+        let _lane = self.0.lane.lock().await;
+        let mut dones = Vec::with_capacity(group.len());
+        let decided = async {
+            let role = self.ensure_serving().await?;
+            self.prepare_role(&role).await?;
+            let (entries, answers, published) = {
+                let store = self.store();
+                let state = store.state();
+                let mut pending = Pending::default();
+                let mut seq = state.next_seq();
+                let (mut entries, mut answers) = (Vec::new(), Vec::new());
+                let local = |change: Change,
+                             request_id: u64,
+                             seq: &mut u64,
+                             pending: &mut Pending,
+                             entries: &mut Vec<Entry>| {
+                    let op = LocalOp { seq: *seq, change, request_id };
+                    pending.note(&op);
+                    entries.push(Entry::Local(op));
+                    *seq += 1;
+                };
+                for request in group {
+                    match request {
+                        Request::Client { user, request_id, decide, done } => {
+                            dones.push(Done::Client(done));
+                            let view = View::new(state, &pending);
+                            if view.has_request_id(user, request_id) {
+                                answers.push(Answer::Client(Ok(())));
+                                continue;
+                            }
+                            let decision = decide(&view);
+                            if let Ok(Some(change)) = &decision {
+                                local(change.clone(), request_id, &mut seq, &mut pending, &mut entries);
+                            }
+                            answers.push(Answer::Client(decision.map(drop)));
+                        }
+                        Request::Post { post, done } => {
+                            dones.push(Done::Post(done));
+                            if !View::new(state, &pending).has_post_id(post.user, post.client_id) {
+                                local(Change::Post(post), 0, &mut seq, &mut pending, &mut entries);
+                            }
+                            answers.push(Answer::Post);
+                        }
+                        Request::Remote { events, done } => {
+                            dones.push(Done::Remote(done));
+                            answers.push(Answer::Remote(classify(state, events, &mut entries)));
+                        }
+                    }
+                }
+                (entries, answers, state.published_upto())
+            };
+            if !entries.is_empty() {
+                self.write_entries(&role, entries, published).await?;
+            }
+            Ok::<_, Status>(answers)
+        }
+        .await;
+        match decided {
+            Ok(answers) => {
+                for (done, answer) in dones.into_iter().zip(answers) {
+                    done.send(Ok(answer));
+                }
+            }
+            Err(status) => {
+                for done in dones {
+                    done.send(Err(status.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Sorts arriving events: those to journal (the next of their stream, or
+/// ahead of it and held), duplicates (dropped) and impossible ones.
+fn classify(state: &crate::store::state::State, events: Vec<RemoteEvent>, entries: &mut Vec<Entry>) -> Applied {
+    let (mut journaled, mut rejected) = (0, Vec::new());
+    // Within the group too: a second copy of an event is a duplicate.
+    let mut seen: HashMap<(u32, u64, u64), ()> = HashMap::new();
+    for (i, e) in events.into_iter().enumerate() {
+        match state.arrival(&e) {
+            Arrival::Next | Arrival::Early if seen.insert((e.origin, e.epoch, e.dest_seq), ()).is_none() => {
+                journaled += 1;
+                entries.push(Entry::Remote(e));
+            }
+            Arrival::Next | Arrival::Early | Arrival::Duplicate => {}
+            Arrival::Invalid(why) => {
+                tracing::warn!(origin = e.origin, dest_seq = e.dest_seq, reason = %why, "event of another cluster refused: dead-lettered");
+                rejected.push((i, why));
+            }
+        }
+    }
+    (journaled, rejected)
+}
+
+/// Where a request's answer goes.
+enum Done {
+    Client(oneshot::Sender<Result<Result<(), Outcome>, Status>>),
+    Post(oneshot::Sender<Result<(), Status>>),
+    Remote(oneshot::Sender<Result<Applied, Status>>),
+}
+
+impl Done {
+    fn send(self, answer: Result<Answer, Status>) {
+        match (self, answer) {
+            (Done::Client(tx), Ok(Answer::Client(a))) => drop(tx.send(Ok(a))),
+            (Done::Post(tx), Ok(_)) => drop(tx.send(Ok(()))),
+            (Done::Remote(tx), Ok(Answer::Remote(a))) => drop(tx.send(Ok(a))),
+            (Done::Client(tx), Err(s)) => drop(tx.send(Err(s))),
+            (Done::Post(tx), Err(s)) => drop(tx.send(Err(s))),
+            (Done::Remote(tx), Err(s)) => drop(tx.send(Err(s))),
+            (Done::Client(tx), Ok(_)) => drop(tx.send(Err(Status::internal("answer mismatch")))),
+            (Done::Remote(tx), Ok(_)) => drop(tx.send(Err(Status::internal("answer mismatch")))),
+        }
+    }
+}
+
+/// The writer: takes whatever is waiting (up to the cycle's bounds) and
+/// commits it as one group, in arrival order.
+pub(super) async fn commit_loop(node: Node, mut queued: mpsc::UnboundedReceiver<Request>, shutdown: CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = queued.recv() => match r { Some(r) => r, None => return },
+        };
+        let mut records = first.records();
+        let mut group = vec![first];
+        while group.len() < MAX_REQUESTS && records < MAX_RECORDS {
+            match queued.try_recv() {
+                Ok(r) => {
+                    records += r.records();
+                    group.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        node.commit_group(group).await;
+    }
+}
