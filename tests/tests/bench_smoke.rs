@@ -201,6 +201,21 @@ fn check_consistency(obj: &Map<String, Value>) -> Vec<String> {
     } else {
         out.push("no synchronizers' pattern counts".into());
     }
+    // Posts go only where they are read: with the author's followers in two
+    // clusters, each post is sent to and applied by exactly two, whatever
+    // the deployment's size.
+    for n in [3, 4] {
+        for what in ["deliveries", "remote_applies"] {
+            let key = format!("scale_{n}_{what}_per_post");
+            match num(obj, &key) {
+                Some(v) if (v - 2.0).abs() < 1e-9 => {}
+                other => out.push(format!("{key} is {other:?}, not 2")),
+            }
+        }
+    }
+    if num(obj, "scale_flat") != Some(1.0) {
+        out.push("the cost of a post is not flat as clusters grow".into());
+    }
     // The cluster holds at least what the catch-up measure wrote into it.
     if let (Some(held), Some(before), Some(down)) = (
         num(obj, "catchup_posts"),

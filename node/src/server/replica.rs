@@ -80,6 +80,8 @@ impl Replica for ReplicaService {
             lease_valid: role.is_master && self.node.lease_valid(),
             in_sync: if role.is_master { role.in_sync.clone() } else { vec![] },
             held: self.node.read(|s| s.held_count() as u64),
+            sent_events: self.node.read(|s| s.sent_total()),
+            received_events: self.node.read(|s| s.received_total()),
         }))
     }
 

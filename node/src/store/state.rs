@@ -447,6 +447,17 @@ impl State {
         self.timelines.values().map(|t| t.len() as u64).sum()
     }
 
+    /// Events this cluster has numbered for other clusters (in this epoch).
+    pub fn sent_total(&self) -> u64 {
+        self.sent.values().sum()
+    }
+
+    /// Events of other clusters this cluster has taken in: applied (each
+    /// stream's position) or held.
+    pub fn received_total(&self) -> u64 {
+        self.applied.values().map(|(_, n)| n).sum::<u64>() + self.held_count() as u64
+    }
+
     /// Events held for a gap to close, over all origins.
     pub fn held_count(&self) -> usize {
         self.held.values().map(BTreeMap::len).sum()

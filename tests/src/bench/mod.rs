@@ -19,6 +19,7 @@ pub mod grpc;
 pub mod load;
 pub mod measure;
 pub mod report;
+pub mod scale;
 pub mod stats;
 pub mod sync_baseline;
 pub mod system;
@@ -105,6 +106,10 @@ pub struct Plan {
     pub catchup_posts: usize,
     pub catchup_extra: usize,
     pub catchup_budget: Duration,
+    /// Deployment sizes (clusters of one server) of the scale measure, and
+    /// the posts its author makes in each.
+    pub scale_clusters: &'static [u32],
+    pub scale_posts: usize,
 }
 
 impl Plan {
@@ -150,6 +155,8 @@ impl Plan {
             catchup_posts: 10_000,
             catchup_extra: 1000,
             catchup_budget: Duration::from_secs(30),
+            scale_clusters: &[3, 6, 12],
+            scale_posts: 500,
         };
         match opts.mode {
             Mode::Full => base,
@@ -175,6 +182,7 @@ impl Plan {
                 catchup_posts: 500,
                 catchup_extra: 50,
                 catchup_budget: Duration::from_secs(5),
+                scale_posts: 100,
                 ..base
             },
             Mode::Smoke => Plan {
@@ -198,6 +206,8 @@ impl Plan {
                 drain: Duration::from_secs(3),
                 kills: 1,
                 pauses: 0,
+                scale_clusters: &[3, 4],
+                scale_posts: 20,
                 failover_budget: Duration::from_secs(4).max(detection * 2),
                 catchup_posts: 200,
                 catchup_extra: 20,
@@ -286,10 +296,44 @@ pub async fn run(opts: &Options) -> Result<Report> {
         }
     }
     startup.report(&mut report, (clusters * servers * 2 + 1).into());
+    scale(&plan, &builder, &amqp, &name, t0, &mut report).await;
     progress(t0, "done");
     report.total_deliveries();
     derive_ratios(&mut report);
     Ok(report)
+}
+
+/// Cost of a post as the deployment grows (see [`scale`](self::scale)).
+async fn scale(
+    plan: &Plan,
+    builder: &impl Fn(String) -> crate::DeploymentBuilder,
+    amqp: &str,
+    name: &str,
+    t0: Instant,
+    report: &mut Report,
+) {
+    let mut per_post = Vec::new();
+    for &n in plan.scale_clusters {
+        progress(t0, &format!("scale: {n} clusters of one server"));
+        let deployment = format!("{name}-x{n}");
+        match scale::measure(builder(deployment.clone()), n, plan.scale_posts, plan.catchup_budget * 4).await {
+            Ok(s) => {
+                report.num(&format!("scale_{n}_deliveries_per_post"), s.deliveries_per_post);
+                report.num(&format!("scale_{n}_remote_applies_per_post"), s.remote_applies_per_post);
+                per_post.push((s.deliveries_per_post, s.remote_applies_per_post));
+            }
+            Err(e) => report.error(&format!("scale_{n}"), &e),
+        }
+        baseline::delete_deployment_objects(amqp, &deployment, n).await.ok();
+    }
+    if per_post.len() == plan.scale_clusters.len() && !per_post.is_empty() {
+        // Flat: every size within 5% of the smallest deployment's figures.
+        let (d0, a0) = per_post[0];
+        let flat =
+            per_post.iter().all(|(d, a)| (d - d0).abs() <= 0.05 * d0.max(1.0) && (a - a0).abs() <= 0.05 * a0.max(1.0));
+        report.int("scale_flat", u64::from(flat));
+        report.int("scale_clusters_max", plan.scale_clusters.iter().copied().max().unwrap_or(0).into());
+    }
 }
 
 /// Start-up figures over every deployment the run started.
@@ -723,18 +767,22 @@ fn cpu_report(r: &mut Report, prefix: &str, before: &system::CpuSnapshot, after:
 fn derive_ratios(r: &mut Report) {
     let mut out: Vec<(&str, f64)> = Vec::new();
     let g = |k: &str| r.get(k);
-    // Every cross-cluster post (and follow) takes at least: the client's
-    // gRPC hop to its master, a durable commit there (fsync), a broker hop
-    // with persistence, the synchronizer's gRPC call to its server and a
-    // durable apply (fsync) before it is visible.
+    // Every cross-cluster post (and follow) takes at least, one after the
+    // other: the client's gRPC hop to its master; a durable commit there
+    // (fsync), then on its slave (a gRPC hop and an fsync: a write is
+    // forwarded only once durable on the master); a broker hop with
+    // persistence; the synchronizer's gRPC call to the other cluster's
+    // master, whose commit is durable there and on its slave (an fsync, a
+    // gRPC hop, an fsync) before the post is visible (reads show committed
+    // state only). Four gRPC hops, four fsyncs and a broker hop.
     if let (Some(grpc), Some(fsync), Some(hop)) =
         (g("grpc_unary_baseline_p50_us"), g("fsync_append_baseline_p50_us"), g("broker_latency_baseline_p50_us"))
     {
-        let floor = (2.0 * grpc + 2.0 * fsync + hop) / 1000.0;
+        let floor = (4.0 * grpc + 4.0 * fsync + hop) / 1000.0;
         out.push(("post_path_floor_ms", floor));
-        // A client write: its gRPC hop, then the master's fsync and the
-        // forward to the slave (a gRPC hop and the slave's fsync) together.
-        out.push(("client_write_floor_ms", (2.0 * grpc + fsync) / 1000.0));
+        // A client write: its gRPC hop, the master's fsync, then the
+        // forward to the slave (a gRPC hop and the slave's fsync).
+        out.push(("client_write_floor_ms", (2.0 * grpc + 2.0 * fsync) / 1000.0));
         for (fig, key) in [
             ("cross_cluster_post_p50_ms", "cross_cluster_post_vs_floor_ratio"),
             ("loaded_cross_cluster_post_p50_ms", "loaded_cross_cluster_post_vs_floor_ratio"),
@@ -745,7 +793,7 @@ fn derive_ratios(r: &mut Report) {
             }
         }
         if let Some(v) = g("follow_ack_p50_ms") {
-            out.push(("follow_ack_vs_floor_ratio", v / ((2.0 * grpc + fsync) / 1000.0)));
+            out.push(("follow_ack_vs_floor_ratio", v / ((2.0 * grpc + 2.0 * fsync) / 1000.0)));
         }
         // How many posts one fsync-time buys: ~1 means one fsync per post
         // on the critical path, serialized.

@@ -36,6 +36,7 @@ pub const REQUIRED_KEYS: &[&str] = &[
     "broker_latency_baseline_p50_us",
     "catchup_ms",
     "catchup_posts",
+    "scale_flat",
     "idle_rss_kb_max",
     "startup_ms",
     "startup_wall_ms",
@@ -272,6 +273,24 @@ impl Report {
                 "n/a".into(),
             ],
             [
+                "posts go only where read: per post, followers in 2 clusters".into(),
+                {
+                    let sizes = ["3", "4", "6", "12"];
+                    let cells: Vec<String> = sizes
+                        .iter()
+                        .filter_map(|n| {
+                            let d = f(&format!("scale_{n}_deliveries_per_post"))?;
+                            let a = f(&format!("scale_{n}_remote_applies_per_post"))?;
+                            Some(format!("{n} clusters: {d:.2} sent, {a:.2} applied"))
+                        })
+                        .collect();
+                    if cells.is_empty() { "n/a".into() } else { cells.join("; ") }
+                },
+                "flat as clusters grow".into(),
+                "every post to every cluster: N-1 each".into(),
+                verdict(f("scale_flat").map(|v| v > 0.0)).into(),
+            ],
+            [
                 "idle RSS per node process (max)".into(),
                 format!(
                     "{} (coord {}, server {}, sync {})",
@@ -331,7 +350,7 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\nbaselines: gRPC unary p50 {} p99 {}; fsync'd append p50 {} p99 {}; broker hop p50 {}; floor of the post path (2 gRPC + 2 fsync + broker hop) {}",
+            "\nbaselines: gRPC unary p50 {} p99 {}; fsync'd append p50 {} p99 {}; broker hop p50 {}; floor of the post path (4 gRPC + 4 fsync + broker hop) {}",
             fmt(f("grpc_unary_baseline_p50_us"), "us"),
             fmt(f("grpc_unary_baseline_p99_us"), "us"),
             fmt(f("fsync_append_baseline_p50_us"), "us"),
@@ -355,7 +374,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "broker, synchronizers' pattern: {} events in {} messages, each to {} queues; deliveries: {} duplicate, {} lost",
+            "broker, synchronizers' pattern: {} events in {} messages, each event to {} queues (a message per destination); deliveries: {} duplicate, {} lost",
             f("broker_sync_baseline_events").unwrap_or(0.0),
             f("broker_sync_baseline_messages").unwrap_or(0.0),
             f("broker_sync_baseline_queues_per_message").unwrap_or(0.0),

@@ -79,7 +79,7 @@ pub struct SyncRate {
     pub events_per_s: f64,
     pub events: usize,
     pub messages: usize,
-    /// Queues each post message is routed to.
+    /// Queues each post event reaches (a message per destination).
     pub queues_per_message: usize,
     /// Event copies received by all queues together.
     pub deliveries: usize,
@@ -218,8 +218,8 @@ async fn run_on(url: &str, names: &Names, p: Pattern) -> Result<SyncRate> {
         events_per_s: events as f64 / secs.max(1e-9),
         events,
         messages,
-        // Each message has one destination.
-        queues_per_message: 1,
+        // Each post event is sent once to each other cluster's queue.
+        queues_per_message: p.clusters.saturating_sub(1) as usize,
         deliveries,
     })
 }
