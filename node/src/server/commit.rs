@@ -6,11 +6,11 @@
 //! Under load a cycle carries many writes for the cost of one.
 
 use super::Node;
+use crate::error::{Error, Result};
 use crate::store::state::{Arrival, Change, Entry, LocalOp, Outcome, Pending, Post, RemoteEvent, View};
 use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 /// How a client write is decided: the change to make (None: nothing to
 /// do), or a refusal.
@@ -22,9 +22,9 @@ pub type Applied = (usize, Vec<(usize, String)>);
 
 /// A write waiting for the writer.
 pub enum Request {
-    Client { user: u32, request_id: u64, decide: Decide, done: oneshot::Sender<Result<Result<(), Outcome>, Status>> },
-    Post { post: Post, done: oneshot::Sender<Result<(), Status>> },
-    Remote { events: Vec<RemoteEvent>, done: oneshot::Sender<Result<Applied, Status>> },
+    Client { user: u32, request_id: u64, decide: Decide, done: oneshot::Sender<Result<Result<(), Outcome>>> },
+    Post { post: Post, done: oneshot::Sender<Result<()>> },
+    Remote { events: Vec<RemoteEvent>, done: oneshot::Sender<Result<Applied>> },
 }
 
 /// Most requests in one cycle, and most posts or events: bounds one
@@ -60,16 +60,16 @@ impl Node {
     /// make (None: nothing to do) or a refusal. Ok once the change is on
     /// every in-sync server. A request id this user already used is
     /// answered as done (a retry after a failover).
-    pub async fn write(&self, user: u32, request_id: u64, decide: Decide) -> Result<Result<(), Outcome>, Status> {
+    pub async fn write(&self, user: u32, request_id: u64, decide: Decide) -> Result<Result<(), Outcome>> {
         let (done, result) = oneshot::channel();
         self.submit(Request::Client { user, request_id, decide, done });
-        result.await.unwrap_or_else(|_| Err(Status::unavailable("server stopping")))
+        result.await.unwrap_or(Err(Error::Stopping))
     }
 
     /// Queues a post; the receiver tells when it is committed (or why not).
     /// A post whose client id was already applied is acknowledged without
     /// being applied again.
-    pub fn queue_post(&self, post: Post) -> oneshot::Receiver<Result<(), Status>> {
+    pub fn queue_post(&self, post: Post) -> oneshot::Receiver<Result<()>> {
         let (done, result) = oneshot::channel();
         self.submit(Request::Post { post, done });
         result
@@ -79,10 +79,10 @@ impl Node {
     /// order with its own writes, replicated to the in-sync servers like
     /// them. A slave never applies them on its own: it gets them from its
     /// master, so both hold the same events in the same order.
-    pub async fn apply_remote(&self, events: Vec<RemoteEvent>) -> Result<Applied, Status> {
+    pub async fn apply_remote(&self, events: Vec<RemoteEvent>) -> Result<Applied> {
         let (done, result) = oneshot::channel();
         self.submit(Request::Remote { events, done });
-        result.await.unwrap_or_else(|_| Err(Status::unavailable("server stopping")))
+        result.await.unwrap_or(Err(Error::Stopping))
     }
 
     /// Decides and commits one group of requests, and answers each.
@@ -141,7 +141,7 @@ impl Node {
             if !entries.is_empty() {
                 self.write_entries(&role, entries, published).await?;
             }
-            Ok::<_, Status>(answers)
+            Ok::<_, Error>(answers)
         }
         .await;
         match decided {
@@ -150,9 +150,10 @@ impl Node {
                     done.send(Ok(answer));
                 }
             }
-            Err(status) => {
+            // The group failed as one: each of its writers hears why.
+            Err(e) => {
                 for done in dones {
-                    done.send(Err(status.clone()));
+                    done.send(Err(e.duplicate()));
                 }
             }
         }
@@ -183,13 +184,13 @@ fn classify(state: &crate::store::state::State, events: Vec<RemoteEvent>, entrie
 
 /// Where a request's answer goes.
 enum Done {
-    Client(oneshot::Sender<Result<Result<(), Outcome>, Status>>),
-    Post(oneshot::Sender<Result<(), Status>>),
-    Remote(oneshot::Sender<Result<Applied, Status>>),
+    Client(oneshot::Sender<Result<Result<(), Outcome>>>),
+    Post(oneshot::Sender<Result<()>>),
+    Remote(oneshot::Sender<Result<Applied>>),
 }
 
 impl Done {
-    fn send(self, answer: Result<Answer, Status>) {
+    fn send(self, answer: Result<Answer>) {
         match (self, answer) {
             (Done::Client(tx), Ok(Answer::Client(a))) => drop(tx.send(Ok(a))),
             (Done::Post(tx), Ok(_)) => drop(tx.send(Ok(()))),
@@ -197,8 +198,8 @@ impl Done {
             (Done::Client(tx), Err(s)) => drop(tx.send(Err(s))),
             (Done::Post(tx), Err(s)) => drop(tx.send(Err(s))),
             (Done::Remote(tx), Err(s)) => drop(tx.send(Err(s))),
-            (Done::Client(tx), Ok(_)) => drop(tx.send(Err(Status::internal("answer mismatch")))),
-            (Done::Remote(tx), Ok(_)) => drop(tx.send(Err(Status::internal("answer mismatch")))),
+            (Done::Client(tx), Ok(_)) => drop(tx.send(Err(Error::Other("answer mismatch".into())))),
+            (Done::Remote(tx), Ok(_)) => drop(tx.send(Err(Error::Other("answer mismatch".into())))),
         }
     }
 }

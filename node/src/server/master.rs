@@ -13,16 +13,19 @@
 //! Every failure has one outcome for the client and one for the journal:
 //! - the master's own journal write fails: it is cut back (nothing of it
 //!   stays), the master stops taking writes and tells the coordinator; the
-//!   client hears the write was not made;
+//!   client hears the write was not made ([`Error::NotMade`]);
 //! - the slave knows a newer term, or the coordinator says this server is
-//!   no longer master: the write stays in this server's journal but was
-//!   never acknowledged (a snapshot from the new master replaces it); the
-//!   client hears it was not acknowledged;
+//!   no longer master ([`Error::StaleTerm`]): the write stays in this
+//!   server's journal but was never acknowledged (a snapshot from the new
+//!   master replaces it); the client hears it was not acknowledged
+//!   ([`Error::Replaced`]);
 //! - the coordinator cannot be reached before the lease runs out: the
 //!   outcome is unknown (the slave may have it); the client retries with
-//!   the same request id and gets the first outcome.
+//!   the same request id and gets the first outcome
+//!   ([`Error::OutcomeUnknown`]).
 
-use super::{Node, Role, SlaveAddr, encode_state, lock, snapshot_chunks};
+use super::{Node, Role, SlaveAddr, lock};
+use crate::error::{Error, Result};
 use crate::net;
 use crate::store::codec;
 use crate::store::state::Entry;
@@ -52,16 +55,6 @@ pub struct SyncedSlave {
     pub term: u64,
 }
 
-/// How replication of a write ended.
-enum Verdict {
-    /// Every in-sync server has it: acknowledge.
-    Committed,
-    /// A newer master exists: not acknowledged.
-    Deposed(String),
-    /// The coordinator could not be reached within the lease.
-    Unknown(String),
-}
-
 impl Node {
     /// How long a master waits for its slave's answer before it counts the
     /// slave out: within one heartbeat period (and at most a second).
@@ -73,14 +66,14 @@ impl Node {
     /// journal holds its state (keeping a damaged file aside) and numbers
     /// its events above any the cluster may have published. Called with
     /// the write lane held; does nothing otherwise.
-    pub(super) async fn prepare_role(&self, role: &Role) -> Result<(), Status> {
+    pub(super) async fn prepare_role(&self, role: &Role) -> Result<()> {
         if !self.needs_prepare(role) {
             return Ok(());
         }
         let mut snapshot = self.read(|s| s.snapshot());
         snapshot.next_seq = snapshot.next_seq.max(role.seq_floor);
         let lost = self.damage();
-        self.install_state(snapshot).await.map_err(Status::from)?;
+        self.install_state(snapshot).await?;
         if let Some(why) = lost {
             tracing::warn!(damage = %why, "accepted the loss of what followed the damage");
         }
@@ -101,13 +94,11 @@ impl Node {
     /// Journals entries here (client writes with consecutive seqs, other
     /// clusters' events), replicates them, then applies them: Ok once they
     /// are committed. Called with the write lane held.
-    pub(super) async fn write_entries(&self, role: &Role, entries: Vec<Entry>, published: u64) -> Result<(), Status> {
+    pub(super) async fn write_entries(&self, role: &Role, entries: Vec<Entry>, published: u64) -> Result<()> {
         let last = entries.iter().filter_map(|e| if let Entry::Local(op) = e { Some(op.seq) } else { None }).max();
         if let Err(e) = self.journal(entries.clone()).await {
             self.cannot_write(&e);
-            return Err(Status::unavailable(format!(
-                "the write was not made: {e}; ask the coordinator for the master again"
-            )));
+            return Err(Error::NotMade(Box::new(e)));
         }
         let verdict = self.replicate(role, &entries, published).await;
         // The journal holds the entries whatever the verdict: memory
@@ -115,9 +106,9 @@ impl Node {
         let node = self.clone();
         tokio::task::spawn_blocking(move || node.store().apply(&entries))
             .await
-            .map_err(|e| Status::internal(format!("apply task failed: {e}")))?;
+            .map_err(|e| Error::Other(format!("apply task failed: {e}")))?;
         match verdict {
-            Verdict::Committed => {
+            Ok(()) => {
                 let term = self.role().term;
                 if lock(&self.0.master_terms).insert(term) {
                     // One line per term: tests check no two servers of a
@@ -134,15 +125,11 @@ impl Node {
                 }
                 Ok(())
             }
-            Verdict::Deposed(why) => Err(Status::unavailable(format!(
-                "{why}; the write was not acknowledged: ask the coordinator for the master again"
-            ))),
-            Verdict::Unknown(why) => {
+            Err(unknown @ Error::OutcomeUnknown(_)) => {
                 self.fence(0);
-                Err(Status::unavailable(format!(
-                    "{why}; the write may or may not have been made: retry it with the same request id"
-                )))
+                Err(unknown)
             }
+            Err(e) => Err(e),
         }
     }
 
@@ -157,8 +144,11 @@ impl Node {
     }
 
     /// Gets `entries` onto every in-sync server, or has the coordinator
-    /// record the ones that lack them as out of sync.
-    async fn replicate(&self, role: &Role, entries: &[Entry], published: u64) -> Verdict {
+    /// record the ones that lack them as out of sync. How it ended: Ok,
+    /// every in-sync server has them (acknowledge); [`Error::Replaced`], a
+    /// newer master exists (not acknowledged); [`Error::OutcomeUnknown`],
+    /// the coordinator could not be reached within the lease.
+    async fn replicate(&self, role: &Role, entries: &[Entry], published: u64) -> Result<()> {
         let mut role = role.clone();
         let me = self.0.cfg.id;
         let seq = entries.iter().find_map(|e| if let Entry::Local(op) = e { Some(op.seq) } else { None }).unwrap_or(0);
@@ -166,35 +156,36 @@ impl Node {
         loop {
             let mut holders = vec![(me, self.incarnation())];
             let mut lacking = String::new();
-            if let Some((slave_id, _, _)) = role.slave.clone() {
+            if let Some(slave) = role.slave.clone() {
+                let slave_id = slave.0;
                 let mut synced = self.synced(&role);
                 if synced.is_none() && role.in_sync.contains(&slave_id) && !tried_catch_up {
                     // The slave counts for acknowledgements: bring it up
                     // to date now (once), or count it out below.
                     tried_catch_up = true;
-                    match self.sync_slave(&role).await {
+                    match self.sync_slave(&role, slave).await {
                         Ok(s) => synced = Some(s),
-                        Err(e) => lacking = format!("slave {slave_id} could not catch up: {}", e.message()),
+                        Err(e) => lacking = format!("slave {slave_id} could not catch up: {e}"),
                     }
                 }
                 if let Some(s) = synced {
                     match self.forward(&role, &s, entries, published).await {
                         Ok(()) => holders.push((s.id, s.incarnation)),
-                        Err(status) if status.code() == Code::FailedPrecondition => {
-                            tracing::warn!(seq, error = %status.message(), "write refused by a newer term");
+                        Err(Error::StaleTerm(why)) => {
+                            tracing::warn!(seq, error = %why, "write refused by a newer term");
                             if let Some(r) = self.reelected(&role).await {
                                 role = r;
                                 continue;
                             }
                             self.fence(role.term + 1);
-                            return Verdict::Deposed(format!(
+                            return Err(Error::Replaced(format!(
                                 "server {me} was replaced as master of cluster {}",
                                 self.0.cfg.cluster
-                            ));
+                            )));
                         }
-                        Err(status) => {
+                        Err(e) => {
                             self.unsync();
-                            lacking = status.message().to_string();
+                            lacking = e.to_string();
                         }
                     }
                 }
@@ -208,7 +199,7 @@ impl Node {
                     self.set_degraded("no live slave");
                 }
                 // (A slave recorded out of sync keeps the reason it was.)
-                return Verdict::Committed;
+                return Ok(());
             }
             // Before acknowledging without them, the coordinator must know
             // they lack this write.
@@ -220,22 +211,21 @@ impl Node {
                     let why = if lacking.is_empty() { format!("servers {missing:?} are not live") } else { lacking };
                     tracing::warn!(seq, out_of_sync = ?missing, reason = %why, "servers recorded out of sync");
                     self.set_degraded(&format!("out of sync: {missing:?} ({why})"));
-                    return Verdict::Committed;
+                    return Ok(());
                 }
-                Err(status) if status.code() == Code::FailedPrecondition => {
+                Err(Error::StaleTerm(why)) => {
                     if let Some(r) = self.reelected(&role).await {
                         role = r;
                         continue;
                     }
                     self.fence(role.term + 1);
-                    return Verdict::Deposed(format!("server {me} is no longer master: {}", status.message()));
+                    return Err(Error::Replaced(format!("server {me} is no longer master: {why}")));
                 }
-                Err(status) => {
+                Err(e) => {
                     if !self.lease_valid() {
-                        return Verdict::Unknown(format!(
-                            "the coordinator could not record {missing:?} out of sync before the lease ran out ({})",
-                            status.message()
-                        ));
+                        return Err(Error::OutcomeUnknown(format!(
+                            "the coordinator could not record {missing:?} out of sync before the lease ran out ({e})"
+                        )));
                     }
                     tokio::time::sleep(COORD_RETRY).await;
                 }
@@ -252,20 +242,20 @@ impl Node {
         }
     }
 
-    fn slave_client(&self, host: &str, port: &str) -> Result<ReplicaClient<Channel>, Status> {
+    fn slave_client(&self, host: &str, port: &str) -> Result<ReplicaClient<Channel>> {
         let mut cached = lock(&self.0.slave);
         let addr = (host.to_string(), port.to_string());
         match cached.as_ref() {
             Some((a, client)) if *a == addr => Ok(client.clone()),
             _ => {
-                let client = ReplicaClient::new(net::channel(host, port).map_err(Status::from)?);
+                let client = ReplicaClient::new(net::channel(host, port)?);
                 *cached = Some((addr, client.clone()));
                 Ok(client)
             }
         }
     }
 
-    async fn forward(&self, role: &Role, slave: &SyncedSlave, entries: &[Entry], published: u64) -> Result<(), Status> {
+    async fn forward(&self, role: &Role, slave: &SyncedSlave, entries: &[Entry], published: u64) -> Result<()> {
         let mut req = tonic::Request::new(ReplicateRequest {
             term: role.term,
             entries: entries.iter().map(codec::entry_to_pb).collect(),
@@ -278,20 +268,15 @@ impl Node {
         let mut client = self.slave_client(host, port)?;
         tokio::time::timeout(self.patience(), client.replicate(req))
             .await
-            .map_err(|_| {
-                Status::deadline_exceeded(format!("slave {} did not answer within {:?}", slave.id, self.patience()))
-            })?
+            .map_err(|_| Error::NoAnswer(format!("slave {} did not answer within {:?}", slave.id, self.patience())))?
             .map(drop)
-            .map_err(|s| Status::new(s.code(), format!("slave {}: {}", slave.id, s.message())))
+            .map_err(|s| refused(&s, format!("slave {}: {}", slave.id, s.message())))
     }
 
     /// Installs this master's committed state on its slave, then has the
     /// coordinator add the slave to the in-sync set. Called with the write
-    /// lane held, so no write slips in between.
-    async fn sync_slave(&self, role: &Role) -> Result<SyncedSlave, Status> {
-        let Some((slave_id, host, port)) = role.slave.clone() else {
-            return Err(Status::failed_precondition("no slave"));
-        };
+    /// lane held, so no write slips in between. `slave` is `role`'s slave.
+    async fn sync_slave(&self, role: &Role, (slave_id, host, port): (u32, String, String)) -> Result<SyncedSlave> {
         let started = Instant::now();
         let (bytes, posts) = encode_state(self);
         let size = bytes.len();
@@ -302,10 +287,8 @@ impl Node {
         req.set_timeout(limit);
         let reply = tokio::time::timeout(limit, client.install_snapshot(req))
             .await
-            .map_err(|_| {
-                Status::deadline_exceeded(format!("slave {slave_id} did not install the snapshot within {limit:?}"))
-            })?
-            .map_err(|s| Status::new(s.code(), format!("slave {slave_id}: {}", s.message())))?
+            .map_err(|_| Error::NoAnswer(format!("slave {slave_id} did not install the snapshot within {limit:?}")))?
+            .map_err(|s| refused(&s, format!("slave {slave_id}: {}", s.message())))?
             .into_inner();
         let synced = SyncedSlave { id: slave_id, addr: (host, port), incarnation: reply.incarnation, term: role.term };
         *lock(&self.0.synced_slave) = Some(synced.clone());
@@ -326,7 +309,7 @@ impl Node {
                 Ok(_) => tracing::info!(slave = slave_id, term = role.term, "slave recorded in sync"),
                 // It holds every write all the same; the next catch-up
                 // round records it.
-                Err(e) => tracing::warn!(slave = slave_id, error = %e.message(), "could not record the slave in sync"),
+                Err(e) => tracing::warn!(slave = slave_id, error = %e, "could not record the slave in sync"),
             }
         }
         Ok(synced)
@@ -334,7 +317,7 @@ impl Node {
 
     /// Asks the coordinator to record `members` ((id, incarnation; 0 = as
     /// recorded)) as the in-sync set; returns the set it recorded.
-    async fn record_in_sync(&self, role: &Role, members: &[(u32, u64)]) -> Result<Vec<u32>, Status> {
+    async fn record_in_sync(&self, role: &Role, members: &[(u32, u64)]) -> Result<Vec<u32>> {
         let mut req = tonic::Request::new(InSyncRequest {
             cluster: self.0.cfg.cluster,
             term: role.term,
@@ -345,7 +328,11 @@ impl Node {
                 .collect(),
         });
         req.set_timeout(net::CALL_TIMEOUT);
-        let reply = CoordAdminClient::new(self.0.coord.clone()).set_in_sync(req).await?.into_inner();
+        let reply = CoordAdminClient::new(self.0.coord.clone())
+            .set_in_sync(req)
+            .await
+            .map_err(|s| refused(&s, s.message().to_string()))?
+            .into_inner();
         let in_sync = reply.in_sync;
         // A slave recorded out of sync may lack acknowledged writes from now
         // on: it is never recorded back without a fresh snapshot, whatever
@@ -398,16 +385,17 @@ impl Node {
 
     /// As master: brings the slave up to date (and into the in-sync set)
     /// outside of any write.
-    async fn catch_up_slave(&self) -> Result<(), Status> {
+    async fn catch_up_slave(&self) -> Result<()> {
         let _lane = self.0.lane.lock().await;
         let role = self.role();
         if !role.is_master {
             return Ok(());
         }
         self.prepare_role(&role).await?;
-        let Some((slave_id, _, _)) = role.slave.clone() else { return Ok(()) };
+        let Some(slave) = role.slave.clone() else { return Ok(()) };
+        let slave_id = slave.0;
         if self.synced(&role).is_none() {
-            self.sync_slave(&role).await?;
+            self.sync_slave(&role, slave).await?;
             return Ok(());
         }
         if !role.in_sync.contains(&slave_id)
@@ -445,7 +433,7 @@ pub(super) async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
                 Ok(()) if node.slave_behind(&node.role()).await => retry = Some(backoff),
                 Ok(()) => backoff = RESYNC_MIN,
                 Err(e) => {
-                    tracing::warn!(error = %e.message(), retry_in = ?backoff, "could not bring the slave up to date");
+                    tracing::warn!(error = %e, retry_in = ?backoff, "could not bring the slave up to date");
                     retry = Some(backoff);
                 }
             }
@@ -467,4 +455,31 @@ pub(super) async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
             } => {}
         }
     }
+}
+
+/// Reads a peer's failed answer (`message` says which peer where it
+/// matters): FAILED_PRECONDITION is a newer term speaking — the slave knows
+/// one, or the coordinator no longer counts this server as master under
+/// its term; any other answer is kept as it came.
+fn refused(status: &Status, message: String) -> Error {
+    match status.code() {
+        Code::FailedPrecondition => Error::StaleTerm(message),
+        code => Error::Peer { code, message },
+    }
+}
+
+/// A snapshot as the chunks `Replica.InstallSnapshot` takes.
+fn snapshot_chunks(bytes: &[u8], term: u64, cluster: u32) -> Vec<sns_proto::internal::SnapshotChunk> {
+    use sns_proto::internal::SnapshotChunk;
+    /// Well under gRPC's 4 MiB default message limit.
+    const CHUNK: usize = 1 << 20;
+    let chunks: Vec<SnapshotChunk> =
+        bytes.chunks(CHUNK).map(|c| SnapshotChunk { term, cluster, data: c.to_vec() }).collect();
+    if chunks.is_empty() { vec![SnapshotChunk { term, cluster, data: Vec::new() }] } else { chunks }
+}
+
+/// Encodes the committed state for a slave.
+fn encode_state(node: &Node) -> (Vec<u8>, u64) {
+    let store = node.store();
+    (codec::encode_snapshot(&store.state().snapshot(), node.cfg().cluster), store.state().post_count())
 }

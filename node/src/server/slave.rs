@@ -7,20 +7,21 @@
 //! it says so at once (`RESOURCE_EXHAUSTED` for a full disk, `DATA_LOSS`
 //! otherwise), cuts the failed record back, and forgets that it is synced:
 //! its master records it out of sync and brings it back with a snapshot
-//! once its disk takes writes again.
+//! once its disk takes writes again. It refuses a master of an older term
+//! ([`Error::StaleTerm`]: the master steps down) and asks for a snapshot
+//! when it cannot take a forward as it is ([`Error::NeedsSnapshot`]).
 
 use super::Node;
 use crate::error::{Error, Result};
 use crate::store::state::{Arrival, Entry, Snapshot};
 use std::sync::atomic::Ordering;
-use tonic::Status;
 
 impl Node {
     /// Checks a forward or snapshot from a master under `term`.
-    fn check_master_term(&self, term: u64) -> Result<(), Status> {
+    fn check_master_term(&self, term: u64) -> Result<()> {
         let role = self.role();
         if term < role.term || (role.is_master && term <= role.term) {
-            return Err(Status::failed_precondition(format!(
+            return Err(Error::StaleTerm(format!(
                 "stale term {term}: this server is at term {} (master: {})",
                 role.term, role.is_master
             )));
@@ -56,14 +57,14 @@ impl Node {
     /// Applies journal records forwarded by the master, in its order:
     /// client writes (seqs continuing this server's) and other clusters'
     /// events.
-    pub async fn apply_replicated(&self, term: u64, entries: Vec<Entry>, published_upto: u64) -> Result<(), Status> {
+    pub async fn apply_replicated(&self, term: u64, entries: Vec<Entry>, published_upto: u64) -> Result<()> {
         let _lane = self.0.lane.lock().await;
         self.check_master_term(term)?;
         if let Some(damage) = self.damage() {
-            return Err(Status::aborted(format!("journal damaged ({damage}): send a snapshot")));
+            return Err(Error::NeedsSnapshot(format!("journal damaged ({damage}): send a snapshot")));
         }
         if self.synced_term() != term {
-            return Err(Status::aborted(format!("not synced under term {term}: send a snapshot first")));
+            return Err(Error::NeedsSnapshot(format!("not synced under term {term}: send a snapshot first")));
         }
         let (next, published) = self.read(|s| (s.next_seq(), s.published_upto()));
         // Records already here come from a retried forward (the first try
@@ -81,13 +82,16 @@ impl Node {
                     // Cannot happen under the same term; resync rather
                     // than diverge.
                     self.0.synced_term.store(0, Ordering::SeqCst);
-                    return Err(Status::aborted(format!("expected seq {expected}, got {}: send a snapshot", op.seq)));
+                    return Err(Error::NeedsSnapshot(format!(
+                        "expected seq {expected}, got {}: send a snapshot",
+                        op.seq
+                    )));
                 }
                 // A retried forward repeats events already applied.
                 Entry::Remote(ev) if ev.dest_seq != 0 && self.read(|s| s.arrival(&ev)) == Arrival::Duplicate => {}
                 Entry::Remote(ev) => fresh.push(Entry::Remote(ev)),
                 Entry::PublishedUpto(_) | Entry::Snapshot(_) => {
-                    return Err(Status::invalid_argument("only client writes and remote events are replicated"));
+                    return Err(Error::Invalid("only client writes and remote events are replicated".into()));
                 }
             }
         }
@@ -98,7 +102,7 @@ impl Node {
         if published_upto > published {
             fresh.push(Entry::PublishedUpto(published_upto));
         }
-        self.commit_entries(fresh).await.map_err(Status::from)?;
+        self.commit_entries(fresh).await?;
         self.mark_all_stable();
         Ok(())
     }
@@ -106,12 +110,12 @@ impl Node {
     /// Installs the master's state (a rejoin, a new term, a damaged or
     /// unwritable journal); returns the next seq and this server's
     /// incarnation.
-    pub async fn install_snapshot(&self, term: u64, snapshot: Snapshot) -> Result<(u64, u64), Status> {
+    pub async fn install_snapshot(&self, term: u64, snapshot: Snapshot) -> Result<(u64, u64)> {
         let _lane = self.0.lane.lock().await;
         self.check_master_term(term)?;
         if let Err(e) = self.install_state(snapshot).await {
             self.cannot_write(&e);
-            return Err(Status::from(e));
+            return Err(e);
         }
         self.can_write();
         self.0.synced_term.store(term, Ordering::SeqCst);

@@ -2,6 +2,7 @@
 //! protobuf in, [`Node`] calls, status words out.
 
 use super::Node;
+use crate::error::Error;
 use crate::ids::parse_user;
 use crate::net::now_ms;
 use crate::store::codec::check_post_text;
@@ -203,7 +204,7 @@ fn feed_stream(
 /// that sends faster waits (HTTP/2 flow control holds it back).
 const POSTS_IN_FLIGHT: usize = 64;
 
-type Committed = oneshot::Receiver<Result<(), Status>>;
+type Committed = oneshot::Receiver<crate::error::Result<()>>;
 
 /// Turns every later client message into a post. Posts are queued as they
 /// arrive, without waiting for the previous one's commit (so a client's
@@ -212,7 +213,7 @@ async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: 
     let (queued, mut pending) = mpsc::channel::<(u64, Committed)>(POSTS_IN_FLIGHT);
     let acks = async move {
         while let Some((id, committed)) = pending.recv().await {
-            match committed.await.unwrap_or_else(|_| Err(Status::unavailable("server stopping"))) {
+            match committed.await.unwrap_or(Err(Error::Stopping)) {
                 // A post resent after a failover (same id) is acknowledged
                 // again but applied only once.
                 Ok(()) if id != 0 => {
@@ -221,8 +222,8 @@ async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: 
                     }
                 }
                 Ok(()) => {}
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
+                Err(e) => {
+                    let _ = tx.send(Err(Status::from(e))).await;
                     return;
                 }
             }
@@ -242,7 +243,7 @@ async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: 
                     // Refuse loudly (after the acks of the posts before it)
                     // and end the session: the client learns why.
                     let (refused, committed) = oneshot::channel();
-                    let _ = refused.send(Err(Status::invalid_argument(why)));
+                    let _ = refused.send(Err(Error::Invalid(why)));
                     let _ = queued.send((msg.post_id, committed)).await;
                     return;
                 }

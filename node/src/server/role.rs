@@ -1,0 +1,290 @@
+//! Roles, heartbeats, leases and the serving flag: what the coordinator
+//! last told this server, and whether it may serve clients now.
+//!
+//! Why together: a server serves only while all of these hold — the
+//! coordinator made it master, its lease (counted from when the renewing
+//! heartbeat was sent) has not run out, and its journal can be written and
+//! trusted. Whatever changes one of them recomputes the serving flag
+//! ([`Node::update_serving`]), and [`serving_loop`] flips it off the
+//! instant a lease runs out, which ends timeline streams and tells the
+//! synchronizer. A role is only adopted forward: never an older term, and
+//! within a term never an older answer.
+
+use super::{Node, Role};
+use crate::error::{Error, Result};
+use sns_proto::csce438::ServerInfo;
+use sns_proto::csce438::coord_service_client::CoordServiceClient;
+use sns_proto::internal::LeaseRequest;
+use sns_proto::internal::coord_admin_client::CoordAdminClient;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// While a master has no slave it asks this often, so a slave that just
+/// registered starts receiving writes within a fraction of a second rather
+/// than a whole heartbeat period (the course's 5 s).
+const SLAVE_DISCOVERY: Duration = Duration::from_millis(200);
+
+impl Node {
+    /// Whether this server holds a lease that has not run out.
+    pub fn lease_valid(&self) -> bool {
+        self.0.lease.borrow().is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Sends one heartbeat and adopts the role it returns; a master's
+    /// heartbeat renews its lease, counted from when it was sent.
+    pub async fn heartbeat(&self) -> Result<Role> {
+        let current = self.role();
+        let (incarnation, damaged, next_seq) =
+            (self.incarnation(), self.damage().is_some(), self.read(|s| s.next_seq()));
+        let info = ServerInfo {
+            server_id: self.0.cfg.id as i32,
+            hostname: self.0.cfg.advertise_host.clone(),
+            port: self.0.port.to_string(),
+            r#type: "server".into(),
+            cluster_id: self.0.cfg.cluster as i32,
+            is_master: current.is_master,
+            term: current.term as i64,
+            paired_server_id: 0,
+            incarnation,
+            damaged,
+            unwritable: self.unwritable().is_some(),
+            next_seq,
+            unavailable_reason: String::new(),
+        };
+        let sent = Instant::now();
+        let reply = CoordServiceClient::new(self.0.coord.clone()).heartbeat(info).await?.into_inner();
+        let slave = (reply.is_master && !reply.slave_port.is_empty()).then_some((
+            reply.slave_server_id as u32,
+            reply.slave_hostname,
+            reply.slave_port,
+        ));
+        let version = (reply.coordinator_epoch.max(0) as u64, reply.role_version.max(0) as u64);
+        let role = Role {
+            is_master: reply.is_master,
+            term: reply.term.max(0) as u64,
+            slave,
+            version,
+            in_sync: reply.in_sync_i_ds.iter().map(|id| (*id).max(0) as u32).collect(),
+            seq_floor: reply.seq_floor,
+            accept_data_loss: reply.accept_data_loss,
+        };
+        let adopted = self.adopt(role.clone());
+        if adopted && role.is_master && reply.lease_millis > 0 {
+            self.0.lease_ms.store(reply.lease_millis as u64, Ordering::Relaxed);
+            let until = sent + Duration::from_millis(reply.lease_millis as u64);
+            self.0.lease.send_if_modified(|l| {
+                let newer = l.is_none_or(|cur| until > cur);
+                if newer {
+                    *l = Some(until);
+                }
+                newer
+            });
+        }
+        Ok(self.role())
+    }
+
+    /// Takes on a role, ignoring anything older than the term we know.
+    /// Returns whether `role` is now the role (adopted, or already it).
+    fn adopt(&self, role: Role) -> bool {
+        let mut same = false;
+        self.0.role.send_if_modified(|cur| {
+            // Older terms never; within a term, never an older answer (a
+            // heartbeat reply overtaken by a lease push must not undo it).
+            if role.term < cur.term || (role.term == cur.term && role.version < cur.version) {
+                return false;
+            }
+            if *cur == role {
+                same = true;
+                return false;
+            }
+            same = true;
+            if role.is_master != cur.is_master || role.term != cur.term {
+                tracing::info!(
+                    cluster = self.0.cfg.cluster,
+                    id = self.0.cfg.id,
+                    master = role.is_master,
+                    term = role.term,
+                    "role changed"
+                );
+            }
+            if !role.is_master || role.term != cur.term {
+                // A lease belongs to one term of mastership.
+                self.0.lease.send_replace(None);
+            }
+            *cur = role;
+            true
+        });
+        same
+    }
+
+    /// Stops acting as master at once (a newer term exists, or this server
+    /// cannot serve), and tells the coordinator.
+    pub fn fence(&self, term: u64) {
+        let cur = self.role();
+        if term > cur.term || cur.is_master {
+            if cur.is_master {
+                tracing::warn!(term, old_term = cur.term, "this server stops acting as master");
+            }
+            self.0.lease.send_replace(None);
+            self.0.role.send_modify(|r| {
+                r.is_master = false;
+                r.term = r.term.max(term);
+                r.slave = None;
+            });
+            self.0.beat_now.notify_one();
+        }
+    }
+
+    /// Why this server does not serve clients now, if it does not.
+    fn not_serving(&self) -> Option<String> {
+        let (cluster, id) = (self.0.cfg.cluster, self.0.cfg.id);
+        if let Some(damage) = self.damage() {
+            return Some(format!("server {id} of cluster {cluster} has a damaged journal ({damage})"));
+        }
+        if let Some(why) = self.unwritable() {
+            return Some(format!("server {id} of cluster {cluster} cannot write its journal ({why})"));
+        }
+        if !self.role().is_master {
+            return Some(format!("server {id} is not the master of cluster {cluster}"));
+        }
+        if !self.lease_valid() {
+            return Some(format!("server {id} of cluster {cluster} has no current lease from the coordinator"));
+        }
+        None
+    }
+
+    /// Fails unless this server may serve clients now: the master, with a
+    /// current lease, able to write. One that is not asks the coordinator
+    /// first (it may just have been promoted, or need its lease renewed).
+    pub async fn ensure_serving(&self) -> Result<Role> {
+        if self.not_serving().is_some() && self.unwritable().is_none() && self.damage().is_none() {
+            // Bounded: a master cut off from the coordinator must answer
+            // its clients at once, not when the call times out.
+            let _ = tokio::time::timeout(self.patience(), self.heartbeat()).await;
+        }
+        match self.not_serving() {
+            None => Ok(self.role()),
+            Some(why) => Err(Error::NotServing(why)),
+        }
+    }
+
+    /// Recomputes whether this server serves clients.
+    pub(super) fn update_serving(&self) {
+        let serving = self.not_serving().is_none();
+        self.0.serving.send_if_modified(|s| {
+            let changed = *s != serving;
+            if changed && !serving && self.role().is_master {
+                tracing::warn!("not serving clients: {}", self.not_serving().unwrap_or_default());
+            }
+            *s = serving;
+            changed
+        });
+    }
+}
+
+/// Heartbeats until shutdown; the first one registers. A master renews its
+/// lease four times per lease period.
+pub(super) async fn heartbeat_loop(node: Node, shutdown: CancellationToken) {
+    let mut failing = false;
+    loop {
+        match node.heartbeat().await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("coordinator reachable again");
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "heartbeat failed; keeping the current role until the lease runs out");
+            }
+            Err(_) => {}
+        }
+        node.update_serving();
+        let role = node.role();
+        let wait = if role.is_master {
+            let granted = node.0.lease_ms.load(Ordering::Relaxed);
+            let renew = if granted > 0 { Duration::from_millis(granted / 4) } else { SLAVE_DISCOVERY };
+            let renew = renew.min(node.cfg().heartbeat);
+            if role.slave.is_none() { renew.min(SLAVE_DISCOVERY) } else { renew }
+        } else {
+            node.cfg().heartbeat
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = node.0.beat_now.notified() => {}
+        }
+    }
+}
+
+/// Keeps [`Inner::serving`] current: flips it off the moment the lease
+/// runs out (ending timeline streams), on again when it is renewed.
+pub(super) async fn serving_loop(node: Node, shutdown: CancellationToken) {
+    let mut lease = node.0.lease.subscribe();
+    let mut role = node.watch_role();
+    loop {
+        node.update_serving();
+        let expiry = lease.borrow_and_update().filter(|until| *until > Instant::now());
+        role.borrow_and_update();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = lease.changed() => if r.is_err() { return },
+            r = role.changed() => if r.is_err() { return },
+            _ = async {
+                match expiry {
+                    Some(until) => tokio::time::sleep_until(until.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if node.role().is_master {
+                    tracing::warn!("lease ran out: not serving until the coordinator renews it");
+                }
+            }
+        }
+    }
+}
+
+/// Holds the lease stream to the coordinator open, adopting every role it
+/// pushes; reopens it when it breaks (a coordinator restart). A push never
+/// grants a lease: only a heartbeat's round trip bounds one.
+pub(super) async fn lease_loop(node: Node, shutdown: CancellationToken) {
+    let req = LeaseRequest { cluster: node.cfg().cluster, id: node.cfg().id };
+    loop {
+        let mut admin = CoordAdminClient::new(node.0.coord.clone());
+        if let Ok(stream) = admin.lease(req).await {
+            let mut stream = stream.into_inner();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    update = stream.message() => match update {
+                        Ok(Some(u)) => {
+                            let slave = (u.is_master && !u.slave_port.is_empty())
+                                .then_some((u.slave_id, u.slave_host, u.slave_port));
+                            let promoted = u.is_master && !node.role().is_master;
+                            node.adopt(Role {
+                                is_master: u.is_master,
+                                term: u.term,
+                                slave,
+                                version: (u.epoch, u.version),
+                                in_sync: u.in_sync,
+                                seq_floor: u.seq_floor,
+                                accept_data_loss: u.accept_data_loss,
+                            });
+                            if promoted {
+                                // Take the lease at once rather than at the
+                                // next heartbeat.
+                                node.0.beat_now.notify_one();
+                            }
+                        }
+                        _ => break,
+                    },
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SLAVE_DISCOVERY) => {}
+        }
+    }
+}
