@@ -37,7 +37,7 @@ use sns_proto::internal::coord_admin_server::{CoordAdmin, CoordAdminServer};
 use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{
     InSyncReply, InSyncRequest, LeaseRequest, PromoteReply, PromoteRequest, RoleUpdate, RoutingTable, ServerStatus,
-    StatusRequest, TableRequest,
+    StatusRequest, SwitchoverReply, SwitchoverRequest, TableRequest,
 };
 use sns_proto::prost_types::Timestamp;
 use tempfile::TempDir;
@@ -385,6 +385,13 @@ impl CoordAdmin for TapService {
 
     async fn promote(&self, request: tonic::Request<PromoteRequest>) -> Result<Response<PromoteReply>, Status> {
         CoordAdminClient::new(self.pass()?).promote(request.into_inner()).await
+    }
+
+    async fn switchover(
+        &self,
+        request: tonic::Request<SwitchoverRequest>,
+    ) -> Result<Response<SwitchoverReply>, Status> {
+        CoordAdminClient::new(self.pass()?).switchover(request.into_inner()).await
     }
 
     type LeaseStream = Pin<Box<dyn Stream<Item = Result<RoleUpdate, Status>> + Send>>;

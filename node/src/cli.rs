@@ -41,6 +41,11 @@ pub enum Command {
     /// operator's override for a cluster left without an in-sync server).
     #[command(disable_help_flag = true)]
     Promote(PromoteArgs),
+    /// Hands a cluster's master role to a server holding every acknowledged
+    /// write (a planned switchover: nothing acknowledged is lost, writes
+    /// pause for the handover).
+    #[command(disable_help_flag = true)]
+    Switchover(SwitchoverArgs),
 }
 
 /// Parses durations like `5s`, `500ms`, `2m` or a bare number of seconds.
@@ -135,6 +140,22 @@ pub struct PromoteArgs {
     /// what it lacks is lost.
     #[arg(long)]
     pub accept_data_loss: bool,
+    /// Print help.
+    #[arg(long, action = ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SwitchoverArgs {
+    #[command(flatten)]
+    pub coord: CoordAddrArgs,
+    /// The cluster.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub cluster: u32,
+    /// The server to hand the role to (default: the cluster's in-sync
+    /// slave).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub to: Option<u32>,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,

@@ -66,7 +66,7 @@ pub struct LocalArgs {
 }
 
 /// The console's commands, for the start-up hint and unknown commands.
-const COMMANDS: &str = "status | kill <name> | stop <name> | start <name> | restart <name> | pause <name> | resume <name> | partition <server> | heal <server> | promote <server> [--accept-data-loss]";
+const COMMANDS: &str = "status | kill <name> | stop <name> | start <name> | restart <name> | pause <name> | resume <name> | partition <server> | heal <server> | promote <server> [--accept-data-loss] | switchover <cluster> [<server>]";
 
 /// How long a stopped child gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -330,6 +330,12 @@ impl Launcher {
     async fn command(&mut self, line: &str) -> String {
         let mut words = line.split_whitespace();
         let (verb, target) = (words.next().unwrap_or(""), words.next());
+        if verb == "switchover" {
+            return match target.map(str::parse::<u32>) {
+                Some(Ok(cluster)) => self.switchover(cluster, words.next()).await,
+                _ => "error: switchover needs a cluster number (and optionally the server to hand over to)".into(),
+            };
+        }
         let target = match (verb, target) {
             ("" | "status" | "help", _) => None,
             (_, Some(t)) => match self.resolve(t).await {
@@ -379,6 +385,29 @@ impl Launcher {
                 }
             }
             _ => format!("commands: {COMMANDS}"),
+        }
+    }
+
+    /// A planned switchover of `cluster` to `to` (a server's name, or
+    /// `slave-<c>`; default: the coordinator picks its in-sync slave).
+    async fn switchover(&self, cluster: u32, to: Option<&str>) -> String {
+        let to = match to {
+            None => 0,
+            Some(name) => match self.resolve(name).await.map(|n| self.procs.get(&n).map(|p| p.plan.role)) {
+                Ok(Some(Role::Server { cluster: c, id })) if c == cluster => id,
+                Ok(_) => return format!("error: {name} is not a server of cluster {cluster}"),
+                Err(e) => return format!("error: {e}"),
+            },
+        };
+        let port = self.coord_port.to_string();
+        let channel = match net::channel_with_timeout("127.0.0.1", &port, crate::coordinator::SWITCHOVER_PATIENCE) {
+            Ok(c) => c,
+            Err(e) => return format!("error: {e}"),
+        };
+        let req = sns_proto::internal::SwitchoverRequest { cluster, to };
+        match CoordAdminClient::new(channel).switchover(req).await {
+            Ok(r) => format!("switched over: {}", crate::coordinator::describe_switchover(cluster, &r.into_inner())),
+            Err(s) => format!("error: {}", s.message()),
         }
     }
 

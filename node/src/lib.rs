@@ -52,6 +52,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Command::Local(a) => launcher::run(a, shutdown).await,
             Command::Promote(a) => coordinator::promote(&a).await,
+            Command::Switchover(a) => coordinator::switchover(&a).await,
         }
     });
     // A blocking read of stdin (the launcher's command reader) cannot be

@@ -43,11 +43,17 @@ pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming 
 
 /// A lazily connecting channel to `host:port`.
 pub fn channel(host: &str, port: &str) -> Result<Channel> {
+    channel_with_timeout(host, port, CALL_TIMEOUT)
+}
+
+/// As [`channel`], for calls that may take up to `timeout` (a switchover
+/// waits for a lease to run out).
+pub fn channel_with_timeout(host: &str, port: &str, timeout: Duration) -> Result<Channel> {
     let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
     let endpoint = Endpoint::from_shared(format!("http://{host}:{port}"))
         .map_err(|e| Error::Config(format!("bad address {host}:{port}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(CALL_TIMEOUT)
+        .timeout(timeout)
         .tcp_nodelay(true);
     Ok(endpoint.connect_lazy())
 }

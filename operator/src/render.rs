@@ -1125,7 +1125,9 @@ mod tests {
                         assert_eq!(cfg.servers_per_cluster, 1);
                     }
                     Command::Local(_) => panic!("no pod runs the launcher"),
-                    Command::Promote(_) => panic!("promote is a person's command, run by hand"),
+                    Command::Promote(_) | Command::Switchover(_) => {
+                        panic!("promote and switchover are commands run by hand, not pods")
+                    }
                 }
                 parsed += 1;
             }

@@ -376,8 +376,18 @@ impl Deployment {
         std::fs::read_to_string(self.dir.path().join("launcher.log")).unwrap_or_default()
     }
 
-    /// Sends a launcher command (e.g. `kill master-2`) and returns its reply line.
+    /// Sends a launcher command (e.g. `kill master-2`) and returns its reply
+    /// line; a reply that is an error is an `Err`.
     pub fn command(&mut self, line: &str) -> Result<String> {
+        let reply = self.command_reply(line)?;
+        if reply.starts_with("error:") {
+            bail!("launcher: {reply}");
+        }
+        Ok(reply)
+    }
+
+    /// Sends a launcher command and returns its reply line, errors too.
+    pub fn command_reply(&mut self, line: &str) -> Result<String> {
         writeln!(self.stdin, "{line}")?;
         self.stdin.flush()?;
         let seen = self.seen;
@@ -392,6 +402,7 @@ impl Deployment {
                     || l.starts_with("partitioned ")
                     || l.starts_with("healed ")
                     || l.starts_with("promoted ")
+                    || l.starts_with("switched over")
                     || l.starts_with("error:")
                     || l.starts_with("status:")
                     || l.contains("; started ")
@@ -403,11 +414,7 @@ impl Deployment {
         if !ok {
             bail!("no reply to {line:?}; got {reply:?}");
         }
-        let line = reply.last().copied().unwrap_or_default().to_string();
-        if line.starts_with("error:") {
-            bail!("launcher: {line}");
-        }
-        Ok(line)
+        Ok(reply.last().copied().unwrap_or_default().to_string())
     }
 
     /// Data directory of server `id` of cluster `cluster`.

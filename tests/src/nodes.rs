@@ -213,3 +213,36 @@ pub fn promote_cli(d: &Deployment, cluster: u32, server: u32, accept_data_loss: 
     }
     Ok(cmd.output()?)
 }
+
+/// What the server at `host:port` answers to a `grpc.health.v1` check of
+/// `service` ("" = the process, "readiness", "csce438.SNSService"): true
+/// for SERVING, false for NOT_SERVING.
+pub async fn health(host: &str, port: &str, service: &str) -> Result<bool> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let call = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))?.connect().await?;
+        let mut c = HealthClient::new(channel);
+        let req = tonic_health::pb::HealthCheckRequest { service: service.to_string() };
+        anyhow::Ok(c.check(req).await?.into_inner().status)
+    };
+    let status = tokio::time::timeout(CALL, call)
+        .await
+        .map_err(|_| anyhow!("{host}:{port} did not answer a health check within {CALL:?}"))??;
+    match ServingStatus::try_from(status) {
+        Ok(ServingStatus::Serving) => Ok(true),
+        Ok(ServingStatus::NotServing) => Ok(false),
+        other => Err(anyhow!("{host}:{port}: health of {service:?} is {other:?}")),
+    }
+}
+
+/// Server `id` of `cluster`'s (liveness, readiness, serving clients)
+/// health, per its own health service.
+pub async fn healths(coord_port: u16, cluster: u32, id: u32) -> Result<(bool, bool, bool)> {
+    let n = server_node(coord_port, cluster, id).await.ok_or_else(|| anyhow!("server {cluster}/{id} unknown"))?;
+    Ok((
+        health(&n.host, &n.port, "").await?,
+        health(&n.host, &n.port, "readiness").await?,
+        health(&n.host, &n.port, "csce438.SNSService").await?,
+    ))
+}

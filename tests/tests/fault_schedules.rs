@@ -2,7 +2,9 @@
 //! acknowledged writes in every cluster (posts, follows and unfollows,
 //! logins), a schedule kills, restarts, pauses and partitions servers,
 //! synchronizers and the coordinator, with double faults restarted in the
-//! worst order, a full disk on one server and a damaged journal. At the
+//! worst order, a full disk on one server, a damaged journal, and planned
+//! switchovers (alone, with the target hanging right after, with the old
+//! master killed right after). At the
 //! end, every acknowledged write must be on every server (all in sync by
 //! then), master and slave files byte-identical, no two servers must have
 //! acknowledged writes in one term, and traffic between clusters must
@@ -77,9 +79,16 @@ enum Fault {
     RestartCoordinator,
     DiskFull,
     DamagedJournal,
+    /// A planned switchover to the slave.
+    Switchover,
+    /// The target hangs just as the switchover is asked for: the old
+    /// master must take the role back.
+    SwitchoverTargetHangs,
+    /// The old master is killed right after it handed over.
+    SwitchoverThenKillOld,
 }
 
-const FAULTS: [Fault; 10] = [
+const FAULTS: [Fault; 13] = [
     Fault::KillMaster,
     Fault::KillSlave,
     Fault::DoubleKill,
@@ -90,6 +99,9 @@ const FAULTS: [Fault; 10] = [
     Fault::RestartCoordinator,
     Fault::DiskFull,
     Fault::DamagedJournal,
+    Fault::Switchover,
+    Fault::SwitchoverTargetHangs,
+    Fault::SwitchoverThenKillOld,
 ];
 
 #[derive(Debug, Default)]
@@ -253,6 +265,17 @@ async fn logins(port: u16, stop: Arc<AtomicBool>, deadline: Instant) -> Vec<u32>
 }
 
 /// Server ids of `cluster`: (master, slave), per the coordinator.
+/// A planned switchover of cluster `c` to server `to`, which must succeed
+/// (the schedule heals between faults, so the slave is in sync).
+fn switchover(d: &mut Deployment, c: u32, to: u32) -> Result<()> {
+    let reply = d.command(&format!("switchover {c} server-{c}-{to}"))?;
+    anyhow::ensure!(
+        reply.starts_with(&format!("switched over: cluster {c}: server {to} is master")),
+        "switchover of cluster {c}: {reply}"
+    );
+    Ok(())
+}
+
 fn roles(rt: &Runtime, d: &Deployment, cluster: u32) -> Option<(u32, u32)> {
     let (m, _) = rt.block_on(master_of(d.coord_port, cluster))?;
     Some((m, 3 - m))
@@ -414,6 +437,32 @@ fn inject(
             disk::flip(&path, len / 2, 4)?;
             cmd(d, &format!("start server-{c}-{s}"))?;
             "damaged journal"
+        }
+        Fault::Switchover => {
+            switchover(d, c, s)?;
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            "switchover"
+        }
+        Fault::SwitchoverTargetHangs => {
+            cmd(d, &format!("pause server-{c}-{s}"))?;
+            // Promoted (the coordinator had not yet missed it) or refused
+            // (it had): either way the old master ends up serving.
+            let reply = d.command_reply(&format!("switchover {c}"))?;
+            anyhow::ensure!(
+                reply.starts_with("switched over") || reply.contains("not live"),
+                "switchover to a hung target: {reply}"
+            );
+            wait_master_is(rt, d, c, m)?;
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            cmd(d, &format!("resume server-{c}-{s}"))?;
+            "switchover, target hangs"
+        }
+        Fault::SwitchoverThenKillOld => {
+            switchover(d, c, s)?;
+            cmd(d, &format!("kill server-{c}-{m}"))?;
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            cmd(d, &format!("start server-{c}-{m}"))?;
+            "switchover, old master killed"
         }
     };
     Ok(name.to_string())

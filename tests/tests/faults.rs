@@ -8,8 +8,8 @@
 use sns_e2e::disk::{self, damaged_files};
 use sns_e2e::load::{self, WriterReport};
 use sns_e2e::nodes::{
-    assert_exactly_once, assert_one_master_per_term, get_server, master_of, promote_cli, request, rt, server_node,
-    sns_at, status, wait_master, wait_synced_slave,
+    assert_exactly_once, assert_one_master_per_term, get_server, healths, master_of, promote_cli, request, rt,
+    server_node, sns_at, status, wait_master, wait_synced_slave,
 };
 use sns_e2e::{DEADLINE, Deployment, check_convergence, eventually, spec_files};
 use std::collections::BTreeMap;
@@ -115,6 +115,9 @@ fn a_stale_server_is_never_promoted_and_the_up_to_date_one_wins() -> anyhow::Res
     assert!(reason.contains("no live server holding every acknowledged write"), "{reason}");
     let s = rt.block_on(status(&node))?;
     assert!(!s.is_master, "{s:?}");
+    // Its health says so: alive, not ready (not synced under any master),
+    // not serving clients.
+    assert_eq!(rt.block_on(healths(d.coord_port, 1, stale))?, (true, false, false), "stale server's health");
     // Writes are refused, clearly.
     let refused = rt.block_on(async {
         let mut sns = sns_at(&node.host, &node.port).await?;

@@ -21,7 +21,7 @@ use sns_proto::csce438::{Confirmation, Id, ServerInfo, ServerList};
 use sns_proto::internal::coord_admin_server::{CoordAdmin, CoordAdminServer};
 use sns_proto::internal::{
     InSyncReply, InSyncRequest, LeaseRequest, Node, PromoteReply, PromoteRequest, RoleUpdate, RoutingTable,
-    TableRequest,
+    StepDownRequest, SwitchoverReply, SwitchoverRequest, TableRequest,
 };
 use state::StateFile;
 use std::collections::BTreeMap;
@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use table::{Beat, Change, Kind, NodeView, Refusal, Table, Why};
+use table::{Beat, Change, Kind, NodeView, Refusal, SwitchoverOutcome, Table, Why};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_stream::Stream;
@@ -80,6 +80,10 @@ pub struct Coordinator {
     jobs: mpsc::Sender<Job>,
     shutdown: CancellationToken,
 }
+
+/// How long a client waits for a switchover's answer: the coordinator
+/// answers within two leases and ten seconds.
+pub const SWITCHOVER_PATIENCE: Duration = Duration::from_secs(60);
 
 /// How long the coordinator waits for a server whose lease dropped to
 /// answer a health check. A live process on the same network answers in
@@ -136,6 +140,21 @@ impl Coordinator {
         self.with(|t| t.mark_dead(Instant::now(), Kind::Server, cluster, id));
         self.changed();
         self.kick.notify_one();
+    }
+
+    /// Asks the master handing over to stop acting as master; true once it
+    /// answered that it did (its writes under way finished).
+    async fn ask_step_down(&self, cluster: u32, begun: &table::Begun) -> bool {
+        use sns_proto::internal::replica_client::ReplicaClient;
+        let Some((host, port)) = self.with(|t| t.address(Kind::Server, cluster, begun.from)) else { return false };
+        let req = StepDownRequest { cluster, term: begun.term, epoch: self.epoch, version: begun.version };
+        let call = async {
+            let channel = net::channel(&host, &port).ok()?;
+            ReplicaClient::new(channel).step_down(req).await.ok()
+        };
+        // A master that does not answer within a lease is waited out.
+        let patience = self.with(|t| t.lease()).max(PROBE_TIMEOUT);
+        tokio::time::timeout(patience, call).await.ok().flatten().is_some()
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Table) -> T) -> T {
@@ -460,6 +479,75 @@ impl CoordAdmin for Coordinator {
         Ok(Response::new(self.job(|tx| Job::Promote(req, tx)).await?))
     }
 
+    async fn switchover(&self, req: Request<SwitchoverRequest>) -> Result<Response<SwitchoverReply>, Status> {
+        let SwitchoverRequest { cluster, to } = req.into_inner();
+        let started = Instant::now();
+        let begun =
+            self.with(|t| t.begin_switchover(started, cluster, (to > 0).then_some(to))).map_err(refusal_status)?;
+        // Tells the master (lease stream) it is not master any more.
+        self.changed();
+        tracing::info!(
+            cluster,
+            from = begun.from,
+            to = begun.to,
+            term = begun.term,
+            "switchover: asking the master to step down"
+        );
+        let stepped_down = self.ask_step_down(cluster, &begun).await;
+        if stepped_down {
+            self.with(|t| t.stepped_down(cluster, begun.from, begun.term));
+        } else {
+            tracing::warn!(
+                cluster,
+                from = begun.from,
+                "switchover: the master did not answer; waiting for its lease to run out"
+            );
+        }
+        self.kick.notify_one();
+        let mut changes = self.changes.subscribe();
+        // Bounded: the lease runs out by itself, and the elector looks
+        // again at least every sweep.
+        let deadline = tokio::time::Instant::now() + self.with(|t| t.lease()) * 2 + Duration::from_secs(10);
+        loop {
+            changes.borrow_and_update();
+            match self.with(|t| t.switchover_outcome(cluster, begun.from, begun.to, begun.term)) {
+                SwitchoverOutcome::Done(term) => {
+                    let millis = started.elapsed().as_millis() as u64;
+                    tracing::info!(
+                        cluster,
+                        from = begun.from,
+                        to = begun.to,
+                        term,
+                        millis,
+                        stepped_down,
+                        "switchover done"
+                    );
+                    return Ok(Response::new(SwitchoverReply {
+                        from: begun.from,
+                        to: begun.to,
+                        term,
+                        stepped_down,
+                        millis,
+                    }));
+                }
+                SwitchoverOutcome::Abandoned(why) => {
+                    tracing::warn!(cluster, reason = %why, "switchover abandoned");
+                    return Err(Status::aborted(why));
+                }
+                SwitchoverOutcome::Pending => {}
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "the switchover of cluster {cluster} to server {} is still under way; see the routing table",
+                        begun.to
+                    )));
+                }
+            }
+        }
+    }
+
     type LeaseStream = Pin<Box<dyn Stream<Item = Result<RoleUpdate, Status>> + Send>>;
 
     async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<Self::LeaseStream>, Status> {
@@ -521,6 +609,35 @@ pub async fn promote(args: &crate::cli::PromoteArgs) -> Result<()> {
         println!("warning: {}", reply.warning);
     }
     Ok(())
+}
+
+/// `sns-node switchover`: asks the coordinator for a planned switchover,
+/// and says how it went.
+#[allow(clippy::print_stdout, reason = "a command-line tool's answer goes to stdout")]
+pub async fn switchover(args: &crate::cli::SwitchoverArgs) -> Result<()> {
+    use sns_proto::internal::coord_admin_client::CoordAdminClient;
+    let channel =
+        net::channel_with_timeout(&args.coord.coord_host, &args.coord.coord_port.to_string(), SWITCHOVER_PATIENCE)?;
+    let req = SwitchoverRequest { cluster: args.cluster, to: args.to.unwrap_or(0) };
+    let reply = CoordAdminClient::new(channel)
+        .switchover(req)
+        .await
+        .map_err(|s| crate::error::Error::Other(format!("the coordinator refused: {}", s.message())))?
+        .into_inner();
+    println!("{}", describe_switchover(args.cluster, &reply));
+    Ok(())
+}
+
+/// One line on a finished switchover (the CLI's and the launcher's answer).
+pub fn describe_switchover(cluster: u32, r: &SwitchoverReply) -> String {
+    format!(
+        "cluster {cluster}: server {} is master under term {} (was server {}; {} in {} ms)",
+        r.to,
+        r.term,
+        r.from,
+        if r.stepped_down { "stepped down" } else { "its lease ran out" },
+        r.millis
+    )
 }
 
 /// Serves the coordinator on `listener` until `shutdown` is cancelled.

@@ -25,7 +25,12 @@
 //!   or an operator promotes one accepting the loss ([`Table::promote`]);
 //! - a server whose journal is damaged, or whose disk was replaced (new
 //!   incarnation), is dropped from the in-sync set;
-//! - a synchronizer is master exactly when its paired server is.
+//! - a synchronizer is master exactly when its paired server is;
+//! - a planned switchover ([`Table::begin_switchover`]) hands the role to
+//!   a live in-sync server: the master's lease is no longer renewed, and
+//!   the target is promoted as soon as the master says it stepped down
+//!   (or its lease ran out); if the target stops being a candidate first,
+//!   the switchover is abandoned and the master keeps its role.
 //!
 //! Decisions that change a record are proposed by [`Table::decide`] (and
 //! the two requests above), written to disk by the coordinator, and only
@@ -150,6 +155,37 @@ struct Entry {
     next_seq: u64,
 }
 
+/// A planned switchover under way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Handover {
+    from: u32,
+    to: u32,
+    /// The term `from` is master of.
+    term: u64,
+    /// `from` answered that it stopped acting as master.
+    stepped_down: bool,
+}
+
+/// Where a switchover stands, for the caller waiting on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwitchoverOutcome {
+    Pending,
+    /// The target is master under this term.
+    Done(u64),
+    /// It was abandoned, and why.
+    Abandoned(String),
+}
+
+/// A switchover just begun: who hands over to whom, under which term, and
+/// the table version the master's step-down carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Begun {
+    pub from: u32,
+    pub to: u32,
+    pub term: u64,
+    pub version: u64,
+}
+
 /// A record change proposed by [`Table::decide`], with why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -203,6 +239,10 @@ pub struct Table {
     changing: BTreeSet<u32>,
     /// Why each cluster without a master has none (for logs and clients).
     unavailable: BTreeMap<u32, String>,
+    /// Planned switchovers under way, by cluster.
+    handovers: BTreeMap<u32, Handover>,
+    /// Why the last switchover of a cluster was abandoned.
+    abandoned: BTreeMap<u32, String>,
     next_order: u64,
     /// Bumped on every registration, role change and death.
     version: u64,
@@ -224,6 +264,8 @@ impl Table {
             leases: BTreeMap::new(),
             changing: BTreeSet::new(),
             unavailable: BTreeMap::new(),
+            handovers: BTreeMap::new(),
+            abandoned: BTreeMap::new(),
             next_order: 0,
             version: 0,
         }
@@ -276,6 +318,10 @@ impl Table {
     fn is_master(&self, cluster: u32, id: u32, now: Instant) -> bool {
         let Some(r) = self.records.get(&cluster) else { return false };
         if r.master != Some(id) || self.changing.contains(&cluster) {
+            return false;
+        }
+        // A master handing over is renewed no more.
+        if self.handovers.get(&cluster).is_some_and(|h| h.from == id) {
             return false;
         }
         let Some(e) = self.server(cluster, id) else { return false };
@@ -453,6 +499,21 @@ impl Table {
     fn failover(&mut self, now: Instant, cluster: u32, wake: &mut Option<Instant>) -> Option<Change> {
         let record = self.records.get(&cluster)?.clone();
         let old = record.master;
+        let handover = self.handovers.get(&cluster).cloned();
+        if let Some(h) = &handover
+            && (!self.candidate(cluster, h.to, now) || record.master != Some(h.from) || record.term != h.term)
+        {
+            let why = if self.candidate(cluster, h.to, now) {
+                format!("the master of cluster {cluster} changed (term {}) during the switchover", record.term)
+            } else {
+                format!(
+                    "server {} of cluster {cluster} stopped being a live, writable, in-sync server during the switchover; server {} keeps the role",
+                    h.to, h.from
+                )
+            };
+            self.end_switchover(cluster, Some(why));
+            return self.failover(now, cluster, wake);
+        }
         if let Some(m) = old {
             if self.is_master(cluster, m, now) {
                 self.unavailable.remove(&cluster);
@@ -461,9 +522,10 @@ impl Table {
             // A master that said it cannot serve (or came back as someone
             // else) stopped by itself; a silent one may still be serving
             // on its lease.
-            let stopped = self.server(cluster, m).is_some_and(|e| {
-                self.alive(e, now) && (e.unwritable || e.damaged || record.in_sync.get(&m) != Some(&e.incarnation))
-            });
+            let stopped = handover.as_ref().is_some_and(|h| h.stepped_down)
+                || self.server(cluster, m).is_some_and(|e| {
+                    self.alive(e, now) && (e.unwritable || e.damaged || record.in_sync.get(&m) != Some(&e.incarnation))
+                });
             if !stopped {
                 if self.server(cluster, m).is_none() && now < self.started + self.timeout {
                     // Just restarted: give the recorded master one timeout
@@ -478,12 +540,13 @@ impl Table {
                 }
             }
         }
-        let next = self
-            .nodes
-            .iter()
-            .filter(|((k, c, id), _)| *k == Kind::Server && *c == cluster && self.candidate(cluster, *id, now))
-            .min_by_key(|(_, e)| e.order)
-            .map(|((_, _, id), _)| *id);
+        let next = handover.as_ref().map(|h| h.to).or_else(|| {
+            self.nodes
+                .iter()
+                .filter(|((k, c, id), _)| *k == Kind::Server && *c == cluster && self.candidate(cluster, *id, now))
+                .min_by_key(|(_, e)| e.order)
+                .map(|((_, _, id), _)| *id)
+        });
         let Some(new) = next else {
             let in_sync: Vec<u32> = record.in_sync.keys().copied().collect();
             self.unavailable.insert(
@@ -520,6 +583,8 @@ impl Table {
         self.changing.remove(&change.cluster);
         if self.records.get(&change.cluster).map(|r| r.master) != Some(change.record.master) {
             self.leases.remove(&change.cluster);
+            // A new master ends any switchover (done, or overtaken).
+            self.handovers.remove(&change.cluster);
         }
         self.records.insert(change.cluster, change.record.clone());
         self.unavailable.remove(&change.cluster);
@@ -603,7 +668,7 @@ impl Table {
                 "cluster {cluster} has a live master (server {m}); nothing to override"
             )));
         }
-        if self.changing.contains(&cluster) {
+        if self.changing.contains(&cluster) || self.handovers.contains_key(&cluster) {
             return Err(Refusal::Invalid(format!("cluster {cluster} is changing master; try again")));
         }
         let safe = self.candidate(cluster, server, now);
@@ -635,6 +700,97 @@ impl Table {
         let old = self.records.get(&cluster).and_then(|r| r.master);
         self.changing.insert(cluster);
         Ok(Change { cluster, record, why: Why::Promotion { old, new: server } })
+    }
+
+    /// Begins a planned switchover of `cluster` to `to` (None: its live
+    /// in-sync slave). From now on the master's lease is not renewed and
+    /// every answer tells it it is not master; [`Table::decide`] promotes
+    /// the target once the master stepped down or its lease ran out.
+    pub fn begin_switchover(&mut self, now: Instant, cluster: u32, to: Option<u32>) -> Result<Begun, Refusal> {
+        if cluster < 1 || cluster > self.clusters {
+            return Err(Refusal::Invalid(format!("cluster {cluster} out of range 1..={}", self.clusters)));
+        }
+        let record = self.records.get(&cluster).cloned().unwrap_or_default();
+        let from = record.master.filter(|m| self.is_master(cluster, *m, now)).ok_or_else(|| {
+            Refusal::Invalid(match self.handovers.get(&cluster) {
+                Some(h) => format!("cluster {cluster} is already switching over to server {}", h.to),
+                None => format!("cluster {cluster} has no serving master to switch over from"),
+            })
+        })?;
+        let to = match to {
+            Some(to) => to,
+            None => self
+                .nodes
+                .iter()
+                .filter(|((k, c, id), _)| {
+                    *k == Kind::Server && *c == cluster && *id != from && self.candidate(cluster, *id, now)
+                })
+                .min_by_key(|(_, e)| e.order)
+                .map(|((_, _, id), _)| *id)
+                .ok_or_else(|| {
+                    Refusal::Unsafe(format!(
+                        "cluster {cluster} has no live server other than its master (server {from}) holding every acknowledged write; wait for its slave to catch up"
+                    ))
+                })?,
+        };
+        if to == from {
+            return Err(Refusal::Invalid(format!("server {to} is already the master of cluster {cluster}")));
+        }
+        if !self.candidate(cluster, to, now) {
+            let state = match self.server(cluster, to) {
+                None => "not registered",
+                Some(e) if !self.alive(e, now) => "not live",
+                Some(e) if e.damaged => "damaged",
+                Some(e) if e.unwritable => "unable to write its journal",
+                Some(_) => "not in sync (it may still be catching up)",
+            };
+            return Err(Refusal::Unsafe(format!(
+                "server {to} of cluster {cluster} is {state}: only a live server holding every acknowledged write can take over"
+            )));
+        }
+        self.abandoned.remove(&cluster);
+        self.handovers.insert(cluster, Handover { from, to, term: record.term, stepped_down: false });
+        self.version += 1;
+        Ok(Begun { from, to, term: record.term, version: self.version })
+    }
+
+    /// The master `from` of `term` answered that it stopped acting as
+    /// master: the target need not wait for its lease.
+    pub fn stepped_down(&mut self, cluster: u32, from: u32, term: u64) {
+        if let Some(h) = self.handovers.get_mut(&cluster)
+            && h.from == from
+            && h.term == term
+        {
+            h.stepped_down = true;
+        }
+    }
+
+    /// Ends a switchover without a promotion (`why`), or forgets one.
+    pub fn end_switchover(&mut self, cluster: u32, why: Option<String>) {
+        if self.handovers.remove(&cluster).is_some() {
+            self.version += 1;
+            if let Some(why) = why {
+                self.abandoned.insert(cluster, why);
+            }
+        }
+    }
+
+    /// Where the switchover of `cluster` from `from` to `to` (begun under
+    /// `term`) stands.
+    pub fn switchover_outcome(&self, cluster: u32, from: u32, to: u32, term: u64) -> SwitchoverOutcome {
+        if self.handovers.get(&cluster).is_some_and(|h| h.from == from && h.to == to && h.term == term) {
+            return SwitchoverOutcome::Pending;
+        }
+        match self.records.get(&cluster) {
+            Some(r) if r.master == Some(to) && r.term > term => SwitchoverOutcome::Done(r.term),
+            Some(r) if r.term > term => SwitchoverOutcome::Abandoned(format!(
+                "cluster {cluster} got another master (server {:?}, term {}) during the switchover",
+                r.master, r.term
+            )),
+            _ => SwitchoverOutcome::Abandoned(
+                self.abandoned.get(&cluster).cloned().unwrap_or_else(|| "the switchover was abandoned".into()),
+            ),
+        }
     }
 
     /// The role of a registered node (None if it never registered).
@@ -814,6 +970,98 @@ mod tests {
         // The old master comes back: slave, under the new term.
         let (a, registered) = t.heartbeat(t1 + L, &server(2, 1));
         assert!(registered && !a.is_master && a.term == 2);
+    }
+
+    #[test]
+    fn a_switchover_promotes_the_in_sync_slave_as_soon_as_the_master_stepped_down() {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        let t1 = t0 + Duration::from_secs(5);
+        t.heartbeat(t1, &server(2, 1)); // lease until t1 + L
+        let v = t.heartbeat(t1, &server(2, 2)).0.version;
+        let begun = t.begin_switchover(t1, 2, None).unwrap();
+        assert_eq!((begun.from, begun.to, begun.term), (1, 2, 1));
+        assert!(begun.version > v, "the master's step-down orders after every earlier answer");
+        let (a, _) = t.heartbeat(t1, &server(2, 1));
+        assert!(!a.is_master, "a master handing over is told it is not master");
+        assert!(t.master(t1, 2).is_none(), "clients are told to wait, not sent to the old master");
+        assert!(t.decide(t1).changes.is_empty(), "not before it stepped down or its lease ran out");
+        t.stepped_down(2, 1, 1);
+        let changes = settle(&mut t, t1);
+        assert_eq!(changes.len(), 1, "no lease wait: the master said it stopped");
+        assert_eq!(changes[0].record.master, Some(2));
+        assert_eq!(changes[0].record.term, 2);
+        assert!(changes[0].record.in_sync.contains_key(&1), "the old master still holds every write");
+        assert_eq!(t.switchover_outcome(2, 1, 2, 1), SwitchoverOutcome::Done(2));
+        assert!(t.heartbeat(t1, &server(2, 2)).0.is_master);
+        assert!(!t.heartbeat(t1, &server(2, 1)).0.is_master);
+    }
+
+    #[test]
+    fn a_switchover_whose_master_does_not_answer_waits_for_its_lease() {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        let t1 = t0 + Duration::from_secs(5);
+        t.heartbeat(t1, &server(2, 1));
+        t.heartbeat(t1, &server(2, 2));
+        t.begin_switchover(t1, 2, Some(2)).unwrap();
+        // A renewal attempt during the handover grants nothing.
+        t.heartbeat(t1 + L / 2, &server(2, 1));
+        let d = t.decide(t1 + L / 2);
+        assert!(d.changes.is_empty());
+        assert_eq!(d.wake_at, Some(t1 + L), "the lease granted before the switchover, not renewed");
+        let changes = settle(&mut t, t1 + L);
+        assert_eq!(changes[0].record.master, Some(2));
+    }
+
+    #[test]
+    fn a_switchover_is_refused_without_a_live_in_sync_target() {
+        let t0 = Instant::now();
+        let mut t = Table::starting_at(t0, 3, T, L);
+        t.heartbeat(t0, &server(2, 1));
+        settle(&mut t, t0);
+        assert!(matches!(t.begin_switchover(t0, 2, None), Err(Refusal::Unsafe(_))), "no slave at all");
+        t.heartbeat(t0, &server(2, 2));
+        let e = t.begin_switchover(t0, 2, Some(2)).unwrap_err();
+        assert!(e.to_string().contains("not in sync"), "{e}");
+        assert!(matches!(t.begin_switchover(t0, 2, Some(1)), Err(Refusal::Invalid(_))), "already master");
+        assert!(matches!(t.begin_switchover(t0, 1, None), Err(Refusal::Invalid(_))), "no master");
+        assert!(matches!(t.begin_switchover(t0, 9, None), Err(Refusal::Invalid(_))), "no such cluster");
+        let (a, _) = t.heartbeat(t0, &server(2, 1));
+        assert!(a.is_master, "a refused switchover changes nothing");
+    }
+
+    #[test]
+    fn a_switchover_whose_target_dies_is_abandoned_and_the_master_keeps_its_role() {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        t.begin_switchover(t0, 2, None).unwrap();
+        assert!(matches!(t.begin_switchover(t0, 2, None), Err(Refusal::Invalid(_))), "one at a time");
+        assert!(t.promote(t0, 2, 2, false).is_err(), "no override during a switchover");
+        t.stepped_down(2, 1, 1);
+        t.mark_dead(t0, Kind::Server, 2, 2);
+        let changes = settle(&mut t, t0);
+        assert!(changes.is_empty(), "{changes:?}");
+        let SwitchoverOutcome::Abandoned(why) = t.switchover_outcome(2, 1, 2, 1) else { panic!("not abandoned") };
+        assert!(why.contains("server 2"), "{why}");
+        let (a, _) = t.heartbeat(t0, &server(2, 1));
+        assert!(a.is_master && a.term == 1, "the old master takes its role back, same term");
+        assert_eq!(t.master(t0, 2).unwrap().id, 1);
+    }
+
+    #[test]
+    fn a_master_that_dies_during_a_switchover_is_replaced_by_the_target() {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        let t1 = t0 + Duration::from_secs(5);
+        t.heartbeat(t1, &server(2, 1));
+        t.heartbeat(t1, &server(2, 2));
+        t.begin_switchover(t1, 2, None).unwrap();
+        t.mark_dead(t1, Kind::Server, 2, 1);
+        assert!(t.decide(t1).changes.is_empty(), "still within its lease");
+        let changes = settle(&mut t, t1 + L);
+        assert_eq!(changes[0].record.master, Some(2));
+        assert_eq!(t.switchover_outcome(2, 1, 2, 1), SwitchoverOutcome::Done(2));
     }
 
     #[test]

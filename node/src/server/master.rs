@@ -109,7 +109,9 @@ impl Node {
             .map_err(|e| Error::Other(format!("apply task failed: {e}")))?;
         match verdict {
             Ok(()) => {
-                let term = self.role().term;
+                // The term the entries were committed under (the role may
+                // have moved on while they were: a pause, a switchover).
+                let term = role.term;
                 if lock(&self.0.master_terms).insert(term) {
                     // One line per term: tests check no two servers of a
                     // cluster ever log the same term.

@@ -267,7 +267,7 @@ pub async fn serve(
         tokio::spawn(commit::commit_loop(node.clone(), queued, shutdown.clone())),
     ];
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<sns_proto::csce438::sns_service_server::SnsServiceServer<sns::Sns>>().await;
+    let health_task = tokio::spawn(role::health_loop(node.clone(), health, shutdown.clone()));
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(sns::service(node.clone(), shutdown.clone()))
@@ -277,6 +277,7 @@ pub async fn serve(
     for t in tasks {
         t.abort();
     }
+    health_task.abort();
     node.flush_views().await;
     Ok(result?)
 }

@@ -8,7 +8,7 @@ use futures_util::StreamExt as _;
 use sns_proto::internal::replica_server::{Replica, ReplicaServer};
 use sns_proto::internal::{
     AckReply, AckRequest, ApplyReply, InstallReply, RejectedEvent, ReplicateReply, ReplicateRequest, ServerStatus,
-    ServingState, SnapshotChunk, StatusRequest, SyncBatch, SyncEvent, TailRequest,
+    ServingState, SnapshotChunk, StatusRequest, StepDownReply, StepDownRequest, SyncBatch, SyncEvent, TailRequest,
 };
 use std::pin::Pin;
 use tokio::sync::mpsc;
@@ -54,6 +54,19 @@ impl Replica for ReplicaService {
         }
         self.node.apply_replicated(req.term, entries, req.published_upto).await?;
         Ok(Response::new(ReplicateReply {}))
+    }
+
+    async fn step_down(&self, req: Request<StepDownRequest>) -> Result<Response<StepDownReply>, Status> {
+        let req = req.into_inner();
+        if req.cluster != self.node.cfg().cluster {
+            return Err(Status::invalid_argument(format!(
+                "step-down for cluster {} sent to a server of cluster {}",
+                req.cluster,
+                self.node.cfg().cluster
+            )));
+        }
+        let next_seq = self.node.step_down(req.term, (req.epoch, req.version)).await?;
+        Ok(Response::new(StepDownReply { next_seq }))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<ServerStatus>, Status> {

@@ -118,6 +118,33 @@ impl Node {
         same
     }
 
+    /// A planned switchover: stops acting as master of `term` as if the
+    /// coordinator said so at `version`, then waits for the write under
+    /// way (if any) to finish, so every write this server will ever
+    /// acknowledge under `term` is decided. Refused when the coordinator
+    /// made it master again after asking (a newer answer).
+    pub async fn step_down(&self, term: u64, version: (u64, u64)) -> Result<u64> {
+        let cur = self.role();
+        if cur.term == term && cur.is_master && cur.version > version {
+            return Err(Error::StaleTerm(format!(
+                "server {} was made master of term {term} again after the switchover began",
+                self.0.cfg.id
+            )));
+        }
+        if cur.term <= term {
+            let stepped = Role { is_master: false, term, slave: None, version, ..Role::default() };
+            if self.adopt(stepped) && cur.is_master {
+                tracing::info!(term, "stepped down for a switchover");
+            }
+        }
+        self.update_serving();
+        // The writer holds the lane for the whole of a group: once we hold
+        // it, any group begun as master is journaled and forwarded (or
+        // failed), and later ones find this server not serving.
+        drop(self.0.lane.lock().await);
+        Ok(self.read(|s| s.next_seq()))
+    }
+
     /// Stops acting as master at once (a newer term exists, or this server
     /// cannot serve), and tells the coordinator.
     pub fn fence(&self, term: u64) {
@@ -285,6 +312,61 @@ pub(super) async fn lease_loop(node: Node, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(SLAVE_DISCOVERY) => {}
+        }
+    }
+}
+
+/// The gRPC health service a readiness probe asks: SERVING while this
+/// server does its part — a master serving clients on a current lease, or
+/// a slave that installed its master's state under the current term and
+/// takes its writes — and NOT_SERVING while it is catching up, fenced,
+/// without a role, or unable to trust or write its journal.
+pub const READINESS_SERVICE: &str = "readiness";
+
+/// Whether this server is ready, in the sense of [`READINESS_SERVICE`].
+fn ready(node: &Node) -> bool {
+    if node.damage().is_some() || node.unwritable().is_some() {
+        return false;
+    }
+    let role = node.role();
+    if role.is_master { *node.0.serving.borrow() } else { role.term > 0 && node.synced_term() == role.term }
+}
+
+/// Keeps the health service current. Three names answer: "" (the process
+/// is up: liveness, and the coordinator's probe), [`READINESS_SERVICE`],
+/// and `csce438.SNSService` (SERVING only while this server takes client
+/// requests: the master).
+pub(super) async fn health_loop(node: Node, health: tonic_health::server::HealthReporter, shutdown: CancellationToken) {
+    use tonic_health::ServingStatus::{NotServing, Serving};
+    let status = |on: bool| if on { Serving } else { NotServing };
+    health.set_service_status("", Serving).await;
+    let mut serving = node.watch_serving();
+    let mut role = node.watch_role();
+    let mut last: Option<(bool, bool)> = None;
+    loop {
+        // One statement per borrow: a watch's read guard held while
+        // `ready` reads the same watch deadlocks against a writer waiting
+        // in between.
+        let serving_now = *serving.borrow_and_update();
+        role.borrow_and_update();
+        let now = (serving_now, ready(&node));
+        if last != Some(now) {
+            health.set_service_status(READINESS_SERVICE, status(now.1)).await;
+            health
+                .set_service_status(
+                    <sns_proto::csce438::sns_service_server::SnsServiceServer<super::sns::Sns> as tonic::server::NamedService>::NAME,
+                    status(now.0),
+                )
+                .await;
+            last = Some(now);
+        }
+        // A slave's catch-up and a disk's health change without a watch:
+        // look again within a fraction of a probe period.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = serving.changed() => if r.is_err() { return },
+            r = role.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
 }
