@@ -54,7 +54,13 @@ fn smoke_run_writes_sane_figures() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(status.success(), "sns-bench --smoke failed ({status}):\n{stdout}\n{stderr}");
-    for row in ["post -> follower's stream", "sustained posts/s", "synchronizers' pattern", "slave rejoin"] {
+    for row in [
+        "post -> follower's stream",
+        "sustained posts/s",
+        "synchronizers' pattern",
+        "slave rejoin",
+        "planned switchover",
+    ] {
         assert!(stdout.contains(row), "no {row:?} in the table:\n{stdout}");
     }
 

@@ -207,15 +207,9 @@ pub enum Fault {
     /// SIGSTOP (a hung process that keeps its connections): `pause`, then
     /// `resume`; only missed heartbeats reveal it.
     Pause,
-}
-
-impl Fault {
-    fn verbs(self) -> (&'static str, &'static str, &'static str) {
-        match self {
-            Fault::Kill => ("kill", "killed ", "start"),
-            Fault::Pause => ("pause", "paused ", "resume"),
-        }
-    }
+    /// A planned switchover to the in-sync slave (`switchover <c>`); the
+    /// old master stays up and rejoins as slave by itself.
+    Switchover,
 }
 
 /// Faults of the master and how long a connected client waited.
@@ -258,7 +252,6 @@ pub async fn failover(
     per_kill: Duration,
     budget: Duration,
 ) -> Result<FailoverResult> {
-    let (verb, done, restore) = fault.verbs();
     let clusters = d.clusters;
     let mut r = FailoverResult::default();
     let deadline = Instant::now() + budget;
@@ -281,15 +274,25 @@ pub async fn failover(
         *next = next_is_follow(&reply, *next);
 
         let t0 = Instant::now();
-        let killed = tokio::task::block_in_place(|| d.command(&format!("{verb} master-{cluster}")))?;
-        let name = killed
-            .strip_prefix(done)
-            .and_then(|r| r.split_whitespace().next())
-            .ok_or_else(|| anyhow!("unexpected reply to {verb}: {killed:?}"))?
-            .to_string();
+        let (line, done) = match fault {
+            Fault::Kill => (format!("kill master-{cluster}"), "killed "),
+            Fault::Pause => (format!("pause master-{cluster}"), "paused "),
+            Fault::Switchover => (format!("switchover {cluster}"), "switched over: "),
+        };
+        let replied = tokio::task::block_in_place(|| d.command(&line))?;
+        let name = match fault {
+            // "switched over: cluster C: server N is master under term T (was server O; ...)"
+            Fault::Switchover => replied
+                .split("(was server ")
+                .nth(1)
+                .and_then(|r| r.split(';').next())
+                .map(|old| format!("server-{cluster}-{old}")),
+            _ => replied.strip_prefix(done).and_then(|r| r.split_whitespace().next()).map(str::to_string),
+        }
+        .ok_or_else(|| anyhow!("unexpected reply to {line}: {replied:?}"))?;
         let (reply, attempts) = retry_command(client, coord, target, *next, call_timeout, t0 + per_kill)
             .await
-            .with_context(|| format!("{verb} {k}: after {done}{name}"))?;
+            .with_context(|| format!("fault {k} ({line}): {replied}"))?;
         r.outage.push(ms(t0.elapsed()));
         r.attempts += attempts;
         if reply != "SUCCESS" {
@@ -298,7 +301,11 @@ pub async fn failover(
         *next = next_is_follow(&reply, *next);
 
         let t1 = Instant::now();
-        tokio::task::block_in_place(|| d.command(&format!("{restore} {name}")))?;
+        match fault {
+            Fault::Kill => drop(tokio::task::block_in_place(|| d.command(&format!("start {name}")))?),
+            Fault::Pause => drop(tokio::task::block_in_place(|| d.command(&format!("resume {name}")))?),
+            Fault::Switchover => {}
+        }
         let server_id: u32 = name
             .rsplit('-')
             .next()

@@ -99,6 +99,8 @@ pub struct Plan {
     pub kills: usize,
     /// SIGSTOPs of a master (a hung server), revealed by missed heartbeats.
     pub pauses: usize,
+    /// Planned switchovers, in turn over the clusters.
+    pub switchovers: usize,
     pub per_kill: Duration,
     pub failover_budget: Duration,
     /// Posts the catch-up cluster holds before its slave is killed, posts
@@ -149,6 +151,7 @@ impl Plan {
             drain: Duration::from_secs(20),
             kills: 10,
             pauses: 3,
+            switchovers: 9,
             // Detection plus generous room for the restart.
             per_kill: detection + Duration::from_secs(20),
             failover_budget: Duration::from_secs(300),
@@ -178,6 +181,7 @@ impl Plan {
                 drain: Duration::from_secs(5),
                 kills: 3,
                 pauses: 1,
+                switchovers: 3,
                 failover_budget: Duration::from_secs(8).max(detection * 4),
                 catchup_posts: 500,
                 catchup_extra: 50,
@@ -206,6 +210,7 @@ impl Plan {
                 drain: Duration::from_secs(3),
                 kills: 1,
                 pauses: 0,
+                switchovers: 1,
                 scale_clusters: &[3, 4],
                 scale_posts: 20,
                 failover_budget: Duration::from_secs(4).max(detection * 2),
@@ -665,6 +670,27 @@ impl Main<'_> {
         r.percentiles("failover_rejoin", "ms", &mut f.rejoin);
         r.int("failover_client_attempts", f.attempts as u64);
         r.int("failover_non_success_replies", f.non_success as u64);
+        if p.switchovers > 0 {
+            progress(self.t0, "failover: planned switchovers");
+            let mut s = measure::failover(
+                d,
+                self.coord,
+                clients,
+                measure::Fault::Switchover,
+                p.switchovers,
+                Duration::from_secs(1),
+                p.per_kill,
+                p.failover_budget,
+            )
+            .await?;
+            r.int("switchover_count", s.outage.len() as u64);
+            if let Some(v) = s.outage.median() {
+                r.num("switchover_outage_median_ms", v);
+            }
+            r.percentiles("switchover_outage", "ms", &mut s.outage);
+            r.percentiles("switchover_rejoin", "ms", &mut s.rejoin);
+            r.int("switchover_non_success_replies", s.non_success as u64);
+        }
         if p.pauses == 0 {
             return Ok(());
         }

@@ -22,6 +22,9 @@ pub const REQUIRED_KEYS: &[&str] = &[
     "failover_kills",
     "failover_heartbeat_ms",
     "failover_missed_heartbeats",
+    "switchover_outage_median_ms",
+    "switchover_outage_max_ms",
+    "switchover_count",
     "posts_per_s",
     "deliveries_per_s",
     "duplicate_deliveries",
@@ -327,6 +330,22 @@ impl Report {
                     ),
                     "- (informative)".into(),
                     format!("detection bound {}", fmt(f("failover_detection_bound_ms"), "ms")),
+                    "n/a".into(),
+                ],
+            );
+        }
+        if let Some(n) = f("switchover_count") {
+            rows.insert(
+                3,
+                [
+                    format!("  planned switchover -> next command ({n} switchovers)"),
+                    format!(
+                        "median {} max {}",
+                        fmt(f("switchover_outage_median_ms"), "ms"),
+                        fmt(f("switchover_outage_max_ms"), "ms")
+                    ),
+                    "- (informative)".into(),
+                    format!("gRPC {}", fmt(f("grpc_unary_baseline_p50_us").map(|v| v / 1000.0), "ms")),
                     "n/a".into(),
                 ],
             );
