@@ -258,6 +258,10 @@ pub struct SyncArgs {
     /// Let the broker delete this deployment's queues after they go unused this long.
     #[arg(long, env = "SNS_QUEUE_EXPIRES", value_parser = parse_duration)]
     pub queue_expires: Option<Duration>,
+    /// The type of the deployment's queues: quorum needs a broker cluster
+    /// of 3+ nodes; fixed when the queues are first declared.
+    #[arg(long, env = "SNS_QUEUE_TYPE", value_enum, default_value_t = crate::sync::topology::QueueType::Classic)]
+    pub queue_type: crate::sync::topology::QueueType,
     #[arg(long, env = "SNS_ADVERTISE_HOST", default_value = "127.0.0.1")]
     pub advertise_host: String,
     #[command(flatten)]
@@ -294,6 +298,7 @@ impl SyncArgs {
             amqp_url: self.amqp_url.clone(),
             deployment: self.deployment.clone(),
             queue_expires: self.queue_expires,
+            queue_type: self.queue_type,
             heartbeat: self.heartbeat.interval,
         })
     }

@@ -52,6 +52,10 @@ pub struct LocalArgs {
     /// Let the broker drop this deployment's queues after they go unused this long.
     #[arg(long, env = "SNS_QUEUE_EXPIRES")]
     pub queue_expires: Option<String>,
+    /// The type of the deployment's queues (passed to the synchronizers as
+    /// SNS_QUEUE_TYPE): quorum needs a broker cluster.
+    #[arg(long, env = "SNS_QUEUE_TYPE", value_enum, default_value_t = crate::sync::topology::QueueType::Classic)]
+    pub queue_type: crate::sync::topology::QueueType,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
     /// Do not try to start a local rabbitmq-server when no broker answers.
@@ -85,6 +89,7 @@ struct Launcher {
     /// Each server reaches the coordinator through its own relay, which
     /// `partition` cuts.
     relays: BTreeMap<String, Relay>,
+    queue_type: crate::sync::topology::QueueType,
 }
 
 pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
@@ -130,7 +135,14 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
     };
     let plan = topology::plan(&spec, &opts);
     let started = Instant::now();
-    let mut l = Launcher { bin, dir: dir.clone(), coord_port: 0, procs: BTreeMap::new(), relays: BTreeMap::new() };
+    let mut l = Launcher {
+        bin,
+        dir: dir.clone(),
+        coord_port: 0,
+        procs: BTreeMap::new(),
+        relays: BTreeMap::new(),
+        queue_type: args.queue_type,
+    };
     for p in plan {
         l.procs.insert(p.name.clone(), Proc { port: p.port, plan: p, child: None });
     }
@@ -227,6 +239,7 @@ impl Launcher {
         }
         args.extend(["--port-file".to_string(), port_file.display().to_string()]);
         let mut cmd = Command::new(&self.bin);
+        cmd.env("SNS_QUEUE_TYPE", self.queue_type.as_str());
         cmd.args(&args).stdin(Stdio::null()).stdout(log).stderr(log2).kill_on_drop(true);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| Error::Other(format!("cannot start {}: {e}", self.bin.display())))?;

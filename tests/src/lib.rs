@@ -156,6 +156,8 @@ pub struct DeploymentBuilder {
     ready_timeout: Duration,
     /// Servers whose data directory is a small tmpfs: (cluster, id, bytes).
     tmpfs: Vec<(u32, u32, u64)>,
+    /// The launcher's `--queue-type`, when not the default.
+    queue_type: Option<String>,
 }
 
 impl Default for DeploymentBuilder {
@@ -170,6 +172,7 @@ impl Default for DeploymentBuilder {
             log: Some("info".into()),
             ready_timeout: Duration::from_secs(60),
             tmpfs: Vec::new(),
+            queue_type: None,
         }
     }
 }
@@ -229,6 +232,12 @@ impl DeploymentBuilder {
         self
     }
 
+    /// The type of the deployment's broker queues (`classic`, `quorum`).
+    pub fn queue_type(mut self, queue_type: &str) -> Self {
+        self.queue_type = Some(queue_type.to_string());
+        self
+    }
+
     /// Runs the launcher and waits for its `ready:` line.
     pub fn start(self) -> Result<Deployment> {
         let dir = tempfile::Builder::new().prefix("sns-e2e-").tempdir()?;
@@ -259,6 +268,9 @@ impl DeploymentBuilder {
             .arg(dir.path());
         if let Some(filter) = &self.log {
             cmd.env("SNS_LOG", filter);
+        }
+        if let Some(queue_type) = &self.queue_type {
+            cmd.args(["--queue-type", queue_type]);
         }
         let spawned = Instant::now();
         let mut child = cmd

@@ -55,6 +55,7 @@ pub struct SyncConfig {
     pub amqp_url: String,
     pub deployment: String,
     pub queue_expires: Option<Duration>,
+    pub queue_type: topology::QueueType,
     pub heartbeat: Duration,
 }
 
@@ -137,7 +138,7 @@ async fn bridge(cfg: SyncConfig, coord: Channel, shutdown: CancellationToken) {
             let server = find_server(&cfg, coord.clone(), &shutdown).await?;
             let conn = Connection::connect(&with_frame_max(&cfg.amqp_url), ConnectionProperties::default()).await?;
             let setup = conn.create_channel().await?;
-            topology::declare(&setup, &names, cfg.clusters, cfg.queue_expires).await?;
+            topology::declare(&setup, &names, cfg.clusters, cfg.queue_expires, cfg.queue_type).await?;
             tracing::info!(server = %server, "connected to server and broker");
             let consumer = consume_while_master(&cfg, &names, &conn, ReplicaClient::new(net::channel_to(&server)?));
             let publisher = publish(&names, &conn, ReplicaClient::new(net::channel_to(&server)?), &shutdown);

@@ -12,6 +12,12 @@
 //!   during a handover, one of them at a time gets deliveries;
 //! - `<dep>.dead`: dead-letter exchange and queue for malformed messages.
 //!
+//! The queues are classic (one broker node) or quorum (replicated by Raft
+//! over a RabbitMQ cluster of three or more nodes, so a broker node's loss
+//! loses no confirmed message): [`QueueType`]. A queue's type is fixed
+//! when it is first declared; declaring it again with the other type is
+//! refused by the broker, and [`declare`] says how to change it.
+//!
 //! Every synchronizer declares the whole topology (it is idempotent), so no
 //! event is dropped as unroutable because its receiver has not started yet.
 
@@ -21,6 +27,25 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 use sns_proto::internal::SyncEvent;
 use std::time::Duration;
+
+/// The type of the deployment's queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum QueueType {
+    /// Classic queues: fine with a single broker node.
+    #[default]
+    Classic,
+    /// Quorum queues: replicated over a broker cluster (3+ nodes).
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
@@ -55,7 +80,13 @@ pub fn bindings(cluster: u32) -> Vec<String> {
 }
 
 /// Declares exchanges, every cluster's queue and their bindings.
-pub async fn declare(channel: &Channel, names: &Names, clusters: u32, expires: Option<Duration>) -> Result<()> {
+pub async fn declare(
+    channel: &Channel,
+    names: &Names,
+    clusters: u32,
+    expires: Option<Duration>,
+    queue_type: QueueType,
+) -> Result<()> {
     let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
     channel
         .exchange_declare(names.exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
@@ -67,8 +98,21 @@ pub async fn declare(channel: &Channel, names: &Names, clusters: u32, expires: O
         // more (test runs), never those of a live one.
         args.insert("x-expires".into(), AMQPValue::LongLongInt(expires.as_millis() as i64));
     }
+    args.insert("x-queue-type".into(), AMQPValue::LongString(queue_type.as_str().into()));
     let mut dead_args = args.clone();
-    channel.queue_declare(names.dead.as_str().into(), QueueDeclareOptions::durable(), dead_args.clone()).await?;
+    let declare_queue = |name: String, args: FieldTable| async move {
+        channel.queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args).await.map_err(|e| {
+            if e.to_string().contains("PRECONDITION_FAILED") {
+                crate::error::Error::Config(format!(
+                    "the broker refused queue {name} as a {} queue: it exists with other arguments (another queue type or expiry); to change a deployment's queue type, stop its synchronizers, let the queues drain, delete them (rabbitmqctl delete_queue {name}) and start again ({e})",
+                    queue_type.as_str()
+                ))
+            } else {
+                e.into()
+            }
+        })
+    };
+    declare_queue(names.dead.clone(), dead_args.clone()).await?;
     channel
         .queue_bind(
             names.dead.as_str().into(),
@@ -82,7 +126,7 @@ pub async fn declare(channel: &Channel, names: &Names, clusters: u32, expires: O
     dead_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     for cluster in 1..=clusters {
         let queue = names.queue(cluster);
-        channel.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), dead_args.clone()).await?;
+        declare_queue(queue.clone(), dead_args.clone()).await?;
         for key in bindings(cluster) {
             channel
                 .queue_bind(

@@ -94,7 +94,7 @@ pub async fn run(url: &str, prefix: &str, p: Pattern) -> Result<SyncRate> {
         .await
         .with_context(|| format!("connecting to the broker at {url}"))?;
     let ch = setup.create_channel().await?;
-    topology::declare(&ch, &names, p.clusters, Some(QUEUE_EXPIRES))
+    topology::declare(&ch, &names, p.clusters, Some(QUEUE_EXPIRES), topology::QueueType::Classic)
         .await
         .map_err(|e| anyhow!("declaring the synchronizers' broker objects: {e}"))?;
     let result = run_on(url, &names, p).await;
