@@ -157,6 +157,7 @@ impl Deployment {
             missed: MISSED,
             lease: LEASE,
             data_dir: None,
+            secret: None,
         };
         let coordinator = Hosted::start("coordinator", move |listener| {
             // Never cancelled: a test stops a node by killing its runtime.
@@ -181,6 +182,7 @@ impl Deployment {
             advertise_host: "127.0.0.1".into(),
             data_dir: self.data.path().join(format!("cluster_{cluster}")).join(id.to_string()),
             heartbeat: HEARTBEAT,
+            secret: None,
         }
     }
 

@@ -75,6 +75,23 @@ pub struct HeartbeatArgs {
     pub missed: u32,
 }
 
+/// Where the deployment's secret comes from: a file, or the environment
+/// (`SNS_SECRET`, read directly so the value can never be a flag on a
+/// command line). Without either, node-to-node calls and events between
+/// clusters are not authenticated (the course's hand-run style).
+#[derive(Debug, Clone, Args)]
+pub struct SecretArgs {
+    /// File holding the deployment's secret (at least 32 characters).
+    #[arg(long, env = "SNS_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+}
+
+impl SecretArgs {
+    pub fn load(&self) -> crate::error::Result<Option<crate::auth::Secret>> {
+        crate::auth::Secret::load(self.secret_file.as_deref())
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ListenArgs {
     /// Address to listen on.
@@ -111,6 +128,8 @@ pub struct CoordinatorArgs {
     pub heartbeat: HeartbeatArgs,
     #[command(flatten)]
     pub listen: ListenArgs,
+    #[command(flatten)]
+    pub secret: SecretArgs,
 }
 
 impl CoordinatorArgs {
@@ -122,6 +141,7 @@ impl CoordinatorArgs {
             missed: self.heartbeat.missed,
             lease: self.lease,
             data_dir: Some(self.data_dir.clone()),
+            secret: None,
         }
     }
 }
@@ -140,6 +160,8 @@ pub struct PromoteArgs {
     /// what it lacks is lost.
     #[arg(long)]
     pub accept_data_loss: bool,
+    #[command(flatten)]
+    pub secret: SecretArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -156,6 +178,8 @@ pub struct SwitchoverArgs {
     /// slave).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub to: Option<u32>,
+    #[command(flatten)]
+    pub secret: SecretArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -197,6 +221,8 @@ pub struct ServerArgs {
     pub heartbeat: HeartbeatArgs,
     #[command(flatten)]
     pub listen: ListenArgs,
+    #[command(flatten)]
+    pub secret: SecretArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -222,6 +248,7 @@ impl ServerArgs {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(format!("cluster_{}", self.cluster)).join(self.id.to_string())),
             heartbeat: self.heartbeat.interval,
+            secret: None,
         })
     }
 }
@@ -268,6 +295,8 @@ pub struct SyncArgs {
     pub heartbeat: HeartbeatArgs,
     #[command(flatten)]
     pub listen: ListenArgs,
+    #[command(flatten)]
+    pub secret: SecretArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -300,6 +329,7 @@ impl SyncArgs {
             queue_expires: self.queue_expires,
             queue_type: self.queue_type,
             heartbeat: self.heartbeat.interval,
+            secret: None,
         })
     }
 }

@@ -67,6 +67,10 @@ pub struct LocalArgs {
     /// How long to wait for every node to be ready.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
+    /// The deployment's secret [default: `<dir>/secret`, made (mode 0600)
+    /// if missing]. Every node gets it through `SNS_SECRET_FILE`.
+    #[arg(long, env = "SNS_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
 }
 
 /// The console's commands, for the start-up hint and unknown commands.
@@ -90,6 +94,10 @@ struct Launcher {
     /// `partition` cuts.
     relays: BTreeMap<String, Relay>,
     queue_type: crate::sync::topology::QueueType,
+    /// The deployment's secret, handed to every node by path.
+    secret_file: PathBuf,
+    /// Adds its token to the launcher's own calls.
+    attach: crate::auth::Attach,
 }
 
 pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
@@ -135,6 +143,8 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
     };
     let plan = topology::plan(&spec, &opts);
     let started = Instant::now();
+    let secret_file = args.secret_file.clone().unwrap_or_else(|| dir.join("secret"));
+    let secret = crate::auth::ensure_secret_file(&secret_file)?;
     let mut l = Launcher {
         bin,
         dir: dir.clone(),
@@ -142,6 +152,8 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         procs: BTreeMap::new(),
         relays: BTreeMap::new(),
         queue_type: args.queue_type,
+        secret_file,
+        attach: crate::auth::Attach::new(Some(secret)),
     };
     for p in plan {
         l.procs.insert(p.name.clone(), Proc { port: p.port, plan: p, child: None });
@@ -176,6 +188,10 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         started.elapsed().as_millis(),
         l.coord_port,
         dir.display()
+    );
+    println!(
+        "node-to-node calls need the deployment secret in {} (sns-node promote/switchover: --secret-file)",
+        l.secret_file.display()
     );
     println!("connect a client with: tsc -h 127.0.0.1 -k {} -u <user id>", l.coord_port);
     println!("commands: {COMMANDS}  (names: server-2-1, sync-2-1, master-2, slave-2, coordinator)");
@@ -239,7 +255,9 @@ impl Launcher {
         }
         args.extend(["--port-file".to_string(), port_file.display().to_string()]);
         let mut cmd = Command::new(&self.bin);
-        cmd.env("SNS_QUEUE_TYPE", self.queue_type.as_str());
+        cmd.env("SNS_QUEUE_TYPE", self.queue_type.as_str())
+            .env("SNS_SECRET_FILE", &self.secret_file)
+            .env_remove("SNS_SECRET");
         cmd.args(&args).stdin(Stdio::null()).stdout(log).stderr(log2).kill_on_drop(true);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| Error::Other(format!("cannot start {}: {e}", self.bin.display())))?;
@@ -255,7 +273,7 @@ impl Launcher {
     /// every master forwards to a slave (when the cluster has two servers).
     async fn wait_ready(&self, spec: &DeploymentSpec, timeout: Duration, shutdown: &CancellationToken) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let mut admin = CoordAdminClient::new(net::channel("127.0.0.1", &self.coord_port.to_string())?);
+        let mut admin = CoordAdminClient::new(net::node_channel("127.0.0.1", &self.coord_port.to_string(), &self.attach)?);
         let expected = self.procs.len() - 1;
         let mut last = String::from("coordinator not answering");
         while Instant::now() < deadline && !shutdown.is_cancelled() {
@@ -268,7 +286,7 @@ impl Launcher {
                     if alive == expected && masters.len() == spec.clusters as usize {
                         let mut paired = 0;
                         for m in &masters {
-                            let status = match net::channel(&m.host, &m.port) {
+                            let status = match net::node_channel(&m.host, &m.port, &self.attach) {
                                 Ok(ch) => ReplicaClient::new(ch).status(StatusRequest {}).await.ok(),
                                 Err(_) => None,
                             };
@@ -328,7 +346,8 @@ impl Launcher {
             _ if self.procs.contains_key(target) => return Ok(target.to_string()),
             _ => return Err(format!("unknown process {target:?}")),
         };
-        let ch = net::channel("127.0.0.1", &self.coord_port.to_string()).map_err(|e| e.to_string())?;
+        let ch =
+            net::node_channel("127.0.0.1", &self.coord_port.to_string(), &self.attach).map_err(|e| e.to_string())?;
         let table = CoordAdminClient::new(ch).table(TableRequest {}).await.map_err(|e| e.message().to_string())?;
         let want_master = which == "master";
         table
@@ -413,7 +432,8 @@ impl Launcher {
             },
         };
         let port = self.coord_port.to_string();
-        let channel = match net::channel_with_timeout("127.0.0.1", &port, crate::coordinator::SWITCHOVER_PATIENCE) {
+        let patience = crate::coordinator::SWITCHOVER_PATIENCE;
+        let channel = match net::node_channel_with_timeout("127.0.0.1", &port, patience, &self.attach) {
             Ok(c) => c,
             Err(e) => return format!("error: {e}"),
         };
@@ -430,7 +450,7 @@ impl Launcher {
             return format!("error: {name} is not a server");
         };
         let req = sns_proto::internal::PromoteRequest { cluster, server: id, accept_data_loss };
-        let channel = match net::channel("127.0.0.1", &self.coord_port.to_string()) {
+        let channel = match net::node_channel("127.0.0.1", &self.coord_port.to_string(), &self.attach) {
             Ok(c) => c,
             Err(e) => return format!("error: {e}"),
         };

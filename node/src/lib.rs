@@ -6,6 +6,7 @@
 //! - [`store`]: journal, state machine and the spec's files;
 //! - [`topology`] and [`launcher`]: one deployment plan, run as local processes.
 
+pub mod auth;
 pub mod cli;
 pub mod coordinator;
 pub mod error;
@@ -20,6 +21,9 @@ pub mod telemetry;
 pub mod topology;
 
 use cli::{Cli, Command};
+use coordinator::CoordinatorConfig;
+use server::ServerConfig;
+use sync::SyncConfig;
 use error::{Error, Result};
 use tokio_util::sync::CancellationToken;
 
@@ -35,10 +39,11 @@ pub fn run(cli: Cli) -> Result<()> {
         match cli.command {
             Command::Coordinator(a) => {
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
-                coordinator::run(a.config(), listener, shutdown).await
+                let cfg = CoordinatorConfig { secret: a.secret.load()?, ..a.config() };
+                coordinator::run(cfg, listener, shutdown).await
             }
             Command::Server(a) => {
-                let cfg = a.config().map_err(Error::Config)?;
+                let cfg = ServerConfig { secret: a.secret.load()?, ..a.config().map_err(Error::Config)? };
                 // The port file is written once the store is open, so a
                 // launcher that starts servers one after another has them
                 // register in that order (the first becomes master).
@@ -46,7 +51,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 server::serve(cfg, listener, a.listen.port_file.as_deref(), shutdown).await
             }
             Command::Synchronizer(a) => {
-                let cfg = a.config().map_err(Error::Config)?;
+                let cfg = SyncConfig { secret: a.secret.load()?, ..a.config().map_err(Error::Config)? };
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 sync::run(cfg, listener, shutdown).await
             }

@@ -5,7 +5,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use crate::auth::Attach;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// A channel for node-to-node calls: every call carries the deployment's
+/// token (see [`crate::auth`]).
+pub type NodeChannel = InterceptedService<Channel, Attach>;
 
 /// How long to wait for a TCP connection to a peer on the same network.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -56,6 +62,21 @@ pub fn channel_with_timeout(host: &str, port: &str, timeout: Duration) -> Result
         .timeout(timeout)
         .tcp_nodelay(true);
     Ok(endpoint.connect_lazy())
+}
+
+/// A lazily connecting node-to-node channel to `host:port`.
+pub fn node_channel(host: &str, port: &str, attach: &Attach) -> Result<NodeChannel> {
+    Ok(InterceptedService::new(channel(host, port)?, attach.clone()))
+}
+
+/// As [`node_channel`], for calls that may take up to `timeout`.
+pub fn node_channel_with_timeout(host: &str, port: &str, timeout: Duration, attach: &Attach) -> Result<NodeChannel> {
+    Ok(InterceptedService::new(channel_with_timeout(host, port, timeout)?, attach.clone()))
+}
+
+/// A node-to-node channel to `host:port` given as one string.
+pub fn node_channel_to(addr: &str, attach: &Attach) -> Result<NodeChannel> {
+    Ok(InterceptedService::new(channel_to(addr)?, attach.clone()))
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod disk;
 pub mod load;
 pub mod nodes;
+pub mod secret;
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::{BTreeMap, BTreeSet};
@@ -265,7 +266,9 @@ impl DeploymentBuilder {
             ])
             .args(["--no-broker-start", "--amqp-url", &amqp_url()])
             .arg("--dir")
-            .arg(dir.path());
+            .arg(dir.path())
+            .arg("--secret-file")
+            .arg(secret::file());
         if let Some(filter) = &self.log {
             cmd.env("SNS_LOG", filter);
         }

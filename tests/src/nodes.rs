@@ -25,7 +25,7 @@ const CALL: Duration = Duration::from_secs(2);
 /// The coordinator's whole routing table.
 pub async fn table(coord_port: u16) -> Result<Vec<Node>> {
     let call = async {
-        let mut admin = CoordAdminClient::connect(format!("http://127.0.0.1:{coord_port}")).await?;
+        let mut admin = CoordAdminClient::new(crate::secret::channel("127.0.0.1", &coord_port.to_string())?);
         anyhow::Ok(admin.table(TableRequest {}).await?.into_inner().nodes)
     };
     tokio::time::timeout(CALL, call).await.map_err(|_| anyhow!("coordinator did not answer within {CALL:?}"))?
@@ -39,7 +39,7 @@ pub async fn status(node: &Node) -> Result<ServerStatus> {
 /// `Replica.Status` of the server at `host:port`.
 pub async fn status_at(host: &str, port: &str) -> Result<ServerStatus> {
     let call = async {
-        let mut c = ReplicaClient::connect(format!("http://{host}:{port}")).await?;
+        let mut c = ReplicaClient::new(crate::secret::channel(host, port)?);
         anyhow::Ok(c.status(StatusRequest {}).await?.into_inner())
     };
     tokio::time::timeout(CALL, call).await.map_err(|_| anyhow!("{host}:{port} did not answer within {CALL:?}"))?

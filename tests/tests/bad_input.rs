@@ -122,13 +122,15 @@ fn malformed_broker_messages_are_dead_lettered() -> anyhow::Result<()> {
         let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
         let ch = conn.create_channel().await?;
         let exchange = format!("{}.events", d.name);
+        // Sealed with the deployment's key, so that it is the decoding
+        // that refuses them (the security suite sends unsealed ones).
         for (key, body) in [("to.2", &b"\xff\xfe garbage"[..]), ("to.2", &b""[..])] {
             ch.basic_publish(
                 exchange.as_str().into(),
                 key.into(),
                 BasicPublishOptions::default(),
                 body,
-                BasicProperties::default(),
+                BasicProperties::default().with_headers(sns_e2e::secret::sealed("", body, None)),
             )
             .await?
             .await?;
@@ -182,7 +184,11 @@ fn a_forged_event_is_dead_lettered_and_later_events_still_apply() -> anyhow::Res
             recipients: vec![],
         };
         let body = SyncBatch { events: vec![forged] }.encode_to_vec();
-        let props = BasicProperties::default().with_type(sns_node::store::codec::BATCH_TYPE.into());
+        // Sealed with the deployment's key: the MAC holds, the stream
+        // position is what gives it away.
+        let props = BasicProperties::default()
+            .with_type(sns_node::store::codec::BATCH_TYPE.into())
+            .with_headers(sns_e2e::secret::sealed(sns_node::store::codec::BATCH_TYPE, &body, None));
         ch.basic_publish(
             format!("{}.events", d.name).as_str().into(),
             "to.2".into(),

@@ -49,6 +49,9 @@ pub struct CoordinatorConfig {
     pub lease: Duration,
     /// Where the records live; None keeps them in memory only (tests).
     pub data_dir: Option<PathBuf>,
+    /// The deployment's secret: heartbeats and `CoordAdmin` calls must
+    /// carry its token (None: open, the course's hand-run style).
+    pub secret: Option<crate::auth::Secret>,
 }
 
 impl CoordinatorConfig {
@@ -79,6 +82,11 @@ pub struct Coordinator {
     kick: Arc<Notify>,
     jobs: mpsc::Sender<Job>,
     shutdown: CancellationToken,
+    /// Checks the deployment's token on heartbeats (and, as the
+    /// interceptor of `CoordAdmin`, on every admin call).
+    check: crate::auth::Check,
+    /// Adds it to this coordinator's own calls to servers.
+    attach: crate::auth::Attach,
 }
 
 /// How long a client waits for a switchover's answer: the coordinator
@@ -113,6 +121,8 @@ impl Coordinator {
             kick: Arc::new(Notify::new()),
             jobs,
             shutdown,
+            check: crate::auth::Check::new(cfg.secret.clone()),
+            attach: crate::auth::Attach::new(cfg.secret.clone()),
         };
         Ok((coord.clone(), Elector { coord, file, jobs: rx, sweep: cfg.heartbeat / 2, unavailable: BTreeMap::new() }))
     }
@@ -149,7 +159,7 @@ impl Coordinator {
         let Some((host, port)) = self.with(|t| t.address(Kind::Server, cluster, begun.from)) else { return false };
         let req = StepDownRequest { cluster, term: begun.term, epoch: self.epoch, version: begun.version };
         let call = async {
-            let channel = net::channel(&host, &port).ok()?;
+            let channel = net::node_channel(&host, &port, &self.attach).ok()?;
             ReplicaClient::new(channel).step_down(req).await.ok()
         };
         // A master that does not answer within a lease is waited out.
@@ -340,6 +350,9 @@ fn none() -> ServerInfo {
 #[tonic::async_trait]
 impl CoordService for Coordinator {
     async fn heartbeat(&self, req: Request<ServerInfo>) -> Result<Response<Confirmation>, Status> {
+        // Registration steers the deployment: nodes only. The rest of
+        // CoordService is the clients' and stays open.
+        self.check.verify(req.metadata())?;
         let s = req.into_inner();
         let kind = Kind::parse(&s.r#type)
             .ok_or_else(|| Status::invalid_argument(format!("unknown node type {:?}", s.r#type)))?;
@@ -597,7 +610,8 @@ impl CoordAdmin for Coordinator {
 #[allow(clippy::print_stdout, reason = "a command-line tool's answer goes to stdout")]
 pub async fn promote(args: &crate::cli::PromoteArgs) -> Result<()> {
     use sns_proto::internal::coord_admin_client::CoordAdminClient;
-    let channel = net::channel(&args.coord.coord_host, &args.coord.coord_port.to_string())?;
+    let attach = crate::auth::Attach::new(args.secret.load()?);
+    let channel = net::node_channel(&args.coord.coord_host, &args.coord.coord_port.to_string(), &attach)?;
     let req = PromoteRequest { cluster: args.cluster, server: args.server, accept_data_loss: args.accept_data_loss };
     let reply = CoordAdminClient::new(channel)
         .promote(req)
@@ -616,8 +630,13 @@ pub async fn promote(args: &crate::cli::PromoteArgs) -> Result<()> {
 #[allow(clippy::print_stdout, reason = "a command-line tool's answer goes to stdout")]
 pub async fn switchover(args: &crate::cli::SwitchoverArgs) -> Result<()> {
     use sns_proto::internal::coord_admin_client::CoordAdminClient;
-    let channel =
-        net::channel_with_timeout(&args.coord.coord_host, &args.coord.coord_port.to_string(), SWITCHOVER_PATIENCE)?;
+    let attach = crate::auth::Attach::new(args.secret.load()?);
+    let channel = net::node_channel_with_timeout(
+        &args.coord.coord_host,
+        &args.coord.coord_port.to_string(),
+        SWITCHOVER_PATIENCE,
+        &attach,
+    )?;
     let req = SwitchoverRequest { cluster: args.cluster, to: args.to.unwrap_or(0) };
     let reply = CoordAdminClient::new(channel)
         .switchover(req)
@@ -650,7 +669,7 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: Cancel
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(CoordServiceServer::new(coord.clone()))
-        .add_service(CoordAdminServer::new(coord.clone()))
+        .add_service(CoordAdminServer::with_interceptor(coord.clone(), coord.check.clone()))
         .add_optional_service(cfg.gateway.then(|| gateway::service(coord)))
         .serve_with_incoming_shutdown(net::incoming(listener), shutdown.cancelled())
         .await;

@@ -34,7 +34,6 @@ use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{InSyncMember, InSyncRequest, ReplicateRequest};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// Pause between two attempts to reach the coordinator about a write.
@@ -244,13 +243,13 @@ impl Node {
         }
     }
 
-    fn slave_client(&self, host: &str, port: &str) -> Result<ReplicaClient<Channel>> {
+    fn slave_client(&self, host: &str, port: &str) -> Result<ReplicaClient<net::NodeChannel>> {
         let mut cached = lock(&self.0.slave);
         let addr = (host.to_string(), port.to_string());
         match cached.as_ref() {
             Some((a, client)) if *a == addr => Ok(client.clone()),
             _ => {
-                let client = ReplicaClient::new(net::channel(host, port)?);
+                let client = ReplicaClient::new(net::node_channel(host, port, &self.0.attach)?);
                 *cached = Some((addr, client.clone()));
                 Ok(client)
             }

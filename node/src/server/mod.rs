@@ -57,7 +57,6 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -69,6 +68,9 @@ pub struct ServerConfig {
     pub advertise_host: String,
     pub data_dir: PathBuf,
     pub heartbeat: Duration,
+    /// The deployment's secret: `Replica` calls must carry its token, and
+    /// this server's own calls to nodes carry it (None: open).
+    pub secret: Option<crate::auth::Secret>,
 }
 
 /// What the coordinator last told this server.
@@ -118,9 +120,11 @@ struct Inner {
     /// The highest local seq that is committed: only this much of the
     /// outbox may be published.
     stable: watch::Sender<u64>,
-    coord: Channel,
+    coord: net::NodeChannel,
+    /// Adds the deployment's token to this server's calls to other nodes.
+    attach: crate::auth::Attach,
     /// The replica client of the current slave, keyed by its address.
-    slave: Mutex<Option<(SlaveAddr, ReplicaClient<Channel>)>>,
+    slave: Mutex<Option<(SlaveAddr, ReplicaClient<net::NodeChannel>)>>,
     /// As master: the slave brought up to date under the current term.
     synced_slave: Mutex<Option<master::SyncedSlave>>,
     /// As a slave: the term whose master last installed a snapshot here.
@@ -143,7 +147,8 @@ impl Node {
     pub fn open(cfg: ServerConfig, port: u16) -> Result<(Node, mpsc::UnboundedReceiver<commit::Request>)> {
         let (log, store) = crate::store::open(&cfg.data_dir, cfg.cluster, cfg.clusters)?;
         let stable = store.state().next_seq() - 1;
-        let coord = net::channel(&cfg.coord_host, &cfg.coord_port.to_string())?;
+        let attach = crate::auth::Attach::new(cfg.secret.clone());
+        let coord = net::node_channel(&cfg.coord_host, &cfg.coord_port.to_string(), &attach)?;
         let (writes, queued) = mpsc::unbounded_channel();
         let node = Node(Arc::new(Inner {
             cfg,
@@ -161,6 +166,7 @@ impl Node {
             beat_now: Notify::new(),
             stable: watch::channel(stable).0,
             coord,
+            attach,
             slave: Mutex::new(None),
             synced_slave: Mutex::new(None),
             synced_term: AtomicU64::new(0),
@@ -271,7 +277,7 @@ pub async fn serve(
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(sns::service(node.clone(), shutdown.clone()))
-        .add_service(replica::service(node.clone(), shutdown.clone()))
+        .add_service(replica::service(node.clone(), shutdown.clone(), node.cfg().secret.clone()))
         .serve_with_incoming_shutdown(net::incoming(listener), shutdown.cancelled())
         .await;
     for t in tasks {

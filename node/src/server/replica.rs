@@ -22,8 +22,14 @@ pub struct ReplicaService {
     shutdown: CancellationToken,
 }
 
-pub fn service(node: Node, shutdown: CancellationToken) -> ReplicaServer<ReplicaService> {
-    ReplicaServer::new(ReplicaService { node, shutdown })
+/// The `Replica` service; every call must carry the deployment's token
+/// when `secret` is set (node-to-node only).
+pub fn service(
+    node: Node,
+    shutdown: CancellationToken,
+    secret: Option<crate::auth::Secret>,
+) -> tonic::service::interceptor::InterceptedService<ReplicaServer<ReplicaService>, crate::auth::Check> {
+    ReplicaServer::with_interceptor(ReplicaService { node, shutdown }, crate::auth::Check::new(secret))
 }
 
 /// How many outbox events one read of the store hands to the stream.

@@ -37,7 +37,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use lapin::types::AMQPValue;
 use topology::Names;
 
 #[derive(Debug, Clone)]
@@ -57,6 +57,10 @@ pub struct SyncConfig {
     pub queue_expires: Option<Duration>,
     pub queue_type: topology::QueueType,
     pub heartbeat: Duration,
+    /// The deployment's secret: calls to nodes carry its token, published
+    /// events its MAC, and consumed events without a valid one are
+    /// dead-lettered (None: neither).
+    pub secret: Option<crate::auth::Secret>,
 }
 
 /// Most events taken from the outbox for one publish (split into messages
@@ -87,7 +91,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 pub async fn run(cfg: SyncConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let port = net::local_port(&listener)?;
     tracing::info!(id = cfg.id, cluster = cfg.cluster, server = cfg.paired_server, port, deployment = %cfg.deployment, "synchronizer starting");
-    let coord = net::channel(&cfg.coord_host, &cfg.coord_port.to_string())?;
+    let attach = crate::auth::Attach::new(cfg.secret.clone());
+    let coord = net::node_channel(&cfg.coord_host, &cfg.coord_port.to_string(), &attach)?;
     let beats = tokio::spawn(heartbeats(cfg.clone(), port, coord.clone(), shutdown.clone()));
     let bridge = tokio::spawn(bridge(cfg, coord, shutdown.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -101,7 +106,7 @@ pub async fn run(cfg: SyncConfig, listener: TcpListener, shutdown: CancellationT
     Ok(served?)
 }
 
-async fn heartbeats(cfg: SyncConfig, port: u16, coord: Channel, shutdown: CancellationToken) {
+async fn heartbeats(cfg: SyncConfig, port: u16, coord: net::NodeChannel, shutdown: CancellationToken) {
     let mut client = CoordServiceClient::new(coord);
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -130,7 +135,7 @@ async fn heartbeats(cfg: SyncConfig, port: u16, coord: Channel, shutdown: Cancel
 }
 
 /// Connects server and broker, and reconnects whichever fails, forever.
-async fn bridge(cfg: SyncConfig, coord: Channel, shutdown: CancellationToken) {
+async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, shutdown: CancellationToken) {
     let names = Names::new(&cfg.deployment);
     let mut delay = RETRY_MIN;
     loop {
@@ -140,8 +145,16 @@ async fn bridge(cfg: SyncConfig, coord: Channel, shutdown: CancellationToken) {
             let setup = conn.create_channel().await?;
             topology::declare(&setup, &names, cfg.clusters, cfg.queue_expires, cfg.queue_type).await?;
             tracing::info!(server = %server, "connected to server and broker");
-            let consumer = consume_while_master(&cfg, &names, &conn, ReplicaClient::new(net::channel_to(&server)?));
-            let publisher = publish(&names, &conn, ReplicaClient::new(net::channel_to(&server)?), &shutdown);
+            let attach = crate::auth::Attach::new(cfg.secret.clone());
+            let consumer =
+                consume_while_master(&cfg, &names, &conn, ReplicaClient::new(net::node_channel_to(&server, &attach)?));
+            let publisher = publish(
+                &names,
+                &conn,
+                ReplicaClient::new(net::node_channel_to(&server, &attach)?),
+                cfg.secret.as_ref(),
+                &shutdown,
+            );
             let result = tokio::select! {
                 r = consumer => r,
                 r = publisher => r,
@@ -177,7 +190,7 @@ fn with_frame_max(url: &str) -> String {
 
 /// The address of this synchronizer's server: configured, or the live
 /// server of our cluster with our paired id in the coordinator's table.
-async fn find_server(cfg: &SyncConfig, coord: Channel, shutdown: &CancellationToken) -> Result<String> {
+async fn find_server(cfg: &SyncConfig, coord: net::NodeChannel, shutdown: &CancellationToken) -> Result<String> {
     if let Some(addr) = &cfg.server_addr {
         return Ok(addr.clone());
     }
@@ -210,7 +223,7 @@ async fn consume_while_master(
     cfg: &SyncConfig,
     names: &Names,
     conn: &Connection,
-    mut server: ReplicaClient<Channel>,
+    mut server: ReplicaClient<net::NodeChannel>,
 ) -> Result<()> {
     let mut states = server.watch_serving(TailRequest {}).await?.into_inner();
     loop {
@@ -252,7 +265,7 @@ async fn consume(
     cfg: &SyncConfig,
     names: &Names,
     channel: &AmqpChannel,
-    mut server: ReplicaClient<Channel>,
+    mut server: ReplicaClient<net::NodeChannel>,
 ) -> Result<()> {
     channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let queue = names.queue(cfg.cluster);
@@ -272,7 +285,18 @@ async fn consume(
         let mut last = None;
         while let Some(delivery) = next.take() {
             let delivery = delivery?;
-            let batch = delivery.properties.kind().as_ref().is_some_and(|k| k.as_str() == codec::BATCH_TYPE);
+            let kind = delivery.properties.kind().as_ref().map(|k| k.as_str().to_string()).unwrap_or_default();
+            if let Some(secret) = &cfg.secret
+                && !sealed_by(secret, &delivery)
+            {
+                tracing::error!(bytes = delivery.data.len(), routing_key = %delivery.routing_key, "broker message without this deployment's MAC (forged, or from another deployment): dead-lettered, not applied");
+                delivery.reject(BasicRejectOptions { requeue: false }).await?;
+                if events.len() < APPLY_BATCH {
+                    next = deliveries.next().now_or_never().flatten();
+                }
+                continue;
+            }
+            let batch = kind == codec::BATCH_TYPE;
             match codec::decode_message(&delivery.data, batch, cfg.clusters) {
                 Ok(decoded) if decoded.iter().all(|e| e.dest_cluster == cfg.cluster) => {
                     events.extend(decoded);
@@ -348,7 +372,8 @@ async fn dead_letter(channel: &AmqpChannel, names: &Names, event: &SyncEvent, re
 async fn publish(
     names: &Names,
     conn: &Connection,
-    server: ReplicaClient<Channel>,
+    server: ReplicaClient<net::NodeChannel>,
+    secret: Option<&crate::auth::Secret>,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let channel = conn.create_channel().await?;
@@ -377,7 +402,7 @@ async fn publish(
                                 Some(Ok(None)) | None => break,
                             }
                         }
-                        let confirms = send_batch(&channel, names, &batch).await?;
+                        let confirms = send_batch(&channel, names, &batch, secret).await?;
                         let (upto, count) = (batch.last().map_or(0, |e| e.seq), batch.len());
                         unconfirmed += count;
                         inflight.push_back(async move {
@@ -411,7 +436,7 @@ async fn publish(
 
 /// Tells the server how far the broker has confirmed its outbox, as often
 /// as a round trip allows (only the latest mark matters).
-async fn report_confirmed(mut server: ReplicaClient<Channel>, mut confirmed: watch::Receiver<u64>) -> Result<()> {
+async fn report_confirmed(mut server: ReplicaClient<net::NodeChannel>, mut confirmed: watch::Receiver<u64>) -> Result<()> {
     while confirmed.changed().await.is_ok() {
         let upto = *confirmed.borrow_and_update();
         server.ack_outbox(AckRequest { upto }).await?;
@@ -422,11 +447,22 @@ async fn report_confirmed(mut server: ReplicaClient<Channel>, mut confirmed: wat
 
 /// Sends outbox events, a message per run (see [`runs`]); returns the
 /// broker's confirms to wait for.
-async fn send_batch(channel: &AmqpChannel, names: &Names, batch: &[SyncEvent]) -> Result<Vec<lapin::PublisherConfirm>> {
+async fn send_batch(
+    channel: &AmqpChannel,
+    names: &Names,
+    batch: &[SyncEvent],
+    secret: Option<&crate::auth::Secret>,
+) -> Result<Vec<lapin::PublisherConfirm>> {
     let mut confirms = Vec::new();
     for (key, run) in runs(batch, MESSAGE_BYTES) {
         let (first, last) = (&run[0], &run[run.len() - 1]);
+        let body = codec::encode_batch(&run);
+        let mut headers = FieldTable::default();
+        if let Some(secret) = secret {
+            headers.insert(crate::auth::MAC_HEADER.into(), AMQPValue::LongString(secret.seal_message(codec::BATCH_TYPE, &body).into()));
+        }
         let props = BasicProperties::default()
+            .with_headers(headers)
             .with_delivery_mode(2) // persistent
             .with_content_type("application/x-protobuf".into())
             .with_type(codec::BATCH_TYPE.into())
@@ -438,13 +474,22 @@ async fn send_batch(channel: &AmqpChannel, names: &Names, batch: &[SyncEvent]) -
                 names.exchange.as_str().into(),
                 key.into(),
                 BasicPublishOptions::default(),
-                &codec::encode_batch(&run),
+                &body,
                 props,
             )
             .await?;
         confirms.push(confirm);
     }
     Ok(confirms)
+}
+
+/// Whether `delivery` carries a valid MAC of this deployment.
+fn sealed_by(secret: &crate::auth::Secret, delivery: &lapin::message::Delivery) -> bool {
+    let kind = delivery.properties.kind().as_ref().map(|k| k.as_str().to_string()).unwrap_or_default();
+    match delivery.properties.headers().as_ref().and_then(|h| h.inner().get(crate::auth::MAC_HEADER).cloned()) {
+        Some(AMQPValue::LongString(mac)) => secret.opens_message(&kind, &delivery.data, &mac.to_string()),
+        _ => false,
+    }
 }
 
 /// Splits outbox events into runs of one routing key (one destination) of

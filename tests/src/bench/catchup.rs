@@ -125,7 +125,7 @@ pub async fn measure(
 
 /// The ids of the live master and the live slave of `cluster`.
 async fn servers_of(coord_addr: &str, cluster: u32) -> Result<(u32, u32)> {
-    let mut admin = CoordAdminClient::new(grpc::lazy_channel(coord_addr)?);
+    let mut admin = CoordAdminClient::new(grpc::node_channel(coord_addr)?);
     let nodes = admin.table(TableRequest {}).await?.into_inner().nodes;
     let live = || nodes.iter().filter(|n| n.kind == "server" && n.cluster == cluster && n.alive);
     let master = live().find(|n| n.is_master).ok_or_else(|| anyhow!("cluster {cluster} has no master"))?;
@@ -135,7 +135,7 @@ async fn servers_of(coord_addr: &str, cluster: u32) -> Result<(u32, u32)> {
 
 /// Polls until server `master` of `cluster` reports no slave.
 async fn wait_alone(coord_addr: &str, cluster: u32, master: u32, deadline: Instant) -> Result<()> {
-    let mut admin = CoordAdminClient::new(grpc::lazy_channel(coord_addr)?);
+    let mut admin = CoordAdminClient::new(grpc::node_channel(coord_addr)?);
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline {
         let nodes = admin.table(TableRequest {}).await?.into_inner().nodes;
@@ -144,7 +144,7 @@ async fn wait_alone(coord_addr: &str, cluster: u32, master: u32, deadline: Insta
             .find(|n| n.kind == "server" && n.cluster == cluster && n.id == master)
             .ok_or_else(|| anyhow!("server {master} of cluster {cluster} is not in the table"))?;
         let addr = format!("{}:{}", node.host, node.port);
-        match ReplicaClient::new(grpc::lazy_channel(&addr)?).status(StatusRequest {}).await {
+        match ReplicaClient::new(grpc::node_channel(&addr)?).status(StatusRequest {}).await {
             Ok(st) if st.get_ref().slave.is_empty() => return Ok(()),
             Ok(st) => last = format!("it still forwards to {}", st.get_ref().slave),
             Err(e) => last = format!("status: {}", e.message()),

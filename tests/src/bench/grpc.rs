@@ -34,6 +34,13 @@ pub fn lazy_channel(addr: &str) -> Result<Channel> {
     Ok(endpoint(addr)?.timeout(CALL_TIMEOUT).connect_lazy())
 }
 
+/// A lazily connecting node-to-node channel (`CoordAdmin`, `Replica`),
+/// carrying the deployment's token.
+pub fn node_channel(addr: &str) -> Result<sns_node::net::NodeChannel> {
+    let channel = lazy_channel(addr)?;
+    Ok(tonic::service::interceptor::InterceptedService::new(channel, crate::secret::attach()))
+}
+
 /// A channel connected now (so the first call does not pay the handshake).
 pub async fn connect(addr: &str) -> Result<Channel> {
     endpoint(addr)?.timeout(CALL_TIMEOUT).connect().await.with_context(|| format!("connecting to {addr}"))

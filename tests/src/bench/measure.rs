@@ -387,7 +387,7 @@ pub async fn wait_synced_slave(
     poll: Duration,
     deadline: Instant,
 ) -> Result<ServerStatus> {
-    let mut admin = CoordAdminClient::new(grpc::lazy_channel(coord_addr)?);
+    let mut admin = CoordAdminClient::new(grpc::node_channel(coord_addr)?);
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline {
         match synced(&mut admin, cluster, id).await {
@@ -402,7 +402,7 @@ pub async fn wait_synced_slave(
 
 /// The master's status if server `id` is its synced slave, else why not.
 async fn synced(
-    admin: &mut CoordAdminClient<tonic::transport::Channel>,
+    admin: &mut CoordAdminClient<sns_node::net::NodeChannel>,
     cluster: u32,
     id: u32,
 ) -> Result<std::result::Result<ServerStatus, String>> {
@@ -416,7 +416,7 @@ async fn synced(
     };
     let status = |n: &sns_proto::internal::Node| {
         let addr = format!("{}:{}", n.host, n.port);
-        async move { anyhow::Ok(ReplicaClient::new(grpc::lazy_channel(&addr)?).status(StatusRequest {}).await?) }
+        async move { anyhow::Ok(ReplicaClient::new(grpc::node_channel(&addr)?).status(StatusRequest {}).await?) }
     };
     let m = status(master).await.context("master status")?.into_inner();
     let s = match status(slave).await {

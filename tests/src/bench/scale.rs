@@ -28,11 +28,11 @@ pub struct Scale {
 
 /// Sum of (sent, received) events over every live server.
 async fn counters(coord_port: u16) -> Result<(u64, u64)> {
-    let mut admin = CoordAdminClient::connect(format!("http://127.0.0.1:{coord_port}")).await?;
+    let mut admin = CoordAdminClient::new(super::grpc::node_channel(&format!("127.0.0.1:{coord_port}"))?);
     let nodes = admin.table(TableRequest {}).await?.into_inner().nodes;
     let (mut sent, mut received) = (0, 0);
     for n in nodes.iter().filter(|n| n.kind == "server" && n.alive) {
-        let mut c = ReplicaClient::connect(format!("http://{}:{}", n.host, n.port)).await?;
+        let mut c = ReplicaClient::new(super::grpc::node_channel(&format!("{}:{}", n.host, n.port))?);
         let s = c.status(StatusRequest {}).await?.into_inner();
         sent += s.sent_events;
         received += s.received_events;
