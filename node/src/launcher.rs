@@ -273,7 +273,8 @@ impl Launcher {
     /// every master forwards to a slave (when the cluster has two servers).
     async fn wait_ready(&self, spec: &DeploymentSpec, timeout: Duration, shutdown: &CancellationToken) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let mut admin = CoordAdminClient::new(net::node_channel("127.0.0.1", &self.coord_port.to_string(), &self.attach)?);
+        let mut admin =
+            CoordAdminClient::new(net::node_channel("127.0.0.1", &self.coord_port.to_string(), &self.attach)?);
         let expected = self.procs.len() - 1;
         let mut last = String::from("coordinator not answering");
         while Instant::now() < deadline && !shutdown.is_cancelled() {

@@ -22,9 +22,9 @@ pub mod topology;
 
 use cli::{Cli, Command};
 use coordinator::CoordinatorConfig;
+use error::{Error, Result};
 use server::ServerConfig;
 use sync::SyncConfig;
-use error::{Error, Result};
 use tokio_util::sync::CancellationToken;
 
 /// Runs the command `cli` names until it finishes or is told to stop.

@@ -1,11 +1,11 @@
 //! Small networking helpers shared by every node kind.
 
+use crate::auth::Attach;
 use crate::error::{Error, Result};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use crate::auth::Attach;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 

@@ -24,6 +24,7 @@ use crate::store::codec;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::AMQPValue;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel as AmqpChannel, Connection, ConnectionProperties};
 use prost::Message as _;
@@ -37,7 +38,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use lapin::types::AMQPValue;
 use topology::Names;
 
 #[derive(Debug, Clone)]
@@ -436,7 +436,10 @@ async fn publish(
 
 /// Tells the server how far the broker has confirmed its outbox, as often
 /// as a round trip allows (only the latest mark matters).
-async fn report_confirmed(mut server: ReplicaClient<net::NodeChannel>, mut confirmed: watch::Receiver<u64>) -> Result<()> {
+async fn report_confirmed(
+    mut server: ReplicaClient<net::NodeChannel>,
+    mut confirmed: watch::Receiver<u64>,
+) -> Result<()> {
     while confirmed.changed().await.is_ok() {
         let upto = *confirmed.borrow_and_update();
         server.ack_outbox(AckRequest { upto }).await?;
@@ -459,7 +462,10 @@ async fn send_batch(
         let body = codec::encode_batch(&run);
         let mut headers = FieldTable::default();
         if let Some(secret) = secret {
-            headers.insert(crate::auth::MAC_HEADER.into(), AMQPValue::LongString(secret.seal_message(codec::BATCH_TYPE, &body).into()));
+            headers.insert(
+                crate::auth::MAC_HEADER.into(),
+                AMQPValue::LongString(secret.seal_message(codec::BATCH_TYPE, &body).into()),
+            );
         }
         let props = BasicProperties::default()
             .with_headers(headers)
@@ -470,13 +476,7 @@ async fn send_batch(
                 format!("{}>{}:{}-{}", first.origin_cluster, first.dest_cluster, first.dest_seq, last.dest_seq).into(),
             );
         let confirm = channel
-            .basic_publish(
-                names.exchange.as_str().into(),
-                key.into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
+            .basic_publish(names.exchange.as_str().into(), key.into(), BasicPublishOptions::default(), &body, props)
             .await?;
         confirms.push(confirm);
     }
