@@ -380,6 +380,7 @@ async fn cleanup(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
     tracing::info!(note, "cleanup");
     ctx.publish(&obj, false, "Deleting", "Delete", note.into()).await;
     ctx.applied.lock().expect("applied lock").remove(&key(&obj));
+    ctx.routing.forget(&names.coordinator_endpoint());
     Ok(Action::await_change())
 }
 
@@ -684,6 +685,7 @@ mod tests {
         obj.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
         let action = reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
         assert_eq!(action, Action::await_change());
+        assert_eq!(mock.table.forgotten.lock().unwrap().len(), 1, "the coordinator's channel is closed");
         let calls = mock.calls().await;
         assert_eq!(
             lines(&calls),
@@ -706,6 +708,8 @@ mod tests {
         let mut obj = finalized(cluster("demo", json!({"storage": {"retention": "Delete"}})));
         obj.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
         reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
+        let forgotten = mock.table.forgotten.lock().unwrap().clone();
+        assert_eq!(forgotten, ["http://demo-coordinator.prod.svc:9000"], "its coordinator's channel is closed");
         let calls = mock.calls().await;
         assert_eq!(
             lines(&calls),

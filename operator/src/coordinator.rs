@@ -37,6 +37,9 @@ pub trait RoutingTable: Send + Sync + 'static {
     /// The routing table of the coordinator at `endpoint`
     /// (`http://host:port`).
     fn table<'a>(&'a self, endpoint: &'a str) -> BoxFuture<'a, Result<Vec<NodeView>>>;
+    /// Forgets the coordinator at `endpoint`: its SnsCluster is gone, so
+    /// whatever is kept for it (a connection) is released.
+    fn forget(&self, endpoint: &str);
 }
 
 /// `CoordAdmin.Table` over gRPC, one lazily connected channel per
@@ -67,10 +70,9 @@ impl GrpcRoutingTable {
         Ok(c)
     }
 
-    /// Drops the channel of a coordinator that is gone (its SnsCluster was
-    /// deleted).
-    pub fn forget(&self, endpoint: &str) {
-        self.channels.lock().expect("channel map lock").remove(endpoint);
+    /// How many coordinators this client holds a channel to.
+    pub fn channels(&self) -> usize {
+        self.channels.lock().expect("channel map lock").len()
     }
 }
 
@@ -105,6 +107,13 @@ impl RoutingTable for GrpcRoutingTable {
                 .collect())
         })
     }
+
+    /// Drops the channel of a coordinator that is gone: the last clone of
+    /// a tonic `Channel` going closes its connection, and a later SnsCluster
+    /// of the same name starts with a fresh one.
+    fn forget(&self, endpoint: &str) {
+        self.channels.lock().expect("channel map lock").remove(endpoint);
+    }
 }
 
 #[cfg(test)]
@@ -120,5 +129,17 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(err.reason(), "CoordinatorUnreachable");
         assert!(t.table("not a url").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn forget_drops_the_channel() {
+        let t = GrpcRoutingTable::new(Duration::from_millis(200));
+        t.table("http://127.0.0.1:9").await.unwrap_err();
+        t.table("http://127.0.0.2:9").await.unwrap_err();
+        assert_eq!(t.channels(), 2, "one lazily made channel per coordinator, kept between polls");
+        t.forget("http://127.0.0.1:9");
+        assert_eq!(t.channels(), 1);
+        t.forget("http://127.0.0.1:9");
+        assert_eq!(t.channels(), 1, "forgetting twice is harmless");
     }
 }

@@ -61,15 +61,24 @@ pub fn server_pod(instance: &str, cluster: u32, server: u32, role: Option<&str>)
     pod
 }
 
-/// A routing table that answers from memory (or fails, when None).
-pub struct FixedTable(pub Mutex<Option<Vec<NodeView>>>);
+/// A routing table that answers from memory (or fails, when None), and
+/// remembers which coordinators it was told to forget.
+#[derive(Default)]
+pub struct FixedTable {
+    pub answer: Mutex<Option<Vec<NodeView>>>,
+    pub forgotten: Mutex<Vec<String>>,
+}
 
 impl RoutingTable for FixedTable {
     fn table<'a>(&'a self, endpoint: &'a str) -> BoxFuture<'a, Result<Vec<NodeView>>> {
-        let answer = self.0.lock().unwrap().clone();
+        let answer = self.answer.lock().unwrap().clone();
         Box::pin(async move {
             answer.ok_or_else(|| Error::Coordinator { endpoint: endpoint.into(), reason: "connection refused".into() })
         })
+    }
+
+    fn forget(&self, endpoint: &str) {
+        self.forgotten.lock().unwrap().push(endpoint.to_string());
     }
 }
 
@@ -118,7 +127,7 @@ impl Mock {
     pub fn new(world: World, table: Option<Vec<NodeView>>) -> Mock {
         let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
-        let fixed = Arc::new(FixedTable(Mutex::new(table)));
+        let fixed = Arc::new(FixedTable { answer: Mutex::new(table), ..Default::default() });
         let ctx = Context::new(
             client,
             fixed.clone(),
@@ -153,7 +162,7 @@ impl Mock {
     }
 
     pub fn set_table(&self, table: Option<Vec<NodeView>>) {
-        *self.table.0.lock().unwrap() = table;
+        *self.table.answer.lock().unwrap() = table;
     }
 
     /// Changes what the API server holds from now on (as other controllers

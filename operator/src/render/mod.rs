@@ -1,0 +1,324 @@
+//! Kubernetes objects rendered from an `SnsCluster`: a pure function of the
+//! resource, so every object is unit-tested without an API server.
+//!
+//! Mapping (names for an SnsCluster `demo`):
+//!
+//! | object | name | what |
+//! |---|---|---|
+//! | StatefulSet (replicas 1) + Service | `demo-coordinator` | the coordinator, its records on the PVC `data` (`data-demo-coordinator-0`); a StatefulSet so that two coordinators never run at once and a restarted one finds its records; the Service also serves the client gateway |
+//! | StatefulSet (replicas 1) | `demo-server-<c>-<s>` | one per server process: containers `server` and `synchronizer` sharing the PVC `data` |
+//! | headless Service | `demo-nodes` | stable DNS `demo-server-<c>-<s>-0.demo-nodes.<ns>.svc` for every server pod |
+//! | Service | `demo-master-<c>` | selects the pod labelled `sns.io/role=master` in cluster c |
+//! | PodDisruptionBudget | `demo-cluster-<c>` | at most one server of a cluster down by choice |
+//! | ConfigMap | `demo-config` | environment shared by every node (`SNS_LOG`) |
+//! | StatefulSet + Service + Secret | `demo-rabbitmq`, `demo-rabbitmq-credentials` | the managed broker |
+//!
+//! Why one StatefulSet per server process rather than one per SNS cluster
+//! with two replicas: each pod's command line is then exactly the
+//! deployment plan's (`sns_node::topology::plan`), with fixed cluster,
+//! server and synchronizer ids and ports, instead of ids derived from a pod
+//! ordinal at start-up; and master/slave is decided by the coordinator, not
+//! by the ordinal, so nothing is lost by giving up a shared StatefulSet.
+//! It also lets scale-down remove exactly server 2 of every cluster.
+//!
+//! Submodules, by what they render: [`names`] (object names), [`pod`]
+//! (labels, containers, probes, volumes shared by every pod),
+//! [`coordinator`], [`servers`], [`broker`].
+
+mod broker;
+mod coordinator;
+mod names;
+mod pod;
+mod servers;
+
+pub use broker::{broker_secret, random_password};
+pub use names::{Names, deployment_name, fnv1a};
+
+use crate::crd::SnsCluster;
+use crate::error::{Error, Result};
+use broker::{broker_secret_template, render_broker};
+use coordinator::render_coordinator;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceSpec};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use pod::{grpc_port, labels, meta, selector_of};
+use servers::render_server;
+use sns_node::topology::{self, PlanOptions, Process, Role};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The plan's base port: the coordinator listens on 9000 (the course's
+/// port), server (c, s) on 9000 + 10c + s, its synchronizer on 9000 + 10c + 5 + s.
+pub const BASE_PORT: u16 = 9000;
+/// Where each server pod and the coordinator mount their volume; the plan
+/// puts server (c, s) in `/data/cluster_<c>/<s>` and the coordinator's
+/// records in `/data/coordinator`.
+pub const DATA_ROOT: &str = "/data";
+/// Port of the services that front a whole role (coordinator, masters).
+pub const SERVICE_PORT: i32 = 9000;
+pub const AMQP_PORT: i32 = 5672;
+pub const RABBITMQ_MANAGEMENT_PORT: i32 = 15672;
+/// User id of the runtime image (see the Dockerfile).
+pub const RUN_AS_USER: i64 = 10001;
+
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const LABEL_CLUSTER: &str = "sns.io/cluster";
+pub const LABEL_SERVER: &str = "sns.io/server";
+/// `master`, `slave` or `unknown`, kept current by the operator from the
+/// coordinator's routing table (never part of a pod template).
+pub const LABEL_ROLE: &str = "sns.io/role";
+pub const MANAGER: &str = "sns-operator";
+const CONFIG_HASH: &str = "sns.io/config-hash";
+
+/// Everything the renderer needs besides the resource itself.
+#[derive(Debug, Clone)]
+pub struct RenderOptions {
+    /// Image for `sns-node` when the spec names none (the operator's own).
+    pub default_image: String,
+}
+
+/// One child object, in the order the reconciler applies them.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a few dozen children per render, built once and applied: boxing the StatefulSets would save nothing measurable"
+)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Child {
+    ConfigMap(ConfigMap),
+    Service(Service),
+    StatefulSet(StatefulSet),
+    Pdb(PodDisruptionBudget),
+}
+
+impl Child {
+    pub fn name(&self) -> String {
+        match self {
+            Child::ConfigMap(o) => o.name_any(),
+            Child::Service(o) => o.name_any(),
+            Child::StatefulSet(o) => o.name_any(),
+            Child::Pdb(o) => o.name_any(),
+        }
+    }
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Child::ConfigMap(_) => "ConfigMap",
+            Child::Service(_) => "Service",
+            Child::StatefulSet(_) => "StatefulSet",
+            Child::Pdb(_) => "PodDisruptionBudget",
+        }
+    }
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Child::ConfigMap(o) => serde_json::to_value(o),
+            Child::Service(o) => serde_json::to_value(o),
+            Child::StatefulSet(o) => serde_json::to_value(o),
+            Child::Pdb(o) => serde_json::to_value(o),
+        }
+        .expect("Kubernetes objects always serialize")
+    }
+}
+
+/// Everything one SnsCluster needs.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    /// Applied with server-side apply, in this order.
+    pub children: Vec<Child>,
+    /// The managed broker's credentials: created once if missing, never
+    /// overwritten (its password lives in RabbitMQ's volume too).
+    pub broker_secret: Option<Secret>,
+}
+
+impl Rendered {
+    /// A checksum of the desired state: the reconciler re-applies only when
+    /// it changes or a resync is due.
+    pub fn checksum(&self) -> u64 {
+        let all: Vec<serde_json::Value> = self.children.iter().map(Child::to_json).collect();
+        fnv1a(serde_json::to_string(&all).unwrap_or_default().as_bytes())
+    }
+    pub fn names_of(&self, kind: &str) -> Vec<String> {
+        self.children.iter().filter(|c| c.kind() == kind).map(Child::name).collect()
+    }
+}
+
+/// The plan options for an SnsCluster: fixed ports, volumes under /data,
+/// the coordinator's Service, each pod's stable DNS name; the broker URL
+/// comes from a Secret through `AMQP_URL`, never on a command line.
+pub fn plan_options(names: &Names) -> PlanOptions {
+    PlanOptions {
+        base_port: BASE_PORT,
+        data_root: PathBuf::from(DATA_ROOT),
+        coord_host: names.coordinator(),
+        advertise_host: names.advertise_template(),
+        bind: "0.0.0.0".into(),
+        amqp_url: None,
+        deployment: names.deployment(),
+        queue_expires: None,
+    }
+}
+
+/// The deployment plan of an SnsCluster.
+pub fn plan(obj: &SnsCluster) -> Result<Vec<Process>> {
+    let names = Names::of(obj)?;
+    let spec = obj.spec.deployment_spec();
+    spec.validate().map_err(Error::InvalidSpec)?;
+    Ok(topology::plan(&spec, &plan_options(&names)))
+}
+
+/// The arguments a planned process runs with in its pod: exactly the
+/// plan's, then the coordinator's port (left out of the plan because local
+/// ports may be dynamic), and for the coordinator `--gateway`, so that
+/// `kubectl port-forward` to its Service reaches every cluster's master.
+pub fn pod_args(p: &Process) -> Vec<String> {
+    let mut args = p.args.clone();
+    match p.role {
+        Role::Coordinator => args.push("--gateway".into()),
+        _ => args.extend(["--coord-port".to_string(), BASE_PORT.to_string()]),
+    }
+    args
+}
+
+/// Renders every child of `obj`.
+pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
+    let names = Names::of(obj)?;
+    if obj.name_any().len() > crate::crd::MAX_NAME_LEN {
+        return Err(Error::InvalidSpec(format!(
+            "name {:?} is longer than {} characters",
+            obj.name_any(),
+            crate::crd::MAX_NAME_LEN
+        )));
+    }
+    let owner = obj.controller_owner_ref(&()).ok_or(Error::MissingUid)?;
+    let spec = &obj.spec;
+    let image = spec.image.clone().unwrap_or_else(|| opts.default_image.clone());
+    let processes = plan(obj)?;
+    let mut children = Vec::new();
+
+    // Settings shared by every node; a change rolls the pods through the
+    // checksum annotation on their templates.
+    let mut data = BTreeMap::new();
+    data.insert("SNS_LOG".to_string(), spec.log_level.clone().unwrap_or_else(|| "info".into()));
+    let config_hash = format!("{:016x}", fnv1a(format!("{data:?}").as_bytes()));
+    children.push(Child::ConfigMap(ConfigMap {
+        metadata: meta(names.config(), &names, labels(&names, "config"), &owner),
+        data: Some(data),
+        ..Default::default()
+    }));
+
+    // Services first, so DNS names exist when the pods start.
+    let coord_labels = labels(&names, "coordinator");
+    children.push(Child::Service(Service {
+        metadata: meta(names.coordinator(), &names, coord_labels.clone(), &owner),
+        spec: Some(ServiceSpec {
+            type_: Some(spec.coordinator.service_type.as_str().into()),
+            selector: Some(selector_of(&coord_labels)),
+            ports: Some(vec![grpc_port("grpc", Some("kubernetes.io/h2c"))]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }));
+    let server_sel = selector_of(&labels(&names, "server"));
+    children.push(Child::Service(Service {
+        metadata: meta(names.nodes(), &names, labels(&names, "server"), &owner),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            // Nodes register with their DNS name as soon as they start, and
+            // peers must resolve it before the readiness probe passes.
+            publish_not_ready_addresses: Some(true),
+            selector: Some(server_sel.clone()),
+            ports: Some(vec![grpc_port("sns", None)]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }));
+    for cluster in 1..=spec.clusters {
+        let mut sel = server_sel.clone();
+        sel.insert(LABEL_CLUSTER.into(), cluster.to_string());
+        sel.insert(LABEL_ROLE.into(), "master".into());
+        let mut l = labels(&names, "master");
+        l.insert(LABEL_CLUSTER.into(), cluster.to_string());
+        children.push(Child::Service(Service {
+            metadata: meta(names.master(cluster), &names, l, &owner),
+            spec: Some(ServiceSpec {
+                selector: Some(sel),
+                ports: Some(vec![grpc_port("sns", Some("kubernetes.io/h2c"))]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }));
+    }
+
+    // The broker before the nodes that need it.
+    let broker_secret = match spec.managed_broker() {
+        Some(broker) => {
+            let (svc, sts) = render_broker(&names, &broker, spec.storage.retention, &owner);
+            children.push(Child::Service(svc));
+            children.push(Child::StatefulSet(sts));
+            Some(broker_secret_template(&names, &owner))
+        }
+        None => None,
+    };
+    let (url_secret, url_key) = match &spec.broker.external {
+        Some(ext) => (ext.url_secret_ref.name.clone(), ext.url_secret_ref.key.clone()),
+        None => (names.rabbitmq_secret(), "url".to_string()),
+    };
+
+    let coordinator = processes.iter().find(|p| p.role == Role::Coordinator).expect("every plan has a coordinator");
+    children.push(Child::StatefulSet(render_coordinator(&names, spec, &image, coordinator, &config_hash, &owner)));
+
+    for p in &processes {
+        let Role::Server { cluster, id } = p.role else {
+            continue;
+        };
+        let sync = processes
+            .iter()
+            .find(|q| matches!(q.role, Role::Synchronizer { cluster: c, server: s, .. } if c == cluster && s == id))
+            .expect("every planned server has a synchronizer");
+        children.push(Child::StatefulSet(render_server(
+            &names,
+            spec,
+            &image,
+            (p, sync),
+            (&url_secret, &url_key),
+            &config_hash,
+            &owner,
+        )));
+    }
+
+    for cluster in 1..=spec.clusters {
+        let mut sel = server_sel.clone();
+        sel.insert(LABEL_CLUSTER.into(), cluster.to_string());
+        let mut l = labels(&names, "server");
+        l.insert(LABEL_CLUSTER.into(), cluster.to_string());
+        children.push(Child::Pdb(PodDisruptionBudget {
+            metadata: meta(names.pdb(cluster), &names, l, &owner),
+            spec: Some(PodDisruptionBudgetSpec {
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(LabelSelector { match_labels: Some(sel), ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }));
+    }
+
+    Ok(Rendered { children, broker_secret })
+}
+
+/// Every rendered object (and the broker Secret with a placeholder
+/// password) as one multi-document YAML stream, for `sns-operator render`
+/// and the offline schema checks.
+pub fn to_yaml(rendered: &Rendered, names: &Names) -> String {
+    let mut docs: Vec<serde_json::Value> = rendered.children.iter().map(Child::to_json).collect();
+    if let Some(t) = &rendered.broker_secret {
+        docs.push(serde_json::to_value(broker_secret(t, names, "rendered-placeholder")).expect("a Secret serializes"));
+    }
+    docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("JSON values serialize as YAML"))).collect()
+}
+
+#[cfg(test)]
+mod tests;

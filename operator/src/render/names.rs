@@ -1,0 +1,95 @@
+//! Names of an SnsCluster's children, and the deployment's broker prefix.
+
+use super::{LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER, SERVICE_PORT};
+use crate::crd::SnsCluster;
+use crate::error::{Error, Result};
+use kube::ResourceExt;
+
+/// Names of one SnsCluster's children.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub instance: String,
+    pub namespace: String,
+}
+
+impl Names {
+    pub fn of(obj: &SnsCluster) -> Result<Names> {
+        let instance = obj.name_any();
+        let namespace = obj.namespace().ok_or(Error::MissingNamespace)?;
+        Ok(Names { instance, namespace })
+    }
+    /// The coordinator's StatefulSet and Service.
+    pub fn coordinator(&self) -> String {
+        format!("{}-coordinator", self.instance)
+    }
+    /// The PVC of the coordinator (from the `data` volumeClaimTemplate).
+    pub fn coordinator_pvc(&self) -> String {
+        format!("data-{}-0", self.coordinator())
+    }
+    pub fn nodes(&self) -> String {
+        format!("{}-nodes", self.instance)
+    }
+    pub fn server(&self, cluster: u32, server: u32) -> String {
+        format!("{}-server-{cluster}-{server}", self.instance)
+    }
+    /// The pod of a server's StatefulSet.
+    pub fn server_pod(&self, cluster: u32, server: u32) -> String {
+        format!("{}-0", self.server(cluster, server))
+    }
+    /// The PVC of a server (from the `data` volumeClaimTemplate).
+    pub fn server_pvc(&self, cluster: u32, server: u32) -> String {
+        format!("data-{}", self.server_pod(cluster, server))
+    }
+    pub fn master(&self, cluster: u32) -> String {
+        format!("{}-master-{cluster}", self.instance)
+    }
+    pub fn pdb(&self, cluster: u32) -> String {
+        format!("{}-cluster-{cluster}", self.instance)
+    }
+    pub fn config(&self) -> String {
+        format!("{}-config", self.instance)
+    }
+    pub fn rabbitmq(&self) -> String {
+        format!("{}-rabbitmq", self.instance)
+    }
+    pub fn rabbitmq_secret(&self) -> String {
+        format!("{}-rabbitmq-credentials", self.instance)
+    }
+    /// In-cluster address of the coordinator, for the operator itself.
+    pub fn coordinator_endpoint(&self) -> String {
+        format!("http://{}.{}.svc:{SERVICE_PORT}", self.coordinator(), self.namespace)
+    }
+    /// The plan's advertise-host template: `{pod}` becomes `server-<c>-<s>`,
+    /// giving the server pod's stable DNS name through the headless Service.
+    pub fn advertise_template(&self) -> String {
+        format!("{}-{{pod}}-0.{}.{}.svc", self.instance, self.nodes(), self.namespace)
+    }
+    /// Prefix of the deployment's broker objects: unique per namespace and
+    /// name, in the alphabet `sns-node` accepts (letters, digits, '-', '_';
+    /// at most 64).
+    pub fn deployment(&self) -> String {
+        deployment_name(&self.namespace, &self.instance)
+    }
+    pub fn selector(&self) -> String {
+        format!("{LABEL_INSTANCE}={},{LABEL_MANAGED_BY}={MANAGER}", self.instance)
+    }
+    pub fn server_selector(&self) -> String {
+        format!("{},{LABEL_COMPONENT}=server", self.selector())
+    }
+}
+
+pub fn deployment_name(namespace: &str, name: &str) -> String {
+    let raw = format!("{namespace}-{name}");
+    let clean: String =
+        raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    if clean.len() <= 64 {
+        return clean;
+    }
+    // Keep it unique when cut: a hash of the full name replaces the tail.
+    format!("{}-{:08x}", &clean[..55], fnv1a(raw.as_bytes()) as u32)
+}
+
+/// FNV-1a: a stable hash for names and config checksums (not security).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}

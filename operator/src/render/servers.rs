@@ -1,0 +1,109 @@
+//! One StatefulSet per planned server: its `server` and `synchronizer`
+//! containers sharing the pod's volume.
+
+use super::pod::{
+    NodeContainer, labels, meta, node_container, pod_security, pvc_template, retention_policy, secret_env, selector_of,
+    server_labels, template_meta, tmp_volume,
+};
+use super::{DATA_ROOT, LABEL_CLUSTER, LABEL_NAME, Names, RUN_AS_USER, pod_args};
+use crate::crd::SnsClusterSpec;
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Affinity, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, VolumeMount, WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
+use sns_node::topology::{Process, Role};
+
+pub(super) fn render_server(
+    names: &Names,
+    spec: &SnsClusterSpec,
+    image: &str,
+    (server, sync): (&Process, &Process),
+    (url_secret, url_key): (&str, &str),
+    config_hash: &str,
+    owner: &OwnerReference,
+) -> StatefulSet {
+    let Role::Server { cluster, id } = server.role else { unreachable!("render_server takes a server process") };
+    let l = server_labels(names, cluster, id);
+    let data_mount = VolumeMount { name: "data".into(), mount_path: DATA_ROOT.into(), ..Default::default() };
+    let (tmp, tmp_mount) = tmp_volume();
+    let server_c = node_container(
+        spec,
+        image,
+        names,
+        NodeContainer {
+            name: "server",
+            args: pod_args(server),
+            port_name: "sns",
+            port: server.port,
+            env: vec![],
+            mounts: vec![data_mount.clone(), tmp_mount.clone()],
+        },
+    );
+    let sync_c = node_container(
+        spec,
+        image,
+        names,
+        NodeContainer {
+            name: "synchronizer",
+            args: pod_args(sync),
+            port_name: "sync",
+            port: sync.port,
+            env: vec![secret_env("AMQP_URL", url_secret, url_key)],
+            // The synchronizer hands events to its server over gRPC and
+            // writes no files; it sees the volume read-only.
+            mounts: vec![VolumeMount { read_only: Some(true), ..data_mount }, tmp_mount],
+        },
+    );
+    // Master and slave of a cluster on different nodes when there are
+    // enough; preferred, not required, so a one-node kind cluster works.
+    let mut same_cluster = selector_of(&labels(names, "server"));
+    same_cluster.insert(LABEL_CLUSTER.into(), cluster.to_string());
+    let affinity = Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    label_selector: Some(LabelSelector { match_labels: Some(same_cluster), ..Default::default() }),
+                    topology_key: "kubernetes.io/hostname".into(),
+                    ..Default::default()
+                },
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut pvc_labels = selector_of(&l);
+    pvc_labels.insert(LABEL_NAME.into(), "sns".into());
+    StatefulSet {
+        metadata: meta(names.server(cluster, id), names, l.clone(), owner),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(1),
+            service_name: Some(names.nodes()),
+            selector: LabelSelector { match_labels: Some(selector_of(&l)), ..Default::default() },
+            persistent_volume_claim_retention_policy: Some(retention_policy(spec.storage.retention)),
+            template: PodTemplateSpec {
+                metadata: Some(template_meta(l, config_hash)),
+                spec: Some(PodSpec {
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security(RUN_AS_USER)),
+                    affinity: Some(affinity),
+                    containers: vec![server_c, sync_c],
+                    volumes: Some(vec![tmp]),
+                    // Writes are fsynced before they are acknowledged: a
+                    // short grace is safe and speeds up failover drills.
+                    termination_grace_period_seconds: Some(10),
+                    ..Default::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![pvc_template(
+                pvc_labels,
+                &spec.storage.size,
+                spec.storage.storage_class_name.as_ref(),
+            )]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
