@@ -34,6 +34,15 @@ pub struct Args {
     #[arg(long, env = "SNS_GATEWAY")]
     pub gateway: bool,
 
+    /// Talk TLS to the coordinator and the servers.
+    #[arg(long, env = "SNS_TLS")]
+    pub tls: bool,
+
+    /// PEM CA certificate the deployment's certificates are checked
+    /// against (with --tls; default: the system's roots).
+    #[arg(long, env = "SNS_TLS_CA_FILE", requires = "tls")]
+    pub ca: Option<std::path::PathBuf>,
+
     /// Print help.
     #[arg(long = "help", action = ArgAction::Help)]
     help: Option<bool>,
@@ -41,14 +50,30 @@ pub struct Args {
 
 impl Args {
     /// The session configuration these flags describe, with default timing.
-    pub fn into_config(self) -> Config {
-        Config {
+    pub fn into_config(self) -> Result<Config, String> {
+        let tls = match (self.tls, &self.ca) {
+            (false, _) => None,
+            (true, None) => Some(tonic::transport::ClientTlsConfig::new().with_native_roots()),
+            (true, Some(path)) => {
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read the CA certificate {}: {e}", path.display()))?;
+                if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(format!("{} holds no PEM certificate", path.display()));
+                }
+                Some(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                )
+            }
+        };
+        Ok(Config {
             coord_host: self.host,
             coord_port: self.port,
             user: self.user,
             gateway: self.gateway,
             timing: Timing::default(),
-        }
+            tls,
+        })
     }
 }
 
@@ -79,7 +104,10 @@ pub fn parse_user_id(text: &str) -> Result<u32, InvalidUserId> {
 /// clap's generic "invalid value" wording.
 pub fn parse_args() -> Config {
     match Args::try_parse() {
-        Ok(args) => args.into_config(),
+        Ok(args) => args.into_config().unwrap_or_else(|e| {
+            eprintln!("tsc: {e}");
+            std::process::exit(2)
+        }),
         Err(err) => {
             if let Some(bad) = err.source().and_then(|e| e.downcast_ref::<InvalidUserId>()) {
                 eprintln!("tsc: {bad}");

@@ -78,6 +78,9 @@ pub struct Config {
     pub gateway: bool,
     /// Timeouts and backoff.
     pub timing: Timing,
+    /// Talk TLS to the coordinator and the servers (`--tls`), checking
+    /// their certificates against this configuration's roots.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// How a session ended.
@@ -175,8 +178,7 @@ struct Session {
 impl Session {
     /// Asks the coordinator for the user's server and logs in, once.
     async fn start(config: Config) -> Result<Session, Error> {
-        let uri = uri(&config.coord_host, &config.coord_port.to_string())?;
-        let endpoint = Endpoint::from_shared(uri.clone()).map_err(|_| Error::InvalidAddress(uri))?;
+        let endpoint = endpoint(&config.coord_host, &config.coord_port.to_string(), config.tls.as_ref())?;
         // Lazy: the coordinator is asked again at every failover, and a lazy
         // channel reconnects by itself if the coordinator restarted meanwhile.
         let coordinator = CoordServiceClient::new(endpoint.connect_timeout(config.timing.connect).connect_lazy());
@@ -445,7 +447,7 @@ async fn attach(
         (info.hostname, info.port)
     };
     let address = format!("{host}:{port}");
-    let channel = connect(&host, &port, timing).await?;
+    let channel = connect(&host, &port, timing, config.tls.as_ref()).await?;
     let mut server = SnsServiceClient::new(channel);
     let reply = unary(timing.rpc, server.login(request(timing.rpc, config.user.to_string(), None, login))).await?;
     if reply.msg != "SUCCESS" {
@@ -456,10 +458,13 @@ async fn attach(
 
 /// Connects to a server now (not lazily), so that a dead one is found out
 /// before it is used.
-async fn connect(host: &str, port: &str, timing: &Timing) -> Result<Channel, Error> {
-    let uri = uri(host, port)?;
-    let endpoint = Endpoint::from_shared(uri.clone())
-        .map_err(|_| Error::InvalidAddress(uri))?
+async fn connect(
+    host: &str,
+    port: &str,
+    timing: &Timing,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<Channel, Error> {
+    let endpoint = endpoint(host, port, tls)?
         .connect_timeout(timing.connect)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(timing.keepalive)
@@ -471,6 +476,17 @@ async fn connect(host: &str, port: &str, timing: &Timing) -> Result<Channel, Err
         Ok(Ok(channel)) => Ok(channel),
         Ok(Err(source)) => Err(Error::Connect { address, source }),
         Err(_) => Err(Error::Timeout(timing.connect)),
+    }
+}
+
+/// The endpoint of `host:port`, over TLS when `tls` is given.
+fn endpoint(host: &str, port: &str, tls: Option<&tonic::transport::ClientTlsConfig>) -> Result<Endpoint, Error> {
+    let plain = uri(host, port)?;
+    let uri = if tls.is_some() { plain.replacen("http://", "https://", 1) } else { plain };
+    let endpoint = Endpoint::from_shared(uri.clone()).map_err(|_| Error::InvalidAddress(uri.clone()))?;
+    match tls {
+        Some(tls) => endpoint.tls_config(tls.clone()).map_err(|_| Error::InvalidAddress(uri)),
+        None => Ok(endpoint),
     }
 }
 

@@ -521,7 +521,7 @@ fn fast_timing() -> Timing {
 }
 
 fn config(coordinator: u16, user: u32, timing: Timing) -> Config {
-    Config { coord_host: "127.0.0.1".into(), coord_port: coordinator, user, gateway: false, timing }
+    Config { coord_host: "127.0.0.1".into(), coord_port: coordinator, user, gateway: false, timing, tls: None }
 }
 
 /// A whole session of `user` with everything typed up front.

@@ -130,6 +130,8 @@ pub struct CoordinatorArgs {
     pub listen: ListenArgs,
     #[command(flatten)]
     pub secret: SecretArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 impl CoordinatorArgs {
@@ -162,6 +164,8 @@ pub struct PromoteArgs {
     pub accept_data_loss: bool,
     #[command(flatten)]
     pub secret: SecretArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -180,6 +184,8 @@ pub struct SwitchoverArgs {
     pub to: Option<u32>,
     #[command(flatten)]
     pub secret: SecretArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -223,6 +229,8 @@ pub struct ServerArgs {
     pub listen: ListenArgs,
     #[command(flatten)]
     pub secret: SecretArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -297,6 +305,8 @@ pub struct SyncArgs {
     pub listen: ListenArgs,
     #[command(flatten)]
     pub secret: SecretArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,

@@ -56,11 +56,16 @@ pub fn channel(host: &str, port: &str) -> Result<Channel> {
 /// waits for a lease to run out).
 pub fn channel_with_timeout(host: &str, port: &str, timeout: Duration) -> Result<Channel> {
     let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
-    let endpoint = Endpoint::from_shared(format!("http://{host}:{port}"))
+    let tls = crate::tls::client();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host}:{port}"))
         .map_err(|e| Error::Config(format!("bad address {host}:{port}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(timeout)
         .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(|e| Error::Config(format!("TLS to {host}:{port}: {e}")))?;
+    }
     Ok(endpoint.connect_lazy())
 }
 

@@ -666,7 +666,7 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: Cancel
     let elector = tokio::spawn(elector.run());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordServiceServer<Coordinator>>().await;
-    let result = tonic::transport::Server::builder()
+    let result = crate::tls::server_builder()?
         .add_service(health_service)
         .add_service(CoordServiceServer::new(coord.clone()))
         .add_service(CoordAdminServer::with_interceptor(coord.clone(), coord.check.clone()))

@@ -274,7 +274,7 @@ pub async fn serve(
     ];
     let (health, health_service) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(role::health_loop(node.clone(), health, shutdown.clone()));
-    let result = tonic::transport::Server::builder()
+    let result = crate::tls::server_builder()?
         .add_service(health_service)
         .add_service(sns::service(node.clone(), shutdown.clone()))
         .add_service(replica::service(node.clone(), shutdown.clone(), node.cfg().secret.clone()))

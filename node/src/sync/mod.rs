@@ -97,7 +97,7 @@ pub async fn run(cfg: SyncConfig, listener: TcpListener, shutdown: CancellationT
     let bridge = tokio::spawn(bridge(cfg, coord, shutdown.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let served = tonic::transport::Server::builder()
+    let served = crate::tls::server_builder()?
         .add_service(health_service)
         .serve_with_incoming_shutdown(net::incoming(listener), shutdown.cancelled())
         .await;
@@ -141,7 +141,8 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, shutdown: Cancellation
     loop {
         let attempt = async {
             let server = find_server(&cfg, coord.clone(), &shutdown).await?;
-            let conn = Connection::connect(&with_frame_max(&cfg.amqp_url), ConnectionProperties::default()).await?;
+            let conn =
+                crate::tls::amqp_connect(&with_frame_max(&cfg.amqp_url), ConnectionProperties::default()).await?;
             let setup = conn.create_channel().await?;
             topology::declare(&setup, &names, cfg.clusters, cfg.queue_expires, cfg.queue_type).await?;
             tracing::info!(server = %server, "connected to server and broker");
