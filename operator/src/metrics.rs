@@ -59,6 +59,7 @@ pub struct Metrics {
     events: Counter,
     watch_errors: Counter,
     snsclusters: Gauge,
+    leader: Gauge,
     state: Mutex<Liveness>,
 }
 
@@ -96,6 +97,8 @@ impl Default for Metrics {
         registry.register("watch_errors", "Errors from the watch on the API server", watch_errors.clone());
         let snsclusters = Gauge::default();
         registry.register("snsclusters", "SnsClusters the operator knows", snsclusters.clone());
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica holds the lease and reconciles, else 0", leader.clone());
         Metrics {
             registry,
             reconciles,
@@ -108,6 +111,7 @@ impl Default for Metrics {
             events,
             watch_errors,
             snsclusters,
+            leader,
             state: Mutex::new(Liveness { last_reconcile: Instant::now(), watch_error_streak: None }),
         }
     }
@@ -151,6 +155,17 @@ impl Metrics {
             Some((start, last)) if now.duration_since(last) < WATCH_ERROR_STREAK_GAP => Some((start, now)),
             _ => Some((now, now)),
         };
+    }
+
+    /// This replica starts or stops reconciling. A new leader's stall
+    /// timer starts now: it did nothing while it stood by.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+        if leading {
+            let mut s = self.state.lock().expect("metrics lock");
+            s.last_reconcile = Instant::now();
+            s.watch_error_streak = None;
+        }
     }
 
     pub fn reconciles(&self) -> u64 {
@@ -261,4 +276,4 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>, shutdown: Can
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

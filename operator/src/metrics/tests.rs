@@ -153,13 +153,13 @@ fn key(name: &str, labels: &[(String, String)]) -> String {
     format!("{name}{{{}}}", inner.join(","))
 }
 
-struct Reply {
-    status: u16,
-    content_type: String,
-    body: String,
+pub(crate) struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
 }
 
-async fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> Reply {
+pub(crate) async fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> Reply {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
     let mut out = String::new();
@@ -173,7 +173,7 @@ async fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> Reply 
     Reply { status, content_type, body: body.to_string() }
 }
 
-async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
+pub(crate) async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
     let r = request(addr, "GET", "/metrics").await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.content_type.starts_with("application/openmetrics-text"), "{}", r.content_type);
@@ -210,6 +210,24 @@ fn watch_errors_are_counted() {
     m.watch_error();
     let samples = parse_exposition(&m.render(0)).unwrap();
     assert_eq!(samples["sns_operator_watch_errors_total"], 2.0);
+}
+
+#[test]
+fn a_new_leader_reports_it_and_starts_its_health_afresh() {
+    let m = Metrics::default();
+    assert_eq!(parse_exposition(&m.render(0)).unwrap()["sns_operator_leader"], 0.0);
+    let t0 = Instant::now();
+    for i in 0..6 {
+        m.watch_error_at(t0 + Duration::from_secs(30 * i));
+    }
+    let stall = Duration::from_secs(120);
+    assert!(m.liveness(t0 + Duration::from_secs(151), stall, 0).is_err());
+    // A standby's old watch troubles are not the new leader's.
+    m.set_leader(true);
+    assert!(m.liveness(t0 + Duration::from_secs(151), stall, 0).is_ok());
+    assert_eq!(parse_exposition(&m.render(0)).unwrap()["sns_operator_leader"], 1.0);
+    m.set_leader(false);
+    assert_eq!(parse_exposition(&m.render(0)).unwrap()["sns_operator_leader"], 0.0);
 }
 
 #[test]
