@@ -209,6 +209,13 @@ impl Elector {
         let cfg = self.cfg.clone();
         let mut renewed: Option<Instant> = None;
         loop {
+            if let Some(at) = renewed
+                && Instant::now().saturating_duration_since(at) >= cfg.renew_deadline
+            {
+                tracing::warn!(lease = %cfg.name, "could not renew the lease in time; no longer reconciling");
+                renewed = None;
+                leading.send_replace(false);
+            }
             // A leader's attempt may not outlast its deadline.
             let bound = renewed
                 .map_or(cfg.renew_deadline, |at| (at + cfg.renew_deadline).saturating_duration_since(Instant::now()));
@@ -233,24 +240,20 @@ impl Elector {
                         leading.send_replace(false);
                     }
                 }
-                failed => {
-                    let why = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "timed out".to_string(),
-                    };
-                    match renewed {
-                        Some(at) if Instant::now().saturating_duration_since(at) >= cfg.renew_deadline => {
-                            tracing::warn!(lease = %cfg.name, error = %why, "could not renew the lease in time; no longer reconciling");
-                            renewed = None;
-                            leading.send_replace(false);
-                        }
-                        _ => tracing::debug!(lease = %cfg.name, error = %why, "lease attempt failed"),
-                    }
+                Ok(Err(e)) if renewed.is_some() => {
+                    tracing::warn!(lease = %cfg.name, error = %e, "cannot renew the lease")
                 }
+                Ok(Err(e)) => tracing::debug!(lease = %cfg.name, error = %e, "cannot read or take the lease"),
+                Err(_) => tracing::warn!(lease = %cfg.name, "the lease call timed out"),
             }
+            // Every retry period; a leader also wakes at its deadline, so
+            // it stops by then and not up to a retry period later.
+            let pause = renewed.map_or(cfg.retry_period, |at| {
+                cfg.retry_period.min((at + cfg.renew_deadline).saturating_duration_since(Instant::now()))
+            });
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(cfg.retry_period) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
         if renewed.is_some() {
