@@ -129,7 +129,7 @@ pub async fn reconcile(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics.reconciled(started.elapsed(), result.is_ok());
+    ctx.metrics.reconciled(started.elapsed(), result.as_ref().err().map(Error::reason));
     if result.is_ok() {
         ctx.failures.lock().expect("failures lock").remove(&k);
     }

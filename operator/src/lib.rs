@@ -8,12 +8,14 @@
 //! - [`status`]: role labels, conditions, failover detection (pure);
 //! - [`controller`]: `reconcile` and `error_policy`;
 //! - [`metrics`]: Prometheus counters and the health endpoint;
+//! - [`leader`]: leader election on a Lease, so only one replica reconciles;
 //! - [`manager`]: `sns-operator run`, wiring the above to a cluster.
 
 pub mod controller;
 pub mod coordinator;
 pub mod crd;
 pub mod error;
+pub mod leader;
 pub mod manager;
 pub mod metrics;
 pub mod render;
