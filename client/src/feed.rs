@@ -125,8 +125,7 @@ where
                     Ok(()) => {}
                     Err(Gone::Stop(stop)) => return self.stop(stop),
                     Err(Gone::GaveUp(err)) => {
-                        self.console.note(&format!("giving up reconnecting after {:?}: {err}", timing.failover));
-                        return self.give_up();
+                        return self.give_up(&format!("giving up reconnecting after {:?}: {err}", timing.failover));
                     }
                 }
             } else {
@@ -136,7 +135,7 @@ where
                 self.console.note(&format!("timeline refused: {err}"));
                 let since = *refused_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= timing.failover {
-                    return self.give_up();
+                    return self.give_up(&format!("the server kept refusing the timeline: {err}"));
                 }
                 if let Waited::Stop(stop) = self.while_reading(sleep(backoff.next_delay()), true).await {
                     return self.stop(stop);
@@ -147,6 +146,7 @@ where
 
     /// Leaves at the user's request, saying which posts may be lost.
     fn stop(&mut self, stop: Stop) -> Exit {
+        self.input.release();
         self.report_undelivered();
         match stop {
             Stop::EndOfInput => Exit::EndOfInput,
@@ -154,8 +154,10 @@ where
         }
     }
 
-    /// Leaves because no server can be had.
-    fn give_up(&mut self) -> Exit {
+    /// Leaves because no server can be had, saying `why` on stderr.
+    fn give_up(&mut self, why: &str) -> Exit {
+        self.input.release();
+        self.console.note(why);
         self.report_undelivered();
         self.console.line(output::CONNECTION_FAILED);
         Exit::ConnectionFailed

@@ -63,6 +63,14 @@ impl<R: AsyncBufRead + Unpin> Input<R> {
         }
     }
 
+    /// The session is ending: a line editor gives the terminal back, and
+    /// what is printed from now on goes straight to it.
+    pub fn release(&mut self) {
+        if let Source::Terminal(terminal) = &mut self.source {
+            terminal.release();
+        }
+    }
+
     /// What the user does next. Cancel safe: nothing typed is lost when
     /// the call is dropped in a `select!`. A read error is said on stderr
     /// and ends the input. [`Event::End`] comes once; after it, this waits

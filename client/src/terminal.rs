@@ -9,6 +9,7 @@
 //! arriving in timeline mode does not garble what the user is typing).
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc as std_mpsc};
 
 use rustyline::error::ReadlineError;
@@ -28,6 +29,10 @@ pub struct Terminal {
     /// A line was asked for and not yet received.
     asked: bool,
     prompt: &'static str,
+    /// Set once the session is ending: output goes straight to the
+    /// terminal, not through the editor (which prints on its own thread,
+    /// maybe after the process is gone).
+    released: Arc<AtomicBool>,
     #[cfg(unix)]
     saved: Option<nix::sys::termios::Termios>,
 }
@@ -85,15 +90,19 @@ impl Terminal {
             }
         });
         let printer: Printer = Arc::new(Mutex::new(printer.recv().ok()?.ok()?));
+        let released = Arc::new(AtomicBool::new(false));
         let terminal = Terminal {
             requests,
             replies,
             asked: false,
             prompt: "",
+            released: Arc::clone(&released),
             #[cfg(unix)]
             saved,
         };
-        Some((terminal, TermWriter::new(&printer), TermWriter::new(&printer)))
+        let out = TermWriter::new(&printer, &released, Stream::Stdout);
+        let err = TermWriter::new(&printer, &released, Stream::Stderr);
+        Some((terminal, out, err))
     }
 
     /// The prompt of the lines asked for from now on.
@@ -114,12 +123,15 @@ impl Terminal {
         self.asked = false;
         event
     }
-}
 
-impl Drop for Terminal {
-    /// Leaves the terminal as it was found, even when the process exits
-    /// while a line is being edited (the editor thread is not waited for).
-    fn drop(&mut self) {
+    /// The session is ending, maybe while a line is being edited (the
+    /// editor cannot be stopped, nor is it waited for): leaves the terminal
+    /// as it was found and prints straight to it from now on, so the last
+    /// lines are on the screen before the process exits.
+    pub fn release(&mut self) {
+        if self.released.swap(true, Ordering::SeqCst) {
+            return;
+        }
         #[cfg(unix)]
         if let Some(saved) = &self.saved {
             let _ = nix::sys::termios::tcsetattr(io::stdin(), nix::sys::termios::SetArg::TCSANOW, saved);
@@ -133,9 +145,25 @@ impl Drop for Terminal {
     }
 }
 
-/// Writes whole lines through the line editor's printer.
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Which of the process's streams a [`TermWriter`] stands for.
+#[derive(Debug, Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Writes whole lines through the line editor's printer (straight to its
+/// stream once the terminal is released).
 pub struct TermWriter {
     printer: Printer,
+    released: Arc<AtomicBool>,
+    stream: Stream,
     pending: Vec<u8>,
 }
 
@@ -146,8 +174,8 @@ impl std::fmt::Debug for TermWriter {
 }
 
 impl TermWriter {
-    fn new(printer: &Printer) -> Self {
-        TermWriter { printer: Arc::clone(printer), pending: Vec::new() }
+    fn new(printer: &Printer, released: &Arc<AtomicBool>, stream: Stream) -> Self {
+        TermWriter { printer: Arc::clone(printer), released: Arc::clone(released), stream, pending: Vec::new() }
     }
 }
 
@@ -161,7 +189,16 @@ impl Write for TermWriter {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let text = String::from_utf8_lossy(&std::mem::take(&mut self.pending)).into_owned();
+        let bytes = std::mem::take(&mut self.pending);
+        if self.released.load(Ordering::SeqCst) {
+            return match self.stream {
+                Stream::Stdout => io::stdout().write_all(&bytes).and_then(|()| io::stdout().flush()),
+                Stream::Stderr => io::stderr().write_all(&bytes),
+            };
+        }
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        // Only this thread's two writers share the lock, one at a time; it
+        // is never held across an await.
         let mut printer = self.printer.lock().unwrap_or_else(PoisonError::into_inner);
         printer.print(text).map_err(io::Error::other)
     }
