@@ -216,6 +216,42 @@ mod tests {
     }
 
     #[test]
+    fn coordinator_errors_name_the_address_and_what_to_check() {
+        let at = |status: Status| Error::Coordinator { address: "127.0.0.1:9010".into(), status: Box::new(status) };
+        let not_coordinator = at(Status::unimplemented("")).to_string();
+        assert!(not_coordinator.starts_with("cannot ask the coordinator at 127.0.0.1:9010: "), "{not_coordinator}");
+        assert!(not_coordinator.contains("is not the coordinator"), "{not_coordinator}");
+        let not_grpc = at(Status::internal("h2 protocol error: http2 error")).to_string();
+        assert!(not_grpc.contains("does not speak gRPC"), "{not_grpc}");
+        let nobody = at(Status::unavailable("tcp connect error")).to_string();
+        assert!(nobody.contains("is the coordinator running"), "{nobody}");
+        assert!(at(Status::unavailable("x")).is_connection_lost(), "retried during a failover");
+    }
+
+    #[test]
+    fn chains_say_each_cause_once() {
+        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let outer = std::io::Error::other(ChainLink("tcp connect error", inner));
+        assert_eq!(super::chain(&outer), "tcp connect error: Connection refused");
+    }
+
+    /// An error with a message and a source.
+    #[derive(Debug)]
+    struct ChainLink(&'static str, std::io::Error);
+
+    impl std::fmt::Display for ChainLink {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for ChainLink {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.1)
+        }
+    }
+
+    #[test]
     fn deliberate_answers_are_not_failover() {
         for status in [
             Status::invalid_argument("bad"),

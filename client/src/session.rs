@@ -2,7 +2,7 @@
 //! timeline mode, and failover to whichever server the coordinator names
 //! when ours goes away.
 //!
-//! Timeline mode lives in [`crate::feed`], the calls themselves in
+//! Timeline mode lives in `feed.rs`, the calls themselves in
 //! [`crate::connect`]; everything printed is formatted by
 //! [`crate::output`].
 
