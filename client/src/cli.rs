@@ -5,6 +5,7 @@
 
 use std::error::Error as _;
 use std::fmt;
+use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 
@@ -43,6 +44,11 @@ pub struct Args {
     #[arg(long, env = "SNS_TLS_CA_FILE", requires = "tls")]
     pub ca: Option<std::path::PathBuf>,
 
+    /// How long to look for another server when ours is lost before giving
+    /// up (`connection failed: -1`), e.g. `30s`, `2m`.
+    #[arg(long, env = "SNS_RECONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub reconnect_timeout: Duration,
+
     /// Print help.
     #[arg(long = "help", action = ArgAction::Help)]
     help: Option<bool>,
@@ -71,7 +77,7 @@ impl Args {
             coord_port: self.port,
             user: self.user,
             gateway: self.gateway,
-            timing: Timing::default(),
+            timing: Timing { failover: self.reconnect_timeout, ..Timing::default() },
             tls,
         })
     }
@@ -164,6 +170,22 @@ mod tests {
             assert!(source.is_some(), "{bad:?}: {err}");
             assert_eq!(err.exit_code(), 2);
         }
+    }
+
+    #[test]
+    fn reconnect_timeout_is_a_duration() {
+        let Ok(args) = Args::try_parse_from(["tsc", "-u", "1", "--reconnect-timeout", "2s"]) else { panic!() };
+        assert_eq!(args.into_config().unwrap().timing.failover, Duration::from_secs(2));
+        let Ok(args) = Args::try_parse_from(["tsc", "-u", "1"]) else { panic!() };
+        assert_eq!(args.into_config().unwrap().timing.failover, Timing::default().failover);
+        assert!(Args::try_parse_from(["tsc", "-u", "1", "--reconnect-timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn version_is_offered() {
+        let Err(err) = Args::try_parse_from(["tsc", "--version"]) else { panic!("no version") };
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert!(err.to_string().contains(env!("CARGO_PKG_VERSION")), "{err}");
     }
 
     #[test]

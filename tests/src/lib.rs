@@ -10,6 +10,7 @@ pub mod bench;
 pub mod disk;
 pub mod load;
 pub mod nodes;
+pub mod pty;
 pub mod secret;
 
 use anyhow::{Context, Result, anyhow, bail};
