@@ -859,6 +859,73 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn network_policies_switched_off_are_pruned() {
+        let policy = |name: &str, uid: &str| {
+            json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {
+                    "name": name, "namespace": "prod",
+                    "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": "demo", "uid": uid}]
+                }
+            })
+        };
+        let world = World {
+            network_policies: vec![
+                policy("demo-server", "uid-1"),
+                policy("demo-broker", "uid-1"),
+                policy("demo-x", "uid-9"),
+            ],
+            secret_exists: true,
+            ..Default::default()
+        };
+        let mock = Mock::new(world, None);
+        let spec = json!({"networkPolicy": {"enabled": false}});
+        reconcile(Arc::new(finalized(cluster("demo", spec))), mock.ctx.clone()).await.unwrap();
+        let all = lines(&mock.calls().await);
+        assert!(all.iter().all(|l| !l.starts_with("PATCH") || !l.contains("networkpolicies")), "none applied");
+        let deleted: Vec<&String> =
+            all.iter().filter(|l| l.starts_with("DELETE") && l.contains("networkpolicies")).collect();
+        assert_eq!(
+            deleted,
+            [
+                &format!("DELETE {NET}/networkpolicies/demo-server"),
+                &format!("DELETE {NET}/networkpolicies/demo-broker")
+            ],
+            "ours only"
+        );
+    }
+
+    #[tokio::test]
+    async fn with_an_issuer_cert_manager_makes_the_certificate_and_no_ca_is_generated() {
+        let spec = json!({"tls": {"issuerRef": {"name": "sns-ca"}}, "networkPolicy": {"enabled": false}});
+        let mock = Mock::new(World::default(), None);
+        reconcile(Arc::new(finalized(cluster("demo", spec))), mock.ctx.clone()).await.unwrap();
+        let authenticated = mock.table.authenticated.lock().unwrap().clone();
+        let calls = mock.calls().await;
+        let all = lines(&calls);
+        assert_eq!(
+            all[..5],
+            [
+                format!("POST {NS}/secrets"),
+                format!("GET {NS}/secrets/demo-node-secret"),
+                format!("POST {NS}/secrets"),
+                // Not issued yet: no CA to trust until cert-manager writes it.
+                format!("GET {NS}/secrets/demo-tls"),
+                format!("PATCH {NS}/configmaps/demo-config"),
+            ],
+            "no CA or certificate of the operator's own, no NetworkPolicy: {all:#?}"
+        );
+        let cert = calls.iter().find(|c| c.uri.contains("/certificates/demo-tls?")).unwrap();
+        assert_eq!(cert.method, "PATCH");
+        assert!(cert.uri.contains("fieldManager=sns-operator"), "server-side applied: {}", cert.uri);
+        assert_eq!(cert.body["spec"]["issuerRef"]["name"], "sns-ca");
+        assert!(all.iter().all(|l| !l.starts_with("DELETE")), "the Certificate is wanted: {all:#?}");
+        // The list for the prune still runs: policies switched off go.
+        assert!(all.contains(&format!("GET {NET}/networkpolicies")));
+        assert!(authenticated[0].1.secret.is_some() && authenticated[0].1.ca.is_none());
+    }
+
+    #[tokio::test]
     async fn existing_secrets_are_read_not_replaced_and_reach_the_admin_calls() {
         use crate::render::tls;
         let names = Names::of(&cluster("demo", json!({}))).unwrap();

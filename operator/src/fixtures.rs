@@ -93,6 +93,7 @@ impl RoutingTable for FixedTable {
 pub struct World {
     pub statefulsets: Vec<Value>,
     pub services: Vec<Value>,
+    pub network_policies: Vec<Value>,
     pub pods: Vec<Pod>,
     /// Answers to GET of a Deployment by name (the coordinator's former kind).
     pub deployments: Vec<Value>,
@@ -201,7 +202,9 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
     match method {
         "GET" if last == "statefulsets" => (StatusCode::OK, list("StatefulSetList", world.statefulsets.clone())),
         "GET" if last == "services" => (StatusCode::OK, list("ServiceList", world.services.clone())),
-        "GET" if last == "networkpolicies" => (StatusCode::OK, list("NetworkPolicyList", vec![])),
+        "GET" if last == "networkpolicies" => {
+            (StatusCode::OK, list("NetworkPolicyList", world.network_policies.clone()))
+        }
         "GET" if path.contains("/secrets/") => match world.secrets.iter().find(|d| d["metadata"]["name"] == last) {
             Some(d) => (StatusCode::OK, d.clone()),
             None => not_found(),
