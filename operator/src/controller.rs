@@ -169,11 +169,15 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
         .is_none_or(|(sum, at)| *sum != checksum || at.elapsed() >= ctx.resync);
     if due {
         let credentials = crate::secrets::ensure(&ctx.client, &names, &rendered).await?;
+        // cert-manager has not issued the certificate yet: its CA is
+        // needed for the coordinator calls as soon as it is there.
+        let issued = rendered.tls != render::TlsPlan::CertManager || credentials.ca.is_some();
         ctx.routing.authenticate(&names.coordinator_endpoint(), credentials);
-        let complete = apply_children(&obj, &names, &rendered, &ctx).await?;
+        let complete = apply_children(&obj, &names, &rendered, &ctx).await? && issued;
         prune(&obj, &names, &rendered, &ctx).await?;
-        // Left incomplete (the old coordinator still terminating), the
-        // next poll applies again rather than waiting for a resync.
+        // Left incomplete (the old coordinator still terminating, the
+        // certificate not issued), the next poll applies again rather
+        // than waiting for a resync.
         if complete {
             ctx.applied.lock().expect("applied lock").insert(k, (checksum, Instant::now()));
         }
@@ -899,10 +903,24 @@ mod tests {
     async fn with_an_issuer_cert_manager_makes_the_certificate_and_no_ca_is_generated() {
         let spec = json!({"tls": {"issuerRef": {"name": "sns-ca"}}, "networkPolicy": {"enabled": false}});
         let mock = Mock::new(World::default(), None);
-        reconcile(Arc::new(finalized(cluster("demo", spec))), mock.ctx.clone()).await.unwrap();
+        let obj = Arc::new(finalized(cluster("demo", spec)));
+        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+        // Once cert-manager has written the Secret, the next poll reads its
+        // CA (the apply was left incomplete), and the one after applies
+        // nothing.
+        let issued = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "demo-tls", "namespace": "prod"},
+            "data": {"ca.crt": "Q0EgUEVN"}
+        });
+        mock.change_world(|w| w.secrets.push(issued));
+        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+        reconcile(obj, mock.ctx.clone()).await.unwrap();
         let authenticated = mock.table.authenticated.lock().unwrap().clone();
         let calls = mock.calls().await;
         let all = lines(&calls);
+        assert_eq!(authenticated.len(), 2, "two full applies, none on the third poll: {all:#?}");
+        assert_eq!(authenticated[1].1.ca.as_deref(), Some("CA PEM"));
         assert_eq!(
             all[..5],
             [
