@@ -539,13 +539,135 @@ if monitors:
 else:
     prove("a rendered PodMonitor to validate", ["none rendered"])
 
+# --- NetworkPolicies: the validator is live for them, and they let in exactly
+# the pods they are meant to ---------------------------------------------------
+rendered_docs = [d for s, d in sources if s == "operator render"]
+policies = [d for d in rendered_docs if d["kind"] == "NetworkPolicy"]
+if not policies:
+    prove("the operator renders NetworkPolicies", ["none rendered"])
+else:
+    base = policies[0]
+    K = "Kubernetes schema (kubernetes-validate, strict) rejects"
+    for v in VERSIONS:
+        def errs(d, v=v):
+            return k8s_errors(d, v)
+        probe(f"{K} an unknown field: NetworkPolicy spec.ingress[0].fromm (Kubernetes {v})", base,
+              set_in(["spec", "ingress", 0, "fromm"], []), errs, "additionalProperties", "spec.ingress.0", "fromm")
+        probe(f"{K} a wrong type: NetworkPolicy spec.podSelector \"all\" (Kubernetes {v})", base,
+              set_in(["spec", "podSelector"], "all"), errs, "type", "spec.podSelector")
+
+
+def selects(sel, labels):
+    if not isinstance(sel, dict):
+        return False
+    if any(labels.get(k) != v for k, v in (sel.get("matchLabels") or {}).items()):
+        return False
+    for e in sel.get("matchExpressions") or []:
+        value, values = labels.get(e["key"]), e.get("values") or []
+        ok = {"In": value in values, "NotIn": value not in values,
+              "Exists": value is not None, "DoesNotExist": value is None}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+# Every pod the renders make (all in one namespace, so each SnsCluster's
+# policies also meet the other SnsClusters' pods), with the role label the
+# operator adds to server pods at run time.
+pods = []
+for d in rendered_docs:
+    if d["kind"] != "StatefulSet":
+        continue
+    t = d["spec"]["template"]
+    labels = dict(t["metadata"]["labels"])
+    containers = {c["name"] for c in t["spec"]["containers"]}
+    if "server" in containers:
+        labels["sns.io/role"] = "master"
+    ports = {p["name"] for c in t["spec"]["containers"] for p in c.get("ports", [])}
+    pods.append({"name": d["metadata"]["name"] + "-0", "labels": labels, "containers": containers, "ports": ports})
+
+
+def chosen(sel):
+    return {p["name"] for p in pods if selects(sel, p["labels"])}
+
+
+def peers(rule):
+    out = set()
+    for peer in rule.get("from") or []:
+        if set(peer) != {"podSelector"}:
+            return {f"a peer beyond this namespace's pods: {peer}"}
+        out |= chosen(peer["podSelector"])
+    return out
+
+
+policy_problems = []
+for d in policies:
+    inst = d["metadata"]["labels"]["app.kubernetes.io/instance"]
+    component = d["metadata"]["labels"]["app.kubernetes.io/component"]
+    mine = [p for p in pods if p["labels"].get("app.kubernetes.io/instance") == inst]
+
+    def having(container):
+        return {p["name"] for p in mine if container in p["containers"]}
+    targets = chosen(d["spec"]["podSelector"])
+    rules = d["spec"].get("ingress", [])
+    expected = {"server": having("server"), "coordinator": having("coordinator"), "broker": having("rabbitmq")}
+    if component not in expected:
+        policy_problems.append(f"{name_of(d)}: unexpected component {component}")
+        continue
+    if not targets or targets != expected[component]:
+        policy_problems.append(f"{name_of(d)} selects {sorted(targets)}, not {sorted(expected[component])}")
+    for rule in rules:
+        for port in rule.get("ports") or []:
+            for t in targets:
+                if port["port"] not in next(p["ports"] for p in pods if p["name"] == t):
+                    policy_problems.append(f"{name_of(d)}: {t} has no port {port['port']}")
+    wanted = {
+        # Servers and synchronizers: from the deployment's nodes only.
+        "server": [having("server") | having("coordinator")],
+        # The coordinator: from anywhere its Service admits.
+        "coordinator": [None],
+        # The broker: AMQP from the synchronizers, anything from its peers.
+        "broker": [having("synchronizer"), having("rabbitmq")],
+    }[component]
+    got = [None if "from" not in r else peers(r) for r in rules]
+    if got != wanted:
+        policy_problems.append(f"{name_of(d)} lets in {got}, not {wanted}")
+instances = {d["metadata"]["name"] for d in rendered_docs if d["kind"] == "ConfigMap"}
+prove(f"{len(policies)} rendered NetworkPolicies select and let in exactly the intended pods among "
+      f"{len(pods)} pods of {len(instances)} SnsClusters in one namespace", policy_problems)
+switched_off = [d for d in rendered_docs if d["kind"] == "NetworkPolicy"
+                and d["metadata"]["labels"]["app.kubernetes.io/instance"] == "open"]
+prove("spec.networkPolicy.enabled: false renders no NetworkPolicy",
+      [name_of(d) for d in switched_off] if any(p["labels"].get("app.kubernetes.io/instance") == "open" for p in pods)
+      else ["the spec `open` rendered no pods"])
+
+# cert-manager's schema is not vendored here: check the fields the pods
+# and the operator rely on.
+certificates = [d for d in rendered_docs if d["apiVersion"] == "cert-manager.io/v1"]
+cert_problems = [] if certificates else ["no Certificate rendered for the cert-manager spec"]
+for d in certificates:
+    spec = d.get("spec", {})
+    inst = d["metadata"]["labels"]["app.kubernetes.io/instance"]
+    if d["kind"] != "Certificate" or spec.get("secretName") != f"{inst}-tls":
+        cert_problems.append(f"{name_of(d)}: not a Certificate writing {inst}-tls")
+    if not spec.get("issuerRef", {}).get("name") or not spec.get("dnsNames"):
+        cert_problems.append(f"{name_of(d)}: no issuerRef.name or dnsNames")
+    if not {"server auth", "client auth"} <= set(spec.get("usages", [])):
+        cert_problems.append(f"{name_of(d)}: usages {spec.get('usages')}")
+    extra = set(spec) - {"secretName", "secretTemplate", "dnsNames", "ipAddresses", "usages", "privateKey",
+                         "issuerRef", "commonName", "duration", "renewBefore"}
+    if extra:
+        cert_problems.append(f"{name_of(d)}: fields cert-manager v1 does not have: {sorted(extra)}")
+prove(f"{len(certificates)} cert-manager Certificate(s) carry secretName, issuerRef, names and both usages "
+      "(cert-manager's own schema is not checked offline)", cert_problems)
+
 # One validation per distinct object: install.yaml repeats the CRD and the
 # chart's default render, and the specs render much the same RBAC.
 by_kind = {}  # kind -> {canonical JSON: document}
 seen_from = {}  # kind -> {where from: documents, repeats included}
 for source, d in sources:
-    if d["apiVersion"].split("/")[0] in (CRD_GROUP, MONITORING_GROUP):
-        continue  # custom resources: their own schemas, above
+    if d["apiVersion"].split("/")[0] in (CRD_GROUP, MONITORING_GROUP, "cert-manager.io"):
+        continue  # custom resources: their own schemas and checks, above
     by_kind.setdefault(d["kind"], {})[json.dumps(d, sort_keys=True)] = d
     counts = seen_from.setdefault(d["kind"], {})
     counts[source] = counts.get(source, 0) + 1

@@ -9,6 +9,10 @@
 #    distinct object once;
 #  - the example SnsCluster and the specs validate against the generated
 #    CRD's openAPIV3Schema (jsonschema);
+#  - every rendered NetworkPolicy selects, and lets in, exactly the pods it
+#    is meant to among the pods its SnsCluster's render makes (and none of
+#    another SnsCluster's in the same namespace); cert-manager Certificates
+#    (no Kubernetes schema) are checked for the fields the pods rely on;
 #  - the chart lints (strict) and its values schema holds, offline through
 #    helm-python-sdk (the Helm v4 SDK as a native library: no helm binary);
 #  - the chart's PodMonitors validate against prometheus-operator's v1 API
@@ -113,6 +117,30 @@ spec:
       storageClassName: standard
       resources:
         requests: {cpu: 200m, memory: 256Mi}
+EOF
+# Security switched off, and TLS from cert-manager with an amqps:// broker.
+cat > "$work/specs/open.yaml" <<'EOF'
+apiVersion: sns.io/v1alpha1
+kind: SnsCluster
+metadata:
+  name: open
+spec:
+  clusters: 2
+  networkPolicy: {enabled: false}
+  tls: {enabled: false}
+EOF
+cat > "$work/specs/cert-manager.yaml" <<'EOF'
+apiVersion: sns.io/v1alpha1
+kind: SnsCluster
+metadata:
+  name: issued
+spec:
+  tls:
+    issuerRef: {name: sns-ca, kind: ClusterIssuer}
+  broker:
+    external:
+      urlSecretRef: {name: amqps-credentials}
+      caSecretRef: {name: amqps-ca}
 EOF
 for spec in "$work"/specs/*.yaml; do
   "$operator" render --spec "$spec" --namespace sns-check --default-image tiny-sns:check \

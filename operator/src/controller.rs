@@ -34,10 +34,11 @@ use crate::render::{
 };
 use crate::status::{self, Observation};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -167,10 +168,16 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
         .get(&k)
         .is_none_or(|(sum, at)| *sum != checksum || at.elapsed() >= ctx.resync);
     if due {
-        let complete = apply_children(&obj, &names, &rendered, &ctx).await?;
+        let credentials = crate::secrets::ensure(&ctx.client, &names, &rendered).await?;
+        // cert-manager has not issued the certificate yet: its CA is
+        // needed for the coordinator calls as soon as it is there.
+        let issued = rendered.tls != render::TlsPlan::CertManager || credentials.ca.is_some();
+        ctx.routing.authenticate(&names.coordinator_endpoint(), credentials);
+        let complete = apply_children(&obj, &names, &rendered, &ctx).await? && issued;
         prune(&obj, &names, &rendered, &ctx).await?;
-        // Left incomplete (the old coordinator still terminating), the
-        // next poll applies again rather than waiting for a resync.
+        // Left incomplete (the old coordinator still terminating, the
+        // certificate not issued), the next poll applies again rather
+        // than waiting for a resync.
         if complete {
             ctx.applied.lock().expect("applied lock").insert(k, (checksum, Instant::now()));
         }
@@ -232,16 +239,6 @@ where
 /// wait for the Deployment it replaces to go.
 async fn apply_children(obj: &SnsCluster, names: &Names, rendered: &Rendered, ctx: &Context) -> Result<bool> {
     let ns = names.namespace.as_str();
-    if let Some(template) = &rendered.broker_secret {
-        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-        let secret = render::broker_secret(template, names, &render::random_password()?);
-        let params = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
-        match secrets.create(&params, &secret).await {
-            Ok(_) => tracing::info!(secret = %names.rabbitmq_secret(), "broker credentials created"),
-            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
     let mut complete = true;
     for child in &rendered.children {
         match child {
@@ -256,6 +253,8 @@ async fn apply_children(obj: &SnsCluster, names: &Names, rendered: &Rendered, ct
             }
             Child::StatefulSet(o) => ssa::<StatefulSet>(&ctx.client, ns, o).await?,
             Child::Pdb(o) => ssa::<PodDisruptionBudget>(&ctx.client, ns, o).await?,
+            Child::NetworkPolicy(o) => ssa::<NetworkPolicy>(&ctx.client, ns, o).await?,
+            Child::Certificate(o) => crate::secrets::apply_certificate(&ctx.client, names, o).await?,
         }
     }
     tracing::debug!(objects = rendered.children.len(), uid = ?obj.uid(), complete, "children applied");
@@ -336,6 +335,19 @@ async fn prune(obj: &SnsCluster, names: &Names, rendered: &Rendered, ctx: &Conte
             ignore_not_found(svcs.delete(&name, &DeleteParams::default()).await.map(|_| ()))?;
         }
     }
+    // NetworkPolicies switched off (or the broker's, for an external one).
+    let wanted = rendered.names_of("NetworkPolicy");
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+    for p in policies.list(&selector).await? {
+        let name = p.name_any();
+        if !wanted.contains(&name) && owned_by(&p.metadata, obj) {
+            tracing::info!(networkpolicy = %name, "removing what the spec no longer wants");
+            ignore_not_found(policies.delete(&name, &DeleteParams::default()).await.map(|_| ()))?;
+        }
+    }
+    if rendered.tls != render::TlsPlan::CertManager {
+        crate::secrets::retire_certificate(&ctx.client, names).await?;
+    }
     Ok(())
 }
 
@@ -377,6 +389,7 @@ async fn cleanup(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
             "deleting the SnsCluster; its PersistentVolumeClaims are kept, the coordinator's records included (storage.retention: Retain)"
         }
     };
+    crate::secrets::on_delete(&ctx.client, &names, obj.spec.storage.retention).await?;
     tracing::info!(note, "cleanup");
     ctx.publish(&obj, false, "Deleting", "Delete", note.into()).await;
     ctx.applied.lock().expect("applied lock").remove(&key(&obj));
@@ -404,15 +417,17 @@ mod tests {
 
     const NS: &str = "/api/v1/namespaces/prod";
     const APPS: &str = "/apis/apps/v1/namespaces/prod";
+    const NET: &str = "/apis/networking.k8s.io/v1/namespaces/prod";
+    const CERTS: &str = "/apis/cert-manager.io/v1/namespaces/prod";
 
     /// The calls of a full apply of the default `demo` SnsCluster.
     fn full_apply() -> Vec<String> {
-        let mut v = vec![
-            format!("POST {NS}/secrets"),
-            format!("PATCH {NS}/configmaps/demo-config"),
-            format!("PATCH {NS}/services/demo-coordinator"),
-            format!("PATCH {NS}/services/demo-nodes"),
-        ];
+        let mut v = secret_calls();
+        v.push(format!("PATCH {NS}/configmaps/demo-config"));
+        for p in ["server", "coordinator", "broker"] {
+            v.push(format!("PATCH {NET}/networkpolicies/demo-{p}"));
+        }
+        v.extend([format!("PATCH {NS}/services/demo-coordinator"), format!("PATCH {NS}/services/demo-nodes")]);
         for c in 1..=3 {
             v.push(format!("PATCH {NS}/services/demo-master-{c}"));
         }
@@ -431,6 +446,21 @@ mod tests {
         }
         v.push(format!("GET {APPS}/statefulsets"));
         v.push(format!("GET {NS}/services"));
+        v.push(format!("GET {NET}/networkpolicies"));
+        // No cert-manager Certificate left from an issuer the spec dropped.
+        v.push(format!("DELETE {CERTS}/certificates/demo-tls"));
+        v
+    }
+
+    /// The Secrets of a first apply (none exists yet): broker credentials
+    /// created blind (409 if there), the node secret, CA and node
+    /// certificate each read, then created.
+    fn secret_calls() -> Vec<String> {
+        let mut v = vec![format!("POST {NS}/secrets")];
+        for s in ["demo-node-secret", "demo-ca", "demo-tls"] {
+            v.push(format!("GET {NS}/secrets/{s}"));
+            v.push(format!("POST {NS}/secrets"));
+        }
         v
     }
 
@@ -593,15 +623,22 @@ mod tests {
 
         let calls = mock.calls().await;
         let all = lines(&calls);
-        // Each full apply starts with the Secret and ends with the prune's
-        // Service list; events and status writes come between.
-        let starts: Vec<usize> =
-            all.iter().enumerate().filter(|(_, l)| l.ends_with("/secrets")).map(|(i, _)| i).collect();
+        // Each full apply starts with the Secrets and ends with the
+        // prune's Certificate check; events and status writes come between.
+        let starts: Vec<usize> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.ends_with("/secrets/demo-node-secret"))
+            .map(|(i, _)| i - 1)
+            .collect();
         assert_eq!(starts.len(), 3, "three full applies, none on the fourth poll: {all:#?}");
         let applies: Vec<&[String]> = starts
             .iter()
             .map(|&i| {
-                let end = i + all[i..].iter().position(|l| *l == format!("GET {NS}/services")).unwrap();
+                let end = i + all[i..]
+                    .iter()
+                    .position(|l| l.starts_with("DELETE") && l.ends_with("/certificates/demo-tls"))
+                    .unwrap();
                 &all[i..=end]
             })
             .collect();
@@ -612,10 +649,10 @@ mod tests {
         let at = waiting.iter().position(|l| *l == format!("GET {old}")).unwrap();
         waiting.insert(at + 1, format!("DELETE {old}"));
         assert_eq!(applies[0], waiting, "1: deleted, the StatefulSet waits");
-        let delete = calls.iter().find(|c| c.method == "DELETE").unwrap();
+        let delete = calls.iter().find(|c| c.method == "DELETE" && c.uri.contains("/deployments/")).unwrap();
         assert_eq!(delete.body["propagationPolicy"], "Foreground", "the Deployment goes only after its pods");
         assert_eq!(applies[2], full_apply(), "3: gone, the StatefulSet applied");
-        assert_eq!(all.iter().filter(|l| l.starts_with("DELETE")).count(), 1);
+        assert_eq!(all.iter().filter(|l| l.starts_with("DELETE") && l.contains("/deployments/")).count(), 1);
     }
 
     #[tokio::test]
@@ -679,25 +716,41 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn deletion_with_retain_keeps_volumes() {
-        let mock = Mock::new(World::default(), None);
+    async fn deletion_with_retain_keeps_volumes_and_secrets() {
+        // The broker credentials as an older operator made them: owned by
+        // the SnsCluster, so garbage collection would take them while the
+        // retained RabbitMQ volume keeps their password.
+        let owned = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {
+                "name": "demo-rabbitmq-credentials", "namespace": "prod",
+                "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": "demo", "uid": "uid-1"}]
+            }
+        });
+        let node = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-node-secret", "namespace": "prod"}});
+        let world = World { secrets: vec![owned, node], ..Default::default() };
+        let mock = Mock::new(world, None);
         let mut obj = finalized(cluster("demo", json!({})));
         obj.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
         let action = reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
         assert_eq!(action, Action::await_change());
         assert_eq!(mock.table.forgotten.lock().unwrap().len(), 1, "the coordinator's channel is closed");
         let calls = mock.calls().await;
-        assert_eq!(
-            lines(&calls),
-            [
-                "POST /apis/events.k8s.io/v1/namespaces/prod/events",
-                "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo",
-            ]
-        );
-        assert!(calls[0].body["note"].as_str().unwrap().contains("kept"));
+        let mut expected: Vec<String> = ["demo-rabbitmq-credentials", "demo-node-secret", "demo-ca", "demo-tls"]
+            .iter()
+            .map(|s| format!("PATCH {NS}/secrets/{s}"))
+            .collect();
+        expected.push("POST /apis/events.k8s.io/v1/namespaces/prod/events".into());
+        expected.push("PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo".into());
+        assert_eq!(lines(&calls), expected, "the Secrets are kept, released from the SnsCluster; absent ones are fine");
+        for c in &calls[..4] {
+            assert_eq!(c.body, json!({"metadata": {"ownerReferences": null}}), "a merge patch dropping the owner");
+        }
+        assert!(calls.iter().all(|c| c.method != "DELETE"), "nothing is deleted");
+        assert!(calls[4].body["note"].as_str().unwrap().contains("kept"));
         assert!(calls.iter().all(|c| !c.uri.contains("persistentvolumeclaims")), "no claim is touched");
         // The finalizer helper tests that ours is still there, then removes it.
-        let ops = calls[1].body.as_array().unwrap();
+        let ops = calls[5].body.as_array().unwrap();
         assert_eq!(ops[0]["op"], "test");
         assert_eq!(ops[1]["op"], "remove");
     }
@@ -715,6 +768,7 @@ mod tests {
             lines(&calls),
             [
                 format!("DELETE {NS}/persistentvolumeclaims"),
+                format!("DELETE {NS}/secrets"),
                 "POST /apis/events.k8s.io/v1/namespaces/prod/events".to_string(),
                 "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo".to_string(),
             ]
@@ -757,7 +811,191 @@ mod tests {
         for (name, labels) in claims(&cluster("other", json!({}))) {
             assert!(!matches(&labels), "{name} belongs to another SnsCluster");
         }
-        assert!(calls[1].body["note"].as_str().unwrap().contains("coordinator"));
+        assert!(calls[2].body["note"].as_str().unwrap().contains("coordinator"));
+        // The generated Secrets go by the same selector, and only ours.
+        assert_eq!(
+            calls[1].uri.split("labelSelector=").nth(1).unwrap().split('&').next(),
+            uri.split("labelSelector=").nth(1).unwrap().split('&').next()
+        );
+        let secret_labels = |obj: &SnsCluster| {
+            let r = render::render(obj, &RenderOptions { default_image: "x".into() }).unwrap();
+            [r.node_secret.metadata.labels.clone().unwrap(), r.broker_secret.unwrap().metadata.labels.unwrap()]
+        };
+        for labels in secret_labels(&cluster("demo", json!({}))) {
+            assert!(matches(&labels), "{labels:?}");
+        }
+        for labels in secret_labels(&cluster("other", json!({}))) {
+            assert!(!matches(&labels), "{labels:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_sns_cluster_gets_a_random_node_secret_a_ca_and_a_node_certificate() {
+        let decode = |v: &Value| -> String {
+            String::from_utf8(serde_json::from_value::<k8s_openapi::ByteString>(v.clone()).unwrap().0).unwrap()
+        };
+        let mut values = Vec::new();
+        for _ in 0..2 {
+            let mock = Mock::new(World::default(), None);
+            reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
+            let authenticated = mock.table.authenticated.lock().unwrap().clone();
+            let calls = mock.calls().await;
+            assert_eq!(lines(&calls)[..secret_calls().len()], secret_calls()[..]);
+            let posted = |name: &str| {
+                calls.iter().find(|c| c.method == "POST" && c.body["metadata"]["name"] == name).unwrap().body.clone()
+            };
+            let node = posted("demo-node-secret");
+            let value = decode(&node["data"]["secret"]);
+            assert!(value.len() >= 64 && value.chars().all(|c| c.is_ascii_hexdigit()), "32 random bytes, hex");
+            assert!(node["metadata"]["ownerReferences"].is_null(), "kept or deleted by retention, not by owner");
+            let ca = decode(&posted("demo-ca")["data"]["tls.crt"]);
+            let tls = posted("demo-tls");
+            assert_eq!(decode(&tls["data"]["ca.crt"]), ca, "the node certificate ships its CA");
+            assert!(decode(&tls["data"]["tls.crt"]).starts_with("-----BEGIN CERTIFICATE-----"));
+            assert!(decode(&tls["data"]["tls.key"]).contains("PRIVATE KEY"));
+            let creds = &authenticated[0].1;
+            let expected = sns_node::auth::Secret::from_text(&value).unwrap();
+            assert_eq!(creds.secret.as_ref().unwrap().seal(b"x"), expected.seal(b"x"));
+            assert_eq!(creds.ca.as_deref(), Some(ca.as_str()));
+            values.push(value);
+        }
+        assert_ne!(values[0], values[1], "each SnsCluster its own secret");
+    }
+
+    #[tokio::test]
+    async fn network_policies_switched_off_are_pruned() {
+        let policy = |name: &str, uid: &str| {
+            json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {
+                    "name": name, "namespace": "prod",
+                    "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": "demo", "uid": uid}]
+                }
+            })
+        };
+        let world = World {
+            network_policies: vec![
+                policy("demo-server", "uid-1"),
+                policy("demo-broker", "uid-1"),
+                policy("demo-x", "uid-9"),
+            ],
+            secret_exists: true,
+            ..Default::default()
+        };
+        let mock = Mock::new(world, None);
+        let spec = json!({"networkPolicy": {"enabled": false}});
+        reconcile(Arc::new(finalized(cluster("demo", spec))), mock.ctx.clone()).await.unwrap();
+        let all = lines(&mock.calls().await);
+        assert!(all.iter().all(|l| !l.starts_with("PATCH") || !l.contains("networkpolicies")), "none applied");
+        let deleted: Vec<&String> =
+            all.iter().filter(|l| l.starts_with("DELETE") && l.contains("networkpolicies")).collect();
+        assert_eq!(
+            deleted,
+            [
+                &format!("DELETE {NET}/networkpolicies/demo-server"),
+                &format!("DELETE {NET}/networkpolicies/demo-broker")
+            ],
+            "ours only"
+        );
+    }
+
+    #[tokio::test]
+    async fn with_an_issuer_cert_manager_makes_the_certificate_and_no_ca_is_generated() {
+        let spec = json!({"tls": {"issuerRef": {"name": "sns-ca"}}, "networkPolicy": {"enabled": false}});
+        let mock = Mock::new(World::default(), None);
+        let obj = Arc::new(finalized(cluster("demo", spec)));
+        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+        // Once cert-manager has written the Secret, the next poll reads its
+        // CA (the apply was left incomplete), and the one after applies
+        // nothing.
+        let issued = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "demo-tls", "namespace": "prod"},
+            "data": {"ca.crt": "Q0EgUEVN"}
+        });
+        mock.change_world(|w| w.secrets.push(issued));
+        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+        reconcile(obj, mock.ctx.clone()).await.unwrap();
+        let authenticated = mock.table.authenticated.lock().unwrap().clone();
+        let calls = mock.calls().await;
+        let all = lines(&calls);
+        assert_eq!(authenticated.len(), 2, "two full applies, none on the third poll: {all:#?}");
+        assert_eq!(authenticated[1].1.ca.as_deref(), Some("CA PEM"));
+        assert_eq!(
+            all[..5],
+            [
+                format!("POST {NS}/secrets"),
+                format!("GET {NS}/secrets/demo-node-secret"),
+                format!("POST {NS}/secrets"),
+                // Not issued yet: no CA to trust until cert-manager writes it.
+                format!("GET {NS}/secrets/demo-tls"),
+                format!("PATCH {NS}/configmaps/demo-config"),
+            ],
+            "no CA or certificate of the operator's own, no NetworkPolicy: {all:#?}"
+        );
+        let cert = calls.iter().find(|c| c.uri.contains("/certificates/demo-tls?")).unwrap();
+        assert_eq!(cert.method, "PATCH");
+        assert!(cert.uri.contains("fieldManager=sns-operator"), "server-side applied: {}", cert.uri);
+        assert_eq!(cert.body["spec"]["issuerRef"]["name"], "sns-ca");
+        assert!(all.iter().all(|l| !l.starts_with("DELETE")), "the Certificate is wanted: {all:#?}");
+        // The list for the prune still runs: policies switched off go.
+        assert!(all.contains(&format!("GET {NET}/networkpolicies")));
+        assert!(authenticated[0].1.secret.is_some() && authenticated[0].1.ca.is_none());
+    }
+
+    #[tokio::test]
+    async fn existing_secrets_are_read_not_replaced_and_reach_the_admin_calls() {
+        use crate::render::tls;
+        let names = Names::of(&cluster("demo", json!({}))).unwrap();
+        let value = "5f0c8a7e2b9d4c61a3e8f0b7d2c5a9e41f6b3d8c0a7e2b9d4c61a3e8f0b7d2c5";
+        let r = render::render(&cluster("demo", json!({})), &RenderOptions { default_image: "x".into() }).unwrap();
+        let render::TlsPlan::Operator { names: tls_names } = &r.tls else { panic!("TLS is on by default") };
+        let ca = tls::new_ca(&names).unwrap();
+        let node = tls::issue_node_cert(&names, tls_names, &ca).unwrap();
+        let node_secret = serde_json::to_value(render::node_secret(&r.node_secret, value)).unwrap();
+        let ca_secret = serde_json::to_value(tls::ca_secret(&names, &ca)).unwrap();
+        let fresh = |checksum: &str| {
+            let mut s = serde_json::to_value(tls::node_tls_secret(&names, &node, &ca.cert, checksum)).unwrap();
+            s["metadata"]["resourceVersion"] = json!("7");
+            s
+        };
+        let current = tls::names_checksum(tls_names);
+        for (tls_secret, reissued) in [(fresh(&current), false), (fresh("for-other-names"), true)] {
+            let world = World {
+                secret_exists: true,
+                secrets: vec![node_secret.clone(), ca_secret.clone(), tls_secret],
+                ..Default::default()
+            };
+            let mock = Mock::new(world, None);
+            reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
+            let authenticated = mock.table.authenticated.lock().unwrap().clone();
+            let calls = mock.calls().await;
+            let mut expected = vec![
+                format!("POST {NS}/secrets"),
+                format!("GET {NS}/secrets/demo-node-secret"),
+                format!("GET {NS}/secrets/demo-ca"),
+                format!("GET {NS}/secrets/demo-tls"),
+            ];
+            if reissued {
+                expected.push(format!("PUT {NS}/secrets/demo-tls"));
+            }
+            expected.push(format!("PATCH {NS}/configmaps/demo-config"));
+            assert_eq!(lines(&calls)[..expected.len()], expected[..], "reissued: {reissued}");
+            if reissued {
+                let put = &calls[4].body;
+                assert_eq!(put["metadata"]["resourceVersion"], "7", "replaces exactly what it read");
+                assert_eq!(put["metadata"]["annotations"][tls::TLS_NAMES_ANNOTATION], current.as_str());
+                let ca_crt = put["data"]["ca.crt"].as_str().unwrap();
+                assert_eq!(ca_crt, json!(k8s_openapi::ByteString(ca.cert.clone().into_bytes())), "from the same CA");
+            }
+            // The admin calls carry the stored secret's token and trust the
+            // stored CA.
+            let [(endpoint, creds)] = &authenticated[..] else { panic!("{authenticated:?}") };
+            assert_eq!(endpoint, "http://demo-coordinator.prod.svc:9000");
+            let stored = sns_node::auth::Secret::from_text(value).unwrap();
+            assert_eq!(creds.secret.as_ref().unwrap().seal(b"x"), stored.seal(b"x"));
+            assert_eq!(creds.ca.as_deref(), Some(ca.cert.as_str()));
+        }
     }
 
     #[tokio::test]
@@ -773,8 +1011,10 @@ mod tests {
         assert_eq!(error_policy(obj.clone(), &err, ctx.clone()), Action::requeue(Duration::from_secs(10)));
         drop(ctx);
         let calls = lines(&mock.calls().await);
-        // The secret, then the first apply fails and nothing else is tried.
-        assert_eq!(calls, [format!("POST {NS}/secrets"), format!("PATCH {NS}/configmaps/demo-config")]);
+        // The secrets, then the first apply fails and nothing else is tried.
+        let mut expected = secret_calls();
+        expected.push(format!("PATCH {NS}/configmaps/demo-config"));
+        assert_eq!(calls, expected);
         assert_eq!(backoff(1), Duration::from_secs(5));
         assert_eq!(backoff(7), Duration::from_secs(300));
         assert_eq!(backoff(u32::MAX), Duration::from_secs(300));

@@ -20,6 +20,10 @@ pub enum Error {
     CoordinatorTimeout { endpoint: String, timeout: Duration },
     #[error("cannot generate a password: {0}")]
     Random(String),
+    #[error("certificates: {0}")]
+    Tls(String),
+    #[error("the Secret {0} is not what the operator generates: {1}")]
+    BadSecret(String, String),
     #[error("serializing {0}: {1}")]
     Serialize(&'static str, serde_json::Error),
 }
@@ -36,6 +40,8 @@ impl Error {
             Error::Coordinator { .. } | Error::CoordinatorTimeout { .. } => "CoordinatorUnreachable",
             Error::Random(_) => "RandomSourceError",
             Error::Serialize(..) => "SerializeError",
+            Error::Tls(_) => "CertificateError",
+            Error::BadSecret(..) => "BadSecret",
         }
     }
 }

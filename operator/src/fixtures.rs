@@ -3,7 +3,7 @@
 //! records every call, so a reconcile test asserts the exact call sequence.
 
 use crate::controller::Context;
-use crate::coordinator::{NodeKind, NodeView, RoutingTable};
+use crate::coordinator::{Credentials, NodeKind, NodeView, RoutingTable};
 use crate::crd::{SnsCluster, SnsClusterSpec};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -67,6 +67,8 @@ pub fn server_pod(instance: &str, cluster: u32, server: u32, role: Option<&str>)
 pub struct FixedTable {
     pub answer: Mutex<Option<Vec<NodeView>>>,
     pub forgotten: Mutex<Vec<String>>,
+    /// Every `authenticate` call, in order.
+    pub authenticated: Mutex<Vec<(String, Credentials)>>,
 }
 
 impl RoutingTable for FixedTable {
@@ -80,6 +82,10 @@ impl RoutingTable for FixedTable {
     fn forget(&self, endpoint: &str) {
         self.forgotten.lock().unwrap().push(endpoint.to_string());
     }
+
+    fn authenticate(&self, endpoint: &str, credentials: Credentials) {
+        self.authenticated.lock().unwrap().push((endpoint.to_string(), credentials));
+    }
 }
 
 /// What the mocked API server holds, for its list and get answers.
@@ -87,11 +93,14 @@ impl RoutingTable for FixedTable {
 pub struct World {
     pub statefulsets: Vec<Value>,
     pub services: Vec<Value>,
+    pub network_policies: Vec<Value>,
     pub pods: Vec<Pod>,
     /// Answers to GET of a Deployment by name (the coordinator's former kind).
     pub deployments: Vec<Value>,
-    /// Answer Secret creation with 409 AlreadyExists.
+    /// Answer creation of the broker credentials with 409 AlreadyExists.
     pub secret_exists: bool,
+    /// Answers to GET of a Secret by name (merge patches of others: 404).
+    pub secrets: Vec<Value>,
     /// Answer every server-side apply with 500.
     pub fail_applies: bool,
 }
@@ -193,6 +202,17 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
     match method {
         "GET" if last == "statefulsets" => (StatusCode::OK, list("StatefulSetList", world.statefulsets.clone())),
         "GET" if last == "services" => (StatusCode::OK, list("ServiceList", world.services.clone())),
+        "GET" if last == "networkpolicies" => {
+            (StatusCode::OK, list("NetworkPolicyList", world.network_policies.clone()))
+        }
+        "GET" if path.contains("/secrets/") => match world.secrets.iter().find(|d| d["metadata"]["name"] == last) {
+            Some(d) => (StatusCode::OK, d.clone()),
+            None => not_found(),
+        },
+        "DELETE" if last == "secrets" => (StatusCode::OK, list("SecretList", vec![])),
+        "PATCH" if path.contains("/secrets/") && !world.secrets.iter().any(|d| d["metadata"]["name"] == last) => {
+            not_found()
+        }
         "GET" if last == "pods" => {
             (StatusCode::OK, list("PodList", world.pods.iter().map(|p| serde_json::to_value(p).unwrap()).collect()))
         }
@@ -202,11 +222,19 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
                 None => not_found(),
             }
         }
-        "POST" if last == "secrets" && world.secret_exists => (
-            StatusCode::CONFLICT,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "already exists"}),
-        ),
+        "POST"
+            if last == "secrets"
+                && ((world.secret_exists
+                    && body["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-rabbitmq-credentials")))
+                    || world.secrets.iter().any(|d| d["metadata"]["name"] == body["metadata"]["name"])) =>
+        {
+            (
+                StatusCode::CONFLICT,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "already exists"}),
+            )
+        }
         "POST" => (StatusCode::CREATED, body.clone()),
+        "PUT" => (StatusCode::OK, body.clone()),
         "DELETE" if last == "persistentvolumeclaims" => (StatusCode::OK, list("PersistentVolumeClaimList", vec![])),
         "DELETE" => (StatusCode::OK, json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200})),
         "PATCH" if world.fail_applies && !body.is_array() => (

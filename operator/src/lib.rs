@@ -5,6 +5,8 @@
 //!   pod command lines come from the same deployment plan as the local
 //!   launcher (`sns_node::topology`);
 //! - [`coordinator`]: the coordinator's routing table, behind a trait;
+//! - [`secrets`]: the Secrets the operator generates (node secret, broker
+//!   credentials, CA and node certificate) and their retention;
 //! - [`status`]: role labels, conditions, failover detection (pure);
 //! - [`controller`]: `reconcile` and `error_policy`;
 //! - [`metrics`]: Prometheus counters and the health endpoint;
@@ -19,6 +21,7 @@ pub mod leader;
 pub mod manager;
 pub mod metrics;
 pub mod render;
+pub mod secrets;
 pub mod status;
 
 #[cfg(test)]

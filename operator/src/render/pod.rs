@@ -10,7 +10,8 @@ use k8s_openapi::api::apps::v1::StatefulSetPersistentVolumeClaimRetentionPolicy;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
     EnvVarSource, GRPCAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, Probe,
-    SeccompProfile, SecretKeySelector, SecurityContext, ServicePort, Volume, VolumeMount, VolumeResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecurityContext, ServicePort, TCPSocketAction, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -89,6 +90,21 @@ pub(super) fn grpc_probe(port: u16, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// The kubelet's gRPC probe speaks plaintext only: a node serving TLS is
+/// probed by a TCP connect to its port instead.
+pub(super) fn node_probe(spec: &SnsClusterSpec, port: u16, period: i32, failures: i32) -> Probe {
+    if !spec.tls.enabled {
+        return grpc_probe(port, period, failures);
+    }
+    Probe {
+        tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(i32::from(port)), ..Default::default() }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
 pub(super) fn container_port(name: &str, port: i32) -> ContainerPort {
     ContainerPort { name: Some(name.into()), container_port: port, protocol: Some("TCP".into()), ..Default::default() }
 }
@@ -146,8 +162,8 @@ pub(super) fn node_container(spec: &SnsClusterSpec, image: &str, names: &Names, 
         env: if c.env.is_empty() { None } else { Some(c.env) },
         env_from: Some(config_env(names)),
         ports: Some(vec![container_port(c.port_name, i32::from(c.port))]),
-        readiness_probe: Some(grpc_probe(c.port, 5, 3)),
-        liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..grpc_probe(c.port, 10, 3) }),
+        readiness_probe: Some(node_probe(spec, c.port, 5, 3)),
+        liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..node_probe(spec, c.port, 10, 3) }),
         resources: spec.resources.clone(),
         security_context: Some(container_security()),
         volume_mounts: Some(c.mounts),

@@ -5,6 +5,7 @@ use super::pod::{
     NodeContainer, labels, meta, node_container, pod_security, pvc_template, retention_policy, secret_env, selector_of,
     server_labels, template_meta, tmp_volume,
 };
+use super::secrets::{amqp_ca_files, node_files};
 use super::{DATA_ROOT, LABEL_CLUSTER, LABEL_NAME, Names, RUN_AS_USER, pod_args};
 use crate::crd::SnsClusterSpec;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
@@ -27,6 +28,8 @@ pub(super) fn render_server(
     let l = server_labels(names, cluster, id);
     let data_mount = VolumeMount { name: "data".into(), mount_path: DATA_ROOT.into(), ..Default::default() };
     let (tmp, tmp_mount) = tmp_volume();
+    let files = node_files(names, spec);
+    let amqp_ca = amqp_ca_files(spec);
     let server_c = node_container(
         spec,
         image,
@@ -36,8 +39,8 @@ pub(super) fn render_server(
             args: pod_args(server),
             port_name: "sns",
             port: server.port,
-            env: vec![],
-            mounts: vec![data_mount.clone(), tmp_mount.clone()],
+            env: files.env.clone(),
+            mounts: [vec![data_mount.clone(), tmp_mount.clone()], files.mounts.clone()].concat(),
         },
     );
     let sync_c = node_container(
@@ -49,10 +52,15 @@ pub(super) fn render_server(
             args: pod_args(sync),
             port_name: "sync",
             port: sync.port,
-            env: vec![secret_env("AMQP_URL", url_secret, url_key)],
+            env: [vec![secret_env("AMQP_URL", url_secret, url_key)], files.env, amqp_ca.env].concat(),
             // The synchronizer hands events to its server over gRPC and
             // writes no files; it sees the volume read-only.
-            mounts: vec![VolumeMount { read_only: Some(true), ..data_mount }, tmp_mount],
+            mounts: [
+                vec![VolumeMount { read_only: Some(true), ..data_mount }, tmp_mount],
+                files.mounts,
+                amqp_ca.mounts,
+            ]
+            .concat(),
         },
     );
     // Master and slave of a cluster on different nodes when there are
@@ -90,7 +98,7 @@ pub(super) fn render_server(
                     security_context: Some(pod_security(RUN_AS_USER)),
                     affinity: Some(affinity),
                     containers: vec![server_c, sync_c],
-                    volumes: Some(vec![tmp]),
+                    volumes: Some([vec![tmp], files.volumes, amqp_ca.volumes].concat()),
                     // Writes are fsynced before they are acknowledged: a
                     // short grace is safe and speeds up failover drills.
                     termination_grace_period_seconds: Some(10),
