@@ -100,6 +100,10 @@ pub struct ListenArgs {
     /// Write the bound port to this file once listening (useful with -p 0).
     #[arg(long, env = "SNS_PORT_FILE")]
     pub port_file: Option<PathBuf>,
+    /// Also serve the gRPC health service alone, in plain text, on this
+    /// port (for probes that cannot speak TLS, e.g. the kubelet's).
+    #[arg(long, env = "SNS_HEALTH_PORT")]
+    pub health_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -40,12 +40,18 @@ pub fn run(cli: Cli) -> Result<()> {
         match cli.command {
             Command::Coordinator(a) => {
                 a.tls.install()?;
+                if let Some(port) = a.listen.health_port {
+                    net::bind_health(&a.listen.bind, port).await?;
+                }
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 let cfg = CoordinatorConfig { secret: a.secret.load()?, ..a.config() };
                 coordinator::run(cfg, listener, shutdown).await
             }
             Command::Server(a) => {
                 a.tls.install()?;
+                if let Some(port) = a.listen.health_port {
+                    net::bind_health(&a.listen.bind, port).await?;
+                }
                 let cfg = ServerConfig { secret: a.secret.load()?, ..a.config().map_err(Error::Config)? };
                 // The port file is written once the store is open, so a
                 // launcher that starts servers one after another has them
@@ -55,6 +61,9 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Command::Synchronizer(a) => {
                 a.tls.install()?;
+                if let Some(port) = a.listen.health_port {
+                    net::bind_health(&a.listen.bind, port).await?;
+                }
                 let cfg = SyncConfig { secret: a.secret.load()?, ..a.config().map_err(Error::Config)? };
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 sync::run(cfg, listener, shutdown).await

@@ -95,3 +95,36 @@ pub fn channel_to(addr: &str) -> Result<Channel> {
         addr.rsplit_once(':').ok_or_else(|| Error::Config(format!("address {addr:?} is not host:port")))?;
     channel(host.trim_start_matches('[').trim_end_matches(']'), port)
 }
+
+/// The listener of a plain-text port that serves the gRPC health service
+/// only (`--health-port`): what the kubelet's gRPC probes can reach when the
+/// node's own port speaks TLS. Bound by `main` before the node starts, taken
+/// by the node that serves it (one node per process).
+static HEALTH_LISTENER: std::sync::Mutex<Option<TcpListener>> = std::sync::Mutex::new(None);
+
+/// Binds `bind:port` for [`serve_health`].
+pub async fn bind_health(bind: &str, port: u16) -> Result<()> {
+    let listener = crate::net::bind(bind, port, None).await?;
+    *HEALTH_LISTENER.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(listener);
+    Ok(())
+}
+
+/// Serves `health` (the same service as on the node's port, so both answer
+/// alike) on the health port, if one was bound, until `shutdown`.
+pub fn serve_health<T: tonic_health::pb::health_server::Health>(
+    health: tonic_health::pb::health_server::HealthServer<T>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let Some(listener) = HEALTH_LISTENER.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the health port stopped");
+        }
+    });
+}

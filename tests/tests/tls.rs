@@ -157,3 +157,49 @@ fn a_broker_certificate_from_an_unknown_ca_is_refused() -> anyhow::Result<()> {
     assert_eq!(proxy.connections.load(Ordering::SeqCst), 0, "no AMQP session got through");
     Ok(())
 }
+
+/// A node serving TLS also answers plain-text gRPC health checks on its
+/// `--health-port` (the kubelet's gRPC probes cannot speak TLS), and only
+/// those: its own port still refuses plain text.
+#[test]
+fn the_health_port_answers_probes_in_plain_text_beside_a_tls_port() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tls = sns_node::tls::ensure_local(dir.path())?;
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
+    let health_port = free()?;
+    let port_file = dir.path().join("port");
+    let mut coordinator = std::process::Command::new(sns_e2e::bin("sns-node"))
+        .args(["coordinator", "-p", "0", "--bind", "127.0.0.1", "--clusters", "1"])
+        .arg("--data-dir")
+        .arg(dir.path().join("coordinator"))
+        .arg("--port-file")
+        .arg(&port_file)
+        .args(["--health-port", &health_port.to_string()])
+        .arg("--tls-cert")
+        .arg(tls.tls_cert.as_deref().expect("cert"))
+        .arg("--tls-key")
+        .arg(tls.tls_key.as_deref().expect("key"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let result = (|| {
+        let port: u16 = eventually("the coordinator's port file", || {
+            std::fs::read_to_string(&port_file).ok().and_then(|t| t.trim().parse().ok())
+        })?;
+        let rt = rt();
+        let serving = eventually("a plain-text health answer", || {
+            rt.block_on(sns_e2e::nodes::health("127.0.0.1", &health_port.to_string(), "")).ok()
+        })?;
+        assert!(serving, "the coordinator reports SERVING on its health port");
+        let plain = rt.block_on(sns_e2e::nodes::health("127.0.0.1", &port.to_string(), ""));
+        assert!(plain.is_err(), "its own port speaks TLS only: {plain:?}");
+        // The health port serves nothing but health.
+        let get = rt.block_on(sns_e2e::nodes::get_server(health_port, 1));
+        let err = get.expect_err("GetServer on the health port");
+        assert!(format!("{err:#}").contains("not implemented"), "{err:#}");
+        anyhow::Ok(())
+    })();
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+    result
+}

@@ -273,6 +273,7 @@ pub async fn serve(
         tokio::spawn(commit::commit_loop(node.clone(), queued, shutdown.clone())),
     ];
     let (health, health_service) = tonic_health::server::health_reporter();
+    net::serve_health(health_service.clone(), shutdown.clone());
     let health_task = tokio::spawn(role::health_loop(node.clone(), health, shutdown.clone()));
     let result = crate::tls::server_builder()?
         .add_service(health_service)

@@ -96,6 +96,7 @@ pub async fn run(cfg: SyncConfig, listener: TcpListener, shutdown: CancellationT
     let beats = tokio::spawn(heartbeats(cfg.clone(), port, coord.clone(), shutdown.clone()));
     let bridge = tokio::spawn(bridge(cfg, coord, shutdown.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
+    net::serve_health(health_service.clone(), shutdown.clone());
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let served = crate::tls::server_builder()?
         .add_service(health_service)
