@@ -202,12 +202,10 @@ pub fn request(user: u32, argument: Option<u32>, request_id: u64) -> sns_proto::
 /// Runs `sns-node promote` against the deployment's coordinator.
 pub fn promote_cli(d: &Deployment, cluster: u32, server: u32, accept_data_loss: bool) -> Result<std::process::Output> {
     let mut cmd = std::process::Command::new(crate::bin("sns-node"));
-    cmd.args(["promote", "-h", "127.0.0.1", "-k", &d.coord_port.to_string()]).args([
-        "--cluster",
-        &cluster.to_string(),
-        "--server",
-        &server.to_string(),
-    ]);
+    cmd.args(["promote", "-h", "127.0.0.1", "-k", &d.coord_port.to_string()])
+        .arg("--secret-file")
+        .arg(crate::secret::file())
+        .args(["--cluster", &cluster.to_string(), "--server", &server.to_string()]);
     if accept_data_loss {
         cmd.arg("--accept-data-loss");
     }
