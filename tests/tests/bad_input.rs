@@ -91,8 +91,38 @@ fn bad_commands_and_posts_keep_the_server_running() -> anyhow::Result<()> {
         assert_eq!(reply.msg, "FAILURE_INVALID_USERNAME");
         let list = sns.list(Request { username: "1".into(), arguments: vec![], request_id: 0 }).await?.into_inner();
         assert_eq!(list.all_users, vec!["1", "2"]);
+        // Strict input, with the exact answers: ids are canonical decimal,
+        // Follow and UnFollow take exactly one argument.
+        for bad in ["007", "+7", "-7", " 7", "7 ", "2147483648", ""] {
+            let reply = sns.login(Request { username: bad.into(), arguments: vec![], request_id: 0 }).await?;
+            assert_eq!(reply.into_inner().msg, "FAILURE_INVALID_USERNAME", "Login({bad:?})");
+        }
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for arguments in [args(&["2", "3", "4"]), args(&["2", "2"]), args(&[])] {
+            let req = Request { username: "1".into(), arguments: arguments.clone(), request_id: 0 };
+            assert_eq!(sns.follow(req.clone()).await?.into_inner().msg, "FAILURE_INVALID", "Follow {arguments:?}");
+            assert_eq!(sns.un_follow(req).await?.into_inner().msg, "FAILURE_INVALID", "UnFollow {arguments:?}");
+        }
+        let req = Request { username: "1".into(), arguments: args(&["02"]), request_id: 0 };
+        assert_eq!(sns.follow(req).await?.into_inner().msg, "FAILURE_INVALID_USERNAME", "Follow 02");
+        // A first timeline message with text is the opening and a post,
+        // acknowledged like any other.
+        let mut inbound = sns.timeline(tokio_stream_iter(vec![msg("the opening post", 21)])).await?.into_inner();
+        let acked = async {
+            loop {
+                match inbound.next().await {
+                    Some(Ok(m)) if m.post_id == 21 && m.msg.is_empty() => return Ok(()),
+                    Some(Ok(_)) => continue,
+                    other => return Err(anyhow::anyhow!("the stream ended: {other:?}")),
+                }
+            }
+        };
+        tokio::time::timeout(sns_e2e::DEADLINE, acked)
+            .await
+            .map_err(|_| anyhow::anyhow!("the opening post was not acknowledged within {:?}", sns_e2e::DEADLINE))??;
         anyhow::Ok(())
     })?;
+    reader.expect_post(1, "the opening post")?;
     c.send("still here")?;
     reader.expect_post(1, "still here")?;
     // The slave's view file, once it has the last post.

@@ -168,7 +168,7 @@ fn the_health_port_answers_probes_in_plain_text_beside_a_tls_port() -> anyhow::R
     let free = || std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
     let health_port = free()?;
     let port_file = dir.path().join("port");
-    let mut coordinator = std::process::Command::new(sns_e2e::bin("sns-node"))
+    let coordinator = std::process::Command::new(sns_e2e::bin("sns-node"))
         .args(["coordinator", "-p", "0", "--bind", "127.0.0.1", "--clusters", "1"])
         .arg("--data-dir")
         .arg(dir.path().join("coordinator"))
@@ -182,7 +182,16 @@ fn the_health_port_answers_probes_in_plain_text_beside_a_tls_port() -> anyhow::R
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    let result = (|| {
+    // Killed however the test ends.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _coordinator = KillOnDrop(coordinator);
+    (|| {
         let port: u16 = eventually("the coordinator's port file", || {
             std::fs::read_to_string(&port_file).ok().and_then(|t| t.trim().parse().ok())
         })?;
@@ -198,8 +207,5 @@ fn the_health_port_answers_probes_in_plain_text_beside_a_tls_port() -> anyhow::R
         let err = get.expect_err("GetServer on the health port");
         assert!(format!("{err:#}").contains("not implemented"), "{err:#}");
         anyhow::Ok(())
-    })();
-    let _ = coordinator.kill();
-    let _ = coordinator.wait();
-    result
+    })()
 }

@@ -90,8 +90,8 @@ impl Sns {
 /// The response stream of `Timeline`, shared with the gateway.
 pub(crate) type TimelineStream = Pin<Box<dyn Stream<Item = Result<Message, Status>> + Send>>;
 
-/// The first message of a timeline stream: it names the user; its text is
-/// ignored (course clients send an empty or a fixed one).
+/// The first message of a timeline stream: it names the user; with text it
+/// is also the user's first post (SPEC: both the opening and a post).
 pub(crate) async fn read_opening(inbound: &mut Streaming<Message>) -> Result<Message, Status> {
     inbound
         .message()
@@ -150,7 +150,9 @@ impl SnsService for Sns {
         let (backlog, live) = self.node.store().subscribe(user);
         // Acknowledgements and refusals of the client's posts.
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(take_posts(self.node.clone(), user, inbound, tx));
+        // A first message with text is a post as well as the opening.
+        let first = (!opening.msg.is_empty()).then_some(opening);
+        tokio::spawn(take_posts(self.node.clone(), user, first, inbound, tx));
         let posts = feed_stream(backlog, live);
         let out = tokio_stream::StreamExt::merge(posts, ReceiverStream::new(rx));
         // The stream ends, telling the client to ask again, the moment this
@@ -209,7 +211,13 @@ type Committed = oneshot::Receiver<crate::error::Result<()>>;
 /// Turns every later client message into a post. Posts are queued as they
 /// arrive, without waiting for the previous one's commit (so a client's
 /// posts in flight commit together), and acknowledged in order.
-async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: mpsc::Sender<Result<Message, Status>>) {
+async fn take_posts(
+    node: Node,
+    user: u32,
+    mut first: Option<Message>,
+    mut inbound: Streaming<Message>,
+    tx: mpsc::Sender<Result<Message, Status>>,
+) {
     let (queued, mut pending) = mpsc::channel::<(u64, Committed)>(POSTS_IN_FLIGHT);
     let acks = async move {
         while let Some((id, committed)) = pending.recv().await {
@@ -230,7 +238,14 @@ async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: 
         }
     };
     let reads = async move {
-        while let Ok(Some(msg)) = inbound.message().await {
+        loop {
+            let msg = match first.take() {
+                Some(msg) => msg,
+                None => match inbound.message().await {
+                    Ok(Some(msg)) => msg,
+                    _ => break,
+                },
+            };
             if msg.msg.is_empty() {
                 continue;
             }
