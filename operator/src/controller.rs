@@ -15,17 +15,19 @@
 //!    one is deleted first, and two coordinators must never run at once.
 //!    Steps 2-3 run when the rendered state changed or every resync period
 //!    (drift repair), not on every poll;
-//! 4. the coordinator's routing table gives each server pod's role: the
+//! 4. an `sns.io/switchover` annotation is taken off the object and the
+//!    coordinator asked for that switchover (see [`crate::switchover`]);
+//!    the coordinator's routing table gives each server pod's role: the
 //!    `sns.io/role` label is patched where it is wrong, which moves the
 //!    per-cluster master Service;
-//! 5. status (conditions, masters, terms, last failover) is written via the
-//!    status subresource when it changed, and Events tell of creation,
-//!    scaling and failover;
+//! 5. status (conditions, masters, terms, last failover, last switchover)
+//!    is written via the status subresource when it changed, and Events
+//!    tell of creation, scaling, failover and switchover;
 //! 6. requeue after one heartbeat interval (1-10 s), which is what keeps the
 //!    role labels current: the coordinator has no watch API.
 
 use crate::coordinator::RoutingTable;
-use crate::crd::{PvcRetention, SnsCluster};
+use crate::crd::{PvcRetention, SnsCluster, SwitchoverStatus};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::render::{
@@ -33,6 +35,7 @@ use crate::render::{
     Names, RenderOptions, Rendered,
 };
 use crate::status::{self, Observation};
+use crate::switchover::{self, Requester};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -178,11 +181,23 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
     }
 
     let spec = &obj.spec;
-    let observation = ctx
-        .routing
-        .table(&names.coordinator_endpoint())
-        .await
-        .map(|nodes| Observation::from_table(spec.clusters, spec.servers_per_cluster, &nodes));
+    let endpoint = names.coordinator_endpoint();
+    let mut table = ctx.routing.table(&endpoint).await;
+    let mut switched = None;
+    if let Some(value) = obj.annotations().get(switchover::ANNOTATION) {
+        if table.is_ok() {
+            if let Some((record, notice)) = requested_switchover(&obj, value, &endpoint, &ctx).await? {
+                ctx.publish(&obj, notice.warning, notice.reason, notice.action, notice.note).await;
+                switched = Some(record);
+                // The roles and terms the status and labels show are the
+                // ones after it.
+                table = ctx.routing.table(&endpoint).await;
+            }
+        } else {
+            tracing::info!(request = %value, "switchover waits for the coordinator to answer");
+        }
+    }
+    let observation = table.map(|nodes| Observation::from_table(spec.clusters, spec.servers_per_cluster, &nodes));
     match &observation {
         Ok(o) => label_roles(&names, o, &ctx).await?,
         Err(e) => tracing::info!(error = %e, "no routing table yet; role labels left as they are"),
@@ -195,7 +210,7 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
             Err(why.as_str())
         }
     };
-    let (status, notices) = status::next_status(&obj, &names, obs, Timestamp::now());
+    let (status, notices) = status::next_status(&obj, &names, obs, switched.as_ref(), Timestamp::now());
     for n in notices {
         if n.reason == "Failover" {
             ctx.metrics.failover();
@@ -213,6 +228,37 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
         api.patch_status(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
     }
     Ok(Action::requeue(poll_interval(&obj)))
+}
+
+/// The `sns.io/switchover` annotation: removed first (under the object's
+/// resourceVersion), then carried out; None when the object changed
+/// meanwhile (the next reconcile sees the new value). See [`switchover`].
+async fn requested_switchover(
+    obj: &SnsCluster,
+    value: &str,
+    endpoint: &str,
+    ctx: &Context,
+) -> Result<Option<(SwitchoverStatus, status::Notice)>> {
+    let api: Api<SnsCluster> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "metadata": {
+            "resourceVersion": obj.resource_version(),
+            "annotations": {switchover::ANNOTATION: null},
+        }
+    });
+    let params = PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+    match api.patch(&obj.name_any(), &params, &Patch::Merge(&patch)).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            tracing::info!("the SnsCluster changed before its switchover annotation was taken; next time");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Some(match switchover::parse(value, &obj.spec) {
+        Ok(target) => switchover::run(ctx.routing.as_ref(), endpoint, Requester::Annotation, Some(value), target).await,
+        Err(why) => switchover::refused(Requester::Annotation, Some(value), None, why, Timestamp::now()),
+    }))
 }
 
 async fn ssa<K>(client: &Client, ns: &str, obj: &K) -> Result<()>
@@ -513,7 +559,7 @@ mod tests {
         let mut table = healthy_table(3, 2);
         let names = Names::of(&obj).unwrap();
         let observed = Observation::from_table(3, 2, &table);
-        obj.status = Some(status::next_status(&obj, &names, Ok(&observed), Timestamp::now()).0);
+        obj.status = Some(status::next_status(&obj, &names, Ok(&observed), None, Timestamp::now()).0);
 
         // Nothing changed: the children are not re-applied (the Context
         // remembers them), the status is not rewritten; only the pod list.
@@ -546,6 +592,111 @@ mod tests {
         assert_eq!(status.clusters[1].master.as_deref(), Some("demo-server-2-2-0"));
         assert_eq!(status.clusters[1].term, Some(2));
         assert!(status.last_failover_time.is_some());
+    }
+
+    fn annotated(value: &str) -> SnsCluster {
+        let mut obj = finalized(cluster("demo", json!({})));
+        obj.metadata.annotations = Some([(switchover::ANNOTATION.to_string(), value.to_string())].into());
+        obj
+    }
+
+    const SNS: &str = "/apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo";
+    const EVENTS: &str = "POST /apis/events.k8s.io/v1/namespaces/prod/events";
+
+    #[tokio::test]
+    async fn the_switchover_annotation_is_taken_then_carried_out_once() {
+        let world = World { secret_exists: true, ..Default::default() };
+        let mock = Mock::new(world, Some(healthy_table(3, 2)));
+        let obj = annotated("2");
+        reconcile(Arc::new(obj.clone()), mock.ctx.clone()).await.unwrap();
+        assert_eq!(*mock.table.switchovers.lock().unwrap(), [(2, None)]);
+        // The watch then delivers the object without the annotation: nothing
+        // more is asked of the coordinator.
+        let mut after = obj.clone();
+        after.metadata.annotations = None;
+        reconcile(Arc::new(after), mock.ctx.clone()).await.unwrap();
+        assert_eq!(mock.table.switchovers.lock().unwrap().len(), 1, "once");
+        assert_eq!(mock.ctx.metrics.failovers(), 0, "a planned switchover is no failover");
+
+        let table = mock.table.clone();
+        let calls = mock.calls().await;
+        let all = lines(&calls);
+        let n = full_apply().len();
+        assert_eq!(all[..n], full_apply()[..]);
+        // Taken first, under the resourceVersion it was read at; then the
+        // event, the role labels and the status after the switchover.
+        assert_eq!(all[n], format!("PATCH {SNS}"));
+        assert_eq!(
+            calls[n].body,
+            json!({"metadata": {"resourceVersion": "100", "annotations": {"sns.io/switchover": null}}})
+        );
+        assert_eq!(all[n + 1], EVENTS);
+        assert_eq!(calls[n + 1].body["reason"], "Switchover");
+        assert_eq!(calls[n + 1].body["type"], "Normal");
+        assert!(calls[n + 1].body["note"].as_str().unwrap().contains("cluster 2: master 1 -> 2 (term 2)"));
+        let status = status_of(calls.iter().find(|c| c.line().ends_with("/status")).unwrap());
+        let last = status.last_switchover.unwrap();
+        assert!(last.succeeded);
+        assert_eq!((last.cluster, last.from, last.to, last.term), (2, Some(1), Some(2), Some(2)));
+        assert_eq!((last.requested_by.as_str(), last.request.as_deref()), ("annotation", Some("2")));
+        assert_eq!(status.clusters[1].master.as_deref(), Some("demo-server-2-2-0"));
+        assert_eq!(status.clusters[1].term, Some(2));
+        assert!(status.last_failover_time.is_none());
+        assert!(calls.iter().all(|c| c.body["reason"] != "Failover"), "no failover warning");
+        assert_eq!(all.iter().filter(|l| **l == format!("PATCH {SNS}")).count(), 1);
+        drop(table);
+    }
+
+    #[tokio::test]
+    async fn a_server_can_be_named_and_a_refusal_is_reported() {
+        let world = World { secret_exists: true, ..Default::default() };
+        let mock = Mock::new(world, Some(healthy_table(3, 2)));
+        *mock.table.refuse.lock().unwrap() = Some("server 2 is not in sync".into());
+        reconcile(Arc::new(annotated("3/2")), mock.ctx.clone()).await.unwrap();
+        assert_eq!(*mock.table.switchovers.lock().unwrap(), [(3, Some(2))]);
+        let calls = mock.calls().await;
+        let event = calls.iter().find(|c| c.line() == EVENTS).unwrap();
+        assert_eq!(event.body["reason"], "SwitchoverFailed");
+        assert_eq!(event.body["type"], "Warning");
+        let status = status_of(calls.last().unwrap());
+        let last = status.last_switchover.unwrap();
+        assert!(!last.succeeded);
+        assert_eq!((last.cluster, last.to), (3, Some(2)));
+        assert!(last.message.contains("server 2 is not in sync"), "{}", last.message);
+        assert_eq!(status.clusters[2].master.as_deref(), Some("demo-server-3-1-0"), "nothing moved");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_annotation_is_taken_and_explained_not_retried() {
+        let world = World { secret_exists: true, ..Default::default() };
+        let mock = Mock::new(world, Some(healthy_table(3, 2)));
+        reconcile(Arc::new(annotated("4")), mock.ctx.clone()).await.unwrap();
+        assert!(mock.table.switchovers.lock().unwrap().is_empty());
+        let calls = mock.calls().await;
+        assert!(calls.iter().any(|c| c.line() == format!("PATCH {SNS}")), "removed");
+        let last = status_of(calls.last().unwrap()).last_switchover.unwrap();
+        assert!(!last.succeeded);
+        assert!(last.message.contains("cluster \"4\" is not one of 1..=3"), "{}", last.message);
+    }
+
+    #[tokio::test]
+    async fn the_annotation_waits_for_the_coordinator_and_for_a_current_object() {
+        // The coordinator does not answer: the annotation stays for later.
+        let world = World { secret_exists: true, ..Default::default() };
+        let mock = Mock::new(world, None);
+        reconcile(Arc::new(annotated("1")), mock.ctx.clone()).await.unwrap();
+        assert!(mock.table.switchovers.lock().unwrap().is_empty());
+        let calls = lines(&mock.calls().await);
+        assert!(!calls.contains(&format!("PATCH {SNS}")), "{calls:#?}");
+
+        // The object changed since it was read: the removal conflicts and
+        // nothing is asked (the next reconcile reads the new value).
+        let world = World { secret_exists: true, conflict_on_merge: true, ..Default::default() };
+        let mock = Mock::new(world, Some(healthy_table(3, 2)));
+        reconcile(Arc::new(annotated("1")), mock.ctx.clone()).await.unwrap();
+        assert!(mock.table.switchovers.lock().unwrap().is_empty());
+        let status = status_of(mock.calls().await.last().unwrap());
+        assert!(status.last_switchover.is_none());
     }
 
     #[tokio::test]

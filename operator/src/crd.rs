@@ -340,6 +340,38 @@ pub struct SnsClusterStatus {
     /// When a cluster's master last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover_time: Option<Time>,
+    /// The last planned switchover: asked for with the `sns.io/switchover`
+    /// annotation, or made by a rolling update or a scale-down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_switchover: Option<SwitchoverStatus>,
+}
+
+/// A planned switchover and how it went.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SwitchoverStatus {
+    /// SNS cluster id.
+    pub cluster: u32,
+    /// What asked for it: `annotation` (`sns.io/switchover`), `rollout` or
+    /// `scale-down`.
+    pub requested_by: String,
+    /// The annotation's value, when one asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// Server id of the master before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u32>,
+    /// Server id of the master after (or the one asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u32>,
+    /// The term the new master serves under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<u64>,
+    /// Whether the role moved.
+    pub succeeded: bool,
+    /// How it went, or why it did not happen.
+    pub message: String,
+    pub time: Time,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]

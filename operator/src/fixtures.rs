@@ -3,7 +3,7 @@
 //! records every call, so a reconcile test asserts the exact call sequence.
 
 use crate::controller::Context;
-use crate::coordinator::{NodeKind, NodeView, RoutingTable};
+use crate::coordinator::{NodeKind, NodeView, RoutingTable, SwitchoverDone};
 use crate::crd::{SnsCluster, SnsClusterSpec};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -32,7 +32,7 @@ pub fn cluster(name: &str, spec: Value) -> SnsCluster {
 }
 
 pub fn node(cluster: u32, id: u32, alive: bool, is_master: bool, term: u64) -> NodeView {
-    NodeView { cluster, id, kind: NodeKind::Server, alive, is_master, term }
+    NodeView { cluster, id, kind: NodeKind::Server, alive, is_master, term, in_sync: alive, paired_server: 0 }
 }
 
 /// The healthy table of a default deployment: server 1 is every master.
@@ -61,12 +61,44 @@ pub fn server_pod(instance: &str, cluster: u32, server: u32, role: Option<&str>)
     pod
 }
 
-/// A routing table that answers from memory (or fails, when None), and
-/// remembers which coordinators it was told to forget.
+/// A coordinator in memory: its routing table (or unreachable, when
+/// None); switchovers done as the real one does them (the in-sync slave,
+/// or the server asked for, becomes master under the next term) or
+/// refused with `refuse`'s reason; the coordinators it was told to forget.
 #[derive(Default)]
 pub struct FixedTable {
     pub answer: Mutex<Option<Vec<NodeView>>>,
     pub forgotten: Mutex<Vec<String>>,
+    /// Every switchover asked for: (cluster, to).
+    pub switchovers: Mutex<Vec<(u32, Option<u32>)>>,
+    pub refuse: Mutex<Option<String>>,
+}
+
+impl FixedTable {
+    fn switch(&self, cluster: u32, to: Option<u32>) -> std::result::Result<SwitchoverDone, String> {
+        if let Some(why) = self.refuse.lock().unwrap().clone() {
+            return Err(why);
+        }
+        let mut guard = self.answer.lock().unwrap();
+        let nodes = guard.as_mut().ok_or("unreachable")?;
+        let servers = |n: &&mut NodeView| n.kind == NodeKind::Server && n.cluster == cluster;
+        let from = nodes.iter_mut().filter(servers).find(|n| n.alive && n.is_master).map(|n| n.id);
+        let from = from.ok_or_else(|| format!("cluster {cluster} has no live master"))?;
+        let target = nodes
+            .iter_mut()
+            .filter(servers)
+            .find(|n| n.id != from && n.alive && n.in_sync && to.is_none_or(|t| t == n.id))
+            .map(|n| n.id)
+            .ok_or_else(|| format!("no live in-sync server of cluster {cluster} to hand the role to"))?;
+        let term = nodes.iter().filter(|n| n.cluster == cluster).map(|n| n.term).max().unwrap_or(0) + 1;
+        for n in nodes.iter_mut().filter(|n| n.cluster == cluster) {
+            n.term = term;
+            if n.kind == NodeKind::Server {
+                n.is_master = n.id == target;
+            }
+        }
+        Ok(SwitchoverDone { from, to: target, term, stepped_down: true, millis: 7 })
+    }
 }
 
 impl RoutingTable for FixedTable {
@@ -79,6 +111,17 @@ impl RoutingTable for FixedTable {
 
     fn forget(&self, endpoint: &str) {
         self.forgotten.lock().unwrap().push(endpoint.to_string());
+    }
+
+    fn switchover<'a>(
+        &'a self,
+        _endpoint: &'a str,
+        cluster: u32,
+        to: Option<u32>,
+    ) -> BoxFuture<'a, Result<SwitchoverDone>> {
+        self.switchovers.lock().unwrap().push((cluster, to));
+        let result = self.switch(cluster, to).map_err(|reason| Error::Switchover { cluster, reason });
+        Box::pin(async move { result })
     }
 }
 
@@ -94,6 +137,8 @@ pub struct World {
     pub secret_exists: bool,
     /// Answer every server-side apply with 500.
     pub fail_applies: bool,
+    /// Answer a merge patch of the SnsCluster with 409 (it changed since).
+    pub conflict_on_merge: bool,
 }
 
 /// One call the reconciler made.
@@ -225,8 +270,13 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
             StatusCode::OK,
             json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": last, "namespace": "prod"}}),
         ),
-        // The finalizer helper's JSON patch: answer with a bare SnsCluster.
-        "PATCH" if body.is_array() => (
+        "PATCH" if path.contains("/snsclusters/") && world.conflict_on_merge && !body.is_array() => (
+            StatusCode::CONFLICT,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+        ),
+        // The finalizer helper's JSON patch, or a merge patch of the
+        // SnsCluster's metadata: answer with a bare SnsCluster.
+        "PATCH" if body.is_array() || path.contains("/snsclusters/") => (
             StatusCode::OK,
             json!({"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "metadata": {"name": last, "namespace": "prod"}, "spec": {}}),
         ),

@@ -11,7 +11,7 @@
 //! - `Degraded`: not Ready although the generation has been rolled out.
 
 use crate::coordinator::{NodeKind, NodeView};
-use crate::crd::{ClusterStatus, SnsCluster, SnsClusterStatus};
+use crate::crd::{ClusterStatus, SnsCluster, SnsClusterStatus, SwitchoverStatus};
 use crate::render::{LABEL_CLUSTER, LABEL_ROLE, LABEL_SERVER, Names};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -117,18 +117,28 @@ pub struct Notice {
     pub note: String,
 }
 
-/// The next status and what changed, from the current object and what the
-/// coordinator said (`Err` = it did not answer).
+/// The next status and what changed, from the current object, what the
+/// coordinator said (`Err` = it did not answer) and a planned switchover
+/// this reconcile made, if any.
+///
+/// A change of master that the last planned switchover explains (its
+/// cluster, target and term) is not a failover: no Warning, and
+/// `lastFailoverTime` stays.
 pub fn next_status(
     obj: &SnsCluster,
     names: &Names,
     obs: std::result::Result<&Observation, &str>,
+    switched: Option<&SwitchoverStatus>,
     now: Timestamp,
 ) -> (SnsClusterStatus, Vec<Notice>) {
     let spec = &obj.spec;
     let generation = obj.metadata.generation;
     let prev = obj.status.clone().unwrap_or_default();
     let mut notices = Vec::new();
+    let last_switchover = switched.cloned().or_else(|| prev.last_switchover.clone());
+    let explained = |c: u32, to: Option<u32>, term: u64| {
+        last_switchover.as_ref().is_some_and(|s| s.succeeded && s.cluster == c && s.to == to && s.term == Some(term))
+    };
 
     if obj.status.is_none() {
         notices.push(Notice {
@@ -161,6 +171,7 @@ pub fn next_status(
             let master = view.master.map(|s| names.server_pod(c, s));
             if let (Some(old), Some(new)) = (before.and_then(|b| b.master.as_ref()), &master)
                 && old != new
+                && !explained(c, view.master, view.term)
             {
                 last_failover = Some(Time(now));
                 notices.push(Notice {
@@ -229,6 +240,7 @@ pub fn next_status(
         masters,
         clusters,
         last_failover_time: last_failover,
+        last_switchover,
     };
     (status, notices)
 }
@@ -301,6 +313,47 @@ mod tests {
     }
 
     #[test]
+    fn a_planned_switchover_is_not_a_failover() {
+        let mut obj = cluster("demo", serde_json::json!({}));
+        let names = Names::of(&obj).unwrap();
+        obj.status = Some(next_status(&obj, &names, Ok(&Observation::from_table(3, 2, &healthy())), None, at(0)).0);
+        let mut nodes = healthy();
+        nodes[2].is_master = false;
+        nodes[3].is_master = true;
+        nodes[2].term = 2;
+        nodes[3].term = 2;
+        let o = Observation::from_table(3, 2, &nodes);
+        let record = SwitchoverStatus {
+            cluster: 2,
+            requested_by: "annotation".into(),
+            request: Some("2".into()),
+            from: Some(1),
+            to: Some(2),
+            term: Some(2),
+            succeeded: true,
+            message: "done".into(),
+            time: Time(at(1)),
+        };
+        let (s, notices) = next_status(&obj, &names, Ok(&o), Some(&record), at(1));
+        assert!(notices.is_empty(), "{notices:?}");
+        assert!(s.last_failover_time.is_none());
+        assert_eq!(s.last_switchover.as_ref(), Some(&record));
+        // Kept by later polls, and it explains only that change: a later
+        // promotion under another term is a failover.
+        obj.status = Some(s);
+        let (s, _) = next_status(&obj, &names, Ok(&o), None, at(2));
+        assert_eq!(s.last_switchover.as_ref(), Some(&record));
+        obj.status = Some(s);
+        for n in nodes.iter_mut().filter(|n| n.cluster == 2) {
+            n.is_master = n.id == 1;
+            n.term = 3;
+        }
+        let (s, notices) = next_status(&obj, &names, Ok(&Observation::from_table(3, 2, &nodes)), None, at(3));
+        assert_eq!(notices[0].reason, "Failover");
+        assert_eq!(s.last_failover_time, Some(Time(at(3))));
+    }
+
+    #[test]
     fn only_wrong_labels_are_patched() {
         let o = Observation::from_table(3, 2, &healthy());
         let pods = vec![
@@ -320,7 +373,7 @@ mod tests {
         let obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
         let empty = Observation::from_table(3, 2, &[]);
-        let (s, notices) = next_status(&obj, &names, Ok(&empty), at(0));
+        let (s, notices) = next_status(&obj, &names, Ok(&empty), None, at(0));
         assert_eq!(notices[0].reason, "Created");
         assert_eq!(cond(&s, READY).status, "False");
         assert_eq!(cond(&s, READY).reason, "NoMaster");
@@ -332,7 +385,7 @@ mod tests {
         let mut obj = obj;
         obj.status = Some(s);
         let o = Observation::from_table(3, 2, &healthy());
-        let (s, notices) = next_status(&obj, &names, Ok(&o), at(10));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), None, at(10));
         assert!(notices.is_empty(), "{notices:?}");
         assert_eq!(cond(&s, READY).status, "True");
         assert_eq!(cond(&s, READY).last_transition_time, Time(at(10)));
@@ -343,7 +396,7 @@ mod tests {
 
         // Nothing changes: nothing moves, not even the transition times.
         obj.status = Some(s.clone());
-        let (again, _) = next_status(&obj, &names, Ok(&o), at(20));
+        let (again, _) = next_status(&obj, &names, Ok(&o), None, at(20));
         assert_eq!(again, s);
     }
 
@@ -352,15 +405,15 @@ mod tests {
         let mut obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
         let o = Observation::from_table(3, 2, &healthy());
-        obj.status = Some(next_status(&obj, &names, Ok(&o), at(0)).0);
-        obj.status = Some(next_status(&obj, &names, Ok(&o), at(1)).0);
+        obj.status = Some(next_status(&obj, &names, Ok(&o), None, at(0)).0);
+        obj.status = Some(next_status(&obj, &names, Ok(&o), None, at(1)).0);
 
         // The master of cluster 2 is gone and not yet replaced.
         let mut nodes = healthy();
         nodes[2].alive = false;
         nodes[2].is_master = false;
         let o = Observation::from_table(3, 2, &nodes);
-        let (s, notices) = next_status(&obj, &names, Ok(&o), at(5));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), None, at(5));
         assert!(notices.is_empty());
         assert_eq!(cond(&s, READY).reason, "NoMaster");
         assert_eq!(cond(&s, DEGRADED).status, "True", "it had been rolled out");
@@ -376,7 +429,7 @@ mod tests {
             n.term = 2;
         }
         let o = Observation::from_table(3, 2, &nodes);
-        let (s, notices) = next_status(&obj, &names, Ok(&o), at(7));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), None, at(7));
         assert_eq!(notices.len(), 1);
         assert_eq!(notices[0].reason, "Failover");
         assert!(notices[0].note.contains("demo-server-2-1-0 -> demo-server-2-2-0"));
@@ -391,8 +444,8 @@ mod tests {
         let mut obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
         let o = Observation::from_table(3, 2, &healthy());
-        obj.status = Some(next_status(&obj, &names, Ok(&o), at(0)).0);
-        let (s, notices) = next_status(&obj, &names, Err("connection refused"), at(3));
+        obj.status = Some(next_status(&obj, &names, Ok(&o), None, at(0)).0);
+        let (s, notices) = next_status(&obj, &names, Err("connection refused"), None, at(3));
         assert!(notices.is_empty());
         assert_eq!(cond(&s, READY).reason, "CoordinatorUnreachable");
         assert_eq!(s.clusters, obj.status.as_ref().unwrap().clusters);
@@ -403,11 +456,11 @@ mod tests {
         let mut obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
         let o = Observation::from_table(3, 2, &healthy());
-        obj.status = Some(next_status(&obj, &names, Ok(&o), at(0)).0);
+        obj.status = Some(next_status(&obj, &names, Ok(&o), None, at(0)).0);
         obj.spec.servers_per_cluster = 1;
         obj.metadata.generation = Some(2);
         let o = Observation::from_table(3, 1, &healthy());
-        let (s, notices) = next_status(&obj, &names, Ok(&o), at(1));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), None, at(1));
         assert_eq!(notices[0].reason, "Scaled");
         assert_eq!(notices[0].note, "servers per cluster 2 -> 1");
         assert_eq!(s.servers_per_cluster, Some(1));
