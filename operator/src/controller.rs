@@ -17,6 +17,9 @@
 //!    (drift repair), not on every poll;
 //! 4. an `sns.io/switchover` annotation is taken off the object and the
 //!    coordinator asked for that switchover (see [`crate::switchover`]);
+//!    the rolling update takes its next step, if everything is healthy
+//!    (deletes one server pod, or hands a master role to an updated slave:
+//!    see [`crate::rollout`]);
 //!    the coordinator's routing table gives each server pod's role: the
 //!    `sns.io/role` label is patched where it is wrong, which moves the
 //!    per-cluster master Service;
@@ -34,13 +37,14 @@ use crate::render::{
     self, Child, LABEL_CLUSTER, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_ROLE, LABEL_SERVER, MANAGER,
     Names, RenderOptions, Rendered,
 };
+use crate::rollout;
 use crate::status::{self, Observation};
 use crate::switchover::{self, Requester};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -197,11 +201,32 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
             tracing::info!(request = %value, "switchover waits for the coordinator to answer");
         }
     }
-    let observation = table.map(|nodes| Observation::from_table(spec.clusters, spec.servers_per_cluster, &nodes));
-    match &observation {
-        Ok(o) => label_roles(&names, o, &ctx).await?,
-        Err(e) => tracing::info!(error = %e, "no routing table yet; role labels left as they are"),
+    let mut rollout_status = None;
+    if let Ok(nodes) = &table {
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
+        let pods = pods.list(&ListParams::default().labels(&names.server_selector())).await?.items;
+        let plan = rollout::plan(&rollout::wanted_hashes(&rendered), &pods, nodes, &names);
+        rollout_status = Some(plan.status(&names));
+        // One change of roles or pods per poll: after a requested
+        // switchover the rollout goes on at the next one.
+        if switched.is_none()
+            && let Some(record) = roll(&obj, &names, &plan, &pods, &ctx).await?
+        {
+            if !record.succeeded {
+                let why = format!("the switchover it needs failed: {}", record.message);
+                rollout_status = Some(rollout::Plan { step: rollout::Step::Paused(why), ..plan }.status(&names));
+            }
+            switched = Some(record);
+            table = ctx.routing.table(&endpoint).await;
+        }
+        if let Ok(nodes) = &table {
+            let o = Observation::from_table(spec.clusters, spec.servers_per_cluster, nodes);
+            label_roles(&names, &o, &pods, &ctx).await?;
+        }
+    } else {
+        tracing::info!("no routing table yet; role labels left as they are, no rolling update step");
     }
+    let observation = table.map(|nodes| Observation::from_table(spec.clusters, spec.servers_per_cluster, &nodes));
     let why;
     let obs = match &observation {
         Ok(o) => Ok(o),
@@ -210,7 +235,8 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
             Err(why.as_str())
         }
     };
-    let (status, notices) = status::next_status(&obj, &names, obs, switched.as_ref(), Timestamp::now());
+    let (status, notices) =
+        status::next_status(&obj, &names, obs, switched.as_ref(), rollout_status.as_ref(), Timestamp::now());
     for n in notices {
         if n.reason == "Failover" {
             ctx.metrics.failover();
@@ -392,14 +418,58 @@ fn ignore_not_found(r: Result<(), kube::Error>) -> Result<()> {
     }
 }
 
+/// Carries out the rolling update's step (see [`rollout`]): deletes a pod
+/// (only the one it was planned for: the uid is a precondition), or asks
+/// for the switchover, whose record it returns.
+async fn roll(
+    obj: &SnsCluster,
+    names: &Names,
+    plan: &rollout::Plan,
+    pods: &[Pod],
+    ctx: &Context,
+) -> Result<Option<SwitchoverStatus>> {
+    match &plan.step {
+        rollout::Step::Done => Ok(None),
+        rollout::Step::Wait(why) | rollout::Step::Paused(why) => {
+            tracing::info!(why = %why, state = ?plan.step, "rolling update holds");
+            Ok(None)
+        }
+        rollout::Step::Delete { cluster, server, pod } => {
+            let uid = rollout::pod_of(pods, *cluster, *server).and_then(|p| p.metadata.uid.clone());
+            let params = DeleteParams {
+                preconditions: Some(Preconditions { uid, resource_version: None }),
+                ..Default::default()
+            };
+            let note = format!("restarting {pod} with the current template ({}/{} updated)", plan.updated, plan.total);
+            tracing::info!(%note, "rolling update");
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
+            match api.delete(pod, &params).await {
+                Ok(_) => {}
+                // Gone or replaced meanwhile: the next poll looks again.
+                Err(kube::Error::Api(s)) if s.is_not_found() || s.code == 409 => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+            ctx.publish(obj, false, "RollingUpdate", "Update", note).await;
+            Ok(None)
+        }
+        rollout::Step::Switchover { cluster, to } => {
+            let target = switchover::Target { cluster: *cluster, to: Some(*to) };
+            let (record, notice) =
+                switchover::run(ctx.routing.as_ref(), &names.coordinator_endpoint(), Requester::Rollout, None, target)
+                    .await;
+            ctx.publish(obj, notice.warning, notice.reason, notice.action, notice.note).await;
+            Ok(Some(record))
+        }
+    }
+}
+
 /// Sets `sns.io/role` on every server pod whose label disagrees with the
 /// coordinator. A merge patch, not an apply: the pods belong to their
 /// StatefulSets, the operator only owns this one label.
-async fn label_roles(names: &Names, obs: &Observation, ctx: &Context) -> Result<()> {
+async fn label_roles(names: &Names, obs: &Observation, list: &[Pod], ctx: &Context) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    let list = pods.list(&ListParams::default().labels(&names.server_selector())).await?;
     let params = PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() };
-    for (pod, role) in status::role_changes(&list.items, obs) {
+    for (pod, role) in status::role_changes(list, obs) {
         tracing::info!(pod = %pod, role, "role label");
         let patch = serde_json::json!({"metadata": {"labels": {LABEL_ROLE: role}}});
         ignore_not_found(pods.patch(&pod, &params, &Patch::Merge(&patch)).await.map(|_| ()))?;
@@ -559,7 +629,9 @@ mod tests {
         let mut table = healthy_table(3, 2);
         let names = Names::of(&obj).unwrap();
         let observed = Observation::from_table(3, 2, &table);
-        obj.status = Some(status::next_status(&obj, &names, Ok(&observed), None, Timestamp::now()).0);
+        let wanted = rollout::wanted_hashes(&render::render(&obj, &mock.ctx.render).unwrap());
+        let rolled = rollout::plan(&wanted, &[], &table, &names).status(&names);
+        obj.status = Some(status::next_status(&obj, &names, Ok(&observed), None, Some(&rolled), Timestamp::now()).0);
 
         // Nothing changed: the children are not re-applied (the Context
         // remembers them), the status is not rewritten; only the pod list.
@@ -697,6 +769,82 @@ mod tests {
         assert!(mock.table.switchovers.lock().unwrap().is_empty());
         let status = status_of(mock.calls().await.last().unwrap());
         assert!(status.last_switchover.is_none());
+    }
+
+    /// Every server pod of the default `demo`: made from the current
+    /// template, or from an older one for those in `old`; all Ready.
+    fn pods_with_old(old: &[(u32, u32)]) -> Vec<Pod> {
+        let obj = cluster("demo", json!({}));
+        let wanted = rollout::wanted_hashes(
+            &render::render(&obj, &RenderOptions { default_image: "ghcr.io/example/tiny-sns:test".into() }).unwrap(),
+        );
+        wanted
+            .iter()
+            .map(|(&(c, s), h)| {
+                let hash = if old.contains(&(c, s)) { "old" } else { h.as_str() };
+                crate::fixtures::rolled_pod("demo", c, s, hash, true)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_rolling_update_deletes_one_slave_and_says_so() {
+        let pods = pods_with_old(&[(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]);
+        let world = World { pods, secret_exists: true, ..Default::default() };
+        let mock = Mock::new(world, Some(healthy_table(3, 2)));
+        reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
+        assert!(mock.table.switchovers.lock().unwrap().is_empty());
+        let calls = mock.calls().await;
+        let deletes: Vec<&crate::fixtures::Call> = calls.iter().filter(|c| c.method == "DELETE").collect();
+        assert_eq!(deletes.len(), 1, "one pod per poll");
+        assert_eq!(deletes[0].line(), format!("DELETE {NS}/pods/demo-server-1-2-0"), "cluster 1's slave first");
+        assert_eq!(deletes[0].body["preconditions"]["uid"], "uid-1-2-old", "only the pod that was looked at");
+        let event = calls.iter().find(|c| c.body["reason"] == "RollingUpdate").unwrap();
+        assert!(event.body["note"].as_str().unwrap().contains("restarting demo-server-1-2-0"));
+        let status = status_of(calls.last().unwrap());
+        let r = status.rollout.unwrap();
+        assert_eq!((r.state.as_str(), r.updated_servers.as_str()), ("Updating", "0/6"));
+        let progressing = status.conditions.iter().find(|c| c.type_ == PROGRESSING).unwrap();
+        assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("True", "RollingUpdate"));
+    }
+
+    #[tokio::test]
+    async fn a_rolling_update_moves_the_master_to_the_updated_slave() {
+        // Cluster 1's slave is done; its master is next.
+        let pods = pods_with_old(&[(1, 1), (2, 1), (2, 2)]);
+        let world = World { pods, secret_exists: true, ..Default::default() };
+        let mock = Mock::new(world, Some(healthy_table(3, 2)));
+        reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
+        assert_eq!(*mock.table.switchovers.lock().unwrap(), [(1, Some(2))]);
+        let calls = mock.calls().await;
+        assert!(calls.iter().all(|c| c.method != "DELETE"), "the old master is deleted at the next poll");
+        // The labels follow the new master at once.
+        let label =
+            |pod: &str| calls.iter().find(|c| c.line() == format!("PATCH {NS}/pods/{pod}")).map(|c| c.body.clone());
+        assert_eq!(label("demo-server-1-2-0").unwrap(), json!({"metadata": {"labels": {"sns.io/role": "master"}}}));
+        let status = status_of(calls.last().unwrap());
+        let last = status.last_switchover.unwrap();
+        assert_eq!((last.requested_by.as_str(), last.cluster, last.to, last.succeeded), ("rollout", 1, Some(2), true));
+        assert_eq!(status.clusters[0].master.as_deref(), Some("demo-server-1-2-0"));
+        assert_eq!(status.rollout.unwrap().updated_servers, "3/6");
+    }
+
+    #[tokio::test]
+    async fn a_rolling_update_pauses_on_anything_unhealthy() {
+        let mut pods = pods_with_old(&[(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]);
+        pods[5] = crate::fixtures::rolled_pod("demo", 3, 2, "old", false);
+        let world = World { pods, secret_exists: true, ..Default::default() };
+        let mock = Mock::new(world, Some(healthy_table(3, 2)));
+        reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
+        assert!(mock.table.switchovers.lock().unwrap().is_empty());
+        let calls = mock.calls().await;
+        assert!(calls.iter().all(|c| c.method != "DELETE"), "nothing deleted");
+        let status = status_of(calls.last().unwrap());
+        let r = status.rollout.unwrap();
+        assert_eq!((r.state.as_str(), r.message.as_str()), ("Paused", "demo-server-3-2-0 is not ready"));
+        let progressing = status.conditions.iter().find(|c| c.type_ == PROGRESSING).unwrap();
+        assert_eq!(progressing.reason, "RolloutPaused");
+        assert!(progressing.message.contains("demo-server-3-2-0 is not ready"), "{}", progressing.message);
     }
 
     #[tokio::test]

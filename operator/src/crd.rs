@@ -344,6 +344,21 @@ pub struct SnsClusterStatus {
     /// annotation, or made by a rolling update or a scale-down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_switchover: Option<SwitchoverStatus>,
+    /// The rolling update of the servers: how far, and what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Where the servers' rolling update stands.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// `Done`, `Updating` or `Paused` (something unhealthy: see message).
+    pub state: String,
+    /// Servers running the current template / planned servers, e.g. `4/6`.
+    pub updated_servers: String,
+    /// What it does or waits for, or why it paused.
+    pub message: String,
 }
 
 /// A planned switchover and how it went.

@@ -61,6 +61,18 @@ pub fn server_pod(instance: &str, cluster: u32, server: u32, role: Option<&str>)
     pod
 }
 
+/// A server pod made from a template of hash `hash`, Ready or not.
+pub fn rolled_pod(instance: &str, cluster: u32, server: u32, hash: &str, ready: bool) -> Pod {
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    let mut p = server_pod(instance, cluster, server, None);
+    p.metadata.uid = Some(format!("uid-{cluster}-{server}-{hash}"));
+    p.metadata.annotations = Some([(crate::render::TEMPLATE_HASH.to_string(), hash.to_string())].into());
+    let status = if ready { "True" } else { "False" };
+    let condition = PodCondition { type_: "Ready".into(), status: status.into(), ..Default::default() };
+    p.status = Some(PodStatus { conditions: Some(vec![condition]), ..Default::default() });
+    p
+}
+
 /// A coordinator in memory: its routing table (or unreachable, when
 /// None); switchovers done as the real one does them (the in-sync slave,
 /// or the server asked for, becomes master under the next term) or

@@ -6,6 +6,7 @@
 //!   launcher (`sns_node::topology`);
 //! - [`coordinator`]: the coordinator's routing table, behind a trait;
 //! - [`status`]: role labels, conditions, failover detection (pure);
+//! - [`rollout`]: rolling updates, one server at a time (pure);
 //! - [`switchover`]: planned switchovers (annotation, rollout, scale-down);
 //! - [`controller`]: `reconcile` and `error_policy`;
 //! - [`metrics`]: Prometheus counters and the health endpoint;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod manager;
 pub mod metrics;
 pub mod render;
+pub mod rollout;
 pub mod status;
 pub mod switchover;
 

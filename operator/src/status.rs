@@ -11,7 +11,7 @@
 //! - `Degraded`: not Ready although the generation has been rolled out.
 
 use crate::coordinator::{NodeKind, NodeView};
-use crate::crd::{ClusterStatus, SnsCluster, SnsClusterStatus, SwitchoverStatus};
+use crate::crd::{ClusterStatus, RolloutStatus, SnsCluster, SnsClusterStatus, SwitchoverStatus};
 use crate::render::{LABEL_CLUSTER, LABEL_ROLE, LABEL_SERVER, Names};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -119,7 +119,8 @@ pub struct Notice {
 
 /// The next status and what changed, from the current object, what the
 /// coordinator said (`Err` = it did not answer) and a planned switchover
-/// this reconcile made, if any.
+/// this reconcile made, if any, and where the rolling update stands (None:
+/// not looked at this time, as before).
 ///
 /// A change of master that the last planned switchover explains (its
 /// cluster, target and term) is not a failover: no Warning, and
@@ -129,6 +130,7 @@ pub fn next_status(
     names: &Names,
     obs: std::result::Result<&Observation, &str>,
     switched: Option<&SwitchoverStatus>,
+    rollout: Option<&RolloutStatus>,
     now: Timestamp,
 ) -> (SnsClusterStatus, Vec<Notice>) {
     let spec = &obj.spec;
@@ -208,7 +210,9 @@ pub fn next_status(
         .conditions
         .iter()
         .any(|c| c.type_ == PROGRESSING && c.status == "False" && c.observed_generation == generation);
-    let progressing = !ready && !rolled_out_before;
+    let rollout = rollout.cloned().or_else(|| prev.rollout.clone());
+    let updating = rollout.as_ref().filter(|r| r.state != "Done");
+    let progressing = updating.is_some() || (!ready && !rolled_out_before);
     let degraded = !ready && !progressing;
 
     let cond = |type_: &str, on: bool, reason: &str, message: &str| {
@@ -216,7 +220,10 @@ pub fn next_status(
     };
     let conditions = vec![
         cond(READY, ready, reason, &message),
-        if progressing {
+        if let Some(r) = updating {
+            let reason = if r.state == "Paused" { "RolloutPaused" } else { "RollingUpdate" };
+            cond(PROGRESSING, true, reason, &format!("{} servers updated: {}", r.updated_servers, r.message))
+        } else if progressing {
             cond(PROGRESSING, true, "RollingOut", &message)
         } else {
             cond(PROGRESSING, false, "RolledOut", "the current generation has been ready")
@@ -241,6 +248,7 @@ pub fn next_status(
         clusters,
         last_failover_time: last_failover,
         last_switchover,
+        rollout,
     };
     (status, notices)
 }
@@ -316,7 +324,8 @@ mod tests {
     fn a_planned_switchover_is_not_a_failover() {
         let mut obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
-        obj.status = Some(next_status(&obj, &names, Ok(&Observation::from_table(3, 2, &healthy())), None, at(0)).0);
+        obj.status =
+            Some(next_status(&obj, &names, Ok(&Observation::from_table(3, 2, &healthy())), None, None, at(0)).0);
         let mut nodes = healthy();
         nodes[2].is_master = false;
         nodes[3].is_master = true;
@@ -334,21 +343,21 @@ mod tests {
             message: "done".into(),
             time: Time(at(1)),
         };
-        let (s, notices) = next_status(&obj, &names, Ok(&o), Some(&record), at(1));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), Some(&record), None, at(1));
         assert!(notices.is_empty(), "{notices:?}");
         assert!(s.last_failover_time.is_none());
         assert_eq!(s.last_switchover.as_ref(), Some(&record));
         // Kept by later polls, and it explains only that change: a later
         // promotion under another term is a failover.
         obj.status = Some(s);
-        let (s, _) = next_status(&obj, &names, Ok(&o), None, at(2));
+        let (s, _) = next_status(&obj, &names, Ok(&o), None, None, at(2));
         assert_eq!(s.last_switchover.as_ref(), Some(&record));
         obj.status = Some(s);
         for n in nodes.iter_mut().filter(|n| n.cluster == 2) {
             n.is_master = n.id == 1;
             n.term = 3;
         }
-        let (s, notices) = next_status(&obj, &names, Ok(&Observation::from_table(3, 2, &nodes)), None, at(3));
+        let (s, notices) = next_status(&obj, &names, Ok(&Observation::from_table(3, 2, &nodes)), None, None, at(3));
         assert_eq!(notices[0].reason, "Failover");
         assert_eq!(s.last_failover_time, Some(Time(at(3))));
     }
@@ -373,7 +382,7 @@ mod tests {
         let obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
         let empty = Observation::from_table(3, 2, &[]);
-        let (s, notices) = next_status(&obj, &names, Ok(&empty), None, at(0));
+        let (s, notices) = next_status(&obj, &names, Ok(&empty), None, None, at(0));
         assert_eq!(notices[0].reason, "Created");
         assert_eq!(cond(&s, READY).status, "False");
         assert_eq!(cond(&s, READY).reason, "NoMaster");
@@ -385,7 +394,7 @@ mod tests {
         let mut obj = obj;
         obj.status = Some(s);
         let o = Observation::from_table(3, 2, &healthy());
-        let (s, notices) = next_status(&obj, &names, Ok(&o), None, at(10));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), None, None, at(10));
         assert!(notices.is_empty(), "{notices:?}");
         assert_eq!(cond(&s, READY).status, "True");
         assert_eq!(cond(&s, READY).last_transition_time, Time(at(10)));
@@ -396,7 +405,7 @@ mod tests {
 
         // Nothing changes: nothing moves, not even the transition times.
         obj.status = Some(s.clone());
-        let (again, _) = next_status(&obj, &names, Ok(&o), None, at(20));
+        let (again, _) = next_status(&obj, &names, Ok(&o), None, None, at(20));
         assert_eq!(again, s);
     }
 
@@ -405,15 +414,15 @@ mod tests {
         let mut obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
         let o = Observation::from_table(3, 2, &healthy());
-        obj.status = Some(next_status(&obj, &names, Ok(&o), None, at(0)).0);
-        obj.status = Some(next_status(&obj, &names, Ok(&o), None, at(1)).0);
+        obj.status = Some(next_status(&obj, &names, Ok(&o), None, None, at(0)).0);
+        obj.status = Some(next_status(&obj, &names, Ok(&o), None, None, at(1)).0);
 
         // The master of cluster 2 is gone and not yet replaced.
         let mut nodes = healthy();
         nodes[2].alive = false;
         nodes[2].is_master = false;
         let o = Observation::from_table(3, 2, &nodes);
-        let (s, notices) = next_status(&obj, &names, Ok(&o), None, at(5));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), None, None, at(5));
         assert!(notices.is_empty());
         assert_eq!(cond(&s, READY).reason, "NoMaster");
         assert_eq!(cond(&s, DEGRADED).status, "True", "it had been rolled out");
@@ -429,7 +438,7 @@ mod tests {
             n.term = 2;
         }
         let o = Observation::from_table(3, 2, &nodes);
-        let (s, notices) = next_status(&obj, &names, Ok(&o), None, at(7));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), None, None, at(7));
         assert_eq!(notices.len(), 1);
         assert_eq!(notices[0].reason, "Failover");
         assert!(notices[0].note.contains("demo-server-2-1-0 -> demo-server-2-2-0"));
@@ -444,8 +453,8 @@ mod tests {
         let mut obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
         let o = Observation::from_table(3, 2, &healthy());
-        obj.status = Some(next_status(&obj, &names, Ok(&o), None, at(0)).0);
-        let (s, notices) = next_status(&obj, &names, Err("connection refused"), None, at(3));
+        obj.status = Some(next_status(&obj, &names, Ok(&o), None, None, at(0)).0);
+        let (s, notices) = next_status(&obj, &names, Err("connection refused"), None, None, at(3));
         assert!(notices.is_empty());
         assert_eq!(cond(&s, READY).reason, "CoordinatorUnreachable");
         assert_eq!(s.clusters, obj.status.as_ref().unwrap().clusters);
@@ -456,11 +465,11 @@ mod tests {
         let mut obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
         let o = Observation::from_table(3, 2, &healthy());
-        obj.status = Some(next_status(&obj, &names, Ok(&o), None, at(0)).0);
+        obj.status = Some(next_status(&obj, &names, Ok(&o), None, None, at(0)).0);
         obj.spec.servers_per_cluster = 1;
         obj.metadata.generation = Some(2);
         let o = Observation::from_table(3, 1, &healthy());
-        let (s, notices) = next_status(&obj, &names, Ok(&o), None, at(1));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), None, None, at(1));
         assert_eq!(notices[0].reason, "Scaled");
         assert_eq!(notices[0].note, "servers per cluster 2 -> 1");
         assert_eq!(s.servers_per_cluster, Some(1));

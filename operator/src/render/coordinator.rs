@@ -40,6 +40,7 @@ pub(super) fn render_coordinator(
             port: p.port,
             env: vec![],
             mounts: vec![data_mount, tmp_mount],
+            readiness: None,
         },
     );
     let mut pvc_labels = selector_of(&l);

@@ -75,6 +75,9 @@ pub const LABEL_SERVER: &str = "sns.io/server";
 pub const LABEL_ROLE: &str = "sns.io/role";
 pub const MANAGER: &str = "sns-operator";
 const CONFIG_HASH: &str = "sns.io/config-hash";
+/// On a server pod template: the hash of the rest of the template, which a
+/// running pod carries from the template it was made from.
+pub const TEMPLATE_HASH: &str = "sns.io/template-hash";
 
 /// Everything the renderer needs besides the resource itself.
 #[derive(Debug, Clone)]

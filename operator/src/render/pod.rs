@@ -78,10 +78,10 @@ pub(super) fn pod_security(user: i64) -> PodSecurityContext {
 }
 
 /// Every node serves `grpc.health.v1` on its own port, which the kubelet's
-/// native gRPC probe speaks.
-pub(super) fn grpc_probe(port: u16, period: i32, failures: i32) -> Probe {
+/// native gRPC probe speaks; `service` None asks whether the process is up.
+pub(super) fn grpc_probe(port: u16, service: Option<&str>, period: i32, failures: i32) -> Probe {
     Probe {
-        grpc: Some(GRPCAction { port: i32::from(port), service: None }),
+        grpc: Some(GRPCAction { port: i32::from(port), service: service.map(Into::into) }),
         period_seconds: Some(period),
         timeout_seconds: Some(2),
         failure_threshold: Some(failures),
@@ -134,6 +134,8 @@ pub(super) struct NodeContainer<'a> {
     pub(super) port: u16,
     pub(super) env: Vec<EnvVar>,
     pub(super) mounts: Vec<VolumeMount>,
+    /// The health service the readiness probe asks (None: the process's).
+    pub(super) readiness: Option<&'a str>,
 }
 
 pub(super) fn node_container(spec: &SnsClusterSpec, image: &str, names: &Names, c: NodeContainer<'_>) -> Container {
@@ -146,8 +148,8 @@ pub(super) fn node_container(spec: &SnsClusterSpec, image: &str, names: &Names, 
         env: if c.env.is_empty() { None } else { Some(c.env) },
         env_from: Some(config_env(names)),
         ports: Some(vec![container_port(c.port_name, i32::from(c.port))]),
-        readiness_probe: Some(grpc_probe(c.port, 5, 3)),
-        liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..grpc_probe(c.port, 10, 3) }),
+        readiness_probe: Some(grpc_probe(c.port, c.readiness, 5, 3)),
+        liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..grpc_probe(c.port, None, 10, 3) }),
         resources: spec.resources.clone(),
         security_context: Some(container_security()),
         volume_mounts: Some(c.mounts),

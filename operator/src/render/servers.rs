@@ -5,14 +5,19 @@ use super::pod::{
     NodeContainer, labels, meta, node_container, pod_security, pvc_template, retention_policy, secret_env, selector_of,
     server_labels, template_meta, tmp_volume,
 };
-use super::{DATA_ROOT, LABEL_CLUSTER, LABEL_NAME, Names, RUN_AS_USER, pod_args};
+use super::{DATA_ROOT, LABEL_CLUSTER, LABEL_NAME, Names, RUN_AS_USER, TEMPLATE_HASH, fnv1a, pod_args};
 use crate::crd::SnsClusterSpec;
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Affinity, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use sns_node::topology::{Process, Role};
+
+/// The health service a server reports NOT_SERVING while it catches up
+/// (node/src/server/role.rs `READINESS_SERVICE`, which the node crate
+/// keeps private).
+pub const READINESS_SERVICE: &str = "readiness";
 
 pub(super) fn render_server(
     names: &Names,
@@ -38,6 +43,10 @@ pub(super) fn render_server(
             port: server.port,
             env: vec![],
             mounts: vec![data_mount.clone(), tmp_mount.clone()],
+            // NOT_SERVING while the server catches up with its master (or
+            // is fenced, or has no trusted journal): a rolling update waits
+            // for this before it goes on.
+            readiness: Some(READINESS_SERVICE),
         },
     );
     let sync_c = node_container(
@@ -53,6 +62,7 @@ pub(super) fn render_server(
             // The synchronizer hands events to its server over gRPC and
             // writes no files; it sees the volume read-only.
             mounts: vec![VolumeMount { read_only: Some(true), ..data_mount }, tmp_mount],
+            readiness: None,
         },
     );
     // Master and slave of a cluster on different nodes when there are
@@ -73,6 +83,27 @@ pub(super) fn render_server(
         }),
         ..Default::default()
     };
+    let mut template = PodTemplateSpec {
+        metadata: Some(template_meta(l.clone(), config_hash)),
+        spec: Some(PodSpec {
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(pod_security(RUN_AS_USER)),
+            affinity: Some(affinity),
+            containers: vec![server_c, sync_c],
+            volumes: Some(vec![tmp]),
+            // Writes are fsynced before they are acknowledged: a
+            // short grace is safe and speeds up failover drills.
+            termination_grace_period_seconds: Some(10),
+            ..Default::default()
+        }),
+    };
+    // What the rolling update compares a running pod with (see
+    // crate::rollout): the hash of everything else in the template.
+    let hash = format!("{:016x}", fnv1a(serde_json::to_string(&template).unwrap_or_default().as_bytes()));
+    if let Some(m) = template.metadata.as_mut() {
+        m.annotations.get_or_insert_with(Default::default).insert(TEMPLATE_HASH.into(), hash);
+    }
     let mut pvc_labels = selector_of(&l);
     pvc_labels.insert(LABEL_NAME.into(), "sns".into());
     StatefulSet {
@@ -82,21 +113,11 @@ pub(super) fn render_server(
             service_name: Some(names.nodes()),
             selector: LabelSelector { match_labels: Some(selector_of(&l)), ..Default::default() },
             persistent_volume_claim_retention_policy: Some(retention_policy(spec.storage.retention)),
-            template: PodTemplateSpec {
-                metadata: Some(template_meta(l, config_hash)),
-                spec: Some(PodSpec {
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    security_context: Some(pod_security(RUN_AS_USER)),
-                    affinity: Some(affinity),
-                    containers: vec![server_c, sync_c],
-                    volumes: Some(vec![tmp]),
-                    // Writes are fsynced before they are acknowledged: a
-                    // short grace is safe and speeds up failover drills.
-                    termination_grace_period_seconds: Some(10),
-                    ..Default::default()
-                }),
-            },
+            // The operator deletes each pod when its turn comes (slave
+            // first, then the master once its role moved): see
+            // crate::rollout.
+            update_strategy: Some(StatefulSetUpdateStrategy { type_: Some("OnDelete".into()), rolling_update: None }),
+            template,
             volume_claim_templates: Some(vec![pvc_template(
                 pvc_labels,
                 &spec.storage.size,

@@ -416,3 +416,41 @@ fn yaml_dump_holds_every_object() {
     assert_eq!(yaml.matches("---\n").count(), r.children.len() + 1);
     assert!(yaml.contains("kind: Secret"));
 }
+
+#[test]
+fn servers_roll_only_when_the_operator_deletes_their_pods() {
+    let hash = |r: &Rendered, name: &str| {
+        template(sts(r, name)).metadata.as_ref().unwrap().annotations.as_ref().unwrap()[TEMPLATE_HASH].clone()
+    };
+    let a = render(&cluster("demo", serde_json::json!({})), &opts()).unwrap();
+    for c in 1..=3 {
+        for s in 1..=2 {
+            let set = sts(&a, &format!("demo-server-{c}-{s}"));
+            let strategy = set.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
+            assert_eq!(strategy.type_.as_deref(), Some("OnDelete"), "the operator picks the order");
+            // Ready means caught up with the master, not merely up.
+            let server = container(template(set), "server");
+            let probe = server.readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
+            assert_eq!(probe.service.as_deref(), Some("readiness"));
+            let live = server.liveness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
+            assert_eq!(live.service, None, "a catching-up server is alive");
+            let sync = container(template(set), "synchronizer").readiness_probe.as_ref().unwrap();
+            assert_eq!(sync.grpc.as_ref().unwrap().service, None);
+        }
+    }
+    assert_eq!(
+        hash(&a, "demo-server-1-1"),
+        hash(&render(&cluster("demo", serde_json::json!({})), &opts()).unwrap(), "demo-server-1-1")
+    );
+    assert_ne!(hash(&a, "demo-server-1-1"), hash(&a, "demo-server-1-2"), "each server's own template");
+    // A new operator image (the default one) or settings change every
+    // server's hash, so both go through the rolling update.
+    let image =
+        render(&cluster("demo", serde_json::json!({})), &RenderOptions { default_image: "tiny-sns:next".into() })
+            .unwrap();
+    let log = render(&cluster("demo", serde_json::json!({"logLevel": "debug"})), &opts()).unwrap();
+    for name in ["demo-server-1-1", "demo-server-3-2"] {
+        assert_ne!(hash(&a, name), hash(&image, name), "{name}");
+        assert_ne!(hash(&a, name), hash(&log, name), "{name}");
+    }
+}
