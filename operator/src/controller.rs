@@ -29,7 +29,7 @@
 //! 6. requeue after one heartbeat interval (1-10 s), which is what keeps the
 //!    role labels current: the coordinator has no watch API.
 
-use crate::coordinator::RoutingTable;
+use crate::coordinator::{NodeView, RoutingTable};
 use crate::crd::{PvcRetention, SnsCluster, SwitchoverStatus};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -38,6 +38,7 @@ use crate::render::{
     Names, RenderOptions, Rendered,
 };
 use crate::rollout;
+use crate::scale;
 use crate::status::{self, Observation};
 use crate::switchover::{self, Requester};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -173,23 +174,32 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
         .expect("applied lock")
         .get(&k)
         .is_none_or(|(sum, at)| *sum != checksum || at.elapsed() >= ctx.resync);
-    if due {
-        let complete = apply_children(&obj, &names, &rendered, &ctx).await?;
-        prune(&obj, &names, &rendered, &ctx).await?;
-        // Left incomplete (the old coordinator still terminating), the
-        // next poll applies again rather than waiting for a resync.
-        if complete {
-            ctx.applied.lock().expect("applied lock").insert(k, (checksum, Instant::now()));
-        }
-        ctx.metrics.applied();
-    }
-
     let spec = &obj.spec;
     let endpoint = names.coordinator_endpoint();
     let mut table = ctx.routing.table(&endpoint).await;
     let mut switched = None;
+    let mut held = Vec::new();
+    if due {
+        let complete = apply_children(&obj, &names, &rendered, &ctx).await?;
+        let pruned = prune(&obj, &names, &rendered, table.as_deref().ok(), &ctx).await?;
+        if let Some(record) = pruned.switched {
+            switched = Some(record);
+            table = ctx.routing.table(&endpoint).await;
+        }
+        // Left incomplete (the old coordinator still terminating, a
+        // scale-down waiting), the next poll applies again rather than
+        // waiting for a resync.
+        if complete && pruned.held.is_empty() && switched.is_none() {
+            ctx.applied.lock().expect("applied lock").insert(k, (checksum, Instant::now()));
+        }
+        held = pruned.held;
+        ctx.metrics.applied();
+    }
+
     if let Some(value) = obj.annotations().get(switchover::ANNOTATION) {
-        if table.is_ok() {
+        if switched.is_some() {
+            tracing::info!(request = %value, "switchover request left for the next poll: a scale-down made one");
+        } else if table.is_ok() {
             if let Some((record, notice)) = requested_switchover(&obj, value, &endpoint, &ctx).await? {
                 ctx.publish(&obj, notice.warning, notice.reason, notice.action, notice.note).await;
                 switched = Some(record);
@@ -205,7 +215,12 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
     if let Ok(nodes) = &table {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
         let pods = pods.list(&ListParams::default().labels(&names.server_selector())).await?.items;
-        let plan = rollout::plan(&rollout::wanted_hashes(&rendered), &pods, nodes, &names);
+        let mut plan = rollout::plan(&rollout::wanted_hashes(&rendered), &pods, nodes, &names);
+        if !held.is_empty() {
+            // A server that scale-down must keep for now is a health issue
+            // of its own: nothing else is rolled meanwhile.
+            plan.step = rollout::Step::Paused(held.join("; "));
+        }
         rollout_status = Some(plan.status(&names));
         // One change of roles or pods per poll: after a requested
         // switchover the rollout goes on at the next one.
@@ -370,26 +385,65 @@ fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, o
     meta.owner_references.iter().flatten().any(|o| Some(&o.uid) == obj.metadata.uid.as_ref())
 }
 
+/// What a prune left: removals that wait (why), and the switchover one of
+/// them made first.
+#[derive(Default)]
+struct Pruned {
+    held: Vec<String>,
+    switched: Option<SwitchoverStatus>,
+}
+
 /// Deletes the StatefulSets and Services of this SnsCluster that the
-/// current spec no longer renders.
-async fn prune(obj: &SnsCluster, names: &Names, rendered: &Rendered, ctx: &Context) -> Result<()> {
+/// current spec no longer renders; a server's only when [`scale::removal`]
+/// allows (a master hands its role over first, at most one switchover per
+/// poll).
+async fn prune(
+    obj: &SnsCluster,
+    names: &Names,
+    rendered: &Rendered,
+    table: Option<&[NodeView]>,
+    ctx: &Context,
+) -> Result<Pruned> {
     let ns = names.namespace.as_str();
     let selector = ListParams::default().labels(&names.selector());
     let wanted = rendered.names_of("StatefulSet");
     let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let mut pruned = Pruned::default();
     for s in sts.list(&selector).await? {
         let name = s.name_any();
-        if wanted.contains(&name) || !owned_by(&s.metadata, obj) {
+        if wanted.contains(&name) || !owned_by(&s.metadata, obj) || s.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        tracing::info!(statefulset = %name, "removing what the spec no longer wants");
-        ignore_not_found(sts.delete(&name, &DeleteParams::background()).await.map(|_| ()))?;
         let labels = s.labels();
         let server = (
             labels.get(LABEL_COMPONENT).map(String::as_str),
             labels.get(LABEL_CLUSTER).and_then(|v| v.parse::<u32>().ok()),
             labels.get(LABEL_SERVER).and_then(|v| v.parse::<u32>().ok()),
         );
+        if let (Some("server"), Some(c), Some(id)) = server {
+            match scale::removal(table, c, id, obj.spec.servers_per_cluster) {
+                scale::Removal::Remove => {}
+                scale::Removal::Keep(why) => {
+                    tracing::info!(statefulset = %name, %why, "scale-down waits");
+                    pruned.held.push(why);
+                    continue;
+                }
+                scale::Removal::SwitchFirst { to } => {
+                    pruned.held.push(format!("server {c}/{id} is master: handing its role to server {c}/{to} first"));
+                    if pruned.switched.is_none() {
+                        let target = switchover::Target { cluster: c, to: Some(to) };
+                        let endpoint = names.coordinator_endpoint();
+                        let (record, notice) =
+                            switchover::run(ctx.routing.as_ref(), &endpoint, Requester::ScaleDown, None, target).await;
+                        ctx.publish(obj, notice.warning, notice.reason, notice.action, notice.note).await;
+                        pruned.switched = Some(record);
+                    }
+                    continue;
+                }
+            }
+        }
+        tracing::info!(statefulset = %name, "removing what the spec no longer wants");
+        ignore_not_found(sts.delete(&name, &DeleteParams::background()).await.map(|_| ()))?;
         if let (Some("server"), Some(c), Some(id)) = server
             && obj.spec.storage.retention == PvcRetention::Delete
         {
@@ -408,7 +462,7 @@ async fn prune(obj: &SnsCluster, names: &Names, rendered: &Rendered, ctx: &Conte
             ignore_not_found(svcs.delete(&name, &DeleteParams::default()).await.map(|_| ()))?;
         }
     }
-    Ok(())
+    Ok(pruned)
 }
 
 fn ignore_not_found(r: Result<(), kube::Error>) -> Result<()> {
@@ -956,7 +1010,7 @@ mod tests {
                 secret_exists: true,
                 ..Default::default()
             };
-            let mock = Mock::new(world, None);
+            let mock = Mock::new(world, Some(healthy_table(2, 2)));
             let obj = finalized(cluster(
                 "demo",
                 json!({"clusters": 2, "serversPerCluster": 1, "storage": {"retention": retention}}),
@@ -975,6 +1029,72 @@ mod tests {
             assert_eq!(calls[list + 1..list + 1 + expected.len()], expected[..], "{retention}");
             assert!(calls.iter().all(|l| !l.contains("coordinator") || !l.starts_with("DELETE")), "{calls:#?}");
         }
+    }
+
+    fn server_sts(c: u32, s: u32) -> Value {
+        json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {
+                "name": format!("demo-server-{c}-{s}"), "namespace": "prod",
+                "labels": {"app.kubernetes.io/component": "server", "sns.io/cluster": c.to_string(), "sns.io/server": s.to_string()},
+                "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": "demo", "uid": "uid-1"}]
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn scale_down_moves_a_master_off_the_server_it_removes_first() {
+        // Cluster 2's master is server 2; cluster 1's is server 1.
+        let mut table = healthy_table(2, 2);
+        table[2].is_master = false;
+        table[3].is_master = true;
+        let world =
+            World { statefulsets: vec![server_sts(1, 2), server_sts(2, 2)], secret_exists: true, ..Default::default() };
+        let mock = Mock::new(world, Some(table));
+        let obj = Arc::new(finalized(cluster("demo", json!({"clusters": 2, "serversPerCluster": 1}))));
+        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+        assert_eq!(*mock.table.switchovers.lock().unwrap(), [(2, Some(1))]);
+        mock.change_world(|w| w.statefulsets = vec![server_sts(2, 2)]);
+        // Next poll: server 2/2 is a slave now, and goes; the apply counted
+        // as unfinished, so it is retried at once.
+        reconcile(obj, mock.ctx.clone()).await.unwrap();
+        assert_eq!(mock.table.switchovers.lock().unwrap().len(), 1);
+        let calls = mock.calls().await;
+        let deletes: Vec<String> = calls.iter().filter(|c| c.method == "DELETE").map(|c| c.line()).collect();
+        assert_eq!(
+            deletes,
+            [
+                format!("DELETE {APPS}/statefulsets/demo-server-1-2"),
+                format!("DELETE {APPS}/statefulsets/demo-server-2-2"),
+            ],
+            "1/2 (a slave) at once, 2/2 only after its role moved"
+        );
+        let first_status = status_of(calls.iter().find(|c| c.line().ends_with("/status")).unwrap());
+        let last = first_status.last_switchover.unwrap();
+        assert_eq!((last.requested_by.as_str(), last.cluster, last.to), ("scale-down", 2, Some(1)));
+        assert!(first_status.rollout.unwrap().message.contains("server 2/2 is master"));
+        assert_eq!(first_status.clusters[1].master.as_deref(), Some("demo-server-2-1-0"));
+    }
+
+    #[tokio::test]
+    async fn scale_down_keeps_the_only_server_holding_every_write() {
+        // Cluster 1: server 2 is master and server 1 is behind.
+        let mut table = healthy_table(2, 2);
+        table[0].is_master = false;
+        table[0].in_sync = false;
+        table[1].is_master = true;
+        let world =
+            World { statefulsets: vec![server_sts(1, 2), server_sts(2, 2)], secret_exists: true, ..Default::default() };
+        let mock = Mock::new(world, Some(table));
+        let obj = finalized(cluster("demo", json!({"clusters": 2, "serversPerCluster": 1})));
+        reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
+        assert!(mock.table.switchovers.lock().unwrap().is_empty(), "no in-sync server to hand the role to");
+        let calls = mock.calls().await;
+        let deletes: Vec<String> = calls.iter().filter(|c| c.method == "DELETE").map(|c| c.line()).collect();
+        assert_eq!(deletes, [format!("DELETE {APPS}/statefulsets/demo-server-2-2")], "cluster 2's slave only");
+        let rollout = status_of(calls.last().unwrap()).rollout.unwrap();
+        assert_eq!(rollout.state, "Paused");
+        assert!(rollout.message.contains("server 1/2 stays"), "{}", rollout.message);
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@
 //! - [`coordinator`]: the coordinator's routing table, behind a trait;
 //! - [`status`]: role labels, conditions, failover detection (pure);
 //! - [`rollout`]: rolling updates, one server at a time (pure);
+//! - [`scale`]: which servers a scale-down may remove now (pure);
 //! - [`switchover`]: planned switchovers (annotation, rollout, scale-down);
 //! - [`controller`]: `reconcile` and `error_policy`;
 //! - [`metrics`]: Prometheus counters and the health endpoint;
@@ -20,6 +21,7 @@ pub mod manager;
 pub mod metrics;
 pub mod render;
 pub mod rollout;
+pub mod scale;
 pub mod status;
 pub mod switchover;
 
