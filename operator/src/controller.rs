@@ -23,8 +23,9 @@
 //!    the coordinator's routing table gives each server pod's role: the
 //!    `sns.io/role` label is patched where it is wrong, which moves the
 //!    per-cluster master Service;
-//! 5. status (conditions, masters, terms, last failover, last switchover)
-//!    is written via the status subresource when it changed, and Events
+//! 5. status (conditions, masters, terms, last failover, last switchover,
+//!    rollout; Ready also asks the managed broker's StatefulSet) is written
+//!    via the status subresource when it changed, and Events
 //!    tell of creation, scaling, failover and switchover;
 //! 6. requeue after one heartbeat interval (1-10 s), which is what keeps the
 //!    role labels current: the coordinator has no watch API.
@@ -45,14 +46,14 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -177,10 +178,27 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
     let spec = &obj.spec;
     let endpoint = names.coordinator_endpoint();
     let mut table = ctx.routing.table(&endpoint).await;
+    // The server pods: the templates they run decide the rolling update and
+    // the StatefulSets' partitions; their labels show the roles.
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let pods = pods.list(&ListParams::default().labels(&names.server_selector())).await?.items;
+    let wanted = rollout::wanted_hashes(&rendered);
+    let requested = obj.annotations().get(switchover::ANNOTATION);
+    let mut plan = table.as_deref().ok().map(|nodes| rollout::plan(&wanted, &pods, nodes, &names));
+    if let Some(p) = plan.as_mut()
+        && requested.is_some()
+        && matches!(p.step, rollout::Step::Update { .. } | rollout::Step::Switchover { .. })
+    {
+        // One change of roles or pods per poll, and never a server updated
+        // while it may be the one asked for.
+        p.step = rollout::Step::Wait("a requested switchover goes first".into());
+    }
+    let step = plan.as_ref().map(|p| &p.step);
+    let partitions = rollout::partitions(&wanted, &pods, step);
     let mut switched = None;
     let mut held = Vec::new();
     if due {
-        let complete = apply_children(&obj, &names, &rendered, &ctx).await?;
+        let complete = apply_children(&obj, &names, &rendered, &partitions, &ctx).await?;
         let pruned = prune(&obj, &names, &rendered, table.as_deref().ok(), &ctx).await?;
         if let Some(record) = pruned.switched {
             switched = Some(record);
@@ -195,8 +213,22 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
         held = pruned.held;
         ctx.metrics.applied();
     }
+    if let (Some(rollout::Step::Update { cluster, server, pod }), Some(p)) = (step, &plan) {
+        if !due {
+            let sts = rendered.children.iter().find_map(|c| match c {
+                Child::StatefulSet(s) if s.name_any() == names.server(*cluster, *server) => Some(s),
+                _ => None,
+            });
+            if let Some(sts) = sts {
+                ssa::<StatefulSet>(&ctx.client, &names.namespace, &with_partition(sts, 0)).await?;
+            }
+        }
+        let note = format!("updating {pod} to the current template ({}/{} updated)", p.updated, p.total);
+        tracing::info!(%note, "rolling update");
+        ctx.publish(&obj, false, "RollingUpdate", "Update", note).await;
+    }
 
-    if let Some(value) = obj.annotations().get(switchover::ANNOTATION) {
+    if let Some(value) = requested {
         if switched.is_some() {
             tracing::info!(request = %value, "switchover request left for the next poll: a scale-down made one");
         } else if table.is_ok() {
@@ -212,36 +244,44 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
         }
     }
     let mut rollout_status = None;
-    if let Ok(nodes) = &table {
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
-        let pods = pods.list(&ListParams::default().labels(&names.server_selector())).await?.items;
-        let mut plan = rollout::plan(&rollout::wanted_hashes(&rendered), &pods, nodes, &names);
+    if let Some(mut plan) = plan {
+        if let rollout::Step::Switchover { cluster, to } = plan.step
+            && switched.is_none()
+        {
+            let target = switchover::Target { cluster, to: Some(to) };
+            let (record, notice) =
+                switchover::run(ctx.routing.as_ref(), &endpoint, Requester::Rollout, None, target).await;
+            ctx.publish(&obj, notice.warning, notice.reason, notice.action, notice.note).await;
+            if !record.succeeded {
+                plan.step = rollout::Step::Paused(format!("the switchover it needs failed: {}", record.message));
+            }
+            switched = Some(record);
+            table = ctx.routing.table(&endpoint).await;
+        }
         if !held.is_empty() {
             // A server that scale-down must keep for now is a health issue
             // of its own: nothing else is rolled meanwhile.
             plan.step = rollout::Step::Paused(held.join("; "));
         }
         rollout_status = Some(plan.status(&names));
-        // One change of roles or pods per poll: after a requested
-        // switchover the rollout goes on at the next one.
-        if switched.is_none()
-            && let Some(record) = roll(&obj, &names, &plan, &pods, &ctx).await?
-        {
-            if !record.succeeded {
-                let why = format!("the switchover it needs failed: {}", record.message);
-                rollout_status = Some(rollout::Plan { step: rollout::Step::Paused(why), ..plan }.status(&names));
-            }
-            switched = Some(record);
-            table = ctx.routing.table(&endpoint).await;
-        }
-        if let Ok(nodes) = &table {
+    }
+    match &table {
+        Ok(nodes) => {
             let o = Observation::from_table(spec.clusters, spec.servers_per_cluster, nodes);
             label_roles(&names, &o, &pods, &ctx).await?;
         }
-    } else {
-        tracing::info!("no routing table yet; role labels left as they are, no rolling update step");
+        Err(e) => {
+            tracing::info!(error = %e, "no routing table yet; role labels left as they are, no rolling update step")
+        }
     }
-    let observation = table.map(|nodes| Observation::from_table(spec.clusters, spec.servers_per_cluster, &nodes));
+    let broker_ready = match (&table, spec.managed_broker()) {
+        (Ok(_), Some(_)) => Some(broker_ready(&names, &ctx).await?),
+        _ => None,
+    };
+    let observation = table.map(|nodes| Observation {
+        broker_ready,
+        ..Observation::from_table(spec.clusters, spec.servers_per_cluster, &nodes)
+    });
     let why;
     let obs = match &observation {
         Ok(o) => Ok(o),
@@ -317,7 +357,23 @@ where
 
 /// Applies every child; false when the coordinator's StatefulSet had to
 /// wait for the Deployment it replaces to go.
-async fn apply_children(obj: &SnsCluster, names: &Names, rendered: &Rendered, ctx: &Context) -> Result<bool> {
+/// A server StatefulSet with the given rolling-update partition.
+fn with_partition(sts: &StatefulSet, partition: i32) -> StatefulSet {
+    let mut sts = sts.clone();
+    if let Some(ru) = sts.spec.as_mut().and_then(|s| s.update_strategy.as_mut()).and_then(|u| u.rolling_update.as_mut())
+    {
+        ru.partition = Some(partition);
+    }
+    sts
+}
+
+async fn apply_children(
+    obj: &SnsCluster,
+    names: &Names,
+    rendered: &Rendered,
+    partitions: &BTreeMap<(u32, u32), i32>,
+    ctx: &Context,
+) -> Result<bool> {
     let ns = names.namespace.as_str();
     if let Some(template) = &rendered.broker_secret {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
@@ -341,7 +397,13 @@ async fn apply_children(obj: &SnsCluster, names: &Names, rendered: &Rendered, ct
                     complete = false;
                 }
             }
-            Child::StatefulSet(o) => ssa::<StatefulSet>(&ctx.client, ns, o).await?,
+            Child::StatefulSet(o) => {
+                let server = rollout::server_of(o);
+                match server.and_then(|k| partitions.get(&k)) {
+                    Some(&p) => ssa::<StatefulSet>(&ctx.client, ns, &with_partition(o, p)).await?,
+                    None => ssa::<StatefulSet>(&ctx.client, ns, o).await?,
+                }
+            }
             Child::Pdb(o) => ssa::<PodDisruptionBudget>(&ctx.client, ns, o).await?,
         }
     }
@@ -472,49 +534,13 @@ fn ignore_not_found(r: Result<(), kube::Error>) -> Result<()> {
     }
 }
 
-/// Carries out the rolling update's step (see [`rollout`]): deletes a pod
-/// (only the one it was planned for: the uid is a precondition), or asks
-/// for the switchover, whose record it returns.
-async fn roll(
-    obj: &SnsCluster,
-    names: &Names,
-    plan: &rollout::Plan,
-    pods: &[Pod],
-    ctx: &Context,
-) -> Result<Option<SwitchoverStatus>> {
-    match &plan.step {
-        rollout::Step::Done => Ok(None),
-        rollout::Step::Wait(why) | rollout::Step::Paused(why) => {
-            tracing::info!(why = %why, state = ?plan.step, "rolling update holds");
-            Ok(None)
-        }
-        rollout::Step::Delete { cluster, server, pod } => {
-            let uid = rollout::pod_of(pods, *cluster, *server).and_then(|p| p.metadata.uid.clone());
-            let params = DeleteParams {
-                preconditions: Some(Preconditions { uid, resource_version: None }),
-                ..Default::default()
-            };
-            let note = format!("restarting {pod} with the current template ({}/{} updated)", plan.updated, plan.total);
-            tracing::info!(%note, "rolling update");
-            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
-            match api.delete(pod, &params).await {
-                Ok(_) => {}
-                // Gone or replaced meanwhile: the next poll looks again.
-                Err(kube::Error::Api(s)) if s.is_not_found() || s.code == 409 => return Ok(None),
-                Err(e) => return Err(e.into()),
-            }
-            ctx.publish(obj, false, "RollingUpdate", "Update", note).await;
-            Ok(None)
-        }
-        rollout::Step::Switchover { cluster, to } => {
-            let target = switchover::Target { cluster: *cluster, to: Some(*to) };
-            let (record, notice) =
-                switchover::run(ctx.routing.as_ref(), &names.coordinator_endpoint(), Requester::Rollout, None, target)
-                    .await;
-            ctx.publish(obj, notice.warning, notice.reason, notice.action, notice.note).await;
-            Ok(Some(record))
-        }
-    }
+/// Whether the managed broker's pod is ready, by its StatefulSet (listed
+/// by name: the operator may list StatefulSets, not get them).
+async fn broker_ready(names: &Names, ctx: &Context) -> Result<bool> {
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let by_name = ListParams::default().fields(&format!("metadata.name={}", names.rabbitmq()));
+    let list = api.list(&by_name).await?;
+    Ok(list.items.into_iter().any(|s| s.status.and_then(|s| s.ready_replicas).unwrap_or(0) >= 1))
 }
 
 /// Sets `sns.io/role` on every server pod whose label disagrees with the
@@ -575,9 +601,12 @@ mod tests {
     const NS: &str = "/api/v1/namespaces/prod";
     const APPS: &str = "/apis/apps/v1/namespaces/prod";
 
-    /// The calls of a full apply of the default `demo` SnsCluster.
+    /// The calls of a poll of the default `demo` SnsCluster up to its full
+    /// apply: the server pods are listed first (their templates decide the
+    /// StatefulSets' partitions).
     fn full_apply() -> Vec<String> {
         let mut v = vec![
+            format!("GET {NS}/pods"),
             format!("POST {NS}/secrets"),
             format!("PATCH {NS}/configmaps/demo-config"),
             format!("PATCH {NS}/services/demo-coordinator"),
@@ -621,8 +650,11 @@ mod tests {
 
     #[tokio::test]
     async fn first_apply_creates_everything_labels_roles_and_writes_status() {
-        let world =
-            World { pods: vec![server_pod("demo", 1, 1, None), server_pod("demo", 1, 2, None)], ..Default::default() };
+        let world = World {
+            pods: vec![server_pod("demo", 1, 1, None), server_pod("demo", 1, 2, None)],
+            broker_ready: Some(1),
+            ..Default::default()
+        };
         let mock = Mock::new(world, Some(healthy_table(3, 2)));
         let obj = finalized(cluster("demo", json!({})));
         let action = reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
@@ -631,9 +663,9 @@ mod tests {
         let calls = mock.calls().await;
         let mut expected = full_apply();
         expected.extend([
-            format!("GET {NS}/pods"),
             format!("PATCH {NS}/pods/demo-server-1-1-0"),
             format!("PATCH {NS}/pods/demo-server-1-2-0"),
+            format!("GET {APPS}/statefulsets"),
             "POST /apis/events.k8s.io/v1/namespaces/prod/events".into(),
             "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo/status".into(),
         ]);
@@ -645,14 +677,15 @@ mod tests {
             assert!(c.uri.contains("force=true"), "{}", c.uri);
         }
         // The generated password went into the Secret, URL included.
-        let secret = &calls[0].body;
+        let secret = &calls[1].body;
         assert_eq!(secret["metadata"]["name"], "demo-rabbitmq-credentials");
         assert!(secret["data"]["url"].is_string());
         // Pods listed by the server selector; roles from the table.
+        assert!(calls[0].uri.contains("labelSelector="), "{}", calls[0].uri);
         let pods = full_apply().len();
-        assert!(calls[pods].uri.contains("labelSelector="), "{}", calls[pods].uri);
-        assert_eq!(calls[pods + 1].body, json!({"metadata": {"labels": {"sns.io/role": "master"}}}));
-        assert_eq!(calls[pods + 2].body, json!({"metadata": {"labels": {"sns.io/role": "slave"}}}));
+        assert_eq!(calls[pods].body, json!({"metadata": {"labels": {"sns.io/role": "master"}}}));
+        assert_eq!(calls[pods + 1].body, json!({"metadata": {"labels": {"sns.io/role": "slave"}}}));
+        assert!(calls[pods + 2].uri.contains("fieldSelector=metadata.name%3Ddemo-rabbitmq"), "{}", calls[pods + 2].uri);
         assert_eq!(calls[pods + 3].body["reason"], "Created");
         // The coordinator: a StatefulSet whose records live on its claim.
         let coord = calls.iter().find(|c| c.uri.contains("/statefulsets/demo-coordinator?")).unwrap();
@@ -676,19 +709,20 @@ mod tests {
 
     #[tokio::test]
     async fn steady_state_touches_nothing_and_a_failover_updates_status() {
-        let mock = Mock::new(World::default(), Some(healthy_table(3, 2)));
+        let mock = Mock::new(World { broker_ready: Some(1), ..Default::default() }, Some(healthy_table(3, 2)));
         let mut obj = finalized(cluster("demo", json!({})));
         reconcile(Arc::new(obj.clone()), mock.ctx.clone()).await.unwrap();
         // As the watch would deliver it: the object with the status written.
         let mut table = healthy_table(3, 2);
         let names = Names::of(&obj).unwrap();
-        let observed = Observation::from_table(3, 2, &table);
+        let observed = Observation { broker_ready: Some(true), ..Observation::from_table(3, 2, &table) };
         let wanted = rollout::wanted_hashes(&render::render(&obj, &mock.ctx.render).unwrap());
         let rolled = rollout::plan(&wanted, &[], &table, &names).status(&names);
         obj.status = Some(status::next_status(&obj, &names, Ok(&observed), None, Some(&rolled), Timestamp::now()).0);
 
         // Nothing changed: the children are not re-applied (the Context
-        // remembers them), the status is not rewritten; only the pod list.
+        // remembers them), the status is not rewritten; only the pod list
+        // and the broker's readiness are read.
         reconcile(Arc::new(obj.clone()), mock.ctx.clone()).await.unwrap();
 
         // Cluster 2 fails over to server 2.
@@ -701,12 +735,14 @@ mod tests {
         assert_eq!(mock.ctx.metrics.failovers(), 1);
         let calls = mock.calls().await;
         let all = lines(&calls);
-        let first = full_apply().len() + 3; // pods, event, status
-        assert_eq!(all[first..first + 1], [format!("GET {NS}/pods")], "{all:#?}");
+        let first = full_apply().len() + 3; // broker, event, status
+        let broker = format!("GET {APPS}/statefulsets");
+        assert_eq!(all[first..first + 2], [format!("GET {NS}/pods"), broker.clone()], "{all:#?}");
         assert_eq!(
-            all[first + 1..],
+            all[first + 2..],
             [
                 format!("GET {NS}/pods"),
+                broker,
                 "POST /apis/events.k8s.io/v1/namespaces/prod/events".to_string(),
                 "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo/status".to_string(),
             ]
@@ -825,6 +861,19 @@ mod tests {
         assert!(status.last_switchover.is_none());
     }
 
+    /// The partition each server StatefulSet was applied with, in order.
+    fn partitions(calls: &[crate::fixtures::Call]) -> Vec<(&str, i64)> {
+        calls
+            .iter()
+            .filter(|c| c.method == "PATCH" && c.uri.contains("/statefulsets/demo-server-"))
+            .map(|c| {
+                let name = c.line().rsplit("demo-server-").next().unwrap().to_string();
+                let p = c.body["spec"]["updateStrategy"]["rollingUpdate"]["partition"].as_i64().unwrap();
+                (&*name.leak(), p)
+            })
+            .collect()
+    }
+
     /// Every server pod of the default `demo`: made from the current
     /// template, or from an older one for those in `old`; all Ready.
     fn pods_with_old(old: &[(u32, u32)]) -> Vec<Pod> {
@@ -842,19 +891,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_rolling_update_deletes_one_slave_and_says_so() {
+    async fn a_rolling_update_lets_one_slave_go_and_says_so() {
         let pods = pods_with_old(&[(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]);
         let world = World { pods, secret_exists: true, ..Default::default() };
         let mock = Mock::new(world, Some(healthy_table(3, 2)));
         reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
         assert!(mock.table.switchovers.lock().unwrap().is_empty());
         let calls = mock.calls().await;
-        let deletes: Vec<&crate::fixtures::Call> = calls.iter().filter(|c| c.method == "DELETE").collect();
-        assert_eq!(deletes.len(), 1, "one pod per poll");
-        assert_eq!(deletes[0].line(), format!("DELETE {NS}/pods/demo-server-1-2-0"), "cluster 1's slave first");
-        assert_eq!(deletes[0].body["preconditions"]["uid"], "uid-1-2-old", "only the pod that was looked at");
+        assert!(calls.iter().all(|c| c.method != "DELETE"), "the StatefulSet controller replaces the pod");
+        assert_eq!(
+            partitions(&calls),
+            [("1-1", 1), ("1-2", 0), ("2-1", 1), ("2-2", 1), ("3-1", 1), ("3-2", 1)],
+            "one server at a time, cluster 1's slave first"
+        );
         let event = calls.iter().find(|c| c.body["reason"] == "RollingUpdate").unwrap();
-        assert!(event.body["note"].as_str().unwrap().contains("restarting demo-server-1-2-0"));
+        assert!(event.body["note"].as_str().unwrap().contains("updating demo-server-1-2-0"));
         let status = status_of(calls.last().unwrap());
         let r = status.rollout.unwrap();
         assert_eq!((r.state.as_str(), r.updated_servers.as_str()), ("Updating", "0/6"));
@@ -871,7 +922,11 @@ mod tests {
         reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
         assert_eq!(*mock.table.switchovers.lock().unwrap(), [(1, Some(2))]);
         let calls = mock.calls().await;
-        assert!(calls.iter().all(|c| c.method != "DELETE"), "the old master is deleted at the next poll");
+        assert_eq!(
+            partitions(&calls),
+            [("1-1", 1), ("1-2", 0), ("2-1", 1), ("2-2", 1), ("3-1", 0), ("3-2", 0)],
+            "the old master is let go at the next poll; updated pods stay on the current template"
+        );
         // The labels follow the new master at once.
         let label =
             |pod: &str| calls.iter().find(|c| c.line() == format!("PATCH {NS}/pods/{pod}")).map(|c| c.body.clone());
@@ -889,13 +944,23 @@ mod tests {
         pods[5] = crate::fixtures::rolled_pod("demo", 3, 2, "old", false);
         let world = World { pods, secret_exists: true, ..Default::default() };
         let mock = Mock::new(world, Some(healthy_table(3, 2)));
-        reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
+        let obj = Arc::new(finalized(cluster("demo", json!({}))));
+        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
         assert!(mock.table.switchovers.lock().unwrap().is_empty());
+        // Fixed: the next poll (nothing else to apply) lets cluster 1's
+        // slave go, and applies that one StatefulSet only.
+        let all_old = pods_with_old(&[(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]);
+        mock.change_world(|w| w.pods = all_old);
+        reconcile(obj, mock.ctx.clone()).await.unwrap();
         let calls = mock.calls().await;
-        assert!(calls.iter().all(|c| c.method != "DELETE"), "nothing deleted");
+        let second = calls.iter().rposition(|c| c.line() == format!("GET {NS}/pods")).unwrap();
+        assert_eq!(partitions(&calls[second..]), [("1-2", 0)]);
+        let calls = &calls[..second];
+        assert!(partitions(calls).iter().all(|(_, p)| *p == 1), "every server held");
         let status = status_of(calls.last().unwrap());
         let r = status.rollout.unwrap();
         assert_eq!((r.state.as_str(), r.message.as_str()), ("Paused", "demo-server-3-2-0 is not ready"));
+        assert!(calls.iter().all(|c| c.body["reason"] != "RollingUpdate"));
         let progressing = status.conditions.iter().find(|c| c.type_ == PROGRESSING).unwrap();
         assert_eq!(progressing.reason, "RolloutPaused");
         assert!(progressing.message.contains("demo-server-3-2-0 is not ready"), "{}", progressing.message);
@@ -914,7 +979,7 @@ mod tests {
             "POST /apis/events.k8s.io/v1/namespaces/prod/events".to_string(),
             "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo/status".to_string(),
         ]);
-        assert_eq!(lines(&calls), expected, "no pod list or label without a routing table");
+        assert_eq!(lines(&calls), expected, "no label without a routing table");
         let status = status_of(calls.last().unwrap());
         let ready = status.conditions.iter().find(|c| c.type_ == READY).unwrap();
         assert_eq!(ready.reason, "CoordinatorUnreachable");
@@ -960,14 +1025,15 @@ mod tests {
             .collect();
         let coordinator_sts = format!("PATCH {APPS}/statefulsets/demo-coordinator");
         let old = format!("{APPS}/deployments/demo-coordinator");
-        let mut waiting: Vec<String> = full_apply().into_iter().filter(|l| *l != coordinator_sts).collect();
+        let apply_only = || full_apply().into_iter().skip(1); // from the Secret on
+        let mut waiting: Vec<String> = apply_only().filter(|l| *l != coordinator_sts).collect();
         assert_eq!(applies[1], waiting, "2: still waiting");
         let at = waiting.iter().position(|l| *l == format!("GET {old}")).unwrap();
         waiting.insert(at + 1, format!("DELETE {old}"));
         assert_eq!(applies[0], waiting, "1: deleted, the StatefulSet waits");
         let delete = calls.iter().find(|c| c.method == "DELETE").unwrap();
         assert_eq!(delete.body["propagationPolicy"], "Foreground", "the Deployment goes only after its pods");
-        assert_eq!(applies[2], full_apply(), "3: gone, the StatefulSet applied");
+        assert_eq!(applies[2], apply_only().collect::<Vec<_>>(), "3: gone, the StatefulSet applied");
         assert_eq!(all.iter().filter(|l| l.starts_with("DELETE")).count(), 1);
     }
 
@@ -1193,7 +1259,10 @@ mod tests {
         drop(ctx);
         let calls = lines(&mock.calls().await);
         // The secret, then the first apply fails and nothing else is tried.
-        assert_eq!(calls, [format!("POST {NS}/secrets"), format!("PATCH {NS}/configmaps/demo-config")]);
+        assert_eq!(
+            calls,
+            [format!("GET {NS}/pods"), format!("POST {NS}/secrets"), format!("PATCH {NS}/configmaps/demo-config")]
+        );
         assert_eq!(backoff(1), Duration::from_secs(5));
         assert_eq!(backoff(7), Duration::from_secs(300));
         assert_eq!(backoff(u32::MAX), Duration::from_secs(300));

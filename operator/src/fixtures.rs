@@ -35,12 +35,25 @@ pub fn node(cluster: u32, id: u32, alive: bool, is_master: bool, term: u64) -> N
     NodeView { cluster, id, kind: NodeKind::Server, alive, is_master, term, in_sync: alive, paired_server: 0 }
 }
 
-/// The healthy table of a default deployment: server 1 is every master.
+/// The healthy table of a default deployment: server 1 is every master;
+/// the servers first (cluster by cluster), then their synchronizers.
 pub fn healthy_table(clusters: u32, servers: u32) -> Vec<NodeView> {
     let mut nodes = Vec::new();
     for c in 1..=clusters {
         for s in 1..=servers {
             nodes.push(node(c, s, true, s == 1, 1));
+        }
+    }
+    for c in 1..=clusters {
+        for s in 1..=servers {
+            nodes.push(NodeView {
+                kind: NodeKind::Synchronizer,
+                id: 100 + 10 * c + s,
+                paired_server: s,
+                is_master: false,
+                in_sync: false,
+                ..node(c, s, true, false, 1)
+            });
         }
     }
     nodes
@@ -151,6 +164,8 @@ pub struct World {
     pub fail_applies: bool,
     /// Answer a merge patch of the SnsCluster with 409 (it changed since).
     pub conflict_on_merge: bool,
+    /// Ready replicas of the managed broker's StatefulSet (None: absent).
+    pub broker_ready: Option<i32>,
 }
 
 /// One call the reconciler made.
@@ -248,6 +263,17 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
     let path = uri.split('?').next().unwrap_or_default();
     let last = path.rsplit('/').next().unwrap_or_default();
     match method {
+        // The broker's StatefulSet, listed by name.
+        "GET" if last == "statefulsets" && uri.contains("fieldSelector=metadata.name") => {
+            let name = uri.split("metadata.name%3D").nth(1).unwrap_or_default().split('&').next().unwrap_or_default();
+            let items = match world.broker_ready {
+                Some(n) => vec![
+                    json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name, "namespace": "prod"}, "status": {"replicas": 1, "readyReplicas": n}}),
+                ],
+                None => vec![],
+            };
+            (StatusCode::OK, list("StatefulSetList", items))
+        }
         "GET" if last == "statefulsets" => (StatusCode::OK, list("StatefulSetList", world.statefulsets.clone())),
         "GET" if last == "services" => (StatusCode::OK, list("ServiceList", world.services.clone())),
         "GET" if last == "pods" => {

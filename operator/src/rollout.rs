@@ -1,6 +1,12 @@
 //! Rolling updates of the servers, one server at a time, decided by the
-//! operator rather than the StatefulSet controller (the server StatefulSets
-//! use `updateStrategy: OnDelete`).
+//! operator rather than the StatefulSet controller.
+//!
+//! Each server has a StatefulSet of one replica whose `RollingUpdate`
+//! partition is 1 while its pod must wait: a new template is then held, and
+//! a pod that restarts meanwhile comes back as it was. The operator lets
+//! one server go by applying its StatefulSet with partition 0, and the
+//! StatefulSet controller replaces the pod ([`partitions`]). The operator
+//! deletes no pod itself (it is not allowed to).
 //!
 //! A pod is up to date when its `sns.io/template-hash` annotation is the
 //! one its StatefulSet's template now carries. Anything that changes the
@@ -8,21 +14,22 @@
 //! when the spec names none, settings, resources) rolls the same way:
 //!
 //! 1. one cluster at a time, lowest id first;
-//! 2. its slave's pod is deleted (the StatefulSet makes a new one from the
+//! 2. its slave is updated (its StatefulSet makes a new pod from the
 //!    current template), and nothing else happens until that server is
 //!    Ready again: its readiness probe asks the `readiness` health service,
 //!    which is NOT_SERVING until the server has caught up with its master;
 //! 3. the master role is handed to the updated slave (a planned switchover:
 //!    no acknowledged write lost, writes wait a moment instead of failing
 //!    over on missed heartbeats);
-//! 4. the old master, now a slave, is deleted and waited for the same way.
+//! 4. the old master, now a slave, is updated and waited for the same way.
 //!
 //! A cluster of one server has no one to hand the role to: its pod is
-//! deleted and its clients wait for it to come back.
+//! replaced and its clients wait for it to come back.
 //!
 //! Each poll takes at most one step, and only when everything is healthy:
 //! every planned server's pod Ready, live and in sync by the coordinator,
-//! every cluster with a live master. Otherwise the rollout waits (an
+//! every cluster with a live master that the spec keeps (a scale-down
+//! moves the role first: see [`crate::scale`]). Otherwise the rollout waits (an
 //! updated server still catching up) or pauses (something else is wrong),
 //! and says why in `status.rollout`.
 //!
@@ -32,6 +39,7 @@
 use crate::coordinator::{NodeKind, NodeView};
 use crate::crd::RolloutStatus;
 use crate::render::{Child, LABEL_CLUSTER, LABEL_SERVER, Names, Rendered, TEMPLATE_HASH};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use std::collections::BTreeMap;
 
@@ -40,8 +48,8 @@ use std::collections::BTreeMap;
 pub enum Step {
     /// Every planned server runs its current template.
     Done,
-    /// Delete this pod so that its StatefulSet makes it anew.
-    Delete { cluster: u32, server: u32, pod: String },
+    /// Let this server's StatefulSet replace its pod (partition 0).
+    Update { cluster: u32, server: u32, pod: String },
     /// Hand the cluster's master role to this updated server first.
     Switchover { cluster: u32, to: u32 },
     /// An update is under way: wait for it (why).
@@ -66,14 +74,14 @@ impl Plan {
     pub fn status(&self, names: &Names) -> RolloutStatus {
         let (state, message) = match &self.step {
             Step::Done => ("Done", "every server runs the current template".to_string()),
-            Step::Delete { cluster, server, .. } if self.per_cluster == 1 => (
+            Step::Update { cluster, server, .. } if self.per_cluster == 1 => (
                 "Updating",
                 format!(
                     "restarting {} (a cluster of one server: its clients wait for it)",
                     names.server_pod(*cluster, *server)
                 ),
             ),
-            Step::Delete { cluster, server, .. } => {
+            Step::Update { cluster, server, .. } => {
                 ("Updating", format!("restarting {}", names.server_pod(*cluster, *server)))
             }
             Step::Switchover { cluster, to } => {
@@ -97,13 +105,17 @@ pub fn wanted_hashes(rendered: &Rendered) -> BTreeMap<(u32, u32), String> {
             _ => None,
         })
         .filter_map(|s| {
-            let labels = s.metadata.labels.as_ref()?;
-            let c = labels.get(LABEL_CLUSTER)?.parse().ok()?;
-            let id = labels.get(LABEL_SERVER)?.parse().ok()?;
+            let key = server_of(s)?;
             let hash = s.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get(TEMPLATE_HASH)?;
-            Some(((c, id), hash.clone()))
+            Some((key, hash.clone()))
         })
         .collect()
+}
+
+/// (cluster, server) of a server's StatefulSet, by its labels.
+pub fn server_of(sts: &StatefulSet) -> Option<(u32, u32)> {
+    let labels = sts.metadata.labels.as_ref()?;
+    Some((labels.get(LABEL_CLUSTER)?.parse().ok()?, labels.get(LABEL_SERVER)?.parse().ok()?))
 }
 
 /// The server pod of (cluster, server) among `pods`, by its labels.
@@ -213,10 +225,18 @@ impl Inputs<'_> {
         if let Some(c) = self.wanted.keys().map(|(c, _)| *c).find(|c| master_of(*c).is_none()) {
             return Step::Paused(format!("cluster {c} has no live master"));
         }
+        if let Some((c, m)) = self
+            .wanted
+            .keys()
+            .filter_map(|(c, _)| Some((*c, master_of(*c)?)))
+            .find(|(c, m)| !self.wanted.contains_key(&(*c, *m)))
+        {
+            return Step::Paused(format!("cluster {c}'s master is server {m}, which the scale-down removes first"));
+        }
         let master = master_of(cluster);
         let in_cluster: Vec<u32> = old.iter().filter(|(c, _)| *c == cluster).map(|(_, s)| *s).collect();
         if let Some(&server) = in_cluster.iter().find(|s| Some(**s) != master) {
-            return Step::Delete { cluster, server, pod: self.names.server_pod(cluster, server) };
+            return Step::Update { cluster, server, pod: self.names.server_pod(cluster, server) };
         }
         // Only the master runs the old template.
         let to = self
@@ -227,10 +247,32 @@ impl Inputs<'_> {
             .next();
         match (to, master) {
             (Some(to), _) => Step::Switchover { cluster, to },
-            (None, Some(server)) => Step::Delete { cluster, server, pod: self.names.server_pod(cluster, server) },
+            (None, Some(server)) => Step::Update { cluster, server, pod: self.names.server_pod(cluster, server) },
             (None, None) => Step::Paused(format!("cluster {cluster} has no live master")),
         }
     }
+}
+
+/// Each planned server's StatefulSet partition: 0 lets its pod run the
+/// current template, 1 holds it. 0 for a pod that already runs it (were
+/// it held, a restart would bring the old template back), for a pod being
+/// made (it is made from the current one), and for the server `step`
+/// updates now; 1 for every other pod that runs an older template.
+pub fn partitions(
+    wanted: &BTreeMap<(u32, u32), String>,
+    pods: &[Pod],
+    step: Option<&Step>,
+) -> BTreeMap<(u32, u32), i32> {
+    wanted
+        .iter()
+        .map(|(&(c, s), hash)| {
+            let pod = pod_of(pods, c, s).filter(|p| p.metadata.deletion_timestamp.is_none());
+            let old =
+                pod.is_some_and(|p| p.metadata.annotations.as_ref().and_then(|a| a.get(TEMPLATE_HASH)) != Some(hash));
+            let now = matches!(step, Some(Step::Update { cluster, server, .. }) if (*cluster, *server) == (c, s));
+            ((c, s), if old && !now { 1 } else { 0 })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -283,7 +325,7 @@ mod tests {
                     assert_eq!((p.updated, p.total), (2 * servers, 2 * servers));
                     return actions;
                 }
-                Step::Delete { cluster, server, pod: name } => {
+                Step::Update { cluster, server, pod: name } => {
                     assert_eq!(name, format!("demo-server-{cluster}-{server}-0"));
                     actions.push(format!("delete {cluster}/{server}"));
                     let i = pods.iter().position(|p| pod_of(std::slice::from_ref(p), cluster, server).is_some());
@@ -384,6 +426,32 @@ mod tests {
         assert_eq!(plan(&w, &down, &healthy_table(2, 2), &names).step, Step::Done);
         // A pod still missing is the rollout's last step (a new server).
         assert!(matches!(plan(&w, &pods[1..], &healthy_table(2, 2), &names).step, Step::Wait(_)));
+    }
+
+    #[test]
+    fn only_current_making_and_the_next_pods_are_let_go() {
+        let w = wanted(1, 2);
+        let pods = vec![pod(1, 1, "old", true), pod(1, 2, &w[&(1, 2)], true)];
+        let p = partitions(&w, &pods, None);
+        assert_eq!((p[&(1, 1)], p[&(1, 2)]), (1, 0), "old held, current let go");
+        let step = Step::Update { cluster: 1, server: 1, pod: "demo-server-1-1-0".into() };
+        assert_eq!(partitions(&w, &pods, Some(&step))[&(1, 1)], 0, "the one updated now");
+        assert_eq!(partitions(&w, &pods[1..], None)[&(1, 1)], 0, "a pod being made gets the current template");
+        let mut terminating = pods[0].clone();
+        terminating.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+        assert_eq!(partitions(&w, &[terminating, pods[1].clone()], None)[&(1, 1)], 0);
+    }
+
+    #[test]
+    fn a_master_that_scale_down_removes_pauses_it() {
+        // Scaled to one server per cluster; cluster 2's master is still
+        // server 2, which is going: its role moves first, not its pods.
+        let mut table = healthy_table(2, 2);
+        table[2].is_master = false;
+        table[3].is_master = true;
+        let p = plan(&wanted(2, 1), &old_pods(2, 1), &table, &names());
+        assert_eq!(p.step, Step::Paused("cluster 2's master is server 2, which the scale-down removes first".into()));
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! rules (what counts as Ready, Degraded, a failover) are unit-tested.
 //!
 //! Conditions, in the standard `metav1.Condition` shape:
-//! - `Ready`: the coordinator answers, every planned server is alive and
-//!   every cluster has a live master.
+//! - `Ready`: the coordinator answers, every cluster has a live master,
+//!   every planned server and its synchronizer are alive, and the managed
+//!   broker's pod is ready (an external broker is not looked at: the
+//!   synchronizers' liveness is what tells of it).
 //! - `Progressing`: the current generation has not been Ready yet (a
 //!   rollout or scale in flight). Once it has, it stays False for that
 //!   generation, and a later loss shows as Degraded instead.
@@ -34,12 +36,17 @@ pub struct ClusterView {
     pub term: u64,
     /// Live servers (by id).
     pub live: Vec<u32>,
+    /// Live synchronizers (by the id of the server each is paired with).
+    pub syncs: Vec<u32>,
 }
 
 /// The routing table, reduced to what the operator acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
     pub clusters: Vec<ClusterView>,
+    /// Whether the managed broker is ready (None: not known here, an
+    /// external broker).
+    pub broker_ready: Option<bool>,
 }
 
 impl Observation {
@@ -52,10 +59,20 @@ impl Observation {
                 let live: Vec<u32> = servers.clone().filter(|n| n.alive).map(|n| n.id).collect();
                 let master = servers.clone().find(|n| n.alive && n.is_master).map(|n| n.id);
                 let term = nodes.iter().filter(|n| n.cluster == c).map(|n| n.term).max().unwrap_or(0);
-                ClusterView { cluster: c, master, term, live }
+                let syncs = nodes
+                    .iter()
+                    .filter(|n| n.kind == NodeKind::Synchronizer && n.cluster == c && n.alive)
+                    .filter(|n| (1..=servers_per_cluster).contains(&n.paired_server))
+                    .map(|n| n.paired_server)
+                    .collect();
+                ClusterView { cluster: c, master, term, live, syncs }
             })
             .collect();
-        Observation { clusters }
+        Observation { clusters, broker_ready: None }
+    }
+
+    fn live_syncs(&self) -> usize {
+        self.clusters.iter().map(|c| c.syncs.len()).sum()
     }
 
     pub fn cluster(&self, c: u32) -> Option<&ClusterView> {
@@ -204,7 +221,20 @@ pub fn next_status(
         Ok(o) if o.live_servers() < planned => {
             (false, "ServersDown", format!("{} of {planned} servers are live", o.live_servers()))
         }
-        Ok(_) => (true, "AllServersLive", format!("{planned} servers live, every cluster has a master")),
+        Ok(o) if o.live_syncs() < planned => {
+            (false, "SynchronizersDown", format!("{} of {planned} synchronizers are live", o.live_syncs()))
+        }
+        Ok(o) if o.broker_ready == Some(false) => {
+            (false, "BrokerNotReady", format!("the broker {} is not ready", names.rabbitmq()))
+        }
+        Ok(o) => (
+            true,
+            "AllServersLive",
+            format!(
+                "coordinator answering, {planned} servers and {planned} synchronizers live, every cluster has a master{}",
+                if o.broker_ready.is_some() { ", the broker ready" } else { "" }
+            ),
+        ),
     };
     let rolled_out_before = prev
         .conditions
@@ -289,12 +319,7 @@ mod tests {
     }
 
     fn healthy() -> Vec<NodeView> {
-        let mut nodes = Vec::new();
-        for c in 1..=3 {
-            nodes.push(node(c, 1, true, true, 1));
-            nodes.push(node(c, 2, true, false, 1));
-        }
-        nodes
+        crate::fixtures::healthy_table(3, 2)
     }
 
     fn cond<'a>(s: &'a SnsClusterStatus, t: &str) -> &'a Condition {
@@ -360,6 +385,45 @@ mod tests {
         let (s, notices) = next_status(&obj, &names, Ok(&Observation::from_table(3, 2, &nodes)), None, None, at(3));
         assert_eq!(notices[0].reason, "Failover");
         assert_eq!(s.last_failover_time, Some(Time(at(3))));
+    }
+
+    #[test]
+    fn ready_needs_synchronizers_and_the_broker_too() {
+        let obj = cluster("demo", serde_json::json!({}));
+        let names = Names::of(&obj).unwrap();
+        let ready = |o: &Observation| {
+            let (s, _) = next_status(&obj, &names, Ok(o), None, None, at(0));
+            let c = cond(&s, READY).clone();
+            (c.status, c.reason, c.message)
+        };
+        let mut nodes = healthy();
+        let all = Observation { broker_ready: Some(true), ..Observation::from_table(3, 2, &nodes) };
+        let (on, reason, message) = ready(&all);
+        assert_eq!((on.as_str(), reason.as_str()), ("True", "AllServersLive"));
+        assert!(message.contains("6 synchronizers") && message.contains("broker ready"), "{message}");
+        // One synchronizer gone.
+        let sync = nodes.iter().position(|n| n.kind == NodeKind::Synchronizer && n.cluster == 2).unwrap();
+        nodes[sync].alive = false;
+        let o = Observation { broker_ready: Some(true), ..Observation::from_table(3, 2, &nodes) };
+        let (on, reason, message) = ready(&o);
+        assert_eq!(
+            (on.as_str(), reason.as_str(), message.as_str()),
+            ("False", "SynchronizersDown", "5 of 6 synchronizers are live")
+        );
+        // The broker not ready.
+        let o = Observation { broker_ready: Some(false), ..all.clone() };
+        let (on, reason, message) = ready(&o);
+        assert_eq!((on.as_str(), reason.as_str()), ("False", "BrokerNotReady"));
+        assert!(message.contains("demo-rabbitmq"), "{message}");
+        // An external broker is not looked at.
+        let o = Observation { broker_ready: None, ..all };
+        assert_eq!(ready(&o).0, "True");
+        // A synchronizer of a server that scale-down removed does not count.
+        let mut extra = healthy();
+        extra.retain(|n| !(n.kind == NodeKind::Synchronizer && n.paired_server == 2 && n.cluster == 1));
+        extra.push(NodeView { kind: NodeKind::Synchronizer, paired_server: 3, ..node(1, 99, true, false, 1) });
+        let o = Observation { broker_ready: Some(true), ..Observation::from_table(3, 2, &extra) };
+        assert_eq!(ready(&o).1, "SynchronizersDown");
     }
 
     #[test]

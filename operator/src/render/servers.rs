@@ -7,7 +7,9 @@ use super::pod::{
 };
 use super::{DATA_ROOT, LABEL_CLUSTER, LABEL_NAME, Names, RUN_AS_USER, TEMPLATE_HASH, fnv1a, pod_args};
 use crate::crd::SnsClusterSpec;
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::apps::v1::{
+    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::core::v1::{
     Affinity, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, VolumeMount, WeightedPodAffinityTerm,
 };
@@ -113,10 +115,14 @@ pub(super) fn render_server(
             service_name: Some(names.nodes()),
             selector: LabelSelector { match_labels: Some(selector_of(&l)), ..Default::default() },
             persistent_volume_claim_retention_policy: Some(retention_policy(spec.storage.retention)),
-            // The operator deletes each pod when its turn comes (slave
-            // first, then the master once its role moved): see
-            // crate::rollout.
-            update_strategy: Some(StatefulSetUpdateStrategy { type_: Some("OnDelete".into()), rolling_update: None }),
+            // Held: the operator lowers the partition to 0 when the
+            // server's turn comes (slave first, then the master once its
+            // role moved), or for a pod that already runs this template:
+            // see crate::rollout.
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateStatefulSetStrategy { partition: Some(1), max_unavailable: None }),
+            }),
             template,
             volume_claim_templates: Some(vec![pvc_template(
                 pvc_labels,

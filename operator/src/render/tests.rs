@@ -418,7 +418,7 @@ fn yaml_dump_holds_every_object() {
 }
 
 #[test]
-fn servers_roll_only_when_the_operator_deletes_their_pods() {
+fn servers_roll_only_when_the_operator_lets_them() {
     let hash = |r: &Rendered, name: &str| {
         template(sts(r, name)).metadata.as_ref().unwrap().annotations.as_ref().unwrap()[TEMPLATE_HASH].clone()
     };
@@ -427,7 +427,9 @@ fn servers_roll_only_when_the_operator_deletes_their_pods() {
         for s in 1..=2 {
             let set = sts(&a, &format!("demo-server-{c}-{s}"));
             let strategy = set.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
-            assert_eq!(strategy.type_.as_deref(), Some("OnDelete"), "the operator picks the order");
+            assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+            let partition = strategy.rolling_update.as_ref().unwrap().partition;
+            assert_eq!(partition, Some(1), "held: the operator picks the order");
             // Ready means caught up with the master, not merely up.
             let server = container(template(set), "server");
             let probe = server.readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
