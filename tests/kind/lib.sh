@@ -77,3 +77,26 @@ enter_timeline() {
   run "$1" TIMELINE
   expect "$1" 'Now you are in the timeline$'
 }
+
+# writer NAME: acknowledged writes from client NAME (FOLLOW 1 and
+# UNFOLLOW 1 in turn, each waited for) until $OUT/stop-writers exists; the
+# time of each acknowledgement (ms since the epoch) goes to
+# $OUT/acks-NAME. Meant to run in the background: its MARK is its own.
+writer() {
+  local name=$1 i=0 cmd
+  until [ -e "$OUT/stop-writers" ]; do
+    if [ $((i % 2)) -eq 0 ]; then cmd="FOLLOW 1"; else cmd="UNFOLLOW 1"; fi
+    i=$((i + 1))
+    mark "$name"
+    send "$name" "$cmd"
+    expect "$name" "$OK|command failed|Command failed|connection failed" 60
+    if tail -n +$((${MARK[$name]} + 1)) "$OUT/client-$name.log" | grep -Eq -- "$OK"; then
+      echo $(($(date +%s%N) / 1000000)) >>"$OUT/acks-$name"
+    fi
+  done
+}
+# blackout NAME: the longest time between two acknowledged writes of
+# writer NAME, in ms.
+blackout() {
+  awk 'NR > 1 && $1 - prev > max { max = $1 - prev } { prev = $1 } END { print max + 0 }' "$OUT/acks-$1"
+}
