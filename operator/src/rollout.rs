@@ -77,12 +77,12 @@ impl Plan {
             Step::Update { cluster, server, .. } if self.per_cluster == 1 => (
                 "Updating",
                 format!(
-                    "restarting {} (a cluster of one server: its clients wait for it)",
+                    "updating {} (a cluster of one server: its clients wait for it)",
                     names.server_pod(*cluster, *server)
                 ),
             ),
             Step::Update { cluster, server, .. } => {
-                ("Updating", format!("restarting {}", names.server_pod(*cluster, *server)))
+                ("Updating", format!("updating {}", names.server_pod(*cluster, *server)))
             }
             Step::Switchover { cluster, to } => {
                 ("Updating", format!("cluster {cluster}: handing the master role to the updated server {to}"))
