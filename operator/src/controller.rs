@@ -245,7 +245,19 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
     }
     let mut rollout_status = None;
     if let Some(mut plan) = plan {
+        let last = obj.status.as_ref().and_then(|s| s.last_switchover.as_ref());
         if let rollout::Step::Switchover { cluster, to } = plan.step
+            && switched.is_none()
+            && !switchover::may_ask(
+                last,
+                Requester::Rollout,
+                switchover::Target { cluster, to: Some(to) },
+                Timestamp::now(),
+            )
+        {
+            let why = last.map(|l| l.message.as_str()).unwrap_or_default();
+            plan.step = rollout::Step::Paused(format!("the switchover it needs failed (asked again shortly): {why}"));
+        } else if let rollout::Step::Switchover { cluster, to } = plan.step
             && switched.is_none()
         {
             let target = switchover::Target { cluster, to: Some(to) };
@@ -492,8 +504,11 @@ async fn prune(
                 }
                 scale::Removal::SwitchFirst { to } => {
                     pruned.held.push(format!("server {c}/{id} is master: handing its role to server {c}/{to} first"));
-                    if pruned.switched.is_none() {
-                        let target = switchover::Target { cluster: c, to: Some(to) };
+                    let target = switchover::Target { cluster: c, to: Some(to) };
+                    let last = obj.status.as_ref().and_then(|s| s.last_switchover.as_ref());
+                    if pruned.switched.is_none()
+                        && switchover::may_ask(last, Requester::ScaleDown, target, Timestamp::now())
+                    {
                         let endpoint = names.coordinator_endpoint();
                         let (record, notice) =
                             switchover::run(ctx.routing.as_ref(), &endpoint, Requester::ScaleDown, None, target).await;

@@ -68,6 +68,23 @@ pub fn parse(value: &str, spec: &SnsClusterSpec) -> Result<Target, String> {
     })
 }
 
+/// How long a switchover the operator makes itself (rollout, scale-down)
+/// is not asked again after it failed: a refusal (no in-sync target) does
+/// not change by the next poll, and each attempt is a Warning Event and a
+/// call of up to [`crate::coordinator::SWITCHOVER_PATIENCE`].
+pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether to ask for `target` now, given the last recorded switchover.
+pub fn may_ask(last: Option<&SwitchoverStatus>, requester: Requester, target: Target, now: Timestamp) -> bool {
+    let Some(last) = last else { return true };
+    let same = !last.succeeded
+        && last.requested_by == requester.as_str()
+        && last.cluster == target.cluster
+        && last.to == target.to;
+    let since = now.duration_since(last.time.0);
+    !same || since >= k8s_openapi::jiff::SignedDuration::try_from(RETRY_AFTER).unwrap_or_default()
+}
+
 /// What a switchover request came to: the record for the status and the
 /// Event to publish.
 pub fn refused(
@@ -161,6 +178,20 @@ mod tests {
             assert!(err.contains(ANNOTATION), "{bad:?}: {err}");
         }
         assert!(parse("1/2", &spec(3, 1)).unwrap_err().contains("1..=1"), "a server that is not planned");
+    }
+
+    #[test]
+    fn a_failed_switchover_of_our_own_is_not_asked_again_at_once() {
+        let at = |secs: i64| Timestamp::from_second(1_700_000_000 + secs).unwrap();
+        let target = Target { cluster: 1, to: Some(2) };
+        let (failed, _) = refused(Requester::Rollout, None, Some(target), "no".into(), at(0));
+        assert!(may_ask(None, Requester::Rollout, target, at(0)));
+        assert!(!may_ask(Some(&failed), Requester::Rollout, target, at(29)));
+        assert!(may_ask(Some(&failed), Requester::Rollout, target, at(30)));
+        assert!(may_ask(Some(&failed), Requester::ScaleDown, target, at(1)), "another reason");
+        assert!(may_ask(Some(&failed), Requester::Rollout, Target { cluster: 2, to: Some(2) }, at(1)));
+        let ok = SwitchoverStatus { succeeded: true, ..failed };
+        assert!(may_ask(Some(&ok), Requester::Rollout, target, at(1)));
     }
 
     #[tokio::test]

@@ -357,6 +357,34 @@ async fn a_rolling_update_moves_the_master_to_the_updated_slave() {
 }
 
 #[tokio::test]
+async fn a_refused_rollout_switchover_is_not_asked_again_at_once() {
+    let pods = pods_with_old(&[(1, 1), (2, 1), (2, 2)]);
+    let world = World { pods, secret_exists: true, ..Default::default() };
+    let mock = Mock::new(world, Some(healthy_table(3, 2)));
+    *mock.table.refuse.lock().unwrap() = Some("server 2 is not in sync".into());
+    let mut obj = finalized(cluster("demo", json!({})));
+    reconcile(Arc::new(obj.clone()), mock.ctx.clone()).await.unwrap();
+    assert_eq!(mock.table.switchovers.lock().unwrap().len(), 1);
+    // The next poll sees the failure in status: it waits instead of asking
+    // (and warning) again.
+    let (record, _) = switchover::refused(
+        Requester::Rollout,
+        None,
+        Some(switchover::Target { cluster: 1, to: Some(2) }),
+        "cluster 1: refused: server 2 is not in sync".into(),
+        Timestamp::now(),
+    );
+    obj.status = Some(SnsClusterStatus { last_switchover: Some(record), ..Default::default() });
+    reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
+    assert_eq!(mock.table.switchovers.lock().unwrap().len(), 1, "not asked again");
+    let calls = mock.calls().await;
+    let r = status_of(calls.last().unwrap()).rollout.unwrap();
+    assert_eq!(r.state, "Paused");
+    assert!(r.message.contains("server 2 is not in sync"), "{}", r.message);
+    assert_eq!(calls.iter().filter(|c| c.body["reason"] == "SwitchoverFailed").count(), 1);
+}
+
+#[tokio::test]
 async fn a_rolling_update_pauses_on_anything_unhealthy() {
     let mut pods = pods_with_old(&[(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]);
     pods[5] = crate::fixtures::rolled_pod("demo", 3, 2, "old", false);
