@@ -13,16 +13,21 @@ import copy
 import glob
 import json
 import os
+import re
 import sys
+import textwrap
 
 import helm_python as helm
 import jsonschema
 import kubernetes_validate
+import pydantic
 import yaml
+from cloudcoil.models.prometheus_operator.v1 import PodMonitor
 
 WORK, UPDATE = sys.argv[1], sys.argv[2] == "1"
 VERSIONS = ["1.33", "1.37"]
 CRD_GROUP = "sns.io"
+MONITORING_GROUP = "monitoring.coreos.com"
 results = []
 
 
@@ -220,6 +225,15 @@ value_sets = {
         "image": {"repository": "registry.example.com/tiny-sns", "tag": "1.2.3", "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "regcred"}], "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]},
+    "three replicas, PodMonitors": {
+        "replicaCount": 3,
+        "monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"},
+                                      "interval": "15s", "scrapeTimeout": "5s"}}},
+    "one namespace, one replica without election, PodMonitors": {
+        "replicaCount": 1, "leaderElection": {"enabled": False}, "watchNamespace": "team-a",
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}]}]}}},
+        "monitoring": {"podMonitor": {"enabled": True}}},
 }
 schema_problems = []
 for label, values in value_sets.items():
@@ -234,6 +248,11 @@ for label, values, at in [
     ("a missing required value (image.repository)", {"image": {"repository": None}}, "missing property 'repository'"),
     ("a bad pull policy (image.pullPolicy Sometimes)", {"image": {"repository": "x", "pullPolicy": "Sometimes"}},
      "at '/image/pullPolicy':"),
+    ("no replica (replicaCount 0)", {"replicaCount": 0}, "at '/replicaCount':"),
+    ("a scrape interval Prometheus cannot read (30 seconds)",
+     {"monitoring": {"podMonitor": {"interval": "30 seconds"}}}, "at '/monitoring/podMonitor/interval':"),
+    ("a lease duration of a fraction of a second (1500ms)",
+     {"leaderElection": {"leaseDuration": "1500ms"}}, "at '/leaderElection/leaseDuration':"),
 ]:
     try:
         chart.validate_schema(values)
@@ -246,8 +265,8 @@ prove("the chart's only CRD is crds/snscluster.yaml",
       [] if crd_files == ["crds/snscluster.yaml"] else [f"CRD files: {crd_files}"])
 
 
-def render_chart(values):
-    rendered = chart.render(values, name="sns", namespace="sns-system", is_install=True)
+def render_chart(values, upgrade=False):
+    rendered = chart.render(values, name="sns", namespace="sns-system", is_install=not upgrade, is_upgrade=upgrade)
     docs, notes = [], ""
     for path, text in sorted(rendered.items()):
         if path.endswith("NOTES.txt"):
@@ -258,13 +277,143 @@ def render_chart(values):
 
 
 sources = []  # (where from, document): everything to validate against Kubernetes
-notes_problems = []
+chart_renders = {}  # value set -> its documents
+notes_problems, placeholder_problems, notes_cr_problems, upgrade_problems = [], [], [], []
+PLACEHOLDER = re.compile(r"<[A-Za-z][^<>\n]*>")
+CRD_STEP = "sns-operator crd | kubectl apply --server-side --force-conflicts -f -"
+
+
+def notes_snscluster(notes):
+    """The SnsCluster NOTES.txt tells to apply (a heredoc), parsed."""
+    m = re.search(r"<<'YAML'\n(.*?)\n\s*YAML\n", notes, re.S)
+    return yaml.safe_load(textwrap.dedent(m.group(1))) if m else None
+
+
 for label, values in value_sets.items():
-    docs, notes = render_chart(values)
-    sources += [("chart", d) for d in docs]
-    if "kubectl port-forward svc/demo-coordinator 9000:9000" not in notes:
-        notes_problems.append(f"values '{label}': NOTES.txt lacks it")
+    for upgrade in (False, True):
+        docs, notes = render_chart(values, upgrade)
+        if not upgrade:
+            sources += [("chart", d) for d in docs]
+            chart_renders[label] = docs
+        when = f"values '{label}'{' on upgrade' if upgrade else ''}"
+        if "kubectl port-forward svc/demo-coordinator 9000:9000" not in notes:
+            notes_problems.append(f"{when}: NOTES.txt lacks it")
+        placeholder_problems += [f"{when}: {p}" for p in PLACEHOLDER.findall(notes)]
+        if "{{" in notes or "}}" in notes:
+            placeholder_problems.append(f"{when}: an unrendered template action")
+        obj = notes_snscluster(notes)
+        notes_cr_problems += [f"{when}: {p}" for p in
+                              (describe(cr_errors(obj)) if isinstance(obj, dict) else ["no SnsCluster heredoc"])]
+        if (CRD_STEP in notes) != upgrade:
+            upgrade_problems.append(f"{when}: the CRD step is {'missing' if upgrade else 'shown on install'}")
 prove("the chart's NOTES.txt gives the port-forward recipe", notes_problems)
+prove("the chart's NOTES.txt has no placeholder (<...>, <no value>) or template action left", placeholder_problems)
+prove("the SnsCluster NOTES.txt tells to apply validates against the generated CRD schema", notes_cr_problems)
+prove("the chart's NOTES.txt gives the CRD apply step on upgrade (Helm never upgrades crds/), only then",
+      upgrade_problems)
+
+try:
+    render_chart({"replicaCount": 2, "leaderElection": {"enabled": False}})
+    prove("the chart refuses several replicas without leader election", ["rendered"])
+except helm.HelmError as e:
+    prove("the chart refuses several replicas without leader election",
+          [] if "needs leaderElection.enabled" in str(e) else [f"failed for another reason: {e}"])
+
+
+def find(docs, kind, suffix=""):
+    return [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+
+
+def env_of(container, name):
+    return next((e.get("value") for e in container.get("env", []) if e["name"] == name), None)
+
+
+def selects(selector, labels):
+    """Whether a label selector (matchLabels, matchExpressions In/NotIn/
+    Exists/DoesNotExist) selects a pod with `labels`."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        op, k = e["operator"], e["key"]
+        if (op == "In" and labels.get(k) not in e["values"]) or (op == "NotIn" and labels.get(k) in e["values"]) \
+                or (op == "Exists" and k not in labels) or (op == "DoesNotExist" and k in labels):
+            return False
+    return True
+
+
+# The pods the operator renders, for the nodes' PodMonitor.
+operator_pods, operator_pod_specs = [], []
+for f in sorted(glob.glob(os.path.join(WORK, "rendered", "*.yaml"))):
+    for d in docs_of(open(f).read(), f, load_problems):
+        if d["kind"] == "StatefulSet":
+            where = f"{os.path.basename(f)}: {d['metadata']['name']}"
+            operator_pods.append((where, d["spec"]["template"]["metadata"]["labels"]))
+            operator_pod_specs.append((where, d["spec"]["template"]["spec"]))
+
+lease_problems, strategy_problems, monitor_problems = [], [], []
+for label, docs in chart_renders.items():
+    deployment = find(docs, "Deployment")[0]
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    ns = deployment["metadata"]["namespace"]
+    elect = env_of(container, "SNS_OPERATOR_LEADER_ELECT")
+    strategy = deployment["spec"]["strategy"]["type"]
+    if elect == "true":
+        lease = env_of(container, "SNS_OPERATOR_LEASE_NAME")
+        lease_ns = next((e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]
+                         if e["name"] == "SNS_OPERATOR_LEASE_NAMESPACE"), None)
+        roles = [r for r in find(docs, "Role", "-leader-election") if r["metadata"]["namespace"] == ns]
+        bindings = [b for b in find(docs, "RoleBinding", "-leader-election") if b["metadata"]["namespace"] == ns]
+        granted = {(v, n) for r in roles for rule in r["rules"] if "coordination.k8s.io" in rule["apiGroups"]
+                   and "leases" in rule["resources"] for v in rule["verbs"] for n in rule.get("resourceNames", ["*"])}
+        wanted = {("create", "*"), ("get", lease), ("update", lease)}
+        if lease_ns != "metadata.namespace":
+            lease_problems.append(f"{label}: the lease namespace is not the pod's own ({lease_ns})")
+        if granted != wanted:
+            lease_problems.append(f"{label}: the Role grants {sorted(granted)}, the elector needs {sorted(wanted)}")
+        if not any(b["roleRef"]["name"] == r["metadata"]["name"] and
+                   {"kind": "ServiceAccount", "name": pod["spec"]["serviceAccountName"], "namespace": ns}
+                   in b["subjects"] for b in bindings for r in roles):
+            lease_problems.append(f"{label}: no RoleBinding gives the Role to the operator's service account")
+    elif find(docs, "Role", "-leader-election"):
+        lease_problems.append(f"{label}: a leader-election Role without an election")
+    if (strategy == "RollingUpdate") != (elect == "true"):
+        strategy_problems.append(f"{label}: strategy {strategy} with leader election {elect}")
+    if deployment["spec"]["replicas"] > 1 and elect != "true":
+        strategy_problems.append(f"{label}: {deployment['spec']['replicas']} replicas without an election")
+
+    monitors = find(docs, "PodMonitor")
+    enabled = value_sets[label].get("monitoring", {}).get("podMonitor", {}).get("enabled", False)
+    if enabled != bool(monitors):
+        monitor_problems.append(f"{label}: podMonitor.enabled {enabled} but {len(monitors)} PodMonitors")
+    ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+    for m in find(docs, "PodMonitor", "-operator"):
+        if not selects(m["spec"]["selector"], pod["metadata"]["labels"]) or m["metadata"]["namespace"] != ns:
+            monitor_problems.append(f"{label}: {name_of(m)} does not select the operator's pods")
+        missing = [e["port"] for e in m["spec"]["podMetricsEndpoints"] if e["port"] not in ports]
+        if missing:
+            monitor_problems.append(f"{label}: {name_of(m)} scrapes ports {missing} the operator lacks ({ports})")
+    for m in find(docs, "PodMonitor", "-nodes"):
+        for where, labels in operator_pods:
+            node = labels.get("app.kubernetes.io/component") in ("coordinator", "server")
+            if selects(m["spec"]["selector"], labels) != node:
+                monitor_problems.append(f"{label}: {name_of(m)} {'misses' if node else 'selects'} {where}")
+        if [e["port"] for e in m["spec"]["podMetricsEndpoints"]] != ["metrics"]:
+            monitor_problems.append(f"{label}: {name_of(m)} does not scrape the port named metrics")
+        watch = value_sets[label].get("watchNamespace")
+        expected = {"matchNames": [watch]} if watch else {"any": True}
+        if m["spec"]["namespaceSelector"] != expected:
+            monitor_problems.append(f"{label}: {name_of(m)} looks in {m['spec']['namespaceSelector']}, not {expected}")
+prove("the leader-election Role grants exactly the Lease the Deployment names (create; get, update) "
+      "to the operator's service account, in its namespace", lease_problems)
+prove("several replicas only with leader election, rolled one at a time (RollingUpdate); "
+      "without an election, Recreate", strategy_problems)
+prove("the PodMonitors select the operator's pods and their metrics port, and the coordinator and server pods "
+      "the operator renders (not the broker's)", monitor_problems)
+if not any(p["name"] == "metrics" for _, spec in operator_pod_specs for c in spec["containers"]
+           for p in c.get("ports", [])):
+    note("no node container has a port named metrics yet (sns-node gets --metrics-port later): "
+         "until then the nodes' PodMonitor finds no target")
 
 # --- manifests/install.yaml -----------------------------------------------------
 namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {
@@ -314,13 +463,269 @@ else:
         probe(f"{K} a missing required field: {w['kind']} without spec.selector (Kubernetes {v})", w,
               delete_in(["spec", "selector"]), errs, "required", "spec", "selector")
 
+# --- Prometheus Operator objects: its v1 API types (pydantic), strictly ---------
+class ModelError:
+    """A pydantic error, or a field the model dropped, in jsonschema's terms
+    (validator, path, message) so `probe` reads it."""
+
+    def __init__(self, validator, path, message):
+        self.validator, self.path, self.message = validator, list(path), message
+
+    def __str__(self):
+        return self.message
+
+
+PYDANTIC_KEYWORD = {"missing": "required", "string_pattern_mismatch": "pattern", "literal_error": "enum",
+                    "extra_forbidden": "additionalProperties"}
+
+
+def dropped(given, kept, path=()):
+    """Fields of `given` the model did not keep: unknown to the API (the
+    API server would reject them under strict field validation), or
+    values it coerced (a wrong type)."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        for k, v in given.items():
+            if k not in kept:
+                yield ModelError("additionalProperties", path,
+                                 f"Additional properties are not allowed ({k!r} was unexpected)")
+            else:
+                yield from dropped(v, kept[k], path + (k,))
+    elif isinstance(given, list) and isinstance(kept, list) and len(given) == len(kept):
+        for i, (g, k) in enumerate(zip(given, kept)):
+            yield from dropped(g, k, path + (i,))
+    elif given != kept:
+        yield ModelError("type", path, f"{given!r} is read as {kept!r}")
+
+
+def monitoring_errors(d):
+    model = {"PodMonitor": PodMonitor}.get(d.get("kind"))
+    if model is None:
+        return [f"no model for {d.get('apiVersion')} {d.get('kind')}"]
+    try:
+        kept = model.model_validate(d).model_dump(by_alias=True, exclude_unset=True, mode="json")
+    except pydantic.ValidationError as e:
+        out = []
+        for err in e.errors():
+            keyword = PYDANTIC_KEYWORD.get(err["type"], "type" if err["type"].endswith("_type") else err["type"])
+            loc = err["loc"]
+            if keyword == "required":
+                out.append(ModelError(keyword, loc[:-1], f"{loc[-1]!r} is a required property"))
+            else:
+                out.append(ModelError(keyword, loc, err["msg"]))
+        return out
+    return list(dropped(d, kept))
+
+
+monitors = [d for s, d in sources if d["apiVersion"].split("/")[0] == MONITORING_GROUP]
+if monitors:
+    m = next(d for d in monitors if d["kind"] == "PodMonitor")
+    PM = "prometheus-operator v1 API types (cloudcoil models, strict) reject"
+    endpoint = ["spec", "podMetricsEndpoints", 0]
+    probe(f"{PM} an unknown field: PodMonitor spec.podMetricsEndpoints[0].prot", m,
+          set_in(endpoint + ["prot"], "metrics"), monitoring_errors, "additionalProperties",
+          "spec.podMetricsEndpoints.0", "prot")
+    probe(f"{PM} an unknown metadata field: PodMonitor metadata.label", m,
+          set_in(["metadata", "label"], {"a": "b"}), monitoring_errors, "additionalProperties", "metadata", "label")
+    probe(f"{PM} a wrong type: PodMonitor spec.podMetricsEndpoints \"metrics\"", m,
+          set_in(["spec", "podMetricsEndpoints"], "metrics"), monitoring_errors, "type", "spec.podMetricsEndpoints")
+    probe(f"{PM} a missing required field: PodMonitor without spec.selector", m,
+          delete_in(["spec", "selector"]), monitoring_errors, "required", "spec", "selector")
+    probe(f"{PM} an invalid value: PodMonitor spec.podMetricsEndpoints[0].interval 30x (pattern)", m,
+          set_in(endpoint + ["interval"], "30x"), monitoring_errors, "pattern", "spec.podMetricsEndpoints.0.interval")
+    distinct = {json.dumps(d, sort_keys=True): d for d in monitors}.values()
+    prove(f"PodMonitor validates against prometheus-operator's v1 API types (strict): {len(distinct)} distinct "
+          f"object(s), from chart {len(monitors)}",
+          [p for d in distinct for p in describe(monitoring_errors(d), f"{name_of(d)}: ")])
+else:
+    prove("a rendered PodMonitor to validate", ["none rendered"])
+
+# --- NetworkPolicies: the validator is live for them, and they let in exactly
+# the pods they are meant to ---------------------------------------------------
+rendered_docs = [d for s, d in sources if s == "operator render"]
+policies = [d for d in rendered_docs if d["kind"] == "NetworkPolicy"]
+if not policies:
+    prove("the operator renders NetworkPolicies", ["none rendered"])
+else:
+    base = policies[0]
+    K = "Kubernetes schema (kubernetes-validate, strict) rejects"
+    for v in VERSIONS:
+        def errs(d, v=v):
+            return k8s_errors(d, v)
+        probe(f"{K} an unknown field: NetworkPolicy spec.ingress[0].fromm (Kubernetes {v})", base,
+              set_in(["spec", "ingress", 0, "fromm"], []), errs, "additionalProperties", "spec.ingress.0", "fromm")
+        probe(f"{K} a wrong type: NetworkPolicy spec.podSelector \"all\" (Kubernetes {v})", base,
+              set_in(["spec", "podSelector"], "all"), errs, "type", "spec.podSelector")
+
+
+def selects(sel, labels):
+    if not isinstance(sel, dict):
+        return False
+    if any(labels.get(k) != v for k, v in (sel.get("matchLabels") or {}).items()):
+        return False
+    for e in sel.get("matchExpressions") or []:
+        value, values = labels.get(e["key"]), e.get("values") or []
+        ok = {"In": value in values, "NotIn": value not in values,
+              "Exists": value is not None, "DoesNotExist": value is None}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+# Every pod the renders make (all in one namespace, so each SnsCluster's
+# policies also meet the other SnsClusters' pods), with the role label the
+# operator adds to server pods at run time.
+pods = []
+for d in rendered_docs:
+    if d["kind"] != "StatefulSet":
+        continue
+    t = d["spec"]["template"]
+    labels = dict(t["metadata"]["labels"])
+    containers = {c["name"] for c in t["spec"]["containers"]}
+    if "server" in containers:
+        labels["sns.io/role"] = "master"
+    ports = {p["name"] for c in t["spec"]["containers"] for p in c.get("ports", [])}
+    # The named container port each probe asks (None: a probe by a port
+    # number no container port of the same container declares).
+    probed = set()
+    for c in t["spec"]["containers"]:
+        by_number = {p["containerPort"]: p.get("name") for p in c.get("ports", [])}
+        for kind in ("readinessProbe", "livenessProbe"):
+            probe = c.get(kind) or {}
+            for action in ("grpc", "tcpSocket", "httpGet"):
+                if action in probe:
+                    port = probe[action]["port"]
+                    probed.add(port if isinstance(port, str) else by_number.get(port))
+    pods.append({"name": d["metadata"]["name"] + "-0", "labels": labels, "containers": containers, "ports": ports,
+                 "probed": probed})
+
+
+def chosen(sel):
+    return {p["name"] for p in pods if selects(sel, p["labels"])}
+
+
+def peers(rule):
+    out = set()
+    for peer in rule.get("from") or []:
+        if set(peer) != {"podSelector"}:
+            return {f"a peer beyond this namespace's pods: {peer}"}
+        out |= chosen(peer["podSelector"])
+    return out
+
+
+policy_problems = []
+for d in policies:
+    inst = d["metadata"]["labels"]["app.kubernetes.io/instance"]
+    component = d["metadata"]["labels"]["app.kubernetes.io/component"]
+    mine = [p for p in pods if p["labels"].get("app.kubernetes.io/instance") == inst]
+
+    def having(container):
+        return {p["name"] for p in mine if container in p["containers"]}
+    targets = chosen(d["spec"]["podSelector"])
+    rules = d["spec"].get("ingress", [])
+    expected = {"server": having("server"), "coordinator": having("coordinator"), "broker": having("rabbitmq")}
+    if component not in expected:
+        policy_problems.append(f"{name_of(d)}: unexpected component {component}")
+        continue
+    if not targets or targets != expected[component]:
+        policy_problems.append(f"{name_of(d)} selects {sorted(targets)}, not {sorted(expected[component])}")
+    for rule in rules:
+        for port in rule.get("ports") or []:
+            for t in targets:
+                if port["port"] not in next(p["ports"] for p in pods if p["name"] == t):
+                    policy_problems.append(f"{name_of(d)}: {t} has no port {port['port']}")
+    wanted = {
+        # Servers and synchronizers: from the deployment's nodes only; their
+        # plain-text health ports from anywhere (the kubelet's probes).
+        "server": [having("server") | having("coordinator"), None],
+        # The coordinator: from anywhere its Service admits; its health
+        # port from anywhere (the kubelet's probes).
+        "coordinator": [None, None],
+        # The broker: AMQP from the synchronizers, anything from its peers.
+        "broker": [having("synchronizer"), having("rabbitmq")],
+    }[component]
+    got = [None if "from" not in r else peers(r) for r in rules]
+    if got != wanted:
+        policy_problems.append(f"{name_of(d)} lets in {got}, not {wanted}")
+    # What is open to any source: the coordinator's client port and the
+    # ports the kubelet probes, exactly; every probe of every selected pod
+    # asks a named port opened so (the kubelet's address is no pod's).
+    open_ports = {p["port"] for r in rules if "from" not in r for p in r.get("ports") or []}
+    if any("from" not in r and not r.get("ports") for r in rules):
+        policy_problems.append(f"{name_of(d)} opens every port to any source")
+    for t in targets:
+        pod = next(p for p in pods if p["name"] == t)
+        expected_open = set(pod["probed"]) | ({"grpc"} if component == "coordinator" else set())
+        if None in pod["probed"]:
+            policy_problems.append(f"{name_of(d)}: {t} has a probe on an undeclared port")
+        elif component in ("server", "coordinator") and open_ports != expected_open:
+            policy_problems.append(f"{name_of(d)} opens {sorted(open_ports)} to any source, "
+                                   f"not {sorted(expected_open)} ({t}'s probes)")
+instances = {d["metadata"]["name"] for d in rendered_docs if d["kind"] == "ConfigMap"}
+prove(f"{len(policies)} rendered NetworkPolicies select and let in exactly the intended pods among "
+      f"{len(pods)} pods of {len(instances)} SnsClusters in one namespace", policy_problems)
+# Probes: the kubelet's gRPC probe cannot speak TLS, so every node
+# container, TLS on or off, is probed by gRPC on its plain-text health port,
+# the one SNS_HEALTH_PORT names and a container port declares.
+probe_problems, node_containers, tls_states = [], 0, set()
+for d in rendered_docs:
+    if d["kind"] != "StatefulSet":
+        continue
+    for c in d["spec"]["template"]["spec"]["containers"]:
+        if c.get("command") != ["sns-node"]:
+            continue
+        node_containers += 1
+        where = f"{name_of(d)} {c['name']}"
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        tls_states.add("SNS_TLS_CERT" in env)
+        health = env.get("SNS_HEALTH_PORT")
+        declared = {p["containerPort"]: p.get("name") for p in c.get("ports", [])}
+        if health is None or int(health) not in declared:
+            probe_problems.append(f"{where}: SNS_HEALTH_PORT {health} is no declared container port")
+            continue
+        for kind, service in (("readinessProbe", "readiness" if c["name"] == "server" else ""),
+                              ("livenessProbe", "")):
+            grpc = (c.get(kind) or {}).get("grpc")
+            if set(c.get(kind) or {}) & {"tcpSocket", "httpGet", "exec"} or grpc is None:
+                probe_problems.append(f"{where}: {kind} is not a gRPC probe")
+            elif grpc["port"] != int(health) or grpc.get("service") != service:
+                probe_problems.append(f"{where}: {kind} asks {grpc}, not port {health} service {service!r}")
+if tls_states != {True, False}:
+    probe_problems.append(f"the specs render TLS only {tls_states}: both on and off are wanted")
+prove(f"{node_containers} node containers (TLS on and off) are probed by gRPC on their plain-text health port",
+      probe_problems)
+switched_off = [d for d in rendered_docs if d["kind"] == "NetworkPolicy"
+                and d["metadata"]["labels"]["app.kubernetes.io/instance"] == "open"]
+prove("spec.networkPolicy.enabled: false renders no NetworkPolicy",
+      [name_of(d) for d in switched_off] if any(p["labels"].get("app.kubernetes.io/instance") == "open" for p in pods)
+      else ["the spec `open` rendered no pods"])
+
+# cert-manager's schema is not vendored here: check the fields the pods
+# and the operator rely on.
+certificates = [d for d in rendered_docs if d["apiVersion"] == "cert-manager.io/v1"]
+cert_problems = [] if certificates else ["no Certificate rendered for the cert-manager spec"]
+for d in certificates:
+    spec = d.get("spec", {})
+    inst = d["metadata"]["labels"]["app.kubernetes.io/instance"]
+    if d["kind"] != "Certificate" or spec.get("secretName") != f"{inst}-tls":
+        cert_problems.append(f"{name_of(d)}: not a Certificate writing {inst}-tls")
+    if not spec.get("issuerRef", {}).get("name") or not spec.get("dnsNames"):
+        cert_problems.append(f"{name_of(d)}: no issuerRef.name or dnsNames")
+    if not {"server auth", "client auth"} <= set(spec.get("usages", [])):
+        cert_problems.append(f"{name_of(d)}: usages {spec.get('usages')}")
+    extra = set(spec) - {"secretName", "secretTemplate", "dnsNames", "ipAddresses", "usages", "privateKey",
+                         "issuerRef", "commonName", "duration", "renewBefore"}
+    if extra:
+        cert_problems.append(f"{name_of(d)}: fields cert-manager v1 does not have: {sorted(extra)}")
+prove(f"{len(certificates)} cert-manager Certificate(s) carry secretName, issuerRef, names and both usages "
+      "(cert-manager's own schema is not checked offline)", cert_problems)
+
 # One validation per distinct object: install.yaml repeats the CRD and the
 # chart's default render, and the specs render much the same RBAC.
 by_kind = {}  # kind -> {canonical JSON: document}
 seen_from = {}  # kind -> {where from: documents, repeats included}
 for source, d in sources:
-    if d["apiVersion"].split("/")[0] == CRD_GROUP:
-        continue  # custom resources: the CRD schema checks above
+    if d["apiVersion"].split("/")[0] in (CRD_GROUP, MONITORING_GROUP, "cert-manager.io"):
+        continue  # custom resources: their own schemas and checks, above
     by_kind.setdefault(d["kind"], {})[json.dumps(d, sort_keys=True)] = d
     counts = seen_from.setdefault(d["kind"], {})
     counts[source] = counts.get(source, 0) + 1

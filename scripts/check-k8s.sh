@@ -9,8 +9,16 @@
 #    distinct object once;
 #  - the example SnsCluster and the specs validate against the generated
 #    CRD's openAPIV3Schema (jsonschema);
+#  - every rendered NetworkPolicy selects, and lets in, exactly the pods it
+#    is meant to among the pods its SnsCluster's render makes (and none of
+#    another SnsCluster's in the same namespace); cert-manager Certificates
+#    (no Kubernetes schema) are checked for the fields the pods rely on;
 #  - the chart lints (strict) and its values schema holds, offline through
 #    helm-python-sdk (the Helm v4 SDK as a native library: no helm binary);
+#  - the chart's PodMonitors validate against prometheus-operator's v1 API
+#    types (cloudcoil's generated pydantic models; unknown fields are
+#    errors), select the pods they are for, and the leader-election Role
+#    grants the Lease the Deployment names; NOTES.txt has no placeholder;
 #  - manifests/install.yaml is exactly Namespace + CRD + the chart rendered
 #    with default values (run with --update to regenerate it).
 # Each validator must first reject documents broken in one known way (an
@@ -27,14 +35,20 @@ update=0
 # Pinned: the schemas ship inside kubernetes-validate.
 KV_VERSION=1.37.0
 HELM_SDK_VERSION=0.2.2
+# prometheus-operator v0.80's API types; the newer model releases need a
+# newer Python than Debian's 3.11. PodMonitor's fields used here are older.
+CLOUDCOIL_VERSION=0.6.0
+PROMETHEUS_OPERATOR_MODELS_VERSION=0.80.1.0
 venv=target/k8s-check/venv
-marker="$venv/.pins-$KV_VERSION-$HELM_SDK_VERSION"
+marker="$venv/.pins-$KV_VERSION-$HELM_SDK_VERSION-$CLOUDCOIL_VERSION-$PROMETHEUS_OPERATOR_MODELS_VERSION"
 if [ ! -f "$marker" ]; then
-  echo "k8s-check: installing kubernetes-validate==$KV_VERSION helm-python-sdk==$HELM_SDK_VERSION into $venv"
+  echo "k8s-check: installing kubernetes-validate==$KV_VERSION helm-python-sdk==$HELM_SDK_VERSION" \
+    "cloudcoil-models-prometheus-operator==$PROMETHEUS_OPERATOR_MODELS_VERSION into $venv"
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    "kubernetes-validate==$KV_VERSION" "helm-python-sdk==$HELM_SDK_VERSION" "jsonschema>=4.18" "PyYAML>=6"
+    "kubernetes-validate==$KV_VERSION" "helm-python-sdk==$HELM_SDK_VERSION" "jsonschema>=4.18" "PyYAML>=6" \
+    "cloudcoil==$CLOUDCOIL_VERSION" "cloudcoil-models-prometheus-operator==$PROMETHEUS_OPERATOR_MODELS_VERSION"
   touch "$marker"
 fi
 
@@ -103,6 +117,30 @@ spec:
       storageClassName: standard
       resources:
         requests: {cpu: 200m, memory: 256Mi}
+EOF
+# Security switched off, and TLS from cert-manager with an amqps:// broker.
+cat > "$work/specs/open.yaml" <<'EOF'
+apiVersion: sns.io/v1alpha1
+kind: SnsCluster
+metadata:
+  name: open
+spec:
+  clusters: 2
+  networkPolicy: {enabled: false}
+  tls: {enabled: false}
+EOF
+cat > "$work/specs/cert-manager.yaml" <<'EOF'
+apiVersion: sns.io/v1alpha1
+kind: SnsCluster
+metadata:
+  name: issued
+spec:
+  tls:
+    issuerRef: {name: sns-ca, kind: ClusterIssuer}
+  broker:
+    external:
+      urlSecretRef: {name: amqps-credentials}
+      caSecretRef: {name: amqps-ca}
 EOF
 for spec in "$work"/specs/*.yaml; do
   "$operator" render --spec "$spec" --namespace sns-check --default-image tiny-sns:check \

@@ -5,6 +5,7 @@
 
 use std::error::Error as _;
 use std::fmt;
+use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 
@@ -34,6 +35,20 @@ pub struct Args {
     #[arg(long, env = "SNS_GATEWAY")]
     pub gateway: bool,
 
+    /// Talk TLS to the coordinator and the servers.
+    #[arg(long, env = "SNS_TLS")]
+    pub tls: bool,
+
+    /// PEM CA certificate the deployment's certificates are checked
+    /// against (with --tls; default: the system's roots).
+    #[arg(long, env = "SNS_TLS_CA_FILE", requires = "tls")]
+    pub ca: Option<std::path::PathBuf>,
+
+    /// How long to look for another server when ours is lost before giving
+    /// up (`connection failed: -1`), e.g. `30s`, `2m`.
+    #[arg(long, env = "SNS_RECONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub reconnect_timeout: Duration,
+
     /// Print help.
     #[arg(long = "help", action = ArgAction::Help)]
     help: Option<bool>,
@@ -41,14 +56,30 @@ pub struct Args {
 
 impl Args {
     /// The session configuration these flags describe, with default timing.
-    pub fn into_config(self) -> Config {
-        Config {
+    pub fn into_config(self) -> Result<Config, String> {
+        let tls = match (self.tls, &self.ca) {
+            (false, _) => None,
+            (true, None) => Some(tonic::transport::ClientTlsConfig::new().with_native_roots()),
+            (true, Some(path)) => {
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read the CA certificate {}: {e}", path.display()))?;
+                if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(format!("{} holds no PEM certificate", path.display()));
+                }
+                Some(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                )
+            }
+        };
+        Ok(Config {
             coord_host: self.host,
             coord_port: self.port,
             user: self.user,
             gateway: self.gateway,
-            timing: Timing::default(),
-        }
+            timing: Timing { failover: self.reconnect_timeout, ..Timing::default() },
+            tls,
+        })
     }
 }
 
@@ -79,7 +110,10 @@ pub fn parse_user_id(text: &str) -> Result<u32, InvalidUserId> {
 /// clap's generic "invalid value" wording.
 pub fn parse_args() -> Config {
     match Args::try_parse() {
-        Ok(args) => args.into_config(),
+        Ok(args) => args.into_config().unwrap_or_else(|e| {
+            eprintln!("tsc: {e}");
+            std::process::exit(2)
+        }),
         Err(err) => {
             if let Some(bad) = err.source().and_then(|e| e.downcast_ref::<InvalidUserId>()) {
                 eprintln!("tsc: {bad}");
@@ -136,6 +170,22 @@ mod tests {
             assert!(source.is_some(), "{bad:?}: {err}");
             assert_eq!(err.exit_code(), 2);
         }
+    }
+
+    #[test]
+    fn reconnect_timeout_is_a_duration() {
+        let Ok(args) = Args::try_parse_from(["tsc", "-u", "1", "--reconnect-timeout", "2s"]) else { panic!() };
+        assert_eq!(args.into_config().unwrap().timing.failover, Duration::from_secs(2));
+        let Ok(args) = Args::try_parse_from(["tsc", "-u", "1"]) else { panic!() };
+        assert_eq!(args.into_config().unwrap().timing.failover, Timing::default().failover);
+        assert!(Args::try_parse_from(["tsc", "-u", "1", "--reconnect-timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn version_is_offered() {
+        let Err(err) = Args::try_parse_from(["tsc", "--version"]) else { panic!("no version") };
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert!(err.to_string().contains(env!("CARGO_PKG_VERSION")), "{err}");
     }
 
     #[test]

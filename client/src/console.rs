@@ -10,15 +10,40 @@ use std::io::Write;
 use crate::output::{BANNER, PROMPT};
 
 /// Where the client prints; stdout in the binary, a buffer in tests.
-#[derive(Debug)]
+/// Diagnostics (what the course client never printed) go to stderr, so
+/// that stdout on a pipe stays exactly the course's.
 pub struct Console<W> {
     out: W,
+    /// Where diagnostics go instead of stderr (the line editor's printer).
+    notes: Option<Box<dyn Write + Send>>,
+}
+
+impl<W> std::fmt::Debug for Console<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console").finish_non_exhaustive()
+    }
 }
 
 impl<W: Write> Console<W> {
-    /// Prints to `out`.
+    /// Prints to `out`, diagnostics to stderr.
     pub fn new(out: W) -> Self {
-        Console { out }
+        Console { out, notes: None }
+    }
+
+    /// Prints to `out`, diagnostics to `notes`.
+    pub fn with_notes(out: W, notes: Box<dyn Write + Send>) -> Self {
+        Console { out, notes: Some(notes) }
+    }
+
+    /// Prints one diagnostic line, `tsc: <text>`.
+    pub fn note(&mut self, text: &str) {
+        match &mut self.notes {
+            Some(notes) => {
+                let _ = writeln!(notes, "tsc: {text}");
+                let _ = notes.flush();
+            }
+            None => eprintln!("tsc: {text}"),
+        }
     }
 
     /// Prints one line.

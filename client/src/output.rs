@@ -110,6 +110,12 @@ pub fn post_not_delivered(text: &str) -> String {
     format!("Post not delivered: {text}")
 }
 
+/// The diagnostic (stderr) when the server stops answering and the client
+/// starts looking for another.
+pub fn server_lost(address: &str, why: &dyn Display) -> String {
+    format!("server lost, reconnecting… (was {address}: {why})")
+}
+
 /// The one line announcing a successful failover.
 pub fn reconnected(address: &str) -> String {
     format!("Reconnected to server {address}")
@@ -199,6 +205,7 @@ mod tests {
     fn fixed_lines() {
         assert_eq!(post_too_long(5000, 4096), "Post too long (5000 bytes, at most 4096), not sent");
         assert_eq!(reconnected("10.0.0.7:9010"), "Reconnected to server 10.0.0.7:9010");
+        assert_eq!(server_lost("10.0.0.7:9010", &"gone"), "server lost, reconnecting… (was 10.0.0.7:9010: gone)");
         assert!(BANNER.starts_with("========= TINY SNS CLIENT =========\n"));
         assert!(BANNER.ends_with("\n=====================================\n"));
         assert_eq!(BANNER.lines().count(), 7);

@@ -153,15 +153,10 @@ impl<T: Clone> PendingPosts<T> {
         self.queue.iter().any(|p| p.sent)
     }
 
-    /// Posts to report as not delivered when the session ends normally:
-    /// only a server that acknowledges lets us know (a course server never
-    /// confirms anything, and reporting all its posts would be false).
-    pub fn undelivered_at_exit(&self) -> impl Iterator<Item = &T> {
-        let acks = self.acks_seen;
-        self.queue.iter().filter(move |p| acks && p.sent).map(|p| &p.post)
-    }
-
-    /// Posts that may not have been delivered, if the session ended now.
+    /// Posts that may not have been delivered, if the session ended now:
+    /// every unacknowledged one when the server acknowledges; otherwise (a
+    /// course server never confirms anything, and reporting all its posts
+    /// would be false) those never sent.
     pub fn undelivered(&self) -> impl Iterator<Item = &T> {
         let acks = self.acks_seen;
         self.queue.iter().filter(move |p| acks || !p.sent).map(|p| &p.post)

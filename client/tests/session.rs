@@ -24,8 +24,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Local};
 use futures_util::{Stream, StreamExt};
+use sns_client::console::Console;
+use sns_client::input::Input;
 use sns_client::output::post_line;
 use sns_client::{Config, Exit, Timing};
+use sns_e2e::nodes;
 use sns_node::coordinator::{self, CoordinatorConfig};
 use sns_node::server::{self, ServerConfig};
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
@@ -34,10 +37,9 @@ use sns_proto::csce438::sns_service_client::SnsServiceClient;
 use sns_proto::csce438::{Confirmation, Id, Message, Request, ServerInfo, ServerList};
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::coord_admin_server::{CoordAdmin, CoordAdminServer};
-use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{
     InSyncReply, InSyncRequest, LeaseRequest, PromoteReply, PromoteRequest, RoleUpdate, RoutingTable, ServerStatus,
-    StatusRequest, SwitchoverReply, SwitchoverRequest, TableRequest,
+    SwitchoverReply, SwitchoverRequest, TableRequest,
 };
 use sns_proto::prost_types::Timestamp;
 use tempfile::TempDir;
@@ -247,15 +249,13 @@ fn start_server(config: ServerConfig) -> Hosted {
 
 /// The address of the server the coordinator names for `user`, if any.
 async fn named_master(coordinator: u16, user: u32) -> Option<(String, u16)> {
-    let id = i32::try_from(user).expect("small user id");
-    let info = CoordServiceClient::new(channel(coordinator)).get_server(Id { id }).await.ok()?.into_inner();
+    let info = nodes::get_server(coordinator, user).await.ok()?;
     if info.server_id > 0 { Some((info.hostname, info.port.parse().ok()?)) } else { None }
 }
 
 /// What a server says about itself (our internal `Replica.Status`).
 async fn status(server: u16) -> Option<ServerStatus> {
-    let reply = ReplicaClient::new(channel(server)).status(StatusRequest {}).await;
-    reply.ok().map(Response::into_inner)
+    nodes::status_at("127.0.0.1", &server.to_string()).await.ok()
 }
 
 /// Waits until `server` holds at least `count` posts.
@@ -407,8 +407,9 @@ impl CoordAdmin for TapService {
 
 // ------------------------------------------------------------- other users
 
+/// A request without a request id, as a course client sends it.
 fn request(user: u32, argument: Option<u32>) -> Request {
-    Request { username: user.to_string(), arguments: argument.iter().map(u32::to_string).collect(), request_id: 0 }
+    nodes::request(user, argument, 0)
 }
 
 /// Logs `user` in straight at `server`.
@@ -521,7 +522,7 @@ fn fast_timing() -> Timing {
 }
 
 fn config(coordinator: u16, user: u32, timing: Timing) -> Config {
-    Config { coord_host: "127.0.0.1".into(), coord_port: coordinator, user, gateway: false, timing }
+    Config { coord_host: "127.0.0.1".into(), coord_port: coordinator, user, gateway: false, timing, tls: None }
 }
 
 /// A whole session of `user` with everything typed up front.
@@ -966,4 +967,34 @@ async fn a_late_heartbeat_answer_does_not_undo_a_newer_role() {
     let (sa, sb) = (status(a.port).await.unwrap(), status(b.port).await.unwrap());
     assert_eq!(sb.users, sa.users, "the slave lacks a write the master acknowledged");
     assert_eq!(sb.next_seq, sa.next_seq);
+}
+
+#[tokio::test]
+async fn ctrl_c_while_reconnecting_reports_the_posts_not_delivered() {
+    let sns = Deployment::start(1);
+    let mut server = sns.master(1).await;
+    let (mut keyboard, stdin) = tokio::io::duplex(1 << 16);
+    let (interrupt, interrupts) = mpsc::unbounded_channel();
+    let (screen, notes) = (Screen::default(), Screen::default());
+    let input = Input::pipe(tokio::io::BufReader::new(stdin)).with_interrupts(interrupts);
+    let console = Console::with_notes(screen.clone(), Box::new(notes.clone()));
+    let exit = tokio::spawn(sns_client::run_with(config(sns.coordinator(), 1, fast_timing()), input, console));
+    keyboard.write_all(b"TIMELINE\n").await.expect("typing");
+    screen.wait_for("Now you are in the timeline\n").await;
+
+    server.kill();
+    notes.wait_for("tsc: server lost, reconnecting").await;
+    // The second line is refused on the screen, so once that shows the
+    // first has been read: it is a post waiting for a server.
+    keyboard.write_all(format!("lost post\n{}\n", "x".repeat(5000)).as_bytes()).await.expect("typing");
+    screen.wait_for("Post too long").await;
+    interrupt.send(()).expect("client running");
+    let Ok(Ok(exit)) = tokio::time::timeout(PATIENCE, exit).await else { panic!("no exit: {}", screen.text()) };
+
+    assert_eq!(exit, Exit::Interrupted);
+    let expected = format!(
+        "{BANNER}Cmd> Command completed successfully\nNow you are in the timeline\n\
+Post too long (5000 bytes, at most 4096), not sent\nPost not delivered: lost post\n"
+    );
+    assert_eq!(screen.text(), expected);
 }

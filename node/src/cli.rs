@@ -100,6 +100,10 @@ pub struct ListenArgs {
     /// Write the bound port to this file once listening (useful with -p 0).
     #[arg(long, env = "SNS_PORT_FILE")]
     pub port_file: Option<PathBuf>,
+    /// Also serve the gRPC health service alone, in plain text, on this
+    /// port (for probes that cannot speak TLS, e.g. the kubelet's).
+    #[arg(long, env = "SNS_HEALTH_PORT")]
+    pub health_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -130,6 +134,8 @@ pub struct CoordinatorArgs {
     pub listen: ListenArgs,
     #[command(flatten)]
     pub secret: SecretArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 impl CoordinatorArgs {
@@ -162,6 +168,8 @@ pub struct PromoteArgs {
     pub accept_data_loss: bool,
     #[command(flatten)]
     pub secret: SecretArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -180,6 +188,8 @@ pub struct SwitchoverArgs {
     pub to: Option<u32>,
     #[command(flatten)]
     pub secret: SecretArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -223,6 +233,8 @@ pub struct ServerArgs {
     pub listen: ListenArgs,
     #[command(flatten)]
     pub secret: SecretArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -297,6 +309,8 @@ pub struct SyncArgs {
     pub listen: ListenArgs,
     #[command(flatten)]
     pub secret: SecretArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,

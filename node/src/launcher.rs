@@ -71,6 +71,15 @@ pub struct LocalArgs {
     /// if missing]. Every node gets it through `SNS_SECRET_FILE`.
     #[arg(long, env = "SNS_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
+    /// Serve TLS on every port and make every node-to-node call over it,
+    /// with a CA and a certificate for 127.0.0.1 / ::1 / localhost made
+    /// under `<dir>/tls` (clients: `tsc --tls --ca <dir>/tls/ca.pem`).
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM CA an `amqps://` broker URL is checked against [default: the
+    /// system's roots]; handed to every synchronizer.
+    #[arg(long, env = "SNS_AMQP_CA")]
+    pub amqp_ca: Option<PathBuf>,
 }
 
 /// The console's commands, for the start-up hint and unknown commands.
@@ -98,6 +107,9 @@ struct Launcher {
     secret_file: PathBuf,
     /// Adds its token to the launcher's own calls.
     attach: crate::auth::Attach,
+    /// Handed to every node (`SNS_TLS_*`, `SNS_AMQP_CA`); the launcher's
+    /// own calls follow it too.
+    tls: crate::tls::TlsArgs,
 }
 
 pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
@@ -145,6 +157,14 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
     let started = Instant::now();
     let secret_file = args.secret_file.clone().unwrap_or_else(|| dir.join("secret"));
     let secret = crate::auth::ensure_secret_file(&secret_file)?;
+    let mut tls = if args.tls { crate::tls::ensure_local(&dir.join("tls"))? } else { crate::tls::TlsArgs::default() };
+    tls.amqp_ca = args
+        .amqp_ca
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .map_err(|e| Error::Config(format!("--amqp-ca: {e}")))?;
+    tls.install()?;
     let mut l = Launcher {
         bin,
         dir: dir.clone(),
@@ -154,6 +174,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         queue_type: args.queue_type,
         secret_file,
         attach: crate::auth::Attach::new(Some(secret)),
+        tls,
     };
     for p in plan {
         l.procs.insert(p.name.clone(), Proc { port: p.port, plan: p, child: None });
@@ -193,7 +214,14 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         "node-to-node calls need the deployment secret in {} (sns-node promote/switchover: --secret-file)",
         l.secret_file.display()
     );
-    println!("connect a client with: tsc -h 127.0.0.1 -k {} -u <user id>", l.coord_port);
+    match &l.tls.tls_ca {
+        Some(ca) => println!(
+            "connect a client with: tsc --tls --ca {} -h 127.0.0.1 -k {} -u <user id>",
+            ca.display(),
+            l.coord_port
+        ),
+        None => println!("connect a client with: tsc -h 127.0.0.1 -k {} -u <user id>", l.coord_port),
+    }
     println!("commands: {COMMANDS}  (names: server-2-1, sync-2-1, master-2, slave-2, coordinator)");
 
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -258,6 +286,17 @@ impl Launcher {
         cmd.env("SNS_QUEUE_TYPE", self.queue_type.as_str())
             .env("SNS_SECRET_FILE", &self.secret_file)
             .env_remove("SNS_SECRET");
+        for (var, path) in [
+            ("SNS_TLS_CERT", &self.tls.tls_cert),
+            ("SNS_TLS_KEY", &self.tls.tls_key),
+            ("SNS_TLS_CA", &self.tls.tls_ca),
+            ("SNS_AMQP_CA", &self.tls.amqp_ca),
+        ] {
+            match path {
+                Some(p) => cmd.env(var, p),
+                None => cmd.env_remove(var),
+            };
+        }
         cmd.args(&args).stdin(Stdio::null()).stdout(log).stderr(log2).kill_on_drop(true);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| Error::Other(format!("cannot start {}: {e}", self.bin.display())))?;
@@ -273,7 +312,8 @@ impl Launcher {
     /// every master forwards to a slave (when the cluster has two servers).
     async fn wait_ready(&self, spec: &DeploymentSpec, timeout: Duration, shutdown: &CancellationToken) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let mut admin = CoordAdminClient::new(net::node_channel("127.0.0.1", &self.coord_port.to_string(), &self.attach)?);
+        let mut admin =
+            CoordAdminClient::new(net::node_channel("127.0.0.1", &self.coord_port.to_string(), &self.attach)?);
         let expected = self.procs.len() - 1;
         let mut last = String::from("coordinator not answering");
         while Instant::now() < deadline && !shutdown.is_cancelled() {
@@ -594,15 +634,16 @@ pub async fn ensure_broker(url: &str, may_start: bool) -> Result<()> {
 
 /// host:port of an amqp:// URL (default port 5672).
 pub fn broker_addr(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (scheme, rest) = url.split_once("://").unwrap_or(("amqp", url));
+    let port = if scheme == "amqps" { 5671 } else { 5672 };
     let hostport = rest.split('/').next().unwrap_or(rest);
     let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, h)| h);
     if hostport.is_empty() {
-        "127.0.0.1:5672".into()
+        format!("127.0.0.1:{port}")
     } else if hostport.contains(':') && !hostport.ends_with(']') {
         hostport.to_string()
     } else {
-        format!("{hostport}:5672")
+        format!("{hostport}:{port}")
     }
 }
 
@@ -623,5 +664,6 @@ mod tests {
         assert_eq!(broker_addr("amqp://rabbit.example/%2f"), "rabbit.example:5672");
         assert_eq!(broker_addr("amqp://u:p@[::1]:5673/vh"), "[::1]:5673");
         assert_eq!(broker_addr("amqp://"), "127.0.0.1:5672");
+        assert_eq!(broker_addr("amqps://u:p@rabbit.example/%2f"), "rabbit.example:5671");
     }
 }

@@ -18,13 +18,14 @@ pub mod server;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 
 use cli::{Cli, Command};
 use coordinator::CoordinatorConfig;
+use error::{Error, Result};
 use server::ServerConfig;
 use sync::SyncConfig;
-use error::{Error, Result};
 use tokio_util::sync::CancellationToken;
 
 /// Runs the command `cli` names until it finishes or is told to stop.
@@ -38,11 +39,19 @@ pub fn run(cli: Cli) -> Result<()> {
         tokio::spawn(stop_on_signal(shutdown.clone()));
         match cli.command {
             Command::Coordinator(a) => {
+                a.tls.install()?;
+                if let Some(port) = a.listen.health_port {
+                    net::bind_health(&a.listen.bind, port).await?;
+                }
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 let cfg = CoordinatorConfig { secret: a.secret.load()?, ..a.config() };
                 coordinator::run(cfg, listener, shutdown).await
             }
             Command::Server(a) => {
+                a.tls.install()?;
+                if let Some(port) = a.listen.health_port {
+                    net::bind_health(&a.listen.bind, port).await?;
+                }
                 let cfg = ServerConfig { secret: a.secret.load()?, ..a.config().map_err(Error::Config)? };
                 // The port file is written once the store is open, so a
                 // launcher that starts servers one after another has them
@@ -51,13 +60,23 @@ pub fn run(cli: Cli) -> Result<()> {
                 server::serve(cfg, listener, a.listen.port_file.as_deref(), shutdown).await
             }
             Command::Synchronizer(a) => {
+                a.tls.install()?;
+                if let Some(port) = a.listen.health_port {
+                    net::bind_health(&a.listen.bind, port).await?;
+                }
                 let cfg = SyncConfig { secret: a.secret.load()?, ..a.config().map_err(Error::Config)? };
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 sync::run(cfg, listener, shutdown).await
             }
             Command::Local(a) => launcher::run(a, shutdown).await,
-            Command::Promote(a) => coordinator::promote(&a).await,
-            Command::Switchover(a) => coordinator::switchover(&a).await,
+            Command::Promote(a) => {
+                a.tls.install()?;
+                coordinator::promote(&a).await
+            }
+            Command::Switchover(a) => {
+                a.tls.install()?;
+                coordinator::switchover(&a).await
+            }
         }
     });
     // A blocking read of stdin (the launcher's command reader) cannot be

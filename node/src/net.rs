@@ -1,11 +1,11 @@
 //! Small networking helpers shared by every node kind.
 
+use crate::auth::Attach;
 use crate::error::{Error, Result};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use crate::auth::Attach;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -56,11 +56,16 @@ pub fn channel(host: &str, port: &str) -> Result<Channel> {
 /// waits for a lease to run out).
 pub fn channel_with_timeout(host: &str, port: &str, timeout: Duration) -> Result<Channel> {
     let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
-    let endpoint = Endpoint::from_shared(format!("http://{host}:{port}"))
+    let tls = crate::tls::client();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host}:{port}"))
         .map_err(|e| Error::Config(format!("bad address {host}:{port}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(timeout)
         .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(|e| Error::Config(format!("TLS to {host}:{port}: {e}")))?;
+    }
     Ok(endpoint.connect_lazy())
 }
 
@@ -89,4 +94,37 @@ pub fn channel_to(addr: &str) -> Result<Channel> {
     let (host, port) =
         addr.rsplit_once(':').ok_or_else(|| Error::Config(format!("address {addr:?} is not host:port")))?;
     channel(host.trim_start_matches('[').trim_end_matches(']'), port)
+}
+
+/// The listener of a plain-text port that serves the gRPC health service
+/// only (`--health-port`): what the kubelet's gRPC probes can reach when the
+/// node's own port speaks TLS. Bound by `main` before the node starts, taken
+/// by the node that serves it (one node per process).
+static HEALTH_LISTENER: std::sync::Mutex<Option<TcpListener>> = std::sync::Mutex::new(None);
+
+/// Binds `bind:port` for [`serve_health`].
+pub async fn bind_health(bind: &str, port: u16) -> Result<()> {
+    let listener = crate::net::bind(bind, port, None).await?;
+    *HEALTH_LISTENER.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(listener);
+    Ok(())
+}
+
+/// Serves `health` (the same service as on the node's port, so both answer
+/// alike) on the health port, if one was bound, until `shutdown`.
+pub fn serve_health<T: tonic_health::pb::health_server::Health>(
+    health: tonic_health::pb::health_server::HealthServer<T>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let Some(listener) = HEALTH_LISTENER.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the health port stopped");
+        }
+    });
 }

@@ -4,8 +4,12 @@
 //! One reconcile of an SnsCluster:
 //! 1. kube's `finalizer()` helper adds `sns.io/cleanup` first, and on
 //!    deletion runs [`cleanup`] (PVC retention) before letting it go;
-//! 2. the broker credentials Secret is created if missing (never
-//!    overwritten: RabbitMQ keeps the password in its volume);
+//! 2. the Secrets are made if missing (see [`crate::secrets`]: broker
+//!    credentials, never overwritten as RabbitMQ keeps the password in its
+//!    volume; the node secret; the CA and node certificate), and the
+//!    coordinator client is handed the node token and the CA, so every
+//!    `CoordAdmin` call below (table, switchover) is authenticated and,
+//!    with TLS on, over TLS;
 //! 3. every rendered child is server-side applied with the one field
 //!    manager `sns-operator`, and StatefulSets/Services this SnsCluster no
 //!    longer wants (scale-down, a switch to an external broker) are
@@ -43,10 +47,11 @@ use crate::scale;
 use crate::status::{self, Observation};
 use crate::switchover::{self, Requester};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -138,7 +143,7 @@ pub async fn reconcile(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics.reconciled(started.elapsed(), result.is_ok());
+    ctx.metrics.reconciled(started.elapsed(), result.as_ref().err().map(Error::reason));
     if result.is_ok() {
         ctx.failures.lock().expect("failures lock").remove(&k);
     }
@@ -177,6 +182,17 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
         .is_none_or(|(sum, at)| *sum != checksum || at.elapsed() >= ctx.resync);
     let spec = &obj.spec;
     let endpoint = names.coordinator_endpoint();
+    // The Secrets first: every call to the coordinator below (its table, a
+    // switchover of the annotation, the rollout or a scale-down) carries
+    // the node token and trusts the CA they hold.
+    let mut issued = true;
+    if due {
+        let credentials = crate::secrets::ensure(&ctx.client, &names, &rendered).await?;
+        // cert-manager has not issued the certificate yet: its CA is
+        // needed for the coordinator calls as soon as it is there.
+        issued = rendered.tls != render::TlsPlan::CertManager || credentials.ca.is_some();
+        ctx.routing.authenticate(&endpoint, credentials);
+    }
     let mut table = ctx.routing.table(&endpoint).await;
     // The server pods: the templates they run decide the rolling update and
     // the StatefulSets' partitions; their labels show the roles.
@@ -198,15 +214,15 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
     let mut switched = None;
     let mut held = Vec::new();
     if due {
-        let complete = apply_children(&obj, &names, &rendered, &partitions, &ctx).await?;
+        let complete = apply_children(&obj, &names, &rendered, &partitions, &ctx).await? && issued;
         let pruned = prune(&obj, &names, &rendered, table.as_deref().ok(), &ctx).await?;
         if let Some(record) = pruned.switched {
             switched = Some(record);
             table = ctx.routing.table(&endpoint).await;
         }
         // Left incomplete (the old coordinator still terminating, a
-        // scale-down waiting), the next poll applies again rather than
-        // waiting for a resync.
+        // scale-down waiting, the certificate not issued), the next poll
+        // applies again rather than waiting for a resync.
         if complete && pruned.held.is_empty() && switched.is_none() {
             ctx.applied.lock().expect("applied lock").insert(k, (checksum, Instant::now()));
         }
@@ -387,16 +403,6 @@ async fn apply_children(
     ctx: &Context,
 ) -> Result<bool> {
     let ns = names.namespace.as_str();
-    if let Some(template) = &rendered.broker_secret {
-        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-        let secret = render::broker_secret(template, names, &render::random_password()?);
-        let params = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
-        match secrets.create(&params, &secret).await {
-            Ok(_) => tracing::info!(secret = %names.rabbitmq_secret(), "broker credentials created"),
-            Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
     let mut complete = true;
     for child in &rendered.children {
         match child {
@@ -417,6 +423,8 @@ async fn apply_children(
                 }
             }
             Child::Pdb(o) => ssa::<PodDisruptionBudget>(&ctx.client, ns, o).await?,
+            Child::NetworkPolicy(o) => ssa::<NetworkPolicy>(&ctx.client, ns, o).await?,
+            Child::Certificate(o) => crate::secrets::apply_certificate(&ctx.client, names, o).await?,
         }
     }
     tracing::debug!(objects = rendered.children.len(), uid = ?obj.uid(), complete, "children applied");
@@ -539,6 +547,19 @@ async fn prune(
             ignore_not_found(svcs.delete(&name, &DeleteParams::default()).await.map(|_| ()))?;
         }
     }
+    // NetworkPolicies switched off (or the broker's, for an external one).
+    let wanted = rendered.names_of("NetworkPolicy");
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+    for p in policies.list(&selector).await? {
+        let name = p.name_any();
+        if !wanted.contains(&name) && owned_by(&p.metadata, obj) {
+            tracing::info!(networkpolicy = %name, "removing what the spec no longer wants");
+            ignore_not_found(policies.delete(&name, &DeleteParams::default()).await.map(|_| ()))?;
+        }
+    }
+    if rendered.tls != render::TlsPlan::CertManager {
+        crate::secrets::retire_certificate(&ctx.client, names).await?;
+    }
     Ok(pruned)
 }
 
@@ -588,6 +609,7 @@ async fn cleanup(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
             "deleting the SnsCluster; its PersistentVolumeClaims are kept, the coordinator's records included (storage.retention: Retain)"
         }
     };
+    crate::secrets::on_delete(&ctx.client, &names, obj.spec.storage.retention).await?;
     tracing::info!(note, "cleanup");
     ctx.publish(&obj, false, "Deleting", "Delete", note.into()).await;
     ctx.applied.lock().expect("applied lock").remove(&key(&obj));

@@ -6,15 +6,23 @@
 //! against a fixed table with no network; [`GrpcRoutingTable`] is the real
 //! one, over `CoordAdmin.Table` and `CoordAdmin.Switchover`. Protobuf types
 //! stay in this module.
+//!
+//! `CoordAdmin` is a node-to-node API: the coordinator of an SnsCluster
+//! with a node secret answers only calls carrying the token derived from
+//! it, and with TLS on it serves TLS under the SnsCluster's CA. The
+//! reconciler hands both over through [`RoutingTable::authenticate`] after
+//! reading them from the SnsCluster's Secrets; every call, a table read or
+//! a switchover, goes through the same channel and carries them.
 
 use crate::error::{Error, Result};
 use futures_util::future::BoxFuture;
+use sns_node::auth::{Attach, Secret};
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::{SwitchoverRequest, TableRequest};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeKind {
@@ -56,6 +64,22 @@ pub struct SwitchoverDone {
 /// master's lease), and a lease is at most a few heartbeats of at most 10 s.
 pub const SWITCHOVER_PATIENCE: Duration = Duration::from_secs(60);
 
+/// What a call to one coordinator needs: its deployment's node secret
+/// (the token derives from it) and, with TLS on, the CA its certificate
+/// chains to.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    pub secret: Option<Secret>,
+    /// PEM; the endpoint is then dialled over https.
+    pub ca: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("secret", &self.secret.is_some()).field("tls", &self.ca.is_some()).finish()
+    }
+}
+
 pub trait RoutingTable: Send + Sync + 'static {
     /// The routing table of the coordinator at `endpoint`
     /// (`http://host:port`).
@@ -72,13 +96,24 @@ pub trait RoutingTable: Send + Sync + 'static {
     /// Forgets the coordinator at `endpoint`: its SnsCluster is gone, so
     /// whatever is kept for it (a connection) is released.
     fn forget(&self, endpoint: &str);
+    /// Calls to `endpoint` from now on carry `credentials`.
+    fn authenticate(&self, endpoint: &str, credentials: Credentials) {
+        let _ = (endpoint, credentials);
+    }
+}
+
+/// One coordinator's connection and what its calls carry.
+struct Link {
+    channel: Channel,
+    attach: Attach,
 }
 
 /// `CoordAdmin` over gRPC, one lazily connected channel per coordinator.
 /// Each call carries its own deadline (a switchover may take far longer
 /// than a table read).
 pub struct GrpcRoutingTable {
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<String, Link>>,
+    credentials: Mutex<HashMap<String, Credentials>>,
     timeout: Duration,
 }
 
@@ -86,20 +121,36 @@ impl GrpcRoutingTable {
     /// `timeout` bounds each call: a coordinator that does not answer must
     /// not hold up the reconcile loop.
     pub fn new(timeout: Duration) -> Self {
-        GrpcRoutingTable { channels: Mutex::new(HashMap::new()), timeout }
+        GrpcRoutingTable { channels: Mutex::new(HashMap::new()), credentials: Mutex::new(HashMap::new()), timeout }
     }
 
-    fn channel(&self, endpoint: &str) -> Result<Channel> {
-        let mut map = self.channels.lock().expect("channel map lock");
-        if let Some(c) = map.get(endpoint) {
-            return Ok(c.clone());
+    /// The channel to `endpoint` (`http://host:port`; dialled as https
+    /// with its CA when it has one) and the token its calls carry.
+    fn channel(&self, endpoint: &str) -> Result<(Channel, Attach)> {
+        // One lock at a time (authenticate takes them in the other order).
+        if let Some(l) = self.channels.lock().expect("channel map lock").get(endpoint) {
+            return Ok((l.channel.clone(), l.attach.clone()));
         }
-        let c = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| Error::Coordinator { endpoint: endpoint.into(), reason: e.to_string() })?
-            .connect_timeout(self.timeout)
-            .connect_lazy();
-        map.insert(endpoint.to_string(), c.clone());
-        Ok(c)
+        let creds = self.credentials.lock().expect("credentials lock").get(endpoint).cloned().unwrap_or_default();
+        let bad = |reason: String| Error::Coordinator { endpoint: endpoint.into(), reason };
+        let mut e = match &creds.ca {
+            None => Endpoint::from_shared(endpoint.to_string()),
+            Some(_) => Endpoint::from_shared(endpoint.replacen("http://", "https://", 1)),
+        }
+        .map_err(|e| bad(e.to_string()))?;
+        if let Some(ca) = &creds.ca {
+            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+            e = e.tls_config(tls).map_err(|e| bad(format!("TLS: {e}")))?;
+        }
+        // No channel-wide request timeout: each call sets its own deadline
+        // (a table read `timeout`, a switchover SWITCHOVER_PATIENCE).
+        let channel = e.connect_timeout(self.timeout).connect_lazy();
+        let attach = Attach::new(creds.secret);
+        self.channels
+            .lock()
+            .expect("channel map lock")
+            .insert(endpoint.to_string(), Link { channel: channel.clone(), attach: attach.clone() });
+        Ok((channel, attach))
     }
 
     /// How many coordinators this client holds a channel to.
@@ -111,7 +162,8 @@ impl GrpcRoutingTable {
 impl RoutingTable for GrpcRoutingTable {
     fn table<'a>(&'a self, endpoint: &'a str) -> BoxFuture<'a, Result<Vec<NodeView>>> {
         Box::pin(async move {
-            let mut client = CoordAdminClient::new(self.channel(endpoint)?);
+            let (channel, attach) = self.channel(endpoint)?;
+            let mut client = CoordAdminClient::with_interceptor(channel, attach);
             let call = client.table(TableRequest {});
             let reply = tokio::time::timeout(self.timeout, call)
                 .await
@@ -149,7 +201,8 @@ impl RoutingTable for GrpcRoutingTable {
         to: Option<u32>,
     ) -> BoxFuture<'a, Result<SwitchoverDone>> {
         Box::pin(async move {
-            let mut client = CoordAdminClient::new(self.channel(endpoint)?);
+            let (channel, attach) = self.channel(endpoint)?;
+            let mut client = CoordAdminClient::with_interceptor(channel, attach);
             let call = client.switchover(SwitchoverRequest { cluster, to: to.unwrap_or(0) });
             let reply = tokio::time::timeout(SWITCHOVER_PATIENCE, call)
                 .await
@@ -176,6 +229,22 @@ impl RoutingTable for GrpcRoutingTable {
     /// of the same name starts with a fresh one.
     fn forget(&self, endpoint: &str) {
         self.channels.lock().expect("channel map lock").remove(endpoint);
+        self.credentials.lock().expect("credentials lock").remove(endpoint);
+    }
+
+    /// A change of credentials (first read, a new CA, a replaced secret)
+    /// drops the channel, so the next call connects with them.
+    fn authenticate(&self, endpoint: &str, credentials: Credentials) {
+        let fingerprint = |c: &Credentials| (c.secret.as_ref().map(|s| s.seal(b"fingerprint")), c.ca.clone());
+        let changed = {
+            let mut creds = self.credentials.lock().expect("credentials lock");
+            let changed = creds.get(endpoint).map(fingerprint) != Some(fingerprint(&credentials));
+            creds.insert(endpoint.to_string(), credentials);
+            changed
+        };
+        if changed {
+            self.channels.lock().expect("channel map lock").remove(endpoint);
+        }
     }
 }
 

@@ -98,6 +98,79 @@ pub struct SnsClusterSpec {
     /// `SNS_LOG` of every node (tracing-subscriber filter syntax).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    /// NetworkPolicies that let only the deployment's own pods reach its
+    /// servers, synchronizers and broker.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+    /// TLS on every node's port (node-to-node calls and clients).
+    #[serde(default)]
+    pub tls: TlsSpec,
+}
+
+/// Whether the operator renders the deployment's NetworkPolicies. They
+/// take effect only where the cluster's network plugin enforces them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        NetworkPolicySpec { enabled: true }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// TLS for the nodes: each serves TLS on its port and trusts the
+/// deployment's CA for its calls to the others. Without `issuerRef` the
+/// operator makes a CA and the node certificate itself; with it,
+/// cert-manager issues them (`issuerRef` must be a CA-kind issuer, whose
+/// Secrets carry `ca.crt`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// A cert-manager Issuer or ClusterIssuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_ref: Option<IssuerRef>,
+}
+
+impl Default for TlsSpec {
+    fn default() -> Self {
+        TlsSpec { enabled: true, issuer_ref: None }
+    }
+}
+
+/// A cert-manager issuer, as a Certificate's `spec.issuerRef` names it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// `Issuer` (in the SnsCluster's namespace) or `ClusterIssuer`.
+    #[serde(default = "default_issuer_kind")]
+    pub kind: IssuerKind,
+    #[serde(default = "default_issuer_group")]
+    pub group: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IssuerKind {
+    Issuer,
+    ClusterIssuer,
+}
+
+fn default_issuer_kind() -> IssuerKind {
+    IssuerKind::Issuer
+}
+fn default_issuer_group() -> String {
+    "cert-manager.io".into()
 }
 
 fn default_clusters() -> u32 {
@@ -252,6 +325,24 @@ impl Default for ManagedBroker {
 pub struct ExternalBroker {
     /// Secret key holding the AMQP URL (`amqp://user:pass@host:5672/%2f`).
     pub url_secret_ref: SecretKeyRef,
+    /// Secret key holding the PEM CA of an `amqps://` broker (mounted as
+    /// `SNS_AMQP_CA`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<CaSecretRef>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CaSecretRef {
+    /// Secret in the SnsCluster's namespace.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[serde(default = "default_ca_key")]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".into()
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -564,6 +655,13 @@ mod tests {
         let partial: SnsClusterSpec =
             serde_json::from_value(serde_json::json!({"coordinator": {"serviceType": "NodePort"}})).unwrap();
         assert_eq!(partial.coordinator.storage_size, "1Gi");
+        assert!(spec.network_policy.enabled, "NetworkPolicies are on unless switched off");
+        assert!(spec.tls.enabled && spec.tls.issuer_ref.is_none(), "TLS is on, with the operator's own CA");
+        let issuer: SnsClusterSpec =
+            serde_json::from_value(serde_json::json!({"tls": {"issuerRef": {"name": "ca"}}})).unwrap();
+        let r = issuer.tls.issuer_ref.unwrap();
+        assert_eq!((r.kind, r.group.as_str()), (IssuerKind::Issuer, "cert-manager.io"));
+        assert!(issuer.tls.enabled);
     }
 
     #[test]

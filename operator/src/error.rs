@@ -22,6 +22,10 @@ pub enum Error {
     Switchover { cluster: u32, reason: String },
     #[error("cannot generate a password: {0}")]
     Random(String),
+    #[error("certificates: {0}")]
+    Tls(String),
+    #[error("the Secret {0} is not what the operator generates: {1}")]
+    BadSecret(String, String),
     #[error("serializing {0}: {1}")]
     Serialize(&'static str, serde_json::Error),
 }
@@ -39,6 +43,8 @@ impl Error {
             Error::Switchover { .. } => "SwitchoverRefused",
             Error::Random(_) => "RandomSourceError",
             Error::Serialize(..) => "SerializeError",
+            Error::Tls(_) => "CertificateError",
+            Error::BadSecret(..) => "BadSecret",
         }
     }
 }

@@ -3,7 +3,7 @@
 //! records every call, so a reconcile test asserts the exact call sequence.
 
 use crate::controller::Context;
-use crate::coordinator::{NodeKind, NodeView, RoutingTable, SwitchoverDone};
+use crate::coordinator::{Credentials, NodeKind, NodeView, RoutingTable, SwitchoverDone};
 use crate::crd::{SnsCluster, SnsClusterSpec};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -97,9 +97,20 @@ pub struct FixedTable {
     /// Every switchover asked for: (cluster, to).
     pub switchovers: Mutex<Vec<(u32, Option<u32>)>>,
     pub refuse: Mutex<Option<String>>,
+    /// Every `authenticate` call, in order.
+    pub authenticated: Mutex<Vec<(String, Credentials)>>,
+    /// Calls (`table` or `switchover`) to an endpoint no `authenticate`
+    /// had named yet: the real client would make them without the token.
+    pub unauthenticated: Mutex<Vec<String>>,
 }
 
 impl FixedTable {
+    fn check_authenticated(&self, call: &str, endpoint: &str) {
+        if !self.authenticated.lock().unwrap().iter().any(|(e, _)| e == endpoint) {
+            self.unauthenticated.lock().unwrap().push(format!("{call} {endpoint}"));
+        }
+    }
+
     fn switch(&self, cluster: u32, to: Option<u32>) -> std::result::Result<SwitchoverDone, String> {
         if let Some(why) = self.refuse.lock().unwrap().clone() {
             return Err(why);
@@ -128,6 +139,7 @@ impl FixedTable {
 
 impl RoutingTable for FixedTable {
     fn table<'a>(&'a self, endpoint: &'a str) -> BoxFuture<'a, Result<Vec<NodeView>>> {
+        self.check_authenticated("table", endpoint);
         let answer = self.answer.lock().unwrap().clone();
         Box::pin(async move {
             answer.ok_or_else(|| Error::Coordinator { endpoint: endpoint.into(), reason: "connection refused".into() })
@@ -140,13 +152,18 @@ impl RoutingTable for FixedTable {
 
     fn switchover<'a>(
         &'a self,
-        _endpoint: &'a str,
+        endpoint: &'a str,
         cluster: u32,
         to: Option<u32>,
     ) -> BoxFuture<'a, Result<SwitchoverDone>> {
+        self.check_authenticated("switchover", endpoint);
         self.switchovers.lock().unwrap().push((cluster, to));
         let result = self.switch(cluster, to).map_err(|reason| Error::Switchover { cluster, reason });
         Box::pin(async move { result })
+    }
+
+    fn authenticate(&self, endpoint: &str, credentials: Credentials) {
+        self.authenticated.lock().unwrap().push((endpoint.to_string(), credentials));
     }
 }
 
@@ -155,11 +172,14 @@ impl RoutingTable for FixedTable {
 pub struct World {
     pub statefulsets: Vec<Value>,
     pub services: Vec<Value>,
+    pub network_policies: Vec<Value>,
     pub pods: Vec<Pod>,
     /// Answers to GET of a Deployment by name (the coordinator's former kind).
     pub deployments: Vec<Value>,
-    /// Answer Secret creation with 409 AlreadyExists.
+    /// Answer creation of the broker credentials with 409 AlreadyExists.
     pub secret_exists: bool,
+    /// Answers to GET of a Secret by name (merge patches of others: 404).
+    pub secrets: Vec<Value>,
     /// Answer every server-side apply with 500.
     pub fail_applies: bool,
     /// Answer a merge patch of the SnsCluster with 409 (it changed since).
@@ -276,6 +296,17 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
         }
         "GET" if last == "statefulsets" => (StatusCode::OK, list("StatefulSetList", world.statefulsets.clone())),
         "GET" if last == "services" => (StatusCode::OK, list("ServiceList", world.services.clone())),
+        "GET" if last == "networkpolicies" => {
+            (StatusCode::OK, list("NetworkPolicyList", world.network_policies.clone()))
+        }
+        "GET" if path.contains("/secrets/") => match world.secrets.iter().find(|d| d["metadata"]["name"] == last) {
+            Some(d) => (StatusCode::OK, d.clone()),
+            None => not_found(),
+        },
+        "DELETE" if last == "secrets" => (StatusCode::OK, list("SecretList", vec![])),
+        "PATCH" if path.contains("/secrets/") && !world.secrets.iter().any(|d| d["metadata"]["name"] == last) => {
+            not_found()
+        }
         "GET" if last == "pods" => {
             (StatusCode::OK, list("PodList", world.pods.iter().map(|p| serde_json::to_value(p).unwrap()).collect()))
         }
@@ -285,11 +316,19 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
                 None => not_found(),
             }
         }
-        "POST" if last == "secrets" && world.secret_exists => (
-            StatusCode::CONFLICT,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "already exists"}),
-        ),
+        "POST"
+            if last == "secrets"
+                && ((world.secret_exists
+                    && body["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-rabbitmq-credentials")))
+                    || world.secrets.iter().any(|d| d["metadata"]["name"] == body["metadata"]["name"])) =>
+        {
+            (
+                StatusCode::CONFLICT,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "already exists"}),
+            )
+        }
         "POST" => (StatusCode::CREATED, body.clone()),
+        "PUT" => (StatusCode::OK, body.clone()),
         "DELETE" if last == "persistentvolumeclaims" => (StatusCode::OK, list("PersistentVolumeClaimList", vec![])),
         "DELETE" => (StatusCode::OK, json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200})),
         "PATCH" if world.fail_applies && !body.is_array() => (

@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use sns_operator::manager::{self, RunConfig};
+use sns_operator::manager::{self, LeaderElection, RunConfig};
 use sns_operator::render::{self, Names, RenderOptions};
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -51,6 +51,25 @@ struct RunArgs {
     /// Re-apply every child at least this often, repairing drift.
     #[arg(long, env = "SNS_OPERATOR_RESYNC", default_value = "60s", value_parser = sns_node::cli::parse_duration)]
     resync: Duration,
+    /// Elect a leader among the operator's replicas with a Lease; only the
+    /// leader reconciles. Off: this process always reconciles (run one).
+    #[arg(long, env = "SNS_OPERATOR_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the coordination.k8s.io Lease.
+    #[arg(long, env = "SNS_OPERATOR_LEASE_NAME", default_value = "sns-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (default: the service account's, or the kubeconfig context's).
+    #[arg(long, env = "SNS_OPERATOR_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// A standby takes over a lease it has seen unchanged this long (whole seconds).
+    #[arg(long, env = "SNS_OPERATOR_LEASE_DURATION", default_value = "15s", value_parser = sns_node::cli::parse_duration)]
+    lease_duration: Duration,
+    /// The leader stops reconciling when it could not renew for this long (< lease duration).
+    #[arg(long, env = "SNS_OPERATOR_RENEW_DEADLINE", default_value = "10s", value_parser = sns_node::cli::parse_duration)]
+    renew_deadline: Duration,
+    /// How often the leader renews and a standby tries (< renew deadline).
+    #[arg(long, env = "SNS_OPERATOR_RETRY_PERIOD", default_value = "2s", value_parser = sns_node::cli::parse_duration)]
+    retry_period: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -100,6 +119,13 @@ fn main() -> anyhow::Result<()> {
                 stall_timeout: a.stall_timeout,
                 coordinator_timeout: a.coordinator_timeout,
                 resync: a.resync,
+                leader_election: a.leader_elect.then_some(LeaderElection {
+                    lease_name: a.lease_name,
+                    lease_namespace: a.lease_namespace,
+                    lease_duration: a.lease_duration,
+                    renew_deadline: a.renew_deadline,
+                    retry_period: a.retry_period,
+                }),
             }))
         }
     }

@@ -1,8 +1,9 @@
 # Helpers of the kind suite: logging, polling with a deadline, and `tsc`
 # clients driven through FIFOs (commands in, output to a log that the
 # expectations poll). Sourced by run.sh; needs OUT, START and, for client,
-# TSC and PORT_OF[<cr>] (the local port forwarded to that SnsCluster's
-# coordinator).
+# TSC, PORT_OF[<cr>] (the local port forwarded to that SnsCluster's
+# coordinator) and CA_OF[<cr>] (a file with that SnsCluster's CA: TLS is on
+# by default, and tsc checks the coordinator's certificate against it).
 # shellcheck shell=bash
 
 log() { printf '[%4ds] %s\n' "$(($(date +%s) - START))" "$*"; }
@@ -16,7 +17,7 @@ die() {
 # alone, this file seems to leave them unused (SC2034).
 # shellcheck disable=SC2034
 BG_PIDS=()
-declare -A CPID CFD MARK PORT_OF
+declare -A CPID CFD MARK PORT_OF CA_OF
 
 # Polls `cmd` (a shell string) until it succeeds or `secs` pass.
 eventually() {
@@ -29,11 +30,12 @@ eventually() {
 }
 
 # client NAME CR USER: a tsc reading commands from a FIFO, output to a log;
-# it talks to the coordinator's gateway (tsc --gateway).
+# it talks to the coordinator's gateway (tsc --gateway) over TLS, trusting
+# the SnsCluster's CA (tsc --tls --ca).
 client() {
   local name=$1 cr=$2 user=$3 fd
   mkfifo "$OUT/client-$name.in"
-  "$TSC" -h 127.0.0.1 -k "${PORT_OF[$cr]}" -u "$user" --gateway \
+  "$TSC" -h 127.0.0.1 -k "${PORT_OF[$cr]}" -u "$user" --gateway --tls --ca "${CA_OF[$cr]}" \
     <"$OUT/client-$name.in" >"$OUT/client-$name.log" 2>&1 &
   # shellcheck disable=SC2034 # read by run.sh's cleanup (see BG_PIDS above)
   CPID[$name]=$!

@@ -180,6 +180,16 @@ port_forward() {
   PORT_OF[$cr]=$port
   eventually 30 "port-forward to $cr" "(exec 3<>/dev/tcp/127.0.0.1/$port)"
 }
+# TLS is on by default: the clients check the coordinator's certificate
+# (issued for localhost and 127.0.0.1 too, for this port-forward) against
+# the SnsCluster's CA, the ca.crt of its <name>-tls Secret.
+extract_ca() {
+  local cr=$1
+  CA_OF[$cr]=$OUT/ca-$cr.crt
+  kubectl get secret -n "$NS" "$cr-tls" -o jsonpath='{.data.ca\.crt}' | base64 -d >"${CA_OF[$cr]}"
+  grep -q -- '-----BEGIN CERTIFICATE-----' "${CA_OF[$cr]}" || die "no CA in the Secret $cr-tls"
+}
+for cr in one demo; do extract_ca "$cr"; done
 port_forward one 19000
 port_forward demo 19100
 

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod disk;
 pub mod load;
 pub mod nodes;
+pub mod pty;
 pub mod secret;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -159,6 +160,11 @@ pub struct DeploymentBuilder {
     tmpfs: Vec<(u32, u32, u64)>,
     /// The launcher's `--queue-type`, when not the default.
     queue_type: Option<String>,
+    /// The launcher's `--tls`.
+    tls: bool,
+    /// Another broker URL than [`amqp_url`], and the CA it is checked
+    /// against (`--amqp-ca`).
+    broker: Option<(String, Option<PathBuf>)>,
 }
 
 impl Default for DeploymentBuilder {
@@ -174,6 +180,8 @@ impl Default for DeploymentBuilder {
             ready_timeout: Duration::from_secs(60),
             tmpfs: Vec::new(),
             queue_type: None,
+            tls: false,
+            broker: None,
         }
     }
 }
@@ -239,6 +247,18 @@ impl DeploymentBuilder {
         self
     }
 
+    /// TLS on every port and between every node (`--tls`).
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
+    /// The broker at `url` (e.g. `amqps://...`), checked against `ca`.
+    pub fn broker(mut self, url: &str, ca: Option<&Path>) -> Self {
+        self.broker = Some((url.to_string(), ca.map(Path::to_path_buf)));
+        self
+    }
+
     /// Runs the launcher and waits for its `ready:` line.
     pub fn start(self) -> Result<Deployment> {
         let dir = tempfile::Builder::new().prefix("sns-e2e-").tempdir()?;
@@ -264,13 +284,19 @@ impl DeploymentBuilder {
                 "--queue-expires",
                 "10m",
             ])
-            .args(["--no-broker-start", "--amqp-url", &amqp_url()])
+            .args(["--no-broker-start", "--amqp-url", &self.broker.as_ref().map_or_else(amqp_url, |b| b.0.clone())])
             .arg("--dir")
             .arg(dir.path())
             .arg("--secret-file")
             .arg(secret::file());
         if let Some(filter) = &self.log {
             cmd.env("SNS_LOG", filter);
+        }
+        if self.tls {
+            cmd.arg("--tls");
+        }
+        if let Some((_, Some(ca))) = &self.broker {
+            cmd.arg("--amqp-ca").arg(ca);
         }
         if let Some(queue_type) = &self.queue_type {
             cmd.args(["--queue-type", queue_type]);

@@ -33,7 +33,10 @@ fn clients_work_through_the_coordinator_gateway_across_a_failover() -> anyhow::R
     let reply = d.command("kill master-2")?;
     assert!(reply.starts_with("killed server-2-"), "{reply}");
     c2.expect("a reconnection through the gateway", |l| {
-        l == format!("Reconnected to server 127.0.0.1:{}", d.coord_port)
+        // Names the server behind the gateway, not the gateway alone.
+        l.starts_with("Reconnected to server 127.0.0.1:")
+            && l.ends_with(&format!(" via the gateway 127.0.0.1:{}", d.coord_port))
+            && !l.starts_with(&format!("Reconnected to server 127.0.0.1:{} ", d.coord_port))
     })?;
     c2.send("after the kill")?;
     c1.expect_post(2, "after the kill")?;

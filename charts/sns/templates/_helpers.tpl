@@ -32,3 +32,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "sns.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{- define "sns.leaseName" -}}
+{{- default (include "sns.fullname" .) .Values.leaderElection.leaseName -}}
+{{- end -}}

@@ -665,8 +665,9 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: Cancel
     tracing::info!(addr = %listener.local_addr().map_err(|e| crate::error::Error::Other(e.to_string()))?, clusters = cfg.clusters, lease_ms = cfg.lease().as_millis() as u64, "coordinator listening");
     let elector = tokio::spawn(elector.run());
     let (health, health_service) = tonic_health::server::health_reporter();
+    net::serve_health(health_service.clone(), shutdown.clone());
     health.set_serving::<CoordServiceServer<Coordinator>>().await;
-    let result = tonic::transport::Server::builder()
+    let result = crate::tls::server_builder()?
         .add_service(health_service)
         .add_service(CoordServiceServer::new(coord.clone()))
         .add_service(CoordAdminServer::with_interceptor(coord.clone(), coord.check.clone()))

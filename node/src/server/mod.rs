@@ -273,8 +273,9 @@ pub async fn serve(
         tokio::spawn(commit::commit_loop(node.clone(), queued, shutdown.clone())),
     ];
     let (health, health_service) = tonic_health::server::health_reporter();
+    net::serve_health(health_service.clone(), shutdown.clone());
     let health_task = tokio::spawn(role::health_loop(node.clone(), health, shutdown.clone()));
-    let result = tonic::transport::Server::builder()
+    let result = crate::tls::server_builder()?
         .add_service(health_service)
         .add_service(sns::service(node.clone(), shutdown.clone()))
         .add_service(replica::service(node.clone(), shutdown.clone(), node.cfg().secret.clone()))

@@ -24,6 +24,7 @@ use crate::store::codec;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::AMQPValue;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel as AmqpChannel, Connection, ConnectionProperties};
 use prost::Message as _;
@@ -37,7 +38,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use lapin::types::AMQPValue;
 use topology::Names;
 
 #[derive(Debug, Clone)]
@@ -96,8 +96,9 @@ pub async fn run(cfg: SyncConfig, listener: TcpListener, shutdown: CancellationT
     let beats = tokio::spawn(heartbeats(cfg.clone(), port, coord.clone(), shutdown.clone()));
     let bridge = tokio::spawn(bridge(cfg, coord, shutdown.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
+    net::serve_health(health_service.clone(), shutdown.clone());
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let served = tonic::transport::Server::builder()
+    let served = crate::tls::server_builder()?
         .add_service(health_service)
         .serve_with_incoming_shutdown(net::incoming(listener), shutdown.cancelled())
         .await;
@@ -141,7 +142,8 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, shutdown: Cancellation
     loop {
         let attempt = async {
             let server = find_server(&cfg, coord.clone(), &shutdown).await?;
-            let conn = Connection::connect(&with_frame_max(&cfg.amqp_url), ConnectionProperties::default()).await?;
+            let conn =
+                crate::tls::amqp_connect(&with_frame_max(&cfg.amqp_url), ConnectionProperties::default()).await?;
             let setup = conn.create_channel().await?;
             topology::declare(&setup, &names, cfg.clusters, cfg.queue_expires, cfg.queue_type).await?;
             tracing::info!(server = %server, "connected to server and broker");
@@ -436,7 +438,10 @@ async fn publish(
 
 /// Tells the server how far the broker has confirmed its outbox, as often
 /// as a round trip allows (only the latest mark matters).
-async fn report_confirmed(mut server: ReplicaClient<net::NodeChannel>, mut confirmed: watch::Receiver<u64>) -> Result<()> {
+async fn report_confirmed(
+    mut server: ReplicaClient<net::NodeChannel>,
+    mut confirmed: watch::Receiver<u64>,
+) -> Result<()> {
     while confirmed.changed().await.is_ok() {
         let upto = *confirmed.borrow_and_update();
         server.ack_outbox(AckRequest { upto }).await?;
@@ -459,7 +464,10 @@ async fn send_batch(
         let body = codec::encode_batch(&run);
         let mut headers = FieldTable::default();
         if let Some(secret) = secret {
-            headers.insert(crate::auth::MAC_HEADER.into(), AMQPValue::LongString(secret.seal_message(codec::BATCH_TYPE, &body).into()));
+            headers.insert(
+                crate::auth::MAC_HEADER.into(),
+                AMQPValue::LongString(secret.seal_message(codec::BATCH_TYPE, &body).into()),
+            );
         }
         let props = BasicProperties::default()
             .with_headers(headers)
@@ -470,13 +478,7 @@ async fn send_batch(
                 format!("{}>{}:{}-{}", first.origin_cluster, first.dest_cluster, first.dest_seq, last.dest_seq).into(),
             );
         let confirm = channel
-            .basic_publish(
-                names.exchange.as_str().into(),
-                key.into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
+            .basic_publish(names.exchange.as_str().into(), key.into(), BasicPublishOptions::default(), &body, props)
             .await?;
         confirms.push(confirm);
     }

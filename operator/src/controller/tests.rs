@@ -19,18 +19,21 @@ fn lines(calls: &[crate::fixtures::Call]) -> Vec<String> {
 
 const NS: &str = "/api/v1/namespaces/prod";
 const APPS: &str = "/apis/apps/v1/namespaces/prod";
+const NET: &str = "/apis/networking.k8s.io/v1/namespaces/prod";
+const CERTS: &str = "/apis/cert-manager.io/v1/namespaces/prod";
 
 /// The calls of a poll of the default `demo` SnsCluster up to its full
-/// apply: the server pods are listed first (their templates decide the
+/// apply: the Secrets first (every coordinator call carries their token
+/// and CA), then the server pods are listed (their templates decide the
 /// StatefulSets' partitions).
 fn full_apply() -> Vec<String> {
-    let mut v = vec![
-        format!("GET {NS}/pods"),
-        format!("POST {NS}/secrets"),
-        format!("PATCH {NS}/configmaps/demo-config"),
-        format!("PATCH {NS}/services/demo-coordinator"),
-        format!("PATCH {NS}/services/demo-nodes"),
-    ];
+    let mut v = secret_calls();
+    v.push(format!("GET {NS}/pods"));
+    v.push(format!("PATCH {NS}/configmaps/demo-config"));
+    for p in ["server", "coordinator", "broker"] {
+        v.push(format!("PATCH {NET}/networkpolicies/demo-{p}"));
+    }
+    v.extend([format!("PATCH {NS}/services/demo-coordinator"), format!("PATCH {NS}/services/demo-nodes")]);
     for c in 1..=3 {
         v.push(format!("PATCH {NS}/services/demo-master-{c}"));
     }
@@ -49,6 +52,21 @@ fn full_apply() -> Vec<String> {
     }
     v.push(format!("GET {APPS}/statefulsets"));
     v.push(format!("GET {NS}/services"));
+    v.push(format!("GET {NET}/networkpolicies"));
+    // No cert-manager Certificate left from an issuer the spec dropped.
+    v.push(format!("DELETE {CERTS}/certificates/demo-tls"));
+    v
+}
+
+/// The Secrets of a first apply (none exists yet): broker credentials
+/// created blind (409 if there), the node secret, CA and node
+/// certificate each read, then created.
+fn secret_calls() -> Vec<String> {
+    let mut v = vec![format!("POST {NS}/secrets")];
+    for s in ["demo-node-secret", "demo-ca", "demo-tls"] {
+        v.push(format!("GET {NS}/secrets/{s}"));
+        v.push(format!("POST {NS}/secrets"));
+    }
     v
 }
 
@@ -96,11 +114,13 @@ async fn first_apply_creates_everything_labels_roles_and_writes_status() {
         assert!(c.uri.contains("force=true"), "{}", c.uri);
     }
     // The generated password went into the Secret, URL included.
-    let secret = &calls[1].body;
+    let secret = &calls[0].body;
     assert_eq!(secret["metadata"]["name"], "demo-rabbitmq-credentials");
     assert!(secret["data"]["url"].is_string());
-    // Pods listed by the server selector; roles from the table.
-    assert!(calls[0].uri.contains("labelSelector="), "{}", calls[0].uri);
+    // Pods listed by the server selector (after the Secrets); roles from
+    // the table.
+    let listed = &calls[secret_calls().len()];
+    assert!(listed.line().ends_with("/pods") && listed.uri.contains("labelSelector="), "{}", listed.uri);
     let pods = full_apply().len();
     assert_eq!(calls[pods].body, json!({"metadata": {"labels": {"sns.io/role": "master"}}}));
     assert_eq!(calls[pods + 1].body, json!({"metadata": {"labels": {"sns.io/role": "slave"}}}));
@@ -175,6 +195,21 @@ async fn steady_state_touches_nothing_and_a_failover_updates_status() {
     assert!(status.last_failover_time.is_some());
 }
 
+/// Every coordinator call (table reads, and the switchovers of the
+/// annotation, the rollout and a scale-down) came after the endpoint was
+/// handed the SnsCluster's token and CA, so it went through the
+/// authenticated, TLS-checked channel.
+fn assert_calls_authenticated(mock: &Mock) {
+    let authenticated = mock.table.authenticated.lock().unwrap().clone();
+    assert!(!authenticated.is_empty(), "no credentials handed over");
+    for (endpoint, creds) in &authenticated {
+        assert_eq!(endpoint, "http://demo-coordinator.prod.svc:9000");
+        assert!(creds.secret.is_some() && creds.ca.is_some(), "token and CA (TLS is on by default): {creds:?}");
+    }
+    let unauthenticated = mock.table.unauthenticated.lock().unwrap().clone();
+    assert!(unauthenticated.is_empty(), "calls made before the credentials: {unauthenticated:?}");
+}
+
 fn annotated(value: &str) -> SnsCluster {
     let mut obj = finalized(cluster("demo", json!({})));
     obj.metadata.annotations = Some([(switchover::ANNOTATION.to_string(), value.to_string())].into());
@@ -191,6 +226,7 @@ async fn the_switchover_annotation_is_taken_then_carried_out_once() {
     let obj = annotated("2");
     reconcile(Arc::new(obj.clone()), mock.ctx.clone()).await.unwrap();
     assert_eq!(*mock.table.switchovers.lock().unwrap(), [(2, None)]);
+    assert_calls_authenticated(&mock);
     // The watch then delivers the object without the annotation: nothing
     // more is asked of the coordinator.
     let mut after = obj.clone();
@@ -317,7 +353,11 @@ async fn a_rolling_update_lets_one_slave_go_and_says_so() {
     reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
     assert!(mock.table.switchovers.lock().unwrap().is_empty());
     let calls = mock.calls().await;
-    assert!(calls.iter().all(|c| c.method != "DELETE"), "the StatefulSet controller replaces the pod");
+    // The only DELETE is the prune's check for a cert-manager Certificate.
+    assert!(
+        calls.iter().all(|c| c.method != "DELETE" || c.uri.contains("/certificates/")),
+        "the StatefulSet controller replaces the pod"
+    );
     assert_eq!(
         partitions(&calls),
         [("1-1", 1), ("1-2", 0), ("2-1", 1), ("2-2", 1), ("3-1", 1), ("3-2", 1)],
@@ -340,6 +380,7 @@ async fn a_rolling_update_moves_the_master_to_the_updated_slave() {
     let mock = Mock::new(world, Some(healthy_table(3, 2)));
     reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
     assert_eq!(*mock.table.switchovers.lock().unwrap(), [(1, Some(2))]);
+    assert_calls_authenticated(&mock);
     let calls = mock.calls().await;
     assert_eq!(
         partitions(&calls),
@@ -457,29 +498,33 @@ async fn upgrade_retires_the_coordinator_deployment_before_the_statefulset_start
 
     let calls = mock.calls().await;
     let all = lines(&calls);
-    // Each full apply starts with the Secret and ends with the prune's
-    // Service list; events and status writes come between.
-    let starts: Vec<usize> = all.iter().enumerate().filter(|(_, l)| l.ends_with("/secrets")).map(|(i, _)| i).collect();
+    // Each full apply starts with the Secrets and ends with the
+    // prune's Certificate check; events and status writes come between.
+    let starts: Vec<usize> =
+        all.iter().enumerate().filter(|(_, l)| l.ends_with("/secrets/demo-node-secret")).map(|(i, _)| i - 1).collect();
     assert_eq!(starts.len(), 3, "three full applies, none on the fourth poll: {all:#?}");
     let applies: Vec<&[String]> = starts
         .iter()
         .map(|&i| {
-            let end = i + all[i..].iter().position(|l| *l == format!("GET {NS}/services")).unwrap();
+            let end = i + all[i..]
+                .iter()
+                .position(|l| l.starts_with("DELETE") && l.ends_with("/certificates/demo-tls"))
+                .unwrap();
             &all[i..=end]
         })
         .collect();
     let coordinator_sts = format!("PATCH {APPS}/statefulsets/demo-coordinator");
     let old = format!("{APPS}/deployments/demo-coordinator");
-    let apply_only = || full_apply().into_iter().skip(1); // from the Secret on
+    let apply_only = || full_apply().into_iter(); // from the Secrets on
     let mut waiting: Vec<String> = apply_only().filter(|l| *l != coordinator_sts).collect();
     assert_eq!(applies[1], waiting, "2: still waiting");
     let at = waiting.iter().position(|l| *l == format!("GET {old}")).unwrap();
     waiting.insert(at + 1, format!("DELETE {old}"));
     assert_eq!(applies[0], waiting, "1: deleted, the StatefulSet waits");
-    let delete = calls.iter().find(|c| c.method == "DELETE").unwrap();
+    let delete = calls.iter().find(|c| c.method == "DELETE" && c.uri.contains("/deployments/")).unwrap();
     assert_eq!(delete.body["propagationPolicy"], "Foreground", "the Deployment goes only after its pods");
     assert_eq!(applies[2], apply_only().collect::<Vec<_>>(), "3: gone, the StatefulSet applied");
-    assert_eq!(all.iter().filter(|l| l.starts_with("DELETE")).count(), 1);
+    assert_eq!(all.iter().filter(|l| l.starts_with("DELETE") && l.contains("/deployments/")).count(), 1);
 }
 
 #[tokio::test]
@@ -565,13 +610,15 @@ async fn scale_down_moves_a_master_off_the_server_it_removes_first() {
     let obj = Arc::new(finalized(cluster("demo", json!({"clusters": 2, "serversPerCluster": 1}))));
     reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
     assert_eq!(*mock.table.switchovers.lock().unwrap(), [(2, Some(1))]);
+    assert_calls_authenticated(&mock);
     mock.change_world(|w| w.statefulsets = vec![server_sts(2, 2)]);
     // Next poll: server 2/2 is a slave now, and goes; the apply counted
     // as unfinished, so it is retried at once.
     reconcile(obj, mock.ctx.clone()).await.unwrap();
     assert_eq!(mock.table.switchovers.lock().unwrap().len(), 1);
     let calls = mock.calls().await;
-    let deletes: Vec<String> = calls.iter().filter(|c| c.method == "DELETE").map(|c| c.line()).collect();
+    let deletes: Vec<String> =
+        calls.iter().filter(|c| c.method == "DELETE" && !c.uri.contains("/certificates/")).map(|c| c.line()).collect();
     assert_eq!(
         deletes,
         [format!("DELETE {APPS}/statefulsets/demo-server-1-2"), format!("DELETE {APPS}/statefulsets/demo-server-2-2"),],
@@ -598,7 +645,8 @@ async fn scale_down_keeps_the_only_server_holding_every_write() {
     reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
     assert!(mock.table.switchovers.lock().unwrap().is_empty(), "no in-sync server to hand the role to");
     let calls = mock.calls().await;
-    let deletes: Vec<String> = calls.iter().filter(|c| c.method == "DELETE").map(|c| c.line()).collect();
+    let deletes: Vec<String> =
+        calls.iter().filter(|c| c.method == "DELETE" && !c.uri.contains("/certificates/")).map(|c| c.line()).collect();
     assert_eq!(deletes, [format!("DELETE {APPS}/statefulsets/demo-server-2-2")], "cluster 2's slave only");
     let rollout = status_of(calls.last().unwrap()).rollout.unwrap();
     assert_eq!(rollout.state, "Paused");
@@ -606,25 +654,42 @@ async fn scale_down_keeps_the_only_server_holding_every_write() {
 }
 
 #[tokio::test]
-async fn deletion_with_retain_keeps_volumes() {
-    let mock = Mock::new(World::default(), None);
+async fn deletion_with_retain_keeps_volumes_and_secrets() {
+    // The broker credentials as an older operator made them: owned by
+    // the SnsCluster, so garbage collection would take them while the
+    // retained RabbitMQ volume keeps their password.
+    let owned = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {
+            "name": "demo-rabbitmq-credentials", "namespace": "prod",
+            "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": "demo", "uid": "uid-1"}]
+        }
+    });
+    let node =
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-node-secret", "namespace": "prod"}});
+    let world = World { secrets: vec![owned, node], ..Default::default() };
+    let mock = Mock::new(world, None);
     let mut obj = finalized(cluster("demo", json!({})));
     obj.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
     let action = reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
     assert_eq!(action, Action::await_change());
     assert_eq!(mock.table.forgotten.lock().unwrap().len(), 1, "the coordinator's channel is closed");
     let calls = mock.calls().await;
-    assert_eq!(
-        lines(&calls),
-        [
-            "POST /apis/events.k8s.io/v1/namespaces/prod/events",
-            "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo",
-        ]
-    );
-    assert!(calls[0].body["note"].as_str().unwrap().contains("kept"));
+    let mut expected: Vec<String> = ["demo-rabbitmq-credentials", "demo-node-secret", "demo-ca", "demo-tls"]
+        .iter()
+        .map(|s| format!("PATCH {NS}/secrets/{s}"))
+        .collect();
+    expected.push("POST /apis/events.k8s.io/v1/namespaces/prod/events".into());
+    expected.push("PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo".into());
+    assert_eq!(lines(&calls), expected, "the Secrets are kept, released from the SnsCluster; absent ones are fine");
+    for c in &calls[..4] {
+        assert_eq!(c.body, json!({"metadata": {"ownerReferences": null}}), "a merge patch dropping the owner");
+    }
+    assert!(calls.iter().all(|c| c.method != "DELETE"), "nothing is deleted");
+    assert!(calls[4].body["note"].as_str().unwrap().contains("kept"));
     assert!(calls.iter().all(|c| !c.uri.contains("persistentvolumeclaims")), "no claim is touched");
     // The finalizer helper tests that ours is still there, then removes it.
-    let ops = calls[1].body.as_array().unwrap();
+    let ops = calls[5].body.as_array().unwrap();
     assert_eq!(ops[0]["op"], "test");
     assert_eq!(ops[1]["op"], "remove");
 }
@@ -642,6 +707,7 @@ async fn deletion_with_delete_removes_this_clusters_volumes() {
         lines(&calls),
         [
             format!("DELETE {NS}/persistentvolumeclaims"),
+            format!("DELETE {NS}/secrets"),
             "POST /apis/events.k8s.io/v1/namespaces/prod/events".to_string(),
             "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo".to_string(),
         ]
@@ -681,7 +747,190 @@ async fn deletion_with_delete_removes_this_clusters_volumes() {
     for (name, labels) in claims(&cluster("other", json!({}))) {
         assert!(!matches(&labels), "{name} belongs to another SnsCluster");
     }
-    assert!(calls[1].body["note"].as_str().unwrap().contains("coordinator"));
+    assert!(calls[2].body["note"].as_str().unwrap().contains("coordinator"));
+    // The generated Secrets go by the same selector, and only ours.
+    assert_eq!(
+        calls[1].uri.split("labelSelector=").nth(1).unwrap().split('&').next(),
+        uri.split("labelSelector=").nth(1).unwrap().split('&').next()
+    );
+    let secret_labels = |obj: &SnsCluster| {
+        let r = render::render(obj, &RenderOptions { default_image: "x".into() }).unwrap();
+        [r.node_secret.metadata.labels.clone().unwrap(), r.broker_secret.unwrap().metadata.labels.unwrap()]
+    };
+    for labels in secret_labels(&cluster("demo", json!({}))) {
+        assert!(matches(&labels), "{labels:?}");
+    }
+    for labels in secret_labels(&cluster("other", json!({}))) {
+        assert!(!matches(&labels), "{labels:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_new_sns_cluster_gets_a_random_node_secret_a_ca_and_a_node_certificate() {
+    let decode = |v: &Value| -> String {
+        String::from_utf8(serde_json::from_value::<k8s_openapi::ByteString>(v.clone()).unwrap().0).unwrap()
+    };
+    let mut values = Vec::new();
+    for _ in 0..2 {
+        let mock = Mock::new(World::default(), None);
+        reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
+        let authenticated = mock.table.authenticated.lock().unwrap().clone();
+        let calls = mock.calls().await;
+        assert_eq!(lines(&calls)[..secret_calls().len()], secret_calls()[..]);
+        let posted = |name: &str| {
+            calls.iter().find(|c| c.method == "POST" && c.body["metadata"]["name"] == name).unwrap().body.clone()
+        };
+        let node = posted("demo-node-secret");
+        let value = decode(&node["data"]["secret"]);
+        assert!(value.len() >= 64 && value.chars().all(|c| c.is_ascii_hexdigit()), "32 random bytes, hex");
+        assert!(node["metadata"]["ownerReferences"].is_null(), "kept or deleted by retention, not by owner");
+        let ca = decode(&posted("demo-ca")["data"]["tls.crt"]);
+        let tls = posted("demo-tls");
+        assert_eq!(decode(&tls["data"]["ca.crt"]), ca, "the node certificate ships its CA");
+        assert!(decode(&tls["data"]["tls.crt"]).starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(decode(&tls["data"]["tls.key"]).contains("PRIVATE KEY"));
+        let creds = &authenticated[0].1;
+        let expected = sns_node::auth::Secret::from_text(&value).unwrap();
+        assert_eq!(creds.secret.as_ref().unwrap().seal(b"x"), expected.seal(b"x"));
+        assert_eq!(creds.ca.as_deref(), Some(ca.as_str()));
+        values.push(value);
+    }
+    assert_ne!(values[0], values[1], "each SnsCluster its own secret");
+}
+
+#[tokio::test]
+async fn network_policies_switched_off_are_pruned() {
+    let policy = |name: &str, uid: &str| {
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {
+                "name": name, "namespace": "prod",
+                "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": "demo", "uid": uid}]
+            }
+        })
+    };
+    let world = World {
+        network_policies: vec![
+            policy("demo-server", "uid-1"),
+            policy("demo-broker", "uid-1"),
+            policy("demo-x", "uid-9"),
+        ],
+        secret_exists: true,
+        ..Default::default()
+    };
+    let mock = Mock::new(world, None);
+    let spec = json!({"networkPolicy": {"enabled": false}});
+    reconcile(Arc::new(finalized(cluster("demo", spec))), mock.ctx.clone()).await.unwrap();
+    let all = lines(&mock.calls().await);
+    assert!(all.iter().all(|l| !l.starts_with("PATCH") || !l.contains("networkpolicies")), "none applied");
+    let deleted: Vec<&String> =
+        all.iter().filter(|l| l.starts_with("DELETE") && l.contains("networkpolicies")).collect();
+    assert_eq!(
+        deleted,
+        [&format!("DELETE {NET}/networkpolicies/demo-server"), &format!("DELETE {NET}/networkpolicies/demo-broker")],
+        "ours only"
+    );
+}
+
+#[tokio::test]
+async fn with_an_issuer_cert_manager_makes_the_certificate_and_no_ca_is_generated() {
+    let spec = json!({"tls": {"issuerRef": {"name": "sns-ca"}}, "networkPolicy": {"enabled": false}});
+    let mock = Mock::new(World::default(), None);
+    let obj = Arc::new(finalized(cluster("demo", spec)));
+    reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+    // Once cert-manager has written the Secret, the next poll reads its
+    // CA (the apply was left incomplete), and the one after applies
+    // nothing.
+    let issued = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "demo-tls", "namespace": "prod"},
+        "data": {"ca.crt": "Q0EgUEVN"}
+    });
+    mock.change_world(|w| w.secrets.push(issued));
+    reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+    reconcile(obj, mock.ctx.clone()).await.unwrap();
+    let authenticated = mock.table.authenticated.lock().unwrap().clone();
+    let calls = mock.calls().await;
+    let all = lines(&calls);
+    assert_eq!(authenticated.len(), 2, "two full applies, none on the third poll: {all:#?}");
+    assert_eq!(authenticated[1].1.ca.as_deref(), Some("CA PEM"));
+    assert_eq!(
+        all[..6],
+        [
+            format!("POST {NS}/secrets"),
+            format!("GET {NS}/secrets/demo-node-secret"),
+            format!("POST {NS}/secrets"),
+            // Not issued yet: no CA to trust until cert-manager writes it.
+            format!("GET {NS}/secrets/demo-tls"),
+            format!("GET {NS}/pods"),
+            format!("PATCH {NS}/configmaps/demo-config"),
+        ],
+        "no CA or certificate of the operator's own, no NetworkPolicy: {all:#?}"
+    );
+    let cert = calls.iter().find(|c| c.uri.contains("/certificates/demo-tls?")).unwrap();
+    assert_eq!(cert.method, "PATCH");
+    assert!(cert.uri.contains("fieldManager=sns-operator"), "server-side applied: {}", cert.uri);
+    assert_eq!(cert.body["spec"]["issuerRef"]["name"], "sns-ca");
+    assert!(all.iter().all(|l| !l.starts_with("DELETE")), "the Certificate is wanted: {all:#?}");
+    // The list for the prune still runs: policies switched off go.
+    assert!(all.contains(&format!("GET {NET}/networkpolicies")));
+    assert!(authenticated[0].1.secret.is_some() && authenticated[0].1.ca.is_none());
+}
+
+#[tokio::test]
+async fn existing_secrets_are_read_not_replaced_and_reach_the_admin_calls() {
+    use crate::render::tls;
+    let names = Names::of(&cluster("demo", json!({}))).unwrap();
+    let value = "5f0c8a7e2b9d4c61a3e8f0b7d2c5a9e41f6b3d8c0a7e2b9d4c61a3e8f0b7d2c5";
+    let r = render::render(&cluster("demo", json!({})), &RenderOptions { default_image: "x".into() }).unwrap();
+    let render::TlsPlan::Operator { names: tls_names } = &r.tls else { panic!("TLS is on by default") };
+    let ca = tls::new_ca(&names).unwrap();
+    let node = tls::issue_node_cert(&names, tls_names, &ca).unwrap();
+    let node_secret = serde_json::to_value(render::node_secret(&r.node_secret, value)).unwrap();
+    let ca_secret = serde_json::to_value(tls::ca_secret(&names, &ca)).unwrap();
+    let fresh = |checksum: &str| {
+        let mut s = serde_json::to_value(tls::node_tls_secret(&names, &node, &ca.cert, checksum)).unwrap();
+        s["metadata"]["resourceVersion"] = json!("7");
+        s
+    };
+    let current = tls::names_checksum(tls_names);
+    for (tls_secret, reissued) in [(fresh(&current), false), (fresh("for-other-names"), true)] {
+        let world = World {
+            secret_exists: true,
+            secrets: vec![node_secret.clone(), ca_secret.clone(), tls_secret],
+            ..Default::default()
+        };
+        let mock = Mock::new(world, None);
+        reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
+        let authenticated = mock.table.authenticated.lock().unwrap().clone();
+        let calls = mock.calls().await;
+        let mut expected = vec![
+            format!("POST {NS}/secrets"),
+            format!("GET {NS}/secrets/demo-node-secret"),
+            format!("GET {NS}/secrets/demo-ca"),
+            format!("GET {NS}/secrets/demo-tls"),
+        ];
+        if reissued {
+            expected.push(format!("PUT {NS}/secrets/demo-tls"));
+        }
+        expected.push(format!("GET {NS}/pods"));
+        expected.push(format!("PATCH {NS}/configmaps/demo-config"));
+        assert_eq!(lines(&calls)[..expected.len()], expected[..], "reissued: {reissued}");
+        if reissued {
+            let put = &calls[4].body;
+            assert_eq!(put["metadata"]["resourceVersion"], "7", "replaces exactly what it read");
+            assert_eq!(put["metadata"]["annotations"][tls::TLS_NAMES_ANNOTATION], current.as_str());
+            let ca_crt = put["data"]["ca.crt"].as_str().unwrap();
+            assert_eq!(ca_crt, json!(k8s_openapi::ByteString(ca.cert.clone().into_bytes())), "from the same CA");
+        }
+        // The admin calls carry the stored secret's token and trust the
+        // stored CA.
+        let [(endpoint, creds)] = &authenticated[..] else { panic!("{authenticated:?}") };
+        assert_eq!(endpoint, "http://demo-coordinator.prod.svc:9000");
+        let stored = sns_node::auth::Secret::from_text(value).unwrap();
+        assert_eq!(creds.secret.as_ref().unwrap().seal(b"x"), stored.seal(b"x"));
+        assert_eq!(creds.ca.as_deref(), Some(ca.cert.as_str()));
+    }
 }
 
 #[tokio::test]
@@ -697,11 +946,11 @@ async fn api_errors_fail_the_reconcile_and_back_off() {
     assert_eq!(error_policy(obj.clone(), &err, ctx.clone()), Action::requeue(Duration::from_secs(10)));
     drop(ctx);
     let calls = lines(&mock.calls().await);
-    // The secret, then the first apply fails and nothing else is tried.
-    assert_eq!(
-        calls,
-        [format!("GET {NS}/pods"), format!("POST {NS}/secrets"), format!("PATCH {NS}/configmaps/demo-config")]
-    );
+    // The secrets, the pods, then the first apply fails and nothing else
+    // is tried.
+    let mut expected = secret_calls();
+    expected.extend([format!("GET {NS}/pods"), format!("PATCH {NS}/configmaps/demo-config")]);
+    assert_eq!(calls, expected);
     assert_eq!(backoff(1), Duration::from_secs(5));
     assert_eq!(backoff(7), Duration::from_secs(300));
     assert_eq!(backoff(u32::MAX), Duration::from_secs(300));

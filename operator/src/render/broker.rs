@@ -112,10 +112,11 @@ pub(super) fn render_broker(
 }
 
 /// The broker credentials Secret without its password (filled in by
-/// [`broker_secret`] at creation).
-pub(super) fn broker_secret_template(names: &Names, owner: &OwnerReference) -> Secret {
+/// [`broker_secret`] at creation). No owner: it follows
+/// `storage.retention` like the broker's volume, which keeps the password.
+pub(super) fn broker_secret_template(names: &Names) -> Secret {
     Secret {
-        metadata: meta(names.rabbitmq_secret(), names, labels(names, "broker"), owner),
+        metadata: super::secrets::generated_meta(names.rabbitmq_secret(), names, "broker"),
         type_: Some("Opaque".into()),
         ..Default::default()
     }

@@ -4,7 +4,8 @@ use super::pod::{
     NodeContainer, labels, meta, node_container, pod_security, pvc_template, retention_policy, selector_of,
     template_meta, tmp_volume,
 };
-use super::{DATA_ROOT, LABEL_NAME, Names, RUN_AS_USER, pod_args};
+use super::secrets::node_files;
+use super::{DATA_ROOT, HEALTH_PORT, HEALTH_PORT_NAME, LABEL_NAME, Names, RUN_AS_USER, pod_args};
 use crate::crd::SnsClusterSpec;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec, VolumeMount};
@@ -29,6 +30,7 @@ pub(super) fn render_coordinator(
     let l = labels(names, "coordinator");
     let data_mount = VolumeMount { name: "data".into(), mount_path: DATA_ROOT.into(), ..Default::default() };
     let (tmp, tmp_mount) = tmp_volume();
+    let files = node_files(names, spec);
     let container = node_container(
         spec,
         image,
@@ -38,9 +40,10 @@ pub(super) fn render_coordinator(
             args: pod_args(p),
             port_name: "grpc",
             port: p.port,
-            env: vec![],
-            mounts: vec![data_mount, tmp_mount],
-            readiness: None,
+            env: files.env,
+            mounts: [vec![data_mount, tmp_mount], files.mounts].concat(),
+            health: (HEALTH_PORT_NAME, HEALTH_PORT),
+            readiness: "",
         },
     );
     let mut pvc_labels = selector_of(&l);
@@ -71,7 +74,7 @@ pub(super) fn render_coordinator(
                     // fsGroup makes the volume writable by the non-root user.
                     security_context: Some(pod_security(RUN_AS_USER)),
                     containers: vec![container],
-                    volumes: Some(vec![tmp]),
+                    volumes: Some([vec![tmp], files.volumes].concat()),
                     // The records are fsynced before they are acted on.
                     termination_grace_period_seconds: Some(10),
                     ..Default::default()

@@ -12,6 +12,9 @@
 //! | PodDisruptionBudget | `demo-cluster-<c>` | at most one server of a cluster down by choice |
 //! | ConfigMap | `demo-config` | environment shared by every node (`SNS_LOG`) |
 //! | StatefulSet + Service + Secret | `demo-rabbitmq`, `demo-rabbitmq-credentials` | the managed broker |
+//! | Secret | `demo-node-secret` | the node secret (tokens, event MACs), mounted in every node |
+//! | Secrets | `demo-ca`, `demo-tls` | the operator's CA; the node certificate with `ca.crt` (or a cert-manager Certificate `demo-tls` writing it) |
+//! | NetworkPolicy | `demo-server`, `demo-coordinator`, `demo-broker` | who may reach which pods |
 //!
 //! Why one StatefulSet per server process rather than one per SNS cluster
 //! with two replicas: each pod's command line is then exactly the
@@ -23,16 +26,22 @@
 //!
 //! Submodules, by what they render: [`names`] (object names), [`pod`]
 //! (labels, containers, probes, volumes shared by every pod),
-//! [`coordinator`], [`servers`], [`broker`].
+//! [`coordinator`], [`servers`], [`broker`], [`secrets`] (generated
+//! Secrets and how pods mount them), [`tls`] (certificates), [`network`]
+//! (NetworkPolicies).
 
 mod broker;
 mod coordinator;
 mod names;
+mod network;
 mod pod;
+pub mod secrets;
 mod servers;
+pub mod tls;
 
 pub use broker::{broker_secret, random_password};
 pub use names::{Names, deployment_name, fnv1a};
+pub use secrets::node_secret;
 
 use crate::crd::SnsCluster;
 use crate::error::{Error, Result};
@@ -40,6 +49,7 @@ use broker::{broker_secret_template, render_broker};
 use coordinator::render_coordinator;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceSpec};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -61,6 +71,15 @@ pub const DATA_ROOT: &str = "/data";
 pub const SERVICE_PORT: i32 = 9000;
 pub const AMQP_PORT: i32 = 5672;
 pub const RABBITMQ_MANAGEMENT_PORT: i32 = 15672;
+/// The plain-text port on which a node serves its gRPC health service
+/// alone (`SNS_HEALTH_PORT`), for the kubelet's probes: the coordinator's
+/// and a server's. A server pod's synchronizer shares the pod's network,
+/// so it has its own, [`SYNC_HEALTH_PORT`].
+pub const HEALTH_PORT: u16 = 8086;
+pub const SYNC_HEALTH_PORT: u16 = 8087;
+/// The container port names of [`HEALTH_PORT`] and [`SYNC_HEALTH_PORT`].
+pub const HEALTH_PORT_NAME: &str = "health";
+pub const SYNC_HEALTH_PORT_NAME: &str = "sync-health";
 /// User id of the runtime image (see the Dockerfile).
 pub const RUN_AS_USER: i64 = 10001;
 
@@ -97,6 +116,9 @@ pub enum Child {
     Service(Service),
     StatefulSet(StatefulSet),
     Pdb(PodDisruptionBudget),
+    NetworkPolicy(NetworkPolicy),
+    /// A cert-manager `Certificate` (not a type k8s-openapi knows).
+    Certificate(serde_json::Value),
 }
 
 impl Child {
@@ -106,6 +128,8 @@ impl Child {
             Child::Service(o) => o.name_any(),
             Child::StatefulSet(o) => o.name_any(),
             Child::Pdb(o) => o.name_any(),
+            Child::NetworkPolicy(o) => o.name_any(),
+            Child::Certificate(o) => o["metadata"]["name"].as_str().unwrap_or_default().to_string(),
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -114,6 +138,8 @@ impl Child {
             Child::Service(_) => "Service",
             Child::StatefulSet(_) => "StatefulSet",
             Child::Pdb(_) => "PodDisruptionBudget",
+            Child::NetworkPolicy(_) => "NetworkPolicy",
+            Child::Certificate(_) => "Certificate",
         }
     }
     pub fn to_json(&self) -> serde_json::Value {
@@ -122,6 +148,8 @@ impl Child {
             Child::Service(o) => serde_json::to_value(o),
             Child::StatefulSet(o) => serde_json::to_value(o),
             Child::Pdb(o) => serde_json::to_value(o),
+            Child::NetworkPolicy(o) => serde_json::to_value(o),
+            Child::Certificate(o) => Ok(o.clone()),
         }
         .expect("Kubernetes objects always serialize")
     }
@@ -135,6 +163,22 @@ pub struct Rendered {
     /// The managed broker's credentials: created once if missing, never
     /// overwritten (its password lives in RabbitMQ's volume too).
     pub broker_secret: Option<Secret>,
+    /// The node secret without its value: created once if missing, never
+    /// overwritten (running nodes hold the keys derived from it).
+    pub node_secret: Secret,
+    /// Who makes the node certificate.
+    pub tls: TlsPlan,
+}
+
+/// Where the node certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsPlan {
+    /// TLS is off.
+    Off,
+    /// The operator's own CA issues it, for these names.
+    Operator { names: Vec<String> },
+    /// cert-manager issues it through the rendered Certificate.
+    CertManager,
 }
 
 impl Rendered {
@@ -213,6 +257,13 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
         ..Default::default()
     }));
 
+    // Policies before the pods they protect exist.
+    if spec.network_policy.enabled {
+        let managed = spec.managed_broker().is_some();
+        children
+            .extend(network::render_network_policies(&names, managed, &owner).into_iter().map(Child::NetworkPolicy));
+    }
+
     // Services first, so DNS names exist when the pods start.
     let coord_labels = labels(&names, "coordinator");
     children.push(Child::Service(Service {
@@ -262,7 +313,7 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
             let (svc, sts) = render_broker(&names, &broker, spec.storage.retention, &owner);
             children.push(Child::Service(svc));
             children.push(Child::StatefulSet(sts));
-            Some(broker_secret_template(&names, &owner))
+            Some(broker_secret_template(&names))
         }
         None => None,
     };
@@ -270,6 +321,15 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
         Some(ext) => (ext.url_secret_ref.name.clone(), ext.url_secret_ref.key.clone()),
         None => (names.rabbitmq_secret(), "url".to_string()),
     };
+
+    let tls = match (&spec.tls.enabled, &spec.tls.issuer_ref) {
+        (false, _) => TlsPlan::Off,
+        (true, None) => TlsPlan::Operator { names: tls::tls_names(&names, spec.clusters) },
+        (true, Some(_)) => TlsPlan::CertManager,
+    };
+    if let Some(cert) = tls::certificate(&names, spec, &owner) {
+        children.push(Child::Certificate(cert));
+    }
 
     let coordinator = processes.iter().find(|p| p.role == Role::Coordinator).expect("every plan has a coordinator");
     children.push(Child::StatefulSet(render_coordinator(&names, spec, &image, coordinator, &config_hash, &owner)));
@@ -309,19 +369,31 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
         }));
     }
 
-    Ok(Rendered { children, broker_secret })
+    Ok(Rendered { children, broker_secret, node_secret: secrets::node_secret_template(&names), tls })
 }
 
-/// Every rendered object (and the broker Secret with a placeholder
-/// password) as one multi-document YAML stream, for `sns-operator render`
+/// Every rendered object (and the generated Secrets with placeholder
+/// values) as one multi-document YAML stream, for `sns-operator render`
 /// and the offline schema checks.
 pub fn to_yaml(rendered: &Rendered, names: &Names) -> String {
     let mut docs: Vec<serde_json::Value> = rendered.children.iter().map(Child::to_json).collect();
+    let placeholder = "rendered-placeholder";
+    let mut secrets = vec![node_secret(&rendered.node_secret, placeholder)];
     if let Some(t) = &rendered.broker_secret {
-        docs.push(serde_json::to_value(broker_secret(t, names, "rendered-placeholder")).expect("a Secret serializes"));
+        secrets.push(broker_secret(t, names, placeholder));
+    }
+    if let TlsPlan::Operator { .. } = rendered.tls {
+        let pem = tls::Pem { cert: placeholder.into(), key: placeholder.into() };
+        secrets.push(tls::ca_secret(names, &pem));
+        secrets.push(tls::node_tls_secret(names, &pem, placeholder, placeholder));
+    }
+    for s in secrets {
+        docs.push(serde_json::to_value(s).expect("a Secret serializes"));
     }
     docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("JSON values serialize as YAML"))).collect()
 }
 
+#[cfg(test)]
+mod security_tests;
 #[cfg(test)]
 mod tests;

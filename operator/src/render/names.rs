@@ -55,6 +55,28 @@ impl Names {
     pub fn rabbitmq_secret(&self) -> String {
         format!("{}-rabbitmq-credentials", self.instance)
     }
+    /// The deployment's node secret (the token and event MACs derive from it).
+    pub fn node_secret(&self) -> String {
+        format!("{}-node-secret", self.instance)
+    }
+    /// The node certificate, its key and the CA (`tls.crt`, `tls.key`,
+    /// `ca.crt`): made by the operator, or by cert-manager.
+    pub fn tls_secret(&self) -> String {
+        format!("{}-tls", self.instance)
+    }
+    /// The operator-made CA's certificate and key (never mounted in a pod).
+    pub fn ca_secret(&self) -> String {
+        format!("{}-ca", self.instance)
+    }
+    /// The NetworkPolicy of the pods named by `component`.
+    pub fn network_policy(&self, component: &str) -> String {
+        format!("{}-{component}", self.instance)
+    }
+    /// The coordinator Service's DNS name in the cluster, which the
+    /// operator dials and the node certificate names.
+    pub fn coordinator_host(&self) -> String {
+        format!("{}.{}.svc", self.coordinator(), self.namespace)
+    }
     /// In-cluster address of the coordinator, for the operator itself.
     pub fn coordinator_endpoint(&self) -> String {
         format!("http://{}.{}.svc:{SERVICE_PORT}", self.coordinator(), self.namespace)

@@ -77,11 +77,14 @@ pub(super) fn pod_security(user: i64) -> PodSecurityContext {
     }
 }
 
-/// Every node serves `grpc.health.v1` on its own port, which the kubelet's
-/// native gRPC probe speaks; `service` None asks whether the process is up.
-pub(super) fn grpc_probe(port: u16, service: Option<&str>, period: i32, failures: i32) -> Probe {
+/// Every node serves `grpc.health.v1` alone, in plain text, on its health
+/// port (`SNS_HEALTH_PORT`) as well as on its own port, which speaks TLS
+/// when the SnsCluster's TLS is on: the kubelet's native gRPC probe cannot
+/// speak TLS, so every probe asks the health port, TLS on or off.
+/// `service` "" asks whether the process is up.
+pub(super) fn grpc_probe(port: u16, service: &str, period: i32, failures: i32) -> Probe {
     Probe {
-        grpc: Some(GRPCAction { port: i32::from(port), service: service.map(Into::into) }),
+        grpc: Some(GRPCAction { port: i32::from(port), service: Some(service.into()) }),
         period_seconds: Some(period),
         timeout_seconds: Some(2),
         failure_threshold: Some(failures),
@@ -134,22 +137,32 @@ pub(super) struct NodeContainer<'a> {
     pub(super) port: u16,
     pub(super) env: Vec<EnvVar>,
     pub(super) mounts: Vec<VolumeMount>,
-    /// The health service the readiness probe asks (None: the process's).
-    pub(super) readiness: Option<&'a str>,
+    /// The plain-text health port: its container port name and number
+    /// (the two containers of a server pod share its network, so each has
+    /// its own).
+    pub(super) health: (&'a str, u16),
+    /// The health service the readiness probe asks ("": the process's).
+    pub(super) readiness: &'a str,
 }
 
 pub(super) fn node_container(spec: &SnsClusterSpec, image: &str, names: &Names, c: NodeContainer<'_>) -> Container {
+    let (health_name, health_port) = c.health;
+    let health_env =
+        EnvVar { name: "SNS_HEALTH_PORT".into(), value: Some(health_port.to_string()), ..Default::default() };
     Container {
         name: c.name.into(),
         image: Some(image.into()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
         command: Some(vec!["sns-node".into()]),
         args: Some(c.args),
-        env: if c.env.is_empty() { None } else { Some(c.env) },
+        env: Some([c.env, vec![health_env]].concat()),
         env_from: Some(config_env(names)),
-        ports: Some(vec![container_port(c.port_name, i32::from(c.port))]),
-        readiness_probe: Some(grpc_probe(c.port, c.readiness, 5, 3)),
-        liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..grpc_probe(c.port, None, 10, 3) }),
+        ports: Some(vec![
+            container_port(c.port_name, i32::from(c.port)),
+            container_port(health_name, i32::from(health_port)),
+        ]),
+        readiness_probe: Some(grpc_probe(health_port, c.readiness, 5, 3)),
+        liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..grpc_probe(health_port, "", 10, 3) }),
         resources: spec.resources.clone(),
         security_context: Some(container_security()),
         volume_mounts: Some(c.mounts),

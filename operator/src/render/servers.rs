@@ -5,7 +5,11 @@ use super::pod::{
     NodeContainer, labels, meta, node_container, pod_security, pvc_template, retention_policy, secret_env, selector_of,
     server_labels, template_meta, tmp_volume,
 };
-use super::{DATA_ROOT, LABEL_CLUSTER, LABEL_NAME, Names, RUN_AS_USER, TEMPLATE_HASH, fnv1a, pod_args};
+use super::secrets::{amqp_ca_files, node_files};
+use super::{
+    DATA_ROOT, HEALTH_PORT, HEALTH_PORT_NAME, LABEL_CLUSTER, LABEL_NAME, Names, RUN_AS_USER, SYNC_HEALTH_PORT,
+    SYNC_HEALTH_PORT_NAME, TEMPLATE_HASH, fnv1a, pod_args,
+};
 use crate::crd::SnsClusterSpec;
 use k8s_openapi::api::apps::v1::{
     RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
@@ -34,6 +38,8 @@ pub(super) fn render_server(
     let l = server_labels(names, cluster, id);
     let data_mount = VolumeMount { name: "data".into(), mount_path: DATA_ROOT.into(), ..Default::default() };
     let (tmp, tmp_mount) = tmp_volume();
+    let files = node_files(names, spec);
+    let amqp_ca = amqp_ca_files(spec);
     let server_c = node_container(
         spec,
         image,
@@ -43,12 +49,13 @@ pub(super) fn render_server(
             args: pod_args(server),
             port_name: "sns",
             port: server.port,
-            env: vec![],
-            mounts: vec![data_mount.clone(), tmp_mount.clone()],
+            env: files.env.clone(),
+            mounts: [vec![data_mount.clone(), tmp_mount.clone()], files.mounts.clone()].concat(),
+            health: (HEALTH_PORT_NAME, HEALTH_PORT),
             // NOT_SERVING while the server catches up with its master (or
             // is fenced, or has no trusted journal): a rolling update waits
             // for this before it goes on.
-            readiness: Some(READINESS_SERVICE),
+            readiness: READINESS_SERVICE,
         },
     );
     let sync_c = node_container(
@@ -60,11 +67,17 @@ pub(super) fn render_server(
             args: pod_args(sync),
             port_name: "sync",
             port: sync.port,
-            env: vec![secret_env("AMQP_URL", url_secret, url_key)],
+            env: [vec![secret_env("AMQP_URL", url_secret, url_key)], files.env, amqp_ca.env].concat(),
             // The synchronizer hands events to its server over gRPC and
             // writes no files; it sees the volume read-only.
-            mounts: vec![VolumeMount { read_only: Some(true), ..data_mount }, tmp_mount],
-            readiness: None,
+            mounts: [
+                vec![VolumeMount { read_only: Some(true), ..data_mount }, tmp_mount],
+                files.mounts,
+                amqp_ca.mounts,
+            ]
+            .concat(),
+            health: (SYNC_HEALTH_PORT_NAME, SYNC_HEALTH_PORT),
+            readiness: "",
         },
     );
     // Master and slave of a cluster on different nodes when there are
@@ -93,7 +106,7 @@ pub(super) fn render_server(
             security_context: Some(pod_security(RUN_AS_USER)),
             affinity: Some(affinity),
             containers: vec![server_c, sync_c],
-            volumes: Some(vec![tmp]),
+            volumes: Some([vec![tmp], files.volumes, amqp_ca.volumes].concat()),
             // Writes are fsynced before they are acknowledged: a
             // short grace is safe and speeds up failover drills.
             termination_grace_period_seconds: Some(10),

@@ -38,6 +38,13 @@ fn template(s: &StatefulSet) -> &PodTemplateSpec {
     &s.spec.as_ref().unwrap().template
 }
 
+/// The port of a probe: a gRPC probe, whatever the TLS setting (the
+/// kubelet asks the node's plain-text health port).
+fn probe_port(p: &k8s_openapi::api::core::v1::Probe) -> i32 {
+    assert!(p.tcp_socket.is_none() && p.http_get.is_none() && p.exec.is_none(), "one probe kind: {p:?}");
+    p.grpc.as_ref().expect("a gRPC probe").port
+}
+
 fn container<'a>(t: &'a PodTemplateSpec, name: &str) -> &'a Container {
     t.spec.as_ref().unwrap().containers.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no container {name}"))
 }
@@ -51,6 +58,9 @@ fn default_spec_renders_the_course_topology() {
         kinds,
         [
             "ConfigMap/demo-config",
+            "NetworkPolicy/demo-server",
+            "NetworkPolicy/demo-coordinator",
+            "NetworkPolicy/demo-broker",
             "Service/demo-coordinator",
             "Service/demo-nodes",
             "Service/demo-master-1",
@@ -114,7 +124,12 @@ fn server_and_synchronizer_run_exactly_the_plans_command_lines() {
         );
         assert!(args.iter().all(|a| !a.contains('{')), "{args:?}");
         assert_eq!(c.ports.as_ref().unwrap()[0].container_port, i32::from(p.port));
-        assert_eq!(c.readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap().port, i32::from(p.port));
+        // Probed on its plain-text health port, a port of its own beside
+        // the node's (the two containers share the pod's network).
+        let health = if container_name == "synchronizer" { SYNC_HEALTH_PORT } else { HEALTH_PORT };
+        assert_eq!(c.ports.as_ref().unwrap()[1].container_port, i32::from(health));
+        assert_eq!(probe_port(c.readiness_probe.as_ref().unwrap()), i32::from(health));
+        assert_eq!(probe_port(c.liveness_probe.as_ref().unwrap()), i32::from(health));
         checked += 1;
     }
     assert_eq!(checked, 12);
@@ -183,8 +198,9 @@ fn coordinator_keeps_its_records_on_its_own_claim() {
     );
     assert_eq!(pod.automount_service_account_token, Some(false));
     let readiness = c.readiness_probe.as_ref().unwrap();
-    assert_eq!(readiness.grpc.as_ref().unwrap().port, i32::from(BASE_PORT));
-    assert!(c.liveness_probe.is_some());
+    assert_eq!(probe_port(readiness), i32::from(HEALTH_PORT));
+    assert_eq!(probe_port(c.liveness_probe.as_ref().unwrap()), i32::from(HEALTH_PORT));
+    assert_eq!(c.ports.as_ref().unwrap()[0].container_port, i32::from(BASE_PORT));
     let annotations = t.metadata.as_ref().unwrap().annotations.as_ref().unwrap();
     assert!(annotations.contains_key(CONFIG_HASH));
 
@@ -350,8 +366,10 @@ fn managed_broker_gets_statefulset_service_and_secret_url() {
 #[test]
 fn external_broker_renders_no_broker_and_reads_the_given_secret() {
     let mut obj = cluster("demo", serde_json::json!({}));
-    obj.spec.broker.external =
-        Some(ExternalBroker { url_secret_ref: SecretKeyRef { name: "my-amqp".into(), key: "AMQP".into() } });
+    obj.spec.broker.external = Some(ExternalBroker {
+        url_secret_ref: SecretKeyRef { name: "my-amqp".into(), key: "AMQP".into() },
+        ca_secret_ref: None,
+    });
     let r = render(&obj, &opts()).unwrap();
     assert!(r.broker_secret.is_none());
     assert!(!r.names_of("StatefulSet").contains(&"demo-rabbitmq".to_string()));
@@ -413,8 +431,13 @@ fn yaml_dump_holds_every_object() {
     let obj = cluster("demo", serde_json::json!({}));
     let r = render(&obj, &opts()).unwrap();
     let yaml = to_yaml(&r, &Names::of(&obj).unwrap());
-    assert_eq!(yaml.matches("---\n").count(), r.children.len() + 1);
+    // Plus the broker credentials, the node secret, the CA and the node
+    // certificate, with placeholder values.
+    assert_eq!(yaml.matches("---\n").count(), r.children.len() + 4);
     assert!(yaml.contains("kind: Secret"));
+    for name in ["demo-rabbitmq-credentials", "demo-node-secret", "demo-ca", "demo-tls"] {
+        assert!(yaml.contains(&format!("name: {name}\n")), "{name}");
+    }
 }
 
 #[test]
@@ -435,9 +458,9 @@ fn servers_roll_only_when_the_operator_lets_them() {
             let probe = server.readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
             assert_eq!(probe.service.as_deref(), Some("readiness"));
             let live = server.liveness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
-            assert_eq!(live.service, None, "a catching-up server is alive");
+            assert_eq!(live.service.as_deref(), Some(""), "a catching-up server is alive");
             let sync = container(template(set), "synchronizer").readiness_probe.as_ref().unwrap();
-            assert_eq!(sync.grpc.as_ref().unwrap().service, None);
+            assert_eq!(sync.grpc.as_ref().unwrap().service.as_deref(), Some(""));
         }
     }
     assert_eq!(
