@@ -584,7 +584,19 @@ for d in rendered_docs:
     if "server" in containers:
         labels["sns.io/role"] = "master"
     ports = {p["name"] for c in t["spec"]["containers"] for p in c.get("ports", [])}
-    pods.append({"name": d["metadata"]["name"] + "-0", "labels": labels, "containers": containers, "ports": ports})
+    # The named container port each probe asks (None: a probe by a port
+    # number no container port of the same container declares).
+    probed = set()
+    for c in t["spec"]["containers"]:
+        by_number = {p["containerPort"]: p.get("name") for p in c.get("ports", [])}
+        for kind in ("readinessProbe", "livenessProbe"):
+            probe = c.get(kind) or {}
+            for action in ("grpc", "tcpSocket", "httpGet"):
+                if action in probe:
+                    port = probe[action]["port"]
+                    probed.add(port if isinstance(port, str) else by_number.get(port))
+    pods.append({"name": d["metadata"]["name"] + "-0", "labels": labels, "containers": containers, "ports": ports,
+                 "probed": probed})
 
 
 def chosen(sel):
@@ -622,19 +634,65 @@ for d in policies:
                 if port["port"] not in next(p["ports"] for p in pods if p["name"] == t):
                     policy_problems.append(f"{name_of(d)}: {t} has no port {port['port']}")
     wanted = {
-        # Servers and synchronizers: from the deployment's nodes only.
-        "server": [having("server") | having("coordinator")],
-        # The coordinator: from anywhere its Service admits.
-        "coordinator": [None],
+        # Servers and synchronizers: from the deployment's nodes only; their
+        # plain-text health ports from anywhere (the kubelet's probes).
+        "server": [having("server") | having("coordinator"), None],
+        # The coordinator: from anywhere its Service admits; its health
+        # port from anywhere (the kubelet's probes).
+        "coordinator": [None, None],
         # The broker: AMQP from the synchronizers, anything from its peers.
         "broker": [having("synchronizer"), having("rabbitmq")],
     }[component]
     got = [None if "from" not in r else peers(r) for r in rules]
     if got != wanted:
         policy_problems.append(f"{name_of(d)} lets in {got}, not {wanted}")
+    # What is open to any source: the coordinator's client port and the
+    # ports the kubelet probes, exactly; every probe of every selected pod
+    # asks a named port opened so (the kubelet's address is no pod's).
+    open_ports = {p["port"] for r in rules if "from" not in r for p in r.get("ports") or []}
+    if any("from" not in r and not r.get("ports") for r in rules):
+        policy_problems.append(f"{name_of(d)} opens every port to any source")
+    for t in targets:
+        pod = next(p for p in pods if p["name"] == t)
+        expected_open = set(pod["probed"]) | ({"grpc"} if component == "coordinator" else set())
+        if None in pod["probed"]:
+            policy_problems.append(f"{name_of(d)}: {t} has a probe on an undeclared port")
+        elif component in ("server", "coordinator") and open_ports != expected_open:
+            policy_problems.append(f"{name_of(d)} opens {sorted(open_ports)} to any source, "
+                                   f"not {sorted(expected_open)} ({t}'s probes)")
 instances = {d["metadata"]["name"] for d in rendered_docs if d["kind"] == "ConfigMap"}
 prove(f"{len(policies)} rendered NetworkPolicies select and let in exactly the intended pods among "
       f"{len(pods)} pods of {len(instances)} SnsClusters in one namespace", policy_problems)
+# Probes: the kubelet's gRPC probe cannot speak TLS, so every node
+# container, TLS on or off, is probed by gRPC on its plain-text health port,
+# the one SNS_HEALTH_PORT names and a container port declares.
+probe_problems, node_containers, tls_states = [], 0, set()
+for d in rendered_docs:
+    if d["kind"] != "StatefulSet":
+        continue
+    for c in d["spec"]["template"]["spec"]["containers"]:
+        if c.get("command") != ["sns-node"]:
+            continue
+        node_containers += 1
+        where = f"{name_of(d)} {c['name']}"
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        tls_states.add("SNS_TLS_CERT" in env)
+        health = env.get("SNS_HEALTH_PORT")
+        declared = {p["containerPort"]: p.get("name") for p in c.get("ports", [])}
+        if health is None or int(health) not in declared:
+            probe_problems.append(f"{where}: SNS_HEALTH_PORT {health} is no declared container port")
+            continue
+        for kind, service in (("readinessProbe", "readiness" if c["name"] == "server" else ""),
+                              ("livenessProbe", "")):
+            grpc = (c.get(kind) or {}).get("grpc")
+            if set(c.get(kind) or {}) & {"tcpSocket", "httpGet", "exec"} or grpc is None:
+                probe_problems.append(f"{where}: {kind} is not a gRPC probe")
+            elif grpc["port"] != int(health) or grpc.get("service") != service:
+                probe_problems.append(f"{where}: {kind} asks {grpc}, not port {health} service {service!r}")
+if tls_states != {True, False}:
+    probe_problems.append(f"the specs render TLS only {tls_states}: both on and off are wanted")
+prove(f"{node_containers} node containers (TLS on and off) are probed by gRPC on their plain-text health port",
+      probe_problems)
 switched_off = [d for d in rendered_docs if d["kind"] == "NetworkPolicy"
                 and d["metadata"]["labels"]["app.kubernetes.io/instance"] == "open"]
 prove("spec.networkPolicy.enabled: false renders no NetworkPolicy",

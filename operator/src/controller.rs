@@ -4,8 +4,12 @@
 //! One reconcile of an SnsCluster:
 //! 1. kube's `finalizer()` helper adds `sns.io/cleanup` first, and on
 //!    deletion runs [`cleanup`] (PVC retention) before letting it go;
-//! 2. the broker credentials Secret is created if missing (never
-//!    overwritten: RabbitMQ keeps the password in its volume);
+//! 2. the Secrets are made if missing (see [`crate::secrets`]: broker
+//!    credentials, never overwritten as RabbitMQ keeps the password in its
+//!    volume; the node secret; the CA and node certificate), and the
+//!    coordinator client is handed the node token and the CA, so every
+//!    `CoordAdmin` call below (table, switchover) is authenticated and,
+//!    with TLS on, over TLS;
 //! 3. every rendered child is server-side applied with the one field
 //!    manager `sns-operator`, and StatefulSets/Services this SnsCluster no
 //!    longer wants (scale-down, a switch to an external broker) are
@@ -15,24 +19,33 @@
 //!    one is deleted first, and two coordinators must never run at once.
 //!    Steps 2-3 run when the rendered state changed or every resync period
 //!    (drift repair), not on every poll;
-//! 4. the coordinator's routing table gives each server pod's role: the
+//! 4. an `sns.io/switchover` annotation is taken off the object and the
+//!    coordinator asked for that switchover (see [`crate::switchover`]);
+//!    the rolling update takes its next step, if everything is healthy
+//!    (deletes one server pod, or hands a master role to an updated slave:
+//!    see [`crate::rollout`]);
+//!    the coordinator's routing table gives each server pod's role: the
 //!    `sns.io/role` label is patched where it is wrong, which moves the
 //!    per-cluster master Service;
-//! 5. status (conditions, masters, terms, last failover) is written via the
-//!    status subresource when it changed, and Events tell of creation,
-//!    scaling and failover;
+//! 5. status (conditions, masters, terms, last failover, last switchover,
+//!    rollout; Ready also asks the managed broker's StatefulSet) is written
+//!    via the status subresource when it changed, and Events
+//!    tell of creation, scaling, failover and switchover;
 //! 6. requeue after one heartbeat interval (1-10 s), which is what keeps the
 //!    role labels current: the coordinator has no watch API.
 
-use crate::coordinator::RoutingTable;
-use crate::crd::{PvcRetention, SnsCluster};
+use crate::coordinator::{NodeView, RoutingTable};
+use crate::crd::{PvcRetention, SnsCluster, SwitchoverStatus};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::render::{
     self, Child, LABEL_CLUSTER, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_ROLE, LABEL_SERVER, MANAGER,
     Names, RenderOptions, Rendered,
 };
+use crate::rollout;
+use crate::scale;
 use crate::status::{self, Observation};
+use crate::switchover::{self, Requester};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -45,7 +58,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -167,33 +180,136 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
         .expect("applied lock")
         .get(&k)
         .is_none_or(|(sum, at)| *sum != checksum || at.elapsed() >= ctx.resync);
+    let spec = &obj.spec;
+    let endpoint = names.coordinator_endpoint();
+    // The Secrets first: every call to the coordinator below (its table, a
+    // switchover of the annotation, the rollout or a scale-down) carries
+    // the node token and trusts the CA they hold.
+    let mut issued = true;
     if due {
         let credentials = crate::secrets::ensure(&ctx.client, &names, &rendered).await?;
         // cert-manager has not issued the certificate yet: its CA is
         // needed for the coordinator calls as soon as it is there.
-        let issued = rendered.tls != render::TlsPlan::CertManager || credentials.ca.is_some();
-        ctx.routing.authenticate(&names.coordinator_endpoint(), credentials);
-        let complete = apply_children(&obj, &names, &rendered, &ctx).await? && issued;
-        prune(&obj, &names, &rendered, &ctx).await?;
-        // Left incomplete (the old coordinator still terminating, the
-        // certificate not issued), the next poll applies again rather
-        // than waiting for a resync.
-        if complete {
+        issued = rendered.tls != render::TlsPlan::CertManager || credentials.ca.is_some();
+        ctx.routing.authenticate(&endpoint, credentials);
+    }
+    let mut table = ctx.routing.table(&endpoint).await;
+    // The server pods: the templates they run decide the rolling update and
+    // the StatefulSets' partitions; their labels show the roles.
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let pods = pods.list(&ListParams::default().labels(&names.server_selector())).await?.items;
+    let wanted = rollout::wanted_hashes(&rendered);
+    let requested = obj.annotations().get(switchover::ANNOTATION);
+    let mut plan = table.as_deref().ok().map(|nodes| rollout::plan(&wanted, &pods, nodes, &names));
+    if let Some(p) = plan.as_mut()
+        && requested.is_some()
+        && matches!(p.step, rollout::Step::Update { .. } | rollout::Step::Switchover { .. })
+    {
+        // One change of roles or pods per poll, and never a server updated
+        // while it may be the one asked for.
+        p.step = rollout::Step::Wait("a requested switchover goes first".into());
+    }
+    let step = plan.as_ref().map(|p| &p.step);
+    let partitions = rollout::partitions(&wanted, &pods, step);
+    let mut switched = None;
+    let mut held = Vec::new();
+    if due {
+        let complete = apply_children(&obj, &names, &rendered, &partitions, &ctx).await? && issued;
+        let pruned = prune(&obj, &names, &rendered, table.as_deref().ok(), &ctx).await?;
+        if let Some(record) = pruned.switched {
+            switched = Some(record);
+            table = ctx.routing.table(&endpoint).await;
+        }
+        // Left incomplete (the old coordinator still terminating, a
+        // scale-down waiting, the certificate not issued), the next poll
+        // applies again rather than waiting for a resync.
+        if complete && pruned.held.is_empty() && switched.is_none() {
             ctx.applied.lock().expect("applied lock").insert(k, (checksum, Instant::now()));
         }
+        held = pruned.held;
         ctx.metrics.applied();
     }
-
-    let spec = &obj.spec;
-    let observation = ctx
-        .routing
-        .table(&names.coordinator_endpoint())
-        .await
-        .map(|nodes| Observation::from_table(spec.clusters, spec.servers_per_cluster, &nodes));
-    match &observation {
-        Ok(o) => label_roles(&names, o, &ctx).await?,
-        Err(e) => tracing::info!(error = %e, "no routing table yet; role labels left as they are"),
+    if let (Some(rollout::Step::Update { cluster, server, pod }), Some(p)) = (step, &plan) {
+        if !due {
+            let sts = rendered.children.iter().find_map(|c| match c {
+                Child::StatefulSet(s) if s.name_any() == names.server(*cluster, *server) => Some(s),
+                _ => None,
+            });
+            if let Some(sts) = sts {
+                ssa::<StatefulSet>(&ctx.client, &names.namespace, &with_partition(sts, 0)).await?;
+            }
+        }
+        let note = format!("updating {pod} to the current template ({}/{} updated)", p.updated, p.total);
+        tracing::info!(%note, "rolling update");
+        ctx.publish(&obj, false, "RollingUpdate", "Update", note).await;
     }
+
+    if let Some(value) = requested {
+        if switched.is_some() {
+            tracing::info!(request = %value, "switchover request left for the next poll: a scale-down made one");
+        } else if table.is_ok() {
+            if let Some((record, notice)) = requested_switchover(&obj, value, &endpoint, &ctx).await? {
+                ctx.publish(&obj, notice.warning, notice.reason, notice.action, notice.note).await;
+                switched = Some(record);
+                // The roles and terms the status and labels show are the
+                // ones after it.
+                table = ctx.routing.table(&endpoint).await;
+            }
+        } else {
+            tracing::info!(request = %value, "switchover waits for the coordinator to answer");
+        }
+    }
+    let mut rollout_status = None;
+    if let Some(mut plan) = plan {
+        let last = obj.status.as_ref().and_then(|s| s.last_switchover.as_ref());
+        if let rollout::Step::Switchover { cluster, to } = plan.step
+            && switched.is_none()
+            && !switchover::may_ask(
+                last,
+                Requester::Rollout,
+                switchover::Target { cluster, to: Some(to) },
+                Timestamp::now(),
+            )
+        {
+            let why = last.map(|l| l.message.as_str()).unwrap_or_default();
+            plan.step = rollout::Step::Paused(format!("the switchover it needs failed (asked again shortly): {why}"));
+        } else if let rollout::Step::Switchover { cluster, to } = plan.step
+            && switched.is_none()
+        {
+            let target = switchover::Target { cluster, to: Some(to) };
+            let (record, notice) =
+                switchover::run(ctx.routing.as_ref(), &endpoint, Requester::Rollout, None, target).await;
+            ctx.publish(&obj, notice.warning, notice.reason, notice.action, notice.note).await;
+            if !record.succeeded {
+                plan.step = rollout::Step::Paused(format!("the switchover it needs failed: {}", record.message));
+            }
+            switched = Some(record);
+            table = ctx.routing.table(&endpoint).await;
+        }
+        if !held.is_empty() {
+            // A server that scale-down must keep for now is a health issue
+            // of its own: nothing else is rolled meanwhile.
+            plan.step = rollout::Step::Paused(held.join("; "));
+        }
+        rollout_status = Some(plan.status(&names));
+    }
+    match &table {
+        Ok(nodes) => {
+            let o = Observation::from_table(spec.clusters, spec.servers_per_cluster, nodes);
+            label_roles(&names, &o, &pods, &ctx).await?;
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "no routing table yet; role labels left as they are, no rolling update step")
+        }
+    }
+    let broker_ready = match (&table, spec.managed_broker()) {
+        (Ok(_), Some(_)) => Some(broker_ready(&names, &ctx).await?),
+        _ => None,
+    };
+    let observation = table.map(|nodes| Observation {
+        broker_ready,
+        ..Observation::from_table(spec.clusters, spec.servers_per_cluster, &nodes)
+    });
     let why;
     let obs = match &observation {
         Ok(o) => Ok(o),
@@ -202,7 +318,8 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
             Err(why.as_str())
         }
     };
-    let (status, notices) = status::next_status(&obj, &names, obs, Timestamp::now());
+    let (status, notices) =
+        status::next_status(&obj, &names, obs, switched.as_ref(), rollout_status.as_ref(), Timestamp::now());
     for n in notices {
         if n.reason == "Failover" {
             ctx.metrics.failover();
@@ -222,6 +339,37 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
     Ok(Action::requeue(poll_interval(&obj)))
 }
 
+/// The `sns.io/switchover` annotation: removed first (under the object's
+/// resourceVersion), then carried out; None when the object changed
+/// meanwhile (the next reconcile sees the new value). See [`switchover`].
+async fn requested_switchover(
+    obj: &SnsCluster,
+    value: &str,
+    endpoint: &str,
+    ctx: &Context,
+) -> Result<Option<(SwitchoverStatus, status::Notice)>> {
+    let api: Api<SnsCluster> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "metadata": {
+            "resourceVersion": obj.resource_version(),
+            "annotations": {switchover::ANNOTATION: null},
+        }
+    });
+    let params = PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+    match api.patch(&obj.name_any(), &params, &Patch::Merge(&patch)).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            tracing::info!("the SnsCluster changed before its switchover annotation was taken; next time");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Some(match switchover::parse(value, &obj.spec) {
+        Ok(target) => switchover::run(ctx.routing.as_ref(), endpoint, Requester::Annotation, Some(value), target).await,
+        Err(why) => switchover::refused(Requester::Annotation, Some(value), None, why, Timestamp::now()),
+    }))
+}
+
 async fn ssa<K>(client: &Client, ns: &str, obj: &K) -> Result<()>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -237,7 +385,23 @@ where
 
 /// Applies every child; false when the coordinator's StatefulSet had to
 /// wait for the Deployment it replaces to go.
-async fn apply_children(obj: &SnsCluster, names: &Names, rendered: &Rendered, ctx: &Context) -> Result<bool> {
+/// A server StatefulSet with the given rolling-update partition.
+fn with_partition(sts: &StatefulSet, partition: i32) -> StatefulSet {
+    let mut sts = sts.clone();
+    if let Some(ru) = sts.spec.as_mut().and_then(|s| s.update_strategy.as_mut()).and_then(|u| u.rolling_update.as_mut())
+    {
+        ru.partition = Some(partition);
+    }
+    sts
+}
+
+async fn apply_children(
+    obj: &SnsCluster,
+    names: &Names,
+    rendered: &Rendered,
+    partitions: &BTreeMap<(u32, u32), i32>,
+    ctx: &Context,
+) -> Result<bool> {
     let ns = names.namespace.as_str();
     let mut complete = true;
     for child in &rendered.children {
@@ -251,7 +415,13 @@ async fn apply_children(obj: &SnsCluster, names: &Names, rendered: &Rendered, ct
                     complete = false;
                 }
             }
-            Child::StatefulSet(o) => ssa::<StatefulSet>(&ctx.client, ns, o).await?,
+            Child::StatefulSet(o) => {
+                let server = rollout::server_of(o);
+                match server.and_then(|k| partitions.get(&k)) {
+                    Some(&p) => ssa::<StatefulSet>(&ctx.client, ns, &with_partition(o, p)).await?,
+                    None => ssa::<StatefulSet>(&ctx.client, ns, o).await?,
+                }
+            }
             Child::Pdb(o) => ssa::<PodDisruptionBudget>(&ctx.client, ns, o).await?,
             Child::NetworkPolicy(o) => ssa::<NetworkPolicy>(&ctx.client, ns, o).await?,
             Child::Certificate(o) => crate::secrets::apply_certificate(&ctx.client, names, o).await?,
@@ -297,26 +467,68 @@ fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, o
     meta.owner_references.iter().flatten().any(|o| Some(&o.uid) == obj.metadata.uid.as_ref())
 }
 
+/// What a prune left: removals that wait (why), and the switchover one of
+/// them made first.
+#[derive(Default)]
+struct Pruned {
+    held: Vec<String>,
+    switched: Option<SwitchoverStatus>,
+}
+
 /// Deletes the StatefulSets and Services of this SnsCluster that the
-/// current spec no longer renders.
-async fn prune(obj: &SnsCluster, names: &Names, rendered: &Rendered, ctx: &Context) -> Result<()> {
+/// current spec no longer renders; a server's only when [`scale::removal`]
+/// allows (a master hands its role over first, at most one switchover per
+/// poll).
+async fn prune(
+    obj: &SnsCluster,
+    names: &Names,
+    rendered: &Rendered,
+    table: Option<&[NodeView]>,
+    ctx: &Context,
+) -> Result<Pruned> {
     let ns = names.namespace.as_str();
     let selector = ListParams::default().labels(&names.selector());
     let wanted = rendered.names_of("StatefulSet");
     let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let mut pruned = Pruned::default();
     for s in sts.list(&selector).await? {
         let name = s.name_any();
-        if wanted.contains(&name) || !owned_by(&s.metadata, obj) {
+        if wanted.contains(&name) || !owned_by(&s.metadata, obj) || s.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        tracing::info!(statefulset = %name, "removing what the spec no longer wants");
-        ignore_not_found(sts.delete(&name, &DeleteParams::background()).await.map(|_| ()))?;
         let labels = s.labels();
         let server = (
             labels.get(LABEL_COMPONENT).map(String::as_str),
             labels.get(LABEL_CLUSTER).and_then(|v| v.parse::<u32>().ok()),
             labels.get(LABEL_SERVER).and_then(|v| v.parse::<u32>().ok()),
         );
+        if let (Some("server"), Some(c), Some(id)) = server {
+            match scale::removal(table, c, id, obj.spec.servers_per_cluster) {
+                scale::Removal::Remove => {}
+                scale::Removal::Keep(why) => {
+                    tracing::info!(statefulset = %name, %why, "scale-down waits");
+                    pruned.held.push(why);
+                    continue;
+                }
+                scale::Removal::SwitchFirst { to } => {
+                    pruned.held.push(format!("server {c}/{id} is master: handing its role to server {c}/{to} first"));
+                    let target = switchover::Target { cluster: c, to: Some(to) };
+                    let last = obj.status.as_ref().and_then(|s| s.last_switchover.as_ref());
+                    if pruned.switched.is_none()
+                        && switchover::may_ask(last, Requester::ScaleDown, target, Timestamp::now())
+                    {
+                        let endpoint = names.coordinator_endpoint();
+                        let (record, notice) =
+                            switchover::run(ctx.routing.as_ref(), &endpoint, Requester::ScaleDown, None, target).await;
+                        ctx.publish(obj, notice.warning, notice.reason, notice.action, notice.note).await;
+                        pruned.switched = Some(record);
+                    }
+                    continue;
+                }
+            }
+        }
+        tracing::info!(statefulset = %name, "removing what the spec no longer wants");
+        ignore_not_found(sts.delete(&name, &DeleteParams::background()).await.map(|_| ()))?;
         if let (Some("server"), Some(c), Some(id)) = server
             && obj.spec.storage.retention == PvcRetention::Delete
         {
@@ -348,7 +560,7 @@ async fn prune(obj: &SnsCluster, names: &Names, rendered: &Rendered, ctx: &Conte
     if rendered.tls != render::TlsPlan::CertManager {
         crate::secrets::retire_certificate(&ctx.client, names).await?;
     }
-    Ok(())
+    Ok(pruned)
 }
 
 fn ignore_not_found(r: Result<(), kube::Error>) -> Result<()> {
@@ -358,14 +570,22 @@ fn ignore_not_found(r: Result<(), kube::Error>) -> Result<()> {
     }
 }
 
+/// Whether the managed broker's pod is ready, by its StatefulSet (listed
+/// by name: the operator may list StatefulSets, not get them).
+async fn broker_ready(names: &Names, ctx: &Context) -> Result<bool> {
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let by_name = ListParams::default().fields(&format!("metadata.name={}", names.rabbitmq()));
+    let list = api.list(&by_name).await?;
+    Ok(list.items.into_iter().any(|s| s.status.and_then(|s| s.ready_replicas).unwrap_or(0) >= 1))
+}
+
 /// Sets `sns.io/role` on every server pod whose label disagrees with the
 /// coordinator. A merge patch, not an apply: the pods belong to their
 /// StatefulSets, the operator only owns this one label.
-async fn label_roles(names: &Names, obs: &Observation, ctx: &Context) -> Result<()> {
+async fn label_roles(names: &Names, obs: &Observation, list: &[Pod], ctx: &Context) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    let list = pods.list(&ListParams::default().labels(&names.server_selector())).await?;
     let params = PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() };
-    for (pod, role) in status::role_changes(&list.items, obs) {
+    for (pod, role) in status::role_changes(list, obs) {
         tracing::info!(pod = %pod, role, "role label");
         let patch = serde_json::json!({"metadata": {"labels": {LABEL_ROLE: role}}});
         ignore_not_found(pods.patch(&pod, &params, &Patch::Merge(&patch)).await.map(|_| ()))?;
@@ -398,633 +618,4 @@ async fn cleanup(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::crd::SnsClusterStatus;
-    use crate::fixtures::{Mock, World, cluster, healthy_table, old_coordinator_deployment, server_pod};
-    use crate::status::{PROGRESSING, READY};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use serde_json::{Value, json};
-
-    fn finalized(mut obj: SnsCluster) -> SnsCluster {
-        obj.metadata.finalizers = Some(vec![FINALIZER.into()]);
-        obj
-    }
-
-    fn lines(calls: &[crate::fixtures::Call]) -> Vec<String> {
-        calls.iter().map(|c| c.line()).collect()
-    }
-
-    const NS: &str = "/api/v1/namespaces/prod";
-    const APPS: &str = "/apis/apps/v1/namespaces/prod";
-    const NET: &str = "/apis/networking.k8s.io/v1/namespaces/prod";
-    const CERTS: &str = "/apis/cert-manager.io/v1/namespaces/prod";
-
-    /// The calls of a full apply of the default `demo` SnsCluster.
-    fn full_apply() -> Vec<String> {
-        let mut v = secret_calls();
-        v.push(format!("PATCH {NS}/configmaps/demo-config"));
-        for p in ["server", "coordinator", "broker"] {
-            v.push(format!("PATCH {NET}/networkpolicies/demo-{p}"));
-        }
-        v.extend([format!("PATCH {NS}/services/demo-coordinator"), format!("PATCH {NS}/services/demo-nodes")]);
-        for c in 1..=3 {
-            v.push(format!("PATCH {NS}/services/demo-master-{c}"));
-        }
-        v.push(format!("PATCH {NS}/services/demo-rabbitmq"));
-        v.push(format!("PATCH {APPS}/statefulsets/demo-rabbitmq"));
-        // No Deployment left from before the coordinator had a volume.
-        v.push(format!("GET {APPS}/deployments/demo-coordinator"));
-        v.push(format!("PATCH {APPS}/statefulsets/demo-coordinator"));
-        for c in 1..=3 {
-            for s in 1..=2 {
-                v.push(format!("PATCH {APPS}/statefulsets/demo-server-{c}-{s}"));
-            }
-        }
-        for c in 1..=3 {
-            v.push(format!("PATCH /apis/policy/v1/namespaces/prod/poddisruptionbudgets/demo-cluster-{c}"));
-        }
-        v.push(format!("GET {APPS}/statefulsets"));
-        v.push(format!("GET {NS}/services"));
-        v.push(format!("GET {NET}/networkpolicies"));
-        // No cert-manager Certificate left from an issuer the spec dropped.
-        v.push(format!("DELETE {CERTS}/certificates/demo-tls"));
-        v
-    }
-
-    /// The Secrets of a first apply (none exists yet): broker credentials
-    /// created blind (409 if there), the node secret, CA and node
-    /// certificate each read, then created.
-    fn secret_calls() -> Vec<String> {
-        let mut v = vec![format!("POST {NS}/secrets")];
-        for s in ["demo-node-secret", "demo-ca", "demo-tls"] {
-            v.push(format!("GET {NS}/secrets/{s}"));
-            v.push(format!("POST {NS}/secrets"));
-        }
-        v
-    }
-
-    fn status_of(call: &crate::fixtures::Call) -> SnsClusterStatus {
-        serde_json::from_value(call.body["status"].clone()).unwrap()
-    }
-
-    #[tokio::test]
-    async fn a_new_sns_cluster_first_gets_the_finalizer() {
-        let mock = Mock::new(World::default(), None);
-        let action = reconcile(Arc::new(cluster("demo", json!({}))), mock.ctx.clone()).await.unwrap();
-        assert_eq!(action, Action::await_change());
-        let calls = mock.calls().await;
-        assert_eq!(lines(&calls), ["PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo"]);
-        let ops = calls[0].body.as_array().unwrap();
-        assert_eq!(ops.last().unwrap()["value"], json!([FINALIZER]));
-    }
-
-    #[tokio::test]
-    async fn first_apply_creates_everything_labels_roles_and_writes_status() {
-        let world =
-            World { pods: vec![server_pod("demo", 1, 1, None), server_pod("demo", 1, 2, None)], ..Default::default() };
-        let mock = Mock::new(world, Some(healthy_table(3, 2)));
-        let obj = finalized(cluster("demo", json!({})));
-        let action = reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
-        assert_eq!(action, Action::requeue(Duration::from_secs(5)));
-        assert_eq!(mock.ctx.metrics.reconciles(), 1);
-        let calls = mock.calls().await;
-        let mut expected = full_apply();
-        expected.extend([
-            format!("GET {NS}/pods"),
-            format!("PATCH {NS}/pods/demo-server-1-1-0"),
-            format!("PATCH {NS}/pods/demo-server-1-2-0"),
-            "POST /apis/events.k8s.io/v1/namespaces/prod/events".into(),
-            "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo/status".into(),
-        ]);
-        assert_eq!(lines(&calls), expected);
-
-        // Every apply is a server-side apply by our one field manager.
-        for c in calls.iter().filter(|c| c.method == "PATCH" && !c.uri.contains("/pods/")) {
-            assert!(c.uri.contains("fieldManager=sns-operator"), "{}", c.uri);
-            assert!(c.uri.contains("force=true"), "{}", c.uri);
-        }
-        // The generated password went into the Secret, URL included.
-        let secret = &calls[0].body;
-        assert_eq!(secret["metadata"]["name"], "demo-rabbitmq-credentials");
-        assert!(secret["data"]["url"].is_string());
-        // Pods listed by the server selector; roles from the table.
-        let pods = full_apply().len();
-        assert!(calls[pods].uri.contains("labelSelector="), "{}", calls[pods].uri);
-        assert_eq!(calls[pods + 1].body, json!({"metadata": {"labels": {"sns.io/role": "master"}}}));
-        assert_eq!(calls[pods + 2].body, json!({"metadata": {"labels": {"sns.io/role": "slave"}}}));
-        assert_eq!(calls[pods + 3].body["reason"], "Created");
-        // The coordinator: a StatefulSet whose records live on its claim.
-        let coord = calls.iter().find(|c| c.uri.contains("/statefulsets/demo-coordinator?")).unwrap();
-        assert_eq!(coord.body["kind"], "StatefulSet");
-        let claim = &coord.body["spec"]["volumeClaimTemplates"][0];
-        assert_eq!(claim["metadata"]["name"], "data");
-        assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "1Gi");
-        let pod = &coord.body["spec"]["template"]["spec"]["containers"][0];
-        assert_eq!(pod["volumeMounts"][0], json!({"name": "data", "mountPath": "/data"}));
-        let args: Vec<&str> = pod["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-        assert!(args.windows(2).any(|w| w == ["--data-dir", "/data/coordinator"]), "{args:?}");
-        assert!(args.contains(&"--gateway"));
-        assert!(calls.iter().all(|c| !c.uri.contains("/deployments/") || c.method == "GET"));
-        let status = status_of(&calls[pods + 4]);
-        assert_eq!(status.observed_generation, Some(1));
-        assert_eq!(status.masters.as_deref(), Some("3/3"));
-        let ready = status.conditions.iter().find(|c| c.type_ == READY).unwrap();
-        assert_eq!(ready.status, "True");
-        assert_eq!(status.clusters[2].master.as_deref(), Some("demo-server-3-1-0"));
-    }
-
-    #[tokio::test]
-    async fn steady_state_touches_nothing_and_a_failover_updates_status() {
-        let mock = Mock::new(World::default(), Some(healthy_table(3, 2)));
-        let mut obj = finalized(cluster("demo", json!({})));
-        reconcile(Arc::new(obj.clone()), mock.ctx.clone()).await.unwrap();
-        // As the watch would deliver it: the object with the status written.
-        let mut table = healthy_table(3, 2);
-        let names = Names::of(&obj).unwrap();
-        let observed = Observation::from_table(3, 2, &table);
-        obj.status = Some(status::next_status(&obj, &names, Ok(&observed), Timestamp::now()).0);
-
-        // Nothing changed: the children are not re-applied (the Context
-        // remembers them), the status is not rewritten; only the pod list.
-        reconcile(Arc::new(obj.clone()), mock.ctx.clone()).await.unwrap();
-
-        // Cluster 2 fails over to server 2.
-        table[2].alive = false;
-        table[2].is_master = false;
-        table[3].is_master = true;
-        table[3].term = 2;
-        mock.set_table(Some(table));
-        reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
-        assert_eq!(mock.ctx.metrics.failovers(), 1);
-        let calls = mock.calls().await;
-        let all = lines(&calls);
-        let first = full_apply().len() + 3; // pods, event, status
-        assert_eq!(all[first..first + 1], [format!("GET {NS}/pods")], "{all:#?}");
-        assert_eq!(
-            all[first + 1..],
-            [
-                format!("GET {NS}/pods"),
-                "POST /apis/events.k8s.io/v1/namespaces/prod/events".to_string(),
-                "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo/status".to_string(),
-            ]
-        );
-        let event = &calls[calls.len() - 2].body;
-        assert_eq!(event["reason"], "Failover");
-        assert_eq!(event["type"], "Warning");
-        let status = status_of(calls.last().unwrap());
-        assert_eq!(status.clusters[1].master.as_deref(), Some("demo-server-2-2-0"));
-        assert_eq!(status.clusters[1].term, Some(2));
-        assert!(status.last_failover_time.is_some());
-    }
-
-    #[tokio::test]
-    async fn unreachable_coordinator_still_applies_and_reports_progressing() {
-        let world = World { secret_exists: true, ..Default::default() };
-        let mock = Mock::new(world, None);
-        let obj = finalized(cluster("demo", json!({})));
-        let action = reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
-        assert_eq!(action, Action::requeue(Duration::from_secs(5)));
-        let calls = mock.calls().await;
-        let mut expected = full_apply();
-        expected.extend([
-            "POST /apis/events.k8s.io/v1/namespaces/prod/events".to_string(),
-            "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo/status".to_string(),
-        ]);
-        assert_eq!(lines(&calls), expected, "no pod list or label without a routing table");
-        let status = status_of(calls.last().unwrap());
-        let ready = status.conditions.iter().find(|c| c.type_ == READY).unwrap();
-        assert_eq!(ready.reason, "CoordinatorUnreachable");
-        let progressing = status.conditions.iter().find(|c| c.type_ == PROGRESSING).unwrap();
-        assert_eq!(progressing.status, "True");
-    }
-
-    #[tokio::test]
-    async fn upgrade_retires_the_coordinator_deployment_before_the_statefulset_starts() {
-        let world = World {
-            deployments: vec![old_coordinator_deployment("demo", false)],
-            secret_exists: true,
-            ..Default::default()
-        };
-        let mock = Mock::new(world, None);
-        let obj = Arc::new(finalized(cluster("demo", json!({}))));
-        // 1. The old Deployment is there: deleted in the foreground (it goes
-        //    only after its pod), and the StatefulSet waits.
-        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
-        // 2. Still terminating: not deleted twice, the StatefulSet still
-        //    waits, and the whole apply is retried at once (not at resync).
-        mock.change_world(|w| w.deployments = vec![old_coordinator_deployment("demo", true)]);
-        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
-        // 3. Gone: now the StatefulSet is applied, and the apply counts as
-        //    done, so 4. a further poll applies nothing.
-        mock.change_world(|w| w.deployments.clear());
-        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
-        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
-
-        let calls = mock.calls().await;
-        let all = lines(&calls);
-        // Each full apply starts with the Secrets and ends with the
-        // prune's Certificate check; events and status writes come between.
-        let starts: Vec<usize> = all
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.ends_with("/secrets/demo-node-secret"))
-            .map(|(i, _)| i - 1)
-            .collect();
-        assert_eq!(starts.len(), 3, "three full applies, none on the fourth poll: {all:#?}");
-        let applies: Vec<&[String]> = starts
-            .iter()
-            .map(|&i| {
-                let end = i + all[i..]
-                    .iter()
-                    .position(|l| l.starts_with("DELETE") && l.ends_with("/certificates/demo-tls"))
-                    .unwrap();
-                &all[i..=end]
-            })
-            .collect();
-        let coordinator_sts = format!("PATCH {APPS}/statefulsets/demo-coordinator");
-        let old = format!("{APPS}/deployments/demo-coordinator");
-        let mut waiting: Vec<String> = full_apply().into_iter().filter(|l| *l != coordinator_sts).collect();
-        assert_eq!(applies[1], waiting, "2: still waiting");
-        let at = waiting.iter().position(|l| *l == format!("GET {old}")).unwrap();
-        waiting.insert(at + 1, format!("DELETE {old}"));
-        assert_eq!(applies[0], waiting, "1: deleted, the StatefulSet waits");
-        let delete = calls.iter().find(|c| c.method == "DELETE" && c.uri.contains("/deployments/")).unwrap();
-        assert_eq!(delete.body["propagationPolicy"], "Foreground", "the Deployment goes only after its pods");
-        assert_eq!(applies[2], full_apply(), "3: gone, the StatefulSet applied");
-        assert_eq!(all.iter().filter(|l| l.starts_with("DELETE") && l.contains("/deployments/")).count(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_deployment_the_operator_did_not_make_is_left_alone() {
-        let mut foreign = old_coordinator_deployment("demo", false);
-        foreign["metadata"]["labels"] = json!({"app": "something-else"});
-        foreign["metadata"]["ownerReferences"] = json!([]);
-        let world = World { deployments: vec![foreign], secret_exists: true, ..Default::default() };
-        let mock = Mock::new(world, None);
-        reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
-        let all = lines(&mock.calls().await);
-        assert_eq!(all[..full_apply().len()], full_apply()[..], "{all:#?}");
-    }
-
-    #[tokio::test]
-    async fn scale_down_prunes_the_second_servers() {
-        let leftover = |c: u32| -> Value {
-            json!({
-                "apiVersion": "apps/v1", "kind": "StatefulSet",
-                "metadata": {
-                    "name": format!("demo-server-{c}-2"), "namespace": "prod",
-                    "labels": {"app.kubernetes.io/component": "server", "sns.io/cluster": c.to_string(), "sns.io/server": "2"},
-                    "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": "demo", "uid": "uid-1"}]
-                }
-            })
-        };
-        // The coordinator is always wanted: never pruned, its claim kept.
-        let coordinator = json!({
-            "apiVersion": "apps/v1", "kind": "StatefulSet",
-            "metadata": {
-                "name": "demo-coordinator", "namespace": "prod",
-                "labels": {"app.kubernetes.io/component": "coordinator"},
-                "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": "demo", "uid": "uid-1"}]
-            }
-        });
-        for (retention, deletes_pvcs) in [("Retain", false), ("Delete", true)] {
-            let world = World {
-                statefulsets: vec![coordinator.clone(), leftover(1), leftover(2)],
-                secret_exists: true,
-                ..Default::default()
-            };
-            let mock = Mock::new(world, None);
-            let obj = finalized(cluster(
-                "demo",
-                json!({"clusters": 2, "serversPerCluster": 1, "storage": {"retention": retention}}),
-            ));
-            reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
-            let calls = lines(&mock.calls().await);
-            let list = calls.iter().position(|l| l == &format!("GET {APPS}/statefulsets")).unwrap();
-            let mut expected = Vec::new();
-            for c in 1..=2 {
-                expected.push(format!("DELETE {APPS}/statefulsets/demo-server-{c}-2"));
-                if deletes_pvcs {
-                    expected.push(format!("DELETE {NS}/persistentvolumeclaims/data-demo-server-{c}-2-0"));
-                }
-            }
-            expected.push(format!("GET {NS}/services"));
-            assert_eq!(calls[list + 1..list + 1 + expected.len()], expected[..], "{retention}");
-            assert!(calls.iter().all(|l| !l.contains("coordinator") || !l.starts_with("DELETE")), "{calls:#?}");
-        }
-    }
-
-    #[tokio::test]
-    async fn deletion_with_retain_keeps_volumes_and_secrets() {
-        // The broker credentials as an older operator made them: owned by
-        // the SnsCluster, so garbage collection would take them while the
-        // retained RabbitMQ volume keeps their password.
-        let owned = json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {
-                "name": "demo-rabbitmq-credentials", "namespace": "prod",
-                "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": "demo", "uid": "uid-1"}]
-            }
-        });
-        let node = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-node-secret", "namespace": "prod"}});
-        let world = World { secrets: vec![owned, node], ..Default::default() };
-        let mock = Mock::new(world, None);
-        let mut obj = finalized(cluster("demo", json!({})));
-        obj.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
-        let action = reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
-        assert_eq!(action, Action::await_change());
-        assert_eq!(mock.table.forgotten.lock().unwrap().len(), 1, "the coordinator's channel is closed");
-        let calls = mock.calls().await;
-        let mut expected: Vec<String> = ["demo-rabbitmq-credentials", "demo-node-secret", "demo-ca", "demo-tls"]
-            .iter()
-            .map(|s| format!("PATCH {NS}/secrets/{s}"))
-            .collect();
-        expected.push("POST /apis/events.k8s.io/v1/namespaces/prod/events".into());
-        expected.push("PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo".into());
-        assert_eq!(lines(&calls), expected, "the Secrets are kept, released from the SnsCluster; absent ones are fine");
-        for c in &calls[..4] {
-            assert_eq!(c.body, json!({"metadata": {"ownerReferences": null}}), "a merge patch dropping the owner");
-        }
-        assert!(calls.iter().all(|c| c.method != "DELETE"), "nothing is deleted");
-        assert!(calls[4].body["note"].as_str().unwrap().contains("kept"));
-        assert!(calls.iter().all(|c| !c.uri.contains("persistentvolumeclaims")), "no claim is touched");
-        // The finalizer helper tests that ours is still there, then removes it.
-        let ops = calls[5].body.as_array().unwrap();
-        assert_eq!(ops[0]["op"], "test");
-        assert_eq!(ops[1]["op"], "remove");
-    }
-
-    #[tokio::test]
-    async fn deletion_with_delete_removes_this_clusters_volumes() {
-        let mock = Mock::new(World::default(), None);
-        let mut obj = finalized(cluster("demo", json!({"storage": {"retention": "Delete"}})));
-        obj.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
-        reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
-        let forgotten = mock.table.forgotten.lock().unwrap().clone();
-        assert_eq!(forgotten, ["http://demo-coordinator.prod.svc:9000"], "its coordinator's channel is closed");
-        let calls = mock.calls().await;
-        assert_eq!(
-            lines(&calls),
-            [
-                format!("DELETE {NS}/persistentvolumeclaims"),
-                format!("DELETE {NS}/secrets"),
-                "POST /apis/events.k8s.io/v1/namespaces/prod/events".to_string(),
-                "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo".to_string(),
-            ]
-        );
-        let uri = &calls[0].uri;
-        assert!(
-            uri.contains("labelSelector=app.kubernetes.io%2Finstance%3Ddemo"),
-            "only this SnsCluster's claims: {uri}"
-        );
-        // The selector takes the coordinator's claim (its records) with the
-        // servers' and the broker's, and no other SnsCluster's.
-        let selector = uri.split("labelSelector=").nth(1).unwrap().split('&').next().unwrap();
-        let selector = selector.replace("%2F", "/").replace("%3D", "=").replace("%2C", ",");
-        let matches = |labels: &std::collections::BTreeMap<String, String>| {
-            selector.split(',').all(|t| {
-                let (k, v) = t.split_once('=').unwrap();
-                labels.get(k).map(String::as_str) == Some(v)
-            })
-        };
-        let claims = |obj: &SnsCluster| -> Vec<(String, std::collections::BTreeMap<String, String>)> {
-            let r = render::render(obj, &RenderOptions { default_image: "x".into() }).unwrap();
-            r.children
-                .iter()
-                .filter_map(|c| match c {
-                    Child::StatefulSet(s) => Some(s),
-                    _ => None,
-                })
-                .map(|s| {
-                    let t = &s.spec.as_ref().unwrap().volume_claim_templates.as_ref().unwrap()[0];
-                    (s.name_any(), t.metadata.labels.clone().unwrap())
-                })
-                .collect()
-        };
-        let ours = claims(&cluster("demo", json!({"storage": {"retention": "Delete"}})));
-        assert!(ours.iter().any(|(n, _)| n == "demo-coordinator"));
-        assert_eq!(ours.len(), 8);
-        for (name, labels) in &ours {
-            assert!(matches(labels), "{name}'s claim is deleted: {selector} vs {labels:?}");
-        }
-        for (name, labels) in claims(&cluster("other", json!({}))) {
-            assert!(!matches(&labels), "{name} belongs to another SnsCluster");
-        }
-        assert!(calls[2].body["note"].as_str().unwrap().contains("coordinator"));
-        // The generated Secrets go by the same selector, and only ours.
-        assert_eq!(
-            calls[1].uri.split("labelSelector=").nth(1).unwrap().split('&').next(),
-            uri.split("labelSelector=").nth(1).unwrap().split('&').next()
-        );
-        let secret_labels = |obj: &SnsCluster| {
-            let r = render::render(obj, &RenderOptions { default_image: "x".into() }).unwrap();
-            [r.node_secret.metadata.labels.clone().unwrap(), r.broker_secret.unwrap().metadata.labels.unwrap()]
-        };
-        for labels in secret_labels(&cluster("demo", json!({}))) {
-            assert!(matches(&labels), "{labels:?}");
-        }
-        for labels in secret_labels(&cluster("other", json!({}))) {
-            assert!(!matches(&labels), "{labels:?}");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_new_sns_cluster_gets_a_random_node_secret_a_ca_and_a_node_certificate() {
-        let decode = |v: &Value| -> String {
-            String::from_utf8(serde_json::from_value::<k8s_openapi::ByteString>(v.clone()).unwrap().0).unwrap()
-        };
-        let mut values = Vec::new();
-        for _ in 0..2 {
-            let mock = Mock::new(World::default(), None);
-            reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
-            let authenticated = mock.table.authenticated.lock().unwrap().clone();
-            let calls = mock.calls().await;
-            assert_eq!(lines(&calls)[..secret_calls().len()], secret_calls()[..]);
-            let posted = |name: &str| {
-                calls.iter().find(|c| c.method == "POST" && c.body["metadata"]["name"] == name).unwrap().body.clone()
-            };
-            let node = posted("demo-node-secret");
-            let value = decode(&node["data"]["secret"]);
-            assert!(value.len() >= 64 && value.chars().all(|c| c.is_ascii_hexdigit()), "32 random bytes, hex");
-            assert!(node["metadata"]["ownerReferences"].is_null(), "kept or deleted by retention, not by owner");
-            let ca = decode(&posted("demo-ca")["data"]["tls.crt"]);
-            let tls = posted("demo-tls");
-            assert_eq!(decode(&tls["data"]["ca.crt"]), ca, "the node certificate ships its CA");
-            assert!(decode(&tls["data"]["tls.crt"]).starts_with("-----BEGIN CERTIFICATE-----"));
-            assert!(decode(&tls["data"]["tls.key"]).contains("PRIVATE KEY"));
-            let creds = &authenticated[0].1;
-            let expected = sns_node::auth::Secret::from_text(&value).unwrap();
-            assert_eq!(creds.secret.as_ref().unwrap().seal(b"x"), expected.seal(b"x"));
-            assert_eq!(creds.ca.as_deref(), Some(ca.as_str()));
-            values.push(value);
-        }
-        assert_ne!(values[0], values[1], "each SnsCluster its own secret");
-    }
-
-    #[tokio::test]
-    async fn network_policies_switched_off_are_pruned() {
-        let policy = |name: &str, uid: &str| {
-            json!({
-                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                "metadata": {
-                    "name": name, "namespace": "prod",
-                    "ownerReferences": [{"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "name": "demo", "uid": uid}]
-                }
-            })
-        };
-        let world = World {
-            network_policies: vec![
-                policy("demo-server", "uid-1"),
-                policy("demo-broker", "uid-1"),
-                policy("demo-x", "uid-9"),
-            ],
-            secret_exists: true,
-            ..Default::default()
-        };
-        let mock = Mock::new(world, None);
-        let spec = json!({"networkPolicy": {"enabled": false}});
-        reconcile(Arc::new(finalized(cluster("demo", spec))), mock.ctx.clone()).await.unwrap();
-        let all = lines(&mock.calls().await);
-        assert!(all.iter().all(|l| !l.starts_with("PATCH") || !l.contains("networkpolicies")), "none applied");
-        let deleted: Vec<&String> =
-            all.iter().filter(|l| l.starts_with("DELETE") && l.contains("networkpolicies")).collect();
-        assert_eq!(
-            deleted,
-            [
-                &format!("DELETE {NET}/networkpolicies/demo-server"),
-                &format!("DELETE {NET}/networkpolicies/demo-broker")
-            ],
-            "ours only"
-        );
-    }
-
-    #[tokio::test]
-    async fn with_an_issuer_cert_manager_makes_the_certificate_and_no_ca_is_generated() {
-        let spec = json!({"tls": {"issuerRef": {"name": "sns-ca"}}, "networkPolicy": {"enabled": false}});
-        let mock = Mock::new(World::default(), None);
-        let obj = Arc::new(finalized(cluster("demo", spec)));
-        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
-        // Once cert-manager has written the Secret, the next poll reads its
-        // CA (the apply was left incomplete), and the one after applies
-        // nothing.
-        let issued = json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "demo-tls", "namespace": "prod"},
-            "data": {"ca.crt": "Q0EgUEVN"}
-        });
-        mock.change_world(|w| w.secrets.push(issued));
-        reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
-        reconcile(obj, mock.ctx.clone()).await.unwrap();
-        let authenticated = mock.table.authenticated.lock().unwrap().clone();
-        let calls = mock.calls().await;
-        let all = lines(&calls);
-        assert_eq!(authenticated.len(), 2, "two full applies, none on the third poll: {all:#?}");
-        assert_eq!(authenticated[1].1.ca.as_deref(), Some("CA PEM"));
-        assert_eq!(
-            all[..5],
-            [
-                format!("POST {NS}/secrets"),
-                format!("GET {NS}/secrets/demo-node-secret"),
-                format!("POST {NS}/secrets"),
-                // Not issued yet: no CA to trust until cert-manager writes it.
-                format!("GET {NS}/secrets/demo-tls"),
-                format!("PATCH {NS}/configmaps/demo-config"),
-            ],
-            "no CA or certificate of the operator's own, no NetworkPolicy: {all:#?}"
-        );
-        let cert = calls.iter().find(|c| c.uri.contains("/certificates/demo-tls?")).unwrap();
-        assert_eq!(cert.method, "PATCH");
-        assert!(cert.uri.contains("fieldManager=sns-operator"), "server-side applied: {}", cert.uri);
-        assert_eq!(cert.body["spec"]["issuerRef"]["name"], "sns-ca");
-        assert!(all.iter().all(|l| !l.starts_with("DELETE")), "the Certificate is wanted: {all:#?}");
-        // The list for the prune still runs: policies switched off go.
-        assert!(all.contains(&format!("GET {NET}/networkpolicies")));
-        assert!(authenticated[0].1.secret.is_some() && authenticated[0].1.ca.is_none());
-    }
-
-    #[tokio::test]
-    async fn existing_secrets_are_read_not_replaced_and_reach_the_admin_calls() {
-        use crate::render::tls;
-        let names = Names::of(&cluster("demo", json!({}))).unwrap();
-        let value = "5f0c8a7e2b9d4c61a3e8f0b7d2c5a9e41f6b3d8c0a7e2b9d4c61a3e8f0b7d2c5";
-        let r = render::render(&cluster("demo", json!({})), &RenderOptions { default_image: "x".into() }).unwrap();
-        let render::TlsPlan::Operator { names: tls_names } = &r.tls else { panic!("TLS is on by default") };
-        let ca = tls::new_ca(&names).unwrap();
-        let node = tls::issue_node_cert(&names, tls_names, &ca).unwrap();
-        let node_secret = serde_json::to_value(render::node_secret(&r.node_secret, value)).unwrap();
-        let ca_secret = serde_json::to_value(tls::ca_secret(&names, &ca)).unwrap();
-        let fresh = |checksum: &str| {
-            let mut s = serde_json::to_value(tls::node_tls_secret(&names, &node, &ca.cert, checksum)).unwrap();
-            s["metadata"]["resourceVersion"] = json!("7");
-            s
-        };
-        let current = tls::names_checksum(tls_names);
-        for (tls_secret, reissued) in [(fresh(&current), false), (fresh("for-other-names"), true)] {
-            let world = World {
-                secret_exists: true,
-                secrets: vec![node_secret.clone(), ca_secret.clone(), tls_secret],
-                ..Default::default()
-            };
-            let mock = Mock::new(world, None);
-            reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
-            let authenticated = mock.table.authenticated.lock().unwrap().clone();
-            let calls = mock.calls().await;
-            let mut expected = vec![
-                format!("POST {NS}/secrets"),
-                format!("GET {NS}/secrets/demo-node-secret"),
-                format!("GET {NS}/secrets/demo-ca"),
-                format!("GET {NS}/secrets/demo-tls"),
-            ];
-            if reissued {
-                expected.push(format!("PUT {NS}/secrets/demo-tls"));
-            }
-            expected.push(format!("PATCH {NS}/configmaps/demo-config"));
-            assert_eq!(lines(&calls)[..expected.len()], expected[..], "reissued: {reissued}");
-            if reissued {
-                let put = &calls[4].body;
-                assert_eq!(put["metadata"]["resourceVersion"], "7", "replaces exactly what it read");
-                assert_eq!(put["metadata"]["annotations"][tls::TLS_NAMES_ANNOTATION], current.as_str());
-                let ca_crt = put["data"]["ca.crt"].as_str().unwrap();
-                assert_eq!(ca_crt, json!(k8s_openapi::ByteString(ca.cert.clone().into_bytes())), "from the same CA");
-            }
-            // The admin calls carry the stored secret's token and trust the
-            // stored CA.
-            let [(endpoint, creds)] = &authenticated[..] else { panic!("{authenticated:?}") };
-            assert_eq!(endpoint, "http://demo-coordinator.prod.svc:9000");
-            let stored = sns_node::auth::Secret::from_text(value).unwrap();
-            assert_eq!(creds.secret.as_ref().unwrap().seal(b"x"), stored.seal(b"x"));
-            assert_eq!(creds.ca.as_deref(), Some(ca.cert.as_str()));
-        }
-    }
-
-    #[tokio::test]
-    async fn api_errors_fail_the_reconcile_and_back_off() {
-        let world = World { fail_applies: true, ..Default::default() };
-        let mock = Mock::new(world, None);
-        let obj = Arc::new(finalized(cluster("demo", json!({}))));
-        let err = reconcile(obj.clone(), mock.ctx.clone()).await.unwrap_err();
-        assert!(err.to_string().contains("bad day"), "{err}");
-        assert_eq!(mock.ctx.metrics.failures(), 1);
-        let ctx = mock.ctx.clone();
-        assert_eq!(error_policy(obj.clone(), &err, ctx.clone()), Action::requeue(Duration::from_secs(5)));
-        assert_eq!(error_policy(obj.clone(), &err, ctx.clone()), Action::requeue(Duration::from_secs(10)));
-        drop(ctx);
-        let calls = lines(&mock.calls().await);
-        // The secrets, then the first apply fails and nothing else is tried.
-        let mut expected = secret_calls();
-        expected.push(format!("PATCH {NS}/configmaps/demo-config"));
-        assert_eq!(calls, expected);
-        assert_eq!(backoff(1), Duration::from_secs(5));
-        assert_eq!(backoff(7), Duration::from_secs(300));
-        assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
-    }
-
-    #[test]
-    fn polling_follows_the_heartbeat() {
-        let fast = cluster("demo", json!({"heartbeat": {"intervalMillis": 500}}));
-        assert_eq!(poll_interval(&fast), Duration::from_secs(1));
-        let slow = cluster("demo", json!({"heartbeat": {"intervalMillis": 60000}}));
-        assert_eq!(poll_interval(&slow), Duration::from_secs(10));
-    }
-}
+mod tests;

@@ -1,21 +1,24 @@
 //! The operator's view of a deployment's coordinator: its routing table
-//! (who is alive, who is master, under which term).
+//! (who is alive, who is master, under which term, who is in sync), and the
+//! one thing the operator asks of it, a planned switchover.
 //!
 //! The reconciler sees only the [`RoutingTable`] trait, so its tests run
 //! against a fixed table with no network; [`GrpcRoutingTable`] is the real
-//! one, over `CoordAdmin.Table`. Protobuf types stay in this module.
+//! one, over `CoordAdmin.Table` and `CoordAdmin.Switchover`. Protobuf types
+//! stay in this module.
 //!
 //! `CoordAdmin` is a node-to-node API: the coordinator of an SnsCluster
 //! with a node secret answers only calls carrying the token derived from
 //! it, and with TLS on it serves TLS under the SnsCluster's CA. The
 //! reconciler hands both over through [`RoutingTable::authenticate`] after
-//! reading them from the SnsCluster's Secrets.
+//! reading them from the SnsCluster's Secrets; every call, a table read or
+//! a switchover, goes through the same channel and carries them.
 
 use crate::error::{Error, Result};
 use futures_util::future::BoxFuture;
 use sns_node::auth::{Attach, Secret};
-use sns_proto::internal::TableRequest;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
+use sns_proto::internal::{SwitchoverRequest, TableRequest};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -38,7 +41,28 @@ pub struct NodeView {
     pub is_master: bool,
     /// The cluster's current promotion term.
     pub term: u64,
+    /// A server recorded as holding every acknowledged write.
+    pub in_sync: bool,
+    /// A synchronizer's server (0 for a server).
+    pub paired_server: u32,
 }
+
+/// A finished planned switchover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwitchoverDone {
+    pub from: u32,
+    pub to: u32,
+    pub term: u64,
+    /// Whether the old master stepped down when asked (false: the
+    /// coordinator waited for its lease to run out).
+    pub stepped_down: bool,
+    pub millis: u64,
+}
+
+/// How long the operator waits for `CoordAdmin.Switchover`: the coordinator
+/// answers within two of its leases plus 10 s (it waits out a silent
+/// master's lease), and a lease is at most a few heartbeats of at most 10 s.
+pub const SWITCHOVER_PATIENCE: Duration = Duration::from_secs(60);
 
 /// What a call to one coordinator needs: its deployment's node secret
 /// (the token derives from it) and, with TLS on, the CA its certificate
@@ -60,6 +84,15 @@ pub trait RoutingTable: Send + Sync + 'static {
     /// The routing table of the coordinator at `endpoint`
     /// (`http://host:port`).
     fn table<'a>(&'a self, endpoint: &'a str) -> BoxFuture<'a, Result<Vec<NodeView>>>;
+    /// Hands the master role of `cluster` to server `to` (None: the
+    /// coordinator picks the in-sync slave), answered once it is done or
+    /// why not.
+    fn switchover<'a>(
+        &'a self,
+        endpoint: &'a str,
+        cluster: u32,
+        to: Option<u32>,
+    ) -> BoxFuture<'a, Result<SwitchoverDone>>;
     /// Forgets the coordinator at `endpoint`: its SnsCluster is gone, so
     /// whatever is kept for it (a connection) is released.
     fn forget(&self, endpoint: &str);
@@ -75,8 +108,9 @@ struct Link {
     attach: Attach,
 }
 
-/// `CoordAdmin.Table` over gRPC, one lazily connected channel per
-/// coordinator.
+/// `CoordAdmin` over gRPC, one lazily connected channel per coordinator.
+/// Each call carries its own deadline (a switchover may take far longer
+/// than a table read).
 pub struct GrpcRoutingTable {
     channels: Mutex<HashMap<String, Link>>,
     credentials: Mutex<HashMap<String, Credentials>>,
@@ -108,7 +142,9 @@ impl GrpcRoutingTable {
             let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
             e = e.tls_config(tls).map_err(|e| bad(format!("TLS: {e}")))?;
         }
-        let channel = e.connect_timeout(self.timeout).timeout(self.timeout).connect_lazy();
+        // No channel-wide request timeout: each call sets its own deadline
+        // (a table read `timeout`, a switchover SWITCHOVER_PATIENCE).
+        let channel = e.connect_timeout(self.timeout).connect_lazy();
         let attach = Attach::new(creds.secret);
         self.channels
             .lock()
@@ -150,9 +186,41 @@ impl RoutingTable for GrpcRoutingTable {
                         alive: n.alive,
                         is_master: n.is_master,
                         term: n.term,
+                        in_sync: n.in_sync,
+                        paired_server: n.paired_server,
                     })
                 })
                 .collect())
+        })
+    }
+
+    fn switchover<'a>(
+        &'a self,
+        endpoint: &'a str,
+        cluster: u32,
+        to: Option<u32>,
+    ) -> BoxFuture<'a, Result<SwitchoverDone>> {
+        Box::pin(async move {
+            let (channel, attach) = self.channel(endpoint)?;
+            let mut client = CoordAdminClient::with_interceptor(channel, attach);
+            let call = client.switchover(SwitchoverRequest { cluster, to: to.unwrap_or(0) });
+            let reply = tokio::time::timeout(SWITCHOVER_PATIENCE, call)
+                .await
+                .map_err(|_| Error::CoordinatorTimeout { endpoint: endpoint.into(), timeout: SWITCHOVER_PATIENCE })?
+                .map_err(|s| match s.code() {
+                    tonic::Code::Unavailable => {
+                        Error::Coordinator { endpoint: endpoint.into(), reason: s.message().into() }
+                    }
+                    _ => Error::Switchover { cluster, reason: s.message().to_string() },
+                })?
+                .into_inner();
+            Ok(SwitchoverDone {
+                from: reply.from,
+                to: reply.to,
+                term: reply.term,
+                stepped_down: reply.stepped_down,
+                millis: reply.millis,
+            })
         })
     }
 

@@ -431,6 +431,53 @@ pub struct SnsClusterStatus {
     /// When a cluster's master last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover_time: Option<Time>,
+    /// The last planned switchover: asked for with the `sns.io/switchover`
+    /// annotation, or made by a rolling update or a scale-down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_switchover: Option<SwitchoverStatus>,
+    /// The rolling update of the servers: how far, and what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Where the servers' rolling update stands.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// `Done`, `Updating` or `Paused` (something unhealthy: see message).
+    pub state: String,
+    /// Servers running the current template / planned servers, e.g. `4/6`.
+    pub updated_servers: String,
+    /// What it does or waits for, or why it paused.
+    pub message: String,
+}
+
+/// A planned switchover and how it went.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SwitchoverStatus {
+    /// SNS cluster id.
+    pub cluster: u32,
+    /// What asked for it: `annotation` (`sns.io/switchover`), `rollout` or
+    /// `scale-down`.
+    pub requested_by: String,
+    /// The annotation's value, when one asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// Server id of the master before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u32>,
+    /// Server id of the master after (or the one asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u32>,
+    /// The term the new master serves under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<u64>,
+    /// Whether the role moved.
+    pub succeeded: bool,
+    /// How it went, or why it did not happen.
+    pub message: String,
+    pub time: Time,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]

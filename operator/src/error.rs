@@ -18,6 +18,8 @@ pub enum Error {
     Coordinator { endpoint: String, reason: String },
     #[error("coordinator at {endpoint} did not answer within {timeout:?}")]
     CoordinatorTimeout { endpoint: String, timeout: Duration },
+    #[error("switchover of cluster {cluster}: {reason}")]
+    Switchover { cluster: u32, reason: String },
     #[error("cannot generate a password: {0}")]
     Random(String),
     #[error("certificates: {0}")]
@@ -38,6 +40,7 @@ impl Error {
             Error::Finalizer(_) => "FinalizerError",
             Error::MissingNamespace | Error::MissingUid | Error::InvalidSpec(_) => "InvalidSpec",
             Error::Coordinator { .. } | Error::CoordinatorTimeout { .. } => "CoordinatorUnreachable",
+            Error::Switchover { .. } => "SwitchoverRefused",
             Error::Random(_) => "RandomSourceError",
             Error::Serialize(..) => "SerializeError",
             Error::Tls(_) => "CertificateError",

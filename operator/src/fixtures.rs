@@ -3,7 +3,7 @@
 //! records every call, so a reconcile test asserts the exact call sequence.
 
 use crate::controller::Context;
-use crate::coordinator::{Credentials, NodeKind, NodeView, RoutingTable};
+use crate::coordinator::{Credentials, NodeKind, NodeView, RoutingTable, SwitchoverDone};
 use crate::crd::{SnsCluster, SnsClusterSpec};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -32,15 +32,28 @@ pub fn cluster(name: &str, spec: Value) -> SnsCluster {
 }
 
 pub fn node(cluster: u32, id: u32, alive: bool, is_master: bool, term: u64) -> NodeView {
-    NodeView { cluster, id, kind: NodeKind::Server, alive, is_master, term }
+    NodeView { cluster, id, kind: NodeKind::Server, alive, is_master, term, in_sync: alive, paired_server: 0 }
 }
 
-/// The healthy table of a default deployment: server 1 is every master.
+/// The healthy table of a default deployment: server 1 is every master;
+/// the servers first (cluster by cluster), then their synchronizers.
 pub fn healthy_table(clusters: u32, servers: u32) -> Vec<NodeView> {
     let mut nodes = Vec::new();
     for c in 1..=clusters {
         for s in 1..=servers {
             nodes.push(node(c, s, true, s == 1, 1));
+        }
+    }
+    for c in 1..=clusters {
+        for s in 1..=servers {
+            nodes.push(NodeView {
+                kind: NodeKind::Synchronizer,
+                id: 100 + 10 * c + s,
+                paired_server: s,
+                is_master: false,
+                in_sync: false,
+                ..node(c, s, true, false, 1)
+            });
         }
     }
     nodes
@@ -61,18 +74,72 @@ pub fn server_pod(instance: &str, cluster: u32, server: u32, role: Option<&str>)
     pod
 }
 
-/// A routing table that answers from memory (or fails, when None), and
-/// remembers which coordinators it was told to forget.
+/// A server pod made from a template of hash `hash`, Ready or not.
+pub fn rolled_pod(instance: &str, cluster: u32, server: u32, hash: &str, ready: bool) -> Pod {
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    let mut p = server_pod(instance, cluster, server, None);
+    p.metadata.uid = Some(format!("uid-{cluster}-{server}-{hash}"));
+    p.metadata.annotations = Some([(crate::render::TEMPLATE_HASH.to_string(), hash.to_string())].into());
+    let status = if ready { "True" } else { "False" };
+    let condition = PodCondition { type_: "Ready".into(), status: status.into(), ..Default::default() };
+    p.status = Some(PodStatus { conditions: Some(vec![condition]), ..Default::default() });
+    p
+}
+
+/// A coordinator in memory: its routing table (or unreachable, when
+/// None); switchovers done as the real one does them (the in-sync slave,
+/// or the server asked for, becomes master under the next term) or
+/// refused with `refuse`'s reason; the coordinators it was told to forget.
 #[derive(Default)]
 pub struct FixedTable {
     pub answer: Mutex<Option<Vec<NodeView>>>,
     pub forgotten: Mutex<Vec<String>>,
+    /// Every switchover asked for: (cluster, to).
+    pub switchovers: Mutex<Vec<(u32, Option<u32>)>>,
+    pub refuse: Mutex<Option<String>>,
     /// Every `authenticate` call, in order.
     pub authenticated: Mutex<Vec<(String, Credentials)>>,
+    /// Calls (`table` or `switchover`) to an endpoint no `authenticate`
+    /// had named yet: the real client would make them without the token.
+    pub unauthenticated: Mutex<Vec<String>>,
+}
+
+impl FixedTable {
+    fn check_authenticated(&self, call: &str, endpoint: &str) {
+        if !self.authenticated.lock().unwrap().iter().any(|(e, _)| e == endpoint) {
+            self.unauthenticated.lock().unwrap().push(format!("{call} {endpoint}"));
+        }
+    }
+
+    fn switch(&self, cluster: u32, to: Option<u32>) -> std::result::Result<SwitchoverDone, String> {
+        if let Some(why) = self.refuse.lock().unwrap().clone() {
+            return Err(why);
+        }
+        let mut guard = self.answer.lock().unwrap();
+        let nodes = guard.as_mut().ok_or("unreachable")?;
+        let servers = |n: &&mut NodeView| n.kind == NodeKind::Server && n.cluster == cluster;
+        let from = nodes.iter_mut().filter(servers).find(|n| n.alive && n.is_master).map(|n| n.id);
+        let from = from.ok_or_else(|| format!("cluster {cluster} has no live master"))?;
+        let target = nodes
+            .iter_mut()
+            .filter(servers)
+            .find(|n| n.id != from && n.alive && n.in_sync && to.is_none_or(|t| t == n.id))
+            .map(|n| n.id)
+            .ok_or_else(|| format!("no live in-sync server of cluster {cluster} to hand the role to"))?;
+        let term = nodes.iter().filter(|n| n.cluster == cluster).map(|n| n.term).max().unwrap_or(0) + 1;
+        for n in nodes.iter_mut().filter(|n| n.cluster == cluster) {
+            n.term = term;
+            if n.kind == NodeKind::Server {
+                n.is_master = n.id == target;
+            }
+        }
+        Ok(SwitchoverDone { from, to: target, term, stepped_down: true, millis: 7 })
+    }
 }
 
 impl RoutingTable for FixedTable {
     fn table<'a>(&'a self, endpoint: &'a str) -> BoxFuture<'a, Result<Vec<NodeView>>> {
+        self.check_authenticated("table", endpoint);
         let answer = self.answer.lock().unwrap().clone();
         Box::pin(async move {
             answer.ok_or_else(|| Error::Coordinator { endpoint: endpoint.into(), reason: "connection refused".into() })
@@ -81,6 +148,18 @@ impl RoutingTable for FixedTable {
 
     fn forget(&self, endpoint: &str) {
         self.forgotten.lock().unwrap().push(endpoint.to_string());
+    }
+
+    fn switchover<'a>(
+        &'a self,
+        endpoint: &'a str,
+        cluster: u32,
+        to: Option<u32>,
+    ) -> BoxFuture<'a, Result<SwitchoverDone>> {
+        self.check_authenticated("switchover", endpoint);
+        self.switchovers.lock().unwrap().push((cluster, to));
+        let result = self.switch(cluster, to).map_err(|reason| Error::Switchover { cluster, reason });
+        Box::pin(async move { result })
     }
 
     fn authenticate(&self, endpoint: &str, credentials: Credentials) {
@@ -103,6 +182,10 @@ pub struct World {
     pub secrets: Vec<Value>,
     /// Answer every server-side apply with 500.
     pub fail_applies: bool,
+    /// Answer a merge patch of the SnsCluster with 409 (it changed since).
+    pub conflict_on_merge: bool,
+    /// Ready replicas of the managed broker's StatefulSet (None: absent).
+    pub broker_ready: Option<i32>,
 }
 
 /// One call the reconciler made.
@@ -200,6 +283,17 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
     let path = uri.split('?').next().unwrap_or_default();
     let last = path.rsplit('/').next().unwrap_or_default();
     match method {
+        // The broker's StatefulSet, listed by name.
+        "GET" if last == "statefulsets" && uri.contains("fieldSelector=metadata.name") => {
+            let name = uri.split("metadata.name%3D").nth(1).unwrap_or_default().split('&').next().unwrap_or_default();
+            let items = match world.broker_ready {
+                Some(n) => vec![
+                    json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name, "namespace": "prod"}, "status": {"replicas": 1, "readyReplicas": n}}),
+                ],
+                None => vec![],
+            };
+            (StatusCode::OK, list("StatefulSetList", items))
+        }
         "GET" if last == "statefulsets" => (StatusCode::OK, list("StatefulSetList", world.statefulsets.clone())),
         "GET" if last == "services" => (StatusCode::OK, list("ServiceList", world.services.clone())),
         "GET" if last == "networkpolicies" => {
@@ -253,8 +347,13 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
             StatusCode::OK,
             json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": last, "namespace": "prod"}}),
         ),
-        // The finalizer helper's JSON patch: answer with a bare SnsCluster.
-        "PATCH" if body.is_array() => (
+        "PATCH" if path.contains("/snsclusters/") && world.conflict_on_merge && !body.is_array() => (
+            StatusCode::CONFLICT,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+        ),
+        // The finalizer helper's JSON patch, or a merge patch of the
+        // SnsCluster's metadata: answer with a bare SnsCluster.
+        "PATCH" if body.is_array() || path.contains("/snsclusters/") => (
             StatusCode::OK,
             json!({"apiVersion": "sns.io/v1alpha1", "kind": "SnsCluster", "metadata": {"name": last, "namespace": "prod"}, "spec": {}}),
         ),

@@ -8,6 +8,9 @@
 //! - [`secrets`]: the Secrets the operator generates (node secret, broker
 //!   credentials, CA and node certificate) and their retention;
 //! - [`status`]: role labels, conditions, failover detection (pure);
+//! - [`rollout`]: rolling updates, one server at a time (pure);
+//! - [`scale`]: which servers a scale-down may remove now (pure);
+//! - [`switchover`]: planned switchovers (annotation, rollout, scale-down);
 //! - [`controller`]: `reconcile` and `error_policy`;
 //! - [`metrics`]: Prometheus counters and the health endpoint;
 //! - [`leader`]: leader election on a Lease, so only one replica reconciles;
@@ -21,8 +24,11 @@ pub mod leader;
 pub mod manager;
 pub mod metrics;
 pub mod render;
+pub mod rollout;
+pub mod scale;
 pub mod secrets;
 pub mod status;
+pub mod switchover;
 
 #[cfg(test)]
 mod fixtures;

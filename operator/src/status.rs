@@ -3,15 +3,17 @@
 //! rules (what counts as Ready, Degraded, a failover) are unit-tested.
 //!
 //! Conditions, in the standard `metav1.Condition` shape:
-//! - `Ready`: the coordinator answers, every planned server is alive and
-//!   every cluster has a live master.
+//! - `Ready`: the coordinator answers, every cluster has a live master,
+//!   every planned server and its synchronizer are alive, and the managed
+//!   broker's pod is ready (an external broker is not looked at: the
+//!   synchronizers' liveness is what tells of it).
 //! - `Progressing`: the current generation has not been Ready yet (a
 //!   rollout or scale in flight). Once it has, it stays False for that
 //!   generation, and a later loss shows as Degraded instead.
 //! - `Degraded`: not Ready although the generation has been rolled out.
 
 use crate::coordinator::{NodeKind, NodeView};
-use crate::crd::{ClusterStatus, SnsCluster, SnsClusterStatus};
+use crate::crd::{ClusterStatus, RolloutStatus, SnsCluster, SnsClusterStatus, SwitchoverStatus};
 use crate::render::{LABEL_CLUSTER, LABEL_ROLE, LABEL_SERVER, Names};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -34,12 +36,17 @@ pub struct ClusterView {
     pub term: u64,
     /// Live servers (by id).
     pub live: Vec<u32>,
+    /// Live synchronizers (by the id of the server each is paired with).
+    pub syncs: Vec<u32>,
 }
 
 /// The routing table, reduced to what the operator acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
     pub clusters: Vec<ClusterView>,
+    /// Whether the managed broker is ready (None: not known here, an
+    /// external broker).
+    pub broker_ready: Option<bool>,
 }
 
 impl Observation {
@@ -52,10 +59,20 @@ impl Observation {
                 let live: Vec<u32> = servers.clone().filter(|n| n.alive).map(|n| n.id).collect();
                 let master = servers.clone().find(|n| n.alive && n.is_master).map(|n| n.id);
                 let term = nodes.iter().filter(|n| n.cluster == c).map(|n| n.term).max().unwrap_or(0);
-                ClusterView { cluster: c, master, term, live }
+                let syncs = nodes
+                    .iter()
+                    .filter(|n| n.kind == NodeKind::Synchronizer && n.cluster == c && n.alive)
+                    .filter(|n| (1..=servers_per_cluster).contains(&n.paired_server))
+                    .map(|n| n.paired_server)
+                    .collect();
+                ClusterView { cluster: c, master, term, live, syncs }
             })
             .collect();
-        Observation { clusters }
+        Observation { clusters, broker_ready: None }
+    }
+
+    fn live_syncs(&self) -> usize {
+        self.clusters.iter().map(|c| c.syncs.len()).sum()
     }
 
     pub fn cluster(&self, c: u32) -> Option<&ClusterView> {
@@ -117,18 +134,30 @@ pub struct Notice {
     pub note: String,
 }
 
-/// The next status and what changed, from the current object and what the
-/// coordinator said (`Err` = it did not answer).
+/// The next status and what changed, from the current object, what the
+/// coordinator said (`Err` = it did not answer) and a planned switchover
+/// this reconcile made, if any, and where the rolling update stands (None:
+/// not looked at this time, as before).
+///
+/// A change of master that the last planned switchover explains (its
+/// cluster, target and term) is not a failover: no Warning, and
+/// `lastFailoverTime` stays.
 pub fn next_status(
     obj: &SnsCluster,
     names: &Names,
     obs: std::result::Result<&Observation, &str>,
+    switched: Option<&SwitchoverStatus>,
+    rollout: Option<&RolloutStatus>,
     now: Timestamp,
 ) -> (SnsClusterStatus, Vec<Notice>) {
     let spec = &obj.spec;
     let generation = obj.metadata.generation;
     let prev = obj.status.clone().unwrap_or_default();
     let mut notices = Vec::new();
+    let last_switchover = switched.cloned().or_else(|| prev.last_switchover.clone());
+    let explained = |c: u32, to: Option<u32>, term: u64| {
+        last_switchover.as_ref().is_some_and(|s| s.succeeded && s.cluster == c && s.to == to && s.term == Some(term))
+    };
 
     if obj.status.is_none() {
         notices.push(Notice {
@@ -161,6 +190,7 @@ pub fn next_status(
             let master = view.master.map(|s| names.server_pod(c, s));
             if let (Some(old), Some(new)) = (before.and_then(|b| b.master.as_ref()), &master)
                 && old != new
+                && !explained(c, view.master, view.term)
             {
                 last_failover = Some(Time(now));
                 notices.push(Notice {
@@ -191,13 +221,28 @@ pub fn next_status(
         Ok(o) if o.live_servers() < planned => {
             (false, "ServersDown", format!("{} of {planned} servers are live", o.live_servers()))
         }
-        Ok(_) => (true, "AllServersLive", format!("{planned} servers live, every cluster has a master")),
+        Ok(o) if o.live_syncs() < planned => {
+            (false, "SynchronizersDown", format!("{} of {planned} synchronizers are live", o.live_syncs()))
+        }
+        Ok(o) if o.broker_ready == Some(false) => {
+            (false, "BrokerNotReady", format!("the broker {} is not ready", names.rabbitmq()))
+        }
+        Ok(o) => (
+            true,
+            "AllServersLive",
+            format!(
+                "coordinator answering, {planned} servers and {planned} synchronizers live, every cluster has a master{}",
+                if o.broker_ready.is_some() { ", the broker ready" } else { "" }
+            ),
+        ),
     };
     let rolled_out_before = prev
         .conditions
         .iter()
         .any(|c| c.type_ == PROGRESSING && c.status == "False" && c.observed_generation == generation);
-    let progressing = !ready && !rolled_out_before;
+    let rollout = rollout.cloned().or_else(|| prev.rollout.clone());
+    let updating = rollout.as_ref().filter(|r| r.state != "Done");
+    let progressing = updating.is_some() || (!ready && !rolled_out_before);
     let degraded = !ready && !progressing;
 
     let cond = |type_: &str, on: bool, reason: &str, message: &str| {
@@ -205,7 +250,10 @@ pub fn next_status(
     };
     let conditions = vec![
         cond(READY, ready, reason, &message),
-        if progressing {
+        if let Some(r) = updating {
+            let reason = if r.state == "Paused" { "RolloutPaused" } else { "RollingUpdate" };
+            cond(PROGRESSING, true, reason, &format!("{} servers updated: {}", r.updated_servers, r.message))
+        } else if progressing {
             cond(PROGRESSING, true, "RollingOut", &message)
         } else {
             cond(PROGRESSING, false, "RolledOut", "the current generation has been ready")
@@ -229,6 +277,8 @@ pub fn next_status(
         masters,
         clusters,
         last_failover_time: last_failover,
+        last_switchover,
+        rollout,
     };
     (status, notices)
 }
@@ -269,12 +319,7 @@ mod tests {
     }
 
     fn healthy() -> Vec<NodeView> {
-        let mut nodes = Vec::new();
-        for c in 1..=3 {
-            nodes.push(node(c, 1, true, true, 1));
-            nodes.push(node(c, 2, true, false, 1));
-        }
-        nodes
+        crate::fixtures::healthy_table(3, 2)
     }
 
     fn cond<'a>(s: &'a SnsClusterStatus, t: &str) -> &'a Condition {
@@ -301,6 +346,87 @@ mod tests {
     }
 
     #[test]
+    fn a_planned_switchover_is_not_a_failover() {
+        let mut obj = cluster("demo", serde_json::json!({}));
+        let names = Names::of(&obj).unwrap();
+        obj.status =
+            Some(next_status(&obj, &names, Ok(&Observation::from_table(3, 2, &healthy())), None, None, at(0)).0);
+        let mut nodes = healthy();
+        nodes[2].is_master = false;
+        nodes[3].is_master = true;
+        nodes[2].term = 2;
+        nodes[3].term = 2;
+        let o = Observation::from_table(3, 2, &nodes);
+        let record = SwitchoverStatus {
+            cluster: 2,
+            requested_by: "annotation".into(),
+            request: Some("2".into()),
+            from: Some(1),
+            to: Some(2),
+            term: Some(2),
+            succeeded: true,
+            message: "done".into(),
+            time: Time(at(1)),
+        };
+        let (s, notices) = next_status(&obj, &names, Ok(&o), Some(&record), None, at(1));
+        assert!(notices.is_empty(), "{notices:?}");
+        assert!(s.last_failover_time.is_none());
+        assert_eq!(s.last_switchover.as_ref(), Some(&record));
+        // Kept by later polls, and it explains only that change: a later
+        // promotion under another term is a failover.
+        obj.status = Some(s);
+        let (s, _) = next_status(&obj, &names, Ok(&o), None, None, at(2));
+        assert_eq!(s.last_switchover.as_ref(), Some(&record));
+        obj.status = Some(s);
+        for n in nodes.iter_mut().filter(|n| n.cluster == 2) {
+            n.is_master = n.id == 1;
+            n.term = 3;
+        }
+        let (s, notices) = next_status(&obj, &names, Ok(&Observation::from_table(3, 2, &nodes)), None, None, at(3));
+        assert_eq!(notices[0].reason, "Failover");
+        assert_eq!(s.last_failover_time, Some(Time(at(3))));
+    }
+
+    #[test]
+    fn ready_needs_synchronizers_and_the_broker_too() {
+        let obj = cluster("demo", serde_json::json!({}));
+        let names = Names::of(&obj).unwrap();
+        let ready = |o: &Observation| {
+            let (s, _) = next_status(&obj, &names, Ok(o), None, None, at(0));
+            let c = cond(&s, READY).clone();
+            (c.status, c.reason, c.message)
+        };
+        let mut nodes = healthy();
+        let all = Observation { broker_ready: Some(true), ..Observation::from_table(3, 2, &nodes) };
+        let (on, reason, message) = ready(&all);
+        assert_eq!((on.as_str(), reason.as_str()), ("True", "AllServersLive"));
+        assert!(message.contains("6 synchronizers") && message.contains("broker ready"), "{message}");
+        // One synchronizer gone.
+        let sync = nodes.iter().position(|n| n.kind == NodeKind::Synchronizer && n.cluster == 2).unwrap();
+        nodes[sync].alive = false;
+        let o = Observation { broker_ready: Some(true), ..Observation::from_table(3, 2, &nodes) };
+        let (on, reason, message) = ready(&o);
+        assert_eq!(
+            (on.as_str(), reason.as_str(), message.as_str()),
+            ("False", "SynchronizersDown", "5 of 6 synchronizers are live")
+        );
+        // The broker not ready.
+        let o = Observation { broker_ready: Some(false), ..all.clone() };
+        let (on, reason, message) = ready(&o);
+        assert_eq!((on.as_str(), reason.as_str()), ("False", "BrokerNotReady"));
+        assert!(message.contains("demo-rabbitmq"), "{message}");
+        // An external broker is not looked at.
+        let o = Observation { broker_ready: None, ..all };
+        assert_eq!(ready(&o).0, "True");
+        // A synchronizer of a server that scale-down removed does not count.
+        let mut extra = healthy();
+        extra.retain(|n| !(n.kind == NodeKind::Synchronizer && n.paired_server == 2 && n.cluster == 1));
+        extra.push(NodeView { kind: NodeKind::Synchronizer, paired_server: 3, ..node(1, 99, true, false, 1) });
+        let o = Observation { broker_ready: Some(true), ..Observation::from_table(3, 2, &extra) };
+        assert_eq!(ready(&o).1, "SynchronizersDown");
+    }
+
+    #[test]
     fn only_wrong_labels_are_patched() {
         let o = Observation::from_table(3, 2, &healthy());
         let pods = vec![
@@ -320,7 +446,7 @@ mod tests {
         let obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
         let empty = Observation::from_table(3, 2, &[]);
-        let (s, notices) = next_status(&obj, &names, Ok(&empty), at(0));
+        let (s, notices) = next_status(&obj, &names, Ok(&empty), None, None, at(0));
         assert_eq!(notices[0].reason, "Created");
         assert_eq!(cond(&s, READY).status, "False");
         assert_eq!(cond(&s, READY).reason, "NoMaster");
@@ -332,7 +458,7 @@ mod tests {
         let mut obj = obj;
         obj.status = Some(s);
         let o = Observation::from_table(3, 2, &healthy());
-        let (s, notices) = next_status(&obj, &names, Ok(&o), at(10));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), None, None, at(10));
         assert!(notices.is_empty(), "{notices:?}");
         assert_eq!(cond(&s, READY).status, "True");
         assert_eq!(cond(&s, READY).last_transition_time, Time(at(10)));
@@ -343,7 +469,7 @@ mod tests {
 
         // Nothing changes: nothing moves, not even the transition times.
         obj.status = Some(s.clone());
-        let (again, _) = next_status(&obj, &names, Ok(&o), at(20));
+        let (again, _) = next_status(&obj, &names, Ok(&o), None, None, at(20));
         assert_eq!(again, s);
     }
 
@@ -352,15 +478,15 @@ mod tests {
         let mut obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
         let o = Observation::from_table(3, 2, &healthy());
-        obj.status = Some(next_status(&obj, &names, Ok(&o), at(0)).0);
-        obj.status = Some(next_status(&obj, &names, Ok(&o), at(1)).0);
+        obj.status = Some(next_status(&obj, &names, Ok(&o), None, None, at(0)).0);
+        obj.status = Some(next_status(&obj, &names, Ok(&o), None, None, at(1)).0);
 
         // The master of cluster 2 is gone and not yet replaced.
         let mut nodes = healthy();
         nodes[2].alive = false;
         nodes[2].is_master = false;
         let o = Observation::from_table(3, 2, &nodes);
-        let (s, notices) = next_status(&obj, &names, Ok(&o), at(5));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), None, None, at(5));
         assert!(notices.is_empty());
         assert_eq!(cond(&s, READY).reason, "NoMaster");
         assert_eq!(cond(&s, DEGRADED).status, "True", "it had been rolled out");
@@ -376,7 +502,7 @@ mod tests {
             n.term = 2;
         }
         let o = Observation::from_table(3, 2, &nodes);
-        let (s, notices) = next_status(&obj, &names, Ok(&o), at(7));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), None, None, at(7));
         assert_eq!(notices.len(), 1);
         assert_eq!(notices[0].reason, "Failover");
         assert!(notices[0].note.contains("demo-server-2-1-0 -> demo-server-2-2-0"));
@@ -391,8 +517,8 @@ mod tests {
         let mut obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
         let o = Observation::from_table(3, 2, &healthy());
-        obj.status = Some(next_status(&obj, &names, Ok(&o), at(0)).0);
-        let (s, notices) = next_status(&obj, &names, Err("connection refused"), at(3));
+        obj.status = Some(next_status(&obj, &names, Ok(&o), None, None, at(0)).0);
+        let (s, notices) = next_status(&obj, &names, Err("connection refused"), None, None, at(3));
         assert!(notices.is_empty());
         assert_eq!(cond(&s, READY).reason, "CoordinatorUnreachable");
         assert_eq!(s.clusters, obj.status.as_ref().unwrap().clusters);
@@ -403,11 +529,11 @@ mod tests {
         let mut obj = cluster("demo", serde_json::json!({}));
         let names = Names::of(&obj).unwrap();
         let o = Observation::from_table(3, 2, &healthy());
-        obj.status = Some(next_status(&obj, &names, Ok(&o), at(0)).0);
+        obj.status = Some(next_status(&obj, &names, Ok(&o), None, None, at(0)).0);
         obj.spec.servers_per_cluster = 1;
         obj.metadata.generation = Some(2);
         let o = Observation::from_table(3, 1, &healthy());
-        let (s, notices) = next_status(&obj, &names, Ok(&o), at(1));
+        let (s, notices) = next_status(&obj, &names, Ok(&o), None, None, at(1));
         assert_eq!(notices[0].reason, "Scaled");
         assert_eq!(notices[0].note, "servers per cluster 2 -> 1");
         assert_eq!(s.servers_per_cluster, Some(1));

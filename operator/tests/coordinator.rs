@@ -68,6 +68,13 @@ async fn routing_table_reports_the_registered_master() {
     let state = data_dir.join(sns_node::coordinator::state::STATE_FILE);
     assert!(std::fs::metadata(&state).is_ok_and(|m| m.len() > 8), "{} holds the records", state.display());
 
+    // A switchover the coordinator refuses comes back as a refusal with
+    // its reason, not as an unreachable coordinator: cluster 1 has no
+    // server at all.
+    let err = table.switchover(&endpoint, 1, None).await.unwrap_err();
+    assert_eq!(err.reason(), "SwitchoverRefused", "{err}");
+    assert_eq!(master.term, table.table(&endpoint).await.unwrap().iter().find(|n| n.is_master).unwrap().term);
+
     shutdown.cancel();
     coordinator.await.unwrap().unwrap();
 }

@@ -126,6 +126,41 @@ async fn admin_calls_go_over_tls_to_the_deployments_ca_only() {
     shutdown.cancel();
 }
 
+#[tokio::test]
+async fn switchovers_carry_the_token_over_the_same_tls_channel() {
+    // The rollout, a scale-down and the sns.io/switchover annotation call
+    // CoordAdmin.Switchover through the channel `authenticate` set up: a
+    // call without the token is refused for it; with the token and the CA
+    // it reaches the coordinator, which refuses only on the merits
+    // (cluster 1 has no server at all).
+    let shutdown = CancellationToken::new();
+    let coord = coordinator(SECRET, &shutdown).await;
+    let names = names();
+    let ca = tls::new_ca(&names).unwrap();
+    let node = tls::issue_node_cert(&names, &tls::tls_names(&names, 3), &ca).unwrap();
+    let front = tls_front(coord, &node, &shutdown).await;
+    let endpoint = format!("http://{front}");
+    // A short table timeout: it must not cut a switchover short either.
+    let table = GrpcRoutingTable::new(Duration::from_secs(2));
+
+    table.authenticate(&endpoint, Credentials { secret: None, ca: Some(ca.cert.clone()) });
+    let refused = table.switchover(&endpoint, 1, None).await.unwrap_err().to_string();
+    assert!(refused.contains("token"), "no token: {refused}");
+
+    table.authenticate(&endpoint, creds(&SECRET.replace('5', "6"), Some(&ca)));
+    let denied = table.switchover(&endpoint, 1, None).await.unwrap_err().to_string();
+    assert!(denied.contains("another deployment"), "another deployment's token: {denied}");
+
+    table.authenticate(&endpoint, creds(SECRET, Some(&ca)));
+    let err = table.switchover(&endpoint, 1, None).await.unwrap_err();
+    assert_eq!(err.reason(), "SwitchoverRefused", "{err}");
+    assert!(!err.to_string().contains("token"), "the token got in: {err}");
+    // The table read shares the channel and its credentials.
+    table.table(&endpoint).await.expect("the same channel reads the table");
+    assert_eq!(table.channels(), 1);
+    shutdown.cancel();
+}
+
 /// A CoordAdmin call over TLS to `front`, checking the certificate as
 /// `domain`.
 async fn call_as(front: SocketAddr, ca: &Pem, domain: &str) -> Result<(), String> {

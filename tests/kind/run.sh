@@ -15,7 +15,15 @@
 #     FAILOVER_BUDGET seconds, a Failover event is recorded, the master
 #     Service follows the role label, every post reaches its follower
 #     (nothing acknowledged is lost), and the old pod comes back as slave;
-#  5. deleting `one` (retention Retain) removes its pods and keeps its PVCs.
+#  5. under continuous writes (acknowledged writes by a user of each
+#     cluster, posts by user 2 that users 1 and 5 must all see once), each
+#     printing the longest time without an acknowledged write:
+#     a. an image change (the chart's tag, hence SNS_OPERATOR_IMAGE) rolls
+#        every server, status.rollout reaches Done with 6/6 updated;
+#     b. the sns.io/switchover annotation moves cluster 2's master once and
+#        is recorded in status.lastSwitchover;
+#     c. serversPerCluster 2 -> 1 -> 2, Ready at 3/3 then 6/6;
+#  6. deleting `one` (retention Retain) removes its pods and keeps its PVCs.
 #
 # Needs docker (with a daemon), kind, kubectl and helm. Where any is missing
 # the suite is SKIPPED with a message and exits 0 (set KIND_E2E_REQUIRED=1,
@@ -155,13 +163,33 @@ kubectl get sns -n "$NS"
   die "demo should have exactly 3 pods labelled sns.io/role=master"
 
 # --- clients through port-forward ----------------------------------------------
+# Kept up in a loop: a port-forward ends with the pod it picked, and the
+# coordinator's pod is replaced by an image change (the clients reconnect).
 port_forward() {
   local cr=$1 port=$2
-  kubectl port-forward -n "$NS" "svc/$cr-coordinator" "$port:9000" >"$OUT/port-forward-$cr.log" 2>&1 &
+  (
+    trap 'kill "$child" 2>/dev/null; exit 0' TERM
+    while :; do
+      kubectl port-forward -n "$NS" "svc/$cr-coordinator" "$port:9000" >>"$OUT/port-forward-$cr.log" 2>&1 &
+      child=$!
+      wait "$child" || true
+      sleep 0.5
+    done
+  ) &
   BG_PIDS+=($!)
   PORT_OF[$cr]=$port
   eventually 30 "port-forward to $cr" "(exec 3<>/dev/tcp/127.0.0.1/$port)"
 }
+# TLS is on by default: the clients check the coordinator's certificate
+# (issued for localhost and 127.0.0.1 too, for this port-forward) against
+# the SnsCluster's CA, the ca.crt of its <name>-tls Secret.
+extract_ca() {
+  local cr=$1
+  CA_OF[$cr]=$OUT/ca-$cr.crt
+  kubectl get secret -n "$NS" "$cr-tls" -o jsonpath='{.data.ca\.crt}' | base64 -d >"${CA_OF[$cr]}"
+  grep -q -- '-----BEGIN CERTIFICATE-----' "${CA_OF[$cr]}" || die "no CA in the Secret $cr-tls"
+}
+for cr in one demo; do extract_ca "$cr"; done
 port_forward one 19000
 port_forward demo 19100
 
@@ -282,6 +310,111 @@ drill() {
 }
 drill 1 0
 drill 2 1
+kubectl get pods -n "$NS" -L sns.io/cluster,sns.io/role
+
+# --- operations under continuous writes ----------------------------------------
+# Writers w7, w8, w9 (users 7, 8, 9: one per cluster) make acknowledged
+# writes back to back; user 2 posts every 500 ms and users 1 and 5 must
+# see every post once. Each operation prints each writer's longest time
+# without an acknowledged write.
+for u in 7 8 9; do client "w$u" demo "$u"; done
+declare -a WRITER_PIDS
+under_writes_start() {
+  local tag=$1 u
+  rm -f "$OUT/stop-writers"
+  WRITER_PIDS=()
+  for u in 7 8 9; do
+    : >"$OUT/acks-w$u"
+    writer "w$u" &
+    WRITER_PIDS+=($!)
+    BG_PIDS+=($!)
+  done
+  (
+    i=0
+    until [ -e "$OUT/stop-writers" ]; do
+      i=$((i + 1))
+      send u2 "$tag-$i"
+      echo "$i" >"$OUT/posts-$tag"
+      sleep 0.5
+    done
+  ) &
+  WRITER_PIDS+=($!)
+  BG_PIDS+=($!)
+}
+under_writes_stop() {
+  local tag=$1 pid n i u dups worst=0 ms
+  touch "$OUT/stop-writers"
+  for pid in "${WRITER_PIDS[@]}"; do
+    wait "$pid" || die "$tag: a writer failed (no answer to a write within 60 s)"
+  done
+  for u in 7 8 9; do
+    [ "$(wc -l <"$OUT/acks-w$u")" -gt 1 ] || die "$tag: writer w$u had fewer than 2 writes acknowledged"
+    ms=$(blackout "w$u")
+    log "$tag: longest write blackout of user $u: ${ms} ms"
+    [ "$ms" -gt "$worst" ] && worst=$ms
+  done
+  log "$tag: longest write blackout: ${worst} ms"
+  n=$(cat "$OUT/posts-$tag")
+  for i in $(seq 1 "$n"); do
+    expect_post u1 2 "$tag-$i" 120
+    expect_post u5 2 "$tag-$i" 120
+  done
+  for u in u1 u5; do
+    dups=$(grep -E "$(post_re 2 "$tag-[0-9]+")" "$OUT/client-$u.log" | sed 's/.*>> //' | sort | uniq -d)
+    [ -z "$dups" ] || die "$tag: user ${u#u} saw posts twice: $dups"
+  done
+  log "$tag: all $n posts reached users 1 and 5 once"
+}
+sns_field() { kubectl get sns demo -n "$NS" -o jsonpath="$1"; }
+rolled_out() {
+  [ "$(sns_field '{.status.rollout.state}')" = Done ] &&
+    [ "$(sns_field '{.status.conditions[?(@.type=="Ready")].status}')" = True ]
+}
+
+# An image change: the chart's new tag is also the operator's
+# SNS_OPERATOR_IMAGE, so every server rolls, one at a time, slave first.
+NEXT_IMAGE=${IMAGE%:*}:e2e-next
+log "image change to $NEXT_IMAGE under writes"
+docker tag "$IMAGE" "$NEXT_IMAGE"
+kind load docker-image --name "$CLUSTER" "$NEXT_IMAGE"
+under_writes_start roll
+helm upgrade sns charts/sns -n sns-system --reuse-values --set image.tag="${NEXT_IMAGE##*:}" --wait --timeout 5m
+eventually 120 "the rollout to start" "[ \"\$(sns_field '{.status.rollout.state}')\" != Done ]"
+eventually 900 "every server on $NEXT_IMAGE, rollout Done and Ready" \
+  "rolled_out && [ \"\$(sns_field '{.status.rollout.updatedServers}')\" = 6/6 ]"
+for pod in $(kubectl get pods -n "$NS" -l app.kubernetes.io/instance=demo,app.kubernetes.io/component=server -o name); do
+  img=$(kubectl get -n "$NS" "$pod" -o jsonpath='{.spec.containers[?(@.name=="server")].image}')
+  [ "$img" = "$NEXT_IMAGE" ] || die "$pod runs $img after the roll"
+done
+under_writes_stop roll
+kubectl get events -n "$NS" --field-selector reason=RollingUpdate -o name | grep -q . || die "no RollingUpdate event"
+
+# A switchover asked for with the annotation: runs once, recorded in status.
+log "switchover of cluster 2 via the sns.io/switchover annotation under writes"
+before=$(status_master 2)
+under_writes_start switch
+kubectl annotate sns demo -n "$NS" sns.io/switchover=2
+eventually 120 "the annotation to be taken and the switchover recorded" \
+  "[ -z \"\$(sns_field '{.metadata.annotations.sns\.io/switchover}')\" ] && [ \"\$(sns_field '{.status.lastSwitchover.requestedBy}')\" = annotation ]"
+[ "$(sns_field '{.status.lastSwitchover.succeeded}')" = true ] ||
+  die "switchover failed: $(sns_field '{.status.lastSwitchover.message}')"
+eventually 30 "status to name a new live master of cluster 2" "master_moved 2 $before"
+under_writes_stop switch
+log "switchover: $(sns_field '{.status.lastSwitchover.message}')"
+
+# Scale 2 -> 1 -> 2 servers per cluster.
+log "scaling demo to 1 server per cluster under writes"
+under_writes_start down
+kubectl patch sns demo -n "$NS" --type merge -p '{"spec":{"serversPerCluster":1}}'
+eventually 900 "demo at 1 server per cluster, rolled out and Ready" \
+  "rolled_out && [ \"\$(sns_field '{.status.readyServers}')\" = 3/3 ] && [ -z \"\$(kubectl get sts -n $NS -o name | grep 'demo-server-.-2')\" ]"
+under_writes_stop down
+log "scaling demo back to 2 servers per cluster under writes"
+under_writes_start up
+kubectl patch sns demo -n "$NS" --type merge -p '{"spec":{"serversPerCluster":2}}'
+eventually 900 "demo at 2 servers per cluster, rolled out and Ready" \
+  "rolled_out && [ \"\$(sns_field '{.status.readyServers}')\" = 6/6 ]"
+under_writes_stop up
 kubectl get pods -n "$NS" -L sns.io/cluster,sns.io/role
 
 # --- deletion honours retention -------------------------------------------------

@@ -71,6 +71,15 @@ pub const DATA_ROOT: &str = "/data";
 pub const SERVICE_PORT: i32 = 9000;
 pub const AMQP_PORT: i32 = 5672;
 pub const RABBITMQ_MANAGEMENT_PORT: i32 = 15672;
+/// The plain-text port on which a node serves its gRPC health service
+/// alone (`SNS_HEALTH_PORT`), for the kubelet's probes: the coordinator's
+/// and a server's. A server pod's synchronizer shares the pod's network,
+/// so it has its own, [`SYNC_HEALTH_PORT`].
+pub const HEALTH_PORT: u16 = 8086;
+pub const SYNC_HEALTH_PORT: u16 = 8087;
+/// The container port names of [`HEALTH_PORT`] and [`SYNC_HEALTH_PORT`].
+pub const HEALTH_PORT_NAME: &str = "health";
+pub const SYNC_HEALTH_PORT_NAME: &str = "sync-health";
 /// User id of the runtime image (see the Dockerfile).
 pub const RUN_AS_USER: i64 = 10001;
 
@@ -85,6 +94,9 @@ pub const LABEL_SERVER: &str = "sns.io/server";
 pub const LABEL_ROLE: &str = "sns.io/role";
 pub const MANAGER: &str = "sns-operator";
 const CONFIG_HASH: &str = "sns.io/config-hash";
+/// On a server pod template: the hash of the rest of the template, which a
+/// running pod carries from the template it was made from.
+pub const TEMPLATE_HASH: &str = "sns.io/template-hash";
 
 /// Everything the renderer needs besides the resource itself.
 #[derive(Debug, Clone)]

@@ -7,14 +7,19 @@
 //! - the coordinator: from anywhere on `grpc`, as far as its Service lets
 //!   traffic in (clients, the gateway, the operator's admin calls);
 //! - the managed broker: AMQP from the synchronizers only (they share the
-//!   server pods), and anything from its own peers.
+//!   server pods), and anything from its own peers;
+//! - the plain-text health ports of the coordinator and the server pods
+//!   (`health`, and `sync-health` for a server pod's synchronizer): from
+//!   anywhere, since they answer the kubelet's gRPC probes, which come from
+//!   the node's own address (most CNIs never apply a NetworkPolicy to
+//!   them, some do). They serve the health service and nothing else.
 //!
 //! Selectors are label selectors without a namespace selector, so they
-//! match pods of the SnsCluster's namespace only. The kubelet's probes and
-//! `kubectl port-forward` do not cross the pod network and are unaffected.
+//! match pods of the SnsCluster's namespace only. `kubectl port-forward`
+//! does not cross the pod network and is unaffected.
 
 use super::pod::{labels, meta, selector_of};
-use super::{LABEL_COMPONENT, Names};
+use super::{HEALTH_PORT_NAME, LABEL_COMPONENT, Names, SYNC_HEALTH_PORT_NAME};
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
@@ -79,7 +84,13 @@ pub(super) fn render_network_policies(
         ports: Some(vec![port("sns"), port("sync")]),
     };
     let clients = NetworkPolicyIngressRule { from: None, ports: Some(vec![port("grpc")]) };
-    let mut v = vec![policy(names, "server", owner, vec![nodes]), policy(names, "coordinator", owner, vec![clients])];
+    // The kubelet's probes, from wherever the kubelet is.
+    let probes =
+        |ports: &[&str]| NetworkPolicyIngressRule { from: None, ports: Some(ports.iter().map(|p| port(p)).collect()) };
+    let mut v = vec![
+        policy(names, "server", owner, vec![nodes, probes(&[HEALTH_PORT_NAME, SYNC_HEALTH_PORT_NAME])]),
+        policy(names, "coordinator", owner, vec![clients, probes(&[HEALTH_PORT_NAME])]),
+    ];
     if managed_broker {
         let synchronizers = NetworkPolicyIngressRule {
             from: Some(vec![components(names, &["server"])]),

@@ -10,8 +10,7 @@ use k8s_openapi::api::apps::v1::StatefulSetPersistentVolumeClaimRetentionPolicy;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
     EnvVarSource, GRPCAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, Probe,
-    SeccompProfile, SecretKeySelector, SecurityContext, ServicePort, TCPSocketAction, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecurityContext, ServicePort, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -78,26 +77,14 @@ pub(super) fn pod_security(user: i64) -> PodSecurityContext {
     }
 }
 
-/// Every node serves `grpc.health.v1` on its own port, which the kubelet's
-/// native gRPC probe speaks.
-pub(super) fn grpc_probe(port: u16, period: i32, failures: i32) -> Probe {
+/// Every node serves `grpc.health.v1` alone, in plain text, on its health
+/// port (`SNS_HEALTH_PORT`) as well as on its own port, which speaks TLS
+/// when the SnsCluster's TLS is on: the kubelet's native gRPC probe cannot
+/// speak TLS, so every probe asks the health port, TLS on or off.
+/// `service` "" asks whether the process is up.
+pub(super) fn grpc_probe(port: u16, service: &str, period: i32, failures: i32) -> Probe {
     Probe {
-        grpc: Some(GRPCAction { port: i32::from(port), service: None }),
-        period_seconds: Some(period),
-        timeout_seconds: Some(2),
-        failure_threshold: Some(failures),
-        ..Default::default()
-    }
-}
-
-/// The kubelet's gRPC probe speaks plaintext only: a node serving TLS is
-/// probed by a TCP connect to its port instead.
-pub(super) fn node_probe(spec: &SnsClusterSpec, port: u16, period: i32, failures: i32) -> Probe {
-    if !spec.tls.enabled {
-        return grpc_probe(port, period, failures);
-    }
-    Probe {
-        tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(i32::from(port)), ..Default::default() }),
+        grpc: Some(GRPCAction { port: i32::from(port), service: Some(service.into()) }),
         period_seconds: Some(period),
         timeout_seconds: Some(2),
         failure_threshold: Some(failures),
@@ -150,20 +137,32 @@ pub(super) struct NodeContainer<'a> {
     pub(super) port: u16,
     pub(super) env: Vec<EnvVar>,
     pub(super) mounts: Vec<VolumeMount>,
+    /// The plain-text health port: its container port name and number
+    /// (the two containers of a server pod share its network, so each has
+    /// its own).
+    pub(super) health: (&'a str, u16),
+    /// The health service the readiness probe asks ("": the process's).
+    pub(super) readiness: &'a str,
 }
 
 pub(super) fn node_container(spec: &SnsClusterSpec, image: &str, names: &Names, c: NodeContainer<'_>) -> Container {
+    let (health_name, health_port) = c.health;
+    let health_env =
+        EnvVar { name: "SNS_HEALTH_PORT".into(), value: Some(health_port.to_string()), ..Default::default() };
     Container {
         name: c.name.into(),
         image: Some(image.into()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
         command: Some(vec!["sns-node".into()]),
         args: Some(c.args),
-        env: if c.env.is_empty() { None } else { Some(c.env) },
+        env: Some([c.env, vec![health_env]].concat()),
         env_from: Some(config_env(names)),
-        ports: Some(vec![container_port(c.port_name, i32::from(c.port))]),
-        readiness_probe: Some(node_probe(spec, c.port, 5, 3)),
-        liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..node_probe(spec, c.port, 10, 3) }),
+        ports: Some(vec![
+            container_port(c.port_name, i32::from(c.port)),
+            container_port(health_name, i32::from(health_port)),
+        ]),
+        readiness_probe: Some(grpc_probe(health_port, c.readiness, 5, 3)),
+        liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..grpc_probe(health_port, "", 10, 3) }),
         resources: spec.resources.clone(),
         security_context: Some(container_security()),
         volume_mounts: Some(c.mounts),

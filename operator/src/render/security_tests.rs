@@ -94,6 +94,27 @@ fn generated_secrets_follow_retention_not_the_owner() {
     assert_eq!(node.data.unwrap()[NODE_SECRET_KEY].0, b"0123456789abcdef0123456789abcdef");
 }
 
+/// Both probes of a node container are gRPC probes of its plain-text
+/// health port (`SNS_HEALTH_PORT`, a container port of its own name):
+/// liveness asks for the process (""), readiness for the server's
+/// "readiness" service or the process's.
+fn assert_probes_on_the_health_port(c: &Container) {
+    let (name, port) = match c.name.as_str() {
+        "synchronizer" => (SYNC_HEALTH_PORT_NAME, SYNC_HEALTH_PORT),
+        _ => (HEALTH_PORT_NAME, HEALTH_PORT),
+    };
+    assert_eq!(env_of(c, "SNS_HEALTH_PORT"), Some(port.to_string()), "{}", c.name);
+    let declared = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some(name));
+    assert_eq!(declared.map(|p| p.container_port), Some(i32::from(port)), "{}: port {name}", c.name);
+    let readiness = if c.name == "server" { "readiness" } else { "" };
+    for (probe, service) in [(&c.readiness_probe, readiness), (&c.liveness_probe, "")] {
+        let probe = probe.as_ref().unwrap();
+        assert!(probe.tcp_socket.is_none() && probe.http_get.is_none() && probe.exec.is_none(), "{}", c.name);
+        let grpc = probe.grpc.as_ref().unwrap();
+        assert_eq!((grpc.port, grpc.service.as_deref()), (i32::from(port), Some(service)), "{}", c.name);
+    }
+}
+
 #[test]
 fn tls_mounts_and_probes_follow_the_spec() {
     // On by default, with the operator's CA.
@@ -108,9 +129,9 @@ fn tls_mounts_and_probes_follow_the_spec() {
             }
             let mount = c.volume_mounts.iter().flatten().find(|m| m.name == "tls").unwrap();
             assert_eq!((mount.mount_path.as_str(), mount.read_only), (TLS_DIR, Some(true)));
-            // The kubelet's gRPC probe cannot speak TLS.
-            let probe = c.readiness_probe.as_ref().unwrap();
-            assert!(probe.grpc.is_none() && probe.tcp_socket.is_some(), "{}", c.name);
+            // The kubelet's gRPC probe cannot speak TLS: it asks the
+            // plain-text health port instead of the node's own.
+            assert_probes_on_the_health_port(c);
         }
     }
     assert!(!r.children.iter().any(|c| c.kind() == "Certificate"));
@@ -122,7 +143,8 @@ fn tls_mounts_and_probes_follow_the_spec() {
         assert!(pod.spec.volumes.iter().flatten().all(|v| v.name != "tls"));
         for c in node_containers(pod) {
             assert!(env_of(c, "SNS_TLS_CERT").is_none() && env_of(c, "SNS_TLS_CA").is_none());
-            assert!(c.readiness_probe.as_ref().unwrap().grpc.is_some());
+            // The same probes with TLS off.
+            assert_probes_on_the_health_port(c);
         }
     }
     let yaml = to_yaml(&r, &Names::of(&cluster("demo", json!({}))).unwrap());
@@ -314,17 +336,20 @@ fn network_policies_let_in_exactly_the_intended_pods() {
         match p.name_any().as_str() {
             "demo-server" => {
                 assert_eq!(targets, servers, "servers and synchronizers (one pod each)");
-                assert_eq!(rules.len(), 1);
+                assert_eq!(rules.len(), 2);
                 let from = peers(rules[0].from.as_ref().unwrap(), &all);
                 assert_eq!(from, servers.union(&coordinator).copied().collect(), "own nodes and the coordinator");
-                let ports: Vec<_> = rules[0].ports.iter().flatten().map(|p| p.port.clone().unwrap()).collect();
-                assert_eq!(ports, [IntOrString::String("sns".into()), IntOrString::String("sync".into())]);
+                assert_eq!(ports_of(&rules[0]), ["sns", "sync"]);
+                assert!(rules[1].from.is_none(), "the kubelet's probes, from wherever it is");
+                assert_eq!(ports_of(&rules[1]), [HEALTH_PORT_NAME, SYNC_HEALTH_PORT_NAME]);
             }
             "demo-coordinator" => {
                 assert_eq!(targets, coordinator);
-                assert_eq!(rules.len(), 1);
+                assert_eq!(rules.len(), 2);
                 assert!(rules[0].from.is_none(), "clients from anywhere the Service lets in");
-                assert_eq!(rules[0].ports.as_ref().unwrap()[0].port, Some(IntOrString::String("grpc".into())));
+                assert_eq!(ports_of(&rules[0]), ["grpc"]);
+                assert!(rules[1].from.is_none(), "the kubelet's probes, from wherever it is");
+                assert_eq!(ports_of(&rules[1]), [HEALTH_PORT_NAME]);
             }
             "demo-broker" => {
                 assert_eq!(targets, broker);
@@ -342,6 +367,55 @@ fn network_policies_let_in_exactly_the_intended_pods() {
             }
             other => panic!("unexpected policy {other}"),
         }
+    }
+}
+
+/// The port names a rule opens.
+fn ports_of(rule: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule) -> Vec<String> {
+    rule.ports
+        .iter()
+        .flatten()
+        .map(|p| match p.port.clone().unwrap() {
+            IntOrString::String(name) => name,
+            IntOrString::Int(n) => panic!("port {n} by number"),
+        })
+        .collect()
+}
+
+#[test]
+fn every_probe_port_is_let_in_from_anywhere() {
+    // However the policies narrow a pod's ingress, the port each of its
+    // probes asks is open to every source (the kubelet's address is not a
+    // pod's), and nothing else is opened that widely but the coordinator's
+    // client port.
+    let r = rendered("demo", json!({}));
+    let policies = policies(&r);
+    for pod in pods(&r).iter().filter(|p| p.name != "demo-rabbitmq-0") {
+        let component = &pod.labels[LABEL_COMPONENT];
+        let policy = policies.iter().find(|p| p.name_any() == format!("demo-{component}")).unwrap();
+        let open: BTreeSet<String> = policy
+            .spec
+            .as_ref()
+            .unwrap()
+            .ingress
+            .iter()
+            .flatten()
+            .filter(|r| r.from.is_none())
+            .flat_map(ports_of)
+            .collect();
+        let mut probed = BTreeSet::new();
+        for c in node_containers(pod) {
+            for probe in [&c.readiness_probe, &c.liveness_probe] {
+                let port = probe.as_ref().unwrap().grpc.as_ref().unwrap().port;
+                let name = c.ports.iter().flatten().find(|p| p.container_port == port).unwrap().name.clone();
+                probed.insert(name.unwrap());
+            }
+        }
+        let mut expected = probed.clone();
+        if component == "coordinator" {
+            expected.insert("grpc".into());
+        }
+        assert_eq!(open, expected, "{}", pod.name);
     }
 }
 

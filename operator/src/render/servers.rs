@@ -6,14 +6,24 @@ use super::pod::{
     server_labels, template_meta, tmp_volume,
 };
 use super::secrets::{amqp_ca_files, node_files};
-use super::{DATA_ROOT, LABEL_CLUSTER, LABEL_NAME, Names, RUN_AS_USER, pod_args};
+use super::{
+    DATA_ROOT, HEALTH_PORT, HEALTH_PORT_NAME, LABEL_CLUSTER, LABEL_NAME, Names, RUN_AS_USER, SYNC_HEALTH_PORT,
+    SYNC_HEALTH_PORT_NAME, TEMPLATE_HASH, fnv1a, pod_args,
+};
 use crate::crd::SnsClusterSpec;
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::core::v1::{
     Affinity, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use sns_node::topology::{Process, Role};
+
+/// The health service a server reports NOT_SERVING while it catches up
+/// (node/src/server/role.rs `READINESS_SERVICE`, which the node crate
+/// keeps private).
+pub const READINESS_SERVICE: &str = "readiness";
 
 pub(super) fn render_server(
     names: &Names,
@@ -41,6 +51,11 @@ pub(super) fn render_server(
             port: server.port,
             env: files.env.clone(),
             mounts: [vec![data_mount.clone(), tmp_mount.clone()], files.mounts.clone()].concat(),
+            health: (HEALTH_PORT_NAME, HEALTH_PORT),
+            // NOT_SERVING while the server catches up with its master (or
+            // is fenced, or has no trusted journal): a rolling update waits
+            // for this before it goes on.
+            readiness: READINESS_SERVICE,
         },
     );
     let sync_c = node_container(
@@ -61,6 +76,8 @@ pub(super) fn render_server(
                 amqp_ca.mounts,
             ]
             .concat(),
+            health: (SYNC_HEALTH_PORT_NAME, SYNC_HEALTH_PORT),
+            readiness: "",
         },
     );
     // Master and slave of a cluster on different nodes when there are
@@ -81,6 +98,27 @@ pub(super) fn render_server(
         }),
         ..Default::default()
     };
+    let mut template = PodTemplateSpec {
+        metadata: Some(template_meta(l.clone(), config_hash)),
+        spec: Some(PodSpec {
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(pod_security(RUN_AS_USER)),
+            affinity: Some(affinity),
+            containers: vec![server_c, sync_c],
+            volumes: Some([vec![tmp], files.volumes, amqp_ca.volumes].concat()),
+            // Writes are fsynced before they are acknowledged: a
+            // short grace is safe and speeds up failover drills.
+            termination_grace_period_seconds: Some(10),
+            ..Default::default()
+        }),
+    };
+    // What the rolling update compares a running pod with (see
+    // crate::rollout): the hash of everything else in the template.
+    let hash = format!("{:016x}", fnv1a(serde_json::to_string(&template).unwrap_or_default().as_bytes()));
+    if let Some(m) = template.metadata.as_mut() {
+        m.annotations.get_or_insert_with(Default::default).insert(TEMPLATE_HASH.into(), hash);
+    }
     let mut pvc_labels = selector_of(&l);
     pvc_labels.insert(LABEL_NAME.into(), "sns".into());
     StatefulSet {
@@ -90,21 +128,15 @@ pub(super) fn render_server(
             service_name: Some(names.nodes()),
             selector: LabelSelector { match_labels: Some(selector_of(&l)), ..Default::default() },
             persistent_volume_claim_retention_policy: Some(retention_policy(spec.storage.retention)),
-            template: PodTemplateSpec {
-                metadata: Some(template_meta(l, config_hash)),
-                spec: Some(PodSpec {
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    security_context: Some(pod_security(RUN_AS_USER)),
-                    affinity: Some(affinity),
-                    containers: vec![server_c, sync_c],
-                    volumes: Some([vec![tmp], files.volumes, amqp_ca.volumes].concat()),
-                    // Writes are fsynced before they are acknowledged: a
-                    // short grace is safe and speeds up failover drills.
-                    termination_grace_period_seconds: Some(10),
-                    ..Default::default()
-                }),
-            },
+            // Held: the operator lowers the partition to 0 when the
+            // server's turn comes (slave first, then the master once its
+            // role moved), or for a pod that already runs this template:
+            // see crate::rollout.
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateStatefulSetStrategy { partition: Some(1), max_unavailable: None }),
+            }),
+            template,
             volume_claim_templates: Some(vec![pvc_template(
                 pvc_labels,
                 &spec.storage.size,

@@ -38,16 +38,11 @@ fn template(s: &StatefulSet) -> &PodTemplateSpec {
     &s.spec.as_ref().unwrap().template
 }
 
-/// The port a probe checks: gRPC health without TLS, a TCP connect with.
+/// The port of a probe: a gRPC probe, whatever the TLS setting (the
+/// kubelet asks the node's plain-text health port).
 fn probe_port(p: &k8s_openapi::api::core::v1::Probe) -> i32 {
-    match (&p.grpc, &p.tcp_socket) {
-        (Some(g), None) => g.port,
-        (None, Some(t)) => match t.port {
-            IntOrString::Int(n) => n,
-            IntOrString::String(_) => panic!("a named probe port"),
-        },
-        _ => panic!("one probe kind: {p:?}"),
-    }
+    assert!(p.tcp_socket.is_none() && p.http_get.is_none() && p.exec.is_none(), "one probe kind: {p:?}");
+    p.grpc.as_ref().expect("a gRPC probe").port
 }
 
 fn container<'a>(t: &'a PodTemplateSpec, name: &str) -> &'a Container {
@@ -129,7 +124,12 @@ fn server_and_synchronizer_run_exactly_the_plans_command_lines() {
         );
         assert!(args.iter().all(|a| !a.contains('{')), "{args:?}");
         assert_eq!(c.ports.as_ref().unwrap()[0].container_port, i32::from(p.port));
-        assert_eq!(probe_port(c.readiness_probe.as_ref().unwrap()), i32::from(p.port));
+        // Probed on its plain-text health port, a port of its own beside
+        // the node's (the two containers share the pod's network).
+        let health = if container_name == "synchronizer" { SYNC_HEALTH_PORT } else { HEALTH_PORT };
+        assert_eq!(c.ports.as_ref().unwrap()[1].container_port, i32::from(health));
+        assert_eq!(probe_port(c.readiness_probe.as_ref().unwrap()), i32::from(health));
+        assert_eq!(probe_port(c.liveness_probe.as_ref().unwrap()), i32::from(health));
         checked += 1;
     }
     assert_eq!(checked, 12);
@@ -198,8 +198,9 @@ fn coordinator_keeps_its_records_on_its_own_claim() {
     );
     assert_eq!(pod.automount_service_account_token, Some(false));
     let readiness = c.readiness_probe.as_ref().unwrap();
-    assert_eq!(probe_port(readiness), i32::from(BASE_PORT));
-    assert!(c.liveness_probe.is_some());
+    assert_eq!(probe_port(readiness), i32::from(HEALTH_PORT));
+    assert_eq!(probe_port(c.liveness_probe.as_ref().unwrap()), i32::from(HEALTH_PORT));
+    assert_eq!(c.ports.as_ref().unwrap()[0].container_port, i32::from(BASE_PORT));
     let annotations = t.metadata.as_ref().unwrap().annotations.as_ref().unwrap();
     assert!(annotations.contains_key(CONFIG_HASH));
 
@@ -436,5 +437,45 @@ fn yaml_dump_holds_every_object() {
     assert!(yaml.contains("kind: Secret"));
     for name in ["demo-rabbitmq-credentials", "demo-node-secret", "demo-ca", "demo-tls"] {
         assert!(yaml.contains(&format!("name: {name}\n")), "{name}");
+    }
+}
+
+#[test]
+fn servers_roll_only_when_the_operator_lets_them() {
+    let hash = |r: &Rendered, name: &str| {
+        template(sts(r, name)).metadata.as_ref().unwrap().annotations.as_ref().unwrap()[TEMPLATE_HASH].clone()
+    };
+    let a = render(&cluster("demo", serde_json::json!({})), &opts()).unwrap();
+    for c in 1..=3 {
+        for s in 1..=2 {
+            let set = sts(&a, &format!("demo-server-{c}-{s}"));
+            let strategy = set.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
+            assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+            let partition = strategy.rolling_update.as_ref().unwrap().partition;
+            assert_eq!(partition, Some(1), "held: the operator picks the order");
+            // Ready means caught up with the master, not merely up.
+            let server = container(template(set), "server");
+            let probe = server.readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
+            assert_eq!(probe.service.as_deref(), Some("readiness"));
+            let live = server.liveness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
+            assert_eq!(live.service.as_deref(), Some(""), "a catching-up server is alive");
+            let sync = container(template(set), "synchronizer").readiness_probe.as_ref().unwrap();
+            assert_eq!(sync.grpc.as_ref().unwrap().service.as_deref(), Some(""));
+        }
+    }
+    assert_eq!(
+        hash(&a, "demo-server-1-1"),
+        hash(&render(&cluster("demo", serde_json::json!({})), &opts()).unwrap(), "demo-server-1-1")
+    );
+    assert_ne!(hash(&a, "demo-server-1-1"), hash(&a, "demo-server-1-2"), "each server's own template");
+    // A new operator image (the default one) or settings change every
+    // server's hash, so both go through the rolling update.
+    let image =
+        render(&cluster("demo", serde_json::json!({})), &RenderOptions { default_image: "tiny-sns:next".into() })
+            .unwrap();
+    let log = render(&cluster("demo", serde_json::json!({"logLevel": "debug"})), &opts()).unwrap();
+    for name in ["demo-server-1-1", "demo-server-3-2"] {
+        assert_ne!(hash(&a, name), hash(&image, name), "{name}");
+        assert_ne!(hash(&a, name), hash(&log, name), "{name}");
     }
 }
