@@ -7,6 +7,7 @@
 //! `SNS_BIN_DIR` points elsewhere if needed.
 
 pub mod bench;
+pub mod broker;
 pub mod disk;
 pub mod load;
 pub mod nodes;

@@ -3,9 +3,9 @@
 //! gRPC), malformed broker messages, an unreachable coordinator.
 
 use futures_util::StreamExt;
-use lapin::options::{BasicGetOptions, BasicPublishOptions};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
-use sns_e2e::{Client, Deployment, amqp_url, eventually};
+use lapin::BasicProperties;
+use sns_e2e::broker::Broker;
+use sns_e2e::{Client, Deployment, eventually};
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::csce438::sns_service_client::SnsServiceClient;
 use sns_proto::csce438::{Id, Message, Request};
@@ -147,37 +147,19 @@ fn malformed_broker_messages_are_dead_lettered() -> anyhow::Result<()> {
     let mut c1 = d.client("1")?;
     c1.expect_line("=====================================")?;
     let rt = tokio::runtime::Runtime::new()?;
-    let dead_queue = format!("{}.dead", d.name);
     rt.block_on(async {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
-        let ch = conn.create_channel().await?;
-        let exchange = format!("{}.events", d.name);
+        let broker = Broker::connect(&d.name).await?;
         // Sealed with the deployment's key, so that it is the decoding
         // that refuses them (the security suite sends unsealed ones).
-        for (key, body) in [("to.2", &b"\xff\xfe garbage"[..]), ("to.2", &b""[..])] {
-            ch.basic_publish(
-                exchange.as_str().into(),
-                key.into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default().with_headers(sns_e2e::secret::sealed("", body, None)),
-            )
-            .await?
-            .await?;
+        for body in [&b"\xff\xfe garbage"[..], &b""[..]] {
+            let props = BasicProperties::default().with_headers(sns_e2e::secret::sealed("", body, None));
+            broker.publish("to.2", body, props).await?;
         }
         // Both land in cluster 2's queue, fail to decode, and are rejected
         // to the dead-letter queue.
-        let mut dead = 0;
-        let deadline = std::time::Instant::now() + sns_e2e::DEADLINE;
-        while dead < 2 && std::time::Instant::now() < deadline {
-            match ch.basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true }).await? {
-                Some(_) => dead += 1,
-                None => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-            }
-        }
-        assert_eq!(dead, 2, "both malformed messages must reach {dead_queue}");
-        conn.close(200, "done".into()).await?;
-        anyhow::Ok(())
+        let dead = broker.dead_letters(2).await?;
+        assert_eq!(dead.len(), 2, "both malformed messages must be dead-lettered");
+        broker.close().await
     })?;
     // The synchronizer is still applying real events.
     let mut c2 = d.client("2")?;
@@ -200,10 +182,8 @@ fn a_forged_event_is_dead_lettered_and_later_events_still_apply() -> anyhow::Res
     let mut c2 = d.client("2")?;
     c2.expect_line("=====================================")?;
     let rt = tokio::runtime::Runtime::new()?;
-    let dead_queue = format!("{}.dead", d.name);
     rt.block_on(async {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
-        let ch = conn.create_channel().await?;
+        let broker = Broker::connect(&d.name).await?;
         let forged = SyncEvent {
             origin_cluster: 1,
             seq: i64::MAX as u64,
@@ -219,31 +199,18 @@ fn a_forged_event_is_dead_lettered_and_later_events_still_apply() -> anyhow::Res
         let props = BasicProperties::default()
             .with_type(sns_node::store::codec::BATCH_TYPE.into())
             .with_headers(sns_e2e::secret::sealed(sns_node::store::codec::BATCH_TYPE, &body, None));
-        ch.basic_publish(
-            format!("{}.events", d.name).as_str().into(),
-            "to.2".into(),
-            BasicPublishOptions::default(),
-            &body,
-            props,
-        )
-        .await?
-        .await?;
-        let deadline = std::time::Instant::now() + sns_e2e::DEADLINE;
-        let mut dead = None;
-        while dead.is_none() && std::time::Instant::now() < deadline {
-            match ch.basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true }).await? {
-                Some(m) => dead = Some(m),
-                None => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-            }
-        }
-        let dead = dead.ok_or_else(|| anyhow::anyhow!("the forged event never reached {dead_queue}"))?;
+        broker.publish("to.2", &body, props).await?;
+        let dead = broker
+            .dead_letters(1)
+            .await?
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("the forged event was never dead-lettered"))?;
         let reason = match dead.properties.headers().as_ref().and_then(|h| h.inner().get("x-reason").cloned()) {
             Some(lapin::types::AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).to_string(),
             other => format!("{other:?}"),
         };
         assert!(reason.contains("jumps past the window"), "the reason travels with it: {reason}");
-        conn.close(200, "done".into()).await?;
-        anyhow::Ok(())
+        broker.close().await
     })?;
     // Cluster 1's real events still reach cluster 2, and the forged user
     // was never made.

@@ -11,11 +11,11 @@
 //!   applied, and the real events of its origin still arrive.
 //! - The secret is in a 0600 file, never on a command line, never logged.
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::BasicProperties;
 use prost::Message as _;
+use sns_e2e::broker::Broker;
 use sns_e2e::nodes::{get_server, master_of, rt, table};
-use sns_e2e::{DEADLINE, Deployment, amqp_url, eventually};
+use sns_e2e::{Deployment, eventually};
 use sns_node::auth::{Attach, Secret};
 use sns_proto::csce438::ServerInfo;
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
@@ -168,7 +168,6 @@ fn events_without_the_deployments_mac_are_dead_lettered_and_real_ones_still_appl
     let mut c2 = d.client("2")?;
     c2.expect_line("=====================================")?;
     let rt = tokio::runtime::Runtime::new()?;
-    let dead_queue = format!("{}.dead", d.name);
     let batch = sns_node::store::codec::BATCH_TYPE;
     let forged = SyncEvent {
         origin_cluster: 1,
@@ -201,34 +200,14 @@ fn events_without_the_deployments_mac_are_dead_lettered_and_real_ones_still_appl
         ),
     ];
     rt.block_on(async {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
-        let ch = conn.create_channel().await?;
-        let exchange = format!("{}.events", d.name);
+        let broker = Broker::connect(&d.name).await?;
         for (_, props) in &attempts {
-            ch.basic_publish(
-                exchange.as_str().into(),
-                "to.2".into(),
-                BasicPublishOptions::default(),
-                &body,
-                props.clone(),
-            )
-            .await?
-            .await?;
+            broker.publish("to.2", &body, props.clone()).await?;
         }
-        let deadline = std::time::Instant::now() + DEADLINE;
-        let mut dead = 0;
-        while dead < attempts.len() && std::time::Instant::now() < deadline {
-            match ch.basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true }).await? {
-                Some(m) => {
-                    assert_eq!(m.delivery.data, body, "the forged message itself is dead-lettered");
-                    dead += 1;
-                }
-                None => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-            }
-        }
-        assert_eq!(dead, attempts.len(), "every forged message reaches {dead_queue}");
-        conn.close(200, "done".into()).await?;
-        anyhow::Ok(())
+        let dead = broker.dead_letters(attempts.len()).await?;
+        assert_eq!(dead.len(), attempts.len(), "every forged message is dead-lettered");
+        assert!(dead.iter().all(|m| m.delivery.data == body), "the forged messages themselves");
+        broker.close().await
     })?;
     // Cluster 1's real first event arrives and is applied.
     let mut c1 = d.client("1")?;
