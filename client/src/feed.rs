@@ -15,7 +15,6 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::backoff::Backoff;
 use crate::connect::attach;
 use crate::console::Console;
 use crate::error::Error;
@@ -23,6 +22,7 @@ use crate::input::{Event, Input};
 use crate::output;
 use crate::session::{Exit, Session, session_seed};
 use crate::timeline::{self, MAX_POST_BYTES, PendingPosts, PostKey, SeenPosts, Typed};
+use sns_proto::backoff::Backoff;
 
 /// A timeline stream that stayed open this long was working, so a failure
 /// after it starts the backoff afresh; one that breaks sooner (a server

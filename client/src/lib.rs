@@ -4,7 +4,6 @@
 //! line editor or stdin, and stdout; tests call [`run`] with an in-memory
 //! input and output against in-process nodes.
 
-pub mod backoff;
 pub mod cli;
 pub mod command;
 pub mod connect;

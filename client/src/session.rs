@@ -15,13 +15,13 @@ use tokio::io::AsyncBufRead;
 use tokio::time::{Instant, sleep, timeout_at};
 use tonic::transport::Channel;
 
-use crate::backoff::Backoff;
 use crate::command::Command;
 use crate::connect::{self, attach, request, unary};
 use crate::console::Console;
 use crate::error::Error;
 use crate::input::{Event, Input};
 use crate::output;
+use sns_proto::backoff::Backoff;
 
 /// How long the client waits for things.
 #[derive(Debug, Clone)]

@@ -165,8 +165,7 @@ pub fn error_policy(obj: Arc<SnsCluster>, error: &Error, ctx: Arc<Context>) -> A
 }
 
 pub fn backoff(failures: u32) -> Duration {
-    let secs = 5u64.saturating_mul(1u64 << failures.saturating_sub(1).min(16));
-    Duration::from_secs(secs.min(300))
+    sns_proto::backoff::Backoff::after_failures(Duration::from_secs(5), Duration::from_secs(300), failures)
 }
 
 async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {

@@ -14,6 +14,7 @@ pub mod internal {
     tonic::include_proto!("tinysns.internal.v1");
 }
 
+pub mod backoff;
 pub mod rules;
 
 pub use prost;

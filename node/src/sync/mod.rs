@@ -138,7 +138,7 @@ async fn heartbeats(cfg: SyncConfig, port: u16, coord: net::NodeChannel, shutdow
 /// Connects server and broker, and reconnects whichever fails, forever.
 async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, shutdown: CancellationToken) {
     let names = Names::new(&cfg.deployment);
-    let mut delay = RETRY_MIN;
+    let mut backoff = sns_proto::backoff::Backoff::new(RETRY_MIN, RETRY_MAX);
     loop {
         let attempt = async {
             let server = find_server(&cfg, coord.clone(), &shutdown).await?;
@@ -165,14 +165,18 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, shutdown: Cancellation
             conn.close(200, "synchronizer stopping".into()).await.ok();
             result
         };
-        match attempt.await {
+        let delay = match attempt.await {
             Ok(()) if shutdown.is_cancelled() => return,
-            Ok(()) => delay = RETRY_MIN,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?delay, "synchronizer link down");
-                delay = (delay * 2).min(RETRY_MAX);
+            Ok(()) => {
+                backoff.reset();
+                backoff.next_delay()
             }
-        }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "synchronizer link down");
+                delay
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}

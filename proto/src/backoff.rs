@@ -1,4 +1,6 @@
-//! Exponential backoff between reconnection attempts.
+//! Exponential backoff between attempts, shared by every component that
+//! retries: the client's reconnections, the synchronizer's broker and
+//! server link, the operator's failed reconciles.
 
 use std::time::Duration;
 
@@ -31,6 +33,14 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = self.min;
     }
+
+    /// The delay before attempt `n + 1` after `n` consecutive failures
+    /// (n ≥ 1), for callers that keep a failure count rather than a
+    /// `Backoff`.
+    pub fn after_failures(min: Duration, max: Duration, n: u32) -> Duration {
+        let doublings = n.saturating_sub(1).min(31);
+        min.saturating_mul(1u32 << doublings).min(max.max(min))
+    }
 }
 
 #[cfg(test)]
@@ -47,5 +57,13 @@ mod tests {
         assert_eq!(delays, [ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000), ms(1000)]);
         backoff.reset();
         assert_eq!(backoff.next_delay(), ms(100));
+    }
+
+    #[test]
+    fn a_failure_count_gives_the_same_delays() {
+        let ms = Duration::from_millis;
+        let delays: Vec<_> = (1..=7).map(|n| Backoff::after_failures(ms(100), ms(1000), n)).collect();
+        assert_eq!(delays, [ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000), ms(1000)]);
+        assert_eq!(Backoff::after_failures(ms(100), ms(1000), u32::MAX), ms(1000), "no overflow");
     }
 }
