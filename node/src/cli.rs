@@ -104,6 +104,31 @@ pub struct ListenArgs {
     /// port (for probes that cannot speak TLS, e.g. the kubelet's).
     #[arg(long, env = "SNS_HEALTH_PORT")]
     pub health_port: Option<u16>,
+    /// Serve Prometheus metrics (OpenMetrics text, `GET /metrics`) in plain
+    /// HTTP on this port (0 = any free port).
+    #[arg(long, env = "SNS_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    /// Write the bound metrics port to this file (useful with --metrics-port 0).
+    #[arg(long, env = "SNS_METRICS_PORT_FILE")]
+    pub metrics_port_file: Option<PathBuf>,
+}
+
+impl ListenArgs {
+    /// Binds the health and metrics ports this node was asked for.
+    pub async fn bind_side_ports(
+        &self,
+        kind: crate::metrics::NodeKind,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> crate::error::Result<()> {
+        if let Some(port) = self.health_port {
+            crate::net::bind_health(&self.bind, port).await?;
+        }
+        crate::metrics::install(kind);
+        if let Some(port) = self.metrics_port {
+            crate::metrics::http::start(&self.bind, port, self.metrics_port_file.as_deref(), shutdown.clone()).await?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Args)]

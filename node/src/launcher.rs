@@ -91,6 +91,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 struct Proc {
     plan: Process,
     port: u16,
+    /// Its `GET /metrics` port: any free one at first, kept across restarts.
+    metrics_port: u16,
     child: Option<Child>,
 }
 
@@ -177,7 +179,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         tls,
     };
     for p in plan {
-        l.procs.insert(p.name.clone(), Proc { port: p.port, plan: p, child: None });
+        l.procs.insert(p.name.clone(), Proc { port: p.port, metrics_port: 0, plan: p, child: None });
     }
     let result = async {
         l.start("coordinator").await?;
@@ -254,7 +256,9 @@ impl Launcher {
     async fn start(&mut self, name: &str) -> Result<()> {
         let coord_port = self.coord_port;
         let port_file = self.dir.join("logs").join(format!("{name}.port"));
+        let metrics_file = self.dir.join("logs").join(format!("{name}.metrics-port"));
         let _ = std::fs::remove_file(&port_file);
+        let _ = std::fs::remove_file(&metrics_file);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -282,6 +286,12 @@ impl Launcher {
             args.extend(["-k".to_string(), port.to_string()]);
         }
         args.extend(["--port-file".to_string(), port_file.display().to_string()]);
+        args.extend([
+            "--metrics-port".to_string(),
+            proc.metrics_port.to_string(),
+            "--metrics-port-file".to_string(),
+            metrics_file.display().to_string(),
+        ]);
         let mut cmd = Command::new(&self.bin);
         cmd.env("SNS_QUEUE_TYPE", self.queue_type.as_str())
             .env("SNS_SECRET_FILE", &self.secret_file)
@@ -302,9 +312,12 @@ impl Launcher {
         let child = cmd.spawn().map_err(|e| Error::Other(format!("cannot start {}: {e}", self.bin.display())))?;
         tracing::info!(name, pid = child.id(), "started");
         proc.child = Some(child);
-        proc.port = wait_port_file(&port_file, proc.child.as_mut()).await.map_err(|e| {
+        let failed = |e| {
             Error::Other(format!("{name}: {e}; see {}", self.dir.join("logs").join(format!("{name}.log")).display()))
-        })?;
+        };
+        proc.port = wait_port_file(&port_file, proc.child.as_mut()).await.map_err(failed)?;
+        // Bound before the node's own port: there by now.
+        proc.metrics_port = wait_port_file(&metrics_file, proc.child.as_mut()).await.map_err(failed)?;
         Ok(())
     }
 
@@ -509,7 +522,7 @@ impl Launcher {
             .procs
             .iter()
             .map(|(n, p)| match p.child.as_ref().and_then(|c| c.id()) {
-                Some(pid) => format!("{n}=up(pid {pid}, port {})", p.port),
+                Some(pid) => format!("{n}=up(pid {pid}, port {}, metrics {})", p.port, p.metrics_port),
                 None => format!("{n}=down"),
             })
             .collect();

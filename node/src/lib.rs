@@ -12,6 +12,7 @@ pub mod coordinator;
 pub mod error;
 pub mod ids;
 pub mod launcher;
+pub mod metrics;
 pub mod net;
 pub mod relay;
 pub mod server;
@@ -24,6 +25,7 @@ pub mod topology;
 use cli::{Cli, Command};
 use coordinator::CoordinatorConfig;
 use error::{Error, Result};
+use metrics::NodeKind;
 use server::ServerConfig;
 use sync::SyncConfig;
 use tokio_util::sync::CancellationToken;
@@ -40,18 +42,14 @@ pub fn run(cli: Cli) -> Result<()> {
         match cli.command {
             Command::Coordinator(a) => {
                 a.tls.install()?;
-                if let Some(port) = a.listen.health_port {
-                    net::bind_health(&a.listen.bind, port).await?;
-                }
+                a.listen.bind_side_ports(NodeKind::Coordinator, &shutdown).await?;
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 let cfg = CoordinatorConfig { secret: a.secret.load()?, ..a.config() };
                 coordinator::run(cfg, listener, shutdown).await
             }
             Command::Server(a) => {
                 a.tls.install()?;
-                if let Some(port) = a.listen.health_port {
-                    net::bind_health(&a.listen.bind, port).await?;
-                }
+                a.listen.bind_side_ports(NodeKind::Server { cluster: a.cluster, id: a.id }, &shutdown).await?;
                 let cfg = ServerConfig { secret: a.secret.load()?, ..a.config().map_err(Error::Config)? };
                 // The port file is written once the store is open, so a
                 // launcher that starts servers one after another has them
@@ -61,10 +59,10 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Command::Synchronizer(a) => {
                 a.tls.install()?;
-                if let Some(port) = a.listen.health_port {
-                    net::bind_health(&a.listen.bind, port).await?;
-                }
                 let cfg = SyncConfig { secret: a.secret.load()?, ..a.config().map_err(Error::Config)? };
+                a.listen
+                    .bind_side_ports(NodeKind::Synchronizer { cluster: cfg.cluster, id: cfg.id }, &shutdown)
+                    .await?;
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 sync::run(cfg, listener, shutdown).await
             }

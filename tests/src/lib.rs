@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod disk;
 pub mod load;
+pub mod metrics;
 pub mod nodes;
 pub mod pty;
 pub mod secret;

@@ -271,11 +271,13 @@ pub async fn serve(
         tokio::spawn(master::slave_sync_loop(node.clone(), shutdown.clone())),
         tokio::spawn(disk::flush_loop(node.clone(), shutdown.clone())),
         tokio::spawn(commit::commit_loop(node.clone(), queued, shutdown.clone())),
+        tokio::spawn(role::role_metrics_loop(node.clone(), shutdown.clone())),
     ];
     let (health, health_service) = tonic_health::server::health_reporter();
     net::serve_health(health_service.clone(), shutdown.clone());
     let health_task = tokio::spawn(role::health_loop(node.clone(), health, shutdown.clone()));
     let result = crate::tls::server_builder()?
+        .layer(crate::metrics::grpc::CountLayer)
         .add_service(health_service)
         .add_service(sns::service(node.clone(), shutdown.clone()))
         .add_service(replica::service(node.clone(), shutdown.clone(), node.cfg().secret.clone()))

@@ -370,3 +370,25 @@ pub(super) async fn health_loop(node: Node, health: tonic_health::server::Health
         }
     }
 }
+
+/// Keeps the `sns_master` and `sns_term` gauges on the current role.
+pub(super) async fn role_metrics_loop(node: Node, shutdown: CancellationToken) {
+    let mut role = node.watch_role();
+    loop {
+        let (is_master, term) = {
+            let r = role.borrow_and_update();
+            (r.is_master, r.term)
+        };
+        let m = crate::metrics::get();
+        m.master.set(i64::from(is_master));
+        m.term.set(i64::try_from(term).unwrap_or(i64::MAX));
+        if !is_master {
+            // Lag is a master's view of its slave.
+            m.replication_lag_records.set(0);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = role.changed() => if changed.is_err() { return },
+        }
+    }
+}

@@ -166,7 +166,28 @@ impl SnsService for Sns {
                 }
             }),
         );
-        Ok(Response::new(Box::pin(out.take_until(self.shutdown.clone().cancelled_owned()))))
+        let open = OpenStream::new();
+        let out = out.take_until(self.shutdown.clone().cancelled_owned()).map(move |m| {
+            let _counted = &open;
+            m
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// Counts an open timeline stream for as long as it lives.
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> OpenStream {
+        crate::metrics::get().timeline_streams.inc();
+        OpenStream
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        crate::metrics::get().timeline_streams.dec();
     }
 }
 
@@ -210,10 +231,16 @@ type Committed = oneshot::Receiver<crate::error::Result<()>>;
 /// arrive, without waiting for the previous one's commit (so a client's
 /// posts in flight commit together), and acknowledged in order.
 async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: mpsc::Sender<Result<Message, Status>>) {
-    let (queued, mut pending) = mpsc::channel::<(u64, Committed)>(POSTS_IN_FLIGHT);
+    let (queued, mut pending) = mpsc::channel::<(u64, std::time::Instant, Committed)>(POSTS_IN_FLIGHT);
     let acks = async move {
-        while let Some((id, committed)) = pending.recv().await {
-            match committed.await.unwrap_or(Err(Error::Stopping)) {
+        while let Some((id, arrived, committed)) = pending.recv().await {
+            let result = committed.await.unwrap_or(Err(Error::Stopping));
+            if result.is_ok() {
+                let m = crate::metrics::get();
+                m.posts_committed.inc();
+                m.post_commit_seconds.observe(arrived.elapsed().as_secs_f64());
+            }
+            match result {
                 // A post resent after a failover (same id) is acknowledged
                 // again but applied only once.
                 Ok(()) if id != 0 => {
@@ -234,6 +261,7 @@ async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: 
             if msg.msg.is_empty() {
                 continue;
             }
+            let arrived = std::time::Instant::now();
             let committed = match check_post_text(&msg.msg) {
                 Ok(()) => {
                     let at_ms = post_time(&msg);
@@ -244,11 +272,11 @@ async fn take_posts(node: Node, user: u32, mut inbound: Streaming<Message>, tx: 
                     // and end the session: the client learns why.
                     let (refused, committed) = oneshot::channel();
                     let _ = refused.send(Err(Error::Invalid(why)));
-                    let _ = queued.send((msg.post_id, committed)).await;
+                    let _ = queued.send((msg.post_id, arrived, committed)).await;
                     return;
                 }
             };
-            if queued.send((msg.post_id, committed)).await.is_err() {
+            if queued.send((msg.post_id, arrived, committed)).await.is_err() {
                 return;
             }
         }
