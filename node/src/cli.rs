@@ -15,7 +15,8 @@ use std::time::Duration;
 #[command(
     name = "sns-node",
     version,
-    about = "Tiny SNS node: coordinator, server, synchronizer, or a whole local deployment"
+    about = "Tiny SNS node: coordinator, server, synchronizer, or a whole local deployment",
+    after_help = "Also: sns-node status -h <coordinator host> -k <port> [--secret-file F]  prints the routing table (sns-node status --help)"
 )]
 pub struct Cli {
     /// Log filter (tracing-subscriber EnvFilter syntax).
@@ -35,7 +36,9 @@ pub enum Command {
     /// Replicates users, follows and posts between clusters through RabbitMQ.
     #[command(disable_help_flag = true)]
     Synchronizer(SyncArgs),
-    /// Runs a whole deployment as processes on this machine.
+    /// Runs a whole deployment as processes on this machine, with a
+    /// console on standard input (commands below).
+    #[command(after_help = crate::launcher::console::help())]
     Local(crate::launcher::LocalArgs),
     /// Makes a chosen server its cluster's master under a new term (an
     /// operator's override for a cluster left without an in-sync server).
@@ -46,6 +49,41 @@ pub enum Command {
     /// pause for the handover).
     #[command(disable_help_flag = true)]
     Switchover(SwitchoverArgs),
+}
+
+/// `sns-node status`, parsed on its own: [`Command`] is matched
+/// exhaustively outside this crate (the operator's pod templates are
+/// checked against it), and a read-only query is no pod's command.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sns-node status",
+    disable_help_flag = true,
+    about = "Prints the routing table: every node's role, term, in-sync state, last heartbeat, its synchronizer's backlog and address"
+)]
+pub struct StatusCli {
+    /// Log filter (tracing-subscriber EnvFilter syntax).
+    #[arg(long, env = "SNS_LOG", default_value = "warn")]
+    pub log: String,
+    #[command(flatten)]
+    pub args: StatusArgs,
+}
+
+/// What the command line asks for.
+pub enum Invocation {
+    Node(Box<Cli>),
+    Status(StatusCli),
+}
+
+/// Parses the process's arguments (exits with help or an error as clap does).
+pub fn parse() -> Invocation {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "status") {
+        Invocation::Status(StatusCli::parse_from(
+            std::iter::once("sns-node status".into()).chain(args.into_iter().skip(2)),
+        ))
+    } else {
+        Invocation::Node(Box::new(Cli::parse_from(args)))
+    }
 }
 
 /// Parses durations like `5s`, `500ms`, `2m` or a bare number of seconds.
@@ -221,6 +259,19 @@ pub struct SwitchoverArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub coord: CoordAddrArgs,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    /// Print help.
+    #[arg(long, action = ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct CoordAddrArgs {
     /// Coordinator host.
     #[arg(short = 'h', long = "coord-host", env = "SNS_COORD_HOST", default_value = "127.0.0.1")]
@@ -381,6 +432,9 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+        StatusCli::command().debug_assert();
+        let s = StatusCli::try_parse_from(["status", "-h", "10.0.0.2", "-k", "9100", "--secret-file", "/s"]).unwrap();
+        assert_eq!((s.args.coord.coord_host.as_str(), s.args.coord.coord_port), ("10.0.0.2", 9100));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod net;
 pub mod relay;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
@@ -81,6 +82,16 @@ pub fn run(cli: Cli) -> Result<()> {
     // interrupted; do not let it hold the process after the work is done.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     result
+}
+
+/// `sns-node status`: prints the routing table.
+pub fn status(args: cli::StatusArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))?;
+    args.tls.install()?;
+    runtime.block_on(status::print(&args))
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

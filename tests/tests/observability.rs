@@ -128,3 +128,116 @@ fn metrics_move_when_posts_flow_and_gauges_match_the_table() -> Result<()> {
     wait_metric(&d, &master1, "no open timeline", |m| sum(m, "sns_timeline_streams", &[]) == Some(0.0))?;
     Ok(())
 }
+
+#[test]
+fn a_failover_is_counted_and_announced_on_the_console() -> Result<()> {
+    let mut d = Deployment::start(2, 2)?;
+    let (old, term) = master_of(&d, 2)?;
+    let new = 3 - old;
+    let count =
+        |m: &BTreeMap<String, f64>| sum(m, "sns_coordinator_failovers_total", &["cluster=\"2\""]).unwrap_or(0.0);
+    let before = count(&metrics(&d, "coordinator")?);
+    d.command("kill master-2")?;
+
+    let announced = format!("cluster 2: server {new} promoted, term ");
+    let line = d.wait_stdout_line("the failover announcement", |l| l.starts_with(&announced))?;
+    assert!(line.ends_with(&format!(" ms after server {old} died")), "{line}");
+    let (now_master, new_term) = master_of(&d, 2)?;
+    assert_eq!(now_master, new);
+    assert!(new_term > term);
+    assert!(line.contains(&format!("term {new_term}, ")), "{line} names the table's term {new_term}");
+
+    wait_metric(&d, "coordinator", "one more failover of cluster 2, timed", |m| {
+        count(m) == before + 1.0
+            && at_least(sum(m, "sns_coordinator_failover_seconds_count", &[]), 1.0)
+            && sum(m, "sns_coordinator_term", &["cluster=\"2\""]) == Some(new_term as f64)
+            && sum(m, "sns_coordinator_live_nodes", &["cluster=\"2\"", "kind=\"server\""]) == Some(1.0)
+    })?;
+    wait_metric(&d, &format!("server-2-{new}"), "the promoted server's role gauges", |m| {
+        sum(m, "sns_master", &[]) == Some(1.0) && sum(m, "sns_term", &[]) == Some(new_term as f64)
+    })?;
+    Ok(())
+}
+
+/// `sns-node status` against a running deployment, with its secret; and
+/// refused without it.
+#[test]
+fn sns_node_status_prints_the_routing_table() -> Result<()> {
+    let mut d = Deployment::start(2, 2)?;
+    let (m1, term1) = master_of(&d, 1)?;
+    let port = d.coord_port.to_string();
+    let run = |secret: bool| {
+        let mut cmd = std::process::Command::new(sns_e2e::bin("sns-node"));
+        cmd.args(["status", "-h", "127.0.0.1", "-k", &port]).env_remove("SNS_SECRET_FILE");
+        if secret {
+            cmd.arg("--secret-file").arg(sns_e2e::secret::file());
+        }
+        cmd.output()
+    };
+    let out = run(true)?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1 + 8, "a header and 8 nodes:\n{text}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["CLUSTER", "NODE", "ROLE", "TERM", "IN-SYNC", "LAST-BEAT", "BACKLOG", "ADDRESS"]);
+    // Aligned: every row's address starts in the header's ADDRESS column.
+    let col = lines[0].find("ADDRESS").unwrap();
+    assert!(lines[1..].iter().all(|l| l.get(col..).is_some_and(|a| a.starts_with("127.0.0.1:"))), "{text}");
+    let row = |name: &str| lines.iter().find(|l| l.split_whitespace().nth(1) == Some(name)).copied().unwrap_or("");
+    let master: Vec<&str> = row(&format!("server-1-{m1}")).split_whitespace().collect();
+    assert_eq!(&master[..5], ["1", &format!("server-1-{m1}"), "master", &term1.to_string(), "yes"], "{text}");
+    let slave: Vec<&str> = row(&format!("server-1-{}", 3 - m1)).split_whitespace().collect();
+    assert_eq!(slave[2], "slave", "{text}");
+    // The publishing synchronizer (beside the master) shows a backlog.
+    let sync: Vec<&str> = row(&format!("sync-1-{m1}")).split_whitespace().collect();
+    assert!(sync[2] == "sync" && sync[6].parse::<u64>().is_ok(), "{text}");
+    assert!(master[5].ends_with("ms") && master[6] == "-", "{text}");
+
+    let refused = run(false)?;
+    assert!(!refused.status.success(), "the table needs the deployment's secret");
+
+    // The launcher's status: the same table, with pids and metrics ports,
+    // then the one-line summary.
+    let status = d.console("status", |t| t.lines().any(|l| l.starts_with("status:")))?;
+    let header = status.lines().find(|l| l.starts_with("CLUSTER")).unwrap_or_default();
+    assert!(header.split_whitespace().rev().take(2).eq(["METRICS", "PID"]), "{status}");
+    let procs = d.status()?;
+    let pid = procs[&format!("server-1-{m1}")].expect("the master runs");
+    let launcher_row = status.lines().find(|l| l.contains(&format!("server-1-{m1} "))).unwrap_or_default();
+    assert!(launcher_row.contains(&format!(" {pid} ")), "{status}");
+    Ok(())
+}
+
+#[test]
+fn the_console_lists_its_commands_and_names_unknown_ones() -> Result<()> {
+    let mut d = Deployment::start(1, 1)?;
+    assert!(d.stdout().lines().any(|l| l.starts_with("commands:") && l.contains("pause") && l.contains("resume")));
+    let help = d.console("help", |t| t.contains("(names:"))?;
+    for cmd in [
+        "status",
+        "kill",
+        "stop",
+        "start",
+        "restart",
+        "pause",
+        "resume",
+        "partition",
+        "heal",
+        "promote",
+        "switchover",
+        "help",
+    ] {
+        assert_eq!(
+            help.lines().filter(|l| l.split_whitespace().next() == Some(cmd)).count(),
+            1,
+            "one line for {cmd}:\n{help}"
+        );
+    }
+    let unknown = d.console("frobnicate", |t| t.contains("unknown command"))?;
+    assert_eq!(unknown.trim(), "unknown command: frobnicate (help lists the commands)");
+    let out = std::process::Command::new(sns_e2e::bin("sns-node")).args(["local", "--help"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("switchover <cluster> [<server>]") && text.contains("pause <name>"), "{text}");
+    Ok(())
+}

@@ -9,6 +9,8 @@
 //! children also die with the launcher if it is killed outright.
 #![allow(clippy::print_stdout, reason = "the launcher talks to the person (or test) that started it on stdout")]
 
+pub mod console;
+
 use crate::cli::{HeartbeatArgs, parse_deployment, parse_duration};
 use crate::error::{Error, Result};
 use crate::net;
@@ -82,9 +84,6 @@ pub struct LocalArgs {
     pub amqp_ca: Option<PathBuf>,
 }
 
-/// The console's commands, for the start-up hint and unknown commands.
-const COMMANDS: &str = "status | kill <name> | stop <name> | start <name> | restart <name> | pause <name> | resume <name> | partition <server> | heal <server> | promote <server> [--accept-data-loss] | switchover <cluster> [<server>]";
-
 /// How long a stopped child gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -112,6 +111,8 @@ struct Launcher {
     /// Handed to every node (`SNS_TLS_*`, `SNS_AMQP_CA`); the launcher's
     /// own calls follow it too.
     tls: crate::tls::TlsArgs,
+    /// Who is master, and what the console did to whom: for announcements.
+    failovers: console::Failovers,
 }
 
 pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
@@ -177,6 +178,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         secret_file,
         attach: crate::auth::Attach::new(Some(secret)),
         tls,
+        failovers: console::Failovers::default(),
     };
     for p in plan {
         l.procs.insert(p.name.clone(), Proc { port: p.port, metrics_port: 0, plan: p, child: None });
@@ -224,7 +226,10 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         ),
         None => println!("connect a client with: tsc -h 127.0.0.1 -k {} -u <user id>", l.coord_port),
     }
-    println!("commands: {COMMANDS}  (names: server-2-1, sync-2-1, master-2, slave-2, coordinator)");
+    println!("{}", console::hint());
+    let (announce, mut announcements) = tokio::sync::mpsc::unbounded_channel();
+    l.failovers.check(l.coord_port, &l.attach).await;
+    tokio::spawn(l.failovers.clone().watch(l.coord_port, l.attach.clone(), announce, shutdown.clone()));
 
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
@@ -235,11 +240,17 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
             line = stdin.next_line(), if stdin_open => match line {
                 Ok(Some(line)) => {
                     let reply = l.command(line.trim()).await;
+                    // Announcements first: a reply is the last line its
+                    // command prints.
+                    while let Ok(a) = announcements.try_recv() {
+                        println!("{a}");
+                    }
                     println!("{reply}");
                 }
                 // No more commands (e.g. started with </dev/null): run until stopped.
                 _ => stdin_open = false,
             },
+            Some(a) = announcements.recv() => println!("{a}"),
             _ = watch.tick() => l.reap(),
         }
     }
@@ -311,6 +322,7 @@ impl Launcher {
         die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| Error::Other(format!("cannot start {}: {e}", self.bin.display())))?;
         tracing::info!(name, pid = child.id(), "started");
+        self.failovers.back(name);
         proc.child = Some(child);
         let failed = |e| {
             Error::Other(format!("{name}: {e}; see {}", self.dir.join("logs").join(format!("{name}.log")).display()))
@@ -384,6 +396,7 @@ impl Launcher {
                 && let Ok(Some(status)) = child.try_wait()
             {
                 tracing::warn!(name = %name, %status, "process exited");
+                self.failovers.gone(name, "exited");
                 println!("{name} exited ({status})");
                 p.child = None;
             }
@@ -417,9 +430,16 @@ impl Launcher {
         let (verb, target) = (words.next().unwrap_or(""), words.next());
         if verb == "switchover" {
             return match target.map(str::parse::<u32>) {
-                Some(Ok(cluster)) => self.switchover(cluster, words.next()).await,
+                Some(Ok(cluster)) => {
+                    let reply = self.switchover(cluster, words.next()).await;
+                    self.with_announcements(reply).await
+                }
                 _ => "error: switchover needs a cluster number (and optionally the server to hand over to)".into(),
             };
+        }
+        let known = console::COMMANDS.iter().any(|(c, _)| c.split(' ').next() == Some(verb));
+        if !verb.is_empty() && !known {
+            return console::unknown(verb);
         }
         let target = match (verb, target) {
             ("" | "status" | "help", _) => None,
@@ -431,7 +451,8 @@ impl Launcher {
         };
         match (verb, target) {
             ("", _) => String::new(),
-            ("status", _) => self.status(),
+            ("help", _) => console::help(),
+            ("status", _) => self.status().await,
             // Reply once the process is gone, so `start` may follow at once.
             ("kill", Some(n)) => {
                 let reply = self.signal(&n, libc::SIGKILL, "killed");
@@ -448,15 +469,23 @@ impl Launcher {
                 Some(relay) => {
                     relay.set_cut(verb == "partition");
                     if verb == "partition" {
+                        self.failovers.gone(&n, "was partitioned");
                         format!("partitioned {n} from the coordinator")
                     } else {
+                        self.failovers.back(&n);
                         format!("healed {n}")
                     }
                 }
                 None => format!("error: only a server can be partitioned from the coordinator, not {n}"),
             },
-            ("promote", Some(n)) => self.promote(&n, words.next() == Some("--accept-data-loss")).await,
-            ("resume", Some(n)) => self.signal(&n, libc::SIGCONT, "resumed"),
+            ("promote", Some(n)) => {
+                let reply = self.promote(&n, words.next() == Some("--accept-data-loss")).await;
+                self.with_announcements(reply).await
+            }
+            ("resume", Some(n)) => {
+                self.failovers.back(&n);
+                self.signal(&n, libc::SIGCONT, "resumed")
+            }
             ("start", Some(n)) => match self.start(&n).await {
                 Ok(()) => format!("started {n} on port {}", self.procs[&n].port),
                 Err(e) => format!("error: {e}"),
@@ -469,8 +498,15 @@ impl Launcher {
                     Err(e) => format!("error: {e}"),
                 }
             }
-            _ => format!("commands: {COMMANDS}"),
+            (_, _) => console::unknown(verb),
         }
+    }
+
+    /// `reply` after the announcements of the master changes it made.
+    async fn with_announcements(&self, reply: String) -> String {
+        let mut lines = self.failovers.check(self.coord_port, &self.attach).await;
+        lines.push(reply);
+        lines.join("\n")
     }
 
     /// A planned switchover of `cluster` to `to` (a server's name, or
@@ -517,7 +553,27 @@ impl Launcher {
         }
     }
 
-    fn status(&self) -> String {
+    /// The routing table with each process's pid and metrics port, then
+    /// the one-line `status:` summary (every process, up or down).
+    async fn status(&self) -> String {
+        let table = match crate::status::fetch("127.0.0.1", self.coord_port, &self.attach).await {
+            Ok(snapshot) => {
+                let pid = |name: &str| {
+                    self.procs
+                        .get(name)
+                        .and_then(|p| p.child.as_ref())
+                        .and_then(|c| c.id())
+                        .map_or("-".into(), |p| p.to_string())
+                };
+                let metrics = |name: &str| self.procs.get(name).map_or("-".into(), |p| p.metrics_port.to_string());
+                crate::status::render(&snapshot, &[("PID", &pid), ("METRICS", &metrics)])
+            }
+            Err(e) => format!("(no routing table: {e})\n"),
+        };
+        format!("{table}{}", self.summary())
+    }
+
+    fn summary(&self) -> String {
         let parts: Vec<String> = self
             .procs
             .iter()
@@ -534,6 +590,12 @@ impl Launcher {
             return format!("error: {name} is not running");
         };
         if send_signal(pid, sig) {
+            match sig {
+                libc::SIGKILL => self.failovers.gone(name, "died"),
+                libc::SIGTERM => self.failovers.gone(name, "was stopped"),
+                libc::SIGSTOP => self.failovers.gone(name, "was paused"),
+                _ => {}
+            }
             format!("{done} {name} (pid {pid})")
         } else {
             format!("error: cannot signal {name}")
