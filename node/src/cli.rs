@@ -22,6 +22,9 @@ pub struct Cli {
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "SNS_LOG", default_value = "info", global = true)]
     pub log: String,
+    /// Log lines as plain text or as JSON objects (with their spans).
+    #[arg(long, env = "SNS_LOG_FORMAT", value_enum, default_value_t, global = true)]
+    pub log_format: crate::telemetry::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -64,6 +67,9 @@ pub struct StatusCli {
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "SNS_LOG", default_value = "warn")]
     pub log: String,
+    /// Log lines as plain text or as JSON objects.
+    #[arg(long, env = "SNS_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: crate::telemetry::LogFormat,
     #[command(flatten)]
     pub args: StatusArgs,
 }

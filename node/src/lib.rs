@@ -67,7 +67,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 sync::run(cfg, listener, shutdown).await
             }
-            Command::Local(a) => launcher::run(a, shutdown).await,
+            Command::Local(a) => launcher::run(a, (cli.log.clone(), cli.log_format), shutdown).await,
             Command::Promote(a) => {
                 a.tls.install()?;
                 coordinator::promote(&a).await

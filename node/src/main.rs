@@ -5,11 +5,11 @@ use sns_node::cli::Invocation;
 fn main() -> std::process::ExitCode {
     let result = match sns_node::cli::parse() {
         Invocation::Node(cli) => {
-            sns_node::telemetry::init(&cli.log);
+            sns_node::telemetry::init(&cli.log, cli.log_format);
             sns_node::run(*cli)
         }
         Invocation::Status(s) => {
-            sns_node::telemetry::init(&s.log);
+            sns_node::telemetry::init(&s.log, s.log_format);
             sns_node::status(s.args)
         }
     };

@@ -241,3 +241,41 @@ fn the_console_lists_its_commands_and_names_unknown_ones() -> Result<()> {
     assert!(text.contains("switchover <cluster> [<server>]") && text.contains("pause <name>"), "{text}");
     Ok(())
 }
+
+/// A node started by hand with `--log-format json` and `--metrics-port 0`:
+/// every log line is a JSON object, and the metrics port it wrote answers.
+#[test]
+fn json_logs_and_a_metrics_port_on_a_node_run_by_hand() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (log, port_file) = (dir.path().join("coordinator.log"), dir.path().join("metrics.port"));
+    let mut child = std::process::Command::new(sns_e2e::bin("sns-node"))
+        .args(["--log-format", "json", "--log", "info", "coordinator", "-p", "0", "--clusters", "2"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--metrics-port", "0", "--metrics-port-file"])
+        .arg(&port_file)
+        .env_remove("SNS_SECRET_FILE")
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let result = (|| {
+        let port: u16 =
+            eventually("the metrics port file", || std::fs::read_to_string(&port_file).ok()?.trim().parse().ok())?;
+        let m = parse(&scrape(port)?)?;
+        assert_eq!(sum(&m, "sns_coordinator_live_nodes", &["cluster=\"2\"", "kind=\"server\""]), Some(0.0), "{m:?}");
+        let text = eventually("the coordinator's start-up line", || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains("coordinator listening").then_some(text)
+        })?;
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow!("{e}: {line}"))?;
+            assert!(
+                v["timestamp"].is_string() && v["level"].is_string() && v["fields"]["message"].is_string(),
+                "{line}"
+            );
+        }
+        anyhow::Ok(())
+    })();
+    child.kill()?;
+    child.wait()?;
+    result
+}

@@ -611,40 +611,44 @@ impl CoordAdmin for Coordinator {
         let LeaseRequest { cluster, id } = req.into_inner();
         let (tx, rx) = mpsc::channel(8);
         let coord = self.clone();
-        tokio::spawn(async move {
-            let mut changes = coord.changes.subscribe();
-            let mut last = None;
-            loop {
-                changes.borrow_and_update();
-                let now = Instant::now();
-                if let Some(a) = coord.with(|t| t.assignment_of(now, Kind::Server, cluster, id))
-                    && last.as_ref() != Some(&a)
-                {
-                    let update = RoleUpdate {
-                        is_master: a.is_master,
-                        term: a.term,
-                        slave_id: a.slave.as_ref().map_or(0, |s| s.0),
-                        slave_host: a.slave.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
-                        slave_port: a.slave.as_ref().map(|s| s.2.clone()).unwrap_or_default(),
-                        epoch: coord.epoch,
-                        version: a.version,
-                        in_sync: a.in_sync.clone(),
-                        seq_floor: a.seq_floor,
-                        accept_data_loss: a.accept_data_loss,
-                    };
-                    if tx.send(Ok(update)).await.is_err() {
-                        break;
+        let span = tracing::info_span!("lease_stream", cluster, server = id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut changes = coord.changes.subscribe();
+                let mut last = None;
+                loop {
+                    changes.borrow_and_update();
+                    let now = Instant::now();
+                    if let Some(a) = coord.with(|t| t.assignment_of(now, Kind::Server, cluster, id))
+                        && last.as_ref() != Some(&a)
+                    {
+                        let update = RoleUpdate {
+                            is_master: a.is_master,
+                            term: a.term,
+                            slave_id: a.slave.as_ref().map_or(0, |s| s.0),
+                            slave_host: a.slave.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
+                            slave_port: a.slave.as_ref().map(|s| s.2.clone()).unwrap_or_default(),
+                            epoch: coord.epoch,
+                            version: a.version,
+                            in_sync: a.in_sync.clone(),
+                            seq_floor: a.seq_floor,
+                            accept_data_loss: a.accept_data_loss,
+                        };
+                        if tx.send(Ok(update)).await.is_err() {
+                            break;
+                        }
+                        last = Some(a);
                     }
-                    last = Some(a);
+                    tokio::select! {
+                        _ = coord.shutdown.cancelled() => return,
+                        _ = tx.closed() => break,
+                        _ = changes.changed() => {}
+                    }
                 }
-                tokio::select! {
-                    _ = coord.shutdown.cancelled() => return,
-                    _ = tx.closed() => break,
-                    _ = changes.changed() => {}
-                }
-            }
-            coord.lease_lost(cluster, id).await;
-        });
+                coord.lease_lost(cluster, id).await;
+            },
+            span,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -707,11 +711,12 @@ pub fn describe_switchover(cluster: u32, r: &SwitchoverReply) -> String {
 pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let (coord, elector) = Coordinator::new(&cfg, shutdown.clone())?;
     tracing::info!(addr = %listener.local_addr().map_err(|e| crate::error::Error::Other(e.to_string()))?, clusters = cfg.clusters, lease_ms = cfg.lease().as_millis() as u64, "coordinator listening");
-    let elector = tokio::spawn(elector.run());
+    let elector = tokio::spawn(tracing::Instrument::instrument(elector.run(), tracing::info_span!("elector")));
     let (health, health_service) = tonic_health::server::health_reporter();
     net::serve_health(health_service.clone(), shutdown.clone());
     health.set_serving::<CoordServiceServer<Coordinator>>().await;
     let result = crate::tls::server_builder()?
+        .trace_fn(crate::telemetry::rpc_span(None))
         .layer(crate::metrics::grpc::CountLayer)
         .add_service(health_service)
         .add_service(CoordServiceServer::new(coord.clone()))

@@ -113,9 +113,17 @@ struct Launcher {
     tls: crate::tls::TlsArgs,
     /// Who is master, and what the console did to whom: for announcements.
     failovers: console::Failovers,
+    /// The log filter and format every node gets (`SNS_LOG`, `SNS_LOG_FORMAT`).
+    log: (String, crate::telemetry::LogFormat),
 }
 
-pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
+/// Runs the deployment; every node logs with the launcher's `log` filter
+/// and format.
+pub async fn run(
+    args: LocalArgs,
+    log: (String, crate::telemetry::LogFormat),
+    shutdown: CancellationToken,
+) -> Result<()> {
     let (spec, name) = match &args.spec {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -179,6 +187,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         attach: crate::auth::Attach::new(Some(secret)),
         tls,
         failovers: console::Failovers::default(),
+        log,
     };
     for p in plan {
         l.procs.insert(p.name.clone(), Proc { port: p.port, metrics_port: 0, plan: p, child: None });
@@ -305,6 +314,8 @@ impl Launcher {
         ]);
         let mut cmd = Command::new(&self.bin);
         cmd.env("SNS_QUEUE_TYPE", self.queue_type.as_str())
+            .env("SNS_LOG", &self.log.0)
+            .env("SNS_LOG_FORMAT", self.log.1.as_str())
             .env("SNS_SECRET_FILE", &self.secret_file)
             .env_remove("SNS_SECRET");
         for (var, path) in [

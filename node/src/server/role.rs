@@ -191,7 +191,11 @@ impl Node {
             let _ = tokio::time::timeout(self.patience(), self.heartbeat()).await;
         }
         match self.not_serving() {
-            None => Ok(self.role()),
+            None => {
+                let role = self.role();
+                crate::telemetry::record_term(role.term);
+                Ok(role)
+            }
             Some(why) => Err(Error::NotServing(why)),
         }
     }

@@ -52,6 +52,7 @@ impl Sns {
     /// The caller: a valid id of this server's cluster.
     fn caller(&self, username: &str) -> Result<u32, Outcome> {
         let user = parse_user(username).map_err(|_| Outcome::InvalidUsername)?;
+        crate::telemetry::record_user(user);
         if self.node.read(|s| s.is_local(user)) { Ok(user) } else { Err(Outcome::Invalid) }
     }
 
@@ -150,7 +151,8 @@ impl SnsService for Sns {
         let (backlog, live) = self.node.store().subscribe(user);
         // Acknowledgements and refusals of the client's posts.
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(take_posts(self.node.clone(), user, inbound, tx));
+        let posts_span = tracing::info_span!("timeline_posts", user);
+        tokio::spawn(tracing::Instrument::instrument(take_posts(self.node.clone(), user, inbound, tx), posts_span));
         let posts = feed_stream(backlog, live);
         let out = tokio_stream::StreamExt::merge(posts, ReceiverStream::new(rx));
         // The stream ends, telling the client to ask again, the moment this

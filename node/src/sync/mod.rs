@@ -39,6 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use topology::Names;
+use tracing::Instrument as _;
 
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
@@ -93,12 +94,18 @@ pub async fn run(cfg: SyncConfig, listener: TcpListener, shutdown: CancellationT
     tracing::info!(id = cfg.id, cluster = cfg.cluster, server = cfg.paired_server, port, deployment = %cfg.deployment, "synchronizer starting");
     let attach = crate::auth::Attach::new(cfg.secret.clone());
     let coord = net::node_channel(&cfg.coord_host, &cfg.coord_port.to_string(), &attach)?;
-    let beats = tokio::spawn(heartbeats(cfg.clone(), port, coord.clone(), shutdown.clone()));
-    let bridge = tokio::spawn(bridge(cfg, coord, shutdown.clone()));
+    let span = tracing::info_span!("synchronizer", cluster = cfg.cluster, sync = cfg.id, server = cfg.paired_server);
+    let beats = tokio::spawn(
+        heartbeats(cfg.clone(), port, coord.clone(), shutdown.clone())
+            .instrument(tracing::info_span!(parent: &span, "heartbeat")),
+    );
+    let bridge =
+        tokio::spawn(bridge(cfg, coord, shutdown.clone()).instrument(tracing::info_span!(parent: &span, "bridge")));
     let (health, health_service) = tonic_health::server::health_reporter();
     net::serve_health(health_service.clone(), shutdown.clone());
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let served = crate::tls::server_builder()?
+        .trace_fn(crate::telemetry::rpc_span(None))
         .layer(crate::metrics::grpc::CountLayer)
         .add_service(health_service)
         .serve_with_incoming_shutdown(net::incoming(listener), shutdown.cancelled())
