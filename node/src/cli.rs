@@ -41,8 +41,8 @@ pub enum Command {
     Synchronizer(SyncArgs),
     /// Runs a whole deployment as processes on this machine, with a
     /// console on standard input (commands below).
-    #[command(after_help = crate::launcher::console::help())]
-    Local(crate::launcher::LocalArgs),
+    #[command(after_help = console_help())]
+    Local(LocalArgs),
     /// Makes a chosen server its cluster's master under a new term (an
     /// operator's override for a cluster left without an in-sync server).
     #[command(disable_help_flag = true)]
@@ -92,21 +92,55 @@ pub fn parse() -> Invocation {
     }
 }
 
-/// Parses durations like `5s`, `500ms`, `2m` or a bare number of seconds.
+/// Parses durations like `5s`, `500ms`, `2m`, `1h 30m` (the `humantime`
+/// crate's syntax) or a bare number of seconds, between 1 ms and 24 h.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, "s"), |i| t.split_at(i));
-    let value: f64 = num.parse().map_err(|_| format!("{text:?} is not a duration like 5s or 500ms"))?;
-    let secs = match unit.trim() {
-        "ms" => value / 1000.0,
-        "s" | "" => value,
-        "m" => value * 60.0,
-        _ => return Err(format!("{text:?}: unknown unit (use ms, s or m)")),
+    // A bare number has always meant seconds here; humantime wants a unit.
+    let d = match t.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            humantime::parse_duration(t).map_err(|e| format!("{text:?} is not a duration like 5s or 500ms: {e}"))?
+        }
     };
-    if !(secs > 0.0 && secs < 86_400.0) {
+    if d < Duration::from_millis(1) || d >= Duration::from_secs(86_400) {
         return Err(format!("{text:?}: must be between 1ms and 24h"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
+}
+
+/// `--clusters`, shared by every node kind and the launcher.
+#[derive(Debug, Clone, Args)]
+pub struct ClustersArg {
+    /// Number of clusters: user u belongs to cluster ((u-1) mod N)+1.
+    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub clusters: u32,
+}
+
+/// `--servers-per-cluster`, shared by synchronizers and the launcher.
+#[derive(Debug, Clone, Args)]
+pub struct ServersPerClusterArg {
+    /// Servers per cluster: 2 = master + slave, 1 = master only (a
+    /// synchronizer declares a broker queue per cluster, consumed beside
+    /// its master).
+    #[arg(long, env = "SNS_SERVERS_PER_CLUSTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub servers_per_cluster: u32,
+}
+
+/// `--amqp-url`, shared by synchronizers and the launcher.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArg {
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+}
+
+/// `--advertise-host`, shared by servers and synchronizers.
+#[derive(Debug, Clone, Args)]
+pub struct AdvertiseArg {
+    /// Host name or address other nodes and clients use to reach this node.
+    #[arg(long, env = "SNS_ADVERTISE_HOST", default_value = "127.0.0.1")]
+    pub advertise_host: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -180,9 +214,8 @@ pub struct CoordinatorArgs {
     /// Port to listen on (0 = any free port).
     #[arg(short = 'p', long, env = "SNS_PORT", default_value_t = 9000)]
     pub port: u16,
-    /// Number of clusters: user u belongs to cluster ((u-1) mod N)+1.
-    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub clusters: u32,
+    #[command(flatten)]
+    pub size: ClustersArg,
     /// Also serve the clients' SNSService here, forwarding each call to the
     /// caller's master (for clients that cannot reach the servers, e.g.
     /// through `kubectl port-forward`; use `tsc --gateway`).
@@ -210,7 +243,7 @@ pub struct CoordinatorArgs {
 impl CoordinatorArgs {
     pub fn config(&self) -> CoordinatorConfig {
         CoordinatorConfig {
-            clusters: self.clusters,
+            clusters: self.size.clusters,
             gateway: self.gateway,
             heartbeat: self.heartbeat.interval,
             missed: self.heartbeat.missed,
@@ -303,12 +336,10 @@ pub struct ServerArgs {
     /// Directory for this server's files [default: ./cluster_<c>/<id>].
     #[arg(long, env = "SNS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Number of clusters in the deployment.
-    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub clusters: u32,
-    /// Host name or address other nodes and clients use to reach this node.
-    #[arg(long, env = "SNS_ADVERTISE_HOST", default_value = "127.0.0.1")]
-    pub advertise_host: String,
+    #[command(flatten)]
+    pub size: ClustersArg,
+    #[command(flatten)]
+    pub advertise: AdvertiseArg,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
     #[command(flatten)]
@@ -324,19 +355,19 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     pub fn config(&self) -> Result<ServerConfig, String> {
-        if self.cluster > self.clusters {
+        if self.cluster > self.size.clusters {
             return Err(format!(
                 "cluster {} does not exist in a deployment of {} clusters",
-                self.cluster, self.clusters
+                self.cluster, self.size.clusters
             ));
         }
         Ok(ServerConfig {
             cluster: self.cluster,
             id: self.id,
-            clusters: self.clusters,
+            clusters: self.size.clusters,
             coord_host: self.coord.coord_host.clone(),
             coord_port: self.coord.coord_port,
-            advertise_host: self.advertise_host.clone(),
+            advertise_host: self.advertise.advertise_host.clone(),
             data_dir: self
                 .data_dir
                 .clone()
@@ -363,16 +394,12 @@ pub struct SyncArgs {
     /// host:port of that server [default: looked up in the coordinator].
     #[arg(long, env = "SNS_SERVER_ADDR")]
     pub server_addr: Option<String>,
-    /// Number of clusters in the deployment.
-    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub clusters: u32,
-    /// Servers per cluster (each has a synchronizer; the cluster has one
-    /// broker queue, consumed beside its master).
-    #[arg(long, env = "SNS_SERVERS_PER_CLUSTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
-    pub servers_per_cluster: u32,
-    /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
+    #[command(flatten)]
+    pub size: ClustersArg,
+    #[command(flatten)]
+    pub servers: ServersPerClusterArg,
+    #[command(flatten)]
+    pub broker: BrokerArg,
     /// Prefix of every broker object, so deployments sharing a broker stay apart.
     #[arg(long, env = "SNS_DEPLOYMENT", default_value = "sns", value_parser = parse_deployment)]
     pub deployment: String,
@@ -383,8 +410,8 @@ pub struct SyncArgs {
     /// of 3+ nodes; fixed when the queues are first declared.
     #[arg(long, env = "SNS_QUEUE_TYPE", value_enum, default_value_t = crate::sync::topology::QueueType::Classic)]
     pub queue_type: crate::sync::topology::QueueType,
-    #[arg(long, env = "SNS_ADVERTISE_HOST", default_value = "127.0.0.1")]
-    pub advertise_host: String,
+    #[command(flatten)]
+    pub advertise: AdvertiseArg,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
     #[command(flatten)]
@@ -398,6 +425,91 @@ pub struct SyncArgs {
     pub help: Option<bool>,
 }
 
+#[derive(Debug, Clone, Args)]
+/// `sns-node local`: a whole deployment as processes on this machine.
+pub struct LocalArgs {
+    /// An SnsCluster YAML file to take the topology from (overrides --clusters, --servers-per-cluster, heartbeat).
+    #[arg(long, env = "SNS_SPEC")]
+    pub spec: Option<PathBuf>,
+    #[command(flatten)]
+    pub size: ClustersArg,
+    #[command(flatten)]
+    pub servers: ServersPerClusterArg,
+    /// First port: coordinator on it, server (c,s) on +10c+s, its synchronizer on +10c+5+s. 0 = free ports.
+    #[arg(long, env = "SNS_BASE_PORT", default_value_t = 9000)]
+    pub base_port: u16,
+    /// Directory for data and logs.
+    #[arg(long, env = "SNS_DIR", default_value = "sns-data")]
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub broker: BrokerArg,
+    /// Broker object prefix [default: the SnsCluster's name, else "sns"].
+    #[arg(long, env = "SNS_DEPLOYMENT", value_parser = parse_deployment)]
+    pub deployment: Option<String>,
+    /// Let the broker drop this deployment's queues after they go unused this long.
+    #[arg(long, env = "SNS_QUEUE_EXPIRES")]
+    pub queue_expires: Option<String>,
+    /// The type of the deployment's queues (passed to the synchronizers as
+    /// SNS_QUEUE_TYPE): quorum needs a broker cluster.
+    #[arg(long, env = "SNS_QUEUE_TYPE", value_enum, default_value_t = crate::sync::topology::QueueType::Classic)]
+    pub queue_type: crate::sync::topology::QueueType,
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
+    /// Do not try to start a local rabbitmq-server when no broker answers.
+    #[arg(long)]
+    pub no_broker_start: bool,
+    /// The sns-node binary to run [default: this one].
+    #[arg(long, env = "SNS_NODE_BIN")]
+    pub node_bin: Option<PathBuf>,
+    /// How long to wait for every node to be ready.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+    /// The deployment's secret [default: `<dir>/secret`, made (mode 0600)
+    /// if missing]. Every node gets it through `SNS_SECRET_FILE`.
+    #[arg(long, env = "SNS_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Serve TLS on every port and make every node-to-node call over it,
+    /// with a CA and a certificate for 127.0.0.1 / ::1 / localhost made
+    /// under `<dir>/tls` (clients: `tsc --tls --ca <dir>/tls/ca.pem`).
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM CA an `amqps://` broker URL is checked against [default: the
+    /// system's roots]; handed to every synchronizer.
+    #[arg(long, env = "SNS_AMQP_CA")]
+    pub amqp_ca: Option<PathBuf>,
+}
+
+/// Every command of the launcher's console, with what it does: one place
+/// for `sns-node local --help`, the console's `help` and its start-up hint.
+pub const CONSOLE_COMMANDS: &[(&str, &str)] = &[
+    ("status", "the routing table (role, term, in sync, heartbeat, backlog) with pids and ports"),
+    ("kill <name>", "SIGKILL a process (e.g. kill master-2, kill server-2-1, kill sync-3-2)"),
+    ("stop <name>", "SIGTERM a process and wait for it to exit"),
+    ("start <name>", "start a stopped process again, on its port and data directory"),
+    ("restart <name>", "kill, then start"),
+    ("pause <name>", "SIGSTOP a process (a hung node)"),
+    ("resume <name>", "SIGCONT a paused process"),
+    ("partition <server>", "cut a server off from the coordinator (not from its clients)"),
+    ("heal <server>", "end a partition"),
+    ("promote <server> [--accept-data-loss]", "the operator's override: make a server its cluster's master"),
+    ("switchover <cluster> [<server>]", "hand a cluster's master role to an in-sync server"),
+    ("help", "this list"),
+];
+
+/// The names console commands take.
+pub const CONSOLE_NAMES: &str = "names: coordinator, server-<c>-<s>, sync-<c>-<s>, master-<c>, slave-<c>";
+
+/// One line per console command.
+pub fn console_help() -> String {
+    let width = CONSOLE_COMMANDS.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
+    let mut out = String::from("commands:\n");
+    for (cmd, what) in CONSOLE_COMMANDS {
+        out.push_str(&format!("  {cmd:<width$}  {what}\n"));
+    }
+    out.push_str(&format!("  ({CONSOLE_NAMES})"));
+    out
+}
+
 /// Deployment names become broker object names: keep them to a safe alphabet.
 pub fn parse_deployment(text: &str) -> Result<String, String> {
     let ok = !text.is_empty()
@@ -408,19 +520,20 @@ pub fn parse_deployment(text: &str) -> Result<String, String> {
 
 impl SyncArgs {
     pub fn config(&self) -> Result<SyncConfig, String> {
-        let (cluster, derived) = sync_pairing(self.id, self.clusters);
-        debug_assert_eq!(cluster, cluster_of(self.id, self.clusters));
+        let clusters = self.size.clusters;
+        let (cluster, derived) = sync_pairing(self.id, clusters);
+        debug_assert_eq!(cluster, cluster_of(self.id, clusters));
         Ok(SyncConfig {
             id: self.id,
             cluster,
             paired_server: self.server_id.unwrap_or(derived),
-            clusters: self.clusters,
-            servers_per_cluster: self.servers_per_cluster,
+            clusters,
+            servers_per_cluster: self.servers.servers_per_cluster,
             coord_host: self.coord.coord_host.clone(),
             coord_port: self.coord.coord_port,
-            advertise_host: self.advertise_host.clone(),
+            advertise_host: self.advertise.advertise_host.clone(),
             server_addr: self.server_addr.clone(),
-            amqp_url: self.amqp_url.clone(),
+            amqp_url: self.broker.amqp_url.clone(),
             deployment: self.deployment.clone(),
             queue_expires: self.queue_expires,
             queue_type: self.queue_type,
@@ -485,6 +598,10 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("fast").is_err());
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration(" 1s "), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("25h").is_err() && parse_duration("2x").is_err());
         assert!(parse_deployment("ci-42_x").is_ok());
         assert!(parse_deployment("a.b").is_err());
         assert!(parse_deployment("").is_err());

@@ -212,7 +212,8 @@ fn sns_node_status_prints_the_routing_table() -> Result<()> {
 #[test]
 fn the_console_lists_its_commands_and_names_unknown_ones() -> Result<()> {
     let mut d = Deployment::start(1, 1)?;
-    assert!(d.stdout().lines().any(|l| l.starts_with("commands:") && l.contains("pause") && l.contains("resume")));
+    let hint = d.wait_stdout_line("the start-up hint", |l| l.starts_with("commands:"))?;
+    assert!(hint.contains("pause <name>") && hint.contains("resume <name>") && hint.contains("help"), "{hint}");
     let help = d.console("help", |t| t.contains("(names:"))?;
     for cmd in [
         "status",

@@ -16,35 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Every console command: how to call it, what it does.
-pub const COMMANDS: &[(&str, &str)] = &[
-    ("status", "the routing table (role, term, in sync, heartbeat, backlog) with pids and ports"),
-    ("kill <name>", "SIGKILL a process (e.g. kill master-2, kill server-2-1, kill sync-3-2)"),
-    ("stop <name>", "SIGTERM a process and wait for it to exit"),
-    ("start <name>", "start a stopped process again, on its port and data directory"),
-    ("restart <name>", "kill, then start"),
-    ("pause <name>", "SIGSTOP a process (a hung node)"),
-    ("resume <name>", "SIGCONT a paused process"),
-    ("partition <server>", "cut a server off from the coordinator (not from its clients)"),
-    ("heal <server>", "end a partition"),
-    ("promote <server> [--accept-data-loss]", "the operator's override: make a server its cluster's master"),
-    ("switchover <cluster> [<server>]", "hand a cluster's master role to an in-sync server"),
-    ("help", "this list"),
-];
-
-/// Names the commands take.
-pub const NAMES: &str = "names: coordinator, server-<c>-<s>, sync-<c>-<s>, master-<c>, slave-<c>";
-
-/// One line per command, for `help` and `sns-node local --help`.
-pub fn help() -> String {
-    let width = COMMANDS.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
-    let mut out = String::from("commands:\n");
-    for (cmd, what) in COMMANDS {
-        out.push_str(&format!("  {cmd:<width$}  {what}\n"));
-    }
-    out.push_str(&format!("  ({NAMES})"));
-    out
-}
+pub use crate::cli::{CONSOLE_COMMANDS as COMMANDS, CONSOLE_NAMES as NAMES, console_help as help};
 
 /// The start-up hint: the commands on one line.
 pub fn hint() -> String {

@@ -11,12 +11,11 @@
 
 pub mod console;
 
-use crate::cli::{HeartbeatArgs, parse_deployment, parse_duration};
+use crate::cli::{LocalArgs, parse_deployment};
 use crate::error::{Error, Result};
 use crate::net;
 use crate::relay::Relay;
 use crate::topology::{self, DeploymentSpec, HeartbeatSpec, PlanOptions, Process, Role};
-use clap::Args;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{StatusRequest, TableRequest};
@@ -27,62 +26,6 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
-
-#[derive(Debug, Clone, Args)]
-pub struct LocalArgs {
-    /// An SnsCluster YAML file to take the topology from (overrides --clusters, --servers-per-cluster, heartbeat).
-    #[arg(long, env = "SNS_SPEC")]
-    pub spec: Option<PathBuf>,
-    /// Number of clusters.
-    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3)]
-    pub clusters: u32,
-    /// Servers per cluster: 2 = master + slave, 1 = master only.
-    #[arg(long, env = "SNS_SERVERS_PER_CLUSTER", default_value_t = 2)]
-    pub servers_per_cluster: u32,
-    /// First port: coordinator on it, server (c,s) on +10c+s, its synchronizer on +10c+5+s. 0 = free ports.
-    #[arg(long, env = "SNS_BASE_PORT", default_value_t = 9000)]
-    pub base_port: u16,
-    /// Directory for data and logs.
-    #[arg(long, env = "SNS_DIR", default_value = "sns-data")]
-    pub dir: PathBuf,
-    /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
-    /// Broker object prefix [default: the SnsCluster's name, else "sns"].
-    #[arg(long, env = "SNS_DEPLOYMENT", value_parser = parse_deployment)]
-    pub deployment: Option<String>,
-    /// Let the broker drop this deployment's queues after they go unused this long.
-    #[arg(long, env = "SNS_QUEUE_EXPIRES")]
-    pub queue_expires: Option<String>,
-    /// The type of the deployment's queues (passed to the synchronizers as
-    /// SNS_QUEUE_TYPE): quorum needs a broker cluster.
-    #[arg(long, env = "SNS_QUEUE_TYPE", value_enum, default_value_t = crate::sync::topology::QueueType::Classic)]
-    pub queue_type: crate::sync::topology::QueueType,
-    #[command(flatten)]
-    pub heartbeat: HeartbeatArgs,
-    /// Do not try to start a local rabbitmq-server when no broker answers.
-    #[arg(long)]
-    pub no_broker_start: bool,
-    /// The sns-node binary to run [default: this one].
-    #[arg(long, env = "SNS_NODE_BIN")]
-    pub node_bin: Option<PathBuf>,
-    /// How long to wait for every node to be ready.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub ready_timeout: Duration,
-    /// The deployment's secret [default: `<dir>/secret`, made (mode 0600)
-    /// if missing]. Every node gets it through `SNS_SECRET_FILE`.
-    #[arg(long, env = "SNS_SECRET_FILE")]
-    pub secret_file: Option<PathBuf>,
-    /// Serve TLS on every port and make every node-to-node call over it,
-    /// with a CA and a certificate for 127.0.0.1 / ::1 / localhost made
-    /// under `<dir>/tls` (clients: `tsc --tls --ca <dir>/tls/ca.pem`).
-    #[arg(long)]
-    pub tls: bool,
-    /// PEM CA an `amqps://` broker URL is checked against [default: the
-    /// system's roots]; handed to every synchronizer.
-    #[arg(long, env = "SNS_AMQP_CA")]
-    pub amqp_ca: Option<PathBuf>,
-}
 
 /// How long a stopped child gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -133,8 +76,8 @@ pub async fn run(
         }
         None => {
             let spec = DeploymentSpec {
-                clusters: args.clusters,
-                servers_per_cluster: args.servers_per_cluster,
+                clusters: args.size.clusters,
+                servers_per_cluster: args.servers.servers_per_cluster,
                 heartbeat: HeartbeatSpec {
                     interval_millis: args.heartbeat.interval.as_millis() as u64,
                     missed: args.heartbeat.missed,
@@ -146,7 +89,7 @@ pub async fn run(
     };
     let deployment = args.deployment.clone().or(name).unwrap_or_else(|| "sns".into());
     parse_deployment(&deployment).map_err(Error::Config)?;
-    ensure_broker(&args.amqp_url, !args.no_broker_start).await?;
+    ensure_broker(&args.broker.amqp_url, !args.no_broker_start).await?;
 
     std::fs::create_dir_all(args.dir.join("logs")).map_err(|e| Error::io(&args.dir, e))?;
     let dir = std::fs::canonicalize(&args.dir).map_err(|e| Error::io(&args.dir, e))?;
@@ -160,7 +103,7 @@ pub async fn run(
         coord_host: "127.0.0.1".into(),
         advertise_host: "127.0.0.1".into(),
         bind: "127.0.0.1".into(),
-        amqp_url: Some(args.amqp_url.clone()),
+        amqp_url: Some(args.broker.amqp_url.clone()),
         deployment: deployment.clone(),
         queue_expires: args.queue_expires.clone(),
     };
