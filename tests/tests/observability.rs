@@ -87,8 +87,8 @@ fn metrics_move_when_posts_flow_and_gauges_match_the_table() -> Result<()> {
         c2.expect_post(1, p)?;
     }
 
-    // (A post the client resends, e.g. after its stream reconnected, is
-    // acknowledged, and counted, again.)
+    // At least 3: a LIST that `poll_list` typed and tsc had not read before
+    // the timeline began is posted as text once it is there.
     wait_metric(&d, &master1, "3 posts committed, a timeline open, Login counted", |m| {
         at_least(sum(m, "sns_posts_committed_total", &[]), 3.0)
             && sum(m, "sns_post_commit_seconds_count", &[]) == sum(m, "sns_posts_committed_total", &[])
