@@ -181,7 +181,10 @@ pub async fn run(
     println!("{}", console::hint());
     let (announce, mut announcements) = tokio::sync::mpsc::unbounded_channel();
     l.failovers.check(l.coord_port, &l.attach).await;
-    tokio::spawn(l.failovers.clone().watch(l.coord_port, l.attach.clone(), announce, shutdown.clone()));
+    tokio::spawn(tracing::Instrument::instrument(
+        l.failovers.clone().watch(l.coord_port, l.attach.clone(), announce, shutdown.clone()),
+        tracing::info_span!("failover_watch"),
+    ));
 
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;

@@ -24,7 +24,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn start(bind: &str, port: u16, port_file: Option<&Path>, shutdown: CancellationToken) -> Result<()> {
     let listener = crate::net::bind(bind, port, port_file).await?;
     tracing::info!(port = crate::net::local_port(&listener)?, "metrics on GET /metrics");
-    tokio::spawn(serve(listener, shutdown));
+    tokio::spawn(tracing::Instrument::instrument(serve(listener, shutdown), tracing::info_span!("metrics_http")));
     Ok(())
 }
 
