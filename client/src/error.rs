@@ -146,10 +146,15 @@ fn status_chain(status: &tonic::Status) -> String {
 }
 
 /// True when an error's words say that what answered does not speak
-/// HTTP/2 (and so not gRPC): another service's port.
+/// HTTP/2 (and so not gRPC): another service's port. Such a service
+/// (RabbitMQ, say) answers our preface with its own and hangs up; which
+/// of the two the client notices first is a race, so a connection closed
+/// or broken before any answer counts too.
 fn not_grpc(text: &str) -> bool {
     let text = text.to_ascii_lowercase();
-    ["h2 protocol", "http2", "frame", "protocol error", "invalid http"].iter().any(|w| text.contains(w))
+    ["h2 protocol", "http2", "frame", "protocol error", "invalid http", "connection closed", "broken pipe"]
+        .iter()
+        .any(|w| text.contains(w))
 }
 
 /// What to check when the coordinator cannot be asked.
@@ -159,7 +164,9 @@ fn coordinator_hint(status: &tonic::Status) -> &'static str {
         Code::Unimplemented => {
             "what answers there is not the coordinator (a server's port?): -k/--port must be the coordinator's port"
         }
-        _ if not_grpc(&text) => "what answers there does not speak gRPC: -k/--port must be the coordinator's port",
+        _ if not_grpc(&text) => {
+            "what answers there does not speak gRPC (or hung up at once): -k/--port must be the coordinator's port"
+        }
         Code::DeadlineExceeded => timeout_hint(Peer::Coordinator),
         _ => "is the coordinator running, and do -h/--host and -k/--port (SNS_COORD_HOST, SNS_COORD_PORT) name it?",
     }
@@ -168,7 +175,7 @@ fn coordinator_hint(status: &tonic::Status) -> &'static str {
 /// What to check when a connection cannot be made.
 fn connect_hint(peer: Peer, source: &tonic::transport::Error) -> &'static str {
     if peer != Peer::Server && not_grpc(&chain(source)) {
-        return "what answers there does not speak gRPC: -k/--port must be the coordinator's port";
+        return "what answers there does not speak gRPC (or hung up at once): -k/--port must be the coordinator's port";
     }
     match peer {
         Peer::Server => {

@@ -15,12 +15,16 @@ use std::time::Duration;
 #[command(
     name = "sns-node",
     version,
-    about = "Tiny SNS node: coordinator, server, synchronizer, or a whole local deployment"
+    about = "Tiny SNS node: coordinator, server, synchronizer, or a whole local deployment",
+    after_help = "Also: sns-node status -h <coordinator host> -k <port> [--secret-file F]  prints the routing table (sns-node status --help)"
 )]
 pub struct Cli {
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "SNS_LOG", default_value = "info", global = true)]
     pub log: String,
+    /// Log lines as plain text or as JSON objects (with their spans).
+    #[arg(long, env = "SNS_LOG_FORMAT", value_enum, default_value_t, global = true)]
+    pub log_format: crate::telemetry::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -35,8 +39,10 @@ pub enum Command {
     /// Replicates users, follows and posts between clusters through RabbitMQ.
     #[command(disable_help_flag = true)]
     Synchronizer(SyncArgs),
-    /// Runs a whole deployment as processes on this machine.
-    Local(crate::launcher::LocalArgs),
+    /// Runs a whole deployment as processes on this machine, with a
+    /// console on standard input (commands below).
+    #[command(after_help = console_help())]
+    Local(LocalArgs),
     /// Makes a chosen server its cluster's master under a new term (an
     /// operator's override for a cluster left without an in-sync server).
     #[command(disable_help_flag = true)]
@@ -48,21 +54,93 @@ pub enum Command {
     Switchover(SwitchoverArgs),
 }
 
-/// Parses durations like `5s`, `500ms`, `2m` or a bare number of seconds.
+/// `sns-node status`, parsed on its own: [`Command`] is matched
+/// exhaustively outside this crate (the operator's pod templates are
+/// checked against it), and a read-only query is no pod's command.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sns-node status",
+    disable_help_flag = true,
+    about = "Prints the routing table: every node's role, term, in-sync state, last heartbeat, its synchronizer's backlog and address"
+)]
+pub struct StatusCli {
+    /// Log filter (tracing-subscriber EnvFilter syntax).
+    #[arg(long, env = "SNS_LOG", default_value = "warn")]
+    pub log: String,
+    /// Log lines as plain text or as JSON objects.
+    #[arg(long, env = "SNS_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: crate::telemetry::LogFormat,
+    #[command(flatten)]
+    pub args: StatusArgs,
+}
+
+/// What the command line asks for.
+pub enum Invocation {
+    Node(Box<Cli>),
+    Status(StatusCli),
+}
+
+/// Parses the process's arguments (exits with help or an error as clap does).
+pub fn parse() -> Invocation {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "status") {
+        Invocation::Status(StatusCli::parse_from(
+            std::iter::once("sns-node status".into()).chain(args.into_iter().skip(2)),
+        ))
+    } else {
+        Invocation::Node(Box::new(Cli::parse_from(args)))
+    }
+}
+
+/// Parses durations like `5s`, `500ms`, `2m`, `1h 30m` (the `humantime`
+/// crate's syntax) or a bare number of seconds, between 1 ms and 24 h.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, "s"), |i| t.split_at(i));
-    let value: f64 = num.parse().map_err(|_| format!("{text:?} is not a duration like 5s or 500ms"))?;
-    let secs = match unit.trim() {
-        "ms" => value / 1000.0,
-        "s" | "" => value,
-        "m" => value * 60.0,
-        _ => return Err(format!("{text:?}: unknown unit (use ms, s or m)")),
+    // A bare number has always meant seconds here; humantime wants a unit.
+    let d = match t.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            humantime::parse_duration(t).map_err(|e| format!("{text:?} is not a duration like 5s or 500ms: {e}"))?
+        }
     };
-    if !(secs > 0.0 && secs < 86_400.0) {
+    if d < Duration::from_millis(1) || d >= Duration::from_secs(86_400) {
         return Err(format!("{text:?}: must be between 1ms and 24h"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
+}
+
+/// `--clusters`, shared by every node kind and the launcher.
+#[derive(Debug, Clone, Args)]
+pub struct ClustersArg {
+    /// Number of clusters: user u belongs to cluster ((u-1) mod N)+1.
+    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub clusters: u32,
+}
+
+/// `--servers-per-cluster`, shared by synchronizers and the launcher.
+#[derive(Debug, Clone, Args)]
+pub struct ServersPerClusterArg {
+    /// Servers per cluster: 2 = master + slave, 1 = master only (a
+    /// synchronizer declares a broker queue per cluster, consumed beside
+    /// its master).
+    #[arg(long, env = "SNS_SERVERS_PER_CLUSTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub servers_per_cluster: u32,
+}
+
+/// `--amqp-url`, shared by synchronizers and the launcher.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArg {
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+}
+
+/// `--advertise-host`, shared by servers and synchronizers.
+#[derive(Debug, Clone, Args)]
+pub struct AdvertiseArg {
+    /// Host name or address other nodes and clients use to reach this node.
+    #[arg(long, env = "SNS_ADVERTISE_HOST", default_value = "127.0.0.1")]
+    pub advertise_host: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -104,6 +182,31 @@ pub struct ListenArgs {
     /// port (for probes that cannot speak TLS, e.g. the kubelet's).
     #[arg(long, env = "SNS_HEALTH_PORT")]
     pub health_port: Option<u16>,
+    /// Serve Prometheus metrics (OpenMetrics text, `GET /metrics`) in plain
+    /// HTTP on this port (0 = any free port).
+    #[arg(long, env = "SNS_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    /// Write the bound metrics port to this file (useful with --metrics-port 0).
+    #[arg(long, env = "SNS_METRICS_PORT_FILE")]
+    pub metrics_port_file: Option<PathBuf>,
+}
+
+impl ListenArgs {
+    /// Binds the health and metrics ports this node was asked for.
+    pub async fn bind_side_ports(
+        &self,
+        kind: crate::metrics::NodeKind,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> crate::error::Result<()> {
+        if let Some(port) = self.health_port {
+            crate::net::bind_health(&self.bind, port).await?;
+        }
+        crate::metrics::install(kind);
+        if let Some(port) = self.metrics_port {
+            crate::metrics::http::start(&self.bind, port, self.metrics_port_file.as_deref(), shutdown.clone()).await?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -111,9 +214,8 @@ pub struct CoordinatorArgs {
     /// Port to listen on (0 = any free port).
     #[arg(short = 'p', long, env = "SNS_PORT", default_value_t = 9000)]
     pub port: u16,
-    /// Number of clusters: user u belongs to cluster ((u-1) mod N)+1.
-    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub clusters: u32,
+    #[command(flatten)]
+    pub size: ClustersArg,
     /// Also serve the clients' SNSService here, forwarding each call to the
     /// caller's master (for clients that cannot reach the servers, e.g.
     /// through `kubectl port-forward`; use `tsc --gateway`).
@@ -141,7 +243,7 @@ pub struct CoordinatorArgs {
 impl CoordinatorArgs {
     pub fn config(&self) -> CoordinatorConfig {
         CoordinatorConfig {
-            clusters: self.clusters,
+            clusters: self.size.clusters,
             gateway: self.gateway,
             heartbeat: self.heartbeat.interval,
             missed: self.heartbeat.missed,
@@ -196,6 +298,19 @@ pub struct SwitchoverArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub coord: CoordAddrArgs,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    /// Print help.
+    #[arg(long, action = ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct CoordAddrArgs {
     /// Coordinator host.
     #[arg(short = 'h', long = "coord-host", env = "SNS_COORD_HOST", default_value = "127.0.0.1")]
@@ -221,12 +336,10 @@ pub struct ServerArgs {
     /// Directory for this server's files [default: ./cluster_<c>/<id>].
     #[arg(long, env = "SNS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Number of clusters in the deployment.
-    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub clusters: u32,
-    /// Host name or address other nodes and clients use to reach this node.
-    #[arg(long, env = "SNS_ADVERTISE_HOST", default_value = "127.0.0.1")]
-    pub advertise_host: String,
+    #[command(flatten)]
+    pub size: ClustersArg,
+    #[command(flatten)]
+    pub advertise: AdvertiseArg,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
     #[command(flatten)]
@@ -242,19 +355,19 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     pub fn config(&self) -> Result<ServerConfig, String> {
-        if self.cluster > self.clusters {
+        if self.cluster > self.size.clusters {
             return Err(format!(
                 "cluster {} does not exist in a deployment of {} clusters",
-                self.cluster, self.clusters
+                self.cluster, self.size.clusters
             ));
         }
         Ok(ServerConfig {
             cluster: self.cluster,
             id: self.id,
-            clusters: self.clusters,
+            clusters: self.size.clusters,
             coord_host: self.coord.coord_host.clone(),
             coord_port: self.coord.coord_port,
-            advertise_host: self.advertise_host.clone(),
+            advertise_host: self.advertise.advertise_host.clone(),
             data_dir: self
                 .data_dir
                 .clone()
@@ -281,16 +394,12 @@ pub struct SyncArgs {
     /// host:port of that server [default: looked up in the coordinator].
     #[arg(long, env = "SNS_SERVER_ADDR")]
     pub server_addr: Option<String>,
-    /// Number of clusters in the deployment.
-    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub clusters: u32,
-    /// Servers per cluster (each has a synchronizer; the cluster has one
-    /// broker queue, consumed beside its master).
-    #[arg(long, env = "SNS_SERVERS_PER_CLUSTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
-    pub servers_per_cluster: u32,
-    /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
+    #[command(flatten)]
+    pub size: ClustersArg,
+    #[command(flatten)]
+    pub servers: ServersPerClusterArg,
+    #[command(flatten)]
+    pub broker: BrokerArg,
     /// Prefix of every broker object, so deployments sharing a broker stay apart.
     #[arg(long, env = "SNS_DEPLOYMENT", default_value = "sns", value_parser = parse_deployment)]
     pub deployment: String,
@@ -301,8 +410,8 @@ pub struct SyncArgs {
     /// of 3+ nodes; fixed when the queues are first declared.
     #[arg(long, env = "SNS_QUEUE_TYPE", value_enum, default_value_t = crate::sync::topology::QueueType::Classic)]
     pub queue_type: crate::sync::topology::QueueType,
-    #[arg(long, env = "SNS_ADVERTISE_HOST", default_value = "127.0.0.1")]
-    pub advertise_host: String,
+    #[command(flatten)]
+    pub advertise: AdvertiseArg,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
     #[command(flatten)]
@@ -316,6 +425,91 @@ pub struct SyncArgs {
     pub help: Option<bool>,
 }
 
+#[derive(Debug, Clone, Args)]
+/// `sns-node local`: a whole deployment as processes on this machine.
+pub struct LocalArgs {
+    /// An SnsCluster YAML file to take the topology from (overrides --clusters, --servers-per-cluster, heartbeat).
+    #[arg(long, env = "SNS_SPEC")]
+    pub spec: Option<PathBuf>,
+    #[command(flatten)]
+    pub size: ClustersArg,
+    #[command(flatten)]
+    pub servers: ServersPerClusterArg,
+    /// First port: coordinator on it, server (c,s) on +10c+s, its synchronizer on +10c+5+s. 0 = free ports.
+    #[arg(long, env = "SNS_BASE_PORT", default_value_t = 9000)]
+    pub base_port: u16,
+    /// Directory for data and logs.
+    #[arg(long, env = "SNS_DIR", default_value = "sns-data")]
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub broker: BrokerArg,
+    /// Broker object prefix [default: the SnsCluster's name, else "sns"].
+    #[arg(long, env = "SNS_DEPLOYMENT", value_parser = parse_deployment)]
+    pub deployment: Option<String>,
+    /// Let the broker drop this deployment's queues after they go unused this long.
+    #[arg(long, env = "SNS_QUEUE_EXPIRES")]
+    pub queue_expires: Option<String>,
+    /// The type of the deployment's queues (passed to the synchronizers as
+    /// SNS_QUEUE_TYPE): quorum needs a broker cluster.
+    #[arg(long, env = "SNS_QUEUE_TYPE", value_enum, default_value_t = crate::sync::topology::QueueType::Classic)]
+    pub queue_type: crate::sync::topology::QueueType,
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
+    /// Do not try to start a local rabbitmq-server when no broker answers.
+    #[arg(long)]
+    pub no_broker_start: bool,
+    /// The sns-node binary to run [default: this one].
+    #[arg(long, env = "SNS_NODE_BIN")]
+    pub node_bin: Option<PathBuf>,
+    /// How long to wait for every node to be ready.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+    /// The deployment's secret [default: `<dir>/secret`, made (mode 0600)
+    /// if missing]. Every node gets it through `SNS_SECRET_FILE`.
+    #[arg(long, env = "SNS_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Serve TLS on every port and make every node-to-node call over it,
+    /// with a CA and a certificate for 127.0.0.1 / ::1 / localhost made
+    /// under `<dir>/tls` (clients: `tsc --tls --ca <dir>/tls/ca.pem`).
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM CA an `amqps://` broker URL is checked against [default: the
+    /// system's roots]; handed to every synchronizer.
+    #[arg(long, env = "SNS_AMQP_CA")]
+    pub amqp_ca: Option<PathBuf>,
+}
+
+/// Every command of the launcher's console, with what it does: one place
+/// for `sns-node local --help`, the console's `help` and its start-up hint.
+pub const CONSOLE_COMMANDS: &[(&str, &str)] = &[
+    ("status", "the routing table (role, term, in sync, heartbeat, backlog) with pids and ports"),
+    ("kill <name>", "SIGKILL a process (e.g. kill master-2, kill server-2-1, kill sync-3-2)"),
+    ("stop <name>", "SIGTERM a process and wait for it to exit"),
+    ("start <name>", "start a stopped process again, on its port and data directory"),
+    ("restart <name>", "kill, then start"),
+    ("pause <name>", "SIGSTOP a process (a hung node)"),
+    ("resume <name>", "SIGCONT a paused process"),
+    ("partition <server>", "cut a server off from the coordinator (not from its clients)"),
+    ("heal <server>", "end a partition"),
+    ("promote <server> [--accept-data-loss]", "the operator's override: make a server its cluster's master"),
+    ("switchover <cluster> [<server>]", "hand a cluster's master role to an in-sync server"),
+    ("help", "this list"),
+];
+
+/// The names console commands take.
+pub const CONSOLE_NAMES: &str = "names: coordinator, server-<c>-<s>, sync-<c>-<s>, master-<c>, slave-<c>";
+
+/// One line per console command.
+pub fn console_help() -> String {
+    let width = CONSOLE_COMMANDS.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
+    let mut out = String::from("commands:\n");
+    for (cmd, what) in CONSOLE_COMMANDS {
+        out.push_str(&format!("  {cmd:<width$}  {what}\n"));
+    }
+    out.push_str(&format!("  ({CONSOLE_NAMES})"));
+    out
+}
+
 /// Deployment names become broker object names: keep them to a safe alphabet.
 pub fn parse_deployment(text: &str) -> Result<String, String> {
     let ok = !text.is_empty()
@@ -326,19 +520,20 @@ pub fn parse_deployment(text: &str) -> Result<String, String> {
 
 impl SyncArgs {
     pub fn config(&self) -> Result<SyncConfig, String> {
-        let (cluster, derived) = sync_pairing(self.id, self.clusters);
-        debug_assert_eq!(cluster, cluster_of(self.id, self.clusters));
+        let clusters = self.size.clusters;
+        let (cluster, derived) = sync_pairing(self.id, clusters);
+        debug_assert_eq!(cluster, cluster_of(self.id, clusters));
         Ok(SyncConfig {
             id: self.id,
             cluster,
             paired_server: self.server_id.unwrap_or(derived),
-            clusters: self.clusters,
-            servers_per_cluster: self.servers_per_cluster,
+            clusters,
+            servers_per_cluster: self.servers.servers_per_cluster,
             coord_host: self.coord.coord_host.clone(),
             coord_port: self.coord.coord_port,
-            advertise_host: self.advertise_host.clone(),
+            advertise_host: self.advertise.advertise_host.clone(),
             server_addr: self.server_addr.clone(),
-            amqp_url: self.amqp_url.clone(),
+            amqp_url: self.broker.amqp_url.clone(),
             deployment: self.deployment.clone(),
             queue_expires: self.queue_expires,
             queue_type: self.queue_type,
@@ -356,6 +551,9 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+        StatusCli::command().debug_assert();
+        let s = StatusCli::try_parse_from(["status", "-h", "10.0.0.2", "-k", "9100", "--secret-file", "/s"]).unwrap();
+        assert_eq!((s.args.coord.coord_host.as_str(), s.args.coord.coord_port), ("10.0.0.2", 9100));
     }
 
     #[test]
@@ -400,6 +598,10 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("fast").is_err());
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration(" 1s "), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("25h").is_err() && parse_duration("2x").is_err());
         assert!(parse_deployment("ci-42_x").is_ok());
         assert!(parse_deployment("a.b").is_err());
         assert!(parse_deployment("").is_err());

@@ -12,9 +12,11 @@ pub mod coordinator;
 pub mod error;
 pub mod ids;
 pub mod launcher;
+pub mod metrics;
 pub mod net;
 pub mod relay;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
@@ -24,6 +26,7 @@ pub mod topology;
 use cli::{Cli, Command};
 use coordinator::CoordinatorConfig;
 use error::{Error, Result};
+use metrics::NodeKind;
 use server::ServerConfig;
 use sync::SyncConfig;
 use tokio_util::sync::CancellationToken;
@@ -40,18 +43,14 @@ pub fn run(cli: Cli) -> Result<()> {
         match cli.command {
             Command::Coordinator(a) => {
                 a.tls.install()?;
-                if let Some(port) = a.listen.health_port {
-                    net::bind_health(&a.listen.bind, port).await?;
-                }
+                a.listen.bind_side_ports(NodeKind::Coordinator, &shutdown).await?;
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 let cfg = CoordinatorConfig { secret: a.secret.load()?, ..a.config() };
                 coordinator::run(cfg, listener, shutdown).await
             }
             Command::Server(a) => {
                 a.tls.install()?;
-                if let Some(port) = a.listen.health_port {
-                    net::bind_health(&a.listen.bind, port).await?;
-                }
+                a.listen.bind_side_ports(NodeKind::Server { cluster: a.cluster, id: a.id }, &shutdown).await?;
                 let cfg = ServerConfig { secret: a.secret.load()?, ..a.config().map_err(Error::Config)? };
                 // The port file is written once the store is open, so a
                 // launcher that starts servers one after another has them
@@ -61,14 +60,14 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Command::Synchronizer(a) => {
                 a.tls.install()?;
-                if let Some(port) = a.listen.health_port {
-                    net::bind_health(&a.listen.bind, port).await?;
-                }
                 let cfg = SyncConfig { secret: a.secret.load()?, ..a.config().map_err(Error::Config)? };
+                a.listen
+                    .bind_side_ports(NodeKind::Synchronizer { cluster: cfg.cluster, id: cfg.id }, &shutdown)
+                    .await?;
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 sync::run(cfg, listener, shutdown).await
             }
-            Command::Local(a) => launcher::run(a, shutdown).await,
+            Command::Local(a) => launcher::run(a, (cli.log.clone(), cli.log_format), shutdown).await,
             Command::Promote(a) => {
                 a.tls.install()?;
                 coordinator::promote(&a).await
@@ -83,6 +82,16 @@ pub fn run(cli: Cli) -> Result<()> {
     // interrupted; do not let it hold the process after the work is done.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     result
+}
+
+/// `sns-node status`: prints the routing table.
+pub fn status(args: cli::StatusArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))?;
+    args.tls.install()?;
+    runtime.block_on(status::print(&args))
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

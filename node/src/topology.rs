@@ -317,7 +317,7 @@ mod tests {
                     assert_eq!((cfg.cluster, cfg.paired_server, cfg.id), (cluster, server, id));
                     assert_eq!(cfg.deployment, "demo");
                 }
-                (Command::Coordinator(c), Role::Coordinator) => assert_eq!(c.clusters, 3),
+                (Command::Coordinator(c), Role::Coordinator) => assert_eq!(c.size.clusters, 3),
                 (_, role) => panic!("{} parsed as the wrong subcommand for {role:?}", p.name),
             }
         }

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod broker;
 pub mod disk;
 pub mod load;
+pub mod metrics;
 pub mod nodes;
 pub mod pty;
 pub mod secret;
@@ -457,6 +458,33 @@ impl Deployment {
             bail!("no reply to {line:?}; got {reply:?}");
         }
         Ok(reply.last().copied().unwrap_or_default().to_string())
+    }
+
+    /// Sends a console line whose answer is not one reply line (`help`, an
+    /// unknown command) and returns what the launcher printed from then on
+    /// once `done` holds of it.
+    pub fn console(&mut self, line: &str, done: impl Fn(&str) -> bool) -> Result<String> {
+        writeln!(self.stdin, "{line}")?;
+        self.stdin.flush()?;
+        let seen = self.seen;
+        let after = |t: &str| t.lines().skip(seen).collect::<Vec<_>>().join("\n");
+        let ok = self.out.wait(Instant::now() + DEADLINE, |t| done(&after(t)));
+        let text = after(&self.out.text());
+        self.seen += text.lines().count();
+        if !ok {
+            bail!("no complete answer to {line:?}; got {text:?}");
+        }
+        Ok(text)
+    }
+
+    /// Waits until the launcher has printed a line for which `pred` holds,
+    /// at any time since it started; returns that line.
+    pub fn wait_stdout_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + DEADLINE;
+        if !self.out.wait(deadline, |t| t.lines().any(&pred)) {
+            bail!("launcher never printed {what}; stdout:\n{}", self.out.text());
+        }
+        Ok(self.out.text().lines().find(|l| pred(l)).unwrap_or_default().to_string())
     }
 
     /// Data directory of server `id` of cluster `cluster`.

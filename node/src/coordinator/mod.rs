@@ -108,6 +108,12 @@ impl Coordinator {
             match file.load()? {
                 Some(records) => {
                     tracing::info!(path = %file.path().display(), clusters = records.len(), "coordinator records loaded");
+                    for (cluster, r) in &records {
+                        crate::metrics::get()
+                            .cluster_term
+                            .get_or_create(&crate::metrics::ClusterLabels { cluster: *cluster })
+                            .set(i64::try_from(r.term).unwrap_or(i64::MAX));
+                    }
                     table.load(records);
                 }
                 None => tracing::info!(path = %file.path().display(), "no coordinator records yet: a new deployment"),
@@ -218,6 +224,7 @@ impl Elector {
     /// Carries out what the rules call for now; returns when to look again.
     async fn decide(&mut self) -> Option<Instant> {
         let decisions = self.coord.with(|t| t.decide(Instant::now()));
+        self.count_live();
         for change in &decisions.changes {
             match self.commit(change).await {
                 Ok(()) => log_change(change),
@@ -248,6 +255,10 @@ impl Elector {
 
     /// Writes the records with `change` applied, then installs it.
     async fn commit(&self, change: &Change) -> Result<()> {
+        let renewed = match change.why {
+            Why::Promotion { old: Some(old), .. } => self.coord.with(|t| t.last_renewal(change.cluster, old)),
+            _ => None,
+        };
         if let Some(file) = self.file.clone() {
             let mut records: BTreeMap<u32, table::Record> = self.coord.with(|t| t.records().clone());
             records.insert(change.cluster, change.record.clone());
@@ -257,6 +268,7 @@ impl Elector {
         }
         self.coord.with(|t| t.install(change));
         self.coord.changed();
+        note_change(change, renewed);
         Ok(())
     }
 
@@ -303,6 +315,38 @@ impl Elector {
                 };
                 let _ = reply.send(result);
             }
+        }
+    }
+}
+
+impl Elector {
+    /// Sets `sns_coordinator_live_nodes` (every cluster and kind, zeros
+    /// included, so a cluster whose nodes all died shows 0, not nothing).
+    fn count_live(&self) {
+        let (clusters, nodes) = self.coord.with(|t| (t.clusters(), t.all(Instant::now())));
+        let live = &crate::metrics::get().live_nodes;
+        for cluster in 1..=clusters {
+            for kind in [Kind::Server, Kind::Synchronizer] {
+                let n = nodes.iter().filter(|v| v.alive && v.cluster == cluster && v.kind == kind).count();
+                live.get_or_create(&crate::metrics::LiveLabels { cluster, kind: kind.as_str() }).set(n as i64);
+            }
+        }
+    }
+}
+
+/// The coordinator's metrics of a recorded change: the cluster's term and,
+/// when a master was replaced, the failover and how long it took since
+/// the old master last renewed its lease (`renewed`).
+fn note_change(change: &Change, renewed: Option<Instant>) {
+    let m = crate::metrics::get();
+    let cluster = crate::metrics::ClusterLabels { cluster: change.cluster };
+    m.cluster_term.get_or_create(&cluster).set(i64::try_from(change.record.term).unwrap_or(i64::MAX));
+    if let Why::Promotion { old: Some(old), new } = change.why
+        && old != new
+    {
+        m.failovers.get_or_create(&cluster).inc();
+        if let Some(renewed) = renewed {
+            m.failover_seconds.observe(renewed.elapsed().as_secs_f64());
         }
     }
 }
@@ -567,40 +611,44 @@ impl CoordAdmin for Coordinator {
         let LeaseRequest { cluster, id } = req.into_inner();
         let (tx, rx) = mpsc::channel(8);
         let coord = self.clone();
-        tokio::spawn(async move {
-            let mut changes = coord.changes.subscribe();
-            let mut last = None;
-            loop {
-                changes.borrow_and_update();
-                let now = Instant::now();
-                if let Some(a) = coord.with(|t| t.assignment_of(now, Kind::Server, cluster, id))
-                    && last.as_ref() != Some(&a)
-                {
-                    let update = RoleUpdate {
-                        is_master: a.is_master,
-                        term: a.term,
-                        slave_id: a.slave.as_ref().map_or(0, |s| s.0),
-                        slave_host: a.slave.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
-                        slave_port: a.slave.as_ref().map(|s| s.2.clone()).unwrap_or_default(),
-                        epoch: coord.epoch,
-                        version: a.version,
-                        in_sync: a.in_sync.clone(),
-                        seq_floor: a.seq_floor,
-                        accept_data_loss: a.accept_data_loss,
-                    };
-                    if tx.send(Ok(update)).await.is_err() {
-                        break;
+        let span = tracing::info_span!("lease_stream", cluster, server = id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut changes = coord.changes.subscribe();
+                let mut last = None;
+                loop {
+                    changes.borrow_and_update();
+                    let now = Instant::now();
+                    if let Some(a) = coord.with(|t| t.assignment_of(now, Kind::Server, cluster, id))
+                        && last.as_ref() != Some(&a)
+                    {
+                        let update = RoleUpdate {
+                            is_master: a.is_master,
+                            term: a.term,
+                            slave_id: a.slave.as_ref().map_or(0, |s| s.0),
+                            slave_host: a.slave.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
+                            slave_port: a.slave.as_ref().map(|s| s.2.clone()).unwrap_or_default(),
+                            epoch: coord.epoch,
+                            version: a.version,
+                            in_sync: a.in_sync.clone(),
+                            seq_floor: a.seq_floor,
+                            accept_data_loss: a.accept_data_loss,
+                        };
+                        if tx.send(Ok(update)).await.is_err() {
+                            break;
+                        }
+                        last = Some(a);
                     }
-                    last = Some(a);
+                    tokio::select! {
+                        _ = coord.shutdown.cancelled() => return,
+                        _ = tx.closed() => break,
+                        _ = changes.changed() => {}
+                    }
                 }
-                tokio::select! {
-                    _ = coord.shutdown.cancelled() => return,
-                    _ = tx.closed() => break,
-                    _ = changes.changed() => {}
-                }
-            }
-            coord.lease_lost(cluster, id).await;
-        });
+                coord.lease_lost(cluster, id).await;
+            },
+            span,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -663,11 +711,13 @@ pub fn describe_switchover(cluster: u32, r: &SwitchoverReply) -> String {
 pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let (coord, elector) = Coordinator::new(&cfg, shutdown.clone())?;
     tracing::info!(addr = %listener.local_addr().map_err(|e| crate::error::Error::Other(e.to_string()))?, clusters = cfg.clusters, lease_ms = cfg.lease().as_millis() as u64, "coordinator listening");
-    let elector = tokio::spawn(elector.run());
+    let elector = tokio::spawn(tracing::Instrument::instrument(elector.run(), tracing::info_span!("elector")));
     let (health, health_service) = tonic_health::server::health_reporter();
     net::serve_health(health_service.clone(), shutdown.clone());
     health.set_serving::<CoordServiceServer<Coordinator>>().await;
     let result = crate::tls::server_builder()?
+        .trace_fn(crate::telemetry::rpc_span(None))
+        .layer(crate::metrics::grpc::CountLayer)
         .add_service(health_service)
         .add_service(CoordServiceServer::new(coord.clone()))
         .add_service(CoordAdminServer::with_interceptor(coord.clone(), coord.check.clone()))

@@ -578,6 +578,15 @@ impl Table {
             .unwrap_or(0)
     }
 
+    /// When `master` of `cluster` last renewed its lease (None: it holds
+    /// none from this coordinator).
+    pub fn last_renewal(&self, cluster: u32, master: u32) -> Option<Instant> {
+        match self.leases.get(&cluster) {
+            Some((m, until)) if *m == master => until.checked_sub(self.lease),
+            _ => None,
+        }
+    }
+
     /// Installs a change once it is on disk.
     pub fn install(&mut self, change: &Change) {
         self.changing.remove(&change.cluster);

@@ -57,6 +57,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -262,20 +263,52 @@ pub async fn serve(
     if let Some(path) = port_file {
         net::write_port_file(path, port)?;
     }
+    // The node's span: every task below runs in a child of it.
+    let span = tracing::info_span!("server", cluster = node.cfg().cluster, server = node.cfg().id);
     tracing::info!(cluster = node.cfg().cluster, id = node.cfg().id, port, dir = %node.cfg().data_dir.display(), incarnation = node.incarnation(), "server listening");
     let tasks = [
-        tokio::spawn(role::heartbeat_loop(node.clone(), shutdown.clone())),
-        tokio::spawn(role::lease_loop(node.clone(), shutdown.clone())),
-        tokio::spawn(role::serving_loop(node.clone(), shutdown.clone())),
-        tokio::spawn(disk::disk_loop(node.clone(), shutdown.clone())),
-        tokio::spawn(master::slave_sync_loop(node.clone(), shutdown.clone())),
-        tokio::spawn(disk::flush_loop(node.clone(), shutdown.clone())),
-        tokio::spawn(commit::commit_loop(node.clone(), queued, shutdown.clone())),
+        tokio::spawn(
+            role::heartbeat_loop(node.clone(), shutdown.clone())
+                .instrument(tracing::info_span!(parent: &span, "heartbeat")),
+        ),
+        tokio::spawn(
+            role::lease_loop(node.clone(), shutdown.clone()).instrument(tracing::info_span!(parent: &span, "lease")),
+        ),
+        tokio::spawn(
+            role::serving_loop(node.clone(), shutdown.clone())
+                .instrument(tracing::info_span!(parent: &span, "serving")),
+        ),
+        tokio::spawn(
+            disk::disk_loop(node.clone(), shutdown.clone()).instrument(tracing::info_span!(parent: &span, "disk")),
+        ),
+        tokio::spawn(
+            master::slave_sync_loop(node.clone(), shutdown.clone())
+                .instrument(tracing::info_span!(parent: &span, "slave_sync")),
+        ),
+        tokio::spawn(
+            disk::flush_loop(node.clone(), shutdown.clone()).instrument(tracing::info_span!(parent: &span, "flush")),
+        ),
+        tokio::spawn(
+            commit::commit_loop(node.clone(), queued, shutdown.clone())
+                .instrument(tracing::info_span!(parent: &span, "commit")),
+        ),
+        tokio::spawn(
+            role::role_metrics_loop(node.clone(), shutdown.clone())
+                .instrument(tracing::info_span!(parent: &span, "role_metrics")),
+        ),
     ];
     let (health, health_service) = tonic_health::server::health_reporter();
     net::serve_health(health_service.clone(), shutdown.clone());
-    let health_task = tokio::spawn(role::health_loop(node.clone(), health, shutdown.clone()));
+    let health_task = tokio::spawn(
+        role::health_loop(node.clone(), health, shutdown.clone())
+            .instrument(tracing::info_span!(parent: &span, "health")),
+    );
     let result = crate::tls::server_builder()?
+        .trace_fn(crate::telemetry::rpc_span(Some(crate::telemetry::NodeId {
+            cluster: node.cfg().cluster,
+            server: node.cfg().id,
+        })))
+        .layer(crate::metrics::grpc::CountLayer)
         .add_service(health_service)
         .add_service(sns::service(node.clone(), shutdown.clone()))
         .add_service(replica::service(node.clone(), shutdown.clone(), node.cfg().secret.clone()))

@@ -117,7 +117,10 @@ impl Replica for ReplicaService {
 
     async fn tail_outbox(&self, _req: Request<TailRequest>) -> Result<Response<Self::TailOutboxStream>, Status> {
         let (tx, rx) = mpsc::channel(TAIL_BATCH);
-        tokio::spawn(tail(self.node.clone(), tx, self.shutdown.clone()));
+        tokio::spawn(tracing::Instrument::instrument(
+            tail(self.node.clone(), tx, self.shutdown.clone()),
+            tracing::info_span!("outbox_tail"),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -191,7 +191,11 @@ impl Node {
             let _ = tokio::time::timeout(self.patience(), self.heartbeat()).await;
         }
         match self.not_serving() {
-            None => Ok(self.role()),
+            None => {
+                let role = self.role();
+                crate::telemetry::record_term(role.term);
+                Ok(role)
+            }
             Some(why) => Err(Error::NotServing(why)),
         }
     }
@@ -367,6 +371,28 @@ pub(super) async fn health_loop(node: Node, health: tonic_health::server::Health
             r = serving.changed() => if r.is_err() { return },
             r = role.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// Keeps the `sns_master` and `sns_term` gauges on the current role.
+pub(super) async fn role_metrics_loop(node: Node, shutdown: CancellationToken) {
+    let mut role = node.watch_role();
+    loop {
+        let (is_master, term) = {
+            let r = role.borrow_and_update();
+            (r.is_master, r.term)
+        };
+        let m = crate::metrics::get();
+        m.master.set(i64::from(is_master));
+        m.term.set(i64::try_from(term).unwrap_or(i64::MAX));
+        if !is_master {
+            // Lag is a master's view of its slave.
+            m.replication_lag_records.set(0);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = role.changed() => if changed.is_err() { return },
         }
     }
 }

@@ -52,6 +52,7 @@ impl Sns {
     /// The caller: a valid id of this server's cluster.
     fn caller(&self, username: &str) -> Result<u32, Outcome> {
         let user = parse_user(username).map_err(|_| Outcome::InvalidUsername)?;
+        crate::telemetry::record_user(user);
         if self.node.read(|s| s.is_local(user)) { Ok(user) } else { Err(Outcome::Invalid) }
     }
 
@@ -152,7 +153,11 @@ impl SnsService for Sns {
         let (tx, rx) = mpsc::channel(64);
         // A first message with text is a post as well as the opening.
         let first = (!opening.msg.is_empty()).then_some(opening);
-        tokio::spawn(take_posts(self.node.clone(), user, first, inbound, tx));
+        let posts_span = tracing::info_span!("timeline_posts", user);
+        tokio::spawn(tracing::Instrument::instrument(
+            take_posts(self.node.clone(), user, first, inbound, tx),
+            posts_span,
+        ));
         let posts = feed_stream(backlog, live);
         let out = tokio_stream::StreamExt::merge(posts, ReceiverStream::new(rx));
         // The stream ends, telling the client to ask again, the moment this
@@ -168,7 +173,28 @@ impl SnsService for Sns {
                 }
             }),
         );
-        Ok(Response::new(Box::pin(out.take_until(self.shutdown.clone().cancelled_owned()))))
+        let open = OpenStream::new();
+        let out = out.take_until(self.shutdown.clone().cancelled_owned()).map(move |m| {
+            let _counted = &open;
+            m
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// Counts an open timeline stream for as long as it lives.
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> OpenStream {
+        crate::metrics::get().timeline_streams.inc();
+        OpenStream
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        crate::metrics::get().timeline_streams.dec();
     }
 }
 
@@ -218,10 +244,16 @@ async fn take_posts(
     mut inbound: Streaming<Message>,
     tx: mpsc::Sender<Result<Message, Status>>,
 ) {
-    let (queued, mut pending) = mpsc::channel::<(u64, Committed)>(POSTS_IN_FLIGHT);
+    let (queued, mut pending) = mpsc::channel::<(u64, std::time::Instant, Committed)>(POSTS_IN_FLIGHT);
     let acks = async move {
-        while let Some((id, committed)) = pending.recv().await {
-            match committed.await.unwrap_or(Err(Error::Stopping)) {
+        while let Some((id, arrived, committed)) = pending.recv().await {
+            let result = committed.await.unwrap_or(Err(Error::Stopping));
+            if result.is_ok() {
+                let m = crate::metrics::get();
+                m.posts_committed.inc();
+                m.post_commit_seconds.observe(arrived.elapsed().as_secs_f64());
+            }
+            match result {
                 // A post resent after a failover (same id) is acknowledged
                 // again but applied only once.
                 Ok(()) if id != 0 => {
@@ -249,6 +281,7 @@ async fn take_posts(
             if msg.msg.is_empty() {
                 continue;
             }
+            let arrived = std::time::Instant::now();
             let committed = match check_post_text(&msg.msg) {
                 Ok(()) => {
                     let at_ms = post_time(&msg);
@@ -259,11 +292,11 @@ async fn take_posts(
                     // and end the session: the client learns why.
                     let (refused, committed) = oneshot::channel();
                     let _ = refused.send(Err(Error::Invalid(why)));
-                    let _ = queued.send((msg.post_id, committed)).await;
+                    let _ = queued.send((msg.post_id, arrived, committed)).await;
                     return;
                 }
             };
-            if queued.send((msg.post_id, committed)).await.is_err() {
+            if queued.send((msg.post_id, arrived, committed)).await.is_err() {
                 return;
             }
         }

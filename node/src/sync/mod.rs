@@ -39,6 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use topology::Names;
+use tracing::Instrument as _;
 
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
@@ -93,12 +94,19 @@ pub async fn run(cfg: SyncConfig, listener: TcpListener, shutdown: CancellationT
     tracing::info!(id = cfg.id, cluster = cfg.cluster, server = cfg.paired_server, port, deployment = %cfg.deployment, "synchronizer starting");
     let attach = crate::auth::Attach::new(cfg.secret.clone());
     let coord = net::node_channel(&cfg.coord_host, &cfg.coord_port.to_string(), &attach)?;
-    let beats = tokio::spawn(heartbeats(cfg.clone(), port, coord.clone(), shutdown.clone()));
-    let bridge = tokio::spawn(bridge(cfg, coord, shutdown.clone()));
+    let span = tracing::info_span!("synchronizer", cluster = cfg.cluster, sync = cfg.id, server = cfg.paired_server);
+    let beats = tokio::spawn(
+        heartbeats(cfg.clone(), port, coord.clone(), shutdown.clone())
+            .instrument(tracing::info_span!(parent: &span, "heartbeat")),
+    );
+    let bridge =
+        tokio::spawn(bridge(cfg, coord, shutdown.clone()).instrument(tracing::info_span!(parent: &span, "bridge")));
     let (health, health_service) = tonic_health::server::health_reporter();
     net::serve_health(health_service.clone(), shutdown.clone());
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let served = crate::tls::server_builder()?
+        .trace_fn(crate::telemetry::rpc_span(None))
+        .layer(crate::metrics::grpc::CountLayer)
         .add_service(health_service)
         .serve_with_incoming_shutdown(net::incoming(listener), shutdown.cancelled())
         .await;
@@ -296,6 +304,7 @@ async fn consume(
                 && !sealed_by(secret, &delivery)
             {
                 tracing::error!(bytes = delivery.data.len(), routing_key = %delivery.routing_key, "broker message without this deployment's MAC (forged, or from another deployment): dead-lettered, not applied");
+                crate::metrics::get().dead_lettered.inc();
                 delivery.reject(BasicRejectOptions { requeue: false }).await?;
                 if events.len() < APPLY_BATCH {
                     next = deliveries.next().now_or_never().flatten();
@@ -305,15 +314,18 @@ async fn consume(
             let batch = kind == codec::BATCH_TYPE;
             match codec::decode_message(&delivery.data, batch, cfg.clusters) {
                 Ok(decoded) if decoded.iter().all(|e| e.dest_cluster == cfg.cluster) => {
+                    crate::metrics::get().consumed.inc_by(decoded.len() as u64);
                     events.extend(decoded);
                     last = Some(delivery);
                 }
                 Ok(_) => {
                     tracing::error!(routing_key = %delivery.routing_key, "broker message for another cluster: dead-lettered");
+                    crate::metrics::get().dead_lettered.inc();
                     delivery.reject(BasicRejectOptions { requeue: false }).await?;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, bytes = delivery.data.len(), routing_key = %delivery.routing_key, "malformed broker message: dead-lettered");
+                    crate::metrics::get().dead_lettered.inc();
                     delivery.reject(BasicRejectOptions { requeue: false }).await?;
                 }
             }
@@ -327,6 +339,7 @@ async fn consume(
             req.set_timeout(APPLY_TIMEOUT);
             let reply = server.apply_remote(req).await?.into_inner();
             tracing::debug!(count, applied = reply.applied, "events applied");
+            note_applied(&events, &reply);
             // Events that cannot be valid (forged, broken) are never
             // applied; they go to the dead-letter queue, with why.
             for r in &reply.rejected {
@@ -350,6 +363,7 @@ async fn dead_letter(channel: &AmqpChannel, names: &Names, event: &SyncEvent, re
         reason,
         "event refused: dead-lettered"
     );
+    crate::metrics::get().dead_lettered.inc();
     let mut headers = FieldTable::default();
     headers.insert("x-reason".into(), lapin::types::AMQPValue::LongString(reason.into()));
     let props =
@@ -418,6 +432,7 @@ async fn publish(
                                 }
                             }
                             tracing::debug!(upto, count, "published");
+                            crate::metrics::get().published.inc_by(count as u64);
                             Ok((upto, count))
                         });
                     }
@@ -437,6 +452,45 @@ async fn publish(
     tokio::select! {
         r = publisher => r,
         r = report_confirmed(server.clone(), confirmed_rx) => r,
+        r = watch_backlog(server.clone()) => r,
+    }
+}
+
+/// How often the outbox backlog gauge is refreshed: a scrape interval is
+/// 15 s or more, and one Status call a second costs the server nothing.
+const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps `sns_sync_outbox_backlog_events` on the paired server's outbox:
+/// events committed there and not yet confirmed by the broker (0 while it
+/// is not master: a slave's synchronizer publishes nothing).
+async fn watch_backlog(mut server: ReplicaClient<net::NodeChannel>) -> Result<()> {
+    let mut every = tokio::time::interval(BACKLOG_EVERY);
+    loop {
+        every.tick().await;
+        let s = server.status(sns_proto::internal::StatusRequest {}).await?.into_inner();
+        let backlog = if s.is_master { s.next_seq.saturating_sub(1).saturating_sub(s.published_upto) } else { 0 };
+        crate::metrics::get().outbox_backlog.set(i64::try_from(backlog).unwrap_or(i64::MAX));
+    }
+}
+
+/// Counts what the master applied and, when the whole batch was new (no
+/// redelivery in it), how long its posts took to get here from their
+/// origin: from the post's time (set by the origin's master, or the
+/// client's timestamp when it sent a sane one) to now.
+fn note_applied(events: &[SyncEvent], reply: &sns_proto::internal::ApplyReply) {
+    use sns_proto::internal::sync_event::Kind;
+    let m = crate::metrics::get();
+    m.applied.inc_by(u64::from(reply.applied));
+    if reply.applied as usize + reply.rejected.len() != events.len() {
+        return;
+    }
+    let now = net::now_ms();
+    for (i, e) in events.iter().enumerate() {
+        if let Some(Kind::Post(p)) = &e.kind
+            && !reply.rejected.iter().any(|r| r.index as usize == i)
+        {
+            m.propagation_seconds.observe((now - p.at_ms).max(0) as f64 / 1000.0);
+        }
     }
 }
 

@@ -9,12 +9,13 @@
 //! children also die with the launcher if it is killed outright.
 #![allow(clippy::print_stdout, reason = "the launcher talks to the person (or test) that started it on stdout")]
 
-use crate::cli::{HeartbeatArgs, parse_deployment, parse_duration};
+pub mod console;
+
+use crate::cli::{LocalArgs, parse_deployment};
 use crate::error::{Error, Result};
 use crate::net;
 use crate::relay::Relay;
 use crate::topology::{self, DeploymentSpec, HeartbeatSpec, PlanOptions, Process, Role};
-use clap::Args;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{StatusRequest, TableRequest};
@@ -26,71 +27,14 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Clone, Args)]
-pub struct LocalArgs {
-    /// An SnsCluster YAML file to take the topology from (overrides --clusters, --servers-per-cluster, heartbeat).
-    #[arg(long, env = "SNS_SPEC")]
-    pub spec: Option<PathBuf>,
-    /// Number of clusters.
-    #[arg(long, env = "SNS_CLUSTERS", default_value_t = 3)]
-    pub clusters: u32,
-    /// Servers per cluster: 2 = master + slave, 1 = master only.
-    #[arg(long, env = "SNS_SERVERS_PER_CLUSTER", default_value_t = 2)]
-    pub servers_per_cluster: u32,
-    /// First port: coordinator on it, server (c,s) on +10c+s, its synchronizer on +10c+5+s. 0 = free ports.
-    #[arg(long, env = "SNS_BASE_PORT", default_value_t = 9000)]
-    pub base_port: u16,
-    /// Directory for data and logs.
-    #[arg(long, env = "SNS_DIR", default_value = "sns-data")]
-    pub dir: PathBuf,
-    /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
-    /// Broker object prefix [default: the SnsCluster's name, else "sns"].
-    #[arg(long, env = "SNS_DEPLOYMENT", value_parser = parse_deployment)]
-    pub deployment: Option<String>,
-    /// Let the broker drop this deployment's queues after they go unused this long.
-    #[arg(long, env = "SNS_QUEUE_EXPIRES")]
-    pub queue_expires: Option<String>,
-    /// The type of the deployment's queues (passed to the synchronizers as
-    /// SNS_QUEUE_TYPE): quorum needs a broker cluster.
-    #[arg(long, env = "SNS_QUEUE_TYPE", value_enum, default_value_t = crate::sync::topology::QueueType::Classic)]
-    pub queue_type: crate::sync::topology::QueueType,
-    #[command(flatten)]
-    pub heartbeat: HeartbeatArgs,
-    /// Do not try to start a local rabbitmq-server when no broker answers.
-    #[arg(long)]
-    pub no_broker_start: bool,
-    /// The sns-node binary to run [default: this one].
-    #[arg(long, env = "SNS_NODE_BIN")]
-    pub node_bin: Option<PathBuf>,
-    /// How long to wait for every node to be ready.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub ready_timeout: Duration,
-    /// The deployment's secret [default: `<dir>/secret`, made (mode 0600)
-    /// if missing]. Every node gets it through `SNS_SECRET_FILE`.
-    #[arg(long, env = "SNS_SECRET_FILE")]
-    pub secret_file: Option<PathBuf>,
-    /// Serve TLS on every port and make every node-to-node call over it,
-    /// with a CA and a certificate for 127.0.0.1 / ::1 / localhost made
-    /// under `<dir>/tls` (clients: `tsc --tls --ca <dir>/tls/ca.pem`).
-    #[arg(long)]
-    pub tls: bool,
-    /// PEM CA an `amqps://` broker URL is checked against [default: the
-    /// system's roots]; handed to every synchronizer.
-    #[arg(long, env = "SNS_AMQP_CA")]
-    pub amqp_ca: Option<PathBuf>,
-}
-
-/// The console's commands, for the start-up hint and unknown commands.
-const COMMANDS: &str = "status | kill <name> | stop <name> | start <name> | restart <name> | pause <name> | resume <name> | partition <server> | heal <server> | promote <server> [--accept-data-loss] | switchover <cluster> [<server>]";
-
 /// How long a stopped child gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
 struct Proc {
     plan: Process,
     port: u16,
+    /// Its `GET /metrics` port: any free one at first, kept across restarts.
+    metrics_port: u16,
     child: Option<Child>,
 }
 
@@ -110,9 +54,19 @@ struct Launcher {
     /// Handed to every node (`SNS_TLS_*`, `SNS_AMQP_CA`); the launcher's
     /// own calls follow it too.
     tls: crate::tls::TlsArgs,
+    /// Who is master, and what the console did to whom: for announcements.
+    failovers: console::Failovers,
+    /// The log filter and format every node gets (`SNS_LOG`, `SNS_LOG_FORMAT`).
+    log: (String, crate::telemetry::LogFormat),
 }
 
-pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
+/// Runs the deployment; every node logs with the launcher's `log` filter
+/// and format.
+pub async fn run(
+    args: LocalArgs,
+    log: (String, crate::telemetry::LogFormat),
+    shutdown: CancellationToken,
+) -> Result<()> {
     let (spec, name) = match &args.spec {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -122,8 +76,8 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         }
         None => {
             let spec = DeploymentSpec {
-                clusters: args.clusters,
-                servers_per_cluster: args.servers_per_cluster,
+                clusters: args.size.clusters,
+                servers_per_cluster: args.servers.servers_per_cluster,
                 heartbeat: HeartbeatSpec {
                     interval_millis: args.heartbeat.interval.as_millis() as u64,
                     missed: args.heartbeat.missed,
@@ -135,7 +89,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
     };
     let deployment = args.deployment.clone().or(name).unwrap_or_else(|| "sns".into());
     parse_deployment(&deployment).map_err(Error::Config)?;
-    ensure_broker(&args.amqp_url, !args.no_broker_start).await?;
+    ensure_broker(&args.broker.amqp_url, !args.no_broker_start).await?;
 
     std::fs::create_dir_all(args.dir.join("logs")).map_err(|e| Error::io(&args.dir, e))?;
     let dir = std::fs::canonicalize(&args.dir).map_err(|e| Error::io(&args.dir, e))?;
@@ -149,7 +103,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         coord_host: "127.0.0.1".into(),
         advertise_host: "127.0.0.1".into(),
         bind: "127.0.0.1".into(),
-        amqp_url: Some(args.amqp_url.clone()),
+        amqp_url: Some(args.broker.amqp_url.clone()),
         deployment: deployment.clone(),
         queue_expires: args.queue_expires.clone(),
     };
@@ -175,9 +129,11 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         secret_file,
         attach: crate::auth::Attach::new(Some(secret)),
         tls,
+        failovers: console::Failovers::default(),
+        log,
     };
     for p in plan {
-        l.procs.insert(p.name.clone(), Proc { port: p.port, plan: p, child: None });
+        l.procs.insert(p.name.clone(), Proc { port: p.port, metrics_port: 0, plan: p, child: None });
     }
     let result = async {
         l.start("coordinator").await?;
@@ -222,7 +178,13 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
         ),
         None => println!("connect a client with: tsc -h 127.0.0.1 -k {} -u <user id>", l.coord_port),
     }
-    println!("commands: {COMMANDS}  (names: server-2-1, sync-2-1, master-2, slave-2, coordinator)");
+    println!("{}", console::hint());
+    let (announce, mut announcements) = tokio::sync::mpsc::unbounded_channel();
+    l.failovers.check(l.coord_port, &l.attach).await;
+    tokio::spawn(tracing::Instrument::instrument(
+        l.failovers.clone().watch(l.coord_port, l.attach.clone(), announce, shutdown.clone()),
+        tracing::info_span!("failover_watch"),
+    ));
 
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
@@ -233,11 +195,17 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> Result<()> {
             line = stdin.next_line(), if stdin_open => match line {
                 Ok(Some(line)) => {
                     let reply = l.command(line.trim()).await;
+                    // Announcements first: a reply is the last line its
+                    // command prints.
+                    while let Ok(a) = announcements.try_recv() {
+                        println!("{a}");
+                    }
                     println!("{reply}");
                 }
                 // No more commands (e.g. started with </dev/null): run until stopped.
                 _ => stdin_open = false,
             },
+            Some(a) = announcements.recv() => println!("{a}"),
             _ = watch.tick() => l.reap(),
         }
     }
@@ -254,7 +222,9 @@ impl Launcher {
     async fn start(&mut self, name: &str) -> Result<()> {
         let coord_port = self.coord_port;
         let port_file = self.dir.join("logs").join(format!("{name}.port"));
+        let metrics_file = self.dir.join("logs").join(format!("{name}.metrics-port"));
         let _ = std::fs::remove_file(&port_file);
+        let _ = std::fs::remove_file(&metrics_file);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -282,8 +252,16 @@ impl Launcher {
             args.extend(["-k".to_string(), port.to_string()]);
         }
         args.extend(["--port-file".to_string(), port_file.display().to_string()]);
+        args.extend([
+            "--metrics-port".to_string(),
+            proc.metrics_port.to_string(),
+            "--metrics-port-file".to_string(),
+            metrics_file.display().to_string(),
+        ]);
         let mut cmd = Command::new(&self.bin);
         cmd.env("SNS_QUEUE_TYPE", self.queue_type.as_str())
+            .env("SNS_LOG", &self.log.0)
+            .env("SNS_LOG_FORMAT", self.log.1.as_str())
             .env("SNS_SECRET_FILE", &self.secret_file)
             .env_remove("SNS_SECRET");
         for (var, path) in [
@@ -301,10 +279,14 @@ impl Launcher {
         die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| Error::Other(format!("cannot start {}: {e}", self.bin.display())))?;
         tracing::info!(name, pid = child.id(), "started");
+        self.failovers.back(name);
         proc.child = Some(child);
-        proc.port = wait_port_file(&port_file, proc.child.as_mut()).await.map_err(|e| {
+        let failed = |e| {
             Error::Other(format!("{name}: {e}; see {}", self.dir.join("logs").join(format!("{name}.log")).display()))
-        })?;
+        };
+        proc.port = wait_port_file(&port_file, proc.child.as_mut()).await.map_err(failed)?;
+        // Bound before the node's own port: there by now.
+        proc.metrics_port = wait_port_file(&metrics_file, proc.child.as_mut()).await.map_err(failed)?;
         Ok(())
     }
 
@@ -371,6 +353,7 @@ impl Launcher {
                 && let Ok(Some(status)) = child.try_wait()
             {
                 tracing::warn!(name = %name, %status, "process exited");
+                self.failovers.gone(name, "exited");
                 println!("{name} exited ({status})");
                 p.child = None;
             }
@@ -404,9 +387,16 @@ impl Launcher {
         let (verb, target) = (words.next().unwrap_or(""), words.next());
         if verb == "switchover" {
             return match target.map(str::parse::<u32>) {
-                Some(Ok(cluster)) => self.switchover(cluster, words.next()).await,
+                Some(Ok(cluster)) => {
+                    let reply = self.switchover(cluster, words.next()).await;
+                    self.with_announcements(reply).await
+                }
                 _ => "error: switchover needs a cluster number (and optionally the server to hand over to)".into(),
             };
+        }
+        let known = console::COMMANDS.iter().any(|(c, _)| c.split(' ').next() == Some(verb));
+        if !verb.is_empty() && !known {
+            return console::unknown(verb);
         }
         let target = match (verb, target) {
             ("" | "status" | "help", _) => None,
@@ -418,7 +408,8 @@ impl Launcher {
         };
         match (verb, target) {
             ("", _) => String::new(),
-            ("status", _) => self.status(),
+            ("help", _) => console::help(),
+            ("status", _) => self.status().await,
             // Reply once the process is gone, so `start` may follow at once.
             ("kill", Some(n)) => {
                 let reply = self.signal(&n, libc::SIGKILL, "killed");
@@ -435,15 +426,23 @@ impl Launcher {
                 Some(relay) => {
                     relay.set_cut(verb == "partition");
                     if verb == "partition" {
+                        self.failovers.gone(&n, "was partitioned");
                         format!("partitioned {n} from the coordinator")
                     } else {
+                        self.failovers.back(&n);
                         format!("healed {n}")
                     }
                 }
                 None => format!("error: only a server can be partitioned from the coordinator, not {n}"),
             },
-            ("promote", Some(n)) => self.promote(&n, words.next() == Some("--accept-data-loss")).await,
-            ("resume", Some(n)) => self.signal(&n, libc::SIGCONT, "resumed"),
+            ("promote", Some(n)) => {
+                let reply = self.promote(&n, words.next() == Some("--accept-data-loss")).await;
+                self.with_announcements(reply).await
+            }
+            ("resume", Some(n)) => {
+                self.failovers.back(&n);
+                self.signal(&n, libc::SIGCONT, "resumed")
+            }
             ("start", Some(n)) => match self.start(&n).await {
                 Ok(()) => format!("started {n} on port {}", self.procs[&n].port),
                 Err(e) => format!("error: {e}"),
@@ -456,8 +455,15 @@ impl Launcher {
                     Err(e) => format!("error: {e}"),
                 }
             }
-            _ => format!("commands: {COMMANDS}"),
+            (_, _) => console::unknown(verb),
         }
+    }
+
+    /// `reply` after the announcements of the master changes it made.
+    async fn with_announcements(&self, reply: String) -> String {
+        let mut lines = self.failovers.check(self.coord_port, &self.attach).await;
+        lines.push(reply);
+        lines.join("\n")
     }
 
     /// A planned switchover of `cluster` to `to` (a server's name, or
@@ -504,12 +510,32 @@ impl Launcher {
         }
     }
 
-    fn status(&self) -> String {
+    /// The routing table with each process's pid and metrics port, then
+    /// the one-line `status:` summary (every process, up or down).
+    async fn status(&self) -> String {
+        let table = match crate::status::fetch("127.0.0.1", self.coord_port, &self.attach).await {
+            Ok(snapshot) => {
+                let pid = |name: &str| {
+                    self.procs
+                        .get(name)
+                        .and_then(|p| p.child.as_ref())
+                        .and_then(|c| c.id())
+                        .map_or("-".into(), |p| p.to_string())
+                };
+                let metrics = |name: &str| self.procs.get(name).map_or("-".into(), |p| p.metrics_port.to_string());
+                crate::status::render(&snapshot, &[("PID", &pid), ("METRICS", &metrics)])
+            }
+            Err(e) => format!("(no routing table: {e})\n"),
+        };
+        format!("{table}{}", self.summary())
+    }
+
+    fn summary(&self) -> String {
         let parts: Vec<String> = self
             .procs
             .iter()
             .map(|(n, p)| match p.child.as_ref().and_then(|c| c.id()) {
-                Some(pid) => format!("{n}=up(pid {pid}, port {})", p.port),
+                Some(pid) => format!("{n}=up(pid {pid}, port {}, metrics {})", p.port, p.metrics_port),
                 None => format!("{n}=down"),
             })
             .collect();
@@ -521,6 +547,12 @@ impl Launcher {
             return format!("error: {name} is not running");
         };
         if send_signal(pid, sig) {
+            match sig {
+                libc::SIGKILL => self.failovers.gone(name, "died"),
+                libc::SIGTERM => self.failovers.gone(name, "was stopped"),
+                libc::SIGSTOP => self.failovers.gone(name, "was paused"),
+                _ => {}
+            }
             format!("{done} {name} (pid {pid})")
         } else {
             format!("error: cannot signal {name}")
