@@ -15,13 +15,13 @@ use std::time::Duration;
 #[command(
     name = "sns-node",
     version,
-    about = "Tiny SNS node: coordinator, server, synchronizer, or a whole local deployment",
-    after_help = "Also: sns-node status -h <coordinator host> -k <port> [--secret-file F]  prints the routing table (sns-node status --help)"
+    about = "Tiny SNS node: coordinator, server, synchronizer, or a whole local deployment"
 )]
 pub struct Cli {
-    /// Log filter (tracing-subscriber EnvFilter syntax).
-    #[arg(long, env = "SNS_LOG", default_value = "info", global = true)]
-    pub log: String,
+    /// Log filter (tracing-subscriber EnvFilter syntax) [default: info for
+    /// nodes and the launcher, warn for the one-shot commands].
+    #[arg(long, env = "SNS_LOG", global = true)]
+    pub log: Option<String>,
     /// Log lines as plain text or as JSON objects (with their spans).
     #[arg(long, env = "SNS_LOG_FORMAT", value_enum, default_value_t, global = true)]
     pub log_format: crate::telemetry::LogFormat,
@@ -52,43 +52,21 @@ pub enum Command {
     /// pause for the handover).
     #[command(disable_help_flag = true)]
     Switchover(SwitchoverArgs),
+    /// Prints the routing table: every node's role, term, in-sync state,
+    /// last heartbeat, its synchronizer's backlog and address.
+    #[command(disable_help_flag = true)]
+    Status(StatusArgs),
 }
 
-/// `sns-node status`, parsed on its own: [`Command`] is matched
-/// exhaustively outside this crate (the operator's pod templates are
-/// checked against it), and a read-only query is no pod's command.
-#[derive(Debug, Parser)]
-#[command(
-    name = "sns-node status",
-    disable_help_flag = true,
-    about = "Prints the routing table: every node's role, term, in-sync state, last heartbeat, its synchronizer's backlog and address"
-)]
-pub struct StatusCli {
-    /// Log filter (tracing-subscriber EnvFilter syntax).
-    #[arg(long, env = "SNS_LOG", default_value = "warn")]
-    pub log: String,
-    /// Log lines as plain text or as JSON objects.
-    #[arg(long, env = "SNS_LOG_FORMAT", value_enum, default_value_t)]
-    pub log_format: crate::telemetry::LogFormat,
-    #[command(flatten)]
-    pub args: StatusArgs,
-}
-
-/// What the command line asks for.
-pub enum Invocation {
-    Node(Box<Cli>),
-    Status(StatusCli),
-}
-
-/// Parses the process's arguments (exits with help or an error as clap does).
-pub fn parse() -> Invocation {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == "status") {
-        Invocation::Status(StatusCli::parse_from(
-            std::iter::once("sns-node status".into()).chain(args.into_iter().skip(2)),
-        ))
-    } else {
-        Invocation::Node(Box::new(Cli::parse_from(args)))
+impl Cli {
+    /// The log filter: as given, else `info` for the long-running commands
+    /// and `warn` for the one-shot ones (whose output is their answer).
+    pub fn log_filter(&self) -> &str {
+        match (&self.log, &self.command) {
+            (Some(filter), _) => filter,
+            (None, Command::Promote(_) | Command::Switchover(_) | Command::Status(_)) => "warn",
+            (None, _) => "info",
+        }
     }
 }
 
@@ -551,9 +529,13 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
-        StatusCli::command().debug_assert();
-        let s = StatusCli::try_parse_from(["status", "-h", "10.0.0.2", "-k", "9100", "--secret-file", "/s"]).unwrap();
-        assert_eq!((s.args.coord.coord_host.as_str(), s.args.coord.coord_port), ("10.0.0.2", 9100));
+        let cli =
+            Cli::try_parse_from(["sns-node", "status", "-h", "10.0.0.2", "-k", "9100", "--secret-file", "/s"]).unwrap();
+        assert_eq!(cli.log_filter(), "warn", "a one-shot command logs warnings only");
+        let Command::Status(s) = cli.command else { panic!("not status: {cli:?}") };
+        assert_eq!((s.coord.coord_host.as_str(), s.coord.coord_port), ("10.0.0.2", 9100));
+        let cli = Cli::try_parse_from(["sns-node", "--log", "debug", "status"]).unwrap();
+        assert_eq!(cli.log_filter(), "debug");
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub fn run(cli: Cli) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))?;
+    let log = (cli.log_filter().to_string(), cli.log_format);
     let result = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -67,7 +68,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 sync::run(cfg, listener, shutdown).await
             }
-            Command::Local(a) => launcher::run(a, (cli.log.clone(), cli.log_format), shutdown).await,
+            Command::Local(a) => launcher::run(a, log, shutdown).await,
             Command::Promote(a) => {
                 a.tls.install()?;
                 coordinator::promote(&a).await
@@ -76,22 +77,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 a.tls.install()?;
                 coordinator::switchover(&a).await
             }
+            Command::Status(a) => {
+                a.tls.install()?;
+                status::print(&a).await
+            }
         }
     });
     // A blocking read of stdin (the launcher's command reader) cannot be
     // interrupted; do not let it hold the process after the work is done.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     result
-}
-
-/// `sns-node status`: prints the routing table.
-pub fn status(args: cli::StatusArgs) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))?;
-    args.tls.install()?;
-    runtime.block_on(status::print(&args))
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

@@ -1,18 +1,11 @@
 //! `sns-node`: parse flags, set up logging, hand over to the library.
 
-use sns_node::cli::Invocation;
+use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
-    let result = match sns_node::cli::parse() {
-        Invocation::Node(cli) => {
-            sns_node::telemetry::init(&cli.log, cli.log_format);
-            sns_node::run(*cli)
-        }
-        Invocation::Status(s) => {
-            sns_node::telemetry::init(&s.log, s.log_format);
-            sns_node::status(s.args)
-        }
-    };
+    let cli = sns_node::cli::Cli::parse();
+    sns_node::telemetry::init(cli.log_filter(), cli.log_format);
+    let result = sns_node::run(cli);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

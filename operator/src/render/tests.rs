@@ -255,8 +255,8 @@ fn every_pod_command_line_parses_as_sns_node_would() {
                     assert_eq!(cfg.servers_per_cluster, 1);
                 }
                 Command::Local(_) => panic!("no pod runs the launcher"),
-                Command::Promote(_) | Command::Switchover(_) => {
-                    panic!("promote and switchover are commands run by hand, not pods")
+                Command::Promote(_) | Command::Switchover(_) | Command::Status(_) => {
+                    panic!("promote, switchover and status are commands run by hand, not pods")
                 }
             }
             parsed += 1;
