@@ -146,6 +146,25 @@ impl SecretArgs {
     pub fn load(&self) -> crate::error::Result<Option<crate::auth::Secret>> {
         crate::auth::Secret::load(self.secret_file.as_deref())
     }
+
+    /// [`Self::load`] for a node listening on `bind`: without a secret on
+    /// an address beyond loopback, it warns that anyone who reaches the
+    /// port can steer the deployment.
+    pub fn load_for(&self, bind: &str) -> crate::error::Result<Option<crate::auth::Secret>> {
+        let secret = self.load()?;
+        if secret.is_none() && !is_loopback(bind) {
+            tracing::warn!(
+                bind,
+                "no deployment secret (SNS_SECRET_FILE): node-to-node calls and events between clusters are not authenticated, so anyone who reaches this port can register nodes and move masters"
+            );
+        }
+        Ok(secret)
+    }
+}
+
+/// Whether `bind` only listens on this machine.
+fn is_loopback(bind: &str) -> bool {
+    bind == "localhost" || bind.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[derive(Debug, Clone, Args)]
@@ -536,6 +555,16 @@ mod tests {
         assert_eq!((s.coord.coord_host.as_str(), s.coord.coord_port), ("10.0.0.2", 9100));
         let cli = Cli::try_parse_from(["sns-node", "--log", "debug", "status"]).unwrap();
         assert_eq!(cli.log_filter(), "debug");
+    }
+
+    #[test]
+    fn only_loopback_binds_go_without_the_unauthenticated_warning() {
+        for bind in ["127.0.0.1", "127.3.4.5", "::1", "[::1]", "localhost"] {
+            assert!(is_loopback(bind), "{bind}");
+        }
+        for bind in ["0.0.0.0", "::", "10.0.0.5", "sns-node-0.sns", ""] {
+            assert!(!is_loopback(bind), "{bind}");
+        }
     }
 
     #[test]

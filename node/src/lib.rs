@@ -46,13 +46,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 a.tls.install()?;
                 a.listen.bind_side_ports(NodeKind::Coordinator, &shutdown).await?;
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
-                let cfg = CoordinatorConfig { secret: a.secret.load()?, ..a.config() };
+                let cfg = CoordinatorConfig { secret: a.secret.load_for(&a.listen.bind)?, ..a.config() };
                 coordinator::run(cfg, listener, shutdown).await
             }
             Command::Server(a) => {
                 a.tls.install()?;
                 a.listen.bind_side_ports(NodeKind::Server { cluster: a.cluster, id: a.id }, &shutdown).await?;
-                let cfg = ServerConfig { secret: a.secret.load()?, ..a.config().map_err(Error::Config)? };
+                let cfg =
+                    ServerConfig { secret: a.secret.load_for(&a.listen.bind)?, ..a.config().map_err(Error::Config)? };
                 // The port file is written once the store is open, so a
                 // launcher that starts servers one after another has them
                 // register in that order (the first becomes master).
@@ -61,7 +62,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Command::Synchronizer(a) => {
                 a.tls.install()?;
-                let cfg = SyncConfig { secret: a.secret.load()?, ..a.config().map_err(Error::Config)? };
+                let cfg =
+                    SyncConfig { secret: a.secret.load_for(&a.listen.bind)?, ..a.config().map_err(Error::Config)? };
                 a.listen
                     .bind_side_ports(NodeKind::Synchronizer { cluster: cfg.cluster, id: cfg.id }, &shutdown)
                     .await?;
