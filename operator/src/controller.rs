@@ -383,8 +383,6 @@ where
     Ok(())
 }
 
-/// Applies every child; false when the coordinator's StatefulSet had to
-/// wait for the Deployment it replaces to go.
 /// A server StatefulSet with the given rolling-update partition.
 fn with_partition(sts: &StatefulSet, partition: i32) -> StatefulSet {
     let mut sts = sts.clone();
@@ -395,6 +393,9 @@ fn with_partition(sts: &StatefulSet, partition: i32) -> StatefulSet {
     sts
 }
 
+/// Applies every child, each whatever became of the others; false when the
+/// coordinator's StatefulSet had to wait for the Deployment it replaces to
+/// go, an [`Error::Apply`] naming those that failed (also a Warning Event).
 async fn apply_children(
     obj: &SnsCluster,
     names: &Names,
@@ -404,31 +405,56 @@ async fn apply_children(
 ) -> Result<bool> {
     let ns = names.namespace.as_str();
     let mut complete = true;
+    // One child refused (an immutable field of a StatefulSet, a webhook, a
+    // quota) must not hold back the others: the broker is applied before
+    // the nodes, and a broken broker would otherwise freeze every server.
+    let mut failed = Vec::new();
     for child in &rendered.children {
-        match child {
-            Child::ConfigMap(o) => ssa::<ConfigMap>(&ctx.client, ns, o).await?,
-            Child::Service(o) => ssa::<Service>(&ctx.client, ns, o).await?,
+        let result = match child {
+            Child::ConfigMap(o) => ssa::<ConfigMap>(&ctx.client, ns, o).await,
+            Child::Service(o) => ssa::<Service>(&ctx.client, ns, o).await,
             Child::StatefulSet(o) if o.name_any() == names.coordinator() => {
-                if retire_coordinator_deployment(obj, names, ctx).await? {
-                    ssa::<StatefulSet>(&ctx.client, ns, o).await?;
-                } else {
-                    complete = false;
+                match retire_coordinator_deployment(obj, names, ctx).await {
+                    Ok(true) => ssa::<StatefulSet>(&ctx.client, ns, o).await,
+                    Ok(false) => {
+                        complete = false;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
                 }
             }
             Child::StatefulSet(o) => {
                 let server = rollout::server_of(o);
                 match server.and_then(|k| partitions.get(&k)) {
-                    Some(&p) => ssa::<StatefulSet>(&ctx.client, ns, &with_partition(o, p)).await?,
-                    None => ssa::<StatefulSet>(&ctx.client, ns, o).await?,
+                    Some(&p) => ssa::<StatefulSet>(&ctx.client, ns, &with_partition(o, p)).await,
+                    None => ssa::<StatefulSet>(&ctx.client, ns, o).await,
                 }
             }
-            Child::Pdb(o) => ssa::<PodDisruptionBudget>(&ctx.client, ns, o).await?,
-            Child::NetworkPolicy(o) => ssa::<NetworkPolicy>(&ctx.client, ns, o).await?,
-            Child::Certificate(o) => crate::secrets::apply_certificate(&ctx.client, names, o).await?,
+            Child::Pdb(o) => ssa::<PodDisruptionBudget>(&ctx.client, ns, o).await,
+            Child::NetworkPolicy(o) => ssa::<NetworkPolicy>(&ctx.client, ns, o).await,
+            Child::Certificate(o) => crate::secrets::apply_certificate(&ctx.client, names, o).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(kind = child.kind(), name = %child.name(), error = %e, "cannot apply");
+            failed.push(format!("{}/{}: {}", child.kind(), child.name(), api_message(&e)));
         }
+    }
+    if !failed.is_empty() {
+        let err = Error::Apply { failed, total: rendered.children.len() };
+        ctx.publish(obj, true, "ApplyFailed", "Apply", err.to_string()).await;
+        return Err(err);
     }
     tracing::debug!(objects = rendered.children.len(), uid = ?obj.uid(), complete, "children applied");
     Ok(complete)
+}
+
+/// The API server's own words for a refused request (what `kubectl`
+/// would show), else the error.
+fn api_message(e: &Error) -> String {
+    match e {
+        Error::Kube(kube::Error::Api(s)) => s.message.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// Upgrade path: before the coordinator kept records on a volume it ran as

@@ -271,9 +271,21 @@ impl Default for StorageSpec {
 
 /// Either a broker the operator runs (`managed`, the default when neither
 /// is given) or an existing one (`external`).
+///
+/// The managed broker's volume is its StatefulSet's volumeClaimTemplate,
+/// which Kubernetes does not let change: its class and size are immutable
+/// while the broker stays managed. The rules sit here, not on the fields,
+/// because an absent `managed` means the defaults: a rule on
+/// `managed.storageClassName` would not see `managed` appear with another
+/// class, which the StatefulSet would refuse, and since the broker is
+/// applied before the nodes, every later change with it.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!(has(self.managed) && has(self.external))").message("set broker.managed or broker.external, not both"))]
+#[x_kube(
+    validation = Rule::new("!(has(self.managed) && has(self.external))").message("set broker.managed or broker.external, not both"),
+    validation = Rule::new("has(self.external) || has(oldSelf.external) || (has(self.managed) && has(self.managed.storageClassName) ? self.managed.storageClassName : '') == (has(oldSelf.managed) && has(oldSelf.managed.storageClassName) ? oldSelf.managed.storageClassName : '')").message("broker.managed.storageClassName is immutable: it is the broker StatefulSet's volumeClaimTemplate"),
+    validation = Rule::new("has(self.external) || has(oldSelf.external) || (has(self.managed) && has(self.managed.storageSize) ? self.managed.storageSize : '1Gi') == (has(oldSelf.managed) && has(oldSelf.managed.storageSize) ? oldSelf.managed.storageSize : '1Gi')").message("broker.managed.storageSize is immutable: it is the broker StatefulSet's volumeClaimTemplate (expand the PersistentVolumeClaim directly)")
+)]
 pub struct BrokerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed: Option<ManagedBroker>,
@@ -290,8 +302,7 @@ pub struct ManagedBroker {
     #[serde(default = "default_storage_size")]
     #[schemars(length(max = 32))]
     #[x_kube(
-        validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("broker.managed.storageSize must be a positive quantity such as 1Gi"),
-        validation = Rule::new("self == oldSelf").message("broker.managed.storageSize is immutable")
+        validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("broker.managed.storageSize must be a positive quantity such as 1Gi")
     )]
     pub storage_size: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -576,6 +587,13 @@ mod tests {
             .unwrap_or_default()
     }
 
+    fn messages(v: &Value) -> Vec<String> {
+        v["x-kubernetes-validations"]
+            .as_array()
+            .map(|a| a.iter().map(|r| r["message"].as_str().unwrap_or_default().to_string()).collect())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn crd_has_names_subresources_and_columns() {
         let crd = serde_json::to_value(crd()).unwrap();
@@ -606,7 +624,21 @@ mod tests {
         assert_eq!(hb["intervalMillis"]["default"], 5000);
         assert_eq!(num(&hb["intervalMillis"]["minimum"]), 10.0);
         assert_eq!(hb["missed"]["default"], 2);
-        assert_eq!(rules(&spec["broker"]), ["!(has(self.managed) && has(self.external))"]);
+        let broker_rules = rules(&spec["broker"]);
+        assert_eq!(broker_rules[0], "!(has(self.managed) && has(self.external))");
+        // The managed broker's volume: immutable on the broker, where an
+        // absent `managed` (the defaults) is seen too; not across a switch
+        // to or from an external broker (the StatefulSet goes or comes).
+        for field in ["storageClassName", "storageSize"] {
+            let rule = broker_rules.iter().find(|r| r.contains(&format!("self.managed.{field}"))).unwrap();
+            assert!(rule.starts_with("has(self.external) || has(oldSelf.external) || "), "{rule}");
+            assert!(rule.contains(&format!("oldSelf.managed.{field}")), "{rule}");
+            assert!(
+                messages(&spec["broker"])
+                    .iter()
+                    .any(|m| m.starts_with(&format!("broker.managed.{field} is immutable")))
+            );
+        }
         assert_eq!(spec["storage"]["properties"]["retention"]["enum"], serde_json::json!(["Retain", "Delete"]));
         assert_eq!(spec["storage"]["properties"]["retention"]["default"], "Retain");
         let size = rules(&spec["storage"]["properties"]["size"]);
@@ -614,7 +646,7 @@ mod tests {
         assert_eq!(size[1], "self == oldSelf");
         assert!(rules(&spec["storage"])[0].contains("self.storageClassName == oldSelf.storageClassName"));
         let broker = &spec["broker"]["properties"]["managed"]["properties"]["storageSize"];
-        assert_eq!(rules(broker)[1], "self == oldSelf");
+        assert!(rules(broker)[0].contains("quantity(self)"));
         let coord = &spec["coordinator"]["properties"]["storageSize"];
         assert_eq!(coord["default"], "1Gi");
         assert!(rules(coord)[0].contains("quantity(self)"));

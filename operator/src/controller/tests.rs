@@ -946,14 +946,41 @@ async fn api_errors_fail_the_reconcile_and_back_off() {
     assert_eq!(error_policy(obj.clone(), &err, ctx.clone()), Action::requeue(Duration::from_secs(10)));
     drop(ctx);
     let calls = lines(&mock.calls().await);
-    // The secrets, the pods, then the first apply fails and nothing else
-    // is tried.
-    let mut expected = secret_calls();
-    expected.extend([format!("GET {NS}/pods"), format!("PATCH {NS}/configmaps/demo-config")]);
+    // The secrets, the pods, then every apply is tried (each fails), and
+    // a Warning event names them; nothing is pruned.
+    let mut expected: Vec<String> = full_apply().into_iter().take_while(|l| !l.ends_with("/statefulsets")).collect();
+    expected.push("POST /apis/events.k8s.io/v1/namespaces/prod/events".into());
     assert_eq!(calls, expected);
     assert_eq!(backoff(1), Duration::from_secs(5));
     assert_eq!(backoff(7), Duration::from_secs(300));
     assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
+}
+
+#[tokio::test]
+async fn a_refused_child_does_not_hold_back_the_others_and_is_named() {
+    // The broker's StatefulSet is refused (a changed volumeClaimTemplate,
+    // say): everything after it is applied all the same.
+    let world = World { refuse_applies: vec!["demo-rabbitmq".into()], ..Default::default() };
+    let mock = Mock::new(world, Some(healthy_table(3, 2)));
+    let obj = Arc::new(finalized(cluster("demo", json!({}))));
+    let err = reconcile(obj, mock.ctx.clone()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("2 of "), "{text}");
+    assert!(text.contains("Service/demo-rabbitmq: StatefulSet.apps is invalid"), "{text}");
+    assert!(text.contains("StatefulSet/demo-rabbitmq: StatefulSet.apps is invalid"), "{text}");
+    assert!(!text.contains("demo-server"), "{text}");
+    assert_eq!(mock.ctx.metrics.failures(), 1);
+    let calls = mock.calls().await;
+    let applied: Vec<String> = lines(&calls);
+    // Every child was tried, in order, the servers and PDBs after the
+    // refused broker included; nothing is pruned after a failed apply.
+    let mut expected: Vec<String> = full_apply().into_iter().take_while(|l| !l.ends_with("/statefulsets")).collect();
+    expected.push("POST /apis/events.k8s.io/v1/namespaces/prod/events".into());
+    assert_eq!(applied, expected);
+    let event = &calls.last().unwrap().body;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "ApplyFailed");
+    assert!(event["note"].as_str().unwrap().contains("StatefulSet/demo-rabbitmq"), "{event}");
 }
 
 #[test]
