@@ -262,7 +262,8 @@ spec_schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
 
 
 def update_refusals(old_spec, new_spec, skipped=None):
-    old = defaulted(spec_schema, old_spec)
+    """Refusals of an update, or of a creation when old_spec is None."""
+    old = None if old_spec is None else defaulted(spec_schema, old_spec)
     new = defaulted(spec_schema, new_spec)
     return cel_refusals(spec_schema, new, old, ".spec", skipped)
 
@@ -295,6 +296,19 @@ CEL_CASES = [
      {"broker": {"managed": {"image": "rabbitmq:3.13"}}}, None),
     ("managed broker replaced by an external one", {"broker": {"managed": {"storageClassName": "a"}}},
      {"broker": {"external": {"urlSecretRef": {"name": "amqp"}}}}, None),
+    ("a new SnsCluster with broker.managed.replicas 2", None, {"broker": {"managed": {"replicas": 2}}},
+     "broker.managed.replicas must be 1 or an odd number"),
+    ("a new SnsCluster with broker.managed.replicas 3", None, {"broker": {"managed": {"replicas": 3}}}, None),
+    ("broker.managed.replicas 1 -> 3", {}, {"broker": {"managed": {"replicas": 3}}},
+     "broker.managed.replicas is immutable"),
+    ("broker.managed.replicas 3 -> 5", {"broker": {"managed": {"replicas": 3}}},
+     {"broker": {"managed": {"replicas": 5}}}, "broker.managed.replicas is immutable"),
+    ("broker.queueType classic -> quorum on the same broker", {}, {"broker": {"queueType": "quorum"}},
+     "broker.queueType is immutable"),
+    ("broker.queueType written out as its default (quorum on 3 replicas)", {"broker": {"managed": {"replicas": 3}}},
+     {"broker": {"managed": {"replicas": 3}, "queueType": "quorum"}}, None),
+    ("broker.queueType changed with a move to an external broker", {},
+     {"broker": {"external": {"urlSecretRef": {"name": "amqp"}}, "queueType": "quorum"}}, None),
 ]
 for title, old_spec, new_spec, refused in CEL_CASES:
     got = update_refusals(old_spec, new_spec)

@@ -124,6 +124,17 @@ spec:
       resources:
         requests: {cpu: 200m, memory: 256Mi}
 EOF
+# A managed broker cluster: three RabbitMQ nodes, quorum queues.
+cat > "$work/specs/broker-cluster.yaml" <<'EOF'
+apiVersion: sns.io/v1alpha1
+kind: SnsCluster
+metadata:
+  name: ha
+spec:
+  clusters: 2
+  broker:
+    managed: {replicas: 3}
+EOF
 # Security switched off, and TLS from cert-manager with an amqps:// broker.
 cat > "$work/specs/open.yaml" <<'EOF'
 apiVersion: sns.io/v1alpha1

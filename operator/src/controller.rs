@@ -303,7 +303,7 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
         }
     }
     let broker_ready = match (&table, spec.managed_broker()) {
-        (Ok(_), Some(_)) => Some(broker_ready(&names, &ctx).await?),
+        (Ok(_), Some(b)) => Some(broker_ready(&names, b.replicas, &ctx).await?),
         _ => None,
     };
     let observation = table.map(|nodes| Observation {
@@ -596,13 +596,15 @@ fn ignore_not_found(r: Result<(), kube::Error>) -> Result<()> {
     }
 }
 
-/// Whether the managed broker's pod is ready, by its StatefulSet (listed
-/// by name: the operator may list StatefulSets, not get them).
-async fn broker_ready(names: &Names, ctx: &Context) -> Result<bool> {
+/// Whether the managed broker serves, by its StatefulSet (listed by name:
+/// the operator may list StatefulSets, not get them): its pod is ready, or
+/// for a cluster of `replicas` nodes a majority, which quorum queues need.
+async fn broker_ready(names: &Names, replicas: u32, ctx: &Context) -> Result<bool> {
     let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let by_name = ListParams::default().fields(&format!("metadata.name={}", names.rabbitmq()));
     let list = api.list(&by_name).await?;
-    Ok(list.items.into_iter().any(|s| s.status.and_then(|s| s.ready_replicas).unwrap_or(0) >= 1))
+    let majority = i32::try_from(replicas / 2 + 1).unwrap_or(i32::MAX);
+    Ok(list.items.into_iter().any(|s| s.status.and_then(|s| s.ready_replicas).unwrap_or(0) >= majority))
 }
 
 /// Sets `sns.io/role` on every server pod whose label disagrees with the

@@ -45,6 +45,14 @@ pub async fn ensure(client: &Client, names: &Names, rendered: &Rendered) -> Resu
             tracing::info!(secret = %names.rabbitmq_secret(), "broker credentials created");
         }
     }
+    if let Some(template) = &rendered.broker_cookie {
+        // Created once: a new cookie would cut the running nodes off from
+        // each other. 32 letters and digits, as Erlang wants them.
+        let secret = render::cookie_secret(template, &render::random_password()?);
+        if create(&api, &secret).await? {
+            tracing::info!(secret = %names.rabbitmq_cookie(), "broker Erlang cookie created");
+        }
+    }
     let secret = node_secret(&api, names, rendered).await?;
     let ca = match &rendered.tls {
         TlsPlan::Off => None,
@@ -128,7 +136,13 @@ pub async fn on_delete(client: &Client, names: &Names, retention: PvcRetention) 
         PvcRetention::Retain => {
             let params = PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() };
             let orphan = serde_json::json!({"metadata": {"ownerReferences": null}});
-            for name in [names.rabbitmq_secret(), names.node_secret(), names.ca_secret(), names.tls_secret()] {
+            for name in [
+                names.rabbitmq_secret(),
+                names.rabbitmq_cookie(),
+                names.node_secret(),
+                names.ca_secret(),
+                names.tls_secret(),
+            ] {
                 match api.patch(&name, &params, &Patch::Merge(&orphan)).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(s)) if s.is_not_found() => {}

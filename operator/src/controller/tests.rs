@@ -37,6 +37,7 @@ fn full_apply() -> Vec<String> {
     for c in 1..=3 {
         v.push(format!("PATCH {NS}/services/demo-master-{c}"));
     }
+    v.push(format!("PATCH {NS}/configmaps/demo-rabbitmq-config"));
     v.push(format!("PATCH {NS}/services/demo-rabbitmq"));
     v.push(format!("PATCH {APPS}/statefulsets/demo-rabbitmq"));
     // No Deployment left from before the coordinator had a volume.
@@ -675,21 +676,22 @@ async fn deletion_with_retain_keeps_volumes_and_secrets() {
     assert_eq!(action, Action::await_change());
     assert_eq!(mock.table.forgotten.lock().unwrap().len(), 1, "the coordinator's channel is closed");
     let calls = mock.calls().await;
-    let mut expected: Vec<String> = ["demo-rabbitmq-credentials", "demo-node-secret", "demo-ca", "demo-tls"]
-        .iter()
-        .map(|s| format!("PATCH {NS}/secrets/{s}"))
-        .collect();
+    let mut expected: Vec<String> =
+        ["demo-rabbitmq-credentials", "demo-rabbitmq-erlang-cookie", "demo-node-secret", "demo-ca", "demo-tls"]
+            .iter()
+            .map(|s| format!("PATCH {NS}/secrets/{s}"))
+            .collect();
     expected.push("POST /apis/events.k8s.io/v1/namespaces/prod/events".into());
     expected.push("PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo".into());
     assert_eq!(lines(&calls), expected, "the Secrets are kept, released from the SnsCluster; absent ones are fine");
-    for c in &calls[..4] {
+    for c in &calls[..5] {
         assert_eq!(c.body, json!({"metadata": {"ownerReferences": null}}), "a merge patch dropping the owner");
     }
     assert!(calls.iter().all(|c| c.method != "DELETE"), "nothing is deleted");
-    assert!(calls[4].body["note"].as_str().unwrap().contains("kept"));
+    assert!(calls[5].body["note"].as_str().unwrap().contains("kept"));
     assert!(calls.iter().all(|c| !c.uri.contains("persistentvolumeclaims")), "no claim is touched");
     // The finalizer helper tests that ours is still there, then removes it.
-    let ops = calls[5].body.as_array().unwrap();
+    let ops = calls[6].body.as_array().unwrap();
     assert_eq!(ops[0]["op"], "test");
     assert_eq!(ops[1]["op"], "remove");
 }
@@ -981,6 +983,31 @@ async fn a_refused_child_does_not_hold_back_the_others_and_is_named() {
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "ApplyFailed");
     assert!(event["note"].as_str().unwrap().contains("StatefulSet/demo-rabbitmq"), "{event}");
+}
+
+#[tokio::test]
+async fn a_broker_cluster_gets_its_cookie_and_is_ready_with_a_majority() {
+    for (nodes_ready, expected) in [(1, "BrokerNotReady"), (2, "AllServersLive")] {
+        let world = World {
+            pods: vec![server_pod("demo", 1, 1, None), server_pod("demo", 1, 2, None)],
+            broker_ready: Some(nodes_ready),
+            ..Default::default()
+        };
+        let mock = Mock::new(world, Some(healthy_table(3, 2)));
+        let obj = finalized(cluster("demo", json!({"broker": {"managed": {"replicas": 3}}})));
+        reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
+        let calls = mock.calls().await;
+        // The credentials, then the cookie: created blind, never replaced.
+        let cookie = &calls[1];
+        assert_eq!(cookie.line(), format!("POST {NS}/secrets"));
+        assert_eq!(cookie.body["metadata"]["name"], "demo-rabbitmq-erlang-cookie");
+        assert!(cookie.body["metadata"]["ownerReferences"].is_null(), "it follows storage.retention");
+        let value = cookie.body["data"]["cookie"].as_str().unwrap();
+        assert!(value.len() >= 40, "32 random characters, base64: {value}");
+        let status = status_of(calls.last().unwrap());
+        let ready = status.conditions.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!(ready.reason, expected, "{nodes_ready} of 3 broker nodes ready");
+    }
 }
 
 #[test]

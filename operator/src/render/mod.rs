@@ -11,7 +11,8 @@
 //! | Service | `demo-master-<c>` | selects the pod labelled `sns.io/role=master` in cluster c |
 //! | PodDisruptionBudget | `demo-cluster-<c>` | at most one server of a cluster down by choice |
 //! | ConfigMap | `demo-config` | environment shared by every node (`SNS_LOG`) |
-//! | StatefulSet + Service + Secret | `demo-rabbitmq`, `demo-rabbitmq-credentials` | the managed broker |
+//! | StatefulSet + Service + ConfigMap + Secret | `demo-rabbitmq`, `demo-rabbitmq-config`, `demo-rabbitmq-credentials` | the managed broker |
+//! | headless Service + Secret + PodDisruptionBudget | `demo-rabbitmq-nodes`, `demo-rabbitmq-erlang-cookie`, `demo-rabbitmq` | a managed broker cluster (`replicas` 3 or more) |
 //! | Secret | `demo-node-secret` | the node secret (tokens, event MACs), mounted in every node |
 //! | Secrets | `demo-ca`, `demo-tls` | the operator's CA; the node certificate with `ca.crt` (or a cert-manager Certificate `demo-tls` writing it) |
 //! | NetworkPolicy | `demo-server`, `demo-coordinator`, `demo-broker` | who may reach which pods |
@@ -35,11 +36,12 @@ mod coordinator;
 mod names;
 mod network;
 mod pod;
+mod rabbitmq_conf;
 pub mod secrets;
 mod servers;
 pub mod tls;
 
-pub use broker::{broker_secret, random_password};
+pub use broker::{broker_secret, cookie_secret, random_password};
 pub use names::{Names, deployment_name, fnv1a};
 pub use secrets::node_secret;
 
@@ -163,6 +165,9 @@ pub struct Rendered {
     /// The managed broker's credentials: created once if missing, never
     /// overwritten (its password lives in RabbitMQ's volume too).
     pub broker_secret: Option<Secret>,
+    /// A managed broker cluster's Erlang cookie: created once if missing,
+    /// never overwritten (its nodes must keep agreeing on it).
+    pub broker_cookie: Option<Secret>,
     /// The node secret without its value: created once if missing, never
     /// overwritten (running nodes hold the keys derived from it).
     pub node_secret: Secret,
@@ -308,14 +313,13 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
     }
 
     // The broker before the nodes that need it.
-    let broker_secret = match spec.managed_broker() {
+    let (broker_secret, broker_cookie) = match spec.managed_broker() {
         Some(broker) => {
-            let (svc, sts) = render_broker(&names, &broker, spec.storage.retention, &owner);
-            children.push(Child::Service(svc));
-            children.push(Child::StatefulSet(sts));
-            Some(broker_secret_template(&names))
+            let objects = render_broker(&names, &broker, spec.storage.retention, &owner);
+            children.extend(objects.children);
+            (Some(broker_secret_template(&names)), objects.cookie)
         }
-        None => None,
+        None => (None, None),
     };
     let (url_secret, url_key) = match &spec.broker.external {
         Some(ext) => (ext.url_secret_ref.name.clone(), ext.url_secret_ref.key.clone()),
@@ -369,7 +373,7 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
         }));
     }
 
-    Ok(Rendered { children, broker_secret, node_secret: secrets::node_secret_template(&names), tls })
+    Ok(Rendered { children, broker_secret, broker_cookie, node_secret: secrets::node_secret_template(&names), tls })
 }
 
 /// Every rendered object (and the generated Secrets with placeholder
@@ -382,6 +386,9 @@ pub fn to_yaml(rendered: &Rendered, names: &Names) -> String {
     if let Some(t) = &rendered.broker_secret {
         secrets.push(broker_secret(t, names, placeholder));
     }
+    if let Some(t) = &rendered.broker_cookie {
+        secrets.push(cookie_secret(t, placeholder));
+    }
     if let TlsPlan::Operator { .. } = rendered.tls {
         let pem = tls::Pem { cert: placeholder.into(), key: placeholder.into() };
         secrets.push(tls::ca_secret(names, &pem));
@@ -393,6 +400,8 @@ pub fn to_yaml(rendered: &Rendered, names: &Names) -> String {
     docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("JSON values serialize as YAML"))).collect()
 }
 
+#[cfg(test)]
+mod broker_tests;
 #[cfg(test)]
 mod security_tests;
 #[cfg(test)]

@@ -14,11 +14,16 @@ use crate::crd::SnsClusterSpec;
 use k8s_openapi::api::apps::v1::{
     RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
+use k8s_openapi::api::core::v1::EnvVar;
 use k8s_openapi::api::core::v1::{
     Affinity, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use sns_node::topology::{Process, Role};
+
+fn plain_env(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+}
 
 /// The health service a server reports NOT_SERVING while it catches up
 /// (node/src/server/role.rs `READINESS_SERVICE`, which the node crate
@@ -67,7 +72,17 @@ pub(super) fn render_server(
             args: pod_args(sync),
             port_name: "sync",
             port: sync.port,
-            env: [vec![secret_env("AMQP_URL", url_secret, url_key)], files.env, amqp_ca.env].concat(),
+            env: [
+                vec![
+                    secret_env("AMQP_URL", url_secret, url_key),
+                    // The same for every synchronizer: a queue's type is
+                    // fixed once declared.
+                    plain_env("SNS_QUEUE_TYPE", spec.queue_type().as_str()),
+                ],
+                files.env,
+                amqp_ca.env,
+            ]
+            .concat(),
             // The synchronizer hands events to its server over gRPC and
             // writes no files; it sees the volume read-only.
             mounts: [

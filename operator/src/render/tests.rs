@@ -66,6 +66,7 @@ fn default_spec_renders_the_course_topology() {
             "Service/demo-master-1",
             "Service/demo-master-2",
             "Service/demo-master-3",
+            "ConfigMap/demo-rabbitmq-config",
             "Service/demo-rabbitmq",
             "StatefulSet/demo-rabbitmq",
             "StatefulSet/demo-coordinator",
