@@ -755,6 +755,25 @@ for d in policies:
     got = [None if "from" not in r else peers(r) for r in rules]
     if got != wanted:
         policy_problems.append(f"{name_of(d)} lets in {got}, not {wanted}")
+    if component == "broker":
+        # The synchronizers' way in is the port their AMQP_URL dials (TLS
+        # on: amqps alone), by the name the broker's container gives it.
+        dialled = set()
+        for s in rendered_docs:
+            if s["kind"] != "StatefulSet" or s["metadata"]["labels"]["app.kubernetes.io/instance"] != inst:
+                continue
+            for c in s["spec"]["template"]["spec"]["containers"]:
+                url = next((e.get("value") for e in c.get("env", []) if e["name"] == "AMQP_URL"), None)
+                if url:
+                    dialled.add(int(re.search(r":(\d+)/", url).group(1)))
+        broker_sts = next(s for s in rendered_docs if s["kind"] == "StatefulSet"
+                          and s["metadata"]["name"] == f"{inst}-rabbitmq")
+        by_number = {p["containerPort"]: p["name"] for c in broker_sts["spec"]["template"]["spec"]["containers"]
+                     for p in c.get("ports", [])}
+        admitted = {p["port"] for p in rules[0].get("ports") or []}
+        if not dialled or admitted != {by_number.get(n) for n in dialled}:
+            policy_problems.append(f"{name_of(d)} admits the synchronizers on {sorted(admitted)}, "
+                                   f"they dial {sorted(dialled)}")
     # What is open to any source: the coordinator's client port and the
     # ports the kubelet probes, exactly; every probe of every selected pod
     # asks a named port opened so (the kubelet's address is no pod's).
@@ -815,17 +834,28 @@ cert_problems = [] if certificates else ["no Certificate rendered for the cert-m
 for d in certificates:
     spec = d.get("spec", {})
     inst = d["metadata"]["labels"]["app.kubernetes.io/instance"]
-    if d["kind"] != "Certificate" or spec.get("secretName") != f"{inst}-tls":
-        cert_problems.append(f"{name_of(d)}: not a Certificate writing {inst}-tls")
+    # The nodes' certificate (server and client) and the managed broker's
+    # (server only), each writing the Secret of its name that pods mount.
+    wanted_usages = {f"{inst}-tls": {"server auth", "client auth"}, f"{inst}-rabbitmq-tls": {"server auth"}}
+    name = d["metadata"]["name"]
+    if d["kind"] != "Certificate" or name not in wanted_usages or spec.get("secretName") != name:
+        cert_problems.append(f"{name_of(d)}: not a Certificate writing {inst}-tls or {inst}-rabbitmq-tls")
+        continue
     if not spec.get("issuerRef", {}).get("name") or not spec.get("dnsNames"):
         cert_problems.append(f"{name_of(d)}: no issuerRef.name or dnsNames")
-    if not {"server auth", "client auth"} <= set(spec.get("usages", [])):
+    if wanted_usages[name] != set(spec.get("usages", [])) - {"digital signature", "key encipherment"}:
         cert_problems.append(f"{name_of(d)}: usages {spec.get('usages')}")
+    mounted = {v["secret"]["secretName"] for s in rendered_docs if s["kind"] == "StatefulSet"
+               and s["metadata"]["labels"]["app.kubernetes.io/instance"] == inst
+               for v in s["spec"]["template"]["spec"].get("volumes", []) if "secret" in v}
+    if name not in mounted:
+        cert_problems.append(f"{name_of(d)}: no pod of {inst} mounts its Secret")
     extra = set(spec) - {"secretName", "secretTemplate", "dnsNames", "ipAddresses", "usages", "privateKey",
                          "issuerRef", "commonName", "duration", "renewBefore"}
     if extra:
         cert_problems.append(f"{name_of(d)}: fields cert-manager v1 does not have: {sorted(extra)}")
-prove(f"{len(certificates)} cert-manager Certificate(s) carry secretName, issuerRef, names and both usages "
+prove(f"{len(certificates)} cert-manager Certificate(s) carry secretName, issuerRef, names and their usages, "
+      "their Secrets mounted "
       "(cert-manager's own schema is not checked offline)", cert_problems)
 
 # One validation per distinct object: install.yaml repeats the CRD and the

@@ -124,7 +124,8 @@ spec:
       resources:
         requests: {cpu: 200m, memory: 256Mi}
 EOF
-# A managed broker cluster: three RabbitMQ nodes, quorum queues.
+# A managed broker cluster: three RabbitMQ nodes, quorum queues, its
+# certificate (and the nodes') from cert-manager.
 cat > "$work/specs/broker-cluster.yaml" <<'EOF'
 apiVersion: sns.io/v1alpha1
 kind: SnsCluster
@@ -132,6 +133,8 @@ metadata:
   name: ha
 spec:
   clusters: 2
+  tls:
+    issuerRef: {name: sns-ca, kind: ClusterIssuer}
   broker:
     managed: {replicas: 3}
 EOF

@@ -583,8 +583,11 @@ async fn prune(
             ignore_not_found(policies.delete(&name, &DeleteParams::default()).await.map(|_| ()))?;
         }
     }
-    if rendered.tls != render::TlsPlan::CertManager {
-        crate::secrets::retire_certificate(&ctx.client, names).await?;
+    let certificates = rendered.names_of("Certificate");
+    for name in [names.tls_secret(), names.rabbitmq_tls_secret()] {
+        if !certificates.contains(&name) {
+            crate::secrets::retire_certificate(&ctx.client, names, &name).await?;
+        }
     }
     Ok(pruned)
 }

@@ -56,6 +56,7 @@ fn full_apply() -> Vec<String> {
     v.push(format!("GET {NET}/networkpolicies"));
     // No cert-manager Certificate left from an issuer the spec dropped.
     v.push(format!("DELETE {CERTS}/certificates/demo-tls"));
+    v.push(format!("DELETE {CERTS}/certificates/demo-rabbitmq-tls"));
     v
 }
 
@@ -64,7 +65,7 @@ fn full_apply() -> Vec<String> {
 /// certificate each read, then created.
 fn secret_calls() -> Vec<String> {
     let mut v = vec![format!("POST {NS}/secrets")];
-    for s in ["demo-node-secret", "demo-ca", "demo-tls"] {
+    for s in ["demo-node-secret", "demo-ca", "demo-tls", "demo-rabbitmq-tls"] {
         v.push(format!("GET {NS}/secrets/{s}"));
         v.push(format!("POST {NS}/secrets"));
     }
@@ -509,7 +510,7 @@ async fn upgrade_retires_the_coordinator_deployment_before_the_statefulset_start
         .map(|&i| {
             let end = i + all[i..]
                 .iter()
-                .position(|l| l.starts_with("DELETE") && l.ends_with("/certificates/demo-tls"))
+                .position(|l| l.starts_with("DELETE") && l.ends_with("/certificates/demo-rabbitmq-tls"))
                 .unwrap();
             &all[i..=end]
         })
@@ -676,22 +677,28 @@ async fn deletion_with_retain_keeps_volumes_and_secrets() {
     assert_eq!(action, Action::await_change());
     assert_eq!(mock.table.forgotten.lock().unwrap().len(), 1, "the coordinator's channel is closed");
     let calls = mock.calls().await;
-    let mut expected: Vec<String> =
-        ["demo-rabbitmq-credentials", "demo-rabbitmq-erlang-cookie", "demo-node-secret", "demo-ca", "demo-tls"]
-            .iter()
-            .map(|s| format!("PATCH {NS}/secrets/{s}"))
-            .collect();
+    let mut expected: Vec<String> = [
+        "demo-rabbitmq-credentials",
+        "demo-rabbitmq-erlang-cookie",
+        "demo-node-secret",
+        "demo-ca",
+        "demo-tls",
+        "demo-rabbitmq-tls",
+    ]
+    .iter()
+    .map(|s| format!("PATCH {NS}/secrets/{s}"))
+    .collect();
     expected.push("POST /apis/events.k8s.io/v1/namespaces/prod/events".into());
     expected.push("PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo".into());
     assert_eq!(lines(&calls), expected, "the Secrets are kept, released from the SnsCluster; absent ones are fine");
-    for c in &calls[..5] {
+    for c in &calls[..6] {
         assert_eq!(c.body, json!({"metadata": {"ownerReferences": null}}), "a merge patch dropping the owner");
     }
     assert!(calls.iter().all(|c| c.method != "DELETE"), "nothing is deleted");
-    assert!(calls[5].body["note"].as_str().unwrap().contains("kept"));
+    assert!(calls[6].body["note"].as_str().unwrap().contains("kept"));
     assert!(calls.iter().all(|c| !c.uri.contains("persistentvolumeclaims")), "no claim is touched");
     // The finalizer helper tests that ours is still there, then removes it.
-    let ops = calls[6].body.as_array().unwrap();
+    let ops = calls[7].body.as_array().unwrap();
     assert_eq!(ops[0]["op"], "test");
     assert_eq!(ops[1]["op"], "remove");
 }
@@ -885,7 +892,7 @@ async fn existing_secrets_are_read_not_replaced_and_reach_the_admin_calls() {
     let names = Names::of(&cluster("demo", json!({}))).unwrap();
     let value = "5f0c8a7e2b9d4c61a3e8f0b7d2c5a9e41f6b3d8c0a7e2b9d4c61a3e8f0b7d2c5";
     let r = render::render(&cluster("demo", json!({})), &RenderOptions { default_image: "x".into() }).unwrap();
-    let render::TlsPlan::Operator { names: tls_names } = &r.tls else { panic!("TLS is on by default") };
+    let render::TlsPlan::Operator { names: tls_names, .. } = &r.tls else { panic!("TLS is on by default") };
     let ca = tls::new_ca(&names).unwrap();
     let node = tls::issue_node_cert(&names, tls_names, &ca).unwrap();
     let node_secret = serde_json::to_value(render::node_secret(&r.node_secret, value)).unwrap();
@@ -915,6 +922,9 @@ async fn existing_secrets_are_read_not_replaced_and_reach_the_admin_calls() {
         if reissued {
             expected.push(format!("PUT {NS}/secrets/demo-tls"));
         }
+        // The broker's certificate, missing: issued by the same CA.
+        expected.push(format!("GET {NS}/secrets/demo-rabbitmq-tls"));
+        expected.push(format!("POST {NS}/secrets"));
         expected.push(format!("GET {NS}/pods"));
         expected.push(format!("PATCH {NS}/configmaps/demo-config"));
         assert_eq!(lines(&calls)[..expected.len()], expected[..], "reissued: {reissued}");

@@ -6,8 +6,8 @@ use super::pod::{
     container_port, container_security, labels, meta, pod_security, pvc_template, retention_policy, secret_env,
     selector_of, template_meta,
 };
-use super::rabbitmq_conf::{CONF_KEY, CONF_PATH, rabbitmq_conf};
-use super::{AMQP_PORT, Child, Names, RABBITMQ_MANAGEMENT_PORT, fnv1a};
+use super::rabbitmq_conf::{CONF_KEY, CONF_PATH, TLS_DIR, rabbitmq_conf};
+use super::{AMQP_PORT, AMQPS_PORT, Child, Names, RABBITMQ_MANAGEMENT_PORT, fnv1a};
 use crate::crd::PvcRetention;
 use crate::error::{Error, Result};
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
@@ -56,12 +56,15 @@ pub(super) fn render_broker(
     names: &Names,
     broker: &crate::crd::ManagedBroker,
     retention: PvcRetention,
+    tls: bool,
     owner: &OwnerReference,
 ) -> BrokerObjects {
     let l = labels(names, "broker");
     let cluster = broker.replicas > 1;
+    // With TLS, AMQP is served on the TLS port alone (see rabbitmq_conf).
+    let (amqp, amqp_port) = if tls { ("amqps", AMQPS_PORT) } else { ("amqp", AMQP_PORT) };
     let mut children = Vec::new();
-    let conf = rabbitmq_conf(names, broker);
+    let conf = rabbitmq_conf(names, broker, tls);
     let conf_hash = format!("{:016x}", fnv1a(conf.as_bytes()));
     children.push(Child::ConfigMap(ConfigMap {
         metadata: meta(names.rabbitmq_config(), names, l.clone(), owner),
@@ -72,7 +75,7 @@ pub(super) fn render_broker(
         metadata: meta(names.rabbitmq(), names, l.clone(), owner),
         spec: Some(ServiceSpec {
             selector: Some(selector_of(&l)),
-            ports: Some(vec![service_port("amqp", AMQP_PORT), service_port("management", RABBITMQ_MANAGEMENT_PORT)]),
+            ports: Some(vec![service_port(amqp, amqp_port), service_port("management", RABBITMQ_MANAGEMENT_PORT)]),
             ..Default::default()
         }),
         ..Default::default()
@@ -94,7 +97,7 @@ pub(super) fn render_broker(
     }
     let secret = names.rabbitmq_secret();
     let tcp_probe = |period, failures| Probe {
-        tcp_socket: Some(TCPSocketAction { port: IntOrString::String("amqp".into()), ..Default::default() }),
+        tcp_socket: Some(TCPSocketAction { port: IntOrString::String(amqp.into()), ..Default::default() }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
         ..Default::default()
@@ -103,8 +106,8 @@ pub(super) fn render_broker(
         secret_env("RABBITMQ_DEFAULT_USER", &secret, "username"),
         secret_env("RABBITMQ_DEFAULT_PASS", &secret, "password"),
     ];
-    let mut ports = vec![container_port("amqp", AMQP_PORT), container_port("management", RABBITMQ_MANAGEMENT_PORT)];
-    let mounts = vec![
+    let mut ports = vec![container_port(amqp, amqp_port), container_port("management", RABBITMQ_MANAGEMENT_PORT)];
+    let mut mounts = vec![
         VolumeMount { name: "data".into(), mount_path: DATA_DIR.into(), ..Default::default() },
         VolumeMount {
             name: "config".into(),
@@ -119,6 +122,24 @@ pub(super) fn render_broker(
         config_map: Some(ConfigMapVolumeSource { name: names.rabbitmq_config(), ..Default::default() }),
         ..Default::default()
     }];
+    if tls {
+        volumes.push(Volume {
+            name: "tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names.rabbitmq_tls_secret()),
+                // Read by the pod's group (the `rabbitmq` user's, by fsGroup).
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "tls".into(),
+            mount_path: TLS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     let mut init_containers = None;
     if cluster {
         // A single broker keeps the short node name it has always had (its

@@ -178,3 +178,137 @@ fn a_config_change_rolls_the_broker() {
         |r: &Rendered| broker_sts(r).spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.clone();
     assert_ne!(hash(&one), hash(&five), "the template carries the config's checksum");
 }
+
+fn broker_container(r: &Rendered) -> Container {
+    broker_sts(r).spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].clone()
+}
+
+fn port_names(c: &Container) -> Vec<(String, i32)> {
+    c.ports.iter().flatten().map(|p| (p.name.clone().unwrap(), p.container_port)).collect()
+}
+
+fn broker_policy_ports(r: &Rendered) -> Vec<IntOrString> {
+    let p = find(r, "NetworkPolicy", "demo-broker", |c| match c {
+        Child::NetworkPolicy(p) => Some(p),
+        _ => None,
+    })
+    .unwrap();
+    let rules = p.spec.as_ref().unwrap().ingress.clone().unwrap();
+    rules[0].ports.iter().flatten().filter_map(|p| p.port.clone()).collect()
+}
+
+#[test]
+fn with_tls_the_broker_serves_amqps_alone_and_the_synchronizers_dial_it() {
+    let r = render(&cluster("demo", serde_json::json!({})), &opts()).unwrap();
+    let text = conf(&r);
+    for line in [
+        "listeners.tcp = none",
+        "listeners.ssl.default = 5671",
+        "ssl_options.cacertfile = /etc/rabbitmq/tls/ca.crt",
+        "ssl_options.certfile = /etc/rabbitmq/tls/tls.crt",
+        "ssl_options.keyfile = /etc/rabbitmq/tls/tls.key",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+    }
+    // The files it names are where the broker's own certificate is.
+    let b = broker_container(&r);
+    let mount = b.volume_mounts.iter().flatten().find(|m| m.name == "tls").unwrap();
+    assert_eq!(mount.mount_path, rabbitmq_conf::TLS_DIR);
+    let pod = broker_sts(&r).spec.as_ref().unwrap().template.spec.clone().unwrap();
+    let vol = pod.volumes.iter().flatten().find(|v| v.name == "tls").unwrap().secret.clone().unwrap();
+    assert_eq!(vol.secret_name.as_deref(), Some("demo-rabbitmq-tls"));
+    assert_eq!(port_names(&b), [("amqps".to_string(), 5671), ("management".to_string(), 15672)]);
+    for probe in [b.readiness_probe.as_ref().unwrap(), b.liveness_probe.as_ref().unwrap()] {
+        assert_eq!(probe.tcp_socket.as_ref().unwrap().port, IntOrString::String("amqps".into()));
+    }
+    let svc = find(&r, "Service", "demo-rabbitmq", |c| match c {
+        Child::Service(s) => Some(s),
+        _ => None,
+    })
+    .unwrap();
+    let ports: Vec<(String, i32)> =
+        svc.spec.as_ref().unwrap().ports.iter().flatten().map(|p| (p.name.clone().unwrap(), p.port)).collect();
+    assert_eq!(ports, [("amqps".to_string(), 5671), ("management".to_string(), 15672)]);
+    // The operator issues it for the client Service the synchronizers dial.
+    let TlsPlan::Operator { broker: Some(broker_names), .. } = &r.tls else { panic!("{:?}", r.tls) };
+    assert!(broker_names.contains(&"demo-rabbitmq.prod.svc".to_string()), "{broker_names:?}");
+    assert!(broker_names.contains(&"*.demo-rabbitmq-nodes.prod.svc".to_string()), "{broker_names:?}");
+
+    for s in synchronizers(&r) {
+        let env = s.env.clone().unwrap();
+        let at = |n: &str| env.iter().position(|e| e.name == n).unwrap_or_else(|| panic!("no {n}"));
+        assert_eq!(
+            env_value(&s, "AMQP_URL").as_deref(),
+            Some("amqps://sns:$(AMQP_PASSWORD)@demo-rabbitmq.prod.svc:5671/%2f")
+        );
+        assert!(at("AMQP_PASSWORD") < at("AMQP_URL"), "$(AMQP_PASSWORD) expands only after its definition");
+        let sel = env[at("AMQP_PASSWORD")].value_from.clone().unwrap().secret_key_ref.unwrap();
+        assert_eq!((sel.name.as_str(), sel.key.as_str()), ("demo-rabbitmq-credentials", "password"));
+        // The CA that signed the broker's certificate, mounted with the
+        // node certificate.
+        assert_eq!(env_value(&s, "SNS_AMQP_CA").as_deref(), Some("/etc/sns/tls/ca.crt"));
+        assert!(s.volume_mounts.iter().flatten().any(|m| m.mount_path == "/etc/sns/tls"));
+    }
+    assert_eq!(broker_policy_ports(&r), [IntOrString::String("amqps".into())]);
+}
+
+#[test]
+fn without_tls_the_broker_serves_plain_amqp() {
+    let r = render(&cluster("demo", serde_json::json!({"tls": {"enabled": false}})), &opts()).unwrap();
+    assert!(!conf(&r).contains("listeners"), "{}", conf(&r));
+    let b = broker_container(&r);
+    assert_eq!(port_names(&b), [("amqp".to_string(), 5672), ("management".to_string(), 15672)]);
+    assert!(b.volume_mounts.iter().flatten().all(|m| m.name != "tls"));
+    for s in synchronizers(&r) {
+        assert_eq!(
+            env_value(&s, "AMQP_URL").as_deref(),
+            Some("amqp://sns:$(AMQP_PASSWORD)@demo-rabbitmq.prod.svc:5672/%2f")
+        );
+        assert_eq!(env_value(&s, "SNS_AMQP_CA"), None);
+    }
+    assert_eq!(broker_policy_ports(&r), [IntOrString::String("amqp".into())]);
+    assert_eq!(r.tls, TlsPlan::Off);
+}
+
+#[test]
+fn with_an_issuer_cert_manager_issues_the_brokers_certificate_too() {
+    let spec = serde_json::json!({"tls": {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}});
+    let r = render(&cluster("demo", spec), &opts()).unwrap();
+    let cert = r
+        .children
+        .iter()
+        .find_map(|c| match c {
+            Child::Certificate(v) if v["metadata"]["name"] == "demo-rabbitmq-tls" => Some(v.clone()),
+            _ => None,
+        })
+        .expect("a Certificate for the broker");
+    assert_eq!(cert["spec"]["secretName"], "demo-rabbitmq-tls");
+    assert_eq!(cert["spec"]["issuerRef"]["name"], "ca");
+    assert_eq!(cert["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+    let dns: Vec<&str> = cert["spec"]["dnsNames"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(dns.contains(&"demo-rabbitmq.prod.svc"), "{dns:?}");
+    let usages = cert["spec"]["usages"].as_array().unwrap();
+    assert!(usages.contains(&serde_json::json!("server auth")) && !usages.contains(&serde_json::json!("client auth")));
+    // An external broker: no broker certificate.
+    let ext = serde_json::json!({"tls": {"issuerRef": {"name": "ca"}}, "broker": {"external": {"urlSecretRef": {"name": "a"}}}});
+    let r = render(&cluster("demo", ext), &opts()).unwrap();
+    assert_eq!(r.names_of("Certificate"), ["demo-tls"]);
+}
+
+#[test]
+fn the_brokers_certificate_is_signed_by_the_deployments_ca_for_server_use() {
+    let names = Names::of(&cluster("demo", serde_json::json!({}))).unwrap();
+    let ca = tls::new_ca(&names).unwrap();
+    let cert = tls::issue_cert(&names, &tls::broker_tls_names(&names), &ca, tls::CertUse::Broker).unwrap();
+    let node = tls::issue_cert(&names, &tls::broker_tls_names(&names), &ca, tls::CertUse::Node).unwrap();
+    // serverAuth is 1.3.6.1.5.5.7.3.1, clientAuth 1.3.6.1.5.5.7.3.2: in DER
+    // the last bytes 03 01 and 03 02 after the common prefix.
+    let der = |pem: &str| {
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        // ByteString is base64 in JSON, as a PEM body is.
+        serde_json::from_value::<k8s_openapi::ByteString>(serde_json::json!(b64)).unwrap().0
+    };
+    let has = |der: &[u8], last: u8| der.windows(8).any(|w| w == [0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, last]);
+    assert!(has(&der(&cert.cert), 1) && !has(&der(&cert.cert), 2), "server auth only");
+    assert!(has(&der(&node.cert), 1) && has(&der(&node.cert), 2), "a node's is both");
+}

@@ -89,6 +89,12 @@ impl Names {
     pub fn tls_secret(&self) -> String {
         format!("{}-tls", self.instance)
     }
+    /// The managed broker's certificate, its key and the CA, in the node
+    /// certificate's layout: a certificate of its own, since the broker is
+    /// not one of the nodes (see README, Security).
+    pub fn rabbitmq_tls_secret(&self) -> String {
+        format!("{}-rabbitmq-tls", self.instance)
+    }
     /// The operator-made CA's certificate and key (never mounted in a pod).
     pub fn ca_secret(&self) -> String {
         format!("{}-ca", self.instance)

@@ -2,7 +2,7 @@
 //! containers sharing the pod's volume.
 
 use super::pod::{
-    NodeContainer, labels, meta, node_container, pod_security, pvc_template, retention_policy, secret_env, selector_of,
+    NodeContainer, labels, meta, node_container, pod_security, pvc_template, retention_policy, selector_of,
     server_labels, template_meta, tmp_volume,
 };
 use super::secrets::{amqp_ca_files, node_files};
@@ -35,7 +35,7 @@ pub(super) fn render_server(
     spec: &SnsClusterSpec,
     image: &str,
     (server, sync): (&Process, &Process),
-    (url_secret, url_key): (&str, &str),
+    amqp: &[EnvVar],
     config_hash: &str,
     owner: &OwnerReference,
 ) -> StatefulSet {
@@ -73,12 +73,10 @@ pub(super) fn render_server(
             port_name: "sync",
             port: sync.port,
             env: [
-                vec![
-                    secret_env("AMQP_URL", url_secret, url_key),
-                    // The same for every synchronizer: a queue's type is
-                    // fixed once declared.
-                    plain_env("SNS_QUEUE_TYPE", spec.queue_type().as_str()),
-                ],
+                amqp.to_vec(),
+                // The same for every synchronizer: a queue's type is
+                // fixed once declared.
+                vec![plain_env("SNS_QUEUE_TYPE", spec.queue_type().as_str())],
                 files.env,
                 amqp_ca.env,
             ]
