@@ -8,7 +8,9 @@
 #    in strict mode (kubernetes-validate), once per kind and version, each
 #    distinct object once;
 #  - the example SnsCluster and the specs validate against the generated
-#    CRD's openAPIV3Schema (jsonschema);
+#    CRD's openAPIV3Schema (jsonschema); its CEL rules (cel-python) accept
+#    and refuse a set of updates as the API server would, after its
+#    defaulting (rules using Kubernetes-only functions are left to it);
 #  - every rendered NetworkPolicy selects, and lets in, exactly the pods it
 #    is meant to among the pods its SnsCluster's render makes (and none of
 #    another SnsCluster's in the same namespace); cert-manager Certificates
@@ -39,8 +41,11 @@ HELM_SDK_VERSION=0.2.2
 # newer Python than Debian's 3.11. PodMonitor's fields used here are older.
 CLOUDCOIL_VERSION=0.6.0
 PROMETHEUS_OPERATOR_MODELS_VERSION=0.80.1.0
+# Evaluates the CRD's CEL rules on updates (those not using Kubernetes-only
+# functions), as the API server would.
+CEL_PYTHON_VERSION=0.5.0
 venv=target/k8s-check/venv
-marker="$venv/.pins-$KV_VERSION-$HELM_SDK_VERSION-$CLOUDCOIL_VERSION-$PROMETHEUS_OPERATOR_MODELS_VERSION"
+marker="$venv/.pins-$KV_VERSION-$HELM_SDK_VERSION-$CLOUDCOIL_VERSION-$PROMETHEUS_OPERATOR_MODELS_VERSION-$CEL_PYTHON_VERSION"
 if [ ! -f "$marker" ]; then
   echo "k8s-check: installing kubernetes-validate==$KV_VERSION helm-python-sdk==$HELM_SDK_VERSION" \
     "cloudcoil-models-prometheus-operator==$PROMETHEUS_OPERATOR_MODELS_VERSION into $venv"
@@ -48,7 +53,8 @@ if [ ! -f "$marker" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
     "kubernetes-validate==$KV_VERSION" "helm-python-sdk==$HELM_SDK_VERSION" "jsonschema>=4.18" "PyYAML>=6" \
-    "cloudcoil==$CLOUDCOIL_VERSION" "cloudcoil-models-prometheus-operator==$PROMETHEUS_OPERATOR_MODELS_VERSION"
+    "cloudcoil==$CLOUDCOIL_VERSION" "cloudcoil-models-prometheus-operator==$PROMETHEUS_OPERATOR_MODELS_VERSION" \
+    "cel-python==$CEL_PYTHON_VERSION"
   touch "$marker"
 fi
 
@@ -117,6 +123,20 @@ spec:
       storageClassName: standard
       resources:
         requests: {cpu: 200m, memory: 256Mi}
+EOF
+# A managed broker cluster: three RabbitMQ nodes, quorum queues, its
+# certificate (and the nodes') from cert-manager.
+cat > "$work/specs/broker-cluster.yaml" <<'EOF'
+apiVersion: sns.io/v1alpha1
+kind: SnsCluster
+metadata:
+  name: ha
+spec:
+  clusters: 2
+  tls:
+    issuerRef: {name: sns-ca, kind: ClusterIssuer}
+  broker:
+    managed: {replicas: 3}
 EOF
 # Security switched off, and TLS from cert-manager with an amqps:// broker.
 cat > "$work/specs/open.yaml" <<'EOF'

@@ -302,7 +302,7 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
         }
     }
     let broker_ready = match (&table, spec.managed_broker()) {
-        (Ok(_), Some(_)) => Some(broker_ready(&names, &ctx).await?),
+        (Ok(_), Some(b)) => Some(broker_ready(&names, b.replicas, &ctx).await?),
         _ => None,
     };
     let observation = table.map(|nodes| Observation {
@@ -382,8 +382,6 @@ where
     Ok(())
 }
 
-/// Applies every child; false when the coordinator's StatefulSet had to
-/// wait for the Deployment it replaces to go.
 /// A server StatefulSet with the given rolling-update partition.
 fn with_partition(sts: &StatefulSet, partition: i32) -> StatefulSet {
     let mut sts = sts.clone();
@@ -394,6 +392,9 @@ fn with_partition(sts: &StatefulSet, partition: i32) -> StatefulSet {
     sts
 }
 
+/// Applies every child, each whatever became of the others; false when the
+/// coordinator's StatefulSet had to wait for the Deployment it replaces to
+/// go, an [`Error::Apply`] naming those that failed (also a Warning Event).
 async fn apply_children(
     obj: &SnsCluster,
     names: &Names,
@@ -403,31 +404,56 @@ async fn apply_children(
 ) -> Result<bool> {
     let ns = names.namespace.as_str();
     let mut complete = true;
+    // One child refused (an immutable field of a StatefulSet, a webhook, a
+    // quota) must not hold back the others: the broker is applied before
+    // the nodes, and a broken broker would otherwise freeze every server.
+    let mut failed = Vec::new();
     for child in &rendered.children {
-        match child {
-            Child::ConfigMap(o) => ssa::<ConfigMap>(&ctx.client, ns, o).await?,
-            Child::Service(o) => ssa::<Service>(&ctx.client, ns, o).await?,
+        let result = match child {
+            Child::ConfigMap(o) => ssa::<ConfigMap>(&ctx.client, ns, o).await,
+            Child::Service(o) => ssa::<Service>(&ctx.client, ns, o).await,
             Child::StatefulSet(o) if o.name_any() == names.coordinator() => {
-                if retire_coordinator_deployment(obj, names, ctx).await? {
-                    ssa::<StatefulSet>(&ctx.client, ns, o).await?;
-                } else {
-                    complete = false;
+                match retire_coordinator_deployment(obj, names, ctx).await {
+                    Ok(true) => ssa::<StatefulSet>(&ctx.client, ns, o).await,
+                    Ok(false) => {
+                        complete = false;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
                 }
             }
             Child::StatefulSet(o) => {
                 let server = rollout::server_of(o);
                 match server.and_then(|k| partitions.get(&k)) {
-                    Some(&p) => ssa::<StatefulSet>(&ctx.client, ns, &with_partition(o, p)).await?,
-                    None => ssa::<StatefulSet>(&ctx.client, ns, o).await?,
+                    Some(&p) => ssa::<StatefulSet>(&ctx.client, ns, &with_partition(o, p)).await,
+                    None => ssa::<StatefulSet>(&ctx.client, ns, o).await,
                 }
             }
-            Child::Pdb(o) => ssa::<PodDisruptionBudget>(&ctx.client, ns, o).await?,
-            Child::NetworkPolicy(o) => ssa::<NetworkPolicy>(&ctx.client, ns, o).await?,
-            Child::Certificate(o) => crate::secrets::apply_certificate(&ctx.client, names, o).await?,
+            Child::Pdb(o) => ssa::<PodDisruptionBudget>(&ctx.client, ns, o).await,
+            Child::NetworkPolicy(o) => ssa::<NetworkPolicy>(&ctx.client, ns, o).await,
+            Child::Certificate(o) => crate::secrets::apply_certificate(&ctx.client, names, o).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(kind = child.kind(), name = %child.name(), error = %e, "cannot apply");
+            failed.push(format!("{}/{}: {}", child.kind(), child.name(), api_message(&e)));
         }
+    }
+    if !failed.is_empty() {
+        let err = Error::Apply { failed, total: rendered.children.len() };
+        ctx.publish(obj, true, "ApplyFailed", "Apply", err.to_string()).await;
+        return Err(err);
     }
     tracing::debug!(objects = rendered.children.len(), uid = ?obj.uid(), complete, "children applied");
     Ok(complete)
+}
+
+/// The API server's own words for a refused request (what `kubectl`
+/// would show), else the error.
+fn api_message(e: &Error) -> String {
+    match e {
+        Error::Kube(kube::Error::Api(s)) => s.message.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// Upgrade path: before the coordinator kept records on a volume it ran as
@@ -556,8 +582,11 @@ async fn prune(
             ignore_not_found(policies.delete(&name, &DeleteParams::default()).await.map(|_| ()))?;
         }
     }
-    if rendered.tls != render::TlsPlan::CertManager {
-        crate::secrets::retire_certificate(&ctx.client, names).await?;
+    let certificates = rendered.names_of("Certificate");
+    for name in [names.tls_secret(), names.rabbitmq_tls_secret()] {
+        if !certificates.contains(&name) {
+            crate::secrets::retire_certificate(&ctx.client, names, &name).await?;
+        }
     }
     Ok(pruned)
 }
@@ -569,13 +598,15 @@ fn ignore_not_found(r: Result<(), kube::Error>) -> Result<()> {
     }
 }
 
-/// Whether the managed broker's pod is ready, by its StatefulSet (listed
-/// by name: the operator may list StatefulSets, not get them).
-async fn broker_ready(names: &Names, ctx: &Context) -> Result<bool> {
+/// Whether the managed broker serves, by its StatefulSet (listed by name:
+/// the operator may list StatefulSets, not get them): its pod is ready, or
+/// for a cluster of `replicas` nodes a majority, which quorum queues need.
+async fn broker_ready(names: &Names, replicas: u32, ctx: &Context) -> Result<bool> {
     let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let by_name = ListParams::default().fields(&format!("metadata.name={}", names.rabbitmq()));
     let list = api.list(&by_name).await?;
-    Ok(list.items.into_iter().any(|s| s.status.and_then(|s| s.ready_replicas).unwrap_or(0) >= 1))
+    let majority = i32::try_from(replicas / 2 + 1).unwrap_or(i32::MAX);
+    Ok(list.items.into_iter().any(|s| s.status.and_then(|s| s.ready_replicas).unwrap_or(0) >= majority))
 }
 
 /// Sets `sns.io/role` on every server pod whose label disagrees with the

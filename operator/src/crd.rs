@@ -271,14 +271,52 @@ impl Default for StorageSpec {
 
 /// Either a broker the operator runs (`managed`, the default when neither
 /// is given) or an existing one (`external`).
+///
+/// The managed broker's volume is its StatefulSet's volumeClaimTemplate,
+/// which Kubernetes does not let change: its class and size are immutable
+/// while the broker stays managed. The rules sit here, not on the fields,
+/// because an absent `managed` means the defaults: a rule on
+/// `managed.storageClassName` would not see `managed` appear with another
+/// class, which the StatefulSet would refuse, and since the broker is
+/// applied before the nodes, every later change with it.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!(has(self.managed) && has(self.external))").message("set broker.managed or broker.external, not both"))]
+#[x_kube(
+    validation = Rule::new("!(has(self.managed) && has(self.external))").message("set broker.managed or broker.external, not both"),
+    validation = Rule::new("has(self.external) || has(oldSelf.external) || (has(self.managed) && has(self.managed.storageClassName) ? self.managed.storageClassName : '') == (has(oldSelf.managed) && has(oldSelf.managed.storageClassName) ? oldSelf.managed.storageClassName : '')").message("broker.managed.storageClassName is immutable: it is the broker StatefulSet's volumeClaimTemplate"),
+    validation = Rule::new("has(self.external) || has(oldSelf.external) || (has(self.managed) && has(self.managed.storageSize) ? self.managed.storageSize : '1Gi') == (has(oldSelf.managed) && has(oldSelf.managed.storageSize) ? oldSelf.managed.storageSize : '1Gi')").message("broker.managed.storageSize is immutable: it is the broker StatefulSet's volumeClaimTemplate (expand the PersistentVolumeClaim directly)"),
+    validation = Rule::new("has(self.external) || has(oldSelf.external) || (has(self.managed) && has(self.managed.replicas) ? self.managed.replicas : 1) == (has(oldSelf.managed) && has(oldSelf.managed.replicas) ? oldSelf.managed.replicas : 1)").message("broker.managed.replicas is immutable: a running broker cannot safely move between one node and a cluster (its StatefulSet's Service and pod management cannot change, its node names and its queues' type would); create a new SnsCluster, or switch to broker.external, to change it"),
+    validation = Rule::new("has(self.external) != has(oldSelf.external) || (has(self.queueType) ? self.queueType : (has(self.managed) && has(self.managed.replicas) && self.managed.replicas >= 3 ? 'quorum' : 'classic')) == (has(oldSelf.queueType) ? oldSelf.queueType : (has(oldSelf.managed) && has(oldSelf.managed.replicas) && oldSelf.managed.replicas >= 3 ? 'quorum' : 'classic'))").message("broker.queueType is immutable while the broker stays the same: its queues exist with their type (to change it, stop the synchronizers, drain and delete the queues, then switch broker)")
+)]
 pub struct BrokerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed: Option<ManagedBroker>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalBroker>,
+    /// The type of the deployment's queues, passed to every synchronizer
+    /// (`SNS_QUEUE_TYPE`): `quorum` (replicated; needs a broker cluster of
+    /// 3 or more nodes to survive one's loss) or `classic` (default:
+    /// `quorum` with a managed broker of 3 or more replicas, else
+    /// `classic`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_type: Option<QueueType>,
+}
+
+/// The type of the deployment's queues (`sns-node`'s `--queue-type`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
 }
 
 /// A RabbitMQ StatefulSet with its own volume and generated credentials.
@@ -290,8 +328,7 @@ pub struct ManagedBroker {
     #[serde(default = "default_storage_size")]
     #[schemars(length(max = 32))]
     #[x_kube(
-        validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("broker.managed.storageSize must be a positive quantity such as 1Gi"),
-        validation = Rule::new("self == oldSelf").message("broker.managed.storageSize is immutable")
+        validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("broker.managed.storageSize must be a positive quantity such as 1Gi")
     )]
     pub storage_size: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -299,6 +336,16 @@ pub struct ManagedBroker {
     pub storage_class_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// RabbitMQ nodes: 1 (trials), or an odd number of at least 3, a
+    /// cluster whose quorum queues survive the loss of a minority.
+    #[serde(default = "default_broker_replicas")]
+    #[schemars(range(min = 1, max = 7))]
+    #[x_kube(validation = Rule::new("self == 1 || (self >= 3 && self % 2 == 1)").message("broker.managed.replicas must be 1 or an odd number of at least 3 (a majority must survive the loss of a node)"))]
+    pub replicas: u32,
+}
+
+fn default_broker_replicas() -> u32 {
+    1
 }
 
 /// The default broker image: RabbitMQ 3 with the management plugin (so
@@ -316,6 +363,7 @@ impl Default for ManagedBroker {
             storage_size: default_storage_size(),
             storage_class_name: None,
             resources: None,
+            replicas: default_broker_replicas(),
         }
     }
 }
@@ -513,6 +561,16 @@ impl SnsClusterSpec {
         }
     }
 
+    /// The deployment's queue type: as given, else quorum on a managed
+    /// broker cluster, classic otherwise.
+    pub fn queue_type(&self) -> QueueType {
+        match (self.broker.queue_type, self.managed_broker()) {
+            (Some(t), _) => t,
+            (None, Some(m)) if m.replicas >= 3 => QueueType::Quorum,
+            _ => QueueType::Classic,
+        }
+    }
+
     /// The managed broker's settings, or None for an external broker.
     pub fn managed_broker(&self) -> Option<ManagedBroker> {
         match (&self.broker.managed, &self.broker.external) {
@@ -576,6 +634,13 @@ mod tests {
             .unwrap_or_default()
     }
 
+    fn messages(v: &Value) -> Vec<String> {
+        v["x-kubernetes-validations"]
+            .as_array()
+            .map(|a| a.iter().map(|r| r["message"].as_str().unwrap_or_default().to_string()).collect())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn crd_has_names_subresources_and_columns() {
         let crd = serde_json::to_value(crd()).unwrap();
@@ -606,15 +671,36 @@ mod tests {
         assert_eq!(hb["intervalMillis"]["default"], 5000);
         assert_eq!(num(&hb["intervalMillis"]["minimum"]), 10.0);
         assert_eq!(hb["missed"]["default"], 2);
-        assert_eq!(rules(&spec["broker"]), ["!(has(self.managed) && has(self.external))"]);
+        let broker_rules = rules(&spec["broker"]);
+        assert_eq!(broker_rules[0], "!(has(self.managed) && has(self.external))");
+        // The managed broker's volume: immutable on the broker, where an
+        // absent `managed` (the defaults) is seen too; not across a switch
+        // to or from an external broker (the StatefulSet goes or comes).
+        for field in ["storageClassName", "storageSize"] {
+            let rule = broker_rules.iter().find(|r| r.contains(&format!("self.managed.{field}"))).unwrap();
+            assert!(rule.starts_with("has(self.external) || has(oldSelf.external) || "), "{rule}");
+            assert!(rule.contains(&format!("oldSelf.managed.{field}")), "{rule}");
+            assert!(
+                messages(&spec["broker"])
+                    .iter()
+                    .any(|m| m.starts_with(&format!("broker.managed.{field} is immutable")))
+            );
+        }
         assert_eq!(spec["storage"]["properties"]["retention"]["enum"], serde_json::json!(["Retain", "Delete"]));
         assert_eq!(spec["storage"]["properties"]["retention"]["default"], "Retain");
         let size = rules(&spec["storage"]["properties"]["size"]);
         assert!(size[0].contains("quantity(self)"));
         assert_eq!(size[1], "self == oldSelf");
         assert!(rules(&spec["storage"])[0].contains("self.storageClassName == oldSelf.storageClassName"));
-        let broker = &spec["broker"]["properties"]["managed"]["properties"]["storageSize"];
-        assert_eq!(rules(broker)[1], "self == oldSelf");
+        let managed = &spec["broker"]["properties"]["managed"]["properties"];
+        assert_eq!(managed["replicas"]["default"], 1);
+        assert_eq!(rules(&managed["replicas"]), ["self == 1 || (self >= 3 && self % 2 == 1)"]);
+        assert!(broker_rules.iter().any(|r| r.contains("self.managed.replicas : 1) == (")));
+        let queue = broker_rules.iter().find(|r| r.contains("self.queueType")).unwrap();
+        assert!(queue.starts_with("has(self.external) != has(oldSelf.external) || "), "{queue}");
+        assert_eq!(spec["broker"]["properties"]["queueType"]["enum"], serde_json::json!(["classic", "quorum", null]));
+        let broker = &managed["storageSize"];
+        assert!(rules(broker)[0].contains("quantity(self)"));
         let coord = &spec["coordinator"]["properties"]["storageSize"];
         assert_eq!(coord["default"], "1Gi");
         assert!(rules(coord)[0].contains("quantity(self)"));
@@ -662,6 +748,20 @@ mod tests {
         let r = issuer.tls.issuer_ref.unwrap();
         assert_eq!((r.kind, r.group.as_str()), (IssuerKind::Issuer, "cert-manager.io"));
         assert!(issuer.tls.enabled);
+    }
+
+    #[test]
+    fn queue_type_defaults_to_quorum_on_a_broker_cluster_only() {
+        let of = |v: serde_json::Value| serde_json::from_value::<SnsClusterSpec>(v).unwrap().queue_type();
+        assert_eq!(of(serde_json::json!({})), QueueType::Classic);
+        assert_eq!(of(serde_json::json!({"broker": {"managed": {"replicas": 3}}})), QueueType::Quorum);
+        assert_eq!(
+            of(serde_json::json!({"broker": {"managed": {"replicas": 3}, "queueType": "classic"}})),
+            QueueType::Classic
+        );
+        let external =
+            serde_json::json!({"broker": {"external": {"urlSecretRef": {"name": "a"}}, "queueType": "quorum"}});
+        assert_eq!(of(external), QueueType::Quorum);
     }
 
     #[test]

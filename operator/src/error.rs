@@ -26,6 +26,10 @@ pub enum Error {
     Tls(String),
     #[error("the Secret {0} is not what the operator generates: {1}")]
     BadSecret(String, String),
+    /// Children whose apply failed (`Kind/name: why`); the others were
+    /// applied all the same.
+    #[error("{} of {total} children not applied: {}", failed.len(), failed.join("; "))]
+    Apply { failed: Vec<String>, total: usize },
     #[error("serializing {0}: {1}")]
     Serialize(&'static str, serde_json::Error),
 }
@@ -45,6 +49,7 @@ impl Error {
             Error::Serialize(..) => "SerializeError",
             Error::Tls(_) => "CertificateError",
             Error::BadSecret(..) => "BadSecret",
+            Error::Apply { .. } => "ApplyFailed",
         }
     }
 }

@@ -182,6 +182,9 @@ pub struct World {
     pub secrets: Vec<Value>,
     /// Answer every server-side apply with 500.
     pub fail_applies: bool,
+    /// Answer the server-side apply of objects of these names with 422, as
+    /// the API server refuses a change of an immutable field.
+    pub refuse_applies: Vec<String>,
     /// Answer a merge patch of the SnsCluster with 409 (it changed since).
     pub conflict_on_merge: bool,
     /// Ready replicas of the managed broker's StatefulSet (None: absent).
@@ -331,6 +334,10 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
         "PUT" => (StatusCode::OK, body.clone()),
         "DELETE" if last == "persistentvolumeclaims" => (StatusCode::OK, list("PersistentVolumeClaimList", vec![])),
         "DELETE" => (StatusCode::OK, json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200})),
+        "PATCH" if !body.is_array() && world.refuse_applies.iter().any(|n| path.ends_with(&format!("/{n}"))) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422, "message": "StatefulSet.apps is invalid: spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden"}),
+        ),
         "PATCH" if world.fail_applies && !body.is_array() => (
             StatusCode::INTERNAL_SERVER_ERROR,
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd is having a bad day"}),

@@ -10,7 +10,7 @@
 use crate::coordinator::Credentials;
 use crate::crd::PvcRetention;
 use crate::error::{Error, Result};
-use crate::render::tls::{self, Pem, TLS_NAMES_ANNOTATION};
+use crate::render::tls::{self, CertUse, Pem, TLS_NAMES_ANNOTATION};
 use crate::render::{self, MANAGER, Names, Rendered, TlsPlan};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -45,10 +45,20 @@ pub async fn ensure(client: &Client, names: &Names, rendered: &Rendered) -> Resu
             tracing::info!(secret = %names.rabbitmq_secret(), "broker credentials created");
         }
     }
+    if let Some(template) = &rendered.broker_cookie {
+        // Created once: a new cookie would cut the running nodes off from
+        // each other. 32 letters and digits, as Erlang wants them.
+        let secret = render::cookie_secret(template, &render::random_password()?);
+        if create(&api, &secret).await? {
+            tracing::info!(secret = %names.rabbitmq_cookie(), "broker Erlang cookie created");
+        }
+    }
     let secret = node_secret(&api, names, rendered).await?;
     let ca = match &rendered.tls {
         TlsPlan::Off => None,
-        TlsPlan::Operator { names: tls_names } => Some(operator_tls(&api, names, tls_names).await?),
+        TlsPlan::Operator { names: tls_names, broker } => {
+            Some(operator_tls(&api, names, tls_names, broker.as_deref()).await?)
+        }
         // Until cert-manager has issued it, the coordinator has no
         // certificate to serve either.
         TlsPlan::CertManager => match api.get_opt(&names.tls_secret()).await? {
@@ -77,10 +87,16 @@ async fn node_secret(api: &Api<Secret>, names: &Names, rendered: &Rendered) -> R
     sns_node::auth::Secret::from_text(&value).map_err(|e| Error::BadSecret(names.node_secret(), e.to_string()))
 }
 
-/// The operator's CA (made once) and a node certificate for `tls_names`
-/// signed by it (made when missing, or reissued when it names other
+/// The operator's CA (made once), a node certificate for `tls_names` and,
+/// for a managed broker, the broker's certificate for `broker_names`, both
+/// signed by it (each made when missing, or reissued when it names other
 /// addresses or chains to another CA). Returns the CA certificate.
-async fn operator_tls(api: &Api<Secret>, names: &Names, tls_names: &[String]) -> Result<String> {
+async fn operator_tls(
+    api: &Api<Secret>,
+    names: &Names,
+    tls_names: &[String],
+    broker_names: Option<&[String]>,
+) -> Result<String> {
     let (ca, new_ca) = match api.get_opt(&names.ca_secret()).await? {
         Some(s) => (Pem { cert: text(&s, "tls.crt")?, key: text(&s, "tls.key")? }, false),
         None => {
@@ -92,28 +108,46 @@ async fn operator_tls(api: &Api<Secret>, names: &Names, tls_names: &[String]) ->
             (ca, true)
         }
     };
+    certificate(api, names, names.tls_secret(), tls_names, &ca, new_ca, CertUse::Node).await?;
+    if let Some(broker_names) = broker_names {
+        certificate(api, names, names.rabbitmq_tls_secret(), broker_names, &ca, new_ca, CertUse::Broker).await?;
+    }
+    Ok(ca.cert)
+}
+
+/// The certificate Secret `name` for `tls_names`, issued by `ca` unless
+/// the one there already is (same names, same CA).
+async fn certificate(
+    api: &Api<Secret>,
+    names: &Names,
+    name: String,
+    tls_names: &[String],
+    ca: &Pem,
+    new_ca: bool,
+    usage: CertUse,
+) -> Result<()> {
     let checksum = tls::names_checksum(tls_names);
-    let current = api.get_opt(&names.tls_secret()).await?;
+    let current = api.get_opt(&name).await?;
     let fresh = current.as_ref().is_some_and(|s| {
         !new_ca
             && s.annotations().get(TLS_NAMES_ANNOTATION) == Some(&checksum)
             && text(s, "ca.crt").is_ok_and(|c| c == ca.cert)
     });
     if !fresh {
-        let node = tls::issue_node_cert(names, tls_names, &ca)?;
-        let mut secret = tls::node_tls_secret(names, &node, &ca.cert, &checksum);
+        let cert = tls::issue_cert(names, tls_names, ca, usage)?;
+        let mut secret = tls::cert_secret(name.clone(), names, &cert, &ca.cert, &checksum);
         match current {
             None => {
                 create(api, &secret).await?;
             }
             Some(old) => {
                 secret.metadata.resource_version = old.metadata.resource_version;
-                api.replace(&names.tls_secret(), &create_params(), &secret).await?;
+                api.replace(&name, &create_params(), &secret).await?;
             }
         }
-        tracing::info!(secret = %names.tls_secret(), "node certificate issued");
+        tracing::info!(secret = %name, "certificate issued");
     }
-    Ok(ca.cert)
+    Ok(())
 }
 
 /// When the SnsCluster goes: with `Delete` its generated Secrets go too;
@@ -128,7 +162,14 @@ pub async fn on_delete(client: &Client, names: &Names, retention: PvcRetention) 
         PvcRetention::Retain => {
             let params = PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() };
             let orphan = serde_json::json!({"metadata": {"ownerReferences": null}});
-            for name in [names.rabbitmq_secret(), names.node_secret(), names.ca_secret(), names.tls_secret()] {
+            for name in [
+                names.rabbitmq_secret(),
+                names.rabbitmq_cookie(),
+                names.node_secret(),
+                names.ca_secret(),
+                names.tls_secret(),
+                names.rabbitmq_tls_secret(),
+            ] {
                 match api.patch(&name, &params, &Patch::Merge(&orphan)).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(s)) if s.is_not_found() => {}
@@ -158,14 +199,14 @@ pub async fn apply_certificate(client: &Client, names: &Names, certificate: &ser
     Ok(())
 }
 
-/// Deletes the Certificate of an SnsCluster that no longer asks
-/// cert-manager (TLS off, or the operator's own CA): it would otherwise
-/// keep rewriting the Secret the operator now manages. Not found (or
-/// cert-manager not installed) is fine.
-pub async fn retire_certificate(client: &Client, names: &Names) -> Result<()> {
-    match certificates(client, names).delete(&names.tls_secret(), &DeleteParams::default()).await {
+/// Deletes the Certificate `name` of an SnsCluster that no longer asks
+/// cert-manager for it (TLS off, the operator's own CA, no managed
+/// broker): it would otherwise keep rewriting a Secret the operator now
+/// manages. Not found (or cert-manager not installed) is fine.
+pub async fn retire_certificate(client: &Client, names: &Names, name: &str) -> Result<()> {
+    match certificates(client, names).delete(name, &DeleteParams::default()).await {
         Ok(_) => {
-            tracing::info!(certificate = %names.tls_secret(), "cert-manager Certificate removed");
+            tracing::info!(certificate = %name, "cert-manager Certificate removed");
             Ok(())
         }
         Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),

@@ -144,6 +144,9 @@ fi
 if kubectl patch sns demo -n "$NS" --type merge -p '{"spec":{"storage":{"size":"2Gi"}}}' >/dev/null 2>&1; then
   die "storage.size changed although the CRD makes it immutable"
 fi
+if kubectl patch sns demo -n "$NS" --type merge -p '{"spec":{"broker":{"managed":{"storageClassName":"other"}}}}' >/dev/null 2>&1; then
+  die "broker.managed.storageClassName changed although the CRD makes it immutable"
+fi
 if kubectl apply -n "$NS" -f - >/dev/null 2>&1 <<'EOF'; then
 apiVersion: sns.io/v1alpha1
 kind: SnsCluster
@@ -152,7 +155,7 @@ spec: {broker: {managed: {}, external: {urlSecretRef: {name: x}}}}
 EOF
   die "an SnsCluster with both broker kinds was accepted"
 fi
-log "CEL rules enforced (clusters and storage size immutable, one broker kind)"
+log "CEL rules enforced (clusters, storage size and broker storage class immutable, one broker kind)"
 
 for cr in one demo; do
   log "waiting for $cr to be Ready"

@@ -37,6 +37,7 @@ fn full_apply() -> Vec<String> {
     for c in 1..=3 {
         v.push(format!("PATCH {NS}/services/demo-master-{c}"));
     }
+    v.push(format!("PATCH {NS}/configmaps/demo-rabbitmq-config"));
     v.push(format!("PATCH {NS}/services/demo-rabbitmq"));
     v.push(format!("PATCH {APPS}/statefulsets/demo-rabbitmq"));
     // No Deployment left from before the coordinator had a volume.
@@ -55,6 +56,7 @@ fn full_apply() -> Vec<String> {
     v.push(format!("GET {NET}/networkpolicies"));
     // No cert-manager Certificate left from an issuer the spec dropped.
     v.push(format!("DELETE {CERTS}/certificates/demo-tls"));
+    v.push(format!("DELETE {CERTS}/certificates/demo-rabbitmq-tls"));
     v
 }
 
@@ -63,7 +65,7 @@ fn full_apply() -> Vec<String> {
 /// certificate each read, then created.
 fn secret_calls() -> Vec<String> {
     let mut v = vec![format!("POST {NS}/secrets")];
-    for s in ["demo-node-secret", "demo-ca", "demo-tls"] {
+    for s in ["demo-node-secret", "demo-ca", "demo-tls", "demo-rabbitmq-tls"] {
         v.push(format!("GET {NS}/secrets/{s}"));
         v.push(format!("POST {NS}/secrets"));
     }
@@ -508,7 +510,7 @@ async fn upgrade_retires_the_coordinator_deployment_before_the_statefulset_start
         .map(|&i| {
             let end = i + all[i..]
                 .iter()
-                .position(|l| l.starts_with("DELETE") && l.ends_with("/certificates/demo-tls"))
+                .position(|l| l.starts_with("DELETE") && l.ends_with("/certificates/demo-rabbitmq-tls"))
                 .unwrap();
             &all[i..=end]
         })
@@ -675,21 +677,28 @@ async fn deletion_with_retain_keeps_volumes_and_secrets() {
     assert_eq!(action, Action::await_change());
     assert_eq!(mock.table.forgotten.lock().unwrap().len(), 1, "the coordinator's channel is closed");
     let calls = mock.calls().await;
-    let mut expected: Vec<String> = ["demo-rabbitmq-credentials", "demo-node-secret", "demo-ca", "demo-tls"]
-        .iter()
-        .map(|s| format!("PATCH {NS}/secrets/{s}"))
-        .collect();
+    let mut expected: Vec<String> = [
+        "demo-rabbitmq-credentials",
+        "demo-rabbitmq-erlang-cookie",
+        "demo-node-secret",
+        "demo-ca",
+        "demo-tls",
+        "demo-rabbitmq-tls",
+    ]
+    .iter()
+    .map(|s| format!("PATCH {NS}/secrets/{s}"))
+    .collect();
     expected.push("POST /apis/events.k8s.io/v1/namespaces/prod/events".into());
     expected.push("PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo".into());
     assert_eq!(lines(&calls), expected, "the Secrets are kept, released from the SnsCluster; absent ones are fine");
-    for c in &calls[..4] {
+    for c in &calls[..6] {
         assert_eq!(c.body, json!({"metadata": {"ownerReferences": null}}), "a merge patch dropping the owner");
     }
     assert!(calls.iter().all(|c| c.method != "DELETE"), "nothing is deleted");
-    assert!(calls[4].body["note"].as_str().unwrap().contains("kept"));
+    assert!(calls[6].body["note"].as_str().unwrap().contains("kept"));
     assert!(calls.iter().all(|c| !c.uri.contains("persistentvolumeclaims")), "no claim is touched");
     // The finalizer helper tests that ours is still there, then removes it.
-    let ops = calls[5].body.as_array().unwrap();
+    let ops = calls[7].body.as_array().unwrap();
     assert_eq!(ops[0]["op"], "test");
     assert_eq!(ops[1]["op"], "remove");
 }
@@ -883,7 +892,7 @@ async fn existing_secrets_are_read_not_replaced_and_reach_the_admin_calls() {
     let names = Names::of(&cluster("demo", json!({}))).unwrap();
     let value = "5f0c8a7e2b9d4c61a3e8f0b7d2c5a9e41f6b3d8c0a7e2b9d4c61a3e8f0b7d2c5";
     let r = render::render(&cluster("demo", json!({})), &RenderOptions { default_image: "x".into() }).unwrap();
-    let render::TlsPlan::Operator { names: tls_names } = &r.tls else { panic!("TLS is on by default") };
+    let render::TlsPlan::Operator { names: tls_names, .. } = &r.tls else { panic!("TLS is on by default") };
     let ca = tls::new_ca(&names).unwrap();
     let node = tls::issue_node_cert(&names, tls_names, &ca).unwrap();
     let node_secret = serde_json::to_value(render::node_secret(&r.node_secret, value)).unwrap();
@@ -913,6 +922,9 @@ async fn existing_secrets_are_read_not_replaced_and_reach_the_admin_calls() {
         if reissued {
             expected.push(format!("PUT {NS}/secrets/demo-tls"));
         }
+        // The broker's certificate, missing: issued by the same CA.
+        expected.push(format!("GET {NS}/secrets/demo-rabbitmq-tls"));
+        expected.push(format!("POST {NS}/secrets"));
         expected.push(format!("GET {NS}/pods"));
         expected.push(format!("PATCH {NS}/configmaps/demo-config"));
         assert_eq!(lines(&calls)[..expected.len()], expected[..], "reissued: {reissued}");
@@ -946,14 +958,66 @@ async fn api_errors_fail_the_reconcile_and_back_off() {
     assert_eq!(error_policy(obj.clone(), &err, ctx.clone()), Action::requeue(Duration::from_secs(10)));
     drop(ctx);
     let calls = lines(&mock.calls().await);
-    // The secrets, the pods, then the first apply fails and nothing else
-    // is tried.
-    let mut expected = secret_calls();
-    expected.extend([format!("GET {NS}/pods"), format!("PATCH {NS}/configmaps/demo-config")]);
+    // The secrets, the pods, then every apply is tried (each fails), and
+    // a Warning event names them; nothing is pruned.
+    let mut expected: Vec<String> = full_apply().into_iter().take_while(|l| !l.ends_with("/statefulsets")).collect();
+    expected.push("POST /apis/events.k8s.io/v1/namespaces/prod/events".into());
     assert_eq!(calls, expected);
     assert_eq!(backoff(1), Duration::from_secs(5));
     assert_eq!(backoff(7), Duration::from_secs(300));
     assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
+}
+
+#[tokio::test]
+async fn a_refused_child_does_not_hold_back_the_others_and_is_named() {
+    // The broker's StatefulSet is refused (a changed volumeClaimTemplate,
+    // say): everything after it is applied all the same.
+    let world = World { refuse_applies: vec!["demo-rabbitmq".into()], ..Default::default() };
+    let mock = Mock::new(world, Some(healthy_table(3, 2)));
+    let obj = Arc::new(finalized(cluster("demo", json!({}))));
+    let err = reconcile(obj, mock.ctx.clone()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("2 of "), "{text}");
+    assert!(text.contains("Service/demo-rabbitmq: StatefulSet.apps is invalid"), "{text}");
+    assert!(text.contains("StatefulSet/demo-rabbitmq: StatefulSet.apps is invalid"), "{text}");
+    assert!(!text.contains("demo-server"), "{text}");
+    assert_eq!(mock.ctx.metrics.failures(), 1);
+    let calls = mock.calls().await;
+    let applied: Vec<String> = lines(&calls);
+    // Every child was tried, in order, the servers and PDBs after the
+    // refused broker included; nothing is pruned after a failed apply.
+    let mut expected: Vec<String> = full_apply().into_iter().take_while(|l| !l.ends_with("/statefulsets")).collect();
+    expected.push("POST /apis/events.k8s.io/v1/namespaces/prod/events".into());
+    assert_eq!(applied, expected);
+    let event = &calls.last().unwrap().body;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "ApplyFailed");
+    assert!(event["note"].as_str().unwrap().contains("StatefulSet/demo-rabbitmq"), "{event}");
+}
+
+#[tokio::test]
+async fn a_broker_cluster_gets_its_cookie_and_is_ready_with_a_majority() {
+    for (nodes_ready, expected) in [(1, "BrokerNotReady"), (2, "AllServersLive")] {
+        let world = World {
+            pods: vec![server_pod("demo", 1, 1, None), server_pod("demo", 1, 2, None)],
+            broker_ready: Some(nodes_ready),
+            ..Default::default()
+        };
+        let mock = Mock::new(world, Some(healthy_table(3, 2)));
+        let obj = finalized(cluster("demo", json!({"broker": {"managed": {"replicas": 3}}})));
+        reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
+        let calls = mock.calls().await;
+        // The credentials, then the cookie: created blind, never replaced.
+        let cookie = &calls[1];
+        assert_eq!(cookie.line(), format!("POST {NS}/secrets"));
+        assert_eq!(cookie.body["metadata"]["name"], "demo-rabbitmq-erlang-cookie");
+        assert!(cookie.body["metadata"]["ownerReferences"].is_null(), "it follows storage.retention");
+        let value = cookie.body["data"]["cookie"].as_str().unwrap();
+        assert!(value.len() >= 40, "32 random characters, base64: {value}");
+        let status = status_of(calls.last().unwrap());
+        let ready = status.conditions.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!(ready.reason, expected, "{nodes_ready} of 3 broker nodes ready");
+    }
 }
 
 #[test]

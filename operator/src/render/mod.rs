@@ -11,7 +11,8 @@
 //! | Service | `demo-master-<c>` | selects the pod labelled `sns.io/role=master` in cluster c |
 //! | PodDisruptionBudget | `demo-cluster-<c>` | at most one server of a cluster down by choice |
 //! | ConfigMap | `demo-config` | environment shared by every node (`SNS_LOG`) |
-//! | StatefulSet + Service + Secret | `demo-rabbitmq`, `demo-rabbitmq-credentials` | the managed broker |
+//! | StatefulSet + Service + ConfigMap + Secret | `demo-rabbitmq`, `demo-rabbitmq-config`, `demo-rabbitmq-credentials` | the managed broker |
+//! | headless Service + Secret + PodDisruptionBudget | `demo-rabbitmq-nodes`, `demo-rabbitmq-erlang-cookie`, `demo-rabbitmq` | a managed broker cluster (`replicas` 3 or more) |
 //! | Secret | `demo-node-secret` | the node secret (tokens, event MACs), mounted in every node |
 //! | Secrets | `demo-ca`, `demo-tls` | the operator's CA; the node certificate with `ca.crt` (or a cert-manager Certificate `demo-tls` writing it) |
 //! | NetworkPolicy | `demo-server`, `demo-coordinator`, `demo-broker` | who may reach which pods |
@@ -35,11 +36,12 @@ mod coordinator;
 mod names;
 mod network;
 mod pod;
+mod rabbitmq_conf;
 pub mod secrets;
 mod servers;
 pub mod tls;
 
-pub use broker::{broker_secret, random_password};
+pub use broker::{broker_secret, cookie_secret, random_password};
 pub use names::{Names, deployment_name, fnv1a};
 pub use secrets::node_secret;
 
@@ -70,6 +72,8 @@ pub const DATA_ROOT: &str = "/data";
 /// Port of the services that front a whole role (coordinator, masters).
 pub const SERVICE_PORT: i32 = 9000;
 pub const AMQP_PORT: i32 = 5672;
+/// AMQP over TLS: the managed broker's only AMQP port when TLS is on.
+pub const AMQPS_PORT: i32 = 5671;
 pub const RABBITMQ_MANAGEMENT_PORT: i32 = 15672;
 /// The plain-text port on which a node serves its gRPC health service
 /// alone (`SNS_HEALTH_PORT`), for the kubelet's probes: the coordinator's
@@ -163,6 +167,9 @@ pub struct Rendered {
     /// The managed broker's credentials: created once if missing, never
     /// overwritten (its password lives in RabbitMQ's volume too).
     pub broker_secret: Option<Secret>,
+    /// A managed broker cluster's Erlang cookie: created once if missing,
+    /// never overwritten (its nodes must keep agreeing on it).
+    pub broker_cookie: Option<Secret>,
     /// The node secret without its value: created once if missing, never
     /// overwritten (running nodes hold the keys derived from it).
     pub node_secret: Secret,
@@ -175,8 +182,9 @@ pub struct Rendered {
 pub enum TlsPlan {
     /// TLS is off.
     Off,
-    /// The operator's own CA issues it, for these names.
-    Operator { names: Vec<String> },
+    /// The operator's own CA issues it, for these names, and the managed
+    /// broker's for `broker` (None: no managed broker).
+    Operator { names: Vec<String>, broker: Option<Vec<String>> },
     /// cert-manager issues it through the rendered Certificate.
     CertManager,
 }
@@ -259,9 +267,10 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
 
     // Policies before the pods they protect exist.
     if spec.network_policy.enabled {
-        let managed = spec.managed_broker().is_some();
-        children
-            .extend(network::render_network_policies(&names, managed, &owner).into_iter().map(Child::NetworkPolicy));
+        let broker_port = spec.managed_broker().map(|_| amqp_port_name(spec));
+        children.extend(
+            network::render_network_policies(&names, broker_port, &owner).into_iter().map(Child::NetworkPolicy),
+        );
     }
 
     // Services first, so DNS names exist when the pods start.
@@ -308,28 +317,25 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
     }
 
     // The broker before the nodes that need it.
-    let broker_secret = match spec.managed_broker() {
+    let (broker_secret, broker_cookie) = match spec.managed_broker() {
         Some(broker) => {
-            let (svc, sts) = render_broker(&names, &broker, spec.storage.retention, &owner);
-            children.push(Child::Service(svc));
-            children.push(Child::StatefulSet(sts));
-            Some(broker_secret_template(&names))
+            let objects = render_broker(&names, &broker, spec.storage.retention, spec.tls.enabled, &owner);
+            children.extend(objects.children);
+            (Some(broker_secret_template(&names)), objects.cookie)
         }
-        None => None,
+        None => (None, None),
     };
-    let (url_secret, url_key) = match &spec.broker.external {
-        Some(ext) => (ext.url_secret_ref.name.clone(), ext.url_secret_ref.key.clone()),
-        None => (names.rabbitmq_secret(), "url".to_string()),
-    };
+    let amqp = amqp_env(&names, spec);
 
     let tls = match (&spec.tls.enabled, &spec.tls.issuer_ref) {
         (false, _) => TlsPlan::Off,
-        (true, None) => TlsPlan::Operator { names: tls::tls_names(&names, spec.clusters) },
+        (true, None) => TlsPlan::Operator {
+            names: tls::tls_names(&names, spec.clusters),
+            broker: spec.managed_broker().map(|_| tls::broker_tls_names(&names)),
+        },
         (true, Some(_)) => TlsPlan::CertManager,
     };
-    if let Some(cert) = tls::certificate(&names, spec, &owner) {
-        children.push(Child::Certificate(cert));
-    }
+    children.extend(tls::certificates(&names, spec, &owner).into_iter().map(Child::Certificate));
 
     let coordinator = processes.iter().find(|p| p.role == Role::Coordinator).expect("every plan has a coordinator");
     children.push(Child::StatefulSet(render_coordinator(&names, spec, &image, coordinator, &config_hash, &owner)));
@@ -342,15 +348,7 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
             .iter()
             .find(|q| matches!(q.role, Role::Synchronizer { cluster: c, server: s, .. } if c == cluster && s == id))
             .expect("every planned server has a synchronizer");
-        children.push(Child::StatefulSet(render_server(
-            &names,
-            spec,
-            &image,
-            (p, sync),
-            (&url_secret, &url_key),
-            &config_hash,
-            &owner,
-        )));
+        children.push(Child::StatefulSet(render_server(&names, spec, &image, (p, sync), &amqp, &config_hash, &owner)));
     }
 
     for cluster in 1..=spec.clusters {
@@ -369,7 +367,36 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
         }));
     }
 
-    Ok(Rendered { children, broker_secret, node_secret: secrets::node_secret_template(&names), tls })
+    Ok(Rendered { children, broker_secret, broker_cookie, node_secret: secrets::node_secret_template(&names), tls })
+}
+
+/// The name of the managed broker's AMQP port: `amqps` with TLS on, when
+/// it is the only one, else `amqp`.
+fn amqp_port_name(spec: &crate::crd::SnsClusterSpec) -> &'static str {
+    if spec.tls.enabled { "amqps" } else { "amqp" }
+}
+
+/// How a synchronizer finds its broker. An external one: the URL from the
+/// given Secret. The managed one: a URL made here from the password in the
+/// credentials Secret (Kubernetes expands `$(AMQP_PASSWORD)` when it starts
+/// the container), so that it follows `spec.tls`, where the URL written
+/// into the Secret once could not; with TLS, `amqps://` to port 5671 and
+/// the deployment's CA, which signed the broker's certificate.
+fn amqp_env(names: &Names, spec: &crate::crd::SnsClusterSpec) -> Vec<k8s_openapi::api::core::v1::EnvVar> {
+    use k8s_openapi::api::core::v1::EnvVar;
+    let plain = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..Default::default() };
+    if let Some(ext) = &spec.broker.external {
+        return vec![pod::secret_env("AMQP_URL", &ext.url_secret_ref.name, &ext.url_secret_ref.key)];
+    }
+    let (scheme, port) = if spec.tls.enabled { ("amqps", AMQPS_PORT) } else { ("amqp", AMQP_PORT) };
+    let mut v = vec![
+        pod::secret_env("AMQP_PASSWORD", &names.rabbitmq_secret(), "password"),
+        plain("AMQP_URL", format!("{scheme}://sns:$(AMQP_PASSWORD)@{}:{port}/%2f", names.rabbitmq_host())),
+    ];
+    if spec.tls.enabled {
+        v.push(plain("SNS_AMQP_CA", format!("{}/ca.crt", secrets::TLS_DIR)));
+    }
+    v
 }
 
 /// Every rendered object (and the generated Secrets with placeholder
@@ -382,10 +409,16 @@ pub fn to_yaml(rendered: &Rendered, names: &Names) -> String {
     if let Some(t) = &rendered.broker_secret {
         secrets.push(broker_secret(t, names, placeholder));
     }
-    if let TlsPlan::Operator { .. } = rendered.tls {
+    if let Some(t) = &rendered.broker_cookie {
+        secrets.push(cookie_secret(t, placeholder));
+    }
+    if let TlsPlan::Operator { broker, .. } = &rendered.tls {
         let pem = tls::Pem { cert: placeholder.into(), key: placeholder.into() };
         secrets.push(tls::ca_secret(names, &pem));
         secrets.push(tls::node_tls_secret(names, &pem, placeholder, placeholder));
+        if broker.is_some() {
+            secrets.push(tls::cert_secret(names.rabbitmq_tls_secret(), names, &pem, placeholder, placeholder));
+        }
     }
     for s in secrets {
         docs.push(serde_json::to_value(s).expect("a Secret serializes"));
@@ -393,6 +426,8 @@ pub fn to_yaml(rendered: &Rendered, names: &Names) -> String {
     docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("JSON values serialize as YAML"))).collect()
 }
 
+#[cfg(test)]
+mod broker_tests;
 #[cfg(test)]
 mod security_tests;
 #[cfg(test)]

@@ -55,6 +55,31 @@ impl Names {
     pub fn rabbitmq_secret(&self) -> String {
         format!("{}-rabbitmq-credentials", self.instance)
     }
+    /// The managed broker's headless Service, which gives a broker
+    /// cluster's pods their stable DNS names (a single broker keeps the
+    /// client Service as its StatefulSet's, which cannot change).
+    pub fn rabbitmq_nodes(&self) -> String {
+        format!("{}-rabbitmq-nodes", self.instance)
+    }
+    /// The Erlang cookie a broker cluster's nodes share.
+    pub fn rabbitmq_cookie(&self) -> String {
+        format!("{}-rabbitmq-erlang-cookie", self.instance)
+    }
+    /// The managed broker's `rabbitmq.conf` additions.
+    pub fn rabbitmq_config(&self) -> String {
+        format!("{}-rabbitmq-config", self.instance)
+    }
+    /// The client Service's DNS name, which the synchronizers dial.
+    pub fn rabbitmq_host(&self) -> String {
+        format!("{}.{}.svc", self.rabbitmq(), self.namespace)
+    }
+    /// The Erlang node name of broker pod `ordinal` in a broker cluster:
+    /// its DNS name through the headless Service, namespace-relative as
+    /// RabbitMQ's cluster operator names them (resolved through the pods'
+    /// DNS search path, so no cluster domain is assumed).
+    pub fn rabbitmq_node(&self, ordinal: u32) -> String {
+        format!("rabbit@{}-{ordinal}.{}.{}", self.rabbitmq(), self.rabbitmq_nodes(), self.namespace)
+    }
     /// The deployment's node secret (the token and event MACs derive from it).
     pub fn node_secret(&self) -> String {
         format!("{}-node-secret", self.instance)
@@ -63,6 +88,12 @@ impl Names {
     /// `ca.crt`): made by the operator, or by cert-manager.
     pub fn tls_secret(&self) -> String {
         format!("{}-tls", self.instance)
+    }
+    /// The managed broker's certificate, its key and the CA, in the node
+    /// certificate's layout: a certificate of its own, since the broker is
+    /// not one of the nodes (see README, Security).
+    pub fn rabbitmq_tls_secret(&self) -> String {
+        format!("{}-rabbitmq-tls", self.instance)
     }
     /// The operator-made CA's certificate and key (never mounted in a pod).
     pub fn ca_secret(&self) -> String {

@@ -6,8 +6,9 @@
 //!   on their named ports `sns` and `sync`;
 //! - the coordinator: from anywhere on `grpc`, as far as its Service lets
 //!   traffic in (clients, the gateway, the operator's admin calls);
-//! - the managed broker: AMQP from the synchronizers only (they share the
-//!   server pods), and anything from its own peers;
+//! - the managed broker: AMQP (its TLS port `amqps` with TLS on, else
+//!   `amqp`) from the synchronizers only (they share the server pods), and
+//!   anything from its own peers (a broker cluster's nodes);
 //! - the plain-text health ports of the coordinator and the server pods
 //!   (`health`, and `sync-health` for a server pod's synchronizer): from
 //!   anywhere, since they answer the kubelet's gRPC probes, which come from
@@ -73,10 +74,11 @@ fn policy(
     }
 }
 
-/// The SnsCluster's NetworkPolicies; the broker's only when it is managed.
+/// The SnsCluster's NetworkPolicies; the broker's only when it is managed,
+/// `broker_port` naming its AMQP port (`amqps` with TLS on, `amqp` off).
 pub(super) fn render_network_policies(
     names: &Names,
-    managed_broker: bool,
+    broker_port: Option<&str>,
     owner: &OwnerReference,
 ) -> Vec<NetworkPolicy> {
     let nodes = NetworkPolicyIngressRule {
@@ -91,10 +93,10 @@ pub(super) fn render_network_policies(
         policy(names, "server", owner, vec![nodes, probes(&[HEALTH_PORT_NAME, SYNC_HEALTH_PORT_NAME])]),
         policy(names, "coordinator", owner, vec![clients, probes(&[HEALTH_PORT_NAME])]),
     ];
-    if managed_broker {
+    if let Some(amqp) = broker_port {
         let synchronizers = NetworkPolicyIngressRule {
             from: Some(vec![components(names, &["server"])]),
-            ports: Some(vec![port("amqp")]),
+            ports: Some(vec![port(amqp)]),
         };
         let peers = NetworkPolicyIngressRule { from: Some(vec![components(names, &["broker"])]), ports: None };
         v.push(policy(names, "broker", owner, vec![synchronizers, peers]));

@@ -354,7 +354,8 @@ fn network_policies_let_in_exactly_the_intended_pods() {
             "demo-broker" => {
                 assert_eq!(targets, broker);
                 let amqp = &rules[0];
-                assert_eq!(amqp.ports.as_ref().unwrap()[0].port, Some(IntOrString::String("amqp".into())));
+                // TLS is on by default: AMQP over TLS only.
+                assert_eq!(amqp.ports.as_ref().unwrap()[0].port, Some(IntOrString::String("amqps".into())));
                 let from = peers(amqp.from.as_ref().unwrap(), &all);
                 assert_eq!(from, servers, "the synchronizers' pods only");
                 for s in &from {

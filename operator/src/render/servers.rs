@@ -2,7 +2,7 @@
 //! containers sharing the pod's volume.
 
 use super::pod::{
-    NodeContainer, labels, meta, node_container, pod_security, pvc_template, retention_policy, secret_env, selector_of,
+    NodeContainer, labels, meta, node_container, pod_security, pvc_template, retention_policy, selector_of,
     server_labels, template_meta, tmp_volume,
 };
 use super::secrets::{amqp_ca_files, node_files};
@@ -14,11 +14,16 @@ use crate::crd::SnsClusterSpec;
 use k8s_openapi::api::apps::v1::{
     RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
+use k8s_openapi::api::core::v1::EnvVar;
 use k8s_openapi::api::core::v1::{
     Affinity, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use sns_node::topology::{Process, Role};
+
+fn plain_env(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+}
 
 /// The health service a server reports NOT_SERVING while it catches up
 /// (node/src/server/role.rs `READINESS_SERVICE`, which the node crate
@@ -30,7 +35,7 @@ pub(super) fn render_server(
     spec: &SnsClusterSpec,
     image: &str,
     (server, sync): (&Process, &Process),
-    (url_secret, url_key): (&str, &str),
+    amqp: &[EnvVar],
     config_hash: &str,
     owner: &OwnerReference,
 ) -> StatefulSet {
@@ -67,7 +72,15 @@ pub(super) fn render_server(
             args: pod_args(sync),
             port_name: "sync",
             port: sync.port,
-            env: [vec![secret_env("AMQP_URL", url_secret, url_key)], files.env, amqp_ca.env].concat(),
+            env: [
+                amqp.to_vec(),
+                // The same for every synchronizer: a queue's type is
+                // fixed once declared.
+                vec![plain_env("SNS_QUEUE_TYPE", spec.queue_type().as_str())],
+                files.env,
+                amqp_ca.env,
+            ]
+            .concat(),
             // The synchronizer hands events to its server over gRPC and
             // writes no files; it sees the volume read-only.
             mounts: [

@@ -66,6 +66,7 @@ fn default_spec_renders_the_course_topology() {
             "Service/demo-master-1",
             "Service/demo-master-2",
             "Service/demo-master-3",
+            "ConfigMap/demo-rabbitmq-config",
             "Service/demo-rabbitmq",
             "StatefulSet/demo-rabbitmq",
             "StatefulSet/demo-coordinator",
@@ -352,11 +353,14 @@ fn managed_broker_gets_statefulset_service_and_secret_url() {
     let secret = broker_secret(r.broker_secret.as_ref().unwrap(), &names, "pw123");
     let data = secret.data.unwrap();
     assert_eq!(String::from_utf8(data["url"].0.clone()).unwrap(), "amqp://sns:pw123@demo-rabbitmq.prod.svc:5672/%2f");
+    // The synchronizers' URL is made from the password (see
+    // broker_tests for its scheme and port).
     let sync = container(template(sts(&r, "demo-server-1-1")), "synchronizer");
-    let url = &sync.env.as_ref().unwrap()[0];
-    assert_eq!(url.name, "AMQP_URL");
-    let sel = url.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
-    assert_eq!((sel.name.as_str(), sel.key.as_str()), ("demo-rabbitmq-credentials", "url"));
+    let password = &sync.env.as_ref().unwrap()[0];
+    assert_eq!(password.name, "AMQP_PASSWORD");
+    let sel = password.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+    assert_eq!((sel.name.as_str(), sel.key.as_str()), ("demo-rabbitmq-credentials", "password"));
+    assert_eq!(sync.env.as_ref().unwrap()[1].name, "AMQP_URL");
     let p = random_password().unwrap();
     assert_eq!(p.len(), 32);
     assert!(p.chars().all(|c| c.is_ascii_alphanumeric()));
@@ -431,11 +435,11 @@ fn yaml_dump_holds_every_object() {
     let obj = cluster("demo", serde_json::json!({}));
     let r = render(&obj, &opts()).unwrap();
     let yaml = to_yaml(&r, &Names::of(&obj).unwrap());
-    // Plus the broker credentials, the node secret, the CA and the node
-    // certificate, with placeholder values.
-    assert_eq!(yaml.matches("---\n").count(), r.children.len() + 4);
+    // Plus the broker credentials, the node secret, the CA, the node
+    // certificate and the broker's, with placeholder values.
+    assert_eq!(yaml.matches("---\n").count(), r.children.len() + 5);
     assert!(yaml.contains("kind: Secret"));
-    for name in ["demo-rabbitmq-credentials", "demo-node-secret", "demo-ca", "demo-tls"] {
+    for name in ["demo-rabbitmq-credentials", "demo-node-secret", "demo-ca", "demo-tls", "demo-rabbitmq-tls"] {
         assert!(yaml.contains(&format!("name: {name}\n")), "{name}");
     }
 }

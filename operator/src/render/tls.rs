@@ -47,6 +47,23 @@ pub fn tls_names(names: &Names, clusters: u32) -> Vec<String> {
     v
 }
 
+/// Every DNS name the managed broker is reached by: its client Service
+/// (which the synchronizers dial) and, for a broker cluster, each node
+/// through the headless Service; `localhost` for `kubectl port-forward`.
+pub fn broker_tls_names(names: &Names) -> Vec<String> {
+    let ns = &names.namespace;
+    let svc = names.rabbitmq();
+    vec![
+        "localhost".to_string(),
+        svc.clone(),
+        format!("{svc}.{ns}"),
+        format!("{svc}.{ns}.svc"),
+        format!("{svc}.{ns}.svc.cluster.local"),
+        format!("*.{}.{ns}.svc", names.rabbitmq_nodes()),
+        format!("*.{}.{ns}.svc.cluster.local", names.rabbitmq_nodes()),
+    ]
+}
+
 /// The checksum [`TLS_NAMES_ANNOTATION`] holds.
 pub fn names_checksum(names: &[String]) -> String {
     format!("{:016x}", super::fnv1a(names.join(",").as_bytes()))
@@ -100,9 +117,23 @@ pub fn new_ca(names: &Names) -> Result<Pem> {
     Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
 }
 
+/// What a certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertUse {
+    /// A node: server and client authentication (nodes are both).
+    Node,
+    /// The managed broker: server authentication only.
+    Broker,
+}
+
 /// A node certificate for `tls_names`, signed by `ca` (server and client
 /// authentication: nodes are both).
 pub fn issue_node_cert(names: &Names, tls_names: &[String], ca: &Pem) -> Result<Pem> {
+    issue_cert(names, tls_names, ca, CertUse::Node)
+}
+
+/// A certificate for `tls_names` and `usage`, signed by `ca`.
+pub fn issue_cert(names: &Names, tls_names: &[String], ca: &Pem, usage: CertUse) -> Result<Pem> {
     let ca_key = KeyPair::from_pem(&ca.key).map_err(tls_err)?;
     let issuer = Issuer::new(ca_params(names)?, ca_key);
     let key = KeyPair::generate().map_err(tls_err)?;
@@ -110,9 +141,15 @@ pub fn issue_node_cert(names: &Names, tls_names: &[String], ca: &Pem) -> Result<
     p.distinguished_name = DistinguishedName::new();
     // Names are checked against the SANs; a CN longer than 64 characters
     // (a long namespace) would make the certificate invalid.
-    p.distinguished_name.push(DnType::CommonName, "Tiny SNS node");
+    let (cn, usages) = match usage {
+        CertUse::Node => {
+            ("Tiny SNS node", vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth])
+        }
+        CertUse::Broker => ("Tiny SNS broker", vec![ExtendedKeyUsagePurpose::ServerAuth]),
+    };
+    p.distinguished_name.push(DnType::CommonName, cn);
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    p.extended_key_usages = usages;
     validity(&mut p);
     let cert = p.signed_by(&key, &issuer).map_err(tls_err)?;
     Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
@@ -131,7 +168,12 @@ pub fn ca_secret(names: &Names, ca: &Pem) -> Secret {
 /// The node certificate's Secret, in cert-manager's layout (`tls.crt`,
 /// `tls.key`, `ca.crt`) so the pods mount either the same way.
 pub fn node_tls_secret(names: &Names, node: &Pem, ca_cert: &str, checksum: &str) -> Secret {
-    let mut meta = generated_meta(names.tls_secret(), names, "tls");
+    cert_secret(names.tls_secret(), names, node, ca_cert, checksum)
+}
+
+/// A certificate's Secret named `name`, in cert-manager's layout.
+pub fn cert_secret(name: String, names: &Names, node: &Pem, ca_cert: &str, checksum: &str) -> Secret {
+    let mut meta = generated_meta(name, names, "tls");
     meta.annotations = Some([(TLS_NAMES_ANNOTATION.to_string(), checksum.to_string())].into());
     Secret {
         metadata: meta,
@@ -141,13 +183,34 @@ pub fn node_tls_secret(names: &Names, node: &Pem, ca_cert: &str, checksum: &str)
     }
 }
 
-/// The cert-manager Certificate for the node certificate, when the spec
-/// names an issuer; it writes the Secret the pods mount.
-pub(super) fn certificate(names: &Names, spec: &SnsClusterSpec, owner: &OwnerReference) -> Option<serde_json::Value> {
+/// The cert-manager Certificates, when the spec names an issuer: the node
+/// certificate's and, for a managed broker, the broker's; each writes the
+/// Secret of its name that the pods mount.
+pub(super) fn certificates(names: &Names, spec: &SnsClusterSpec, owner: &OwnerReference) -> Vec<serde_json::Value> {
+    let mut v = Vec::new();
+    v.extend(certificate(names, spec, owner, names.tls_secret(), tls_names(names, spec.clusters), CertUse::Node));
+    if spec.managed_broker().is_some() {
+        let broker = broker_tls_names(names);
+        v.extend(certificate(names, spec, owner, names.rabbitmq_tls_secret(), broker, CertUse::Broker));
+    }
+    v
+}
+
+fn certificate(
+    names: &Names,
+    spec: &SnsClusterSpec,
+    owner: &OwnerReference,
+    name: String,
+    all: Vec<String>,
+    usage: CertUse,
+) -> Option<serde_json::Value> {
     let issuer = spec.tls.issuer_ref.as_ref().filter(|_| spec.tls.enabled)?;
-    let all = tls_names(names, spec.clusters);
     let (ips, dns): (Vec<String>, Vec<String>) = all.into_iter().partition(|n| n.parse::<std::net::IpAddr>().is_ok());
-    let meta = pod::meta(names.tls_secret(), names, pod::labels(names, "tls"), owner);
+    let meta = pod::meta(name.clone(), names, pod::labels(names, "tls"), owner);
+    let usages = match usage {
+        CertUse::Node => vec!["digital signature", "key encipherment", "server auth", "client auth"],
+        CertUse::Broker => vec!["digital signature", "key encipherment", "server auth"],
+    };
     let kind = match issuer.kind {
         IssuerKind::Issuer => "Issuer",
         IssuerKind::ClusterIssuer => "ClusterIssuer",
@@ -157,13 +220,13 @@ pub(super) fn certificate(names: &Names, spec: &SnsClusterSpec, owner: &OwnerRef
         "kind": "Certificate",
         "metadata": meta,
         "spec": {
-            "secretName": names.tls_secret(),
+            "secretName": name,
             // The Secret carries the SnsCluster's labels, so it follows
             // storage.retention like the operator's own Secrets.
             "secretTemplate": {"labels": pod::labels(names, "tls")},
             "dnsNames": dns,
             "ipAddresses": ips,
-            "usages": ["digital signature", "key encipherment", "server auth", "client auth"],
+            "usages": usages,
             "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
             "issuerRef": {"name": issuer.name, "kind": kind, "group": issuer.group},
         }
