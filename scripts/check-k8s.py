@@ -502,13 +502,19 @@ for label, docs in chart_renders.items():
         missing = [e["port"] for e in m["spec"]["podMetricsEndpoints"] if e["port"] not in ports]
         if missing:
             monitor_problems.append(f"{label}: {name_of(m)} scrapes ports {missing} the operator lacks ({ports})")
+    node_metrics_ports = sorted({p["name"] for _, spec in operator_pod_specs for c in spec["containers"]
+                                 for p in c.get("ports", []) if p["name"].endswith("metrics")})
     for m in find(docs, "PodMonitor", "-nodes"):
         for where, labels in operator_pods:
             node = labels.get("app.kubernetes.io/component") in ("coordinator", "server")
             if selects(m["spec"]["selector"], labels) != node:
                 monitor_problems.append(f"{label}: {name_of(m)} {'misses' if node else 'selects'} {where}")
-        if [e["port"] for e in m["spec"]["podMetricsEndpoints"]] != ["metrics"]:
-            monitor_problems.append(f"{label}: {name_of(m)} does not scrape the port named metrics")
+        # Every metrics port a rendered node container declares (`metrics`;
+        # `sync-metrics` for a server pod's synchronizer), and only those.
+        scraped = sorted(e["port"] for e in m["spec"]["podMetricsEndpoints"])
+        if scraped != node_metrics_ports:
+            monitor_problems.append(f"{label}: {name_of(m)} scrapes {scraped}, the node pods serve metrics on "
+                                    f"{node_metrics_ports}")
         watch = value_sets[label].get("watchNamespace")
         expected = {"matchNames": [watch]} if watch else {"any": True}
         if m["spec"]["namespaceSelector"] != expected:
@@ -704,8 +710,16 @@ for d in rendered_docs:
                 if action in probe:
                     port = probe[action]["port"]
                     probed.add(port if isinstance(port, str) else by_number.get(port))
+    # The named container port each node's SNS_METRICS_PORT names (None:
+    # one no container port declares).
+    metrics = set()
+    for c in t["spec"]["containers"]:
+        by_number = {p["containerPort"]: p.get("name") for p in c.get("ports", [])}
+        port = next((e.get("value") for e in c.get("env", []) if e["name"] == "SNS_METRICS_PORT"), None)
+        if port is not None:
+            metrics.add(by_number.get(int(port)))
     pods.append({"name": d["metadata"]["name"] + "-0", "labels": labels, "containers": containers, "ports": ports,
-                 "probed": probed})
+                 "probed": probed, "metrics": metrics})
 
 
 def chosen(sel):
@@ -774,17 +788,20 @@ for d in policies:
         if not dialled or admitted != {by_number.get(n) for n in dialled}:
             policy_problems.append(f"{name_of(d)} admits the synchronizers on {sorted(admitted)}, "
                                    f"they dial {sorted(dialled)}")
-    # What is open to any source: the coordinator's client port and the
-    # ports the kubelet probes, exactly; every probe of every selected pod
+    # What is open to any source: the coordinator's client port, the ports
+    # the kubelet probes and the metrics ports, exactly; every probe of every selected pod
     # asks a named port opened so (the kubelet's address is no pod's).
     open_ports = {p["port"] for r in rules if "from" not in r for p in r.get("ports") or []}
     if any("from" not in r and not r.get("ports") for r in rules):
         policy_problems.append(f"{name_of(d)} opens every port to any source")
     for t in targets:
         pod = next(p for p in pods if p["name"] == t)
-        expected_open = set(pod["probed"]) | ({"grpc"} if component == "coordinator" else set())
+        expected_open = (set(pod["probed"]) | set(pod["metrics"])
+                         | ({"grpc"} if component == "coordinator" else set()))
         if None in pod["probed"]:
             policy_problems.append(f"{name_of(d)}: {t} has a probe on an undeclared port")
+        elif None in pod["metrics"]:
+            policy_problems.append(f"{name_of(d)}: {t} serves metrics on an undeclared port")
         elif component in ("server", "coordinator") and open_ports != expected_open:
             policy_problems.append(f"{name_of(d)} opens {sorted(open_ports)} to any source, "
                                    f"not {sorted(expected_open)} ({t}'s probes)")

@@ -5,7 +5,9 @@ use super::pod::{
     template_meta, tmp_volume,
 };
 use super::secrets::node_files;
-use super::{DATA_ROOT, HEALTH_PORT, HEALTH_PORT_NAME, LABEL_NAME, Names, RUN_AS_USER, pod_args};
+use super::{
+    DATA_ROOT, HEALTH_PORT, HEALTH_PORT_NAME, LABEL_NAME, METRICS_PORT, METRICS_PORT_NAME, Names, RUN_AS_USER, pod_args,
+};
 use crate::crd::SnsClusterSpec;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec, VolumeMount};
@@ -43,6 +45,7 @@ pub(super) fn render_coordinator(
             env: files.env,
             mounts: [vec![data_mount, tmp_mount], files.mounts].concat(),
             health: (HEALTH_PORT_NAME, HEALTH_PORT),
+            metrics: (METRICS_PORT_NAME, METRICS_PORT),
             readiness: "",
         },
     );

@@ -84,6 +84,14 @@ pub const SYNC_HEALTH_PORT: u16 = 8087;
 /// The container port names of [`HEALTH_PORT`] and [`SYNC_HEALTH_PORT`].
 pub const HEALTH_PORT_NAME: &str = "health";
 pub const SYNC_HEALTH_PORT_NAME: &str = "sync-health";
+/// The plain-HTTP port on which a node serves its Prometheus metrics
+/// (`SNS_METRICS_PORT`, `GET /metrics`); a server pod's synchronizer has
+/// its own, [`SYNC_METRICS_PORT`]. The chart's PodMonitor scrapes both
+/// names.
+pub const METRICS_PORT: u16 = 9100;
+pub const SYNC_METRICS_PORT: u16 = 9101;
+pub const METRICS_PORT_NAME: &str = "metrics";
+pub const SYNC_METRICS_PORT_NAME: &str = "sync-metrics";
 /// User id of the runtime image (see the Dockerfile).
 pub const RUN_AS_USER: i64 = 10001;
 

@@ -9,6 +9,8 @@
 //! - the managed broker: AMQP (its TLS port `amqps` with TLS on, else
 //!   `amqp`) from the synchronizers only (they share the server pods), and
 //!   anything from its own peers (a broker cluster's nodes);
+//! - the plain-text health and metrics ports of the coordinator and the
+//!   server pods (the metrics ports for a Prometheus wherever it runs);
 //! - the plain-text health ports of the coordinator and the server pods
 //!   (`health`, and `sync-health` for a server pod's synchronizer): from
 //!   anywhere, since they answer the kubelet's gRPC probes, which come from
@@ -20,7 +22,9 @@
 //! does not cross the pod network and is unaffected.
 
 use super::pod::{labels, meta, selector_of};
-use super::{HEALTH_PORT_NAME, LABEL_COMPONENT, Names, SYNC_HEALTH_PORT_NAME};
+use super::{
+    HEALTH_PORT_NAME, LABEL_COMPONENT, METRICS_PORT_NAME, Names, SYNC_HEALTH_PORT_NAME, SYNC_METRICS_PORT_NAME,
+};
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
@@ -89,9 +93,16 @@ pub(super) fn render_network_policies(
     // The kubelet's probes, from wherever the kubelet is.
     let probes =
         |ports: &[&str]| NetworkPolicyIngressRule { from: None, ports: Some(ports.iter().map(|p| port(p)).collect()) };
+    // And the metrics ports, for a Prometheus wherever it runs: read-only
+    // counters, no user data, no credentials.
     let mut v = vec![
-        policy(names, "server", owner, vec![nodes, probes(&[HEALTH_PORT_NAME, SYNC_HEALTH_PORT_NAME])]),
-        policy(names, "coordinator", owner, vec![clients, probes(&[HEALTH_PORT_NAME])]),
+        policy(
+            names,
+            "server",
+            owner,
+            vec![nodes, probes(&[HEALTH_PORT_NAME, SYNC_HEALTH_PORT_NAME, METRICS_PORT_NAME, SYNC_METRICS_PORT_NAME])],
+        ),
+        policy(names, "coordinator", owner, vec![clients, probes(&[HEALTH_PORT_NAME, METRICS_PORT_NAME])]),
     ];
     if let Some(amqp) = broker_port {
         let synchronizers = NetworkPolicyIngressRule {

@@ -141,25 +141,31 @@ pub(super) struct NodeContainer<'a> {
     /// (the two containers of a server pod share its network, so each has
     /// its own).
     pub(super) health: (&'a str, u16),
+    /// The metrics port: its container port name and number.
+    pub(super) metrics: (&'a str, u16),
     /// The health service the readiness probe asks ("": the process's).
     pub(super) readiness: &'a str,
 }
 
 pub(super) fn node_container(spec: &SnsClusterSpec, image: &str, names: &Names, c: NodeContainer<'_>) -> Container {
     let (health_name, health_port) = c.health;
+    let (metrics_name, metrics_port) = c.metrics;
     let health_env =
         EnvVar { name: "SNS_HEALTH_PORT".into(), value: Some(health_port.to_string()), ..Default::default() };
+    let metrics_env =
+        EnvVar { name: "SNS_METRICS_PORT".into(), value: Some(metrics_port.to_string()), ..Default::default() };
     Container {
         name: c.name.into(),
         image: Some(image.into()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
         command: Some(vec!["sns-node".into()]),
         args: Some(c.args),
-        env: Some([c.env, vec![health_env]].concat()),
+        env: Some([c.env, vec![health_env, metrics_env]].concat()),
         env_from: Some(config_env(names)),
         ports: Some(vec![
             container_port(c.port_name, i32::from(c.port)),
             container_port(health_name, i32::from(health_port)),
+            container_port(metrics_name, i32::from(metrics_port)),
         ]),
         readiness_probe: Some(grpc_probe(health_port, c.readiness, 5, 3)),
         liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..grpc_probe(health_port, "", 10, 3) }),

@@ -341,7 +341,10 @@ fn network_policies_let_in_exactly_the_intended_pods() {
                 assert_eq!(from, servers.union(&coordinator).copied().collect(), "own nodes and the coordinator");
                 assert_eq!(ports_of(&rules[0]), ["sns", "sync"]);
                 assert!(rules[1].from.is_none(), "the kubelet's probes, from wherever it is");
-                assert_eq!(ports_of(&rules[1]), [HEALTH_PORT_NAME, SYNC_HEALTH_PORT_NAME]);
+                assert_eq!(
+                    ports_of(&rules[1]),
+                    [HEALTH_PORT_NAME, SYNC_HEALTH_PORT_NAME, METRICS_PORT_NAME, SYNC_METRICS_PORT_NAME]
+                );
             }
             "demo-coordinator" => {
                 assert_eq!(targets, coordinator);
@@ -349,7 +352,7 @@ fn network_policies_let_in_exactly_the_intended_pods() {
                 assert!(rules[0].from.is_none(), "clients from anywhere the Service lets in");
                 assert_eq!(ports_of(&rules[0]), ["grpc"]);
                 assert!(rules[1].from.is_none(), "the kubelet's probes, from wherever it is");
-                assert_eq!(ports_of(&rules[1]), [HEALTH_PORT_NAME]);
+                assert_eq!(ports_of(&rules[1]), [HEALTH_PORT_NAME, METRICS_PORT_NAME]);
             }
             "demo-broker" => {
                 assert_eq!(targets, broker);
@@ -387,8 +390,9 @@ fn ports_of(rule: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule) -
 fn every_probe_port_is_let_in_from_anywhere() {
     // However the policies narrow a pod's ingress, the port each of its
     // probes asks is open to every source (the kubelet's address is not a
-    // pod's), and nothing else is opened that widely but the coordinator's
-    // client port.
+    // pod's), and nothing else is opened that widely but the metrics ports
+    // (for a Prometheus wherever it runs) and the coordinator's client
+    // port.
     let r = rendered("demo", json!({}));
     let policies = policies(&r);
     for pod in pods(&r).iter().filter(|p| p.name != "demo-rabbitmq-0") {
@@ -413,6 +417,12 @@ fn every_probe_port_is_let_in_from_anywhere() {
             }
         }
         let mut expected = probed.clone();
+        for c in node_containers(pod) {
+            let env = c.env.iter().flatten().find(|e| e.name == "SNS_METRICS_PORT").expect("a metrics port");
+            let port: i32 = env.value.as_deref().unwrap().parse().unwrap();
+            let name = c.ports.iter().flatten().find(|p| p.container_port == port).expect("declared").name.clone();
+            expected.insert(name.unwrap());
+        }
         if component == "coordinator" {
             expected.insert("grpc".into());
         }

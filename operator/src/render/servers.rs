@@ -7,8 +7,9 @@ use super::pod::{
 };
 use super::secrets::{amqp_ca_files, node_files};
 use super::{
-    DATA_ROOT, HEALTH_PORT, HEALTH_PORT_NAME, LABEL_CLUSTER, LABEL_NAME, Names, RUN_AS_USER, SYNC_HEALTH_PORT,
-    SYNC_HEALTH_PORT_NAME, TEMPLATE_HASH, fnv1a, pod_args,
+    DATA_ROOT, HEALTH_PORT, HEALTH_PORT_NAME, LABEL_CLUSTER, LABEL_NAME, METRICS_PORT, METRICS_PORT_NAME, Names,
+    RUN_AS_USER, SYNC_HEALTH_PORT, SYNC_HEALTH_PORT_NAME, SYNC_METRICS_PORT, SYNC_METRICS_PORT_NAME, TEMPLATE_HASH,
+    fnv1a, pod_args,
 };
 use crate::crd::SnsClusterSpec;
 use k8s_openapi::api::apps::v1::{
@@ -57,6 +58,7 @@ pub(super) fn render_server(
             env: files.env.clone(),
             mounts: [vec![data_mount.clone(), tmp_mount.clone()], files.mounts.clone()].concat(),
             health: (HEALTH_PORT_NAME, HEALTH_PORT),
+            metrics: (METRICS_PORT_NAME, METRICS_PORT),
             // NOT_SERVING while the server catches up with its master (or
             // is fenced, or has no trusted journal): a rolling update waits
             // for this before it goes on.
@@ -90,6 +92,7 @@ pub(super) fn render_server(
             ]
             .concat(),
             health: (SYNC_HEALTH_PORT_NAME, SYNC_HEALTH_PORT),
+            metrics: (SYNC_METRICS_PORT_NAME, SYNC_METRICS_PORT),
             readiness: "",
         },
     );
