@@ -23,7 +23,9 @@
 #     b. the sns.io/switchover annotation moves cluster 2's master once and
 #        is recorded in status.lastSwitchover;
 #     c. serversPerCluster 2 -> 1 -> 2, Ready at 3/3 then 6/6;
-#  6. deleting `one` (retention Retain) removes its pods and keeps its PVCs.
+#     d. the broker pod killed, the posts made meanwhile delivered once;
+#  6. deleting `one` (retention Retain) removes its pods and keeps its PVCs;
+#     re-created, it finds its data, broker credentials and CA again.
 #
 # Needs docker (with a daemon), kind, kubectl and helm. Where any is missing
 # the suite is SKIPPED with a message and exits 0 (set KIND_E2E_REQUIRED=1,
@@ -420,6 +422,16 @@ eventually 900 "demo at 2 servers per cluster, rolled out and Ready" \
 under_writes_stop up
 kubectl get pods -n "$NS" -L sns.io/cluster,sns.io/role
 
+# The managed broker's pod killed: the synchronizers reconnect, the posts
+# made meanwhile wait in the outboxes, and every post still reaches its
+# followers once.
+log "killing the broker pod under writes"
+under_writes_start broker
+kubectl delete pod -n "$NS" demo-rabbitmq-0 --grace-period=0 --force
+eventually 300 "the broker back and demo Ready" \
+  "rolled_out && [ \"\$(kubectl get pod -n $NS demo-rabbitmq-0 -o jsonpath='{.status.containerStatuses[0].ready}')\" = true ]"
+under_writes_stop broker
+
 # --- deletion honours retention -------------------------------------------------
 log "deleting SnsCluster one (retention Retain)"
 kubectl delete sns one -n "$NS" --wait --timeout=120s
@@ -428,3 +440,32 @@ eventually 120 "one's pods to go" \
 kubectl get pvc -n "$NS" data-one-server-1-1-0 data-one-server-1-2-0 >/dev/null ||
   die "Retain should have kept one's PersistentVolumeClaims"
 log "PVCs kept after deletion"
+
+# Re-created with the same name: its kept volumes, broker credentials, node
+# secret and CA are found again, so the data is there, the synchronizers
+# log in to the kept broker, and clients trust the same CA.
+old_ca=$(cat "${CA_OF[one]}")
+log "re-creating SnsCluster one"
+kubectl apply -n "$NS" -f - <<'EOF2'
+apiVersion: sns.io/v1alpha1
+kind: SnsCluster
+metadata:
+  name: one
+spec:
+  clusters: 1
+  serversPerCluster: 2
+  heartbeat: {intervalMillis: 1000, missed: 2}
+  storage: {size: 256Mi, retention: Retain}
+EOF2
+eventually 300 "one Ready again" \
+  "[ \"\$(kubectl get sns one -n $NS -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}')\" = True ]"
+extract_ca one
+[ "$(cat "${CA_OF[one]}")" = "$old_ca" ] || die "one's CA changed across re-creation with Retain"
+eventually 120 "one's synchronizers logged in to the kept broker" \
+  "kubectl logs -n $NS one-server-1-1-0 -c synchronizer | grep -q 'connected to server and broker'"
+if kubectl logs -n "$NS" one-server-1-1-0 -c synchronizer | grep -q ACCESS_REFUSED; then
+  die "the re-created one's synchronizer was refused by the broker"
+fi
+client s1b-1 one 1
+poll_list s1b-1 "1, 4, " "4, "
+log "re-created one has its users and follows from before the deletion"
