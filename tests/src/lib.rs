@@ -72,6 +72,17 @@ pub fn skip(test: &str, reason: &str) {
     }
 }
 
+/// A process started by a test, killed (and reaped) however the test
+/// ends, a failed assertion included.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Polls `check` until it returns Some, or fails after `DEADLINE`.
 pub fn eventually<T>(what: &str, check: impl FnMut() -> Option<T>) -> Result<T> {
     eventually_within(what, DEADLINE, check)

@@ -251,7 +251,7 @@ fn the_console_lists_its_commands_and_names_unknown_ones() -> Result<()> {
 fn json_logs_and_a_metrics_port_on_a_node_run_by_hand() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (log, port_file) = (dir.path().join("coordinator.log"), dir.path().join("metrics.port"));
-    let mut child = std::process::Command::new(sns_e2e::bin("sns-node"))
+    let child = std::process::Command::new(sns_e2e::bin("sns-node"))
         .args(["--log-format", "json", "--log", "info", "coordinator", "-p", "0", "--clusters", "2"])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
@@ -260,11 +260,17 @@ fn json_logs_and_a_metrics_port_on_a_node_run_by_hand() -> Result<()> {
         .env_remove("SNS_SECRET_FILE")
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
-    let result = (|| {
+    let _child = sns_e2e::KillOnDrop(child);
+    (|| {
         let port: u16 =
             eventually("the metrics port file", || std::fs::read_to_string(&port_file).ok()?.trim().parse().ok())?;
-        let m = parse(&scrape(port)?)?;
-        assert_eq!(sum(&m, "sns_coordinator_live_nodes", &["cluster=\"2\"", "kind=\"server\""]), Some(0.0), "{m:?}");
+        // The port answers as soon as it is bound; the coordinator sets its
+        // gauges once it runs.
+        let live = eventually("the coordinator's live-nodes gauge", || {
+            let m = parse(&scrape(port).ok()?).ok()?;
+            sum(&m, "sns_coordinator_live_nodes", &["cluster=\"2\"", "kind=\"server\""])
+        })?;
+        assert_eq!(live, 0.0, "no server heartbeats to a coordinator run alone");
         let text = eventually("the coordinator's start-up line", || {
             let text = std::fs::read_to_string(&log).ok()?;
             text.contains("coordinator listening").then_some(text)
@@ -277,8 +283,5 @@ fn json_logs_and_a_metrics_port_on_a_node_run_by_hand() -> Result<()> {
             );
         }
         anyhow::Ok(())
-    })();
-    child.kill()?;
-    child.wait()?;
-    result
+    })()
 }

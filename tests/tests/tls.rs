@@ -182,15 +182,7 @@ fn the_health_port_answers_probes_in_plain_text_beside_a_tls_port() -> anyhow::R
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    // Killed however the test ends.
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _coordinator = KillOnDrop(coordinator);
+    let _coordinator = sns_e2e::KillOnDrop(coordinator);
     (|| {
         let port: u16 = eventually("the coordinator's port file", || {
             std::fs::read_to_string(&port_file).ok().and_then(|t| t.trim().parse().ok())
