@@ -26,8 +26,14 @@ export SNS_SKIP_LOG="$PWD/target/test-skips.log"
 log=target/test-output.log
 k8s_log=target/k8s-check.log
 set +e
-cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
-tests=${PIPESTATUS[0]}
+# Into a file, shown as it grows: a process a failed test left behind can
+# hold the file open, but not keep this run waiting on a pipe.
+: >"$log"
+cargo test --workspace --no-fail-fast >>"$log" 2>&1 &
+cargo_pid=$!
+tail -n +1 -f --pid="$cargo_pid" "$log"
+wait "$cargo_pid"
+tests=$?
 SNS_OPERATOR_BIN=target/debug/sns-operator bash scripts/check-k8s.sh 2>&1 | tee "$k8s_log"
 k8s=${PIPESTATUS[0]}
 echo
