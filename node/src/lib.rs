@@ -3,6 +3,8 @@
 //! - [`coordinator`]: routing table, heartbeats, master/slave roles;
 //! - [`server`]: the course's SNS service, files, master -> slave forwarding;
 //! - [`sync`]: the synchronizer between clusters, over RabbitMQ;
+//! - [`kube`]: leader election on a Kubernetes Lease (the coordinator's
+//!   replicas and the operator's);
 //! - [`store`]: journal, state machine and the spec's files;
 //! - [`topology`] and [`launcher`]: one deployment plan, run as local processes.
 
@@ -11,6 +13,7 @@ pub mod cli;
 pub mod coordinator;
 pub mod error;
 pub mod ids;
+pub mod kube;
 pub mod launcher;
 pub mod metrics;
 pub mod net;
