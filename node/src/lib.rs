@@ -50,7 +50,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 a.listen.bind_side_ports(NodeKind::Coordinator, &shutdown).await?;
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 let cfg = CoordinatorConfig { secret: a.secret.load_for(&a.listen.bind)?, ..a.config() };
-                coordinator::run(cfg, listener, shutdown).await
+                match a.ha.config().map_err(Error::Config)? {
+                    Some(ha) => {
+                        let client = ::kube::Client::try_default()
+                            .await
+                            .map_err(|e| Error::Kube(format!("cannot reach the API server: {e}")))?;
+                        coordinator::ha::run(cfg, ha, client, listener, shutdown).await
+                    }
+                    None => coordinator::run(cfg, listener, shutdown).await,
+                }
             }
             Command::Server(a) => {
                 a.tls.install()?;
