@@ -285,3 +285,24 @@ async fn a_records_conflict_stops_the_leader_at_once() {
     a.stop.cancel();
     a.done.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn the_state_file_is_imported_into_an_empty_configmap_once() {
+    let api = Shared::default();
+    let dir = tempfile::tempdir().unwrap();
+    let file = StateFile::in_dir(dir.path()).unwrap();
+    let old =
+        BTreeMap::from([(1, crate::coordinator::table::Record { term: 4, master: Some(2), ..Default::default() })]);
+    file.save(&old).unwrap();
+    let cfg = CoordinatorConfig { data_dir: Some(dir.path().to_path_buf()), ..config() };
+    let store = ConfigMapRecords::new(replica_client(&api, Arc::default()), "ops", RECORDS, "coord-a");
+    let (records, first) = claim(&cfg, &store).await.unwrap();
+    assert_eq!(records, old, "imported");
+    assert_eq!(stored_records(&api), old, "and written to the ConfigMap");
+    // From then on the ConfigMap is the truth: a changed file is ignored.
+    file.save(&BTreeMap::new()).unwrap();
+    let store = ConfigMapRecords::new(replica_client(&api, Arc::default()), "ops", RECORDS, "coord-b");
+    let (records, second) = claim(&cfg, &store).await.unwrap();
+    assert_eq!(records, old);
+    assert!(second > first, "a later leader's epoch orders after");
+}
