@@ -309,6 +309,14 @@ CEL_CASES = [
      {"broker": {"managed": {"replicas": 3}, "queueType": "quorum"}}, None),
     ("broker.queueType changed with a move to an external broker", {},
      {"broker": {"external": {"urlSecretRef": {"name": "amqp"}}, "queueType": "quorum"}}, None),
+    ("a new SnsCluster with coordinator.replicas 4", None, {"coordinator": {"replicas": 4}},
+     "coordinator.replicas must be 1, 2 or 3"),
+    ("a new SnsCluster with coordinator.replicas 1", None, {"coordinator": {"replicas": 1}}, None),
+    ("coordinator.replicas 1 -> 3", {"coordinator": {"replicas": 1}}, {"coordinator": {"replicas": 3}}, None),
+    ("coordinator.replicas 2 (the default) -> 3", {}, {"coordinator": {"replicas": 3}}, None),
+    ("coordinator.replicas 3 -> 2", {"coordinator": {"replicas": 3}}, {"coordinator": {"replicas": 2}}, None),
+    ("coordinator.replicas 2 (the default) -> 1", {}, {"coordinator": {"replicas": 1}},
+     "coordinator.replicas cannot go back to 1"),
 ]
 for title, old_spec, new_spec, refused in CEL_CASES:
     got = update_refusals(old_spec, new_spec)
@@ -827,7 +835,8 @@ for d in rendered_docs:
         if health is None or int(health) not in declared:
             probe_problems.append(f"{where}: SNS_HEALTH_PORT {health} is no declared container port")
             continue
-        for kind, service in (("readinessProbe", "readiness" if c["name"] == "server" else ""),
+        ready_service = "readiness" if c["name"] == "server" or "SNS_KUBE_HA" in env else ""
+        for kind, service in (("readinessProbe", ready_service),
                               ("livenessProbe", "")):
             grpc = (c.get(kind) or {}).get("grpc")
             if set(c.get(kind) or {}) & {"tcpSocket", "httpGet", "exec"} or grpc is None:
@@ -838,6 +847,74 @@ if tls_states != {True, False}:
     probe_problems.append(f"the specs render TLS only {tls_states}: both on and off are wanted")
 prove(f"{node_containers} node containers (TLS on and off) are probed by gRPC on their plain-text health port",
       probe_problems)
+# A replicated coordinator's API access: its pods (SNS_KUBE_HA in their
+# environment) run as a ServiceAccount of their own, the only pods with a
+# token, bound to a Role granting exactly their Lease and records ConfigMap
+# (create unrestricted: it cannot name an object).
+ha_problems, ha_pods = [], 0
+for d in rendered_docs:
+    if d["kind"] != "StatefulSet":
+        continue
+    inst = d["metadata"]["labels"]["app.kubernetes.io/instance"]
+    pod = d["spec"]["template"]["spec"]
+    env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
+    if "SNS_KUBE_HA" not in env:
+        if pod.get("automountServiceAccountToken") is not False or "serviceAccountName" in pod:
+            ha_problems.append(f"{name_of(d)}: an API token or a ServiceAccount without SNS_KUBE_HA")
+        continue
+    ha_pods += 1
+    lease = env["SNS_KUBE_HA"].get("value")
+    records = (env.get("SNS_KUBE_RECORDS") or {}).get("value") or f"{lease}-records"
+    for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
+        if (env.get(name) or {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != path:
+            ha_problems.append(f"{name_of(d)}: {name} is not the downward API's {path}")
+    account = pod.get("serviceAccountName")
+    if pod.get("automountServiceAccountToken") is not True or not account:
+        ha_problems.append(f"{name_of(d)}: no token of its own ServiceAccount")
+    mine = [o for o in rendered_docs if o["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == inst]
+    if not any(o["kind"] == "ServiceAccount" and o["metadata"]["name"] == account for o in mine):
+        ha_problems.append(f"{name_of(d)}: ServiceAccount {account} is not rendered")
+    bound = [o["roleRef"]["name"] for o in mine if o["kind"] == "RoleBinding" and o["roleRef"]["kind"] == "Role"
+             and any(s["kind"] == "ServiceAccount" and s["name"] == account
+                     and s.get("namespace") == o["metadata"]["namespace"] for s in o.get("subjects", []))]
+    roles = [o for o in mine if o["kind"] == "Role" and o["metadata"]["name"] in bound]
+    if len(roles) != 1:
+        ha_problems.append(f"{name_of(d)}: {len(roles)} Roles bound to {account}")
+        continue
+    got = sorted(json.dumps(r, sort_keys=True) for r in roles[0]["rules"])
+    want = sorted(json.dumps(r, sort_keys=True) for r in [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease],
+         "verbs": ["get", "update"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [records], "verbs": ["get", "update"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+    ])
+    if got != want:
+        ha_problems.append(f"{name_of(d)}: Role/{roles[0]['metadata']['name']} grants {got}, not {want}")
+if not ha_pods:
+    ha_problems.append("no spec renders a replicated coordinator")
+prove(f"{ha_pods} replicated coordinator(s): the Role bound to their own ServiceAccount grants exactly the Lease "
+      "and records ConfigMap their environment names; no other pod has an API token", ha_problems)
+# The operator grants those, so it must hold them (RBAC forbids granting
+# more than one holds), in every namespace it manages.
+held_problems = []
+for label, docs in chart_renders.items():
+    rules = [r for d in docs if d["kind"] in ("ClusterRole", "Role") and not d["metadata"]["name"].endswith(
+        "-leader-election") for r in d["rules"]]
+
+    def holds(group, resource, verb):
+        return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+                   and not r.get("resourceNames") for r in rules)
+    for group, resource, verbs in (("coordination.k8s.io", "leases", ["get", "create", "update"]),
+                                   ("", "configmaps", ["get", "create", "update", "patch"]),
+                                   ("", "serviceaccounts", ["create", "patch"]),
+                                   ("rbac.authorization.k8s.io", "roles", ["create", "patch"]),
+                                   ("rbac.authorization.k8s.io", "rolebindings", ["create", "patch"])):
+        for verb in verbs:
+            if not holds(group, resource, verb):
+                held_problems.append(f"values '{label}': no {verb} on {group or 'core'}/{resource}")
+prove("the operator's RBAC holds what a coordinator's Role grants, and may apply ServiceAccounts, Roles and "
+      "RoleBindings", held_problems)
 switched_off = [d for d in rendered_docs if d["kind"] == "NetworkPolicy"
                 and d["metadata"]["labels"]["app.kubernetes.io/instance"] == "open"]
 prove("spec.networkPolicy.enabled: false renders no NetworkPolicy",

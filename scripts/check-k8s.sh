@@ -15,6 +15,9 @@
 #    is meant to among the pods its SnsCluster's render makes (and none of
 #    another SnsCluster's in the same namespace); cert-manager Certificates
 #    (no Kubernetes schema) are checked for the fields the pods rely on;
+#  - a replicated coordinator's Role grants exactly the Lease and records
+#    ConfigMap its pods' environment names, bound to the ServiceAccount
+#    those pods run as, the only pods with an API token;
 #  - the chart lints (strict) and its values schema holds, offline through
 #    helm-python-sdk (the Helm v4 SDK as a native library: no helm binary);
 #  - the chart's PodMonitors validate against prometheus-operator's v1 API
@@ -103,6 +106,7 @@ spec:
         key: AMQP_URL
   coordinator:
     serviceType: LoadBalancer
+    replicas: 1
   resources:
     requests: {cpu: 100m, memory: 128Mi}
     limits: {memory: 512Mi}

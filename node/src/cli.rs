@@ -235,6 +235,59 @@ pub struct CoordinatorArgs {
     pub secret: SecretArgs,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+    #[command(flatten)]
+    pub ha: KubeHaArgs,
+}
+
+/// Replicated coordinators under Kubernetes.
+#[derive(Debug, Clone, Args)]
+pub struct KubeHaArgs {
+    /// Run as one of several coordinator replicas under Kubernetes: elect a
+    /// leader on this Lease (in the pod's namespace, POD_NAMESPACE); only
+    /// the leader serves, and the records live in a ConfigMap, not in
+    /// --data-dir (whose state file is imported once, into an empty
+    /// ConfigMap). The replica's identity is POD_NAME (else HOSTNAME).
+    #[arg(long, env = "SNS_KUBE_HA", value_name = "LEASE")]
+    pub kube_ha: Option<String>,
+    /// The ConfigMap holding the records [default: <LEASE>-records].
+    #[arg(long, env = "SNS_KUBE_RECORDS", value_name = "CONFIGMAP", requires = "kube_ha")]
+    pub kube_records: Option<String>,
+    /// A standby takes the lease over once it has seen it unrenewed this
+    /// long (whole seconds).
+    #[arg(long, env = "SNS_HA_LEASE_DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub ha_lease_duration: Duration,
+    /// The leader stops serving when it could not renew for this long
+    /// (shorter than the lease duration, so it stops before a standby may
+    /// take over).
+    #[arg(long, env = "SNS_HA_RENEW_DEADLINE", default_value = "7s", value_parser = parse_duration)]
+    pub ha_renew_deadline: Duration,
+    /// How often the leader renews and a standby tries (shorter than the
+    /// renew deadline).
+    #[arg(long, env = "SNS_HA_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    pub ha_retry_period: Duration,
+}
+
+impl KubeHaArgs {
+    /// The replication settings, when asked for; an error names what is
+    /// missing or unsafe.
+    pub fn config(&self) -> Result<Option<crate::coordinator::ha::HaConfig>, String> {
+        let Some(lease) = self.kube_ha.clone().filter(|l| !l.is_empty()) else { return Ok(None) };
+        let namespace = crate::kube::namespace()
+            .ok_or("--kube-ha needs the pod's namespace: set POD_NAMESPACE (the downward API)")?;
+        let identity =
+            crate::kube::identity().ok_or("--kube-ha needs the replica's name: set POD_NAME (the downward API)")?;
+        let cfg = crate::kube::leader::LeaseConfig {
+            name: lease.clone(),
+            namespace,
+            identity,
+            lease_duration: self.ha_lease_duration,
+            renew_deadline: self.ha_renew_deadline,
+            retry_period: self.ha_retry_period,
+        };
+        cfg.validate()?;
+        let records = self.kube_records.clone().unwrap_or_else(|| format!("{lease}-records"));
+        Ok(Some(crate::coordinator::ha::HaConfig { lease: cfg, records }))
+    }
 }
 
 impl CoordinatorArgs {

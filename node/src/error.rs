@@ -67,6 +67,14 @@ pub enum Error {
     /// reports it, and its code is passed on unchanged.
     #[error("{message}")]
     Peer { code: tonic::Code, message: String },
+    /// The coordinator's records were written by another coordinator since
+    /// this one read them (a compare-and-swap lost): this one is no longer
+    /// the leader and must not act on what it holds.
+    #[error("{0}")]
+    StaleRecords(String),
+    /// A call to the Kubernetes API server failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(String),
     /// The server is shutting down: the request was dropped undecided.
     #[error("server stopping")]
     Stopping,
@@ -105,6 +113,8 @@ impl Error {
             Error::Invalid(s) => Error::Invalid(s.clone()),
             Error::NoAnswer(s) => Error::NoAnswer(s.clone()),
             Error::Peer { code, message } => Error::Peer { code: *code, message: message.clone() },
+            Error::StaleRecords(s) => Error::StaleRecords(s.clone()),
+            Error::Kube(s) => Error::Kube(s.clone()),
             Error::Stopping => Error::Stopping,
             Error::Other(s) => Error::Other(s.clone()),
         }
@@ -125,6 +135,8 @@ impl From<Error> for tonic::Status {
             | Error::NotMade(_)
             | Error::Replaced(_)
             | Error::OutcomeUnknown(_)
+            | Error::StaleRecords(_)
+            | Error::Kube(_)
             | Error::Stopping => Status::unavailable(message),
             // A master reads this from its slave as "a newer term exists"
             // and steps down.

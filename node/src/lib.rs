@@ -3,6 +3,8 @@
 //! - [`coordinator`]: routing table, heartbeats, master/slave roles;
 //! - [`server`]: the course's SNS service, files, master -> slave forwarding;
 //! - [`sync`]: the synchronizer between clusters, over RabbitMQ;
+//! - [`kube`]: leader election on a Kubernetes Lease (the coordinator's
+//!   replicas and the operator's);
 //! - [`store`]: journal, state machine and the spec's files;
 //! - [`topology`] and [`launcher`]: one deployment plan, run as local processes.
 
@@ -11,6 +13,7 @@ pub mod cli;
 pub mod coordinator;
 pub mod error;
 pub mod ids;
+pub mod kube;
 pub mod launcher;
 pub mod metrics;
 pub mod net;
@@ -47,7 +50,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 a.listen.bind_side_ports(NodeKind::Coordinator, &shutdown).await?;
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
                 let cfg = CoordinatorConfig { secret: a.secret.load_for(&a.listen.bind)?, ..a.config() };
-                coordinator::run(cfg, listener, shutdown).await
+                match a.ha.config().map_err(Error::Config)? {
+                    Some(ha) => {
+                        let client = ::kube::Client::try_default()
+                            .await
+                            .map_err(|e| Error::Kube(format!("cannot reach the API server: {e}")))?;
+                        coordinator::ha::run(cfg, ha, client, listener, shutdown).await
+                    }
+                    None => coordinator::run(cfg, listener, shutdown).await,
+                }
             }
             Command::Server(a) => {
                 a.tls.install()?;

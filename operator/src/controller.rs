@@ -47,9 +47,10 @@ use crate::scale;
 use crate::status::{self, Observation};
 use crate::switchover::{self, Requester};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -305,8 +306,13 @@ async fn apply(obj: Arc<SnsCluster>, ctx: Arc<Context>) -> Result<Action> {
         (Ok(_), Some(b)) => Some(broker_ready(&names, b.replicas, &ctx).await?),
         _ => None,
     };
+    let coordinators = match &table {
+        Ok(_) => coordinator_readiness(live_coordinator(&names, &ctx).await?.as_ref(), spec.coordinator.replicas),
+        Err(_) => None,
+    };
     let observation = table.map(|nodes| Observation {
         broker_ready,
+        coordinators,
         ..Observation::from_table(spec.clusters, spec.servers_per_cluster, &nodes)
     });
     let why;
@@ -414,7 +420,17 @@ async fn apply_children(
             Child::Service(o) => ssa::<Service>(&ctx.client, ns, o).await,
             Child::StatefulSet(o) if o.name_any() == names.coordinator() => {
                 match retire_coordinator_deployment(obj, names, ctx).await {
-                    Ok(true) => ssa::<StatefulSet>(&ctx.client, ns, o).await,
+                    Ok(true) => match live_coordinator(names, ctx).await {
+                        Ok(live) => {
+                            let (step, held) = coordinator_step(o, live.as_ref());
+                            if held {
+                                tracing::info!(statefulset = %names.coordinator(), "replicated coordinator: pod 0 takes over the records first, the standbys come once it leads");
+                                complete = false;
+                            }
+                            ssa::<StatefulSet>(&ctx.client, ns, &step).await
+                        }
+                        Err(e) => Err(e),
+                    },
                     Ok(false) => {
                         complete = false;
                         Ok(())
@@ -431,6 +447,9 @@ async fn apply_children(
             }
             Child::Pdb(o) => ssa::<PodDisruptionBudget>(&ctx.client, ns, o).await,
             Child::NetworkPolicy(o) => ssa::<NetworkPolicy>(&ctx.client, ns, o).await,
+            Child::ServiceAccount(o) => ssa::<ServiceAccount>(&ctx.client, ns, o).await,
+            Child::Role(o) => ssa::<Role>(&ctx.client, ns, o).await,
+            Child::RoleBinding(o) => ssa::<RoleBinding>(&ctx.client, ns, o).await,
             Child::Certificate(o) => crate::secrets::apply_certificate(&ctx.client, names, o).await,
         };
         if let Err(e) = result {
@@ -596,6 +615,63 @@ fn ignore_not_found(r: Result<(), kube::Error>) -> Result<()> {
         Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
         other => Ok(other?),
     }
+}
+
+/// The coordinator's StatefulSet as the API server holds it (listed by
+/// name: the operator may list StatefulSets, not get them).
+async fn live_coordinator(names: &Names, ctx: &Context) -> Result<Option<StatefulSet>> {
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let by_name = ListParams::default().fields(&format!("metadata.name={}", names.coordinator()));
+    Ok(api.list(&by_name).await?.items.into_iter().next())
+}
+
+/// The coordinator StatefulSet to apply, and whether it is held back.
+///
+/// A single coordinator becoming replicated (`coordinator.replicas` raised,
+/// or an SnsCluster made before replicas existed, whose default is now 2)
+/// moves in two steps. First its one pod is replaced by a replica (still
+/// one pod: the StatefulSet deletes the old pod before it starts the new
+/// one), which leads at once and imports the records of its volume into
+/// the empty ConfigMap; only once that pod runs the replicated template and
+/// is ready (it leads) are the standbys added. Applying both at once would
+/// start a standby beside the old single coordinator, which might lead and
+/// serve with the empty records of its own new volume while the old one
+/// still serves.
+pub(crate) fn coordinator_step(desired: &StatefulSet, live: Option<&StatefulSet>) -> (StatefulSet, bool) {
+    let want = desired.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let Some(live) = live else { return (desired.clone(), false) };
+    let live_replicas = live.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    if want < 2 || live_replicas >= 2 || leads_replicated(live) {
+        return (desired.clone(), false);
+    }
+    let mut held = desired.clone();
+    if let Some(spec) = held.spec.as_mut() {
+        spec.replicas = Some(1);
+    }
+    (held, true)
+}
+
+/// Whether a coordinator StatefulSet runs the replicated template on every
+/// pod and one of them is ready (the leader).
+fn leads_replicated(sts: &StatefulSet) -> bool {
+    let replicated = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .is_some_and(|p| p.containers.iter().flat_map(|c| c.env.iter().flatten()).any(|e| e.name == "SNS_KUBE_HA"));
+    let Some(status) = sts.status.as_ref() else { return false };
+    let current = status.observed_generation >= sts.metadata.generation
+        && status.update_revision.is_some()
+        && status.current_revision == status.update_revision;
+    replicated && current && status.ready_replicas.unwrap_or(0) >= 1
+}
+
+/// Coordinator pods ready and replicas wanted, from its StatefulSet.
+/// None when there is no StatefulSet to tell (the coordinator answered
+/// all the same).
+fn coordinator_readiness(live: Option<&StatefulSet>, want: u32) -> Option<(u32, u32)> {
+    let ready = live?.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+    Some((u32::try_from(ready).unwrap_or(0), want))
 }
 
 /// Whether the managed broker serves, by its StatefulSet (listed by name:

@@ -154,6 +154,19 @@ impl GrpcRoutingTable {
     }
 
     /// How many coordinators this client holds a channel to.
+    /// After `UNAVAILABLE` (a replicated coordinator's standby, or one
+    /// going away) the channel is dropped, credentials kept: the Service
+    /// spreads connections, not calls, so a connection made to a replica
+    /// that led once stays with it after it stood down. The next poll
+    /// dials afresh and the Service, which routes to the ready pod (the
+    /// leader) alone, picks the new leader.
+    fn unavailable(&self, endpoint: &str, status: &tonic::Status) {
+        if status.code() == tonic::Code::Unavailable {
+            tracing::info!(endpoint, reason = status.message(), "coordinator unavailable; reconnecting next poll");
+            self.channels.lock().expect("channel map lock").remove(endpoint);
+        }
+    }
+
     pub fn channels(&self) -> usize {
         self.channels.lock().expect("channel map lock").len()
     }
@@ -168,7 +181,10 @@ impl RoutingTable for GrpcRoutingTable {
             let reply = tokio::time::timeout(self.timeout, call)
                 .await
                 .map_err(|_| Error::CoordinatorTimeout { endpoint: endpoint.into(), timeout: self.timeout })?
-                .map_err(|s| Error::Coordinator { endpoint: endpoint.into(), reason: s.message().to_string() })?;
+                .map_err(|s| {
+                    self.unavailable(endpoint, &s);
+                    Error::Coordinator { endpoint: endpoint.into(), reason: s.message().to_string() }
+                })?;
             Ok(reply
                 .into_inner()
                 .nodes
@@ -209,6 +225,7 @@ impl RoutingTable for GrpcRoutingTable {
                 .map_err(|_| Error::CoordinatorTimeout { endpoint: endpoint.into(), timeout: SWITCHOVER_PATIENCE })?
                 .map_err(|s| match s.code() {
                     tonic::Code::Unavailable => {
+                        self.unavailable(endpoint, &s);
                         Error::Coordinator { endpoint: endpoint.into(), reason: s.message().into() }
                     }
                     _ => Error::Switchover { cluster, reason: s.message().to_string() },
@@ -266,12 +283,24 @@ mod tests {
     #[tokio::test]
     async fn forget_drops_the_channel() {
         let t = GrpcRoutingTable::new(Duration::from_millis(200));
-        t.table("http://127.0.0.1:9").await.unwrap_err();
-        t.table("http://127.0.0.2:9").await.unwrap_err();
+        t.channel("http://127.0.0.1:9").unwrap();
+        t.channel("http://127.0.0.2:9").unwrap();
+        t.channel("http://127.0.0.2:9").unwrap();
         assert_eq!(t.channels(), 2, "one lazily made channel per coordinator, kept between polls");
         t.forget("http://127.0.0.1:9");
         assert_eq!(t.channels(), 1);
         t.forget("http://127.0.0.1:9");
         assert_eq!(t.channels(), 1, "forgetting twice is harmless");
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_coordinator_is_dialled_afresh_next_time() {
+        // Nothing listens there: the call fails UNAVAILABLE, as a standby's
+        // refusal does, and the next call makes a new channel.
+        let t = GrpcRoutingTable::new(Duration::from_millis(200));
+        t.authenticate("http://127.0.0.1:9", Credentials::default());
+        t.table("http://127.0.0.1:9").await.unwrap_err();
+        assert_eq!(t.channels(), 0);
+        assert!(t.credentials.lock().unwrap().contains_key("http://127.0.0.1:9"), "the credentials are kept");
     }
 }

@@ -446,11 +446,40 @@ pub struct CoordinatorSpec {
         validation = Rule::new("self == oldSelf").message("coordinator.storageSize is immutable (expand the PersistentVolumeClaim directly)")
     )]
     pub storage_size: String,
+    /// Coordinator replicas: 2 or 3 run a replicated coordinator (a leader
+    /// elected on a Lease serves, the others stand by; the records live in
+    /// the ConfigMap `<name>-coordinator-records`), 1 a single coordinator
+    /// keeping its records on its volume. Going from 1 to more is allowed
+    /// (the operator moves the first pod over before adding standbys, and
+    /// the leader imports the volume's records); back to 1 is refused: the
+    /// records newer than the volume's live in the ConfigMap only.
+    #[serde(default = "default_coordinator_replicas")]
+    #[schemars(range(min = 1, max = 3))]
+    #[x_kube(
+        validation = Rule::new("self >= 1 && self <= 3").message("coordinator.replicas must be 1, 2 or 3"),
+        validation = Rule::new("self >= 2 || oldSelf == 1").message("coordinator.replicas cannot go back to 1: a replicated coordinator keeps its records in the ConfigMap <name>-coordinator-records, which a single coordinator does not read (its volume holds older records)")
+    )]
+    pub replicas: u32,
+}
+
+fn default_coordinator_replicas() -> u32 {
+    2
 }
 
 impl Default for CoordinatorSpec {
     fn default() -> Self {
-        CoordinatorSpec { service_type: ServiceType::default(), storage_size: default_storage_size() }
+        CoordinatorSpec {
+            service_type: ServiceType::default(),
+            storage_size: default_storage_size(),
+            replicas: default_coordinator_replicas(),
+        }
+    }
+}
+
+impl CoordinatorSpec {
+    /// Whether the coordinator runs replicated (`--kube-ha`).
+    pub fn replicated(&self) -> bool {
+        self.replicas >= 2
     }
 }
 
@@ -473,6 +502,11 @@ pub struct SnsClusterStatus {
     /// Clusters with a live master / clusters, e.g. `3/3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masters: Option<String>,
+    /// Coordinator pods ready / replicas, e.g. `1/2`: a replicated
+    /// coordinator's standbys report not ready by design (the Service
+    /// routes to the leader alone), so `1/N` is a coordinator that serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_coordinators: Option<String>,
     /// Each SNS cluster's current master.
     #[serde(default)]
     pub clusters: Vec<ClusterStatus>,
@@ -706,6 +740,11 @@ mod tests {
         assert!(rules(coord)[0].contains("quantity(self)"));
         assert_eq!(rules(coord)[1], "self == oldSelf");
         assert_eq!(spec["coordinator"]["default"]["storageSize"], "1Gi", "an absent `coordinator` gets the size too");
+        let replicas = &spec["coordinator"]["properties"]["replicas"];
+        assert_eq!(replicas["default"], 2);
+        assert_eq!(spec["coordinator"]["default"]["replicas"], 2, "an absent `coordinator` is replicated too");
+        assert_eq!((num(&replicas["minimum"]), num(&replicas["maximum"])), (1.0, 3.0));
+        assert_eq!(rules(replicas), ["self >= 1 && self <= 3", "self >= 2 || oldSelf == 1"]);
         assert_eq!(
             spec["imagePullPolicy"]["enum"],
             // kube marks an optional enum nullable, with null among the values.
@@ -738,6 +777,8 @@ mod tests {
         assert_eq!(spec.managed_broker(), Some(ManagedBroker::default()));
         assert_eq!(spec.coordinator.service_type, ServiceType::ClusterIP);
         assert_eq!(spec.coordinator.storage_size, "1Gi");
+        assert_eq!(spec.coordinator.replicas, 2, "a replicated coordinator unless asked for one");
+        assert!(spec.coordinator.replicated());
         let partial: SnsClusterSpec =
             serde_json::from_value(serde_json::json!({"coordinator": {"serviceType": "NodePort"}})).unwrap();
         assert_eq!(partial.coordinator.storage_size, "1Gi");

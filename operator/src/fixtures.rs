@@ -187,6 +187,8 @@ pub struct World {
     pub refuse_applies: Vec<String>,
     /// Answer a merge patch of the SnsCluster with 409 (it changed since).
     pub conflict_on_merge: bool,
+    /// The coordinator's StatefulSet, listed by name (None: absent).
+    pub coordinator: Option<Value>,
     /// Ready replicas of the managed broker's StatefulSet (None: absent).
     pub broker_ready: Option<i32>,
 }
@@ -286,9 +288,12 @@ fn answer(world: &World, method: &str, uri: &str, body: &Value) -> (StatusCode, 
     let path = uri.split('?').next().unwrap_or_default();
     let last = path.rsplit('/').next().unwrap_or_default();
     match method {
-        // The broker's StatefulSet, listed by name.
+        // The coordinator's or the broker's StatefulSet, listed by name.
         "GET" if last == "statefulsets" && uri.contains("fieldSelector=metadata.name") => {
             let name = uri.split("metadata.name%3D").nth(1).unwrap_or_default().split('&').next().unwrap_or_default();
+            if name.ends_with("-coordinator") {
+                return (StatusCode::OK, list("StatefulSetList", world.coordinator.iter().cloned().collect()));
+            }
             let items = match world.broker_ready {
                 Some(n) => vec![
                     json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name, "namespace": "prod"}, "status": {"replicas": 1, "readyReplicas": n}}),

@@ -13,14 +13,14 @@
 //! - [`switchover`]: planned switchovers (annotation, rollout, scale-down);
 //! - [`controller`]: `reconcile` and `error_policy`;
 //! - [`metrics`]: Prometheus counters and the health endpoint;
-//! - [`leader`]: leader election on a Lease, so only one replica reconciles;
+//! - leader election on a Lease, so only one replica reconciles, is
+//!   `sns_node::kube::leader` (the coordinator's replicas use it too);
 //! - [`manager`]: `sns-operator run`, wiring the above to a cluster.
 
 pub mod controller;
 pub mod coordinator;
 pub mod crd;
 pub mod error;
-pub mod leader;
 pub mod manager;
 pub mod metrics;
 pub mod render;

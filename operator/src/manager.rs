@@ -11,7 +11,6 @@
 use crate::controller::{self, Context};
 use crate::coordinator::GrpcRoutingTable;
 use crate::crd::SnsCluster;
-use crate::leader::{self, Elector, LeaseConfig};
 use crate::metrics::{self, Endpoint, Metrics};
 use crate::render::{LABEL_MANAGED_BY, MANAGER, RenderOptions};
 use anyhow::Context as _;
@@ -23,6 +22,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::controller::{self as kc, Controller};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
+use sns_node::kube::leader::{self, Elector, LeaseConfig};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -47,6 +47,10 @@ pub struct Observation {
     /// Whether the managed broker is ready (None: not known here, an
     /// external broker).
     pub broker_ready: Option<bool>,
+    /// The coordinator's StatefulSet: pods ready and replicas wanted (None:
+    /// not looked at). Only a replicated coordinator's leader reports
+    /// ready, so one ready pod is a coordinator that serves.
+    pub coordinators: Option<(u32, u32)>,
 }
 
 impl Observation {
@@ -68,7 +72,7 @@ impl Observation {
                 ClusterView { cluster: c, master, term, live, syncs }
             })
             .collect();
-        Observation { clusters, broker_ready: None }
+        Observation { clusters, broker_ready: None, coordinators: None }
     }
 
     fn live_syncs(&self) -> usize {
@@ -215,6 +219,11 @@ pub fn next_status(
 
     let (ready, reason, message) = match obs {
         Err(e) => (false, "CoordinatorUnreachable", format!("routing table unavailable: {e}")),
+        Ok(o) if o.coordinators.is_some_and(|(ready, _)| ready == 0) => (
+            false,
+            "CoordinatorNotReady",
+            format!("no pod of {} is ready (a replicated coordinator's leader is)", names.coordinator()),
+        ),
         Ok(o) if o.masters() < spec.clusters as usize => {
             (false, "NoMaster", format!("{} of {} clusters have a live master", o.masters(), spec.clusters))
         }
@@ -269,12 +278,17 @@ pub fn next_status(
         Ok(o) => (Some(format!("{}/{planned}", o.live_servers())), Some(format!("{}/{}", o.masters(), spec.clusters))),
         Err(_) => (prev.ready_servers.clone(), prev.masters.clone()),
     };
+    let ready_coordinators = match obs {
+        Ok(Observation { coordinators: Some((ready, replicas)), .. }) => Some(format!("{ready}/{replicas}")),
+        _ => prev.ready_coordinators.clone(),
+    };
     let status = SnsClusterStatus {
         observed_generation: generation,
         conditions,
         servers_per_cluster: Some(spec.servers_per_cluster),
         ready_servers,
         masters,
+        ready_coordinators,
         clusters,
         last_failover_time: last_failover,
         last_switchover,

@@ -78,3 +78,65 @@ async fn routing_table_reports_the_registered_master() {
     shutdown.cancel();
     coordinator.await.unwrap().unwrap();
 }
+
+/// A replicated coordinator: a call that reaches a standby (a connection
+/// made while it led, or during a takeover) fails `UNAVAILABLE` for this
+/// poll, and the channel is dropped so the next poll dials afresh; the
+/// leader answers.
+#[tokio::test]
+async fn a_standby_answers_unavailable_and_the_channel_is_redialled() {
+    use sns_node::coordinator::ha::{self, HaConfig};
+    use sns_node::kube::leader::LeaseConfig;
+    use sns_node::kube::leader::fake::{Shared, replica_client};
+    let api = Shared::default();
+    let mut replicas = Vec::new();
+    for identity in ["coord-0", "coord-1"] {
+        let cfg = sns_node::coordinator::CoordinatorConfig {
+            clusters: 1,
+            gateway: false,
+            heartbeat: Duration::from_millis(100),
+            missed: 3,
+            lease: Duration::from_millis(150),
+            data_dir: None,
+            secret: None,
+        };
+        let lease = LeaseConfig {
+            name: "sns".into(),
+            namespace: "ops".into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(1),
+            renew_deadline: Duration::from_millis(600),
+            retry_period: Duration::from_millis(100),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let client = replica_client(&api, Default::default());
+        let ha = HaConfig { lease, records: "sns-records".into() };
+        tokio::spawn(ha::run(cfg, ha, client, listener, stop.clone()));
+        replicas.push((endpoint, stop));
+    }
+    let table = GrpcRoutingTable::new(Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (leader, standby) = loop {
+        let a = table.table(&replicas[0].0).await;
+        let b = table.table(&replicas[1].0).await;
+        match (a, b) {
+            (Ok(_), Err(e)) => break (0, (1, e)),
+            (Err(e), Ok(_)) => break (1, (0, e)),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "no one replica leading");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (standby, refusal) = standby;
+    assert!(refusal.to_string().contains("standby coordinator"), "{refusal}");
+    // The standby's channel went, the leader's stays.
+    assert_eq!(table.channels(), 1);
+    assert!(table.table(&replicas[leader].0).await.is_ok());
+    assert!(table.table(&replicas[standby].0).await.is_err());
+    assert_eq!(table.channels(), 1, "only the leader's channel is kept");
+    for (_, stop) in replicas {
+        stop.cancel();
+    }
+}

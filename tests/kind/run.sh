@@ -24,6 +24,9 @@
 #        is recorded in status.lastSwitchover;
 #     c. serversPerCluster 2 -> 1 -> 2, Ready at 3/3 then 6/6;
 #     d. the broker pod killed, the posts made meanwhile delivered once;
+#     e. the leading coordinator replica is killed (grace 0): the standby
+#        takes the Lease over and becomes ready (the takeover time is
+#        printed), the SnsCluster is Ready again, every post arrives once;
 #  6. deleting `one` (retention Retain) removes its pods and keeps its PVCs;
 #     re-created, it finds its data, broker credentials and CA again.
 #
@@ -157,7 +160,10 @@ spec: {broker: {managed: {}, external: {urlSecretRef: {name: x}}}}
 EOF
   die "an SnsCluster with both broker kinds was accepted"
 fi
-log "CEL rules enforced (clusters, storage size and broker storage class immutable, one broker kind)"
+if kubectl patch sns demo -n "$NS" --type merge -p '{"spec":{"coordinator":{"replicas":1}}}' >/dev/null 2>&1; then
+  die "coordinator.replicas went back to 1 although the CRD refuses it"
+fi
+log "CEL rules enforced (clusters, storage size and broker storage class immutable, one broker kind, coordinator replicas never back to 1)"
 
 for cr in one demo; do
   log "waiting for $cr to be Ready"
@@ -371,6 +377,14 @@ under_writes_stop() {
   log "$tag: all $n posts reached users 1 and 5 once"
 }
 sns_field() { kubectl get sns demo -n "$NS" -o jsonpath="$1"; }
+# Waits until every writer has had 3 more writes acknowledged.
+writes_grow() {
+  local u n
+  for u in 7 8 9; do
+    n=$(($(wc -l <"$OUT/acks-w$u") + 3))
+    eventually 60 "writer w$u to get 3 more writes acknowledged $1" "[ \$(wc -l <$OUT/acks-w$u) -ge $n ]"
+  done
+}
 rolled_out() {
   [ "$(sns_field '{.status.rollout.state}')" = Done ] &&
     [ "$(sns_field '{.status.conditions[?(@.type=="Ready")].status}')" = True ]
@@ -431,6 +445,34 @@ kubectl delete pod -n "$NS" demo-rabbitmq-0 --grace-period=0 --force
 eventually 300 "the broker back and demo Ready" \
   "rolled_out && [ \"\$(kubectl get pod -n $NS demo-rabbitmq-0 -o jsonpath='{.status.containerStatuses[0].ready}')\" = true ]"
 under_writes_stop broker
+
+# --- the replicated coordinator: its leader killed under writes ----------------
+# demo runs two coordinator replicas (the default): one leads (the Lease's
+# holder, the one ready pod), the other stands by. The leader is killed
+# without a grace period, so the standby takes over once the lease runs
+# out; the writers and posts must go on with nothing acknowledged lost.
+coord_leader() { kubectl get lease demo-coordinator -n "$NS" -o jsonpath='{.spec.holderIdentity}'; }
+coord_ready() { kubectl get sts demo-coordinator -n "$NS" -o jsonpath='{.status.readyReplicas}'; }
+eventually 300 "two coordinator replicas, one ready (the leader), reported 1/2" \
+  "[ \"\$(sns_field '{.status.readyCoordinators}')\" = 1/2 ] && [ -n \"\$(coord_leader)\" ]"
+old_leader=$(coord_leader)
+log "killing the leading coordinator $old_leader under writes"
+under_writes_start coord
+writes_grow "before the kill"
+killed_at=$(date +%s%N)
+kubectl delete pod -n "$NS" "$old_leader" --grace-period=0 --force --wait=false
+eventually 60 "a standby to take the lease over and become ready" \
+  "leader=\$(coord_leader) && [ -n \"\$leader\" ] && [ \"\$leader\" != $old_leader ] && [ \"\$(coord_ready)\" = 1 ]"
+took_ms=$((($(date +%s%N) - killed_at) / 1000000))
+log "coordinator takeover: $(coord_leader) leads and is ready ${took_ms} ms after $old_leader was killed"
+eventually "$FAILOVER_BUDGET" "demo Ready again" \
+  "[ \"\$(sns_field '{.status.conditions[?(@.type==\"Ready\")].status}')\" = True ]"
+writes_grow "after the takeover"
+under_writes_stop coord
+eventually 180 "the killed replica back as a standby (1/2 ready)" \
+  "[ \"\$(kubectl get sts demo-coordinator -n $NS -o jsonpath='{.status.replicas}')\" = 2 ] && [ \"\$(sns_field '{.status.readyCoordinators}')\" = 1/2 ]"
+kubectl get configmap demo-coordinator-records -n "$NS" -o jsonpath='{.data.leader}' | grep -q . ||
+  die "the records ConfigMap names no leader"
 
 # --- deletion honours retention -------------------------------------------------
 log "deleting SnsCluster one (retention Retain)"

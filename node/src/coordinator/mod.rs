@@ -11,11 +11,14 @@
 //! could forget. Heartbeats and queries never wait for the disk.
 
 pub mod gateway;
+pub mod ha;
+pub mod records;
 pub mod state;
 pub mod table;
 
 use crate::error::Result;
 use crate::net;
+use records::{Records, Store};
 use sns_proto::csce438::coord_service_server::{CoordService, CoordServiceServer};
 use sns_proto::csce438::{Confirmation, Id, ServerInfo, ServerList};
 use sns_proto::internal::coord_admin_server::{CoordAdmin, CoordAdminServer};
@@ -99,30 +102,53 @@ pub const SWITCHOVER_PATIENCE: Duration = Duration::from_secs(60);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Coordinator {
-    /// A coordinator with its records loaded, and the elector to run.
+    /// A coordinator with its records loaded from its state file (if it
+    /// has a data directory), and the elector to run.
     pub fn new(cfg: &CoordinatorConfig, shutdown: CancellationToken) -> Result<(Coordinator, Elector)> {
+        let file = cfg.data_dir.as_deref().map(StateFile::in_dir).transpose()?;
+        let records = match &file {
+            Some(file) => {
+                let records = file.load()?;
+                match &records {
+                    Some(r) => {
+                        tracing::info!(path = %file.path().display(), clusters = r.len(), "coordinator records loaded")
+                    }
+                    None => {
+                        tracing::info!(path = %file.path().display(), "no coordinator records yet: a new deployment")
+                    }
+                }
+                records
+            }
+            None => None,
+        };
+        let store = file.map_or(Store::Memory, Store::File);
+        Ok(Coordinator::with_records(cfg, records.unwrap_or_default(), store, net::now_ms().max(0) as u64, shutdown))
+    }
+
+    /// A coordinator starting from `records`, writing its changes to
+    /// `store`, its answers ordered by `epoch` (after every earlier
+    /// coordinator's); it stops at `shutdown`, or when a write to `store`
+    /// finds another coordinator wrote first.
+    pub fn with_records(
+        cfg: &CoordinatorConfig,
+        records: Records,
+        store: Store,
+        epoch: u64,
+        shutdown: CancellationToken,
+    ) -> (Coordinator, Elector) {
         let timeout = cfg.heartbeat * cfg.missed.max(1);
         let mut table = Table::new(cfg.clusters, timeout, cfg.lease());
-        let file = cfg.data_dir.as_deref().map(StateFile::in_dir).transpose()?;
-        if let Some(file) = &file {
-            match file.load()? {
-                Some(records) => {
-                    tracing::info!(path = %file.path().display(), clusters = records.len(), "coordinator records loaded");
-                    for (cluster, r) in &records {
-                        crate::metrics::get()
-                            .cluster_term
-                            .get_or_create(&crate::metrics::ClusterLabels { cluster: *cluster })
-                            .set(i64::try_from(r.term).unwrap_or(i64::MAX));
-                    }
-                    table.load(records);
-                }
-                None => tracing::info!(path = %file.path().display(), "no coordinator records yet: a new deployment"),
-            }
+        for (cluster, r) in &records {
+            crate::metrics::get()
+                .cluster_term
+                .get_or_create(&crate::metrics::ClusterLabels { cluster: *cluster })
+                .set(i64::try_from(r.term).unwrap_or(i64::MAX));
         }
+        table.load(records);
         let (jobs, rx) = mpsc::channel(64);
         let coord = Coordinator {
             table: Arc::new(Mutex::new(table)),
-            epoch: net::now_ms().max(0) as u64,
+            epoch,
             changes: watch::channel(0).0,
             kick: Arc::new(Notify::new()),
             jobs,
@@ -130,7 +156,7 @@ impl Coordinator {
             check: crate::auth::Check::new(cfg.secret.clone()),
             attach: crate::auth::Attach::new(cfg.secret.clone()),
         };
-        Ok((coord.clone(), Elector { coord, file, jobs: rx, sweep: cfg.heartbeat / 2, unavailable: BTreeMap::new() }))
+        (coord.clone(), Elector { coord, store, jobs: rx, sweep: cfg.heartbeat / 2, unavailable: BTreeMap::new() })
     }
 
     /// Wakes the lease streams.
@@ -195,7 +221,7 @@ impl Coordinator {
 /// disk before it is installed.
 pub struct Elector {
     coord: Coordinator,
-    file: Option<StateFile>,
+    store: Store,
     jobs: mpsc::Receiver<Job>,
     /// The longest it sleeps without a reason (liveness changes by itself).
     sweep: Duration,
@@ -259,12 +285,16 @@ impl Elector {
             Why::Promotion { old: Some(old), .. } => self.coord.with(|t| t.last_renewal(change.cluster, old)),
             _ => None,
         };
-        if let Some(file) = self.file.clone() {
-            let mut records: BTreeMap<u32, table::Record> = self.coord.with(|t| t.records().clone());
-            records.insert(change.cluster, change.record.clone());
-            tokio::task::spawn_blocking(move || file.save(&records))
-                .await
-                .map_err(|e| crate::error::Error::Other(format!("state write task failed: {e}")))??;
+        let mut records: Records = self.coord.with(|t| t.records().clone());
+        records.insert(change.cluster, change.record.clone());
+        if let Err(e) = self.store.save(&records, self.coord.epoch).await {
+            if matches!(e, crate::error::Error::StaleRecords(_)) {
+                // Another coordinator leads: nothing this one holds may be
+                // acted on any more. Stop serving at once.
+                tracing::error!(error = %e, "the records changed under this coordinator; stepping down");
+                self.coord.shutdown.cancel();
+            }
+            return Err(e);
         }
         self.coord.with(|t| t.install(change));
         self.coord.changed();
@@ -715,6 +745,8 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: Cancel
     let (health, health_service) = tonic_health::server::health_reporter();
     net::serve_health(health_service.clone(), shutdown.clone());
     health.set_serving::<CoordServiceServer<Coordinator>>().await;
+    // The only coordinator is always the one to route to.
+    health.set_service_status(ha::READINESS, tonic_health::ServingStatus::Serving).await;
     let result = crate::tls::server_builder()?
         .trace_fn(crate::telemetry::rpc_span(None))
         .layer(crate::metrics::grpc::CountLayer)

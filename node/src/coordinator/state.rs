@@ -44,32 +44,12 @@ impl StateFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&self.path, e)),
         };
-        let damaged = |why: &str| {
-            Error::Config(format!(
-                "{}: {why}. The coordinator's records (which servers hold every acknowledged write) cannot be trusted; restore the file from a backup, or move it away to start without records (servers that hold data then wait for `sns-node promote`)",
-                self.path.display()
-            ))
-        };
-        if data.len() < 12 || !data.starts_with(MAGIC) {
-            return Err(damaged("not a coordinator state file"));
-        }
-        let crc = u32::from_le_bytes(data[8..12].try_into().unwrap_or_default());
-        let body = &data[12..];
-        if crc32fast::hash(body) != crc {
-            return Err(damaged("checksum mismatch"));
-        }
-        let state = pb::CoordinatorState::decode(body).map_err(|e| damaged(&format!("does not decode: {e}")))?;
-        Ok(Some(state.clusters.iter().map(|c| (c.cluster, record_from_pb(c))).collect()))
+        decode(&data, &self.path.display().to_string()).map(Some)
     }
 
     /// Writes `records`, durably, replacing the file atomically.
     pub fn save(&self, records: &BTreeMap<u32, Record>) -> Result<()> {
-        let state = pb::CoordinatorState { clusters: records.iter().map(|(c, r)| record_to_pb(*c, r)).collect() };
-        let body = state.encode_to_vec();
-        let mut data = Vec::with_capacity(12 + body.len());
-        data.extend_from_slice(MAGIC);
-        data.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        data.extend_from_slice(&body);
+        let data = encode(records);
         let tmp = self.path.with_extension("tmp");
         let write = || -> std::io::Result<()> {
             let mut f = fs::File::create(&tmp)?;
@@ -81,6 +61,36 @@ impl StateFile {
         };
         write().map_err(|e| Error::io(&self.path, e))
     }
+}
+
+/// The records in the state file's format (also the ConfigMap's value).
+pub fn encode(records: &BTreeMap<u32, Record>) -> Vec<u8> {
+    let state = pb::CoordinatorState { clusters: records.iter().map(|(c, r)| record_to_pb(*c, r)).collect() };
+    let body = state.encode_to_vec();
+    let mut data = Vec::with_capacity(12 + body.len());
+    data.extend_from_slice(MAGIC);
+    data.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    data.extend_from_slice(&body);
+    data
+}
+
+/// Records [`encode`]d, read from `source` (named in errors).
+pub fn decode(data: &[u8], source: &str) -> Result<BTreeMap<u32, Record>> {
+    let damaged = |why: &str| {
+        Error::Config(format!(
+            "{source}: {why}. The coordinator's records (which servers hold every acknowledged write) cannot be trusted; restore them from a backup, or move them away to start without records (servers that hold data then wait for `sns-node promote`)"
+        ))
+    };
+    if data.len() < 12 || !data.starts_with(MAGIC) {
+        return Err(damaged("not a coordinator state file"));
+    }
+    let crc = u32::from_le_bytes(data[8..12].try_into().unwrap_or_default());
+    let body = &data[12..];
+    if crc32fast::hash(body) != crc {
+        return Err(damaged("checksum mismatch"));
+    }
+    let state = pb::CoordinatorState::decode(body).map_err(|e| damaged(&format!("does not decode: {e}")))?;
+    Ok(state.clusters.iter().map(|c| (c.cluster, record_from_pb(c))).collect())
 }
 
 fn record_to_pb(cluster: u32, r: &Record) -> pb::ClusterRecord {

@@ -21,6 +21,7 @@ const NS: &str = "/api/v1/namespaces/prod";
 const APPS: &str = "/apis/apps/v1/namespaces/prod";
 const NET: &str = "/apis/networking.k8s.io/v1/namespaces/prod";
 const CERTS: &str = "/apis/cert-manager.io/v1/namespaces/prod";
+const RBAC: &str = "/apis/rbac.authorization.k8s.io/v1/namespaces/prod";
 
 /// The calls of a poll of the default `demo` SnsCluster up to its full
 /// apply: the Secrets first (every coordinator call carries their token
@@ -41,7 +42,13 @@ fn full_apply() -> Vec<String> {
     v.push(format!("PATCH {NS}/services/demo-rabbitmq"));
     v.push(format!("PATCH {APPS}/statefulsets/demo-rabbitmq"));
     // No Deployment left from before the coordinator had a volume.
+    // A replicated coordinator's identity, then its StatefulSet, looked
+    // at first (a single coordinator moving to replicas goes in steps).
+    v.push(format!("PATCH {NS}/serviceaccounts/demo-coordinator"));
+    v.push(format!("PATCH {RBAC}/roles/demo-coordinator"));
+    v.push(format!("PATCH {RBAC}/rolebindings/demo-coordinator"));
     v.push(format!("GET {APPS}/deployments/demo-coordinator"));
+    v.push(format!("GET {APPS}/statefulsets"));
     v.push(format!("PATCH {APPS}/statefulsets/demo-coordinator"));
     for c in 1..=3 {
         for s in 1..=2 {
@@ -104,6 +111,8 @@ async fn first_apply_creates_everything_labels_roles_and_writes_status() {
     expected.extend([
         format!("PATCH {NS}/pods/demo-server-1-1-0"),
         format!("PATCH {NS}/pods/demo-server-1-2-0"),
+        // The broker's readiness, then the coordinator's.
+        format!("GET {APPS}/statefulsets"),
         format!("GET {APPS}/statefulsets"),
         "POST /apis/events.k8s.io/v1/namespaces/prod/events".into(),
         "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo/status".into(),
@@ -127,7 +136,8 @@ async fn first_apply_creates_everything_labels_roles_and_writes_status() {
     assert_eq!(calls[pods].body, json!({"metadata": {"labels": {"sns.io/role": "master"}}}));
     assert_eq!(calls[pods + 1].body, json!({"metadata": {"labels": {"sns.io/role": "slave"}}}));
     assert!(calls[pods + 2].uri.contains("fieldSelector=metadata.name%3Ddemo-rabbitmq"), "{}", calls[pods + 2].uri);
-    assert_eq!(calls[pods + 3].body["reason"], "Created");
+    assert!(calls[pods + 3].uri.contains("fieldSelector=metadata.name%3Ddemo-coordinator"), "{}", calls[pods + 3].uri);
+    assert_eq!(calls[pods + 4].body["reason"], "Created");
     // The coordinator: a StatefulSet whose records live on its claim.
     let coord = calls.iter().find(|c| c.uri.contains("/statefulsets/demo-coordinator?")).unwrap();
     assert_eq!(coord.body["kind"], "StatefulSet");
@@ -140,7 +150,7 @@ async fn first_apply_creates_everything_labels_roles_and_writes_status() {
     assert!(args.windows(2).any(|w| w == ["--data-dir", "/data/coordinator"]), "{args:?}");
     assert!(args.contains(&"--gateway"));
     assert!(calls.iter().all(|c| !c.uri.contains("/deployments/") || c.method == "GET"));
-    let status = status_of(&calls[pods + 4]);
+    let status = status_of(&calls[pods + 5]);
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(status.masters.as_deref(), Some("3/3"));
     let ready = status.conditions.iter().find(|c| c.type_ == READY).unwrap();
@@ -176,14 +186,15 @@ async fn steady_state_touches_nothing_and_a_failover_updates_status() {
     assert_eq!(mock.ctx.metrics.failovers(), 1);
     let calls = mock.calls().await;
     let all = lines(&calls);
-    let first = full_apply().len() + 3; // broker, event, status
-    let broker = format!("GET {APPS}/statefulsets");
-    assert_eq!(all[first..first + 2], [format!("GET {NS}/pods"), broker.clone()], "{all:#?}");
+    let first = full_apply().len() + 4; // broker, coordinator, event, status
+    let sts = format!("GET {APPS}/statefulsets"); // the broker's, the coordinator's
+    assert_eq!(all[first..first + 3], [format!("GET {NS}/pods"), sts.clone(), sts.clone()], "{all:#?}");
     assert_eq!(
-        all[first + 2..],
+        all[first + 3..],
         [
             format!("GET {NS}/pods"),
-            broker,
+            sts.clone(),
+            sts,
             "POST /apis/events.k8s.io/v1/namespaces/prod/events".to_string(),
             "PATCH /apis/sns.io/v1alpha1/namespaces/prod/snsclusters/demo/status".to_string(),
         ]
@@ -518,7 +529,11 @@ async fn upgrade_retires_the_coordinator_deployment_before_the_statefulset_start
     let coordinator_sts = format!("PATCH {APPS}/statefulsets/demo-coordinator");
     let old = format!("{APPS}/deployments/demo-coordinator");
     let apply_only = || full_apply().into_iter(); // from the Secrets on
+    let coordinator_list = format!("GET {APPS}/statefulsets");
     let mut waiting: Vec<String> = apply_only().filter(|l| *l != coordinator_sts).collect();
+    // Nor is the coordinator's StatefulSet looked at.
+    let listed = waiting.iter().position(|l| *l == coordinator_list).unwrap();
+    waiting.remove(listed);
     assert_eq!(applies[1], waiting, "2: still waiting");
     let at = waiting.iter().position(|l| *l == format!("GET {old}")).unwrap();
     waiting.insert(at + 1, format!("DELETE {old}"));
@@ -575,7 +590,12 @@ async fn scale_down_prunes_the_second_servers() {
         ));
         reconcile(Arc::new(obj), mock.ctx.clone()).await.unwrap();
         let calls = lines(&mock.calls().await);
-        let list = calls.iter().position(|l| l == &format!("GET {APPS}/statefulsets")).unwrap();
+        // The prune's list (the first one is the coordinator's, by name).
+        let list = calls
+            .iter()
+            .rposition(|l| l == "PATCH /apis/policy/v1/namespaces/prod/poddisruptionbudgets/demo-cluster-2")
+            .unwrap()
+            + 1;
         let mut expected = Vec::new();
         for c in 1..=2 {
             expected.push(format!("DELETE {APPS}/statefulsets/demo-server-{c}-2"));
@@ -960,7 +980,9 @@ async fn api_errors_fail_the_reconcile_and_back_off() {
     let calls = lines(&mock.calls().await);
     // The secrets, the pods, then every apply is tried (each fails), and
     // a Warning event names them; nothing is pruned.
-    let mut expected: Vec<String> = full_apply().into_iter().take_while(|l| !l.ends_with("/statefulsets")).collect();
+    // Up to the prune (its three lists and two Certificate checks).
+    let mut expected = full_apply();
+    expected.truncate(expected.len() - 5);
     expected.push("POST /apis/events.k8s.io/v1/namespaces/prod/events".into());
     assert_eq!(calls, expected);
     assert_eq!(backoff(1), Duration::from_secs(5));
@@ -986,7 +1008,9 @@ async fn a_refused_child_does_not_hold_back_the_others_and_is_named() {
     let applied: Vec<String> = lines(&calls);
     // Every child was tried, in order, the servers and PDBs after the
     // refused broker included; nothing is pruned after a failed apply.
-    let mut expected: Vec<String> = full_apply().into_iter().take_while(|l| !l.ends_with("/statefulsets")).collect();
+    // Up to the prune (its three lists and two Certificate checks).
+    let mut expected = full_apply();
+    expected.truncate(expected.len() - 5);
     expected.push("POST /apis/events.k8s.io/v1/namespaces/prod/events".into());
     assert_eq!(applied, expected);
     let event = &calls.last().unwrap().body;
@@ -1026,4 +1050,78 @@ fn polling_follows_the_heartbeat() {
     assert_eq!(poll_interval(&fast), Duration::from_secs(1));
     let slow = cluster("demo", json!({"heartbeat": {"intervalMillis": 60000}}));
     assert_eq!(poll_interval(&slow), Duration::from_secs(10));
+}
+
+/// A coordinator StatefulSet as the API server would list it.
+fn coordinator_sts(replicas: i32, replicated: bool, ready: i32, rolled: bool) -> Value {
+    let env = if replicated { json!([{"name": "SNS_KUBE_HA", "value": "demo-coordinator"}]) } else { json!([]) };
+    json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "demo-coordinator", "namespace": "prod", "generation": 2},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app.kubernetes.io/component": "coordinator"}},
+            "serviceName": "",
+            "template": {"spec": {"containers": [{"name": "coordinator", "env": env}]}},
+        },
+        "status": {
+            "replicas": replicas, "readyReplicas": ready, "observedGeneration": 2,
+            "currentRevision": "a", "updateRevision": if rolled { "a" } else { "b" },
+        },
+    })
+}
+
+/// The replicas the coordinator StatefulSet was applied with, in order.
+fn coordinator_replicas(calls: &[crate::fixtures::Call]) -> Vec<i64> {
+    calls
+        .iter()
+        .filter(|c| c.method == "PATCH" && c.uri.contains("/statefulsets/demo-coordinator?"))
+        .map(|c| c.body["spec"]["replicas"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_single_coordinator_becomes_replicated_in_two_steps() {
+    // Running as one file-backed coordinator: first its pod is replaced by
+    // one replica (which imports its volume's records), the standby only
+    // once that pod runs the replicated template and leads.
+    let single = coordinator_sts(1, false, 1, true);
+    let mock = Mock::new(World { coordinator: Some(single), ..Default::default() }, Some(healthy_table(3, 2)));
+    let obj = Arc::new(finalized(cluster("demo", json!({}))));
+    reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+    // Replaced, not yet rolled out: still one, applied again next poll.
+    mock.change_world(|w| w.coordinator = Some(coordinator_sts(1, true, 0, false)));
+    reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+    // Rolled out and leading: the standby comes.
+    mock.change_world(|w| w.coordinator = Some(coordinator_sts(1, true, 1, true)));
+    reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+    // From then on the replicas stay, whoever leads or not.
+    mock.change_world(|w| w.coordinator = Some(coordinator_sts(2, true, 0, true)));
+    reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+    let calls = mock.calls().await;
+    assert_eq!(coordinator_replicas(&calls), [1, 1, 2], "a fourth poll has nothing new to apply");
+    let applied = calls.iter().find(|c| c.uri.contains("/statefulsets/demo-coordinator?")).unwrap();
+    let env = &applied.body["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(env.as_array().unwrap().iter().any(|e| e["name"] == "SNS_KUBE_HA"), "the replicated template at once");
+    // Ready while one pod (the leader) is; reported as pods ready / replicas.
+    let statuses: Vec<SnsClusterStatus> =
+        calls.iter().filter(|c| c.line().ends_with("/status")).map(status_of).collect();
+    let last = statuses.last().unwrap();
+    assert_eq!(last.ready_coordinators.as_deref(), Some("0/2"));
+    assert_eq!(last.conditions.iter().find(|c| c.type_ == READY).unwrap().reason, "CoordinatorNotReady");
+    assert!(statuses.iter().any(|s| s.ready_coordinators.as_deref() == Some("1/2")));
+}
+
+#[tokio::test]
+async fn a_new_replicated_coordinator_starts_all_its_replicas_and_one_replica_stays_single() {
+    let mock = Mock::new(World::default(), Some(healthy_table(3, 2)));
+    reconcile(Arc::new(finalized(cluster("demo", json!({})))), mock.ctx.clone()).await.unwrap();
+    let calls = mock.calls().await;
+    assert_eq!(coordinator_replicas(&calls), [2]);
+    let mock = Mock::new(World::default(), Some(healthy_table(3, 2)));
+    let one = finalized(cluster("demo", json!({"coordinator": {"replicas": 1}})));
+    reconcile(Arc::new(one), mock.ctx.clone()).await.unwrap();
+    let calls = mock.calls().await;
+    assert_eq!(coordinator_replicas(&calls), [1]);
+    assert!(!calls.iter().any(|c| c.uri.contains("rbac.authorization.k8s.io") || c.uri.contains("serviceaccounts")));
 }

@@ -3,10 +3,10 @@
 //! shuts down.
 
 use super::*;
-use crate::leader::fake::{Reply, Shared, client_with, status};
 use crate::metrics::tests::scrape;
 use http::StatusCode;
 use serde_json::json;
+use sns_node::kube::leader::fake::{Reply, Shared, client_with, status};
 use std::time::Instant;
 
 /// Lists are empty and watches never report: there is nothing to

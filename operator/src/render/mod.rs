@@ -5,7 +5,8 @@
 //!
 //! | object | name | what |
 //! |---|---|---|
-//! | StatefulSet (replicas 1) + Service | `demo-coordinator` | the coordinator, its records on the PVC `data` (`data-demo-coordinator-0`); a StatefulSet so that two coordinators never run at once and a restarted one finds its records; the Service also serves the client gateway |
+//! | StatefulSet + Service | `demo-coordinator` | the coordinator (`coordinator.replicas`, default 2: replicas electing a leader on the Lease `demo-coordinator`, records in the ConfigMap `demo-coordinator-records`; 1: one coordinator, its records on the PVC `data-demo-coordinator-0`); a StatefulSet so that two pods of one identity never run at once and each finds its volume; the Service routes to the ready pod (the leader) and also serves the client gateway |
+//! | ServiceAccount + Role + RoleBinding | `demo-coordinator` | a replicated coordinator's API access: its Lease and its records ConfigMap |
 //! | StatefulSet (replicas 1) | `demo-server-<c>-<s>` | one per server process: containers `server` and `synchronizer` sharing the PVC `data` |
 //! | headless Service | `demo-nodes` | stable DNS `demo-server-<c>-<s>-0.demo-nodes.<ns>.svc` for every server pod |
 //! | Service | `demo-master-<c>` | selects the pod labelled `sns.io/role=master` in cluster c |
@@ -48,11 +49,13 @@ pub use secrets::node_secret;
 use crate::crd::SnsCluster;
 use crate::error::{Error, Result};
 use broker::{broker_secret_template, render_broker};
-use coordinator::render_coordinator;
+use coordinator::{render_coordinator, render_coordinator_rbac};
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceSpec};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -129,6 +132,9 @@ pub enum Child {
     StatefulSet(StatefulSet),
     Pdb(PodDisruptionBudget),
     NetworkPolicy(NetworkPolicy),
+    ServiceAccount(ServiceAccount),
+    Role(RbacRole),
+    RoleBinding(RoleBinding),
     /// A cert-manager `Certificate` (not a type k8s-openapi knows).
     Certificate(serde_json::Value),
 }
@@ -141,6 +147,9 @@ impl Child {
             Child::StatefulSet(o) => o.name_any(),
             Child::Pdb(o) => o.name_any(),
             Child::NetworkPolicy(o) => o.name_any(),
+            Child::ServiceAccount(o) => o.name_any(),
+            Child::Role(o) => o.name_any(),
+            Child::RoleBinding(o) => o.name_any(),
             Child::Certificate(o) => o["metadata"]["name"].as_str().unwrap_or_default().to_string(),
         }
     }
@@ -151,6 +160,9 @@ impl Child {
             Child::StatefulSet(_) => "StatefulSet",
             Child::Pdb(_) => "PodDisruptionBudget",
             Child::NetworkPolicy(_) => "NetworkPolicy",
+            Child::ServiceAccount(_) => "ServiceAccount",
+            Child::Role(_) => "Role",
+            Child::RoleBinding(_) => "RoleBinding",
             Child::Certificate(_) => "Certificate",
         }
     }
@@ -161,6 +173,9 @@ impl Child {
             Child::StatefulSet(o) => serde_json::to_value(o),
             Child::Pdb(o) => serde_json::to_value(o),
             Child::NetworkPolicy(o) => serde_json::to_value(o),
+            Child::ServiceAccount(o) => serde_json::to_value(o),
+            Child::Role(o) => serde_json::to_value(o),
+            Child::RoleBinding(o) => serde_json::to_value(o),
             Child::Certificate(o) => Ok(o.clone()),
         }
         .expect("Kubernetes objects always serialize")
@@ -345,6 +360,11 @@ pub fn render(obj: &SnsCluster, opts: &RenderOptions) -> Result<Rendered> {
     };
     children.extend(tls::certificates(&names, spec, &owner).into_iter().map(Child::Certificate));
 
+    // A replicated coordinator's identity before the pods that use it.
+    if spec.coordinator.replicated() {
+        let (account, role, binding) = render_coordinator_rbac(&names, &owner);
+        children.extend([Child::ServiceAccount(account), Child::Role(role), Child::RoleBinding(binding)]);
+    }
     let coordinator = processes.iter().find(|p| p.role == Role::Coordinator).expect("every plan has a coordinator");
     children.push(Child::StatefulSet(render_coordinator(&names, spec, &image, coordinator, &config_hash, &owner)));
 

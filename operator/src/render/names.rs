@@ -22,6 +22,16 @@ impl Names {
     pub fn coordinator(&self) -> String {
         format!("{}-coordinator", self.instance)
     }
+    /// A replicated coordinator's Lease (its replicas' `SNS_KUBE_HA`), and
+    /// the name of its ServiceAccount, Role and RoleBinding.
+    pub fn coordinator_lease(&self) -> String {
+        self.coordinator()
+    }
+    /// The ConfigMap holding a replicated coordinator's records (the
+    /// default `--kube-records` of its lease).
+    pub fn coordinator_records(&self) -> String {
+        format!("{}-records", self.coordinator_lease())
+    }
     /// The PVC of the coordinator (from the `data` volumeClaimTemplate).
     pub fn coordinator_pvc(&self) -> String {
         format!("data-{}-0", self.coordinator())

@@ -106,7 +106,9 @@ fn assert_probes_on_the_health_port(c: &Container) {
     assert_eq!(env_of(c, "SNS_HEALTH_PORT"), Some(port.to_string()), "{}", c.name);
     let declared = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some(name));
     assert_eq!(declared.map(|p| p.container_port), Some(i32::from(port)), "{}: port {name}", c.name);
-    let readiness = if c.name == "server" { "readiness" } else { "" };
+    // A server, and a replicated coordinator (ready while it leads).
+    let replicated = env_of(c, "SNS_KUBE_HA").is_some();
+    let readiness = if c.name == "server" || replicated { "readiness" } else { "" };
     for (probe, service) in [(&c.readiness_probe, readiness), (&c.liveness_probe, "")] {
         let probe = probe.as_ref().unwrap();
         assert!(probe.tcp_socket.is_none() && probe.http_get.is_none() && probe.exec.is_none(), "{}", c.name);

@@ -69,6 +69,9 @@ fn default_spec_renders_the_course_topology() {
             "ConfigMap/demo-rabbitmq-config",
             "Service/demo-rabbitmq",
             "StatefulSet/demo-rabbitmq",
+            "ServiceAccount/demo-coordinator",
+            "Role/demo-coordinator",
+            "RoleBinding/demo-coordinator",
             "StatefulSet/demo-coordinator",
             "StatefulSet/demo-server-1-1",
             "StatefulSet/demo-server-1-2",
@@ -149,7 +152,7 @@ fn coordinator_keeps_its_records_on_its_own_claim() {
         "demo",
         serde_json::json!({
             "storage": {"size": "5Gi", "storageClassName": "fast", "retention": "Delete"},
-            "coordinator": {"storageSize": "256Mi"},
+            "coordinator": {"storageSize": "256Mi", "replicas": 1},
         }),
     );
     let r = render(&obj, &opts()).unwrap();
@@ -217,6 +220,121 @@ fn coordinator_keeps_its_records_on_its_own_claim() {
     let requests = pvc.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.clone().unwrap();
     assert_eq!(requests["storage"], Quantity("1Gi".into()));
     assert_eq!(pvc.spec.as_ref().unwrap().storage_class_name, None);
+}
+
+#[test]
+fn one_coordinator_replica_renders_none_of_the_replicated_objects() {
+    let r = render(&cluster("demo", serde_json::json!({"coordinator": {"replicas": 1}})), &opts()).unwrap();
+    for kind in ["ServiceAccount", "Role", "RoleBinding"] {
+        assert!(r.names_of(kind).is_empty(), "{kind}");
+    }
+    assert_eq!(r.names_of("PodDisruptionBudget"), ["demo-cluster-1", "demo-cluster-2", "demo-cluster-3"]);
+    let s = sts(&r, "demo-coordinator");
+    let pod = template(s).spec.as_ref().unwrap();
+    assert_eq!((pod.service_account_name.as_deref(), pod.automount_service_account_token), (None, Some(false)));
+    assert!(pod.affinity.is_none());
+    let c = container(template(s), "coordinator");
+    let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    assert!(!env.iter().any(|e| ["SNS_KUBE_HA", "POD_NAME", "POD_NAMESPACE"].contains(e)), "{env:?}");
+    assert_eq!(c.readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap().service.as_deref(), Some(""));
+}
+
+#[test]
+fn a_replicated_coordinator_gets_its_lease_its_records_and_only_its_own_token() {
+    let obj = cluster("demo", serde_json::json!({"coordinator": {"replicas": 3}}));
+    let r = render(&obj, &opts()).unwrap();
+    let s = sts(&r, "demo-coordinator");
+    let spec = s.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    // Each replica keeps its claim (pod 0's holds a former single
+    // coordinator's records, imported once).
+    assert_eq!(spec.volume_claim_templates.as_ref().unwrap().len(), 1);
+
+    let t = template(s);
+    let pod = t.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("demo-coordinator"));
+    assert_eq!(pod.automount_service_account_token, Some(true));
+    // Spread over nodes where there are several, one node still enough.
+    let anti = pod.affinity.as_ref().unwrap().pod_anti_affinity.as_ref().unwrap();
+    assert!(anti.required_during_scheduling_ignored_during_execution.is_none());
+    let preferred = &anti.preferred_during_scheduling_ignored_during_execution.as_ref().unwrap()[0];
+    assert_eq!(preferred.pod_affinity_term.topology_key, "kubernetes.io/hostname");
+    let pod_labels = t.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+    let sel = preferred.pod_affinity_term.label_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+    assert_eq!(sel, &selector_of(pod_labels));
+    // Every other pod keeps no token.
+    for other in statefulsets(&r).into_iter().filter(|o| o.name_any() != "demo-coordinator") {
+        let p = template(other).spec.as_ref().unwrap();
+        assert_eq!(p.automount_service_account_token, Some(false), "{}", other.name_any());
+        assert_eq!(p.service_account_name, None, "{}", other.name_any());
+    }
+
+    // The Lease and identity through the environment (downward API).
+    let c = container(t, "coordinator");
+    let env = |name: &str| c.env.iter().flatten().find(|e| e.name == name).unwrap_or_else(|| panic!("no {name}"));
+    assert_eq!(env("SNS_KUBE_HA").value.as_deref(), Some("demo-coordinator"));
+    for (name, path) in [("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")] {
+        let field = env(name).value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+        assert_eq!(field.field_path, path);
+    }
+    // Ready while leading: the Service reaches the leader alone.
+    let readiness = c.readiness_probe.as_ref().unwrap();
+    assert_eq!(probe_port(readiness), i32::from(HEALTH_PORT));
+    assert_eq!(readiness.grpc.as_ref().unwrap().service.as_deref(), Some(sns_node::coordinator::ha::READINESS));
+    assert_eq!(c.liveness_probe.as_ref().unwrap().grpc.as_ref().unwrap().service.as_deref(), Some(""));
+    let svc = service(&r, "demo-coordinator").spec.clone().unwrap();
+    assert_eq!(svc.publish_not_ready_addresses, None, "not-ready standbys get no traffic");
+    // The nodes dial the coordinator through that Service.
+    let coord_host = plan(&obj)
+        .unwrap()
+        .into_iter()
+        .find_map(|p| p.args.windows(2).find(|w| w[0] == "--coord-host").map(|w| w[1].clone()));
+    assert!(coord_host.as_ref().is_none_or(|h| h == "demo-coordinator"), "{coord_host:?}");
+    assert_eq!(plan_options(&Names::of(&obj).unwrap()).coord_host, "demo-coordinator");
+
+    // The API access: exactly the Lease and the records ConfigMap.
+    let names = Names::of(&obj).unwrap();
+    assert_eq!(names.coordinator_records(), "demo-coordinator-records");
+    let role = r
+        .children
+        .iter()
+        .find_map(|c| match c {
+            Child::Role(o) => Some(o),
+            _ => None,
+        })
+        .unwrap();
+    let rules = serde_json::to_value(role.rules.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        rules,
+        serde_json::json!([
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["demo-coordinator"], "verbs": ["get", "update"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["demo-coordinator-records"], "verbs": ["get", "update"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        ])
+    );
+    let binding = r
+        .children
+        .iter()
+        .find_map(|c| match c {
+            Child::RoleBinding(o) => Some(serde_json::to_value(o).unwrap()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        binding["roleRef"],
+        serde_json::json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "demo-coordinator"})
+    );
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "demo-coordinator", "namespace": "prod"}])
+    );
+    let account = r.children.iter().find(|c| c.kind() == "ServiceAccount").unwrap().to_json();
+    assert_eq!(account["automountServiceAccountToken"], false, "mounted by the coordinator pods alone");
+    // No PodDisruptionBudget for the coordinator: the standbys are never
+    // ready, so any budget would forbid evicting the leader (see docs).
+    assert_eq!(r.names_of("PodDisruptionBudget"), ["demo-cluster-1", "demo-cluster-2", "demo-cluster-3"]);
 }
 
 #[test]

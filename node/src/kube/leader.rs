@@ -1,5 +1,5 @@
-//! Leader election on a `coordination.k8s.io/v1` Lease, so the operator can
-//! run several replicas of which exactly one reconciles.
+//! Leader election on a `coordination.k8s.io/v1` Lease, so the operator and
+//! the coordinator can run several replicas of which exactly one leads.
 //!
 //! The rules are client-go's `leaderelection`:
 //! - every write is conditional on the `resourceVersion` read just before
@@ -86,6 +86,8 @@ pub struct Elector {
     api: Api<Lease>,
     cfg: LeaseConfig,
     observed: Option<Observed>,
+    /// Told who holds the lease, as last seen (see [`Self::report_holder`]).
+    holder: Option<watch::Sender<Option<String>>>,
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -98,7 +100,27 @@ fn seconds(d: Duration) -> i32 {
 
 impl Elector {
     pub fn new(client: kube::Client, cfg: LeaseConfig) -> Self {
-        Elector { api: Api::namespaced(client, &cfg.namespace), cfg, observed: None }
+        Elector { api: Api::namespaced(client, &cfg.namespace), cfg, observed: None, holder: None }
+    }
+
+    /// While it runs, tells `holder` who holds the lease as last seen
+    /// (this replica's identity while it leads), so a standby can say who
+    /// leads without asking the API server again.
+    pub fn report_holder(mut self, holder: watch::Sender<Option<String>>) -> Self {
+        self.holder = Some(holder);
+        self
+    }
+
+    fn seen_holder(&self, who: Option<&str>) {
+        if let (Some(tx), Some(who)) = (&self.holder, who) {
+            tx.send_if_modified(|h| {
+                let changed = h.as_deref() != Some(who);
+                if changed {
+                    *h = Some(who.to_string());
+                }
+                changed
+            });
+        }
     }
 
     pub fn config(&self) -> &LeaseConfig {
@@ -119,7 +141,7 @@ impl Elector {
     }
 
     /// [`Self::try_acquire_or_renew`] at `now` (on this replica's clock).
-    pub(crate) async fn attempt(&mut self, now: Instant) -> Result<Outcome, kube::Error> {
+    pub async fn attempt(&mut self, now: Instant) -> Result<Outcome, kube::Error> {
         let wall = MicroTime(Timestamp::now());
         let Some(lease) = self.api.get_opt(&self.cfg.name).await? else {
             let lease = Lease {
@@ -228,6 +250,7 @@ impl Elector {
             };
             match attempt {
                 Ok(Ok(Outcome::Leader)) => {
+                    self.seen_holder(Some(&cfg.identity));
                     if renewed.is_none() {
                         tracing::info!(lease = %cfg.name, identity = %cfg.identity, "leading");
                         leading.send_replace(true);
@@ -235,6 +258,7 @@ impl Elector {
                     renewed = Some(started);
                 }
                 Ok(Ok(Outcome::Standby(holder))) => {
+                    self.seen_holder(holder.as_deref());
                     if renewed.take().is_some() {
                         tracing::warn!(lease = %cfg.name, holder = ?holder, "lost the lease; no longer reconciling");
                         leading.send_replace(false);
@@ -298,7 +322,7 @@ where
     }
 }
 
-#[cfg(test)]
-pub(crate) mod fake;
+#[cfg(any(test, feature = "kube-fake"))]
+pub mod fake;
 #[cfg(test)]
 mod tests;
