@@ -11,31 +11,22 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Method, Response, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Two watch errors further apart than this are separate incidents: the
 /// watcher's own backoff retries at most every 30 s while it keeps failing.
 const WATCH_ERROR_STREAK_GAP: Duration = Duration::from_secs(60);
-
-/// A client gets this long to send its request headers, so idle or slow
-/// connections cannot pile up (a scrape sends them at once).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Content type of the OpenMetrics text that `prometheus-client` writes
 /// (Prometheus asks for it first when it scrapes).
@@ -236,43 +227,10 @@ impl Endpoint {
 }
 
 /// Serves `endpoint` on `listener` until `shutdown`, then lets the
-/// connections finish the request they are on.
+/// connections finish the request they are on (the nodes' HTTP/1 server).
 pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>, shutdown: CancellationToken) {
-    let mut connections = JoinSet::new();
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint accept failed");
-                    continue;
-                }
-            },
-        };
-        let endpoint = endpoint.clone();
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let response = endpoint.respond(req.method(), req.uri().path());
-                std::future::ready(Ok::<_, Infallible>(response))
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
-        });
-    }
-    while connections.join_next().await.is_some() {}
+    let respond = move |method: &Method, path: &str| endpoint.respond(method, path);
+    sns_node::metrics::http::serve_with(listener, respond, shutdown).await
 }
 
 #[cfg(test)]

@@ -131,7 +131,10 @@ kubectl get crd snsclusters.sns.io >/dev/null
 log "applying SnsClusters: demo (the example) and one (a single cluster)"
 kubectl create namespace "$NS"
 kubectl apply -n "$NS" -f manifests/examples/snscluster.yaml
-kubectl apply -n "$NS" -f - <<'EOF'
+# SnsCluster one: a single cluster, volumes kept on deletion (applied again
+# after its deletion, below).
+apply_one() {
+  kubectl apply -n "$NS" -f - <<'EOF'
 apiVersion: sns.io/v1alpha1
 kind: SnsCluster
 metadata:
@@ -142,6 +145,8 @@ spec:
   heartbeat: {intervalMillis: 1000, missed: 2}
   storage: {size: 256Mi, retention: Retain}
 EOF
+}
+apply_one
 # The API server enforces the schema and the CEL rules the offline checks cannot.
 if kubectl patch sns demo -n "$NS" --type merge -p '{"spec":{"clusters":4}}' >/dev/null 2>&1; then
   die "clusters changed although the CRD makes it immutable"
@@ -488,17 +493,7 @@ log "PVCs kept after deletion"
 # log in to the kept broker, and clients trust the same CA.
 old_ca=$(cat "${CA_OF[one]}")
 log "re-creating SnsCluster one"
-kubectl apply -n "$NS" -f - <<'EOF2'
-apiVersion: sns.io/v1alpha1
-kind: SnsCluster
-metadata:
-  name: one
-spec:
-  clusters: 1
-  serversPerCluster: 2
-  heartbeat: {intervalMillis: 1000, missed: 2}
-  storage: {size: 256Mi, retention: Retain}
-EOF2
+apply_one
 eventually 300 "one Ready again" \
   "[ \"\$(kubectl get sns one -n $NS -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}')\" = True ]"
 extract_ca one

@@ -40,9 +40,18 @@ fn respond(method: &Method, path: &str) -> Response<Full<Bytes>> {
     response
 }
 
-/// Serves `listener` until `shutdown`, then lets each connection finish
-/// the request it is on.
+/// Serves the node's metrics on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
+    serve_with(listener, respond, shutdown).await
+}
+
+/// Serves `respond` (method and path to a response) over HTTP/1 on
+/// `listener` until `shutdown`, then lets each connection finish the
+/// request it is on. Shared with the operator's own endpoint.
+pub async fn serve_with<F>(listener: TcpListener, respond: F, shutdown: CancellationToken)
+where
+    F: Fn(&Method, &str) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+{
     let mut connections = JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -57,8 +66,9 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
             },
         };
         let shutdown = shutdown.clone();
+        let respond = respond.clone();
         connections.spawn(async move {
-            let service = hyper::service::service_fn(|req: Request<Incoming>| {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 std::future::ready(Ok::<_, Infallible>(respond(req.method(), req.uri().path())))
             });
             let connection = http1::Builder::new()

@@ -15,7 +15,7 @@ use std::time::Duration;
 /// writes JSON. Exits non-zero when a measure failed or a post reached a
 /// follower twice or never.
 #[derive(Debug, Parser)]
-#[command(name = "sns-bench")]
+#[command(name = "sns-bench", version)]
 struct Args {
     /// Short run (under 30 s): smaller counts, 500 ms heartbeat.
     #[arg(long, conflicts_with = "smoke")]
