@@ -125,15 +125,16 @@ pub fn assert_exactly_once(
     reports: &[WriterReport],
     followers: &BTreeMap<u32, Vec<u32>>,
 ) -> Result<()> {
-    let mut last = String::new();
-    let mut checked = 0usize;
-    let ok = eventually("every acknowledged post exactly once in every follower's feed", || {
-        checked = 0;
+    // Why the last look failed, and how many posts it checked.
+    let last = std::cell::RefCell::new(String::new());
+    let checked = std::cell::Cell::new(0usize);
+    let check = || {
+        checked.set(0);
         for &(c, s) in servers {
             let files = match spec_files(&d.server_dir(c, s)) {
                 Ok(f) => f,
                 Err(e) => {
-                    last = e.to_string();
+                    *last.borrow_mut() = e.to_string();
                     return None;
                 }
             };
@@ -152,20 +153,33 @@ pub fn assert_exactly_once(
                     for text in &r.acked {
                         let n = counts.get(text.as_str()).copied().unwrap_or(0);
                         if n != 1 {
-                            last = format!("server {c}/{s}: feed of {f} has {text:?} {n} times");
+                            *last.borrow_mut() = format!("server {c}/{s}: feed of {f} has {text:?} {n} times");
                             return None;
                         }
-                        checked += 1;
+                        checked.set(checked.get() + 1);
                     }
                 }
             }
         }
         Some(())
-    });
-    ok.map_err(|e| anyhow!("{e}: {last}"))?;
-    anyhow::ensure!(checked > 0, "no acknowledged post to check: the check would pass vacuously");
+    };
+    let started = std::time::Instant::now();
+    if let Err(e) = eventually("every acknowledged post exactly once in every follower's feed", check) {
+        // Still a failure; but say whether the posts were late or lost.
+        let first = last.borrow().clone();
+        let verdict = match crate::eventually_within("the missing posts", LATE, check) {
+            Ok(()) => format!("late, not lost: all there {:?} after the check began", started.elapsed()),
+            Err(_) => format!("still so {:?} after the check began: {}", started.elapsed(), last.borrow()),
+        };
+        return Err(anyhow!("{e}: {first} ({verdict})"));
+    }
+    anyhow::ensure!(checked.get() > 0, "no acknowledged post to check: the check would pass vacuously");
     Ok(())
 }
+
+/// How much longer a failed feed check keeps looking, to tell a late post
+/// from a lost one in its message.
+const LATE: Duration = Duration::from_secs(60);
 
 /// The coordinator's `GetServer` answer for `user`.
 pub async fn get_server(coord_port: u16, user: u32) -> Result<sns_proto::csce438::ServerInfo> {
