@@ -336,6 +336,7 @@ impl DeploymentBuilder {
             spawn_to_ready: Duration::ZERO,
             ready_line: String::new(),
             mounts,
+            keep: false,
         };
         let deadline = Instant::now() + self.ready_timeout;
         if !d.out.wait(deadline, |t| t.contains("\nconnect a client")) {
@@ -374,6 +375,8 @@ pub struct Deployment {
     pub ready_line: String,
     /// Unmounted when the deployment is dropped, after its processes.
     mounts: Vec<disk::Tmpfs>,
+    /// Keep the data directory when dropped (see [`Deployment::keep`]).
+    keep: bool,
 }
 
 impl Deployment {
@@ -390,6 +393,12 @@ impl Deployment {
     }
 
     /// The launcher's process id.
+    /// Keeps the data directory and logs when dropped (a check failed
+    /// without a panic), and says where.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
     pub fn launcher_pid(&self) -> u32 {
         self.child.id()
     }
@@ -530,7 +539,7 @@ impl Drop for Deployment {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.mounts.clear();
-        if std::thread::panicking() || std::env::var_os("SNS_KEEP").is_some() {
+        if self.keep || std::thread::panicking() || std::env::var_os("SNS_KEEP").is_some() {
             let kept = self.dir.path().to_path_buf();
             eprintln!("deployment {} kept in {} (launcher stdout:\n{})", self.name, kept.display(), self.out.text());
             std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep());

@@ -512,11 +512,22 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
         WRITERS.iter().map(|&u| (u, WRITERS.iter().copied().filter(|f| *f != u).collect())).collect();
     let mut checked: Vec<WriterReport> = reports.clone();
     checked.push(last);
-    assert_exactly_once(&d, &all, &checked, &followers)?;
-    check_timelines(&d, &checked)?;
-    check_logins(&d, &logins)?;
-    let relations_checked = check_relations(&d, &relations)?;
-    check_convergence(&d, &all, &[])?;
+    let verdict = (|| -> Result<usize> {
+        assert_exactly_once(&d, &all, &checked, &followers)?;
+        check_timelines(&d, &checked)?;
+        check_logins(&d, &logins)?;
+        let relations_checked = check_relations(&d, &relations)?;
+        check_convergence(&d, &all, &[])?;
+        Ok(relations_checked)
+    })();
+    let relations_checked = match verdict {
+        Ok(n) => n,
+        Err(e) => {
+            // Its files and logs are the evidence: keep them.
+            d.keep();
+            return Err(e);
+        }
+    };
     assert_one_master_per_term(&d);
     totals.posts += checked.iter().map(|r| r.acked.len()).sum::<usize>();
     totals.relation_ops += relations.ops;
