@@ -197,6 +197,20 @@ impl Writer {
     }
 }
 
+/// Users `follower` and `followee` log in, `follower` follows `followee`
+/// (asked again until it succeeds, e.g. while `followee` has not yet
+/// reached `follower`'s cluster), and returns once the follow reached
+/// `followee`'s cluster.
+pub async fn follow_until_done(coord_port: u16, follower: u32, followee: u32, deadline: Instant) -> Result<()> {
+    attach(coord_port, followee).await?;
+    attach(coord_port, follower).await?;
+    let mut msg = String::new();
+    while msg != "SUCCESS" && Instant::now() < deadline {
+        msg = command(coord_port, follower, true, followee, deadline).await?;
+    }
+    wait_followers(coord_port, followee, &[follower], deadline).await
+}
+
 /// Waits until `user`'s LIST shows each of `followers` as a follower: their
 /// follows reached `user`'s cluster, so posts `user` makes from now on are
 /// in their feeds (visibility follows the log, not clocks).

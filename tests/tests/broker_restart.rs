@@ -72,15 +72,7 @@ fn synchronizers_ride_through_a_broker_restart() -> anyhow::Result<()> {
     let d = Deployment::start(2, 2)?;
     let rt = rt();
     let deadline = Instant::now() + Duration::from_secs(90);
-    rt.block_on(async {
-        load::attach(d.coord_port, 1).await?;
-        load::attach(d.coord_port, 2).await?;
-        let mut msg = String::new();
-        while msg != "SUCCESS" && Instant::now() < deadline {
-            msg = load::command(d.coord_port, 2, true, 1, deadline).await?;
-        }
-        load::wait_followers(d.coord_port, 1, &[2], deadline).await
-    })?;
+    rt.block_on(load::follow_until_done(d.coord_port, 2, 1, deadline))?;
     let stop = Arc::new(AtomicBool::new(false));
     let before = rt.block_on(load::writer(d.coord_port, 1, stop.clone(), 20, deadline));
     feed_of_2_holds(&d, &before.acked, "the posts made before the restart")?;

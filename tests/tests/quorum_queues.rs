@@ -36,15 +36,7 @@ fn quorum_queues_carry_posts_exactly_once_across_a_failover() -> anyhow::Result<
     let rt = rt();
     let deadline = Instant::now() + Duration::from_secs(60);
     // User 1 is in cluster 1, user 2 in cluster 2; 2 follows 1.
-    rt.block_on(async {
-        load::attach(d.coord_port, 1).await?;
-        load::attach(d.coord_port, 2).await?;
-        let mut msg = String::new();
-        while msg != "SUCCESS" && Instant::now() < deadline {
-            msg = load::command(d.coord_port, 2, true, 1, deadline).await?;
-        }
-        load::wait_followers(d.coord_port, 1, &[2], deadline).await
-    })?;
+    rt.block_on(load::follow_until_done(d.coord_port, 2, 1, deadline))?;
     let stop = Arc::new(AtomicBool::new(false));
     let before = rt.block_on(load::writer(d.coord_port, 1, stop.clone(), 30, deadline));
     assert_eq!(before.acked.len(), 30);
