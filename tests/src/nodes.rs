@@ -150,14 +150,23 @@ pub fn assert_exactly_once(
                     for p in feed.iter().filter(|p| p.user == r.user) {
                         *counts.entry(p.text.as_str()).or_default() += 1;
                     }
-                    for text in &r.acked {
-                        let n = counts.get(text.as_str()).copied().unwrap_or(0);
-                        if n != 1 {
-                            *last.borrow_mut() = format!("server {c}/{s}: feed of {f} has {text:?} {n} times");
-                            return None;
-                        }
-                        checked.set(checked.get() + 1);
+                    let wrong: Vec<(&String, usize)> = r
+                        .acked
+                        .iter()
+                        .map(|text| (text, counts.get(text.as_str()).copied().unwrap_or(0)))
+                        .filter(|(_, n)| *n != 1)
+                        .collect();
+                    if let Some((text, n)) = wrong.first() {
+                        *last.borrow_mut() = format!(
+                            "server {c}/{s}: feed of {f} has {text:?} {n} times ({} of {}'s {} acknowledged posts wrong there, the last {:?})",
+                            wrong.len(),
+                            r.user,
+                            r.acked.len(),
+                            wrong.last().map(|(t, _)| t)
+                        );
+                        return None;
                     }
+                    checked.set(checked.get() + r.acked.len());
                 }
             }
         }

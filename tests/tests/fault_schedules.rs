@@ -514,6 +514,7 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     checked.push(last);
     let verdict = (|| -> Result<usize> {
         assert_exactly_once(&d, &all, &checked, &followers)?;
+        check_no_gap(&rt, &d)?;
         check_timelines(&d, &checked)?;
         check_logins(&d, &logins)?;
         let relations_checked = check_relations(&d, &relations)?;
@@ -553,6 +554,26 @@ fn check_timelines(d: &Deployment, reports: &[WriterReport]) -> Result<()> {
                 let n = counts.get(text.as_str()).copied().unwrap_or(0);
                 anyhow::ensure!(n == 1, "server {c}/{s}: timeline of {} has {text:?} {n} times", r.user);
             }
+        }
+    }
+    Ok(())
+}
+
+/// No server holds another cluster's events waiting for a gap to close:
+/// every stream between clusters is whole (a gap left at the end means an
+/// event was marked published that some cluster never got).
+fn check_no_gap(rt: &Runtime, d: &Deployment) -> Result<()> {
+    for c in 1..=CLUSTERS {
+        for s in [1, 2] {
+            let node = rt
+                .block_on(server_node(d.coord_port, c, s))
+                .ok_or_else(|| anyhow!("server {c}/{s} not in the table"))?;
+            let st = rt.block_on(status(&node))?;
+            anyhow::ensure!(
+                st.held == 0,
+                "server {c}/{s} holds {} events of other clusters for a gap that never closed",
+                st.held
+            );
         }
     }
     Ok(())

@@ -121,3 +121,60 @@ fn skewed_client_clocks_decide_nothing() -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+/// The synchronizer marks an outbox event published once the broker has
+/// confirmed the message it travelled in; if one message carried a post's
+/// copy for cluster 2 and the next its copy for cluster 3, a synchronizer
+/// killed between the two confirms would leave cluster 3 without it for
+/// good. So each message of the outbox stream holds whole events.
+#[test]
+fn the_outbox_stream_never_splits_an_event_between_messages() -> anyhow::Result<()> {
+    use sns_proto::internal::TailRequest;
+    use sns_proto::internal::replica_client::ReplicaClient;
+    use sns_proto::internal::sync_event::Kind;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    const POSTS: usize = 300;
+    let d = Deployment::start(3, 1)?;
+    let rt = rt();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt.block_on(async {
+        for u in 1..=3 {
+            load::attach(d.coord_port, u).await?;
+        }
+        // 1 (cluster 1) is followed in clusters 2 and 3: each of its posts
+        // is one outbox event with a copy for each.
+        load::follow_until_done(d.coord_port, 2, 1, deadline).await?;
+        load::follow_until_done(d.coord_port, 3, 1, deadline).await?;
+        let master = sns_e2e::nodes::server_node(d.coord_port, 1, 1).await.expect("server 1/1");
+        let mut replica = ReplicaClient::new(sns_e2e::secret::channel(&master.host, &master.port)?);
+        // A second reader of the outbox, beside the synchronizer's.
+        let mut outbox = replica.tail_outbox(TailRequest {}).await?.into_inner();
+        let writer = tokio::spawn(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), POSTS, deadline));
+        let (mut posts, mut messages) = (BTreeSet::new(), 0);
+        let mut seen: BTreeSet<u64> = BTreeSet::new();
+        while posts.len() < POSTS {
+            let batch = tokio::time::timeout_at(deadline.into(), outbox.message()).await??.expect("outbox stream");
+            messages += 1;
+            let mut copies: BTreeMap<u64, BTreeSet<u32>> = BTreeMap::new();
+            for e in &batch.events {
+                copies.entry(e.seq).or_default().insert(e.dest_cluster);
+                if matches!(e.kind, Some(Kind::Post(_))) {
+                    posts.insert(e.seq);
+                }
+            }
+            for (seq, dests) in copies {
+                // Every event of cluster 1 here goes to both other clusters.
+                assert_eq!(dests, BTreeSet::from([2, 3]), "event {seq}: copies split between messages");
+                assert!(seen.insert(seq), "event {seq} in two messages");
+            }
+        }
+        let report = writer.await?;
+        assert_eq!(report.acked.len(), POSTS, "{report:?}");
+        eprintln!("{POSTS} posts came in {messages} messages, each with both copies of its events");
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}

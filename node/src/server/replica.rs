@@ -113,10 +113,10 @@ impl Replica for ReplicaService {
         Ok(Response::new(Box::pin(serving.take_until(self.shutdown.clone().cancelled_owned()))))
     }
 
-    type TailOutboxStream = Pin<Box<dyn Stream<Item = Result<SyncEvent, Status>> + Send>>;
+    type TailOutboxStream = Pin<Box<dyn Stream<Item = Result<SyncBatch, Status>> + Send>>;
 
     async fn tail_outbox(&self, _req: Request<TailRequest>) -> Result<Response<Self::TailOutboxStream>, Status> {
-        let (tx, rx) = mpsc::channel(TAIL_BATCH);
+        let (tx, rx) = mpsc::channel(4);
         tokio::spawn(tracing::Instrument::instrument(
             tail(self.node.clone(), tx, self.shutdown.clone()),
             tracing::info_span!("outbox_tail"),
@@ -167,7 +167,12 @@ impl Replica for ReplicaService {
 /// waits to become master, sends everything after the published mark, then
 /// each new event as it is committed. Ends when the server stops being
 /// master, so a demoted server's synchronizer stops publishing at once.
-async fn tail(node: Node, tx: mpsc::Sender<Result<SyncEvent, Status>>, shutdown: CancellationToken) {
+///
+/// Each message carries whole outbox events (every destination's copy of
+/// each): the synchronizer reports the last event of a confirmed message
+/// as published, and an event split over two messages would be marked
+/// published with one destination's copy still unsent.
+async fn tail(node: Node, tx: mpsc::Sender<Result<SyncBatch, Status>>, shutdown: CancellationToken) {
     let mut role = node.watch_role();
     let mut stable = node.watch_stable();
     loop {
@@ -185,16 +190,16 @@ async fn tail(node: Node, tx: mpsc::Sender<Result<SyncEvent, Status>>, shutdown:
     loop {
         let upto = *stable.borrow_and_update();
         // One message per destination of each event.
-        let batch: Vec<SyncEvent> = node.read(|s| {
+        let events: Vec<SyncEvent> = node.read(|s| {
             s.outbox_after(sent)
                 .take_while(|e| e.seq <= upto)
                 .take(TAIL_BATCH)
                 .flat_map(|e| e.deliveries.iter().map(move |d| codec::delivery_to_pb(e, origin, d)))
                 .collect()
         });
-        for event in batch {
-            sent = event.seq;
-            if tx.send(Ok(event)).await.is_err() {
+        if let Some(last) = events.last() {
+            sent = last.seq;
+            if tx.send(Ok(SyncBatch { events })).await.is_err() {
                 return;
             }
         }

@@ -413,14 +413,19 @@ async fn publish(
                         confirmed.send_replace(upto);
                     }
                     next = outbox.message(), if unconfirmed < UNCONFIRMED_MAX => {
+                        // Each message of the stream is whole outbox
+                        // events: the confirmed mark never falls inside one.
                         let Some(first) = next? else { break };
-                        let mut batch = vec![first];
+                        let mut batch = first.events;
                         while batch.len() < PUBLISH_BATCH {
                             match outbox.message().now_or_never() {
-                                Some(Ok(Some(e))) => batch.push(e),
+                                Some(Ok(Some(more))) => batch.extend(more.events),
                                 Some(Err(e)) => return Err(e.into()),
                                 Some(Ok(None)) | None => break,
                             }
+                        }
+                        if batch.is_empty() {
+                            continue;
                         }
                         let confirms = send_batch(&channel, names, &batch, secret).await?;
                         let (upto, count) = (batch.last().map_or(0, |e| e.seq), batch.len());
