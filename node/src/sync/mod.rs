@@ -170,7 +170,7 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, shutdown: Cancellation
                 r = publisher => r,
                 _ = shutdown.cancelled() => Ok(()),
             };
-            conn.close(200, "synchronizer stopping".into()).await.ok();
+            bounded_close("connection", conn.close(200, "synchronizer stopping".into())).await;
             result
         };
         let delay = match attempt.await {
@@ -189,6 +189,23 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, shutdown: Cancellation
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// How long closing a broker channel or connection may take. A close can
+/// stay unanswered for good (a channel's own close racing the
+/// connection's leaves the connection in error, its close never
+/// settled; a broker that stopped answering): a synchronizer waiting on it
+/// would never reconnect, and its cluster's events would stay unpublished
+/// while its heartbeats say it is alive. Past this the objects are dropped,
+/// which closes them as far as the client can.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn bounded_close(what: &str, close: impl std::future::Future<Output = lapin::Result<()>>) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "closing the broker {what}"),
+        Err(_) => tracing::warn!("the broker {what} did not close within {CLOSE_TIMEOUT:?}: dropped"),
     }
 }
 
@@ -267,7 +284,7 @@ async fn consume_while_master(
         };
         // Unacknowledged deliveries go back to the queue for whoever
         // consumes next.
-        channel.close(200, "server is not master".into()).await.ok();
+        bounded_close("channel", channel.close(200, "server is not master".into())).await;
         result?;
         tracing::info!("server stopped serving as master: standing by");
     }
