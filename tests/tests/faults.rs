@@ -394,3 +394,65 @@ fn a_retried_write_answers_as_the_first_attempt() -> anyhow::Result<()> {
     assert_eq!(files.get("3_followers.txt").map(String::as_str), Some("1\n"));
     Ok(())
 }
+
+/// A master gives up on a forward after its patience; the slave then hears
+/// a reset stream, and its handler used to be dropped wherever it stood —
+/// possibly after the journal append and before memory saw the records.
+/// The slave's journal then held writes its memory lacked: it numbered
+/// later writes over them, and replayed into another state after a restart
+/// (in the fault schedules, a post published twice under two stream
+/// positions). Forwards abandoned at every point of their way must leave
+/// memory and journal agreeing.
+#[test]
+fn a_forward_abandoned_by_its_master_leaves_journal_and_memory_agreeing() -> anyhow::Result<()> {
+    use sns_node::store::codec;
+    use sns_node::store::state::{Change, Entry, LocalOp};
+    use sns_proto::internal::ReplicateRequest;
+    use sns_proto::internal::replica_client::ReplicaClient;
+
+    const FORWARDS: u32 = 40;
+    let d = Deployment::start(1, 2)?;
+    let rt = rt();
+    let (_, s, term) = pair(&rt, &d)?;
+    let slave = rt.block_on(server_node(d.coord_port, 1, s)).expect("the slave in the table");
+    let mut replica = {
+        let _runtime = rt.enter();
+        ReplicaClient::new(sns_e2e::secret::channel(&slave.host, &slave.port)?)
+    };
+    for i in 0..FORWARDS {
+        // What the master would forward next: a Login at the slave's next
+        // seq, under the master's term; given up on after 0 to 2 ms.
+        let next = rt.block_on(status(&slave))?.next_seq;
+        let op = LocalOp { seq: next, change: Change::User(1000 + i), request_id: 0 };
+        let mut req = tonic::Request::new(ReplicateRequest {
+            term,
+            entries: vec![codec::entry_to_pb(&Entry::Local(op))],
+            published_upto: 0,
+            cluster: 1,
+            from_server: 3 - s,
+        });
+        req.set_timeout(Duration::from_micros(u64::from(i) * 100));
+        let _ = rt.block_on(async {
+            tokio::time::timeout(Duration::from_micros(u64::from(i) * 100), replica.replicate(req)).await
+        });
+    }
+    // Memory and a replay of the journal (a copy of it, opened as a
+    // restarted server would) agree once the last forward settled.
+    let journal = d.server_dir(1, s).join("journal.log");
+    let mut last = String::new();
+    let agreed = sns_e2e::eventually_within("the slave's journal and memory to agree", Duration::from_secs(10), || {
+        let memory = rt.block_on(status(&slave)).ok()?;
+        let copy = tempfile::tempdir().ok()?;
+        std::fs::copy(&journal, copy.path().join("journal.log")).ok()?;
+        let replayed = sns_node::store::Disk::open(copy.path(), 1, 1).ok()?;
+        let replay = (replayed.state().next_seq(), replayed.state().users().len() as u32);
+        last = format!(
+            "memory: next seq {}, {} users; journal: next seq {}, {} users",
+            memory.next_seq, memory.users, replay.0, replay.1
+        );
+        (replay == (memory.next_seq, memory.users)).then_some(memory)
+    });
+    let memory = agreed.map_err(|e| anyhow::anyhow!("{e}: {last}"))?;
+    eprintln!("{} of {FORWARDS} abandoned forwards were applied: {last}", memory.users);
+    Ok(())
+}
