@@ -538,13 +538,37 @@ impl Drop for Deployment {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let keep = self.keep || std::thread::panicking() || std::env::var_os("SNS_KEEP").is_some();
+        if keep {
+            // A tmpfs goes with its mount: copy what it holds beside it
+            // (`<dir>.tmpfs`), the evidence of the server that ran there.
+            for m in &self.mounts {
+                let copy = m.path().with_extension("tmpfs");
+                if let Err(e) = copy_dir(m.path(), &copy) {
+                    eprintln!("could not keep {}: {e}", m.path().display());
+                }
+            }
+        }
         self.mounts.clear();
-        if self.keep || std::thread::panicking() || std::env::var_os("SNS_KEEP").is_some() {
+        if keep {
             let kept = self.dir.path().to_path_buf();
             eprintln!("deployment {} kept in {} (launcher stdout:\n{})", self.name, kept.display(), self.out.text());
             std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep());
         }
     }
+}
+
+/// Copies the files of `from` (one level: a server's data directory) into
+/// `to`.
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
 }
 
 /// A running `tsc`, fed through a pipe; its stdout is collected as lines
