@@ -86,9 +86,12 @@ enum Fault {
     SwitchoverTargetHangs,
     /// The old master is killed right after it handed over.
     SwitchoverThenKillOld,
+    /// A synchronizer hangs (SIGSTOP) holding its broker connection, its
+    /// deliveries and the queue's single-consumer slot, then resumes.
+    PauseSynchronizer,
 }
 
-const FAULTS: [Fault; 13] = [
+const FAULTS: [Fault; 14] = [
     Fault::KillMaster,
     Fault::KillSlave,
     Fault::DoubleKill,
@@ -102,6 +105,7 @@ const FAULTS: [Fault; 13] = [
     Fault::Switchover,
     Fault::SwitchoverTargetHangs,
     Fault::SwitchoverThenKillOld,
+    Fault::PauseSynchronizer,
 ];
 
 #[derive(Debug, Default)]
@@ -410,6 +414,13 @@ fn inject(
             progress(load, writer, 1 + rng.below(20) as usize)?;
             cmd(d, &format!("start sync-{c}-{which}"))?;
             "kill synchronizer"
+        }
+        Fault::PauseSynchronizer => {
+            let which = if rng.below(2) == 0 { m } else { s };
+            cmd(d, &format!("pause sync-{c}-{which}"))?;
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            cmd(d, &format!("resume sync-{c}-{which}"))?;
+            "pause synchronizer"
         }
         Fault::RestartCoordinator => {
             cmd(d, "restart coordinator")?;
