@@ -142,6 +142,19 @@ pub fn open(dir: &Path, cluster: u32, clusters: u32) -> Result<(Log, Store)> {
     let mut state = State::new(cluster, clusters);
     for (i, rec) in opened.records.iter().enumerate() {
         match codec::decode_entry(rec, clusters) {
+            // A client write numbered below what the journal already
+            // holds: two writes under one seq. Replaying both would make
+            // another state than the one served (each would count in the
+            // streams to other clusters); the journal is not trustworthy.
+            Ok(Entry::Local(op)) if op.seq < state.next_seq() => {
+                damage = Some(format!(
+                    "{}: record {i} repeats seq {} (the records before it reach {})",
+                    path.display(),
+                    op.seq,
+                    state.next_seq() - 1
+                ));
+                break;
+            }
             Ok(entry) => {
                 state.apply(&entry);
             }
@@ -495,6 +508,26 @@ mod tests {
         let b = Disk::open(&b_dir, 1, 3).unwrap();
         assert_eq!(b.state().timeline(1).len(), 2);
         assert!(b.state().has_post_id(1, 3) && b.state().has_post_id(1, 4));
+    }
+
+    #[test]
+    fn a_journal_with_two_writes_under_one_seq_is_damaged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        let mut s = Disk::open(&dir, 1, 3).unwrap();
+        local(&mut s, Change::User(1));
+        local(&mut s, Change::User(4));
+        // A second write under seq 2, as a journal holding records its
+        // server's memory lacked would get.
+        s.commit(&Entry::Local(LocalOp::new(2, Change::User(7))), true).unwrap();
+        local(&mut s, Change::User(10));
+        drop(s);
+        let s = Disk::open(&dir, 1, 3).unwrap();
+        let damage = s.log.damage().expect("reported as damage");
+        assert!(damage.contains("record 2 repeats seq 2"), "{damage}");
+        // What came before the repeat is read; nothing is cut from the file.
+        assert!(s.state().has_user(4) && !s.state().has_user(7));
+        assert!(fs::metadata(dir.join(JOURNAL_FILE)).unwrap().len() > 0);
     }
 
     #[test]
