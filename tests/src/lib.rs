@@ -392,13 +392,13 @@ impl Deployment {
         DeploymentBuilder::default()
     }
 
-    /// The launcher's process id.
     /// Keeps the data directory and logs when dropped (a check failed
     /// without a panic), and says where.
     pub fn keep(&mut self) {
         self.keep = true;
     }
 
+    /// The launcher's process id.
     pub fn launcher_pid(&self) -> u32 {
         self.child.id()
     }

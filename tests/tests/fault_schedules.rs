@@ -408,19 +408,17 @@ fn inject(
             cmd(d, &format!("heal server-{c}-{m}"))?;
             "partition master from coordinator"
         }
-        Fault::KillSynchronizer => {
+        Fault::KillSynchronizer | Fault::PauseSynchronizer => {
+            let (stop, go, name) = if fault == Fault::KillSynchronizer {
+                ("kill", "start", "kill synchronizer")
+            } else {
+                ("pause", "resume", "pause synchronizer")
+            };
             let which = if rng.below(2) == 0 { m } else { s };
-            cmd(d, &format!("kill sync-{c}-{which}"))?;
+            cmd(d, &format!("{stop} sync-{c}-{which}"))?;
             progress(load, writer, 1 + rng.below(20) as usize)?;
-            cmd(d, &format!("start sync-{c}-{which}"))?;
-            "kill synchronizer"
-        }
-        Fault::PauseSynchronizer => {
-            let which = if rng.below(2) == 0 { m } else { s };
-            cmd(d, &format!("pause sync-{c}-{which}"))?;
-            progress(load, writer, 1 + rng.below(20) as usize)?;
-            cmd(d, &format!("resume sync-{c}-{which}"))?;
-            "pause synchronizer"
+            cmd(d, &format!("{go} sync-{c}-{which}"))?;
+            name
         }
         Fault::RestartCoordinator => {
             cmd(d, "restart coordinator")?;

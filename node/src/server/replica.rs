@@ -212,7 +212,7 @@ async fn tail(node: Node, tx: mpsc::Sender<Result<SyncBatch, Status>>, shutdown:
     let origin = node.cfg().cluster;
     loop {
         let upto = *stable.borrow_and_update();
-        // One message per destination of each event.
+        // A copy per destination of each event, all in one message.
         let events: Vec<SyncEvent> = node.read(|s| {
             s.outbox_after(sent)
                 .take_while(|e| e.seq <= upto)
