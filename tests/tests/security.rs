@@ -119,7 +119,7 @@ fn replica_and_admin_calls_without_the_token_are_refused() -> anyhow::Result<()>
                 dest_seq: 1,
                 recipients: vec![],
             };
-            let apply = open.apply_remote(SyncBatch { events: vec![event] }).await;
+            let apply = open.apply_remote(tokio_stream::iter(vec![SyncBatch { events: vec![event] }])).await;
             assert_eq!(refused("Replica.ApplyRemote", apply), Code::Unauthenticated);
             let mut other = ReplicaClient::new(as_stranger(&n.host, &n.port)?);
             assert_eq!(refused("Replica.Status", other.status(StatusRequest {}).await), Code::PermissionDenied);
@@ -213,8 +213,12 @@ fn events_without_the_deployments_mac_are_dead_lettered_and_real_ones_still_appl
     let mut c1 = d.client("1")?;
     c1.expect_line("=====================================")?;
     c2.poll_list(&[1, 2], &[])?;
-    let files = sns_e2e::spec_files(&d.server_dir(2, 1))?;
-    assert_eq!(files.get("all_users.txt").map(String::as_str), Some("1\n2\n"), "user 99 was never made");
+    // The view files follow the journal within a flush period.
+    let users = sns_e2e::eventually("cluster 2's all_users.txt to list user 1", || {
+        let files = sns_e2e::spec_files(&d.server_dir(2, 1)).ok()?;
+        files.get("all_users.txt").filter(|u| u.starts_with("1\n")).cloned()
+    })?;
+    assert_eq!(users, "1\n2\n", "user 99 was never made");
     let log = d.log("sync-2-1");
     assert_eq!(log.matches("without this deployment's MAC").count(), attempts.len(), "one line each:\n{log}");
     Ok(())

@@ -80,9 +80,16 @@ impl Node {
     /// them. A slave never applies them on its own: it gets them from its
     /// master, so both hold the same events in the same order.
     pub async fn apply_remote(&self, events: Vec<RemoteEvent>) -> Result<Applied> {
+        self.queue_remote(events).await.unwrap_or(Err(Error::Stopping))
+    }
+
+    /// Queues events of other clusters for the writer (see
+    /// [`Node::apply_remote`]); the receiver tells when they are committed.
+    /// Batches queued one after the other enter the log in that order.
+    pub fn queue_remote(&self, events: Vec<RemoteEvent>) -> oneshot::Receiver<Result<Applied>> {
         let (done, result) = oneshot::channel();
         self.submit(Request::Remote { events, done });
-        result.await.unwrap_or(Err(Error::Stopping))
+        result
     }
 
     /// Decides and commits one group of requests, and answers each.

@@ -12,8 +12,10 @@
 //!
 //! Every failure has one outcome for the client and one for the journal:
 //! - the master's own journal write fails: it is cut back (nothing of it
-//!   stays), the master stops taking writes and tells the coordinator; the
-//!   client hears the write was not made ([`Error::NotMade`]);
+//!   stays here), the master stops taking writes and tells the coordinator;
+//!   the client hears the write was not made ([`Error::NotMade`]) or, when
+//!   the slave may hold it (it is forwarded while the master journals),
+//!   that the outcome is unknown ([`Error::OutcomeUnknown`]);
 //! - the slave knows a newer term, or the coordinator says this server is
 //!   no longer master ([`Error::StaleTerm`]): the write stays in this
 //!   server's journal but was never acknowledged (a snapshot from the new
@@ -91,15 +93,30 @@ impl Node {
     }
 
     /// Journals entries here (client writes with consecutive seqs, other
-    /// clusters' events), replicates them, then applies them: Ok once they
-    /// are committed. Called with the write lane held.
+    /// clusters' events) while replicating them, then applies them: Ok once
+    /// they are committed. Called with the write lane held.
+    ///
+    /// The journal write and the forward to the slave run at the same
+    /// time: a cycle costs the longer of the two, not their sum. Nothing
+    /// is applied or acknowledged before both ended. When the journal
+    /// write fails, the slave may hold what this server does not: it is
+    /// forgotten as synced (whatever it holds is replaced by a snapshot
+    /// before it takes another forward), and the client hears that the
+    /// outcome is unknown (a retry with the same request id settles it).
     pub(super) async fn write_entries(&self, role: &Role, entries: Vec<Entry>, published: u64) -> Result<()> {
         let last = entries.iter().filter_map(|e| if let Entry::Local(op) = e { Some(op.seq) } else { None }).max();
-        if let Err(e) = self.journal(entries.clone()).await {
+        let (journaled, verdict) =
+            tokio::join!(self.journal(entries.clone()), self.replicate(role, &entries, published));
+        if let Err(e) = journaled {
+            self.unsync();
             self.cannot_write(&e);
-            return Err(Error::NotMade(Box::new(e)));
+            return Err(match role.slave {
+                Some((slave, ..)) => Error::OutcomeUnknown(format!(
+                    "this server could not write its journal ({e}) while its slave {slave} may have"
+                )),
+                None => Error::NotMade(Box::new(e)),
+            });
         }
-        let verdict = self.replicate(role, &entries, published).await;
         // The journal holds the entries whatever the verdict: memory
         // follows it.
         let node = self.clone();

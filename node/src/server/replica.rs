@@ -11,7 +11,7 @@ use sns_proto::internal::{
     ServingState, SnapshotChunk, StatusRequest, StepDownReply, StepDownRequest, SyncBatch, SyncEvent, TailRequest,
 };
 use std::pin::Pin;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -170,19 +170,83 @@ impl Replica for ReplicaService {
         Ok(Response::new(InstallReply { next_seq, incarnation }))
     }
 
-    async fn apply_remote(&self, req: Request<SyncBatch>) -> Result<Response<ApplyReply>, Status> {
-        let clusters = self.node.cfg().clusters;
-        let events = req
-            .into_inner()
-            .events
-            .iter()
-            .map(|e| codec::event_from_pb(e, clusters))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (applied, rejected) = self.node.apply_remote(events).await?;
-        let rejected =
-            rejected.into_iter().map(|(index, reason)| RejectedEvent { index: index as u32, reason }).collect();
-        Ok(Response::new(ApplyReply { applied: applied as u32, rejected }))
+    type ApplyRemoteStream = Pin<Box<dyn Stream<Item = Result<ApplyReply, Status>> + Send>>;
+
+    async fn apply_remote(
+        &self,
+        req: Request<Streaming<SyncBatch>>,
+    ) -> Result<Response<Self::ApplyRemoteStream>, Status> {
+        let (replies, rx) = mpsc::channel(APPLY_IN_FLIGHT);
+        tokio::spawn(apply_in_order(self.node.clone(), req.into_inner(), replies));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Batches of other clusters' events a synchronizer may have queued and
+/// not yet heard about, at most: one that sends faster waits.
+const APPLY_IN_FLIGHT: usize = 16;
+
+/// Queues each batch of an `ApplyRemote` stream for the writer as it
+/// arrives (so they enter the log in stream order, and a batch joins the
+/// next commit without waiting for the one before it), and answers each
+/// in order once committed. Ends at the first failure, which it reports.
+async fn apply_in_order(
+    node: Node,
+    mut batches: Streaming<SyncBatch>,
+    replies: mpsc::Sender<Result<ApplyReply, Status>>,
+) {
+    type Queued = oneshot::Receiver<crate::error::Result<crate::server::commit::Applied>>;
+    let clusters = node.cfg().clusters;
+    let (queued, mut waiting) = mpsc::channel::<Result<Queued, Status>>(APPLY_IN_FLIGHT);
+    let reads = async move {
+        loop {
+            let batch = match batches.message().await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = queued.send(Err(e)).await;
+                    return;
+                }
+            };
+            let events = batch
+                .events
+                .iter()
+                .map(|e| codec::event_from_pb(e, clusters))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Status::invalid_argument(e.to_string()));
+            let failed = events.is_err();
+            if queued.send(events.map(|events| node.queue_remote(events))).await.is_err() || failed {
+                return;
+            }
+        }
+    };
+    let answers = async move {
+        while let Some(next) = waiting.recv().await {
+            let reply = match next {
+                Ok(committed) => match committed.await.unwrap_or(Err(crate::error::Error::Stopping)) {
+                    Ok((applied, rejected)) => Ok(ApplyReply {
+                        applied: applied as u32,
+                        rejected: rejected
+                            .into_iter()
+                            .map(|(index, reason)| RejectedEvent { index: index as u32, reason })
+                            .collect(),
+                    }),
+                    Err(e) => Err(Status::from(e)),
+                },
+                Err(status) => Err(status),
+            };
+            let failed = reply.is_err();
+            if replies.send(reply).await.is_err() || failed {
+                return;
+            }
+        }
+    };
+    // The answers go on until every queued batch is answered (or one
+    // failed); reading stops when the caller is gone.
+    tokio::pin!(answers);
+    tokio::select! {
+        _ = &mut answers => {}
+        _ = reads => answers.await,
     }
 }
 

@@ -11,7 +11,7 @@
 //! ([`Error::StaleTerm`]: the master steps down) and asks for a snapshot
 //! when it cannot take a forward as it is ([`Error::NeedsSnapshot`]).
 
-use super::Node;
+use super::{Node, lock};
 use crate::error::{Error, Result};
 use crate::store::state::{Arrival, Entry, Snapshot};
 use std::sync::atomic::Ordering;
@@ -30,18 +30,18 @@ impl Node {
         Ok(())
     }
 
-    /// Journals and applies entries on a blocking thread; a journal failure
-    /// leaves this server unwritable (and not synced).
+    /// Journals and applies entries in one trip to a blocking thread; a
+    /// journal failure leaves this server unwritable (and not synced).
     async fn commit_entries(&self, entries: Vec<Entry>) -> Result<()> {
-        let committed = match self.journal(entries.clone()).await {
-            Ok(()) => {
-                let node = self.clone();
-                tokio::task::spawn_blocking(move || drop(node.store().apply(&entries)))
-                    .await
-                    .map_err(|e| Error::Other(format!("apply task failed: {e}")))
-            }
-            Err(e) => Err(e),
-        };
+        let node = self.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            lock(&node.0.log).append(&entries, true)?;
+            drop(node.store().apply(&entries));
+            Ok::<_, Error>(())
+        })
+        .await
+        .map_err(|e| Error::Other(format!("commit task failed: {e}")))
+        .and_then(|r| r);
         match committed {
             Ok(_) => {
                 self.can_write();

@@ -33,7 +33,7 @@ use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{AckRequest, SyncBatch, SyncEvent, TableRequest, TailRequest};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -81,6 +81,9 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Events handed to the server in one apply (one fsync), at most: more
 /// deliveries are taken while the total stays below this.
 pub const APPLY_BATCH: usize = 1024;
+/// Batches sent to the server and not yet answered, at most (the prefetch
+/// bounds them too).
+const APPLY_IN_FLIGHT: usize = 8;
 /// AMQP frame size asked of the broker. lapin keeps two buffers of 32
 /// frames each per connection, so the broker's default (128 KiB) costs 8 MiB
 /// of memory; events are at most a few KiB, and 16 KiB frames cost 1 MiB.
@@ -292,6 +295,13 @@ async fn consume_while_master(
 
 /// Applies every delivery to the server, then acknowledges it. A message
 /// that cannot be decoded is rejected to the dead-letter queue and logged.
+///
+/// Deliveries go to the server as they arrive, over one `ApplyRemote`
+/// stream, without waiting for the batches before them to commit: each
+/// joins the server's next group commit. The server answers them in order;
+/// each answer acknowledges its batch's deliveries to the broker (and
+/// none of a later batch), so the broker redelivers exactly what was not
+/// committed when anything fails.
 async fn consume(
     cfg: &SyncConfig,
     names: &Names,
@@ -308,26 +318,70 @@ async fn consume(
             FieldTable::default(),
         )
         .await?;
-    while let Some(first) = deliveries.next().await {
-        // Take whatever else has arrived too: the server applies it all
-        // with one fsync, and one broker ack (multiple) settles it.
-        let mut next = Some(first);
-        let mut events = Vec::new();
-        let mut last = None;
-        while let Some(delivery) = next.take() {
-            let delivery = delivery?;
-            let kind = delivery.properties.kind().as_ref().map(|k| k.as_str().to_string()).unwrap_or_default();
-            if let Some(secret) = &cfg.secret
-                && !sealed_by(secret, &delivery)
-            {
-                tracing::error!(bytes = delivery.data.len(), routing_key = %delivery.routing_key, "broker message without this deployment's MAC (forged, or from another deployment): dead-lettered, not applied");
-                crate::metrics::get().dead_lettered.inc();
-                delivery.reject(BasicRejectOptions { requeue: false }).await?;
-                if events.len() < APPLY_BATCH {
-                    next = deliveries.next().now_or_never().flatten();
-                }
-                continue;
+    let (batches, outgoing) = tokio::sync::mpsc::channel::<SyncBatch>(APPLY_IN_FLIGHT);
+    let mut replies = server.apply_remote(tokio_stream::wrappers::ReceiverStream::new(outgoing)).await?.into_inner();
+    // Batches sent and not yet answered, oldest first: their events, the
+    // last delivery they settle, and when they were sent.
+    let mut sent: VecDeque<(Vec<SyncEvent>, lapin::message::Delivery, tokio::time::Instant)> = VecDeque::new();
+    loop {
+        let deadline = sent.front().map(|(_, _, at)| *at + APPLY_TIMEOUT);
+        tokio::select! {
+            first = deliveries.next(), if sent.len() < APPLY_IN_FLIGHT => {
+                let Some(first) = first else { break };
+                let (events, last) = gather(cfg, first?, &mut deliveries).await?;
+                // (Only refused messages: each is settled already.)
+                let Some(last) = last else { continue };
+                batches
+                    .send(SyncBatch { events: events.clone() })
+                    .await
+                    .map_err(|_| Error::Other("the server ended the apply stream".into()))?;
+                sent.push_back((events, last, tokio::time::Instant::now()));
             }
+            reply = replies.next(), if !sent.is_empty() => {
+                let reply = reply.ok_or_else(|| Error::Other("the server ended the apply stream".into()))??;
+                let Some((events, last, _)) = sent.pop_front() else { continue };
+                tracing::debug!(count = events.len(), applied = reply.applied, "events applied");
+                note_applied(&events, &reply);
+                // Events that cannot be valid (forged, broken) are never
+                // applied; they go to the dead-letter queue, with why.
+                for r in &reply.rejected {
+                    let Some(event) = events.get(r.index as usize) else { continue };
+                    dead_letter(channel, names, event, &r.reason).await?;
+                }
+                last.ack(BasicAckOptions { multiple: true }).await?;
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                return Err(Error::NoAnswer(format!("the server did not apply events within {APPLY_TIMEOUT:?}")));
+            }
+        }
+    }
+    Err(Error::Other("broker closed the consumer".into()))
+}
+
+/// Takes `first` and whatever else has arrived already (up to
+/// [`APPLY_BATCH`] events): the server applies it all with one fsync, and
+/// one broker ack (multiple) settles it. Returns the events and the last
+/// delivery that carried any (None: every message was refused, and each is
+/// settled already). A message without this deployment's MAC, for another
+/// cluster, or that cannot be decoded is dead-lettered and logged.
+async fn gather(
+    cfg: &SyncConfig,
+    first: lapin::message::Delivery,
+    deliveries: &mut lapin::Consumer,
+) -> Result<(Vec<SyncEvent>, Option<lapin::message::Delivery>)> {
+    let mut next = Some(Ok(first));
+    let mut events = Vec::new();
+    let mut last = None;
+    while let Some(delivery) = next.take() {
+        let delivery = delivery?;
+        let kind = delivery.properties.kind().as_ref().map(|k| k.as_str().to_string()).unwrap_or_default();
+        if let Some(secret) = &cfg.secret
+            && !sealed_by(secret, &delivery)
+        {
+            tracing::error!(bytes = delivery.data.len(), routing_key = %delivery.routing_key, "broker message without this deployment's MAC (forged, or from another deployment): dead-lettered, not applied");
+            crate::metrics::get().dead_lettered.inc();
+            delivery.reject(BasicRejectOptions { requeue: false }).await?;
+        } else {
             let batch = kind == codec::BATCH_TYPE;
             match codec::decode_message(&delivery.data, batch, cfg.clusters) {
                 Ok(decoded) if decoded.iter().all(|e| e.dest_cluster == cfg.cluster) => {
@@ -346,29 +400,12 @@ async fn consume(
                     delivery.reject(BasicRejectOptions { requeue: false }).await?;
                 }
             }
-            if events.len() < APPLY_BATCH {
-                next = deliveries.next().now_or_never().flatten();
-            }
         }
-        if !events.is_empty() {
-            let count = events.len();
-            let mut req = tonic::Request::new(SyncBatch { events: events.clone() });
-            req.set_timeout(APPLY_TIMEOUT);
-            let reply = server.apply_remote(req).await?.into_inner();
-            tracing::debug!(count, applied = reply.applied, "events applied");
-            note_applied(&events, &reply);
-            // Events that cannot be valid (forged, broken) are never
-            // applied; they go to the dead-letter queue, with why.
-            for r in &reply.rejected {
-                let Some(event) = events.get(r.index as usize) else { continue };
-                dead_letter(channel, names, event, &r.reason).await?;
-            }
-        }
-        if let Some(last) = last {
-            last.ack(BasicAckOptions { multiple: true }).await?;
+        if events.len() < APPLY_BATCH {
+            next = deliveries.next().now_or_never().flatten();
         }
     }
-    Err(Error::Other("broker closed the consumer".into()))
+    Ok((events, last))
 }
 
 /// Puts a refused event on the dead-letter exchange, with the reason.
