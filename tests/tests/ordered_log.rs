@@ -178,3 +178,80 @@ fn the_outbox_stream_never_splits_an_event_between_messages() -> anyhow::Result<
     })?;
     Ok(())
 }
+
+/// A synchronizer hands batches of other clusters' events to the master
+/// one after the other on one `ApplyRemote` stream, without waiting for
+/// their commits. They enter the log in stream order and are answered in
+/// it; the first batch that fails ends the stream, and nothing sent after
+/// it is applied (the broker redelivers it to whoever consumes next).
+#[test]
+fn batches_on_one_apply_stream_commit_in_order_and_stop_at_the_first_failure() -> anyhow::Result<()> {
+    use sns_proto::internal::replica_client::ReplicaClient;
+    use sns_proto::internal::sync_event::Kind;
+    use sns_proto::internal::{StatusRequest, SyncBatch, SyncEvent, UserAdded};
+
+    const BATCHES: u64 = 200;
+    // Cluster 1 has no client, so it publishes nothing: positions 1.. of
+    // its stream to cluster 2 are free for these events.
+    let d = Deployment::start(2, 1)?;
+    let rt = rt();
+    // Users of cluster 1 (odd ids with two clusters).
+    let user_at = |n: u64| 2 * (500 + n as u32) + 1;
+    let event = |n: u64, kind: Option<Kind>| SyncEvent {
+        origin_cluster: 1,
+        seq: n,
+        kind,
+        epoch: 1,
+        dest_cluster: 2,
+        dest_seq: n,
+        recipients: vec![],
+    };
+    let added = |n: u64| event(n, Some(Kind::User(UserAdded { user: user_at(n) })));
+    rt.block_on(async {
+        let master = sns_e2e::nodes::server_node(d.coord_port, 2, 1).await.expect("server 2/1");
+        let mut replica = ReplicaClient::new(sns_e2e::secret::channel(&master.host, &master.port)?);
+        // Every batch is sent before the first answer is read.
+        let (tx, rx) = mpsc::unbounded_channel();
+        for n in 1..=BATCHES {
+            tx.send(SyncBatch { events: vec![added(n)] })?;
+        }
+        let mut replies = replica.apply_remote(UnboundedReceiverStream::new(rx)).await?.into_inner();
+        for n in 1..=BATCHES {
+            let reply = tokio::time::timeout(DEADLINE, replies.message()).await??.expect("a reply per batch");
+            assert_eq!((reply.applied, reply.rejected.len()), (1, 0), "batch {n}: {reply:?}");
+        }
+        let status = replica.status(StatusRequest {}).await?.into_inner();
+        assert_eq!(status.held, 0, "nothing was held for a gap: {status:?}");
+        // Then: a good batch, a batch that cannot be decoded (an event
+        // without a kind), and a good batch behind it.
+        let after = BATCHES + 1;
+        tx.send(SyncBatch { events: vec![added(after)] })?;
+        tx.send(SyncBatch { events: vec![event(after + 1, None)] })?;
+        tx.send(SyncBatch { events: vec![added(after + 1)] })?;
+        let reply = tokio::time::timeout(DEADLINE, replies.message()).await??.expect("a reply");
+        assert_eq!(reply.applied, 1, "{reply:?}");
+        let failed = tokio::time::timeout(DEADLINE, replies.message()).await?;
+        assert_eq!(failed.err().map(|s| s.code()), Some(tonic::Code::InvalidArgument), "the broken batch fails");
+        // On a fresh stream, position after + 1 is still free: the batch
+        // sent behind the broken one was never applied.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let other = event(after + 1, Some(Kind::User(UserAdded { user: 2 * 900 + 1 })));
+        tx.send(SyncBatch { events: vec![other] })?;
+        drop(tx);
+        let mut replies = replica.apply_remote(UnboundedReceiverStream::new(rx)).await?.into_inner();
+        let reply = tokio::time::timeout(DEADLINE, replies.message()).await??.expect("a reply");
+        assert_eq!(reply.applied, 1, "position {} was free: {reply:?}", after + 1);
+        assert!(tokio::time::timeout(DEADLINE, replies.message()).await??.is_none(), "one reply, then the end");
+        anyhow::Ok(())
+    })?;
+    let users = sns_e2e::eventually("cluster 2's view of the users", || {
+        let files = spec_files(&d.server_dir(2, 1)).ok()?;
+        files.get("all_users.txt").filter(|u| u.contains("1801\n")).cloned()
+    })?;
+    let listed: Vec<u32> = users.lines().filter_map(|l| l.parse().ok()).collect();
+    for n in 1..=BATCHES + 1 {
+        assert!(listed.contains(&user_at(n)), "user {} of batch {n} is listed", user_at(n));
+    }
+    assert!(!listed.contains(&user_at(BATCHES + 2)), "the batch behind the broken one was not applied");
+    Ok(())
+}
