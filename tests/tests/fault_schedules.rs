@@ -494,13 +494,22 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     let rt = rt();
     wait_healthy(&rt, &d)?;
     let load = start_load(&rt, &d)?;
-    for step in 0..steps {
-        let name = inject(&mut rng, &rt, &mut d, &load, disk_server).with_context(|| format!("step {step}"))?;
-        *totals.faults.entry(name.clone()).or_default() += 1;
-        wait_healthy(&rt, &d).with_context(|| format!("healing after step {step} ({name})"))?;
-        for &w in &WRITERS {
-            progress(&load, w, 1).with_context(|| format!("after step {step} ({name})"))?;
+    let stepped = (|| -> Result<()> {
+        for step in 0..steps {
+            let name = inject(&mut rng, &rt, &mut d, &load, disk_server).with_context(|| format!("step {step}"))?;
+            *totals.faults.entry(name.clone()).or_default() += 1;
+            wait_healthy(&rt, &d).with_context(|| format!("healing after step {step} ({name})"))?;
+            for &w in &WRITERS {
+                progress(&load, w, 1).with_context(|| format!("after step {step} ({name})"))?;
+            }
         }
+        Ok(())
+    })();
+    if let Err(e) = stepped {
+        // A step that failed (not only a failed check) keeps the files and
+        // logs, so the race behind it can be read afterwards.
+        d.keep();
+        return Err(e);
     }
     load.stop.store(true, Ordering::SeqCst);
     let reports: Vec<WriterReport> = load.writers.into_iter().map(|w| rt.block_on(w)).collect::<Result<_, _>>()?;
