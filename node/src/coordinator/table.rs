@@ -243,6 +243,10 @@ pub struct Table {
     handovers: BTreeMap<u32, Handover>,
     /// Why the last switchover of a cluster was abandoned.
     abandoned: BTreeMap<u32, String>,
+    /// The last switchover of a cluster that promoted its target, and the
+    /// term it did so under: its caller hears it was done even if another
+    /// change (a failover of the target) followed before it looked.
+    handed_over: BTreeMap<u32, (Handover, u64)>,
     next_order: u64,
     /// Bumped on every registration, role change and death.
     version: u64,
@@ -266,6 +270,7 @@ impl Table {
             unavailable: BTreeMap::new(),
             handovers: BTreeMap::new(),
             abandoned: BTreeMap::new(),
+            handed_over: BTreeMap::new(),
             next_order: 0,
             version: 0,
         }
@@ -593,7 +598,11 @@ impl Table {
         if self.records.get(&change.cluster).map(|r| r.master) != Some(change.record.master) {
             self.leases.remove(&change.cluster);
             // A new master ends any switchover (done, or overtaken).
-            self.handovers.remove(&change.cluster);
+            if let Some(h) = self.handovers.remove(&change.cluster)
+                && change.record.master == Some(h.to)
+            {
+                self.handed_over.insert(change.cluster, (h, change.record.term));
+            }
         }
         self.records.insert(change.cluster, change.record.clone());
         self.unavailable.remove(&change.cluster);
@@ -758,6 +767,7 @@ impl Table {
             )));
         }
         self.abandoned.remove(&cluster);
+        self.handed_over.remove(&cluster);
         self.handovers.insert(cluster, Handover { from, to, term: record.term, stepped_down: false });
         self.version += 1;
         Ok(Begun { from, to, term: record.term, version: self.version })
@@ -789,6 +799,13 @@ impl Table {
     pub fn switchover_outcome(&self, cluster: u32, from: u32, to: u32, term: u64) -> SwitchoverOutcome {
         if self.handovers.get(&cluster).is_some_and(|h| h.from == from && h.to == to && h.term == term) {
             return SwitchoverOutcome::Pending;
+        }
+        if let Some((h, promoted)) = self.handed_over.get(&cluster)
+            && h.from == from
+            && h.to == to
+            && h.term == term
+        {
+            return SwitchoverOutcome::Done(*promoted);
         }
         match self.records.get(&cluster) {
             Some(r) if r.master == Some(to) && r.term > term => SwitchoverOutcome::Done(r.term),
@@ -1038,6 +1055,38 @@ mod tests {
         assert!(matches!(t.begin_switchover(t0, 9, None), Err(Refusal::Invalid(_))), "no such cluster");
         let (a, _) = t.heartbeat(t0, &server(2, 1));
         assert!(a.is_master, "a refused switchover changes nothing");
+    }
+
+    /// A target that hangs right after it was promoted: the coordinator
+    /// misses it and promotes the old master back under a newer term,
+    /// possibly before the caller of the switchover looks. The caller
+    /// still hears the switchover was done (under the target's term), not
+    /// that another master appeared: the handover happened, and a failover
+    /// followed.
+    #[test]
+    fn a_switchover_done_then_overtaken_by_a_failover_still_reports_it_done() {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        let t1 = t0 + Duration::from_secs(5);
+        t.heartbeat(t1, &server(2, 1));
+        t.heartbeat(t1, &server(2, 2));
+        t.begin_switchover(t1, 2, None).unwrap();
+        t.stepped_down(2, 1, 1);
+        let changes = settle(&mut t, t1);
+        assert_eq!((changes[0].record.master, changes[0].record.term), (Some(2), 2));
+        let t2 = t1 + 2 * L;
+        t.heartbeat(t2, &server(2, 1));
+        t.mark_dead(t2, Kind::Server, 2, 2);
+        let changes = settle(&mut t, t2);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(changes[0].record.master, Some(1), "the old master is promoted back");
+        assert!(changes[0].record.term > 2);
+        assert_eq!(t.switchover_outcome(2, 1, 2, 1), SwitchoverOutcome::Done(2));
+        // The next switchover starts afresh: the old one's result is gone.
+        t.heartbeat(t2, &server(2, 2));
+        let begun = t.begin_switchover(t2, 2, Some(2)).unwrap();
+        assert_eq!(t.switchover_outcome(2, 1, 2, begun.term), SwitchoverOutcome::Pending);
+        assert!(matches!(t.switchover_outcome(2, 1, 2, 1), SwitchoverOutcome::Abandoned(_)));
     }
 
     #[test]
