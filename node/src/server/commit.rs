@@ -75,17 +75,12 @@ impl Node {
         result
     }
 
-    /// Applies events of other clusters as master, in this cluster's log
-    /// order with its own writes, replicated to the in-sync servers like
-    /// them. A slave never applies them on its own: it gets them from its
-    /// master, so both hold the same events in the same order.
-    pub async fn apply_remote(&self, events: Vec<RemoteEvent>) -> Result<Applied> {
-        self.queue_remote(events).await.unwrap_or(Err(Error::Stopping))
-    }
-
-    /// Queues events of other clusters for the writer (see
-    /// [`Node::apply_remote`]); the receiver tells when they are committed.
-    /// Batches queued one after the other enter the log in that order.
+    /// Queues events of other clusters for the writer, to be applied as
+    /// master in this cluster's log order with its own writes, replicated
+    /// to the in-sync servers like them (a slave never applies them on its
+    /// own: it gets them from its master, so both hold the same events in
+    /// the same order). The receiver tells when they are committed. Batches
+    /// queued one after the other enter the log in that order.
     pub fn queue_remote(&self, events: Vec<RemoteEvent>) -> oneshot::Receiver<Result<Applied>> {
         let (done, result) = oneshot::channel();
         self.submit(Request::Remote { events, done });

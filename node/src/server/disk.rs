@@ -38,6 +38,20 @@ impl Node {
             .map_err(|e| Error::Other(format!("journal task failed: {e}")))?
     }
 
+    /// Journals `entries` (with `durable`, one fsync) and applies them to
+    /// memory in one trip to a blocking thread: nothing of them reaches
+    /// memory unless the journal took them.
+    pub(super) async fn journal_and_apply(&self, entries: Vec<Entry>, durable: bool) -> Result<()> {
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || {
+            lock(&node.0.log).append(&entries, durable)?;
+            drop(node.store().apply(&entries));
+            Ok::<_, Error>(())
+        })
+        .await
+        .map_err(|e| Error::Other(format!("commit task failed: {e}")))?
+    }
+
     /// Makes `snapshot` the whole state: the journal first (atomically),
     /// then memory. Called by the write lane's holder.
     pub(super) async fn install_state(&self, snapshot: Snapshot) -> Result<()> {
@@ -100,15 +114,7 @@ impl Node {
     /// fsynced: losing it only means republishing, which receivers ignore.
     pub async fn ack_outbox(&self, upto: u64) -> Result<()> {
         if self.damage().is_none() && upto > self.read(|s| s.published_upto()) && upto < self.read(|s| s.next_seq()) {
-            let node = self.clone();
-            tokio::task::spawn_blocking(move || {
-                let entries = [Entry::PublishedUpto(upto)];
-                lock(&node.0.log).append(&entries, false)?;
-                node.store().apply(&entries);
-                Ok::<_, Error>(())
-            })
-            .await
-            .map_err(|e| Error::Other(format!("commit task failed: {e}")))??;
+            self.journal_and_apply(vec![Entry::PublishedUpto(upto)], false).await?;
         }
         Ok(())
     }

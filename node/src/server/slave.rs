@@ -11,7 +11,7 @@
 //! ([`Error::StaleTerm`]: the master steps down) and asks for a snapshot
 //! when it cannot take a forward as it is ([`Error::NeedsSnapshot`]).
 
-use super::{Node, lock};
+use super::Node;
 use crate::error::{Error, Result};
 use crate::store::state::{Arrival, Entry, Snapshot};
 use std::sync::atomic::Ordering;
@@ -33,16 +33,7 @@ impl Node {
     /// Journals and applies entries in one trip to a blocking thread; a
     /// journal failure leaves this server unwritable (and not synced).
     async fn commit_entries(&self, entries: Vec<Entry>) -> Result<()> {
-        let node = self.clone();
-        let committed = tokio::task::spawn_blocking(move || {
-            lock(&node.0.log).append(&entries, true)?;
-            drop(node.store().apply(&entries));
-            Ok::<_, Error>(())
-        })
-        .await
-        .map_err(|e| Error::Other(format!("commit task failed: {e}")))
-        .and_then(|r| r);
-        match committed {
+        match self.journal_and_apply(entries, true).await {
             Ok(_) => {
                 self.can_write();
                 Ok(())
