@@ -107,7 +107,7 @@ fn replica_and_admin_calls_without_the_token_are_refused() -> anyhow::Result<()>
             assert_eq!(refused("Replica.Status", open.status(StatusRequest {}).await), Code::Unauthenticated);
             let step = StepDownRequest { cluster: 1, term: term + 10, epoch: 0, version: 0 };
             assert_eq!(refused("Replica.StepDown", open.step_down(step).await), Code::Unauthenticated);
-            let chunk = SnapshotChunk { term: term + 10, cluster: 1, data: b"not a snapshot".to_vec() };
+            let chunk = SnapshotChunk { term: term + 10, cluster: 1, sync: 1, data: b"not a snapshot".to_vec() };
             let install = open.install_snapshot(futures_util::stream::iter([chunk])).await;
             assert_eq!(refused("Replica.InstallSnapshot", install), Code::Unauthenticated);
             let event = SyncEvent {

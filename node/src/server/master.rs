@@ -307,7 +307,8 @@ impl Node {
         let started = Instant::now();
         let (bytes, posts) = encode_state(self);
         let size = bytes.len();
-        let chunks = snapshot_chunks(&bytes, role.term, self.0.cfg.cluster);
+        let sync = self.0.snapshots_sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let chunks = snapshot_chunks(&bytes, role.term, sync, self.0.cfg.cluster);
         let limit = self.patience() + Duration::from_millis(size as u64 * 1000 / SNAPSHOT_BYTES_PER_SEC);
         let mut client = self.slave_client(&host, &port)?;
         let mut req = tonic::Request::new(tokio_stream::iter(chunks));
@@ -497,13 +498,13 @@ fn refused(status: &Status, message: String) -> Error {
 }
 
 /// A snapshot as the chunks `Replica.InstallSnapshot` takes.
-fn snapshot_chunks(bytes: &[u8], term: u64, cluster: u32) -> Vec<sns_proto::internal::SnapshotChunk> {
+fn snapshot_chunks(bytes: &[u8], term: u64, sync: u64, cluster: u32) -> Vec<sns_proto::internal::SnapshotChunk> {
     use sns_proto::internal::SnapshotChunk;
     /// Well under gRPC's 4 MiB default message limit.
     const CHUNK: usize = 1 << 20;
     let chunks: Vec<SnapshotChunk> =
-        bytes.chunks(CHUNK).map(|c| SnapshotChunk { term, cluster, data: c.to_vec() }).collect();
-    if chunks.is_empty() { vec![SnapshotChunk { term, cluster, data: Vec::new() }] } else { chunks }
+        bytes.chunks(CHUNK).map(|c| SnapshotChunk { term, cluster, sync, data: c.to_vec() }).collect();
+    if chunks.is_empty() { vec![SnapshotChunk { term, cluster, sync, data: Vec::new() }] } else { chunks }
 }
 
 /// Encodes the committed state for a slave.

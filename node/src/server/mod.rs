@@ -130,6 +130,10 @@ struct Inner {
     synced_slave: Mutex<Option<master::SyncedSlave>>,
     /// As a slave: the term whose master last installed a snapshot here.
     synced_term: AtomicU64,
+    /// As a slave: (term, sync number) of the last snapshot installed here.
+    installed: Mutex<(u64, u64)>,
+    /// As master: snapshots sent to slaves so far (numbers them).
+    snapshots_sent: AtomicU64,
     /// Why this master is not replicating ("" when it is).
     degraded: Mutex<String>,
     /// Every term under which this server accepted a client write as master.
@@ -171,6 +175,8 @@ impl Node {
             slave: Mutex::new(None),
             synced_slave: Mutex::new(None),
             synced_term: AtomicU64::new(0),
+            installed: Mutex::new((0, 0)),
+            snapshots_sent: AtomicU64::new(0),
             degraded: Mutex::new(String::new()),
             master_terms: Mutex::new(BTreeSet::new()),
             disk: Mutex::new(disk::Disk::default()),

@@ -156,17 +156,18 @@ impl Replica for ReplicaService {
         let (mut data, mut term) = (Vec::new(), None);
         let cluster = self.node.cfg().cluster;
         while let Some(chunk) = chunks.message().await? {
-            if chunk.cluster != cluster || term.is_some_and(|t| t != chunk.term) {
-                return Err(Status::invalid_argument("snapshot chunks disagree on cluster or term"));
+            if chunk.cluster != cluster || term.is_some_and(|t| t != (chunk.term, chunk.sync)) {
+                return Err(Status::invalid_argument("snapshot chunks disagree on cluster, term or number"));
             }
-            term = Some(chunk.term);
+            term = Some((chunk.term, chunk.sync));
             data.extend_from_slice(&chunk.data);
         }
-        let term = term.ok_or_else(|| Status::invalid_argument("empty snapshot"))?;
+        let (term, sync) = term.ok_or_else(|| Status::invalid_argument("empty snapshot"))?;
         let snapshot = codec::decode_snapshot(&data, cluster, self.node.cfg().clusters)
             .map_err(|e| Status::invalid_argument(format!("bad snapshot: {e}")))?;
         let node = self.node.clone();
-        let (next_seq, incarnation) = to_completion(async move { node.install_snapshot(term, snapshot).await }).await?;
+        let (next_seq, incarnation) =
+            to_completion(async move { node.install_snapshot(term, sync, snapshot).await }).await?;
         Ok(Response::new(InstallReply { next_seq, incarnation }))
     }
 

@@ -101,15 +101,26 @@ impl Node {
     /// Installs the master's state (a rejoin, a new term, a damaged or
     /// unwritable journal); returns the next seq and this server's
     /// incarnation.
-    pub async fn install_snapshot(&self, term: u64, snapshot: Snapshot) -> Result<(u64, u64)> {
+    pub async fn install_snapshot(&self, term: u64, sync: u64, snapshot: Snapshot) -> Result<(u64, u64)> {
         let _lane = self.0.lane.lock().await;
         self.check_master_term(term)?;
+        let (last_term, last_sync) = *super::lock(&self.0.installed);
+        if sync != 0 && last_term == term && sync < last_sync {
+            // Its master gave up on it (this server was paused) and sent a
+            // newer one since: installing it would take back writes this
+            // server was recorded in sync for.
+            tracing::warn!(term, sync, installed = last_sync, "refused a stale snapshot of this term");
+            return Err(Error::Invalid(format!(
+                "snapshot {sync} of term {term} is older than snapshot {last_sync}, installed here already"
+            )));
+        }
         if let Err(e) = self.install_state(snapshot).await {
             self.cannot_write(&e);
             return Err(e);
         }
         self.can_write();
         self.0.synced_term.store(term, Ordering::SeqCst);
+        *super::lock(&self.0.installed) = (term, sync);
         self.mark_all_stable();
         self.update_serving();
         let next = self.read(|s| s.next_seq());
