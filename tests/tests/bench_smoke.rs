@@ -46,7 +46,13 @@ fn smoke_run_writes_sane_figures() {
         }
         if started.elapsed() > LIMIT {
             let _ = child.kill();
-            panic!("sns-bench --smoke still running after {LIMIT:?}");
+            // Its progress lines name the phase that stalled.
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "sns-bench --smoke still running after {LIMIT:?}:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     };
