@@ -30,6 +30,8 @@ pub struct ApiServer {
     pub race_after_get: Option<String>,
     /// ConfigMaps by name, versioned from the same counter as the lease.
     pub configmaps: BTreeMap<String, Value>,
+    /// Every lease write kept, in order: its holder and when it was made.
+    pub lease_writes: Vec<(String, std::time::Instant)>,
 }
 
 pub type Shared = Arc<Mutex<ApiServer>>;
@@ -43,6 +45,8 @@ pub fn status(code: StatusCode, reason: &str) -> (StatusCode, Value) {
 
 impl ApiServer {
     fn store(&mut self, mut lease: Value) -> Value {
+        let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_string();
+        self.lease_writes.push((holder, std::time::Instant::now()));
         self.version += 1;
         lease["metadata"]["resourceVersion"] = json!(self.version.to_string());
         self.lease = Some(lease.clone());
