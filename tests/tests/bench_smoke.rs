@@ -10,6 +10,7 @@
 
 use serde_json::{Map, Value};
 use sns_e2e::bench::report::REQUIRED_KEYS;
+use std::io::Read as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -40,23 +41,43 @@ fn smoke_run_writes_sane_figures() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("sns-bench starts");
+    // Both pipes are drained while it runs: a child that filled one would
+    // otherwise block on its next write and look like a stall.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            let _ = tx.send(bytes);
+        });
+        // What the pipe held by the end (bounded: a stray holder of the
+        // pipe must not hang the test).
+        move || rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default()
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
-            break status;
+            break Some(status);
         }
         if started.elapsed() > LIMIT {
             let _ = child.kill();
-            // Its progress lines name the phase that stalled.
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "sns-bench --smoke still running after {LIMIT:?}:\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let _ = child.wait();
+            break None;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let out = child.wait_with_output().unwrap();
+    let out = std::process::Output { status: status.unwrap_or_default(), stdout: stdout(), stderr: stderr() };
+    // Its progress lines name the phase that stalled.
+    assert!(
+        status.is_some(),
+        "sns-bench --smoke still running after {LIMIT:?}:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = out.status;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(status.success(), "sns-bench --smoke failed ({status}):\n{stdout}\n{stderr}");
