@@ -514,6 +514,12 @@ pub struct LocalArgs {
     /// How long to wait for every node to be ready.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
+    /// Stop every node when standard input ends (by default the launcher
+    /// then runs until it is signalled): for a program that drives the
+    /// launcher through its standard input, so that program's crash leaves
+    /// nothing running.
+    #[arg(long)]
+    pub stop_on_stdin_eof: bool,
     /// The deployment's secret [default: `<dir>/secret`, made (mode 0600)
     /// if missing]. Every node gets it through `SNS_SECRET_FILE`.
     #[arg(long, env = "SNS_SECRET_FILE")]

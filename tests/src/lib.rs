@@ -301,7 +301,9 @@ impl DeploymentBuilder {
             .arg("--dir")
             .arg(dir.path())
             .arg("--secret-file")
-            .arg(secret::file());
+            .arg(secret::file())
+            // A test or bench killed mid-run leaves no deployment behind.
+            .arg("--stop-on-stdin-eof");
         if let Some(filter) = &self.log {
             cmd.env("SNS_LOG", filter);
         }
@@ -325,7 +327,7 @@ impl DeploymentBuilder {
         let out = Output::spawn_reader(child.stdout.take().expect("piped stdout"));
         let mut d = Deployment {
             child,
-            stdin,
+            stdin: Some(stdin),
             out,
             seen: 0,
             coord_port: 0,
@@ -360,7 +362,8 @@ impl DeploymentBuilder {
 /// A deployment run by `sns-node local` in a temporary directory.
 pub struct Deployment {
     child: Child,
-    stdin: ChildStdin,
+    /// None once [`Deployment::end_input`] closed it.
+    stdin: Option<ChildStdin>,
     out: Output,
     /// Lines of stdout already consumed by `command`.
     seen: usize,
@@ -401,6 +404,16 @@ impl Deployment {
     /// The launcher's process id.
     pub fn launcher_pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Closes the launcher's standard input, as this process's death would.
+    pub fn end_input(&mut self) {
+        self.stdin = None;
+    }
+
+    /// The launcher's exit status, once it has exited.
+    pub fn launcher_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Everything the launcher printed on stdout so far.
@@ -451,8 +464,9 @@ impl Deployment {
 
     /// Sends a launcher command and returns its reply line, errors too.
     pub fn command_reply(&mut self, line: &str) -> Result<String> {
-        writeln!(self.stdin, "{line}")?;
-        self.stdin.flush()?;
+        let stdin = self.stdin.as_mut().ok_or_else(|| anyhow!("the launcher's input is closed"))?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
         let seen = self.seen;
         let deadline = Instant::now() + DEADLINE;
         let ok = self.out.wait(deadline, |t| {
@@ -484,8 +498,9 @@ impl Deployment {
     /// unknown command) and returns what the launcher printed from then on
     /// once `done` holds of it.
     pub fn console(&mut self, line: &str, done: impl Fn(&str) -> bool) -> Result<String> {
-        writeln!(self.stdin, "{line}")?;
-        self.stdin.flush()?;
+        let stdin = self.stdin.as_mut().ok_or_else(|| anyhow!("the launcher's input is closed"))?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
         let seen = self.seen;
         let after = |t: &str| t.lines().skip(seen).collect::<Vec<_>>().join("\n");
         let ok = self.out.wait(Instant::now() + DEADLINE, |t| done(&after(t)));

@@ -244,6 +244,28 @@ fn the_console_lists_its_commands_and_names_unknown_ones() -> Result<()> {
     Ok(())
 }
 
+/// A launcher driven through its standard input (`--stop-on-stdin-eof`, as
+/// every test and the bench run it) stops every node it started when that
+/// input ends, as it does when the program driving it is killed: nothing of
+/// the deployment is left running.
+#[test]
+fn a_launcher_whose_input_ends_stops_every_node() -> Result<()> {
+    let mut d = Deployment::start(1, 2)?;
+    let pids: Vec<u32> = d.status()?.into_values().flatten().collect();
+    assert!(pids.len() >= 4, "coordinator, two servers and their synchronizers: {pids:?}");
+    d.end_input();
+    let status = eventually("the launcher exits", || d.launcher_exit())?;
+    assert!(status.success(), "{status}");
+    assert!(d.stdout().contains("standard input ended: stopping"), "{}", d.stdout());
+    for pid in pids {
+        // A stopped node's process is gone (reaped by its launcher).
+        eventually(&format!("node process {pid} is gone"), || {
+            (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+        })?;
+    }
+    Ok(())
+}
+
 /// A node started by hand with `--log-format json` and `--metrics-port 0`:
 /// every log line is a JSON object, and the metrics port it wrote answers.
 #[test]

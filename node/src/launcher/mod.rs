@@ -87,6 +87,7 @@ pub async fn run(
             (spec, None)
         }
     };
+    let stop_on_eof = args.stop_on_stdin_eof;
     let deployment = args.deployment.clone().or(name).unwrap_or_else(|| "sns".into());
     parse_deployment(&deployment).map_err(Error::Config)?;
     ensure_broker(&args.broker.amqp_url, !args.no_broker_start).await?;
@@ -202,7 +203,13 @@ pub async fn run(
                     }
                     println!("{reply}");
                 }
-                // No more commands (e.g. started with </dev/null): run until stopped.
+                // No more commands: the program driving this launcher is
+                // gone (stop with it), or there never was one (started
+                // with </dev/null: run until stopped).
+                _ if stop_on_eof => {
+                    println!("standard input ended: stopping");
+                    break;
+                }
                 _ => stdin_open = false,
             },
             Some(a) = announcements.recv() => println!("{a}"),
