@@ -60,11 +60,29 @@ fn role(n: &Node) -> &'static str {
     }
 }
 
+/// What is wrong with a live node, as it says in its heartbeats.
+fn problem(n: &Node) -> Option<String> {
+    if !n.alive {
+        return None;
+    }
+    if n.kind == "server" {
+        if n.damaged {
+            return Some("its journal is damaged: it waits to be rebuilt from an in-sync server".into());
+        }
+        if n.unwritable {
+            return Some("cannot write its journal (full or failing disk): it takes no writes".into());
+        }
+        return None;
+    }
+    (!n.link_down.is_empty()).then(|| format!("link to its server or the broker down: {}", n.link_down))
+}
+
 /// An extra column: its header, and its cell for a node's name.
 pub type Column<'a> = (&'a str, &'a dyn Fn(&str) -> String);
 
 /// The aligned table; `extra` adds columns after the fixed ones, by node
-/// name (the launcher's pids and metrics ports).
+/// name (the launcher's pids and metrics ports). Below it, one line per
+/// live node with a problem (none while all is well).
 pub fn render(s: &Snapshot, extra: &[Column<'_>]) -> String {
     let mut nodes: Vec<&Node> = s.nodes.iter().collect();
     nodes.sort_by_key(|n| (n.cluster, n.kind != "server", n.id));
@@ -75,6 +93,7 @@ pub fn render(s: &Snapshot, extra: &[Column<'_>]) -> String {
             .chain(extra.iter().map(|(h, _)| h.to_string()))
             .collect(),
     ];
+    let mut problems = Vec::new();
     for n in nodes {
         let server = n.kind == "server";
         // The backlog is the publishing synchronizer's: the one beside the master.
@@ -104,8 +123,19 @@ pub fn render(s: &Snapshot, extra: &[Column<'_>]) -> String {
         ];
         row.extend(extra.iter().map(|(_, f)| f(&name)));
         rows.push(row);
+        if let Some(p) = problem(n) {
+            problems.push(format!("  {name}: {p}"));
+        }
     }
-    align(&rows)
+    let mut text = align(&rows);
+    if !problems.is_empty() {
+        text.push_str("problems:\n");
+        for p in problems {
+            text.push_str(&p);
+            text.push('\n');
+        }
+    }
+    text
 }
 
 /// Left-aligned columns two spaces apart, no trailing blanks.
@@ -176,5 +206,28 @@ mod tests {
         assert!(lines[3].contains("sync-1-1") && lines[3].contains(" 7 ") && lines[3].ends_with("pid-of-sync-1-1"));
         let col = lines[0].find("ADDRESS").unwrap();
         assert!(lines.iter().skip(1).all(|l| l[col..].starts_with("127.0.0.1:")), "{text}");
+    }
+
+    #[test]
+    fn problems_of_live_nodes_are_listed_below_the_table() {
+        let mut down = node(1, 3, "synchronizer", false, 2);
+        down.link_down = "IO error: Connection refused (os error 111)".into();
+        let mut full = node(1, 2, "server", false, 0);
+        full.unwritable = true;
+        let mut dead = node(1, 1, "synchronizer", false, 1);
+        (dead.alive, dead.link_down) = (false, "stale".into());
+        let s = Snapshot { nodes: vec![node(1, 1, "server", true, 0), full, dead, down], backlog: BTreeMap::new() };
+        let text = render(&s, &[]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1 + 4 + 3, "{text}");
+        assert_eq!(lines[5], "problems:", "{text}");
+        assert!(lines[6].starts_with("  server-1-2: cannot write its journal"), "{text}");
+        assert_eq!(
+            lines[7], "  sync-1-2: link to its server or the broker down: IO error: Connection refused (os error 111)",
+            "{text}"
+        );
+        // All well: the table alone.
+        let well = Snapshot { nodes: vec![node(1, 1, "server", true, 0)], backlog: BTreeMap::new() };
+        assert!(!render(&well, &[]).contains("problems"));
     }
 }

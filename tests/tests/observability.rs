@@ -173,9 +173,15 @@ fn sns_node_status_prints_the_routing_table() -> Result<()> {
         }
         cmd.output()
     };
-    let out = run(true)?;
+    // Synchronizers list themselves as problems until their links are up.
+    let mut last = String::new();
+    let out = eventually("a table without problems", || {
+        let out = run(true).ok()?;
+        last = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success() && !last.contains("problems:")).then_some(out)
+    })
+    .map_err(|e| anyhow!("{e}; last answer:\n{last}"))?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 1 + 8, "a header and 8 nodes:\n{text}");
     let header: Vec<&str> = lines[0].split_whitespace().collect();
@@ -205,6 +211,66 @@ fn sns_node_status_prints_the_routing_table() -> Result<()> {
     let pid = procs[&format!("server-1-{m1}")].expect("the master runs");
     let launcher_row = status.lines().find(|l| l.contains(&format!("server-1-{m1} "))).unwrap_or_default();
     assert!(launcher_row.contains(&format!(" {pid} ")), "{status}");
+    Ok(())
+}
+
+/// A synchronizer that cannot reach the broker says so in its heartbeats:
+/// `sns-node status` lists it below the table with the broker's error, and
+/// the line goes once it is connected again.
+#[test]
+fn a_synchronizer_cut_off_from_the_broker_is_listed_as_a_problem() -> Result<()> {
+    let mut d = Deployment::start(1, 2)?;
+    let port = d.coord_port.to_string();
+    let status = || -> Result<String> {
+        let out = std::process::Command::new(sns_e2e::bin("sns-node"))
+            .args(["status", "-h", "127.0.0.1", "-k", &port, "--secret-file"])
+            .arg(sns_e2e::secret::file())
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // Each synchronizer says "connecting" until its links are up.
+    eventually("every synchronizer to connect", || {
+        let text = status().ok()?;
+        (text.contains("sync-1-2") && !text.contains("problems:")).then_some(())
+    })?;
+
+    // sync-1-2 again, as the launcher ran it, but against a broker port that
+    // refuses connections.
+    let pid = d.status()?["sync-1-2"].ok_or_else(|| anyhow!("sync-1-2 runs"))?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    let mut args: Vec<String> =
+        cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let url = args.iter().position(|a| a == "--amqp-url").ok_or_else(|| anyhow!("no --amqp-url in {args:?}"))?;
+    args[url + 1] = "amqp://guest:guest@127.0.0.1:1/%2f".into();
+    d.command("kill sync-1-2")?;
+    let mut cut_off = std::process::Command::new(&args[0])
+        .args(&args[1..])
+        .env("SNS_SECRET_FILE", sns_e2e::secret::file())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    // First "connecting", then the broker's own error.
+    let mut last = String::new();
+    let shown = eventually("the status to show why the synchronizer is cut off", || {
+        last = status().ok()?;
+        last.lines()
+            .any(|l| {
+                l.starts_with("  sync-1-2: link to its server or the broker down:")
+                    && l.to_lowercase().contains("refused")
+            })
+            .then(|| last.clone())
+    });
+    let _ = cut_off.kill();
+    let _ = cut_off.wait();
+    let shown = shown.map_err(|e| anyhow!("{e}; last status:\n{last}"))?;
+    let problems: Vec<&str> = shown.lines().skip_while(|l| *l != "problems:").skip(1).collect();
+    assert_eq!(problems.len(), 1, "only the cut-off one: {shown}");
+
+    d.command("start sync-1-2")?;
+    eventually("the problem to go once it is connected", || {
+        let text = status().ok()?;
+        (!text.contains("problems:") && text.contains("sync-1-2")).then_some(())
+    })?;
     Ok(())
 }
 

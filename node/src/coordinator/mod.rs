@@ -455,6 +455,7 @@ impl CoordService for Coordinator {
             damaged: s.damaged,
             unwritable: s.unwritable,
             next_seq: s.next_seq,
+            link_down: s.link_down,
         };
         let (a, lease, registered) = self.with(|t| {
             let (a, registered) = t.heartbeat(Instant::now(), &beat);
@@ -544,6 +545,7 @@ impl CoordAdmin for Coordinator {
                 incarnation: v.incarnation,
                 damaged: v.damaged,
                 unwritable: v.unwritable,
+                link_down: v.link_down,
             })
             .collect();
         Ok(Response::new(RoutingTable { nodes, clusters }))

@@ -80,6 +80,8 @@ pub struct Beat {
     pub damaged: bool,
     pub unwritable: bool,
     pub next_seq: u64,
+    /// Synchronizers: why their link is down ("" while it is up).
+    pub link_down: String,
 }
 
 impl Beat {
@@ -120,6 +122,7 @@ pub struct NodeView {
     pub incarnation: u64,
     pub damaged: bool,
     pub unwritable: bool,
+    pub link_down: String,
 }
 
 /// The coordinator's answer to a heartbeat.
@@ -153,6 +156,7 @@ struct Entry {
     damaged: bool,
     unwritable: bool,
     next_seq: u64,
+    link_down: String,
 }
 
 /// A planned switchover under way.
@@ -363,6 +367,7 @@ impl Table {
             damaged: beat.damaged,
             unwritable: beat.unwritable,
             next_seq: beat.next_seq,
+            link_down: beat.link_down.clone(),
         };
         // A change in what a server says of itself can change roles.
         let changed = previous.as_ref().is_none_or(|p| {
@@ -902,6 +907,7 @@ impl Table {
             incarnation: e.incarnation,
             damaged: e.damaged,
             unwritable: e.unwritable,
+            link_down: if alive { e.link_down.clone() } else { String::new() },
         })
     }
 }
@@ -953,6 +959,25 @@ mod tests {
         let c = t.set_in_sync(t0, 2, 1, 1, &[(1, 0), (2, 202)]).unwrap();
         t.install(&c);
         t
+    }
+
+    #[test]
+    fn a_synchronizers_link_state_is_shown_while_it_is_alive_and_changes_no_role() {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        let view = |t: &Table, now| t.all(now).into_iter().find(|v| v.kind == Kind::Synchronizer).unwrap();
+        let (_, registered) = t.heartbeat(t0, &sync(2, 1, 1));
+        assert!(registered);
+        assert_eq!(view(&t, t0).link_down, "");
+        let version = t.version;
+        let down = Beat { link_down: "IO error: Connection refused".into(), ..sync(2, 1, 1) };
+        let (a, changed) = t.heartbeat(t0, &down);
+        assert!(a.is_master && !changed && t.version == version, "a link going down moves no role");
+        assert_eq!(view(&t, t0).link_down, "IO error: Connection refused");
+        // A dead synchronizer's last word is not shown as current.
+        assert!(!view(&t, t0 + T).alive && view(&t, t0 + T).link_down.is_empty());
+        t.heartbeat(t0 + T, &sync(2, 1, 1));
+        assert_eq!(view(&t, t0 + T).link_down, "");
     }
 
     #[test]

@@ -51,6 +51,7 @@ impl Node {
             unwritable: self.unwritable().is_some(),
             next_seq,
             unavailable_reason: String::new(),
+            link_down: String::new(),
         };
         let sent = Instant::now();
         let reply = CoordServiceClient::new(self.0.coord.clone()).heartbeat(info).await?.into_inner();

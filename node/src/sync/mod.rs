@@ -98,12 +98,15 @@ pub async fn run(cfg: SyncConfig, listener: TcpListener, shutdown: CancellationT
     let attach = crate::auth::Attach::new(cfg.secret.clone());
     let coord = net::node_channel(&cfg.coord_host, &cfg.coord_port.to_string(), &attach)?;
     let span = tracing::info_span!("synchronizer", cluster = cfg.cluster, sync = cfg.id, server = cfg.paired_server);
+    // Why the link is down, for the heartbeats ("" while it is up).
+    let (link, link_rx) = watch::channel(String::from("connecting"));
     let beats = tokio::spawn(
-        heartbeats(cfg.clone(), port, coord.clone(), shutdown.clone())
+        heartbeats(cfg.clone(), port, coord.clone(), link_rx, shutdown.clone())
             .instrument(tracing::info_span!(parent: &span, "heartbeat")),
     );
-    let bridge =
-        tokio::spawn(bridge(cfg, coord, shutdown.clone()).instrument(tracing::info_span!(parent: &span, "bridge")));
+    let bridge = tokio::spawn(
+        bridge(cfg, coord, link, shutdown.clone()).instrument(tracing::info_span!(parent: &span, "bridge")),
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     net::serve_health(health_service.clone(), shutdown.clone());
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
@@ -118,15 +121,25 @@ pub async fn run(cfg: SyncConfig, listener: TcpListener, shutdown: CancellationT
     Ok(served?)
 }
 
-async fn heartbeats(cfg: SyncConfig, port: u16, coord: net::NodeChannel, shutdown: CancellationToken) {
+/// Heartbeats to the coordinator, each saying whether the link is up
+/// (`link`: why it is down, "" while it is up).
+async fn heartbeats(
+    cfg: SyncConfig,
+    port: u16,
+    coord: net::NodeChannel,
+    mut link: watch::Receiver<String>,
+    shutdown: CancellationToken,
+) {
     let mut client = CoordServiceClient::new(coord);
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut is_master = false;
     loop {
+        // A change of the link is told at once, not a period later.
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+            Ok(()) = link.changed() => {}
         }
         let info = ServerInfo {
             server_id: cfg.id as i32,
@@ -137,6 +150,7 @@ async fn heartbeats(cfg: SyncConfig, port: u16, coord: net::NodeChannel, shutdow
             is_master,
             term: 0,
             paired_server_id: cfg.paired_server as i32,
+            link_down: link.borrow().clone(),
             ..ServerInfo::default()
         };
         match client.heartbeat(info).await {
@@ -146,11 +160,21 @@ async fn heartbeats(cfg: SyncConfig, port: u16, coord: net::NodeChannel, shutdow
     }
 }
 
-/// Connects server and broker, and reconnects whichever fails, forever.
-async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, shutdown: CancellationToken) {
+/// Connects server and broker, and reconnects whichever fails, forever;
+/// `link` says why the link is down ("" while it is up).
+async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, link: watch::Sender<String>, shutdown: CancellationToken) {
     let names = Names::new(&cfg.deployment);
     let mut backoff = sns_proto::backoff::Backoff::new(RETRY_MIN, RETRY_MAX);
     loop {
+        // Up again only once both ends are; a failure keeps its reason
+        // through the next attempt.
+        link.send_if_modified(|l| {
+            let was_up = l.is_empty();
+            if was_up {
+                *l = "reconnecting".into();
+            }
+            was_up
+        });
         let attempt = async {
             let server = find_server(&cfg, coord.clone(), &shutdown).await?;
             let conn =
@@ -158,6 +182,7 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, shutdown: Cancellation
             let setup = conn.create_channel().await?;
             topology::declare(&setup, &names, cfg.clusters, cfg.queue_expires, cfg.queue_type).await?;
             tracing::info!(server = %server, "connected to server and broker");
+            link.send_replace(String::new());
             let attach = crate::auth::Attach::new(cfg.secret.clone());
             let consumer =
                 consume_while_master(&cfg, &names, &conn, ReplicaClient::new(net::node_channel_to(&server, &attach)?));
@@ -185,6 +210,7 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, shutdown: Cancellation
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "synchronizer link down");
+                link.send_replace(link_down_reason(&e));
                 delay
             }
         };
@@ -192,6 +218,18 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, shutdown: Cancellation
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// What the routing table shows of a link failure: the error, on one line
+/// and short enough for a table.
+fn link_down_reason(e: &Error) -> String {
+    const MAX: usize = 200;
+    let text: String = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None if text.is_empty() => "down".into(),
+        None => text,
     }
 }
 
