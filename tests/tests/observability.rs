@@ -260,9 +260,15 @@ fn a_synchronizer_cut_off_from_the_broker_is_listed_as_a_problem() -> Result<()>
             })
             .then(|| last.clone())
     });
+    // Its metrics say so too (it wrote its port where the launcher's
+    // sync-1-2 did); the other synchronizer is linked.
+    let link_up = |name: &str| metrics(&d, name).ok().and_then(|m| sum(&m, "sns_sync_link_up", &[]));
+    let cut_metric = eventually("the cut-off synchronizer's link gauge", || link_up("sync-1-2"));
+    let linked_metric = link_up("sync-1-1");
     let _ = cut_off.kill();
     let _ = cut_off.wait();
     let shown = shown.map_err(|e| anyhow!("{e}; last status:\n{last}"))?;
+    assert_eq!((cut_metric?, linked_metric), (0.0, Some(1.0)), "sns_sync_link_up of sync-1-2, sync-1-1");
     let problems: Vec<&str> = shown.lines().skip_while(|l| *l != "problems:").skip(1).collect();
     assert_eq!(problems.len(), 1, "only the cut-off one: {shown}");
 

@@ -71,6 +71,7 @@ pub struct Metrics {
     pub dead_lettered: Counter,
     pub outbox_backlog: Gauge,
     pub propagation_seconds: Histogram,
+    pub link_up: Gauge,
     // Coordinator.
     pub failovers: Family<ClusterLabels, Counter>,
     pub failover_seconds: Histogram,
@@ -108,6 +109,7 @@ impl Default for Metrics {
             dead_lettered: Counter::default(),
             outbox_backlog: Gauge::default(),
             propagation_seconds: slow_buckets(),
+            link_up: Gauge::default(),
             failovers: Family::default(),
             failover_seconds: slow_buckets(),
             live_nodes: Family::default(),
@@ -187,6 +189,11 @@ pub fn install(kind: NodeKind) {
                 "sync_propagation_seconds",
                 "From a post's time at its origin to its apply in this cluster",
                 m.propagation_seconds.clone(),
+            );
+            r.register(
+                "sync_link_up",
+                "1 while linked to both the paired server and the broker, else 0",
+                m.link_up.clone(),
             );
         }
         NodeKind::Coordinator => {

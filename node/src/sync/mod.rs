@@ -175,6 +175,7 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, link: watch::Sender<St
             }
             was_up
         });
+        crate::metrics::get().link_up.set(0);
         let attempt = async {
             let server = find_server(&cfg, coord.clone(), &shutdown).await?;
             let conn =
@@ -183,6 +184,7 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, link: watch::Sender<St
             topology::declare(&setup, &names, cfg.clusters, cfg.queue_expires, cfg.queue_type).await?;
             tracing::info!(server = %server, "connected to server and broker");
             link.send_replace(String::new());
+            crate::metrics::get().link_up.set(1);
             let attach = crate::auth::Attach::new(cfg.secret.clone());
             let consumer =
                 consume_while_master(&cfg, &names, &conn, ReplicaClient::new(net::node_channel_to(&server, &attach)?));
