@@ -1,6 +1,7 @@
 //! Real disk faults for the suites: a small tmpfs under a server's data
-//! directory that a test fills up (ENOSPC from the kernel, not a mock), and
-//! bytes flipped in a real journal.
+//! directory that a test fills up (ENOSPC from the kernel, not a mock), a
+//! loop-mounted ext4 that a test freezes (a hung disk), and bytes flipped
+//! in a real journal.
 //!
 //! Mounting needs root (CI runs as root). Where the kernel refuses, the
 //! tests that need a full disk skip, saying so (see `crate::skip`).
@@ -51,6 +52,71 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+    }
+}
+
+/// A small ext4 file system in an image file, loop-mounted for a test. It
+/// can be frozen (`fsfreeze`): every write to it then hangs, neither ending
+/// nor failing, until it is thawed (a hung disk). Thawed, unmounted
+/// (lazily) and its image removed when dropped.
+#[derive(Debug)]
+pub struct FreezableFs {
+    path: PathBuf,
+    image: PathBuf,
+}
+
+impl FreezableFs {
+    /// Makes an ext4 image of `bytes` at `image` and mounts it at `path`.
+    pub fn mount(path: &Path, image: &Path, bytes: u64) -> Result<FreezableFs> {
+        std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+        let refused = |reason: String| MountRefused { path: path.display().to_string(), reason };
+        std::fs::File::create(image)?.set_len(bytes)?;
+        let mkfs = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(image).output();
+        match mkfs {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => {
+                return Err(refused(format!("mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr).trim())).into());
+            }
+            Err(e) => return Err(refused(format!("mkfs.ext4: {e}")).into()),
+        }
+        let out = Command::new("mount").args(["-o", "loop"]).arg(image).arg(path).output().context("running mount")?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(image);
+            return Err(refused(String::from_utf8_lossy(&out.stderr).trim().to_string()).into());
+        }
+        Ok(FreezableFs { path: path.to_path_buf(), image: image.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// From now on every write to it hangs.
+    pub fn freeze(&self) -> Result<()> {
+        let out = Command::new("fsfreeze").arg("-f").arg(&self.path).output().context("running fsfreeze")?;
+        if !out.status.success() {
+            bail!("fsfreeze -f {}: {}", self.path.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    /// The hung writes go on.
+    pub fn thaw(&self) -> Result<()> {
+        let out = Command::new("fsfreeze").arg("-u").arg(&self.path).output().context("running fsfreeze")?;
+        if !out.status.success() {
+            bail!("fsfreeze -u {}: {}", self.path.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FreezableFs {
+    fn drop(&mut self) {
+        // A frozen file system cannot be left behind: the processes writing
+        // to it could never end.
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.path).output();
+        let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+        let _ = std::fs::remove_file(&self.image);
     }
 }
 

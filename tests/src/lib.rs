@@ -171,6 +171,8 @@ pub struct DeploymentBuilder {
     ready_timeout: Duration,
     /// Servers whose data directory is a small tmpfs: (cluster, id, bytes).
     tmpfs: Vec<(u32, u32, u64)>,
+    /// Servers whose data directory is a file system a test can freeze.
+    freezable: Vec<(u32, u32)>,
     /// The launcher's `--queue-type`, when not the default.
     queue_type: Option<String>,
     /// The launcher's `--tls`.
@@ -192,6 +194,7 @@ impl Default for DeploymentBuilder {
             log: Some("info".into()),
             ready_timeout: Duration::from_secs(60),
             tmpfs: Vec::new(),
+            freezable: Vec::new(),
             queue_type: None,
             tls: false,
             broker: None,
@@ -254,6 +257,14 @@ impl DeploymentBuilder {
         self
     }
 
+    /// Server (`cluster`, `id`) keeps its data on a loop-mounted ext4 that
+    /// [`Deployment::freeze`] hangs. [`DeploymentBuilder::start`] fails with
+    /// [`disk::MountRefused`] where mounting is not allowed.
+    pub fn freezable(mut self, cluster: u32, id: u32) -> Self {
+        self.freezable.push((cluster, id));
+        self
+    }
+
     /// The type of the deployment's broker queues (`classic`, `quorum`).
     pub fn queue_type(mut self, queue_type: &str) -> Self {
         self.queue_type = Some(queue_type.to_string());
@@ -279,6 +290,12 @@ impl DeploymentBuilder {
         for &(cluster, id, bytes) in &self.tmpfs {
             let path = dir.path().join(format!("cluster_{cluster}")).join(id.to_string());
             mounts.push(disk::Tmpfs::mount(&path, bytes)?);
+        }
+        let mut freezable = Vec::new();
+        for &(cluster, id) in &self.freezable {
+            let path = dir.path().join(format!("cluster_{cluster}")).join(id.to_string());
+            let image = dir.path().join(format!("disk-{cluster}-{id}.img"));
+            freezable.push(((cluster, id), disk::FreezableFs::mount(&path, &image, 64 << 20)?));
         }
         let name = self
             .name
@@ -338,6 +355,7 @@ impl DeploymentBuilder {
             spawn_to_ready: Duration::ZERO,
             ready_line: String::new(),
             mounts,
+            freezable,
             keep: false,
         };
         let deadline = Instant::now() + self.ready_timeout;
@@ -378,6 +396,8 @@ pub struct Deployment {
     pub ready_line: String,
     /// Unmounted when the deployment is dropped, after its processes.
     mounts: Vec<disk::Tmpfs>,
+    /// Thawed before its processes are stopped, unmounted after.
+    freezable: Vec<((u32, u32), disk::FreezableFs)>,
     /// Keep the data directory when dropped (see [`Deployment::keep`]).
     keep: bool,
 }
@@ -404,6 +424,25 @@ impl Deployment {
     /// The launcher's process id.
     pub fn launcher_pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Hangs server (`cluster`, `id`)'s disk (see
+    /// [`DeploymentBuilder::freezable`]): every write to it blocks.
+    pub fn freeze(&self, cluster: u32, id: u32) -> Result<()> {
+        self.freezable_fs(cluster, id)?.freeze()
+    }
+
+    /// Ends [`Deployment::freeze`]: the blocked writes go on.
+    pub fn thaw(&self, cluster: u32, id: u32) -> Result<()> {
+        self.freezable_fs(cluster, id)?.thaw()
+    }
+
+    fn freezable_fs(&self, cluster: u32, id: u32) -> Result<&disk::FreezableFs> {
+        self.freezable
+            .iter()
+            .find(|(at, _)| *at == (cluster, id))
+            .map(|(_, fs)| fs)
+            .ok_or_else(|| anyhow!("server {cluster}/{id} has no freezable disk"))
     }
 
     /// Closes the launcher's standard input, as this process's death would.
@@ -538,6 +577,10 @@ impl Deployment {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
+        // A process blocked on a frozen disk cannot end, not even killed.
+        for (_, fs) in &self.freezable {
+            let _ = fs.thaw();
+        }
         // SIGTERM: the launcher stops every node it started.
         #[allow(unsafe_code, reason = "kill(2) has no safe wrapper in std")]
         // SAFETY: kill takes plain integers.
@@ -557,14 +600,16 @@ impl Drop for Deployment {
         if keep {
             // A tmpfs goes with its mount: copy what it holds beside it
             // (`<dir>.tmpfs`), the evidence of the server that ran there.
-            for m in &self.mounts {
-                let copy = m.path().with_extension("tmpfs");
-                if let Err(e) = copy_dir(m.path(), &copy) {
-                    eprintln!("could not keep {}: {e}", m.path().display());
+            let paths = self.mounts.iter().map(disk::Tmpfs::path).chain(self.freezable.iter().map(|(_, fs)| fs.path()));
+            for path in paths {
+                let copy = path.with_extension("tmpfs");
+                if let Err(e) = copy_dir(path, &copy) {
+                    eprintln!("could not keep {}: {e}", path.display());
                 }
             }
         }
         self.mounts.clear();
+        self.freezable.clear();
         if keep {
             let kept = self.dir.path().to_path_buf();
             eprintln!("deployment {} kept in {} (launcher stdout:\n{})", self.name, kept.display(), self.out.text());

@@ -217,6 +217,47 @@ fn a_full_disk_on_the_master_loses_nothing_and_forks_nothing() -> anyhow::Result
     Ok(())
 }
 
+/// Defect: the master's disk hangs (every write blocks, none fails). Its
+/// writes used to hang with it, for as long as the disk did, while its
+/// heartbeats kept it master. Now after the stall limit (5 s here) it says
+/// it cannot write, its in-sync slave takes over, and writers go on there;
+/// once the disk answers, the old master finishes the write it was in and
+/// rejoins as a slave, and every acknowledged post is exactly once on both.
+#[test]
+fn a_hung_disk_on_the_master_is_failed_over_and_loses_nothing() -> anyhow::Result<()> {
+    let test = "a_hung_disk_on_the_master_is_failed_over_and_loses_nothing";
+    let (d, rt) = match cluster_of_two(Deployment::builder().freezable(1, 1).freezable(1, 2)) {
+        Err(e) if e.to_string().starts_with("SKIP:") => {
+            sns_e2e::skip(test, &format!("a hung disk needs a loop-mounted ext4: {}", &e.to_string()[5..]));
+            return Ok(());
+        }
+        other => other?,
+    };
+    let (m, s, term) = pair(&rt, &d)?;
+    let before = posts(&rt, &d, 10);
+    d.freeze(1, m)?;
+    let hung = Instant::now();
+    let during = posts(&rt, &d, 10);
+    let new_term = wait_master(&rt, &d, 1, s, term);
+    let old = rt.block_on(server_node(d.coord_port, 1, m)).expect("old master");
+    let st = rt.block_on(status(&old));
+    let taken_over = hung.elapsed();
+    d.thaw(1, m)?;
+    let (new_term, st) = (new_term?, st?);
+    assert_eq!((before.acked.len(), during.acked.len()), (10, 10), "{during:?}");
+    assert!(new_term > term);
+    assert!(!st.is_master && st.unwritable.contains("hung"), "the old master says why: {st:?}");
+    eprintln!("hung master replaced after {} ms", taken_over.as_millis());
+    // Once its disk answers it rejoins as the slave.
+    wait_in_sync(&rt, &d, m)?;
+    let after = posts(&rt, &d, 5);
+    let all = WriterReport { user: 1, acked: [before.acked, during.acked, after.acked].concat(), ..Default::default() };
+    assert_exactly_once(&d, &BOTH, &[all], &BTreeMap::from([(1, vec![2])]))?;
+    check_convergence(&d, &BOTH, &[])?;
+    assert_one_master_per_term(&d);
+    Ok(())
+}
+
 /// Defect: the slave's disk fills up. Every write used to stall for a
 /// minute. Now the slave says so at once, the master records it out of
 /// sync and goes on (no writer ever waits for a failover), and the slave is

@@ -29,13 +29,47 @@ pub(super) struct Disk {
 }
 
 impl Node {
+    /// How long a journal write may take before this server counts its
+    /// disk as hung: two heartbeat periods, within 5 to 30 s (well above
+    /// what a busy but working disk takes: a write group is at most a few
+    /// MB).
+    fn stall_limit(&self) -> Duration {
+        (self.cfg().heartbeat * 2).clamp(Duration::from_secs(5), Duration::from_secs(30))
+    }
+
+    /// Waits for blocking journal work (`what`). A hung disk (a write that
+    /// neither ends nor fails) is told apart from a slow one by `limit`
+    /// ([`Self::stall_limit`] for a write group): past it this server says
+    /// it cannot write, so it stops being master and its coordinator fails
+    /// it over (or drops it from the in-sync set as a slave), and it goes
+    /// on waiting. The work is never given up halfway: what the journal
+    /// takes, memory takes too, whenever the disk answers.
+    async fn watched<T: Send + 'static>(
+        &self,
+        what: &str,
+        limit: Duration,
+        work: tokio::task::JoinHandle<Result<T>>,
+    ) -> Result<T> {
+        tokio::pin!(work);
+        let done = match tokio::time::timeout(limit, &mut work).await {
+            Ok(done) => done,
+            Err(_) => {
+                let stalled = Error::Other(format!("a {what} has not ended after {limit:?}: the disk is hung"));
+                self.cannot_write(&stalled);
+                let done = work.await;
+                tracing::warn!(what, "the stalled journal write ended");
+                done
+            }
+        };
+        done.map_err(|e| Error::Other(format!("{what} task failed: {e}")))?
+    }
+
     /// Journals `entries` (one write, one fsync) on a blocking thread.
     /// Called by the write lane's holder.
     pub(super) async fn journal(&self, entries: Vec<Entry>) -> Result<()> {
         let node = self.clone();
-        tokio::task::spawn_blocking(move || lock(&node.0.log).append(&entries, true))
-            .await
-            .map_err(|e| Error::Other(format!("journal task failed: {e}")))?
+        let work = tokio::task::spawn_blocking(move || lock(&node.0.log).append(&entries, true));
+        self.watched("journal write", self.stall_limit(), work).await
     }
 
     /// Journals `entries` (with `durable`, one fsync) and applies them to
@@ -43,13 +77,12 @@ impl Node {
     /// memory unless the journal took them.
     pub(super) async fn journal_and_apply(&self, entries: Vec<Entry>, durable: bool) -> Result<()> {
         let node = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let work = tokio::task::spawn_blocking(move || {
             lock(&node.0.log).append(&entries, durable)?;
             drop(node.store().apply(&entries));
             Ok::<_, Error>(())
-        })
-        .await
-        .map_err(|e| Error::Other(format!("commit task failed: {e}")))?
+        });
+        self.watched("journal write", self.stall_limit(), work).await
     }
 
     /// Makes `snapshot` the whole state: the journal first (atomically),
@@ -124,15 +157,17 @@ impl Node {
     async fn compact(&self) {
         let _lane = self.0.lane.lock().await;
         let node = self.clone();
-        let compacted = tokio::task::spawn_blocking(move || {
+        let work = tokio::task::spawn_blocking(move || {
             if !lock(&node.0.log).wants_compaction() {
                 return Ok(false);
             }
             let snapshot = node.read(|s| s.snapshot());
             crate::store::compact(&mut lock(&node.0.log), snapshot)
-        })
-        .await;
-        if let Ok(Err(e)) = compacted {
+        });
+        // Every write waits for the lane meanwhile: a hung disk here is
+        // told like one under a write (given the time to write the whole
+        // state).
+        if let Err(e) = self.watched("journal compaction", self.stall_limit() * 6, work).await {
             tracing::error!(error = %e, "journal compaction failed; the old journal is intact");
         }
     }
