@@ -2,7 +2,8 @@
 //! acknowledged writes in every cluster (posts, follows and unfollows,
 //! logins), a schedule kills, restarts, pauses and partitions servers,
 //! synchronizers and the coordinator, with double faults restarted in the
-//! worst order, a full disk on one server, a damaged journal, and planned
+//! worst order, a full disk on one server, a hung disk on another (frozen:
+//! writes neither end nor fail), a damaged journal, and planned
 //! switchovers (alone, with the target hanging right after, with the old
 //! master killed right after). At the
 //! end, every acknowledged write must be on every server (all in sync by
@@ -12,8 +13,8 @@
 //!
 //! `SNS_FAULT_SCHEDULES` (default 3) and `SNS_FAULT_STEPS` (default 6) set
 //! the length; `SNS_FAULT_SEED` replays a run (every failure names its
-//! seed). The full disk needs a tmpfs mount (root); where mounting is
-//! refused that one fault is left out, saying so.
+//! seed). The full disk needs a tmpfs mount and the hung disk a loop mount
+//! (root); where mounting is refused those faults are left out, saying so.
 
 use anyhow::{Context, Result, anyhow, bail};
 use sns_e2e::disk;
@@ -89,9 +90,12 @@ enum Fault {
     /// A synchronizer hangs (SIGSTOP) holding its broker connection, its
     /// deliveries and the queue's single-consumer slot, then resumes.
     PauseSynchronizer,
+    /// A server's disk hangs (frozen: writes neither end nor fail), then
+    /// answers again.
+    DiskHung,
 }
 
-const FAULTS: [Fault; 14] = [
+const FAULTS: [Fault; 15] = [
     Fault::KillMaster,
     Fault::KillSlave,
     Fault::DoubleKill,
@@ -106,7 +110,16 @@ const FAULTS: [Fault; 14] = [
     Fault::SwitchoverTargetHangs,
     Fault::SwitchoverThenKillOld,
     Fault::PauseSynchronizer,
+    Fault::DiskHung,
 ];
+
+/// The servers whose disks the schedule can fill or hang, if any (mounting
+/// needs root).
+#[derive(Debug, Clone, Copy, Default)]
+struct Disks {
+    full: Option<(u32, u32)>,
+    hung: Option<(u32, u32)>,
+}
 
 #[derive(Debug, Default)]
 struct Totals {
@@ -332,13 +345,7 @@ fn cmd(d: &mut Deployment, line: &str) -> Result<()> {
 }
 
 /// Applies one fault and ends it; returns its name for the totals.
-fn inject(
-    rng: &mut Rng,
-    rt: &Runtime,
-    d: &mut Deployment,
-    load: &Load,
-    disk_server: Option<(u32, u32)>,
-) -> Result<String> {
+fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: Disks) -> Result<String> {
     let c = rng.cluster();
     let writer = WRITERS[c as usize - 1];
     let (m, s) = roles(rt, d, c).ok_or_else(|| anyhow!("cluster {c} has no master before the fault"))?;
@@ -425,7 +432,7 @@ fn inject(
             "restart coordinator"
         }
         Fault::DiskFull => {
-            let Some((dc, ds)) = disk_server else { return Ok("full disk (left out: no tmpfs)".into()) };
+            let Some((dc, ds)) = disks.full else { return Ok("full disk (left out: no tmpfs)".into()) };
             let dir = d.server_dir(dc, ds);
             let (dm, _) = roles(rt, d, dc).ok_or_else(|| anyhow!("cluster {dc} has no master"))?;
             disk::fill(&dir)?;
@@ -437,6 +444,20 @@ fn inject(
             }
             disk::unfill(&dir)?;
             if dm == ds { "full disk on a master" } else { "full disk on a slave" }
+        }
+        Fault::DiskHung => {
+            let Some((hc, hs)) = disks.hung else { return Ok("hung disk (left out: no loop mount)".into()) };
+            let (hm, _) = roles(rt, d, hc).ok_or_else(|| anyhow!("cluster {hc} has no master"))?;
+            d.freeze(hc, hs)?;
+            let hung = if hm == hs {
+                // Past the stall limit the hung master steps down.
+                wait_master_is(rt, d, hc, 3 - hs)
+            } else {
+                progress(load, WRITERS[hc as usize - 1], 1 + rng.below(20) as usize)
+            };
+            d.thaw(hc, hs)?;
+            hung?;
+            if hm == hs { "hung disk on a master" } else { "hung disk on a slave" }
         }
         Fault::DamagedJournal => {
             // Only a server with an in-sync peer: the peer rebuilds it.
@@ -479,14 +500,26 @@ fn inject(
 
 fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     let mut rng = Rng(seed);
-    let disk_at = (rng.cluster(), rng.below(2) as u32 + 1);
-    let started = Deployment::builder().clusters(CLUSTERS).servers(2).tmpfs(disk_at.0, disk_at.1, TMPFS).start();
-    let (mut d, disk_server) = match started {
-        Ok(d) => (d, Some(disk_at)),
+    let full_at = (rng.cluster(), rng.below(2) as u32 + 1);
+    // Another server's disk can hang.
+    let hung_at = loop {
+        let at = (rng.cluster(), rng.below(2) as u32 + 1);
+        if at != full_at {
+            break at;
+        }
+    };
+    let started = Deployment::builder()
+        .clusters(CLUSTERS)
+        .servers(2)
+        .tmpfs(full_at.0, full_at.1, TMPFS)
+        .freezable(hung_at.0, hung_at.1)
+        .start();
+    let (mut d, disks) = match started {
+        Ok(d) => (d, Disks { full: Some(full_at), hung: Some(hung_at) }),
         Err(e) => match disk::mount_refused(&e) {
             Some(why) => {
-                eprintln!("fault schedules: the full-disk fault is left out: {why}");
-                (Deployment::builder().clusters(CLUSTERS).servers(2).start()?, None)
+                eprintln!("fault schedules: the full and hung disk faults are left out: {why}");
+                (Deployment::builder().clusters(CLUSTERS).servers(2).start()?, Disks::default())
             }
             None => return Err(e),
         },
@@ -496,7 +529,7 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     let load = start_load(&rt, &d)?;
     let stepped = (|| -> Result<()> {
         for step in 0..steps {
-            let name = inject(&mut rng, &rt, &mut d, &load, disk_server).with_context(|| format!("step {step}"))?;
+            let name = inject(&mut rng, &rt, &mut d, &load, disks).with_context(|| format!("step {step}"))?;
             *totals.faults.entry(name.clone()).or_default() += 1;
             wait_healthy(&rt, &d).with_context(|| format!("healing after step {step} ({name})"))?;
             for &w in &WRITERS {
