@@ -11,10 +11,13 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Mounting a tmpfs was refused (not root, or no CAP_SYS_ADMIN).
+/// Mounting a test file system was refused (not root, no CAP_SYS_ADMIN,
+/// no loop device or no mkfs.ext4).
 #[derive(Debug, thiserror::Error)]
-#[error("cannot mount a tmpfs at {path}: {reason}")]
+#[error("cannot mount {what} at {path}: {reason}")]
 pub struct MountRefused {
+    /// "a tmpfs", "a loop-mounted ext4".
+    pub what: &'static str,
     pub path: String,
     pub reason: String,
 }
@@ -36,6 +39,7 @@ impl Tmpfs {
             .context("running mount")?;
         if !out.status.success() {
             return Err(MountRefused {
+                what: "a tmpfs",
                 path: path.display().to_string(),
                 reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             }
@@ -69,7 +73,8 @@ impl FreezableFs {
     /// Makes an ext4 image of `bytes` at `image` and mounts it at `path`.
     pub fn mount(path: &Path, image: &Path, bytes: u64) -> Result<FreezableFs> {
         std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-        let refused = |reason: String| MountRefused { path: path.display().to_string(), reason };
+        let refused =
+            |reason: String| MountRefused { what: "a loop-mounted ext4", path: path.display().to_string(), reason };
         std::fs::File::create(image)?.set_len(bytes)?;
         let mkfs = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(image).output();
         match mkfs {

@@ -508,22 +508,34 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
             break at;
         }
     };
-    let started = Deployment::builder()
-        .clusters(CLUSTERS)
-        .servers(2)
-        .tmpfs(full_at.0, full_at.1, TMPFS)
-        .freezable(hung_at.0, hung_at.1)
-        .start();
-    let (mut d, disks) = match started {
-        Ok(d) => (d, Disks { full: Some(full_at), hung: Some(hung_at) }),
-        Err(e) => match disk::mount_refused(&e) {
-            Some(why) => {
-                eprintln!("fault schedules: the full and hung disk faults are left out: {why}");
-                (Deployment::builder().clusters(CLUSTERS).servers(2).start()?, Disks::default())
+    // Both disks, else the full one alone (a loop mount may be refused
+    // where a tmpfs is not), else neither.
+    let tries = [
+        Disks { full: Some(full_at), hung: Some(hung_at) },
+        Disks { full: Some(full_at), hung: None },
+        Disks::default(),
+    ];
+    let mut started = None;
+    for disks in tries {
+        let mut builder = Deployment::builder().clusters(CLUSTERS).servers(2);
+        if let Some((c, s)) = disks.full {
+            builder = builder.tmpfs(c, s, TMPFS);
+        }
+        if let Some((c, s)) = disks.hung {
+            builder = builder.freezable(c, s);
+        }
+        match builder.start() {
+            Ok(d) => {
+                started = Some((d, disks));
+                break;
             }
-            None => return Err(e),
-        },
-    };
+            Err(e) => match disk::mount_refused(&e) {
+                Some(why) => eprintln!("fault schedules: a disk fault is left out: {why}"),
+                None => return Err(e),
+            },
+        }
+    }
+    let (mut d, disks) = started.ok_or_else(|| anyhow!("no deployment started"))?;
     let rt = rt();
     wait_healthy(&rt, &d)?;
     let load = start_load(&rt, &d)?;
