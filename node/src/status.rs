@@ -70,7 +70,7 @@ fn problem(n: &Node) -> Option<String> {
             return Some("its journal is damaged: it waits to be rebuilt from an in-sync server".into());
         }
         if n.unwritable {
-            return Some("cannot write its journal (full or failing disk): it takes no writes".into());
+            return Some("cannot write its journal (full, failing or hung disk): it takes no writes".into());
         }
         return None;
     }

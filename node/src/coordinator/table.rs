@@ -980,6 +980,17 @@ mod tests {
         assert_eq!(view(&t, t0 + T).link_down, "");
     }
 
+    /// [`pair`], both of whose servers heartbeat again 5 s on: returns the
+    /// table and that time (the master's lease runs until it + L).
+    fn pair_renewed() -> (Table, Instant) {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        let t1 = t0 + Duration::from_secs(5);
+        t.heartbeat(t1, &server(2, 1));
+        t.heartbeat(t1, &server(2, 2));
+        (t, t1)
+    }
+
     #[test]
     fn first_server_is_master_second_is_slave() {
         let t0 = Instant::now();
@@ -1003,11 +1014,7 @@ mod tests {
 
     #[test]
     fn a_dead_master_is_replaced_by_an_in_sync_slave_once_its_lease_ran_out() {
-        let t0 = Instant::now();
-        let mut t = pair(t0);
-        let t1 = t0 + Duration::from_secs(5);
-        t.heartbeat(t1, &server(2, 1)); // lease until t1 + L
-        t.heartbeat(t1, &server(2, 2));
+        let (mut t, t1) = pair_renewed(); // lease until t1 + L
         let t2 = t1 + Duration::from_millis(100);
         t.mark_dead(t2, Kind::Server, 2, 1);
         let d = t.decide(t2);
@@ -1050,11 +1057,7 @@ mod tests {
 
     #[test]
     fn a_switchover_whose_master_does_not_answer_waits_for_its_lease() {
-        let t0 = Instant::now();
-        let mut t = pair(t0);
-        let t1 = t0 + Duration::from_secs(5);
-        t.heartbeat(t1, &server(2, 1));
-        t.heartbeat(t1, &server(2, 2));
+        let (mut t, t1) = pair_renewed();
         t.begin_switchover(t1, 2, Some(2)).unwrap();
         // A renewal attempt during the handover grants nothing.
         t.heartbeat(t1 + L / 2, &server(2, 1));
@@ -1090,11 +1093,7 @@ mod tests {
     /// followed.
     #[test]
     fn a_switchover_done_then_overtaken_by_a_failover_still_reports_it_done() {
-        let t0 = Instant::now();
-        let mut t = pair(t0);
-        let t1 = t0 + Duration::from_secs(5);
-        t.heartbeat(t1, &server(2, 1));
-        t.heartbeat(t1, &server(2, 2));
+        let (mut t, t1) = pair_renewed();
         t.begin_switchover(t1, 2, None).unwrap();
         t.stepped_down(2, 1, 1);
         let changes = settle(&mut t, t1);
@@ -1134,11 +1133,7 @@ mod tests {
 
     #[test]
     fn a_master_that_dies_during_a_switchover_is_replaced_by_the_target() {
-        let t0 = Instant::now();
-        let mut t = pair(t0);
-        let t1 = t0 + Duration::from_secs(5);
-        t.heartbeat(t1, &server(2, 1));
-        t.heartbeat(t1, &server(2, 2));
+        let (mut t, t1) = pair_renewed();
         t.begin_switchover(t1, 2, None).unwrap();
         t.mark_dead(t1, Kind::Server, 2, 1);
         assert!(t.decide(t1).changes.is_empty(), "still within its lease");

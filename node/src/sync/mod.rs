@@ -122,7 +122,8 @@ pub async fn run(cfg: SyncConfig, listener: TcpListener, shutdown: CancellationT
 }
 
 /// Heartbeats to the coordinator, each saying whether the link is up
-/// (`link`: why it is down, "" while it is up).
+/// (`link`: why it is down, "" while it is up), and keeps
+/// `sns_sync_link_up` on it.
 async fn heartbeats(
     cfg: SyncConfig,
     port: u16,
@@ -141,6 +142,8 @@ async fn heartbeats(
             _ = tick.tick() => {}
             Ok(()) = link.changed() => {}
         }
+        let link_down = link.borrow_and_update().clone();
+        crate::metrics::get().link_up.set(i64::from(link_down.is_empty()));
         let info = ServerInfo {
             server_id: cfg.id as i32,
             hostname: cfg.advertise_host.clone(),
@@ -150,7 +153,7 @@ async fn heartbeats(
             is_master,
             term: 0,
             paired_server_id: cfg.paired_server as i32,
-            link_down: link.borrow().clone(),
+            link_down,
             ..ServerInfo::default()
         };
         match client.heartbeat(info).await {
@@ -175,7 +178,6 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, link: watch::Sender<St
             }
             was_up
         });
-        crate::metrics::get().link_up.set(0);
         let attempt = async {
             let server = find_server(&cfg, coord.clone(), &shutdown).await?;
             let conn =
@@ -184,7 +186,6 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, link: watch::Sender<St
             topology::declare(&setup, &names, cfg.clusters, cfg.queue_expires, cfg.queue_type).await?;
             tracing::info!(server = %server, "connected to server and broker");
             link.send_replace(String::new());
-            crate::metrics::get().link_up.set(1);
             let attach = crate::auth::Attach::new(cfg.secret.clone());
             let consumer =
                 consume_while_master(&cfg, &names, &conn, ReplicaClient::new(net::node_channel_to(&server, &attach)?));

@@ -257,10 +257,10 @@ async fn a_leader_cut_off_from_the_api_server_stops_before_the_standby_starts() 
         b_started.as_millis()
     );
     assert!(a_stopped < Duration::from_millis(600) + RETRY * 2, "the leader stops by its renew deadline");
-    // The lease runs from a's last renewal, which came up to a retry period
-    // before the cut (so b may serve a little less than a lease after the
-    // cut, as it did in one CI run): the mocked API server's record of the writes says
-    // when each was made.
+    // The lease runs from a's last renewal, which came up to a retry
+    // period before the cut (so b may serve a little less than a lease
+    // after the cut, as it did in one CI run): the mocked API server's
+    // record of the writes says when each was made.
     let writes = api.lock().unwrap().lease_writes.clone();
     let renewed = writes.iter().rev().find(|(h, _)| h == "coord-a").map(|(_, at)| *at).expect("a renewed");
     let taken = writes.iter().find(|(h, at)| h == "coord-b" && *at > renewed).map(|(_, at)| *at).expect("b took it");
