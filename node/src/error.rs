@@ -78,6 +78,10 @@ pub enum Error {
     /// The server is shutting down: the request was dropped undecided.
     #[error("server stopping")]
     Stopping,
+    /// The data directory is held by another process (see
+    /// [`crate::store::lock`]).
+    #[error("{0}")]
+    InUse(String),
     #[error("{0}")]
     Other(String),
 }
@@ -116,6 +120,7 @@ impl Error {
             Error::StaleRecords(s) => Error::StaleRecords(s.clone()),
             Error::Kube(s) => Error::Kube(s.clone()),
             Error::Stopping => Error::Stopping,
+            Error::InUse(s) => Error::InUse(s.clone()),
             Error::Other(s) => Error::Other(s.clone()),
         }
     }
@@ -149,9 +154,12 @@ impl From<Error> for tonic::Status {
             // it instead of retrying).
             Error::Journal { disk_full: true, .. } => Status::resource_exhausted(message),
             Error::Journal { .. } => Status::data_loss(message),
-            Error::Io { .. } | Error::Corrupt(_) | Error::Broker(_) | Error::Config(_) | Error::Other(_) => {
-                Status::internal(message)
-            }
+            Error::Io { .. }
+            | Error::Corrupt(_)
+            | Error::Broker(_)
+            | Error::Config(_)
+            | Error::InUse(_)
+            | Error::Other(_) => Status::internal(message),
         }
     }
 }

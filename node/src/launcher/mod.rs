@@ -238,6 +238,7 @@ impl Launcher {
             .open(self.log_path(name))
             .map_err(|e| Error::io(&self.log_path(name), e))?;
         let log2 = log.try_clone().map_err(|e| Error::io(&self.log_path(name), e))?;
+        let log_path = self.log_path(name);
         let proc = self.procs.get_mut(name).ok_or_else(|| Error::Other(format!("no process named {name}")))?;
         if proc.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))) {
             proc.child = None;
@@ -289,7 +290,11 @@ impl Launcher {
         self.failovers.back(name);
         proc.child = Some(child);
         let failed = |e| {
-            Error::Other(format!("{name}: {e}; see {}", self.dir.join("logs").join(format!("{name}.log")).display()))
+            // The node's own last words say why, where it wrote any.
+            let last = std::fs::read_to_string(&log_path)
+                .ok()
+                .and_then(|log| log.lines().rev().find(|l| !l.trim().is_empty()).map(|l| format!(" ({})", l.trim())));
+            Error::Other(format!("{name}: {e}{}; see {}", last.unwrap_or_default(), log_path.display()))
         };
         proc.port = wait_port_file(&port_file, proc.child.as_mut()).await.map_err(failed)?;
         // Bound before the node's own port: there by now.
@@ -420,13 +425,11 @@ impl Launcher {
             // Reply once the process is gone, so `start` may follow at once.
             ("kill", Some(n)) => {
                 let reply = self.signal(&n, libc::SIGKILL, "killed");
-                self.wait_exit(&n).await;
-                reply
+                self.wait_exit(&n, reply).await
             }
             ("stop", Some(n)) => {
                 let reply = self.signal(&n, libc::SIGTERM, "stopped");
-                self.wait_exit(&n).await;
-                reply
+                self.wait_exit(&n, reply).await
             }
             ("pause", Some(n)) => self.signal(&n, libc::SIGSTOP, "paused"),
             ("partition" | "heal", Some(n)) => match self.relays.get(&n) {
@@ -456,7 +459,7 @@ impl Launcher {
             },
             ("restart", Some(n)) => {
                 let stopped = self.signal(&n, libc::SIGKILL, "killed");
-                self.wait_exit(&n).await;
+                let stopped = self.wait_exit(&n, stopped).await;
                 match self.start(&n).await {
                     Ok(()) => format!("{stopped}; started {n} on port {}", self.procs[&n].port),
                     Err(e) => format!("error: {e}"),
@@ -566,10 +569,22 @@ impl Launcher {
         }
     }
 
-    async fn wait_exit(&mut self, name: &str) {
-        if let Some(mut child) = self.procs.get_mut(name).and_then(|p| p.child.take()) {
-            let _ = tokio::time::timeout(STOP_GRACE, child.wait()).await;
+    /// Waits (a while) for `name` to exit after a signal; `reply` says what
+    /// was done, and whether the process is still there after the wait.
+    async fn wait_exit(&mut self, name: &str, reply: String) -> String {
+        let Some(mut child) = self.procs.get_mut(name).and_then(|p| p.child.take()) else { return reply };
+        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
+            return reply;
         }
+        // Only a process stuck in the kernel outlives SIGKILL this long
+        // (a write to a hung disk): it ends when the kernel lets it, and it
+        // holds its data directory until then.
+        let pid = child.id().map(|p| format!(" {p}")).unwrap_or_default();
+        format!(
+            "{reply}; process{pid} has not exited after {} s (stuck in the kernel, on a hung disk?): it keeps its \
+             data directory until it does",
+            STOP_GRACE.as_secs()
+        )
     }
 
     async fn stop_all(&mut self) {

@@ -139,6 +139,8 @@ struct Inner {
     /// Every term under which this server accepted a client write as master.
     master_terms: Mutex<BTreeSet<u64>>,
     disk: Mutex<disk::Disk>,
+    /// This process's hold on the data directory, for as long as it runs.
+    _dir_lock: crate::store::lock::DirLock,
 }
 
 #[derive(Clone)]
@@ -150,6 +152,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Node {
     pub fn open(cfg: ServerConfig, port: u16) -> Result<(Node, mpsc::UnboundedReceiver<commit::Request>)> {
+        let dir_lock = crate::store::lock::lock(&cfg.data_dir)?;
         let (log, store) = crate::store::open(&cfg.data_dir, cfg.cluster, cfg.clusters)?;
         let stable = store.state().next_seq() - 1;
         let attach = crate::auth::Attach::new(cfg.secret.clone());
@@ -180,6 +183,7 @@ impl Node {
             degraded: Mutex::new(String::new()),
             master_terms: Mutex::new(BTreeSet::new()),
             disk: Mutex::new(disk::Disk::default()),
+            _dir_lock: dir_lock,
         }));
         Ok((node, queued))
     }

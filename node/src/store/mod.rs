@@ -17,6 +17,7 @@
 
 pub mod codec;
 pub mod journal;
+pub mod lock;
 pub mod log;
 pub mod record;
 pub mod state;
