@@ -1,6 +1,7 @@
 //! Bad input gets a clear error and loses nothing: invalid ids, path-like
 //! names, unknown commands, oversized posts (through tsc and straight over
-//! gRPC), malformed broker messages, an unreachable coordinator.
+//! gRPC), malformed broker messages, an unreachable coordinator, a second
+//! coordinator on the same data directory.
 
 use futures_util::StreamExt;
 use lapin::BasicProperties;
@@ -237,5 +238,43 @@ fn the_launcher_says_how_to_get_a_broker_when_none_answers() -> anyhow::Result<(
     assert!(err.contains("no RabbitMQ broker answers at 127.0.0.1:1"), "{err}");
     assert!(err.contains("apt-get install -y rabbitmq-server"), "{err}");
     assert!(!dir.path().join("logs").join("coordinator.log").exists(), "nothing was started");
+    Ok(())
+}
+
+/// A second coordinator started on the data directory of a running one
+/// exits at once, naming the first: two would each act on records the
+/// other rewrites. The first one goes on.
+#[test]
+fn a_second_coordinator_on_the_same_data_directory_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (data, port_file) = (dir.path().join("data"), dir.path().join("port"));
+    let coordinator = |port_file: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(sns_e2e::bin("sns-node"));
+        cmd.args(["coordinator", "-p", "0", "--bind", "127.0.0.1", "--clusters", "1", "--data-dir"])
+            .arg(&data)
+            .env_remove("SNS_SECRET_FILE")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(p) = port_file {
+            cmd.arg("--port-file").arg(p);
+        }
+        cmd
+    };
+    let first = sns_e2e::KillOnDrop(coordinator(Some(&port_file)).spawn()?);
+    let port: u16 =
+        eventually("the first coordinator's port", || std::fs::read_to_string(&port_file).ok()?.trim().parse().ok())?;
+    let mut second = coordinator(None).spawn()?;
+    let exited = eventually("the second coordinator to exit", || second.try_wait().ok().flatten());
+    if exited.is_err() {
+        let _ = second.kill();
+    }
+    let out = second.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!exited?.success(), "{err}");
+    assert!(err.contains(&format!("is in use by process {}", first.0.id())), "{err}");
+    // The first one still answers.
+    let rt = sns_e2e::nodes::rt();
+    let table = rt.block_on(sns_e2e::nodes::table(port));
+    assert!(table.is_ok(), "{table:?}");
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! One process per data directory.
+//! One process per data directory (a server's, or a coordinator's).
 //!
 //! Two servers on one directory would each append to the journal from
 //! their own idea of where it ends, and a replay would then meet records
@@ -47,7 +47,7 @@ pub fn lock(dir: &Path) -> Result<DirLock> {
             let holder = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u32>().ok());
             let who = holder.map(|pid| format!("process {pid}")).unwrap_or_else(|| "another process".into());
             return Err(Error::InUse(format!(
-                "the data directory {} is in use by {who}: a server stopped earlier has not exited yet (one \
+                "the data directory {} is in use by {who}: a node stopped earlier has not exited yet (one \
                  killed while its disk hangs exits only once the disk answers); start this one when it has",
                 dir.display()
             )));
