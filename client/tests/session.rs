@@ -184,6 +184,7 @@ impl Deployment {
             advertise_host: "127.0.0.1".into(),
             data_dir: self.data.path().join(format!("cluster_{cluster}")).join(id.to_string()),
             heartbeat: HEARTBEAT,
+            disk_stall_limit: None,
             secret: None,
         }
     }

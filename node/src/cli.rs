@@ -392,6 +392,12 @@ pub struct ServerArgs {
     pub advertise: AdvertiseArg,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
+    /// How long a journal write may go without ending or failing before
+    /// this server counts its disk as hung, says it cannot write and (as
+    /// master) steps down; a compaction gets six times as long. At least
+    /// 1s [default: two heartbeat intervals, within 5s to 30s].
+    #[arg(long, env = "SNS_DISK_STALL_LIMIT", value_parser = parse_stall_limit)]
+    pub disk_stall_limit: Option<Duration>,
     #[command(flatten)]
     pub listen: ListenArgs,
     #[command(flatten)]
@@ -401,6 +407,16 @@ pub struct ServerArgs {
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,
+}
+
+/// A disk stall limit: below a second, a busy but working disk (an fsync
+/// behind a burst of writeback) would pass for a hung one.
+fn parse_stall_limit(text: &str) -> Result<Duration, String> {
+    let limit = parse_duration(text)?;
+    if limit < Duration::from_secs(1) {
+        return Err(format!("{text} is too short: a working disk can take longer than that under load (at least 1s)"));
+    }
+    Ok(limit)
 }
 
 impl ServerArgs {
@@ -423,6 +439,7 @@ impl ServerArgs {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(format!("cluster_{}", self.cluster)).join(self.id.to_string())),
             heartbeat: self.heartbeat.interval,
+            disk_stall_limit: self.disk_stall_limit,
             secret: None,
         })
     }
@@ -652,6 +669,21 @@ mod tests {
             "--help prints help (as a clap 'error')"
         );
         assert!(Cli::try_parse_from(["sns-node", "server", "-c", "4", "-s", "1"]).unwrap().command.server_config_err());
+    }
+
+    #[test]
+    fn a_disk_stall_limit_is_taken_when_sane() {
+        let server = |extra: &[&str]| {
+            let args = [&["sns-node", "server", "-c", "1", "-s", "1"][..], extra].concat();
+            Cli::try_parse_from(args).map(|cli| match cli.command {
+                Command::Server(s) => s.config().unwrap().disk_stall_limit,
+                _ => panic!("not a server"),
+            })
+        };
+        assert_eq!(server(&[]).unwrap(), None, "derived from the heartbeat unless set");
+        assert_eq!(server(&["--disk-stall-limit", "2s"]).unwrap(), Some(Duration::from_secs(2)));
+        let err = server(&["--disk-stall-limit", "500ms"]).unwrap_err().to_string();
+        assert!(err.contains("too short") && err.contains("at least 1s"), "{err}");
     }
 
     impl Command {

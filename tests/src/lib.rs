@@ -173,6 +173,10 @@ pub struct DeploymentBuilder {
     tmpfs: Vec<(u32, u32, u64)>,
     /// Servers whose data directory is a file system a test can freeze.
     freezable: Vec<(u32, u32)>,
+    /// The coordinator's data directory is a tmpfs of this many bytes.
+    coordinator_tmpfs: Option<u64>,
+    /// Environment of the launcher, and so of every node.
+    env: Vec<(String, String)>,
     /// The launcher's `--queue-type`, when not the default.
     queue_type: Option<String>,
     /// The launcher's `--tls`.
@@ -195,6 +199,8 @@ impl Default for DeploymentBuilder {
             ready_timeout: Duration::from_secs(60),
             tmpfs: Vec::new(),
             freezable: Vec::new(),
+            coordinator_tmpfs: None,
+            env: Vec::new(),
             queue_type: None,
             tls: false,
             broker: None,
@@ -257,11 +263,24 @@ impl DeploymentBuilder {
         self
     }
 
+    /// Puts the coordinator's data directory on a tmpfs of `bytes` (so a
+    /// test can fill its disk); fails like [`DeploymentBuilder::tmpfs`].
+    pub fn coordinator_tmpfs(mut self, bytes: u64) -> Self {
+        self.coordinator_tmpfs = Some(bytes);
+        self
+    }
+
     /// Server (`cluster`, `id`) keeps its data on a loop-mounted ext4 that
     /// [`Deployment::freeze`] hangs. [`DeploymentBuilder::start`] fails with
     /// [`disk::MountRefused`] where mounting is not allowed.
     pub fn freezable(mut self, cluster: u32, id: u32) -> Self {
         self.freezable.push((cluster, id));
+        self
+    }
+
+    /// Sets `var` to `value` for the launcher and every node it runs.
+    pub fn env(mut self, var: &str, value: &str) -> Self {
+        self.env.push((var.to_string(), value.to_string()));
         self
     }
 
@@ -290,6 +309,9 @@ impl DeploymentBuilder {
         for &(cluster, id, bytes) in &self.tmpfs {
             let path = dir.path().join(format!("cluster_{cluster}")).join(id.to_string());
             mounts.push(disk::Tmpfs::mount(&path, bytes)?);
+        }
+        if let Some(bytes) = self.coordinator_tmpfs {
+            mounts.push(disk::Tmpfs::mount(&dir.path().join("coordinator"), bytes)?);
         }
         let mut freezable = Vec::new();
         for &(cluster, id) in &self.freezable {
@@ -324,6 +346,7 @@ impl DeploymentBuilder {
         if let Some(filter) = &self.log {
             cmd.env("SNS_LOG", filter);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if self.tls {
             cmd.arg("--tls");
         }
@@ -564,6 +587,11 @@ impl Deployment {
     /// Data directory of server `id` of cluster `cluster`.
     pub fn server_dir(&self, cluster: u32, id: u32) -> PathBuf {
         self.dir.path().join(format!("cluster_{cluster}")).join(id.to_string())
+    }
+
+    /// The coordinator's data directory.
+    pub fn coordinator_dir(&self) -> PathBuf {
+        self.dir.path().join("coordinator")
     }
 
     pub fn client(&self, user: &str) -> Result<Client> {

@@ -267,3 +267,14 @@ pub async fn healths(coord_port: u16, cluster: u32, id: u32) -> Result<(bool, bo
         health(&n.host, &n.port, "csce438.SNSService").await?,
     ))
 }
+
+/// Whether process `pid` still runs: a thread of it has not ended. (A
+/// killed process's main thread can be a zombie while another is stuck in
+/// the kernel, on a hung disk.)
+pub fn running(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X'])))
+    })
+}

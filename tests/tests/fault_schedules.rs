@@ -3,7 +3,9 @@
 //! logins), a schedule kills, restarts, pauses and partitions servers,
 //! synchronizers and the coordinator, with double faults restarted in the
 //! worst order, a full disk on one server, a hung disk on another (frozen:
-//! writes neither end nor fail), a damaged journal, and planned
+//! writes neither end nor fail; sometimes killed while hung, or its master
+//! killed or the coordinator restarted while it hangs), a damaged journal,
+//! and planned
 //! switchovers (alone, with the target hanging right after, with the old
 //! master killed right after). At the
 //! end, every acknowledged write must be on every server (all in sync by
@@ -20,7 +22,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use sns_e2e::disk;
 use sns_e2e::load::{self, Writer, WriterReport};
 use sns_e2e::nodes::{
-    assert_exactly_once, assert_one_master_per_term, get_server, master_of, rt, server_node, status, table,
+    assert_exactly_once, assert_one_master_per_term, get_server, master_of, rt, running, server_node, status, table,
 };
 use sns_e2e::{Deployment, check_convergence, eventually_within, spec_files};
 use std::collections::{BTreeMap, BTreeSet};
@@ -449,15 +451,45 @@ fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: D
             let Some((hc, hs)) = disks.hung else { return Ok("hung disk (left out: no loop mount)".into()) };
             let (hm, _) = roles(rt, d, hc).ok_or_else(|| anyhow!("cluster {hc} has no master"))?;
             d.freeze(hc, hs)?;
+            // Two times in three a second fault while the disk hangs: the
+            // coordinator restarts within the stall (it must not promote
+            // what the hung server's heartbeats rule out), or, once the
+            // hang has been dealt with, the hung old master is killed (it
+            // lingers in the kernel until the thaw, holding its directory)
+            // or the hung slave's master is (the slave lacks acknowledged
+            // writes: never promoted).
+            let second = rng.below(3);
+            let restarted = (second == 0).then(|| cmd(d, "restart coordinator"));
             let hung = if hm == hs {
                 // Past the stall limit the hung master steps down.
                 wait_master_is(rt, d, hc, 3 - hs)
             } else {
                 progress(load, WRITERS[hc as usize - 1], 1 + rng.below(20) as usize)
             };
+            let killed = (second == 1 && hung.is_ok()).then(|| {
+                let victim = if hm == hs { hs } else { hm };
+                let name = format!("server-{hc}-{victim}");
+                let pid = d.status().map(|procs| procs.get(&name).copied().flatten());
+                (name.clone(), pid.and_then(|pid| cmd(d, &format!("kill {name}")).map(|()| pid)))
+            });
             d.thaw(hc, hs)?;
             hung?;
-            if hm == hs { "hung disk on a master" } else { "hung disk on a slave" }
+            let restarted = restarted.transpose()?.is_some();
+            match killed {
+                None if restarted && hm == hs => "hung disk on a master, coordinator restarted",
+                None if restarted => "hung disk on a slave, coordinator restarted",
+                None if hm == hs => "hung disk on a master",
+                None => "hung disk on a slave",
+                Some((name, pid)) => {
+                    if let Some(pid) = pid? {
+                        eventually_within(&format!("{name} (pid {pid}) to end once the disk answers"), HEAL, || {
+                            (!running(pid)).then_some(())
+                        })?;
+                    }
+                    cmd(d, &format!("start {name}"))?;
+                    if hm == hs { "hung disk on a master, then killed" } else { "hung disk on a slave, master killed" }
+                }
+            }
         }
         Fault::DamagedJournal => {
             // Only a server with an in-sync peer: the peer rebuilds it.

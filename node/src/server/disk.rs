@@ -28,13 +28,18 @@ pub(super) struct Disk {
     poisoned: bool,
 }
 
+/// See [`Node::stall_limit`].
+fn stall_limit(cfg: &super::ServerConfig) -> Duration {
+    cfg.disk_stall_limit.unwrap_or_else(|| (cfg.heartbeat * 2).clamp(Duration::from_secs(5), Duration::from_secs(30)))
+}
+
 impl Node {
     /// How long a journal write may take before this server counts its
-    /// disk as hung: two heartbeat periods, within 5 to 30 s (well above
-    /// what a busy but working disk takes: a write group is at most a few
-    /// MB).
+    /// disk as hung: as configured, or two heartbeat periods within 5 to
+    /// 30 s (well above what a busy but working disk takes: a write group
+    /// is at most a few MB).
     fn stall_limit(&self) -> Duration {
-        (self.cfg().heartbeat * 2).clamp(Duration::from_secs(5), Duration::from_secs(30))
+        stall_limit(self.cfg())
     }
 
     /// Waits for blocking journal work (`what`). A hung disk (a write that
@@ -240,5 +245,34 @@ pub(super) async fn flush_loop(node: Node, shutdown: CancellationToken) {
                 node.compact().await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(heartbeat_ms: u64, limit: Option<Duration>) -> super::super::ServerConfig {
+        super::super::ServerConfig {
+            cluster: 1,
+            id: 1,
+            clusters: 1,
+            coord_host: String::new(),
+            coord_port: 0,
+            advertise_host: String::new(),
+            data_dir: Default::default(),
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            disk_stall_limit: limit,
+            secret: None,
+        }
+    }
+
+    #[test]
+    fn the_stall_limit_is_two_heartbeats_within_bounds_unless_configured() {
+        assert_eq!(stall_limit(&cfg(500, None)), Duration::from_secs(5));
+        assert_eq!(stall_limit(&cfg(5_000, None)), Duration::from_secs(10));
+        assert_eq!(stall_limit(&cfg(60_000, None)), Duration::from_secs(30));
+        assert_eq!(stall_limit(&cfg(500, Some(Duration::from_secs(2)))), Duration::from_secs(2));
+        assert_eq!(stall_limit(&cfg(60_000, Some(Duration::from_secs(90)))), Duration::from_secs(90));
     }
 }

@@ -307,7 +307,7 @@ impl Node {
         let started = Instant::now();
         let (bytes, posts) = encode_state(self);
         let size = bytes.len();
-        let sync = self.0.snapshots_sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let sync = next_snapshot_number(&self.0.snapshots_sent, net::now_ms());
         let chunks = snapshot_chunks(&bytes, role.term, sync, self.0.cfg.cluster);
         let limit = self.patience() + Duration::from_millis(size as u64 * 1000 / SNAPSHOT_BYTES_PER_SEC);
         let mut client = self.slave_client(&host, &port)?;
@@ -498,6 +498,20 @@ fn refused(status: &Status, message: String) -> Error {
 }
 
 /// A snapshot as the chunks `Replica.InstallSnapshot` takes.
+/// The number of this master's next snapshot. A slave refuses one older
+/// than the last it installed under the same term (see `slave.rs`), and a
+/// master restarted in its term (nobody could replace it) must not fall
+/// under its previous run's: numbers follow the wall clock (ms x 1000) and
+/// always grow within a run. Should the clock step back across a restart,
+/// the slave refuses until it has passed where it was.
+fn next_snapshot_number(sent: &std::sync::atomic::AtomicU64, now_ms: i64) -> u64 {
+    use std::sync::atomic::Ordering::SeqCst;
+    let floor = u64::try_from(now_ms).unwrap_or(0).saturating_mul(1000);
+    let step = |prev: u64| Some(prev.saturating_add(1).max(floor));
+    let prev = sent.fetch_update(SeqCst, SeqCst, step).unwrap_or_else(|p| p);
+    step(prev).unwrap_or(floor)
+}
+
 fn snapshot_chunks(bytes: &[u8], term: u64, sync: u64, cluster: u32) -> Vec<sns_proto::internal::SnapshotChunk> {
     use sns_proto::internal::SnapshotChunk;
     /// Well under gRPC's 4 MiB default message limit.
@@ -511,4 +525,23 @@ fn snapshot_chunks(bytes: &[u8], term: u64, sync: u64, cluster: u32) -> Vec<sns_
 fn encode_state(node: &Node) -> (Vec<u8>, u64) {
     let store = node.store();
     (codec::encode_snapshot(&store.state().snapshot(), node.cfg().cluster), store.state().post_count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_snapshot_number;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn snapshot_numbers_grow_within_a_run_and_across_restarts() {
+        let run = AtomicU64::new(0);
+        let a = next_snapshot_number(&run, 1_000);
+        let b = next_snapshot_number(&run, 1_000);
+        let c = next_snapshot_number(&run, 900);
+        assert_eq!(a, 1_000_000);
+        assert!(b > a && c > b, "grows within a run, even if the clock steps back: {a} {b} {c}");
+        // A restart 1 ms later numbers above every one of the first run.
+        let restarted = AtomicU64::new(0);
+        assert!(next_snapshot_number(&restarted, 1_001) > c);
+    }
 }

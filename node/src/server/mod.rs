@@ -69,6 +69,9 @@ pub struct ServerConfig {
     pub advertise_host: String,
     pub data_dir: PathBuf,
     pub heartbeat: Duration,
+    /// How long a journal write may take before the disk counts as hung
+    /// (None: derived from the heartbeat; see `disk.rs`).
+    pub disk_stall_limit: Option<Duration>,
     /// The deployment's secret: `Replica` calls must carry its token, and
     /// this server's own calls to nodes carry it (None: open).
     pub secret: Option<crate::auth::Secret>,
@@ -132,7 +135,8 @@ struct Inner {
     synced_term: AtomicU64,
     /// As a slave: (term, sync number) of the last snapshot installed here.
     installed: Mutex<(u64, u64)>,
-    /// As master: snapshots sent to slaves so far (numbers them).
+    /// As master: the number of the last snapshot sent to a slave (see
+    /// `master::next_snapshot_number`).
     snapshots_sent: AtomicU64,
     /// Why this master is not replicating ("" when it is).
     degraded: Mutex<String>,
