@@ -522,6 +522,10 @@ pub struct LocalArgs {
     pub queue_type: crate::sync::topology::QueueType,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
+    /// Every server's --disk-stall-limit (at least 1s) [default: the
+    /// servers' own, two heartbeat intervals within 5s to 30s].
+    #[arg(long, env = "SNS_DISK_STALL_LIMIT", value_parser = parse_stall_limit)]
+    pub disk_stall_limit: Option<Duration>,
     /// Do not try to start a local rabbitmq-server when no broker answers.
     #[arg(long)]
     pub no_broker_start: bool,

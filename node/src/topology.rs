@@ -18,6 +18,11 @@ pub struct DeploymentSpec {
     pub servers_per_cluster: u32,
     #[serde(default)]
     pub heartbeat: HeartbeatSpec,
+    /// How long a server's journal write may neither end nor fail before
+    /// its disk counts as hung (`--disk-stall-limit`; None: the server's
+    /// default, two heartbeat intervals within 5 to 30 s).
+    #[serde(default)]
+    pub disk_stall_limit_millis: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -54,6 +59,7 @@ impl Default for DeploymentSpec {
             clusters: default_clusters(),
             servers_per_cluster: default_servers(),
             heartbeat: HeartbeatSpec::default(),
+            disk_stall_limit_millis: None,
         }
     }
 }
@@ -68,6 +74,11 @@ impl DeploymentSpec {
         }
         if !(10..=600_000).contains(&self.heartbeat.interval_millis) || !(1..=100).contains(&self.heartbeat.missed) {
             return Err("heartbeat.intervalMillis must be 10..=600000 and heartbeat.missed 1..=100".into());
+        }
+        if let Some(ms) = self.disk_stall_limit_millis
+            && !(1_000..=3_600_000).contains(&ms)
+        {
+            return Err(format!("diskStallLimitMillis must be 1000..=3600000, not {ms}"));
         }
         Ok(())
     }
@@ -205,6 +216,9 @@ pub fn plan(spec: &DeploymentSpec, opts: &PlanOptions) -> Vec<Process> {
                 "--advertise-host".into(),
                 opts.advertise_host.replace("{pod}", &pod),
             ];
+            if let Some(ms) = spec.disk_stall_limit_millis {
+                args.extend(["--disk-stall-limit".to_string(), format!("{ms}ms")]);
+            }
             common(&mut args);
             out.push(Process { name: pod, role, port: p, args });
         }
@@ -298,7 +312,8 @@ mod tests {
 
     #[test]
     fn every_planned_command_line_parses() {
-        for p in plan(&DeploymentSpec::default(), &opts(9000)) {
+        let spec = DeploymentSpec { disk_stall_limit_millis: Some(2_500), ..DeploymentSpec::default() };
+        for p in plan(&spec, &opts(9000)) {
             let mut argv = vec!["sns-node".to_string()];
             argv.extend(p.args.clone());
             argv.extend(["-k".to_string(), "9000".into()]);
@@ -311,6 +326,7 @@ mod tests {
                     let cfg = s.config().unwrap();
                     assert_eq!((cfg.cluster, cfg.id), (cluster, id));
                     assert_eq!(cfg.data_dir, data_dir(Path::new("/data"), cluster, id));
+                    assert_eq!(cfg.disk_stall_limit, Some(std::time::Duration::from_millis(2_500)));
                 }
                 (Command::Synchronizer(s), Role::Synchronizer { cluster, server, id }) => {
                     let cfg = s.config().unwrap();
@@ -336,6 +352,10 @@ mod tests {
         assert_eq!(plan(&doc.spec, &opts(0)).len(), 5);
         assert!(parse_sns_cluster("kind: Pod\n").is_err());
         assert!(parse_sns_cluster("kind: SnsCluster\nspec:\n  serversPerCluster: 3\n").is_err());
+        let limited = parse_sns_cluster("kind: SnsCluster\nspec:\n  diskStallLimitMillis: 2000\n").unwrap();
+        assert_eq!(limited.spec.disk_stall_limit_millis, Some(2_000));
+        let err = parse_sns_cluster("kind: SnsCluster\nspec:\n  diskStallLimitMillis: 500\n").unwrap_err();
+        assert!(err.contains("diskStallLimitMillis must be 1000..=3600000"), "{err}");
         assert!(parse_sns_cluster("kind: [").is_err());
     }
 }

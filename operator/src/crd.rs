@@ -76,6 +76,13 @@ pub struct SnsClusterSpec {
     /// Heartbeat period and how many a node may miss before it is dead.
     #[serde(default)]
     pub heartbeat: HeartbeatSpec,
+    /// Milliseconds a server's journal write may neither end nor fail
+    /// before its disk counts as hung: it then says it cannot write, and a
+    /// hung master steps down (default: two heartbeat intervals, within 5
+    /// to 30 s). Raise it for volumes whose writes can stall for long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1000, max = 3600000))]
+    pub disk_stall_limit_millis: Option<u64>,
     /// Image with `sns-node` (default: the operator's own image).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -592,6 +599,7 @@ impl SnsClusterSpec {
             clusters: self.clusters,
             servers_per_cluster: self.servers_per_cluster,
             heartbeat: PlanHeartbeat { interval_millis: self.heartbeat.interval_millis, missed: self.heartbeat.missed },
+            disk_stall_limit_millis: self.disk_stall_limit_millis,
         }
     }
 

@@ -82,6 +82,7 @@ pub async fn run(
                     interval_millis: args.heartbeat.interval.as_millis() as u64,
                     missed: args.heartbeat.missed,
                 },
+                disk_stall_limit_millis: args.disk_stall_limit.map(|d| d.as_millis() as u64),
             };
             spec.validate().map_err(Error::Config)?;
             (spec, None)

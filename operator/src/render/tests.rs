@@ -101,7 +101,8 @@ fn default_spec_renders_the_course_topology() {
 
 #[test]
 fn server_and_synchronizer_run_exactly_the_plans_command_lines() {
-    let obj = cluster("demo", serde_json::json!({"heartbeat": {"intervalMillis": 1000}}));
+    let obj =
+        cluster("demo", serde_json::json!({"heartbeat": {"intervalMillis": 1000}, "diskStallLimitMillis": 20000}));
     let r = render(&obj, &opts()).unwrap();
     let procs = plan(&obj).unwrap();
     let mut checked = 0;
@@ -127,6 +128,8 @@ fn server_and_synchronizer_run_exactly_the_plans_command_lines() {
             p.name
         );
         assert!(args.iter().all(|a| !a.contains('{')), "{args:?}");
+        let stall = args.windows(2).any(|w| w == ["--disk-stall-limit", "20000ms"]);
+        assert_eq!(stall, container_name == "server", "only servers journal: {args:?}");
         assert_eq!(c.ports.as_ref().unwrap()[0].container_port, i32::from(p.port));
         // Probed on its plain-text health port, a port of its own beside
         // the node's (the two containers share the pod's network).
