@@ -95,6 +95,17 @@ fn follows(d: &Deployment, s: u32) -> anyhow::Result<String> {
     Ok(spec_files(&d.server_dir(1, s))?.get("1_follow_list.txt").cloned().unwrap_or_default())
 }
 
+/// User 1's acknowledged posts (`acked`) are each exactly once in user 2's
+/// feed on both servers, whose files are byte-identical, and no term had
+/// two masters.
+fn all_once_and_identical(d: &Deployment, acked: Vec<String>) -> anyhow::Result<()> {
+    let all = WriterReport { user: 1, acked, ..Default::default() };
+    assert_exactly_once(d, &BOTH, &[all], &BTreeMap::from([(1, vec![2])]))?;
+    check_convergence(d, &BOTH, &[])?;
+    assert_one_master_per_term(d);
+    Ok(())
+}
+
 /// Defect: kill the master, write on the promoted slave alone, kill it,
 /// restart the stale server first. The stale server used to become master
 /// and wipe the good one. Now it is never promoted; the cluster waits for
@@ -215,12 +226,8 @@ fn a_full_disk_on_the_master_loses_nothing_and_forks_nothing() -> anyhow::Result
     d.command(&format!("start server-1-{m}"))?;
     wait_in_sync(&rt, &d, m)?;
     let after = posts(&rt, &d, 5);
-    let all = WriterReport { user: 1, acked: [before.acked, during.acked, after.acked].concat(), ..Default::default() };
-    assert_exactly_once(&d, &BOTH, &[all], &BTreeMap::from([(1, vec![2])]))?;
-    check_convergence(&d, &BOTH, &[])?;
     assert!(new_term > term);
-    assert_one_master_per_term(&d);
-    Ok(())
+    all_once_and_identical(&d, [before.acked, during.acked, after.acked].concat())
 }
 
 /// Defect: the master's disk hangs (every write blocks, none fails). Its
@@ -255,11 +262,7 @@ fn a_hung_disk_on_the_master_is_failed_over_and_loses_nothing() -> anyhow::Resul
     // Once its disk answers it rejoins as the slave.
     wait_in_sync(&rt, &d, m)?;
     let after = posts(&rt, &d, 5);
-    let all = WriterReport { user: 1, acked: [before.acked, during.acked, after.acked].concat(), ..Default::default() };
-    assert_exactly_once(&d, &BOTH, &[all], &BTreeMap::from([(1, vec![2])]))?;
-    check_convergence(&d, &BOTH, &[])?;
-    assert_one_master_per_term(&d);
-    Ok(())
+    all_once_and_identical(&d, [before.acked, during.acked, after.acked].concat())
 }
 
 /// A freezable cluster of two, or None (the test skips, recorded) where a
@@ -327,11 +330,7 @@ fn a_hung_slave_is_dropped_and_never_promoted_when_the_master_dies() -> anyhow::
     wait_master(&rt, &d, 1, m, 0)?;
     wait_in_sync(&rt, &d, s)?;
     let after = posts(&rt, &d, 5);
-    let all = WriterReport { user: 1, acked: [before.acked, during.acked, after.acked].concat(), ..Default::default() };
-    assert_exactly_once(&d, &BOTH, &[all], &BTreeMap::from([(1, vec![2])]))?;
-    check_convergence(&d, &BOTH, &[])?;
-    assert_one_master_per_term(&d);
-    Ok(())
+    all_once_and_identical(&d, [before.acked, during.acked, after.acked].concat())
 }
 
 /// The command that runs process `pid` (its arguments, environment and
@@ -424,13 +423,8 @@ fn a_server_killed_on_a_hung_disk_is_never_run_twice_and_loses_nothing() -> anyh
     d.command(&format!("start {name}"))?;
     wait_in_sync(&rt, &d, m)?;
     let after = posts(&rt, &d, 5);
-    let acked = [before.acked, during.acked, meanwhile.acked, after.acked].concat();
-    let all = WriterReport { user: 1, acked, ..Default::default() };
-    assert_exactly_once(&d, &BOTH, &[all], &BTreeMap::from([(1, vec![2])]))?;
-    check_convergence(&d, &BOTH, &[])?;
     assert!(new_term > term);
-    assert_one_master_per_term(&d);
-    Ok(())
+    all_once_and_identical(&d, [before.acked, during.acked, meanwhile.acked, after.acked].concat())
 }
 
 /// A timeline session of `user` on its master: where to send posts, and
@@ -534,12 +528,7 @@ fn a_master_whose_journal_failed_after_its_forward_keeps_its_term_and_forks_noth
     wait_in_sync(&rt, &d, s)?;
     assert!(snapshots(&d) > installed, "the slave's cut-back write was replaced by a snapshot");
     let after = posts(&rt, &d, 5);
-    let acked = [before.acked, fitted, other.acked, vec![text], after.acked].concat();
-    let all = WriterReport { user: 1, acked, ..Default::default() };
-    assert_exactly_once(&d, &BOTH, &[all], &BTreeMap::from([(1, vec![2])]))?;
-    check_convergence(&d, &BOTH, &[])?;
-    assert_one_master_per_term(&d);
-    Ok(())
+    all_once_and_identical(&d, [before.acked, fitted, other.acked, vec![text], after.acked].concat())
 }
 
 /// Defect: the slave's disk fills up. Every write used to stall for a
@@ -566,10 +555,7 @@ fn a_full_disk_on_the_slave_is_dropped_at_once_and_rebuilt() -> anyhow::Result<(
     assert!(ss.unwritable.contains("No space left"), "the slave says why: {ss:?}");
     disk::unfill(&d.server_dir(1, s))?;
     wait_in_sync(&rt, &d, s)?;
-    let all = WriterReport { user: 1, acked: [before.acked, during.acked].concat(), ..Default::default() };
-    assert_exactly_once(&d, &BOTH, &[all], &BTreeMap::from([(1, vec![2])]))?;
-    check_convergence(&d, &BOTH, &[])?;
-    Ok(())
+    all_once_and_identical(&d, [before.acked, during.acked].concat())
 }
 
 /// The coordinator's disk fills up, then the master dies. The coordinator
@@ -611,11 +597,7 @@ fn a_coordinator_that_cannot_write_its_records_promotes_nobody_until_it_can() ->
     wait_in_sync(&rt, &d, m)?;
     assert_eq!(rt.block_on(master_of(d.coord_port, 1)), Some((s, new_term)), "the restarted coordinator remembers");
     let after = posts(&rt, &d, 5);
-    let all = WriterReport { user: 1, acked: [before.acked, during.acked, after.acked].concat(), ..Default::default() };
-    assert_exactly_once(&d, &BOTH, &[all], &BTreeMap::from([(1, vec![2])]))?;
-    check_convergence(&d, &BOTH, &[])?;
-    assert_one_master_per_term(&d);
-    Ok(())
+    all_once_and_identical(&d, [before.acked, during.acked, after.acked].concat())
 }
 
 /// Defect: a master restarted in the term it had (its slave was out of
@@ -649,12 +631,7 @@ fn a_master_restarted_in_its_term_brings_its_slave_back() -> anyhow::Result<()> 
     wait_in_sync(&rt, &d, s)?;
     assert_eq!(refusals(&d), refused, "the restarted master's snapshots were refused as older than its previous run's");
     let after = posts(&rt, &d, 5);
-    let acked = [before.acked, during.acked, after.acked].concat();
-    let all = WriterReport { user: 1, acked, ..Default::default() };
-    assert_exactly_once(&d, &BOTH, &[all], &BTreeMap::from([(1, vec![2])]))?;
-    check_convergence(&d, &BOTH, &[])?;
-    assert_one_master_per_term(&d);
-    Ok(())
+    all_once_and_identical(&d, [before.acked, during.acked, after.acked].concat())
 }
 
 /// The middle of `server`'s journal.
