@@ -305,10 +305,12 @@ fn a_slave_refuses_a_snapshot_older_than_the_one_it_installed() -> anyhow::Resul
             sns_node::store::codec::encode_snapshot(&snap, 1)
         };
         let chunk = |sync: u64, next_seq: u64| SnapshotChunk { term, cluster: 1, sync, data: snapshot_at(next_seq) };
-        // Far above anything its master sent it.
-        let newer = replica.install_snapshot(tokio_stream::iter([chunk(1_000_000, 50)])).await?.into_inner();
+        // Above anything its master sent it: numbers follow the master's
+        // clock (ms x 1000); these are an hour ahead.
+        let ahead = (sns_node::net::now_ms() as u64 + 3_600_000) * 1000;
+        let newer = replica.install_snapshot(tokio_stream::iter([chunk(ahead, 50)])).await?.into_inner();
         assert_eq!(newer.next_seq, 50);
-        let stale = replica.install_snapshot(tokio_stream::iter([chunk(999_999, 20)])).await;
+        let stale = replica.install_snapshot(tokio_stream::iter([chunk(ahead - 1, 20)])).await;
         assert_eq!(stale.err().map(|e| e.code()), Some(tonic::Code::InvalidArgument), "the older one is refused");
         let st = status(&slave).await?;
         assert_eq!(st.next_seq, 50, "what it holds is kept: {st:?}");
