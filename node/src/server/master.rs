@@ -497,7 +497,6 @@ fn refused(status: &Status, message: String) -> Error {
     }
 }
 
-/// A snapshot as the chunks `Replica.InstallSnapshot` takes.
 /// The number of this master's next snapshot. A slave refuses one older
 /// than the last it installed under the same term (see `slave.rs`), and a
 /// master restarted in its term (nobody could replace it) must not fall
@@ -507,11 +506,12 @@ fn refused(status: &Status, message: String) -> Error {
 fn next_snapshot_number(sent: &std::sync::atomic::AtomicU64, now_ms: i64) -> u64 {
     use std::sync::atomic::Ordering::SeqCst;
     let floor = u64::try_from(now_ms).unwrap_or(0).saturating_mul(1000);
-    let step = |prev: u64| Some(prev.saturating_add(1).max(floor));
-    let prev = sent.fetch_update(SeqCst, SeqCst, step).unwrap_or_else(|p| p);
-    step(prev).unwrap_or(floor)
+    let next = |prev: u64| prev.saturating_add(1).max(floor);
+    let prev = sent.fetch_update(SeqCst, SeqCst, |p| Some(next(p))).unwrap_or_else(|p| p);
+    next(prev)
 }
 
+/// A snapshot as the chunks `Replica.InstallSnapshot` takes.
 fn snapshot_chunks(bytes: &[u8], term: u64, sync: u64, cluster: u32) -> Vec<sns_proto::internal::SnapshotChunk> {
     use sns_proto::internal::SnapshotChunk;
     /// Well under gRPC's 4 MiB default message limit.
