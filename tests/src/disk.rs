@@ -98,18 +98,18 @@ impl FreezableFs {
 
     /// From now on every write to it hangs.
     pub fn freeze(&self) -> Result<()> {
-        let out = Command::new("fsfreeze").arg("-f").arg(&self.path).output().context("running fsfreeze")?;
-        if !out.status.success() {
-            bail!("fsfreeze -f {}: {}", self.path.display(), String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(())
+        self.fsfreeze("-f")
     }
 
     /// The hung writes go on.
     pub fn thaw(&self) -> Result<()> {
-        let out = Command::new("fsfreeze").arg("-u").arg(&self.path).output().context("running fsfreeze")?;
+        self.fsfreeze("-u")
+    }
+
+    fn fsfreeze(&self, flag: &str) -> Result<()> {
+        let out = Command::new("fsfreeze").arg(flag).arg(&self.path).output().context("running fsfreeze")?;
         if !out.status.success() {
-            bail!("fsfreeze -u {}: {}", self.path.display(), String::from_utf8_lossy(&out.stderr).trim());
+            bail!("fsfreeze {flag} {}: {}", self.path.display(), String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(())
     }

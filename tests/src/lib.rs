@@ -16,6 +16,7 @@ pub mod pty;
 pub mod secret;
 
 use anyhow::{Context, Result, anyhow, bail};
+use sns_node::topology;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -307,15 +308,14 @@ impl DeploymentBuilder {
         let dir = tempfile::Builder::new().prefix("sns-e2e-").tempdir()?;
         let mut mounts = Vec::new();
         for &(cluster, id, bytes) in &self.tmpfs {
-            let path = dir.path().join(format!("cluster_{cluster}")).join(id.to_string());
-            mounts.push(disk::Tmpfs::mount(&path, bytes)?);
+            mounts.push(disk::Tmpfs::mount(&topology::data_dir(dir.path(), cluster, id), bytes)?);
         }
         if let Some(bytes) = self.coordinator_tmpfs {
-            mounts.push(disk::Tmpfs::mount(&dir.path().join("coordinator"), bytes)?);
+            mounts.push(disk::Tmpfs::mount(&topology::coordinator_dir(dir.path()), bytes)?);
         }
         let mut freezable = Vec::new();
         for &(cluster, id) in &self.freezable {
-            let path = dir.path().join(format!("cluster_{cluster}")).join(id.to_string());
+            let path = topology::data_dir(dir.path(), cluster, id);
             let image = dir.path().join(format!("disk-{cluster}-{id}.img"));
             freezable.push(((cluster, id), disk::FreezableFs::mount(&path, &image, 64 << 20)?));
         }
@@ -586,12 +586,12 @@ impl Deployment {
 
     /// Data directory of server `id` of cluster `cluster`.
     pub fn server_dir(&self, cluster: u32, id: u32) -> PathBuf {
-        self.dir.path().join(format!("cluster_{cluster}")).join(id.to_string())
+        topology::data_dir(self.dir.path(), cluster, id)
     }
 
     /// The coordinator's data directory.
     pub fn coordinator_dir(&self) -> PathBuf {
-        self.dir.path().join("coordinator")
+        topology::coordinator_dir(self.dir.path())
     }
 
     pub fn client(&self, user: &str) -> Result<Client> {

@@ -167,17 +167,7 @@ impl Writer {
                     report.failovers += 1;
                     continue 'session;
                 }
-                let acked = tokio::time::timeout(ACK_TIMEOUT, async {
-                    loop {
-                        match inbound.message().await {
-                            Ok(Some(m)) if m.post_id == id && m.msg.is_empty() => return true,
-                            Ok(Some(_)) => continue, // a followee's post
-                            _ => return false,
-                        }
-                    }
-                })
-                .await;
-                if acked != Ok(true) {
+                if !await_ack(&mut inbound, id, ACK_TIMEOUT).await {
                     // Same post, same id, on the next server: applied at most once.
                     report.failovers += 1;
                     continue 'session;
@@ -195,6 +185,22 @@ impl Writer {
         }
         report
     }
+}
+
+/// Whether post `id`, sent on a timeline stream, is acknowledged on it
+/// within `within` (followees' posts coming meanwhile pass by); false if
+/// the stream fails or ends first.
+pub async fn await_ack(inbound: &mut tonic::Streaming<Message>, id: u64, within: Duration) -> bool {
+    let acked = tokio::time::timeout(within, async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(m)) if m.post_id == id && m.msg.is_empty() => return true,
+                Ok(Some(_)) => continue, // a followee's post
+                _ => return false,
+            }
+        }
+    });
+    acked.await == Ok(true)
 }
 
 /// Users `follower` and `followee` log in, `follower` follows `followee`

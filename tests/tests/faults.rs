@@ -54,9 +54,19 @@ fn cluster_on_tmpfs(test: &str) -> anyhow::Result<Option<(Deployment, Runtime)>>
     // Room for the journals and views of these tests, little more.
     const SIZE: u64 = 2 << 20;
     let builder = Deployment::builder().tmpfs(1, 1, SIZE).tmpfs(1, 2, SIZE);
+    cluster_or_skip(test, builder, "a full disk needs a tmpfs mount")
+}
+
+/// [`cluster_of_two`] from `builder`, or None (the test skips, recorded,
+/// saying it `needs` what was refused) where a mount was refused.
+fn cluster_or_skip(
+    test: &str,
+    builder: sns_e2e::DeploymentBuilder,
+    needs: &str,
+) -> anyhow::Result<Option<(Deployment, Runtime)>> {
     match cluster_of_two(builder) {
         Err(e) if e.to_string().starts_with("SKIP:") => {
-            sns_e2e::skip(test, &format!("a full disk needs a tmpfs mount: {}", &e.to_string()[5..]));
+            sns_e2e::skip(test, &format!("{needs}: {}", &e.to_string()[5..]));
             Ok(None)
         }
         other => other.map(Some),
@@ -271,13 +281,7 @@ fn cluster_on_freezable(
     test: &str,
     builder: sns_e2e::DeploymentBuilder,
 ) -> anyhow::Result<Option<(Deployment, Runtime)>> {
-    match cluster_of_two(builder.freezable(1, 1).freezable(1, 2)) {
-        Err(e) if e.to_string().starts_with("SKIP:") => {
-            sns_e2e::skip(test, &format!("a hung disk needs a loop-mounted ext4: {}", &e.to_string()[5..]));
-            Ok(None)
-        }
-        other => other.map(Some),
-    }
+    cluster_or_skip(test, builder.freezable(1, 1).freezable(1, 2), "a hung disk needs a loop-mounted ext4")
 }
 
 /// A hung disk on the slave, then the master dies: a double fault. Writers
@@ -452,16 +456,7 @@ async fn post_on(
     if tx.send(post).is_err() {
         return false;
     }
-    let acked = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match inbound.message().await {
-                Ok(Some(m)) if m.post_id == id && m.msg.is_empty() => return true,
-                Ok(Some(_)) => continue,
-                _ => return false,
-            }
-        }
-    });
-    acked.await == Ok(true)
+    load::await_ack(inbound, id, Duration::from_secs(5)).await
 }
 
 /// The master's journal write fails (a full disk) while its forward of the
@@ -567,12 +562,9 @@ fn a_full_disk_on_the_slave_is_dropped_at_once_and_rebuilt() -> anyhow::Result<(
 #[test]
 fn a_coordinator_that_cannot_write_its_records_promotes_nobody_until_it_can() -> anyhow::Result<()> {
     let test = "a_coordinator_that_cannot_write_its_records_promotes_nobody_until_it_can";
-    let (mut d, rt) = match cluster_of_two(Deployment::builder().coordinator_tmpfs(1 << 20)) {
-        Err(e) if e.to_string().starts_with("SKIP:") => {
-            sns_e2e::skip(test, &format!("a full disk needs a tmpfs mount: {}", &e.to_string()[5..]));
-            return Ok(());
-        }
-        other => other?,
+    let builder = Deployment::builder().coordinator_tmpfs(1 << 20);
+    let Some((mut d, rt)) = cluster_or_skip(test, builder, "a full disk needs a tmpfs mount")? else {
+        return Ok(());
     };
     let (m, s, term) = pair(&rt, &d)?;
     let before = posts(&rt, &d, 10);

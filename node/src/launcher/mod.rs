@@ -233,13 +233,13 @@ impl Launcher {
         let metrics_file = self.dir.join("logs").join(format!("{name}.metrics-port"));
         let _ = std::fs::remove_file(&port_file);
         let _ = std::fs::remove_file(&metrics_file);
+        let log_path = self.log_path(name);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.log_path(name))
-            .map_err(|e| Error::io(&self.log_path(name), e))?;
-        let log2 = log.try_clone().map_err(|e| Error::io(&self.log_path(name), e))?;
-        let log_path = self.log_path(name);
+            .open(&log_path)
+            .map_err(|e| Error::io(&log_path, e))?;
+        let log2 = log.try_clone().map_err(|e| Error::io(&log_path, e))?;
         let proc = self.procs.get_mut(name).ok_or_else(|| Error::Other(format!("no process named {name}")))?;
         if proc.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))) {
             proc.child = None;
