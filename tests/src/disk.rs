@@ -178,6 +178,36 @@ pub fn flip(path: &Path, offset: u64, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Where each record of the journal at `path` starts, read with the
+/// journal's framing (a 20-byte file header, then records of a 12-byte
+/// header, `len | !len | crc`, and `len` bytes of payload).
+pub fn journal_records(path: &Path) -> Result<Vec<u64>> {
+    const FILE_HEADER: usize = 20;
+    const RECORD_HEADER: usize = 12;
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (mut at, mut starts) = (FILE_HEADER, Vec::new());
+    while at + RECORD_HEADER <= data.len() {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into()?) as usize;
+        if len == 0 || at + RECORD_HEADER + len > data.len() {
+            break;
+        }
+        starts.push(at as u64);
+        at += RECORD_HEADER + len;
+    }
+    Ok(starts)
+}
+
+/// Overwrites the file at `path` with zeros from `offset` to its end,
+/// keeping its length: what a disk that acknowledged a flush it never
+/// made leaves after a power loss.
+pub fn zero_from(path: &Path, offset: u64) -> Result<()> {
+    let mut data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let at = usize::try_from(offset)?.min(data.len());
+    data[at..].fill(0);
+    std::fs::write(path, &data)?;
+    Ok(())
+}
+
 /// Journal files kept aside as damaged in a server directory.
 pub fn damaged_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };

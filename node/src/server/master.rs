@@ -33,7 +33,8 @@ use crate::store::codec;
 use crate::store::state::Entry;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
-use sns_proto::internal::{InSyncMember, InSyncRequest, ReplicateRequest};
+use sns_proto::internal::{InSyncMember, InSyncRequest, ReplicateRequest, StatusRequest, SwitchoverRequest};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
@@ -63,11 +64,16 @@ impl Node {
         self.cfg().heartbeat.min(Duration::from_secs(1))
     }
 
-    /// A master promoted by an operator accepting data loss makes what its
-    /// journal holds its state (keeping a damaged file aside) and numbers
-    /// its events above any the cluster may have published. Called with
-    /// the write lane held; does nothing otherwise.
+    /// A master restarted within its term first checks its journal against
+    /// its in-sync peers ([`Node::verify_peers`]). A master promoted by an
+    /// operator accepting data loss makes what its journal holds its state
+    /// (keeping a damaged file aside) and numbers its events above any the
+    /// cluster may have published. Called with the write lane held; does
+    /// nothing otherwise.
     pub(super) async fn prepare_role(&self, role: &Role) -> Result<()> {
+        if self.unverified() {
+            self.verify_peers(role).await?;
+        }
         if !self.needs_prepare(role) {
             return Ok(());
         }
@@ -84,6 +90,104 @@ impl Node {
         );
         self.update_serving();
         Ok(())
+    }
+
+    /// Whether this master restarted within its term and has not yet
+    /// compared its journal with its in-sync peers (it serves nothing
+    /// until it has: see [`Node::verify_peers`]).
+    pub(super) fn unverified(&self) -> bool {
+        let role = self.role();
+        role.is_master && role.term > 0 && self.0.unverified.load(Ordering::Relaxed) == role.term
+    }
+
+    /// Before a master restarted within its term serves, it asks its
+    /// in-sync slave what it holds. The slave may hold writes of the term
+    /// that this journal lacks: forwarded just before the crash and never
+    /// journaled here (never acknowledged), or journaled and acknowledged,
+    /// then lost by a disk that acknowledged a flush it never made (the
+    /// journal cut them at start-up as a torn tail). Either way the slave
+    /// must not get this server's shorter state: the master hands the
+    /// cluster over to it (a switchover: the slave becomes master under a
+    /// newer term, and rebuilds this server). When no in-sync peer answers,
+    /// it serves as before (the first write records the peer out of sync),
+    /// unless its journal lost a tail at start-up: then it waits for one,
+    /// or for an operator's promotion accepting data loss. Called with the
+    /// write lane held.
+    async fn verify_peers(&self, role: &Role) -> Result<()> {
+        let (me, cluster, term) = (self.0.cfg.id, self.0.cfg.cluster, role.term);
+        let peers: Vec<u32> = role.in_sync.iter().copied().filter(|id| *id != me).collect();
+        let verified = |why: &str| {
+            self.0.unverified.store(0, Ordering::Relaxed);
+            tracing::info!(term, reason = why, "restarted master: journal checked against the in-sync servers");
+            self.update_serving();
+            Ok(())
+        };
+        if role.accept_data_loss || peers.is_empty() {
+            // Nobody else holds the term's writes (a new cluster, or an
+            // operator's override): there is nothing to compare with.
+            self.0.unverified.store(0, Ordering::Relaxed);
+            self.update_serving();
+            return Ok(());
+        }
+        let asked = match role.slave.clone().filter(|(id, ..)| peers.contains(id)) {
+            Some((_, host, port)) => {
+                let mut client = self.slave_client(&host, &port)?;
+                let mut req = tonic::Request::new(StatusRequest {});
+                req.set_timeout(self.patience());
+                match tokio::time::timeout(self.patience(), client.status(req)).await {
+                    Ok(Ok(reply)) => Some(reply.into_inner()),
+                    _ => None,
+                }
+            }
+            None => None,
+        };
+        let refuse = |why: String| {
+            *lock(&self.0.unverified_why) = why.clone();
+            Err(Error::NotServing(why))
+        };
+        let Some(peer) = asked else {
+            return match &self.0.tail_cut {
+                None => verified("no in-sync server answers; the journal opened whole"),
+                Some(cut) => refuse(format!(
+                    "server {me} of cluster {cluster} waits for in-sync servers {peers:?}: its journal lost its end at start-up ({cut}), and only they can tell whether that held acknowledged writes"
+                )),
+            };
+        };
+        if peer.term > term {
+            return refuse(format!(
+                "in-sync server {} of cluster {cluster} knows term {}, newer than this master's {term}",
+                peer.server_id, peer.term
+            ));
+        }
+        let (next_seq, received) = self.read(|s| (s.next_seq(), s.received_total()));
+        if peer.next_seq <= next_seq && peer.received_events <= received {
+            return verified("the in-sync slave holds nothing more");
+        }
+        let why = format!(
+            "in-sync server {} holds more of term {term} than this server (next seq {} against {next_seq}, events of other clusters {} against {received})",
+            peer.server_id, peer.next_seq, peer.received_events
+        );
+        tracing::warn!(to = peer.server_id, term, cut = ?self.0.tail_cut, reason = %why, "restarted master: handing the cluster over to its slave");
+        self.hand_over(peer.server_id);
+        refuse(format!("server {me} of cluster {cluster} is handing the cluster over: {why}"))
+    }
+
+    /// Asks the coordinator to switch the cluster over to server `to`
+    /// (once at a time, in its own task: the coordinator calls back for
+    /// this server to step down).
+    fn hand_over(&self, to: u32) {
+        if self.0.handing_over.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            let req = SwitchoverRequest { cluster: node.0.cfg.cluster, to };
+            match CoordAdminClient::new(node.0.coord.clone()).switchover(req).await {
+                Ok(reply) => tracing::info!(to, term = reply.into_inner().term, "handed the cluster over"),
+                Err(s) => tracing::warn!(to, error = %s.message(), "the handover failed; the next check tries again"),
+            }
+            node.0.handing_over.store(false, Ordering::Release);
+        });
     }
 
     fn needs_prepare(&self, role: &Role) -> bool {
@@ -388,7 +492,7 @@ impl Node {
         if !role.is_master {
             return false;
         }
-        if self.needs_prepare(role) {
+        if self.needs_prepare(role) || self.unverified() {
             return true;
         }
         let Some((id, host, port)) = role.slave.clone() else { return false };

@@ -51,7 +51,7 @@ use crate::store::{Log, Store};
 use sns_proto::internal::replica_client::ReplicaClient;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -142,6 +142,17 @@ struct Inner {
     degraded: Mutex<String>,
     /// Every term under which this server accepted a client write as master.
     master_terms: Mutex<BTreeSet<u64>>,
+    /// The term this process found itself master of at its first role (a
+    /// restart within its term), until it has compared its journal with
+    /// its in-sync peers (0: nothing to compare). See `master::verify_peers`.
+    unverified: AtomicU64,
+    /// What was cut from the journal's end at start-up, if anything: this
+    /// run cannot tell alone whether it was ever acknowledged.
+    tail_cut: Option<String>,
+    /// Why the last comparison did not let this master serve yet.
+    unverified_why: Mutex<String>,
+    /// A handover to a peer holding more of the term is under way.
+    handing_over: AtomicBool,
     disk: Mutex<disk::Disk>,
     /// This process's hold on the data directory, for as long as it runs.
     _dir_lock: crate::store::lock::DirLock,
@@ -167,6 +178,7 @@ impl Node {
             writes,
             port,
             damage: Mutex::new(log.damage().map(str::to_string)),
+            tail_cut: log.tail_cut().map(str::to_string),
             incarnation: AtomicU64::new(log.incarnation()),
             store: Mutex::new(store),
             log: Mutex::new(log),
@@ -186,6 +198,9 @@ impl Node {
             snapshots_sent: AtomicU64::new(0),
             degraded: Mutex::new(String::new()),
             master_terms: Mutex::new(BTreeSet::new()),
+            unverified: AtomicU64::new(0),
+            unverified_why: Mutex::new(String::new()),
+            handing_over: AtomicBool::new(false),
             disk: Mutex::new(disk::Disk::default()),
             _dir_lock: dir_lock,
         }));

@@ -10,7 +10,7 @@
 //! synchronizer. A role is only adopted forward: never an older term, and
 //! within a term never an older answer.
 
-use super::{Node, Role};
+use super::{Node, Role, lock};
 use crate::error::{Error, Result};
 use sns_proto::csce438::ServerInfo;
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
@@ -100,6 +100,12 @@ impl Node {
                 return false;
             }
             same = true;
+            if role.is_master && !cur.is_master && cur.term == 0 {
+                // The first role of this run, and it is master: a restart
+                // within the term. Whatever the journal lost since the
+                // last run, only the in-sync peers can tell.
+                self.0.unverified.store(role.term, Ordering::Relaxed);
+            }
             if role.is_master != cur.is_master || role.term != cur.term {
                 tracing::info!(
                     cluster = self.0.cfg.cluster,
@@ -178,6 +184,17 @@ impl Node {
         }
         if !self.lease_valid() {
             return Some(format!("server {id} of cluster {cluster} has no current lease from the coordinator"));
+        }
+        if self.unverified() {
+            let why = lock(&self.0.unverified_why).clone();
+            return Some(if why.is_empty() {
+                format!(
+                    "server {id} of cluster {cluster} restarted as master of term {}: it compares its journal with its in-sync servers before it serves",
+                    self.role().term
+                )
+            } else {
+                why
+            });
         }
         None
     }

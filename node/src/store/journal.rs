@@ -78,6 +78,11 @@ pub struct Opened {
     pub records: Vec<Vec<u8>>,
     /// Set when the file is damaged; the journal then refuses appends.
     pub damage: Option<Damage>,
+    /// Bytes cut from the end as a torn tail (0: none). A crash cuts only
+    /// an append that was never acknowledged; a disk that acknowledged a
+    /// flush it never made looks the same, so whoever may hold more (an
+    /// in-sync peer) must be asked before this tail is taken as unwritten.
+    pub cut: u64,
 }
 
 /// How a failed append left the journal.
@@ -110,6 +115,7 @@ impl Journal {
                 journal: Journal::create(path, random_incarnation()?)?,
                 records: vec![],
                 damage: None,
+                cut: 0,
             });
         }
         if !data.starts_with(MAGIC) {
@@ -121,10 +127,11 @@ impl Journal {
             let damage = Damage { offset: 0, file_len: data.len() as u64 };
             let len = data.len() as u64;
             let journal = Journal { file, len, incarnation: 0, refused: Some(format!("damaged: {damage}")) };
-            return Ok(Opened { journal, records: vec![], damage: Some(damage) });
+            return Ok(Opened { journal, records: vec![], damage: Some(damage), cut: 0 });
         }
         let parsed = parse(&data, FILE_HEADER, Format::Current);
         let mut journal = Journal { file, len: data.len() as u64, incarnation, refused: None };
+        let mut cut = 0;
         match parsed.bad {
             None => {}
             Some(Bad::Torn) => {
@@ -132,14 +139,15 @@ impl Journal {
                 journal.file.set_len(parsed.good as u64)?;
                 journal.file.sync_all()?;
                 journal.len = parsed.good as u64;
+                cut = (data.len() - parsed.good) as u64;
             }
             Some(Bad::Damaged(damage)) => {
                 journal.refused = Some(format!("damaged: {damage}"));
-                return Ok(Opened { journal, records: parsed.records, damage: Some(damage) });
+                return Ok(Opened { journal, records: parsed.records, damage: Some(damage), cut: 0 });
             }
         }
         journal.file.seek(SeekFrom::End(0))?;
-        Ok(Opened { journal, records: parsed.records, damage: None })
+        Ok(Opened { journal, records: parsed.records, damage: None, cut })
     }
 
     /// Creates a journal at `path` holding only its header (replacing any
@@ -183,12 +191,12 @@ impl Journal {
             let file = OpenOptions::new().read(true).append(true).open(path)?;
             let refused = Some(format!("damaged: {damage}"));
             let journal = Journal { file, len: data.len() as u64, incarnation: 0, refused };
-            return Ok(Opened { journal, records: parsed.records, damage: Some(damage) });
+            return Ok(Opened { journal, records: parsed.records, damage: Some(damage), cut: 0 });
         }
         let slices: Vec<&[u8]> = parsed.records.iter().map(Vec::as_slice).collect();
         let journal = Journal::replace(path, random_incarnation()?, &slices)?;
         tracing::info!(path = %path.display(), records = parsed.records.len(), "journal converted to the current format");
-        Ok(Opened { journal, records: parsed.records, damage: None })
+        Ok(Opened { journal, records: parsed.records, damage: None, cut: 0 })
     }
 
     /// Bytes in the journal.
@@ -416,6 +424,8 @@ mod tests {
             std::fs::write(&path, &full[..cut]).unwrap();
             let o = open(&path);
             assert!(o.damage.is_none(), "cut at {cut} is a torn tail, not damage");
+            let rest = if cut >= kept + RECORD_HEADER + 11 { kept + RECORD_HEADER + 11 } else { kept };
+            assert_eq!(o.cut, (cut - rest) as u64, "cut at {cut}: the bytes cut are reported");
             let expected: Vec<Vec<u8>> = if cut >= kept + RECORD_HEADER + 11 {
                 vec![b"keep".to_vec(), b"torn-record".to_vec()]
             } else {
@@ -431,10 +441,13 @@ mod tests {
         let o = open(&path);
         assert!(o.damage.is_none());
         assert_eq!(o.records, vec![b"keep".to_vec()]);
+        assert_eq!(o.cut, 4096);
         let mut j = o.journal;
         j.append(b"after", true).unwrap();
         drop(j);
-        assert_eq!(open(&path).records, vec![b"keep".to_vec(), b"after".to_vec()]);
+        let o = open(&path);
+        assert_eq!(o.records, vec![b"keep".to_vec(), b"after".to_vec()]);
+        assert_eq!(o.cut, 0, "a whole journal reports nothing cut");
     }
 
     #[test]

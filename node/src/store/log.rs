@@ -25,11 +25,20 @@ pub struct Log {
     damage: Option<String>,
     /// Journal size right after the last compaction (or snapshot install).
     compacted_len: u64,
+    /// What was cut from the journal's end as a torn tail when it was
+    /// opened, if anything (see [`journal::Opened::cut`]).
+    pub(super) tail_cut: Option<String>,
 }
 
 impl Log {
     pub(super) fn new(dir: &Path, journal: Journal, damage: Option<String>) -> Log {
-        Log { dir: dir.to_path_buf(), journal, damage, compacted_len: 0 }
+        Log { dir: dir.to_path_buf(), journal, damage, compacted_len: 0, tail_cut: None }
+    }
+
+    /// What was cut from the journal's end as a torn tail when it was
+    /// opened (None: nothing).
+    pub fn tail_cut(&self) -> Option<&str> {
+        self.tail_cut.as_deref()
     }
 
     fn path(&self) -> PathBuf {

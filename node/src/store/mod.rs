@@ -140,6 +140,7 @@ pub fn open(dir: &Path, cluster: u32, clusters: u32) -> Result<(Log, Store)> {
     let path = dir.join(JOURNAL_FILE);
     let opened = Journal::open(&path).map_err(|e| Error::io(&path, e))?;
     let mut damage = opened.damage.map(|d| format!("{}: {d}", path.display()));
+    let cut = (opened.cut > 0).then(|| format!("{} bytes cut from the end of {}", opened.cut, path.display()));
     let mut state = State::new(cluster, clusters);
     for (i, rec) in opened.records.iter().enumerate() {
         match codec::decode_entry(rec, clusters) {
@@ -185,7 +186,9 @@ pub fn open(dir: &Path, cluster: u32, clusters: u32) -> Result<(Log, Store)> {
         store.rebuild_views()?;
         tracing::info!(dir = %dir.display(), records, users = store.state.users().len(), incarnation, "store opened");
     }
-    Ok((Log::new(dir, opened.journal, damage), store))
+    let mut log = Log::new(dir, opened.journal, damage);
+    log.tail_cut = cut;
+    Ok((log, store))
 }
 
 /// Rewrites the journal as one `snapshot` of the current state when it
