@@ -671,16 +671,24 @@ fn a_master_that_lost_the_tail_of_its_journal_waits_for_its_in_sync_slave() -> a
     d.command(&format!("kill server-1-{m}"))?;
     lose_journal_tail(&d, m, 5)?;
     d.command(&format!("start server-1-{m}"))?;
-    let node = eventually("the restarted master to register", || {
-        rt.block_on(server_node(d.coord_port, 1, m)).filter(|n| n.alive && n.is_master && n.term == term)
-    })?;
-    let refused = eventually("the restarted master to refuse, waiting for its slave", || {
-        rt.block_on(async {
-            let mut sns = sns_at(&node.host, &node.port).await.ok()?;
-            sns.list(request(1, None, 0)).await.err().filter(|e| e.message().contains("waits for in-sync servers"))
+    let refusal = |d: &Deployment| {
+        eventually("the restarted master to refuse, waiting for its slave", || {
+            rt.block_on(async {
+                let node =
+                    server_node(d.coord_port, 1, m).await.filter(|n| n.alive && n.is_master && n.term == term)?;
+                let mut sns = sns_at(&node.host, &node.port).await.ok()?;
+                let refused = sns.list(request(1, None, 0)).await.err()?;
+                refused.message().contains("waits for in-sync servers").then_some((node, refused))
+            })
         })
-    })?;
+    };
+    let (_, refused) = refusal(&d)?;
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("lost its end at start-up"), "{refused:?}");
+    // Restarted again, its journal opens whole: the cut is remembered.
+    d.command(&format!("kill server-1-{m}"))?;
+    d.command(&format!("start server-1-{m}"))?;
+    let (node, refused) = refusal(&d)?;
     assert!(refused.message().contains("lost its end at start-up"), "{refused:?}");
     let login = rt.block_on(async {
         let mut sns = sns_at(&node.host, &node.port).await?;
@@ -692,6 +700,39 @@ fn a_master_that_lost_the_tail_of_its_journal_waits_for_its_in_sync_slave() -> a
     wait_in_sync(&rt, &d, m)?;
     let after = posts(&rt, &d, 5);
     all_once_and_identical(&d, [written.acked, after.acked].concat())
+}
+
+/// The slave's journal lost its last records, and the whole cluster was
+/// down: the slave came back first. It used to be promoted (it is in sync,
+/// and the master was gone) and then rebuild the master from its shorter
+/// state: acknowledged posts were lost. Now the coordinator promotes it
+/// only where no other in-sync server could hold more, says why the
+/// cluster waits, and the master, back, keeps its term and rebuilds it.
+#[test]
+fn a_slave_that_lost_the_tail_of_its_journal_is_not_promoted_while_its_master_may_hold_more() -> anyhow::Result<()> {
+    let (mut d, rt) = cluster_of_two(Deployment::builder())?;
+    let (m, s, term) = pair(&rt, &d)?;
+    let written = posts(&rt, &d, 20);
+    d.command(&format!("kill server-1-{m}"))?;
+    d.command(&format!("kill server-1-{s}"))?;
+    lose_journal_tail(&d, s, 5)?;
+    d.command(&format!("start server-1-{s}"))?;
+    eventually("the restarted slave to register", || {
+        rt.block_on(server_node(d.coord_port, 1, s)).filter(|n| n.alive).map(|_| ())
+    })?;
+    let reason = eventually("cluster 1 to wait for the server that may hold more", || {
+        let info = rt.block_on(get_server(d.coord_port, 1)).ok()?;
+        info.unavailable_reason.contains("lost its end").then_some(info.unavailable_reason)
+    })?;
+    assert!(reason.contains(&format!("[{s}]")), "{reason}");
+    assert_ne!(rt.block_on(master_of(d.coord_port, 1)).map(|(id, _)| id), Some(s), "the slave was promoted");
+    d.command(&format!("start server-1-{m}"))?;
+    wait_in_sync(&rt, &d, s)?;
+    assert_eq!(rt.block_on(master_of(d.coord_port, 1)), Some((m, term)), "the master keeps its term");
+    let after = posts(&rt, &d, 5);
+    all_once_and_identical(&d, [written.acked, after.acked].concat())?;
+    assert!(!d.server_dir(1, s).join("journal.cut").exists(), "the rebuilt slave settled its cut tail");
+    Ok(())
 }
 
 /// Zeros the last `records` records of stopped `server`'s journal, in

@@ -454,6 +454,7 @@ impl CoordService for Coordinator {
             incarnation: s.incarnation,
             damaged: s.damaged,
             unwritable: s.unwritable,
+            tail_cut: s.tail_cut,
             next_seq: s.next_seq,
             link_down: s.link_down,
         };

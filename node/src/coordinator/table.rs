@@ -79,6 +79,8 @@ pub struct Beat {
     pub incarnation: u64,
     pub damaged: bool,
     pub unwritable: bool,
+    /// Servers: the journal's end was cut at start-up and is not settled.
+    pub tail_cut: bool,
     pub next_seq: u64,
     /// Synchronizers: why their link is down ("" while it is up).
     pub link_down: String,
@@ -155,6 +157,7 @@ struct Entry {
     incarnation: u64,
     damaged: bool,
     unwritable: bool,
+    tail_cut: bool,
     next_seq: u64,
     link_down: String,
 }
@@ -319,8 +322,20 @@ impl Table {
     /// Whether server `id` may be promoted by the rules: alive, in sync,
     /// able to write, journal intact.
     fn candidate(&self, cluster: u32, id: u32, now: Instant) -> bool {
-        self.server(cluster, id).is_some_and(|e| self.alive(e, now) && !e.damaged && !e.unwritable)
-            && self.in_sync(cluster, id)
+        self.server(cluster, id).is_some_and(|e| {
+            self.alive(e, now) && !e.damaged && !e.unwritable && (!e.tail_cut || self.holds_most(cluster, id, now))
+        }) && self.in_sync(cluster, id)
+    }
+
+    /// Whether in-sync server `id`, whose journal lost its end at start-up,
+    /// holds every acknowledged write all the same: every other in-sync
+    /// server of `cluster` is live, can read its journal, and reports no
+    /// later position. One that is not live may hold what it lost.
+    fn holds_most(&self, cluster: u32, id: u32, now: Instant) -> bool {
+        let (Some(record), Some(me)) = (self.records.get(&cluster), self.server(cluster, id)) else { return false };
+        record.in_sync.keys().filter(|other| **other != id).all(|other| {
+            self.server(cluster, *other).is_some_and(|p| self.alive(p, now) && !p.damaged && p.next_seq <= me.next_seq)
+        })
     }
 
     /// Whether server `id` is the master of its cluster right now.
@@ -366,12 +381,16 @@ impl Table {
             incarnation: beat.incarnation,
             damaged: beat.damaged,
             unwritable: beat.unwritable,
+            tail_cut: beat.tail_cut,
             next_seq: beat.next_seq,
             link_down: beat.link_down.clone(),
         };
         // A change in what a server says of itself can change roles.
         let changed = previous.as_ref().is_none_or(|p| {
-            p.incarnation != entry.incarnation || p.damaged != entry.damaged || p.unwritable != entry.unwritable
+            p.incarnation != entry.incarnation
+                || p.damaged != entry.damaged
+                || p.unwritable != entry.unwritable
+                || p.tail_cut != entry.tail_cut
         });
         self.nodes.insert(key, entry);
         if !was_alive || changed {
@@ -559,10 +578,22 @@ impl Table {
         });
         let Some(new) = next else {
             let in_sync: Vec<u32> = record.in_sync.keys().copied().collect();
+            let cut: Vec<u32> = in_sync
+                .iter()
+                .copied()
+                .filter(|id| self.server(cluster, *id).is_some_and(|e| self.alive(e, now) && e.tail_cut))
+                .collect();
+            let cut = if cut.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (live: {cut:?}, whose journal lost its end at start-up; another in-sync server may hold writes it lacks)"
+                )
+            };
             self.unavailable.insert(
                 cluster,
                 format!(
-                    "cluster {cluster} has no live server holding every acknowledged write (in sync: {in_sync:?}); writes are refused until one of them is back, or an operator promotes another with `sns-node promote --cluster {cluster} --server <id> --accept-data-loss`"
+                    "cluster {cluster} has no live server holding every acknowledged write (in sync: {in_sync:?}){cut}; writes are refused until one of them is back, or an operator promotes another with `sns-node promote --cluster {cluster} --server <id> --accept-data-loss`"
                 ),
             );
             return None;
@@ -1028,6 +1059,25 @@ mod tests {
         // The old master comes back: slave, under the new term.
         let (a, registered) = t.heartbeat(t1 + L, &server(2, 1));
         assert!(registered && !a.is_master && a.term == 2);
+    }
+
+    #[test]
+    fn a_slave_whose_journal_lost_its_end_is_promoted_only_where_nobody_could_hold_more() {
+        let (mut t, t1) = pair_renewed();
+        let t2 = t1 + L;
+        t.heartbeat(t2, &Beat { tail_cut: true, next_seq: 10, ..server(2, 2) });
+        t.mark_dead(t2, Kind::Server, 2, 1);
+        assert!(settle(&mut t, t2).is_empty(), "the dead master may hold what the slave lost");
+        let why = t.unavailable(2).unwrap();
+        assert!(why.contains("lost its end at start-up") && why.contains("[2]"), "{why}");
+        // The master is back, unable to write, and holds more: still not.
+        t.heartbeat(t2, &Beat { unwritable: true, next_seq: 12, ..server(2, 1) });
+        assert!(settle(&mut t, t2).is_empty());
+        // It holds no more than the slave: the slave may take over.
+        t.heartbeat(t2, &Beat { unwritable: true, next_seq: 10, ..server(2, 1) });
+        let changes = settle(&mut t, t2);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].record.master, Some(2));
     }
 
     #[test]

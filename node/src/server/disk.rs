@@ -98,6 +98,9 @@ impl Node {
             let mut log = lock(&node.0.log);
             log.replace(&Entry::Snapshot(Box::new(snapshot.clone())))?;
             *lock(&node.0.damage) = None;
+            // Whatever the old journal lost no longer matters.
+            log.settle_tail()?;
+            *lock(&node.0.tail_cut) = None;
             node.0.incarnation.store(log.incarnation(), Ordering::SeqCst);
             drop(log);
             node.store().install(snapshot);
@@ -107,6 +110,27 @@ impl Node {
         .map_err(|e| Error::Other(format!("install task failed: {e}")))??;
         self.mark_all_stable();
         Ok(())
+    }
+
+    /// What was cut from the journal's end and is not settled yet.
+    pub fn tail_cut(&self) -> Option<String> {
+        lock(&self.0.tail_cut).clone()
+    }
+
+    /// Forgets the journal's cut tail (see `Log::settle_tail`). Called by
+    /// the write lane's holder.
+    pub(super) async fn settle_tail(&self) -> Result<()> {
+        if self.tail_cut().is_none() {
+            return Ok(());
+        }
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || {
+            lock(&node.0.log).settle_tail()?;
+            *lock(&node.0.tail_cut) = None;
+            Ok::<_, Error>(())
+        })
+        .await
+        .map_err(|e| Error::Other(format!("settle task failed: {e}")))?
     }
 
     /// Why this server cannot write its journal, if it cannot.

@@ -73,6 +73,10 @@ impl Node {
     pub(super) async fn prepare_role(&self, role: &Role) -> Result<()> {
         if self.unverified() {
             self.verify_peers(role).await?;
+        } else if role.is_master && self.tail_cut().is_some() {
+            // Promoted: the coordinator found no in-sync server that could
+            // hold more than this one.
+            self.settle_tail().await?;
         }
         if !self.needs_prepare(role) {
             return Ok(());
@@ -92,9 +96,10 @@ impl Node {
         Ok(())
     }
 
-    /// Whether this master restarted within its term and has not yet
-    /// compared its journal with its in-sync peers (it serves nothing
-    /// until it has: see [`Node::verify_peers`]).
+    /// Whether this server is master of the first term its run heard of
+    /// (it restarted within its term) and has not yet compared its journal
+    /// with its in-sync peers (it serves nothing until it has: see
+    /// [`Node::verify_peers`]).
     pub(super) fn unverified(&self) -> bool {
         let role = self.role();
         role.is_master && role.term > 0 && self.0.unverified.load(Ordering::Relaxed) == role.term
@@ -124,7 +129,9 @@ impl Node {
         };
         if role.accept_data_loss || peers.is_empty() {
             // Nobody else holds the term's writes (a new cluster, or an
-            // operator's override): there is nothing to compare with.
+            // operator's override): there is nothing to compare with, and
+            // nothing a cut tail lost can be found anywhere.
+            self.settle_tail().await?;
             self.0.unverified.store(0, Ordering::Relaxed);
             self.update_serving();
             return Ok(());
@@ -146,7 +153,7 @@ impl Node {
             Err(Error::NotServing(why))
         };
         let Some(peer) = asked else {
-            return match &self.0.tail_cut {
+            return match self.tail_cut() {
                 None => verified("no in-sync server answers; the journal opened whole"),
                 Some(cut) => refuse(format!(
                     "server {me} of cluster {cluster} waits for in-sync servers {peers:?}: its journal lost its end at start-up ({cut}), and only they can tell whether that held acknowledged writes"
@@ -161,13 +168,14 @@ impl Node {
         }
         let (next_seq, received) = self.read(|s| (s.next_seq(), s.received_total()));
         if peer.next_seq <= next_seq && peer.received_events <= received {
+            self.settle_tail().await?;
             return verified("the in-sync slave holds nothing more");
         }
         let why = format!(
             "in-sync server {} holds more of term {term} than this server (next seq {} against {next_seq}, events of other clusters {} against {received})",
             peer.server_id, peer.next_seq, peer.received_events
         );
-        tracing::warn!(to = peer.server_id, term, cut = ?self.0.tail_cut, reason = %why, "restarted master: handing the cluster over to its slave");
+        tracing::warn!(to = peer.server_id, term, cut = ?self.tail_cut(), reason = %why, "restarted master: handing the cluster over to its slave");
         self.hand_over(peer.server_id);
         refuse(format!("server {me} of cluster {cluster} is handing the cluster over: {why}"))
     }

@@ -142,13 +142,14 @@ struct Inner {
     degraded: Mutex<String>,
     /// Every term under which this server accepted a client write as master.
     master_terms: Mutex<BTreeSet<u64>>,
-    /// The term this process found itself master of at its first role (a
-    /// restart within its term), until it has compared its journal with
-    /// its in-sync peers (0: nothing to compare). See `master::verify_peers`.
+    /// The first term this process heard of, until it has compared its
+    /// journal with its in-sync peers as master of that term (a restart
+    /// within its term; 0: nothing to compare). See `master::verify_peers`.
     unverified: AtomicU64,
-    /// What was cut from the journal's end at start-up, if anything: this
-    /// run cannot tell alone whether it was ever acknowledged.
-    tail_cut: Option<String>,
+    /// What was cut from the journal's end as a torn tail (in this run or
+    /// an earlier one) and not yet settled by a peer: this server cannot
+    /// tell alone whether it was ever acknowledged.
+    tail_cut: Mutex<Option<String>>,
     /// Why the last comparison did not let this master serve yet.
     unverified_why: Mutex<String>,
     /// A handover to a peer holding more of the term is under way.
@@ -178,7 +179,7 @@ impl Node {
             writes,
             port,
             damage: Mutex::new(log.damage().map(str::to_string)),
-            tail_cut: log.tail_cut().map(str::to_string),
+            tail_cut: Mutex::new(log.tail_cut().map(str::to_string)),
             incarnation: AtomicU64::new(log.incarnation()),
             store: Mutex::new(store),
             log: Mutex::new(log),

@@ -49,6 +49,7 @@ impl Node {
             incarnation,
             damaged,
             unwritable: self.unwritable().is_some(),
+            tail_cut: self.tail_cut().is_some(),
             next_seq,
             unavailable_reason: String::new(),
             link_down: String::new(),
@@ -100,10 +101,11 @@ impl Node {
                 return false;
             }
             same = true;
-            if role.is_master && !cur.is_master && cur.term == 0 {
-                // The first role of this run, and it is master: a restart
-                // within the term. Whatever the journal lost since the
-                // last run, only the in-sync peers can tell.
+            if cur.term == 0 && role.term > 0 {
+                // The first term this run hears of began before it: should
+                // this server be (or become) its master, it restarted
+                // within its term, and whatever its journal lost since the
+                // last run only the in-sync peers can tell.
                 self.0.unverified.store(role.term, Ordering::Relaxed);
             }
             if role.is_master != cur.is_master || role.term != cur.term {

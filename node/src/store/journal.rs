@@ -105,6 +105,13 @@ impl Journal {
     /// cutting a torn tail, and reports damage without cutting it. A journal
     /// of the previous format (no header) is converted in place.
     pub fn open(path: &Path) -> io::Result<Opened> {
+        Journal::open_noting_cuts(path, |_| Ok(()))
+    }
+
+    /// [`Journal::open`], calling `note` with the number of bytes about to
+    /// be cut as a torn tail before cutting them (so a record of the cut
+    /// can be made durable first: once cut, the file no longer shows it).
+    pub fn open_noting_cuts(path: &Path, note: impl FnOnce(u64) -> io::Result<()>) -> io::Result<Opened> {
         let mut file = OpenOptions::new().read(true).create(true).append(true).open(path)?;
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
@@ -136,6 +143,7 @@ impl Journal {
             None => {}
             Some(Bad::Torn) => {
                 tracing::warn!(path = %path.display(), kept = parsed.good, dropped = data.len() - parsed.good, "journal: cutting a torn tail (an append a crash interrupted)");
+                note((data.len() - parsed.good) as u64)?;
                 journal.file.set_len(parsed.good as u64)?;
                 journal.file.sync_all()?;
                 journal.len = parsed.good as u64;
@@ -285,7 +293,7 @@ fn random_incarnation() -> io::Result<u64> {
 
 /// Syncs the directory holding `path`, so a created or renamed file's
 /// entry is durable too.
-fn sync_dir(path: &Path) -> io::Result<()> {
+pub fn sync_dir(path: &Path) -> io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     File::open(dir)?.sync_all()
 }

@@ -35,10 +35,28 @@ impl Log {
         Log { dir: dir.to_path_buf(), journal, damage, compacted_len: 0, tail_cut: None }
     }
 
-    /// What was cut from the journal's end as a torn tail when it was
-    /// opened (None: nothing).
+    /// What was cut from the journal's end as a torn tail, in this run or
+    /// an earlier one, while no peer has settled it (None: nothing).
     pub fn tail_cut(&self) -> Option<&str> {
         self.tail_cut.as_deref()
+    }
+
+    /// Forgets a cut tail: an in-sync peer showed it held nothing this
+    /// server lacks, or the state was rebuilt from a peer (or an operator
+    /// accepted the loss).
+    pub fn settle_tail(&mut self) -> Result<()> {
+        if self.tail_cut.is_none() {
+            return Ok(());
+        }
+        let marker = self.dir.join(super::TAIL_CUT_FILE);
+        match fs::remove_file(&marker) {
+            Ok(()) => journal::sync_dir(&marker).map_err(|e| Error::io(&marker, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&marker, e)),
+        }
+        tracing::info!(cut = self.tail_cut.as_deref().unwrap_or_default(), "the journal's cut tail is settled");
+        self.tail_cut = None;
+        Ok(())
     }
 
     fn path(&self) -> PathBuf {

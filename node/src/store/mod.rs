@@ -38,6 +38,10 @@ use tokio::sync::broadcast;
 const LIVE_BUFFER: usize = 1024;
 
 pub const JOURNAL_FILE: &str = "journal.log";
+/// Present while a cut torn tail is unsettled: it says what was cut, and
+/// stays across restarts until an in-sync peer showed it held nothing more
+/// or the state was rebuilt (see [`Log::settle_tail`]).
+pub const TAIL_CUT_FILE: &str = "journal.cut";
 
 /// The memory half of a server's storage: the state, the views that lag
 /// it, and the hub of live timeline streams. Never held across disk I/O
@@ -131,6 +135,15 @@ impl Dirty {
     }
 }
 
+/// Writes `bytes` to `path` and makes file and directory entry durable.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut f = fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    journal::sync_dir(path)
+}
+
 /// Opens the storage in `dir` (created if missing): replays the journal
 /// and rewrites every view file from it. A damaged journal (see
 /// [`journal`]) opens too, its state holding the records before the damage
@@ -138,9 +151,19 @@ impl Dirty {
 pub fn open(dir: &Path, cluster: u32, clusters: u32) -> Result<(Log, Store)> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let path = dir.join(JOURNAL_FILE);
-    let opened = Journal::open(&path).map_err(|e| Error::io(&path, e))?;
+    let marker = dir.join(TAIL_CUT_FILE);
+    let opened = Journal::open_noting_cuts(&path, |bytes| {
+        let why = format!("{bytes} bytes cut from the end of {} at {} ms", path.display(), crate::net::now_ms());
+        write_durably(&marker, why.as_bytes())
+    })
+    .map_err(|e| Error::io(&path, e))?;
     let mut damage = opened.damage.map(|d| format!("{}: {d}", path.display()));
-    let cut = (opened.cut > 0).then(|| format!("{} bytes cut from the end of {}", opened.cut, path.display()));
+    // This run's cut, or an earlier run's that no peer has settled yet.
+    let cut = match fs::read_to_string(&marker) {
+        Ok(why) => Some(why.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io(&marker, e)),
+    };
     let mut state = State::new(cluster, clusters);
     for (i, rec) in opened.records.iter().enumerate() {
         match codec::decode_entry(rec, clusters) {
