@@ -5,7 +5,9 @@
 //! worst order, a full disk on one server, a hung disk on another (frozen:
 //! writes neither end nor fail; sometimes killed while hung, or its master
 //! killed or the coordinator restarted while it hangs), a damaged journal,
-//! and planned
+//! a journal that lost its last records (zeroed while its server was
+//! down: a master restarted at once, or a slave back first while the whole
+//! cluster was down), and planned
 //! switchovers (alone, with the target hanging right after, with the old
 //! master killed right after). At the
 //! end, every acknowledged write must be on every server (all in sync by
@@ -95,9 +97,13 @@ enum Fault {
     /// A server's disk hangs (frozen: writes neither end nor fail), then
     /// answers again.
     DiskHung,
+    /// The master is killed, the last records of its journal are zeroed
+    /// (acknowledged writes a lying disk lost; they read as a torn tail),
+    /// and it is restarted at once: only its slave holds them.
+    LostTail,
 }
 
-const FAULTS: [Fault; 15] = [
+const FAULTS: [Fault; 16] = [
     Fault::KillMaster,
     Fault::KillSlave,
     Fault::DoubleKill,
@@ -113,6 +119,7 @@ const FAULTS: [Fault; 15] = [
     Fault::SwitchoverThenKillOld,
     Fault::PauseSynchronizer,
     Fault::DiskHung,
+    Fault::LostTail,
 ];
 
 /// The servers whose disks the schedule can fill or hang, if any (mounting
@@ -500,6 +507,26 @@ fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: D
             cmd(d, &format!("start server-{c}-{s}"))?;
             "damaged journal"
         }
+        Fault::LostTail if rng.below(2) == 0 => {
+            cmd(d, &format!("kill server-{c}-{m}"))?;
+            lose_tail(d, c, m, 1 + rng.below(8) as usize)?;
+            cmd(d, &format!("start server-{c}-{m}"))?;
+            "lost journal tail on a master"
+        }
+        Fault::LostTail => {
+            // The whole cluster down, the slave's tail lost, the slave back
+            // first: it must not be promoted over the master.
+            cmd(d, &format!("kill server-{c}-{m}"))?;
+            cmd(d, &format!("kill server-{c}-{s}"))?;
+            lose_tail(d, c, s, 1 + rng.below(8) as usize)?;
+            cmd(d, &format!("start server-{c}-{s}"))?;
+            eventually_within("the cluster to wait for the server that may hold more", HEAL, || {
+                let info = rt.block_on(get_server(d.coord_port, writer)).ok()?;
+                info.unavailable_reason.contains("lost its end").then_some(())
+            })?;
+            cmd(d, &format!("start server-{c}-{m}"))?;
+            "lost journal tail on a slave, cluster down, slave back first"
+        }
         Fault::Switchover => {
             switchover(d, c, s)?;
             progress(load, writer, 1 + rng.below(20) as usize)?;
@@ -528,6 +555,17 @@ fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: D
         }
     };
     Ok(name.to_string())
+}
+
+/// Zeros the last `records` records of stopped server `c`/`id`'s journal
+/// (or all of them, if it has fewer).
+fn lose_tail(d: &Deployment, c: u32, id: u32, records: usize) -> Result<()> {
+    let path = d.server_dir(c, id).join("journal.log");
+    let starts = disk::journal_records(&path)?;
+    match starts.get(starts.len().saturating_sub(records)) {
+        Some(&at) => disk::zero_from(&path, at),
+        None => Ok(()),
+    }
 }
 
 fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
