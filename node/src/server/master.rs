@@ -142,7 +142,8 @@ impl Node {
                 let mut req = tonic::Request::new(StatusRequest {});
                 req.set_timeout(self.patience());
                 match tokio::time::timeout(self.patience(), client.status(req)).await {
-                    Ok(Ok(reply)) => Some(reply.into_inner()),
+                    // A damaged peer cannot vouch for what it holds.
+                    Ok(Ok(reply)) => Some(reply.into_inner()).filter(|peer| peer.damage.is_empty()),
                     _ => None,
                 }
             }
