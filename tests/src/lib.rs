@@ -187,6 +187,10 @@ pub struct DeploymentBuilder {
     broker: Option<(String, Option<PathBuf>)>,
 }
 
+/// The key of the coordinator's disk among the freezable ones (no server
+/// is cluster 0).
+const COORDINATOR_DISK: (u32, u32) = (0, 0);
+
 impl Default for DeploymentBuilder {
     fn default() -> Self {
         DeploymentBuilder {
@@ -279,6 +283,14 @@ impl DeploymentBuilder {
         self
     }
 
+    /// The coordinator keeps its records on a loop-mounted ext4 that
+    /// [`Deployment::freeze_coordinator`] hangs; fails like
+    /// [`DeploymentBuilder::freezable`].
+    pub fn freezable_coordinator(mut self) -> Self {
+        self.freezable.push(COORDINATOR_DISK);
+        self
+    }
+
     /// Sets `var` to `value` for the launcher and every node it runs.
     pub fn env(mut self, var: &str, value: &str) -> Self {
         self.env.push((var.to_string(), value.to_string()));
@@ -315,7 +327,11 @@ impl DeploymentBuilder {
         }
         let mut freezable = Vec::new();
         for &(cluster, id) in &self.freezable {
-            let path = topology::data_dir(dir.path(), cluster, id);
+            let path = if (cluster, id) == COORDINATOR_DISK {
+                topology::coordinator_dir(dir.path())
+            } else {
+                topology::data_dir(dir.path(), cluster, id)
+            };
             let image = dir.path().join(format!("disk-{cluster}-{id}.img"));
             freezable.push(((cluster, id), disk::FreezableFs::mount(&path, &image, 64 << 20)?));
         }
@@ -458,6 +474,17 @@ impl Deployment {
     /// Ends [`Deployment::freeze`]: the blocked writes go on.
     pub fn thaw(&self, cluster: u32, id: u32) -> Result<()> {
         self.freezable_fs(cluster, id)?.thaw()
+    }
+
+    /// Hangs the coordinator's disk (see
+    /// [`DeploymentBuilder::freezable_coordinator`]).
+    pub fn freeze_coordinator(&self) -> Result<()> {
+        self.freeze(COORDINATOR_DISK.0, COORDINATOR_DISK.1)
+    }
+
+    /// Ends [`Deployment::freeze_coordinator`].
+    pub fn thaw_coordinator(&self) -> Result<()> {
+        self.thaw(COORDINATOR_DISK.0, COORDINATOR_DISK.1)
     }
 
     fn freezable_fs(&self, cluster: u32, id: u32) -> Result<&disk::FreezableFs> {

@@ -3,7 +3,8 @@
 //! order, a full disk on the master and on the slave, a master whose
 //! journal failed after its forward, a hung disk, a server killed on a hung
 //! disk, a hung slave and then its master killed, a journal damaged in the
-//! middle, a master that lost the tail of its journal, a master cut off from the coordinator, writes retried after a
+//! middle, a master that lost the tail of its journal, a coordinator on a
+//! hung disk, a master cut off from the coordinator, writes retried after a
 //! failover. Real
 //! processes, real files, real ENOSPC from a small tmpfs, a real frozen
 //! file system, real flipped bytes; every wait polls with a deadline.
@@ -590,6 +591,44 @@ fn a_coordinator_that_cannot_write_its_records_promotes_nobody_until_it_can() ->
     assert_eq!(rt.block_on(master_of(d.coord_port, 1)), Some((s, new_term)), "the restarted coordinator remembers");
     let after = posts(&rt, &d, 5);
     all_once_and_identical(&d, [before.acked, during.acked, after.acked].concat())
+}
+
+/// The coordinator's disk hangs (frozen: its writes neither end nor fail),
+/// then the master dies. The coordinator cannot make the promotion durable,
+/// so it promotes nobody while the disk hangs, and says why; it answers
+/// heartbeats and the routing table meanwhile. Once the disk answers it
+/// promotes the in-sync slave, and nothing acknowledged is lost.
+#[test]
+fn a_coordinator_on_a_hung_disk_promotes_nobody_until_it_answers() -> anyhow::Result<()> {
+    let test = "a_coordinator_on_a_hung_disk_promotes_nobody_until_it_answers";
+    let builder = Deployment::builder().freezable_coordinator();
+    let Some((mut d, rt)) = cluster_or_skip(test, builder, "a hung disk needs a loop mount")? else {
+        return Ok(());
+    };
+    let (m, s, term) = pair(&rt, &d)?;
+    let before = posts(&rt, &d, 10);
+    d.freeze_coordinator()?;
+    let hung = (|| {
+        d.command(&format!("kill server-1-{m}"))?;
+        let reason = eventually("the coordinator to say its records write hangs", || {
+            let info = rt.block_on(get_server(d.coord_port, 1)).ok()?;
+            info.unavailable_reason.contains("has not finished").then_some(info.unavailable_reason)
+        })?;
+        let slave = rt.block_on(server_node(d.coord_port, 1, s)).filter(|n| n.alive);
+        let st = rt.block_on(status(&slave.ok_or_else(|| anyhow::anyhow!("the slave is not live"))?))?;
+        anyhow::Ok((reason, st, rt.block_on(master_of(d.coord_port, 1))))
+    })();
+    d.thaw_coordinator()?;
+    let (reason, st, master) = hung?;
+    assert!(reason.contains("hung disk"), "{reason}");
+    assert!(!st.is_master && st.term == term, "promoted without a record of it: {st:?}");
+    assert_eq!(master, None, "the coordinator routes to no master while it cannot record one");
+    let new_term = wait_master(&rt, &d, 1, s, term)?;
+    let during = posts(&rt, &d, 10);
+    d.command(&format!("start server-1-{m}"))?;
+    wait_in_sync(&rt, &d, m)?;
+    assert_eq!(rt.block_on(master_of(d.coord_port, 1)), Some((s, new_term)));
+    all_once_and_identical(&d, [before.acked, during.acked].concat())
 }
 
 /// Defect: a master restarted in the term it had (its slave was out of

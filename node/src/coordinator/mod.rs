@@ -95,6 +95,9 @@ pub struct Coordinator {
 /// How long a client waits for a switchover's answer: the coordinator
 /// answers within two leases and ten seconds.
 pub const SWITCHOVER_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a write of the records may take before the coordinator says
+/// it is waiting on its disk.
+const SAVE_STALL_WARNING: Duration = Duration::from_secs(1);
 
 /// How long the coordinator waits for a server whose lease dropped to
 /// answer a health check. A live process on the same network answers in
@@ -287,7 +290,24 @@ impl Elector {
         };
         let mut records: Records = self.coord.with(|t| t.records().clone());
         records.insert(change.cluster, change.record.clone());
-        if let Err(e) = self.store.save(&records, self.coord.epoch).await {
+        let save = self.store.save(&records, self.coord.epoch);
+        tokio::pin!(save);
+        let saved = tokio::select! {
+            saved = &mut save => saved,
+            () = tokio::time::sleep(SAVE_STALL_WARNING) => {
+                // A hung disk: nothing changes until the write ends (a
+                // change acted on before it is durable could be forgotten
+                // by a restart), but people and clients hear why.
+                let why = format!(
+                    "cluster {}: the coordinator's records write has not finished after {SAVE_STALL_WARNING:?} (a hung disk?); it changes no role until it does",
+                    change.cluster
+                );
+                tracing::warn!(cluster = change.cluster, "{why}");
+                self.coord.with(|t| t.set_unavailable(change.cluster, why));
+                save.await
+            }
+        };
+        if let Err(e) = saved {
             if matches!(e, crate::error::Error::StaleRecords(_)) {
                 // Another coordinator leads: nothing this one holds may be
                 // acted on any more. Stop serving at once.
