@@ -890,13 +890,13 @@ impl Table {
         self.view(now, Kind::Server, cluster, id).filter(|v| v.is_master)
     }
 
-    /// Why `cluster` has no master, if the rules keep it without one.
     /// Records why `cluster` waits while the coordinator cannot act (its
     /// records cannot be written yet); the next decision replaces it.
     pub fn set_unavailable(&mut self, cluster: u32, why: String) {
         self.unavailable.insert(cluster, why);
     }
 
+    /// Why `cluster` has no master, if the rules keep it without one.
     pub fn unavailable(&self, cluster: u32) -> Option<&str> {
         self.unavailable.get(&cluster).map(String::as_str)
     }

@@ -33,7 +33,9 @@ use crate::store::codec;
 use crate::store::state::Entry;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
-use sns_proto::internal::{InSyncMember, InSyncRequest, ReplicateRequest, StatusRequest, SwitchoverRequest};
+use sns_proto::internal::{
+    InSyncMember, InSyncRequest, ReplicateRequest, ServerStatus, StatusRequest, SwitchoverRequest,
+};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -137,16 +139,8 @@ impl Node {
             return Ok(());
         }
         let asked = match role.slave.clone().filter(|(id, ..)| peers.contains(id)) {
-            Some((_, host, port)) => {
-                let mut client = self.slave_client(&host, &port)?;
-                let mut req = tonic::Request::new(StatusRequest {});
-                req.set_timeout(self.patience());
-                match tokio::time::timeout(self.patience(), client.status(req)).await {
-                    // A damaged peer cannot vouch for what it holds.
-                    Ok(Ok(reply)) => Some(reply.into_inner()).filter(|peer| peer.damage.is_empty()),
-                    _ => None,
-                }
-            }
+            // A damaged peer cannot vouch for what it holds.
+            Some((_, host, port)) => self.slave_status(&host, &port).await?.filter(|peer| peer.damage.is_empty()),
             None => None,
         };
         let refuse = |why: String| {
@@ -380,6 +374,18 @@ impl Node {
         }
     }
 
+    /// The slave at `host:port`'s `Replica.Status`; None when it does not
+    /// answer within [`Node::patience`].
+    async fn slave_status(&self, host: &str, port: &str) -> Result<Option<ServerStatus>> {
+        let mut client = self.slave_client(host, port)?;
+        let mut req = tonic::Request::new(StatusRequest {});
+        req.set_timeout(self.patience());
+        Ok(match tokio::time::timeout(self.patience(), client.status(req)).await {
+            Ok(Ok(reply)) => Some(reply.into_inner()),
+            _ => None,
+        })
+    }
+
     fn slave_client(&self, host: &str, port: &str) -> Result<ReplicaClient<net::NodeChannel>> {
         let mut cached = lock(&self.0.slave);
         let addr = (host.to_string(), port.to_string());
@@ -508,13 +514,7 @@ impl Node {
         if self.synced(role).is_none() || !role.in_sync.contains(&id) {
             return true;
         }
-        let asked = async {
-            let mut client = self.slave_client(&host, &port).ok()?;
-            let mut req = tonic::Request::new(sns_proto::internal::StatusRequest {});
-            req.set_timeout(self.patience());
-            client.status(req).await.ok().map(|s| s.into_inner())
-        };
-        match asked.await {
+        match self.slave_status(&host, &port).await.ok().flatten() {
             Some(s) if s.synced_term == role.term && s.damage.is_empty() => false,
             Some(_) => {
                 self.unsync();

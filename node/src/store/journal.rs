@@ -78,11 +78,6 @@ pub struct Opened {
     pub records: Vec<Vec<u8>>,
     /// Set when the file is damaged; the journal then refuses appends.
     pub damage: Option<Damage>,
-    /// Bytes cut from the end as a torn tail (0: none). A crash cuts only
-    /// an append that was never acknowledged; a disk that acknowledged a
-    /// flush it never made looks the same, so whoever may hold more (an
-    /// in-sync peer) must be asked before this tail is taken as unwritten.
-    pub cut: u64,
 }
 
 /// How a failed append left the journal.
@@ -111,6 +106,10 @@ impl Journal {
     /// [`Journal::open`], calling `note` with the number of bytes about to
     /// be cut as a torn tail before cutting them (so a record of the cut
     /// can be made durable first: once cut, the file no longer shows it).
+    /// A crash cuts only an append that was never acknowledged; a disk
+    /// that acknowledged a flush it never made looks the same, so whoever
+    /// may hold more (an in-sync peer) must be asked before the tail is
+    /// taken as unwritten.
     pub fn open_noting_cuts(path: &Path, note: impl FnOnce(u64) -> io::Result<()>) -> io::Result<Opened> {
         let mut file = OpenOptions::new().read(true).create(true).append(true).open(path)?;
         let mut data = Vec::new();
@@ -122,7 +121,6 @@ impl Journal {
                 journal: Journal::create(path, random_incarnation()?)?,
                 records: vec![],
                 damage: None,
-                cut: 0,
             });
         }
         if !data.starts_with(MAGIC) {
@@ -134,11 +132,10 @@ impl Journal {
             let damage = Damage { offset: 0, file_len: data.len() as u64 };
             let len = data.len() as u64;
             let journal = Journal { file, len, incarnation: 0, refused: Some(format!("damaged: {damage}")) };
-            return Ok(Opened { journal, records: vec![], damage: Some(damage), cut: 0 });
+            return Ok(Opened { journal, records: vec![], damage: Some(damage) });
         }
         let parsed = parse(&data, FILE_HEADER, Format::Current);
         let mut journal = Journal { file, len: data.len() as u64, incarnation, refused: None };
-        let mut cut = 0;
         match parsed.bad {
             None => {}
             Some(Bad::Torn) => {
@@ -147,15 +144,14 @@ impl Journal {
                 journal.file.set_len(parsed.good as u64)?;
                 journal.file.sync_all()?;
                 journal.len = parsed.good as u64;
-                cut = (data.len() - parsed.good) as u64;
             }
             Some(Bad::Damaged(damage)) => {
                 journal.refused = Some(format!("damaged: {damage}"));
-                return Ok(Opened { journal, records: parsed.records, damage: Some(damage), cut: 0 });
+                return Ok(Opened { journal, records: parsed.records, damage: Some(damage) });
             }
         }
         journal.file.seek(SeekFrom::End(0))?;
-        Ok(Opened { journal, records: parsed.records, damage: None, cut })
+        Ok(Opened { journal, records: parsed.records, damage: None })
     }
 
     /// Creates a journal at `path` holding only its header (replacing any
@@ -199,12 +195,12 @@ impl Journal {
             let file = OpenOptions::new().read(true).append(true).open(path)?;
             let refused = Some(format!("damaged: {damage}"));
             let journal = Journal { file, len: data.len() as u64, incarnation: 0, refused };
-            return Ok(Opened { journal, records: parsed.records, damage: Some(damage), cut: 0 });
+            return Ok(Opened { journal, records: parsed.records, damage: Some(damage) });
         }
         let slices: Vec<&[u8]> = parsed.records.iter().map(Vec::as_slice).collect();
         let journal = Journal::replace(path, random_incarnation()?, &slices)?;
         tracing::info!(path = %path.display(), records = parsed.records.len(), "journal converted to the current format");
-        Ok(Opened { journal, records: parsed.records, damage: None, cut: 0 })
+        Ok(Opened { journal, records: parsed.records, damage: None })
     }
 
     /// Bytes in the journal.
@@ -397,6 +393,17 @@ mod tests {
         Journal::open(path).unwrap()
     }
 
+    /// Opens the journal at `path`, with the bytes it noted as cut (0: none).
+    fn open_cut(path: &Path) -> (Opened, u64) {
+        let mut cut = 0;
+        let opened = Journal::open_noting_cuts(path, |bytes| {
+            cut = bytes;
+            Ok(())
+        })
+        .unwrap();
+        (opened, cut)
+    }
+
     #[test]
     fn records_and_the_incarnation_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -430,10 +437,10 @@ mod tests {
         let full = std::fs::read(&path).unwrap();
         for cut in kept + 1..full.len() {
             std::fs::write(&path, &full[..cut]).unwrap();
-            let o = open(&path);
+            let (o, noted) = open_cut(&path);
             assert!(o.damage.is_none(), "cut at {cut} is a torn tail, not damage");
             let rest = if cut >= kept + RECORD_HEADER + 11 { kept + RECORD_HEADER + 11 } else { kept };
-            assert_eq!(o.cut, (cut - rest) as u64, "cut at {cut}: the bytes cut are reported");
+            assert_eq!(noted, (cut - rest) as u64, "cut at {cut}: the bytes cut are reported");
             let expected: Vec<Vec<u8>> = if cut >= kept + RECORD_HEADER + 11 {
                 vec![b"keep".to_vec(), b"torn-record".to_vec()]
             } else {
@@ -446,16 +453,16 @@ mod tests {
         let mut zeros = full[..kept].to_vec();
         zeros.extend_from_slice(&[0u8; 4096]);
         std::fs::write(&path, &zeros).unwrap();
-        let o = open(&path);
+        let (o, noted) = open_cut(&path);
         assert!(o.damage.is_none());
         assert_eq!(o.records, vec![b"keep".to_vec()]);
-        assert_eq!(o.cut, 4096);
+        assert_eq!(noted, 4096);
         let mut j = o.journal;
         j.append(b"after", true).unwrap();
         drop(j);
-        let o = open(&path);
+        let (o, noted) = open_cut(&path);
         assert_eq!(o.records, vec![b"keep".to_vec(), b"after".to_vec()]);
-        assert_eq!(o.cut, 0, "a whole journal reports nothing cut");
+        assert_eq!(noted, 0, "a whole journal reports nothing cut");
     }
 
     #[test]

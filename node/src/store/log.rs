@@ -25,14 +25,14 @@ pub struct Log {
     damage: Option<String>,
     /// Journal size right after the last compaction (or snapshot install).
     compacted_len: u64,
-    /// What was cut from the journal's end as a torn tail when it was
-    /// opened, if anything (see [`journal::Opened::cut`]).
-    pub(super) tail_cut: Option<String>,
+    /// What was cut from the journal's end as a torn tail, in this run or
+    /// an earlier one, and is not settled yet (see [`super::TAIL_CUT_FILE`]).
+    tail_cut: Option<String>,
 }
 
 impl Log {
-    pub(super) fn new(dir: &Path, journal: Journal, damage: Option<String>) -> Log {
-        Log { dir: dir.to_path_buf(), journal, damage, compacted_len: 0, tail_cut: None }
+    pub(super) fn new(dir: &Path, journal: Journal, damage: Option<String>, tail_cut: Option<String>) -> Log {
+        Log { dir: dir.to_path_buf(), journal, damage, compacted_len: 0, tail_cut }
     }
 
     /// What was cut from the journal's end as a torn tail, in this run or

@@ -209,9 +209,7 @@ pub fn open(dir: &Path, cluster: u32, clusters: u32) -> Result<(Log, Store)> {
         store.rebuild_views()?;
         tracing::info!(dir = %dir.display(), records, users = store.state.users().len(), incarnation, "store opened");
     }
-    let mut log = Log::new(dir, opened.journal, damage);
-    log.tail_cut = cut;
-    Ok((log, store))
+    Ok((Log::new(dir, opened.journal, damage, cut), store))
 }
 
 /// Rewrites the journal as one `snapshot` of the current state when it
