@@ -476,6 +476,7 @@ impl CoordService for Coordinator {
             unwritable: s.unwritable,
             tail_cut: s.tail_cut,
             next_seq: s.next_seq,
+            remote_events: s.remote_events,
             link_down: s.link_down,
         };
         let (a, lease, registered) = self.with(|t| {

@@ -82,6 +82,8 @@ pub struct Beat {
     /// Servers: the journal's end was cut at start-up and is not settled.
     pub tail_cut: bool,
     pub next_seq: u64,
+    /// Servers: events of other clusters taken in.
+    pub remote_events: u64,
     /// Synchronizers: why their link is down ("" while it is up).
     pub link_down: String,
 }
@@ -159,6 +161,7 @@ struct Entry {
     unwritable: bool,
     tail_cut: bool,
     next_seq: u64,
+    remote_events: u64,
     link_down: String,
 }
 
@@ -330,11 +333,14 @@ impl Table {
     /// Whether in-sync server `id`, whose journal lost its end at start-up,
     /// holds every acknowledged write all the same: every other in-sync
     /// server of `cluster` is live, can read its journal, and reports no
-    /// later position. One that is not live may hold what it lost.
+    /// later position: neither a later sequence number nor more events of
+    /// other clusters taken in. One that is not live may hold what it lost.
     fn holds_most(&self, cluster: u32, id: u32, now: Instant) -> bool {
         let (Some(record), Some(me)) = (self.records.get(&cluster), self.server(cluster, id)) else { return false };
         record.in_sync.keys().filter(|other| **other != id).all(|other| {
-            self.server(cluster, *other).is_some_and(|p| self.alive(p, now) && !p.damaged && p.next_seq <= me.next_seq)
+            self.server(cluster, *other).is_some_and(|p| {
+                self.alive(p, now) && !p.damaged && p.next_seq <= me.next_seq && p.remote_events <= me.remote_events
+            })
         })
     }
 
@@ -383,6 +389,7 @@ impl Table {
             unwritable: beat.unwritable,
             tail_cut: beat.tail_cut,
             next_seq: beat.next_seq,
+            remote_events: beat.remote_events,
             link_down: beat.link_down.clone(),
         };
         // A change in what a server says of itself can change roles.
@@ -1071,7 +1078,7 @@ mod tests {
     fn a_slave_whose_journal_lost_its_end_is_promoted_only_where_nobody_could_hold_more() {
         let (mut t, t1) = pair_renewed();
         let t2 = t1 + L;
-        t.heartbeat(t2, &Beat { tail_cut: true, next_seq: 10, ..server(2, 2) });
+        t.heartbeat(t2, &Beat { tail_cut: true, next_seq: 10, remote_events: 4, ..server(2, 2) });
         t.mark_dead(t2, Kind::Server, 2, 1);
         assert!(settle(&mut t, t2).is_empty(), "the dead master may hold what the slave lost");
         let why = t.unavailable(2).unwrap();
@@ -1079,8 +1086,12 @@ mod tests {
         // The master is back, unable to write, and holds more: still not.
         t.heartbeat(t2, &Beat { unwritable: true, next_seq: 12, ..server(2, 1) });
         assert!(settle(&mut t, t2).is_empty());
+        // Same position, but more events of other clusters taken in (they
+        // carry no sequence number of this cluster): still not.
+        t.heartbeat(t2, &Beat { unwritable: true, next_seq: 10, remote_events: 5, ..server(2, 1) });
+        assert!(settle(&mut t, t2).is_empty(), "the master holds an event of another cluster the slave lost");
         // It holds no more than the slave: the slave may take over.
-        t.heartbeat(t2, &Beat { unwritable: true, next_seq: 10, ..server(2, 1) });
+        t.heartbeat(t2, &Beat { unwritable: true, next_seq: 10, remote_events: 4, ..server(2, 1) });
         let changes = settle(&mut t, t2);
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].record.master, Some(2));

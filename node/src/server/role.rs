@@ -35,8 +35,8 @@ impl Node {
     /// heartbeat renews its lease, counted from when it was sent.
     pub async fn heartbeat(&self) -> Result<Role> {
         let current = self.role();
-        let (incarnation, damaged, next_seq) =
-            (self.incarnation(), self.damage().is_some(), self.read(|s| s.next_seq()));
+        let (incarnation, damaged) = (self.incarnation(), self.damage().is_some());
+        let (next_seq, remote_events) = self.read(|s| (s.next_seq(), s.received_total()));
         let info = ServerInfo {
             server_id: self.0.cfg.id as i32,
             hostname: self.0.cfg.advertise_host.clone(),
@@ -51,6 +51,7 @@ impl Node {
             unwritable: self.unwritable().is_some(),
             tail_cut: self.tail_cut().is_some(),
             next_seq,
+            remote_events,
             unavailable_reason: String::new(),
             link_down: String::new(),
         };
