@@ -1,12 +1,14 @@
 //! Randomized fault schedules, seeded and reproducible: while clients make
 //! acknowledged writes in every cluster (posts, follows and unfollows,
 //! logins), a schedule kills, restarts, pauses and partitions servers,
-//! synchronizers and the coordinator, with double faults restarted in the
+//! synchronizers and the coordinator (paused too, past the masters' leases,
+//! sometimes with a master killed meanwhile), with double faults restarted in the
 //! worst order, a full disk on one server, a hung disk on another (frozen:
 //! writes neither end nor fail; sometimes killed while hung, or its master
 //! killed or the coordinator restarted while it hangs), a damaged journal,
 //! a journal that lost its last records (zeroed while its server was
-//! down: a master restarted at once, or a slave back first while the whole
+//! down: a master restarted at once, sometimes with the coordinator
+//! restarted right after it, or a slave back first while the whole
 //! cluster was down), and planned
 //! switchovers (alone, with the target hanging right after, with the old
 //! master killed right after). At the
@@ -101,9 +103,12 @@ enum Fault {
     /// (acknowledged writes a lying disk lost; they read as a torn tail),
     /// and it is restarted at once: only its slave holds them.
     LostTail,
+    /// The coordinator hangs (SIGSTOP): briefly, or until a master's lease
+    /// ran out, sometimes with that master killed meanwhile; then resumes.
+    PauseCoordinator,
 }
 
-const FAULTS: [Fault; 16] = [
+const FAULTS: [Fault; 17] = [
     Fault::KillMaster,
     Fault::KillSlave,
     Fault::DoubleKill,
@@ -120,6 +125,7 @@ const FAULTS: [Fault; 16] = [
     Fault::PauseSynchronizer,
     Fault::DiskHung,
     Fault::LostTail,
+    Fault::PauseCoordinator,
 ];
 
 /// The servers whose disks the schedule can fill or hang, if any (mounting
@@ -440,6 +446,38 @@ fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: D
             cmd(d, "restart coordinator")?;
             "restart coordinator"
         }
+        Fault::PauseCoordinator => {
+            // Nobody renews a lease or changes a role while the coordinator
+            // hangs. Once it answers again, with every node's last heartbeat
+            // long past, it must promote nobody who misses a write.
+            let master = rt
+                .block_on(server_node(d.coord_port, c, m))
+                .ok_or_else(|| anyhow!("server {c}/{m} is not in the routing table"))?;
+            cmd(d, "pause coordinator")?;
+            let mode = rng.below(3);
+            if mode == 0 {
+                // A stall shorter than the lease.
+                std::thread::sleep(Duration::from_millis(50 + rng.below(300)));
+            } else {
+                eventually_within(&format!("master {c}/{m}'s lease to run out"), HEAL, || {
+                    let st = rt.block_on(status(&master)).ok()?;
+                    (!st.lease_valid).then_some(())
+                })?;
+            }
+            if mode == 2 {
+                cmd(d, &format!("kill server-{c}-{m}"))?;
+            }
+            cmd(d, "resume coordinator")?;
+            match mode {
+                0 => "pause coordinator",
+                1 => "pause coordinator past the lease",
+                _ => {
+                    wait_master_is(rt, d, c, s)?;
+                    cmd(d, &format!("start server-{c}-{m}"))?;
+                    "pause coordinator past the lease, master killed"
+                }
+            }
+        }
         Fault::DiskFull => {
             let Some((dc, ds)) = disks.full else { return Ok("full disk (left out: no tmpfs)".into()) };
             let dir = d.server_dir(dc, ds);
@@ -511,7 +549,14 @@ fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: D
             cmd(d, &format!("kill server-{c}-{m}"))?;
             lose_tail(d, c, m, 1 + rng.below(8) as usize)?;
             cmd(d, &format!("start server-{c}-{m}"))?;
-            "lost journal tail on a master"
+            // One time in two the coordinator restarts right away: while the
+            // restarted master checks its slave, or hands the cluster over.
+            if rng.below(2) == 0 {
+                cmd(d, "restart coordinator")?;
+                "lost journal tail on a master, coordinator restarted"
+            } else {
+                "lost journal tail on a master"
+            }
         }
         Fault::LostTail => {
             // The whole cluster down, the slave's tail lost, the slave back

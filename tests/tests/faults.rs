@@ -631,6 +631,97 @@ fn a_coordinator_on_a_hung_disk_promotes_nobody_until_it_answers() -> anyhow::Re
     all_once_and_identical(&d, [before.acked, during.acked].concat())
 }
 
+/// The coordinator's disk hangs and then the slave dies. Before the master
+/// acknowledges a write without its in-sync slave, the coordinator must
+/// durably record that the slave lacks it (else a restarted coordinator
+/// could promote the slave and lose the write): so while the records write
+/// hangs (past the master's call timeout), the master acknowledges
+/// nothing. Once the disk answers, the
+/// slave is recorded out of sync, the post is acknowledged (or, its
+/// outcome unknown, retried with its id), the master keeps its term, and
+/// the slave, restarted, is rebuilt: every post exactly once.
+#[test]
+fn a_coordinator_on_a_hung_disk_when_the_slave_dies_lets_the_master_acknowledge_nothing_until_it_answers()
+-> anyhow::Result<()> {
+    const ID: u64 = 9_000_000_201;
+    let test = "a_coordinator_on_a_hung_disk_when_the_slave_dies_lets_the_master_acknowledge_nothing_until_it_answers";
+    let builder = Deployment::builder().freezable_coordinator();
+    let Some((mut d, rt)) = cluster_or_skip(test, builder, "a hung disk needs a loop mount")? else {
+        return Ok(());
+    };
+    let (m, s, term) = pair(&rt, &d)?;
+    let before = posts(&rt, &d, 10);
+    let (tx, mut inbound) = rt.block_on(session(d.coord_port, 1))?;
+    let text = "1-while-the-coordinator-disk-hangs";
+    let stalls = |d: &Deployment| d.log("coordinator").matches("has not finished").count();
+    let stalled = stalls(&d);
+    d.freeze_coordinator()?;
+    let hung = (|| {
+        d.command(&format!("kill server-1-{s}"))?;
+        tx.send(Message { username: "1".into(), msg: text.into(), timestamp: None, post_id: ID })?;
+        let ack = rt.spawn(async move { load::await_ack(&mut inbound, ID, Duration::from_secs(60)).await });
+        eventually("the coordinator to say its records write hangs", || (stalls(&d) > stalled).then_some(()))?;
+        // The disk hangs on past the master's call timeout (5 s): its first
+        // request to record the slave out of sync fails, and it must ask
+        // again rather than acknowledge. Watch for an answer meanwhile.
+        let until = Instant::now() + Duration::from_secs(6);
+        while !ack.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::Ok((ack.is_finished(), ack))
+    })();
+    d.thaw_coordinator()?;
+    let (answered_while_hung, ack) = hung?;
+    let acked = rt.block_on(ack)?;
+    assert!(!(answered_while_hung && acked), "the post was acknowledged before the slave was recorded out of sync");
+    if !acked {
+        eventually("the post to be acknowledged when retried", || {
+            let mut open = rt.block_on(session(d.coord_port, 1)).ok()?;
+            rt.block_on(post_on(&mut open, 1, text, ID)).then_some(())
+        })?;
+    }
+    assert_eq!(rt.block_on(master_of(d.coord_port, 1)), Some((m, term)), "the master keeps its term");
+    let during = posts(&rt, &d, 5);
+    d.command(&format!("start server-1-{s}"))?;
+    wait_in_sync(&rt, &d, s)?;
+    all_once_and_identical(&d, [before.acked, vec![text.to_string()], during.acked].concat())
+}
+
+/// The coordinator hangs (SIGSTOP) until the master's lease runs out, and
+/// the master dies meanwhile. While it hangs nobody acts as master: the
+/// master refuses writes once its lease is gone, and a post sent then is
+/// never acknowledged nor stored. Once the coordinator answers again, with
+/// every node's last heartbeat long past, it promotes the in-sync slave
+/// under a newer term, and every acknowledged post is exactly once.
+#[test]
+fn a_paused_coordinator_lets_the_lease_run_out_and_then_promotes_the_in_sync_slave() -> anyhow::Result<()> {
+    let (mut d, rt) = cluster_of_two(Deployment::builder())?;
+    let (m, s, term) = pair(&rt, &d)?;
+    let before = posts(&rt, &d, 10);
+    let master = rt.block_on(server_node(d.coord_port, 1, m)).expect("master");
+    let mut open = rt.block_on(session(d.coord_port, 1))?;
+    let refused = "1-while-the-coordinator-hangs";
+    d.command("pause coordinator")?;
+    let paused = (|| {
+        eventually("the master's lease to run out", || rt.block_on(status(&master)).ok().filter(|st| !st.lease_valid))?;
+        let acked = rt.block_on(post_on(&mut open, 1, refused, 9_000_000_101));
+        d.command(&format!("kill server-1-{m}"))?;
+        anyhow::Ok(acked)
+    })();
+    d.command("resume coordinator")?;
+    assert!(!paused?, "a master without a lease acknowledged a post");
+    let new_term = wait_master(&rt, &d, 1, s, term)?;
+    let during = posts(&rt, &d, 10);
+    d.command(&format!("start server-1-{m}"))?;
+    wait_in_sync(&rt, &d, m)?;
+    assert_eq!(rt.block_on(master_of(d.coord_port, 1)), Some((s, new_term)));
+    for id in [m, s] {
+        let files = spec_files(&d.server_dir(1, id))?;
+        assert!(!files.values().any(|f| f.contains(refused)), "server {id} stored the refused post");
+    }
+    all_once_and_identical(&d, [before.acked, during.acked].concat())
+}
+
 /// Defect: a master restarted in the term it had (its slave was out of
 /// sync, so nobody replaced it) numbered its snapshots from 1 again, and a
 /// slave that had installed a higher-numbered one of that term from the
