@@ -342,6 +342,12 @@ fn a_hung_slave_is_dropped_and_never_promoted_when_the_master_dies() -> anyhow::
 /// working directory), asked for any free port: what a replacement pod on
 /// another address would run against the same volume.
 fn same_command_elsewhere(pid: u32) -> anyhow::Result<std::process::Command> {
+    same_command(pid, 0)
+}
+
+/// The command that runs process `pid` (arguments, environment, working
+/// directory), listening on `port` (0: any free port).
+fn same_command(pid: u32, port: u16) -> anyhow::Result<std::process::Command> {
     let read = |what: &str| std::fs::read(format!("/proc/{pid}/{what}"));
     let split = |bytes: Vec<u8>| -> Vec<String> {
         bytes.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
@@ -354,7 +360,7 @@ fn same_command_elsewhere(pid: u32) -> anyhow::Result<std::process::Command> {
         match arg.as_str() {
             "-p" => {
                 rest.next();
-                cmd.args(["-p", "0"]);
+                cmd.args(["-p", &port.to_string()]);
             }
             "--port-file" | "--metrics-port" | "--metrics-port-file" => {
                 rest.next();
@@ -371,6 +377,73 @@ fn same_command_elsewhere(pid: u32) -> anyhow::Result<std::process::Command> {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     Ok(cmd)
+}
+
+/// libfaketime's library, where installed (Debian: `faketime`).
+fn libfaketime() -> Option<std::path::PathBuf> {
+    let dirs = std::fs::read_dir("/usr/lib").ok()?.filter_map(|e| e.ok()).map(|e| e.path());
+    dirs.chain([std::path::PathBuf::from("/usr/lib")]).map(|d| d.join("faketime/libfaketime.so.1")).find(|p| p.exists())
+}
+
+/// A process this test started, killed when the test ends however it ends.
+struct Started(std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Defect: a coordinator's epoch (which orders its answers after an
+/// earlier run's) was its start time by its own clock. Restarted on a
+/// clock a day behind (a clock stepped back, or a new pod on a machine
+/// whose clock lags), its answers ordered before the previous run's, and
+/// every node ignored them: no lease was renewed, and the cluster refused
+/// reads and writes until the clock caught up. Now the state file keeps
+/// each run's epoch and the next run answers above it: the master serves
+/// on leases the skewed coordinator grants, and a failover under it works.
+#[test]
+fn a_coordinator_restarted_on_a_clock_a_day_behind_keeps_the_cluster_serving() -> anyhow::Result<()> {
+    let test = "a_coordinator_restarted_on_a_clock_a_day_behind_keeps_the_cluster_serving";
+    let Some(faketime) = libfaketime() else {
+        sns_e2e::skip(test, "libfaketime is not installed (Debian package faketime; scripts/ensure-faketime.sh)");
+        return Ok(());
+    };
+    let (mut d, rt) = cluster_of_two(Deployment::builder())?;
+    let (m, s, term) = pair(&rt, &d)?;
+    let before = posts(&rt, &d, 10);
+    let master = rt.block_on(server_node(d.coord_port, 1, m)).expect("master");
+    let pid = d.status()?["coordinator"].expect("the coordinator runs");
+    let mut skewed = same_command(pid, d.coord_port)?;
+    skewed.env("LD_PRELOAD", &faketime).env("FAKETIME", "-1d").env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    d.command("kill coordinator")?;
+    let log_path = d.dir().join("logs/coordinator-skewed.log");
+    let log = std::fs::File::create(&log_path)?;
+    skewed.stdout(log.try_clone()?).stderr(log);
+    let _coordinator = Started(skewed.spawn()?);
+    let up = eventually("the skewed coordinator to answer", || rt.block_on(master_of(d.coord_port, 1)));
+    up?;
+    // The lease the previous run granted runs out within a second: the
+    // master serves after that only on a lease the skewed run granted.
+    let answered = Instant::now();
+    eventually("the master to serve on a lease the restarted coordinator granted", || {
+        let st = rt.block_on(status(&master)).ok()?;
+        (answered.elapsed() > Duration::from_secs(2) && st.lease_valid).then_some(())
+    })?;
+    let during = posts(&rt, &d, 10);
+    assert_eq!(during.acked.len(), 10, "{during:?}");
+    // A failover under the skewed coordinator: the slave adopts its answers.
+    d.command(&format!("kill server-1-{m}"))?;
+    let new_term = wait_master(&rt, &d, 1, s, term)?;
+    let after = posts(&rt, &d, 10);
+    d.command(&format!("start server-1-{m}"))?;
+    wait_in_sync(&rt, &d, m)?;
+    assert_eq!(rt.block_on(master_of(d.coord_port, 1)), Some((s, new_term)));
+    all_once_and_identical(&d, [before.acked, during.acked, after.acked].concat())?;
+    let log = std::fs::read_to_string(&log_path)?;
+    assert!(log.contains("clock is behind the previous coordinator run"), "the skew is logged: {log}");
+    Ok(())
 }
 
 /// Defect: a master killed while its disk hangs cannot exit: its last

@@ -203,14 +203,14 @@ async fn claim(cfg: &CoordinatorConfig, store: &ConfigMapRecords) -> Result<(Rec
         None => {
             let file = cfg.data_dir.as_deref().map(StateFile::in_dir).transpose()?;
             match file.as_ref().map(StateFile::load).transpose()?.flatten() {
-                Some(records) => {
+                Some(stored) => {
                     tracing::warn!(
                         path = %file.as_ref().map(|f| f.path().display().to_string()).unwrap_or_default(),
                         configmap = store.name(),
-                        clusters = records.len(),
+                        clusters = stored.records.len(),
                         "importing the records of the state file; from now on the ConfigMap holds them"
                     );
-                    (records, 0)
+                    (stored.records, stored.epoch)
                 }
                 None => {
                     tracing::info!(configmap = store.name(), "no coordinator records yet: a new deployment");
@@ -220,7 +220,7 @@ async fn claim(cfg: &CoordinatorConfig, store: &ConfigMapRecords) -> Result<(Rec
         }
     };
     // After every earlier leader's, even if this machine's clock is behind.
-    let epoch = (net::now_ms().max(0) as u64).max(last_epoch + 1);
+    let epoch = super::next_epoch(last_epoch);
     store.save(&records, epoch).await?;
     Ok((records, epoch))
 }

@@ -76,8 +76,10 @@ enum Job {
 #[derive(Clone)]
 pub struct Coordinator {
     table: Arc<Mutex<Table>>,
-    /// This coordinator's start time (ms since the Unix epoch): a restarted
-    /// coordinator's answers order after the previous one's.
+    /// This run's epoch: its start time (ms since the Unix epoch), or just
+    /// above the previous run's when the clock is behind it
+    /// ([`next_epoch`]): a restarted coordinator's answers order after the
+    /// previous one's.
     epoch: u64,
     /// Bumped on every change of role or membership: wakes lease streams.
     changes: watch::Sender<u64>,
@@ -114,7 +116,7 @@ impl Coordinator {
                 let records = file.load()?;
                 match &records {
                     Some(r) => {
-                        tracing::info!(path = %file.path().display(), clusters = r.len(), "coordinator records loaded")
+                        tracing::info!(path = %file.path().display(), clusters = r.records.len(), epoch = r.epoch, "coordinator records loaded")
                     }
                     None => {
                         tracing::info!(path = %file.path().display(), "no coordinator records yet: a new deployment")
@@ -124,8 +126,11 @@ impl Coordinator {
             }
             None => None,
         };
+        let last_epoch = records.as_ref().map_or(0, |r| r.epoch);
+        let epoch = next_epoch(last_epoch);
         let store = file.map_or(Store::Memory, Store::File);
-        Ok(Coordinator::with_records(cfg, records.unwrap_or_default(), store, net::now_ms().max(0) as u64, shutdown))
+        let records = records.map(|r| r.records).unwrap_or_default();
+        Ok(Coordinator::with_records(cfg, records, store, epoch, shutdown))
     }
 
     /// A coordinator starting from `records`, writing its changes to
@@ -232,8 +237,27 @@ pub struct Elector {
     unavailable: BTreeMap<u32, String>,
 }
 
+/// The epoch of a coordinator run that follows one of epoch `last`: the
+/// clock in ms, or just above `last` when the clock is not past it (a
+/// clock stepped back, or another machine's clock behind). Nodes ignore an
+/// answer ordered before the last they adopted, so a run whose epoch fell
+/// below its predecessor's would be ignored by every node: no lease
+/// renewed, no role taken, until the clock caught up.
+pub(crate) fn next_epoch(last: u64) -> u64 {
+    let now = net::now_ms().max(0) as u64;
+    if now <= last && last > 0 {
+        tracing::warn!(
+            clock_ms = now,
+            previous_epoch = last,
+            "this machine's clock is behind the previous coordinator run's start; answers are ordered after that run's all the same"
+        );
+    }
+    now.max(last + 1)
+}
+
 impl Elector {
     pub async fn run(mut self) {
+        self.record_epoch().await;
         loop {
             let wake_at = self.decide().await;
             let sweep = Instant::now() + self.sweep.max(Duration::from_millis(50));
@@ -247,6 +271,26 @@ impl Elector {
                     None => return,
                 },
             }
+        }
+    }
+
+    /// Writes this run's epoch into the state file before the first change,
+    /// so that a run that changes nothing still leaves it for the next run
+    /// (whose answers must order after this one's). A failure (a full
+    /// disk) is logged: the epoch goes with the first change written. A
+    /// ConfigMap's leader wrote its epoch when it claimed the records.
+    async fn record_epoch(&self) {
+        if !matches!(self.store, Store::File(_)) {
+            return;
+        }
+        let records: Records = self.coord.with(|t| t.records().clone());
+        match self.store.save(&records, self.coord.epoch).await {
+            Ok(()) => tracing::debug!(epoch = self.coord.epoch, "epoch recorded"),
+            Err(e) => tracing::warn!(
+                epoch = self.coord.epoch,
+                error = %e,
+                "cannot write this run's epoch into the coordinator's records; it goes with the first change written"
+            ),
         }
     }
 
@@ -785,4 +829,38 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: Cancel
         .await;
     elector.abort();
     Ok(result?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defect: a coordinator run's epoch was its clock alone. Restarted on a
+    /// clock behind the previous run's start, its answers ordered before
+    /// the previous run's, and every node ignored them (no lease renewed)
+    /// until the clock caught up. Now the state file keeps the epoch and
+    /// the next run answers above it, and records its own before anything
+    /// changes.
+    #[tokio::test]
+    async fn a_coordinator_restarted_on_a_clock_behind_orders_its_answers_after_the_previous_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let ahead = net::now_ms() as u64 + 86_400_000; // the last run's clock was a day ahead
+        StateFile::in_dir(dir.path()).unwrap().save(&Records::new(), ahead).unwrap();
+        let cfg = CoordinatorConfig {
+            clusters: 1,
+            gateway: false,
+            heartbeat: Duration::from_millis(100),
+            missed: 3,
+            lease: Duration::from_millis(150),
+            data_dir: Some(dir.path().to_path_buf()),
+            secret: None,
+        };
+        let (coord, elector) = Coordinator::new(&cfg, CancellationToken::new()).unwrap();
+        assert_eq!(coord.epoch, ahead + 1, "after the previous run's, not at this clock");
+        elector.record_epoch().await;
+        let stored = StateFile::in_dir(dir.path()).unwrap().load().unwrap().unwrap();
+        assert_eq!(stored.epoch, ahead + 1, "the next run orders after this one even if nothing changes");
+        let (again, _) = Coordinator::new(&cfg, CancellationToken::new()).unwrap();
+        assert_eq!(again.epoch, ahead + 2);
+    }
 }

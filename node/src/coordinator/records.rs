@@ -13,6 +13,7 @@
 //! either lands before the claim (and the claim fails, so the new leader
 //! reads again and sees it) or after (and fails itself).
 
+pub use super::state::Stored;
 use super::state::{self, StateFile};
 use super::table::Record;
 use crate::error::{Error, Result};
@@ -45,20 +46,13 @@ impl Store {
             Store::Memory => Ok(()),
             Store::File(file) => {
                 let (file, records) = (file.clone(), records.clone());
-                tokio::task::spawn_blocking(move || file.save(&records))
+                tokio::task::spawn_blocking(move || file.save(&records, epoch))
                     .await
                     .map_err(|e| Error::Other(format!("state write task failed: {e}")))?
             }
             Store::Kube(cm) => cm.save(records, epoch).await,
         }
     }
-}
-
-/// What a ConfigMap holds: the records and the epoch of their writer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Stored {
-    pub records: Records,
-    pub epoch: u64,
 }
 
 /// The records in a ConfigMap, written with compare-and-swap.
@@ -110,9 +104,9 @@ impl ConfigMapRecords {
         self.set_version(cm.as_ref().and_then(|c| c.metadata.resource_version.clone()));
         let Some(cm) = cm else { return Ok(None) };
         let Some(bytes) = cm.binary_data.as_ref().and_then(|d| d.get(state::STATE_FILE)) else { return Ok(None) };
-        let records = state::decode(&bytes.0, &format!("ConfigMap {} key {}", self.name, state::STATE_FILE))?;
-        let epoch = cm.data.as_ref().and_then(|d| d.get(EPOCH)).and_then(|e| e.parse().ok()).unwrap_or(0);
-        Ok(Some(Stored { records, epoch }))
+        let stored = state::decode(&bytes.0, &format!("ConfigMap {} key {}", self.name, state::STATE_FILE))?;
+        let epoch = cm.data.as_ref().and_then(|d| d.get(EPOCH)).and_then(|e| e.parse().ok()).unwrap_or(stored.epoch);
+        Ok(Some(Stored { records: stored.records, epoch }))
     }
 
     /// Replaces the records if nobody wrote them since this coordinator's
@@ -126,7 +120,10 @@ impl ConfigMapRecords {
                 resource_version: version.clone(),
                 ..ObjectMeta::default()
             },
-            binary_data: Some(BTreeMap::from([(state::STATE_FILE.to_string(), ByteString(state::encode(records)))])),
+            binary_data: Some(BTreeMap::from([(
+                state::STATE_FILE.to_string(),
+                ByteString(state::encode(records, epoch)),
+            )])),
             data: Some(BTreeMap::from([
                 (WRITER.to_string(), self.identity.clone()),
                 (EPOCH.to_string(), epoch.to_string()),

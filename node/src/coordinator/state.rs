@@ -2,6 +2,10 @@
 //! [`Record`] (term, master, in-sync servers), rewritten whole (aside,
 //! fsync, rename, directory fsync) before any change to it is acted on.
 //!
+//! The file also keeps the epoch of the coordinator run that wrote it: a
+//! node ignores an answer ordered before the last it adopted, so the next
+//! run must order its answers above this one's, whatever its clock says.
+//!
 //! Layout: `SNSCOORD`, a CRC32 of the body (u32 LE), then the body, a
 //! protobuf `CoordinatorState`. A file that fails its checksum stops the
 //! coordinator with a message: guessing the records could promote a
@@ -18,6 +22,14 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"SNSCOORD";
 pub const STATE_FILE: &str = "coordinator.state";
+
+/// What a state file (or a ConfigMap) holds: the records and the epoch of
+/// the coordinator run that wrote them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub records: BTreeMap<u32, Record>,
+    pub epoch: u64,
+}
 
 /// Where the coordinator keeps its records.
 #[derive(Debug, Clone)]
@@ -38,7 +50,7 @@ impl StateFile {
 
     /// The records on disk; None when there is no file yet (a new
     /// deployment).
-    pub fn load(&self) -> Result<Option<BTreeMap<u32, Record>>> {
+    pub fn load(&self) -> Result<Option<Stored>> {
         let data = match fs::read(&self.path) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -47,9 +59,10 @@ impl StateFile {
         decode(&data, &self.path.display().to_string()).map(Some)
     }
 
-    /// Writes `records`, durably, replacing the file atomically.
-    pub fn save(&self, records: &BTreeMap<u32, Record>) -> Result<()> {
-        let data = encode(records);
+    /// Writes `records` and the writer's `epoch`, durably, replacing the
+    /// file atomically.
+    pub fn save(&self, records: &BTreeMap<u32, Record>, epoch: u64) -> Result<()> {
+        let data = encode(records, epoch);
         let tmp = self.path.with_extension("tmp");
         let write = || -> std::io::Result<()> {
             let mut f = fs::File::create(&tmp)?;
@@ -64,8 +77,8 @@ impl StateFile {
 }
 
 /// The records in the state file's format (also the ConfigMap's value).
-pub fn encode(records: &BTreeMap<u32, Record>) -> Vec<u8> {
-    let state = pb::CoordinatorState { clusters: records.iter().map(|(c, r)| record_to_pb(*c, r)).collect() };
+pub fn encode(records: &BTreeMap<u32, Record>, epoch: u64) -> Vec<u8> {
+    let state = pb::CoordinatorState { clusters: records.iter().map(|(c, r)| record_to_pb(*c, r)).collect(), epoch };
     let body = state.encode_to_vec();
     let mut data = Vec::with_capacity(12 + body.len());
     data.extend_from_slice(MAGIC);
@@ -75,7 +88,7 @@ pub fn encode(records: &BTreeMap<u32, Record>) -> Vec<u8> {
 }
 
 /// Records [`encode`]d, read from `source` (named in errors).
-pub fn decode(data: &[u8], source: &str) -> Result<BTreeMap<u32, Record>> {
+pub fn decode(data: &[u8], source: &str) -> Result<Stored> {
     let damaged = |why: &str| {
         Error::Config(format!(
             "{source}: {why}. The coordinator's records (which servers hold every acknowledged write) cannot be trusted; restore them from a backup, or move them away to start without records (servers that hold data then wait for `sns-node promote`)"
@@ -90,7 +103,7 @@ pub fn decode(data: &[u8], source: &str) -> Result<BTreeMap<u32, Record>> {
         return Err(damaged("checksum mismatch"));
     }
     let state = pb::CoordinatorState::decode(body).map_err(|e| damaged(&format!("does not decode: {e}")))?;
-    Ok(state.clusters.iter().map(|c| (c.cluster, record_from_pb(c))).collect())
+    Ok(Stored { records: state.clusters.iter().map(|c| (c.cluster, record_from_pb(c))).collect(), epoch: state.epoch })
 }
 
 fn record_to_pb(cluster: u32, r: &Record) -> pb::ClusterRecord {
@@ -140,8 +153,8 @@ mod tests {
             ),
             (2, Record { term: 1, master: Some(1), in_sync: BTreeMap::from([(1, 5), (2, 6)]), ..Record::default() }),
         ]);
-        file.save(&records).unwrap();
-        assert_eq!(file.load().unwrap(), Some(records.clone()));
+        file.save(&records, 1_700_000_000_000).unwrap();
+        assert_eq!(file.load().unwrap(), Some(Stored { records: records.clone(), epoch: 1_700_000_000_000 }));
         let mut data = fs::read(file.path()).unwrap();
         let last = data.len() - 1;
         data[last] ^= 1;

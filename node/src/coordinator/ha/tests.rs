@@ -141,7 +141,7 @@ fn stored_records(api: &Shared) -> Records {
     let cm = api.lock().unwrap().configmaps[RECORDS].clone();
     let b64 = cm["binaryData"][state::STATE_FILE].as_str().unwrap().to_string();
     let bytes: k8s_openapi::ByteString = serde_json::from_value(serde_json::Value::String(b64)).unwrap();
-    state::decode(&bytes.0, "test").unwrap()
+    state::decode(&bytes.0, "test").unwrap().records
 }
 
 fn node(t: &RoutingTable, id: u32) -> Option<&sns_proto::internal::Node> {
@@ -304,14 +304,14 @@ async fn the_state_file_is_imported_into_an_empty_configmap_once() {
     let file = StateFile::in_dir(dir.path()).unwrap();
     let old =
         BTreeMap::from([(1, crate::coordinator::table::Record { term: 4, master: Some(2), ..Default::default() })]);
-    file.save(&old).unwrap();
+    file.save(&old, 0).unwrap();
     let cfg = CoordinatorConfig { data_dir: Some(dir.path().to_path_buf()), ..config() };
     let store = ConfigMapRecords::new(replica_client(&api, Arc::default()), "ops", RECORDS, "coord-a");
     let (records, first) = claim(&cfg, &store).await.unwrap();
     assert_eq!(records, old, "imported");
     assert_eq!(stored_records(&api), old, "and written to the ConfigMap");
     // From then on the ConfigMap is the truth: a changed file is ignored.
-    file.save(&BTreeMap::new()).unwrap();
+    file.save(&BTreeMap::new(), 0).unwrap();
     let store = ConfigMapRecords::new(replica_client(&api, Arc::default()), "ops", RECORDS, "coord-b");
     let (records, second) = claim(&cfg, &store).await.unwrap();
     assert_eq!(records, old);
