@@ -829,6 +829,49 @@ fn a_master_restarted_in_its_term_brings_its_slave_back() -> anyhow::Result<()> 
     all_once_and_identical(&d, [before.acked, during.acked, after.acked].concat())
 }
 
+/// Defect: a master restarted in its term numbered its snapshots from its
+/// clock, above its previous run's as long as the clock had not stepped
+/// back. Restarted on a clock a day behind, its snapshots were numbered
+/// below the one its slave had installed from its previous run, and the
+/// slave refused them all as stale: the cluster never got an in-sync slave
+/// back (until the clock caught up). Now a master numbers its snapshot
+/// above the one its slave reports installed under the same term.
+#[test]
+fn a_master_restarted_in_its_term_on_a_clock_a_day_behind_brings_its_slave_back() -> anyhow::Result<()> {
+    let test = "a_master_restarted_in_its_term_on_a_clock_a_day_behind_brings_its_slave_back";
+    let Some(faketime) = libfaketime() else {
+        sns_e2e::skip(test, "libfaketime is not installed (Debian package faketime; scripts/ensure-faketime.sh)");
+        return Ok(());
+    };
+    let (mut d, rt) = cluster_of_two(Deployment::builder())?;
+    let (m, s, term) = pair(&rt, &d)?;
+    let master = rt.block_on(server_node(d.coord_port, 1, m)).expect("master");
+    let pid = d.status()?[&format!("server-1-{m}")].expect("the master runs");
+    let mut skewed = same_command(pid, master.port.parse()?)?;
+    let log_path = d.dir().join(format!("logs/server-1-{m}-skewed.log"));
+    let log = std::fs::File::create(&log_path)?;
+    skewed.stdout(log.try_clone()?).stderr(log);
+    skewed.env("LD_PRELOAD", &faketime).env("FAKETIME", "-1d").env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    // The slave misses writes and is brought back: a snapshot of this term
+    // installed there, numbered from today's clock.
+    d.command(&format!("pause server-1-{s}"))?;
+    let before = posts(&rt, &d, 5);
+    d.command(&format!("resume server-1-{s}"))?;
+    wait_in_sync(&rt, &d, s)?;
+    // Out of sync again, and then the master dies: nobody can replace it.
+    d.command(&format!("pause server-1-{s}"))?;
+    let during = posts(&rt, &d, 5);
+    d.command(&format!("kill server-1-{m}"))?;
+    d.command(&format!("resume server-1-{s}"))?;
+    let _master = Started(skewed.spawn()?);
+    eventually("the restarted master to serve in its term", || {
+        (rt.block_on(master_of(d.coord_port, 1))? == (m, term)).then_some(())
+    })?;
+    wait_in_sync(&rt, &d, s)?;
+    let after = posts(&rt, &d, 5);
+    all_once_and_identical(&d, [before.acked, during.acked, after.acked].concat())
+}
+
 /// Defect: the last records of a master's journal lost (read back as
 /// zeros, as a disk that acknowledged a flush it never made leaves them
 /// after a power loss), and the master back before the coordinator missed

@@ -426,6 +426,13 @@ impl Node {
         let started = Instant::now();
         let (bytes, posts) = encode_state(self);
         let size = bytes.len();
+        // Above what the slave installed from this term's master, even from
+        // an earlier run of this server on a clock ahead of today's.
+        if let Some(st) = self.slave_status(&host, &port).await?
+            && st.installed_term == role.term
+        {
+            self.0.snapshots_sent.fetch_max(st.installed_sync, Ordering::SeqCst);
+        }
         let sync = next_snapshot_number(&self.0.snapshots_sent, net::now_ms());
         let chunks = snapshot_chunks(&bytes, role.term, sync, self.0.cfg.cluster);
         let limit = self.patience() + Duration::from_millis(size as u64 * 1000 / SNAPSHOT_BYTES_PER_SEC);
@@ -614,8 +621,9 @@ fn refused(status: &Status, message: String) -> Error {
 /// than the last it installed under the same term (see `slave.rs`), and a
 /// master restarted in its term (nobody could replace it) must not fall
 /// under its previous run's: numbers follow the wall clock (ms x 1000) and
-/// always grow within a run. Should the clock step back across a restart,
-/// the slave refuses until it has passed where it was.
+/// always grow within a run, and a master first raises `sent` to the number
+/// its slave reports installed under the same term (the clock may have
+/// stepped back across the restart).
 fn next_snapshot_number(sent: &std::sync::atomic::AtomicU64, now_ms: i64) -> u64 {
     use std::sync::atomic::Ordering::SeqCst;
     let floor = u64::try_from(now_ms).unwrap_or(0).saturating_mul(1000);

@@ -248,6 +248,12 @@ impl Node {
         lock(&self.0.master_terms).iter().copied().collect()
     }
 
+    /// As a slave: (term, sync number) of the last snapshot installed in
+    /// this run.
+    pub fn installed(&self) -> (u64, u64) {
+        *lock(&self.0.installed)
+    }
+
     pub fn synced_term(&self) -> u64 {
         self.0.synced_term.load(Ordering::SeqCst)
     }

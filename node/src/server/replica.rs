@@ -122,6 +122,8 @@ impl Replica for ReplicaService {
             held: self.node.read(|s| s.held_count() as u64),
             sent_events: self.node.read(|s| s.sent_total()),
             received_events: self.node.read(|s| s.received_total()),
+            installed_term: self.node.installed().0,
+            installed_sync: self.node.installed().1,
         }))
     }
 
