@@ -562,8 +562,11 @@ pub const CONSOLE_COMMANDS: &[(&str, &str)] = &[
     ("status", "the routing table (role, term, in sync, heartbeat, backlog) with pids and ports"),
     ("kill <name>", "SIGKILL a process (e.g. kill master-2, kill server-2-1, kill sync-3-2)"),
     ("stop <name>", "SIGTERM a process and wait for it to exit"),
-    ("start <name>", "start a stopped process again, on its port and data directory"),
-    ("restart <name>", "kill, then start"),
+    (
+        "start <name> [--clock <offset>]",
+        "start a stopped process again, on its port and data directory; --clock runs it on a clock that far off (e.g. -1d, +30s, -2h; needs libfaketime)",
+    ),
+    ("restart <name> [--clock <offset>]", "kill, then start"),
     ("pause <name>", "SIGSTOP a process (a hung node)"),
     ("resume <name>", "SIGCONT a paused process"),
     ("partition <server>", "cut a server off from the coordinator (not from its clients)"),

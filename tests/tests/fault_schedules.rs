@@ -2,7 +2,8 @@
 //! acknowledged writes in every cluster (posts, follows and unfollows,
 //! logins), a schedule kills, restarts, pauses and partitions servers,
 //! synchronizers and the coordinator (paused too, past the masters' leases,
-//! sometimes with a master killed meanwhile), with double faults restarted in the
+//! sometimes with a master killed meanwhile; restarted on a clock 30 s or a
+//! day off, as masters and slaves are), with double faults restarted in the
 //! worst order, a full disk on one server, a hung disk on another (frozen:
 //! writes neither end nor fail; sometimes killed while hung, or its master
 //! killed or the coordinator restarted while it hangs), a damaged journal,
@@ -106,9 +107,13 @@ enum Fault {
     /// The coordinator hangs (SIGSTOP): briefly, or until a master's lease
     /// ran out, sometimes with that master killed meanwhile; then resumes.
     PauseCoordinator,
+    /// The coordinator, a master or a slave restarted on a wall clock 30 s
+    /// or a day behind or ahead (libfaketime); a later restart puts it back
+    /// on the true clock, a step the other way.
+    SkewedClock,
 }
 
-const FAULTS: [Fault; 17] = [
+const FAULTS: [Fault; 18] = [
     Fault::KillMaster,
     Fault::KillSlave,
     Fault::DoubleKill,
@@ -126,6 +131,7 @@ const FAULTS: [Fault; 17] = [
     Fault::DiskHung,
     Fault::LostTail,
     Fault::PauseCoordinator,
+    Fault::SkewedClock,
 ];
 
 /// The servers whose disks the schedule can fill or hang, if any (mounting
@@ -477,6 +483,21 @@ fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: D
                     "pause coordinator past the lease, master killed"
                 }
             }
+        }
+        Fault::SkewedClock => {
+            let offset = ["-1d", "+1d", "-30s", "+30s"][rng.below(4) as usize];
+            let (name, what) = match rng.below(3) {
+                0 => ("coordinator".to_string(), "coordinator"),
+                1 => (format!("server-{c}-{m}"), "master"),
+                _ => (format!("server-{c}-{s}"), "slave"),
+            };
+            let reply = d.command(&format!("restart {name} --clock {offset}"))?;
+            if reply.contains("needs libfaketime") {
+                return Ok("skewed clock (left out: no libfaketime)".into());
+            }
+            anyhow::ensure!(reply.contains("on a clock"), "restart {name} --clock {offset}: {reply}");
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            return Ok(format!("{what} restarted on a clock {offset} off"));
         }
         Fault::DiskFull => {
             let Some((dc, ds)) = disks.full else { return Ok("full disk (left out: no tmpfs)".into()) };

@@ -342,12 +342,6 @@ fn a_hung_slave_is_dropped_and_never_promoted_when_the_master_dies() -> anyhow::
 /// working directory), asked for any free port: what a replacement pod on
 /// another address would run against the same volume.
 fn same_command_elsewhere(pid: u32) -> anyhow::Result<std::process::Command> {
-    same_command(pid, 0)
-}
-
-/// The command that runs process `pid` (arguments, environment, working
-/// directory), listening on `port` (0: any free port).
-fn same_command(pid: u32, port: u16) -> anyhow::Result<std::process::Command> {
     let read = |what: &str| std::fs::read(format!("/proc/{pid}/{what}"));
     let split = |bytes: Vec<u8>| -> Vec<String> {
         bytes.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
@@ -360,7 +354,7 @@ fn same_command(pid: u32, port: u16) -> anyhow::Result<std::process::Command> {
         match arg.as_str() {
             "-p" => {
                 rest.next();
-                cmd.args(["-p", &port.to_string()]);
+                cmd.args(["-p", "0"]);
             }
             "--port-file" | "--metrics-port" | "--metrics-port-file" => {
                 rest.next();
@@ -379,20 +373,17 @@ fn same_command(pid: u32, port: u16) -> anyhow::Result<std::process::Command> {
     Ok(cmd)
 }
 
-/// libfaketime's library, where installed (Debian: `faketime`).
-fn libfaketime() -> Option<std::path::PathBuf> {
-    let dirs = std::fs::read_dir("/usr/lib").ok()?.filter_map(|e| e.ok()).map(|e| e.path());
-    dirs.chain([std::path::PathBuf::from("/usr/lib")]).map(|d| d.join("faketime/libfaketime.so.1")).find(|p| p.exists())
-}
-
-/// A process this test started, killed when the test ends however it ends.
-struct Started(std::process::Child);
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Restarts (or starts) `name` on a clock `offset` off through the
+/// launcher; false (the test skipped, saying why) where libfaketime is
+/// missing.
+fn on_skewed_clock(d: &mut Deployment, test: &str, verb: &str, name: &str, offset: &str) -> anyhow::Result<bool> {
+    let reply = d.command(&format!("{verb} {name} --clock {offset}"))?;
+    if reply.contains("needs libfaketime") {
+        sns_e2e::skip(test, "libfaketime is not installed (Debian package faketime; scripts/ensure-faketime.sh)");
+        return Ok(false);
     }
+    anyhow::ensure!(reply.contains(&format!("on a clock {offset} off")), "{verb} {name} --clock {offset}: {reply}");
+    Ok(true)
 }
 
 /// Defect: a coordinator's epoch (which orders its answers after an
@@ -406,24 +397,14 @@ impl Drop for Started {
 #[test]
 fn a_coordinator_restarted_on_a_clock_a_day_behind_keeps_the_cluster_serving() -> anyhow::Result<()> {
     let test = "a_coordinator_restarted_on_a_clock_a_day_behind_keeps_the_cluster_serving";
-    let Some(faketime) = libfaketime() else {
-        sns_e2e::skip(test, "libfaketime is not installed (Debian package faketime; scripts/ensure-faketime.sh)");
-        return Ok(());
-    };
     let (mut d, rt) = cluster_of_two(Deployment::builder())?;
     let (m, s, term) = pair(&rt, &d)?;
     let before = posts(&rt, &d, 10);
     let master = rt.block_on(server_node(d.coord_port, 1, m)).expect("master");
-    let pid = d.status()?["coordinator"].expect("the coordinator runs");
-    let mut skewed = same_command(pid, d.coord_port)?;
-    skewed.env("LD_PRELOAD", &faketime).env("FAKETIME", "-1d").env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-    d.command("kill coordinator")?;
-    let log_path = d.dir().join("logs/coordinator-skewed.log");
-    let log = std::fs::File::create(&log_path)?;
-    skewed.stdout(log.try_clone()?).stderr(log);
-    let _coordinator = Started(skewed.spawn()?);
-    let up = eventually("the skewed coordinator to answer", || rt.block_on(master_of(d.coord_port, 1)));
-    up?;
+    if !on_skewed_clock(&mut d, test, "restart", "coordinator", "-1d")? {
+        return Ok(());
+    }
+    eventually("the skewed coordinator to answer", || rt.block_on(master_of(d.coord_port, 1)))?;
     // The lease the previous run granted runs out within a second: the
     // master serves after that only on a lease the skewed run granted.
     let answered = Instant::now();
@@ -441,7 +422,7 @@ fn a_coordinator_restarted_on_a_clock_a_day_behind_keeps_the_cluster_serving() -
     wait_in_sync(&rt, &d, m)?;
     assert_eq!(rt.block_on(master_of(d.coord_port, 1)), Some((s, new_term)));
     all_once_and_identical(&d, [before.acked, during.acked, after.acked].concat())?;
-    let log = std::fs::read_to_string(&log_path)?;
+    let log = d.log("coordinator");
     assert!(log.contains("clock is behind the previous coordinator run"), "the skew is logged: {log}");
     Ok(())
 }
@@ -839,19 +820,8 @@ fn a_master_restarted_in_its_term_brings_its_slave_back() -> anyhow::Result<()> 
 #[test]
 fn a_master_restarted_in_its_term_on_a_clock_a_day_behind_brings_its_slave_back() -> anyhow::Result<()> {
     let test = "a_master_restarted_in_its_term_on_a_clock_a_day_behind_brings_its_slave_back";
-    let Some(faketime) = libfaketime() else {
-        sns_e2e::skip(test, "libfaketime is not installed (Debian package faketime; scripts/ensure-faketime.sh)");
-        return Ok(());
-    };
     let (mut d, rt) = cluster_of_two(Deployment::builder())?;
     let (m, s, term) = pair(&rt, &d)?;
-    let master = rt.block_on(server_node(d.coord_port, 1, m)).expect("master");
-    let pid = d.status()?[&format!("server-1-{m}")].expect("the master runs");
-    let mut skewed = same_command(pid, master.port.parse()?)?;
-    let log_path = d.dir().join(format!("logs/server-1-{m}-skewed.log"));
-    let log = std::fs::File::create(&log_path)?;
-    skewed.stdout(log.try_clone()?).stderr(log);
-    skewed.env("LD_PRELOAD", &faketime).env("FAKETIME", "-1d").env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
     // The slave misses writes and is brought back: a snapshot of this term
     // installed there, numbered from today's clock.
     d.command(&format!("pause server-1-{s}"))?;
@@ -863,7 +833,9 @@ fn a_master_restarted_in_its_term_on_a_clock_a_day_behind_brings_its_slave_back(
     let during = posts(&rt, &d, 5);
     d.command(&format!("kill server-1-{m}"))?;
     d.command(&format!("resume server-1-{s}"))?;
-    let _master = Started(skewed.spawn()?);
+    if !on_skewed_clock(&mut d, test, "start", &format!("server-1-{m}"), "-1d")? {
+        return Ok(());
+    }
     eventually("the restarted master to serve in its term", || {
         (rt.block_on(master_of(d.coord_port, 1))? == (m, term)).then_some(())
     })?;

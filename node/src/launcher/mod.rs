@@ -228,6 +228,11 @@ impl Launcher {
     }
 
     async fn start(&mut self, name: &str) -> Result<()> {
+        self.start_on(name, None).await
+    }
+
+    /// Starts process `name`, on a clock `clock` off when given.
+    async fn start_on(&mut self, name: &str, clock: Option<&SkewedClock>) -> Result<()> {
         let coord_port = self.coord_port;
         let port_file = self.dir.join("logs").join(format!("{name}.port"));
         let metrics_file = self.dir.join("logs").join(format!("{name}.metrics-port"));
@@ -283,6 +288,13 @@ impl Launcher {
                 Some(p) => cmd.env(var, p),
                 None => cmd.env_remove(var),
             };
+        }
+        if let Some(clock) = clock {
+            // libfaketime shifts the wall clock only: timeouts and leases
+            // run on the monotonic clock, as on a machine whose clock is off.
+            cmd.env("LD_PRELOAD", &clock.library)
+                .env("FAKETIME", &clock.offset)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
         cmd.args(&args).stdin(Stdio::null()).stdout(log).stderr(log2).kill_on_drop(true);
         die_with_parent(&mut cmd);
@@ -454,15 +466,27 @@ impl Launcher {
                 self.failovers.back(&n);
                 self.signal(&n, libc::SIGCONT, "resumed")
             }
-            ("start", Some(n)) => match self.start(&n).await {
-                Ok(()) => format!("started {n} on port {}", self.procs[&n].port),
-                Err(e) => format!("error: {e}"),
-            },
+            ("start", Some(n)) => {
+                let clock = match clock_offset(&mut words) {
+                    Ok(c) => c,
+                    Err(e) => return format!("error: {e}"),
+                };
+                match self.start_on(&n, clock.as_ref()).await {
+                    Ok(()) => format!("started {n} on port {}{}", self.procs[&n].port, on_clock(clock.as_ref())),
+                    Err(e) => format!("error: {e}"),
+                }
+            }
             ("restart", Some(n)) => {
+                let clock = match clock_offset(&mut words) {
+                    Ok(c) => c,
+                    Err(e) => return format!("error: {e}"),
+                };
                 let stopped = self.signal(&n, libc::SIGKILL, "killed");
                 let stopped = self.wait_exit(&n, stopped).await;
-                match self.start(&n).await {
-                    Ok(()) => format!("{stopped}; started {n} on port {}", self.procs[&n].port),
+                match self.start_on(&n, clock.as_ref()).await {
+                    Ok(()) => {
+                        format!("{stopped}; started {n} on port {}{}", self.procs[&n].port, on_clock(clock.as_ref()))
+                    }
                     Err(e) => format!("error: {e}"),
                 }
             }
@@ -709,9 +733,72 @@ fn which(program: &str) -> bool {
         || Path::new("/usr/sbin").join(program).is_file()
 }
 
+/// A wall clock off by `offset` (libfaketime's relative form, e.g. "-1d"),
+/// through libfaketime's `library`.
+#[derive(Debug, Clone, PartialEq)]
+struct SkewedClock {
+    offset: String,
+    library: PathBuf,
+}
+
+/// The optional `--clock <offset>` after a start or restart.
+fn clock_offset<'a>(words: &mut impl Iterator<Item = &'a str>) -> std::result::Result<Option<SkewedClock>, String> {
+    match words.next() {
+        None => Ok(None),
+        Some("--clock") => {
+            let offset = words.next().ok_or("--clock needs an offset, e.g. -1d, +30s or -2h")?;
+            if !valid_offset(offset) {
+                return Err(format!(
+                    "{offset:?} is not a clock offset: a sign, a number and s, m, h, d or y (e.g. -1d, +30s)"
+                ));
+            }
+            let library =
+                libfaketime().ok_or("--clock needs libfaketime (Debian package faketime), which is not installed")?;
+            Ok(Some(SkewedClock { offset: offset.to_string(), library }))
+        }
+        Some(other) => Err(format!("unexpected {other:?} (only --clock <offset> may follow the name)")),
+    }
+}
+
+/// `+30s`, `-1d`, `-1.5h`: what libfaketime takes as a relative offset.
+fn valid_offset(offset: &str) -> bool {
+    let Some(rest) = offset.strip_prefix(['+', '-']) else { return false };
+    let number = rest.trim_end_matches(['s', 'm', 'h', 'd', 'y']);
+    rest.len() - number.len() <= 1
+        && number.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && number.parse::<f64>().is_ok()
+}
+
+/// libfaketime's library, where installed.
+fn libfaketime() -> Option<PathBuf> {
+    let dirs = std::fs::read_dir("/usr/lib").ok()?.filter_map(|e| e.ok()).map(|e| e.path());
+    dirs.chain([PathBuf::from("/usr/lib")]).map(|d| d.join("faketime/libfaketime.so.1")).find(|p| p.exists())
+}
+
+fn on_clock(clock: Option<&SkewedClock>) -> String {
+    clock.map(|c| format!(" on a clock {} off", c.offset)).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clock_offsets_are_what_libfaketime_takes() {
+        for ok in ["-1d", "+30s", "-1.5h", "+2y", "-90"] {
+            assert!(valid_offset(ok), "{ok}");
+        }
+        for bad in ["1d", "-", "-d", "-1dd", "-1w", "--1d", "+inf", "-1d; rm", ""] {
+            assert!(!valid_offset(bad), "{bad}");
+        }
+        let mut words = ["--clock"].into_iter();
+        assert!(clock_offset(&mut words).unwrap_err().contains("needs an offset"));
+        let mut words = ["--clock", "yesterday"].into_iter();
+        assert!(clock_offset(&mut words).unwrap_err().contains("not a clock offset"));
+        let mut words = ["now"].into_iter();
+        assert!(clock_offset(&mut words).unwrap_err().contains("only --clock"));
+        assert_eq!(clock_offset(&mut std::iter::empty()), Ok(None));
+    }
 
     #[test]
     fn broker_addresses_come_from_urls() {
