@@ -72,7 +72,7 @@ fn problem(n: &Node) -> Option<String> {
         if n.unwritable {
             return Some("cannot write its journal (full, failing or hung disk): it takes no writes".into());
         }
-        return None;
+        return (!n.waits.is_empty()).then(|| format!("named master, serves nothing yet: {}", n.waits));
     }
     (!n.link_down.is_empty()).then(|| format!("link to its server or the broker down: {}", n.link_down))
 }
@@ -216,14 +216,21 @@ mod tests {
         full.unwritable = true;
         let mut dead = node(1, 1, "synchronizer", false, 1);
         (dead.alive, dead.link_down) = (false, "stale".into());
-        let s = Snapshot { nodes: vec![node(1, 1, "server", true, 0), full, dead, down], backlog: BTreeMap::new() };
+        let mut waiting = node(1, 1, "server", true, 0);
+        waiting.waits = "server 1 of cluster 1 waits for in-sync servers [2]".into();
+        let s = Snapshot { nodes: vec![waiting, full, dead, down], backlog: BTreeMap::new() };
         let text = render(&s, &[]);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 1 + 4 + 3, "{text}");
+        assert_eq!(lines.len(), 1 + 4 + 4, "{text}");
         assert_eq!(lines[5], "problems:", "{text}");
-        assert!(lines[6].starts_with("  server-1-2: cannot write its journal"), "{text}");
         assert_eq!(
-            lines[7], "  sync-1-2: link to its server or the broker down: IO error: Connection refused (os error 111)",
+            lines[6],
+            "  server-1-1: named master, serves nothing yet: server 1 of cluster 1 waits for in-sync servers [2]",
+            "{text}"
+        );
+        assert!(lines[7].starts_with("  server-1-2: cannot write its journal"), "{text}");
+        assert_eq!(
+            lines[8], "  sync-1-2: link to its server or the broker down: IO error: Connection refused (os error 111)",
             "{text}"
         );
         // All well: the table alone.

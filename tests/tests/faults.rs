@@ -903,6 +903,11 @@ fn a_master_that_lost_the_tail_of_its_journal_waits_for_its_in_sync_slave() -> a
     let (_, refused) = refusal(&d)?;
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("lost its end at start-up"), "{refused:?}");
+    // The coordinator names it and says why it waits (from its heartbeats).
+    eventually("GetServer to say why the master waits", || {
+        let info = rt.block_on(get_server(d.coord_port, 1)).ok()?;
+        (info.server_id == m as i32 && info.unavailable_reason.contains("waits for in-sync servers")).then_some(())
+    })?;
     // Restarted again, its journal opens whole: the cut is remembered.
     d.command(&format!("kill server-1-{m}"))?;
     d.command(&format!("start server-1-{m}"))?;

@@ -522,6 +522,7 @@ impl CoordService for Coordinator {
             next_seq: s.next_seq,
             remote_events: s.remote_events,
             link_down: s.link_down,
+            waits: if kind == Kind::Server { s.unavailable_reason } else { String::new() },
         };
         let (a, lease, registered) = self.with(|t| {
             let (a, registered) = t.heartbeat(Instant::now(), &beat);
@@ -557,7 +558,9 @@ impl CoordService for Coordinator {
         let (master, why) =
             self.with(|t| (t.master(Instant::now(), cluster), t.unavailable(cluster).map(str::to_string)));
         let reply = match master {
-            Some(v) => info(&v),
+            // A master that serves nothing yet says why; clients reach it
+            // all the same and hear the same from it.
+            Some(v) => ServerInfo { unavailable_reason: v.waits.clone(), ..info(&v) },
             None => ServerInfo { unavailable_reason: why.unwrap_or_default(), ..ServerInfo::default() },
         };
         Ok(Response::new(reply))
@@ -612,6 +615,7 @@ impl CoordAdmin for Coordinator {
                 damaged: v.damaged,
                 unwritable: v.unwritable,
                 link_down: v.link_down,
+                waits: v.waits,
             })
             .collect();
         Ok(Response::new(RoutingTable { nodes, clusters }))

@@ -86,6 +86,8 @@ pub struct Beat {
     pub remote_events: u64,
     /// Synchronizers: why their link is down ("" while it is up).
     pub link_down: String,
+    /// Servers: why the server, named master, serves nothing yet.
+    pub waits: String,
 }
 
 impl Beat {
@@ -127,6 +129,8 @@ pub struct NodeView {
     pub damaged: bool,
     pub unwritable: bool,
     pub link_down: String,
+    /// A live server named master that serves nothing yet: why.
+    pub waits: String,
 }
 
 /// The coordinator's answer to a heartbeat.
@@ -163,6 +167,7 @@ struct Entry {
     next_seq: u64,
     remote_events: u64,
     link_down: String,
+    waits: String,
 }
 
 /// A planned switchover under way.
@@ -391,6 +396,7 @@ impl Table {
             next_seq: beat.next_seq,
             remote_events: beat.remote_events,
             link_down: beat.link_down.clone(),
+            waits: beat.waits.clone(),
         };
         // A change in what a server says of itself can change roles.
         let changed = previous.as_ref().is_none_or(|p| {
@@ -936,6 +942,7 @@ impl Table {
         let record = self.records.get(&cluster).cloned().unwrap_or_default();
         let alive = self.alive(e, now);
         let server = if kind == Kind::Server { id } else { e.paired_server };
+        let is_master = alive && self.is_master(cluster, server, now);
         Some(NodeView {
             kind,
             cluster,
@@ -944,7 +951,7 @@ impl Table {
             port: e.port.clone(),
             paired_server: e.paired_server,
             alive,
-            is_master: alive && self.is_master(cluster, server, now),
+            is_master,
             term: record.term,
             last_seen: now.saturating_duration_since(e.last_seen),
             in_sync: kind == Kind::Server && self.in_sync(cluster, id),
@@ -952,6 +959,7 @@ impl Table {
             damaged: e.damaged,
             unwritable: e.unwritable,
             link_down: if alive { e.link_down.clone() } else { String::new() },
+            waits: if is_master { e.waits.clone() } else { String::new() },
         })
     }
 }

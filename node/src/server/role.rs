@@ -52,7 +52,9 @@ impl Node {
             tail_cut: self.tail_cut().is_some(),
             next_seq,
             remote_events,
-            unavailable_reason: String::new(),
+            // A restarted master checking its journal says why it waits,
+            // for the routing table and GetServer.
+            unavailable_reason: if self.unverified() { self.unverified_reason() } else { String::new() },
             link_down: String::new(),
         };
         let sent = Instant::now();
@@ -189,17 +191,23 @@ impl Node {
             return Some(format!("server {id} of cluster {cluster} has no current lease from the coordinator"));
         }
         if self.unverified() {
-            let why = lock(&self.0.unverified_why).clone();
-            return Some(if why.is_empty() {
-                format!(
-                    "server {id} of cluster {cluster} restarted as master of term {}: it compares its journal with its in-sync servers before it serves",
-                    self.role().term
-                )
-            } else {
-                why
-            });
+            return Some(self.unverified_reason());
         }
         None
+    }
+
+    /// Why a master restarted within its term serves nothing yet.
+    fn unverified_reason(&self) -> String {
+        let why = lock(&self.0.unverified_why).clone();
+        if !why.is_empty() {
+            return why;
+        }
+        format!(
+            "server {} of cluster {} restarted as master of term {}: it compares its journal with its in-sync servers before it serves",
+            self.0.cfg.id,
+            self.0.cfg.cluster,
+            self.role().term
+        )
     }
 
     /// Fails unless this server may serve clients now: the master, with a
