@@ -252,7 +252,7 @@ pub(crate) fn next_epoch(last: u64) -> u64 {
             "this machine's clock is behind the previous coordinator run's start; answers are ordered after that run's all the same"
         );
     }
-    now.max(last + 1)
+    now.max(last.saturating_add(1))
 }
 
 impl Elector {
