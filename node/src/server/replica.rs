@@ -101,6 +101,7 @@ impl Replica for ReplicaService {
         let cfg = self.node.cfg();
         let (next_seq, published_upto, users, posts) =
             self.node.read(|s| (s.next_seq(), s.published_upto(), s.users().len() as u32, s.post_count()));
+        let (installed_term, installed_sync) = self.node.installed();
         Ok(Response::new(ServerStatus {
             cluster: cfg.cluster,
             server_id: cfg.id,
@@ -122,8 +123,8 @@ impl Replica for ReplicaService {
             held: self.node.read(|s| s.held_count() as u64),
             sent_events: self.node.read(|s| s.sent_total()),
             received_events: self.node.read(|s| s.received_total()),
-            installed_term: self.node.installed().0,
-            installed_sync: self.node.installed().1,
+            installed_term,
+            installed_sync,
         }))
     }
 
