@@ -424,15 +424,20 @@ impl Node {
     /// lane held, so no write slips in between. `slave` is `role`'s slave.
     async fn sync_slave(&self, role: &Role, (slave_id, host, port): (u32, String, String)) -> Result<SyncedSlave> {
         let started = Instant::now();
-        let (bytes, posts) = encode_state(self);
-        let size = bytes.len();
-        // Above what the slave installed from this term's master, even from
-        // an earlier run of this server on a clock ahead of today's.
-        if let Some(st) = self.slave_status(&host, &port).await?
-            && st.installed_term == role.term
-        {
+        // Numbered above what the slave installed from this term's master,
+        // even from an earlier run of this server on a clock ahead of
+        // today's. A slave that does not answer this within its patience
+        // would not take the snapshot either: no state is encoded for it,
+        // and a write waiting on it waits one patience, not two.
+        let st = self
+            .slave_status(&host, &port)
+            .await?
+            .ok_or_else(|| Error::NoAnswer(format!("slave {slave_id} did not answer within {:?}", self.patience())))?;
+        if st.installed_term == role.term {
             self.0.snapshots_sent.fetch_max(st.installed_sync, Ordering::SeqCst);
         }
+        let (bytes, posts) = encode_state(self);
+        let size = bytes.len();
         let sync = next_snapshot_number(&self.0.snapshots_sent, net::now_ms());
         let chunks = snapshot_chunks(&bytes, role.term, sync, self.0.cfg.cluster);
         let limit = self.patience() + Duration::from_millis(size as u64 * 1000 / SNAPSHOT_BYTES_PER_SEC);
