@@ -466,26 +466,20 @@ impl Launcher {
                 self.failovers.back(&n);
                 self.signal(&n, libc::SIGCONT, "resumed")
             }
-            ("start", Some(n)) => {
+            ("start" | "restart", Some(n)) => {
                 let clock = match clock_offset(&mut words) {
                     Ok(c) => c,
                     Err(e) => return format!("error: {e}"),
                 };
-                match self.start_on(&n, clock.as_ref()).await {
-                    Ok(()) => format!("started {n} on port {}{}", self.procs[&n].port, on_clock(clock.as_ref())),
-                    Err(e) => format!("error: {e}"),
-                }
-            }
-            ("restart", Some(n)) => {
-                let clock = match clock_offset(&mut words) {
-                    Ok(c) => c,
-                    Err(e) => return format!("error: {e}"),
+                let stopped = if verb == "restart" {
+                    let stopped = self.signal(&n, libc::SIGKILL, "killed");
+                    format!("{}; ", self.wait_exit(&n, stopped).await)
+                } else {
+                    String::new()
                 };
-                let stopped = self.signal(&n, libc::SIGKILL, "killed");
-                let stopped = self.wait_exit(&n, stopped).await;
                 match self.start_on(&n, clock.as_ref()).await {
                     Ok(()) => {
-                        format!("{stopped}; started {n} on port {}{}", self.procs[&n].port, on_clock(clock.as_ref()))
+                        format!("{stopped}started {n} on port {}{}", self.procs[&n].port, on_clock(clock.as_ref()))
                     }
                     Err(e) => format!("error: {e}"),
                 }
