@@ -491,7 +491,7 @@ fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: D
                 1 => (format!("server-{c}-{m}"), "master"),
                 _ => (format!("server-{c}-{s}"), "slave"),
             };
-            let reply = d.command(&format!("restart {name} --clock {offset}"))?;
+            let reply = d.command_reply(&format!("restart {name} --clock {offset}"))?;
             if reply.contains("needs libfaketime") {
                 return Ok("skewed clock (left out: no libfaketime)".into());
             }

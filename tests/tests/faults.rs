@@ -377,7 +377,7 @@ fn same_command_elsewhere(pid: u32) -> anyhow::Result<std::process::Command> {
 /// launcher; false (the test skipped, saying why) where libfaketime is
 /// missing.
 fn on_skewed_clock(d: &mut Deployment, test: &str, verb: &str, name: &str, offset: &str) -> anyhow::Result<bool> {
-    let reply = d.command(&format!("{verb} {name} --clock {offset}"))?;
+    let reply = d.command_reply(&format!("{verb} {name} --clock {offset}"))?;
     if reply.contains("needs libfaketime") {
         sns_e2e::skip(test, "libfaketime is not installed (Debian package faketime; scripts/ensure-faketime.sh)");
         return Ok(false);
