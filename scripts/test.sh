@@ -3,7 +3,8 @@
 # actionlint through scripts/lint.sh, which installs them where missing),
 # unit tests, in-process gRPC tests, the end-to-end suites against real
 # processes and the real RabbitMQ broker (installed and started here if
-# missing; libfaketime too, for a coordinator run on a skewed clock), and
+# missing; libfaketime too, for a coordinator run on a skewed clock, and
+# nftables, to cut a master and its slave off from each other), and
 # the offline Kubernetes checks. A lint failure stops the run;
 # the tests all run, then scripts/test-summary.sh lists the skipped tests
 # and ends with `tests: N passed, N failed, N skipped`. Exits non-zero when
@@ -18,6 +19,7 @@ bash scripts/lint.sh
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 bash scripts/ensure-rabbitmq.sh
 bash scripts/ensure-faketime.sh
+bash scripts/ensure-nftables.sh
 # The end-to-end suites run the real binaries: build them first.
 cargo build --workspace --bins --quiet
 

@@ -186,6 +186,7 @@ impl Deployment {
             heartbeat: HEARTBEAT,
             disk_stall_limit: None,
             secret: None,
+            source_address: None,
         }
     }
 

@@ -400,6 +400,13 @@ pub struct ServerArgs {
     pub disk_stall_limit: Option<Duration>,
     #[command(flatten)]
     pub listen: ListenArgs,
+    /// Address this server's own connections (to the coordinator, to its
+    /// slave) leave from [default: the system's choice]. With several
+    /// servers on one machine, each on a loopback address of its own (the
+    /// local launcher), a firewall can tell one server's traffic from
+    /// another's.
+    #[arg(long, env = "SNS_SOURCE_ADDRESS")]
+    pub source_address: Option<std::net::IpAddr>,
     #[command(flatten)]
     pub secret: SecretArgs,
     #[command(flatten)]
@@ -441,6 +448,7 @@ impl ServerArgs {
             heartbeat: self.heartbeat.interval,
             disk_stall_limit: self.disk_stall_limit,
             secret: None,
+            source_address: self.source_address,
         })
     }
 }
@@ -569,8 +577,11 @@ pub const CONSOLE_COMMANDS: &[(&str, &str)] = &[
     ("restart <name> [--clock <offset>]", "kill, then start"),
     ("pause <name>", "SIGSTOP a process (a hung node)"),
     ("resume <name>", "SIGCONT a paused process"),
-    ("partition <server>", "cut a server off from the coordinator (not from its clients)"),
-    ("heal <server>", "end a partition"),
+    (
+        "partition <server> [<server>]",
+        "cut a server off from the coordinator, or two servers off from each other (needs nftables and root); not from their clients",
+    ),
+    ("heal <server> [<server>]", "end a partition"),
     ("promote <server> [--accept-data-loss]", "the operator's override: make a server its cluster's master"),
     ("switchover <cluster> [<server>]", "hand a cluster's master role to an in-sync server"),
     ("help", "this list"),

@@ -2,7 +2,7 @@
 
 use crate::auth::Attach;
 use crate::error::{Error, Result};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -55,6 +55,12 @@ pub fn channel(host: &str, port: &str) -> Result<Channel> {
 /// As [`channel`], for calls that may take up to `timeout` (a switchover
 /// waits for a lease to run out).
 pub fn channel_with_timeout(host: &str, port: &str, timeout: Duration) -> Result<Channel> {
+    channel_from(host, port, timeout, None)
+}
+
+/// As [`channel_with_timeout`], its connections leaving from `source` when
+/// given (the system picks otherwise).
+fn channel_from(host: &str, port: &str, timeout: Duration, source: Option<IpAddr>) -> Result<Channel> {
     let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
     let tls = crate::tls::client();
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -62,7 +68,8 @@ pub fn channel_with_timeout(host: &str, port: &str, timeout: Duration) -> Result
         .map_err(|e| Error::Config(format!("bad address {host}:{port}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .local_address(source);
     if let Some(tls) = tls {
         endpoint = endpoint.tls_config(tls).map_err(|e| Error::Config(format!("TLS to {host}:{port}: {e}")))?;
     }
@@ -72,6 +79,11 @@ pub fn channel_with_timeout(host: &str, port: &str, timeout: Duration) -> Result
 /// A lazily connecting node-to-node channel to `host:port`.
 pub fn node_channel(host: &str, port: &str, attach: &Attach) -> Result<NodeChannel> {
     Ok(InterceptedService::new(channel(host, port)?, attach.clone()))
+}
+
+/// As [`node_channel`], its connections leaving from `source` when given.
+pub fn node_channel_from(host: &str, port: &str, source: Option<IpAddr>, attach: &Attach) -> Result<NodeChannel> {
+    Ok(InterceptedService::new(channel_from(host, port, CALL_TIMEOUT, source)?, attach.clone()))
 }
 
 /// As [`node_channel`], for calls that may take up to `timeout`.

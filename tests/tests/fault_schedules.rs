@@ -1,6 +1,8 @@
 //! Randomized fault schedules, seeded and reproducible: while clients make
 //! acknowledged writes in every cluster (posts, follows and unfollows,
-//! logins), a schedule kills, restarts, pauses and partitions servers,
+//! logins), a schedule kills, restarts, pauses and partitions servers
+//! (from the coordinator, or a master from its slave, sometimes with the
+//! master then killed or cut off from the coordinator too),
 //! synchronizers and the coordinator (paused too, past the masters' leases,
 //! sometimes with a master killed meanwhile; restarted on a clock 30 s or a
 //! day off, as masters and slaves are), with double faults restarted in the
@@ -111,9 +113,16 @@ enum Fault {
     /// or a day behind or ahead (libfaketime); a later restart puts it back
     /// on the true clock, a step the other way.
     SkewedClock,
+    /// The master and its slave cut off from each other (nftables), both
+    /// still reaching the coordinator: the master goes on alone once the
+    /// slave is recorded out of sync. Sometimes the master is killed and
+    /// restarted meanwhile, or also cut off from the coordinator until its
+    /// lease runs out: the slave, lacking acknowledged writes, must not be
+    /// promoted either way.
+    CutMasterFromSlave,
 }
 
-const FAULTS: [Fault; 18] = [
+const FAULTS: [Fault; 19] = [
     Fault::KillMaster,
     Fault::KillSlave,
     Fault::DoubleKill,
@@ -132,6 +141,7 @@ const FAULTS: [Fault; 18] = [
     Fault::LostTail,
     Fault::PauseCoordinator,
     Fault::SkewedClock,
+    Fault::CutMasterFromSlave,
 ];
 
 /// The servers whose disks the schedule can fill or hang, if any (mounting
@@ -498,6 +508,44 @@ fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: D
             anyhow::ensure!(reply.contains("on a clock"), "restart {name} --clock {offset}: {reply}");
             progress(load, writer, 1 + rng.below(20) as usize)?;
             return Ok(format!("{what} restarted on a clock {offset} off"));
+        }
+        Fault::CutMasterFromSlave => {
+            let reply = d.command_reply(&format!("partition server-{c}-{m} server-{c}-{s}"))?;
+            if reply.contains("needs nftables and root") {
+                return Ok("cut master from slave (left out: no nftables or not root)".into());
+            }
+            anyhow::ensure!(reply.starts_with("partitioned"), "partition server-{c}-{m} server-{c}-{s}: {reply}");
+            // The writer goes on, so the slave falls out of sync.
+            eventually_within(&format!("server {c}/{s} recorded out of sync"), HEAL, || {
+                rt.block_on(server_node(d.coord_port, c, s)).filter(|n| !n.in_sync).map(|_| ())
+            })?;
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            let mode = rng.below(3);
+            if mode > 0 {
+                if mode == 1 {
+                    cmd(d, &format!("kill server-{c}-{m}"))?;
+                } else {
+                    cmd(d, &format!("partition server-{c}-{m}"))?;
+                }
+                // Nobody may serve: the master is gone (or cannot renew its
+                // lease) and the slave lacks acknowledged writes.
+                let reason = eventually_within("the cluster to wait for its in-sync server", HEAL, || {
+                    let info = rt.block_on(get_server(d.coord_port, writer)).ok()?;
+                    (!info.unavailable_reason.is_empty()).then_some(info.unavailable_reason)
+                })?;
+                if let Some((id, _)) = rt.block_on(master_of(d.coord_port, c)) {
+                    bail!("cluster {c} has master {id} while it says: {reason}");
+                }
+                cmd(d, &format!("{} server-{c}-{m}", if mode == 1 { "start" } else { "heal" }))?;
+                wait_master_is(rt, d, c, m)?;
+                progress(load, writer, 1 + rng.below(10) as usize)?;
+            }
+            cmd(d, &format!("heal server-{c}-{m} server-{c}-{s}"))?;
+            match mode {
+                0 => "cut master from slave",
+                1 => "cut master from slave, master killed",
+                _ => "cut master from slave, then from the coordinator",
+            }
         }
         Fault::DiskFull => {
             let Some((dc, ds)) = disks.full else { return Ok("full disk (left out: no tmpfs)".into()) };

@@ -10,6 +10,7 @@
 #![allow(clippy::print_stdout, reason = "the launcher talks to the person (or test) that started it on stdout")]
 
 pub mod console;
+mod cut;
 
 use crate::cli::{LocalArgs, parse_deployment};
 use crate::error::{Error, Result};
@@ -36,6 +37,9 @@ struct Proc {
     /// Its `GET /metrics` port: any free one at first, kept across restarts.
     metrics_port: u16,
     child: Option<Child>,
+    /// A server: the loopback address its own connections leave from
+    /// (`--source-address`), which `partition <server> <server>` cuts by.
+    source: Option<std::net::Ipv4Addr>,
 }
 
 struct Launcher {
@@ -46,6 +50,8 @@ struct Launcher {
     /// Each server reaches the coordinator through its own relay, which
     /// `partition` cuts.
     relays: BTreeMap<String, Relay>,
+    /// Pairs of servers cut off from each other.
+    cuts: cut::Cuts,
     queue_type: crate::sync::topology::QueueType,
     /// The deployment's secret, handed to every node by path.
     secret_file: PathBuf,
@@ -127,6 +133,7 @@ pub async fn run(
         coord_port: 0,
         procs: BTreeMap::new(),
         relays: BTreeMap::new(),
+        cuts: cut::Cuts::new(),
         queue_type: args.queue_type,
         secret_file,
         attach: crate::auth::Attach::new(Some(secret)),
@@ -134,8 +141,13 @@ pub async fn run(
         failovers: console::Failovers::default(),
         log,
     };
+    cut::sweep_stale();
     for p in plan {
-        l.procs.insert(p.name.clone(), Proc { port: p.port, metrics_port: 0, plan: p, child: None });
+        let source = match p.role {
+            Role::Server { cluster, id } => cut::source_address(cluster, id),
+            _ => None,
+        };
+        l.procs.insert(p.name.clone(), Proc { port: p.port, metrics_port: 0, plan: p, child: None, source });
     }
     let result = async {
         l.start("coordinator").await?;
@@ -264,6 +276,9 @@ impl Launcher {
         } else {
             let port = self.relays.get(name).map_or(coord_port, |r| r.port);
             args.extend(["-k".to_string(), port.to_string()]);
+            if let Some(source) = proc.source {
+                args.extend(["--source-address".to_string(), source.to_string()]);
+            }
         }
         args.extend(["--port-file".to_string(), port_file.display().to_string()]);
         args.extend([
@@ -445,6 +460,13 @@ impl Launcher {
                 self.wait_exit(&n, reply).await
             }
             ("pause", Some(n)) => self.signal(&n, libc::SIGSTOP, "paused"),
+            ("partition" | "heal", Some(n)) if words.clone().next().is_some() => {
+                let other = match self.resolve(words.next().unwrap_or_default()).await {
+                    Ok(o) => o,
+                    Err(e) => return format!("error: {e}"),
+                };
+                self.cut(verb == "partition", &n, &other)
+            }
             ("partition" | "heal", Some(n)) => match self.relays.get(&n) {
                 Some(relay) => {
                     relay.set_cut(verb == "partition");
@@ -485,6 +507,32 @@ impl Launcher {
                 }
             }
             (_, _) => console::unknown(verb),
+        }
+    }
+
+    /// Cuts servers `a` and `b` off from each other (`cut`), or ends that.
+    fn cut(&mut self, cut: bool, a: &str, b: &str) -> String {
+        let end = |name: &str| match self.procs.get(name) {
+            Some(Proc { plan: Process { role: Role::Server { .. }, .. }, source: Some(source), port, .. }) => {
+                Ok(cut::End { source: *source, port: *port })
+            }
+            Some(Proc { plan: Process { role: Role::Server { .. }, .. }, .. }) => {
+                Err(format!("error: {name} has no loopback address of its own to cut it by"))
+            }
+            _ => Err(format!("error: only servers can be cut off from each other, not {name}")),
+        };
+        let (ea, eb) = match (end(a), end(b)) {
+            (Ok(ea), Ok(eb)) if a != b => (ea, eb),
+            (Ok(_), Ok(_)) => return format!("error: {a} cannot be cut off from itself"),
+            (Err(e), _) | (_, Err(e)) => return e,
+        };
+        let done = if cut { self.cuts.cut(ea, eb) } else { self.cuts.heal(ea, eb) };
+        match (cut, done) {
+            (true, Ok(true)) => format!("partitioned {a} from {b}"),
+            (true, Ok(false)) => format!("{a} and {b} were already partitioned"),
+            (false, Ok(true)) => format!("healed {a} and {b}"),
+            (false, Ok(false)) => format!("{a} and {b} were not partitioned"),
+            (_, Err(e)) => format!("error: {e}"),
         }
     }
 
@@ -607,6 +655,7 @@ impl Launcher {
     }
 
     async fn stop_all(&mut self) {
+        self.cuts.clear();
         // Stop the readers and writers of state before the coordinator.
         let names: Vec<String> = self.procs.keys().rev().cloned().collect();
         for n in &names {

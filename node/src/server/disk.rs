@@ -288,6 +288,7 @@ mod tests {
             heartbeat: Duration::from_millis(heartbeat_ms),
             disk_stall_limit: limit,
             secret: None,
+            source_address: None,
         }
     }
 

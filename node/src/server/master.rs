@@ -392,7 +392,8 @@ impl Node {
         match cached.as_ref() {
             Some((a, client)) if *a == addr => Ok(client.clone()),
             _ => {
-                let client = ReplicaClient::new(net::node_channel(host, port, &self.0.attach)?);
+                let client =
+                    ReplicaClient::new(net::node_channel_from(host, port, self.0.cfg.source_address, &self.0.attach)?);
                 *cached = Some((addr, client.clone()));
                 Ok(client)
             }

@@ -75,6 +75,9 @@ pub struct ServerConfig {
     /// The deployment's secret: `Replica` calls must carry its token, and
     /// this server's own calls to nodes carry it (None: open).
     pub secret: Option<crate::auth::Secret>,
+    /// The address this server's own connections (to the coordinator, to
+    /// its slave) leave from (None: the system's choice).
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 /// What the coordinator last told this server.
@@ -172,7 +175,7 @@ impl Node {
         let (log, store) = crate::store::open(&cfg.data_dir, cfg.cluster, cfg.clusters)?;
         let stable = store.state().next_seq() - 1;
         let attach = crate::auth::Attach::new(cfg.secret.clone());
-        let coord = net::node_channel(&cfg.coord_host, &cfg.coord_port.to_string(), &attach)?;
+        let coord = net::node_channel_from(&cfg.coord_host, &cfg.coord_port.to_string(), cfg.source_address, &attach)?;
         let (writes, queued) = mpsc::unbounded_channel();
         let node = Node(Arc::new(Inner {
             cfg,
