@@ -541,6 +541,17 @@ impl Node {
     /// As master: brings the slave up to date (and into the in-sync set)
     /// outside of any write.
     async fn catch_up_slave(&self) -> Result<()> {
+        // A slave that does not answer (cut off from this master, while it
+        // still reaches the coordinator) would hold the write lane for a
+        // patience on every retry, and every write behind it: ask first,
+        // outside the lane.
+        let role = self.role();
+        let prepared = !self.needs_prepare(&role) && !self.unverified();
+        if let Some((slave_id, host, port)) = role.slave.clone().filter(|_| prepared && self.synced(&role).is_none())
+            && self.slave_status(&host, &port).await?.is_none()
+        {
+            return Err(Error::NoAnswer(format!("slave {slave_id} did not answer within {:?}", self.patience())));
+        }
         let _lane = self.0.lane.lock().await;
         let role = self.role();
         if !role.is_master {
