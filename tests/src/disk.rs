@@ -208,6 +208,18 @@ pub fn zero_from(path: &Path, offset: u64) -> Result<()> {
     Ok(())
 }
 
+/// Cuts the file at `path` at `offset`: what a file system that lost the
+/// last size updates of a file (its metadata back at an earlier flush)
+/// leaves. Cut at a record boundary, a journal ends cleanly and opens
+/// whole.
+pub fn truncate_at(path: &Path, offset: u64) -> Result<()> {
+    let file =
+        std::fs::OpenOptions::new().write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+    file.set_len(offset)?;
+    file.sync_all()?;
+    Ok(())
+}
+
 /// Journal files kept aside as damaged in a server directory.
 pub fn damaged_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };

@@ -9,10 +9,10 @@
 //! worst order, a full disk on one server, a hung disk on another (frozen:
 //! writes neither end nor fail; sometimes killed while hung, or its master
 //! killed or the coordinator restarted while it hangs), a damaged journal,
-//! a journal that lost its last records (zeroed while its server was
-//! down: a master restarted at once, sometimes with the coordinator
-//! restarted right after it, or a slave back first while the whole
-//! cluster was down), and planned
+//! a journal that lost its last records (zeroed, or cut at a record
+//! boundary so that it opens whole, while its server was down: a master
+//! restarted at once, sometimes with the coordinator restarted right after
+//! it, or a slave back first while the whole cluster was down), and planned
 //! switchovers (alone, with the target hanging right after, with the old
 //! master killed right after). At the
 //! end, every acknowledged write must be on every server (all in sync by
@@ -103,8 +103,9 @@ enum Fault {
     /// answers again.
     DiskHung,
     /// The master is killed, the last records of its journal are zeroed
-    /// (acknowledged writes a lying disk lost; they read as a torn tail),
-    /// and it is restarted at once: only its slave holds them.
+    /// (acknowledged writes a lying disk lost; they read as a torn tail) or
+    /// cut off at a record boundary (it opens whole), and it is restarted
+    /// at once: only its slave holds them.
     LostTail,
     /// The coordinator hangs (SIGSTOP): briefly, or until a master's lease
     /// ran out, sometimes with that master killed meanwhile; then resumes.
@@ -616,30 +617,41 @@ fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: D
         }
         Fault::LostTail if rng.below(2) == 0 => {
             cmd(d, &format!("kill server-{c}-{m}"))?;
-            lose_tail(d, c, m, 1 + rng.below(8) as usize)?;
+            let whole = rng.below(2) == 0;
+            lose_tail(d, c, m, 1 + rng.below(8) as usize, whole)?;
             cmd(d, &format!("start server-{c}-{m}"))?;
             // One time in two the coordinator restarts right away: while the
             // restarted master checks its slave, or hands the cluster over.
-            if rng.below(2) == 0 {
+            let restarted = rng.below(2) == 0;
+            if restarted {
                 cmd(d, "restart coordinator")?;
-                "lost journal tail on a master, coordinator restarted"
-            } else {
-                "lost journal tail on a master"
             }
+            return Ok(format!(
+                "lost journal tail{} on a master{}",
+                if whole { " (whole records)" } else { "" },
+                if restarted { ", coordinator restarted" } else { "" }
+            ));
         }
         Fault::LostTail => {
             // The whole cluster down, the slave's tail lost, the slave back
             // first: it must not be promoted over the master.
             cmd(d, &format!("kill server-{c}-{m}"))?;
             cmd(d, &format!("kill server-{c}-{s}"))?;
-            lose_tail(d, c, s, 1 + rng.below(8) as usize)?;
+            let whole = rng.below(2) == 0;
+            lose_tail(d, c, s, 1 + rng.below(8) as usize, whole)?;
             cmd(d, &format!("start server-{c}-{s}"))?;
+            // A torn tail is seen as such; whole records lost are not, but
+            // a restarted server nobody synced is not promoted either.
+            let why = if whole { "restarted and not yet synced" } else { "lost its end" };
             eventually_within("the cluster to wait for the server that may hold more", HEAL, || {
                 let info = rt.block_on(get_server(d.coord_port, writer)).ok()?;
-                info.unavailable_reason.contains("lost its end").then_some(())
+                info.unavailable_reason.contains(why).then_some(())
             })?;
             cmd(d, &format!("start server-{c}-{m}"))?;
-            "lost journal tail on a slave, cluster down, slave back first"
+            return Ok(format!(
+                "lost journal tail{} on a slave, cluster down, slave back first",
+                if whole { " (whole records)" } else { "" }
+            ));
         }
         Fault::Switchover => {
             switchover(d, c, s)?;
@@ -672,11 +684,14 @@ fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: D
 }
 
 /// Zeros the last `records` records of stopped server `c`/`id`'s journal
-/// (or all of them, if it has fewer).
-fn lose_tail(d: &Deployment, c: u32, id: u32, records: usize) -> Result<()> {
+/// (or all of them, if it has fewer), or with `whole` cuts the file before
+/// them, at a record boundary.
+fn lose_tail(d: &Deployment, c: u32, id: u32, records: usize, whole: bool) -> Result<()> {
     let path = d.server_dir(c, id).join("journal.log");
     let starts = disk::journal_records(&path)?;
     match starts.get(starts.len().saturating_sub(records)) {
+        // The file's length back at an earlier flush: it opens whole.
+        Some(&at) if whole => disk::truncate_at(&path, at),
         Some(&at) => disk::zero_from(&path, at),
         None => Ok(()),
     }

@@ -893,19 +893,7 @@ fn a_master_that_lost_the_tail_of_its_journal_waits_for_its_in_sync_slave() -> a
     d.command(&format!("kill server-1-{m}"))?;
     lose_journal_tail(&d, m, 5)?;
     d.command(&format!("start server-1-{m}"))?;
-    let refusal = |d: &Deployment| {
-        eventually("the restarted master to refuse, waiting for its slave", || {
-            rt.block_on(async {
-                let node =
-                    server_node(d.coord_port, 1, m).await.filter(|n| n.alive && n.is_master && n.term == term)?;
-                let mut sns = sns_at(&node.host, &node.port).await.ok()?;
-                let refused = sns.list(request(1, None, 0)).await.err()?;
-                refused.message().contains("waits for in-sync servers").then_some((node, refused))
-            })
-        })
-    };
-    let (_, refused) = refusal(&d)?;
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let refused = refuses_waiting_for_its_slave(&rt, &d, m, term)?;
     assert!(refused.message().contains("lost its end at start-up"), "{refused:?}");
     // The coordinator names it and says why it waits (from its heartbeats).
     eventually("GetServer to say why the master waits", || {
@@ -915,18 +903,71 @@ fn a_master_that_lost_the_tail_of_its_journal_waits_for_its_in_sync_slave() -> a
     // Restarted again, its journal opens whole: the cut is remembered.
     d.command(&format!("kill server-1-{m}"))?;
     d.command(&format!("start server-1-{m}"))?;
-    let (node, refused) = refusal(&d)?;
+    let refused = refuses_waiting_for_its_slave(&rt, &d, m, term)?;
     assert!(refused.message().contains("lost its end at start-up"), "{refused:?}");
+    the_slave_back_takes_over(&rt, &mut d, (m, s, term), written)
+}
+
+/// Waits until restarted master `m` (still master of `term`) refuses
+/// reads, saying it waits for its in-sync slave; returns the refusal.
+fn refuses_waiting_for_its_slave(rt: &Runtime, d: &Deployment, m: u32, term: u64) -> anyhow::Result<tonic::Status> {
+    let refused = eventually("the restarted master to refuse, waiting for its slave", || {
+        rt.block_on(async {
+            let node = server_node(d.coord_port, 1, m).await.filter(|n| n.alive && n.is_master && n.term == term)?;
+            let mut sns = sns_at(&node.host, &node.port).await.ok()?;
+            let refused = sns.list(request(1, None, 0)).await.err()?;
+            refused.message().contains("waits for in-sync servers").then_some(refused)
+        })
+    })?;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    Ok(refused)
+}
+
+/// Master `m`, refusing as [`refuses_waiting_for_its_slave`], acknowledges
+/// no write; slave `s` comes back, holds more, and takes over under a
+/// newer term; every acknowledged post (`written`, and some after) is once
+/// on both servers.
+fn the_slave_back_takes_over(
+    rt: &Runtime,
+    d: &mut Deployment,
+    (m, s, term): (u32, u32, u64),
+    written: WriterReport,
+) -> anyhow::Result<()> {
+    let node = rt.block_on(server_node(d.coord_port, 1, m)).expect("the restarted master");
     let login = rt.block_on(async {
         let mut sns = sns_at(&node.host, &node.port).await?;
         anyhow::Ok(sns.login(request(9, None, 0)).await)
     })?;
     assert!(login.is_err(), "a master that cannot vouch for its journal acknowledged a write: {login:?}");
     d.command(&format!("start server-1-{s}"))?;
-    wait_master(&rt, &d, 1, s, term)?;
-    wait_in_sync(&rt, &d, m)?;
-    let after = posts(&rt, &d, 5);
-    all_once_and_identical(&d, [written.acked, after.acked].concat())
+    wait_master(rt, d, 1, s, term)?;
+    wait_in_sync(rt, d, m)?;
+    let after = posts(rt, d, 5);
+    all_once_and_identical(d, [written.acked, after.acked].concat())
+}
+
+/// The same loss at a record boundary: the file system kept the journal's
+/// length of an earlier flush, so it ends after a whole record and opens
+/// whole, and the slave is down too. The restarted master used to take a
+/// journal that opened whole for proof it had lost nothing: it served,
+/// and once the slave was back it overwrote it, lost posts and all, with
+/// its shorter state. Now a master restarted within its term serves
+/// nothing until an in-sync server has told it what it holds; the slave,
+/// back, holds more and takes over.
+#[test]
+fn a_master_whose_journal_lost_whole_records_waits_for_its_in_sync_slave() -> anyhow::Result<()> {
+    let (mut d, rt) = cluster_of_two(Deployment::builder().heartbeat(Duration::from_secs(3)))?;
+    let (m, s, term) = pair(&rt, &d)?;
+    let written = posts(&rt, &d, 20);
+    d.command(&format!("kill server-1-{s}"))?;
+    d.command(&format!("kill server-1-{m}"))?;
+    truncate_journal_tail(&d, m, 5)?;
+    d.command(&format!("start server-1-{m}"))?;
+    let refused = refuses_waiting_for_its_slave(&rt, &d, m, term)?;
+    assert!(refused.message().contains("restarted within its term"), "{refused:?}");
+    let log = d.log(&format!("server-1-{m}"));
+    assert!(!log.contains("torn tail"), "the journal opened whole: {log}");
+    the_slave_back_takes_over(&rt, &mut d, (m, s, term), written)
 }
 
 /// The slave's journal lost its last records, and the whole cluster was
@@ -937,29 +978,63 @@ fn a_master_that_lost_the_tail_of_its_journal_waits_for_its_in_sync_slave() -> a
 /// cluster waits, and the master, back, keeps its term and rebuilds it.
 #[test]
 fn a_slave_that_lost_the_tail_of_its_journal_is_not_promoted_while_its_master_may_hold_more() -> anyhow::Result<()> {
+    let d = slave_back_first_waits(lose_journal_tail, "lost its end")?;
+    for id in [1, 2] {
+        assert!(!d.server_dir(1, id).join("journal.cut").exists(), "server 1/{id} left a cut tail unsettled");
+    }
+    Ok(())
+}
+
+/// The same with the slave's journal shortened at a record boundary: it
+/// opens whole. The slave back first used to be promoted (it is in sync,
+/// and the master was gone) and then rebuild the master from its shorter
+/// state. Now a server that restarted is promoted only where no other
+/// in-sync server could hold more, until a master has synced it.
+#[test]
+fn a_slave_whose_journal_lost_whole_records_is_not_promoted_while_its_master_may_hold_more() -> anyhow::Result<()> {
+    slave_back_first_waits(truncate_journal_tail, "restarted and not yet synced").map(drop)
+}
+
+/// The whole cluster down, `lose` takes the last five records of the
+/// slave's journal, the slave comes back first: it is not promoted, the
+/// cluster says why (`reason`), and the master, back, keeps its term,
+/// rebuilds it, and every acknowledged post is there once.
+fn slave_back_first_waits(
+    lose: fn(&Deployment, u32, usize) -> anyhow::Result<()>,
+    reason: &str,
+) -> anyhow::Result<Deployment> {
     let (mut d, rt) = cluster_of_two(Deployment::builder())?;
     let (m, s, term) = pair(&rt, &d)?;
     let written = posts(&rt, &d, 20);
     d.command(&format!("kill server-1-{m}"))?;
     d.command(&format!("kill server-1-{s}"))?;
-    lose_journal_tail(&d, s, 5)?;
+    lose(&d, s, 5)?;
     d.command(&format!("start server-1-{s}"))?;
     eventually("the restarted slave to register", || {
         rt.block_on(server_node(d.coord_port, 1, s)).filter(|n| n.alive).map(|_| ())
     })?;
-    let reason = eventually("cluster 1 to wait for the server that may hold more", || {
+    let why = eventually("cluster 1 to wait for the server that may hold more", || {
         let info = rt.block_on(get_server(d.coord_port, 1)).ok()?;
-        info.unavailable_reason.contains("lost its end").then_some(info.unavailable_reason)
+        info.unavailable_reason.contains(reason).then_some(info.unavailable_reason)
     })?;
-    assert!(reason.contains(&format!("[{s}]")), "{reason}");
+    assert!(why.contains(&format!("[{s}]")), "{why}");
     assert_ne!(rt.block_on(master_of(d.coord_port, 1)).map(|(id, _)| id), Some(s), "the slave was promoted");
     d.command(&format!("start server-1-{m}"))?;
     wait_in_sync(&rt, &d, s)?;
     assert_eq!(rt.block_on(master_of(d.coord_port, 1)), Some((m, term)), "the master keeps its term");
     let after = posts(&rt, &d, 5);
     all_once_and_identical(&d, [written.acked, after.acked].concat())?;
-    assert!(!d.server_dir(1, s).join("journal.cut").exists(), "the rebuilt slave settled its cut tail");
-    Ok(())
+    Ok(d)
+}
+
+/// Shortens stopped `server`'s journal by its last `records` records, at a
+/// record boundary: acknowledged writes a disk lost whole (the file's
+/// length back at an earlier flush). It opens whole.
+fn truncate_journal_tail(d: &Deployment, server: u32, records: usize) -> anyhow::Result<()> {
+    let path = d.server_dir(1, server).join("journal.log");
+    let starts = disk::journal_records(&path)?;
+    anyhow::ensure!(starts.len() > 4 * records, "{} records in {}", starts.len(), path.display());
+    disk::truncate_at(&path, starts[starts.len() - records])
 }
 
 /// Zeros the last `records` records of stopped `server`'s journal, in

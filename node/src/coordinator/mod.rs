@@ -519,6 +519,7 @@ impl CoordService for Coordinator {
             damaged: s.damaged,
             unwritable: s.unwritable,
             tail_cut: s.tail_cut,
+            unconfirmed: s.unconfirmed,
             next_seq: s.next_seq,
             remote_events: s.remote_events,
             link_down: s.link_down,

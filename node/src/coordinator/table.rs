@@ -81,6 +81,9 @@ pub struct Beat {
     pub unwritable: bool,
     /// Servers: the journal's end was cut at start-up and is not settled.
     pub tail_cut: bool,
+    /// Servers: restarted, and not yet synced by a master or checked
+    /// against an in-sync peer since.
+    pub unconfirmed: bool,
     pub next_seq: u64,
     /// Servers: events of other clusters taken in.
     pub remote_events: u64,
@@ -164,6 +167,7 @@ struct Entry {
     damaged: bool,
     unwritable: bool,
     tail_cut: bool,
+    unconfirmed: bool,
     next_seq: u64,
     remote_events: u64,
     link_down: String,
@@ -328,15 +332,22 @@ impl Table {
     }
 
     /// Whether server `id` may be promoted by the rules: alive, in sync,
-    /// able to write, journal intact.
+    /// able to write, journal intact; and if its journal lost its end at
+    /// start-up, or it restarted and nobody has confirmed its journal since
+    /// (a disk that lost its last flushes whole leaves a journal that opens
+    /// whole), only where no other in-sync server could hold more.
     fn candidate(&self, cluster: u32, id: u32, now: Instant) -> bool {
         self.server(cluster, id).is_some_and(|e| {
-            self.alive(e, now) && !e.damaged && !e.unwritable && (!e.tail_cut || self.holds_most(cluster, id, now))
+            self.alive(e, now)
+                && !e.damaged
+                && !e.unwritable
+                && (!(e.tail_cut || e.unconfirmed) || self.holds_most(cluster, id, now))
         }) && self.in_sync(cluster, id)
     }
 
-    /// Whether in-sync server `id`, whose journal lost its end at start-up,
-    /// holds every acknowledged write all the same: every other in-sync
+    /// Whether in-sync server `id`, whose journal lost its end at start-up
+    /// or is unconfirmed since it restarted, holds every acknowledged
+    /// write all the same: every other in-sync
     /// server of `cluster` is live, can read its journal, and reports no
     /// later position: neither a later sequence number nor more events of
     /// other clusters taken in. One that is not live may hold what it lost.
@@ -393,6 +404,7 @@ impl Table {
             damaged: beat.damaged,
             unwritable: beat.unwritable,
             tail_cut: beat.tail_cut,
+            unconfirmed: beat.unconfirmed,
             next_seq: beat.next_seq,
             remote_events: beat.remote_events,
             link_down: beat.link_down.clone(),
@@ -404,6 +416,7 @@ impl Table {
                 || p.damaged != entry.damaged
                 || p.unwritable != entry.unwritable
                 || p.tail_cut != entry.tail_cut
+                || p.unconfirmed != entry.unconfirmed
         });
         self.nodes.insert(key, entry);
         if !was_alive || changed {
@@ -591,17 +604,27 @@ impl Table {
         });
         let Some(new) = next else {
             let in_sync: Vec<u32> = record.in_sync.keys().copied().collect();
-            let cut: Vec<u32> = in_sync
-                .iter()
-                .copied()
-                .filter(|id| self.server(cluster, *id).is_some_and(|e| self.alive(e, now) && e.tail_cut))
-                .collect();
-            let cut = if cut.is_empty() {
+            let live_with = |flag: fn(&Entry) -> bool| -> Vec<u32> {
+                in_sync
+                    .iter()
+                    .copied()
+                    .filter(|id| self.server(cluster, *id).is_some_and(|e| self.alive(e, now) && flag(e)))
+                    .collect()
+            };
+            let (cut, unconfirmed) = (live_with(|e| e.tail_cut), live_with(|e| !e.tail_cut && e.unconfirmed));
+            let mut why = Vec::new();
+            if !cut.is_empty() {
+                why.push(format!("{cut:?}, whose journal lost its end at start-up"));
+            }
+            if !unconfirmed.is_empty() {
+                why.push(format!(
+                    "{unconfirmed:?}, restarted and not yet synced by a master (its disk may have lost its last flushes whole)"
+                ));
+            }
+            let cut = if why.is_empty() {
                 String::new()
             } else {
-                format!(
-                    " (live: {cut:?}, whose journal lost its end at start-up; another in-sync server may hold writes it lacks)"
-                )
+                format!(" (live: {}; another in-sync server may hold writes it lacks)", why.join("; "))
             };
             self.unavailable.insert(
                 cluster,
@@ -1100,6 +1123,27 @@ mod tests {
         assert!(settle(&mut t, t2).is_empty(), "the master holds an event of another cluster the slave lost");
         // It holds no more than the slave: the slave may take over.
         t.heartbeat(t2, &Beat { unwritable: true, next_seq: 10, remote_events: 4, ..server(2, 1) });
+        let changes = settle(&mut t, t2);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].record.master, Some(2));
+    }
+
+    #[test]
+    fn a_restarted_slave_nobody_synced_is_promoted_only_where_nobody_could_hold_more() {
+        let (mut t, t1) = pair_renewed();
+        let t2 = t1 + L;
+        // Its journal opened whole, but a disk that lost its last flushes
+        // whole leaves just that.
+        t.heartbeat(t2, &Beat { unconfirmed: true, next_seq: 10, ..server(2, 2) });
+        t.mark_dead(t2, Kind::Server, 2, 1);
+        assert!(settle(&mut t, t2).is_empty(), "the dead master may hold what the slave lost");
+        let why = t.unavailable(2).unwrap();
+        assert!(why.contains("restarted and not yet synced") && why.contains("[2]"), "{why}");
+        // The master is back, unable to write, and holds more: still not.
+        t.heartbeat(t2, &Beat { unwritable: true, next_seq: 12, ..server(2, 1) });
+        assert!(settle(&mut t, t2).is_empty());
+        // It holds no more than the slave: the slave may take over.
+        t.heartbeat(t2, &Beat { unwritable: true, next_seq: 10, ..server(2, 1) });
         let changes = settle(&mut t, t2);
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].record.master, Some(2));

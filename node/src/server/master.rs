@@ -116,14 +116,15 @@ impl Node {
     /// must not get this server's shorter state: the master hands the
     /// cluster over to it (a switchover: the slave becomes master under a
     /// newer term, and rebuilds this server). When no in-sync peer answers,
-    /// it serves as before (the first write records the peer out of sync),
-    /// unless its journal lost a tail at start-up: then it waits for one,
-    /// or for an operator's promotion accepting data loss. Called with the
-    /// write lane held.
+    /// it waits for one, or for an operator's promotion accepting data
+    /// loss: a journal that opened whole does not prove it lost nothing (a
+    /// disk that lost its last flushes whole leaves it ending cleanly).
+    /// Called with the write lane held.
     async fn verify_peers(&self, role: &Role) -> Result<()> {
         let (me, cluster, term) = (self.0.cfg.id, self.0.cfg.cluster, role.term);
         let peers: Vec<u32> = role.in_sync.iter().copied().filter(|id| *id != me).collect();
         let verified = |why: &str| {
+            self.confirm();
             self.0.unverified.store(0, Ordering::Relaxed);
             tracing::info!(term, reason = why, "restarted master: journal checked against the in-sync servers");
             self.update_serving();
@@ -134,6 +135,7 @@ impl Node {
             // operator's override): there is nothing to compare with, and
             // nothing a cut tail lost can be found anywhere.
             self.settle_tail().await?;
+            self.confirm();
             self.0.unverified.store(0, Ordering::Relaxed);
             self.update_serving();
             return Ok(());
@@ -148,12 +150,17 @@ impl Node {
             Err(Error::NotServing(why))
         };
         let Some(peer) = asked else {
-            return match self.tail_cut() {
-                None => verified("no in-sync server answers; the journal opened whole"),
-                Some(cut) => refuse(format!(
+            // A journal that opened whole proves nothing: a disk that lost
+            // its last flushes whole (the file's length back at an earlier
+            // one) leaves it ending cleanly after a record.
+            return refuse(match self.tail_cut() {
+                Some(cut) => format!(
                     "server {me} of cluster {cluster} waits for in-sync servers {peers:?}: its journal lost its end at start-up ({cut}), and only they can tell whether that held acknowledged writes"
-                )),
-            };
+                ),
+                None => format!(
+                    "server {me} of cluster {cluster} waits for in-sync servers {peers:?}: it restarted within its term, and only they can tell whether its journal lost acknowledged writes (a disk can lose its last flushes whole)"
+                ),
+            });
         };
         if peer.term > term {
             return refuse(format!(

@@ -136,6 +136,14 @@ struct Inner {
     synced_slave: Mutex<Option<master::SyncedSlave>>,
     /// As a slave: the term whose master last installed a snapshot here.
     synced_term: AtomicU64,
+    /// Whether this run's journal has been confirmed: a master installed
+    /// its state here, or (as a restarted master) this server compared it
+    /// with an in-sync peer or had none to compare with. Until then the
+    /// coordinator promotes it only where no other in-sync server could
+    /// hold more (`ServerInfo.unconfirmed`).
+    confirmed: AtomicBool,
+    /// Whether the coordinator has answered a heartbeat that said so.
+    confirmed_heard: watch::Sender<bool>,
     /// As a slave: (term, sync number) of the last snapshot installed here.
     installed: Mutex<(u64, u64)>,
     /// As master: the number of the last snapshot sent to a slave (see
@@ -198,6 +206,8 @@ impl Node {
             slave: Mutex::new(None),
             synced_slave: Mutex::new(None),
             synced_term: AtomicU64::new(0),
+            confirmed: AtomicBool::new(false),
+            confirmed_heard: watch::channel(false).0,
             installed: Mutex::new((0, 0)),
             snapshots_sent: AtomicU64::new(0),
             degraded: Mutex::new(String::new()),
@@ -255,6 +265,30 @@ impl Node {
     /// this run.
     pub fn installed(&self) -> (u64, u64) {
         *lock(&self.0.installed)
+    }
+
+    /// See [`Inner::confirmed`].
+    pub(super) fn confirm(&self) {
+        self.0.confirmed.store(true, Ordering::SeqCst);
+    }
+
+    /// [`Node::confirm`], then waits (at most a patience) until the
+    /// coordinator has heard of it: a slave synced by its master may be
+    /// promoted (a switchover, a failover) the moment it says it is synced.
+    pub(super) async fn confirm_and_report(&self) {
+        if self.confirmed() {
+            return;
+        }
+        self.confirm();
+        self.0.beat_now.notify_one();
+        let mut heard = self.0.confirmed_heard.subscribe();
+        if tokio::time::timeout(self.patience(), heard.wait_for(|h| *h)).await.is_err() {
+            tracing::warn!("the coordinator has not yet heard that a master synced this server");
+        }
+    }
+
+    pub(super) fn confirmed(&self) -> bool {
+        self.0.confirmed.load(Ordering::SeqCst)
     }
 
     pub fn synced_term(&self) -> u64 {

@@ -37,6 +37,7 @@ impl Node {
         let current = self.role();
         let (incarnation, damaged) = (self.incarnation(), self.damage().is_some());
         let (next_seq, remote_events) = self.read(|s| (s.next_seq(), s.received_total()));
+        let confirmed = self.confirmed();
         let info = ServerInfo {
             server_id: self.0.cfg.id as i32,
             hostname: self.0.cfg.advertise_host.clone(),
@@ -50,6 +51,7 @@ impl Node {
             damaged,
             unwritable: self.unwritable().is_some(),
             tail_cut: self.tail_cut().is_some(),
+            unconfirmed: !confirmed,
             next_seq,
             remote_events,
             // A restarted master checking its journal says why it waits,
@@ -59,6 +61,9 @@ impl Node {
         };
         let sent = Instant::now();
         let reply = CoordServiceClient::new(self.0.coord.clone()).heartbeat(info).await?.into_inner();
+        if confirmed {
+            self.0.confirmed_heard.send_replace(true);
+        }
         let slave = (reply.is_master && !reply.slave_port.is_empty()).then_some((
             reply.slave_server_id as u32,
             reply.slave_hostname,

@@ -119,6 +119,7 @@ impl Node {
             return Err(e);
         }
         self.can_write();
+        self.confirm_and_report().await;
         self.0.synced_term.store(term, Ordering::SeqCst);
         *super::lock(&self.0.installed) = (term, sync);
         self.mark_all_stable();
