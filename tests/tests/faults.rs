@@ -15,7 +15,7 @@ use sns_e2e::nodes::{
     assert_exactly_once, assert_one_master_per_term, get_server, healths, master_of, promote_cli, request, rt, running,
     server_node, sns_at, status, wait_master, wait_synced_slave,
 };
-use sns_e2e::{DEADLINE, Deployment, check_convergence, eventually, spec_files};
+use sns_e2e::{DEADLINE, Deployment, check_convergence, eventually, eventually_within, spec_files};
 use sns_proto::csce438::Message;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -944,6 +944,35 @@ fn the_slave_back_takes_over(
     wait_in_sync(rt, d, m)?;
     let after = posts(rt, d, 5);
     all_once_and_identical(d, [written.acked, after.acked].concat())
+}
+
+/// A slave gone for good (killed, or removed by a scale-down) while no
+/// write came: after ten heartbeats (at least 10 s) its master has it
+/// recorded out of sync all the same, so a later restart of the master
+/// within its term does not wait for it (a restarted master waits for the
+/// in-sync servers it cannot reach) and serves alone at once. Before that
+/// grace the slave stays in sync: master and slave may have gone down
+/// together, and the slave may hold what the master's disk lost.
+#[test]
+fn a_master_restarted_after_its_slave_is_gone_serves_alone() -> anyhow::Result<()> {
+    let (mut d, rt) = cluster_of_two(Deployment::builder())?;
+    let (m, s, term) = pair(&rt, &d)?;
+    let written = posts(&rt, &d, 10);
+    d.command(&format!("kill server-1-{s}"))?;
+    let killed = Instant::now();
+    eventually_within("the gone slave recorded out of sync with no write", Duration::from_secs(30), || {
+        rt.block_on(server_node(d.coord_port, 1, s)).filter(|n| !n.alive && !n.in_sync).map(|_| ())
+    })?;
+    // Informative, as timings are: the grace is 10 s with these heartbeats.
+    eprintln!("gone slave recorded out of sync {:?} after it was killed", killed.elapsed());
+    d.command(&format!("restart server-1-{m}"))?;
+    wait_master(&rt, &d, 1, m, 0)?;
+    assert_eq!(rt.block_on(master_of(d.coord_port, 1)).map(|(_, t)| t), Some(term), "it keeps its term");
+    let alone = posts(&rt, &d, 5);
+    assert_eq!((alone.acked.len(), alone.failovers), (5, 0), "{alone:?}");
+    d.command(&format!("start server-1-{s}"))?;
+    wait_in_sync(&rt, &d, s)?;
+    all_once_and_identical(&d, [written.acked, alone.acked].concat())
 }
 
 /// The same loss at a record boundary: the file system kept the journal's

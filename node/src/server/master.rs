@@ -545,6 +545,28 @@ impl Node {
         }
     }
 
+    /// As master with no live slave: has the coordinator record the gone
+    /// in-sync servers out of sync now, not at the next write. A slave
+    /// that died long ago, or that a scale-down removed, would otherwise
+    /// still count as holding every write, and a restart of this master
+    /// within its term would wait for it ([`Node::verify_peers`]). A master
+    /// that is itself unverified, or off its lease, leaves them be.
+    async fn drop_gone_peers(&self) -> Result<()> {
+        let _lane = self.0.lane.lock().await;
+        let role = self.role();
+        let me = self.0.cfg.id;
+        if !role.is_master
+            || role.slave.is_some()
+            || self.needs_prepare(&role)
+            || self.unverified()
+            || !self.lease_valid()
+            || role.in_sync.iter().all(|id| *id == me)
+        {
+            return Ok(());
+        }
+        self.replicate(&role, &[], 0).await
+    }
+
     /// As master: brings the slave up to date (and into the in-sync set)
     /// outside of any write.
     async fn catch_up_slave(&self) -> Result<()> {
@@ -594,12 +616,28 @@ impl Node {
 pub(super) async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
     let mut role = node.watch_role();
     let mut backoff = RESYNC_MIN;
+    // Since when this master has had no live slave.
+    let mut alone_since: Option<Instant> = None;
     loop {
         let current = role.borrow_and_update().clone();
         let mut retry = None;
         if current.is_master && current.slave.is_none() {
             // Whoever comes next, even at the same address, starts over.
             node.unsync();
+            let since = *alone_since.get_or_insert_with(Instant::now);
+            let grace = gone_grace(node.cfg().heartbeat);
+            match grace.checked_sub(since.elapsed()) {
+                Some(left) if !left.is_zero() => retry = Some(left),
+                _ => {
+                    if let Err(e) = node.drop_gone_peers().await {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "could not record the gone slave out of sync");
+                        retry = Some(backoff);
+                        backoff = (backoff * 2).min(RESYNC_MAX);
+                    }
+                }
+            }
+        } else {
+            alone_since = None;
         }
         if node.slave_behind(&current).await {
             match node.catch_up_slave().await {
@@ -628,6 +666,18 @@ pub(super) async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
             } => {}
         }
     }
+}
+
+/// How long a master waits, with no live slave and no write, before it
+/// has the gone in-sync slave recorded out of sync
+/// ([`Node::drop_gone_peers`]). Not at once: when slave and master go down
+/// together (a power loss), the slave must stay in sync, since it may hold
+/// acknowledged writes the master's disk lost, and a damaged master needs
+/// it to take over. Not never: a slave gone for good (a scale-down, a lost
+/// machine) would otherwise make every later restart of the master within
+/// its term wait for it. Ten heartbeats, at least 10 s.
+fn gone_grace(heartbeat: Duration) -> Duration {
+    (heartbeat * 10).max(Duration::from_secs(10))
 }
 
 /// Reads a peer's failed answer (`message` says which peer where it
