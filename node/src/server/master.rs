@@ -135,10 +135,7 @@ impl Node {
             // operator's override): there is nothing to compare with, and
             // nothing a cut tail lost can be found anywhere.
             self.settle_tail().await?;
-            self.confirm();
-            self.0.unverified.store(0, Ordering::Relaxed);
-            self.update_serving();
-            return Ok(());
+            return verified("no other server holds the term's writes");
         }
         let asked = match role.slave.clone().filter(|(id, ..)| peers.contains(id)) {
             // A damaged peer cannot vouch for what it holds.
@@ -204,6 +201,11 @@ impl Node {
         role.is_master
             && role.accept_data_loss
             && (self.damage().is_some() || self.read(|s| s.next_seq()) < role.seq_floor)
+    }
+
+    /// Whether [`Node::prepare_role`] still has work to do for `role`.
+    fn unprepared(&self, role: &Role) -> bool {
+        self.needs_prepare(role) || self.unverified()
     }
 
     /// Journals entries here (client writes with consecutive seqs, other
@@ -393,6 +395,13 @@ impl Node {
         })
     }
 
+    /// [`Node::slave_status`], a slave that does not answer being an error.
+    async fn answering_slave_status(&self, slave_id: u32, host: &str, port: &str) -> Result<ServerStatus> {
+        self.slave_status(host, port)
+            .await?
+            .ok_or_else(|| Error::NoAnswer(format!("slave {slave_id} did not answer within {:?}", self.patience())))
+    }
+
     fn slave_client(&self, host: &str, port: &str) -> Result<ReplicaClient<net::NodeChannel>> {
         let mut cached = lock(&self.0.slave);
         let addr = (host.to_string(), port.to_string());
@@ -437,10 +446,7 @@ impl Node {
         // today's. A slave that does not answer this within its patience
         // would not take the snapshot either: no state is encoded for it,
         // and a write waiting on it waits one patience, not two.
-        let st = self
-            .slave_status(&host, &port)
-            .await?
-            .ok_or_else(|| Error::NoAnswer(format!("slave {slave_id} did not answer within {:?}", self.patience())))?;
+        let st = self.answering_slave_status(slave_id, &host, &port).await?;
         if st.installed_term == role.term {
             self.0.snapshots_sent.fetch_max(st.installed_sync, Ordering::SeqCst);
         }
@@ -527,7 +533,7 @@ impl Node {
         if !role.is_master {
             return false;
         }
-        if self.needs_prepare(role) || self.unverified() {
+        if self.unprepared(role) {
             return true;
         }
         let Some((id, host, port)) = role.slave.clone() else { return false };
@@ -557,8 +563,7 @@ impl Node {
         let me = self.0.cfg.id;
         if !role.is_master
             || role.slave.is_some()
-            || self.needs_prepare(&role)
-            || self.unverified()
+            || self.unprepared(&role)
             || !self.lease_valid()
             || role.in_sync.iter().all(|id| *id == me)
         {
@@ -575,11 +580,10 @@ impl Node {
         // patience on every retry, and every write behind it: ask first,
         // outside the lane.
         let role = self.role();
-        let prepared = !self.needs_prepare(&role) && !self.unverified();
-        if let Some((slave_id, host, port)) = role.slave.clone().filter(|_| prepared && self.synced(&role).is_none())
-            && self.slave_status(&host, &port).await?.is_none()
+        if let Some((slave_id, host, port)) =
+            role.slave.clone().filter(|_| !self.unprepared(&role) && self.synced(&role).is_none())
         {
-            return Err(Error::NoAnswer(format!("slave {slave_id} did not answer within {:?}", self.patience())));
+            self.answering_slave_status(slave_id, &host, &port).await?;
         }
         let _lane = self.0.lane.lock().await;
         let role = self.role();
