@@ -1,12 +1,13 @@
-//! What the suites do on the deployment's broker objects directly: publish
-//! into its exchange as a forger would, and read what its receivers
-//! dead-lettered.
+//! What the suites do on the broker directly: publish into a deployment's
+//! exchange as a forger would, read what its receivers dead-lettered, and
+//! stop and start the local broker itself.
 
 use crate::{DEADLINE, amqp_url};
 use anyhow::Result;
 use lapin::message::BasicGetMessage;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A connection to the real broker, with one channel.
@@ -53,5 +54,51 @@ impl Broker {
     pub async fn close(self) -> Result<()> {
         self.conn.close(200, "done".into()).await?;
         Ok(())
+    }
+}
+
+/// Runs `rabbitmqctl` against the local broker.
+pub fn rabbitmqctl(args: &[&str]) -> Result<()> {
+    let out = Command::new("rabbitmqctl").args(args).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Whether the suites may stop the broker: a local RabbitMQ. A remote
+/// broker (AMQP_URL) is the one documented reason to leave that out; a
+/// local broker without `rabbitmqctl` is a broken setup and fails.
+pub fn local() -> bool {
+    let url = amqp_url();
+    url.contains("@127.0.0.1") || url.contains("@localhost") || url.contains("@[::1]")
+}
+
+/// The local broker's app, stopped; started again when dropped, whatever
+/// happens, so a failing test never leaves the machine without its broker.
+pub struct StoppedBroker(bool);
+
+impl StoppedBroker {
+    pub fn stop() -> Result<StoppedBroker> {
+        rabbitmqctl(&["stop_app"])?;
+        Ok(StoppedBroker(true))
+    }
+
+    /// Starts the app again and waits until it serves.
+    pub fn start(mut self) -> Result<()> {
+        self.0 = false;
+        rabbitmqctl(&["start_app"])?;
+        rabbitmqctl(&["await_startup"])
+    }
+}
+
+impl Drop for StoppedBroker {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = rabbitmqctl(&["start_app"]);
+        }
     }
 }

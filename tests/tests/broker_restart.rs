@@ -7,61 +7,17 @@
 //! suite's summary) only where AMQP_URL names a remote broker; a local
 //! broker it cannot control is a failure.
 
+use sns_e2e::broker::{StoppedBroker, rabbitmqctl};
 use sns_e2e::load;
 use sns_e2e::nodes::{master_of, rt, server_node, status};
 use sns_e2e::{Deployment, check_convergence, eventually, spec_files};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("rabbitmqctl").args(args).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
-/// The broker's app, stopped; started again when dropped, whatever happens,
-/// so a failing test never leaves the machine without its broker.
-struct StoppedBroker(bool);
-
-impl StoppedBroker {
-    fn stop() -> anyhow::Result<StoppedBroker> {
-        rabbitmqctl(&["stop_app"])?;
-        Ok(StoppedBroker(true))
-    }
-
-    fn start(mut self) -> anyhow::Result<()> {
-        self.0 = false;
-        rabbitmqctl(&["start_app"])?;
-        rabbitmqctl(&["await_startup"])
-    }
-}
-
-impl Drop for StoppedBroker {
-    fn drop(&mut self) {
-        if self.0 {
-            let _ = rabbitmqctl(&["start_app"]);
-        }
-    }
-}
-
-/// Whether this test may restart the broker: a local RabbitMQ. A remote
-/// broker (AMQP_URL) is the one documented reason to skip; a local broker
-/// without `rabbitmqctl` is a broken setup and fails.
-fn local_broker() -> bool {
-    let url = sns_e2e::amqp_url();
-    url.contains("@127.0.0.1") || url.contains("@localhost") || url.contains("@[::1]")
-}
-
 #[test]
 fn synchronizers_ride_through_a_broker_restart() -> anyhow::Result<()> {
-    if !local_broker() {
+    if !sns_e2e::broker::local() {
         sns_e2e::skip(
             "synchronizers_ride_through_a_broker_restart",
             "AMQP_URL names a remote broker, which this test must not restart",

@@ -14,7 +14,15 @@
 //! restarted at once, sometimes with the coordinator restarted right after
 //! it, or a slave back first while the whole cluster was down), and planned
 //! switchovers (alone, with the target hanging right after, with the old
-//! master killed right after). At the
+//! master killed right after), and restarts the broker (sometimes with a
+//! master or its synchronizer killed while it is down). Faults overlap:
+//! one step in three holds a second fault in another cluster (its master
+//! or slave killed or paused, a synchronizer killed or paused, or the
+//! broker stopped) for the whole of the step's fault, and
+//! one step in four is followed at once by the next, as soon as every
+//! cluster serves again and before its slaves are back in sync (a slave
+//! killed or paused, a master restarted, a synchronizer or the coordinator
+//! disturbed while a slave still catches up). At the
 //! end, every acknowledged write must be on every server (all in sync by
 //! then), master and slave files byte-identical, no two servers must have
 //! acknowledged writes in one term, and traffic between clusters must
@@ -26,6 +34,7 @@
 //! (root); where mounting is refused those faults are left out, saying so.
 
 use anyhow::{Context, Result, anyhow, bail};
+use sns_e2e::broker::StoppedBroker;
 use sns_e2e::disk;
 use sns_e2e::load::{self, Writer, WriterReport};
 use sns_e2e::nodes::{
@@ -78,6 +87,9 @@ fn env_u64(name: &str) -> Option<u64> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
     KillMaster,
+    /// The master killed and started again at once: back within its term
+    /// while the coordinator may or may not have promoted its slave.
+    RestartMaster,
     KillSlave,
     /// Kill the master, write on the new one alone, kill it, restart the
     /// stale server first (or, half the time, in the good order).
@@ -114,6 +126,12 @@ enum Fault {
     /// or a day behind or ahead (libfaketime); a later restart puts it back
     /// on the true clock, a step the other way.
     SkewedClock,
+    /// The broker stopped and started again (the local RabbitMQ's app):
+    /// servers go on acknowledging writes, their outboxes wait. One time in
+    /// three the master is killed meanwhile (its slave's synchronizer must
+    /// publish what it never could), one in three the master's
+    /// synchronizer.
+    RestartBroker,
     /// The master and its slave cut off from each other (nftables), both
     /// still reaching the coordinator: the master goes on alone once the
     /// slave is recorded out of sync. Sometimes the master is killed and
@@ -123,8 +141,9 @@ enum Fault {
     CutMasterFromSlave,
 }
 
-const FAULTS: [Fault; 19] = [
+const FAULTS: [Fault; 21] = [
     Fault::KillMaster,
+    Fault::RestartMaster,
     Fault::KillSlave,
     Fault::DoubleKill,
     Fault::PauseMaster,
@@ -143,7 +162,58 @@ const FAULTS: [Fault; 19] = [
     Fault::PauseCoordinator,
     Fault::SkewedClock,
     Fault::CutMasterFromSlave,
+    Fault::RestartBroker,
 ];
+
+/// The faults that may strike before the last one healed (a slave still
+/// catching up, or not yet recorded in sync): none of them needs an in-sync
+/// slave to make progress.
+const RESTLESS: [Fault; 7] = [
+    Fault::KillSlave,
+    Fault::PauseSlave,
+    Fault::RestartMaster,
+    Fault::KillSynchronizer,
+    Fault::PauseSynchronizer,
+    Fault::RestartCoordinator,
+    Fault::SkewedClock,
+];
+
+/// A fault held in another cluster for the whole of a step's fault, so
+/// that two faults overlap (ended after it, in the order they began).
+#[derive(Debug, Clone, Copy)]
+enum Background {
+    KillMaster,
+    PauseMaster,
+    KillSlave,
+    PauseSlave,
+    KillSynchronizer,
+    PauseSynchronizer,
+    /// The broker stopped (every cluster's synchronizers lose it).
+    StopBroker,
+}
+
+const BACKGROUNDS: [Background; 7] = [
+    Background::KillMaster,
+    Background::PauseMaster,
+    Background::KillSlave,
+    Background::PauseSlave,
+    Background::KillSynchronizer,
+    Background::PauseSynchronizer,
+    Background::StopBroker,
+];
+
+/// A background fault in progress, and what ends it.
+struct Held {
+    name: String,
+    undo: Undo,
+}
+
+enum Undo {
+    Nothing,
+    /// A launcher command.
+    Command(String),
+    Broker(StoppedBroker),
+}
 
 /// The servers whose disks the schedule can fill or hang, if any (mounting
 /// needs root).
@@ -376,18 +446,107 @@ fn cmd(d: &mut Deployment, line: &str) -> Result<()> {
     Ok(())
 }
 
-/// Applies one fault and ends it; returns its name for the totals.
-fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: Disks) -> Result<String> {
+/// Applies one fault and ends it, one time in three with a fault of
+/// another cluster held for its whole length; returns their names for the
+/// totals. After a step that did not wait for the deployment to heal
+/// (`rested` false), only a fault of [`RESTLESS`] strikes.
+fn inject(
+    rng: &mut Rng,
+    rt: &Runtime,
+    d: &mut Deployment,
+    load: &Load,
+    disks: Disks,
+    rested: bool,
+) -> Result<Vec<String>> {
     let c = rng.cluster();
+    let fault = if rested {
+        FAULTS[rng.below(FAULTS.len() as u64) as usize]
+    } else {
+        RESTLESS[rng.below(RESTLESS.len() as u64) as usize]
+    };
+    // The clusters this fault leaves alone (a disk fault strikes where the
+    // disk is, and waits for that cluster's writer).
+    let elsewhere = match fault {
+        Fault::DiskFull => disks.full.map(|(dc, _)| dc),
+        Fault::DiskHung => disks.hung.map(|(hc, _)| hc),
+        _ => None,
+    };
+    let free: Vec<u32> = (1..=CLUSTERS).filter(|&b| b != c && Some(b) != elsewhere).collect();
+    let held = match free.len() {
+        0 => None,
+        // One broker, stopped once at a time.
+        _ if fault == Fault::RestartBroker => None,
+        n if rng.below(3) == 0 => {
+            let b = free[rng.below(n as u64) as usize];
+            Some(hold(rng, rt, d, b)?)
+        }
+        _ => None,
+    };
+    let name = strike(fault, c, rng, rt, d, load, disks)?;
+    let mut names = vec![if rested { name } else { format!("{name} (before the last fault healed)") }];
+    if let Some(h) = held {
+        match h.undo {
+            Undo::Nothing => {}
+            Undo::Command(line) => cmd(d, &line)?,
+            Undo::Broker(broker) => broker.start()?,
+        }
+        names.push(h.name);
+    }
+    Ok(names)
+}
+
+/// Begins a fault in cluster `b`, to be ended by the returned command.
+fn hold(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, b: u32) -> Result<Held> {
+    let (m, s) = roles(rt, d, b).ok_or_else(|| anyhow!("cluster {b} has no master before the fault"))?;
+    let which = if rng.below(2) == 0 { m } else { s };
+    let kind = BACKGROUNDS[rng.below(BACKGROUNDS.len() as u64) as usize];
+    if let Background::StopBroker = kind {
+        if !sns_e2e::broker::local() {
+            return Ok(Held {
+                name: "meanwhile: broker stopped (left out: AMQP_URL names a remote broker)".into(),
+                undo: Undo::Nothing,
+            });
+        }
+        let broker = StoppedBroker::stop()?;
+        return Ok(Held { name: "meanwhile: broker stopped".into(), undo: Undo::Broker(broker) });
+    }
+    let (stop, go, target, what) = match kind {
+        Background::KillMaster => ("kill", "start", format!("server-{b}-{m}"), "master killed"),
+        Background::PauseMaster => ("pause", "resume", format!("server-{b}-{m}"), "master paused"),
+        Background::KillSlave => ("kill", "start", format!("server-{b}-{s}"), "slave killed"),
+        Background::PauseSlave => ("pause", "resume", format!("server-{b}-{s}"), "slave paused"),
+        Background::KillSynchronizer => ("kill", "start", format!("sync-{b}-{which}"), "synchronizer killed"),
+        Background::PauseSynchronizer => ("pause", "resume", format!("sync-{b}-{which}"), "synchronizer paused"),
+        Background::StopBroker => unreachable!("handled above"),
+    };
+    cmd(d, &format!("{stop} {target}"))?;
+    Ok(Held { name: format!("meanwhile in another cluster: {what}"), undo: Undo::Command(format!("{go} {target}")) })
+}
+
+/// Applies `fault` to cluster `c` and ends it; returns its name.
+fn strike(
+    fault: Fault,
+    c: u32,
+    rng: &mut Rng,
+    rt: &Runtime,
+    d: &mut Deployment,
+    load: &Load,
+    disks: Disks,
+) -> Result<String> {
     let writer = WRITERS[c as usize - 1];
     let (m, s) = roles(rt, d, c).ok_or_else(|| anyhow!("cluster {c} has no master before the fault"))?;
-    let fault = FAULTS[rng.below(FAULTS.len() as u64) as usize];
     let name = match fault {
         Fault::KillMaster => {
             cmd(d, &format!("kill server-{c}-{m}"))?;
             progress(load, writer, 1 + rng.below(30) as usize)?;
             cmd(d, &format!("start server-{c}-{m}"))?;
             "kill master"
+        }
+        Fault::RestartMaster => {
+            cmd(d, &format!("kill server-{c}-{m}"))?;
+            cmd(d, &format!("start server-{c}-{m}"))?;
+            progress(load, writer, 1 + rng.below(10) as usize)?;
+            "restart master at once"
         }
         Fault::KillSlave => {
             cmd(d, &format!("kill server-{c}-{s}"))?;
@@ -546,6 +705,39 @@ fn inject(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, load: &Load, disks: D
                 0 => "cut master from slave",
                 1 => "cut master from slave, master killed",
                 _ => "cut master from slave, then from the coordinator",
+            }
+        }
+        Fault::RestartBroker => {
+            if !sns_e2e::broker::local() {
+                return Ok("broker restart (left out: AMQP_URL names a remote broker)".into());
+            }
+            let broker = StoppedBroker::stop()?;
+            // Servers do not need the broker to acknowledge writes.
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            let mode = rng.below(3);
+            match mode {
+                1 => {
+                    cmd(d, &format!("kill server-{c}-{m}"))?;
+                    wait_master_is(rt, d, c, s)?;
+                    progress(load, writer, 1 + rng.below(10) as usize)?;
+                }
+                2 => {
+                    cmd(d, &format!("kill sync-{c}-{m}"))?;
+                    progress(load, writer, 1 + rng.below(10) as usize)?;
+                }
+                _ => {}
+            }
+            broker.start()?;
+            match mode {
+                1 => {
+                    cmd(d, &format!("start server-{c}-{m}"))?;
+                    "broker restart, master killed meanwhile"
+                }
+                2 => {
+                    cmd(d, &format!("start sync-{c}-{m}"))?;
+                    "broker restart, master's synchronizer killed meanwhile"
+                }
+                _ => "broker restart",
             }
         }
         Fault::DiskFull => {
@@ -739,10 +931,20 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     wait_healthy(&rt, &d)?;
     let load = start_load(&rt, &d)?;
     let stepped = (|| -> Result<()> {
+        let mut rested = true;
         for step in 0..steps {
-            let name = inject(&mut rng, &rt, &mut d, &load, disks).with_context(|| format!("step {step}"))?;
-            *totals.faults.entry(name.clone()).or_default() += 1;
-            wait_healthy(&rt, &d).with_context(|| format!("healing after step {step} ({name})"))?;
+            let names = inject(&mut rng, &rt, &mut d, &load, disks, rested).with_context(|| format!("step {step}"))?;
+            for n in &names {
+                *totals.faults.entry(n.clone()).or_default() += 1;
+            }
+            let name = names.join("; ");
+            // One step in four (never two in a row), the next fault strikes
+            // as soon as every cluster serves again, before the slaves are
+            // back in sync.
+            rested = !rested || rng.below(4) != 0;
+            if rested {
+                wait_healthy(&rt, &d).with_context(|| format!("healing after step {step} ({name})"))?;
+            }
             for &w in &WRITERS {
                 progress(&load, w, 1).with_context(|| format!("after step {step} ({name})"))?;
             }
