@@ -70,6 +70,15 @@ pub async fn attach(coord_port: u16, user: u32) -> Result<SnsServiceClient<Chann
     Ok(sns)
 }
 
+/// `user`'s LIST on its current master, one attempt: every user the
+/// cluster knows, and `user`'s followers.
+pub async fn list(coord_port: u16, user: u32) -> Result<(Vec<String>, Vec<String>)> {
+    let mut sns = attach(coord_port, user).await?;
+    let req = Request { username: user.to_string(), arguments: vec![], request_id: 0 };
+    let reply = sns.list(req).await?.into_inner();
+    Ok((reply.all_users, reply.followers))
+}
+
 /// Runs a unary command against the user's master, failing over until it
 /// gets an answer (bounded by `deadline`); returns the status word. Every
 /// attempt carries the same request id, as `tsc` does: a retry of a write
@@ -222,12 +231,7 @@ pub async fn follow_until_done(coord_port: u16, follower: u32, followee: u32, de
 /// in their feeds (visibility follows the log, not clocks).
 pub async fn wait_followers(coord_port: u16, user: u32, followers: &[u32], deadline: Instant) -> Result<()> {
     loop {
-        let listed = async {
-            let mut sns = attach(coord_port, user).await?;
-            let req = Request { username: user.to_string(), arguments: vec![], request_id: 0 };
-            anyhow::Ok(sns.list(req).await?.into_inner().followers)
-        };
-        if let Ok(list) = listed.await
+        if let Ok((_, list)) = list(coord_port, user).await
             && followers.iter().all(|f| list.contains(&f.to_string()))
         {
             return Ok(());

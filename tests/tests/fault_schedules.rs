@@ -1,7 +1,9 @@
 //! Randomized fault schedules, seeded and reproducible: while clients make
 //! acknowledged writes in every cluster (posts, follows and unfollows,
-//! logins), a schedule kills, restarts, pauses and partitions servers
-//! (from the coordinator, or a master from its slave, sometimes with the
+//! logins) and a reader checks that no LIST misses what was acknowledged
+//! before it or what an earlier LIST showed, a schedule kills, restarts,
+//! pauses and partitions servers (from the coordinator, or a master from
+//! its slave, sometimes with the
 //! master then killed or cut off from the coordinator too),
 //! synchronizers and the coordinator (paused too, past the masters' leases,
 //! sometimes with a master killed meanwhile; restarted on a clock 30 s or a
@@ -42,8 +44,8 @@ use sns_e2e::nodes::{
 };
 use sns_e2e::{Deployment, check_convergence, eventually_within, spec_files};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
 
@@ -230,6 +232,7 @@ struct Totals {
     posts: usize,
     relation_ops: usize,
     logins: usize,
+    lists: usize,
     checked_relations: usize,
 }
 
@@ -251,8 +254,14 @@ fn randomized_fault_schedules_lose_no_acknowledged_write() -> Result<()> {
     }
     let faults: u64 = totals.faults.values().sum();
     eprintln!(
-        "fault schedules passed: {} schedules, {faults} faults {:?}; checked {} acknowledged posts, {} follow/unfollow ({} final relations), {} logins",
-        totals.schedules, totals.faults, totals.posts, totals.relation_ops, totals.checked_relations, totals.logins
+        "fault schedules passed: {} schedules, {faults} faults {:?}; checked {} acknowledged posts, {} follow/unfollow ({} final relations), {} logins, {} reads",
+        totals.schedules,
+        totals.faults,
+        totals.posts,
+        totals.relation_ops,
+        totals.checked_relations,
+        totals.logins,
+        totals.lists
     );
     Ok(())
 }
@@ -273,6 +282,14 @@ struct Load {
     writers: Vec<tokio::task::JoinHandle<WriterReport>>,
     churn: tokio::task::JoinHandle<Relations>,
     logins: tokio::task::JoinHandle<Vec<u32>>,
+    reads: tokio::task::JoinHandle<Reads>,
+}
+
+/// What the reader saw that contradicts acknowledged writes.
+#[derive(Debug, Default)]
+struct Reads {
+    lists: usize,
+    violations: Vec<String>,
 }
 
 fn start_load(rt: &Runtime, d: &Deployment) -> Result<Load> {
@@ -319,8 +336,10 @@ fn start_load(rt: &Runtime, d: &Deployment) -> Result<Load> {
         writers.push(rt.spawn(w.run()));
     }
     let churn = rt.spawn(churn(port, stop.clone(), deadline));
-    let logins = rt.spawn(logins(port, stop.clone(), deadline));
-    Ok(Load { stop, progress, writers, churn, logins })
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let logins = rt.spawn(logins(port, stop.clone(), deadline, acked.clone()));
+    let reads = rt.spawn(reads(port, stop.clone(), deadline, acked));
+    Ok(Load { stop, progress, writers, churn, logins, reads })
 }
 
 /// Follows and unfollows users of other clusters, one answered operation
@@ -370,17 +389,57 @@ async fn churn(port: u16, stop: Arc<AtomicBool>, deadline: Instant) -> Relations
 }
 
 /// Logs in new users, one at a time; returns those acknowledged.
-async fn logins(port: u16, stop: Arc<AtomicBool>, deadline: Instant) -> Vec<u32> {
+async fn logins(port: u16, stop: Arc<AtomicBool>, deadline: Instant, shared: Arc<Mutex<Vec<u32>>>) -> Vec<u32> {
     let mut acked = Vec::new();
     let mut next = 10u32;
     while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
         if load::attach(port, next).await.is_ok() {
             acked.push(next);
+            shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(next);
             next += 1;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     acked
+}
+
+/// Reads while the faults strike: LIST in each cluster in turn, as that
+/// cluster's writer. An answer must show every login of that cluster
+/// acknowledged before the LIST was sent (no stale read, whichever server
+/// answers after a failover), and every user an earlier answer in that
+/// cluster showed (users are never removed: no read goes back in time). A
+/// refused or unanswered LIST says nothing.
+async fn reads(port: u16, stop: Arc<AtomicBool>, deadline: Instant, logins: Arc<Mutex<Vec<u32>>>) -> Reads {
+    let mut r = Reads::default();
+    let mut seen: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+    let mut round = 0u32;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        let c = round % CLUSTERS + 1;
+        round += 1;
+        let before: Vec<u32> = logins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .copied()
+            .filter(|&u| sns_node::ids::cluster_of(u, CLUSTERS) == c)
+            .collect();
+        if let Ok((users, _)) = load::list(port, WRITERS[c as usize - 1]).await {
+            r.lists += 1;
+            let users: BTreeSet<u32> = users.iter().filter_map(|u| u.parse().ok()).collect();
+            let missing: Vec<u32> = before.iter().copied().filter(|u| !users.contains(u)).collect();
+            if !missing.is_empty() {
+                r.violations.push(format!("LIST in cluster {c} lacks logins acknowledged before it: {missing:?}"));
+            }
+            let earlier = seen.entry(c).or_default();
+            let gone: Vec<u32> = earlier.difference(&users).copied().collect();
+            if !gone.is_empty() {
+                r.violations.push(format!("LIST in cluster {c} lacks users an earlier LIST there showed: {gone:?}"));
+            }
+            *earlier = users;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    r
 }
 
 /// Server ids of `cluster`: (master, slave), per the coordinator.
@@ -961,6 +1020,9 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     let reports: Vec<WriterReport> = load.writers.into_iter().map(|w| rt.block_on(w)).collect::<Result<_, _>>()?;
     let relations = rt.block_on(load.churn)?;
     let logins = rt.block_on(load.logins)?;
+    let reads = rt.block_on(load.reads)?;
+    anyhow::ensure!(reads.lists > 0, "no LIST was answered during the schedule");
+    anyhow::ensure!(reads.violations.is_empty(), "reads contradicting acknowledged writes: {:?}", reads.violations);
     anyhow::ensure!(
         relations.violations.is_empty(),
         "answers contradicting acknowledged writes: {:?}",
@@ -998,6 +1060,7 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     totals.relation_ops += relations.ops;
     totals.checked_relations += relations_checked;
     totals.logins += logins.len();
+    totals.lists += reads.lists;
     Ok(())
 }
 
