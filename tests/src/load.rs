@@ -130,7 +130,7 @@ pub async fn writer_padded(
     progress: Arc<AtomicUsize>,
     pad: usize,
 ) -> WriterReport {
-    Writer { coord_port, user, stop, max, deadline, progress, pad, pace: Duration::ZERO }.run().await
+    Writer { coord_port, user, stop, max, deadline, progress, pad, pace: Duration::ZERO, clock: None }.run().await
 }
 
 /// A writer with every knob: see [`writer`].
@@ -146,11 +146,14 @@ pub struct Writer {
     pub pad: usize,
     /// Pause after each acknowledged post (a steady, bounded load).
     pub pace: Duration,
+    /// The client's clock, in seconds off the true one: each post carries
+    /// that time (None: posts carry no time, as the server's clock is used).
+    pub clock: Option<i64>,
 }
 
 impl Writer {
     pub async fn run(self) -> WriterReport {
-        let Writer { coord_port, user, stop, max, deadline, progress, pad, pace } = self;
+        let Writer { coord_port, user, stop, max, deadline, progress, pad, pace, clock } = self;
         let mut report = WriterReport { user, ..Default::default() };
         let (call, id_base) = next_call();
         let mut last_ack = Instant::now();
@@ -171,7 +174,11 @@ impl Writer {
             while !stop.load(Ordering::SeqCst) && n < max && Instant::now() < deadline {
                 let text = format!("{user}-w{call}-{n}{}", ".".repeat(pad));
                 let id = id_base + n as u64 + 1;
-                let post = Message { username: user.to_string(), msg: text.clone(), timestamp: None, post_id: id };
+                let timestamp = clock.map(|off| {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    sns_proto::prost_types::Timestamp { seconds: now.as_secs() as i64 + off, nanos: 0 }
+                });
+                let post = Message { username: user.to_string(), msg: text.clone(), timestamp, post_id: id };
                 if tx.send(post).is_err() {
                     report.failovers += 1;
                     continue 'session;

@@ -1,10 +1,11 @@
 //! Randomized fault schedules, seeded and reproducible: while clients make
 //! acknowledged writes in every cluster (posts, follows and unfollows,
-//! logins) and a reader checks that no LIST misses what was acknowledged
-//! before it or what an earlier LIST showed, a schedule kills, restarts,
-//! pauses and partitions servers (from the coordinator, or a master from
-//! its slave, sometimes with the
-//! master then killed or cut off from the coordinator too),
+//! logins; each writer's posts carry its client clock, a day or 30 s
+//! behind or ahead, or no time) and a reader checks that no LIST misses
+//! what was acknowledged before it or what an earlier LIST showed, a
+//! schedule kills, restarts, pauses and partitions servers (from the
+//! coordinator, or a master from its slave, sometimes with the master
+//! then killed or cut off from the coordinator too),
 //! synchronizers and the coordinator (paused too, past the masters' leases,
 //! sometimes with a master killed meanwhile; restarted on a clock 30 s or a
 //! day off, as masters and slaves are), with double faults restarted in the
@@ -18,9 +19,9 @@
 //! switchovers (alone, with the target hanging right after, with the old
 //! master killed right after), and restarts the broker (sometimes with a
 //! master or its synchronizer killed while it is down). Faults overlap:
-//! one step in three holds a second fault in another cluster (its master
-//! or slave killed or paused, a synchronizer killed or paused, or the
-//! broker stopped) for the whole of the step's fault, and
+//! one step in three holds a second fault for the whole of the step's
+//! fault (in another cluster, its master or slave killed or paused; in any
+//! cluster, a synchronizer killed or paused; or the broker stopped), and
 //! one step in four is followed at once by the next, as soon as every
 //! cluster serves again and before its slaves are back in sync (a slave
 //! killed or paused, a master restarted, a synchronizer or the coordinator
@@ -180,8 +181,9 @@ const RESTLESS: [Fault; 7] = [
     Fault::SkewedClock,
 ];
 
-/// A fault held in another cluster for the whole of a step's fault, so
-/// that two faults overlap (ended after it, in the order they began).
+/// A fault held for the whole of a step's fault, so that two faults
+/// overlap (ended after it): in another cluster, or for a synchronizer in
+/// the same one.
 #[derive(Debug, Clone, Copy)]
 enum Background {
     KillMaster,
@@ -233,6 +235,8 @@ struct Totals {
     relation_ops: usize,
     logins: usize,
     lists: usize,
+    /// Writers per client clock.
+    clocks: BTreeMap<String, u64>,
     checked_relations: usize,
 }
 
@@ -254,14 +258,15 @@ fn randomized_fault_schedules_lose_no_acknowledged_write() -> Result<()> {
     }
     let faults: u64 = totals.faults.values().sum();
     eprintln!(
-        "fault schedules passed: {} schedules, {faults} faults {:?}; checked {} acknowledged posts, {} follow/unfollow ({} final relations), {} logins, {} reads",
+        "fault schedules passed: {} schedules, {faults} faults {:?}; checked {} acknowledged posts, {} follow/unfollow ({} final relations), {} logins, {} reads; writers' clocks {:?}",
         totals.schedules,
         totals.faults,
         totals.posts,
         totals.relation_ops,
         totals.checked_relations,
         totals.logins,
-        totals.lists
+        totals.lists,
+        totals.clocks
     );
     Ok(())
 }
@@ -292,7 +297,13 @@ struct Reads {
     violations: Vec<String>,
 }
 
-fn start_load(rt: &Runtime, d: &Deployment) -> Result<Load> {
+/// What a writer's clock may be off by, in seconds (None: it sends no
+/// time): the time a post carries must never decide who sees it.
+const CLOCKS: [Option<i64>; 5] = [None, Some(-86_400), Some(-30), Some(30), Some(86_400)];
+
+/// Starts the writers (each with its client clock: see [`CLOCKS`]), the
+/// follow churn, the logins and the reader.
+fn start_load(rt: &Runtime, d: &Deployment, clocks: [Option<i64>; 3]) -> Result<Load> {
     let port = d.coord_port;
     let deadline = Instant::now() + Duration::from_secs(600);
     rt.block_on(async {
@@ -319,7 +330,7 @@ fn start_load(rt: &Runtime, d: &Deployment) -> Result<Load> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut progress = BTreeMap::new();
     let mut writers = Vec::new();
-    for &u in &WRITERS {
+    for (&u, clock) in WRITERS.iter().zip(clocks) {
         let counter = Arc::new(AtomicUsize::new(0));
         progress.insert(u, counter.clone());
         let w = Writer {
@@ -332,6 +343,7 @@ fn start_load(rt: &Runtime, d: &Deployment) -> Result<Load> {
             pad: 0,
             // A steady load that keeps the files of a long run small.
             pace: Duration::from_millis(5),
+            clock,
         };
         writers.push(rt.spawn(w.run()));
     }
@@ -505,8 +517,8 @@ fn cmd(d: &mut Deployment, line: &str) -> Result<()> {
     Ok(())
 }
 
-/// Applies one fault and ends it, one time in three with a fault of
-/// another cluster held for its whole length; returns their names for the
+/// Applies one fault and ends it, one time in three with a second fault
+/// (a [`Background`]) held for its whole length; returns their names for the
 /// totals. After a step that did not wait for the deployment to heal
 /// (`rested` false), only a fault of [`RESTLESS`] strikes.
 fn inject(
@@ -530,14 +542,23 @@ fn inject(
         Fault::DiskHung => disks.hung.map(|(hc, _)| hc),
         _ => None,
     };
-    let free: Vec<u32> = (1..=CLUSTERS).filter(|&b| b != c && Some(b) != elsewhere).collect();
-    let held = match free.len() {
-        0 => None,
+    let kind = BACKGROUNDS[rng.below(BACKGROUNDS.len() as u64) as usize];
+    let syncs = |f: Fault| matches!(f, Fault::KillSynchronizer | Fault::PauseSynchronizer | Fault::RestartBroker);
+    let candidates: Vec<u32> = match kind {
         // One broker, stopped once at a time.
-        _ if fault == Fault::RestartBroker => None,
+        Background::StopBroker if fault == Fault::RestartBroker => vec![],
+        // Synchronizers acknowledge nothing: the fault's own cluster's may
+        // be disturbed too, unless the fault disturbs them itself.
+        Background::KillSynchronizer | Background::PauseSynchronizer => {
+            (1..=CLUSTERS).filter(|&b| b != c || !syncs(fault)).collect()
+        }
+        _ => (1..=CLUSTERS).filter(|&b| b != c && Some(b) != elsewhere).collect(),
+    };
+    let held = match candidates.len() {
+        0 => None,
         n if rng.below(3) == 0 => {
-            let b = free[rng.below(n as u64) as usize];
-            Some(hold(rng, rt, d, b)?)
+            let b = candidates[rng.below(n as u64) as usize];
+            Some(hold(kind, b == c, rng, rt, d, b)?)
         }
         _ => None,
     };
@@ -554,11 +575,11 @@ fn inject(
     Ok(names)
 }
 
-/// Begins a fault in cluster `b`, to be ended by the returned command.
-fn hold(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, b: u32) -> Result<Held> {
+/// Begins a fault of `kind` in cluster `b` (`same`: the cluster of the
+/// step's own fault), to be ended by what it returns.
+fn hold(kind: Background, same: bool, rng: &mut Rng, rt: &Runtime, d: &mut Deployment, b: u32) -> Result<Held> {
     let (m, s) = roles(rt, d, b).ok_or_else(|| anyhow!("cluster {b} has no master before the fault"))?;
     let which = if rng.below(2) == 0 { m } else { s };
-    let kind = BACKGROUNDS[rng.below(BACKGROUNDS.len() as u64) as usize];
     if let Background::StopBroker = kind {
         if !sns_e2e::broker::local() {
             return Ok(Held {
@@ -579,7 +600,8 @@ fn hold(rng: &mut Rng, rt: &Runtime, d: &mut Deployment, b: u32) -> Result<Held>
         Background::StopBroker => unreachable!("handled above"),
     };
     cmd(d, &format!("{stop} {target}"))?;
-    Ok(Held { name: format!("meanwhile in another cluster: {what}"), undo: Undo::Command(format!("{go} {target}")) })
+    let place = if same { "the same" } else { "another" };
+    Ok(Held { name: format!("meanwhile in {place} cluster: {what}"), undo: Undo::Command(format!("{go} {target}")) })
 }
 
 /// Applies `fault` to cluster `c` and ends it; returns its name.
@@ -988,7 +1010,12 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     let (mut d, disks) = started.ok_or_else(|| anyhow!("no deployment started"))?;
     let rt = rt();
     wait_healthy(&rt, &d)?;
-    let load = start_load(&rt, &d)?;
+    let clocks = [0; 3].map(|_| CLOCKS[rng.below(CLOCKS.len() as u64) as usize]);
+    for clock in clocks {
+        let label = clock.map_or("no time".to_string(), |off| format!("{off:+} s"));
+        *totals.clocks.entry(label).or_default() += 1;
+    }
+    let load = start_load(&rt, &d, clocks)?;
     let stepped = (|| -> Result<()> {
         let mut rested = true;
         for step in 0..steps {
