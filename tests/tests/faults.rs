@@ -208,6 +208,78 @@ fn an_operator_can_promote_a_stale_server_accepting_the_loss() -> anyhow::Result
     Ok(())
 }
 
+/// The override in a deployment of two clusters. The stale server lacks
+/// posts that the lost master had already published to cluster 2, under
+/// stream positions it will number again. The posts it takes once promoted
+/// must still reach cluster 2: a receiver that took them for copies of what
+/// it already applied would hide them from their readers for good.
+#[test]
+fn posts_after_an_override_reach_the_other_clusters() -> anyhow::Result<()> {
+    let mut d = Deployment::builder().clusters(2).servers(2).start()?;
+    let rt = rt();
+    let deadline = Instant::now() + DEADLINE;
+    // 2 (cluster 2) follows 1 (cluster 1).
+    rt.block_on(load::follow_until_done(d.coord_port, 2, 1, deadline))?;
+    let (stale, good, term) = pair(&rt, &d)?;
+    d.command(&format!("kill server-1-{stale}"))?;
+    // Acknowledged by `good` alone, and published to cluster 2.
+    let lost = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 5, deadline));
+    assert_eq!(lost.acked.len(), 5);
+    in_feed_of_2(&d, &lost.acked, "the posts only the lost master held")?;
+    d.command(&format!("kill server-1-{good}"))?;
+    d.command(&format!("start server-1-{stale}"))?;
+    eventually("cluster 1 without a master", || {
+        let info = rt.block_on(get_server(d.coord_port, 1)).ok()?;
+        (!info.unavailable_reason.is_empty()).then_some(())
+    })?;
+    let out = promote_cli(&d, 1, stale, true)?;
+    assert!(out.status.success(), "{out:?}");
+    wait_master(&rt, &d, 1, stale, term)?;
+    let after = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 5, deadline));
+    assert_eq!(after.acked.len(), 5);
+    in_feed_of_2(&d, &after.acked, "the posts made after the override")?;
+    // The other server of cluster 1 follows the promoted one.
+    d.command(&format!("start server-1-{good}"))?;
+    wait_in_sync(&rt, &d, good)?;
+    for c in [1, 2] {
+        // (The posts the override lost stay in cluster 2's feeds: the
+        // goal state's "every feed post is in its author's timeline" no
+        // longer holds, so only master and slave are compared.)
+        eventually(&format!("the servers of cluster {c} to hold identical files"), || {
+            let (a, b) = (spec_files(&d.server_dir(c, 1)).ok()?, spec_files(&d.server_dir(c, 2)).ok()?);
+            (a == b).then_some(())
+        })?;
+    }
+    // What cluster 2 applied before stays, once each; nothing is held.
+    in_feed_of_2(&d, &[lost.acked, after.acked].concat(), "every post")?;
+    for s in [1, 2] {
+        let node = rt.block_on(server_node(d.coord_port, 2, s)).expect("server of cluster 2");
+        assert_eq!(rt.block_on(status(&node))?.held, 0, "server 2/{s} holds nothing for a gap");
+    }
+    Ok(())
+}
+
+/// Waits until each of `texts` (posts of user 1) is exactly once in user
+/// 2's feed on both servers of cluster 2.
+fn in_feed_of_2(d: &Deployment, texts: &[String], what: &str) -> anyhow::Result<()> {
+    let mut last = String::new();
+    let found = eventually(&format!("{what} in user 2's feed on both servers of cluster 2"), || {
+        for s in [1, 2] {
+            let files = spec_files(&d.server_dir(2, s)).ok()?;
+            let feed = sns_node::store::record::decode_posts(files.get("2_following.txt").map_or("", |t| t));
+            for text in texts {
+                let n = feed.iter().filter(|p| p.user == 1 && p.text == *text).count();
+                if n != 1 {
+                    last = format!("server 2/{s}: {text:?} is there {n} times");
+                    return None;
+                }
+            }
+        }
+        Some(())
+    });
+    found.map_err(|e| anyhow::anyhow!("{e}: {last}"))
+}
+
 /// Defect: the master's disk fills up. The post that hit ENOSPC used to be
 /// half in the journal, applied by the slave, and its sequence number
 /// reused by the next acknowledged post. Now the failed append leaves no

@@ -85,6 +85,17 @@ impl Node {
         }
         let mut snapshot = self.read(|s| s.snapshot());
         snapshot.next_seq = snapshot.next_seq.max(role.seq_floor);
+        // What this server lacks may include events the lost master had
+        // numbered for other clusters and published (whatever seq the
+        // coordinator heard of: its last heartbeat may predate them):
+        // numbered again, this server's next events would look like copies
+        // of those there and be ignored. The override's term becomes the
+        // stream epoch, above any an earlier override set; every stream
+        // starts anew at 1, and receivers move to it.
+        if snapshot.epoch < role.term {
+            snapshot.epoch = role.term;
+            snapshot.sent.clear();
+        }
         let lost = self.damage();
         self.install_state(snapshot).await?;
         if let Some(why) = lost {
@@ -200,7 +211,7 @@ impl Node {
     fn needs_prepare(&self, role: &Role) -> bool {
         role.is_master
             && role.accept_data_loss
-            && (self.damage().is_some() || self.read(|s| s.next_seq()) < role.seq_floor)
+            && (self.damage().is_some() || self.read(|s| s.next_seq() < role.seq_floor || s.epoch() < role.term))
     }
 
     /// Whether [`Node::prepare_role`] still has work to do for `role`.

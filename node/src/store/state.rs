@@ -280,7 +280,8 @@ pub struct State {
     /// origin -> (epoch, last dest_seq applied).
     applied: HashMap<u32, (u64, u64)>,
     /// origin -> events waiting for a gap to close, by dest_seq.
-    held: BTreeMap<u32, BTreeMap<u64, RemoteEvent>>,
+    /// origin -> (epoch, dest_seq) -> event waiting for a gap to close.
+    held: BTreeMap<u32, BTreeMap<(u64, u64), RemoteEvent>>,
     /// user -> the client ids of its latest posts, oldest first.
     recent_ids: HashMap<u32, VecDeque<u64>>,
     /// user -> the request ids of its latest other writes, oldest first.
@@ -396,7 +397,7 @@ impl State {
         fresh.outbox = snap.outbox.iter().map(|e| (e.seq, e.clone())).collect();
         fresh.applied = snap.applied.iter().map(|(o, e, s)| (*o, (*e, *s))).collect();
         for ev in &snap.held {
-            fresh.held.entry(ev.origin).or_default().insert(ev.dest_seq, ev.clone());
+            fresh.held.entry(ev.origin).or_default().insert((ev.epoch, ev.dest_seq), ev.clone());
         }
         fresh.epoch = snap.epoch.max(1);
         fresh.sent = snap.sent.iter().copied().collect();
@@ -405,6 +406,11 @@ impl State {
 
     pub fn cluster(&self) -> u32 {
         self.cluster
+    }
+
+    /// The epoch of this cluster's streams to the others.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     pub fn is_local(&self, user: u32) -> bool {
@@ -452,10 +458,14 @@ impl State {
         self.sent.values().sum()
     }
 
-    /// Events of other clusters this cluster has taken in: applied (each
-    /// stream's position) or held.
+    /// How far this server has taken in other clusters' events: each
+    /// stream's position, weighted by its epoch so that it only grows
+    /// when an origin starts a new epoch at 1, plus the events held. Two
+    /// servers of one cluster apply the same log: the one further along
+    /// has the larger figure.
     pub fn received_total(&self) -> u64 {
-        self.applied.values().map(|(_, n)| n).sum::<u64>() + self.held_count() as u64
+        let applied: u128 = self.applied.values().map(|&(epoch, n)| (u128::from(epoch) << 40) + u128::from(n)).sum();
+        u64::try_from(applied + self.held_count() as u128).unwrap_or(u64::MAX)
     }
 
     /// Events held for a gap to close, over all origins.
@@ -484,18 +494,14 @@ impl State {
         if ev.epoch < epoch || (ev.epoch == epoch && ev.dest_seq <= last) {
             return Arrival::Duplicate;
         }
-        if held.is_some_and(|h| h.contains_key(&ev.dest_seq)) {
+        if held.is_some_and(|h| h.contains_key(&(ev.epoch, ev.dest_seq))) {
             return Arrival::Duplicate;
         }
+        // A new epoch starts at 1; its later events wait for the first
+        // like any other gap (they may come in the same batch).
         let next = if ev.epoch == epoch { last + 1 } else { 1 };
         if ev.dest_seq == next {
             return Arrival::Next;
-        }
-        if ev.epoch > epoch && epoch != 0 && ev.dest_seq != 1 {
-            return Arrival::Invalid(format!(
-                "a new epoch {} of origin {} must start at 1, not {}",
-                ev.epoch, ev.origin, ev.dest_seq
-            ));
         }
         if ev.dest_seq > next + HOLD_WINDOW {
             return Arrival::Invalid(format!(
@@ -548,7 +554,7 @@ impl State {
                     self.drain_held(event.origin, &mut effects);
                 }
                 Arrival::Early => {
-                    self.held.entry(event.origin).or_default().insert(event.dest_seq, event.clone());
+                    self.held.entry(event.origin).or_default().insert((event.epoch, event.dest_seq), event.clone());
                 }
                 Arrival::Duplicate | Arrival::Invalid(_) => {}
             },
@@ -573,7 +579,7 @@ impl State {
                 Arrival::Next => self.apply_remote(&next, effects),
                 Arrival::Duplicate | Arrival::Invalid(_) => {}
                 Arrival::Early => {
-                    self.held.entry(origin).or_default().insert(next.dest_seq, next);
+                    self.held.entry(origin).or_default().insert((next.epoch, next.dest_seq), next);
                     break;
                 }
             }
@@ -660,7 +666,17 @@ impl State {
 
     fn apply_remote(&mut self, event: &RemoteEvent, effects: &mut Vec<Effect>) {
         if event.dest_seq != 0 {
-            self.applied.insert(event.origin, (event.epoch, event.dest_seq));
+            let before = self.applied.insert(event.origin, (event.epoch, event.dest_seq));
+            if before.is_some_and(|(epoch, _)| epoch < event.epoch)
+                && let Some(held) = self.held.get_mut(&event.origin)
+            {
+                // The origin started a new epoch: what it held of the old
+                // one can never be applied.
+                held.retain(|_, e| e.epoch >= event.epoch);
+                if held.is_empty() {
+                    self.held.remove(&event.origin);
+                }
+            }
         }
         match &event.change {
             Change::User(user) => self.add_user(*user, effects),
@@ -1030,11 +1046,22 @@ mod tests {
         // Own cluster, unknown cluster: refused.
         assert!(matches!(n.state.arrival(&RemoteEvent { origin: 2, ..ev(5, 1) }), Arrival::Invalid(_)));
         assert!(matches!(n.state.arrival(&RemoteEvent { origin: 4, ..ev(5, 1) }), Arrival::Invalid(_)));
-        // A new epoch (an override at the origin) starts at 1.
+        // An event of the old epoch waits for a gap when the origin starts
+        // a new one (an override).
+        n.state.apply(&Entry::Remote(ev(7, 13)));
+        assert_eq!(n.state.held_count(), 1);
+        // A new epoch starts at 1.
         assert_eq!(n.state.arrival(&RemoteEvent { epoch: 5, ..ev(1, 11) }), Arrival::Next);
-        assert!(matches!(n.state.arrival(&RemoteEvent { epoch: 5, ..ev(3, 11) }), Arrival::Invalid(_)));
+        // Its later events wait for the first, which may come in the same
+        // batch.
+        assert_eq!(n.state.arrival(&RemoteEvent { epoch: 5, ..ev(3, 11) }), Arrival::Early);
+        let before = n.state.received_total();
         n.state.apply(&Entry::Remote(RemoteEvent { epoch: 5, ..ev(1, 11) }));
+        assert!(n.state.received_total() > before, "a new epoch at 1 is further along, not back");
         assert_eq!(n.state.arrival(&ev(5, 12)), Arrival::Duplicate, "the old epoch is over");
+        assert_eq!(n.state.held_count(), 0, "what was held of the old epoch can never apply");
+        // Its position is free for the new epoch's event.
+        assert_eq!(n.state.arrival(&RemoteEvent { epoch: 5, ..ev(7, 14) }), Arrival::Early);
     }
 
     #[test]
