@@ -459,12 +459,14 @@ impl State {
     }
 
     /// How far this server has taken in other clusters' events: each
-    /// stream's position, weighted by its epoch so that it only grows
-    /// when an origin starts a new epoch at 1, plus the events held. Two
-    /// servers of one cluster apply the same log: the one further along
-    /// has the larger figure.
+    /// stream's position, plus 2^40 for each epoch past the first (so the
+    /// figure only grows when an origin starts a new epoch at 1, and is a
+    /// plain count until one does), plus the events held. Two servers of
+    /// one cluster apply the same log: the one further along has the
+    /// larger figure.
     pub fn received_total(&self) -> u64 {
-        let applied: u128 = self.applied.values().map(|&(epoch, n)| (u128::from(epoch) << 40) + u128::from(n)).sum();
+        let applied: u128 =
+            self.applied.values().map(|&(epoch, n)| (u128::from(epoch.saturating_sub(1)) << 40) + u128::from(n)).sum();
         u64::try_from(applied + self.held_count() as u128).unwrap_or(u64::MAX)
     }
 
