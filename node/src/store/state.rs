@@ -279,7 +279,6 @@ pub struct State {
     sent: BTreeMap<u32, u64>,
     /// origin -> (epoch, last dest_seq applied).
     applied: HashMap<u32, (u64, u64)>,
-    /// origin -> events waiting for a gap to close, by dest_seq.
     /// origin -> (epoch, dest_seq) -> event waiting for a gap to close.
     held: BTreeMap<u32, BTreeMap<(u64, u64), RemoteEvent>>,
     /// user -> the client ids of its latest posts, oldest first.
@@ -397,7 +396,7 @@ impl State {
         fresh.outbox = snap.outbox.iter().map(|e| (e.seq, e.clone())).collect();
         fresh.applied = snap.applied.iter().map(|(o, e, s)| (*o, (*e, *s))).collect();
         for ev in &snap.held {
-            fresh.held.entry(ev.origin).or_default().insert((ev.epoch, ev.dest_seq), ev.clone());
+            fresh.hold(ev.clone());
         }
         fresh.epoch = snap.epoch.max(1);
         fresh.sent = snap.sent.iter().copied().collect();
@@ -556,7 +555,7 @@ impl State {
                     self.drain_held(event.origin, &mut effects);
                 }
                 Arrival::Early => {
-                    self.held.entry(event.origin).or_default().insert((event.epoch, event.dest_seq), event.clone());
+                    self.hold(event.clone());
                 }
                 Arrival::Duplicate | Arrival::Invalid(_) => {}
             },
@@ -574,6 +573,13 @@ impl State {
         effects
     }
 
+    /// Keeps an event until the gap before it closes. Held events are in
+    /// stream order, an older epoch's first: once a newer epoch has begun,
+    /// [`State::drain_held`] drops what is left of the old one.
+    fn hold(&mut self, event: RemoteEvent) {
+        self.held.entry(event.origin).or_default().insert((event.epoch, event.dest_seq), event);
+    }
+
     /// Applies held events of `origin` that the gap no longer blocks.
     fn drain_held(&mut self, origin: u32, effects: &mut Vec<Effect>) {
         while let Some(next) = self.pop_held(origin) {
@@ -581,7 +587,7 @@ impl State {
                 Arrival::Next => self.apply_remote(&next, effects),
                 Arrival::Duplicate | Arrival::Invalid(_) => {}
                 Arrival::Early => {
-                    self.held.entry(origin).or_default().insert((next.epoch, next.dest_seq), next);
+                    self.hold(next);
                     break;
                 }
             }
@@ -668,17 +674,7 @@ impl State {
 
     fn apply_remote(&mut self, event: &RemoteEvent, effects: &mut Vec<Effect>) {
         if event.dest_seq != 0 {
-            let before = self.applied.insert(event.origin, (event.epoch, event.dest_seq));
-            if before.is_some_and(|(epoch, _)| epoch < event.epoch)
-                && let Some(held) = self.held.get_mut(&event.origin)
-            {
-                // The origin started a new epoch: what it held of the old
-                // one can never be applied.
-                held.retain(|_, e| e.epoch >= event.epoch);
-                if held.is_empty() {
-                    self.held.remove(&event.origin);
-                }
-            }
+            self.applied.insert(event.origin, (event.epoch, event.dest_seq));
         }
         match &event.change {
             Change::User(user) => self.add_user(*user, effects),
