@@ -849,6 +849,28 @@ fn clean_lines(text: &str) -> Vec<String> {
     lines
 }
 
+/// Waits until each of `texts` (posts of user 1) is exactly once in user
+/// 2's feed on both servers of cluster 2: the two-cluster suites' check
+/// that posts crossed the broker.
+pub fn feed_of_2_holds(d: &Deployment, texts: &[String], what: &str) -> Result<()> {
+    let mut last = String::new();
+    eventually(&format!("{what} in user 2's feed on both servers of cluster 2"), || {
+        for s in [1, 2] {
+            let files = spec_files(&d.server_dir(2, s)).ok()?;
+            let feed = sns_node::store::record::decode_posts(files.get("2_following.txt").map_or("", |t| t));
+            for text in texts {
+                let n = feed.iter().filter(|p| p.user == 1 && p.text == *text).count();
+                if n != 1 {
+                    last = format!("server 2/{s}: {text:?} appears {n} times");
+                    return None;
+                }
+            }
+        }
+        Some(())
+    })
+    .map_err(|e| anyhow!("{e}: {last}"))
+}
+
 /// The spec's files of one server directory, by name (`*.txt` only; the
 /// journal and temporary files are ours).
 pub fn spec_files(dir: &Path) -> Result<BTreeMap<String, String>> {

@@ -10,7 +10,7 @@
 use sns_e2e::broker::{StoppedBroker, rabbitmqctl};
 use sns_e2e::load;
 use sns_e2e::nodes::{master_of, rt, server_node, status};
-use sns_e2e::{Deployment, check_convergence, eventually, spec_files};
+use sns_e2e::{Deployment, check_convergence, eventually, feed_of_2_holds, spec_files};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -76,25 +76,4 @@ fn synchronizers_ride_through_a_broker_restart() -> anyhow::Result<()> {
         d.log("sync-1-1").contains("synchronizer link down") || d.log("sync-1-2").contains("synchronizer link down")
     );
     Ok(())
-}
-
-/// Waits until each of `texts` (posts of user 1) is exactly once in user
-/// 2's feed on both servers of cluster 2.
-fn feed_of_2_holds(d: &Deployment, texts: &[String], what: &str) -> anyhow::Result<()> {
-    let mut last = String::new();
-    eventually(&format!("{what} in user 2's feed on both servers of cluster 2"), || {
-        for s in [1, 2] {
-            let files = spec_files(&d.server_dir(2, s)).ok()?;
-            let feed = sns_node::store::record::decode_posts(files.get("2_following.txt").map_or("", |t| t));
-            for text in texts {
-                let n = feed.iter().filter(|p| p.user == 1 && p.text == *text).count();
-                if n != 1 {
-                    last = format!("server 2/{s}: {text:?} appears {n} times");
-                    return None;
-                }
-            }
-        }
-        Some(())
-    })
-    .map_err(|e| anyhow::anyhow!("{e}: {last}"))
 }

@@ -15,7 +15,7 @@ use sns_e2e::nodes::{
     assert_exactly_once, assert_one_master_per_term, get_server, healths, master_of, promote_cli, request, rt, running,
     server_node, sns_at, status, wait_master, wait_synced_slave,
 };
-use sns_e2e::{DEADLINE, Deployment, check_convergence, eventually, eventually_within, spec_files};
+use sns_e2e::{DEADLINE, Deployment, check_convergence, eventually, eventually_within, feed_of_2_holds, spec_files};
 use sns_proto::csce438::Message;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -184,13 +184,7 @@ fn an_operator_can_promote_a_stale_server_accepting_the_loss() -> anyhow::Result
     wait_master(&rt, &d, 1, good, term)?;
     let deadline = Instant::now() + DEADLINE;
     assert_eq!(rt.block_on(load::command(d.coord_port, 1, true, 2, deadline))?, "SUCCESS");
-    d.command(&format!("kill server-1-{good}"))?;
-    d.command(&format!("start server-1-{stale}"))?;
-    eventually("cluster 1 without a master", || {
-        let info = rt.block_on(get_server(d.coord_port, 1)).ok()?;
-        (!info.unavailable_reason.is_empty()).then_some(())
-    })?;
-    let out = promote_cli(&d, 1, stale, true)?;
+    let out = promote_stale_back_first(&rt, &mut d, stale, good)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(stdout.contains(&format!("server {stale} is the master of cluster 1")), "{stdout}");
@@ -225,19 +219,13 @@ fn posts_after_an_override_reach_the_other_clusters() -> anyhow::Result<()> {
     // Acknowledged by `good` alone, and published to cluster 2.
     let lost = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 5, deadline));
     assert_eq!(lost.acked.len(), 5);
-    in_feed_of_2(&d, &lost.acked, "the posts only the lost master held")?;
-    d.command(&format!("kill server-1-{good}"))?;
-    d.command(&format!("start server-1-{stale}"))?;
-    eventually("cluster 1 without a master", || {
-        let info = rt.block_on(get_server(d.coord_port, 1)).ok()?;
-        (!info.unavailable_reason.is_empty()).then_some(())
-    })?;
-    let out = promote_cli(&d, 1, stale, true)?;
+    feed_of_2_holds(&d, &lost.acked, "the posts only the lost master held")?;
+    let out = promote_stale_back_first(&rt, &mut d, stale, good)?;
     assert!(out.status.success(), "{out:?}");
     wait_master(&rt, &d, 1, stale, term)?;
     let after = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 5, deadline));
     assert_eq!(after.acked.len(), 5);
-    in_feed_of_2(&d, &after.acked, "the posts made after the override")?;
+    feed_of_2_holds(&d, &after.acked, "the posts made after the override")?;
     // The other server of cluster 1 follows the promoted one.
     d.command(&format!("start server-1-{good}"))?;
     wait_in_sync(&rt, &d, good)?;
@@ -251,7 +239,7 @@ fn posts_after_an_override_reach_the_other_clusters() -> anyhow::Result<()> {
         })?;
     }
     // What cluster 2 applied before stays, once each; nothing is held.
-    in_feed_of_2(&d, &[lost.acked, after.acked].concat(), "every post")?;
+    feed_of_2_holds(&d, &[lost.acked, after.acked].concat(), "every post")?;
     for s in [1, 2] {
         let node = rt.block_on(server_node(d.coord_port, 2, s)).expect("server of cluster 2");
         assert_eq!(rt.block_on(status(&node))?.held, 0, "server 2/{s} holds nothing for a gap");
@@ -259,25 +247,22 @@ fn posts_after_an_override_reach_the_other_clusters() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until each of `texts` (posts of user 1) is exactly once in user
-/// 2's feed on both servers of cluster 2.
-fn in_feed_of_2(d: &Deployment, texts: &[String], what: &str) -> anyhow::Result<()> {
-    let mut last = String::new();
-    let found = eventually(&format!("{what} in user 2's feed on both servers of cluster 2"), || {
-        for s in [1, 2] {
-            let files = spec_files(&d.server_dir(2, s)).ok()?;
-            let feed = sns_node::store::record::decode_posts(files.get("2_following.txt").map_or("", |t| t));
-            for text in texts {
-                let n = feed.iter().filter(|p| p.user == 1 && p.text == *text).count();
-                if n != 1 {
-                    last = format!("server 2/{s}: {text:?} is there {n} times");
-                    return None;
-                }
-            }
-        }
-        Some(())
-    });
-    found.map_err(|e| anyhow::anyhow!("{e}: {last}"))
+/// Kills `good`, starts `stale` first (cluster 1 then has no master) and
+/// promotes it with the operator's override; returns the promotion's
+/// output.
+fn promote_stale_back_first(
+    rt: &Runtime,
+    d: &mut Deployment,
+    stale: u32,
+    good: u32,
+) -> anyhow::Result<std::process::Output> {
+    d.command(&format!("kill server-1-{good}"))?;
+    d.command(&format!("start server-1-{stale}"))?;
+    eventually("cluster 1 without a master", || {
+        let info = rt.block_on(get_server(d.coord_port, 1)).ok()?;
+        (!info.unavailable_reason.is_empty()).then_some(())
+    })?;
+    promote_cli(d, 1, stale, true)
 }
 
 /// Defect: the master's disk fills up. The post that hit ENOSPC used to be
