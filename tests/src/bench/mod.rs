@@ -625,7 +625,10 @@ impl Main<'_> {
         for (prefix, target) in targets {
             progress(self.t0, &format!("load: {target:.0} posts/s for {:?}", p.loaded_time));
             let budget = (target * 5.0) as usize + 2 * u;
+            let before = system::CpuSnapshot::take(&watched);
             let (mut t, overloaded) = load::fixed_rate(&mut s, &ids, target, p.loaded_time, p.drain, budget, n).await?;
+            let after = system::CpuSnapshot::take(&watched);
+            cpu_report(r, &format!("{prefix}_cpu"), &before, &after);
             r.num(&format!("{prefix}_rate_posts_per_s"), target);
             r.num(&format!("{prefix}_achieved_posts_per_s"), t.rate());
             r.int(&format!("{prefix}_posts"), t.completed as u64);
