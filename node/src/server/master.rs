@@ -633,8 +633,17 @@ pub(super) async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
     let mut backoff = RESYNC_MIN;
     // Since when this master has had no live slave.
     let mut alone_since: Option<Instant> = None;
+    // The slave the backoff was earned with: a new one (or the same one
+    // back after it was gone) starts from the shortest pause again, so a
+    // slave that returns after a long outage is not made to wait out
+    // the backoff of the attempts that failed while it was away.
+    let mut backoff_for: Option<(u32, String, String)> = None;
     loop {
         let current = role.borrow_and_update().clone();
+        if current.slave != backoff_for {
+            backoff = RESYNC_MIN;
+            backoff_for = current.slave.clone();
+        }
         let mut retry = None;
         if current.is_master && current.slave.is_none() {
             // Whoever comes next, even at the same address, starts over.
