@@ -594,8 +594,16 @@ fn note_applied(events: &[SyncEvent], reply: &sns_proto::internal::ApplyReply) {
     }
 }
 
-/// Tells the server how far the broker has confirmed its outbox, as often
-/// as a round trip allows (only the latest mark matters).
+/// Least time between two reports of the confirmed mark. The mark only
+/// says where a promoted server's synchronizer starts publishing again
+/// (receivers ignore what they already applied), so a mark this much
+/// behind costs a few redelivered events after a failover; reporting every
+/// confirm would cost a call and a journal record per broker round trip.
+const REPORT_EVERY: Duration = Duration::from_millis(100);
+
+/// Tells the server how far the broker has confirmed its outbox: the
+/// latest mark, at most every [`REPORT_EVERY`] (only the latest matters;
+/// the last one is always sent).
 async fn report_confirmed(
     mut server: ReplicaClient<net::NodeChannel>,
     mut confirmed: watch::Receiver<u64>,
@@ -603,6 +611,7 @@ async fn report_confirmed(
     while confirmed.changed().await.is_ok() {
         let upto = *confirmed.borrow_and_update();
         server.ack_outbox(AckRequest { upto }).await?;
+        tokio::time::sleep(REPORT_EVERY).await;
     }
     // The publisher is gone, and with it this link.
     std::future::pending().await
