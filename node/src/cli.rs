@@ -398,6 +398,13 @@ pub struct ServerArgs {
     /// 1s [default: two heartbeat intervals, within 5s to 30s].
     #[arg(long, env = "SNS_DISK_STALL_LIMIT", value_parser = parse_stall_limit)]
     pub disk_stall_limit: Option<Duration>,
+    /// While this server is under concurrent load (its last group commit
+    /// carried more than one write and ended under 5 ms ago), how long
+    /// its writer waits for more writes before the next group commit. An
+    /// idle server or a lone client never waits. 0 turns it off; at most
+    /// 100ms.
+    #[arg(long, env = "SNS_COMMIT_DELAY", default_value = "1ms", value_parser = parse_commit_delay)]
+    pub commit_delay: Duration,
     #[command(flatten)]
     pub listen: ListenArgs,
     /// Address this server's own connections (to the coordinator, to its
@@ -426,6 +433,18 @@ fn parse_stall_limit(text: &str) -> Result<Duration, String> {
     Ok(limit)
 }
 
+/// A commit delay: 0 (off) up to 100ms (a longer wait only adds latency).
+fn parse_commit_delay(text: &str) -> Result<Duration, String> {
+    if matches!(text.trim(), "0" | "0ms" | "0s") {
+        return Ok(Duration::ZERO);
+    }
+    let delay = parse_duration(text)?;
+    if delay > Duration::from_millis(100) {
+        return Err(format!("{text} is too long: every write under load would wait that long (at most 100ms)"));
+    }
+    Ok(delay)
+}
+
 impl ServerArgs {
     pub fn config(&self) -> Result<ServerConfig, String> {
         if self.cluster > self.size.clusters {
@@ -449,6 +468,7 @@ impl ServerArgs {
             disk_stall_limit: self.disk_stall_limit,
             secret: None,
             source_address: self.source_address,
+            commit_delay: self.commit_delay,
         })
     }
 }
@@ -702,6 +722,23 @@ mod tests {
         assert_eq!(server(&["--disk-stall-limit", "2s"]).unwrap(), Some(Duration::from_secs(2)));
         let err = server(&["--disk-stall-limit", "500ms"]).unwrap_err().to_string();
         assert!(err.contains("too short") && err.contains("at least 1s"), "{err}");
+    }
+
+    #[test]
+    fn a_commit_delay_is_taken_when_sane() {
+        let server = |extra: &[&str]| {
+            let args = [&["sns-node", "server", "-c", "1", "-s", "1"][..], extra].concat();
+            Cli::try_parse_from(args).map(|cli| match cli.command {
+                Command::Server(s) => s.config().unwrap().commit_delay,
+                _ => panic!("not a server"),
+            })
+        };
+        assert_eq!(server(&[]).unwrap(), Duration::from_millis(1));
+        assert_eq!(server(&["--commit-delay", "0"]).unwrap(), Duration::ZERO);
+        assert_eq!(server(&["--commit-delay", "3ms"]).unwrap(), Duration::from_millis(3));
+        let err = server(&["--commit-delay", "2"]).unwrap_err().to_string();
+        assert!(err.contains("too long") && err.contains("at most 100ms"), "{err}");
+        assert!(server(&["--commit-delay", "soon"]).is_err());
     }
 
     impl Command {

@@ -59,6 +59,7 @@ pub struct Metrics {
     // Server.
     pub posts_committed: Counter,
     pub post_commit_seconds: Histogram,
+    pub commit_group_writes: Histogram,
     pub timeline_streams: Gauge,
     pub replication_lag_records: Gauge,
     pub replication_seconds: Histogram,
@@ -98,6 +99,7 @@ impl Default for Metrics {
             requests: Family::default(),
             posts_committed: Counter::default(),
             post_commit_seconds: latency_buckets(),
+            commit_group_writes: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             timeline_streams: Gauge::default(),
             replication_lag_records: Gauge::default(),
             replication_seconds: latency_buckets(),
@@ -148,6 +150,11 @@ pub fn install(kind: NodeKind) {
                 "post_commit_seconds",
                 "From a post's arrival to its commit (journal, slave, fsync)",
                 m.post_commit_seconds.clone(),
+            );
+            r.register(
+                "commit_group_writes",
+                "Writes (client writes, posts, batches of other clusters' events) per group commit",
+                m.commit_group_writes.clone(),
             );
             r.register("timeline_streams", "Open Timeline streams", m.timeline_streams.clone());
             r.register(

@@ -9,8 +9,31 @@ use super::Node;
 use crate::error::{Error, Result};
 use crate::store::state::{Arrival, Change, Entry, LocalOp, Outcome, Pending, Post, RemoteEvent, View};
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+/// The writer counts as busy when its previous group ended this recently
+/// before the next write arrived (see [`waits_for_more`]).
+const BUSY_WINDOW: Duration = Duration::from_millis(5);
+
+/// Whether the writer, given the first write of its next group at `now`,
+/// waits `delay` for more before it commits (`--commit-delay`). Only under
+/// concurrent load: the previous group carried more than one write and
+/// ended within [`BUSY_WINDOW`]. An idle server, or a lone client sending
+/// one write after another (groups of one), never waits. Under load the
+/// wait gathers more writes into each group: fewer journal appends,
+/// fsyncs and forwards to the slave on every server, and fewer and larger
+/// broker messages downstream; each group then commits sooner, so the
+/// writes wait less overall than the delay adds (docs/benchmarks.md).
+fn waits_for_more(delay: Duration, previous: Option<(usize, Instant)>, now: Instant) -> bool {
+    match previous {
+        Some((writes, ended)) => {
+            !delay.is_zero() && writes > 1 && now.saturating_duration_since(ended) < BUSY_WINDOW
+        }
+        None => false,
+    }
+}
 
 /// How a client write is decided: the change to make (None: nothing to
 /// do), or a refusal.
@@ -207,13 +230,23 @@ impl Done {
 }
 
 /// The writer: takes whatever is waiting (up to the cycle's bounds) and
-/// commits it as one group, in arrival order.
+/// commits it as one group, in arrival order; under concurrent load it
+/// first waits the commit delay for more (see [`waits_for_more`]).
 pub(super) async fn commit_loop(node: Node, mut queued: mpsc::UnboundedReceiver<Request>, shutdown: CancellationToken) {
+    let delay = node.cfg().commit_delay;
+    // The previous group: how many writes, and when it ended.
+    let mut previous: Option<(usize, Instant)> = None;
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = queued.recv() => match r { Some(r) => r, None => return },
         };
+        if waits_for_more(delay, previous, Instant::now()) {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
         let mut records = first.records();
         let mut group = vec![first];
         while group.len() < MAX_REQUESTS && records < MAX_RECORDS {
@@ -225,6 +258,31 @@ pub(super) async fn commit_loop(node: Node, mut queued: mpsc::UnboundedReceiver<
                 Err(_) => break,
             }
         }
+        let writes = group.len();
+        crate::metrics::get().commit_group_writes.observe(writes as f64);
         node.commit_group(group).await;
+        previous = Some((writes, Instant::now()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_waits_for_more_only_under_concurrent_load() {
+        let delay = Duration::from_millis(1);
+        let now = Instant::now();
+        let just = now - Duration::from_micros(200);
+        // The previous group had company and just ended: wait.
+        assert!(waits_for_more(delay, Some((2, just)), now));
+        assert!(waits_for_more(delay, Some((300, just)), now));
+        // The first write ever, an idle server, a lone sequential client.
+        assert!(!waits_for_more(delay, None, now));
+        assert!(!waits_for_more(delay, Some((40, now - BUSY_WINDOW)), now));
+        assert!(!waits_for_more(delay, Some((40, now - Duration::from_secs(3))), now));
+        assert!(!waits_for_more(delay, Some((1, just)), now));
+        // Turned off.
+        assert!(!waits_for_more(Duration::ZERO, Some((300, just)), now));
     }
 }

@@ -289,6 +289,7 @@ mod tests {
             disk_stall_limit: limit,
             secret: None,
             source_address: None,
+            commit_delay: Duration::ZERO,
         }
     }
 

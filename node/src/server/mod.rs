@@ -78,6 +78,9 @@ pub struct ServerConfig {
     /// The address this server's own connections (to the coordinator, to
     /// its slave) leave from (None: the system's choice).
     pub source_address: Option<std::net::IpAddr>,
+    /// How long the writer waits for more writes before a group commit
+    /// while it is under concurrent load (zero: never; see `commit.rs`).
+    pub commit_delay: Duration,
 }
 
 /// What the coordinator last told this server.
