@@ -187,6 +187,7 @@ impl Deployment {
             disk_stall_limit: None,
             secret: None,
             source_address: None,
+            commit_delay: sns_node::server::DEFAULT_COMMIT_DELAY,
         }
     }
 

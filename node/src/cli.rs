@@ -733,7 +733,7 @@ mod tests {
                 _ => panic!("not a server"),
             })
         };
-        assert_eq!(server(&[]).unwrap(), Duration::from_millis(1));
+        assert_eq!(server(&[]).unwrap(), crate::server::DEFAULT_COMMIT_DELAY);
         assert_eq!(server(&["--commit-delay", "0"]).unwrap(), Duration::ZERO);
         assert_eq!(server(&["--commit-delay", "3ms"]).unwrap(), Duration::from_millis(3));
         let err = server(&["--commit-delay", "2"]).unwrap_err().to_string();

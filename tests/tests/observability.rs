@@ -92,6 +92,10 @@ fn metrics_move_when_posts_flow_and_gauges_match_the_table() -> Result<()> {
     wait_metric(&d, &master1, "3 posts committed, a timeline open, Login counted", |m| {
         at_least(sum(m, "sns_posts_committed_total", &[]), 3.0)
             && sum(m, "sns_post_commit_seconds_count", &[]) == sum(m, "sns_posts_committed_total", &[])
+            // Each post was a write of some group commit: at least as many
+            // writes as posts, and at least one write per group.
+            && at_least(sum(m, "sns_commit_group_writes_sum", &[]), 3.0)
+            && sum(m, "sns_commit_group_writes_sum", &[]) >= sum(m, "sns_commit_group_writes_count", &[])
             && sum(m, "sns_timeline_streams", &[]) == Some(1.0)
             && at_least(sum(m, "sns_grpc_requests_total", &["rpc=\"SNSService/Login\"", "code=\"Ok\""]), 1.0)
             && at_least(sum(m, "sns_grpc_requests_total", &["rpc=\"SNSService/List\"", "code=\"Ok\""]), 1.0)

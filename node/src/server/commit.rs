@@ -28,9 +28,7 @@ const BUSY_WINDOW: Duration = Duration::from_millis(5);
 /// writes wait less overall than the delay adds (docs/benchmarks.md).
 fn waits_for_more(delay: Duration, previous: Option<(usize, Instant)>, now: Instant) -> bool {
     match previous {
-        Some((writes, ended)) => {
-            !delay.is_zero() && writes > 1 && now.saturating_duration_since(ended) < BUSY_WINDOW
-        }
+        Some((writes, ended)) => !delay.is_zero() && writes > 1 && now.saturating_duration_since(ended) < BUSY_WINDOW,
         None => false,
     }
 }

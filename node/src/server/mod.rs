@@ -83,6 +83,9 @@ pub struct ServerConfig {
     pub commit_delay: Duration,
 }
 
+/// `--commit-delay` unless set.
+pub const DEFAULT_COMMIT_DELAY: Duration = Duration::from_millis(1);
+
 /// What the coordinator last told this server.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Role {
