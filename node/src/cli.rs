@@ -709,15 +709,19 @@ mod tests {
         assert!(Cli::try_parse_from(["sns-node", "server", "-c", "4", "-s", "1"]).unwrap().command.server_config_err());
     }
 
+    /// The configuration of `sns-node server -c 1 -s 1 <extra>`, or why
+    /// the arguments were refused.
+    fn server_with(extra: &[&str]) -> Result<ServerConfig, clap::Error> {
+        let args = [&["sns-node", "server", "-c", "1", "-s", "1"][..], extra].concat();
+        Cli::try_parse_from(args).map(|cli| match cli.command {
+            Command::Server(s) => s.config().unwrap(),
+            _ => panic!("not a server"),
+        })
+    }
+
     #[test]
     fn a_disk_stall_limit_is_taken_when_sane() {
-        let server = |extra: &[&str]| {
-            let args = [&["sns-node", "server", "-c", "1", "-s", "1"][..], extra].concat();
-            Cli::try_parse_from(args).map(|cli| match cli.command {
-                Command::Server(s) => s.config().unwrap().disk_stall_limit,
-                _ => panic!("not a server"),
-            })
-        };
+        let server = |extra: &[&str]| server_with(extra).map(|c| c.disk_stall_limit);
         assert_eq!(server(&[]).unwrap(), None, "derived from the heartbeat unless set");
         assert_eq!(server(&["--disk-stall-limit", "2s"]).unwrap(), Some(Duration::from_secs(2)));
         let err = server(&["--disk-stall-limit", "500ms"]).unwrap_err().to_string();
@@ -726,13 +730,7 @@ mod tests {
 
     #[test]
     fn a_commit_delay_is_taken_when_sane() {
-        let server = |extra: &[&str]| {
-            let args = [&["sns-node", "server", "-c", "1", "-s", "1"][..], extra].concat();
-            Cli::try_parse_from(args).map(|cli| match cli.command {
-                Command::Server(s) => s.config().unwrap().commit_delay,
-                _ => panic!("not a server"),
-            })
-        };
+        let server = |extra: &[&str]| server_with(extra).map(|c| c.commit_delay);
         assert_eq!(server(&[]).unwrap(), crate::server::DEFAULT_COMMIT_DELAY);
         assert_eq!(server(&["--commit-delay", "0"]).unwrap(), Duration::ZERO);
         assert_eq!(server(&["--commit-delay", "3ms"]).unwrap(), Duration::from_millis(3));
