@@ -625,25 +625,56 @@ impl Node {
     }
 }
 
+/// The pause before the next attempt to bring the slave up to date (or to
+/// have a gone one recorded out of sync): from [`RESYNC_MIN`], doubling up
+/// to [`RESYNC_MAX`] while attempts fail; back to the shortest once one
+/// succeeds, or when the slave changes: a new one, or the same one back
+/// after it was gone, is not made to wait out the pauses earned while it
+/// was away.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    /// The slave the pauses were earned with.
+    slave: Option<(u32, String, String)>,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next: RESYNC_MIN, slave: None }
+    }
+
+    /// Notes the role's slave: a different one (or none) starts over.
+    fn slave(&mut self, slave: &Option<(u32, String, String)>) {
+        if *slave != self.slave {
+            self.next = RESYNC_MIN;
+            self.slave = slave.clone();
+        }
+    }
+
+    /// An attempt failed: the pause before the next (twice as long the
+    /// time after).
+    fn failed(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (pause * 2).min(RESYNC_MAX);
+        pause
+    }
+
+    fn succeeded(&mut self) {
+        self.next = RESYNC_MIN;
+    }
+}
+
 /// As master, brings each slave up to date as soon as it appears, and
 /// again (with backoff) while it cannot be; as a slave, forgets any synced
 /// slave (whoever comes next starts from a snapshot).
 pub(super) async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
     let mut role = node.watch_role();
-    let mut backoff = RESYNC_MIN;
+    let mut backoff = Backoff::new();
     // Since when this master has had no live slave.
     let mut alone_since: Option<Instant> = None;
-    // The slave the backoff was earned with: a new one (or the same one
-    // back after it was gone) starts from the shortest pause again, so a
-    // slave that returns after a long outage is not made to wait out
-    // the backoff of the attempts that failed while it was away.
-    let mut backoff_for: Option<(u32, String, String)> = None;
     loop {
         let current = role.borrow_and_update().clone();
-        if current.slave != backoff_for {
-            backoff = RESYNC_MIN;
-            backoff_for = current.slave.clone();
-        }
+        backoff.slave(&current.slave);
         let mut retry = None;
         if current.is_master && current.slave.is_none() {
             // Whoever comes next, even at the same address, starts over.
@@ -654,9 +685,9 @@ pub(super) async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
                 Some(left) if !left.is_zero() => retry = Some(left),
                 _ => {
                     if let Err(e) = node.drop_gone_peers().await {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "could not record the gone slave out of sync");
-                        retry = Some(backoff);
-                        backoff = (backoff * 2).min(RESYNC_MAX);
+                        let pause = backoff.failed();
+                        tracing::warn!(error = %e, retry_in = ?pause, "could not record the gone slave out of sync");
+                        retry = Some(pause);
                     }
                 }
             }
@@ -665,19 +696,17 @@ pub(super) async fn slave_sync_loop(node: Node, shutdown: CancellationToken) {
         }
         if node.slave_behind(&current).await {
             match node.catch_up_slave().await {
-                Ok(()) if node.slave_behind(&node.role()).await => retry = Some(backoff),
-                Ok(()) => backoff = RESYNC_MIN,
+                Ok(()) if node.slave_behind(&node.role()).await => retry = Some(backoff.failed()),
+                Ok(()) => backoff.succeeded(),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "could not bring the slave up to date");
-                    retry = Some(backoff);
+                    let pause = backoff.failed();
+                    tracing::warn!(error = %e, retry_in = ?pause, "could not bring the slave up to date");
+                    retry = Some(pause);
                 }
-            }
-            if retry.is_some() {
-                backoff = (backoff * 2).min(RESYNC_MAX);
             }
         } else if !current.is_master {
             node.unsync();
-            backoff = RESYNC_MIN;
+            backoff.succeeded();
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -748,8 +777,9 @@ fn encode_state(node: &Node) -> (Vec<u8>, u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::next_snapshot_number;
+    use super::{Backoff, RESYNC_MAX, RESYNC_MIN, next_snapshot_number};
     use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
 
     #[test]
     fn snapshot_numbers_grow_within_a_run_and_across_restarts() {
@@ -762,5 +792,33 @@ mod tests {
         // A restart 1 ms later numbers above every one of the first run.
         let restarted = AtomicU64::new(0);
         assert!(next_snapshot_number(&restarted, 1_001) > c);
+    }
+
+    #[test]
+    fn the_catch_up_backoff_doubles_while_failing_and_starts_over_for_a_returning_slave() {
+        let slave = Some((2, "127.0.0.1".to_string(), "10001".to_string()));
+        let mut b = Backoff::new();
+        b.slave(&slave);
+        let pauses: Vec<Duration> = (0..7).map(|_| b.failed()).collect();
+        let ms = |v: u64| Duration::from_millis(v);
+        assert_eq!(pauses, [ms(200), ms(400), ms(800), ms(1600), ms(3200), ms(5000), ms(5000)]);
+        // The same slave, still there: the pauses it earned stand.
+        b.slave(&slave);
+        assert_eq!(b.failed(), RESYNC_MAX);
+        // It is gone (attempts to record that may fail and back off too) ...
+        b.slave(&None);
+        assert_eq!(b.failed(), RESYNC_MIN);
+        b.failed();
+        b.failed();
+        // ... and back at the same address: it starts from the shortest.
+        b.slave(&slave);
+        assert_eq!(b.failed(), RESYNC_MIN);
+        // Another server as slave starts over too; a success resets.
+        b.failed();
+        b.slave(&Some((3, "127.0.0.1".to_string(), "10002".to_string())));
+        assert_eq!(b.failed(), RESYNC_MIN);
+        b.failed();
+        b.succeeded();
+        assert_eq!(b.failed(), RESYNC_MIN);
     }
 }
