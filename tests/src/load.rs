@@ -36,6 +36,12 @@ fn next_call() -> (u64, u64) {
     (call, base)
 }
 
+/// The wall clock, in whole seconds since the epoch (what a client puts in
+/// a post's timestamp).
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
 /// What one writer saw.
 #[derive(Debug, Default, Clone)]
 pub struct WriterReport {
@@ -174,10 +180,8 @@ impl Writer {
             while !stop.load(Ordering::SeqCst) && n < max && Instant::now() < deadline {
                 let text = format!("{user}-w{call}-{n}{}", ".".repeat(pad));
                 let id = id_base + n as u64 + 1;
-                let timestamp = clock.map(|off| {
-                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                    sns_proto::prost_types::Timestamp { seconds: now.as_secs() as i64 + off, nanos: 0 }
-                });
+                let timestamp =
+                    clock.map(|off| sns_proto::prost_types::Timestamp { seconds: now_secs() + off, nanos: 0 });
                 let post = Message { username: user.to_string(), msg: text.clone(), timestamp, post_id: id };
                 if tx.send(post).is_err() {
                     report.failovers += 1;

@@ -9,7 +9,7 @@ use sns_e2e::nodes::rt;
 use sns_e2e::{DEADLINE, Deployment, check_convergence, spec_files};
 use sns_proto::csce438::Message;
 use sns_proto::prost_types::Timestamp;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -37,10 +37,6 @@ async fn post_at(coord_port: u16, user: u32, posts: &[(&str, Option<i64>)]) -> a
     Ok(())
 }
 
-fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 #[test]
 fn skewed_client_clocks_decide_nothing() -> anyhow::Result<()> {
     let d = Deployment::start(3, 2)?;
@@ -60,7 +56,7 @@ fn skewed_client_clocks_decide_nothing() -> anyhow::Result<()> {
         }
         load::wait_followers(d.coord_port, 1, &[2, 3, 4], deadline).await
     })?;
-    let now = now_secs();
+    let now = load::now_secs();
     let posts = [
         ("a day behind", Some(now - 86_400)),
         ("30 s behind", Some(now - 30)),
