@@ -1,14 +1,16 @@
 //! A synchronizer lets go of a broker link it is dropping and connects
-//! again, however the link ended. Its heartbeats keep coming either way,
-//! so a synchronizer stuck while closing looks alive to everyone and
-//! silently stops its cluster's events once its server is promoted.
+//! again, however the link ended, and gives up on a connection the broker
+//! never completes. Its heartbeats keep coming either way, so a
+//! synchronizer stuck while closing or connecting looks alive to everyone
+//! and silently stops its cluster's events.
 
 use anyhow::{Context, Result, anyhow};
 use sns_e2e::nodes::{master_of, rt};
 use sns_e2e::{Deployment, eventually_within, load};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Kill/start rounds of the server beside the standing-by synchronizer.
 const ROUNDS: usize = 12;
@@ -65,5 +67,60 @@ fn a_synchronizer_whose_server_dies_right_after_it_connected_comes_back() -> Res
     anyhow::ensure!(report.acked.len() == 5, "posts not acknowledged: {report:?}");
     let followers = [(1, vec![2])].into_iter().collect();
     sns_e2e::nodes::assert_exactly_once(&d, &[(2, 1), (2, 2)], &[report], &followers)?;
+    Ok(())
+}
+
+/// Stands where the broker should be. While `open` is false it accepts
+/// connections and never says a word (a broker hung mid-handshake, or a
+/// proxy in front of one that is gone), holding them open; then it relays
+/// each new connection to the real broker at `broker`.
+async fn tarpit_then_relay(listener: TcpListener, open: Arc<AtomicBool>, held: Arc<AtomicUsize>, broker: String) {
+    let mut parked = Vec::new();
+    while let Ok((mut client, _)) = listener.accept().await {
+        if !open.load(Ordering::SeqCst) {
+            held.fetch_add(1, Ordering::SeqCst);
+            parked.push(client);
+            continue;
+        }
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            if let Ok(mut upstream) = TcpStream::connect(&broker).await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+        });
+    }
+}
+
+#[test]
+fn a_synchronizer_gives_up_on_a_broker_that_never_completes_the_connection() -> Result<()> {
+    let rt = rt();
+    let real = sns_e2e::amqp_url();
+    let broker = sns_node::launcher::broker_addr(&real);
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
+    let port = listener.local_addr()?.port();
+    // The same URL (credentials, virtual host), through the stand-in.
+    let url = real.replacen(&broker, &format!("127.0.0.1:{port}"), 1);
+    anyhow::ensure!(url != real, "cannot find {broker} in {real}");
+    let (open, held) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    rt.spawn(tarpit_then_relay(listener, open.clone(), held.clone(), broker));
+    let d = Deployment::builder().clusters(2).servers(1).broker(&url, None).start()?;
+    // Each synchronizer gives up on its silent connection and says why.
+    let limit = sns_node::sync::BROKER_SETUP_TIMEOUT + LET_GO;
+    for sync in ["sync-1-1", "sync-2-1"] {
+        eventually_within(&format!("{sync} to give up on the silent broker"), limit, || {
+            d.log(sync).contains("did not let the synchronizer connect to it within").then_some(())
+        })
+        .with_context(|| format!("{sync} is stuck connecting; its log:\n{}", d.log(sync)))?;
+    }
+    anyhow::ensure!(held.load(Ordering::SeqCst) >= 2, "the stand-in held {} connections", held.load(Ordering::SeqCst));
+    // The broker answers again: the next attempts reach it, and posts
+    // cross between the clusters.
+    open.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt.block_on(load::follow_until_done(d.coord_port, 2, 1, deadline))?;
+    let report = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 5, deadline));
+    anyhow::ensure!(report.acked.len() == 5, "posts not acknowledged: {report:?}");
+    let followers = [(1, vec![2])].into_iter().collect();
+    sns_e2e::nodes::assert_exactly_once(&d, &[(2, 1)], &[report], &followers)?;
     Ok(())
 }

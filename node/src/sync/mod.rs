@@ -180,10 +180,18 @@ async fn bridge(cfg: SyncConfig, coord: net::NodeChannel, link: watch::Sender<St
         });
         let attempt = async {
             let server = find_server(&cfg, coord.clone(), &shutdown).await?;
-            let conn =
-                crate::tls::amqp_connect(&with_frame_max(&cfg.amqp_url), ConnectionProperties::default()).await?;
-            let setup = conn.create_channel().await?;
-            topology::declare(&setup, &names, cfg.clusters, cfg.queue_expires, cfg.queue_type).await?;
+            let broker = crate::launcher::broker_addr(&cfg.amqp_url);
+            let url = with_frame_max(&cfg.amqp_url);
+            let connect = async { Ok(crate::tls::amqp_connect(&url, ConnectionProperties::default()).await?) };
+            let conn = within_setup(&broker, "connect to it", connect).await?;
+            let declare = async {
+                let setup = conn.create_channel().await?;
+                topology::declare(&setup, &names, cfg.clusters, cfg.queue_expires, cfg.queue_type).await
+            };
+            if let Err(e) = within_setup(&broker, "declare the deployment's exchanges and queues", declare).await {
+                bounded_close("connection", conn.close(200, "synchronizer giving up".into())).await;
+                return Err(e);
+            }
             tracing::info!(server = %server, "connected to server and broker");
             link.send_replace(String::new());
             let attach = crate::auth::Attach::new(cfg.secret.clone());
@@ -234,6 +242,28 @@ fn link_down_reason(e: &Error) -> String {
         None if text.is_empty() => "down".into(),
         None => text,
     }
+}
+
+/// How long connecting to the broker may take, and then declaring the
+/// deployment's objects. The AMQP handshake has no bound of its own (lapin
+/// sends heartbeats only once it is done): a broker that accepted the
+/// connection and then says nothing (hung, a proxy in front of one that is
+/// gone, a lost wake-up in the client) would hold the synchronizer for
+/// good, alive by its heartbeats, its cluster's events unpublished, even
+/// once the broker answers again. Past this the attempt is abandoned and
+/// made again after the backoff. (lapin offers no way to stop an attempt:
+/// its socket and I/O thread stay until the broker's end closes them;
+/// RabbitMQ ends a handshake left unfinished after 10 s of its own.)
+pub const BROKER_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs one step of setting up the broker link within
+/// [`BROKER_SETUP_TIMEOUT`].
+async fn within_setup<T>(broker: &str, step: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(BROKER_SETUP_TIMEOUT, f).await.unwrap_or_else(|_| {
+        Err(Error::NoAnswer(format!(
+            "the broker at {broker} did not let the synchronizer {step} within {BROKER_SETUP_TIMEOUT:?}"
+        )))
+    })
 }
 
 /// How long closing a broker channel or connection may take. A close can
