@@ -10,6 +10,19 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// How long connecting to the broker may take here: lapin's handshake has
+/// no bound of its own, and a connection that never completes must fail
+/// the test or the bench phase, not hang it.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to the broker at `url` within [`CONNECT_TIMEOUT`].
+pub async fn connect(url: &str) -> Result<Connection> {
+    tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, ConnectionProperties::default()))
+        .await
+        .map_err(|_| anyhow::anyhow!("the broker at {url} did not complete the connection within {CONNECT_TIMEOUT:?}"))?
+        .map_err(Into::into)
+}
+
 /// A connection to the real broker, with one channel.
 pub struct Broker {
     conn: Connection,
@@ -20,7 +33,7 @@ pub struct Broker {
 impl Broker {
     /// Connects for the deployment named `deployment`.
     pub async fn connect(deployment: &str) -> Result<Broker> {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+        let conn = connect(&amqp_url()).await?;
         let channel = conn.create_channel().await?;
         Ok(Broker { conn, channel, deployment: deployment.to_string() })
     }

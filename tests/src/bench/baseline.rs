@@ -14,7 +14,7 @@ use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use sns_node::sync::topology::Names;
 use std::io::Write as _;
 use std::path::Path;
@@ -117,9 +117,7 @@ struct Broker {
 
 impl Broker {
     async fn connect(url: &str, prefix: &str) -> Result<Broker> {
-        let conn = Connection::connect(url, ConnectionProperties::default())
-            .await
-            .with_context(|| format!("connecting to the broker at {url}"))?;
+        let conn = crate::broker::connect(url).await?;
         Ok(Broker { conn, prefix: prefix.to_string() })
     }
 

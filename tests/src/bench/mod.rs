@@ -34,6 +34,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// Longest the baselines may take together: their own bounds add up to
+/// about two minutes in a full run.
+const BASELINES_LIMIT: Duration = Duration::from_secs(180);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Full,
@@ -402,8 +406,12 @@ impl Main<'_> {
     async fn all(&self, d: &mut Deployment, r: &mut Report, node_bin: &std::path::Path) {
         let settled = Instant::now() + Duration::from_secs(1);
         progress(self.t0, "baselines: gRPC, fsync, broker");
-        if let Err(e) = self.baselines(d, r, node_bin).await {
-            r.error("baseline", &e);
+        // Each baseline bounds itself; this bounds what none of them can
+        // (a broker call that never returns), so the run still ends.
+        match tokio::time::timeout(BASELINES_LIMIT, self.baselines(d, r, node_bin)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => r.error("baseline", &e),
+            Err(_) => r.error("baseline", &anyhow!("the baselines did not finish within {BASELINES_LIMIT:?}")),
         }
         // Idle RSS: after start-up has settled, before any user exists.
         tokio::time::sleep_until(settled.into()).await;

@@ -35,11 +35,11 @@ use super::stats::Clock;
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
+use lapin::BasicProperties;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 use prost::Message as _;
 use sns_node::store::codec;
 use sns_node::sync::topology::{self, Names};
@@ -90,9 +90,7 @@ pub struct SyncRate {
 pub async fn run(url: &str, prefix: &str, p: Pattern) -> Result<SyncRate> {
     let deployment = format!("{prefix}-sync");
     let names = Names::new(&deployment);
-    let setup = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .with_context(|| format!("connecting to the broker at {url}"))?;
+    let setup = crate::broker::connect(url).await?;
     let ch = setup.create_channel().await?;
     topology::declare(&ch, &names, p.clusters, Some(QUEUE_EXPIRES), topology::QueueType::Classic)
         .await
@@ -120,7 +118,7 @@ async fn run_on(url: &str, names: &Names, p: Pattern) -> Result<SyncRate> {
     // The master's synchronizer of each cluster: one connection.
     let mut conns = Vec::new();
     for _ in 1..=p.clusters {
-        conns.push(Connection::connect(&with_frame_max(url), ConnectionProperties::default()).await?);
+        conns.push(crate::broker::connect(&with_frame_max(url)).await?);
     }
     // Per origin cluster, how many events it published (known once it is
     // done publishing); consumers end once they hold all routed to them.
