@@ -115,3 +115,123 @@ impl Drop for StoppedBroker {
         }
     }
 }
+
+/// Stands where the broker should be, on a free loopback port, relaying
+/// each connection to the real broker while it relays. Silenced, it is a
+/// partition without a reset: the connections it was relaying stop
+/// carrying anything either way without being closed (a broker whose host
+/// vanished), and new ones are accepted and never answered (a broker hung
+/// mid-handshake, or a proxy in front of one that is gone). Restored, it
+/// closes everything it held and relays new connections again.
+pub struct StandIn {
+    /// The broker URL (credentials, virtual host) through the stand-in.
+    pub url: String,
+    relaying: tokio::sync::watch::Sender<bool>,
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StandIn {
+    /// Starts relaying (or silent) on `rt`, in front of the broker of
+    /// [`amqp_url`].
+    pub fn start(rt: &tokio::runtime::Runtime, relaying: bool) -> Result<StandIn> {
+        let real = amqp_url();
+        let broker = sns_node::launcher::broker_addr(&real);
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let url = real.replacen(&broker, &format!("127.0.0.1:{}", listener.local_addr()?.port()), 1);
+        anyhow::ensure!(url != real, "cannot find the broker's address {broker} in {real}");
+        let (tx, rx) = tokio::sync::watch::channel(relaying);
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        rt.spawn(stand_in(listener, rx, held.clone(), broker));
+        Ok(StandIn { url, relaying: tx, held })
+    }
+
+    pub fn silence(&self) {
+        self.relaying.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.relaying.send_replace(true);
+    }
+
+    /// Connections accepted while silent, so far.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn stand_in(
+    listener: tokio::net::TcpListener,
+    relaying: tokio::sync::watch::Receiver<bool>,
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    broker: String,
+) {
+    while let Ok((client, _)) = listener.accept().await {
+        let mut relaying = relaying.clone();
+        if !*relaying.borrow_and_update() {
+            held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Held without a word until the stand-in relays again, then
+            // closed.
+            tokio::spawn(async move {
+                let _ = relaying.wait_for(|on| *on).await;
+                drop(client);
+            });
+            continue;
+        }
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let Ok(upstream) = tokio::net::TcpStream::connect(&broker).await else { return };
+            relay(client, upstream, relaying).await;
+        });
+    }
+}
+
+/// Carries a connection both ways while the stand-in relays. Once it went
+/// silent, whatever arrives is swallowed; once it relays again, the
+/// connection is closed.
+async fn relay(
+    client: tokio::net::TcpStream,
+    upstream: tokio::net::TcpStream,
+    mut relaying: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_broker, mut to_broker) = upstream.into_split();
+    let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    let mut cut = false;
+    loop {
+        let (n, to_broker_side) = tokio::select! {
+            r = from_client.read(&mut up) => (r, true),
+            r = from_broker.read(&mut down) => (r, false),
+            changed = relaying.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let on = *relaying.borrow_and_update();
+                if !on {
+                    cut = true;
+                } else if cut {
+                    return;
+                }
+                continue;
+            }
+        };
+        let n = match n {
+            // Cut off, neither end hears the other close: held until the
+            // stand-in relays again.
+            Ok(0) | Err(_) if cut => {
+                let _ = relaying.wait_for(|on| *on).await;
+                return;
+            }
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if cut {
+            continue;
+        }
+        let written =
+            if to_broker_side { to_broker.write_all(&up[..n]).await } else { to_client.write_all(&down[..n]).await };
+        if written.is_err() {
+            return;
+        }
+    }
+}

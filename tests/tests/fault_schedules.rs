@@ -18,7 +18,10 @@
 //! it, or a slave back first while the whole cluster was down), and planned
 //! switchovers (alone, with the target hanging right after, with the old
 //! master killed right after), and restarts the broker (sometimes with a
-//! master or its synchronizer killed while it is down). Faults overlap:
+//! master or its synchronizer killed while it is down) or cuts it off
+//! without a reset (every broker link goes silent and new connections are
+//! never answered: briefly, with a master killed meanwhile, or until a
+//! synchronizer's heartbeats gave up on its link). Faults overlap:
 //! one step in three holds a second fault for the whole of the step's
 //! fault (in another cluster, its master or slave killed or paused; in any
 //! cluster, a synchronizer killed or paused; or the broker stopped), and
@@ -33,11 +36,12 @@
 //!
 //! `SNS_FAULT_SCHEDULES` (default 3) and `SNS_FAULT_STEPS` (default 6) set
 //! the length; `SNS_FAULT_SEED` replays a run (every failure names its
-//! seed). The full disk needs a tmpfs mount and the hung disk a loop mount
+//! seed); `SNS_FAULT_ONLY` (e.g. `SilentBroker,KillMaster`) keeps the
+//! steps' own faults to those named. The full disk needs a tmpfs mount and the hung disk a loop mount
 //! (root); where mounting is refused those faults are left out, saying so.
 
 use anyhow::{Context, Result, anyhow, bail};
-use sns_e2e::broker::StoppedBroker;
+use sns_e2e::broker::{StandIn, StoppedBroker};
 use sns_e2e::disk;
 use sns_e2e::load::{self, Writer, WriterReport};
 use sns_e2e::nodes::{
@@ -142,9 +146,15 @@ enum Fault {
     /// lease runs out: the slave, lacking acknowledged writes, must not be
     /// promoted either way.
     CutMasterFromSlave,
+    /// The broker cut off without a reset (its stand-in swallows whatever
+    /// its open links carry and never answers new connections), then
+    /// back: briefly, with the master killed meanwhile (its slave's
+    /// synchronizer must connect through the silence), or until the
+    /// master's synchronizer dropped its link on missed heartbeats.
+    SilentBroker,
 }
 
-const FAULTS: [Fault; 21] = [
+const FAULTS: [Fault; 22] = [
     Fault::KillMaster,
     Fault::RestartMaster,
     Fault::KillSlave,
@@ -166,6 +176,7 @@ const FAULTS: [Fault; 21] = [
     Fault::SkewedClock,
     Fault::CutMasterFromSlave,
     Fault::RestartBroker,
+    Fault::SilentBroker,
 ];
 
 /// The faults that may strike before the last one healed (a slave still
@@ -180,6 +191,15 @@ const RESTLESS: [Fault; 7] = [
     Fault::RestartCoordinator,
     Fault::SkewedClock,
 ];
+
+/// The faults of `list` that `SNS_FAULT_ONLY` names (comma-separated, as
+/// in [`Fault`]: `SilentBroker,KillMaster`), to soak a few; all of them
+/// when it is unset.
+fn only(list: &[Fault]) -> Vec<Fault> {
+    let Ok(names) = std::env::var("SNS_FAULT_ONLY") else { return list.to_vec() };
+    let names: Vec<&str> = names.split(',').map(str::trim).collect();
+    list.iter().copied().filter(|f| names.contains(&format!("{f:?}").as_str())).collect()
+}
 
 /// A fault held for the whole of a step's fault, so that two faults
 /// overlap (ended after it): in another cluster, or for a synchronizer in
@@ -243,6 +263,7 @@ struct Totals {
 #[test]
 fn randomized_fault_schedules_lose_no_acknowledged_write() -> Result<()> {
     let schedules = env_u64("SNS_FAULT_SCHEDULES").unwrap_or(3);
+    anyhow::ensure!(!only(&FAULTS).is_empty(), "SNS_FAULT_ONLY names no fault of {FAULTS:?}");
     let steps = env_u64("SNS_FAULT_STEPS").unwrap_or(6);
     let seed = env_u64("SNS_FAULT_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
@@ -527,13 +548,20 @@ fn inject(
     d: &mut Deployment,
     load: &Load,
     disks: Disks,
+    broker: &StandIn,
     rested: bool,
 ) -> Result<Vec<String>> {
     let c = rng.cluster();
+    let (all, restless) = (only(&FAULTS), only(&RESTLESS));
+    // With none of the faults that may strike early left, the step waits.
+    if !rested && restless.is_empty() {
+        wait_healthy(rt, d)?;
+    }
+    let rested = rested || restless.is_empty();
     let fault = if rested {
-        FAULTS[rng.below(FAULTS.len() as u64) as usize]
+        all[rng.below(all.len() as u64) as usize]
     } else {
-        RESTLESS[rng.below(RESTLESS.len() as u64) as usize]
+        restless[rng.below(restless.len() as u64) as usize]
     };
     // The clusters this fault leaves alone (a disk fault strikes where the
     // disk is, and waits for that cluster's writer).
@@ -562,7 +590,7 @@ fn inject(
         }
         _ => None,
     };
-    let name = strike(fault, c, rng, rt, d, load, disks)?;
+    let name = strike(fault, c, rng, rt, d, load, disks, broker)?;
     let mut names = vec![if rested { name } else { format!("{name} (before the last fault healed)") }];
     if let Some(h) = held {
         match h.undo {
@@ -605,6 +633,7 @@ fn hold(kind: Background, same: bool, rng: &mut Rng, rt: &Runtime, d: &mut Deplo
 }
 
 /// Applies `fault` to cluster `c` and ends it; returns its name.
+#[allow(clippy::too_many_arguments, reason = "the schedule's whole context")]
 fn strike(
     fault: Fault,
     c: u32,
@@ -613,6 +642,7 @@ fn strike(
     d: &mut Deployment,
     load: &Load,
     disks: Disks,
+    broker: &StandIn,
 ) -> Result<String> {
     let writer = WRITERS[c as usize - 1];
     let (m, s) = roles(rt, d, c).ok_or_else(|| anyhow!("cluster {c} has no master before the fault"))?;
@@ -821,6 +851,36 @@ fn strike(
                 _ => "broker restart",
             }
         }
+        Fault::SilentBroker => {
+            let sync = format!("sync-{c}-{m}");
+            let downs = d.log(&sync).matches("synchronizer link down").count();
+            broker.silence();
+            // Servers do not need the broker to acknowledge writes.
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            let mode = rng.below(3);
+            match mode {
+                1 => {
+                    cmd(d, &format!("kill server-{c}-{m}"))?;
+                    wait_master_is(rt, d, c, s)?;
+                    progress(load, writer, 1 + rng.below(10) as usize)?;
+                }
+                2 => {
+                    eventually_within(&format!("{sync} to drop its silent broker link"), HEAL, || {
+                        (d.log(&sync).matches("synchronizer link down").count() > downs).then_some(())
+                    })?;
+                }
+                _ => {}
+            }
+            broker.restore();
+            match mode {
+                1 => {
+                    cmd(d, &format!("start server-{c}-{m}"))?;
+                    "broker cut off without a reset, master killed meanwhile"
+                }
+                2 => "broker cut off without a reset until a synchronizer dropped its link",
+                _ => "broker cut off without a reset",
+            }
+        }
         Fault::DiskFull => {
             let Some((dc, ds)) = disks.full else { return Ok("full disk (left out: no tmpfs)".into()) };
             let dir = d.server_dir(dc, ds);
@@ -987,9 +1047,13 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
         Disks { full: Some(full_at), hung: None },
         Disks::default(),
     ];
+    // Every broker link goes through a stand-in, so the broker can be cut
+    // off without a reset.
+    let rt = rt();
+    let broker = StandIn::start(&rt, true)?;
     let mut started = None;
     for disks in tries {
-        let mut builder = Deployment::builder().clusters(CLUSTERS).servers(2);
+        let mut builder = Deployment::builder().clusters(CLUSTERS).servers(2).broker(&broker.url, None);
         if let Some((c, s)) = disks.full {
             builder = builder.tmpfs(c, s, TMPFS);
         }
@@ -1008,7 +1072,6 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
         }
     }
     let (mut d, disks) = started.ok_or_else(|| anyhow!("no deployment started"))?;
-    let rt = rt();
     wait_healthy(&rt, &d)?;
     let clocks = [0; 3].map(|_| CLOCKS[rng.below(CLOCKS.len() as u64) as usize]);
     for clock in clocks {
@@ -1019,7 +1082,9 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     let stepped = (|| -> Result<()> {
         let mut rested = true;
         for step in 0..steps {
-            let names = inject(&mut rng, &rt, &mut d, &load, disks, rested).with_context(|| format!("step {step}"))?;
+            let began = Instant::now();
+            let names =
+                inject(&mut rng, &rt, &mut d, &load, disks, &broker, rested).with_context(|| format!("step {step}"))?;
             for n in &names {
                 *totals.faults.entry(n.clone()).or_default() += 1;
             }
@@ -1034,6 +1099,7 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
             for &w in &WRITERS {
                 progress(&load, w, 1).with_context(|| format!("after step {step} ({name})"))?;
             }
+            eprintln!("fault schedules: step {step}: {name} ({:.1} s)", began.elapsed().as_secs_f64());
         }
         Ok(())
     })();
@@ -1065,6 +1131,7 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
         WRITERS.iter().map(|&u| (u, WRITERS.iter().copied().filter(|f| *f != u).collect())).collect();
     let mut checked: Vec<WriterReport> = reports.clone();
     checked.push(last);
+    let checking = Instant::now();
     let verdict = (|| -> Result<usize> {
         assert_exactly_once(&d, &all, &checked, &followers)?;
         check_no_gap(&rt, &d)?;
@@ -1074,6 +1141,7 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
         check_convergence(&d, &all, &[])?;
         Ok(relations_checked)
     })();
+    eprintln!("fault schedules: checked in {:.1} s", checking.elapsed().as_secs_f64());
     let relations_checked = match verdict {
         Ok(n) => n,
         Err(e) => {

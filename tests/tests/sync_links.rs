@@ -5,12 +5,12 @@
 //! and silently stops its cluster's events.
 
 use anyhow::{Context, Result, anyhow};
+use sns_e2e::broker::StandIn;
 use sns_e2e::nodes::{master_of, rt};
 use sns_e2e::{Deployment, eventually_within, load};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
-use tokio::net::{TcpListener, TcpStream};
 
 /// Kill/start rounds of the server beside the standing-by synchronizer.
 const ROUNDS: usize = 12;
@@ -70,72 +70,6 @@ fn a_synchronizer_whose_server_dies_right_after_it_connected_comes_back() -> Res
     Ok(())
 }
 
-/// Stands where the broker should be, relaying to the real one at `broker`
-/// while `relaying` is set. While it is not, it goes silent: it accepts
-/// connections and never says a word (a broker hung mid-handshake, or a
-/// proxy in front of one that is gone), and the connections it was
-/// relaying stop carrying anything either way, for good, without being
-/// closed (a broker whose host vanished without a reset).
-async fn stand_in(listener: TcpListener, relaying: Arc<AtomicBool>, held: Arc<AtomicUsize>, broker: String) {
-    let mut parked = Vec::new();
-    while let Ok((client, _)) = listener.accept().await {
-        if !relaying.load(Ordering::SeqCst) {
-            held.fetch_add(1, Ordering::SeqCst);
-            parked.push(client);
-            continue;
-        }
-        let (broker, relaying) = (broker.clone(), relaying.clone());
-        tokio::spawn(async move {
-            let Ok(upstream) = TcpStream::connect(&broker).await else { return };
-            let (from_client, to_client) = client.into_split();
-            let (from_broker, to_broker) = upstream.into_split();
-            let cut = Arc::new(AtomicBool::new(false));
-            tokio::join!(
-                pump(from_client, to_broker, relaying.clone(), cut.clone()),
-                pump(from_broker, to_client, relaying, cut)
-            );
-        });
-    }
-}
-
-/// Carries one direction of a relayed connection until either end closes;
-/// once the stand-in went silent, whatever arrives is swallowed.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    relaying: Arc<AtomicBool>,
-    cut: Arc<AtomicBool>,
-) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if !relaying.load(Ordering::SeqCst) {
-            cut.store(true, Ordering::SeqCst);
-        }
-        if !cut.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// A stand-in for the broker on a free loopback port, and the broker URL
-/// (credentials, virtual host) through it.
-fn start_stand_in(rt: &tokio::runtime::Runtime, relaying: bool) -> Result<(String, Arc<AtomicBool>, Arc<AtomicUsize>)> {
-    let real = sns_e2e::amqp_url();
-    let broker = sns_node::launcher::broker_addr(&real);
-    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
-    let port = listener.local_addr()?.port();
-    let url = real.replacen(&broker, &format!("127.0.0.1:{port}"), 1);
-    anyhow::ensure!(url != real, "cannot find {broker} in {real}");
-    let (relay, held) = (Arc::new(AtomicBool::new(relaying)), Arc::new(AtomicUsize::new(0)));
-    rt.spawn(stand_in(listener, relay.clone(), held.clone(), broker));
-    Ok((url, relay, held))
-}
-
 /// User 2 (cluster 2) follows user 1 (cluster 1).
 fn follow(d: &Deployment, rt: &tokio::runtime::Runtime) -> Result<()> {
     rt.block_on(load::follow_until_done(d.coord_port, 2, 1, Instant::now() + Duration::from_secs(60)))
@@ -152,8 +86,8 @@ fn post(d: &Deployment, rt: &tokio::runtime::Runtime, n: usize) -> Result<load::
 #[test]
 fn a_synchronizer_gives_up_on_a_broker_that_never_completes_the_connection() -> Result<()> {
     let rt = rt();
-    let (url, relaying, held) = start_stand_in(&rt, false)?;
-    let d = Deployment::builder().clusters(2).servers(1).broker(&url, None).start()?;
+    let broker = StandIn::start(&rt, false)?;
+    let d = Deployment::builder().clusters(2).servers(1).broker(&broker.url, None).start()?;
     // Each synchronizer gives up on its silent connection and says why.
     let limit = sns_node::sync::BROKER_SETUP_TIMEOUT + LET_GO;
     for sync in ["sync-1-1", "sync-2-1"] {
@@ -162,10 +96,10 @@ fn a_synchronizer_gives_up_on_a_broker_that_never_completes_the_connection() -> 
         })
         .with_context(|| format!("{sync} is stuck connecting; its log:\n{}", d.log(sync)))?;
     }
-    anyhow::ensure!(held.load(Ordering::SeqCst) >= 2, "the stand-in held {} connections", held.load(Ordering::SeqCst));
+    anyhow::ensure!(broker.held() >= 2, "the stand-in held {} connections", broker.held());
     // The broker answers again: the next attempts reach it, and posts
     // cross between the clusters.
-    relaying.store(true, Ordering::SeqCst);
+    broker.restore();
     follow(&d, &rt)?;
     let report = post(&d, &rt, 5)?;
     let followers = [(1, vec![2])].into_iter().collect();
@@ -175,15 +109,15 @@ fn a_synchronizer_gives_up_on_a_broker_that_never_completes_the_connection() -> 
 #[test]
 fn a_synchronizer_drops_a_broker_link_that_went_silent() -> Result<()> {
     let rt = rt();
-    let (url, relaying, _) = start_stand_in(&rt, true)?;
-    let d = Deployment::builder().clusters(2).servers(1).broker(&url, None).start()?;
+    let broker = StandIn::start(&rt, true)?;
+    let d = Deployment::builder().clusters(2).servers(1).broker(&broker.url, None).start()?;
     follow(&d, &rt)?;
     let before = post(&d, &rt, 3)?;
     // The link goes silent without being closed: nothing flows either
     // way, and no reset tells the synchronizers.
     let downs: Vec<usize> =
         ["sync-1-1", "sync-2-1"].iter().map(|s| count(&d.log(s), "synchronizer link down")).collect();
-    relaying.store(false, Ordering::SeqCst);
+    broker.silence();
     // The heartbeats (every 5 s each way) now go unanswered: each
     // synchronizer drops its link within two heartbeat periods.
     let limit = Duration::from_secs(2 * u64::from(sns_node::sync::HEARTBEAT_SECS)) + LET_GO;
@@ -193,7 +127,7 @@ fn a_synchronizer_drops_a_broker_link_that_went_silent() -> Result<()> {
         })
         .with_context(|| format!("{sync} still trusts its silent link; its log:\n{}", d.log(sync)))?;
     }
-    relaying.store(true, Ordering::SeqCst);
+    broker.restore();
     let after = post(&d, &rt, 3)?;
     let followers = [(1, vec![2])].into_iter().collect();
     sns_e2e::nodes::assert_exactly_once(&d, &[(2, 1)], &[before, after], &followers)
