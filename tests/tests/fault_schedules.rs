@@ -24,7 +24,8 @@
 //! synchronizer's heartbeats gave up on its link). Faults overlap:
 //! one step in three holds a second fault for the whole of the step's
 //! fault (in another cluster, its master or slave killed or paused; in any
-//! cluster, a synchronizer killed or paused; or the broker stopped), and
+//! cluster, a synchronizer killed or paused; or the broker stopped or cut
+//! off without a reset), and
 //! one step in four is followed at once by the next, as soon as every
 //! cluster serves again and before its slaves are back in sync (a slave
 //! killed or paused, a master restarted, a synchronizer or the coordinator
@@ -214,9 +215,11 @@ enum Background {
     PauseSynchronizer,
     /// The broker stopped (every cluster's synchronizers lose it).
     StopBroker,
+    /// The broker cut off without a reset (every link goes silent).
+    SilenceBroker,
 }
 
-const BACKGROUNDS: [Background; 7] = [
+const BACKGROUNDS: [Background; 8] = [
     Background::KillMaster,
     Background::PauseMaster,
     Background::KillSlave,
@@ -224,6 +227,7 @@ const BACKGROUNDS: [Background; 7] = [
     Background::KillSynchronizer,
     Background::PauseSynchronizer,
     Background::StopBroker,
+    Background::SilenceBroker,
 ];
 
 /// A background fault in progress, and what ends it.
@@ -237,6 +241,8 @@ enum Undo {
     /// A launcher command.
     Command(String),
     Broker(StoppedBroker),
+    /// The broker's stand-in relays again.
+    Restore,
 }
 
 /// The servers whose disks the schedule can fill or hang, if any (mounting
@@ -573,8 +579,9 @@ fn inject(
     let kind = BACKGROUNDS[rng.below(BACKGROUNDS.len() as u64) as usize];
     let syncs = |f: Fault| matches!(f, Fault::KillSynchronizer | Fault::PauseSynchronizer | Fault::RestartBroker);
     let candidates: Vec<u32> = match kind {
-        // One broker, stopped once at a time.
+        // One broker, stopped once at a time, silenced once at a time.
         Background::StopBroker if fault == Fault::RestartBroker => vec![],
+        Background::SilenceBroker if fault == Fault::SilentBroker => vec![],
         // Synchronizers acknowledge nothing: the fault's own cluster's may
         // be disturbed too, unless the fault disturbs them itself.
         Background::KillSynchronizer | Background::PauseSynchronizer => {
@@ -586,7 +593,7 @@ fn inject(
         0 => None,
         n if rng.below(3) == 0 => {
             let b = candidates[rng.below(n as u64) as usize];
-            Some(hold(kind, b == c, rng, rt, d, b)?)
+            Some(hold(kind, b == c, rng, rt, d, b, broker)?)
         }
         _ => None,
     };
@@ -596,7 +603,8 @@ fn inject(
         match h.undo {
             Undo::Nothing => {}
             Undo::Command(line) => cmd(d, &line)?,
-            Undo::Broker(broker) => broker.start()?,
+            Undo::Broker(stopped) => stopped.start()?,
+            Undo::Restore => broker.restore(),
         }
         names.push(h.name);
     }
@@ -605,7 +613,15 @@ fn inject(
 
 /// Begins a fault of `kind` in cluster `b` (`same`: the cluster of the
 /// step's own fault), to be ended by what it returns.
-fn hold(kind: Background, same: bool, rng: &mut Rng, rt: &Runtime, d: &mut Deployment, b: u32) -> Result<Held> {
+fn hold(
+    kind: Background,
+    same: bool,
+    rng: &mut Rng,
+    rt: &Runtime,
+    d: &mut Deployment,
+    b: u32,
+    broker: &StandIn,
+) -> Result<Held> {
     let (m, s) = roles(rt, d, b).ok_or_else(|| anyhow!("cluster {b} has no master before the fault"))?;
     let which = if rng.below(2) == 0 { m } else { s };
     if let Background::StopBroker = kind {
@@ -615,8 +631,12 @@ fn hold(kind: Background, same: bool, rng: &mut Rng, rt: &Runtime, d: &mut Deplo
                 undo: Undo::Nothing,
             });
         }
-        let broker = StoppedBroker::stop()?;
-        return Ok(Held { name: "meanwhile: broker stopped".into(), undo: Undo::Broker(broker) });
+        let stopped = StoppedBroker::stop()?;
+        return Ok(Held { name: "meanwhile: broker stopped".into(), undo: Undo::Broker(stopped) });
+    }
+    if let Background::SilenceBroker = kind {
+        broker.silence();
+        return Ok(Held { name: "meanwhile: broker cut off without a reset".into(), undo: Undo::Restore });
     }
     let (stop, go, target, what) = match kind {
         Background::KillMaster => ("kill", "start", format!("server-{b}-{m}"), "master killed"),
@@ -625,7 +645,7 @@ fn hold(kind: Background, same: bool, rng: &mut Rng, rt: &Runtime, d: &mut Deplo
         Background::PauseSlave => ("pause", "resume", format!("server-{b}-{s}"), "slave paused"),
         Background::KillSynchronizer => ("kill", "start", format!("sync-{b}-{which}"), "synchronizer killed"),
         Background::PauseSynchronizer => ("pause", "resume", format!("sync-{b}-{which}"), "synchronizer paused"),
-        Background::StopBroker => unreachable!("handled above"),
+        Background::StopBroker | Background::SilenceBroker => unreachable!("handled above"),
     };
     cmd(d, &format!("{stop} {target}"))?;
     let place = if same { "the same" } else { "another" };
