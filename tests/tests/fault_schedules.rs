@@ -521,6 +521,21 @@ fn wait_healthy(rt: &Runtime, d: &Deployment) -> Result<()> {
     eventually_within("every cluster to have a master and an in-sync slave again", HEAL, || healthy(rt, d))
 }
 
+/// Kills cluster `c`'s master `m` while a fault holds, and waits until its
+/// slave `s` took over and the cluster's writer made a few more posts.
+fn master_killed_meanwhile(
+    rng: &mut Rng,
+    rt: &Runtime,
+    d: &mut Deployment,
+    load: &Load,
+    c: u32,
+    (m, s): (u32, u32),
+) -> Result<()> {
+    cmd(d, &format!("kill server-{c}-{m}"))?;
+    wait_master_is(rt, d, c, s)?;
+    progress(load, WRITERS[c as usize - 1], 1 + rng.below(10) as usize)
+}
+
 /// Waits until writer `user` made `n` more acknowledged posts.
 fn progress(load: &Load, user: u32, n: usize) -> Result<()> {
     let counter = &load.progress[&user];
@@ -847,11 +862,7 @@ fn strike(
             progress(load, writer, 1 + rng.below(20) as usize)?;
             let mode = rng.below(3);
             match mode {
-                1 => {
-                    cmd(d, &format!("kill server-{c}-{m}"))?;
-                    wait_master_is(rt, d, c, s)?;
-                    progress(load, writer, 1 + rng.below(10) as usize)?;
-                }
+                1 => master_killed_meanwhile(rng, rt, d, load, c, (m, s))?,
                 2 => {
                     cmd(d, &format!("kill sync-{c}-{m}"))?;
                     progress(load, writer, 1 + rng.below(10) as usize)?;
@@ -879,11 +890,7 @@ fn strike(
             progress(load, writer, 1 + rng.below(20) as usize)?;
             let mode = rng.below(3);
             match mode {
-                1 => {
-                    cmd(d, &format!("kill server-{c}-{m}"))?;
-                    wait_master_is(rt, d, c, s)?;
-                    progress(load, writer, 1 + rng.below(10) as usize)?;
-                }
+                1 => master_killed_meanwhile(rng, rt, d, load, c, (m, s))?,
                 2 => {
                     eventually_within(&format!("{sync} to drop its silent broker link"), HEAL, || {
                         (d.log(&sync).matches("synchronizer link down").count() > downs).then_some(())
