@@ -8,7 +8,11 @@ use lapin::message::BasicGetMessage;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 /// How long connecting to the broker may take here: lapin's handshake has
 /// no bound of its own, and a connection that never completes must fail
@@ -126,8 +130,8 @@ impl Drop for StoppedBroker {
 pub struct StandIn {
     /// The broker URL (credentials, virtual host) through the stand-in.
     pub url: String,
-    relaying: tokio::sync::watch::Sender<bool>,
-    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    relaying: watch::Sender<bool>,
+    held: Arc<AtomicUsize>,
 }
 
 impl StandIn {
@@ -136,11 +140,11 @@ impl StandIn {
     pub fn start(rt: &tokio::runtime::Runtime, relaying: bool) -> Result<StandIn> {
         let real = amqp_url();
         let broker = sns_node::launcher::broker_addr(&real);
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
         let url = real.replacen(&broker, &format!("127.0.0.1:{}", listener.local_addr()?.port()), 1);
         anyhow::ensure!(url != real, "cannot find the broker's address {broker} in {real}");
-        let (tx, rx) = tokio::sync::watch::channel(relaying);
-        let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (tx, rx) = watch::channel(relaying);
+        let held = Arc::new(AtomicUsize::new(0));
         rt.spawn(stand_in(listener, rx, held.clone(), broker));
         Ok(StandIn { url, relaying: tx, held })
     }
@@ -155,20 +159,15 @@ impl StandIn {
 
     /// Connections accepted while silent, so far.
     pub fn held(&self) -> usize {
-        self.held.load(std::sync::atomic::Ordering::SeqCst)
+        self.held.load(Ordering::SeqCst)
     }
 }
 
-async fn stand_in(
-    listener: tokio::net::TcpListener,
-    relaying: tokio::sync::watch::Receiver<bool>,
-    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    broker: String,
-) {
+async fn stand_in(listener: TcpListener, relaying: watch::Receiver<bool>, held: Arc<AtomicUsize>, broker: String) {
     while let Ok((client, _)) = listener.accept().await {
         let mut relaying = relaying.clone();
         if !*relaying.borrow_and_update() {
-            held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.fetch_add(1, Ordering::SeqCst);
             // Held without a word until the stand-in relays again, then
             // closed.
             tokio::spawn(async move {
@@ -179,7 +178,7 @@ async fn stand_in(
         }
         let broker = broker.clone();
         tokio::spawn(async move {
-            let Ok(upstream) = tokio::net::TcpStream::connect(&broker).await else { return };
+            let Ok(upstream) = TcpStream::connect(&broker).await else { return };
             relay(client, upstream, relaying).await;
         });
     }
@@ -188,11 +187,7 @@ async fn stand_in(
 /// Carries a connection both ways while the stand-in relays. Once it went
 /// silent, whatever arrives is swallowed; once it relays again, the
 /// connection is closed.
-async fn relay(
-    client: tokio::net::TcpStream,
-    upstream: tokio::net::TcpStream,
-    mut relaying: tokio::sync::watch::Receiver<bool>,
-) {
+async fn relay(client: TcpStream, upstream: TcpStream, mut relaying: watch::Receiver<bool>) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_broker, mut to_broker) = upstream.into_split();

@@ -290,8 +290,9 @@ async fn bounded_close(what: &str, close: impl std::future::Future<Output = lapi
 }
 
 /// The broker URL with our frame size and heartbeat, unless it names them
-/// itself.
-fn link_url(url: &str) -> String {
+/// itself (sns-bench's synchronizers'-pattern baseline connects with it
+/// too).
+pub fn link_url(url: &str) -> String {
     let mut url = url.to_string();
     for (key, value) in [("frame_max", FRAME_MAX), ("heartbeat", HEARTBEAT_SECS)] {
         if !url.contains(&format!("{key}=")) {

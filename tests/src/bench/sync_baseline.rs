@@ -13,7 +13,7 @@
 //!   synchronizer beside each cluster's master consumes, the other stands
 //!   by);
 //! - per cluster, one connection — the master's synchronizer's — with the
-//!   synchronizer's 16 KiB frames, carrying its publisher and its consumer;
+//!   synchronizer's URL (`sync::link_url`: 16 KiB frames, 10 s heartbeat), carrying its publisher and its consumer;
 //! - one publisher per cluster on a confirm channel: up to
 //!   [`PUBLISH_BATCH`] deliveries per publish, split into messages of one
 //!   destination and at most [`MESSAGE_BYTES`], each a `SyncBatch` encoded
@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 // The synchronizer's own settings.
-pub use sns_node::sync::{APPLY_BATCH, FRAME_MAX, MESSAGE_BYTES, PREFETCH, PUBLISH_BATCH, UNCONFIRMED_MAX};
+pub use sns_node::sync::{APPLY_BATCH, FRAME_MAX, MESSAGE_BYTES, PREFETCH, PUBLISH_BATCH, UNCONFIRMED_MAX, link_url};
 /// Encoded size of one event: a post of about 70 characters in its
 /// `SyncEvent` (the bench's own posts, `<seq>:<send time>`, are shorter).
 pub const EVENT_BYTES: usize = 100;
@@ -103,22 +103,12 @@ pub async fn run(url: &str, prefix: &str, p: Pattern) -> Result<SyncRate> {
     Ok(rate)
 }
 
-/// The broker URL with the synchronizers' frame size, unless it names one.
-fn with_frame_max(url: &str) -> String {
-    if url.contains("frame_max=") {
-        url.to_string()
-    } else {
-        let sep = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{sep}frame_max={FRAME_MAX}")
-    }
-}
-
 async fn run_on(url: &str, names: &Names, p: Pattern) -> Result<SyncRate> {
     let clock = Clock::new();
     // The master's synchronizer of each cluster: one connection.
     let mut conns = Vec::new();
     for _ in 1..=p.clusters {
-        conns.push(crate::broker::connect(&with_frame_max(url)).await?);
+        conns.push(crate::broker::connect(&link_url(url)).await?);
     }
     // Per origin cluster, how many events it published (known once it is
     // done publishing); consumers end once they hold all routed to them.
@@ -429,7 +419,7 @@ mod tests {
         assert!(split.len() > 100 && split.iter().all(|r| !r.is_empty()));
         assert_eq!(split.iter().map(|r| r.len()).sum::<usize>(), batch.len());
         assert_eq!(topology::routing_key(&batch[0]), "to.2");
-        assert_eq!(with_frame_max("amqp://h/%2f"), "amqp://h/%2f?frame_max=16384");
+        assert_eq!(link_url("amqp://h/%2f"), "amqp://h/%2f?frame_max=16384&heartbeat=10");
         // Every other cluster's posts, as the deployment binds them.
         assert_eq!(post_origins(2, 3), vec![1, 3]);
     }
