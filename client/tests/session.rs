@@ -188,6 +188,7 @@ impl Deployment {
             secret: None,
             source_address: None,
             commit_delay: sns_node::server::DEFAULT_COMMIT_DELAY,
+            resend_after: sns_node::server::DEFAULT_RESEND_AFTER,
         }
     }
 

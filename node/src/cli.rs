@@ -405,6 +405,12 @@ pub struct ServerArgs {
     /// 100ms.
     #[arg(long, env = "SNS_COMMIT_DELAY", default_value = "1ms", value_parser = parse_commit_delay)]
     pub commit_delay: Duration,
+    /// How long another cluster may stay short of the events the broker
+    /// confirmed for it, while it holds events for a gap or its queue is
+    /// empty, before this server (as master) has them published again:
+    /// the broker lost them after confirming them. At least 1s.
+    #[arg(long, env = "SNS_RESEND_AFTER", default_value = "10s", value_parser = parse_resend_after)]
+    pub resend_after: Duration,
     #[command(flatten)]
     pub listen: ListenArgs,
     /// Address this server's own connections (to the coordinator, to its
@@ -431,6 +437,18 @@ fn parse_stall_limit(text: &str) -> Result<Duration, String> {
         return Err(format!("{text} is too short: a working disk can take longer than that under load (at least 1s)"));
     }
     Ok(limit)
+}
+
+/// A resend delay: under a second, a destination merely busy with a burst
+/// would get events again that it is about to apply.
+fn parse_resend_after(text: &str) -> Result<Duration, String> {
+    let after = parse_duration(text)?;
+    if after < Duration::from_secs(1) {
+        return Err(format!(
+            "{text} is too short: a busy cluster would get events again that it is about to apply (at least 1s)"
+        ));
+    }
+    Ok(after)
 }
 
 /// A commit delay: 0 (off) up to 100ms (a longer wait only adds latency).
@@ -469,6 +487,7 @@ impl ServerArgs {
             secret: None,
             source_address: self.source_address,
             commit_delay: self.commit_delay,
+            resend_after: self.resend_after,
         })
     }
 }

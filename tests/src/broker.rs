@@ -68,6 +68,14 @@ impl Broker {
         Ok(dead)
     }
 
+    /// Deletes every message waiting in cluster `cluster`'s queue, as a
+    /// broker that loses what it confirmed would (a disk replaced, a queue
+    /// purged by hand): returns how many there were.
+    pub async fn purge(&self, cluster: u32) -> Result<u32> {
+        let queue = format!("{}.cluster.{cluster}", self.deployment);
+        Ok(self.channel.queue_purge(queue.as_str().into(), lapin::options::QueuePurgeOptions::default()).await?)
+    }
+
     pub async fn close(self) -> Result<()> {
         self.conn.close(200, "done".into()).await?;
         Ok(())

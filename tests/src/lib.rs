@@ -853,8 +853,13 @@ fn clean_lines(text: &str) -> Vec<String> {
 /// 2's feed on both servers of cluster 2: the two-cluster suites' check
 /// that posts crossed the broker.
 pub fn feed_of_2_holds(d: &Deployment, texts: &[String], what: &str) -> Result<()> {
+    feed_of_2_holds_within(d, texts, what, DEADLINE)
+}
+
+/// [`feed_of_2_holds`], polling for up to `limit`.
+pub fn feed_of_2_holds_within(d: &Deployment, texts: &[String], what: &str, limit: Duration) -> Result<()> {
     let mut last = String::new();
-    eventually(&format!("{what} in user 2's feed on both servers of cluster 2"), || {
+    eventually_within(&format!("{what} in user 2's feed on both servers of cluster 2"), limit, || {
         for s in [1, 2] {
             let files = spec_files(&d.server_dir(2, s)).ok()?;
             let feed = sns_node::store::record::decode_posts(files.get("2_following.txt").map_or("", |t| t));

@@ -42,7 +42,7 @@
 //! (root); where mounting is refused those faults are left out, saying so.
 
 use anyhow::{Context, Result, anyhow, bail};
-use sns_e2e::broker::{StandIn, StoppedBroker};
+use sns_e2e::broker::{Broker, StandIn, StoppedBroker};
 use sns_e2e::disk;
 use sns_e2e::load::{self, Writer, WriterReport};
 use sns_e2e::nodes::{
@@ -153,9 +153,15 @@ enum Fault {
     /// synchronizer must connect through the silence), or until the
     /// master's synchronizer dropped its link on missed heartbeats.
     SilentBroker,
+    /// The broker loses messages it confirmed: the cluster's synchronizers
+    /// killed, another cluster posts, the cluster's queue is purged, and
+    /// (half the time) that other cluster's master is killed before the
+    /// synchronizers come back: the receipts must get the lost events
+    /// published again, by a new master from its replicated outbox.
+    LostMessages,
 }
 
-const FAULTS: [Fault; 22] = [
+const FAULTS: [Fault; 23] = [
     Fault::KillMaster,
     Fault::RestartMaster,
     Fault::KillSlave,
@@ -178,6 +184,7 @@ const FAULTS: [Fault; 22] = [
     Fault::CutMasterFromSlave,
     Fault::RestartBroker,
     Fault::SilentBroker,
+    Fault::LostMessages,
 ];
 
 /// The faults that may strike before the last one healed (a slave still
@@ -592,10 +599,13 @@ fn inject(
         _ => None,
     };
     let kind = BACKGROUNDS[rng.below(BACKGROUNDS.len() as u64) as usize];
-    let syncs = |f: Fault| matches!(f, Fault::KillSynchronizer | Fault::PauseSynchronizer | Fault::RestartBroker);
+    let syncs = |f: Fault| {
+        matches!(f, Fault::KillSynchronizer | Fault::PauseSynchronizer | Fault::RestartBroker | Fault::LostMessages)
+    };
     let candidates: Vec<u32> = match kind {
         // One broker, stopped once at a time, silenced once at a time.
-        Background::StopBroker if fault == Fault::RestartBroker => vec![],
+        // (The lost messages are purged on the broker itself.)
+        Background::StopBroker if matches!(fault, Fault::RestartBroker | Fault::LostMessages) => vec![],
         Background::SilenceBroker if fault == Fault::SilentBroker => vec![],
         // Synchronizers acknowledge nothing: the fault's own cluster's may
         // be disturbed too, unless the fault disturbs them itself.
@@ -882,6 +892,33 @@ fn strike(
                 _ => "broker restart",
             }
         }
+        Fault::LostMessages => {
+            for id in [1, 2] {
+                cmd(d, &format!("kill sync-{c}-{id}"))?;
+            }
+            // Another cluster's posts wait in this cluster's queue, confirmed
+            // (or on their way), and the broker loses what is there.
+            let others: Vec<u32> = (1..=CLUSTERS).filter(|&o| o != c).collect();
+            let o = others[rng.below(others.len() as u64) as usize];
+            progress(load, WRITERS[o as usize - 1], 1 + rng.below(20) as usize)?;
+            let lost = rt.block_on(async {
+                let broker = Broker::connect(&d.name).await?;
+                let n = broker.purge(c).await?;
+                broker.close().await?;
+                anyhow::Ok(n)
+            })?;
+            eprintln!("fault schedules: the broker lost {lost} messages to cluster {c}");
+            let killed = rng.below(2) == 1;
+            if killed {
+                let (om, os) = roles(rt, d, o).ok_or_else(|| anyhow!("cluster {o} has no master"))?;
+                master_killed_meanwhile(rng, rt, d, load, o, (om, os))?;
+                cmd(d, &format!("start server-{o}-{om}"))?;
+            }
+            for id in [1, 2] {
+                cmd(d, &format!("start sync-{c}-{id}"))?;
+            }
+            if killed { "broker lost messages, their origin's master killed meanwhile" } else { "broker lost messages" }
+        }
         Fault::SilentBroker => {
             let sync = format!("sync-{c}-{m}");
             let downs = d.log(&sync).matches("synchronizer link down").count();
@@ -1080,7 +1117,10 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     let broker = StandIn::start(&rt, true)?;
     let mut started = None;
     for disks in tries {
-        let mut builder = Deployment::builder().clusters(CLUSTERS).servers(2).broker(&broker.url, None);
+        // Events the broker loses go out again a second after the receiver
+        // shows it is stuck (ten by default).
+        let mut builder =
+            Deployment::builder().clusters(CLUSTERS).servers(2).broker(&broker.url, None).env("SNS_RESEND_AFTER", "1s");
         if let Some((c, s)) = disks.full {
             builder = builder.tmpfs(c, s, TMPFS);
         }

@@ -1385,6 +1385,7 @@ fn a_forward_abandoned_by_its_master_leaves_journal_and_memory_agreeing() -> any
             published_upto: 0,
             cluster: 1,
             from_server: 3 - s,
+            receipts: vec![],
         });
         req.set_timeout(Duration::from_micros(u64::from(i) * 100));
         let _ = rt.block_on(async {

@@ -1,14 +1,20 @@
 //! Visibility follows the cluster's log, never clocks: posts whose client
 //! clock is 30 s or a day behind or ahead, or absurd, reach every follower
 //! (in the author's cluster and in others) exactly where they belong, with
-//! the client's time displayed; and a post reaches only the clusters with
-//! followers of its author.
+//! the client's time displayed; a post reaches only the clusters with
+//! followers of its author; and events the broker loses after confirming
+//! them reach their cluster all the same.
 
+use sns_e2e::broker::Broker;
 use sns_e2e::load;
-use sns_e2e::nodes::rt;
-use sns_e2e::{DEADLINE, Deployment, check_convergence, spec_files};
+use sns_e2e::nodes::{master_of, rt, server_node, status};
+use sns_e2e::{
+    DEADLINE, Deployment, check_convergence, eventually, feed_of_2_holds, feed_of_2_holds_within, spec_files,
+};
 use sns_proto::csce438::Message;
 use sns_proto::prost_types::Timestamp;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -249,5 +255,86 @@ fn batches_on_one_apply_stream_commit_in_order_and_stop_at_the_first_failure() -
         assert!(listed.contains(&user_at(n)), "user {} of batch {n} is listed", user_at(n));
     }
     assert!(!listed.contains(&user_at(BATCHES + 2)), "the batch behind the broken one was not applied");
+    Ok(())
+}
+
+/// Posts `count` posts as user 1 (cluster 1) while cluster 2 consumes
+/// nothing (both its synchronizers killed), waits until the broker has
+/// confirmed them all to cluster 1, then has the broker lose them: cluster
+/// 2's queue is purged. Returns the posts.
+fn post_and_lose(d: &mut Deployment, rt: &tokio::runtime::Runtime, count: usize) -> anyhow::Result<Vec<String>> {
+    for s in [1, 2] {
+        d.command(&format!("kill sync-2-{s}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let posts = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), count, deadline)).acked;
+    anyhow::ensure!(posts.len() == count, "{} of {count} posts acknowledged", posts.len());
+    let master = rt.block_on(master_of(d.coord_port, 1)).ok_or_else(|| anyhow::anyhow!("no master in cluster 1"))?.0;
+    let node = rt.block_on(server_node(d.coord_port, 1, master)).ok_or_else(|| anyhow::anyhow!("no master node"))?;
+    eventually("the broker to confirm cluster 1's outbox", || {
+        let s = rt.block_on(status(&node)).ok()?;
+        (s.published_upto == s.next_seq - 1).then_some(())
+    })?;
+    let purged = rt.block_on(async {
+        let broker = Broker::connect(&d.name).await?;
+        let n = broker.purge(2).await?;
+        broker.close().await?;
+        anyhow::Ok(n)
+    })?;
+    anyhow::ensure!(purged > 0, "cluster 2's queue held none of the posts");
+    Ok(posts)
+}
+
+fn start_cluster_2_synchronizers(d: &mut Deployment) -> anyhow::Result<()> {
+    for s in [1, 2] {
+        d.command(&format!("start sync-2-{s}"))?;
+    }
+    Ok(())
+}
+
+/// The broker confirmed these messages and then lost them, so cluster 1's
+/// outbox had forgotten them: without receipts, cluster 2 would never learn
+/// of the stream's last events (nothing after them says they existed), and
+/// would hold every later event for the gap forever. Its receipts show the
+/// origin it stopped short of what the broker confirmed, and cluster 1
+/// publishes the missing events again: every post reaches the follower
+/// once, in order, on both servers.
+#[test]
+fn events_the_broker_loses_after_confirming_them_are_published_again() -> anyhow::Result<()> {
+    let mut d = Deployment::builder().clusters(2).servers(2).env("SNS_RESEND_AFTER", "1s").start()?;
+    let rt = rt();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt.block_on(load::follow_until_done(d.coord_port, 2, 1, deadline))?;
+    let mut all = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 5, deadline)).acked;
+    feed_of_2_holds(&d, &all, "the posts before any loss")?;
+    // The stream's last events lost: nothing later shows a gap.
+    all.extend(post_and_lose(&mut d, &rt, 5)?);
+    start_cluster_2_synchronizers(&mut d)?;
+    feed_of_2_holds_within(&d, &all, "the posts lost at the stream's end", Duration::from_secs(40))?;
+    // Events lost in the middle: the later ones wait for the gap.
+    all.extend(post_and_lose(&mut d, &rt, 5)?);
+    let later = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 5, deadline)).acked;
+    all.extend(later);
+    start_cluster_2_synchronizers(&mut d)?;
+    feed_of_2_holds_within(&d, &all, "the posts lost in the middle, and those after", Duration::from_secs(40))?;
+    for s in [1, 2] {
+        let node = rt
+            .block_on(server_node(d.coord_port, 2, s))
+            .ok_or_else(|| anyhow::anyhow!("server 2/{s} not in the table"))?;
+        eventually(&format!("server 2/{s} to hold no event for a gap"), || {
+            let st = rt.block_on(status(&node)).ok()?;
+            (st.held == 0).then_some(())
+        })?;
+    }
+    // In the order they were made.
+    for s in [1, 2] {
+        let files = spec_files(&d.server_dir(2, s))?;
+        let feed = sns_node::store::record::decode_posts(files.get("2_following.txt").map_or("", |t| t));
+        let got: Vec<&str> = feed.iter().filter(|p| p.user == 1).map(|p| p.text.as_str()).collect();
+        assert_eq!(got, all.iter().map(String::as_str).collect::<Vec<_>>(), "server 2/{s}");
+    }
+    check_convergence(&d, &[(1, 1), (1, 2), (2, 1), (2, 2)], &[])?;
+    let said = |what: &str| (1..=2).any(|s| d.log(&format!("server-1-{s}")).contains(what));
+    assert!(said("publishing the missing events again"), "cluster 1's master says it resent");
     Ok(())
 }

@@ -70,6 +70,7 @@ pub struct Metrics {
     pub consumed: Counter,
     pub applied: Counter,
     pub dead_lettered: Counter,
+    pub resent: Counter,
     pub outbox_backlog: Gauge,
     pub propagation_seconds: Histogram,
     pub link_up: Gauge,
@@ -109,6 +110,7 @@ impl Default for Metrics {
             consumed: Counter::default(),
             applied: Counter::default(),
             dead_lettered: Counter::default(),
+            resent: Counter::default(),
             outbox_backlog: Gauge::default(),
             propagation_seconds: slow_buckets(),
             link_up: Gauge::default(),
@@ -186,6 +188,11 @@ pub fn install(kind: NodeKind) {
                 "sync_dead_lettered_events",
                 "Events and messages sent to the dead-letter queue",
                 m.dead_lettered.clone(),
+            );
+            r.register(
+                "sync_resent_events",
+                "Events published again because a receiving cluster stopped short of what the broker had confirmed",
+                m.resent.clone(),
             );
             r.register(
                 "sync_outbox_backlog_events",

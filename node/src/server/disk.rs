@@ -290,6 +290,7 @@ mod tests {
             secret: None,
             source_address: None,
             commit_delay: Duration::ZERO,
+            resend_after: crate::server::DEFAULT_RESEND_AFTER,
         }
     }
 

@@ -434,6 +434,11 @@ impl Node {
             published_upto: published,
             cluster: self.0.cfg.cluster,
             from_server: self.0.cfg.id,
+            receipts: self
+                .read(|s| s.receipt_marks())
+                .into_iter()
+                .map(|(origin, epoch, seq)| sns_proto::internal::OriginMark { origin, seq, epoch })
+                .collect(),
         });
         req.set_timeout(self.patience());
         let (host, port) = &slave.addr;

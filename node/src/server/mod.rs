@@ -13,6 +13,8 @@
 //! - [`commit`]: the single writer of a master; [`master`]: its write path
 //!   (journal here, replicate, commit) and the catch-up of its slave;
 //!   [`slave`]: what a slave (or any server) applies on others' behalf;
+//! - [`resend`]: other clusters' receipts of this cluster's stream, and
+//!   publishing again what the broker lost after confirming it;
 //! - [`sns`] (course protocol) and [`replica`] (our internal service): the
 //!   gRPC layers, thin, calling into the handle. The logic fails with
 //!   domain errors ([`crate::error::Error`]); they become gRPC statuses
@@ -40,6 +42,7 @@ pub mod commit;
 mod disk;
 pub mod master;
 pub mod replica;
+mod resend;
 mod role;
 pub mod slave;
 pub mod sns;
@@ -81,7 +84,14 @@ pub struct ServerConfig {
     /// How long the writer waits for more writes before a group commit
     /// while it is under concurrent load (zero: never; see `commit.rs`).
     pub commit_delay: Duration,
+    /// How long another cluster's receipts may stay short of what the
+    /// broker confirmed for it (while it says it is stuck) before the
+    /// missing events are published again (see `resend.rs`).
+    pub resend_after: Duration,
 }
+
+/// `--resend-after` unless set.
+pub const DEFAULT_RESEND_AFTER: Duration = Duration::from_secs(10);
 
 /// `--commit-delay` unless set.
 pub const DEFAULT_COMMIT_DELAY: Duration = Duration::from_millis(1);
@@ -157,6 +167,8 @@ struct Inner {
     snapshots_sent: AtomicU64,
     /// Why this master is not replicating ("" when it is).
     degraded: Mutex<String>,
+    /// As master: what it saw of each other cluster's receipts.
+    receipts: Mutex<std::collections::HashMap<u32, Option<resend::Watch>>>,
     /// Every term under which this server accepted a client write as master.
     master_terms: Mutex<BTreeSet<u64>>,
     /// The first term this process heard of, until it has compared its
@@ -217,6 +229,7 @@ impl Node {
             installed: Mutex::new((0, 0)),
             snapshots_sent: AtomicU64::new(0),
             degraded: Mutex::new(String::new()),
+            receipts: Mutex::new(std::collections::HashMap::new()),
             master_terms: Mutex::new(BTreeSet::new()),
             unverified: AtomicU64::new(0),
             unverified_why: Mutex::new(String::new()),

@@ -7,8 +7,9 @@ use crate::store::state::Entry;
 use futures_util::StreamExt as _;
 use sns_proto::internal::replica_server::{Replica, ReplicaServer};
 use sns_proto::internal::{
-    AckReply, AckRequest, ApplyReply, InstallReply, RejectedEvent, ReplicateReply, ReplicateRequest, ServerStatus,
-    ServingState, SnapshotChunk, StatusRequest, StepDownReply, StepDownRequest, SyncBatch, SyncEvent, TailRequest,
+    AckReply, AckRequest, ApplyReply, InstallReply, ReceiptReply, RejectedEvent, ReplicateReply, ReplicateRequest,
+    ServerStatus, ServingState, SnapshotChunk, StatusRequest, StepDownReply, StepDownRequest, StreamMark,
+    StreamReceipt, SyncBatch, SyncEvent, TailRequest,
 };
 use std::pin::Pin;
 use tokio::sync::{mpsc, oneshot};
@@ -78,7 +79,9 @@ impl Replica for ReplicaService {
             return Err(Status::invalid_argument("replicated records must be non-empty, client writes consecutive"));
         }
         let node = self.node.clone();
-        to_completion(async move { node.apply_replicated(req.term, entries, req.published_upto).await }).await?;
+        let receipts = req.receipts.iter().map(|m| (m.origin, m.epoch, m.seq)).collect();
+        to_completion(async move { node.apply_replicated(req.term, entries, req.published_upto, receipts).await })
+            .await?;
         Ok(Response::new(ReplicateReply {}))
     }
 
@@ -125,6 +128,12 @@ impl Replica for ReplicaService {
             received_events: self.node.read(|s| s.received_total()),
             installed_term,
             installed_sync,
+            streams: self
+                .node
+                .read(|s| s.stream_marks())
+                .into_iter()
+                .map(|(origin, epoch, applied, held)| StreamMark { origin, epoch, applied, held })
+                .collect(),
         }))
     }
 
@@ -146,6 +155,12 @@ impl Replica for ReplicaService {
             tracing::info_span!("outbox_tail"),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn receipt(&self, req: Request<StreamReceipt>) -> Result<Response<ReceiptReply>, Status> {
+        let node = self.node.clone();
+        let receipt = req.into_inner();
+        Ok(Response::new(to_completion(async move { node.receipt(receipt).await }).await?))
     }
 
     async fn ack_outbox(&self, req: Request<AckRequest>) -> Result<Response<AckReply>, Status> {

@@ -48,7 +48,13 @@ impl Node {
     /// Applies journal records forwarded by the master, in its order:
     /// client writes (seqs continuing this server's) and other clusters'
     /// events.
-    pub async fn apply_replicated(&self, term: u64, entries: Vec<Entry>, published_upto: u64) -> Result<()> {
+    pub async fn apply_replicated(
+        &self,
+        term: u64,
+        entries: Vec<Entry>,
+        published_upto: u64,
+        receipts: Vec<(u32, u64, u64)>,
+    ) -> Result<()> {
         let _lane = self.0.lane.lock().await;
         self.check_master_term(term)?;
         if let Some(damage) = self.damage() {
@@ -81,7 +87,7 @@ impl Node {
                 // A retried forward repeats events already applied.
                 Entry::Remote(ev) if ev.dest_seq != 0 && self.read(|s| s.arrival(&ev)) == Arrival::Duplicate => {}
                 Entry::Remote(ev) => fresh.push(Entry::Remote(ev)),
-                Entry::PublishedUpto(_) | Entry::Snapshot(_) => {
+                Entry::PublishedUpto(_) | Entry::Receipt { .. } | Entry::Snapshot(_) => {
                     return Err(Error::Invalid("only client writes and remote events are replicated".into()));
                 }
             }
@@ -92,6 +98,14 @@ impl Node {
         // The master's published mark rides in the same journal write.
         if published_upto > published {
             fresh.push(Entry::PublishedUpto(published_upto));
+        }
+        // So do its receipts (what it keeps for other clusters follows).
+        for (dest, epoch, applied) in receipts {
+            if self
+                .read(|s| s.check_receipt(dest, epoch, applied).is_none() && s.receipt_advances(dest, epoch, applied))
+            {
+                fresh.push(Entry::Receipt { dest, epoch, applied });
+            }
         }
         self.commit_entries(fresh).await?;
         self.mark_all_stable();

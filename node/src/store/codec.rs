@@ -90,6 +90,7 @@ pub fn snapshot_to_pb(s: &Snapshot, cluster: u32) -> pb::StateSnapshot {
         held: s.held.iter().map(event_to_pb).collect(),
         epoch: s.epoch,
         sent: s.sent.iter().map(|(d, q)| pb::OriginMark { origin: *d, seq: *q, epoch: s.epoch }).collect(),
+        receipts: s.receipts.iter().map(|(d, e, q)| pb::OriginMark { origin: *d, seq: *q, epoch: *e }).collect(),
     }
 }
 
@@ -140,6 +141,7 @@ pub fn snapshot_from_pb(s: &pb::StateSnapshot, clusters: u32) -> Result<Snapshot
         held: s.held.iter().map(|e| event_from_pb(e, clusters)).collect::<Result<_, _>>()?,
         epoch: s.epoch,
         sent: s.sent.iter().map(|m| (m.origin, m.seq)).collect(),
+        receipts: s.receipts.iter().map(|m| (m.origin, m.epoch, m.seq)).collect(),
     })
 }
 
@@ -261,6 +263,8 @@ pub fn event_from_pb(e: &pb::SyncEvent, clusters: u32) -> Result<RemoteEvent, De
 /// of one origin's events in seq order. A message without it holds one
 /// `SyncEvent` (what a single-event publisher sends).
 pub const BATCH_TYPE: &str = "tinysns.internal.v1.SyncBatch";
+/// The AMQP type of a stream receipt (one `StreamReceipt`).
+pub const RECEIPT_TYPE: &str = "tinysns.internal.v1.StreamReceipt";
 
 /// Encodes events as a `SyncBatch` broker message body.
 pub fn encode_batch(events: &[pb::SyncEvent]) -> Vec<u8> {
@@ -305,6 +309,12 @@ pub fn entry_to_pb(entry: &Entry) -> pb::JournalEntry {
         Entry::Local(op) => E::Local(local_op_to_pb(op)),
         Entry::Remote(ev) => E::Remote(event_to_pb(ev)),
         Entry::PublishedUpto(n) => E::PublishedUpto(*n),
+        Entry::Receipt { dest, epoch, applied } => E::Receipt(pb::StreamReceipt {
+            from_cluster: *dest,
+            epoch: *epoch,
+            applied: *applied,
+            ..Default::default()
+        }),
         // The journal does not know its cluster; 0 marks "this server's".
         Entry::Snapshot(s) => E::Snapshot(snapshot_to_pb(s, 0)),
     };
@@ -322,6 +332,7 @@ pub fn entry_from_pb(msg: pb::JournalEntry, clusters: u32) -> Result<Entry, Deco
         E::Local(op) => Ok(Entry::Local(local_op_from_pb(&op)?)),
         E::Remote(ev) => Ok(Entry::Remote(event_from_pb(&ev, clusters)?)),
         E::PublishedUpto(n) => Ok(Entry::PublishedUpto(n)),
+        E::Receipt(r) => Ok(Entry::Receipt { dest: r.from_cluster, epoch: r.epoch, applied: r.applied }),
         E::Snapshot(s) => Ok(Entry::Snapshot(Box::new(snapshot_from_pb(&s, clusters)?))),
     }
 }
@@ -370,6 +381,8 @@ mod tests {
         }
         let mark = Entry::PublishedUpto(42);
         assert_eq!(decode_entry(&encode_entry(&mark), 3), Ok(mark));
+        let receipt = Entry::Receipt { dest: 2, epoch: 3, applied: 77 };
+        assert_eq!(decode_entry(&encode_entry(&receipt), 3), Ok(receipt));
         let snap = Snapshot {
             users: vec![1, 2, 4],
             local_users: vec![UserSnapshot {
@@ -396,6 +409,7 @@ mod tests {
             held: vec![re(3, 8, Change::User(9))],
             epoch: 1,
             sent: vec![(2, 5), (3, 4)],
+            receipts: vec![(2, 1, 4), (3, 1, 2)],
         };
         let entry = Entry::Snapshot(Box::new(snap.clone()));
         assert_eq!(decode_entry(&encode_entry(&entry), 3), Ok(entry));

@@ -47,6 +47,12 @@ pub const RECENT_REQUEST_IDS: usize = 64;
 pub const HOLD_WINDOW: u64 = 1 << 16;
 /// Events held per origin at most (the rest is refused).
 pub const HOLD_MAX: usize = 4096;
+/// Broker-confirmed outbox events kept, at most, for destinations whose
+/// receipts do not cover them yet (see [`Entry::Receipt`]): what a
+/// destination can still get again if the broker loses messages after
+/// confirming them. Beyond this the oldest go (the broker still holds
+/// them); receipts every second keep far fewer than this in use.
+pub const RETAIN_MAX: usize = 16_384;
 
 /// Identifies a follow: the seq of the follow op in the follower's cluster.
 pub type FollowId = u64;
@@ -166,6 +172,13 @@ pub enum Entry {
     Remote(RemoteEvent),
     /// Outbox events up to this seq are confirmed by the broker.
     PublishedUpto(u64),
+    /// Cluster `dest` applied this cluster's stream to it up to `applied`
+    /// in `epoch`: confirmed outbox events it covers need not be kept.
+    Receipt {
+        dest: u32,
+        epoch: u64,
+        applied: u64,
+    },
     /// The whole state, installed from the master.
     Snapshot(Box<Snapshot>),
 }
@@ -184,6 +197,8 @@ pub struct Snapshot {
     pub epoch: u64,
     /// destination -> last dest_seq assigned (this epoch).
     pub sent: Vec<(u32, u64)>,
+    /// destination -> (epoch, last dest_seq it applied), per its receipts.
+    pub receipts: Vec<(u32, u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -271,8 +286,12 @@ pub struct State {
     feeds: HashMap<u32, Vec<FeedItem>>,
     next_seq: u64,
     published_upto: u64,
-    /// Local events not yet confirmed by the broker, by seq.
+    /// Local events other clusters need, by seq: those not yet confirmed
+    /// by the broker (seq > `published_upto`), and confirmed ones not yet
+    /// covered by every destination's receipt (at most [`RETAIN_MAX`]).
     outbox: BTreeMap<u64, OutEvent>,
+    /// destination -> (epoch, last dest_seq applied there), per receipts.
+    receipts: BTreeMap<u32, (u64, u64)>,
     /// This cluster's outbound stream epoch.
     epoch: u64,
     /// destination -> last dest_seq assigned in `epoch`.
@@ -307,6 +326,7 @@ impl State {
             next_seq: 1,
             published_upto: 0,
             outbox: BTreeMap::new(),
+            receipts: BTreeMap::new(),
             epoch: 1,
             sent: BTreeMap::new(),
             applied: HashMap::new(),
@@ -364,6 +384,7 @@ impl State {
             held: self.held.values().flat_map(|h| h.values().cloned()).collect(),
             epoch: self.epoch,
             sent: self.sent.iter().map(|(d, s)| (*d, *s)).collect(),
+            receipts: self.receipts.iter().map(|(d, (e, s))| (*d, *e, *s)).collect(),
         }
     }
 
@@ -400,6 +421,7 @@ impl State {
         }
         fresh.epoch = snap.epoch.max(1);
         fresh.sent = snap.sent.iter().copied().collect();
+        fresh.receipts = snap.receipts.iter().map(|(d, e, s)| (*d, (*e, *s))).collect();
         *self = fresh;
     }
 
@@ -474,9 +496,108 @@ impl State {
         self.held.values().map(BTreeMap::len).sum()
     }
 
-    /// Unpublished outbox events with seq greater than `after`, in order.
+    /// Outbox events with seq greater than `after`, in order.
     pub fn outbox_after(&self, after: u64) -> impl Iterator<Item = &OutEvent> {
         self.outbox.range(after + 1..).map(|(_, e)| e)
+    }
+
+    /// Broker-confirmed outbox events kept for destinations' receipts.
+    pub fn retained_count(&self) -> usize {
+        self.outbox.range(..=self.published_upto).count()
+    }
+
+    /// What this server applied of each other cluster's stream: (origin,
+    /// epoch, last dest_seq applied, events held), for every other cluster.
+    pub fn stream_marks(&self) -> Vec<(u32, u64, u64, u64)> {
+        (1..=self.clusters)
+            .filter(|o| *o != self.cluster)
+            .map(|o| {
+                let (epoch, applied) = self.applied.get(&o).copied().unwrap_or((0, 0));
+                (o, epoch, applied, self.held.get(&o).map_or(0, BTreeMap::len) as u64)
+            })
+            .collect()
+    }
+
+    /// Whether a receipt from `dest` could have come from this deployment
+    /// (None) or why not: another cluster's, past what this cluster sent.
+    pub fn check_receipt(&self, dest: u32, epoch: u64, applied: u64) -> Option<String> {
+        if dest == self.cluster || dest == 0 || dest > self.clusters {
+            return Some(format!(
+                "receipt from cluster {dest} (this is cluster {} of {})",
+                self.cluster, self.clusters
+            ));
+        }
+        let sent = self.sent.get(&dest).copied().unwrap_or(0);
+        if epoch > self.epoch || (epoch == self.epoch && applied > sent) {
+            return Some(format!(
+                "cluster {dest} reports event {applied} of epoch {epoch} applied; this cluster sent it {sent} of epoch {}",
+                self.epoch
+            ));
+        }
+        None
+    }
+
+    /// Whether a receipt from `dest` says more than the last one kept.
+    pub fn receipt_advances(&self, dest: u32, epoch: u64, applied: u64) -> bool {
+        (epoch, applied) > self.receipts.get(&dest).copied().unwrap_or((0, 0))
+    }
+
+    /// The receipts kept: (destination, epoch, last dest_seq applied).
+    pub fn receipt_marks(&self) -> Vec<(u32, u64, u64)> {
+        self.receipts.iter().map(|(d, (e, n))| (*d, *e, *n)).collect()
+    }
+
+    /// The last dest_seq of the current epoch for `dest` that the broker
+    /// confirmed: the one before its first unconfirmed event, or the last
+    /// numbered when none is unconfirmed.
+    pub fn confirmed_to(&self, dest: u32) -> u64 {
+        self.outbox
+            .range(self.published_upto + 1..)
+            .filter(|(_, e)| e.epoch == self.epoch)
+            .find_map(|(_, e)| e.deliveries.iter().find(|d| d.dest == dest).map(|d| d.dest_seq.saturating_sub(1)))
+            .unwrap_or_else(|| self.sent.get(&dest).copied().unwrap_or(0))
+    }
+
+    /// The confirmed events of the current epoch for `dest` after
+    /// `applied`, up to `confirmed` and at most `max`, in stream order; and
+    /// how many right after `applied` are no longer kept (they come before
+    /// the first returned).
+    pub fn resend_to(&self, dest: u32, applied: u64, confirmed: u64, max: usize) -> (Vec<RemoteEvent>, u64) {
+        let mut out: Vec<RemoteEvent> = Vec::new();
+        for e in self.outbox.range(..=self.published_upto).map(|(_, e)| e).filter(|e| e.epoch == self.epoch) {
+            if out.len() >= max {
+                break;
+            }
+            if let Some(d) =
+                e.deliveries.iter().find(|d| d.dest == dest && d.dest_seq > applied && d.dest_seq <= confirmed)
+            {
+                out.push(e.for_delivery(self.cluster, d));
+            }
+        }
+        let first = out.first().map_or(confirmed + 1, |e| e.dest_seq);
+        (out, first.saturating_sub(applied + 1))
+    }
+
+    /// Whether `dest`'s receipt covers its copy `d` of an event of `epoch`.
+    fn covered(&self, epoch: u64, d: &Delivery) -> bool {
+        d.dest_seq == 0
+            || self.receipts.get(&d.dest).is_some_and(|&(e, n)| e > epoch || (e == epoch && n >= d.dest_seq))
+    }
+
+    /// Drops confirmed outbox events every destination's receipt covers,
+    /// oldest first, and the oldest beyond [`RETAIN_MAX`] whatever they are.
+    fn trim_outbox(&mut self) {
+        let mut retained = self.retained_count();
+        while let Some((&seq, e)) = self.outbox.first_key_value() {
+            if seq > self.published_upto {
+                break;
+            }
+            if retained <= RETAIN_MAX && !e.deliveries.iter().all(|d| self.covered(e.epoch, d)) {
+                break;
+            }
+            self.outbox.pop_first();
+            retained -= 1;
+        }
     }
 
     /// What this state makes of an arriving event of another cluster.
@@ -562,7 +683,13 @@ impl State {
             Entry::PublishedUpto(upto) => {
                 if *upto > self.published_upto {
                     self.published_upto = *upto;
-                    self.outbox = self.outbox.split_off(&(upto + 1));
+                    self.trim_outbox();
+                }
+            }
+            Entry::Receipt { dest, epoch, applied } => {
+                if self.receipt_advances(*dest, *epoch, *applied) {
+                    self.receipts.insert(*dest, (*epoch, *applied));
+                    self.trim_outbox();
                 }
             }
             Entry::Snapshot(snap) => {
@@ -1152,8 +1279,76 @@ mod tests {
         let seqs: Vec<u64> = n.state.outbox_after(0).map(|e| e.seq).collect();
         assert_eq!(seqs, vec![1, 2, 4]);
         n.state.apply(&Entry::PublishedUpto(2));
-        let seqs: Vec<u64> = n.state.outbox_after(0).map(|e| e.seq).collect();
+        let seqs: Vec<u64> = n.state.outbox_after(n.state.published_upto()).map(|e| e.seq).collect();
         assert_eq!(seqs, vec![4]);
         assert_eq!(n.state.published_upto(), 2);
+        // The confirmed ones stay for the receipts (below).
+        assert_eq!(n.state.retained_count(), 2);
+    }
+
+    fn outbox_seqs(n: &Node) -> Vec<u64> {
+        n.state.outbox_after(0).map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn confirmed_events_stay_until_every_destination_receipts_them() {
+        let mut n = Node::new(1);
+        n.local(Change::User(1)); // seq 1: stream position 1 to clusters 2 and 3
+        n.local(Change::User(4)); // seq 2: position 2 to both
+        n.local(rel(1, 2, true)); // seq 3: to cluster 2 only (position 3)
+        n.state.apply(&Entry::PublishedUpto(2));
+        assert_eq!(n.state.confirmed_to(2), 2, "position 3 is not confirmed yet");
+        assert_eq!(n.state.confirmed_to(3), 2);
+        // Receipts that cannot be this deployment's.
+        assert!(n.state.check_receipt(1, 1, 0).is_some(), "from this cluster");
+        assert!(n.state.check_receipt(4, 1, 0).is_some(), "beyond the cluster count");
+        assert!(n.state.check_receipt(2, 1, 4).is_some(), "past what was sent");
+        assert!(n.state.check_receipt(2, 2, 0).is_some(), "a later epoch");
+        assert!(n.state.check_receipt(2, 1, 3).is_none());
+        // What goes again to a destination that applied nothing, or one.
+        let dest_seqs = |(evs, missing): (Vec<RemoteEvent>, u64)| (evs.iter().map(|e| e.dest_seq).collect(), missing);
+        assert_eq!(dest_seqs(n.state.resend_to(2, 0, 2, 10)), (vec![1, 2], 0));
+        assert_eq!(dest_seqs(n.state.resend_to(2, 1, 2, 10)), (vec![2], 0));
+        assert_eq!(dest_seqs(n.state.resend_to(2, 0, 2, 1)), (vec![1], 0));
+        let again = n.state.resend_to(3, 1, 2, 10).0;
+        assert_eq!((again[0].origin, again[0].seq, again[0].change.clone()), (1, 2, Change::User(4)));
+        // Cluster 2's receipt alone keeps both: cluster 3 has not said.
+        n.state.apply(&Entry::Receipt { dest: 2, epoch: 1, applied: 2 });
+        assert_eq!(outbox_seqs(&n), vec![1, 2, 3]);
+        n.state.apply(&Entry::Receipt { dest: 3, epoch: 1, applied: 1 });
+        assert_eq!(outbox_seqs(&n), vec![2, 3]);
+        // An older receipt changes nothing.
+        assert!(!n.state.receipt_advances(3, 1, 0));
+        n.state.apply(&Entry::Receipt { dest: 3, epoch: 1, applied: 0 });
+        assert_eq!(n.state.receipt_marks(), vec![(2, 1, 2), (3, 1, 1)]);
+        n.state.apply(&Entry::Receipt { dest: 3, epoch: 1, applied: 2 });
+        assert_eq!(outbox_seqs(&n), vec![3], "unconfirmed events stay whatever the receipts");
+        // Gone for good: a receiver short of them is told how many.
+        assert_eq!(dest_seqs(n.state.resend_to(3, 0, 2, 10)), (vec![], 2));
+        n.state.apply(&Entry::PublishedUpto(3));
+        assert_eq!(outbox_seqs(&n), vec![3]);
+        // A snapshot carries the receipts and what they keep.
+        let mut copy = State::new(1, 3);
+        copy.apply(&Entry::Snapshot(Box::new(n.state.snapshot())));
+        assert_eq!(copy.receipt_marks(), n.state.receipt_marks());
+        assert_eq!(copy.retained_count(), 1);
+        n.state.apply(&Entry::Receipt { dest: 2, epoch: 1, applied: 3 });
+        assert!(outbox_seqs(&n).is_empty());
+    }
+
+    #[test]
+    fn confirmed_events_kept_for_receipts_are_bounded() {
+        let mut n = Node::new(1);
+        let extra = 10;
+        for i in 0..(RETAIN_MAX + extra) as u32 {
+            n.local(Change::User(1 + 3 * i));
+        }
+        let last = n.state.next_seq() - 1;
+        n.state.apply(&Entry::PublishedUpto(last));
+        assert_eq!(n.state.retained_count(), RETAIN_MAX);
+        assert_eq!(n.state.outbox_after(0).next().map(|e| e.seq), Some(extra as u64 + 1), "the oldest went");
+        // A receiver short of the dropped ones is told they are gone.
+        let (again, missing) = n.state.resend_to(2, 0, n.state.confirmed_to(2), 4);
+        assert_eq!((again[0].dest_seq, missing), (extra as u64 + 1, extra as u64));
     }
 }

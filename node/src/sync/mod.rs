@@ -11,11 +11,15 @@
 //! are applied through `Replica.ApplyRemote` by the master, which orders
 //! them with its own writes and replicates them to its slave; they are
 //! acknowledged to the broker only once committed. Redeliveries change
-//! nothing (the replicated record of what was applied).
+//! nothing (the replicated record of what was applied). The consuming
+//! synchronizer also tells each origin how far its stream was applied
+//! ([`receipts`]), and publishes again what its own server says another
+//! cluster lacks.
 //! Why not write the files directly as the course does: the server is then
 //! the only writer of its directory, and it can push a remote post to open
 //! timeline streams the moment it lands.
 
+pub mod receipts;
 pub mod topology;
 
 use crate::error::{Error, Result};
@@ -32,7 +36,7 @@ use sns_proto::csce438::ServerInfo;
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
-use sns_proto::internal::{AckRequest, SyncBatch, SyncEvent, TableRequest, TailRequest};
+use sns_proto::internal::{AckRequest, StreamReceipt, SyncBatch, SyncEvent, TableRequest, TailRequest};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -362,8 +366,12 @@ async fn consume_while_master(
                 }
             }
         };
+        let activity = receipts::Activity::default();
+        let (taken, to_answer) = receipts::queue();
         let result = tokio::select! {
-            r = consume(cfg, names, &channel, server.clone()) => r,
+            r = consume(cfg, names, &channel, server.clone(), &activity, &taken) => r,
+            r = receipts::send(cfg, names, &channel, server.clone(), &activity) => r,
+            r = receipts::answer(names, &channel, server.clone(), cfg.secret.as_ref(), to_answer) => r,
             r = stepped_down => r,
         };
         // Unacknowledged deliveries go back to the queue for whoever
@@ -388,6 +396,8 @@ async fn consume(
     names: &Names,
     channel: &AmqpChannel,
     mut server: ReplicaClient<net::NodeChannel>,
+    activity: &receipts::Activity,
+    taken: &tokio::sync::mpsc::Sender<StreamReceipt>,
 ) -> Result<()> {
     channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let queue = names.queue(cfg.cluster);
@@ -409,9 +419,16 @@ async fn consume(
         tokio::select! {
             first = deliveries.next(), if sent.len() < APPLY_IN_FLIGHT => {
                 let Some(first) = first else { break };
-                let (events, last) = gather(cfg, first?, &mut deliveries).await?;
-                // (Only refused messages: each is settled already.)
+                let (events, last, receipts) = gather(cfg, first?, &mut deliveries).await?;
+                for r in receipts {
+                    if taken.try_send(r).is_err() {
+                        tracing::debug!("receipts queued already: one dropped");
+                    }
+                }
+                // (Only refused messages and receipts: each is settled.)
                 let Some(last) = last else { continue };
+                activity.took_events();
+                activity.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 batches
                     .send(SyncBatch { events: events.clone() })
                     .await
@@ -421,6 +438,7 @@ async fn consume(
             reply = replies.next(), if !sent.is_empty() => {
                 let reply = reply.ok_or_else(|| Error::Other("the server ended the apply stream".into()))??;
                 let Some((events, last, _)) = sent.pop_front() else { continue };
+                activity.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 tracing::debug!(count = events.len(), applied = reply.applied, "events applied");
                 note_applied(&events, &reply);
                 // Events that cannot be valid (forged, broken) are never
@@ -441,17 +459,20 @@ async fn consume(
 
 /// Takes `first` and whatever else has arrived already (up to
 /// [`APPLY_BATCH`] events): the server applies it all with one fsync, and
-/// one broker ack (multiple) settles it. Returns the events and the last
-/// delivery that carried any (None: every message was refused, and each is
-/// settled already). A message without this deployment's MAC, for another
-/// cluster, or that cannot be decoded is dead-lettered and logged.
+/// one broker ack (multiple) settles it. Returns the events, the last
+/// delivery that carried any (None: every message was refused or a
+/// receipt, and each is settled already), and the receipts (each
+/// acknowledged on its own as it is taken). A message without this
+/// deployment's MAC, for another cluster, or that cannot be decoded is
+/// dead-lettered and logged.
 async fn gather(
     cfg: &SyncConfig,
     first: lapin::message::Delivery,
     deliveries: &mut lapin::Consumer,
-) -> Result<(Vec<SyncEvent>, Option<lapin::message::Delivery>)> {
+) -> Result<(Vec<SyncEvent>, Option<lapin::message::Delivery>, Vec<StreamReceipt>)> {
     let mut next = Some(Ok(first));
     let mut events = Vec::new();
+    let mut receipts = Vec::new();
     let mut last = None;
     while let Some(delivery) = next.take() {
         let delivery = delivery?;
@@ -462,6 +483,18 @@ async fn gather(
             tracing::error!(bytes = delivery.data.len(), routing_key = %delivery.routing_key, "broker message without this deployment's MAC (forged, or from another deployment): dead-lettered, not applied");
             crate::metrics::get().dead_lettered.inc();
             delivery.reject(BasicRejectOptions { requeue: false }).await?;
+        } else if kind == codec::RECEIPT_TYPE {
+            match receipts::decode(&delivery.data, cfg.cluster, cfg.clusters) {
+                Ok(r) => {
+                    delivery.ack(BasicAckOptions::default()).await?;
+                    receipts.push(r);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, routing_key = %delivery.routing_key, "bad stream receipt: dead-lettered");
+                    crate::metrics::get().dead_lettered.inc();
+                    delivery.reject(BasicRejectOptions { requeue: false }).await?;
+                }
+            }
         } else {
             let batch = kind == codec::BATCH_TYPE;
             match codec::decode_message(&delivery.data, batch, cfg.clusters) {
@@ -486,7 +519,7 @@ async fn gather(
             next = deliveries.next().now_or_never().flatten();
         }
     }
-    Ok((events, last))
+    Ok((events, last, receipts))
 }
 
 /// Puts a refused event on the dead-letter exchange, with the reason.

@@ -1,0 +1,151 @@
+//! Receipts and resending: what a master does when another cluster's
+//! synchronizer reports how far it applied this cluster's stream.
+//!
+//! The broker confirms a message once it has it on disk, and the outbox
+//! forgets events once confirmed; a broker that loses confirmed messages
+//! afterwards (its disk replaced, a queue purged or deleted, a message
+//! taken off the queue by hand) would leave the destination with a gap it
+//! holds forever, or missing the stream's last events without knowing it.
+//! So confirmed events stay in the outbox until the destination's receipt
+//! covers them (at most [`RETAIN_MAX`] of them), and a destination that
+//! stopped short of what the broker confirmed — holding events for a gap,
+//! or with nothing left in its queue — for [`ServerConfig::resend_after`]
+//! gets the missing events published again. Receivers ignore what they
+//! already applied, so a resend that was not needed costs only traffic.
+//!
+//! [`RETAIN_MAX`]: crate::store::state::RETAIN_MAX
+//! [`ServerConfig::resend_after`]: super::ServerConfig::resend_after
+
+use super::{Node, lock};
+use crate::error::{Error, Result};
+use crate::store::codec;
+use crate::store::state::Entry;
+use sns_proto::internal::{ReceiptReply, StreamReceipt, SyncEvent};
+use std::time::{Duration, Instant};
+
+/// Events published again for one receipt, at most: as many as a receiver
+/// holds for one origin, so the first resend can close any gap it may hold.
+pub const RESEND_MAX: usize = crate::store::state::HOLD_MAX;
+
+/// What a master remembers of one destination's receipts (not kept: a
+/// new master starts watching afresh, which only delays a resend).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Watch {
+    /// The last position reported, in the current epoch.
+    applied: u64,
+    /// When it last moved, or last had nothing outstanding.
+    progressed: Instant,
+    /// When the missing events were last published again.
+    resent: Option<Instant>,
+}
+
+/// Whether `dest`'s missing events go out again now, given its receipt
+/// (`applied` in the current epoch), the last position the broker
+/// confirmed for it, and whether it says it is stuck (it holds events for
+/// a gap, or its queue had nothing for it lately). Only after it has not
+/// moved for `after`, and at most once per `after`.
+fn due(watch: &mut Option<Watch>, applied: u64, confirmed: u64, stuck: bool, now: Instant, after: Duration) -> bool {
+    let w = watch.get_or_insert(Watch { applied, progressed: now, resent: None });
+    if applied >= confirmed || applied != w.applied {
+        w.applied = applied;
+        w.progressed = now;
+        return false;
+    }
+    let quiet = now.saturating_duration_since(w.progressed) >= after;
+    let rested = w.resent.is_none_or(|t| now.saturating_duration_since(t) >= after);
+    if stuck && quiet && rested {
+        w.resent = Some(now);
+        return true;
+    }
+    false
+}
+
+impl Node {
+    /// Takes another cluster's receipt of this cluster's stream: keeps it
+    /// (journaled, and forwarded to the slave with the next write), and
+    /// returns the events to publish again, if any are due.
+    pub async fn receipt(&self, r: StreamReceipt) -> Result<ReceiptReply> {
+        let cluster = self.0.cfg.cluster;
+        if r.origin_cluster != cluster {
+            return Err(Error::Invalid(format!(
+                "receipt of cluster {}'s stream sent to cluster {cluster}",
+                r.origin_cluster
+            )));
+        }
+        let (dest, epoch, applied) = (r.from_cluster, r.epoch, r.applied);
+        if let Some(why) = self.read(|s| s.check_receipt(dest, epoch, applied)) {
+            return Err(Error::Invalid(why));
+        }
+        if !self.role().is_master {
+            return Err(Error::NotServing("this server is not the master, which takes receipts".into()));
+        }
+        if self.damage().is_none() && self.read(|s| s.receipt_advances(dest, epoch, applied)) {
+            // Not fsynced: a receipt lost in a crash only means keeping
+            // events longer (the next one says it again).
+            self.journal_and_apply(vec![Entry::Receipt { dest, epoch, applied }], false).await?;
+        }
+        let (current, applied, confirmed) = self.read(|s| {
+            let current = s.epoch();
+            (current, if epoch == current { applied } else { 0 }, s.confirmed_to(dest))
+        });
+        let stuck = r.held > 0 || r.idle;
+        let now = Instant::now();
+        let after = self.0.cfg.resend_after;
+        if !due(lock(&self.0.receipts).entry(dest).or_default(), applied, confirmed, stuck, now, after) {
+            return Ok(ReceiptReply::default());
+        }
+        let (events, missing) = self.read(|s| s.resend_to(dest, applied, confirmed, RESEND_MAX));
+        if missing > 0 {
+            tracing::error!(
+                dest,
+                applied,
+                missing,
+                "cluster {dest} lacks events of this cluster's stream that the broker confirmed and lost, and this server no longer keeps: they are lost for that cluster (an override of this cluster starts a new stream)"
+            );
+        }
+        tracing::warn!(
+            dest,
+            epoch = current,
+            applied,
+            confirmed,
+            count = events.len(),
+            held = r.held,
+            "cluster {dest} stopped short of what the broker confirmed for it: publishing the missing events again"
+        );
+        let resend = events.iter().map(|e| SyncEvent { dest_cluster: dest, ..codec::event_to_pb(e) }).collect();
+        Ok(ReceiptReply { resend, missing })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_events_go_again_only_once_the_destination_stopped_and_says_it_is_stuck() {
+        let after = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = None;
+        // First receipt: start watching, never resend at once.
+        assert!(!due(&mut w, 3, 10, true, at(0), after));
+        // Not moved, stuck, but not for long enough.
+        assert!(!due(&mut w, 3, 10, true, at(4), after));
+        // Long enough, but not stuck (its queue still brings events).
+        assert!(!due(&mut w, 3, 10, false, at(6), after));
+        // Stuck and quiet: resend.
+        assert!(due(&mut w, 3, 10, true, at(6), after));
+        // Not again within `after` of the last resend.
+        assert!(!due(&mut w, 3, 10, true, at(9), after));
+        assert!(due(&mut w, 3, 10, true, at(11), after));
+        // It moved: wait afresh.
+        assert!(!due(&mut w, 7, 10, true, at(12), after));
+        assert!(!due(&mut w, 7, 10, true, at(16), after));
+        assert!(due(&mut w, 7, 10, true, at(17), after));
+        // Caught up with what the broker confirmed: nothing to do, and the
+        // next shortfall waits its own `after`.
+        assert!(!due(&mut w, 10, 10, true, at(30), after));
+        assert!(!due(&mut w, 10, 12, true, at(31), after));
+        assert!(due(&mut w, 10, 12, true, at(35), after));
+    }
+}

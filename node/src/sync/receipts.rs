@@ -1,0 +1,185 @@
+//! Stream receipts between clusters: the receiving end tells each origin
+//! how far it applied that origin's stream; the origin's master keeps
+//! confirmed events until receipts cover them and has the ones a stuck
+//! receiver lacks published again (see `server/resend.rs`). Receipts travel
+//! through the broker like events: routed to the origin's queue, sealed
+//! with the deployment's MAC, consumed by the synchronizer beside the
+//! origin's master. They are not persistent: each is superseded by the
+//! next, and a lost one only delays a resend.
+
+use super::{Names, SyncConfig, send_batch};
+use crate::error::{Error, Result};
+use crate::net;
+use crate::store::codec;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel as AmqpChannel};
+use prost::Message as _;
+use sns_proto::internal::replica_client::ReplicaClient;
+use sns_proto::internal::{StatusRequest, StreamReceipt};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How often the receiving master's synchronizer looks at what its server
+/// applied, and sends a receipt for each stream that moved or is held up.
+pub const RECEIPT_EVERY: Duration = Duration::from_secs(1);
+/// How often a receipt goes out for a stream that did not move (so an
+/// origin learns that a receiver is idle short of its last events).
+pub const RECEIPT_QUIET_EVERY: Duration = Duration::from_secs(5);
+/// Receipts waiting for the server, at most (more are dropped: the next
+/// one from the same cluster says the same, or more).
+const RECEIPTS_QUEUED: usize = 64;
+
+/// What the consumer is doing, for the receipts: when it last took events
+/// off the queue, and how many batches the server has not answered yet.
+pub struct Activity {
+    last_events: Mutex<Instant>,
+    pub in_flight: AtomicUsize,
+}
+
+impl Default for Activity {
+    /// Counted from now: idle once [`RECEIPT_EVERY`] passes without events.
+    fn default() -> Activity {
+        Activity { last_events: Mutex::new(Instant::now()), in_flight: AtomicUsize::new(0) }
+    }
+}
+
+impl Activity {
+    pub fn took_events(&self) {
+        *self.last_events.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+    }
+
+    /// Nothing taken off the queue for `quiet`, nothing waiting on the server.
+    fn idle(&self, quiet: Duration) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0
+            && self.last_events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).elapsed() >= quiet
+    }
+}
+
+/// Checks a receipt that came off this cluster's queue: for this cluster's
+/// stream, from another cluster of the deployment.
+pub fn decode(body: &[u8], cluster: u32, clusters: u32) -> Result<StreamReceipt> {
+    let r = StreamReceipt::decode(body).map_err(|e| Error::Invalid(format!("undecodable receipt: {e}")))?;
+    if r.origin_cluster != cluster || r.from_cluster == 0 || r.from_cluster > clusters || r.from_cluster == cluster {
+        return Err(Error::Invalid(format!(
+            "receipt from cluster {} of cluster {}'s stream, taken by cluster {cluster} of {clusters}",
+            r.from_cluster, r.origin_cluster
+        )));
+    }
+    Ok(r)
+}
+
+/// Publishes one receipt to its origin's queue.
+async fn publish(channel: &AmqpChannel, names: &Names, r: &StreamReceipt, cfg: &SyncConfig) -> Result<()> {
+    let body = r.encode_to_vec();
+    let mut headers = FieldTable::default();
+    if let Some(secret) = &cfg.secret {
+        headers.insert(
+            crate::auth::MAC_HEADER.into(),
+            AMQPValue::LongString(secret.seal_message(codec::RECEIPT_TYPE, &body).into()),
+        );
+    }
+    let props = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(1)
+        .with_content_type("application/x-protobuf".into())
+        .with_type(codec::RECEIPT_TYPE.into());
+    let key = format!("to.{}", r.origin_cluster);
+    channel
+        .basic_publish(
+            names.exchange.as_str().into(),
+            key.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            props,
+        )
+        .await?;
+    Ok(())
+}
+
+/// While this synchronizer consumes for its master: every
+/// [`RECEIPT_EVERY`], a receipt to each origin whose stream moved or is
+/// held up by a gap, and to the others every [`RECEIPT_QUIET_EVERY`].
+pub async fn send(
+    cfg: &SyncConfig,
+    names: &Names,
+    channel: &AmqpChannel,
+    mut server: ReplicaClient<net::NodeChannel>,
+    activity: &Activity,
+) -> Result<()> {
+    let mut sent: HashMap<u32, ((u64, u64, u64), Instant)> = HashMap::new();
+    let mut every = tokio::time::interval(RECEIPT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let status = match server.status(StatusRequest {}).await {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                tracing::debug!(error = %e, "no status for the receipts this time");
+                continue;
+            }
+        };
+        if !status.is_master {
+            continue;
+        }
+        let idle = activity.idle(RECEIPT_EVERY);
+        for m in status.streams {
+            let mark = (m.epoch, m.applied, m.held);
+            let due = sent
+                .get(&m.origin)
+                .is_none_or(|(last, at)| *last != mark || m.held > 0 || at.elapsed() >= RECEIPT_QUIET_EVERY);
+            if !due {
+                continue;
+            }
+            let receipt = StreamReceipt {
+                from_cluster: cfg.cluster,
+                origin_cluster: m.origin,
+                epoch: m.epoch,
+                applied: m.applied,
+                held: m.held,
+                idle,
+            };
+            publish(channel, names, &receipt, cfg).await?;
+            sent.insert(m.origin, (mark, Instant::now()));
+        }
+    }
+}
+
+/// A sender for receipts taken off the queue, and its receiving end.
+pub fn queue() -> (mpsc::Sender<StreamReceipt>, mpsc::Receiver<StreamReceipt>) {
+    mpsc::channel(RECEIPTS_QUEUED)
+}
+
+/// Hands each receipt taken off this cluster's queue to the server (the
+/// master), and publishes again whatever it says the receiver lacks.
+pub async fn answer(
+    names: &Names,
+    channel: &AmqpChannel,
+    mut server: ReplicaClient<net::NodeChannel>,
+    secret: Option<&crate::auth::Secret>,
+    mut receipts: mpsc::Receiver<StreamReceipt>,
+) -> Result<()> {
+    while let Some(r) = receipts.recv().await {
+        let from = r.from_cluster;
+        let reply = match server.receipt(r).await {
+            Ok(reply) => reply.into_inner(),
+            Err(e) => {
+                tracing::warn!(from, error = %e, "the server did not take a receipt");
+                continue;
+            }
+        };
+        if reply.resend.is_empty() {
+            continue;
+        }
+        let count = reply.resend.len();
+        // Not confirmed: if the broker loses these too, the next receipt
+        // says so again.
+        drop(send_batch(channel, names, &reply.resend, secret).await?);
+        tracing::info!(to = from, count, missing = reply.missing, "published events again for a stuck cluster");
+        crate::metrics::get().resent.inc_by(count as u64);
+    }
+    std::future::pending().await
+}
