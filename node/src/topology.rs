@@ -23,6 +23,16 @@ pub struct DeploymentSpec {
     /// default, two heartbeat intervals within 5 to 30 s).
     #[serde(default)]
     pub disk_stall_limit_millis: Option<u64>,
+    /// How long a server's writer waits for more writes under concurrent
+    /// load before a group commit (`--commit-delay`; None: the server's
+    /// default, 1 ms; 0 turns it off).
+    #[serde(default)]
+    pub commit_delay_millis: Option<u64>,
+    /// How long another cluster may stay short of the events the broker
+    /// confirmed for it before the master has them published again
+    /// (`--resend-after`; None: the server's default, 10 s).
+    #[serde(default)]
+    pub resend_after_millis: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -60,6 +70,8 @@ impl Default for DeploymentSpec {
             servers_per_cluster: default_servers(),
             heartbeat: HeartbeatSpec::default(),
             disk_stall_limit_millis: None,
+            commit_delay_millis: None,
+            resend_after_millis: None,
         }
     }
 }
@@ -79,6 +91,16 @@ impl DeploymentSpec {
             && !(1_000..=3_600_000).contains(&ms)
         {
             return Err(format!("diskStallLimitMillis must be 1000..=3600000, not {ms}"));
+        }
+        if let Some(ms) = self.commit_delay_millis
+            && ms > 100
+        {
+            return Err(format!("commitDelayMillis must be 0..=100, not {ms}"));
+        }
+        if let Some(ms) = self.resend_after_millis
+            && !(1_000..=3_600_000).contains(&ms)
+        {
+            return Err(format!("resendAfterMillis must be 1000..=3600000, not {ms}"));
         }
         Ok(())
     }
@@ -219,6 +241,12 @@ pub fn plan(spec: &DeploymentSpec, opts: &PlanOptions) -> Vec<Process> {
             if let Some(ms) = spec.disk_stall_limit_millis {
                 args.extend(["--disk-stall-limit".to_string(), format!("{ms}ms")]);
             }
+            if let Some(ms) = spec.commit_delay_millis {
+                args.extend(["--commit-delay".to_string(), format!("{ms}ms")]);
+            }
+            if let Some(ms) = spec.resend_after_millis {
+                args.extend(["--resend-after".to_string(), format!("{ms}ms")]);
+            }
             common(&mut args);
             out.push(Process { name: pod, role, port: p, args });
         }
@@ -312,7 +340,12 @@ mod tests {
 
     #[test]
     fn every_planned_command_line_parses() {
-        let spec = DeploymentSpec { disk_stall_limit_millis: Some(2_500), ..DeploymentSpec::default() };
+        let spec = DeploymentSpec {
+            disk_stall_limit_millis: Some(2_500),
+            commit_delay_millis: Some(3),
+            resend_after_millis: Some(4_000),
+            ..DeploymentSpec::default()
+        };
         for p in plan(&spec, &opts(9000)) {
             let mut argv = vec!["sns-node".to_string()];
             argv.extend(p.args.clone());
@@ -327,6 +360,8 @@ mod tests {
                     assert_eq!((cfg.cluster, cfg.id), (cluster, id));
                     assert_eq!(cfg.data_dir, data_dir(Path::new("/data"), cluster, id));
                     assert_eq!(cfg.disk_stall_limit, Some(std::time::Duration::from_millis(2_500)));
+                    assert_eq!(cfg.commit_delay, std::time::Duration::from_millis(3));
+                    assert_eq!(cfg.resend_after, std::time::Duration::from_secs(4));
                 }
                 (Command::Synchronizer(s), Role::Synchronizer { cluster, server, id }) => {
                     let cfg = s.config().unwrap();
@@ -356,6 +391,13 @@ mod tests {
         assert_eq!(limited.spec.disk_stall_limit_millis, Some(2_000));
         let err = parse_sns_cluster("kind: SnsCluster\nspec:\n  diskStallLimitMillis: 500\n").unwrap_err();
         assert!(err.contains("diskStallLimitMillis must be 1000..=3600000"), "{err}");
+        let tuned =
+            parse_sns_cluster("kind: SnsCluster\nspec:\n  commitDelayMillis: 0\n  resendAfterMillis: 30000\n").unwrap();
+        assert_eq!((tuned.spec.commit_delay_millis, tuned.spec.resend_after_millis), (Some(0), Some(30_000)));
+        let err = parse_sns_cluster("kind: SnsCluster\nspec:\n  commitDelayMillis: 101\n").unwrap_err();
+        assert!(err.contains("commitDelayMillis must be 0..=100"), "{err}");
+        let err = parse_sns_cluster("kind: SnsCluster\nspec:\n  resendAfterMillis: 999\n").unwrap_err();
+        assert!(err.contains("resendAfterMillis must be 1000..=3600000"), "{err}");
         assert!(parse_sns_cluster("kind: [").is_err());
     }
 }

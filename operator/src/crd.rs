@@ -83,6 +83,19 @@ pub struct SnsClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1000, max = 3600000))]
     pub disk_stall_limit_millis: Option<u64>,
+    /// Milliseconds a server's writer waits for more writes, under
+    /// concurrent load, before a group commit (default 1; 0 turns it off).
+    /// Larger groups cost less CPU per write and add that much latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
+    pub commit_delay_millis: Option<u64>,
+    /// Milliseconds another cluster may stay short of the events the
+    /// broker confirmed for it (holding a gap, or with its queue empty)
+    /// before the master has them published again: the broker lost them
+    /// after confirming them (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1000, max = 3600000))]
+    pub resend_after_millis: Option<u64>,
     /// Image with `sns-node` (default: the operator's own image).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -600,6 +613,8 @@ impl SnsClusterSpec {
             servers_per_cluster: self.servers_per_cluster,
             heartbeat: PlanHeartbeat { interval_millis: self.heartbeat.interval_millis, missed: self.heartbeat.missed },
             disk_stall_limit_millis: self.disk_stall_limit_millis,
+            commit_delay_millis: self.commit_delay_millis,
+            resend_after_millis: self.resend_after_millis,
         }
     }
 

@@ -89,6 +89,9 @@ pub async fn run(
                     missed: args.heartbeat.missed,
                 },
                 disk_stall_limit_millis: args.disk_stall_limit.map(|d| d.as_millis() as u64),
+                // The servers take these from the environment.
+                commit_delay_millis: None,
+                resend_after_millis: None,
             };
             spec.validate().map_err(Error::Config)?;
             (spec, None)

@@ -101,8 +101,15 @@ fn default_spec_renders_the_course_topology() {
 
 #[test]
 fn server_and_synchronizer_run_exactly_the_plans_command_lines() {
-    let obj =
-        cluster("demo", serde_json::json!({"heartbeat": {"intervalMillis": 1000}, "diskStallLimitMillis": 20000}));
+    let obj = cluster(
+        "demo",
+        serde_json::json!({
+            "heartbeat": {"intervalMillis": 1000},
+            "diskStallLimitMillis": 20000,
+            "commitDelayMillis": 2,
+            "resendAfterMillis": 15000
+        }),
+    );
     let r = render(&obj, &opts()).unwrap();
     let procs = plan(&obj).unwrap();
     let mut checked = 0;
