@@ -409,7 +409,7 @@ pub struct ServerArgs {
     /// confirmed for it, while it holds events for a gap or its queue is
     /// empty, before this server (as master) has them published again:
     /// the broker lost them after confirming them. At least 1s.
-    #[arg(long, env = "SNS_RESEND_AFTER", default_value = "10s", value_parser = parse_resend_after)]
+    #[arg(long, env = "SNS_RESEND_AFTER", default_value = "3s", value_parser = parse_resend_after)]
     pub resend_after: Duration,
     #[command(flatten)]
     pub listen: ListenArgs,

@@ -30,7 +30,7 @@ pub struct DeploymentSpec {
     pub commit_delay_millis: Option<u64>,
     /// How long another cluster may stay short of the events the broker
     /// confirmed for it before the master has them published again
-    /// (`--resend-after`; None: the server's default, 10 s).
+    /// (`--resend-after`; None: the server's default, 3 s).
     #[serde(default)]
     pub resend_after_millis: Option<u64>,
 }

@@ -92,7 +92,7 @@ pub struct SnsClusterSpec {
     /// Milliseconds another cluster may stay short of the events the
     /// broker confirmed for it (holding a gap, or with its queue empty)
     /// before the master has them published again: the broker lost them
-    /// after confirming them (default 10000).
+    /// after confirming them (default 3000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1000, max = 3600000))]
     pub resend_after_millis: Option<u64>,

@@ -1118,7 +1118,7 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     let mut started = None;
     for disks in tries {
         // Events the broker loses go out again a second after the receiver
-        // shows it is stuck (ten by default).
+        // shows it is stuck (three by default).
         let mut builder =
             Deployment::builder().clusters(CLUSTERS).servers(2).broker(&broker.url, None).env("SNS_RESEND_AFTER", "1s");
         if let Some((c, s)) = disks.full {

@@ -338,3 +338,68 @@ fn events_the_broker_loses_after_confirming_them_are_published_again() -> anyhow
     assert!(said("publishing the missing events again"), "cluster 1's master says it resent");
     Ok(())
 }
+
+/// Thousands of events lost while a busy stream goes on: the receiver
+/// holds what it can for the gap (4,096 events) and refuses the rest
+/// (dead-lettered), the origin sends what it lacks in chunks, the next as
+/// soon as a receipt shows the last one taken, and the receiver catches up
+/// with a stream that kept growing meanwhile.
+#[test]
+fn a_receiver_that_lost_thousands_of_events_under_load_catches_up() -> anyhow::Result<()> {
+    // Long enough for the stream to pile more than the receiver holds.
+    let mut d = Deployment::builder().clusters(2).servers(1).env("SNS_RESEND_AFTER", "4s").start()?;
+    let rt = rt();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // 2 (cluster 2) follows four authors of cluster 1.
+    let authors = [1u32, 3, 5, 7];
+    for a in authors {
+        rt.block_on(load::follow_until_done(d.coord_port, 2, a, deadline))?;
+    }
+    let coord_port = d.coord_port;
+    let write = |rt: &tokio::runtime::Runtime, count: usize| -> Vec<Vec<String>> {
+        rt.block_on(async {
+            let writers = authors
+                .map(|a| tokio::spawn(load::writer(coord_port, a, Arc::new(AtomicBool::new(false)), count, deadline)));
+            let mut out = Vec::new();
+            for w in writers {
+                out.push(w.await.map(|r| r.acked).unwrap_or_default());
+            }
+            out
+        })
+    };
+    d.command("kill sync-2-1")?;
+    // More than one resend carries (16,384).
+    let lost = write(&rt, 4_200);
+    let node = rt.block_on(server_node(d.coord_port, 1, 1)).ok_or_else(|| anyhow::anyhow!("no server 1/1"))?;
+    eventually("the broker to confirm cluster 1's outbox", || {
+        let s = rt.block_on(status(&node)).ok()?;
+        (s.published_upto == s.next_seq - 1).then_some(())
+    })?;
+    let purged = rt.block_on(async {
+        let broker = Broker::connect(&d.name).await?;
+        let n = broker.purge(2).await?;
+        broker.close().await?;
+        anyhow::Ok(n)
+    })?;
+    anyhow::ensure!(purged > 0, "cluster 2's queue held none of the posts");
+    d.command("start sync-2-1")?;
+    let after = write(&rt, 2_000);
+    let reader = rt.block_on(server_node(d.coord_port, 2, 1)).ok_or_else(|| anyhow::anyhow!("no server 2/1"))?;
+    let mut last = String::new();
+    sns_e2e::eventually_within("user 2's feed to hold every post once, in order", Duration::from_secs(90), || {
+        let files = spec_files(&d.server_dir(2, 1)).ok()?;
+        let feed = sns_node::store::record::decode_posts(files.get("2_following.txt").map_or("", |t| t));
+        for (i, a) in authors.iter().enumerate() {
+            let got: Vec<&str> = feed.iter().filter(|p| p.user == *a).map(|p| p.text.as_str()).collect();
+            let want: Vec<&str> = lost[i].iter().chain(&after[i]).map(String::as_str).collect();
+            if got != want {
+                last = format!("author {a}: {} of {} posts", got.len(), want.len());
+                return None;
+            }
+        }
+        let held = rt.block_on(status(&reader)).ok()?.held;
+        (held == 0).then_some(())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {last}"))?;
+    Ok(())
+}

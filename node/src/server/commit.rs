@@ -7,8 +7,7 @@
 
 use super::Node;
 use crate::error::{Error, Result};
-use crate::store::state::{Arrival, Change, Entry, LocalOp, Outcome, Pending, Post, RemoteEvent, View};
-use std::collections::HashMap;
+use crate::store::state::{Arrival, Change, Entry, Group, LocalOp, Outcome, Pending, Post, RemoteEvent, View};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -119,6 +118,8 @@ impl Node {
                 let store = self.store();
                 let state = store.state();
                 let mut pending = Pending::default();
+                // Where the group's events of other clusters take each stream.
+                let mut remote = Group::default();
                 let mut seq = state.next_seq();
                 let (mut entries, mut answers) = (Vec::new(), Vec::new());
                 let local = |change: Change,
@@ -155,7 +156,7 @@ impl Node {
                         }
                         Request::Remote { events, done } => {
                             dones.push(Done::Remote(done));
-                            answers.push(Answer::Remote(classify(state, events, &mut entries)));
+                            answers.push(Answer::Remote(classify(state, events, &mut remote, &mut entries)));
                         }
                     }
                 }
@@ -185,17 +186,25 @@ impl Node {
 
 /// Sorts arriving events: those to journal (the next of their stream, or
 /// ahead of it and held), duplicates (dropped) and impossible ones.
-fn classify(state: &crate::store::state::State, events: Vec<RemoteEvent>, entries: &mut Vec<Entry>) -> Applied {
+fn classify(
+    state: &crate::store::state::State,
+    events: Vec<RemoteEvent>,
+    group: &mut Group,
+    entries: &mut Vec<Entry>,
+) -> Applied {
     let (mut journaled, mut rejected) = (0, Vec::new());
-    // Within the group too: a second copy of an event is a duplicate.
-    let mut seen: HashMap<(u32, u64, u64), ()> = HashMap::new();
+    // Each against the state with the group's earlier events on top (of
+    // this batch and of the batches before it in the group): a second
+    // copy is a duplicate, and a gap the group closes is closed.
     for (i, e) in events.into_iter().enumerate() {
-        match state.arrival(&e) {
-            Arrival::Next | Arrival::Early if seen.insert((e.origin, e.epoch, e.dest_seq), ()).is_none() => {
+        let arrival = state.arrival_in(&e, group);
+        state.take_in(&e, &arrival, group);
+        match arrival {
+            Arrival::Next | Arrival::Early => {
                 journaled += 1;
                 entries.push(Entry::Remote(e));
             }
-            Arrival::Next | Arrival::Early | Arrival::Duplicate => {}
+            Arrival::Duplicate => {}
             Arrival::Invalid(why) => {
                 tracing::warn!(origin = e.origin, dest_seq = e.dest_seq, reason = %why, "event of another cluster refused: dead-lettered");
                 rejected.push((i, why));

@@ -91,7 +91,7 @@ pub struct ServerConfig {
 }
 
 /// `--resend-after` unless set.
-pub const DEFAULT_RESEND_AFTER: Duration = Duration::from_secs(10);
+pub const DEFAULT_RESEND_AFTER: Duration = Duration::from_secs(3);
 
 /// `--commit-delay` unless set.
 pub const DEFAULT_COMMIT_DELAY: Duration = Duration::from_millis(1);

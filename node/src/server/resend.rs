@@ -23,9 +23,11 @@ use crate::store::state::Entry;
 use sns_proto::internal::{ReceiptReply, StreamReceipt, SyncEvent};
 use std::time::{Duration, Instant};
 
-/// Events published again for one receipt, at most: as many as a receiver
-/// holds for one origin, so the first resend can close any gap it may hold.
-pub const RESEND_MAX: usize = crate::store::state::HOLD_MAX;
+/// Events published again for one receipt, at most. They start right
+/// after what the receiver applied, so it applies them in order without
+/// holding any; the next chunk goes as soon as a receipt shows it took
+/// this one, so a receiver catches up faster than a busy stream grows.
+pub const RESEND_MAX: usize = 16_384;
 
 /// What a master remembers of one destination's receipts (not kept: a
 /// new master starts watching afresh, which only delays a resend).
@@ -37,15 +39,25 @@ pub(super) struct Watch {
     progressed: Instant,
     /// When the missing events were last published again.
     resent: Option<Instant>,
+    /// The last position of that resend (0: none under way).
+    resent_upto: u64,
 }
 
 /// Whether `dest`'s missing events go out again now, given its receipt
 /// (`applied` in the current epoch), the last position the broker
 /// confirmed for it, and whether it says it is stuck (it holds events for
 /// a gap, or its queue had nothing for it lately). Only after it has not
-/// moved for `after`, and at most once per `after`.
+/// moved for `after`, and at most once per `after`; but once it took all
+/// of a resend and is still short and stuck, the next chunk goes at once.
 fn due(watch: &mut Option<Watch>, applied: u64, confirmed: u64, stuck: bool, now: Instant, after: Duration) -> bool {
-    let w = watch.get_or_insert(Watch { applied, progressed: now, resent: None });
+    let w = watch.get_or_insert(Watch { applied, progressed: now, resent: None, resent_upto: 0 });
+    if applied >= confirmed {
+        w.resent_upto = 0;
+    }
+    if w.resent_upto > 0 && applied >= w.resent_upto && stuck {
+        (w.applied, w.progressed, w.resent) = (applied, now, Some(now));
+        return true;
+    }
     if applied >= confirmed || applied != w.applied {
         w.applied = applied;
         w.progressed = now;
@@ -58,6 +70,13 @@ fn due(watch: &mut Option<Watch>, applied: u64, confirmed: u64, stuck: bool, now
         return true;
     }
     false
+}
+
+/// Notes where the resend that [`due`] allowed ends (0: nothing went).
+fn resent(watch: &mut Option<Watch>, upto: u64) {
+    if let Some(w) = watch {
+        w.resent_upto = upto;
+    }
 }
 
 impl Node {
@@ -95,6 +114,7 @@ impl Node {
             return Ok(ReceiptReply::default());
         }
         let (events, missing) = self.read(|s| s.resend_to(dest, applied, confirmed, RESEND_MAX));
+        resent(lock(&self.0.receipts).entry(dest).or_default(), events.last().map_or(0, |e| e.dest_seq));
         if missing > 0 {
             tracing::error!(
                 dest,
@@ -147,5 +167,27 @@ mod tests {
         assert!(!due(&mut w, 10, 10, true, at(30), after));
         assert!(!due(&mut w, 10, 12, true, at(31), after));
         assert!(due(&mut w, 10, 12, true, at(35), after));
+    }
+
+    #[test]
+    fn a_receiver_that_took_a_whole_resend_and_is_still_short_gets_the_next_chunk_at_once() {
+        let after = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = None;
+        assert!(!due(&mut w, 100, 50_000, true, at(0), after));
+        assert!(due(&mut w, 100, 50_000, true, at(5), after));
+        resent(&mut w, 16_484);
+        // Part of it applied so far: wait for the rest.
+        assert!(!due(&mut w, 9_000, 50_000, true, at(6), after));
+        // All of it, and more held behind: the next chunk now.
+        assert!(due(&mut w, 16_484, 50_000, true, at(7), after));
+        resent(&mut w, 32_868);
+        // Took it, but no longer stuck (its queue brings the rest): wait.
+        assert!(!due(&mut w, 32_868, 50_000, false, at(8), after));
+        // Caught up: the resend is over; a later shortfall waits `after`.
+        assert!(!due(&mut w, 50_000, 50_000, true, at(9), after));
+        assert!(!due(&mut w, 50_000, 50_100, true, at(10), after));
+        assert!(due(&mut w, 50_000, 50_100, true, at(15), after));
     }
 }

@@ -52,7 +52,7 @@ pub const HOLD_MAX: usize = 4096;
 /// destination can still get again if the broker loses messages after
 /// confirming them. Beyond this the oldest go (the broker still holds
 /// them); receipts every second keep far fewer than this in use.
-pub const RETAIN_MAX: usize = 16_384;
+pub const RETAIN_MAX: usize = 32_768;
 
 /// Identifies a follow: the seq of the follow op in the follower's cluster.
 pub type FollowId = u64;
@@ -258,6 +258,18 @@ impl Outcome {
             Outcome::Unknown => sns_proto::rules::FAILURE_UNKNOWN,
         }
     }
+}
+
+/// Where a group of arriving events being decided has taken each origin's
+/// stream so far (see [`State::arrival_in`]).
+#[derive(Debug, Default)]
+pub struct Group {
+    /// origin -> (epoch, last dest_seq) the group's events reach.
+    reached: HashMap<u32, (u64, u64)>,
+    /// origin -> held events the group's events let through.
+    drained: HashMap<u32, usize>,
+    /// origin -> (epoch, dest_seq) of the group's events that wait for a gap.
+    early: HashMap<u32, BTreeSet<(u64, u64)>>,
 }
 
 /// What a receiver makes of an arriving event.
@@ -602,6 +614,17 @@ impl State {
 
     /// What this state makes of an arriving event of another cluster.
     pub fn arrival(&self, ev: &RemoteEvent) -> Arrival {
+        self.arrival_in(ev, &Group::default())
+    }
+
+    /// [`State::arrival`] for an event of a group being decided, after the
+    /// group's earlier events (`group`): a stream position they already
+    /// reached is a duplicate, the one after it is next, and what they
+    /// drained from the held events no longer counts against the bound.
+    /// Without this, a receiver whose held events are at the bound would
+    /// take one event per group even as the gap closes: the rest of a
+    /// batch would look early, with no room to hold them.
+    pub fn arrival_in(&self, ev: &RemoteEvent, group: &Group) -> Arrival {
         if ev.origin == self.cluster || ev.origin == 0 || ev.origin > self.clusters {
             return Arrival::Invalid(format!(
                 "origin cluster {} (this is cluster {} of {})",
@@ -611,12 +634,19 @@ impl State {
         if ev.dest_seq == 0 {
             return Arrival::Invalid(format!("origin {} event {} has no stream position", ev.origin, ev.seq));
         }
-        let (epoch, last) = self.applied.get(&ev.origin).copied().unwrap_or((0, 0));
+        let (epoch, last) = group
+            .reached
+            .get(&ev.origin)
+            .copied()
+            .unwrap_or_else(|| self.applied.get(&ev.origin).copied().unwrap_or((0, 0)));
         let held = self.held.get(&ev.origin);
         if ev.epoch < epoch || (ev.epoch == epoch && ev.dest_seq <= last) {
             return Arrival::Duplicate;
         }
-        if held.is_some_and(|h| h.contains_key(&(ev.epoch, ev.dest_seq))) {
+        let early = group.early.get(&ev.origin);
+        if held.is_some_and(|h| h.contains_key(&(ev.epoch, ev.dest_seq)))
+            || early.is_some_and(|e| e.contains(&(ev.epoch, ev.dest_seq)))
+        {
             return Arrival::Duplicate;
         }
         // A new epoch starts at 1; its later events wait for the first
@@ -631,10 +661,39 @@ impl State {
                 ev.origin, ev.dest_seq
             ));
         }
-        if held.map_or(0, BTreeMap::len) >= HOLD_MAX {
+        let waiting = held.map_or(0, BTreeMap::len) - group.drained.get(&ev.origin).copied().unwrap_or(0)
+            + early.map_or(0, BTreeSet::len);
+        if waiting >= HOLD_MAX {
             return Arrival::Invalid(format!("origin {} has {HOLD_MAX} events held already", ev.origin));
         }
         Arrival::Early
+    }
+
+    /// Notes in `group` an event it takes (next or early, per
+    /// [`State::arrival_in`]): a next one moves its stream on, through
+    /// whatever held or early events then follow.
+    pub fn take_in(&self, ev: &RemoteEvent, arrival: &Arrival, group: &mut Group) {
+        let o = ev.origin;
+        match arrival {
+            Arrival::Early => {
+                group.early.entry(o).or_default().insert((ev.epoch, ev.dest_seq));
+            }
+            Arrival::Next => {
+                let (epoch, mut last) = (ev.epoch, ev.dest_seq);
+                let held = self.held.get(&o);
+                loop {
+                    let key = (epoch, last + 1);
+                    if held.is_some_and(|h| h.contains_key(&key)) {
+                        *group.drained.entry(o).or_default() += 1;
+                    } else if !group.early.get_mut(&o).is_some_and(|e| e.remove(&key)) {
+                        break;
+                    }
+                    last += 1;
+                }
+                group.reached.insert(o, (epoch, last));
+            }
+            Arrival::Duplicate | Arrival::Invalid(_) => {}
+        }
     }
 
     /// Checks a FOLLOW of `target` by `user` (a known local user).
@@ -1334,6 +1393,48 @@ mod tests {
         assert_eq!(copy.retained_count(), 1);
         n.state.apply(&Entry::Receipt { dest: 2, epoch: 1, applied: 3 });
         assert!(outbox_seqs(&n).is_empty());
+    }
+
+    #[test]
+    fn a_group_that_closes_a_gap_is_decided_as_if_it_came_in_order() {
+        let mut n = Node::new(1);
+        let ev = |q: u64| RemoteEvent {
+            origin: 2,
+            seq: q,
+            epoch: 1,
+            dest_seq: q,
+            change: Change::User(2 + 3 * q as u32),
+            recipients: vec![],
+        };
+        // Everything after event 1 came first: held, up to the bound.
+        let top = HOLD_MAX as u64 + 1;
+        for q in 2..=top {
+            n.state.apply(&Entry::Remote(ev(q)));
+        }
+        assert_eq!(n.state.held_count(), HOLD_MAX);
+        assert!(matches!(n.state.arrival(&ev(top + 1)), Arrival::Invalid(_)), "no room to hold more");
+        // A group bringing event 1 first lets the held ones through: what
+        // follows them in the group is next, not refused.
+        let mut g = Group::default();
+        let decide = |g: &mut Group, q: u64| {
+            let a = n.state.arrival_in(&ev(q), g);
+            n.state.take_in(&ev(q), &a, g);
+            a
+        };
+        assert_eq!(decide(&mut g, 1), Arrival::Next);
+        assert_eq!(decide(&mut g, top + 1), Arrival::Next);
+        assert_eq!(decide(&mut g, 3), Arrival::Duplicate, "held, and let through by the group");
+        assert_eq!(decide(&mut g, top + 1), Arrival::Duplicate, "a second copy in the group");
+        // Out of order within the group: early, then let through.
+        assert_eq!(decide(&mut g, top + 3), Arrival::Early);
+        assert_eq!(decide(&mut g, top + 3), Arrival::Duplicate);
+        assert_eq!(decide(&mut g, top + 2), Arrival::Next);
+        assert_eq!(decide(&mut g, top + 4), Arrival::Next);
+        // Applied in that order, the state agrees.
+        for q in [1, top + 1, top + 3, top + 2, top + 4] {
+            n.state.apply(&Entry::Remote(ev(q)));
+        }
+        assert_eq!((n.state.held_count(), n.state.stream_marks()[0].2), (0, top + 4));
     }
 
     #[test]
