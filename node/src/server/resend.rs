@@ -12,6 +12,8 @@
 //! or with nothing left in its queue — for [`ServerConfig::resend_after`]
 //! gets the missing events published again. Receivers ignore what they
 //! already applied, so a resend that was not needed costs only traffic.
+//! When the first event a destination lacks is no longer kept, nothing
+//! goes (the rest would only be held behind the hole): the loss is logged.
 //!
 //! [`RETAIN_MAX`]: crate::store::state::RETAIN_MAX
 //! [`ServerConfig::resend_after`]: super::ServerConfig::resend_after
@@ -84,6 +86,11 @@ impl Node {
     /// (journaled, and forwarded to the slave with the next write), and
     /// returns the events to publish again, if any are due.
     pub async fn receipt(&self, r: StreamReceipt) -> Result<ReceiptReply> {
+        self.receipt_at(r, Instant::now()).await
+    }
+
+    /// [`Node::receipt`], taken at `now`.
+    async fn receipt_at(&self, r: StreamReceipt, now: Instant) -> Result<ReceiptReply> {
         let cluster = self.0.cfg.cluster;
         if r.origin_cluster != cluster {
             return Err(Error::Invalid(format!(
@@ -108,21 +115,25 @@ impl Node {
             (current, if epoch == current { applied } else { 0 }, s.confirmed_to(dest))
         });
         let stuck = r.held > 0 || r.idle;
-        let now = Instant::now();
         let after = self.0.cfg.resend_after;
         if !due(lock(&self.0.receipts).entry(dest).or_default(), applied, confirmed, stuck, now, after) {
             return Ok(ReceiptReply::default());
         }
         let (events, missing) = self.read(|s| s.resend_to(dest, applied, confirmed, RESEND_MAX));
-        resent(lock(&self.0.receipts).entry(dest).or_default(), events.last().map_or(0, |e| e.dest_seq));
         if missing > 0 {
+            // Whatever comes after the hole would only be held there:
+            // nothing goes (this is said again each `after`, as long as
+            // the destination stays stuck).
             tracing::error!(
                 dest,
                 applied,
                 missing,
                 "cluster {dest} lacks events of this cluster's stream that the broker confirmed and lost, and this server no longer keeps: they are lost for that cluster (an override of this cluster starts a new stream)"
             );
+            resent(lock(&self.0.receipts).entry(dest).or_default(), 0);
+            return Ok(ReceiptReply { resend: vec![], missing });
         }
+        resent(lock(&self.0.receipts).entry(dest).or_default(), events.last().map_or(0, |e| e.dest_seq));
         tracing::warn!(
             dest,
             epoch = current,
@@ -140,6 +151,74 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::{Role, ServerConfig};
+    use crate::store::state::{Change, LocalOp};
+
+    /// A master of cluster 1 of 2 whose stream to cluster 2 holds events
+    /// 1..=5, all confirmed by the broker.
+    async fn master(dir: &std::path::Path) -> Node {
+        let cfg = ServerConfig {
+            cluster: 1,
+            id: 1,
+            clusters: 2,
+            coord_host: "127.0.0.1".into(),
+            coord_port: 9,
+            advertise_host: "127.0.0.1".into(),
+            data_dir: dir.to_path_buf(),
+            heartbeat: Duration::from_secs(1),
+            disk_stall_limit: None,
+            secret: None,
+            source_address: None,
+            commit_delay: Duration::ZERO,
+            resend_after: Duration::from_secs(3),
+        };
+        let (node, _writes) = Node::open(cfg, 0).unwrap();
+        let users = (0..5u32).map(|i| Entry::Local(LocalOp::new(u64::from(i) + 1, Change::User(1 + 2 * i))));
+        node.journal_and_apply(users.collect(), false).await.unwrap();
+        node.journal_and_apply(vec![Entry::PublishedUpto(5)], false).await.unwrap();
+        node
+    }
+
+    fn receipt(applied: u64, held: u64) -> StreamReceipt {
+        StreamReceipt { from_cluster: 2, origin_cluster: 1, epoch: 1, applied, held, idle: false }
+    }
+
+    #[tokio::test]
+    async fn a_master_resends_what_a_stuck_receiver_lacks_and_nothing_past_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = master(dir.path()).await;
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // Only the master takes receipts.
+        assert!(matches!(node.receipt_at(receipt(2, 1), at(0)).await, Err(Error::NotServing(_))));
+        node.0.role.send_replace(Role { is_master: true, term: 1, ..Role::default() });
+        // Receipts that cannot be this deployment's.
+        for bad in [
+            receipt(6, 0),
+            StreamReceipt { origin_cluster: 2, ..receipt(1, 0) },
+            StreamReceipt { from_cluster: 1, ..receipt(1, 0) },
+            StreamReceipt { epoch: 2, ..receipt(1, 0) },
+        ] {
+            assert!(matches!(node.receipt_at(bad.clone(), at(0)).await, Err(Error::Invalid(_))), "{bad:?}");
+        }
+        // Applied 2, holding a later one: watched first, then 3..=5 again.
+        assert!(node.receipt_at(receipt(2, 1), at(0)).await.unwrap().resend.is_empty());
+        assert!(node.receipt_at(receipt(2, 1), at(2)).await.unwrap().resend.is_empty());
+        let reply = node.receipt_at(receipt(2, 1), at(3)).await.unwrap();
+        let sent: Vec<(u32, u32, u64)> =
+            reply.resend.iter().map(|e| (e.origin_cluster, e.dest_cluster, e.dest_seq)).collect();
+        assert_eq!((sent, reply.missing), (vec![(1, 2, 3), (1, 2, 4), (1, 2, 5)], 0));
+        // The receipt is kept: 1 and 2 are no longer.
+        assert_eq!(node.read(|s| (s.retained_count(), s.receipt_marks())), (3, vec![(2, 1, 2)]));
+        // The receiver lost what it had applied (its data): 1 and 2 are
+        // gone here, so nothing goes, and the loss is told.
+        assert!(node.receipt_at(receipt(0, 3), at(4)).await.unwrap().resend.is_empty());
+        let reply = node.receipt_at(receipt(0, 3), at(7)).await.unwrap();
+        assert_eq!((reply.resend.len(), reply.missing), (0, 2));
+        // Caught up: nothing to do.
+        assert!(node.receipt_at(receipt(5, 0), at(20)).await.unwrap().resend.is_empty());
+        assert_eq!(node.read(|s| s.retained_count()), 0);
+    }
 
     #[test]
     fn missing_events_go_again_only_once_the_destination_stopped_and_says_it_is_stuck() {
