@@ -199,7 +199,7 @@ mod tests {
             StreamReceipt { from_cluster: 1, ..receipt(1, 0) },
             StreamReceipt { epoch: 2, ..receipt(1, 0) },
         ] {
-            assert!(matches!(node.receipt_at(bad.clone(), at(0)).await, Err(Error::Invalid(_))), "{bad:?}");
+            assert!(matches!(node.receipt_at(bad, at(0)).await, Err(Error::Invalid(_))), "{bad:?}");
         }
         // Applied 2, holding a later one: watched first, then 3..=5 again.
         assert!(node.receipt_at(receipt(2, 1), at(0)).await.unwrap().resend.is_empty());
