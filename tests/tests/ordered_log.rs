@@ -269,6 +269,13 @@ fn post_and_lose(d: &mut Deployment, rt: &tokio::runtime::Runtime, count: usize)
     let deadline = Instant::now() + Duration::from_secs(60);
     let posts = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), count, deadline)).acked;
     anyhow::ensure!(posts.len() == count, "{} of {count} posts acknowledged", posts.len());
+    lose_what_waits_for_cluster_2(d, rt)?;
+    Ok(posts)
+}
+
+/// Waits until the broker has confirmed cluster 1's whole outbox, then
+/// purges cluster 2's queue (which must hold some of it).
+fn lose_what_waits_for_cluster_2(d: &Deployment, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     let master = rt.block_on(master_of(d.coord_port, 1)).ok_or_else(|| anyhow::anyhow!("no master in cluster 1"))?.0;
     let node = rt.block_on(server_node(d.coord_port, 1, master)).ok_or_else(|| anyhow::anyhow!("no master node"))?;
     eventually("the broker to confirm cluster 1's outbox", || {
@@ -282,7 +289,7 @@ fn post_and_lose(d: &mut Deployment, rt: &tokio::runtime::Runtime, count: usize)
         anyhow::Ok(n)
     })?;
     anyhow::ensure!(purged > 0, "cluster 2's queue held none of the posts");
-    Ok(posts)
+    Ok(())
 }
 
 fn start_cluster_2_synchronizers(d: &mut Deployment) -> anyhow::Result<()> {
@@ -370,18 +377,7 @@ fn a_receiver_that_lost_thousands_of_events_under_load_catches_up() -> anyhow::R
     d.command("kill sync-2-1")?;
     // More than one resend carries (16,384).
     let lost = write(&rt, 4_200);
-    let node = rt.block_on(server_node(d.coord_port, 1, 1)).ok_or_else(|| anyhow::anyhow!("no server 1/1"))?;
-    eventually("the broker to confirm cluster 1's outbox", || {
-        let s = rt.block_on(status(&node)).ok()?;
-        (s.published_upto == s.next_seq - 1).then_some(())
-    })?;
-    let purged = rt.block_on(async {
-        let broker = Broker::connect(&d.name).await?;
-        let n = broker.purge(2).await?;
-        broker.close().await?;
-        anyhow::Ok(n)
-    })?;
-    anyhow::ensure!(purged > 0, "cluster 2's queue held none of the posts");
+    lose_what_waits_for_cluster_2(&d, &rt)?;
     d.command("start sync-2-1")?;
     let after = write(&rt, 2_000);
     let reader = rt.block_on(server_node(d.coord_port, 2, 1)).ok_or_else(|| anyhow::anyhow!("no server 2/1"))?;
