@@ -399,3 +399,70 @@ fn a_receiver_that_lost_thousands_of_events_under_load_catches_up() -> anyhow::R
     .map_err(|e| anyhow::anyhow!("{e}: {last}"))?;
     Ok(())
 }
+
+/// A cluster whose master is replaced by the operator's override, with
+/// data loss, lacks events that its lost master had applied and receipted:
+/// the origin no longer keeps them, so it cannot send them again, and the
+/// stream would hold at the hole for good. The origin tells it to go on
+/// after them (a sealed gap marker), and what comes later reaches it.
+#[test]
+fn a_cluster_overridden_with_data_loss_goes_on_after_the_events_it_lost() -> anyhow::Result<()> {
+    let mut d = Deployment::builder().clusters(2).servers(2).env("SNS_RESEND_AFTER", "1s").start()?;
+    let rt = rt();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt.block_on(load::follow_until_done(d.coord_port, 2, 1, deadline))?;
+    let coord = d.coord_port;
+    let write = |n| rt.block_on(load::writer(coord, 1, Arc::new(AtomicBool::new(false)), n, deadline)).acked;
+    let before = write(5);
+    feed_of_2_holds(&d, &before, "the posts before the override")?;
+    // Cluster 2's master goes on alone; the posts reach it only.
+    let (m, _) = rt.block_on(master_of(d.coord_port, 2)).ok_or_else(|| anyhow::anyhow!("no master in cluster 2"))?;
+    let stale = 3 - m;
+    d.command(&format!("kill server-2-{stale}"))?;
+    let lost = write(5);
+    let dirs = [d.server_dir(2, 1), d.server_dir(2, 2)];
+    let feed_of = |s: u32| -> Vec<String> {
+        let files = spec_files(&dirs[s as usize - 1]).unwrap_or_default();
+        let feed = sns_node::store::record::decode_posts(files.get("2_following.txt").map_or("", |t| t));
+        feed.into_iter().filter(|p| p.user == 1).map(|p| p.text).collect()
+    };
+    eventually("the posts to reach cluster 2's master", || lost.iter().all(|p| feed_of(m).contains(p)).then_some(()))?;
+    // Its receipts cover them: cluster 1 keeps none of them any more.
+    let (om, _) = rt.block_on(master_of(d.coord_port, 1)).ok_or_else(|| anyhow::anyhow!("no master in cluster 1"))?;
+    let origin = rt.block_on(server_node(d.coord_port, 1, om)).ok_or_else(|| anyhow::anyhow!("no master node"))?;
+    eventually("cluster 2's receipts to cover cluster 1's stream", || {
+        let s = rt.block_on(status(&origin)).ok()?;
+        (s.published_upto == s.next_seq - 1 && s.retained == 0).then_some(())
+    })?;
+    // The master is lost; the stale server is promoted, accepting the loss.
+    d.command(&format!("kill server-2-{m}"))?;
+    d.command(&format!("start server-2-{stale}"))?;
+    eventually("cluster 2 without a master", || {
+        let info = rt.block_on(sns_e2e::nodes::get_server(d.coord_port, 2)).ok()?;
+        (!info.unavailable_reason.is_empty()).then_some(())
+    })?;
+    let out = sns_e2e::nodes::promote_cli(&d, 2, stale, true)?;
+    anyhow::ensure!(out.status.success(), "promotion failed: {out:?}");
+    let after = write(5);
+    eventually_within_posts(&feed_of, stale, &before, &after)?;
+    assert!(lost.iter().all(|p| !feed_of(stale).contains(p)), "the lost posts stay lost (the override accepted it)");
+    let said = |what: &str| (1..=2).any(|s| d.log(&format!("server-1-{s}")).contains(what));
+    assert!(said("telling cluster 2 to go on after"), "cluster 1's master told cluster 2 to step over the hole");
+    Ok(())
+}
+
+/// Waits until server 2/`s`'s feed of user 1 is `before` then `after`.
+fn eventually_within_posts(
+    feed_of: &dyn Fn(u32) -> Vec<String>,
+    s: u32,
+    before: &[String],
+    after: &[String],
+) -> anyhow::Result<()> {
+    let want: Vec<String> = before.iter().chain(after).cloned().collect();
+    let mut last = Vec::new();
+    sns_e2e::eventually_within("the later posts on the overridden cluster", Duration::from_secs(40), || {
+        last = feed_of(s);
+        (last == want).then_some(())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: server 2/{s} has {last:?}"))
+}

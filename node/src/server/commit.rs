@@ -42,9 +42,27 @@ pub type Applied = (usize, Vec<(usize, String)>);
 
 /// A write waiting for the writer.
 pub enum Request {
-    Client { user: u32, request_id: u64, decide: Decide, done: oneshot::Sender<Result<Result<(), Outcome>>> },
-    Post { post: Post, done: oneshot::Sender<Result<()>> },
-    Remote { events: Vec<RemoteEvent>, done: oneshot::Sender<Result<Applied>> },
+    Client {
+        user: u32,
+        request_id: u64,
+        decide: Decide,
+        done: oneshot::Sender<Result<Result<(), Outcome>>>,
+    },
+    Post {
+        post: Post,
+        done: oneshot::Sender<Result<()>>,
+    },
+    Remote {
+        events: Vec<RemoteEvent>,
+        done: oneshot::Sender<Result<Applied>>,
+    },
+    /// Another cluster's events up to `upto` (in `epoch`) are gone for good.
+    Gap {
+        origin: u32,
+        epoch: u64,
+        upto: u64,
+        done: oneshot::Sender<Result<()>>,
+    },
 }
 
 /// Most requests in one cycle, and most posts or events: bounds one
@@ -107,6 +125,14 @@ impl Node {
         result
     }
 
+    /// Queues a gap marker of `origin`'s stream (see [`Entry::Gap`]) for
+    /// the writer: in this cluster's log order, replicated like events.
+    pub async fn skip_gap(&self, origin: u32, epoch: u64, upto: u64) -> Result<()> {
+        let (done, result) = oneshot::channel();
+        self.submit(Request::Gap { origin, epoch, upto, done });
+        result.await.unwrap_or(Err(Error::Stopping))
+    }
+
     /// Decides and commits one group of requests, and answers each.
     async fn commit_group(&self, group: Vec<Request>) {
         let _lane = self.0.lane.lock().await;
@@ -157,6 +183,20 @@ impl Node {
                         Request::Remote { events, done } => {
                             dones.push(Done::Remote(done));
                             answers.push(Answer::Remote(classify(state, events, &mut remote, &mut entries)));
+                        }
+                        Request::Gap { origin, epoch, upto, done } => {
+                            dones.push(Done::Post(done));
+                            if state.gap_advances(origin, epoch, upto) {
+                                tracing::warn!(
+                                    origin,
+                                    epoch,
+                                    upto,
+                                    "events of another cluster's stream are gone for good: going on after them"
+                                );
+                                state.skip_in(origin, epoch, upto, &mut remote);
+                                entries.push(Entry::Gap { origin, epoch, upto });
+                            }
+                            answers.push(Answer::Post);
                         }
                     }
                 }

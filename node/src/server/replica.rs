@@ -8,7 +8,7 @@ use futures_util::StreamExt as _;
 use sns_proto::internal::replica_server::{Replica, ReplicaServer};
 use sns_proto::internal::{
     AckReply, AckRequest, ApplyReply, InstallReply, ReceiptReply, RejectedEvent, ReplicateReply, ReplicateRequest,
-    ServerStatus, ServingState, SnapshotChunk, StatusRequest, StepDownReply, StepDownRequest, StreamMark,
+    ServerStatus, ServingState, SnapshotChunk, StatusRequest, StepDownReply, StepDownRequest, StreamGap, StreamMark,
     StreamReceipt, SyncBatch, SyncEvent, TailRequest,
 };
 use std::pin::Pin;
@@ -128,6 +128,7 @@ impl Replica for ReplicaService {
             received_events: self.node.read(|s| s.received_total()),
             installed_term,
             installed_sync,
+            retained: self.node.read(|s| s.retained_count() as u64),
             streams: self
                 .node
                 .read(|s| s.stream_marks())
@@ -161,6 +162,20 @@ impl Replica for ReplicaService {
         let node = self.node.clone();
         let receipt = req.into_inner();
         Ok(Response::new(to_completion(async move { node.receipt(receipt).await }).await?))
+    }
+
+    async fn skip_gap(&self, req: Request<StreamGap>) -> Result<Response<AckReply>, Status> {
+        let g = req.into_inner();
+        let cfg = self.node.cfg();
+        if g.dest_cluster != cfg.cluster || g.origin_cluster == cfg.cluster || g.origin_cluster > cfg.clusters {
+            return Err(Status::invalid_argument(format!(
+                "gap of cluster {}'s stream to cluster {} sent to cluster {} of {}",
+                g.origin_cluster, g.dest_cluster, cfg.cluster, cfg.clusters
+            )));
+        }
+        let node = self.node.clone();
+        to_completion(async move { node.skip_gap(g.origin_cluster, g.epoch, g.upto).await }).await?;
+        Ok(Response::new(AckReply {}))
     }
 
     async fn ack_outbox(&self, req: Request<AckRequest>) -> Result<Response<AckReply>, Status> {

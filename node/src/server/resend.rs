@@ -14,6 +14,10 @@
 //! already applied, so a resend that was not needed costs only traffic.
 //! When the first event a destination lacks is no longer kept, nothing
 //! goes (the rest would only be held behind the hole): the loss is logged.
+//! Found again at the next look, the destination gets a gap marker that
+//! tells it to go on after the hole ([`Entry::Gap`]), then what follows.
+//!
+//! [`Entry::Gap`]: crate::store::state::Entry::Gap
 //!
 //! [`RETAIN_MAX`]: crate::store::state::RETAIN_MAX
 //! [`ServerConfig::resend_after`]: super::ServerConfig::resend_after
@@ -22,7 +26,7 @@ use super::{Node, lock};
 use crate::error::{Error, Result};
 use crate::store::codec;
 use crate::store::state::Entry;
-use sns_proto::internal::{ReceiptReply, StreamReceipt, SyncEvent};
+use sns_proto::internal::{ReceiptReply, StreamGap, StreamReceipt, SyncEvent};
 use std::time::{Duration, Instant};
 
 /// Events published again for one receipt, at most. They start right
@@ -43,6 +47,10 @@ pub(super) struct Watch {
     resent: Option<Instant>,
     /// The last position of that resend (0: none under way).
     resent_upto: u64,
+    /// The end of a hole (events no longer kept) found at the last look
+    /// (0: none): found again at the next, the destination is told to go
+    /// on after it.
+    hole: u64,
 }
 
 /// Whether `dest`'s missing events go out again now, given its receipt
@@ -52,7 +60,7 @@ pub(super) struct Watch {
 /// moved for `after`, and at most once per `after`; but once it took all
 /// of a resend and is still short and stuck, the next chunk goes at once.
 fn due(watch: &mut Option<Watch>, applied: u64, confirmed: u64, stuck: bool, now: Instant, after: Duration) -> bool {
-    let w = watch.get_or_insert(Watch { applied, progressed: now, resent: None, resent_upto: 0 });
+    let w = watch.get_or_insert(Watch { applied, progressed: now, resent: None, resent_upto: 0, hole: 0 });
     if applied >= confirmed {
         w.resent_upto = 0;
     }
@@ -79,6 +87,12 @@ fn resent(watch: &mut Option<Watch>, upto: u64) {
     if let Some(w) = watch {
         w.resent_upto = upto;
     }
+}
+
+/// Notes a hole ending at `upto` (0: none) found by a look that [`due`]
+/// allowed; true when the previous look found the same one.
+fn hole_again(watch: &mut Option<Watch>, upto: u64) -> bool {
+    watch.as_mut().is_some_and(|w| std::mem::replace(&mut w.hole, upto) == upto && upto > 0)
 }
 
 impl Node {
@@ -120,20 +134,30 @@ impl Node {
             return Ok(ReceiptReply::default());
         }
         let (events, missing) = self.read(|s| s.resend_to(dest, applied, confirmed, RESEND_MAX));
-        if missing > 0 {
-            // Whatever comes after the hole would only be held there:
-            // nothing goes (this is said again each `after`, as long as
-            // the destination stays stuck).
+        let hole = if missing > 0 { applied + missing } else { 0 };
+        let again = hole_again(lock(&self.0.receipts).entry(dest).or_default(), hole);
+        if missing > 0 && !again {
+            // What follows the hole would only be held there: nothing goes
+            // yet. Still there at the next look, it is stepped over.
             tracing::error!(
                 dest,
                 applied,
                 missing,
-                "cluster {dest} lacks events of this cluster's stream that the broker confirmed and lost, and this server no longer keeps: they are lost for that cluster (an override of this cluster starts a new stream)"
+                "cluster {dest} lacks events of this cluster's stream that this server no longer keeps (the broker lost them after confirming them, or that cluster lost what it had applied): they are lost for that cluster; if it still lacks them at the next look, it is told to go on after them"
             );
             resent(lock(&self.0.receipts).entry(dest).or_default(), 0);
-            return Ok(ReceiptReply { resend: vec![], missing });
+            return Ok(ReceiptReply { resend: vec![], missing, gap: None });
         }
-        resent(lock(&self.0.receipts).entry(dest).or_default(), events.last().map_or(0, |e| e.dest_seq));
+        let gap = (missing > 0).then(|| {
+            tracing::error!(
+                dest,
+                applied,
+                upto = hole,
+                "telling cluster {dest} to go on after the events of this cluster's stream it lacks for good"
+            );
+            StreamGap { origin_cluster: cluster, dest_cluster: dest, epoch: current, upto: hole }
+        });
+        resent(lock(&self.0.receipts).entry(dest).or_default(), events.last().map_or(hole, |e| e.dest_seq));
         tracing::warn!(
             dest,
             epoch = current,
@@ -144,7 +168,7 @@ impl Node {
             "cluster {dest} stopped short of what the broker confirmed for it: publishing the missing events again"
         );
         let resend = events.iter().map(|e| SyncEvent { dest_cluster: dest, ..codec::event_to_pb(e) }).collect();
-        Ok(ReceiptReply { resend, missing })
+        Ok(ReceiptReply { resend, missing, gap })
     }
 }
 
@@ -214,7 +238,13 @@ mod tests {
         // gone here, so nothing goes, and the loss is told.
         assert!(node.receipt_at(receipt(0, 3), at(4)).await.unwrap().resend.is_empty());
         let reply = node.receipt_at(receipt(0, 3), at(7)).await.unwrap();
-        assert_eq!((reply.resend.len(), reply.missing), (0, 2));
+        assert_eq!((reply.resend.len(), reply.missing, reply.gap), (0, 2, None));
+        // Still there at the next look: it is told to step over 1 and 2,
+        // and gets what follows.
+        let reply = node.receipt_at(receipt(0, 3), at(10)).await.unwrap();
+        let gap = StreamGap { origin_cluster: 1, dest_cluster: 2, epoch: 1, upto: 2 };
+        let sent: Vec<u64> = reply.resend.iter().map(|e| e.dest_seq).collect();
+        assert_eq!((sent, reply.missing, reply.gap), (vec![3, 4, 5], 2, Some(gap)));
         // Caught up: nothing to do.
         assert!(node.receipt_at(receipt(5, 0), at(20)).await.unwrap().resend.is_empty());
         assert_eq!(node.read(|s| s.retained_count()), 0);

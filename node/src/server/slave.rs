@@ -87,6 +87,9 @@ impl Node {
                 // A retried forward repeats events already applied.
                 Entry::Remote(ev) if ev.dest_seq != 0 && self.read(|s| s.arrival(&ev)) == Arrival::Duplicate => {}
                 Entry::Remote(ev) => fresh.push(Entry::Remote(ev)),
+                // So does a gap marker.
+                Entry::Gap { origin, epoch, upto } if !self.read(|s| s.gap_advances(origin, epoch, upto)) => {}
+                gap @ Entry::Gap { .. } => fresh.push(gap),
                 Entry::PublishedUpto(_) | Entry::Receipt { .. } | Entry::Snapshot(_) => {
                     return Err(Error::Invalid("only client writes and remote events are replicated".into()));
                 }

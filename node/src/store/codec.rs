@@ -265,6 +265,8 @@ pub fn event_from_pb(e: &pb::SyncEvent, clusters: u32) -> Result<RemoteEvent, De
 pub const BATCH_TYPE: &str = "tinysns.internal.v1.SyncBatch";
 /// The AMQP type of a stream receipt (one `StreamReceipt`).
 pub const RECEIPT_TYPE: &str = "tinysns.internal.v1.StreamReceipt";
+/// The AMQP type of a gap marker (one `StreamGap`).
+pub const GAP_TYPE: &str = "tinysns.internal.v1.StreamGap";
 
 /// Encodes events as a `SyncBatch` broker message body.
 pub fn encode_batch(events: &[pb::SyncEvent]) -> Vec<u8> {
@@ -309,6 +311,9 @@ pub fn entry_to_pb(entry: &Entry) -> pb::JournalEntry {
         Entry::Local(op) => E::Local(local_op_to_pb(op)),
         Entry::Remote(ev) => E::Remote(event_to_pb(ev)),
         Entry::PublishedUpto(n) => E::PublishedUpto(*n),
+        Entry::Gap { origin, epoch, upto } => {
+            E::Gap(pb::StreamGap { origin_cluster: *origin, epoch: *epoch, upto: *upto, ..Default::default() })
+        }
         Entry::Receipt { dest, epoch, applied } => E::Receipt(pb::StreamReceipt {
             from_cluster: *dest,
             epoch: *epoch,
@@ -333,6 +338,7 @@ pub fn entry_from_pb(msg: pb::JournalEntry, clusters: u32) -> Result<Entry, Deco
         E::Remote(ev) => Ok(Entry::Remote(event_from_pb(&ev, clusters)?)),
         E::PublishedUpto(n) => Ok(Entry::PublishedUpto(n)),
         E::Receipt(r) => Ok(Entry::Receipt { dest: r.from_cluster, epoch: r.epoch, applied: r.applied }),
+        E::Gap(g) => Ok(Entry::Gap { origin: g.origin_cluster, epoch: g.epoch, upto: g.upto }),
         E::Snapshot(s) => Ok(Entry::Snapshot(Box::new(snapshot_from_pb(&s, clusters)?))),
     }
 }
@@ -383,6 +389,8 @@ mod tests {
         assert_eq!(decode_entry(&encode_entry(&mark), 3), Ok(mark));
         let receipt = Entry::Receipt { dest: 2, epoch: 3, applied: 77 };
         assert_eq!(decode_entry(&encode_entry(&receipt), 3), Ok(receipt));
+        let gap = Entry::Gap { origin: 3, epoch: 2, upto: 41 };
+        assert_eq!(decode_entry(&encode_entry(&gap), 3), Ok(gap));
         let snap = Snapshot {
             users: vec![1, 2, 4],
             local_users: vec![UserSnapshot {

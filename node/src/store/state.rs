@@ -179,6 +179,14 @@ pub enum Entry {
         epoch: u64,
         applied: u64,
     },
+    /// Events up to `upto` in `epoch` of `origin`'s stream to this cluster
+    /// are gone for good (its origin no longer keeps them): count them as
+    /// applied, and go on after them.
+    Gap {
+        origin: u32,
+        epoch: u64,
+        upto: u64,
+    },
     /// The whole state, installed from the master.
     Snapshot(Box<Snapshot>),
 }
@@ -669,6 +677,33 @@ impl State {
         Arrival::Early
     }
 
+    /// Whether a gap marker of `origin`'s stream would move it on: past
+    /// what was applied (or into a newer epoch), and valid at all.
+    pub fn gap_advances(&self, origin: u32, epoch: u64, upto: u64) -> bool {
+        origin != self.cluster
+            && origin != 0
+            && origin <= self.clusters
+            && upto > 0
+            && (epoch, upto) > self.applied.get(&origin).copied().unwrap_or((0, 0))
+    }
+
+    /// Notes in `group` a gap marker it takes (see [`State::gap_advances`]):
+    /// its stream moves on to `upto`, through whatever held or early
+    /// events then follow; those at or before `upto` no longer count.
+    pub fn skip_in(&self, origin: u32, epoch: u64, upto: u64, group: &mut Group) {
+        let reached =
+            group.reached.get(&origin).copied().unwrap_or_else(|| self.applied.get(&origin).copied().unwrap_or((0, 0)));
+        if (epoch, upto) <= reached {
+            return;
+        }
+        let gone = self.held.get(&origin).map_or(0, |h| h.range(..=(epoch, upto)).count());
+        *group.drained.entry(origin).or_default() += gone;
+        if let Some(early) = group.early.get_mut(&origin) {
+            early.retain(|k| *k > (epoch, upto));
+        }
+        self.take_in_from(origin, epoch, upto, group);
+    }
+
     /// Notes in `group` an event it takes (next or early, per
     /// [`State::arrival_in`]): a next one moves its stream on, through
     /// whatever held or early events then follow.
@@ -678,22 +713,25 @@ impl State {
             Arrival::Early => {
                 group.early.entry(o).or_default().insert((ev.epoch, ev.dest_seq));
             }
-            Arrival::Next => {
-                let (epoch, mut last) = (ev.epoch, ev.dest_seq);
-                let held = self.held.get(&o);
-                loop {
-                    let key = (epoch, last + 1);
-                    if held.is_some_and(|h| h.contains_key(&key)) {
-                        *group.drained.entry(o).or_default() += 1;
-                    } else if !group.early.get_mut(&o).is_some_and(|e| e.remove(&key)) {
-                        break;
-                    }
-                    last += 1;
-                }
-                group.reached.insert(o, (epoch, last));
-            }
+            Arrival::Next => self.take_in_from(o, ev.epoch, ev.dest_seq, group),
             Arrival::Duplicate | Arrival::Invalid(_) => {}
         }
+    }
+
+    /// Moves `origin`'s stream in `group` on to `last`, then through the
+    /// held or early events that follow it.
+    fn take_in_from(&self, origin: u32, epoch: u64, mut last: u64, group: &mut Group) {
+        let held = self.held.get(&origin);
+        loop {
+            let key = (epoch, last + 1);
+            if held.is_some_and(|h| h.contains_key(&key)) {
+                *group.drained.entry(origin).or_default() += 1;
+            } else if !group.early.get_mut(&origin).is_some_and(|e| e.remove(&key)) {
+                break;
+            }
+            last += 1;
+        }
+        group.reached.insert(origin, (epoch, last));
     }
 
     /// Checks a FOLLOW of `target` by `user` (a known local user).
@@ -749,6 +787,12 @@ impl State {
                 if self.receipt_advances(*dest, *epoch, *applied) {
                     self.receipts.insert(*dest, (*epoch, *applied));
                     self.trim_outbox();
+                }
+            }
+            Entry::Gap { origin, epoch, upto } => {
+                if self.gap_advances(*origin, *epoch, *upto) {
+                    self.applied.insert(*origin, (*epoch, *upto));
+                    self.drain_held(*origin, &mut effects);
                 }
             }
             Entry::Snapshot(snap) => {
@@ -1435,6 +1479,43 @@ mod tests {
             n.state.apply(&Entry::Remote(ev(q)));
         }
         assert_eq!((n.state.held_count(), n.state.stream_marks()[0].2), (0, top + 4));
+    }
+
+    #[test]
+    fn a_gap_marker_steps_over_events_gone_for_good() {
+        let mut n = Node::new(1);
+        let ev = |epoch: u64, q: u64| RemoteEvent {
+            origin: 2,
+            seq: q,
+            epoch,
+            dest_seq: q,
+            change: Change::User(2 + 3 * (10 * epoch + q) as u32),
+            recipients: vec![],
+        };
+        n.state.apply(&Entry::Remote(ev(1, 1)));
+        // 2..=4 never come; 5..=7 wait for them.
+        for q in 5..=7 {
+            n.state.apply(&Entry::Remote(ev(1, q)));
+        }
+        assert_eq!(n.state.held_count(), 3);
+        // Decided in a group first: what follows the hole is next.
+        let mut g = Group::default();
+        n.state.skip_in(2, 1, 4, &mut g);
+        assert_eq!(n.state.arrival_in(&ev(1, 8), &g), Arrival::Next);
+        assert_eq!(n.state.arrival_in(&ev(1, 6), &g), Arrival::Duplicate);
+        // Markers that change nothing, or cannot be valid.
+        assert!(!n.state.gap_advances(2, 1, 1), "behind what was applied");
+        assert!(!n.state.gap_advances(1, 1, 9), "this cluster's own stream");
+        assert!(!n.state.gap_advances(4, 1, 9), "beyond the cluster count");
+        n.state.apply(&Entry::Gap { origin: 2, epoch: 1, upto: 4 });
+        assert_eq!((n.state.held_count(), n.state.stream_marks()[0].2), (0, 7));
+        assert!(n.state.has_user(2 + 3 * 17), "the held events applied");
+        assert_eq!(n.state.arrival(&ev(1, 3)), Arrival::Duplicate, "a skipped one, late");
+        // Into a newer epoch: its first events gone, the later ones go on.
+        n.state.apply(&Entry::Remote(ev(2, 3)));
+        assert_eq!(n.state.held_count(), 1);
+        n.state.apply(&Entry::Gap { origin: 2, epoch: 2, upto: 2 });
+        assert_eq!((n.state.held_count(), n.state.stream_marks()[0].1, n.state.stream_marks()[0].2), (0, 2, 3));
     }
 
     #[test]

@@ -36,7 +36,7 @@ use sns_proto::csce438::ServerInfo;
 use sns_proto::csce438::coord_service_client::CoordServiceClient;
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
-use sns_proto::internal::{AckRequest, StreamReceipt, SyncBatch, SyncEvent, TableRequest, TailRequest};
+use sns_proto::internal::{AckRequest, SyncBatch, SyncEvent, TableRequest, TailRequest};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -397,7 +397,7 @@ async fn consume(
     channel: &AmqpChannel,
     mut server: ReplicaClient<net::NodeChannel>,
     activity: &receipts::Activity,
-    taken: &tokio::sync::mpsc::Sender<StreamReceipt>,
+    taken: &tokio::sync::mpsc::Sender<receipts::Taken>,
 ) -> Result<()> {
     channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let queue = names.queue(cfg.cluster);
@@ -419,9 +419,9 @@ async fn consume(
         tokio::select! {
             first = deliveries.next(), if sent.len() < APPLY_IN_FLIGHT => {
                 let Some(first) = first else { break };
-                let (events, last, receipts) = gather(cfg, first?, &mut deliveries).await?;
-                for r in receipts {
-                    if taken.try_send(r).is_err() {
+                let (events, last, others) = gather(cfg, first?, &mut deliveries).await?;
+                for t in others {
+                    if taken.try_send(t).is_err() {
                         tracing::debug!("receipts queued already: one dropped");
                     }
                 }
@@ -460,16 +460,16 @@ async fn consume(
 /// Takes `first` and whatever else has arrived already (up to
 /// [`APPLY_BATCH`] events): the server applies it all with one fsync, and
 /// one broker ack (multiple) settles it. Returns the events, the last
-/// delivery that carried any (None: every message was refused or a
-/// receipt, and each is settled already), and the receipts (each
-/// acknowledged on its own as it is taken). A message without this
-/// deployment's MAC, for another cluster, or that cannot be decoded is
+/// delivery that carried any (None: every message was refused, a receipt
+/// or a gap marker, and each is settled already), and the receipts and gap
+/// markers (each acknowledged on its own as it is taken). A message without
+/// this deployment's MAC, for another cluster, or that cannot be decoded is
 /// dead-lettered and logged.
 async fn gather(
     cfg: &SyncConfig,
     first: lapin::message::Delivery,
     deliveries: &mut lapin::Consumer,
-) -> Result<(Vec<SyncEvent>, Option<lapin::message::Delivery>, Vec<StreamReceipt>)> {
+) -> Result<(Vec<SyncEvent>, Option<lapin::message::Delivery>, Vec<receipts::Taken>)> {
     let mut next = Some(Ok(first));
     let mut events = Vec::new();
     let mut receipts = Vec::new();
@@ -483,14 +483,19 @@ async fn gather(
             tracing::error!(bytes = delivery.data.len(), routing_key = %delivery.routing_key, "broker message without this deployment's MAC (forged, or from another deployment): dead-lettered, not applied");
             crate::metrics::get().dead_lettered.inc();
             delivery.reject(BasicRejectOptions { requeue: false }).await?;
-        } else if kind == codec::RECEIPT_TYPE {
-            match receipts::decode(&delivery.data, cfg.cluster, cfg.clusters) {
-                Ok(r) => {
+        } else if kind == codec::RECEIPT_TYPE || kind == codec::GAP_TYPE {
+            let decoded = if kind == codec::GAP_TYPE {
+                receipts::decode_gap(&delivery.data, cfg.cluster, cfg.clusters).map(receipts::Taken::Gap)
+            } else {
+                receipts::decode(&delivery.data, cfg.cluster, cfg.clusters).map(receipts::Taken::Receipt)
+            };
+            match decoded {
+                Ok(t) => {
                     delivery.ack(BasicAckOptions::default()).await?;
-                    receipts.push(r);
+                    receipts.push(t);
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, routing_key = %delivery.routing_key, "bad stream receipt: dead-lettered");
+                    tracing::error!(error = %e, routing_key = %delivery.routing_key, "bad stream receipt or gap marker: dead-lettered");
                     crate::metrics::get().dead_lettered.inc();
                     delivery.reject(BasicRejectOptions { requeue: false }).await?;
                 }

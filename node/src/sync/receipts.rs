@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel as AmqpChannel};
 use prost::Message as _;
 use sns_proto::internal::replica_client::ReplicaClient;
-use sns_proto::internal::{StatusRequest, StreamReceipt};
+use sns_proto::internal::{StatusRequest, StreamGap, StreamReceipt};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,6 +59,29 @@ impl Activity {
     }
 }
 
+/// What came off this cluster's queue for the receipts' task.
+#[derive(Debug)]
+pub enum Taken {
+    /// Another cluster's receipt of this cluster's stream.
+    Receipt(StreamReceipt),
+    /// Another cluster says events of its stream here are gone for good.
+    Gap(StreamGap),
+}
+
+/// Checks a gap marker that came off this cluster's queue: for this
+/// cluster, from another cluster of the deployment.
+pub fn decode_gap(body: &[u8], cluster: u32, clusters: u32) -> Result<StreamGap> {
+    let g = StreamGap::decode(body).map_err(|e| Error::Invalid(format!("undecodable gap marker: {e}")))?;
+    if g.dest_cluster != cluster || g.origin_cluster == 0 || g.origin_cluster > clusters || g.origin_cluster == cluster
+    {
+        return Err(Error::Invalid(format!(
+            "gap marker of cluster {}'s stream to cluster {}, taken by cluster {cluster} of {clusters}",
+            g.origin_cluster, g.dest_cluster
+        )));
+    }
+    Ok(g)
+}
+
 /// Checks a receipt that came off this cluster's queue: for this cluster's
 /// stream, from another cluster of the deployment.
 pub fn decode(body: &[u8], cluster: u32, clusters: u32) -> Result<StreamReceipt> {
@@ -72,32 +95,36 @@ pub fn decode(body: &[u8], cluster: u32, clusters: u32) -> Result<StreamReceipt>
     Ok(r)
 }
 
-/// Publishes one receipt to its origin's queue.
-async fn publish(channel: &AmqpChannel, names: &Names, r: &StreamReceipt, cfg: &SyncConfig) -> Result<()> {
-    let body = r.encode_to_vec();
+/// Publishes `body` of AMQP type `kind` under `key`, sealed when there is
+/// a secret, with `delivery_mode` (1 transient, 2 persistent).
+async fn publish_sealed(
+    channel: &AmqpChannel,
+    names: &Names,
+    key: &str,
+    kind: &str,
+    body: &[u8],
+    delivery_mode: u8,
+    secret: Option<&crate::auth::Secret>,
+) -> Result<()> {
     let mut headers = FieldTable::default();
-    if let Some(secret) = &cfg.secret {
-        headers.insert(
-            crate::auth::MAC_HEADER.into(),
-            AMQPValue::LongString(secret.seal_message(codec::RECEIPT_TYPE, &body).into()),
-        );
+    if let Some(secret) = secret {
+        headers.insert(crate::auth::MAC_HEADER.into(), AMQPValue::LongString(secret.seal_message(kind, body).into()));
     }
     let props = BasicProperties::default()
         .with_headers(headers)
-        .with_delivery_mode(1)
+        .with_delivery_mode(delivery_mode)
         .with_content_type("application/x-protobuf".into())
-        .with_type(codec::RECEIPT_TYPE.into());
-    let key = format!("to.{}", r.origin_cluster);
+        .with_type(kind.into());
     channel
-        .basic_publish(
-            names.exchange.as_str().into(),
-            key.as_str().into(),
-            BasicPublishOptions::default(),
-            &body,
-            props,
-        )
+        .basic_publish(names.exchange.as_str().into(), key.into(), BasicPublishOptions::default(), body, props)
         .await?;
     Ok(())
+}
+
+/// Publishes one receipt to its origin's queue (not persistent).
+async fn publish(channel: &AmqpChannel, names: &Names, r: &StreamReceipt, cfg: &SyncConfig) -> Result<()> {
+    let key = format!("to.{}", r.origin_cluster);
+    publish_sealed(channel, names, &key, codec::RECEIPT_TYPE, &r.encode_to_vec(), 1, cfg.secret.as_ref()).await
 }
 
 /// While this synchronizer consumes for its master: every
@@ -148,21 +175,39 @@ pub async fn send(
     }
 }
 
-/// A sender for receipts taken off the queue, and its receiving end.
-pub fn queue() -> (mpsc::Sender<StreamReceipt>, mpsc::Receiver<StreamReceipt>) {
+/// A sender for receipts and gap markers taken off the queue, and its
+/// receiving end.
+pub fn queue() -> (mpsc::Sender<Taken>, mpsc::Receiver<Taken>) {
     mpsc::channel(RECEIPTS_QUEUED)
 }
 
 /// Hands each receipt taken off this cluster's queue to the server (the
-/// master), and publishes again whatever it says the receiver lacks.
+/// master), and publishes again whatever it says the receiver lacks (after
+/// a marker to step over what it lacks for good, if the server says so);
+/// hands each gap marker to the server.
 pub async fn answer(
     names: &Names,
     channel: &AmqpChannel,
     mut server: ReplicaClient<net::NodeChannel>,
     secret: Option<&crate::auth::Secret>,
-    mut receipts: mpsc::Receiver<StreamReceipt>,
+    mut taken: mpsc::Receiver<Taken>,
 ) -> Result<()> {
-    while let Some(r) = receipts.recv().await {
+    while let Some(t) = taken.recv().await {
+        let r = match t {
+            Taken::Receipt(r) => r,
+            Taken::Gap(g) => {
+                let (origin, upto) = (g.origin_cluster, g.upto);
+                match server.skip_gap(g).await {
+                    Ok(_) => tracing::warn!(
+                        origin,
+                        upto,
+                        "went on after events of another cluster's stream it says are gone"
+                    ),
+                    Err(e) => tracing::warn!(origin, error = %e, "the server did not take a gap marker"),
+                }
+                continue;
+            }
+        };
         let from = r.from_cluster;
         let reply = match server.receipt(r).await {
             Ok(reply) => reply.into_inner(),
@@ -171,6 +216,12 @@ pub async fn answer(
                 continue;
             }
         };
+        if let Some(gap) = &reply.gap {
+            // Persistent, and before the events that follow the hole.
+            let key = format!("to.{}", gap.dest_cluster);
+            publish_sealed(channel, names, &key, codec::GAP_TYPE, &gap.encode_to_vec(), 2, secret).await?;
+            tracing::warn!(to = from, upto = gap.upto, "told a cluster to go on after events it lacks for good");
+        }
         if reply.resend.is_empty() {
             continue;
         }
