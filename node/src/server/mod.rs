@@ -168,7 +168,7 @@ struct Inner {
     /// Why this master is not replicating ("" when it is).
     degraded: Mutex<String>,
     /// As master: what it saw of each other cluster's receipts.
-    receipts: Mutex<std::collections::HashMap<u32, Option<resend::Watch>>>,
+    receipts: Mutex<std::collections::HashMap<u32, resend::Watch>>,
     /// Every term under which this server accepted a client write as master.
     master_terms: Mutex<BTreeSet<u64>>,
     /// The first term this process heard of, until it has compared its

@@ -53,46 +53,50 @@ pub(super) struct Watch {
     hole: u64,
 }
 
-/// Whether `dest`'s missing events go out again now, given its receipt
-/// (`applied` in the current epoch), the last position the broker
-/// confirmed for it, and whether it says it is stuck (it holds events for
-/// a gap, or its queue had nothing for it lately). Only after it has not
-/// moved for `after`, and at most once per `after`; but once it took all
-/// of a resend and is still short and stuck, the next chunk goes at once.
-fn due(watch: &mut Option<Watch>, applied: u64, confirmed: u64, stuck: bool, now: Instant, after: Duration) -> bool {
-    let w = watch.get_or_insert(Watch { applied, progressed: now, resent: None, resent_upto: 0, hole: 0 });
-    if applied >= confirmed {
-        w.resent_upto = 0;
+impl Watch {
+    /// Starts watching at a first receipt saying `applied`.
+    fn new(applied: u64, now: Instant) -> Watch {
+        Watch { applied, progressed: now, resent: None, resent_upto: 0, hole: 0 }
     }
-    if w.resent_upto > 0 && applied >= w.resent_upto && stuck {
-        (w.applied, w.progressed, w.resent) = (applied, now, Some(now));
-        return true;
-    }
-    if applied >= confirmed || applied != w.applied {
-        w.applied = applied;
-        w.progressed = now;
-        return false;
-    }
-    let quiet = now.saturating_duration_since(w.progressed) >= after;
-    let rested = w.resent.is_none_or(|t| now.saturating_duration_since(t) >= after);
-    if stuck && quiet && rested {
-        w.resent = Some(now);
-        return true;
-    }
-    false
-}
 
-/// Notes where the resend that [`due`] allowed ends (0: nothing went).
-fn resent(watch: &mut Option<Watch>, upto: u64) {
-    if let Some(w) = watch {
-        w.resent_upto = upto;
+    /// Whether the missing events go out again now, given a receipt
+    /// (`applied` in the current epoch), the last position the broker
+    /// confirmed for that destination, and whether it says it is stuck
+    /// (it holds events for a gap, or its queue had nothing for it lately).
+    /// Only after it has not moved for `after`, and at most once per
+    /// `after`; but once it took all of a resend and is still short and
+    /// stuck, the next chunk goes at once.
+    fn due(&mut self, applied: u64, confirmed: u64, stuck: bool, now: Instant, after: Duration) -> bool {
+        if applied >= confirmed {
+            self.resent_upto = 0;
+        }
+        if self.resent_upto > 0 && applied >= self.resent_upto && stuck {
+            (self.applied, self.progressed, self.resent) = (applied, now, Some(now));
+            return true;
+        }
+        if applied >= confirmed || applied != self.applied {
+            self.applied = applied;
+            self.progressed = now;
+            return false;
+        }
+        let quiet = now.saturating_duration_since(self.progressed) >= after;
+        let rested = self.resent.is_none_or(|t| now.saturating_duration_since(t) >= after);
+        if stuck && quiet && rested {
+            self.resent = Some(now);
+            return true;
+        }
+        false
     }
-}
 
-/// Notes a hole ending at `upto` (0: none) found by a look that [`due`]
-/// allowed; true when the previous look found the same one.
-fn hole_again(watch: &mut Option<Watch>, upto: u64) -> bool {
-    watch.as_mut().is_some_and(|w| std::mem::replace(&mut w.hole, upto) == upto && upto > 0)
+    /// Notes what the look that [`Watch::due`] allowed found: a hole ending
+    /// at `hole` (0: none), and `upto`, where a resend from there would
+    /// end. True when the previous look found the same hole; a hole found
+    /// the first time sends nothing.
+    fn looked(&mut self, hole: u64, upto: u64) -> bool {
+        let again = std::mem::replace(&mut self.hole, hole) == hole && hole > 0;
+        self.resent_upto = if hole == 0 || again { upto } else { 0 };
+        again
+    }
 }
 
 impl Node {
@@ -130,12 +134,17 @@ impl Node {
         });
         let stuck = r.held > 0 || r.idle;
         let after = self.0.cfg.resend_after;
-        if !due(lock(&self.0.receipts).entry(dest).or_default(), applied, confirmed, stuck, now, after) {
+        let due = lock(&self.0.receipts)
+            .entry(dest)
+            .or_insert_with(|| Watch::new(applied, now))
+            .due(applied, confirmed, stuck, now, after);
+        if !due {
             return Ok(ReceiptReply::default());
         }
         let (events, missing) = self.read(|s| s.resend_to(dest, applied, confirmed, RESEND_MAX));
         let hole = if missing > 0 { applied + missing } else { 0 };
-        let again = hole_again(lock(&self.0.receipts).entry(dest).or_default(), hole);
+        let upto = events.last().map_or(hole, |e| e.dest_seq);
+        let again = lock(&self.0.receipts).get_mut(&dest).is_some_and(|w| w.looked(hole, upto));
         if missing > 0 && !again {
             // What follows the hole would only be held there: nothing goes
             // yet. Still there at the next look, it is stepped over.
@@ -145,7 +154,6 @@ impl Node {
                 missing,
                 "cluster {dest} lacks events of this cluster's stream that this server no longer keeps (the broker lost them after confirming them, or that cluster lost what it had applied): they are lost for that cluster; if it still lacks them at the next look, it is told to go on after them"
             );
-            resent(lock(&self.0.receipts).entry(dest).or_default(), 0);
             return Ok(ReceiptReply { resend: vec![], missing, gap: None });
         }
         let gap = (missing > 0).then(|| {
@@ -157,7 +165,6 @@ impl Node {
             );
             StreamGap { origin_cluster: cluster, dest_cluster: dest, epoch: current, upto: hole }
         });
-        resent(lock(&self.0.receipts).entry(dest).or_default(), events.last().map_or(hole, |e| e.dest_seq));
         tracing::warn!(
             dest,
             epoch = current,
@@ -255,27 +262,27 @@ mod tests {
         let after = Duration::from_secs(5);
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut w = None;
         // First receipt: start watching, never resend at once.
-        assert!(!due(&mut w, 3, 10, true, at(0), after));
+        let mut w = Watch::new(3, at(0));
+        assert!(!w.due(3, 10, true, at(0), after));
         // Not moved, stuck, but not for long enough.
-        assert!(!due(&mut w, 3, 10, true, at(4), after));
+        assert!(!w.due(3, 10, true, at(4), after));
         // Long enough, but not stuck (its queue still brings events).
-        assert!(!due(&mut w, 3, 10, false, at(6), after));
+        assert!(!w.due(3, 10, false, at(6), after));
         // Stuck and quiet: resend.
-        assert!(due(&mut w, 3, 10, true, at(6), after));
+        assert!(w.due(3, 10, true, at(6), after));
         // Not again within `after` of the last resend.
-        assert!(!due(&mut w, 3, 10, true, at(9), after));
-        assert!(due(&mut w, 3, 10, true, at(11), after));
+        assert!(!w.due(3, 10, true, at(9), after));
+        assert!(w.due(3, 10, true, at(11), after));
         // It moved: wait afresh.
-        assert!(!due(&mut w, 7, 10, true, at(12), after));
-        assert!(!due(&mut w, 7, 10, true, at(16), after));
-        assert!(due(&mut w, 7, 10, true, at(17), after));
+        assert!(!w.due(7, 10, true, at(12), after));
+        assert!(!w.due(7, 10, true, at(16), after));
+        assert!(w.due(7, 10, true, at(17), after));
         // Caught up with what the broker confirmed: nothing to do, and the
         // next shortfall waits its own `after`.
-        assert!(!due(&mut w, 10, 10, true, at(30), after));
-        assert!(!due(&mut w, 10, 12, true, at(31), after));
-        assert!(due(&mut w, 10, 12, true, at(35), after));
+        assert!(!w.due(10, 10, true, at(30), after));
+        assert!(!w.due(10, 12, true, at(31), after));
+        assert!(w.due(10, 12, true, at(35), after));
     }
 
     #[test]
@@ -283,20 +290,20 @@ mod tests {
         let after = Duration::from_secs(5);
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut w = None;
-        assert!(!due(&mut w, 100, 50_000, true, at(0), after));
-        assert!(due(&mut w, 100, 50_000, true, at(5), after));
-        resent(&mut w, 16_484);
+        let mut w = Watch::new(100, at(0));
+        assert!(!w.due(100, 50_000, true, at(0), after));
+        assert!(w.due(100, 50_000, true, at(5), after));
+        w.looked(0, 16_484);
         // Part of it applied so far: wait for the rest.
-        assert!(!due(&mut w, 9_000, 50_000, true, at(6), after));
+        assert!(!w.due(9_000, 50_000, true, at(6), after));
         // All of it, and more held behind: the next chunk now.
-        assert!(due(&mut w, 16_484, 50_000, true, at(7), after));
-        resent(&mut w, 32_868);
+        assert!(w.due(16_484, 50_000, true, at(7), after));
+        w.looked(0, 32_868);
         // Took it, but no longer stuck (its queue brings the rest): wait.
-        assert!(!due(&mut w, 32_868, 50_000, false, at(8), after));
+        assert!(!w.due(32_868, 50_000, false, at(8), after));
         // Caught up: the resend is over; a later shortfall waits `after`.
-        assert!(!due(&mut w, 50_000, 50_000, true, at(9), after));
-        assert!(!due(&mut w, 50_000, 50_100, true, at(10), after));
-        assert!(due(&mut w, 50_000, 50_100, true, at(15), after));
+        assert!(!w.due(50_000, 50_000, true, at(9), after));
+        assert!(!w.due(50_000, 50_100, true, at(10), after));
+        assert!(w.due(50_000, 50_100, true, at(15), after));
     }
 }
