@@ -707,27 +707,30 @@ async fn send_batch(
     for (key, run) in runs(batch, MESSAGE_BYTES) {
         let (first, last) = (&run[0], &run[run.len() - 1]);
         let body = codec::encode_batch(&run);
-        let mut headers = FieldTable::default();
-        if let Some(secret) = secret {
-            headers.insert(
-                crate::auth::MAC_HEADER.into(),
-                AMQPValue::LongString(secret.seal_message(codec::BATCH_TYPE, &body).into()),
-            );
-        }
-        let props = BasicProperties::default()
-            .with_headers(headers)
-            .with_delivery_mode(2) // persistent
-            .with_content_type("application/x-protobuf".into())
-            .with_type(codec::BATCH_TYPE.into())
-            .with_message_id(
-                format!("{}>{}:{}-{}", first.origin_cluster, first.dest_cluster, first.dest_seq, last.dest_seq).into(),
-            );
+        let props = sealed_props(codec::BATCH_TYPE, &body, 2, secret).with_message_id(
+            format!("{}>{}:{}-{}", first.origin_cluster, first.dest_cluster, first.dest_seq, last.dest_seq).into(),
+        );
         let confirm = channel
             .basic_publish(names.exchange.as_str().into(), key.into(), BasicPublishOptions::default(), &body, props)
             .await?;
         confirms.push(confirm);
     }
     Ok(confirms)
+}
+
+/// The properties of a message of AMQP type `kind` holding `body`, with
+/// `delivery_mode` (1 transient, 2 persistent), sealed with the
+/// deployment's MAC when there is a secret.
+fn sealed_props(kind: &str, body: &[u8], delivery_mode: u8, secret: Option<&crate::auth::Secret>) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(secret) = secret {
+        headers.insert(crate::auth::MAC_HEADER.into(), AMQPValue::LongString(secret.seal_message(kind, body).into()));
+    }
+    BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(delivery_mode)
+        .with_content_type("application/x-protobuf".into())
+        .with_type(kind.into())
 }
 
 /// Whether `delivery` carries a valid MAC of this deployment.

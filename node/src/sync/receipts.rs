@@ -11,9 +11,8 @@ use super::{Names, SyncConfig, send_batch};
 use crate::error::{Error, Result};
 use crate::net;
 use crate::store::codec;
+use lapin::Channel as AmqpChannel;
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel as AmqpChannel};
 use prost::Message as _;
 use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{StatusRequest, StreamGap, StreamReceipt};
@@ -106,15 +105,7 @@ async fn publish_sealed(
     delivery_mode: u8,
     secret: Option<&crate::auth::Secret>,
 ) -> Result<()> {
-    let mut headers = FieldTable::default();
-    if let Some(secret) = secret {
-        headers.insert(crate::auth::MAC_HEADER.into(), AMQPValue::LongString(secret.seal_message(kind, body).into()));
-    }
-    let props = BasicProperties::default()
-        .with_headers(headers)
-        .with_delivery_mode(delivery_mode)
-        .with_content_type("application/x-protobuf".into())
-        .with_type(kind.into());
+    let props = super::sealed_props(kind, body, delivery_mode, secret);
     channel
         .basic_publish(names.exchange.as_str().into(), key.into(), BasicPublishOptions::default(), body, props)
         .await?;
