@@ -861,10 +861,9 @@ pub fn feed_of_2_holds_within(d: &Deployment, texts: &[String], what: &str, limi
     let mut last = String::new();
     eventually_within(&format!("{what} in user 2's feed on both servers of cluster 2"), limit, || {
         for s in [1, 2] {
-            let files = spec_files(&d.server_dir(2, s)).ok()?;
-            let feed = sns_node::store::record::decode_posts(files.get("2_following.txt").map_or("", |t| t));
+            let feed = feed_texts(&d.server_dir(2, s), 2, 1).ok()?;
             for text in texts {
-                let n = feed.iter().filter(|p| p.user == 1 && p.text == *text).count();
+                let n = feed.iter().filter(|t| *t == text).count();
                 if n != 1 {
                     last = format!("server 2/{s}: {text:?} appears {n} times");
                     return None;
@@ -874,6 +873,18 @@ pub fn feed_of_2_holds_within(d: &Deployment, texts: &[String], what: &str, limi
         Some(())
     })
     .map_err(|e| anyhow!("{e}: {last}"))
+}
+
+/// The posts in `reader`'s feed file in the server directory `dir`, in
+/// feed order.
+pub fn feed_posts(dir: &Path, reader: u32) -> Result<Vec<sns_node::store::record::PostRecord>> {
+    let files = spec_files(dir)?;
+    Ok(sns_node::store::record::decode_posts(files.get(&format!("{reader}_following.txt")).map_or("", |t| t)))
+}
+
+/// The texts of `author`'s posts in `reader`'s feed (see [`feed_posts`]).
+pub fn feed_texts(dir: &Path, reader: u32, author: u32) -> Result<Vec<String>> {
+    Ok(feed_posts(dir, reader)?.into_iter().filter(|p| p.user == author).map(|p| p.text).collect())
 }
 
 /// The spec's files of one server directory, by name (`*.txt` only; the

@@ -9,7 +9,8 @@ use sns_e2e::broker::Broker;
 use sns_e2e::load;
 use sns_e2e::nodes::{master_of, rt, server_node, status};
 use sns_e2e::{
-    DEADLINE, Deployment, check_convergence, eventually, feed_of_2_holds, feed_of_2_holds_within, spec_files,
+    DEADLINE, Deployment, check_convergence, eventually, feed_of_2_holds, feed_of_2_holds_within, feed_posts,
+    feed_texts, spec_files,
 };
 use sns_proto::csce438::Message;
 use sns_proto::prost_types::Timestamp;
@@ -335,10 +336,7 @@ fn events_the_broker_loses_after_confirming_them_are_published_again() -> anyhow
     }
     // In the order they were made.
     for s in [1, 2] {
-        let files = spec_files(&d.server_dir(2, s))?;
-        let feed = sns_node::store::record::decode_posts(files.get("2_following.txt").map_or("", |t| t));
-        let got: Vec<&str> = feed.iter().filter(|p| p.user == 1).map(|p| p.text.as_str()).collect();
-        assert_eq!(got, all.iter().map(String::as_str).collect::<Vec<_>>(), "server 2/{s}");
+        assert_eq!(feed_texts(&d.server_dir(2, s), 2, 1)?, all, "server 2/{s}");
     }
     check_convergence(&d, &[(1, 1), (1, 2), (2, 1), (2, 2)], &[])?;
     let said = |what: &str| (1..=2).any(|s| d.log(&format!("server-1-{s}")).contains(what));
@@ -383,8 +381,7 @@ fn a_receiver_that_lost_thousands_of_events_under_load_catches_up() -> anyhow::R
     let reader = rt.block_on(server_node(d.coord_port, 2, 1)).ok_or_else(|| anyhow::anyhow!("no server 2/1"))?;
     let mut last = String::new();
     sns_e2e::eventually_within("user 2's feed to hold every post once, in order", Duration::from_secs(90), || {
-        let files = spec_files(&d.server_dir(2, 1)).ok()?;
-        let feed = sns_node::store::record::decode_posts(files.get("2_following.txt").map_or("", |t| t));
+        let feed = feed_posts(&d.server_dir(2, 1), 2).ok()?;
         for (i, a) in authors.iter().enumerate() {
             let got: Vec<&str> = feed.iter().filter(|p| p.user == *a).map(|p| p.text.as_str()).collect();
             let want: Vec<&str> = lost[i].iter().chain(&after[i]).map(String::as_str).collect();
@@ -421,11 +418,7 @@ fn a_cluster_overridden_with_data_loss_goes_on_after_the_events_it_lost() -> any
     d.command(&format!("kill server-2-{stale}"))?;
     let lost = write(5);
     let dirs = [d.server_dir(2, 1), d.server_dir(2, 2)];
-    let feed_of = |s: u32| -> Vec<String> {
-        let files = spec_files(&dirs[s as usize - 1]).unwrap_or_default();
-        let feed = sns_node::store::record::decode_posts(files.get("2_following.txt").map_or("", |t| t));
-        feed.into_iter().filter(|p| p.user == 1).map(|p| p.text).collect()
-    };
+    let feed_of = |s: u32| feed_texts(&dirs[s as usize - 1], 2, 1).unwrap_or_default();
     eventually("the posts to reach cluster 2's master", || lost.iter().all(|p| feed_of(m).contains(p)).then_some(()))?;
     // Its receipts cover them: cluster 1 keeps none of them any more.
     let (om, _) = rt.block_on(master_of(d.coord_port, 1)).ok_or_else(|| anyhow::anyhow!("no master in cluster 1"))?;
