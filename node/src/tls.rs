@@ -102,14 +102,74 @@ pub fn server_builder() -> Result<tonic::transport::Server> {
 
 /// Connects to the broker at `url`; `amqps://` URLs are checked against
 /// `--amqp-ca` when given.
+///
+/// lapin runs each connection on an I/O thread of its own that only the
+/// socket's end stops, and offers no way to abandon an attempt: a broker
+/// that accepted the connection and never answers (hung or stopped, a
+/// proxy in front of one that is gone) would keep that thread and socket
+/// for good, one more at every timed-out attempt. So the socket is dialled
+/// here, and an attempt that fails or is dropped before the connection is
+/// up (a timeout around this future) shuts it down, and lets lapin dial no
+/// other; the thread then ends.
 pub async fn amqp_connect(url: &str, props: lapin::ConnectionProperties) -> lapin::Result<lapin::Connection> {
-    let config = lapin::tcp::OwnedTLSConfig { identity: None, cert_chain: settings().amqp_ca.clone() };
-    lapin::DefaultConnectionBuilder::new()?
-        .with_uri_str(url.to_string())
-        .with_properties(props)
-        .with_tls_config(config)
-        .connect()
-        .await
+    let uri: lapin::uri::AMQPUri = url.parse().map_err(|e: String| std::io::Error::other(e))?;
+    let runtime = lapin::runtime::default_runtime()?;
+    let tls = lapin::tcp::OwnedTLSConfig { identity: None, cert_chain: settings().amqp_ca.clone() };
+    // Resolved here, on the caller's runtime: lapin dials from a thread
+    // of its own.
+    let addrs: Vec<std::net::SocketAddr> =
+        tokio::net::lookup_host((uri.authority.host.as_str(), uri.authority.port)).await?.collect();
+    let mut attempt = Attempt { dialled: std::sync::Arc::default(), connected: false };
+    let dial = attempt.dialled.clone();
+    let connect = async move |uri: lapin::uri::AMQPUri, runtime| {
+        if dial.abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("connection attempt abandoned").into());
+        }
+        let stream: lapin::tcp::AsyncTcpStream<async_compat::Compat<tokio::net::TcpStream>> =
+            lapin::tcp::AsyncTcpStream::connect(&runtime, addrs.clone()).await?;
+        if let lapin::tcp::AsyncTcpStream::Plain(plain) = &stream {
+            use std::os::fd::AsFd as _;
+            let socket = std::net::TcpStream::from(plain.get_ref().as_fd().try_clone_to_owned()?);
+            *dial.socket.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(socket);
+        }
+        Ok(match uri.scheme {
+            lapin::uri::AMQPScheme::AMQP => stream,
+            lapin::uri::AMQPScheme::AMQPS => stream.into_tls(&uri.authority.host, tls.as_ref()).await?,
+        })
+    };
+    let conn = lapin::Connection::connector(uri, runtime, connect, props).await?;
+    attempt.connected = true;
+    Ok(conn)
+}
+
+/// What lapin's dialler shares with [`amqp_connect`].
+#[derive(Default)]
+struct Dialled {
+    /// A second handle on the socket dialled last.
+    socket: std::sync::Mutex<Option<std::net::TcpStream>>,
+    /// The attempt ended without a connection: dial nothing more.
+    abandoned: std::sync::atomic::AtomicBool,
+}
+
+/// One connection attempt: unless it ends with the connection up, its
+/// socket is shut down (see [`amqp_connect`]).
+struct Attempt {
+    dialled: std::sync::Arc<Dialled>,
+    connected: bool,
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        // The second handle goes either way; the connection keeps its own.
+        let socket = self.dialled.socket.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if self.connected {
+            return;
+        }
+        self.dialled.abandoned.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(socket) = socket {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 /// A CA and a certificate signed by it for this machine's loopback names,

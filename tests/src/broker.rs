@@ -140,6 +140,7 @@ pub struct StandIn {
     pub url: String,
     relaying: watch::Sender<bool>,
     held: Arc<AtomicUsize>,
+    released: Arc<AtomicUsize>,
 }
 
 impl StandIn {
@@ -152,9 +153,9 @@ impl StandIn {
         let url = real.replacen(&broker, &format!("127.0.0.1:{}", listener.local_addr()?.port()), 1);
         anyhow::ensure!(url != real, "cannot find the broker's address {broker} in {real}");
         let (tx, rx) = watch::channel(relaying);
-        let held = Arc::new(AtomicUsize::new(0));
-        rt.spawn(stand_in(listener, rx, held.clone(), broker));
-        Ok(StandIn { url, relaying: tx, held })
+        let (held, released) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        rt.spawn(stand_in(listener, rx, held.clone(), released.clone(), broker));
+        Ok(StandIn { url, relaying: tx, held, released })
     }
 
     pub fn silence(&self) {
@@ -169,18 +170,40 @@ impl StandIn {
     pub fn held(&self) -> usize {
         self.held.load(Ordering::SeqCst)
     }
+
+    /// Of those, how many the client closed (or reset) while held.
+    pub fn released(&self) -> usize {
+        self.released.load(Ordering::SeqCst)
+    }
 }
 
-async fn stand_in(listener: TcpListener, relaying: watch::Receiver<bool>, held: Arc<AtomicUsize>, broker: String) {
-    while let Ok((client, _)) = listener.accept().await {
+async fn stand_in(
+    listener: TcpListener,
+    relaying: watch::Receiver<bool>,
+    held: Arc<AtomicUsize>,
+    released: Arc<AtomicUsize>,
+    broker: String,
+) {
+    while let Ok((mut client, _)) = listener.accept().await {
         let mut relaying = relaying.clone();
         if !*relaying.borrow_and_update() {
             held.fetch_add(1, Ordering::SeqCst);
             // Held without a word until the stand-in relays again, then
-            // closed.
+            // closed; what the client sends is read and ignored, and its
+            // end of the connection noted.
+            let released = released.clone();
             tokio::spawn(async move {
-                let _ = relaying.wait_for(|on| *on).await;
-                drop(client);
+                use tokio::io::AsyncReadExt as _;
+                let mut sink = [0u8; 1024];
+                loop {
+                    tokio::select! {
+                        _ = relaying.wait_for(|on| *on) => return,
+                        n = client.read(&mut sink) => if matches!(n, Ok(0) | Err(_)) {
+                            released.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        },
+                    }
+                }
             });
             continue;
         }

@@ -87,7 +87,7 @@ fn post(d: &Deployment, rt: &tokio::runtime::Runtime, n: usize) -> Result<load::
 fn a_synchronizer_gives_up_on_a_broker_that_never_completes_the_connection() -> Result<()> {
     let rt = rt();
     let broker = StandIn::start(&rt, false)?;
-    let d = Deployment::builder().clusters(2).servers(1).broker(&broker.url, None).start()?;
+    let mut d = Deployment::builder().clusters(2).servers(1).broker(&broker.url, None).start()?;
     // Each synchronizer gives up on its silent connection and says why.
     let limit = sns_node::sync::BROKER_SETUP_TIMEOUT + LET_GO;
     for sync in ["sync-1-1", "sync-2-1"] {
@@ -97,6 +97,27 @@ fn a_synchronizer_gives_up_on_a_broker_that_never_completes_the_connection() -> 
         .with_context(|| format!("{sync} is stuck connecting; its log:\n{}", d.log(sync)))?;
     }
     anyhow::ensure!(broker.held() >= 2, "the stand-in held {} connections", broker.held());
+    // Each abandoned attempt closed its socket, and with it lapin's
+    // thread for the connection: attempts over a long outage cost
+    // nothing that stays. (A synchronizer keeps trying meanwhile, so its
+    // latest attempt may still be open.)
+    let pid = |d: &mut Deployment| d.status().ok().and_then(|s| s.get("sync-1-1").copied().flatten());
+    let threads = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/task")).map(|t| t.count()).unwrap_or(0);
+    let sync_pid = pid(&mut d).ok_or_else(|| anyhow!("sync-1-1 is not up"))?;
+    let after_first = threads(sync_pid);
+    let gave_up = |d: &Deployment| count(&d.log("sync-1-1"), "did not let the synchronizer connect to it within");
+    let first = gave_up(&d);
+    eventually_within("sync-1-1 to give up twice more", 2 * limit, || (gave_up(&d) >= first + 2).then_some(()))?;
+    eventually_within("the abandoned connections to be closed", LET_GO, || {
+        (broker.released() + 2 >= broker.held()).then_some(())
+    })
+    .with_context(|| format!("held {}, closed by the synchronizers {}", broker.held(), broker.released()))?;
+    let now = threads(sync_pid);
+    // (One more is allowed: a runtime's blocking thread may come or go.)
+    anyhow::ensure!(
+        now <= after_first + 1,
+        "sync-1-1 went from {after_first} to {now} threads over two more abandoned attempts"
+    );
     // The broker answers again: the next attempts reach it, and posts
     // cross between the clusters.
     broker.restore();

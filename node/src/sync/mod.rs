@@ -261,9 +261,9 @@ fn link_down_reason(e: &Error) -> String {
 /// gone, a lost wake-up in the client) would hold the synchronizer for
 /// good, alive by its heartbeats, its cluster's events unpublished, even
 /// once the broker answers again. Past this the attempt is abandoned and
-/// made again after the backoff. (lapin offers no way to stop an attempt:
-/// its socket and I/O thread stay until the broker's end closes them;
-/// RabbitMQ ends a handshake left unfinished after 10 s of its own.)
+/// made again after the backoff; the abandoned attempt's socket is shut
+/// down, which ends lapin's I/O thread for it ([`crate::tls::amqp_connect`]).
+/// (RabbitMQ ends a handshake left unfinished after 10 s of its own.)
 pub const BROKER_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs one step of setting up the broker link within
