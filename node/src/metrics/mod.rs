@@ -71,6 +71,7 @@ pub struct Metrics {
     pub applied: Counter,
     pub dead_lettered: Counter,
     pub resent: Counter,
+    pub deferred: Counter,
     pub outbox_backlog: Gauge,
     pub propagation_seconds: Histogram,
     pub link_up: Gauge,
@@ -111,6 +112,7 @@ impl Default for Metrics {
             applied: Counter::default(),
             dead_lettered: Counter::default(),
             resent: Counter::default(),
+            deferred: Counter::default(),
             outbox_backlog: Gauge::default(),
             propagation_seconds: slow_buckets(),
             link_up: Gauge::default(),
@@ -193,6 +195,11 @@ pub fn install(kind: NodeKind) {
                 "sync_resent_events",
                 "Events published again because a receiving cluster stopped short of what the broker had confirmed",
                 m.resent.clone(),
+            );
+            r.register(
+                "sync_deferred_events",
+                "Events the master had no room to hold behind a gap, left for their origin to send again",
+                m.deferred.clone(),
             );
             r.register(
                 "sync_outbox_backlog_events",

@@ -36,9 +36,17 @@ fn waits_for_more(delay: Duration, previous: Option<(usize, Instant)>, now: Inst
 /// do), or a refusal.
 pub type Decide = Box<dyn FnOnce(&View<'_>) -> Result<Option<Change>, Outcome> + Send>;
 
-/// Events of other clusters, once committed: how many were journaled and
-/// which cannot be valid (index in the batch, why).
-pub type Applied = (usize, Vec<(usize, String)>);
+/// What became of a batch of other clusters' events, once committed.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Journaled: applied, or held for a gap.
+    pub journaled: usize,
+    /// Cannot be valid (index in the batch, why).
+    pub rejected: Vec<(usize, String)>,
+    /// Found no room to be held behind a gap: left for their origin to
+    /// send again (see [`Arrival::Full`]).
+    pub deferred: usize,
+}
 
 /// A write waiting for the writer.
 pub enum Request {
@@ -232,7 +240,7 @@ fn classify(
     group: &mut Group,
     entries: &mut Vec<Entry>,
 ) -> Applied {
-    let (mut journaled, mut rejected) = (0, Vec::new());
+    let mut out = Applied::default();
     // Each against the state with the group's earlier events on top (of
     // this batch and of the batches before it in the group): a second
     // copy is a duplicate, and a gap the group closes is closed.
@@ -241,17 +249,18 @@ fn classify(
         state.take_in(&e, &arrival, group);
         match arrival {
             Arrival::Next | Arrival::Early => {
-                journaled += 1;
+                out.journaled += 1;
                 entries.push(Entry::Remote(e));
             }
             Arrival::Duplicate => {}
+            Arrival::Full => out.deferred += 1,
             Arrival::Invalid(why) => {
                 tracing::warn!(origin = e.origin, dest_seq = e.dest_seq, reason = %why, "event of another cluster refused: dead-lettered");
-                rejected.push((i, why));
+                out.rejected.push((i, why));
             }
         }
     }
-    (journaled, rejected)
+    out
 }
 
 /// Where a request's answer goes.

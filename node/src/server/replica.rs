@@ -258,12 +258,14 @@ async fn apply_in_order(
         while let Some(next) = waiting.recv().await {
             let reply = match next {
                 Ok(committed) => match committed.await.unwrap_or(Err(crate::error::Error::Stopping)) {
-                    Ok((applied, rejected)) => Ok(ApplyReply {
-                        applied: applied as u32,
-                        rejected: rejected
+                    Ok(a) => Ok(ApplyReply {
+                        applied: a.journaled as u32,
+                        rejected: a
+                            .rejected
                             .into_iter()
                             .map(|(index, reason)| RejectedEvent { index: index as u32, reason })
                             .collect(),
+                        deferred: a.deferred as u32,
                     }),
                     Err(e) => Err(Status::from(e)),
                 },

@@ -291,6 +291,10 @@ pub enum Arrival {
     Duplicate,
     /// Cannot be valid: refuse (dead-letter), never apply.
     Invalid(String),
+    /// Later than the next, with [`HOLD_MAX`] events of its stream held
+    /// already: not taken now. Its origin keeps it until a receipt covers
+    /// it and sends it again, so it is neither held nor dead-lettered.
+    Full,
 }
 
 #[derive(Debug, Clone)]
@@ -404,7 +408,7 @@ impl State {
             held: self.held.values().flat_map(|h| h.values().cloned()).collect(),
             epoch: self.epoch,
             sent: self.sent.iter().map(|(d, s)| (*d, *s)).collect(),
-            receipts: self.receipts.iter().map(|(d, (e, s))| (*d, *e, *s)).collect(),
+            receipts: self.receipt_marks(),
         }
     }
 
@@ -672,7 +676,7 @@ impl State {
         let waiting = held.map_or(0, BTreeMap::len) - group.drained.get(&ev.origin).copied().unwrap_or(0)
             + early.map_or(0, BTreeSet::len);
         if waiting >= HOLD_MAX {
-            return Arrival::Invalid(format!("origin {} has {HOLD_MAX} events held already", ev.origin));
+            return Arrival::Full;
         }
         Arrival::Early
     }
@@ -714,7 +718,7 @@ impl State {
                 group.early.entry(o).or_default().insert((ev.epoch, ev.dest_seq));
             }
             Arrival::Next => self.take_in_from(o, ev.epoch, ev.dest_seq, group),
-            Arrival::Duplicate | Arrival::Invalid(_) => {}
+            Arrival::Duplicate | Arrival::Invalid(_) | Arrival::Full => {}
         }
     }
 
@@ -775,7 +779,7 @@ impl State {
                 Arrival::Early => {
                     self.hold(event.clone());
                 }
-                Arrival::Duplicate | Arrival::Invalid(_) => {}
+                Arrival::Duplicate | Arrival::Invalid(_) | Arrival::Full => {}
             },
             Entry::PublishedUpto(upto) => {
                 if *upto > self.published_upto {
@@ -815,7 +819,7 @@ impl State {
         while let Some(next) = self.pop_held(origin) {
             match self.arrival(&next) {
                 Arrival::Next => self.apply_remote(&next, effects),
-                Arrival::Duplicate | Arrival::Invalid(_) => {}
+                Arrival::Duplicate | Arrival::Invalid(_) | Arrival::Full => {}
                 Arrival::Early => {
                     self.hold(next);
                     break;
@@ -1456,7 +1460,7 @@ mod tests {
             n.state.apply(&Entry::Remote(ev(q)));
         }
         assert_eq!(n.state.held_count(), HOLD_MAX);
-        assert!(matches!(n.state.arrival(&ev(top + 1)), Arrival::Invalid(_)), "no room to hold more");
+        assert_eq!(n.state.arrival(&ev(top + 1)), Arrival::Full, "no room to hold more");
         // A group bringing event 1 first lets the held ones through: what
         // follows them in the group is next, not refused.
         let mut g = Group::default();

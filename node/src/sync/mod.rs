@@ -441,6 +441,16 @@ async fn consume(
                 activity.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 tracing::debug!(count = events.len(), applied = reply.applied, "events applied");
                 note_applied(&events, &reply);
+                if reply.deferred > 0 {
+                    // Valid, but the master holds all it may behind a gap:
+                    // not dead-lettered, since the origin keeps them until
+                    // a receipt covers them and sends them again.
+                    crate::metrics::get().deferred.inc_by(u64::from(reply.deferred));
+                    tracing::warn!(
+                        count = reply.deferred,
+                        "events left for their origin to send again: the master holds all it may behind a gap"
+                    );
+                }
                 // Events that cannot be valid (forged, broken) are never
                 // applied; they go to the dead-letter queue, with why.
                 for r in &reply.rejected {
