@@ -377,15 +377,18 @@ fn a_receiver_that_lost_thousands_of_events_under_load_catches_up() -> anyhow::R
     // More than one resend carries (16,384).
     let lost = write(&rt, 4_200);
     lose_what_waits_for_cluster_2(&d, &rt)?;
+    // Waiting in the queue when the receiver comes back, all after the
+    // gap: more than it may hold (4,096), whatever the machine's speed.
+    let queued = write(&rt, 1_500);
     d.command("start sync-2-1")?;
-    let after = write(&rt, 2_000);
+    let after = write(&rt, 500);
     let reader = rt.block_on(server_node(d.coord_port, 2, 1)).ok_or_else(|| anyhow::anyhow!("no server 2/1"))?;
     let mut last = String::new();
     sns_e2e::eventually_within("user 2's feed to hold every post once, in order", Duration::from_secs(90), || {
         let feed = feed_posts(&d.server_dir(2, 1), 2).ok()?;
         for (i, a) in authors.iter().enumerate() {
             let got: Vec<&str> = feed.iter().filter(|p| p.user == *a).map(|p| p.text.as_str()).collect();
-            let want: Vec<&str> = lost[i].iter().chain(&after[i]).map(String::as_str).collect();
+            let want: Vec<&str> = lost[i].iter().chain(&queued[i]).chain(&after[i]).map(String::as_str).collect();
             if got != want {
                 last = format!("author {a}: {} of {} posts", got.len(), want.len());
                 return None;
@@ -465,4 +468,51 @@ fn eventually_within_posts(
         (last == want).then_some(())
     })
     .map_err(|e| anyhow::anyhow!("{e}: server 2/{s} has {last:?}"))
+}
+
+/// A receiver whose queue is held by a paused consumer — the old master's
+/// synchronizer, SIGSTOPped through a switchover, keeps the queue's
+/// single-consumer slot until the broker gives up on its connection — is
+/// short of what the broker confirmed, but not idle: its events wait in
+/// the queue. Its receipts must not say idle, or the origin would publish
+/// them all again (every `--resend-after`, for nothing, behind them in the
+/// same queue). Once the broker drops the paused consumer, the new
+/// master's synchronizer takes the queue and every post arrives once.
+#[test]
+fn a_queue_held_by_a_paused_consumer_is_not_taken_for_an_idle_receiver() -> anyhow::Result<()> {
+    let mut d = Deployment::builder().clusters(2).servers(2).env("SNS_RESEND_AFTER", "1s").start()?;
+    let rt = rt();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    rt.block_on(load::follow_until_done(d.coord_port, 2, 1, deadline))?;
+    let coord = d.coord_port;
+    let write = |n| rt.block_on(load::writer(coord, 1, Arc::new(AtomicBool::new(false)), n, deadline)).acked;
+    let before = write(3);
+    feed_of_2_holds(&d, &before, "the posts before the pause")?;
+    let (old, _) = rt.block_on(master_of(d.coord_port, 2)).ok_or_else(|| anyhow::anyhow!("no master in cluster 2"))?;
+    let new = 3 - old;
+    d.command(&format!("pause sync-2-{old}"))?;
+    d.command(&format!("switchover 2 server-2-{new}"))?;
+    eventually(&format!("server 2/{new} to be master"), || {
+        (rt.block_on(master_of(d.coord_port, 2)).map(|(m, _)| m) == Some(new)).then_some(())
+    })?;
+    let held = write(20);
+    // The broker drops the paused synchronizer's connection once its
+    // heartbeats are missed: then the posts come.
+    let limit = Duration::from_secs(4 * u64::from(sns_node::sync::HEARTBEAT_SECS)) + Duration::from_secs(30);
+    let all: Vec<String> = before.iter().chain(&held).cloned().collect();
+    feed_of_2_holds_within(&d, &all, "the posts made while the queue was held", limit)?;
+    d.command(&format!("resume sync-2-{old}"))?;
+    for s in [1, 2] {
+        let feed = feed_texts(&d.server_dir(2, s), 2, 1)?;
+        let order: Vec<&String> = feed.iter().filter(|t| all.contains(t)).collect();
+        anyhow::ensure!(order == all.iter().collect::<Vec<_>>(), "server 2/{s}: posts out of order: {order:?}");
+    }
+    let origin = |s: u32| d.log(&format!("server-1-{s}"));
+    for s in [1, 2] {
+        anyhow::ensure!(
+            !origin(s).contains("publishing the missing events again"),
+            "cluster 1 published again events waiting in cluster 2's queue (server 1/{s})"
+        );
+    }
+    Ok(())
 }

@@ -143,7 +143,7 @@ pub async fn send(
         if !status.is_master {
             continue;
         }
-        let idle = activity.idle(RECEIPT_EVERY);
+        let idle = activity.idle(RECEIPT_EVERY) && drained(channel, names, cfg.cluster).await?;
         for m in status.streams {
             let mark = (m.epoch, m.applied, m.held);
             let due = sent
@@ -164,6 +164,21 @@ pub async fn send(
             sent.insert(m.origin, (mark, Instant::now()));
         }
     }
+}
+
+/// Whether the cluster's queue holds nothing for this synchronizer: no
+/// message ready, and no consumer but this one. A consumer that took
+/// nothing lately is not enough to say the receiver is idle: while
+/// another one holds the queue's single-consumer slot (a paused
+/// synchronizer of the old master, until the broker drops it), the
+/// messages it was delivered and those behind them wait, and an origin
+/// told "idle" would publish them all again for nothing.
+async fn drained(channel: &AmqpChannel, names: &Names, cluster: u32) -> Result<bool> {
+    let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let queue = channel
+        .queue_declare(names.queue(cluster).as_str().into(), options, lapin::types::FieldTable::default())
+        .await?;
+    Ok(queue.message_count() == 0 && queue.consumer_count() <= 1)
 }
 
 /// A sender for receipts and gap markers taken off the queue, and its
