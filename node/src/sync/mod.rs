@@ -409,6 +409,7 @@ async fn consume(
             FieldTable::default(),
         )
         .await?;
+    activity.consuming.store(true, std::sync::atomic::Ordering::SeqCst);
     let (batches, outgoing) = tokio::sync::mpsc::channel::<SyncBatch>(APPLY_IN_FLIGHT);
     let mut replies = server.apply_remote(tokio_stream::wrappers::ReceiverStream::new(outgoing)).await?.into_inner();
     // Batches sent and not yet answered, oldest first: their events, the

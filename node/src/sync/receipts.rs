@@ -18,7 +18,7 @@ use sns_proto::internal::replica_client::ReplicaClient;
 use sns_proto::internal::{StatusRequest, StreamGap, StreamReceipt};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -37,12 +37,19 @@ const RECEIPTS_QUEUED: usize = 64;
 pub struct Activity {
     last_events: Mutex<Instant>,
     pub in_flight: AtomicUsize,
+    /// The consumer is registered with the broker (so the queue's
+    /// consumers include it).
+    pub consuming: AtomicBool,
 }
 
 impl Default for Activity {
     /// Counted from now: idle once [`RECEIPT_EVERY`] passes without events.
     fn default() -> Activity {
-        Activity { last_events: Mutex::new(Instant::now()), in_flight: AtomicUsize::new(0) }
+        Activity {
+            last_events: Mutex::new(Instant::now()),
+            in_flight: AtomicUsize::new(0),
+            consuming: AtomicBool::new(false),
+        }
     }
 }
 
@@ -51,9 +58,11 @@ impl Activity {
         *self.last_events.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
     }
 
-    /// Nothing taken off the queue for `quiet`, nothing waiting on the server.
+    /// Consuming, nothing taken off the queue for `quiet`, nothing
+    /// waiting on the server.
     fn idle(&self, quiet: Duration) -> bool {
-        self.in_flight.load(Ordering::SeqCst) == 0
+        self.consuming.load(Ordering::SeqCst)
+            && self.in_flight.load(Ordering::SeqCst) == 0
             && self.last_events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).elapsed() >= quiet
     }
 }
@@ -167,7 +176,8 @@ pub async fn send(
 }
 
 /// Whether the cluster's queue holds nothing for this synchronizer: no
-/// message ready, and no consumer but this one. A consumer that took
+/// message ready, and no consumer but this one (registered already: see
+/// [`Activity::idle`]). A consumer that took
 /// nothing lately is not enough to say the receiver is idle: while
 /// another one holds the queue's single-consumer slot (a paused
 /// synchronizer of the old master, until the broker drops it), the
