@@ -599,8 +599,18 @@ fn inject(
         _ => None,
     };
     let kind = BACKGROUNDS[rng.below(BACKGROUNDS.len() as u64) as usize];
+    // (A silent broker may wait for its cluster's master's synchronizer
+    // to drop its link: a background fault must not have killed or
+    // paused it.)
     let syncs = |f: Fault| {
-        matches!(f, Fault::KillSynchronizer | Fault::PauseSynchronizer | Fault::RestartBroker | Fault::LostMessages)
+        matches!(
+            f,
+            Fault::KillSynchronizer
+                | Fault::PauseSynchronizer
+                | Fault::RestartBroker
+                | Fault::LostMessages
+                | Fault::SilentBroker
+        )
     };
     let candidates: Vec<u32> = match kind {
         // One broker, stopped once at a time, silenced once at a time.
