@@ -177,8 +177,8 @@ pub async fn send(
 
 /// Whether the cluster's queue holds nothing for this synchronizer: no
 /// message ready, and no consumer but this one (registered already: see
-/// [`Activity::idle`]). A consumer that took
-/// nothing lately is not enough to say the receiver is idle: while
+/// [`Activity::idle`]). A consumer that took nothing lately is not enough
+/// to say the receiver is idle: while
 /// another one holds the queue's single-consumer slot (a paused
 /// synchronizer of the old master, until the broker drops it), the
 /// messages it was delivered and those behind them wait, and an origin
