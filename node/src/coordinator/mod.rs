@@ -448,6 +448,7 @@ fn note_change(change: &Change, renewed: Option<Instant>) {
 fn refusal_status(refusal: Refusal) -> Status {
     match refusal {
         Refusal::NotMaster(m) => Status::failed_precondition(m),
+        Refusal::NotNow(m) => Status::unavailable(m),
         Refusal::Invalid(m) => Status::invalid_argument(m),
         Refusal::Unsafe(m) => Status::failed_precondition(m),
     }

@@ -224,8 +224,16 @@ pub enum Why {
 /// Why a request about a record is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    /// The asker is not the recorded master under its term: a newer term
+    /// (or another master) exists.
     #[error("{0}")]
     NotMaster(String),
+    /// The asker is the recorded master of its term, but this coordinator
+    /// does not count it as serving right now (it has not heard from it
+    /// since it restarted, a change of master is being written, a
+    /// switchover is under way): ask again, nothing newer exists yet.
+    #[error("{0}")]
+    NotNow(String),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -371,8 +379,10 @@ impl Table {
             return false;
         }
         let Some(e) = self.server(cluster, id) else { return false };
-        // A damaged journal serves only when an operator accepted its loss.
+        // A damaged journal serves only when an operator accepted its loss;
+        // a server that moved past the recorded term gave up serving it.
         self.alive(e, now)
+            && e.term <= r.term
             && !e.unwritable
             && (!e.damaged || r.override_server == Some(id))
             && self.in_sync(cluster, id)
@@ -579,7 +589,11 @@ impl Table {
             // on its lease.
             let stopped = handover.as_ref().is_some_and(|h| h.stepped_down)
                 || self.server(cluster, m).is_some_and(|e| {
-                    self.alive(e, now) && (e.unwritable || e.damaged || record.in_sync.get(&m) != Some(&e.incarnation))
+                    self.alive(e, now)
+                        && (e.unwritable
+                            || e.damaged
+                            || e.term > record.term
+                            || record.in_sync.get(&m) != Some(&e.incarnation))
                 });
             if !stopped {
                 if self.server(cluster, m).is_none() && now < self.started + self.timeout {
@@ -700,10 +714,17 @@ impl Table {
             .records
             .get(&cluster)
             .ok_or_else(|| Refusal::Invalid(format!("cluster {cluster} has no master yet")))?;
-        if record.term != term || record.master != Some(master) || !self.is_master(cluster, master, now) {
+        if record.term != term || record.master != Some(master) {
             return Err(Refusal::NotMaster(format!(
                 "server {master} is not the master of cluster {cluster} under term {term} (term {}, master {:?})",
                 record.term, record.master
+            )));
+        }
+        if !self.is_master(cluster, master, now) {
+            // Not "replaced": a master told so gives up its term for good,
+            // and one the record still names would then serve nobody.
+            return Err(Refusal::NotNow(format!(
+                "server {master} is the recorded master of cluster {cluster} under term {term} but the coordinator does not count it as serving now; ask again"
             )));
         }
         let mut in_sync = BTreeMap::new();
@@ -1370,6 +1391,47 @@ mod tests {
         t.heartbeat(t1 + T, &Beat { term: 1, ..server(2, 2) });
         let changes = settle(&mut t, t1 + T);
         assert_eq!(changes[0].record.master, Some(2));
+    }
+
+    /// A restarted coordinator that has not heard from the recorded
+    /// master yet asks it to try again; telling it that it was replaced
+    /// would have it give up its term while the record still names it,
+    /// leaving the cluster without a master.
+    #[test]
+    fn a_restarted_coordinator_asks_its_unheard_master_to_try_again() {
+        let t0 = Instant::now();
+        let before = pair(t0);
+        let t1 = t0 + T;
+        let mut t = Table::starting_at(t1, 3, T, L);
+        t.load(before.records().clone());
+        let refused = t.set_in_sync(t1, 2, 1, 1, &[(1, 0)]).unwrap_err();
+        assert!(matches!(refused, Refusal::NotNow(_)), "{refused:?}");
+        t.heartbeat(t1, &Beat { term: 1, claims_master: true, ..server(2, 1) });
+        let c = t.set_in_sync(t1, 2, 1, 1, &[(1, 0)]).unwrap();
+        assert_eq!(c.record.in_sync.keys().copied().collect::<Vec<_>>(), vec![1]);
+        // An older term, or a server the record does not name, is refused
+        // for good.
+        assert!(matches!(t.set_in_sync(t1, 2, 0, 1, &[(1, 0)]), Err(Refusal::NotMaster(_))));
+        assert!(matches!(t.set_in_sync(t1, 2, 1, 2, &[(2, 0)]), Err(Refusal::NotMaster(_))));
+    }
+
+    /// A recorded master that reports a later term than the record's gave
+    /// up its role: it is not counted as master, and a new term above the
+    /// one it reports is decided at once (no lease to wait out).
+    #[test]
+    fn a_master_that_gave_up_its_term_is_replaced_at_once() {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        t.heartbeat(t0, &Beat { term: 1, ..server(2, 2) });
+        let (a, _) = t.heartbeat(t0, &Beat { term: 2, ..server(2, 1) });
+        assert!(!a.is_master, "{a:?}");
+        let changes = settle(&mut t, t0);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        let record = &changes[0].record;
+        assert_eq!(record.term, 3);
+        let new = record.master.expect("a master");
+        let (a, _) = t.heartbeat(t0, &Beat { term: 2, ..server(2, new) });
+        assert!(a.is_master && a.term == 3, "{a:?}");
     }
 
     #[test]
