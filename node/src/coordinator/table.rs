@@ -1260,8 +1260,12 @@ mod tests {
         t.begin_switchover(t0, 2, None).unwrap();
         assert!(matches!(t.begin_switchover(t0, 2, None), Err(Refusal::Invalid(_))), "one at a time");
         assert!(t.promote(t0, 2, 2, false).is_err(), "no override during a switchover");
-        t.stepped_down(2, 1, 1);
         t.mark_dead(t0, Kind::Server, 2, 2);
+        // The handing-over master, writing as its target dies, is told to
+        // ask again, not that it was replaced: it keeps its term.
+        let refused = t.set_in_sync(t0, 2, 1, 1, &[(1, 0)]).unwrap_err();
+        assert!(matches!(refused, Refusal::NotNow(_)), "{refused:?}");
+        t.stepped_down(2, 1, 1);
         let changes = settle(&mut t, t0);
         assert!(changes.is_empty(), "{changes:?}");
         let SwitchoverOutcome::Abandoned(why) = t.switchover_outcome(2, 1, 2, 1) else { panic!("not abandoned") };
