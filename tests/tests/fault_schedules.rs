@@ -4,8 +4,9 @@
 //! behind or ahead, or no time) and a reader checks that no LIST misses
 //! what was acknowledged before it or what an earlier LIST showed, a
 //! schedule kills, restarts, pauses and partitions servers (from the
-//! coordinator, or a master from its slave, sometimes with the master
-//! then killed or cut off from the coordinator too),
+//! coordinator: a master, or a slave, sometimes with its master killed
+//! while it is cut off; or a master from its slave, sometimes with the
+//! master then killed or cut off from the coordinator too),
 //! synchronizers and the coordinator (paused too, past the masters' leases,
 //! sometimes with a master killed meanwhile; restarted on a clock 30 s or a
 //! day off, as masters and slaves are), with double faults restarted in the
@@ -105,6 +106,12 @@ enum Fault {
     PauseMaster,
     PauseSlave,
     PartitionMaster,
+    /// The slave cut off from the coordinator (not from its master) until
+    /// the coordinator gives it up, then writes: the master records it out
+    /// of sync. Half the time the master is then killed and the slave
+    /// healed first: it must not be promoted (it may lack acknowledged
+    /// writes), and the cluster waits for the old master.
+    PartitionSlave,
     KillSynchronizer,
     RestartCoordinator,
     DiskFull,
@@ -161,7 +168,7 @@ enum Fault {
     LostMessages,
 }
 
-const FAULTS: [Fault; 23] = [
+const FAULTS: [Fault; 24] = [
     Fault::KillMaster,
     Fault::RestartMaster,
     Fault::KillSlave,
@@ -169,6 +176,7 @@ const FAULTS: [Fault; 23] = [
     Fault::PauseMaster,
     Fault::PauseSlave,
     Fault::PartitionMaster,
+    Fault::PartitionSlave,
     Fault::KillSynchronizer,
     Fault::RestartCoordinator,
     Fault::DiskFull,
@@ -771,6 +779,44 @@ fn strike(
             progress(load, writer, 1 + rng.below(20) as usize)?;
             cmd(d, &format!("heal server-{c}-{m}"))?;
             "partition master from coordinator"
+        }
+        Fault::PartitionSlave => {
+            let slave = rt
+                .block_on(server_node(d.coord_port, c, s))
+                .ok_or_else(|| anyhow!("server {c}/{s} is not in the routing table"))?;
+            cmd(d, &format!("partition server-{c}-{s}"))?;
+            eventually_within(&format!("the coordinator to give up slave {c}/{s}"), HEAL, || {
+                let nodes = rt.block_on(table(d.coord_port)).ok()?;
+                nodes.iter().any(|n| n.kind == "server" && n.cluster == c && n.id == s && !n.alive).then_some(())
+            })?;
+            // Acknowledged without the slave: recorded out of sync first.
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            eventually_within(&format!("slave {c}/{s} to be recorded out of sync"), HEAL, || {
+                let nodes = rt.block_on(table(d.coord_port)).ok()?;
+                nodes.iter().any(|n| n.kind == "server" && n.cluster == c && n.id == s && !n.in_sync).then_some(())
+            })?;
+            if rng.below(2) == 0 {
+                cmd(d, &format!("heal server-{c}-{s}"))?;
+                "partition slave from coordinator"
+            } else {
+                cmd(d, &format!("kill server-{c}-{m}"))?;
+                cmd(d, &format!("heal server-{c}-{s}"))?;
+                // Back, live, and still a slave once the coordinator has
+                // given up on the old master: it lacks acknowledged writes.
+                let why = eventually_within(&format!("cluster {c} to wait for its old master"), HEAL, || {
+                    let info = rt.block_on(get_server(d.coord_port, c)).ok()?;
+                    info.unavailable_reason
+                        .contains("no live server holding every acknowledged write")
+                        .then_some(info.unavailable_reason)
+                })?;
+                let st = rt.block_on(status(&slave))?;
+                if st.is_master {
+                    bail!("slave {c}/{s}, recorded out of sync, was promoted ({why})");
+                }
+                cmd(d, &format!("start server-{c}-{m}"))?;
+                wait_master_is(rt, d, c, m)?;
+                "partition slave from coordinator, master killed, slave healed first"
+            }
         }
         Fault::KillSynchronizer | Fault::PauseSynchronizer => {
             let (stop, go, name) = if fault == Fault::KillSynchronizer {
