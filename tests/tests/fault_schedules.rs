@@ -68,6 +68,8 @@ const HEAL: Duration = Duration::from_secs(30);
 /// Room for every file a server writes in a run, the full-disk server's
 /// limit.
 const TMPFS: u64 = 64 << 20;
+/// The coordinator's disk: room for its records, not much more.
+const COORDINATOR_TMPFS: u64 = 1 << 20;
 
 /// xorshift64*: small, seedable, good enough to pick faults.
 struct Rng(u64);
@@ -160,6 +162,13 @@ enum Fault {
     /// synchronizer must connect through the silence), or until the
     /// master's synchronizer dropped its link on missed heartbeats.
     SilentBroker,
+    /// The coordinator's disk full (a tmpfs): it cannot write its records,
+    /// so it may change no master and no in-sync set. One time in three
+    /// writes just go on; one in three the master is killed meanwhile, one
+    /// in three the coordinator is restarted on the full disk first (it
+    /// cannot write its run's epoch) and then the master killed: nobody may
+    /// be promoted before the disk has room, then the in-sync slave is.
+    CoordinatorDiskFull,
     /// The broker loses messages it confirmed: the cluster's synchronizers
     /// killed, another cluster posts, the cluster's queue is purged, and
     /// (half the time) that other cluster's master is killed before the
@@ -168,7 +177,7 @@ enum Fault {
     LostMessages,
 }
 
-const FAULTS: [Fault; 24] = [
+const FAULTS: [Fault; 25] = [
     Fault::KillMaster,
     Fault::RestartMaster,
     Fault::KillSlave,
@@ -193,6 +202,7 @@ const FAULTS: [Fault; 24] = [
     Fault::RestartBroker,
     Fault::SilentBroker,
     Fault::LostMessages,
+    Fault::CoordinatorDiskFull,
 ];
 
 /// The faults that may strike before the last one healed (a slave still
@@ -266,6 +276,8 @@ enum Undo {
 struct Disks {
     full: Option<(u32, u32)>,
     hung: Option<(u32, u32)>,
+    /// The coordinator's records on a tmpfs the schedule can fill.
+    coordinator: bool,
 }
 
 #[derive(Debug, Default)]
@@ -624,6 +636,15 @@ fn inject(
         // One broker, stopped once at a time, silenced once at a time.
         // (The lost messages are purged on the broker itself.)
         Background::StopBroker if matches!(fault, Fault::RestartBroker | Fault::LostMessages) => vec![],
+        // The lost messages come from another cluster, whose master may be
+        // killed: a server of its own killed or paused would stand in the
+        // way of the promotion the step waits for (seed
+        // 1796064334374409259 paused that slave).
+        Background::KillMaster | Background::PauseMaster | Background::KillSlave | Background::PauseSlave
+            if fault == Fault::LostMessages =>
+        {
+            vec![]
+        }
         Background::SilenceBroker if fault == Fault::SilentBroker => vec![],
         // Synchronizers acknowledge nothing: the fault's own cluster's may
         // be disturbed too, unless the fault disturbs them itself.
@@ -1015,6 +1036,63 @@ fn strike(
             disk::unfill(&dir)?;
             if dm == ds { "full disk on a master" } else { "full disk on a slave" }
         }
+        Fault::CoordinatorDiskFull => {
+            if !disks.coordinator {
+                return Ok("coordinator disk full (left out: no tmpfs)".into());
+            }
+            let dir = d.coordinator_dir();
+            disk::fill(&dir)?;
+            let mode = rng.below(3);
+            let full = (|| {
+                if mode == 2 {
+                    // Restarted on the full disk, it routes all the same.
+                    let term = rt.block_on(master_of(d.coord_port, c)).map(|(_, t)| t);
+                    cmd(d, "restart coordinator")?;
+                    eventually_within("the coordinator restarted on a full disk to route to the master", HEAL, || {
+                        (rt.block_on(master_of(d.coord_port, c)).map(|(id, t)| (id, Some(t))) == Some((m, term)))
+                            .then_some(())
+                    })?;
+                }
+                if mode == 0 {
+                    return progress(load, writer, 1 + rng.below(20) as usize);
+                }
+                // (This cluster's refusals: another's may be refused too.)
+                let refusals = |d: &Deployment| {
+                    let cluster = format!("cluster={c} ");
+                    let log = d.log("coordinator");
+                    log.lines()
+                        .filter(|l| l.contains("cannot write the coordinator's records") && l.contains(&cluster))
+                        .count()
+                };
+                let before = refusals(d);
+                cmd(d, &format!("kill server-{c}-{m}"))?;
+                eventually_within("the coordinator to say it cannot record a promotion", HEAL, || {
+                    (refusals(d) > before).then_some(())
+                })?;
+                let slave = rt
+                    .block_on(server_node(d.coord_port, c, s))
+                    .ok_or_else(|| anyhow!("server {c}/{s} is not in the routing table"))?;
+                let st = rt.block_on(status(&slave))?;
+                if st.is_master || rt.block_on(master_of(d.coord_port, c)).is_some() {
+                    bail!("cluster {c} got a master the coordinator could not record: {st:?}");
+                }
+                Ok(())
+            })();
+            disk::unfill(&dir)?;
+            full?;
+            match mode {
+                0 => "coordinator disk full",
+                _ => {
+                    wait_master_is(rt, d, c, s)?;
+                    cmd(d, &format!("start server-{c}-{m}"))?;
+                    if mode == 1 {
+                        "coordinator disk full, master killed"
+                    } else {
+                        "coordinator restarted on a full disk, master killed"
+                    }
+                }
+            }
+        }
         Fault::DiskHung => {
             let Some((hc, hs)) = disks.hung else { return Ok("hung disk (left out: no loop mount)".into()) };
             let (hm, _) = roles(rt, d, hc).ok_or_else(|| anyhow!("cluster {hc} has no master"))?;
@@ -1160,11 +1238,11 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
             break at;
         }
     };
-    // Both disks, else the full one alone (a loop mount may be refused
-    // where a tmpfs is not), else neither.
+    // Every disk, else the full ones alone (a loop mount may be refused
+    // where a tmpfs is not), else none.
     let tries = [
-        Disks { full: Some(full_at), hung: Some(hung_at) },
-        Disks { full: Some(full_at), hung: None },
+        Disks { full: Some(full_at), hung: Some(hung_at), coordinator: true },
+        Disks { full: Some(full_at), hung: None, coordinator: true },
         Disks::default(),
     ];
     // Every broker link goes through a stand-in, so the broker can be cut
@@ -1182,6 +1260,9 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
         }
         if let Some((c, s)) = disks.hung {
             builder = builder.freezable(c, s);
+        }
+        if disks.coordinator {
+            builder = builder.coordinator_tmpfs(COORDINATOR_TMPFS);
         }
         match builder.start() {
             Ok(d) => {
