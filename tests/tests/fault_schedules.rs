@@ -10,7 +10,9 @@
 //! synchronizers and the coordinator (paused too, past the masters' leases,
 //! sometimes with a master killed meanwhile; restarted on a clock 30 s or a
 //! day off, as masters and slaves are), with double faults restarted in the
-//! worst order, a full disk on one server, a hung disk on another (frozen:
+//! worst order, a full disk on one server and on the coordinator (which
+//! then may promote nobody; sometimes restarted on it, or with a master
+//! killed meanwhile), a hung disk on another server (frozen:
 //! writes neither end nor fail; sometimes killed while hung, or its master
 //! killed or the coordinator restarted while it hangs), a damaged journal,
 //! a journal that lost its last records (zeroed, or cut at a record
@@ -39,7 +41,7 @@
 //! `SNS_FAULT_SCHEDULES` (default 3) and `SNS_FAULT_STEPS` (default 6) set
 //! the length; `SNS_FAULT_SEED` replays a run (every failure names its
 //! seed); `SNS_FAULT_ONLY` (e.g. `SilentBroker,KillMaster`) keeps the
-//! steps' own faults to those named. The full disk needs a tmpfs mount and the hung disk a loop mount
+//! steps' own faults to those named. The full disks need tmpfs mounts and the hung disk a loop mount
 //! (root); where mounting is refused those faults are left out, saying so.
 
 use anyhow::{Context, Result, anyhow, bail};
