@@ -484,6 +484,52 @@ fn a_coordinator_restarted_on_a_clock_a_day_behind_keeps_the_cluster_serving() -
     Ok(())
 }
 
+/// Defect: a coordinator restarted on a full disk cannot write its run's
+/// epoch down; restarted again on a clock a day behind, the disk still
+/// full, its epoch fell below the run before's, whose answers every node
+/// had adopted. They ignored it: no lease was renewed, and the cluster
+/// refused reads and writes until the clock caught up. Now each server
+/// reports the newest epoch it adopted and the coordinator orders its
+/// answers after it: the master keeps serving, and says nothing changed.
+#[test]
+fn a_coordinator_restarted_behind_an_epoch_it_could_not_record_keeps_the_cluster_serving() -> anyhow::Result<()> {
+    let test = "a_coordinator_restarted_behind_an_epoch_it_could_not_record_keeps_the_cluster_serving";
+    let builder = Deployment::builder().coordinator_tmpfs(1 << 20);
+    let Some((mut d, rt)) = cluster_or_skip(test, builder, "a full disk needs a tmpfs mount")? else {
+        return Ok(());
+    };
+    let (m, _, term) = pair(&rt, &d)?;
+    let before = posts(&rt, &d, 10);
+    let master = rt.block_on(server_node(d.coord_port, 1, m)).expect("master");
+    // The lease a previous run granted runs out within a second: after two,
+    // the master serves only on a lease the current run granted.
+    let serves_on_a_new_lease = |what: &str| {
+        let answered = Instant::now();
+        eventually(&format!("the master to serve on a lease {what} granted"), || {
+            let st = rt.block_on(status(&master)).ok()?;
+            (answered.elapsed() > Duration::from_secs(2) && st.lease_valid).then_some(())
+        })
+    };
+    disk::fill(&d.coordinator_dir())?;
+    let full = (|| {
+        d.command("restart coordinator")?;
+        serves_on_a_new_lease("the coordinator restarted on a full disk")?;
+        if !on_skewed_clock(&mut d, test, "restart", "coordinator", "-1d")? {
+            return Ok(None);
+        }
+        serves_on_a_new_lease("the coordinator restarted a day behind, its disk still full")?;
+        anyhow::Ok(Some(posts(&rt, &d, 10)))
+    })();
+    disk::unfill(&d.coordinator_dir())?;
+    let Some(during) = full? else { return Ok(()) };
+    assert_eq!(during.acked.len(), 10, "{during:?}");
+    assert_eq!(rt.block_on(master_of(d.coord_port, 1)), Some((m, term)), "the same master, the same term");
+    let log = d.log("coordinator");
+    assert!(log.contains("cannot write this run's epoch"), "the unwritten epoch is logged");
+    assert!(log.contains("this run orders its answers after it"), "the raised epoch is logged");
+    all_once_and_identical(&d, [before.acked, during.acked].concat())
+}
+
 /// Defect: a master killed while its disk hangs cannot exit: its last
 /// journal write is still in the kernel, and the process lingers, holding
 /// its port and files, until the disk answers. A replacement started

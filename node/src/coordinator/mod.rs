@@ -75,12 +75,12 @@ enum Job {
 /// Cheap cloneable handle on the routing table.
 #[derive(Clone)]
 pub struct Coordinator {
-    table: Arc<Mutex<Table>>,
-    /// This run's epoch: its start time (ms since the Unix epoch), or just
-    /// above the previous run's when the clock is behind it
-    /// ([`next_epoch`]): a restarted coordinator's answers order after the
+    /// The table also holds this run's epoch: its start time (ms since the
+    /// Unix epoch), or just above the previous run's when the clock is
+    /// behind it ([`next_epoch`]), or above any a node reports having
+    /// adopted: a restarted coordinator's answers order after the
     /// previous one's.
-    epoch: u64,
+    table: Arc<Mutex<Table>>,
     /// Bumped on every change of role or membership: wakes lease streams.
     changes: watch::Sender<u64>,
     /// Wakes the elector: something may call for a decision.
@@ -153,10 +153,10 @@ impl Coordinator {
                 .set(i64::try_from(r.term).unwrap_or(i64::MAX));
         }
         table.load(records);
+        table.set_epoch(epoch, !matches!(store, Store::Kube(_)));
         let (jobs, rx) = mpsc::channel(64);
         let coord = Coordinator {
             table: Arc::new(Mutex::new(table)),
-            epoch,
             changes: watch::channel(0).0,
             kick: Arc::new(Notify::new()),
             jobs,
@@ -197,7 +197,7 @@ impl Coordinator {
     async fn ask_step_down(&self, cluster: u32, begun: &table::Begun) -> bool {
         use sns_proto::internal::replica_client::ReplicaClient;
         let Some((host, port)) = self.with(|t| t.address(Kind::Server, cluster, begun.from)) else { return false };
-        let req = StepDownRequest { cluster, term: begun.term, epoch: self.epoch, version: begun.version };
+        let req = StepDownRequest { cluster, term: begun.term, epoch: begun.epoch, version: begun.version };
         let call = async {
             let channel = net::node_channel(&host, &port, &self.attach).ok()?;
             ReplicaClient::new(channel).step_down(req).await.ok()
@@ -209,6 +209,11 @@ impl Coordinator {
 
     fn with<T>(&self, f: impl FnOnce(&mut Table) -> T) -> T {
         f(&mut self.table.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// This run's epoch, as it stands.
+    pub fn epoch(&self) -> u64 {
+        self.with(|t| t.epoch())
     }
 
     fn cluster_of_user(&self, user: i32) -> Option<u32> {
@@ -284,10 +289,11 @@ impl Elector {
             return;
         }
         let records: Records = self.coord.with(|t| t.records().clone());
-        match self.store.save(&records, self.coord.epoch).await {
-            Ok(()) => tracing::debug!(epoch = self.coord.epoch, "epoch recorded"),
+        let epoch = self.coord.epoch();
+        match self.store.save(&records, epoch).await {
+            Ok(()) => tracing::debug!(epoch, "epoch recorded"),
             Err(e) => tracing::warn!(
-                epoch = self.coord.epoch,
+                epoch,
                 error = %e,
                 "cannot write this run's epoch into the coordinator's records; it goes with the first change written"
             ),
@@ -332,9 +338,9 @@ impl Elector {
             Why::Promotion { old: Some(old), .. } => self.coord.with(|t| t.last_renewal(change.cluster, old)),
             _ => None,
         };
-        let mut records: Records = self.coord.with(|t| t.records().clone());
+        let (mut records, epoch): (Records, u64) = self.coord.with(|t| (t.records().clone(), t.epoch()));
         records.insert(change.cluster, change.record.clone());
-        let save = self.store.save(&records, self.coord.epoch);
+        let save = self.store.save(&records, epoch);
         tokio::pin!(save);
         let saved = tokio::select! {
             saved = &mut save => saved,
@@ -525,11 +531,23 @@ impl CoordService for Coordinator {
             remote_events: s.remote_events,
             link_down: s.link_down,
             waits: if kind == Kind::Server { s.unavailable_reason } else { String::new() },
+            adopted_epoch: s.coordinator_epoch.max(0) as u64,
         };
-        let (a, lease, registered) = self.with(|t| {
+        let (a, lease, registered, before) = self.with(|t| {
+            let before = t.epoch();
             let (a, registered) = t.heartbeat(Instant::now(), &beat);
-            (a, t.lease(), registered)
+            (a, t.lease(), registered, before)
         });
+        if a.epoch != before {
+            tracing::warn!(
+                cluster = beat.cluster,
+                id = beat.id,
+                adopted_epoch = beat.adopted_epoch,
+                epoch = a.epoch,
+                previous_epoch = before,
+                "a node adopted the answers of a newer coordinator run than this one (one that could not write its epoch down); this run orders its answers after it"
+            );
+        }
         if registered {
             self.changed();
             self.kick.notify_one();
@@ -542,7 +560,7 @@ impl CoordService for Coordinator {
             slave_hostname: slave_host,
             slave_port,
             slave_server_id: slave_id as i32,
-            coordinator_epoch: self.epoch as i64,
+            coordinator_epoch: a.epoch as i64,
             role_version: a.version as i64,
             lease_millis: if a.is_master && kind == Kind::Server { lease.as_millis() as i64 } else { 0 },
             in_sync_i_ds: a.in_sync.iter().map(|id| *id as i32).collect(),
@@ -732,7 +750,7 @@ impl CoordAdmin for Coordinator {
                             slave_id: a.slave.as_ref().map_or(0, |s| s.0),
                             slave_host: a.slave.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
                             slave_port: a.slave.as_ref().map(|s| s.2.clone()).unwrap_or_default(),
-                            epoch: coord.epoch,
+                            epoch: a.epoch,
                             version: a.version,
                             in_sync: a.in_sync.clone(),
                             seq_floor: a.seq_floor,
@@ -862,11 +880,11 @@ mod tests {
             secret: None,
         };
         let (coord, elector) = Coordinator::new(&cfg, CancellationToken::new()).unwrap();
-        assert_eq!(coord.epoch, ahead + 1, "after the previous run's, not at this clock");
+        assert_eq!(coord.epoch(), ahead + 1, "after the previous run's, not at this clock");
         elector.record_epoch().await;
         let stored = StateFile::in_dir(dir.path()).unwrap().load().unwrap().unwrap();
         assert_eq!(stored.epoch, ahead + 1, "the next run orders after this one even if nothing changes");
         let (again, _) = Coordinator::new(&cfg, CancellationToken::new()).unwrap();
-        assert_eq!(again.epoch, ahead + 2);
+        assert_eq!(again.epoch(), ahead + 2);
     }
 }

@@ -91,6 +91,9 @@ pub struct Beat {
     pub link_down: String,
     /// Servers: why the server, named master, serves nothing yet.
     pub waits: String,
+    /// Servers: the newest coordinator epoch whose answer the node adopted
+    /// (0: none).
+    pub adopted_epoch: u64,
 }
 
 impl Beat {
@@ -141,8 +144,10 @@ pub struct NodeView {
 pub struct Assignment {
     pub is_master: bool,
     pub term: u64,
-    /// The table version this answer reflects: newer answers carry larger
-    /// versions, so a node can ignore one that arrives late.
+    /// This coordinator run's epoch and the table version this answer
+    /// reflects: newer answers carry larger (epoch, version) pairs, so a
+    /// node can ignore one that arrives late.
+    pub epoch: u64,
     pub version: u64,
     /// For a master server: the cluster's live slave (id, host, port).
     pub slave: Option<(u32, String, String)>,
@@ -202,6 +207,7 @@ pub struct Begun {
     pub from: u32,
     pub to: u32,
     pub term: u64,
+    pub epoch: u64,
     pub version: u64,
 }
 
@@ -275,6 +281,15 @@ pub struct Table {
     /// change (a failover of the target) followed before it looked.
     handed_over: BTreeMap<u32, (Handover, u64)>,
     next_order: u64,
+    /// This coordinator run's epoch: it orders this run's answers after
+    /// every earlier run's. Raised above any epoch a node reports having
+    /// adopted (see [`Table::heartbeat`]) when `raise_epoch` is set.
+    epoch: u64,
+    /// Whether nodes' adopted epochs raise this run's: so for a lone
+    /// coordinator, whose previous runs are gone. Not for replicated
+    /// coordinators: there a newer epoch is a newer leader's, still alive
+    /// perhaps, and a deposed one must stay ordered before it.
+    raise_epoch: bool,
     /// Bumped on every registration, role change and death.
     version: u64,
 }
@@ -299,8 +314,21 @@ impl Table {
             abandoned: BTreeMap::new(),
             handed_over: BTreeMap::new(),
             next_order: 0,
+            epoch: 0,
+            raise_epoch: true,
             version: 0,
         }
+    }
+
+    /// Sets this run's epoch (at start-up), and whether nodes' adopted
+    /// epochs raise it.
+    pub fn set_epoch(&mut self, epoch: u64, raise: bool) {
+        self.epoch = epoch;
+        self.raise_epoch = raise;
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Loads the records read from disk (at start-up).
@@ -389,8 +417,19 @@ impl Table {
     }
 
     /// Records a heartbeat and returns the node's role, and whether the
-    /// node (re)registered. A master's heartbeat renews its lease.
+    /// node (re)registered (or the epoch was raised). A master's heartbeat
+    /// renews its lease.
+    ///
+    /// A node that adopted an answer of a newer epoch than this run's (an
+    /// earlier run that could not write its epoch down, on a disk that was
+    /// full, and this run started on a clock behind it) would ignore every
+    /// answer of this run: no lease renewed, no role taken. The epoch is
+    /// raised above the one it reports, so this very answer is taken.
     pub fn heartbeat(&mut self, now: Instant, beat: &Beat) -> (Assignment, bool) {
+        let raised = self.raise_epoch && beat.adopted_epoch > self.epoch;
+        if raised {
+            self.epoch = beat.adopted_epoch + 1;
+        }
         let kind = beat.kind();
         let key = (kind, beat.cluster, beat.id);
         let previous = self.nodes.get(&key).cloned();
@@ -436,7 +475,7 @@ impl Table {
         if kind == Kind::Server && a.is_master {
             self.leases.insert(beat.cluster, (beat.id, now + self.lease));
         }
-        (a, !was_alive || changed)
+        (a, !was_alive || changed || raised)
     }
 
     /// Declares a node dead now (its lease stream dropped and a probe
@@ -863,7 +902,7 @@ impl Table {
         self.handed_over.remove(&cluster);
         self.handovers.insert(cluster, Handover { from, to, term: record.term, stepped_down: false });
         self.version += 1;
-        Ok(Begun { from, to, term: record.term, version: self.version })
+        Ok(Begun { from, to, term: record.term, epoch: self.epoch, version: self.version })
     }
 
     /// The master `from` of `term` answered that it stopped acting as
@@ -928,6 +967,7 @@ impl Table {
         Assignment {
             is_master,
             term: record.term,
+            epoch: self.epoch,
             version: self.version,
             slave: if master_server { self.slave(now, cluster).map(|v| (v.id, v.host, v.port)) } else { None },
             in_sync: if master_server { record.in_sync.keys().copied().collect() } else { vec![] },
@@ -1436,6 +1476,28 @@ mod tests {
         let new = record.master.expect("a master");
         let (a, _) = t.heartbeat(t0, &Beat { term: 2, ..server(2, new) });
         assert!(a.is_master && a.term == 3, "{a:?}");
+    }
+
+    /// A node that adopted a newer epoch than this run's has this run's
+    /// epoch raised above it, in the answer to that very heartbeat, and
+    /// in every answer after it; an older or equal one changes nothing.
+    #[test]
+    fn a_node_that_adopted_a_newer_epoch_raises_this_runs_above_it() {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        t.set_epoch(100, true);
+        let (a, _) = t.heartbeat(t0, &Beat { adopted_epoch: 100, ..server(2, 2) });
+        assert_eq!(a.epoch, 100, "its own epoch: nothing to raise");
+        let (a, raised) = t.heartbeat(t0, &Beat { adopted_epoch: 250, ..server(2, 1) });
+        assert!(raised && a.epoch == 251 && a.is_master, "{a:?}");
+        let (a, raised) = t.heartbeat(t0, &Beat { adopted_epoch: 100, ..server(2, 2) });
+        assert!(!raised && a.epoch == 251 && t.epoch() == 251, "{a:?}");
+        assert_eq!(t.assignment_of(t0, Kind::Server, 2, 2).map(|a| a.epoch), Some(251));
+        // A replicated coordinator's epoch is never raised this way: a
+        // newer one is a newer leader's.
+        t.set_epoch(100, false);
+        let (a, raised) = t.heartbeat(t0, &Beat { adopted_epoch: 250, ..server(2, 1) });
+        assert!(!raised && a.epoch == 100, "{a:?}");
     }
 
     #[test]

@@ -58,6 +58,8 @@ impl Node {
             // for the routing table and GetServer.
             unavailable_reason: if self.unverified() { self.unverified_reason() } else { String::new() },
             link_down: String::new(),
+            // (A coordinator run behind it raises its epoch above it.)
+            coordinator_epoch: current.version.0 as i64,
         };
         let sent = Instant::now();
         let reply = CoordServiceClient::new(self.0.coord.clone()).heartbeat(info).await?.into_inner();
