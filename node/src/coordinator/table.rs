@@ -428,7 +428,8 @@ impl Table {
     pub fn heartbeat(&mut self, now: Instant, beat: &Beat) -> (Assignment, bool) {
         let raised = self.raise_epoch && beat.adopted_epoch > self.epoch;
         if raised {
-            self.epoch = beat.adopted_epoch + 1;
+            // (Answers carry epochs as int64: stay within it.)
+            self.epoch = beat.adopted_epoch.saturating_add(1).min(i64::MAX as u64);
         }
         let kind = beat.kind();
         let key = (kind, beat.cluster, beat.id);
@@ -1492,6 +1493,9 @@ mod tests {
         assert!(raised && a.epoch == 251 && a.is_master, "{a:?}");
         let (a, raised) = t.heartbeat(t0, &Beat { adopted_epoch: 100, ..server(2, 2) });
         assert!(!raised && a.epoch == 251 && t.epoch() == 251, "{a:?}");
+        let (a, _) = t.heartbeat(t0, &Beat { adopted_epoch: i64::MAX as u64, ..server(2, 1) });
+        assert_eq!(a.epoch, i64::MAX as u64, "never past what an answer can carry");
+        t.set_epoch(251, true);
         assert_eq!(t.assignment_of(t0, Kind::Server, 2, 2).map(|a| a.epoch), Some(251));
         // A replicated coordinator's epoch is never raised this way: a
         // newer one is a newer leader's.
