@@ -12,7 +12,8 @@
 //! day off, as masters and slaves are), with double faults restarted in the
 //! worst order, a full disk on one server and on the coordinator (which
 //! then may promote nobody; sometimes restarted on it, or with a master
-//! killed meanwhile), a hung disk on another server (frozen:
+//! killed meanwhile), a hung disk on the coordinator (its master or slave
+//! killed meanwhile) and on another server (frozen:
 //! writes neither end nor fail; sometimes killed while hung, or its master
 //! killed or the coordinator restarted while it hangs), a damaged journal,
 //! a journal that lost its last records (zeroed, or cut at a record
@@ -171,6 +172,12 @@ enum Fault {
     /// cannot write its run's epoch) and then the master killed: nobody may
     /// be promoted before the disk has room, then the in-sync slave is.
     CoordinatorDiskFull,
+    /// The coordinator's disk hangs (frozen: its records writes neither end
+    /// nor fail), then answers again. Meanwhile the master is killed (no
+    /// promotion may happen before the write of it ends: the slave keeps
+    /// its role, `GetServer` says why), or the slave is (the cluster's
+    /// writes wait for the record that it lacks them).
+    CoordinatorDiskHung,
     /// The broker loses messages it confirmed: the cluster's synchronizers
     /// killed, another cluster posts, the cluster's queue is purged, and
     /// (half the time) that other cluster's master is killed before the
@@ -179,7 +186,7 @@ enum Fault {
     LostMessages,
 }
 
-const FAULTS: [Fault; 25] = [
+const FAULTS: [Fault; 26] = [
     Fault::KillMaster,
     Fault::RestartMaster,
     Fault::KillSlave,
@@ -205,6 +212,7 @@ const FAULTS: [Fault; 25] = [
     Fault::SilentBroker,
     Fault::LostMessages,
     Fault::CoordinatorDiskFull,
+    Fault::CoordinatorDiskHung,
 ];
 
 /// The faults that may strike before the last one healed (a slave still
@@ -278,8 +286,19 @@ enum Undo {
 struct Disks {
     full: Option<(u32, u32)>,
     hung: Option<(u32, u32)>,
-    /// The coordinator's records on a tmpfs the schedule can fill.
-    coordinator: bool,
+    coordinator: CoordinatorDisk,
+}
+
+/// Where the coordinator keeps its records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum CoordinatorDisk {
+    /// The deployment's directory: no disk fault there.
+    #[default]
+    Plain,
+    /// A small tmpfs the schedule can fill.
+    Tmpfs,
+    /// A loop-mounted ext4 the schedule can fill or hang.
+    Freezable,
 }
 
 #[derive(Debug, Default)]
@@ -1039,7 +1058,7 @@ fn strike(
             if dm == ds { "full disk on a master" } else { "full disk on a slave" }
         }
         Fault::CoordinatorDiskFull => {
-            if !disks.coordinator {
+            if disks.coordinator == CoordinatorDisk::Plain {
                 return Ok("coordinator disk full (left out: no tmpfs)".into());
             }
             let dir = d.coordinator_dir();
@@ -1093,6 +1112,64 @@ fn strike(
                         "coordinator restarted on a full disk, master killed"
                     }
                 }
+            }
+        }
+        Fault::CoordinatorDiskHung => {
+            if disks.coordinator != CoordinatorDisk::Freezable {
+                return Ok("coordinator disk hung (left out: no loop mount)".into());
+            }
+            let stalls = |d: &Deployment| d.log("coordinator").matches("has not finished").count();
+            let stalled = stalls(d);
+            let master_dies = rng.below(2) == 0;
+            d.freeze_coordinator()?;
+            let hung = (|| {
+                let victim = if master_dies { m } else { s };
+                cmd(d, &format!("kill server-{c}-{victim}"))?;
+                eventually_within("the coordinator to say its records write hangs", HEAL, || {
+                    (stalls(d) > stalled).then_some(())
+                })?;
+                if master_dies {
+                    // The write that hangs may be another cluster's change,
+                    // with this cluster's promotion queued behind it: give
+                    // a wrong promotion two seconds (four leases) from the
+                    // master's death to show.
+                    eventually_within(&format!("the coordinator to see master {c}/{m} dead"), HEAL, || {
+                        let nodes = rt.block_on(table(d.coord_port)).ok()?;
+                        nodes
+                            .iter()
+                            .any(|n| n.kind == "server" && n.cluster == c && n.id == m && !n.alive)
+                            .then_some(())
+                    })?;
+                    let dead = Instant::now();
+                    let slave = rt
+                        .block_on(server_node(d.coord_port, c, s))
+                        .ok_or_else(|| anyhow!("server {c}/{s} is not in the routing table"))?;
+                    eventually_within("two seconds without a promotion", HEAL, || {
+                        let st = rt.block_on(status(&slave)).ok()?;
+                        if st.is_master || rt.block_on(master_of(d.coord_port, c)).is_some() {
+                            return Some(Err(anyhow!(
+                                "cluster {c} got a master the coordinator could not record: {st:?}"
+                            )));
+                        }
+                        (dead.elapsed() > Duration::from_secs(2)).then_some(Ok(()))
+                    })??;
+                    // Clients hear why, whichever cluster's write hangs.
+                    let why = rt.block_on(get_server(d.coord_port, c))?.unavailable_reason;
+                    if !why.contains("has not finished") {
+                        bail!("cluster {c} without a master while the coordinator's disk hangs says: {why:?}");
+                    }
+                }
+                anyhow::Ok(())
+            })();
+            d.thaw_coordinator()?;
+            hung?;
+            if master_dies {
+                wait_master_is(rt, d, c, s)?;
+                cmd(d, &format!("start server-{c}-{m}"))?;
+                "coordinator disk hung, master killed"
+            } else {
+                cmd(d, &format!("start server-{c}-{s}"))?;
+                "coordinator disk hung, slave killed"
             }
         }
         Fault::DiskHung => {
@@ -1243,8 +1320,8 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     // Every disk, else the full ones alone (a loop mount may be refused
     // where a tmpfs is not), else none.
     let tries = [
-        Disks { full: Some(full_at), hung: Some(hung_at), coordinator: true },
-        Disks { full: Some(full_at), hung: None, coordinator: true },
+        Disks { full: Some(full_at), hung: Some(hung_at), coordinator: CoordinatorDisk::Freezable },
+        Disks { full: Some(full_at), hung: None, coordinator: CoordinatorDisk::Tmpfs },
         Disks::default(),
     ];
     // Every broker link goes through a stand-in, so the broker can be cut
@@ -1263,9 +1340,11 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
         if let Some((c, s)) = disks.hung {
             builder = builder.freezable(c, s);
         }
-        if disks.coordinator {
-            builder = builder.coordinator_tmpfs(COORDINATOR_TMPFS);
-        }
+        builder = match disks.coordinator {
+            CoordinatorDisk::Plain => builder,
+            CoordinatorDisk::Tmpfs => builder.coordinator_tmpfs(COORDINATOR_TMPFS),
+            CoordinatorDisk::Freezable => builder.freezable_coordinator(),
+        };
         match builder.start() {
             Ok(d) => {
                 started = Some((d, disks));

@@ -353,8 +353,13 @@ impl Elector {
                     change.cluster
                 );
                 tracing::warn!(cluster = change.cluster, "{why}");
-                self.coord.with(|t| t.set_unavailable(change.cluster, why));
-                save.await
+                self.coord.with(|t| {
+                    t.set_unavailable(change.cluster, why.clone());
+                    t.set_stalled(Some(why));
+                });
+                let saved = save.await;
+                self.coord.with(|t| t.set_stalled(None));
+                saved
             }
         };
         if let Err(e) = saved {

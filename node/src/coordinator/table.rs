@@ -272,6 +272,9 @@ pub struct Table {
     changing: BTreeSet<u32>,
     /// Why each cluster without a master has none (for logs and clients).
     unavailable: BTreeMap<u32, String>,
+    /// A records write that has not finished (a hung disk): no cluster's
+    /// role changes until it does, whichever cluster it is for.
+    stalled: Option<String>,
     /// Planned switchovers under way, by cluster.
     handovers: BTreeMap<u32, Handover>,
     /// Why the last switchover of a cluster was abandoned.
@@ -310,6 +313,7 @@ impl Table {
             leases: BTreeMap::new(),
             changing: BTreeSet::new(),
             unavailable: BTreeMap::new(),
+            stalled: None,
             handovers: BTreeMap::new(),
             abandoned: BTreeMap::new(),
             handed_over: BTreeMap::new(),
@@ -994,9 +998,15 @@ impl Table {
         self.unavailable.insert(cluster, why);
     }
 
-    /// Why `cluster` has no master, if the rules keep it without one.
+    /// Why `cluster` has no master, if the rules keep it without one, or
+    /// if a records write that has not finished holds every change back.
     pub fn unavailable(&self, cluster: u32) -> Option<&str> {
-        self.unavailable.get(&cluster).map(String::as_str)
+        self.unavailable.get(&cluster).or(self.stalled.as_ref()).map(String::as_str)
+    }
+
+    /// Sets (or clears) the records write that has not finished.
+    pub fn set_stalled(&mut self, why: Option<String>) {
+        self.stalled = why;
     }
 
     /// The live slave of `cluster`: the earliest-registered live server that
@@ -1502,6 +1512,22 @@ mod tests {
         t.set_epoch(100, false);
         let (a, raised) = t.heartbeat(t0, &Beat { adopted_epoch: 250, ..server(2, 1) });
         assert!(!raised && a.epoch == 100, "{a:?}");
+    }
+
+    /// While a records write hangs, every cluster without a master is told
+    /// why nothing changes (the write may be another cluster's); a
+    /// cluster's own reason comes first.
+    #[test]
+    fn a_records_write_that_hangs_is_every_masterless_clusters_reason() {
+        let t0 = Instant::now();
+        let mut t = pair(t0);
+        assert_eq!(t.unavailable(1), None);
+        t.set_stalled(Some("cluster 2: the records write has not finished".into()));
+        assert_eq!(t.unavailable(1), Some("cluster 2: the records write has not finished"));
+        t.set_unavailable(3, "cluster 3: no live in-sync server".into());
+        assert_eq!(t.unavailable(3), Some("cluster 3: no live in-sync server"));
+        t.set_stalled(None);
+        assert_eq!(t.unavailable(1), None);
     }
 
     #[test]
