@@ -42,6 +42,36 @@ impl Broker {
         Ok(Broker { conn, channel, deployment: deployment.to_string() })
     }
 
+    /// Waits until cluster `cluster`'s queue exists and has a consumer
+    /// (its master's synchronizer): a message published to a queue not yet
+    /// declared and bound is dropped as unroutable. Fails after
+    /// [`DEADLINE`].
+    pub async fn wait_consumed(&self, cluster: u32) -> Result<()> {
+        let queue = format!("{}.cluster.{cluster}", self.deployment);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            // A passive declaration of a queue that does not exist closes
+            // the channel: one channel per look.
+            let channel = self.conn.create_channel().await?;
+            let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+            let consumed = match channel
+                .queue_declare(queue.as_str().into(), options, lapin::types::FieldTable::default())
+                .await
+            {
+                Ok(q) => {
+                    let _ = channel.close(200, "done".into()).await;
+                    q.consumer_count() > 0
+                }
+                Err(_) => false,
+            };
+            if consumed {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "queue {queue} has no consumer after {DEADLINE:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Publishes `body` to the deployment's event exchange under `key`
     /// (e.g. `to.2`) and waits for the broker's confirm.
     pub async fn publish(&self, key: &str, body: &[u8], props: BasicProperties) -> Result<()> {

@@ -150,6 +150,9 @@ fn malformed_broker_messages_are_dead_lettered() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let broker = Broker::connect(&d.name).await?;
+        // (Published before cluster 2's queue is bound, they would be
+        // dropped as unroutable.)
+        broker.wait_consumed(2).await?;
         // Sealed with the deployment's key, so that it is the decoding
         // that refuses them (the security suite sends unsealed ones).
         for body in [&b"\xff\xfe garbage"[..], &b""[..]] {
@@ -185,6 +188,9 @@ fn a_forged_event_is_dead_lettered_and_later_events_still_apply() -> anyhow::Res
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let broker = Broker::connect(&d.name).await?;
+        // (Published before cluster 2's queue is bound, they would be
+        // dropped as unroutable.)
+        broker.wait_consumed(2).await?;
         let forged = SyncEvent {
             origin_cluster: 1,
             seq: i64::MAX as u64,

@@ -165,12 +165,15 @@ enum Fault {
     /// synchronizer must connect through the silence), or until the
     /// master's synchronizer dropped its link on missed heartbeats.
     SilentBroker,
-    /// The coordinator's disk full (a tmpfs): it cannot write its records,
-    /// so it may change no master and no in-sync set. One time in three
-    /// writes just go on; one in three the master is killed meanwhile, one
-    /// in three the coordinator is restarted on the full disk first (it
-    /// cannot write its run's epoch) and then the master killed: nobody may
-    /// be promoted before the disk has room, then the in-sync slave is.
+    /// The coordinator's disk full (a tmpfs, or the loop mount below): it
+    /// cannot write its records, so it may change no master and no in-sync
+    /// set. One time in four each: writes just go on; or the master is
+    /// killed meanwhile; or the
+    /// coordinator is restarted on the full disk first (it cannot write its
+    /// run's epoch) and then the master killed: nobody may be promoted
+    /// before the disk has room, then the in-sync slave is; or it is
+    /// restarted on the full disk and again on a clock a day behind (its
+    /// epoch below the one the nodes obey): the masters go on serving.
     CoordinatorDiskFull,
     /// The coordinator's disk hangs (frozen: its records writes neither end
     /// nor fail), then answers again. Meanwhile the master is killed (no
@@ -1063,9 +1066,9 @@ fn strike(
             }
             let dir = d.coordinator_dir();
             disk::fill(&dir)?;
-            let mode = rng.below(3);
+            let mode = rng.below(4);
             let full = (|| {
-                if mode == 2 {
+                if mode >= 2 {
                     // Restarted on the full disk, it routes all the same.
                     let term = rt.block_on(master_of(d.coord_port, c)).map(|(_, t)| t);
                     cmd(d, "restart coordinator")?;
@@ -1074,7 +1077,28 @@ fn strike(
                             .then_some(())
                     })?;
                 }
-                if mode == 0 {
+                if mode == 3 {
+                    // Again, a day behind: its epoch falls below the run
+                    // the nodes obey (whose epoch it could not write
+                    // down); they must obey it all the same.
+                    let reply = d.command_reply("restart coordinator --clock -1d")?;
+                    if reply.contains("needs libfaketime") {
+                        return progress(load, writer, 1 + rng.below(20) as usize);
+                    }
+                    anyhow::ensure!(reply.contains("on a clock"), "restart coordinator --clock -1d: {reply}");
+                    // The lease of the run before lapses within a second.
+                    let restarted = Instant::now();
+                    eventually_within(
+                        "the master to serve on a lease the coordinator a day behind granted",
+                        HEAL,
+                        || {
+                            let master = rt.block_on(server_node(d.coord_port, c, m))?;
+                            let st = rt.block_on(status(&master)).ok()?;
+                            (restarted.elapsed() > Duration::from_secs(2) && st.lease_valid).then_some(())
+                        },
+                    )?;
+                }
+                if mode == 0 || mode == 3 {
                     return progress(load, writer, 1 + rng.below(20) as usize);
                 }
                 // (This cluster's refusals: another's may be refused too.)
@@ -1103,6 +1127,7 @@ fn strike(
             full?;
             match mode {
                 0 => "coordinator disk full",
+                3 => "coordinator restarted on a full disk, then a day behind",
                 _ => {
                     wait_master_is(rt, d, c, s)?;
                     cmd(d, &format!("start server-{c}-{m}"))?;

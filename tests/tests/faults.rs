@@ -530,6 +530,57 @@ fn a_coordinator_restarted_behind_an_epoch_it_could_not_record_keeps_the_cluster
     all_once_and_identical(&d, [before.acked, during.acked].concat())
 }
 
+/// Defect: a coordinator restarted on a full disk heard the master before
+/// the slave (paused meanwhile), so the master's role named no slave. Its
+/// next write needed the slave recorded out of sync, which a coordinator
+/// that cannot write never does; the master kept asking with the role it
+/// began with, even once the slave was back in the routing table, and
+/// acknowledged nothing until the disk had room. Now it goes on with the
+/// current role of its term: the slave back, it forwards to it and
+/// acknowledges.
+#[test]
+fn a_master_whose_slave_returns_while_the_coordinator_cannot_write_acknowledges_again() -> anyhow::Result<()> {
+    let test = "a_master_whose_slave_returns_while_the_coordinator_cannot_write_acknowledges_again";
+    let builder = Deployment::builder().coordinator_tmpfs(1 << 20);
+    let Some((mut d, rt)) = cluster_or_skip(test, builder, "a full disk needs a tmpfs mount")? else {
+        return Ok(());
+    };
+    let (m, s, term) = pair(&rt, &d)?;
+    let before = posts(&rt, &d, 10);
+    disk::fill(&d.coordinator_dir())?;
+    let stuck = (|| {
+        d.command(&format!("pause server-1-{s}"))?;
+        d.command("restart coordinator")?;
+        // The restarted coordinator knows the master only: its role names
+        // no slave (the routing table shows none).
+        eventually("the master to be routed to, with no slave", || {
+            let master = rt.block_on(master_of(d.coord_port, 1))?;
+            let slave = rt.block_on(server_node(d.coord_port, 1, s)).filter(|n| n.alive);
+            (master == (m, term) && slave.is_none()).then_some(())
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let write = rt.spawn(load::writer(d.coord_port, 1, stop, 1, Instant::now() + Duration::from_secs(60)));
+        // With the in-sync slave paused and the coordinator unable to
+        // record it out of sync, nothing may be acknowledged: watch for
+        // two seconds.
+        let watched = Instant::now();
+        eventually("two seconds without an acknowledgement", || {
+            if write.is_finished() {
+                return Some(Err(anyhow::anyhow!("a post was acknowledged without the in-sync slave")));
+            }
+            (watched.elapsed() > Duration::from_secs(2)).then_some(Ok(()))
+        })??;
+        d.command(&format!("resume server-1-{s}"))?;
+        anyhow::Ok(rt.block_on(write)?)
+    })();
+    disk::unfill(&d.coordinator_dir())?;
+    let during = stuck?;
+    assert_eq!(during.acked.len(), 1, "acknowledged once the slave was back, the disk still full: {during:?}");
+    assert_eq!(rt.block_on(master_of(d.coord_port, 1)), Some((m, term)), "the same master, the same term");
+    wait_in_sync(&rt, &d, s)?;
+    all_once_and_identical(&d, [before.acked, during.acked].concat())
+}
+
 /// Defect: a master killed while its disk hangs cannot exit: its last
 /// journal write is still in the kernel, and the process lingers, holding
 /// its port and files, until the disk answers. A replacement started

@@ -201,6 +201,9 @@ fn events_without_the_deployments_mac_are_dead_lettered_and_real_ones_still_appl
     ];
     rt.block_on(async {
         let broker = Broker::connect(&d.name).await?;
+        // (Published before cluster 2's queue is bound, they would be
+        // dropped as unroutable.)
+        broker.wait_consumed(2).await?;
         for (_, props) in &attempts {
             broker.publish("to.2", &body, props.clone()).await?;
         }

@@ -380,6 +380,15 @@ impl Node {
                         )));
                     }
                     tokio::time::sleep(COORD_RETRY).await;
+                    // Go on with the coordinator's current view of this
+                    // term: the slave may be back in it (a restarted
+                    // coordinator that heard this master first), and
+                    // forwarding to it beats waiting for a record that a
+                    // coordinator unable to write may never make.
+                    let current = self.role();
+                    if current.is_master && current.term == role.term {
+                        role = current;
+                    }
                 }
             }
         }
