@@ -82,6 +82,18 @@ fn pair(rt: &Runtime, d: &Deployment) -> anyhow::Result<(u32, u32, u64)> {
     Ok((m, s, term))
 }
 
+/// A cluster of two whose coordinator keeps its records on a 1 MiB tmpfs
+/// (to fill), its pair settled and ten posts made: the deployment, the
+/// (master, slave, term) and those posts; None (the test skipped, saying
+/// why) where mounting is refused.
+fn on_coordinator_tmpfs(test: &str) -> anyhow::Result<Option<(Deployment, Runtime, (u32, u32, u64), WriterReport)>> {
+    let builder = Deployment::builder().coordinator_tmpfs(1 << 20);
+    let Some((d, rt)) = cluster_or_skip(test, builder, "a full disk needs a tmpfs mount")? else { return Ok(None) };
+    let roles = pair(&rt, &d)?;
+    let before = posts(&rt, &d, 10);
+    Ok(Some((d, rt, roles, before)))
+}
+
 /// Waits until server `id` of cluster 1 is a synced slave recorded in sync.
 fn wait_in_sync(rt: &Runtime, d: &Deployment, id: u32) -> anyhow::Result<()> {
     wait_synced_slave(rt, d, 1, id)?;
@@ -494,12 +506,7 @@ fn a_coordinator_restarted_on_a_clock_a_day_behind_keeps_the_cluster_serving() -
 #[test]
 fn a_coordinator_restarted_behind_an_epoch_it_could_not_record_keeps_the_cluster_serving() -> anyhow::Result<()> {
     let test = "a_coordinator_restarted_behind_an_epoch_it_could_not_record_keeps_the_cluster_serving";
-    let builder = Deployment::builder().coordinator_tmpfs(1 << 20);
-    let Some((mut d, rt)) = cluster_or_skip(test, builder, "a full disk needs a tmpfs mount")? else {
-        return Ok(());
-    };
-    let (m, _, term) = pair(&rt, &d)?;
-    let before = posts(&rt, &d, 10);
+    let Some((mut d, rt, (m, _, term), before)) = on_coordinator_tmpfs(test)? else { return Ok(()) };
     let master = rt.block_on(server_node(d.coord_port, 1, m)).expect("master");
     // The lease a previous run granted runs out within a second: after two,
     // the master serves only on a lease the current run granted.
@@ -541,12 +548,7 @@ fn a_coordinator_restarted_behind_an_epoch_it_could_not_record_keeps_the_cluster
 #[test]
 fn a_master_whose_slave_returns_while_the_coordinator_cannot_write_acknowledges_again() -> anyhow::Result<()> {
     let test = "a_master_whose_slave_returns_while_the_coordinator_cannot_write_acknowledges_again";
-    let builder = Deployment::builder().coordinator_tmpfs(1 << 20);
-    let Some((mut d, rt)) = cluster_or_skip(test, builder, "a full disk needs a tmpfs mount")? else {
-        return Ok(());
-    };
-    let (m, s, term) = pair(&rt, &d)?;
-    let before = posts(&rt, &d, 10);
+    let Some((mut d, rt, (m, s, term), before)) = on_coordinator_tmpfs(test)? else { return Ok(()) };
     disk::fill(&d.coordinator_dir())?;
     let stuck = (|| {
         d.command(&format!("pause server-1-{s}"))?;
@@ -772,12 +774,7 @@ fn a_full_disk_on_the_slave_is_dropped_at_once_and_rebuilt() -> anyhow::Result<(
 #[test]
 fn a_coordinator_that_cannot_write_its_records_promotes_nobody_until_it_can() -> anyhow::Result<()> {
     let test = "a_coordinator_that_cannot_write_its_records_promotes_nobody_until_it_can";
-    let builder = Deployment::builder().coordinator_tmpfs(1 << 20);
-    let Some((mut d, rt)) = cluster_or_skip(test, builder, "a full disk needs a tmpfs mount")? else {
-        return Ok(());
-    };
-    let (m, s, term) = pair(&rt, &d)?;
-    let before = posts(&rt, &d, 10);
+    let Some((mut d, rt, (m, s, term), before)) = on_coordinator_tmpfs(test)? else { return Ok(()) };
     disk::fill(&d.coordinator_dir())?;
     // Restarted on the full disk, it starts and routes all the same (the
     // epoch of its run goes with the first change it can write).
