@@ -82,11 +82,15 @@ fn pair(rt: &Runtime, d: &Deployment) -> anyhow::Result<(u32, u32, u64)> {
     Ok((m, s, term))
 }
 
+/// A settled cluster of two: the deployment, (master, slave, term), and
+/// the posts made before the fault.
+type Settled = (Deployment, Runtime, (u32, u32, u64), WriterReport);
+
 /// A cluster of two whose coordinator keeps its records on a 1 MiB tmpfs
 /// (to fill), its pair settled and ten posts made: the deployment, the
 /// (master, slave, term) and those posts; None (the test skipped, saying
 /// why) where mounting is refused.
-fn on_coordinator_tmpfs(test: &str) -> anyhow::Result<Option<(Deployment, Runtime, (u32, u32, u64), WriterReport)>> {
+fn on_coordinator_tmpfs(test: &str) -> anyhow::Result<Option<Settled>> {
     let builder = Deployment::builder().coordinator_tmpfs(1 << 20);
     let Some((d, rt)) = cluster_or_skip(test, builder, "a full disk needs a tmpfs mount")? else { return Ok(None) };
     let roles = pair(&rt, &d)?;
