@@ -7,6 +7,7 @@ use anyhow::Result;
 use lapin::message::BasicGetMessage;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use sns_node::sync::topology::Names;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,7 +32,8 @@ pub async fn connect(url: &str) -> Result<Connection> {
 pub struct Broker {
     conn: Connection,
     pub channel: Channel,
-    deployment: String,
+    /// The deployment's broker objects, named as the nodes name them.
+    names: Names,
 }
 
 impl Broker {
@@ -39,7 +41,7 @@ impl Broker {
     pub async fn connect(deployment: &str) -> Result<Broker> {
         let conn = connect(&amqp_url()).await?;
         let channel = conn.create_channel().await?;
-        Ok(Broker { conn, channel, deployment: deployment.to_string() })
+        Ok(Broker { conn, channel, names: Names::new(deployment) })
     }
 
     /// Waits until cluster `cluster`'s queue exists and has a consumer
@@ -47,7 +49,7 @@ impl Broker {
     /// declared and bound is dropped as unroutable. Fails after
     /// [`DEADLINE`].
     pub async fn wait_consumed(&self, cluster: u32) -> Result<()> {
-        let queue = format!("{}.cluster.{cluster}", self.deployment);
+        let queue = self.names.queue(cluster);
         let deadline = Instant::now() + DEADLINE;
         loop {
             // A passive declaration of a queue that does not exist closes
@@ -75,9 +77,8 @@ impl Broker {
     /// Publishes `body` to the deployment's event exchange under `key`
     /// (e.g. `to.2`) and waits for the broker's confirm.
     pub async fn publish(&self, key: &str, body: &[u8], props: BasicProperties) -> Result<()> {
-        let exchange = format!("{}.events", self.deployment);
         self.channel
-            .basic_publish(exchange.as_str().into(), key.into(), BasicPublishOptions::default(), body, props)
+            .basic_publish(self.names.exchange.as_str().into(), key.into(), BasicPublishOptions::default(), body, props)
             .await?
             .await?;
         Ok(())
@@ -86,7 +87,7 @@ impl Broker {
     /// Takes `count` messages off the deployment's dead-letter queue,
     /// polling until [`DEADLINE`]; fewer if they do not come.
     pub async fn dead_letters(&self, count: usize) -> Result<Vec<BasicGetMessage>> {
-        let queue = format!("{}.dead", self.deployment);
+        let queue = &self.names.dead;
         let deadline = Instant::now() + DEADLINE;
         let mut dead = Vec::new();
         while dead.len() < count && Instant::now() < deadline {
@@ -102,7 +103,7 @@ impl Broker {
     /// broker that loses what it confirmed would (a disk replaced, a queue
     /// purged by hand): returns how many there were.
     pub async fn purge(&self, cluster: u32) -> Result<u32> {
-        let queue = format!("{}.cluster.{cluster}", self.deployment);
+        let queue = self.names.queue(cluster);
         Ok(self.channel.queue_purge(queue.as_str().into(), lapin::options::QueuePurgeOptions::default()).await?)
     }
 

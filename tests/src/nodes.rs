@@ -5,7 +5,7 @@
 //! follower's feed exactly once).
 
 use crate::load::WriterReport;
-use crate::{Deployment, eventually, spec_files};
+use crate::{Deployment, eventually, eventually_within, spec_files};
 use anyhow::{Result, anyhow};
 use sns_proto::internal::coord_admin_client::CoordAdminClient;
 use sns_proto::internal::replica_client::ReplicaClient;
@@ -69,6 +69,27 @@ pub fn wait_master(rt: &tokio::runtime::Runtime, d: &Deployment, cluster: u32, i
             let node = server_node(d.coord_port, cluster, id).await?;
             let s = status(&node).await.ok()?;
             (m == id && term > after && s.is_master && s.term == term).then_some(term)
+        })
+    })
+}
+
+/// Waits (within `limit`) until server `id` of `cluster` serves on a lease
+/// that the coordinator answering now granted: its lease is current more
+/// than two seconds from now, when one that an earlier coordinator run
+/// granted (a second at most) has run out. `what` names that coordinator.
+pub fn wait_lease_from_current_run(
+    rt: &tokio::runtime::Runtime,
+    d: &Deployment,
+    (cluster, id): (u32, u32),
+    what: &str,
+    limit: Duration,
+) -> Result<()> {
+    let since = std::time::Instant::now();
+    eventually_within(&format!("server {cluster}/{id} to serve on a lease {what} granted"), limit, || {
+        rt.block_on(async {
+            let node = server_node(d.coord_port, cluster, id).await?;
+            let st = status(&node).await.ok()?;
+            (since.elapsed() > Duration::from_secs(2) && st.lease_valid).then_some(())
         })
     })
 }

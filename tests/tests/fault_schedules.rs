@@ -51,6 +51,7 @@ use sns_e2e::disk;
 use sns_e2e::load::{self, Writer, WriterReport};
 use sns_e2e::nodes::{
     assert_exactly_once, assert_one_master_per_term, get_server, master_of, rt, running, server_node, status, table,
+    wait_lease_from_current_run,
 };
 use sns_e2e::{Deployment, check_convergence, eventually_within, spec_files};
 use std::collections::{BTreeMap, BTreeSet};
@@ -831,14 +832,12 @@ fn strike(
                 .ok_or_else(|| anyhow!("server {c}/{s} is not in the routing table"))?;
             cmd(d, &format!("partition server-{c}-{s}"))?;
             eventually_within(&format!("the coordinator to give up slave {c}/{s}"), HEAL, || {
-                let nodes = rt.block_on(table(d.coord_port)).ok()?;
-                nodes.iter().any(|n| n.kind == "server" && n.cluster == c && n.id == s && !n.alive).then_some(())
+                rt.block_on(server_node(d.coord_port, c, s)).filter(|n| !n.alive).map(|_| ())
             })?;
             // Acknowledged without the slave: recorded out of sync first.
             progress(load, writer, 1 + rng.below(20) as usize)?;
             eventually_within(&format!("slave {c}/{s} to be recorded out of sync"), HEAL, || {
-                let nodes = rt.block_on(table(d.coord_port)).ok()?;
-                nodes.iter().any(|n| n.kind == "server" && n.cluster == c && n.id == s && !n.in_sync).then_some(())
+                rt.block_on(server_node(d.coord_port, c, s)).filter(|n| !n.in_sync).map(|_| ())
             })?;
             if rng.below(2) == 0 {
                 cmd(d, &format!("heal server-{c}-{s}"))?;
@@ -1086,17 +1085,8 @@ fn strike(
                         return progress(load, writer, 1 + rng.below(20) as usize);
                     }
                     anyhow::ensure!(reply.contains("on a clock"), "restart coordinator --clock -1d: {reply}");
-                    // The lease of the run before lapses within a second.
-                    let restarted = Instant::now();
-                    eventually_within(
-                        "the master to serve on a lease the coordinator a day behind granted",
-                        HEAL,
-                        || {
-                            let master = rt.block_on(server_node(d.coord_port, c, m))?;
-                            let st = rt.block_on(status(&master)).ok()?;
-                            (restarted.elapsed() > Duration::from_secs(2) && st.lease_valid).then_some(())
-                        },
-                    )?;
+                    let what = "the coordinator restarted a day behind";
+                    wait_lease_from_current_run(rt, d, (c, m), what, HEAL)?;
                 }
                 if mode == 0 || mode == 3 {
                     return progress(load, writer, 1 + rng.below(20) as usize);
@@ -1159,11 +1149,7 @@ fn strike(
                     // a wrong promotion two seconds (four leases) from the
                     // master's death to show.
                     eventually_within(&format!("the coordinator to see master {c}/{m} dead"), HEAL, || {
-                        let nodes = rt.block_on(table(d.coord_port)).ok()?;
-                        nodes
-                            .iter()
-                            .any(|n| n.kind == "server" && n.cluster == c && n.id == m && !n.alive)
-                            .then_some(())
+                        rt.block_on(server_node(d.coord_port, c, m)).filter(|n| !n.alive).map(|_| ())
                     })?;
                     let dead = Instant::now();
                     let slave = rt

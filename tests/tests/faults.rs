@@ -13,7 +13,7 @@ use sns_e2e::disk::{self, damaged_files};
 use sns_e2e::load::{self, WriterReport};
 use sns_e2e::nodes::{
     assert_exactly_once, assert_one_master_per_term, get_server, healths, master_of, promote_cli, request, rt, running,
-    server_node, sns_at, status, wait_master, wait_synced_slave,
+    server_node, sns_at, status, wait_lease_from_current_run, wait_master, wait_synced_slave,
 };
 use sns_e2e::{DEADLINE, Deployment, check_convergence, eventually, eventually_within, feed_of_2_holds, spec_files};
 use sns_proto::csce438::Message;
@@ -473,18 +473,11 @@ fn a_coordinator_restarted_on_a_clock_a_day_behind_keeps_the_cluster_serving() -
     let (mut d, rt) = cluster_of_two(Deployment::builder())?;
     let (m, s, term) = pair(&rt, &d)?;
     let before = posts(&rt, &d, 10);
-    let master = rt.block_on(server_node(d.coord_port, 1, m)).expect("master");
     if !on_skewed_clock(&mut d, test, "restart", "coordinator", "-1d")? {
         return Ok(());
     }
     eventually("the skewed coordinator to answer", || rt.block_on(master_of(d.coord_port, 1)))?;
-    // The lease the previous run granted runs out within a second: the
-    // master serves after that only on a lease the skewed run granted.
-    let answered = Instant::now();
-    eventually("the master to serve on a lease the restarted coordinator granted", || {
-        let st = rt.block_on(status(&master)).ok()?;
-        (answered.elapsed() > Duration::from_secs(2) && st.lease_valid).then_some(())
-    })?;
+    wait_lease_from_current_run(&rt, &d, (1, m), "the restarted coordinator", DEADLINE)?;
     let during = posts(&rt, &d, 10);
     assert_eq!(during.acked.len(), 10, "{during:?}");
     // A failover under the skewed coordinator: the slave adopts its answers.
@@ -511,24 +504,15 @@ fn a_coordinator_restarted_on_a_clock_a_day_behind_keeps_the_cluster_serving() -
 fn a_coordinator_restarted_behind_an_epoch_it_could_not_record_keeps_the_cluster_serving() -> anyhow::Result<()> {
     let test = "a_coordinator_restarted_behind_an_epoch_it_could_not_record_keeps_the_cluster_serving";
     let Some((mut d, rt, (m, _, term), before)) = on_coordinator_tmpfs(test)? else { return Ok(()) };
-    let master = rt.block_on(server_node(d.coord_port, 1, m)).expect("master");
-    // The lease a previous run granted runs out within a second: after two,
-    // the master serves only on a lease the current run granted.
-    let serves_on_a_new_lease = |what: &str| {
-        let answered = Instant::now();
-        eventually(&format!("the master to serve on a lease {what} granted"), || {
-            let st = rt.block_on(status(&master)).ok()?;
-            (answered.elapsed() > Duration::from_secs(2) && st.lease_valid).then_some(())
-        })
-    };
     disk::fill(&d.coordinator_dir())?;
     let full = (|| {
         d.command("restart coordinator")?;
-        serves_on_a_new_lease("the coordinator restarted on a full disk")?;
+        wait_lease_from_current_run(&rt, &d, (1, m), "the coordinator restarted on a full disk", DEADLINE)?;
         if !on_skewed_clock(&mut d, test, "restart", "coordinator", "-1d")? {
             return Ok(None);
         }
-        serves_on_a_new_lease("the coordinator restarted a day behind, its disk still full")?;
+        let what = "the coordinator restarted a day behind, its disk still full";
+        wait_lease_from_current_run(&rt, &d, (1, m), what, DEADLINE)?;
         anyhow::Ok(Some(posts(&rt, &d, 10)))
     })();
     disk::unfill(&d.coordinator_dir())?;
