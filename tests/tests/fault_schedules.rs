@@ -21,7 +21,8 @@
 //! restarted at once, sometimes with the coordinator restarted right after
 //! it, or a slave back first while the whole cluster was down), and planned
 //! switchovers (alone, with the target hanging right after, with the old
-//! master killed right after), and restarts the broker (sometimes with a
+//! master killed right after, with the coordinator restarted in the middle
+//! of one), and restarts the broker (sometimes with a
 //! master or its synchronizer killed while it is down) or cuts it off
 //! without a reset (every broker link goes silent and new connections are
 //! never answered: briefly, with a master killed meanwhile, or until a
@@ -129,6 +130,12 @@ enum Fault {
     SwitchoverTargetHangs,
     /// The old master is killed right after it handed over.
     SwitchoverThenKillOld,
+    /// The coordinator restarted in the middle of a switchover: once the
+    /// master stepped down for a target that hangs (the promotion may or
+    /// may not be recorded yet), or at once after asking, the target
+    /// healthy. The new run must leave one master serving, whichever it
+    /// is, and nothing acknowledged lost.
+    SwitchoverCoordinatorRestarts,
     /// A synchronizer hangs (SIGSTOP) holding its broker connection, its
     /// deliveries and the queue's single-consumer slot, then resumes.
     PauseSynchronizer,
@@ -190,7 +197,7 @@ enum Fault {
     LostMessages,
 }
 
-const FAULTS: [Fault; 26] = [
+const FAULTS: [Fault; 27] = [
     Fault::KillMaster,
     Fault::RestartMaster,
     Fault::KillSlave,
@@ -206,6 +213,7 @@ const FAULTS: [Fault; 26] = [
     Fault::Switchover,
     Fault::SwitchoverTargetHangs,
     Fault::SwitchoverThenKillOld,
+    Fault::SwitchoverCoordinatorRestarts,
     Fault::PauseSynchronizer,
     Fault::DiskHung,
     Fault::LostTail,
@@ -1299,6 +1307,57 @@ fn strike(
             progress(load, writer, 1 + rng.below(20) as usize)?;
             cmd(d, &format!("start server-{c}-{m}"))?;
             "switchover, old master killed"
+        }
+        Fault::SwitchoverCoordinatorRestarts => {
+            let hangs = rng.below(2) == 0;
+            let old = rt
+                .block_on(server_node(d.coord_port, c, m))
+                .ok_or_else(|| anyhow!("server {c}/{m} is not in the routing table"))?;
+            if hangs {
+                cmd(d, &format!("pause server-{c}-{s}"))?;
+            }
+            // Asked from a process of its own: the restart cuts its call.
+            let mut asking = std::process::Command::new(sns_e2e::bin("sns-node"))
+                .args(["switchover", "-h", "127.0.0.1", "-k", &d.coord_port.to_string(), "--cluster", &c.to_string()])
+                .args(["--to", &s.to_string(), "--secret-file"])
+                .arg(sns_e2e::secret::file())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let mut stepped_down = false;
+            if hangs {
+                // Until the master stepped down (not at all when the
+                // coordinator had already missed the target and refused).
+                let until = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < until && !stepped_down {
+                    stepped_down = rt.block_on(status(&old)).is_ok_and(|st| !st.is_master);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                std::thread::sleep(Duration::from_millis(rng.below(200)));
+            } else {
+                std::thread::sleep(Duration::from_millis(rng.below(100)));
+            }
+            cmd(d, "restart coordinator")?;
+            if hangs {
+                std::thread::sleep(Duration::from_millis(rng.below(1500)));
+                cmd(d, &format!("resume server-{c}-{s}"))?;
+            }
+            // The asking process may have reached the new run (then it
+            // waits for the switchover's end): bounded either way.
+            let asked = Instant::now() + HEAL;
+            while asking.try_wait()?.is_none() {
+                if Instant::now() > asked {
+                    let _ = asking.kill();
+                    bail!("sns-node switchover still waiting {HEAL:?} after the coordinator's restart");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            progress(load, writer, 1 + rng.below(20) as usize)?;
+            match (hangs, stepped_down) {
+                (true, true) => "switchover, target hangs, coordinator restarted after the master stepped down",
+                (true, false) => "switchover, target hangs, coordinator restarted (the master never stepped down)",
+                _ => "switchover, coordinator restarted",
+            }
         }
     };
     Ok(name.to_string())
