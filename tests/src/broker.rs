@@ -159,6 +159,78 @@ impl Drop for StoppedBroker {
     }
 }
 
+/// The local broker out of disk: its free-disk alarm raised (the limit
+/// set far above the disk's size), so RabbitMQ blocks every connection
+/// that publishes, until [`DiskAlarm::clear`] (or drop, whatever happens)
+/// puts the limit back as it was.
+pub struct DiskAlarm {
+    /// `rabbitmqctl set_disk_free_limit` arguments that restore the limit.
+    restore: Vec<String>,
+    raised: bool,
+}
+
+impl DiskAlarm {
+    pub fn raise() -> Result<DiskAlarm> {
+        let out = Command::new("rabbitmqctl")
+            .args(["eval", "application:get_env(rabbit, disk_free_limit)."])
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .output()?;
+        anyhow::ensure!(out.status.success(), "rabbitmqctl eval: {}", String::from_utf8_lossy(&out.stderr).trim());
+        let restore = parse_disk_free_limit(&String::from_utf8_lossy(&out.stdout))?;
+        rabbitmqctl(&["set_disk_free_limit", "1000000GB"])?;
+        let alarm = DiskAlarm { restore, raised: true };
+        crate::eventually("the broker's free-disk alarm", || alarms().ok()?.contains("disk").then_some(()))?;
+        Ok(alarm)
+    }
+
+    /// Puts the limit back and waits until the broker reports no alarm.
+    pub fn clear(mut self) -> Result<()> {
+        self.raised = false;
+        let args: Vec<&str> =
+            std::iter::once("set_disk_free_limit").chain(self.restore.iter().map(String::as_str)).collect();
+        rabbitmqctl(&args)?;
+        crate::eventually("the broker's free-disk alarm to clear", || (!alarms().ok()?.contains("disk")).then_some(()))
+    }
+}
+
+impl Drop for DiskAlarm {
+    fn drop(&mut self) {
+        if self.raised {
+            let args: Vec<&str> =
+                std::iter::once("set_disk_free_limit").chain(self.restore.iter().map(String::as_str)).collect();
+            let _ = rabbitmqctl(&args);
+        }
+    }
+}
+
+/// The broker's alarms, as `rabbitmq-diagnostics alarms` words them.
+fn alarms() -> Result<String> {
+    let out = Command::new("rabbitmq-diagnostics")
+        .args(["-q", "alarms"])
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "rabbitmq-diagnostics alarms: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).to_lowercase())
+}
+
+/// `set_disk_free_limit` arguments for the value `rabbitmqctl eval` printed:
+/// `{ok,50000000}` (bytes), `{ok,"50MB"}` or `{ok,{mem_relative,1.5}}`.
+fn parse_disk_free_limit(printed: &str) -> Result<Vec<String>> {
+    let v = printed.trim().strip_prefix("{ok,").and_then(|v| v.strip_suffix('}')).map(str::trim);
+    match v {
+        Some(v) if v.starts_with("{mem_relative,") => {
+            let ratio = v.trim_start_matches("{mem_relative,").trim_end_matches('}').trim();
+            Ok(vec!["mem_relative".into(), ratio.into()])
+        }
+        Some(v) if !v.is_empty() => Ok(vec![v.trim_matches('"').to_string()]),
+        _ => anyhow::bail!("cannot read the broker's disk_free_limit from {printed:?}"),
+    }
+}
+
 /// Stands where the broker should be, on a free loopback port, relaying
 /// each connection to the real broker while it relays. Silenced, it is a
 /// partition without a reset: the connections it was relaying stop
@@ -290,5 +362,18 @@ async fn relay(client: TcpStream, upstream: TcpStream, mut relaying: watch::Rece
         if written.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_disk_free_limit;
+
+    #[test]
+    fn the_disk_free_limit_is_read_back_in_each_form() {
+        assert_eq!(parse_disk_free_limit("{ok,50000000}\n").unwrap(), ["50000000"]);
+        assert_eq!(parse_disk_free_limit("{ok,\"2GB\"}").unwrap(), ["2GB"]);
+        assert_eq!(parse_disk_free_limit("{ok,{mem_relative,1.5}}").unwrap(), ["mem_relative", "1.5"]);
+        assert!(parse_disk_free_limit("undefined").is_err());
     }
 }

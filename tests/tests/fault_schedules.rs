@@ -29,8 +29,9 @@
 //! synchronizer's heartbeats gave up on its link). Faults overlap:
 //! one step in three holds a second fault for the whole of the step's
 //! fault (in another cluster, its master or slave killed or paused; in any
-//! cluster, a synchronizer killed or paused; or the broker stopped or cut
-//! off without a reset), and
+//! cluster, a synchronizer killed or paused; or the broker stopped, cut
+//! off without a reset, or out of disk: its free-disk alarm blocks every
+//! connection that publishes), and
 //! one step in four is followed at once by the next, as soon as every
 //! cluster serves again and before its slaves are back in sync (a slave
 //! killed or paused, a master restarted, a synchronizer or the coordinator
@@ -43,11 +44,13 @@
 //! `SNS_FAULT_SCHEDULES` (default 3) and `SNS_FAULT_STEPS` (default 6) set
 //! the length; `SNS_FAULT_SEED` replays a run (every failure names its
 //! seed); `SNS_FAULT_ONLY` (e.g. `SilentBroker,KillMaster`) keeps the
-//! steps' own faults to those named. The full disks need tmpfs mounts and the hung disk a loop mount
+//! steps' own faults to those named, and `SNS_FAULT_BACKGROUND` (e.g.
+//! `BrokerOutOfDisk`) holds one of the second faults it names on every
+//! step. The full disks need tmpfs mounts and the hung disk a loop mount
 //! (root); where mounting is refused those faults are left out, saying so.
 
 use anyhow::{Context, Result, anyhow, bail};
-use sns_e2e::broker::{Broker, StandIn, StoppedBroker};
+use sns_e2e::broker::{Broker, DiskAlarm, StandIn, StoppedBroker};
 use sns_e2e::disk;
 use sns_e2e::load::{self, Writer, WriterReport};
 use sns_e2e::nodes::{
@@ -249,6 +252,19 @@ fn only(list: &[Fault]) -> Vec<Fault> {
     list.iter().copied().filter(|f| names.contains(&format!("{f:?}").as_str())).collect()
 }
 
+/// The background faults to draw from, and whether every step holds one:
+/// those `SNS_FAULT_BACKGROUND` names (as in [`Background`], e.g.
+/// `BrokerOutOfDisk`), on every step, to soak a few; else all of them, on
+/// one step in three.
+fn backgrounds() -> (Vec<Background>, bool) {
+    let Ok(names) = std::env::var("SNS_FAULT_BACKGROUND") else { return (BACKGROUNDS.to_vec(), false) };
+    let names: Vec<&str> = names.split(',').map(str::trim).collect();
+    let kinds: Vec<Background> =
+        BACKGROUNDS.iter().copied().filter(|b| names.contains(&format!("{b:?}").as_str())).collect();
+    assert!(!kinds.is_empty(), "SNS_FAULT_BACKGROUND names no background fault: {names:?}");
+    (kinds, true)
+}
+
 /// A fault held for the whole of a step's fault, so that two faults
 /// overlap (ended after it): in another cluster, or for a synchronizer in
 /// the same one.
@@ -264,9 +280,12 @@ enum Background {
     StopBroker,
     /// The broker cut off without a reset (every link goes silent).
     SilenceBroker,
+    /// The broker out of disk (its free-disk alarm): it blocks every
+    /// connection that publishes, so nothing crosses clusters.
+    BrokerOutOfDisk,
 }
 
-const BACKGROUNDS: [Background; 8] = [
+const BACKGROUNDS: [Background; 9] = [
     Background::KillMaster,
     Background::PauseMaster,
     Background::KillSlave,
@@ -275,6 +294,7 @@ const BACKGROUNDS: [Background; 8] = [
     Background::PauseSynchronizer,
     Background::StopBroker,
     Background::SilenceBroker,
+    Background::BrokerOutOfDisk,
 ];
 
 /// A background fault in progress, and what ends it.
@@ -288,6 +308,7 @@ enum Undo {
     /// A launcher command.
     Command(String),
     Broker(StoppedBroker),
+    Alarm(DiskAlarm),
     /// The broker's stand-in relays again.
     Restore,
 }
@@ -651,7 +672,8 @@ fn inject(
         Fault::DiskHung => disks.hung.map(|(hc, _)| hc),
         _ => None,
     };
-    let kind = BACKGROUNDS[rng.below(BACKGROUNDS.len() as u64) as usize];
+    let (kinds, always) = backgrounds();
+    let kind = kinds[rng.below(kinds.len() as u64) as usize];
     // (A silent broker may wait for its cluster's master's synchronizer
     // to drop its link: a background fault must not have killed or
     // paused it.)
@@ -668,7 +690,13 @@ fn inject(
     let candidates: Vec<u32> = match kind {
         // One broker, stopped once at a time, silenced once at a time.
         // (The lost messages are purged on the broker itself.)
-        Background::StopBroker if matches!(fault, Fault::RestartBroker | Fault::LostMessages) => vec![],
+        // (A lost message must first be confirmed, which a broker out of
+        // disk never does.)
+        Background::StopBroker | Background::BrokerOutOfDisk
+            if matches!(fault, Fault::RestartBroker | Fault::LostMessages) =>
+        {
+            vec![]
+        }
         // The lost messages come from another cluster, whose master may be
         // killed: a server of its own killed or paused would stand in the
         // way of the promotion the step waits for (seed
@@ -688,7 +716,7 @@ fn inject(
     };
     let held = match candidates.len() {
         0 => None,
-        n if rng.below(3) == 0 => {
+        n if rng.below(3) == 0 || always => {
             let b = candidates[rng.below(n as u64) as usize];
             Some(hold(kind, b == c, rng, rt, d, b, broker)?)
         }
@@ -701,6 +729,7 @@ fn inject(
             Undo::Nothing => {}
             Undo::Command(line) => cmd(d, &line)?,
             Undo::Broker(stopped) => stopped.start()?,
+            Undo::Alarm(alarm) => alarm.clear()?,
             Undo::Restore => broker.restore(),
         }
         names.push(h.name);
@@ -731,6 +760,16 @@ fn hold(
         let stopped = StoppedBroker::stop()?;
         return Ok(Held { name: "meanwhile: broker stopped".into(), undo: Undo::Broker(stopped) });
     }
+    if let Background::BrokerOutOfDisk = kind {
+        if !sns_e2e::broker::local() {
+            return Ok(Held {
+                name: "meanwhile: broker out of disk (left out: AMQP_URL names a remote broker)".into(),
+                undo: Undo::Nothing,
+            });
+        }
+        let alarm = DiskAlarm::raise()?;
+        return Ok(Held { name: "meanwhile: broker out of disk".into(), undo: Undo::Alarm(alarm) });
+    }
     if let Background::SilenceBroker = kind {
         broker.silence();
         return Ok(Held { name: "meanwhile: broker cut off without a reset".into(), undo: Undo::Restore });
@@ -742,7 +781,9 @@ fn hold(
         Background::PauseSlave => ("pause", "resume", format!("server-{b}-{s}"), "slave paused"),
         Background::KillSynchronizer => ("kill", "start", format!("sync-{b}-{which}"), "synchronizer killed"),
         Background::PauseSynchronizer => ("pause", "resume", format!("sync-{b}-{which}"), "synchronizer paused"),
-        Background::StopBroker | Background::SilenceBroker => unreachable!("handled above"),
+        Background::StopBroker | Background::SilenceBroker | Background::BrokerOutOfDisk => {
+            unreachable!("handled above")
+        }
     };
     cmd(d, &format!("{stop} {target}"))?;
     let place = if same { "the same" } else { "another" };
