@@ -47,9 +47,14 @@ pub fn run(cli: Cli) -> Result<()> {
         match cli.command {
             Command::Coordinator(a) => {
                 a.tls.install()?;
+                let cfg = CoordinatorConfig { secret: a.secret.load_for(&a.listen.bind)?, ..a.config() };
+                // Two coordinators on one state file would each act on
+                // records the other rewrites: the first one keeps it. Taken
+                // before any port, so a second one started while the first
+                // lingers says so rather than that a port is in use.
+                let _dir_lock = cfg.data_dir.as_deref().map(store::lock::lock).transpose()?;
                 a.listen.bind_side_ports(NodeKind::Coordinator, &shutdown).await?;
                 let listener = net::bind(&a.listen.bind, a.port, a.listen.port_file.as_deref()).await?;
-                let cfg = CoordinatorConfig { secret: a.secret.load_for(&a.listen.bind)?, ..a.config() };
                 match a.ha.config().map_err(Error::Config)? {
                     Some(ha) => {
                         let client = ::kube::Client::try_default()
@@ -62,14 +67,19 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Command::Server(a) => {
                 a.tls.install()?;
-                a.listen.bind_side_ports(NodeKind::Server { cluster: a.cluster, id: a.id }, &shutdown).await?;
                 let cfg =
                     ServerConfig { secret: a.secret.load_for(&a.listen.bind)?, ..a.config().map_err(Error::Config)? };
+                // Before any port: a server started while the last one on
+                // its directory lingers (killed on a hung disk, it exits
+                // only once the disk answers) names that process rather
+                // than a port in use.
+                let dir_lock = store::lock::lock(&cfg.data_dir)?;
+                a.listen.bind_side_ports(NodeKind::Server { cluster: a.cluster, id: a.id }, &shutdown).await?;
                 // The port file is written once the store is open, so a
                 // launcher that starts servers one after another has them
                 // register in that order (the first becomes master).
                 let listener = net::bind(&a.listen.bind, a.port, None).await?;
-                server::serve(cfg, listener, a.listen.port_file.as_deref(), shutdown).await
+                server::serve(cfg, dir_lock, listener, a.listen.port_file.as_deref(), shutdown).await
             }
             Command::Synchronizer(a) => {
                 a.tls.install()?;

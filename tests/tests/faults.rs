@@ -578,7 +578,8 @@ fn a_master_whose_slave_returns_while_the_coordinator_cannot_write_acknowledges_
 /// open the same directory beside it; once the disk came back the old
 /// write landed in the replacement's journal, out of order. Now the
 /// directory is locked by its server: the replacement is refused with the
-/// holder's pid, the cluster goes on on the slave, and once the old process
+/// holder's pid (so is the launcher's own restart on the same ports: the
+/// lock is taken before any port is bound), the cluster goes on on the slave, and once the old process
 /// has ended the server starts, rejoins and every acknowledged post is
 /// exactly once on both servers.
 #[test]
@@ -601,6 +602,9 @@ fn a_server_killed_on_a_hung_disk_is_never_run_twice_and_loses_nothing() -> anyh
     let new_term = wait_master(&rt, &d, 1, s, term);
     let killed = d.command(&format!("kill {name}"));
     let still_there = running(pid);
+    // The launcher's own restart, on the same ports: refused for the
+    // directory (not for a port the old process still holds).
+    let restarted = d.command(&format!("start {name}")).map_err(|e| e.to_string());
     let mut second = replacement.spawn();
     let refused = second.as_mut().map_err(|e| anyhow::anyhow!("{e}")).and_then(|child| {
         eventually("the second server on the directory to be refused", || child.try_wait().ok().flatten())
@@ -620,6 +624,11 @@ fn a_server_killed_on_a_hung_disk_is_never_run_twice_and_loses_nothing() -> anyh
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!refused.success(), "{said}");
     assert!(said.contains(&format!("in use by process {pid}")), "the refusal names the holder: {said}");
+    let restarted = restarted.err().unwrap_or_default();
+    assert!(
+        restarted.contains(&format!("in use by process {pid}")),
+        "the launcher's restart names the holder: {restarted}"
+    );
     assert_eq!((before.acked.len(), during.acked.len(), meanwhile.acked.len()), (10, 10, 5), "{during:?}");
     // The old process ends once its write does; then the server starts.
     eventually("the killed server to end once its disk answers", || (!running(pid)).then_some(()))?;

@@ -835,10 +835,8 @@ pub fn describe_switchover(cluster: u32, r: &SwitchoverReply) -> String {
 }
 
 /// Serves the coordinator on `listener` until `shutdown` is cancelled.
+/// The caller holds the lock of `cfg.data_dir` (see `crate::store::lock`).
 pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
-    // Two coordinators on one state file would each act on records the
-    // other rewrites: the first one keeps it.
-    let _dir_lock = cfg.data_dir.as_deref().map(crate::store::lock::lock).transpose()?;
     let (coord, elector) = Coordinator::new(&cfg, shutdown.clone())?;
     tracing::info!(addr = %listener.local_addr().map_err(|e| crate::error::Error::Other(e.to_string()))?, clusters = cfg.clusters, lease_ms = cfg.lease().as_millis() as u64, "coordinator listening");
     let elector = tokio::spawn(tracing::Instrument::instrument(elector.run(), tracing::info_span!("elector")));

@@ -196,8 +196,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Node {
-    pub fn open(cfg: ServerConfig, port: u16) -> Result<(Node, mpsc::UnboundedReceiver<commit::Request>)> {
-        let dir_lock = crate::store::lock::lock(&cfg.data_dir)?;
+    /// Opens the server's storage in `cfg.data_dir`, whose lock
+    /// (`crate::store::lock::lock`) `dir_lock` is, held as long as the node.
+    pub fn open(
+        cfg: ServerConfig,
+        port: u16,
+        dir_lock: crate::store::lock::DirLock,
+    ) -> Result<(Node, mpsc::UnboundedReceiver<commit::Request>)> {
         let (log, store) = crate::store::open(&cfg.data_dir, cfg.cluster, cfg.clusters)?;
         let stable = store.state().next_seq() - 1;
         let attach = crate::auth::Attach::new(cfg.secret.clone());
@@ -340,18 +345,20 @@ impl Node {
 
 /// Serves a server node on `listener` until `shutdown` is cancelled.
 pub async fn run(cfg: ServerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
-    serve(cfg, listener, None, shutdown).await
+    let dir_lock = crate::store::lock::lock(&cfg.data_dir)?;
+    serve(cfg, dir_lock, listener, None, shutdown).await
 }
 
 /// [`run`], writing the port to `port_file` once the store is open.
 pub async fn serve(
     cfg: ServerConfig,
+    dir_lock: crate::store::lock::DirLock,
     listener: TcpListener,
     port_file: Option<&std::path::Path>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let port = net::local_port(&listener)?;
-    let (node, queued) = Node::open(cfg, port)?;
+    let (node, queued) = Node::open(cfg, port, dir_lock)?;
     if let Some(path) = port_file {
         net::write_port_file(path, port)?;
     }

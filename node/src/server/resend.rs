@@ -203,7 +203,8 @@ mod tests {
             commit_delay: Duration::ZERO,
             resend_after: Duration::from_secs(3),
         };
-        let (node, _writes) = Node::open(cfg, 0).unwrap();
+        let dir_lock = crate::store::lock::lock(&cfg.data_dir).unwrap();
+        let (node, _writes) = Node::open(cfg, 0, dir_lock).unwrap();
         let users = (0..5u32).map(|i| Entry::Local(LocalOp::new(u64::from(i) + 1, Change::User(1 + 2 * i))));
         node.journal_and_apply(users.collect(), false).await.unwrap();
         node.journal_and_apply(vec![Entry::PublishedUpto(5)], false).await.unwrap();
