@@ -189,6 +189,7 @@ impl Deployment {
             source_address: None,
             commit_delay: sns_node::server::DEFAULT_COMMIT_DELAY,
             resend_after: sns_node::server::DEFAULT_RESEND_AFTER,
+            compact_at: sns_node::store::log::COMPACT_AT,
         }
     }
 

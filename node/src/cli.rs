@@ -411,6 +411,11 @@ pub struct ServerArgs {
     /// the broker lost them after confirming them. At least 1s.
     #[arg(long, env = "SNS_RESEND_AFTER", default_value = "3s", value_parser = parse_resend_after)]
     pub resend_after: Duration,
+    /// Journal size (bytes) at which this server rewrites its journal as
+    /// one snapshot of its state (when that is smaller), and again each
+    /// time the journal doubles after that. At least 4096.
+    #[arg(long, env = "SNS_COMPACT_AT", default_value_t = crate::store::log::COMPACT_AT, value_parser = parse_compact_at)]
+    pub compact_at: u64,
     #[command(flatten)]
     pub listen: ListenArgs,
     /// Address this server's own connections (to the coordinator, to its
@@ -451,6 +456,15 @@ fn parse_resend_after(text: &str) -> Result<Duration, String> {
     Ok(after)
 }
 
+fn parse_compact_at(text: &str) -> Result<u64, String> {
+    let bytes: u64 = text.trim().parse().map_err(|_| format!("{text} is not a number of bytes"))?;
+    let min = crate::store::log::COMPACT_AT_MIN;
+    if bytes < min {
+        return Err(format!("{text} is too small: the server would rewrite its state all the time (at least {min})"));
+    }
+    Ok(bytes)
+}
+
 /// A commit delay: 0 (off) up to 100ms (a longer wait only adds latency).
 fn parse_commit_delay(text: &str) -> Result<Duration, String> {
     if matches!(text.trim(), "0" | "0ms" | "0s") {
@@ -488,6 +502,7 @@ impl ServerArgs {
             source_address: self.source_address,
             commit_delay: self.commit_delay,
             resend_after: self.resend_after,
+            compact_at: self.compact_at,
         })
     }
 }
@@ -688,6 +703,14 @@ mod tests {
         assert_eq!((s.coord.coord_host.as_str(), s.coord.coord_port), ("10.0.0.2", 9100));
         let cli = Cli::try_parse_from(["sns-node", "--log", "debug", "status"]).unwrap();
         assert_eq!(cli.log_filter(), "debug");
+    }
+
+    #[test]
+    fn the_compaction_size_is_a_number_of_bytes_not_too_small() {
+        assert_eq!(parse_compact_at("16384"), Ok(16384));
+        assert_eq!(parse_compact_at(" 4096 "), Ok(4096));
+        assert!(parse_compact_at("4095").unwrap_err().contains("at least 4096"));
+        assert!(parse_compact_at("64MiB").unwrap_err().contains("not a number of bytes"));
     }
 
     #[test]

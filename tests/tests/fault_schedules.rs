@@ -345,6 +345,8 @@ struct Totals {
     /// Writers per client clock.
     clocks: BTreeMap<String, u64>,
     checked_relations: usize,
+    /// Journal compactions the servers logged.
+    compactions: usize,
 }
 
 #[test]
@@ -366,7 +368,7 @@ fn randomized_fault_schedules_lose_no_acknowledged_write() -> Result<()> {
     }
     let faults: u64 = totals.faults.values().sum();
     eprintln!(
-        "fault schedules passed: {} schedules, {faults} faults {:?}; checked {} acknowledged posts, {} follow/unfollow ({} final relations), {} logins, {} reads; writers' clocks {:?}",
+        "fault schedules passed: {} schedules, {faults} faults {:?}; checked {} acknowledged posts, {} follow/unfollow ({} final relations), {} logins, {} reads; writers' clocks {:?}; {} journal compactions",
         totals.schedules,
         totals.faults,
         totals.posts,
@@ -374,7 +376,8 @@ fn randomized_fault_schedules_lose_no_acknowledged_write() -> Result<()> {
         totals.checked_relations,
         totals.logins,
         totals.lists,
-        totals.clocks
+        totals.clocks,
+        totals.compactions
     );
     Ok(())
 }
@@ -1443,8 +1446,14 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     for disks in tries {
         // Events the broker loses go out again a second after the receiver
         // shows it is stuck (three by default).
-        let mut builder =
-            Deployment::builder().clusters(CLUSTERS).servers(2).broker(&broker.url, None).env("SNS_RESEND_AFTER", "1s");
+        let mut builder = Deployment::builder()
+            .clusters(CLUSTERS)
+            .servers(2)
+            .broker(&broker.url, None)
+            .env("SNS_RESEND_AFTER", "1s")
+            // Journals compacted every few hundred posts, not every 64 MiB:
+            // every fault also meets a journal that is one snapshot.
+            .env("SNS_COMPACT_AT", "16384");
         if let Some((c, s)) = disks.full {
             builder = builder.tmpfs(c, s, TMPFS);
         }
@@ -1552,6 +1561,10 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
     totals.checked_relations += relations_checked;
     totals.logins += logins.len();
     totals.lists += reads.lists;
+    totals.compactions += all
+        .iter()
+        .map(|(c, id)| d.log(&format!("server-{c}-{id}")).matches("journal compacted").count())
+        .sum::<usize>();
     Ok(())
 }
 

@@ -291,6 +291,7 @@ mod tests {
             source_address: None,
             commit_delay: Duration::ZERO,
             resend_after: crate::server::DEFAULT_RESEND_AFTER,
+            compact_at: crate::store::log::COMPACT_AT,
         }
     }
 

@@ -88,6 +88,8 @@ pub struct ServerConfig {
     /// broker confirmed for it (while it says it is stuck) before the
     /// missing events are published again (see `resend.rs`).
     pub resend_after: Duration,
+    /// Journal size that triggers a compaction (`--compact-at`).
+    pub compact_at: u64,
 }
 
 /// `--resend-after` unless set.
@@ -203,7 +205,8 @@ impl Node {
         port: u16,
         dir_lock: crate::store::lock::DirLock,
     ) -> Result<(Node, mpsc::UnboundedReceiver<commit::Request>)> {
-        let (log, store) = crate::store::open(&cfg.data_dir, cfg.cluster, cfg.clusters)?;
+        let (mut log, store) = crate::store::open(&cfg.data_dir, cfg.cluster, cfg.clusters)?;
+        log.set_compact_at(cfg.compact_at);
         let stable = store.state().next_seq() - 1;
         let attach = crate::auth::Attach::new(cfg.secret.clone());
         let coord = net::node_channel_from(&cfg.coord_host, &cfg.coord_port.to_string(), cfg.source_address, &attach)?;

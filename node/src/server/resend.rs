@@ -202,6 +202,7 @@ mod tests {
             source_address: None,
             commit_delay: Duration::ZERO,
             resend_after: Duration::from_secs(3),
+            compact_at: crate::store::log::COMPACT_AT,
         };
         let dir_lock = crate::store::lock::lock(&cfg.data_dir).unwrap();
         let (node, _writes) = Node::open(cfg, 0, dir_lock).unwrap();

@@ -10,13 +10,13 @@ use crate::error::{Error, Result};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// Journal size that triggers compaction: big enough that compaction is
-/// rare (a snapshot write holds the writer for a few tens of ms), small
-/// enough that a restart replays quickly.
-#[cfg(not(test))]
-const COMPACT_AT: u64 = 64 << 20;
-#[cfg(test)]
-const COMPACT_AT: u64 = 4 << 10;
+/// Journal size that triggers compaction by default (`--compact-at`): big
+/// enough that compaction is rare (a snapshot write holds the writer for a
+/// few tens of ms), small enough that a restart replays quickly.
+pub const COMPACT_AT: u64 = 64 << 20;
+/// The smallest `--compact-at`: under it a server would rewrite its state
+/// all the time.
+pub const COMPACT_AT_MIN: u64 = 4 << 10;
 
 pub struct Log {
     dir: PathBuf,
@@ -25,6 +25,8 @@ pub struct Log {
     damage: Option<String>,
     /// Journal size right after the last compaction (or snapshot install).
     compacted_len: u64,
+    /// Journal size that triggers a compaction (see [`Log::wants_compaction`]).
+    compact_at: u64,
     /// What was cut from the journal's end as a torn tail, in this run or
     /// an earlier one, and is not settled yet (see [`super::TAIL_CUT_FILE`]).
     tail_cut: Option<String>,
@@ -32,7 +34,13 @@ pub struct Log {
 
 impl Log {
     pub(super) fn new(dir: &Path, journal: Journal, damage: Option<String>, tail_cut: Option<String>) -> Log {
-        Log { dir: dir.to_path_buf(), journal, damage, compacted_len: 0, tail_cut }
+        let compact_at = if cfg!(test) { COMPACT_AT_MIN } else { COMPACT_AT };
+        Log { dir: dir.to_path_buf(), journal, damage, compacted_len: 0, compact_at, tail_cut }
+    }
+
+    /// Compacts once the journal reaches `bytes` (at least [`COMPACT_AT_MIN`]).
+    pub fn set_compact_at(&mut self, bytes: u64) {
+        self.compact_at = bytes.max(COMPACT_AT_MIN);
     }
 
     /// What was cut from the journal's end as a torn tail, in this run or
@@ -90,11 +98,11 @@ impl Log {
         })
     }
 
-    /// Whether the journal has grown past [`COMPACT_AT`] and twice its size
+    /// Whether the journal has grown past the compaction size and twice its size
     /// after the last compaction (so a large state is not rewritten over
     /// and over).
     pub fn wants_compaction(&self) -> bool {
-        self.damage.is_none() && self.journal.bytes() >= COMPACT_AT.max(2 * self.compacted_len)
+        self.damage.is_none() && self.journal.bytes() >= self.compact_at.max(2 * self.compacted_len)
     }
 
     /// A compaction was judged useless (the snapshot would be bigger):
