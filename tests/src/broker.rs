@@ -186,19 +186,21 @@ impl DiskAlarm {
     /// Puts the limit back and waits until the broker reports no alarm.
     pub fn clear(mut self) -> Result<()> {
         self.raised = false;
+        self.put_back()?;
+        crate::eventually("the broker's free-disk alarm to clear", || (!alarms().ok()?.contains("disk")).then_some(()))
+    }
+
+    fn put_back(&self) -> Result<()> {
         let args: Vec<&str> =
             std::iter::once("set_disk_free_limit").chain(self.restore.iter().map(String::as_str)).collect();
-        rabbitmqctl(&args)?;
-        crate::eventually("the broker's free-disk alarm to clear", || (!alarms().ok()?.contains("disk")).then_some(()))
+        rabbitmqctl(&args)
     }
 }
 
 impl Drop for DiskAlarm {
     fn drop(&mut self) {
         if self.raised {
-            let args: Vec<&str> =
-                std::iter::once("set_disk_free_limit").chain(self.restore.iter().map(String::as_str)).collect();
-            let _ = rabbitmqctl(&args);
+            let _ = self.put_back();
         }
     }
 }
