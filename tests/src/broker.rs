@@ -159,6 +159,11 @@ impl Drop for StoppedBroker {
     }
 }
 
+/// The free-disk limit that raises the alarm: 10^15 bytes, beyond any
+/// disk. `scripts/ensure-rabbitmq.sh` puts a limit left at this value (a
+/// test killed while it held the alarm) back to RabbitMQ's default.
+pub const ALARM_LIMIT: &str = "1000000000000000";
+
 /// The local broker out of disk: its free-disk alarm raised (the limit
 /// set far above the disk's size), so RabbitMQ blocks every connection
 /// that publishes, until [`DiskAlarm::clear`] (or drop, whatever happens)
@@ -171,16 +176,29 @@ pub struct DiskAlarm {
 
 impl DiskAlarm {
     pub fn raise() -> Result<DiskAlarm> {
-        let out = Command::new("rabbitmqctl")
-            .args(["eval", "application:get_env(rabbit, disk_free_limit)."])
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .output()?;
-        anyhow::ensure!(out.status.success(), "rabbitmqctl eval: {}", String::from_utf8_lossy(&out.stderr).trim());
-        let restore = parse_disk_free_limit(&String::from_utf8_lossy(&out.stdout))?;
-        rabbitmqctl(&["set_disk_free_limit", "1000000GB"])?;
+        DiskAlarm::clear_left()?;
+        // The limit in force (`set_disk_free_limit` changes it, not the
+        // configured one).
+        let restore = vec![eval("rabbit_disk_monitor:get_disk_free_limit().")?.trim().to_string()];
+        rabbitmqctl(&["set_disk_free_limit", ALARM_LIMIT])?;
         let alarm = DiskAlarm { restore, raised: true };
         crate::eventually("the broker's free-disk alarm", || alarms().ok()?.contains("disk").then_some(()))?;
         Ok(alarm)
+    }
+
+    /// Puts the configured limit back if a test killed while it held the
+    /// alarm left ours in force (as `scripts/ensure-rabbitmq.sh` does).
+    pub fn clear_left() -> Result<()> {
+        if eval("rabbit_disk_monitor:get_disk_free_limit().")?.trim() == ALARM_LIMIT {
+            let configured = parse_disk_free_limit(&eval("application:get_env(rabbit, disk_free_limit).")?)?;
+            let args: Vec<&str> =
+                std::iter::once("set_disk_free_limit").chain(configured.iter().map(String::as_str)).collect();
+            rabbitmqctl(&args)?;
+            eprintln!(
+                "the broker's free-disk limit was left at {ALARM_LIMIT} by a killed test: put back to {configured:?}"
+            );
+        }
+        Ok(())
     }
 
     /// Puts the limit back and waits until the broker reports no alarm.
@@ -203,6 +221,13 @@ impl Drop for DiskAlarm {
             let _ = self.put_back();
         }
     }
+}
+
+/// What `rabbitmqctl eval` prints for `expr`.
+fn eval(expr: &str) -> Result<String> {
+    let out = Command::new("rabbitmqctl").args(["eval", expr]).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").output()?;
+    anyhow::ensure!(out.status.success(), "rabbitmqctl eval {expr}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The broker's alarms, as `rabbitmq-diagnostics alarms` words them.

@@ -28,6 +28,7 @@ fn a_broker_out_of_disk_holds_posts_back_and_loses_none_across_a_failover() -> a
         return Ok(());
     }
     rabbitmqctl(&["status"]).map_err(|e| anyhow::anyhow!("the local broker cannot be controlled: {e}"))?;
+    DiskAlarm::clear_left()?;
     let mut d = Deployment::start(2, 2)?;
     let rt = rt();
     let deadline = Instant::now() + Duration::from_secs(120);
