@@ -804,6 +804,35 @@ fn a_coordinator_that_cannot_write_its_records_promotes_nobody_until_it_can() ->
     all_once_and_identical(&d, [before.acked, during.acked, after.acked].concat())
 }
 
+/// Defect: a planned switchover asked while the coordinator cannot write
+/// its records (a full disk). The master stepped down, the promotion could
+/// not be recorded, and the coordinator retried it every 250 ms: the
+/// cluster had no master, and took no write, until the disk had room. Now
+/// the switchover is abandoned at the first failed write, saying why, and
+/// the old master serves again in its term, the disk still full.
+#[test]
+fn a_switchover_the_coordinator_cannot_record_leaves_the_old_master_serving() -> anyhow::Result<()> {
+    let test = "a_switchover_the_coordinator_cannot_record_leaves_the_old_master_serving";
+    let Some((mut d, rt, (m, s, term), before)) = on_coordinator_tmpfs(test)? else { return Ok(()) };
+    wait_in_sync(&rt, &d, s)?;
+    disk::fill(&d.coordinator_dir())?;
+    let reply = d.command_reply("switchover 1");
+    // Writes go on, on the old master, with the disk still full.
+    let during = posts(&rt, &d, 5);
+    let master = rt.block_on(master_of(d.coord_port, 1));
+    disk::unfill(&d.coordinator_dir())?;
+    let reply = reply?;
+    assert!(
+        reply.starts_with("error:") && reply.contains("cannot write the promotion of server"),
+        "the switchover is abandoned, saying why: {reply}"
+    );
+    assert_eq!(during.acked.len(), 5, "the cluster took no write after the abandoned switchover: {reply}");
+    assert_eq!(master, Some((m, term)), "the old master serves again in its term: {reply}");
+    let after = posts(&rt, &d, 5);
+    wait_in_sync(&rt, &d, s)?;
+    all_once_and_identical(&d, [before.acked, during.acked, after.acked].concat())
+}
+
 /// The coordinator's disk hangs (frozen: its writes neither end nor fail),
 /// then the master dies. The coordinator cannot make the promotion durable,
 /// so it promotes nobody while the disk hangs, and says why; it answers

@@ -309,7 +309,10 @@ impl Elector {
                 Ok(()) => log_change(change),
                 Err(e) => {
                     tracing::error!(cluster = change.cluster, error = %e, "cannot write the coordinator's records; not acting on the change");
-                    self.coord.with(|t| t.abandon(change));
+                    self.coord.with(|t| t.abandon(change, &e.to_string()));
+                    // A switchover ended by it: its caller hears why, and
+                    // the master that stepped down gets its role back.
+                    self.coord.changed();
                 }
             }
         }
@@ -413,7 +416,7 @@ impl Elector {
                             Ok(PromoteReply { term: change.record.term, warning })
                         }
                         Err(e) => {
-                            self.coord.with(|t| t.abandon(&change));
+                            self.coord.with(|t| t.abandon(&change, &e.to_string()));
                             Err(Status::unavailable(format!("cannot record the promotion: {e}")))
                         }
                     },

@@ -739,9 +739,28 @@ impl Table {
         self.version += 1;
     }
 
-    /// Gives up a proposed change that could not be written.
-    pub fn abandon(&mut self, change: &Change) {
+    /// Gives up a proposed change that could not be written (`error`).
+    ///
+    /// A switchover's promotion that could not be written ends the
+    /// switchover: the master stepped down for a change that cannot be
+    /// recorded, and the record still names it master of its term, which
+    /// nobody else was given, so it takes its role back at once. (Retried
+    /// instead, the promotion would leave the cluster without a master for
+    /// as long as the coordinator cannot write.)
+    pub fn abandon(&mut self, change: &Change, error: &str) {
         self.changing.remove(&change.cluster);
+        let cluster = change.cluster;
+        if let Why::Promotion { new, .. } = change.why
+            && let Some(h) = self.handovers.get(&cluster)
+            && h.to == new
+            && self.records.get(&cluster).is_some_and(|r| r.master == Some(h.from) && r.term == h.term)
+        {
+            let why = format!(
+                "the coordinator cannot write the promotion of server {} into its records ({error}); server {} keeps the role",
+                h.to, h.from
+            );
+            self.end_switchover(cluster, Some(why));
+        }
     }
 
     /// The master's request to set the in-sync set of its cluster: members
@@ -1326,6 +1345,35 @@ mod tests {
         assert_eq!(t.master(t0, 2).unwrap().id, 1);
     }
 
+    /// The promotion of a switchover's target cannot be written (a full
+    /// disk): the switchover ends there and the master, which stepped down
+    /// for it, takes its role back in its term; the promotion is not
+    /// retried (the cluster would have no master until the disk had room).
+    #[test]
+    fn a_switchover_whose_promotion_cannot_be_written_gives_the_master_its_role_back() {
+        let (mut t, t1) = pair_renewed();
+        t.begin_switchover(t1, 2, None).unwrap();
+        t.stepped_down(2, 1, 1);
+        let d = t.decide(t1);
+        assert_eq!(d.changes.len(), 1, "{d:?}");
+        assert_eq!(d.changes[0].record.master, Some(2));
+        t.abandon(&d.changes[0], "No space left on device (os error 28)");
+        let SwitchoverOutcome::Abandoned(why) = t.switchover_outcome(2, 1, 2, 1) else { panic!("not abandoned") };
+        assert!(why.contains("cannot write the promotion of server 2") && why.contains("No space left"), "{why}");
+        let (a, _) = t.heartbeat(t1, &server(2, 1));
+        assert!(a.is_master && a.term == 1, "the old master takes its role back, same term: {a:?}");
+        assert!(t.decide(t1).changes.is_empty(), "the promotion is not retried");
+        assert_eq!(t.master(t1, 2).unwrap().id, 1);
+        // A failover's promotion that cannot be written is retried: there
+        // the master is gone.
+        t.mark_dead(t1, Kind::Server, 2, 1);
+        let t2 = t1 + 2 * L;
+        let d = t.decide(t2);
+        assert_eq!(d.changes.len(), 1, "{d:?}");
+        t.abandon(&d.changes[0], "No space left on device (os error 28)");
+        assert_eq!(t.decide(t2).changes.len(), 1, "proposed again");
+    }
+
     #[test]
     fn a_master_that_dies_during_a_switchover_is_replaced_by_the_target() {
         let (mut t, t1) = pair_renewed();
@@ -1582,7 +1630,7 @@ mod tests {
         assert_eq!(d.changes.len(), 1);
         // The change is being written: the new master has no role yet.
         assert!(!t.heartbeat(t0, &server(2, 2)).0.is_master);
-        t.abandon(&d.changes[0]);
+        t.abandon(&d.changes[0], "no space left");
         // Written or not, the next decision proposes it again.
         assert_eq!(t.decide(t0).changes.len(), 1);
     }
