@@ -178,13 +178,15 @@ enum Fault {
     SilentBroker,
     /// The coordinator's disk full (a tmpfs, or the loop mount below): it
     /// cannot write its records, so it may change no master and no in-sync
-    /// set. One time in four each: writes just go on; or the master is
+    /// set. One time in five each: writes just go on; or the master is
     /// killed meanwhile; or the
     /// coordinator is restarted on the full disk first (it cannot write its
     /// run's epoch) and then the master killed: nobody may be promoted
     /// before the disk has room, then the in-sync slave is; or it is
     /// restarted on the full disk and again on a clock a day behind (its
-    /// epoch below the one the nodes obey): the masters go on serving.
+    /// epoch below the one the nodes obey): the masters go on serving; or
+    /// a switchover is asked, which it cannot record: abandoned, and the
+    /// master that stepped down for it serves again.
     CoordinatorDiskFull,
     /// The coordinator's disk hangs (frozen: its records writes neither end
     /// nor fail), then answers again. Meanwhile the master is killed (no
@@ -1117,9 +1119,18 @@ fn strike(
             }
             let dir = d.coordinator_dir();
             disk::fill(&dir)?;
-            let mode = rng.below(4);
+            let mode = rng.below(5);
             let full = (|| {
-                if mode >= 2 {
+                if mode == 4 {
+                    // A switchover it cannot record: abandoned, saying
+                    // so, and the master (which stepped down for it)
+                    // serves again, the disk still full.
+                    let reply = d.command_reply(&format!("switchover {c} server-{c}-{s}"))?;
+                    anyhow::ensure!(reply.starts_with("error:"), "a switchover the coordinator cannot record: {reply}");
+                    wait_master_is(rt, d, c, m)?;
+                    return progress(load, writer, 1 + rng.below(20) as usize);
+                }
+                if mode == 2 || mode == 3 {
                     // Restarted on the full disk, it routes all the same.
                     let term = rt.block_on(master_of(d.coord_port, c)).map(|(_, t)| t);
                     cmd(d, "restart coordinator")?;
@@ -1170,6 +1181,7 @@ fn strike(
             match mode {
                 0 => "coordinator disk full",
                 3 => "coordinator restarted on a full disk, then a day behind",
+                4 => "coordinator disk full, switchover asked",
                 _ => {
                     wait_master_is(rt, d, c, s)?;
                     cmd(d, &format!("start server-{c}-{m}"))?;
