@@ -115,14 +115,32 @@ impl Broker {
 
 /// Runs `rabbitmqctl` against the local broker.
 pub fn rabbitmqctl(args: &[&str]) -> Result<()> {
-    let out = Command::new("rabbitmqctl").args(args).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").output()?;
+    control("rabbitmqctl", args).map(drop)
+}
+
+/// Runs one of the broker's control tools; returns what it printed.
+fn control(tool: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(tool).args(args).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").output()?;
     anyhow::ensure!(
         out.status.success(),
-        "rabbitmqctl {args:?} failed ({}): {}",
+        "{tool} {args:?} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether `test` may stop or fill the broker: a local one it can
+/// control. A remote broker (AMQP_URL) skips the test (recorded, saying
+/// it must not be `disturbed`); a local one `rabbitmqctl` cannot control
+/// is an error.
+pub fn local_or_skip(test: &str, disturbed: &str) -> Result<bool> {
+    if !local() {
+        crate::skip(test, &format!("AMQP_URL names a remote broker, which this test must not {disturbed}"));
+        return Ok(false);
+    }
+    rabbitmqctl(&["status"]).map_err(|e| anyhow::anyhow!("the local broker cannot be controlled: {e}"))?;
+    Ok(true)
 }
 
 /// Whether the suites may stop the broker: a local RabbitMQ. A remote
@@ -180,7 +198,7 @@ impl DiskAlarm {
         // The limit in force (`set_disk_free_limit` changes it, not the
         // configured one).
         let restore = vec![eval("rabbit_disk_monitor:get_disk_free_limit().")?.trim().to_string()];
-        rabbitmqctl(&["set_disk_free_limit", ALARM_LIMIT])?;
+        set_disk_free_limit(&[ALARM_LIMIT.to_string()])?;
         let alarm = DiskAlarm { restore, raised: true };
         crate::eventually("the broker's free-disk alarm", || alarms().ok()?.contains("disk").then_some(()))?;
         Ok(alarm)
@@ -191,9 +209,7 @@ impl DiskAlarm {
     pub fn clear_left() -> Result<()> {
         if eval("rabbit_disk_monitor:get_disk_free_limit().")?.trim() == ALARM_LIMIT {
             let configured = parse_disk_free_limit(&eval("application:get_env(rabbit, disk_free_limit).")?)?;
-            let args: Vec<&str> =
-                std::iter::once("set_disk_free_limit").chain(configured.iter().map(String::as_str)).collect();
-            rabbitmqctl(&args)?;
+            set_disk_free_limit(&configured)?;
             eprintln!(
                 "the broker's free-disk limit was left at {ALARM_LIMIT} by a killed test: put back to {configured:?}"
             );
@@ -204,44 +220,33 @@ impl DiskAlarm {
     /// Puts the limit back and waits until the broker reports no alarm.
     pub fn clear(mut self) -> Result<()> {
         self.raised = false;
-        self.put_back()?;
+        set_disk_free_limit(&self.restore)?;
         crate::eventually("the broker's free-disk alarm to clear", || (!alarms().ok()?.contains("disk")).then_some(()))
-    }
-
-    fn put_back(&self) -> Result<()> {
-        let args: Vec<&str> =
-            std::iter::once("set_disk_free_limit").chain(self.restore.iter().map(String::as_str)).collect();
-        rabbitmqctl(&args)
     }
 }
 
 impl Drop for DiskAlarm {
     fn drop(&mut self) {
         if self.raised {
-            let _ = self.put_back();
+            let _ = set_disk_free_limit(&self.restore);
         }
     }
 }
 
+/// `rabbitmqctl set_disk_free_limit` with `limit` (its arguments).
+fn set_disk_free_limit(limit: &[String]) -> Result<()> {
+    let args: Vec<&str> = std::iter::once("set_disk_free_limit").chain(limit.iter().map(String::as_str)).collect();
+    rabbitmqctl(&args)
+}
+
 /// What `rabbitmqctl eval` prints for `expr`.
 fn eval(expr: &str) -> Result<String> {
-    let out = Command::new("rabbitmqctl").args(["eval", expr]).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").output()?;
-    anyhow::ensure!(out.status.success(), "rabbitmqctl eval {expr}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    control("rabbitmqctl", &["eval", expr])
 }
 
 /// The broker's alarms, as `rabbitmq-diagnostics alarms` words them.
 fn alarms() -> Result<String> {
-    let out = Command::new("rabbitmq-diagnostics")
-        .args(["-q", "alarms"])
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "rabbitmq-diagnostics alarms: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).to_lowercase())
+    Ok(control("rabbitmq-diagnostics", &["-q", "alarms"])?.to_lowercase())
 }
 
 /// `set_disk_free_limit` arguments for the value `rabbitmqctl eval` printed:

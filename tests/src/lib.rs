@@ -616,6 +616,27 @@ impl Deployment {
         topology::data_dir(self.dir.path(), cluster, id)
     }
 
+    /// `sns-node switchover` of `cluster` (to server `to`, or to the one
+    /// the coordinator picks) against this deployment's coordinator.
+    pub fn switchover_command(&self, cluster: u32, to: Option<u32>) -> std::process::Command {
+        let mut cmd = std::process::Command::new(bin("sns-node"));
+        cmd.args([
+            "switchover",
+            "-h",
+            "127.0.0.1",
+            "-k",
+            &self.coord_port.to_string(),
+            "--cluster",
+            &cluster.to_string(),
+        ])
+        .arg("--secret-file")
+        .arg(secret::file());
+        if let Some(to) = to {
+            cmd.args(["--to", &to.to_string()]);
+        }
+        cmd
+    }
+
     /// The coordinator's data directory.
     pub fn coordinator_dir(&self) -> PathBuf {
         topology::coordinator_dir(self.dir.path())

@@ -7,7 +7,7 @@
 //! suite's summary) only where AMQP_URL names a remote broker; a local
 //! broker it cannot control is a failure.
 
-use sns_e2e::broker::{StoppedBroker, rabbitmqctl};
+use sns_e2e::broker::StoppedBroker;
 use sns_e2e::load;
 use sns_e2e::nodes::{master_of, rt, server_node, status};
 use sns_e2e::{Deployment, check_convergence, eventually, feed_of_2_holds, spec_files};
@@ -17,14 +17,9 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn synchronizers_ride_through_a_broker_restart() -> anyhow::Result<()> {
-    if !sns_e2e::broker::local() {
-        sns_e2e::skip(
-            "synchronizers_ride_through_a_broker_restart",
-            "AMQP_URL names a remote broker, which this test must not restart",
-        );
+    if !sns_e2e::broker::local_or_skip("synchronizers_ride_through_a_broker_restart", "restart")? {
         return Ok(());
     }
-    rabbitmqctl(&["status"]).map_err(|e| anyhow::anyhow!("the local broker cannot be controlled: {e}"))?;
     let d = Deployment::start(2, 2)?;
     let rt = rt();
     let deadline = Instant::now() + Duration::from_secs(90);

@@ -57,7 +57,7 @@ use sns_e2e::nodes::{
     assert_exactly_once, assert_one_master_per_term, get_server, master_of, rt, running, server_node, status, table,
     wait_lease_from_current_run,
 };
-use sns_e2e::{Deployment, check_convergence, eventually_within, spec_files};
+use sns_e2e::{Deployment, KillOnDrop, check_convergence, eventually_within, spec_files};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -249,9 +249,7 @@ const RESTLESS: [Fault; 7] = [
 /// in [`Fault`]: `SilentBroker,KillMaster`), to soak a few; all of them
 /// when it is unset.
 fn only(list: &[Fault]) -> Vec<Fault> {
-    let Ok(names) = std::env::var("SNS_FAULT_ONLY") else { return list.to_vec() };
-    let names: Vec<&str> = names.split(',').map(str::trim).collect();
-    list.iter().copied().filter(|f| names.contains(&format!("{f:?}").as_str())).collect()
+    named("SNS_FAULT_ONLY", list).unwrap_or_else(|| list.to_vec())
 }
 
 /// The background faults to draw from, and whether every step holds one:
@@ -259,12 +257,21 @@ fn only(list: &[Fault]) -> Vec<Fault> {
 /// `BrokerOutOfDisk`), on every step, to soak a few; else all of them, on
 /// one step in three.
 fn backgrounds() -> (Vec<Background>, bool) {
-    let Ok(names) = std::env::var("SNS_FAULT_BACKGROUND") else { return (BACKGROUNDS.to_vec(), false) };
+    match named("SNS_FAULT_BACKGROUND", &BACKGROUNDS) {
+        Some(kinds) => {
+            assert!(!kinds.is_empty(), "SNS_FAULT_BACKGROUND names no background fault of {BACKGROUNDS:?}");
+            (kinds, true)
+        }
+        None => (BACKGROUNDS.to_vec(), false),
+    }
+}
+
+/// The items of `list` that the environment variable `var` names
+/// (comma-separated, as their `Debug` spells them); None when it is unset.
+fn named<T: Copy + std::fmt::Debug>(var: &str, list: &[T]) -> Option<Vec<T>> {
+    let names = std::env::var(var).ok()?;
     let names: Vec<&str> = names.split(',').map(str::trim).collect();
-    let kinds: Vec<Background> =
-        BACKGROUNDS.iter().copied().filter(|b| names.contains(&format!("{b:?}").as_str())).collect();
-    assert!(!kinds.is_empty(), "SNS_FAULT_BACKGROUND names no background fault: {names:?}");
-    (kinds, true)
+    Some(list.iter().copied().filter(|x| names.contains(&format!("{x:?}").as_str())).collect())
 }
 
 /// A fault held for the whole of a step's fault, so that two faults
@@ -755,25 +762,15 @@ fn hold(
 ) -> Result<Held> {
     let (m, s) = roles(rt, d, b).ok_or_else(|| anyhow!("cluster {b} has no master before the fault"))?;
     let which = if rng.below(2) == 0 { m } else { s };
-    if let Background::StopBroker = kind {
+    if matches!(kind, Background::StopBroker | Background::BrokerOutOfDisk) {
+        let stop = matches!(kind, Background::StopBroker);
+        let what = if stop { "broker stopped" } else { "broker out of disk" };
         if !sns_e2e::broker::local() {
-            return Ok(Held {
-                name: "meanwhile: broker stopped (left out: AMQP_URL names a remote broker)".into(),
-                undo: Undo::Nothing,
-            });
+            let name = format!("meanwhile: {what} (left out: AMQP_URL names a remote broker)");
+            return Ok(Held { name, undo: Undo::Nothing });
         }
-        let stopped = StoppedBroker::stop()?;
-        return Ok(Held { name: "meanwhile: broker stopped".into(), undo: Undo::Broker(stopped) });
-    }
-    if let Background::BrokerOutOfDisk = kind {
-        if !sns_e2e::broker::local() {
-            return Ok(Held {
-                name: "meanwhile: broker out of disk (left out: AMQP_URL names a remote broker)".into(),
-                undo: Undo::Nothing,
-            });
-        }
-        let alarm = DiskAlarm::raise()?;
-        return Ok(Held { name: "meanwhile: broker out of disk".into(), undo: Undo::Alarm(alarm) });
+        let undo = if stop { Undo::Broker(StoppedBroker::stop()?) } else { Undo::Alarm(DiskAlarm::raise()?) };
+        return Ok(Held { name: format!("meanwhile: {what}"), undo });
     }
     if let Background::SilenceBroker = kind {
         broker.silence();
@@ -1373,22 +1370,20 @@ fn strike(
                 cmd(d, &format!("pause server-{c}-{s}"))?;
             }
             // Asked from a process of its own: the restart cuts its call.
-            let mut asking = std::process::Command::new(sns_e2e::bin("sns-node"))
-                .args(["switchover", "-h", "127.0.0.1", "-k", &d.coord_port.to_string(), "--cluster", &c.to_string()])
-                .args(["--to", &s.to_string(), "--secret-file"])
-                .arg(sns_e2e::secret::file())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()?;
+            let mut asking = KillOnDrop(
+                d.switchover_command(c, Some(s))
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()?,
+            );
             let mut stepped_down = false;
             if hangs {
                 // Until the master stepped down (not at all when the
                 // coordinator had already missed the target and refused).
-                let until = Instant::now() + Duration::from_secs(2);
-                while Instant::now() < until && !stepped_down {
-                    stepped_down = rt.block_on(status(&old)).is_ok_and(|st| !st.is_master);
-                    std::thread::sleep(Duration::from_millis(2));
-                }
+                stepped_down = eventually_within("the master to step down", Duration::from_secs(2), || {
+                    rt.block_on(status(&old)).ok().filter(|st| !st.is_master).map(drop)
+                })
+                .is_ok();
                 std::thread::sleep(Duration::from_millis(rng.below(200)));
             } else {
                 std::thread::sleep(Duration::from_millis(rng.below(100)));
@@ -1399,15 +1394,11 @@ fn strike(
                 cmd(d, &format!("resume server-{c}-{s}"))?;
             }
             // The asking process may have reached the new run (then it
-            // waits for the switchover's end): bounded either way.
-            let asked = Instant::now() + HEAL;
-            while asking.try_wait()?.is_none() {
-                if Instant::now() > asked {
-                    let _ = asking.kill();
-                    bail!("sns-node switchover still waiting {HEAL:?} after the coordinator's restart");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            // waits for the switchover's end): bounded either way (killed
+            // when dropped).
+            eventually_within("sns-node switchover to end after the coordinator's restart", HEAL, || {
+                asking.0.try_wait().ok().flatten()
+            })?;
             progress(load, writer, 1 + rng.below(20) as usize)?;
             match (hangs, stepped_down) {
                 (true, true) => "switchover, target hangs, coordinator restarted after the master stepped down",

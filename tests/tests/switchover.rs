@@ -124,14 +124,7 @@ fn switchovers_under_load_lose_no_acknowledged_post() -> anyhow::Result<()> {
 
 /// Runs `sns-node switchover` against the deployment's coordinator.
 fn switchover_cli(d: &Deployment, cluster: u32, to: Option<u32>) -> anyhow::Result<std::process::Output> {
-    let mut cmd = std::process::Command::new(sns_e2e::bin("sns-node"));
-    cmd.args(["switchover", "-h", "127.0.0.1", "-k", &d.coord_port.to_string(), "--cluster", &cluster.to_string()])
-        .arg("--secret-file")
-        .arg(sns_e2e::secret::file());
-    if let Some(to) = to {
-        cmd.args(["--to", &to.to_string()]);
-    }
-    Ok(cmd.output()?)
+    Ok(d.switchover_command(cluster, to).output()?)
 }
 
 /// A switchover to a slave that is down, or back but not yet recorded in
