@@ -533,6 +533,27 @@ impl Deployment {
         Ok(procs)
     }
 
+    /// The ports (its own and its metrics port) of every process that is
+    /// up, by name, from the launcher's `status` line.
+    pub fn ports(&mut self) -> Result<BTreeMap<String, (u16, u16)>> {
+        self.command("status")?;
+        let text = self.out.text();
+        let line = text.lines().rev().find(|l| l.starts_with("status:")).ok_or_else(|| anyhow!("no status line"))?;
+        // `name=up(pid 123, port 456, metrics 789)`
+        let mut ports = BTreeMap::new();
+        for part in line.trim_start_matches("status:").split(")") {
+            let Some((name, rest)) = part.trim().split_once("=up(") else { continue };
+            let number = |key: &str| {
+                rest.split(", ").find_map(|w| w.strip_prefix(key)).and_then(|n| n.trim().parse::<u16>().ok())
+            };
+            let (Some(port), Some(metrics)) = (number("port "), number("metrics ")) else {
+                bail!("unexpected status entry {part:?}");
+            };
+            ports.insert(name.to_string(), (port, metrics));
+        }
+        Ok(ports)
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

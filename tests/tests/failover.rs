@@ -314,3 +314,37 @@ fn a_master_waiting_on_a_restarted_coordinator_keeps_its_cluster_served() -> any
     assert_one_master_per_term(&d);
     Ok(())
 }
+
+/// A stopped node's port stays its own until it starts again: the launcher
+/// reserves ports below the ephemeral range (where no outgoing connection
+/// or port-0 listener lands) and no other launcher hands them out, so a
+/// restart never meets "address already in use".
+#[test]
+fn a_stopped_nodes_port_waits_for_it() -> anyhow::Result<()> {
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|w| w.parse().ok()))
+        .unwrap_or(32_768);
+    let mut d = Deployment::start(1, 2)?;
+    let before = d.ports()?;
+    assert_eq!(before.len(), 5, "coordinator, two servers, two synchronizers: {before:?}");
+    let all =
+        |ports: &BTreeMap<String, (u16, u16)>| -> Vec<u16> { ports.values().flat_map(|(p, m)| [*p, *m]).collect() };
+    let mine = all(&before);
+    assert!(
+        mine.iter().all(|p| *p < ephemeral_low),
+        "ports {mine:?} reach into the ephemeral range from {ephemeral_low}"
+    );
+    d.command("stop server-1-2")?;
+    d.command("stop sync-1-2")?;
+    // Another launcher starting meanwhile gets other ports.
+    let mut other = Deployment::start(1, 1)?;
+    let theirs = all(&other.ports()?);
+    assert!(theirs.iter().all(|p| !mine.contains(p)), "{theirs:?} took some of {mine:?}");
+    drop(other);
+    d.command("start server-1-2")?;
+    d.command("start sync-1-2")?;
+    let after = d.ports()?;
+    assert_eq!(after, before, "every process is back on its ports");
+    Ok(())
+}

@@ -11,6 +11,7 @@
 
 pub mod console;
 mod cut;
+mod ports;
 
 use crate::cli::{LocalArgs, parse_deployment};
 use crate::error::{Error, Result};
@@ -34,7 +35,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 struct Proc {
     plan: Process,
     port: u16,
-    /// Its `GET /metrics` port: any free one at first, kept across restarts.
+    /// Its `GET /metrics` port: reserved (or any free one) at first, kept
+    /// across restarts.
     metrics_port: u16,
     child: Option<Child>,
     /// A server: the loopback address its own connections leave from
@@ -47,6 +49,9 @@ struct Launcher {
     dir: PathBuf,
     coord_port: u16,
     procs: BTreeMap<String, Proc>,
+    /// The free ports handed out (`--base-port 0`), held for the
+    /// launcher's life so that a restarted node finds its port free.
+    reserved: Option<ports::Reserved>,
     /// Each server reaches the coordinator through its own relay, which
     /// `partition` cuts.
     relays: BTreeMap<String, Relay>,
@@ -135,6 +140,7 @@ pub async fn run(
         dir: dir.clone(),
         coord_port: 0,
         procs: BTreeMap::new(),
+        reserved: None,
         relays: BTreeMap::new(),
         cuts: cut::Cuts::new(),
         queue_type: args.queue_type,
@@ -152,6 +158,7 @@ pub async fn run(
         };
         l.procs.insert(p.name.clone(), Proc { port: p.port, metrics_port: 0, plan: p, child: None, source });
     }
+    l.reserve_ports();
     let result = async {
         l.start("coordinator").await?;
         l.coord_port = l.procs["coordinator"].port;
@@ -238,6 +245,34 @@ pub async fn run(
 }
 
 impl Launcher {
+    /// Gives every process without a fixed port (and every metrics port) a
+    /// reserved one; where none can be reserved, the OS picks one at the
+    /// first start, as before (a restart may then find it taken).
+    fn reserve_ports(&mut self) {
+        let wanted = self.procs.values().map(|p| usize::from(p.port == 0) + usize::from(p.metrics_port == 0)).sum();
+        if wanted == 0 {
+            return;
+        }
+        let reserved = match ports::reserve(wanted) {
+            Ok(r) => r,
+            Err(e) => {
+                println!(
+                    "warning: no ports reserved ({e}); the system picks them, and a restarted node may find its port taken"
+                );
+                return;
+            }
+        };
+        let mut free = reserved.ports.iter().copied();
+        for proc in self.procs.values_mut() {
+            for port in [&mut proc.port, &mut proc.metrics_port] {
+                if *port == 0 {
+                    *port = free.next().unwrap_or(0);
+                }
+            }
+        }
+        self.reserved = Some(reserved);
+    }
+
     fn log_path(&self, name: &str) -> PathBuf {
         self.dir.join("logs").join(format!("{name}.log"))
     }
