@@ -165,8 +165,10 @@ fn a_broker_certificate_from_an_unknown_ca_is_refused() -> anyhow::Result<()> {
 fn the_health_port_answers_probes_in_plain_text_beside_a_tls_port() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let tls = sns_node::tls::ensure_local(dir.path())?;
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
-    let health_port = free()?;
+    // Reserved as the launcher reserves its ports: no other test's
+    // listener or connection can take it before the coordinator binds it.
+    let reserved = sns_node::launcher::ports::reserve(1).map_err(anyhow::Error::msg)?;
+    let health_port = reserved.ports[0];
     let port_file = dir.path().join("port");
     let coordinator = std::process::Command::new(sns_e2e::bin("sns-node"))
         .args(["coordinator", "-p", "0", "--bind", "127.0.0.1", "--clusters", "1"])

@@ -11,7 +11,7 @@
 
 pub mod console;
 mod cut;
-mod ports;
+pub mod ports;
 
 use crate::cli::{LocalArgs, parse_deployment};
 use crate::error::{Error, Result};
