@@ -33,6 +33,11 @@ pub struct DeploymentSpec {
     /// (`--resend-after`; None: the server's default, 3 s).
     #[serde(default)]
     pub resend_after_millis: Option<u64>,
+    /// Journal size in bytes at which a server rewrites its journal as one
+    /// snapshot of its state (`--compact-at`; None: the server's default,
+    /// 64 MiB).
+    #[serde(default)]
+    pub compact_at_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -72,6 +77,7 @@ impl Default for DeploymentSpec {
             disk_stall_limit_millis: None,
             commit_delay_millis: None,
             resend_after_millis: None,
+            compact_at_bytes: None,
         }
     }
 }
@@ -101,6 +107,11 @@ impl DeploymentSpec {
             && !(1_000..=3_600_000).contains(&ms)
         {
             return Err(format!("resendAfterMillis must be 1000..=3600000, not {ms}"));
+        }
+        if let Some(bytes) = self.compact_at_bytes
+            && bytes < crate::store::log::COMPACT_AT_MIN
+        {
+            return Err(format!("compactAtBytes must be at least {}, not {bytes}", crate::store::log::COMPACT_AT_MIN));
         }
         Ok(())
     }
@@ -247,6 +258,9 @@ pub fn plan(spec: &DeploymentSpec, opts: &PlanOptions) -> Vec<Process> {
             if let Some(ms) = spec.resend_after_millis {
                 args.extend(["--resend-after".to_string(), format!("{ms}ms")]);
             }
+            if let Some(bytes) = spec.compact_at_bytes {
+                args.extend(["--compact-at".to_string(), bytes.to_string()]);
+            }
             common(&mut args);
             out.push(Process { name: pod, role, port: p, args });
         }
@@ -344,6 +358,7 @@ mod tests {
             disk_stall_limit_millis: Some(2_500),
             commit_delay_millis: Some(3),
             resend_after_millis: Some(4_000),
+            compact_at_bytes: Some(8_192),
             ..DeploymentSpec::default()
         };
         for p in plan(&spec, &opts(9000)) {
@@ -362,6 +377,7 @@ mod tests {
                     assert_eq!(cfg.disk_stall_limit, Some(std::time::Duration::from_millis(2_500)));
                     assert_eq!(cfg.commit_delay, std::time::Duration::from_millis(3));
                     assert_eq!(cfg.resend_after, std::time::Duration::from_secs(4));
+                    assert_eq!(cfg.compact_at, 8_192);
                 }
                 (Command::Synchronizer(s), Role::Synchronizer { cluster, server, id }) => {
                     let cfg = s.config().unwrap();
@@ -398,6 +414,10 @@ mod tests {
         assert!(err.contains("commitDelayMillis must be 0..=100"), "{err}");
         let err = parse_sns_cluster("kind: SnsCluster\nspec:\n  resendAfterMillis: 999\n").unwrap_err();
         assert!(err.contains("resendAfterMillis must be 1000..=3600000"), "{err}");
+        let compacting = parse_sns_cluster("kind: SnsCluster\nspec:\n  compactAtBytes: 1048576\n").unwrap();
+        assert_eq!(compacting.spec.compact_at_bytes, Some(1 << 20));
+        let err = parse_sns_cluster("kind: SnsCluster\nspec:\n  compactAtBytes: 4095\n").unwrap_err();
+        assert!(err.contains("compactAtBytes must be at least 4096"), "{err}");
         assert!(parse_sns_cluster("kind: [").is_err());
     }
 }

@@ -96,6 +96,14 @@ pub struct SnsClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1000, max = 3600000))]
     pub resend_after_millis: Option<u64>,
+    /// Journal size in bytes at which a server rewrites its journal as one
+    /// snapshot of its state, when that is smaller, and again each time the
+    /// journal doubles after that (default 67108864, 64 MiB; at least 4096).
+    /// Smaller keeps volumes smaller and restarts faster, at the cost of
+    /// more rewrites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 4096))]
+    pub compact_at_bytes: Option<u64>,
     /// Image with `sns-node` (default: the operator's own image).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -615,6 +623,7 @@ impl SnsClusterSpec {
             disk_stall_limit_millis: self.disk_stall_limit_millis,
             commit_delay_millis: self.commit_delay_millis,
             resend_after_millis: self.resend_after_millis,
+            compact_at_bytes: self.compact_at_bytes,
         }
     }
 

@@ -97,6 +97,7 @@ pub async fn run(
                 // The servers take these from the environment.
                 commit_delay_millis: None,
                 resend_after_millis: None,
+                compact_at_bytes: None,
             };
             spec.validate().map_err(Error::Config)?;
             (spec, None)

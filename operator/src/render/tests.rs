@@ -107,7 +107,8 @@ fn server_and_synchronizer_run_exactly_the_plans_command_lines() {
             "heartbeat": {"intervalMillis": 1000},
             "diskStallLimitMillis": 20000,
             "commitDelayMillis": 2,
-            "resendAfterMillis": 15000
+            "resendAfterMillis": 15000,
+            "compactAtBytes": 1048576
         }),
     );
     let r = render(&obj, &opts()).unwrap();
@@ -137,6 +138,8 @@ fn server_and_synchronizer_run_exactly_the_plans_command_lines() {
         assert!(args.iter().all(|a| !a.contains('{')), "{args:?}");
         let stall = args.windows(2).any(|w| w == ["--disk-stall-limit", "20000ms"]);
         assert_eq!(stall, container_name == "server", "only servers journal: {args:?}");
+        let compact = args.windows(2).any(|w| w == ["--compact-at", "1048576"]);
+        assert_eq!(compact, container_name == "server", "only servers compact a journal: {args:?}");
         assert_eq!(c.ports.as_ref().unwrap()[0].container_port, i32::from(p.port));
         // Probed on its plain-text health port, a port of its own beside
         // the node's (the two containers share the pod's network).
