@@ -233,6 +233,23 @@ impl Inputs<'_> {
         {
             return Step::Paused(format!("cluster {c}'s master is server {m}, which the scale-down removes first"));
         }
+        // A server the spec no longer wants must be gone, and recorded out
+        // of sync by its master, before any pod is replaced: a staying
+        // server updated while the leaving one still runs could see it
+        // promoted in its place just before it goes, and a master restarted
+        // while its removed slave still counts as in sync waits for that
+        // slave (it may hold writes the master's disk lost), which never
+        // comes back. Its master records it out of sync at its next write,
+        // or after ten heartbeats (at least 10 s) without one.
+        if let Some(n) = self.table.iter().find(|n| {
+            n.kind == NodeKind::Server && !self.wanted.contains_key(&(n.cluster, n.id)) && (n.alive || n.in_sync)
+        }) {
+            let why = if n.alive { "still runs" } else { "is gone, not yet recorded out of sync by its master" };
+            return Step::Wait(format!(
+                "the scale-down removes {} first: it {why}",
+                self.names.server_pod(n.cluster, n.id)
+            ));
+        }
         let master = master_of(cluster);
         let in_cluster: Vec<u32> = old.iter().filter(|(c, _)| *c == cluster).map(|(_, s)| *s).collect();
         if let Some(&server) = in_cluster.iter().find(|s| Some(**s) != master) {
@@ -452,6 +469,34 @@ mod tests {
         table[3].is_master = true;
         let p = plan(&wanted(2, 1), &old_pods(2, 1), &table, &names());
         assert_eq!(p.step, Step::Paused("cluster 2's master is server 2, which the scale-down removes first".into()));
+    }
+
+    #[test]
+    fn a_staying_server_is_updated_only_once_the_removed_one_is_gone_and_out_of_sync() {
+        // Scaled from two servers per cluster to one: every staying server
+        // runs an old template (its synchronizer is told the new count).
+        let names = names();
+        let (w, pods) = (wanted(2, 1), old_pods(2, 1));
+        let mut table = healthy_table(2, 2);
+        let step = |table: &[NodeView]| plan(&w, &pods, table, &names).step;
+        let waits = |table: &[NodeView]| match step(table) {
+            Step::Wait(why) => why,
+            other => panic!("not waiting: {other:?}"),
+        };
+        // Both still run: nothing is replaced in the poll that removes them.
+        assert_eq!(waits(&table), "the scale-down removes demo-server-1-2-0 first: it still runs");
+        assert!(partitions(&w, &pods, Some(&step(&table))).values().all(|p| *p == 1));
+        // Gone, but still counted in sync: a restarted master would wait
+        // for it.
+        for n in table.iter_mut().filter(|n| n.id == 2) {
+            n.alive = false;
+        }
+        assert!(waits(&table).contains("demo-server-1-2-0 first: it is gone, not yet recorded out of sync"));
+        table[1].in_sync = false;
+        assert!(waits(&table).contains("demo-server-2-2-0 first: it is gone"));
+        // Both recorded out of sync: the staying servers are updated.
+        table[3].in_sync = false;
+        assert_eq!(step(&table), Step::Update { cluster: 1, server: 1, pod: "demo-server-1-1-0".into() });
     }
 
     #[test]

@@ -653,6 +653,56 @@ async fn scale_down_moves_a_master_off_the_server_it_removes_first() {
     assert_eq!(first_status.clusters[1].master.as_deref(), Some("demo-server-2-1-0"));
 }
 
+/// Scaled from two servers per cluster to one: the staying servers' pods
+/// (their synchronizers are told the new count) are replaced only once
+/// the leaving servers are gone and recorded out of sync, never in the
+/// poll that removes them (a master restarted meanwhile would wait for its
+/// removed slave, or see it promoted just before it goes).
+#[tokio::test]
+async fn scale_down_updates_the_staying_servers_only_after_the_leaving_ones_are_gone_and_out_of_sync() {
+    let obj = cluster("demo", json!({"clusters": 2, "serversPerCluster": 1}));
+    let wanted = rollout::wanted_hashes(
+        &render::render(&obj, &RenderOptions { default_image: "ghcr.io/example/tiny-sns:test".into() }).unwrap(),
+    );
+    assert_eq!(wanted.len(), 2);
+    let pods: Vec<Pod> = wanted.keys().map(|&(c, s)| crate::fixtures::rolled_pod("demo", c, s, "old", true)).collect();
+    let world = World {
+        statefulsets: vec![server_sts(1, 2), server_sts(2, 2)],
+        pods,
+        secret_exists: true,
+        ..Default::default()
+    };
+    let mock = Mock::new(world, Some(healthy_table(2, 2)));
+    let obj = Arc::new(finalized(obj));
+    reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+    // Then gone, but still in sync by the coordinator.
+    let mut table = healthy_table(2, 2);
+    for n in table.iter_mut().filter(|n| n.id == 2) {
+        n.alive = false;
+    }
+    mock.set_table(Some(table.clone()));
+    mock.change_world(|w| w.statefulsets.clear());
+    reconcile(obj.clone(), mock.ctx.clone()).await.unwrap();
+    // Then recorded out of sync.
+    for n in table.iter_mut().filter(|n| n.id == 2) {
+        n.in_sync = false;
+    }
+    mock.set_table(Some(table));
+    reconcile(obj, mock.ctx.clone()).await.unwrap();
+    let calls = mock.calls().await;
+    let polls: Vec<usize> =
+        calls.iter().enumerate().filter(|(_, c)| c.line() == format!("GET {NS}/pods")).map(|(i, _)| i).collect();
+    assert_eq!(polls.len(), 3);
+    let (first, second, third) = (&calls[..polls[1]], &calls[polls[1]..polls[2]], &calls[polls[2]..]);
+    let deletes = first.iter().filter(|c| c.method == "DELETE" && c.uri.contains("/statefulsets/")).count();
+    assert_eq!(deletes, 2, "both leaving servers removed");
+    assert_eq!(partitions(first), [("1-1", 1), ("2-1", 1)], "no staying pod replaced in the poll that removes them");
+    assert!(partitions(second).iter().all(|(_, p)| *p == 1), "held: {:?}", partitions(second));
+    let r = status_of(second.last().unwrap()).rollout.unwrap();
+    assert!(r.message.contains("removes demo-server-1-2-0 first"), "{}", r.message);
+    assert!(partitions(third).contains(&("1-1", 0)), "let go once out of sync: {:?}", partitions(third));
+}
+
 #[tokio::test]
 async fn scale_down_keeps_the_only_server_holding_every_write() {
     // Cluster 1: server 2 is master and server 1 is behind.
