@@ -86,13 +86,16 @@ fn reserve_in(dir: &Path, range: Range<u16>, count: usize, start: usize) -> Resu
     Ok(got)
 }
 
-/// The block's lock, or None when another launcher holds it.
+/// The block's lock, or None when another launcher holds it. Never
+/// through a symbolic link: the directory may be shared with other users.
 fn claim(path: &PathBuf) -> Result<Option<File>, String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     match file.try_lock() {
@@ -143,6 +146,16 @@ mod tests {
         let got = reserve_in(dir.path(), range, 1, 0).unwrap();
         assert_ne!(got.ports[0], port);
         assert!(is_free(got.ports[0]));
+    }
+
+    #[test]
+    fn a_lock_file_that_is_a_link_is_not_followed() {
+        let dir = dir();
+        let target = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&target, dir.path().join("20000")).unwrap();
+        let err = reserve_in(dir.path(), 20_000..20_000 + BLOCK, 1, 0).unwrap_err();
+        assert!(err.contains("20000"), "{err}");
+        assert!(!target.exists(), "nothing made through the link");
     }
 
     #[test]
