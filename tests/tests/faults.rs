@@ -4,7 +4,8 @@
 //! journal failed after its forward, a hung disk, a server killed on a hung
 //! disk, a hung slave and then its master killed, a journal damaged in the
 //! middle, a master that lost the tail of its journal, a coordinator on a
-//! hung disk, a master cut off from the coordinator, a master and its slave
+//! hung disk (also during a switchover), a master cut off from the
+//! coordinator, a master and its slave
 //! cut off from each other, writes retried after a failover. Real
 //! processes, real files, real ENOSPC from a small tmpfs, a real frozen
 //! file system, real flipped bytes; every wait polls with a deadline.
@@ -925,6 +926,71 @@ fn a_coordinator_on_a_hung_disk_when_the_slave_dies_lets_the_master_acknowledge_
     d.command(&format!("start server-1-{s}"))?;
     wait_in_sync(&rt, &d, s)?;
     all_once_and_identical(&d, [before.acked, vec![text.to_string()], during.acked].concat())
+}
+
+/// A switchover asked while the coordinator's disk hangs (frozen: the
+/// promotion's records write neither ends nor fails). The master has
+/// stepped down and the promotion may still land, so the coordinator can
+/// neither give the role back nor promote anyone: the cluster has no
+/// master until the disk answers (a limit in the README), and nobody
+/// acknowledges a write meanwhile. Once the disk answers the promotion
+/// lands under a newer term, the post sent meanwhile is acknowledged when
+/// retried with its id, and every post is exactly once.
+#[test]
+fn a_switchover_asked_while_the_coordinators_disk_hangs_acknowledges_nothing_until_the_promotion_lands()
+-> anyhow::Result<()> {
+    const ID: u64 = 9_000_000_301;
+    let test = "a_switchover_asked_while_the_coordinators_disk_hangs_acknowledges_nothing_until_the_promotion_lands";
+    let builder = Deployment::builder().freezable_coordinator();
+    let Some((d, rt)) = cluster_or_skip(test, builder, "a hung disk needs a loop mount")? else {
+        return Ok(());
+    };
+    let (m, s, term) = pair(&rt, &d)?;
+    wait_in_sync(&rt, &d, s)?;
+    let before = posts(&rt, &d, 10);
+    let mut open = rt.block_on(session(d.coord_port, 1))?;
+    let text = "1-while-the-switchover-waits-for-the-disk";
+    let stalls = |d: &Deployment| d.log("coordinator").matches("has not finished").count();
+    let stalled = stalls(&d);
+    d.freeze_coordinator()?;
+    let hung = (|| {
+        let switchover = d
+            .switchover_command(1, Some(s))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        eventually("the coordinator to say its records write hangs", || (stalls(&d) > stalled).then_some(()))?;
+        // The old master stepped down: the post is not acknowledged, by it
+        // or by anyone.
+        let (tx, inbound) = &mut open;
+        tx.send(Message { username: "1".into(), msg: text.into(), timestamp: None, post_id: ID })?;
+        let acked = rt.block_on(load::await_ack(inbound, ID, Duration::from_secs(3)));
+        let master = rt.block_on(master_of(d.coord_port, 1));
+        let slave = rt.block_on(server_node(d.coord_port, 1, s)).filter(|n| n.alive);
+        let st = rt.block_on(status(&slave.ok_or_else(|| anyhow::anyhow!("the target is not live"))?))?;
+        anyhow::Ok((switchover, acked, master, st))
+    })();
+    d.thaw_coordinator()?;
+    let (switchover, acked_while_hung, master_while_hung, target) = hung?;
+    assert!(!acked_while_hung, "a write was acknowledged while the cluster's master was being changed");
+    assert_eq!(master_while_hung, None, "the coordinator routes to no master while the promotion is unrecorded");
+    assert!(!target.is_master && target.term == term, "promoted without a record of it: {target:?}");
+    let new_term = wait_master(&rt, &d, 1, s, term)?;
+    let out = switchover.wait_with_output()?;
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // Done, or still under way when the command stopped waiting; never
+    // abandoned, since the promotion landed.
+    assert!(out.status.success() || said.contains("still under way"), "{said}");
+    eventually("the post to be acknowledged when retried", || {
+        let mut open = rt.block_on(session(d.coord_port, 1)).ok()?;
+        rt.block_on(post_on(&mut open, 1, text, ID)).then_some(())
+    })?;
+    let during = posts(&rt, &d, 5);
+    wait_in_sync(&rt, &d, m)?;
+    assert_eq!(rt.block_on(master_of(d.coord_port, 1)), Some((s, new_term)));
+    all_once_and_identical(&d, [before.acked, vec![text.to_string()], during.acked].concat())?;
+    assert_one_master_per_term(&d);
+    Ok(())
 }
 
 /// The coordinator hangs (SIGSTOP) until the master's lease runs out, and
