@@ -3,7 +3,8 @@
 //! (in the author's cluster and in others) exactly where they belong, with
 //! the client's time displayed; a post reaches only the clusters with
 //! followers of its author; and events the broker loses after confirming
-//! them reach their cluster all the same.
+//! them reach their cluster all the same; a timeline reader that stopped
+//! reading gets every post in order once it reads again.
 
 use sns_e2e::broker::Broker;
 use sns_e2e::load;
@@ -514,5 +515,68 @@ fn a_queue_held_by_a_paused_consumer_is_not_taken_for_an_idle_receiver() -> anyh
             "cluster 1 published again events waiting in cluster 2's queue (server 1/{s})"
         );
     }
+    Ok(())
+}
+
+/// A reader that stops reading its timeline for a while (a slow link, a
+/// laptop lid closed) falls behind the live posts by more than the server
+/// buffers for it. It used to miss the posts beyond that, silently (a log
+/// line on the server); now its stream reads what it missed from its feed:
+/// once it reads again it gets every post of every followee, in order,
+/// once each.
+#[test]
+fn a_timeline_reader_that_stopped_reading_gets_every_post_in_order() -> anyhow::Result<()> {
+    const WRITERS: [u32; 3] = [1, 3, 4];
+    const EACH: usize = 1_500;
+    let d = Deployment::start(1, 1)?;
+    let rt = rt();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut inbound = rt.block_on(async {
+        for w in WRITERS {
+            load::follow_until_done(d.coord_port, 2, w, deadline).await?;
+        }
+        let mut sns = load::attach(d.coord_port, 2).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(Message { username: "2".into(), ..Default::default() })?;
+        let inbound = sns.timeline(UnboundedReceiverStream::new(rx)).await?.into_inner();
+        anyhow::Ok((inbound, tx, sns))
+    })?;
+    // Posts of about 3 KB, so that HTTP/2's windows and buffers hold few
+    // of them and the server's own buffer for the reader overflows.
+    let reports = rt.block_on(async {
+        let writers = WRITERS.map(|w| {
+            let stop = Arc::new(AtomicBool::new(false));
+            tokio::spawn(load::writer_padded(d.coord_port, w, stop, EACH, deadline, Arc::default(), 3_000))
+        });
+        let mut reports = Vec::new();
+        for w in writers {
+            reports.push(w.await?);
+        }
+        anyhow::Ok(reports)
+    })?;
+    for r in &reports {
+        assert_eq!(r.acked.len(), EACH, "user {} acknowledged {} posts", r.user, r.acked.len());
+    }
+    // Now it reads: every post, each author's in the order acknowledged.
+    let mut got: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let total = WRITERS.len() * EACH;
+    let mut received = 0;
+    rt.block_on(async {
+        while received < total {
+            let Ok(next) = tokio::time::timeout(Duration::from_secs(10), inbound.0.message()).await else {
+                break;
+            };
+            let m = next?.ok_or_else(|| anyhow::anyhow!("the stream ended"))?;
+            got.entry(m.username.clone()).or_default().push(m.msg);
+            received += 1;
+        }
+        anyhow::Ok(())
+    })?;
+    for r in &reports {
+        let seen = got.remove(&r.user.to_string()).unwrap_or_default();
+        assert_eq!(seen.len(), r.acked.len(), "user {}'s posts reached the reader {} times", r.user, seen.len());
+        assert!(seen == r.acked, "user {}'s posts came out of order or changed", r.user);
+    }
+    assert!(got.is_empty(), "posts of users it does not follow: {:?}", got.keys());
     Ok(())
 }

@@ -5,6 +5,7 @@ use super::Node;
 use crate::error::Error;
 use crate::ids::parse_user;
 use crate::net::now_ms;
+use crate::store::LIVE_BUFFER;
 use crate::store::codec::check_post_text;
 use crate::store::state::{Change, Outcome, Post};
 use futures_util::StreamExt as _;
@@ -13,8 +14,7 @@ use sns_proto::csce438::{ListReply, Message, Reply, Request as SnsRequest};
 use std::pin::Pin;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -148,7 +148,7 @@ impl SnsService for Sns {
         if !self.node.read(|s| s.has_user(user)) {
             return Err(Status::not_found(format!("{}: user {user} has not logged in", Outcome::NotExists.as_str())));
         }
-        let (backlog, live) = self.node.store().subscribe(user);
+        let (backlog, live, next) = self.node.store().subscribe(user);
         // Acknowledgements and refusals of the client's posts.
         let (tx, rx) = mpsc::channel(64);
         // A first message with text is a post as well as the opening.
@@ -158,7 +158,7 @@ impl SnsService for Sns {
             take_posts(self.node.clone(), user, first, inbound, tx),
             posts_span,
         ));
-        let posts = feed_stream(backlog, live);
+        let posts = feed_stream(self.node.clone(), user, backlog, live, next);
         let out = tokio_stream::StreamExt::merge(posts, ReceiverStream::new(rx));
         // The stream ends, telling the client to ask again, the moment this
         // server stops serving (lease lost, replaced, disk failed).
@@ -211,19 +211,59 @@ fn stop_serving(node: Node) -> futures_util::future::Shared<futures_util::future
 
 /// The backlog, then live feed posts, polled straight by the connection
 /// (no task in between: a post wakes the stream that sends it, and posts
-/// that landed together go out in one write).
+/// that landed together go out in one write). Each live post carries its
+/// index in the reader's feed: a reader that fell more than
+/// [`LIVE_BUFFER`] posts behind (a slow link, a client that stopped
+/// reading for a while) gets what it missed from the feed itself, in
+/// order, before the live posts again, so it never silently misses one.
 fn feed_stream(
+    node: Node,
+    user: u32,
     backlog: Vec<Post>,
-    live: broadcast::Receiver<Post>,
+    live: broadcast::Receiver<(usize, Post)>,
+    next: usize,
 ) -> impl Stream<Item = Result<Message, Status>> + Send + 'static {
-    let live = BroadcastStream::new(live).filter_map(|r| {
-        std::future::ready(match r {
-            Ok(p) => Some(Ok(to_message(&p))),
-            Err(BroadcastStreamRecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "timeline reader too slow; skipped posts");
-                None
+    struct Live {
+        node: Node,
+        user: u32,
+        rx: broadcast::Receiver<(usize, Post)>,
+        /// Feed index of the next post to send.
+        next: usize,
+        /// Read from the feed, not yet sent.
+        read: std::collections::VecDeque<Post>,
+        /// Missed live posts: read the feed from `next` on.
+        behind: bool,
+    }
+    let live = Live { node, user, rx: live, next, read: Default::default(), behind: false };
+    let live = futures_util::stream::unfold(live, |mut l| async move {
+        loop {
+            if let Some(post) = l.read.pop_front() {
+                return Some((Ok(to_message(&post)), l));
             }
-        })
+            if l.behind {
+                let posts = l.node.store().feed_from(l.user, l.next, LIVE_BUFFER);
+                l.next += posts.len();
+                l.behind = !posts.is_empty();
+                l.read.extend(posts);
+                continue;
+            }
+            match l.rx.recv().await {
+                // Already read from the feed.
+                Ok((at, _)) if at < l.next => {}
+                Ok((at, post)) if at == l.next => {
+                    l.next += 1;
+                    return Some((Ok(to_message(&post)), l));
+                }
+                // A post between the last one sent and this one never came
+                // live: the feed has it.
+                Ok(_) => l.behind = true,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(user = l.user, missed, "timeline reader fell behind: reading the feed");
+                    l.behind = true;
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
     });
     tokio_stream::iter(backlog.into_iter().map(|p| Ok(to_message(&p)))).chain(live)
 }

@@ -33,9 +33,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::broadcast;
 
-/// Live posts a slow timeline reader may fall behind by before it misses
-/// some; a person reads far fewer than this between two screen refreshes.
-const LIVE_BUFFER: usize = 1024;
+/// Live posts a slow timeline reader may fall behind by before its stream
+/// reads the rest from the feed instead (see [`Store::feed_from`]); a
+/// person reads far fewer than this between two screen refreshes.
+pub const LIVE_BUFFER: usize = 1024;
 
 pub const JOURNAL_FILE: &str = "journal.log";
 /// Present while a cut torn tail is unsettled: it says what was cut, and
@@ -49,7 +50,7 @@ pub const TAIL_CUT_FILE: &str = "journal.cut";
 pub struct Store {
     dir: PathBuf,
     state: State,
-    live: HashMap<u32, broadcast::Sender<Post>>,
+    live: HashMap<u32, broadcast::Sender<(usize, Post)>>,
     dirty: Dirty,
     /// How many records each user's timeline / feed file holds.
     on_disk: HashMap<(u32, PostFile), usize>,
@@ -292,10 +293,10 @@ impl Store {
             let effects = self.state.apply(entry);
             for effect in &effects {
                 self.note(effect);
-                if let Effect::Feed { user, post, .. } = effect
+                if let Effect::Feed { user, post, at } = effect
                     && let Some(tx) = self.live.get(user)
                 {
-                    let _ = tx.send(post.clone());
+                    let _ = tx.send((*at, post.clone()));
                 }
             }
             all.extend(effects);
@@ -397,12 +398,19 @@ impl Store {
         ViewWrite::Append(self.path(user, suffix), text)
     }
 
-    /// The timeline backlog of `user` and a receiver of its later feed
-    /// posts, taken together so no post falls between the two.
-    pub fn subscribe(&mut self, user: u32) -> (Vec<Post>, broadcast::Receiver<Post>) {
+    /// The timeline backlog of `user`, a receiver of its later feed posts
+    /// (each with its index in the feed) and the index the first of them
+    /// will have, taken together so no post falls between the two.
+    pub fn subscribe(&mut self, user: u32) -> (Vec<Post>, broadcast::Receiver<(usize, Post)>, usize) {
         self.live.retain(|_, tx| tx.receiver_count() > 0);
         let rx = self.live.entry(user).or_insert_with(|| broadcast::channel(LIVE_BUFFER).0).subscribe();
-        (self.state.backlog(user), rx)
+        (self.state.backlog(user), rx, self.state.feed(user).len())
+    }
+
+    /// Up to `most` posts of `user`'s feed from index `from` on: what a
+    /// live stream that fell more than [`LIVE_BUFFER`] posts behind missed.
+    pub fn feed_from(&self, user: u32, from: usize, most: usize) -> Vec<Post> {
+        self.state.feed(user).iter().skip(from).take(most).map(|i| i.post.clone()).collect()
     }
 
     fn path(&self, user: u32, suffix: &str) -> PathBuf {
@@ -721,10 +729,15 @@ mod tests {
         s.commit(&Entry::Remote(user2), true).unwrap();
         local(&mut s, Change::Relation { follower: 4, followee: 1, follow: true, at_ms: 0 });
         local(&mut s, Change::Post(Post { user: 1, text: "p11".into(), at_ms: 1_744_336_636_000, client_id: 0 }));
-        let (backlog, mut rx) = s.store.subscribe(4);
-        assert_eq!(backlog.len(), 1);
+        let (backlog, mut rx, next) = s.store.subscribe(4);
+        assert_eq!((backlog.len(), next), (1, 1));
         local(&mut s, Change::Post(Post { user: 1, text: "p12".into(), at_ms: 1_744_336_637_000, client_id: 0 }));
-        assert_eq!(&*rx.try_recv().unwrap().text, "p12");
+        let (at, post) = rx.try_recv().unwrap();
+        assert_eq!((at, &*post.text), (1, "p12"));
+        let missed: Vec<String> = s.store.feed_from(4, 0, 10).iter().map(|p| p.text.to_string()).collect();
+        assert_eq!(missed, ["p11", "p12"]);
+        assert_eq!(s.store.feed_from(4, 1, 10).len(), 1);
+        assert!(s.store.feed_from(4, 2, 10).is_empty());
         s.flush_views().unwrap();
 
         assert_eq!(read(&dir, "all_users.txt"), "1\n2\n4\n");

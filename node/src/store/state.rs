@@ -233,10 +233,11 @@ pub enum Effect {
         user: u32,
         post: Post,
     },
-    /// `post` was appended to `user`'s feed.
+    /// `post` was appended to `user`'s feed, at index `at` of it.
     Feed {
         user: u32,
         post: Post,
+        at: usize,
     },
     /// Everything was replaced (a snapshot was installed).
     Reset,
@@ -978,8 +979,9 @@ impl State {
     }
 
     fn add_to_feed(&mut self, reader: u32, post: &Post, follow: FollowId, effects: &mut Vec<Effect>) {
-        self.feeds.entry(reader).or_default().push(FeedItem { post: post.clone(), follow });
-        effects.push(Effect::Feed { user: reader, post: post.clone() });
+        let feed = self.feeds.entry(reader).or_default();
+        feed.push(FeedItem { post: post.clone(), follow });
+        effects.push(Effect::Feed { user: reader, post: post.clone(), at: feed.len() - 1 });
     }
 }
 
@@ -1171,9 +1173,11 @@ mod tests {
         n.local(rel(4, 1, true));
         n.local(rel(1, 1, true)); // never shows own posts
         let fx = n.local(post(1, "p11", -5));
-        assert!(
-            fx.contains(&Effect::Feed { user: 4, post: Post { user: 1, text: "p11".into(), at_ms: -5, client_id: 0 } })
-        );
+        assert!(fx.contains(&Effect::Feed {
+            user: 4,
+            post: Post { user: 1, text: "p11".into(), at_ms: -5, client_id: 0 },
+            at: 0
+        }));
         assert_eq!(n.state.backlog(4).iter().map(|p| &*p.text).collect::<Vec<_>>(), vec!["p11"]);
         assert!(n.state.backlog(7).is_empty());
         assert!(n.state.backlog(1).is_empty());
