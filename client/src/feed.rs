@@ -70,6 +70,7 @@ impl Session {
             input,
             console,
             seen: SeenPosts::default(),
+            position: 0,
             pending: PendingPosts::new(session_seed()),
             ended: false,
             entered: false,
@@ -84,6 +85,11 @@ struct Feed<'a, R, W> {
     input: &'a mut Input<R>,
     console: &'a mut Console<W>,
     seen: SeenPosts,
+    /// The feed position of the last post received (`feedPosition`; 0:
+    /// none yet, or a server that does not send it). A stream opened again
+    /// (after a failover) asks for the posts after it, so none made
+    /// meanwhile is missed, however many.
+    position: u64,
     /// Posts typed and not yet acknowledged: sent again after a failover.
     pending: PendingPosts<Message>,
     /// The input has ended: nothing more will be typed.
@@ -246,7 +252,7 @@ where
         // showing posts), and what is queued is what one person types.
         let (outbox, outgoing) = mpsc::unbounded_channel();
         // Cannot fail: the receiver is alive right here.
-        let _ = outbox.send(message(&self.user, String::new()));
+        let _ = outbox.send(Message { feed_position: self.position, ..message(&self.user, String::new()) });
         let rpc = session.config.timing.rpc;
         let mut server = session.server.clone();
         let opening = timeout(rpc, server.timeline(UnboundedReceiverStream::new(outgoing)));
@@ -293,7 +299,10 @@ where
                             closing = Some(Instant::now() + rpc);
                         }
                     }
-                    Ok(Some(post)) => show(post, &mut self.seen, self.console),
+                    Ok(Some(post)) => {
+                        self.position = self.position.max(post.feed_position);
+                        show(post, &mut self.seen, self.console);
+                    }
                     Ok(None) => return StreamEnd::Broken(Error::StreamEnded),
                     Err(status) => return StreamEnd::Broken(status.into()),
                 },
@@ -322,7 +331,13 @@ where
 
 /// A timeline message from `user`, stamped now.
 fn message(user: &str, text: String) -> Message {
-    Message { username: user.to_owned(), msg: text, timestamp: Some(SystemTime::now().into()), post_id: 0 }
+    Message {
+        username: user.to_owned(),
+        msg: text,
+        timestamp: Some(SystemTime::now().into()),
+        post_id: 0,
+        feed_position: 0,
+    }
 }
 
 /// Prints a received post unless this session has shown it already.

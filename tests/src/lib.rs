@@ -837,6 +837,11 @@ impl Client {
     }
 
     /// Waits for a timeline line `<author> (<time>) >> <text>`.
+    /// The `tsc` process's pid (to pause it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn expect_post(&mut self, author: u32, text: &str) -> Result<()> {
         let (prefix, suffix) = (format!("{author} ("), format!(") >> {text}"));
         self.expect(&format!("{author} (...) >> {text}"), |l| l.starts_with(&prefix) && l.ends_with(&suffix))

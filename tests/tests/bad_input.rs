@@ -71,7 +71,13 @@ fn bad_commands_and_posts_keep_the_server_running() -> anyhow::Result<()> {
         let mut coord = CoordServiceClient::connect(format!("http://127.0.0.1:{}", d.coord_port)).await?;
         let info = coord.get_server(Id { id: 1 }).await?.into_inner();
         let mut sns = SnsServiceClient::connect(format!("http://{}:{}", info.hostname, info.port)).await?;
-        let msg = |text: &str, post_id| Message { username: "1".into(), msg: text.into(), timestamp: None, post_id };
+        let msg = |text: &str, post_id| Message {
+            username: "1".into(),
+            msg: text.into(),
+            timestamp: None,
+            post_id,
+            feed_position: 0,
+        };
         // Posts ahead of the refused one are queued together, committed
         // and acknowledged in order before the refusal.
         let posts = [msg("", 0), msg("piped 1", 11), msg("piped 2", 12), msg("piped 3", 13), msg(&huge, 14)];

@@ -3,8 +3,10 @@
 //! reads what is typed meanwhile and reports each post it could not deliver
 //! (nothing is left over for the shell); connection errors name the address
 //! and what to check; with `--gateway` a reconnection names the server
-//! behind the gateway; and on a terminal, line editing, history, Ctrl-C and
-//! Ctrl-D, while the same keys through a pipe keep the course's behaviour.
+//! behind the gateway; a timeline reconnected after a failover shows every
+//! post made while it was away; and on a terminal, line editing, history,
+//! Ctrl-C and Ctrl-D, while the same keys through a pipe keep the course's
+//! behaviour.
 
 use std::process::Command;
 
@@ -204,5 +206,43 @@ fn tsc_tells_its_version() -> Result<()> {
     let out = Command::new(bin("tsc")).arg("--version").output()?;
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("tsc {}\n", env!("CARGO_PKG_VERSION")));
+    Ok(())
+}
+
+/// A timeline that reconnects after a failover shows every post made
+/// while it was away, in order, not only the backlog's last 20: `tsc` asks
+/// the new master for the feed after the last post it showed
+/// (`feedPosition`), and master and slave hold the same feeds. The reader
+/// is paused (SIGSTOP) across the failover so that the posts are made
+/// before it can reconnect.
+#[test]
+fn a_timeline_reconnected_after_a_failover_shows_every_post_made_meanwhile() -> Result<()> {
+    let mut d = Deployment::start(1, 2)?;
+    let rt = sns_e2e::nodes::rt();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut reader = client(&d, "2", &[])?;
+    rt.block_on(sns_e2e::load::follow_until_done(d.coord_port, 2, 1, deadline))?;
+    reader.run("TIMELINE", OK)?;
+    reader.expect_line(IN_TIMELINE)?;
+    let stop = || std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let first = rt.block_on(sns_e2e::load::writer(d.coord_port, 1, stop(), 1, deadline));
+    reader.expect_post(1, &first.acked[0])?;
+    let pid = reader.pid().to_string();
+    let signal = |sig: &str| Command::new("kill").args([sig, &pid]).status();
+    anyhow::ensure!(signal("-STOP")?.success(), "cannot pause tsc");
+    let away = (|| {
+        let (_, term) = eventually("a master", || rt.block_on(sns_e2e::nodes::master_of(d.coord_port, 1)))?;
+        d.command("kill master-1")?;
+        eventually("a new master", || {
+            rt.block_on(sns_e2e::nodes::master_of(d.coord_port, 1)).filter(|(_, t)| *t > term)
+        })?;
+        anyhow::Ok(rt.block_on(sns_e2e::load::writer(d.coord_port, 1, stop(), 50, deadline)))
+    })();
+    anyhow::ensure!(signal("-CONT")?.success(), "cannot resume tsc");
+    let away = away?;
+    assert_eq!(away.acked.len(), 50);
+    for text in &away.acked {
+        reader.expect_post(1, text)?;
+    }
     Ok(())
 }

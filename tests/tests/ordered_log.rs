@@ -31,7 +31,13 @@ async fn post_at(coord_port: u16, user: u32, posts: &[(&str, Option<i64>)]) -> a
     for (i, (text, secs)) in posts.iter().enumerate() {
         let id = 7_000 + i as u64;
         let timestamp = secs.map(|seconds| Timestamp { seconds, nanos: 0 });
-        tx.send(Message { username: user.to_string(), msg: text.to_string(), timestamp, post_id: id })?;
+        tx.send(Message {
+            username: user.to_string(),
+            msg: text.to_string(),
+            timestamp,
+            post_id: id,
+            feed_position: 0,
+        })?;
         loop {
             let m = tokio::time::timeout(DEADLINE, inbound.message())
                 .await?

@@ -31,8 +31,11 @@ fn reply(outcome: Outcome) -> Response<Reply> {
     Response::new(Reply { msg: outcome.as_str().to_string() })
 }
 
-fn to_message(p: &Post) -> Message {
+/// A feed post as a timeline stream sends it: `at` is its index in the
+/// reader's feed (sent as `feedPosition`, counted from 1).
+fn to_message(p: &Post, at: usize) -> Message {
     Message {
+        feed_position: at as u64 + 1,
         username: p.user.to_string(),
         msg: p.text.to_string(),
         timestamp: Some(prost_types::Timestamp {
@@ -148,7 +151,10 @@ impl SnsService for Sns {
         if !self.node.read(|s| s.has_user(user)) {
             return Err(Status::not_found(format!("{}: user {user} has not logged in", Outcome::NotExists.as_str())));
         }
-        let (backlog, live, next) = self.node.store().subscribe(user);
+        // A reader resuming after position p (its last post shown) reads
+        // the feed from index p on.
+        let resume = (opening.feed_position > 0).then(|| usize::try_from(opening.feed_position).unwrap_or(usize::MAX));
+        let (start, live) = self.node.store().subscribe(user, resume);
         // Acknowledgements and refusals of the client's posts.
         let (tx, rx) = mpsc::channel(64);
         // A first message with text is a post as well as the opening.
@@ -158,7 +164,7 @@ impl SnsService for Sns {
             take_posts(self.node.clone(), user, first, inbound, tx),
             posts_span,
         ));
-        let posts = feed_stream(self.node.clone(), user, backlog, live, next);
+        let posts = feed_stream(self.node.clone(), user, start, live);
         let out = tokio_stream::StreamExt::merge(posts, ReceiverStream::new(rx));
         // The stream ends, telling the client to ask again, the moment this
         // server stops serving (lease lost, replaced, disk failed).
@@ -216,12 +222,12 @@ fn stop_serving(node: Node) -> futures_util::future::Shared<futures_util::future
 /// [`LIVE_BUFFER`] posts behind (a slow link, a client that stopped
 /// reading for a while) gets what it missed from the feed itself, in
 /// order, before the live posts again, so it never silently misses one.
+/// A reader resuming (see [`crate::store::Start`]) starts that way.
 fn feed_stream(
     node: Node,
     user: u32,
-    backlog: Vec<Post>,
+    start: crate::store::Start,
     live: broadcast::Receiver<(usize, Post)>,
-    next: usize,
 ) -> impl Stream<Item = Result<Message, Status>> + Send + 'static {
     struct Live {
         node: Node,
@@ -229,22 +235,30 @@ fn feed_stream(
         rx: broadcast::Receiver<(usize, Post)>,
         /// Feed index of the next post to send.
         next: usize,
-        /// Read from the feed, not yet sent.
-        read: std::collections::VecDeque<Post>,
+        /// Read from the feed, not yet sent (with their indices).
+        read: std::collections::VecDeque<(usize, Post)>,
         /// Missed live posts: read the feed from `next` on.
         behind: bool,
     }
-    let live = Live { node, user, rx: live, next, read: Default::default(), behind: false };
+    let live = Live {
+        node,
+        user,
+        rx: live,
+        next: start.read_from.unwrap_or(start.next),
+        read: Default::default(),
+        behind: start.read_from.is_some(),
+    };
     let live = futures_util::stream::unfold(live, |mut l| async move {
         loop {
-            if let Some(post) = l.read.pop_front() {
-                return Some((Ok(to_message(&post)), l));
+            if let Some((at, post)) = l.read.pop_front() {
+                return Some((Ok(to_message(&post, at)), l));
             }
             if l.behind {
                 let posts = l.node.store().feed_from(l.user, l.next, LIVE_BUFFER);
+                let from = l.next;
                 l.next += posts.len();
                 l.behind = !posts.is_empty();
-                l.read.extend(posts);
+                l.read.extend(posts.into_iter().enumerate().map(|(i, p)| (from + i, p)));
                 continue;
             }
             match l.rx.recv().await {
@@ -252,7 +266,7 @@ fn feed_stream(
                 Ok((at, _)) if at < l.next => {}
                 Ok((at, post)) if at == l.next => {
                     l.next += 1;
-                    return Some((Ok(to_message(&post)), l));
+                    return Some((Ok(to_message(&post, at)), l));
                 }
                 // A post between the last one sent and this one never came
                 // live: the feed has it.
@@ -265,7 +279,7 @@ fn feed_stream(
             }
         }
     });
-    tokio_stream::iter(backlog.into_iter().map(|p| Ok(to_message(&p)))).chain(live)
+    tokio_stream::iter(start.backlog.into_iter().map(|(at, p)| Ok(to_message(&p, at)))).chain(live)
 }
 
 /// Posts of one stream queued and not yet acknowledged, at most: a client

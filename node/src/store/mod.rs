@@ -33,6 +33,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::broadcast;
 
+/// How a timeline stream starts (see [`Store::subscribe`]).
+#[derive(Debug)]
+pub struct Start {
+    /// The backlog, each post with its index in the feed.
+    pub backlog: Vec<(usize, Post)>,
+    /// Read the feed from this index on first (a reader resuming).
+    pub read_from: Option<usize>,
+    /// The feed index of the first live post.
+    pub next: usize,
+}
+
 /// Live posts a slow timeline reader may fall behind by before its stream
 /// reads the rest from the feed instead (see [`Store::feed_from`]); a
 /// person reads far fewer than this between two screen refreshes.
@@ -398,13 +409,21 @@ impl Store {
         ViewWrite::Append(self.path(user, suffix), text)
     }
 
-    /// The timeline backlog of `user`, a receiver of its later feed posts
-    /// (each with its index in the feed) and the index the first of them
-    /// will have, taken together so no post falls between the two.
-    pub fn subscribe(&mut self, user: u32) -> (Vec<Post>, broadcast::Receiver<(usize, Post)>, usize) {
+    /// What a timeline stream of `user` starts with, and a receiver of its
+    /// later feed posts (each with its index in the feed), taken together
+    /// so no post falls between the two. It starts with the backlog, or,
+    /// when `resume` (the index of the first post the reader has not
+    /// shown) is within the feed, with the feed from there on, which the
+    /// stream reads itself: then [`Start::read_from`] is set.
+    pub fn subscribe(&mut self, user: u32, resume: Option<usize>) -> (Start, broadcast::Receiver<(usize, Post)>) {
         self.live.retain(|_, tx| tx.receiver_count() > 0);
         let rx = self.live.entry(user).or_insert_with(|| broadcast::channel(LIVE_BUFFER).0).subscribe();
-        (self.state.backlog(user), rx, self.state.feed(user).len())
+        let len = self.state.feed(user).len();
+        let start = match resume {
+            Some(from) if from <= len => Start { backlog: Vec::new(), read_from: Some(from), next: from },
+            _ => Start { backlog: self.state.backlog(user), read_from: None, next: len },
+        };
+        (start, rx)
     }
 
     /// Up to `most` posts of `user`'s feed from index `from` on: what a
@@ -729,8 +748,14 @@ mod tests {
         s.commit(&Entry::Remote(user2), true).unwrap();
         local(&mut s, Change::Relation { follower: 4, followee: 1, follow: true, at_ms: 0 });
         local(&mut s, Change::Post(Post { user: 1, text: "p11".into(), at_ms: 1_744_336_636_000, client_id: 0 }));
-        let (backlog, mut rx, next) = s.store.subscribe(4);
-        assert_eq!((backlog.len(), next), (1, 1));
+        let (start, mut rx) = s.store.subscribe(4, None);
+        assert_eq!((start.backlog.len(), start.read_from, start.next), (1, None, 1));
+        // A reader resuming within the feed reads it from there; beyond
+        // it (another history), it gets the backlog.
+        let (resumed, _) = s.store.subscribe(4, Some(0));
+        assert_eq!((resumed.backlog.len(), resumed.read_from, resumed.next), (0, Some(0), 0));
+        let (beyond, _) = s.store.subscribe(4, Some(2));
+        assert_eq!((beyond.backlog.len(), beyond.read_from), (1, None));
         local(&mut s, Change::Post(Post { user: 1, text: "p12".into(), at_ms: 1_744_336_637_000, client_id: 0 }));
         let (at, post) = rx.try_recv().unwrap();
         assert_eq!((at, &*post.text), (1, "p12"));

@@ -752,13 +752,21 @@ impl State {
     /// What a timeline shows on entry: up to [`BACKLOG`] most recent posts
     /// of users `user` follows now, that arrived under the current follow,
     /// oldest first.
-    pub fn backlog(&self, user: u32) -> Vec<Post> {
+    /// Each with its index in the feed.
+    pub fn backlog(&self, user: u32) -> Vec<(usize, Post)> {
         let follows = self.following.get(&user);
-        let visible = |i: &&FeedItem| {
+        let visible = |(_, i): &(usize, &FeedItem)| {
             i.post.user != user && follows.and_then(|m| m.get(&i.post.user)).is_some_and(|f| *f == i.follow)
         };
-        let mut posts: Vec<Post> =
-            self.feed(user).iter().rev().filter(visible).take(BACKLOG).map(|i| i.post.clone()).collect();
+        let mut posts: Vec<(usize, Post)> = self
+            .feed(user)
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(visible)
+            .take(BACKLOG)
+            .map(|(at, i)| (at, i.post.clone()))
+            .collect();
         posts.reverse();
         posts
     }
@@ -1178,7 +1186,7 @@ mod tests {
             post: Post { user: 1, text: "p11".into(), at_ms: -5, client_id: 0 },
             at: 0
         }));
-        assert_eq!(n.state.backlog(4).iter().map(|p| &*p.text).collect::<Vec<_>>(), vec!["p11"]);
+        assert_eq!(n.state.backlog(4).iter().map(|(_, p)| &*p.text).collect::<Vec<_>>(), vec!["p11"]);
         assert!(n.state.backlog(7).is_empty());
         assert!(n.state.backlog(1).is_empty());
         assert_eq!(n.state.timeline(1).len(), 2);
@@ -1195,8 +1203,8 @@ mod tests {
         }
         let b = n.state.backlog(4);
         assert_eq!(b.len(), BACKLOG);
-        assert_eq!(&*b[0].text, "p10", "in log order, whatever the timestamps");
-        assert_eq!(&*b[19].text, "p29");
+        assert_eq!((b[0].0, &*b[0].1.text), (10, "p10"), "in log order, whatever the timestamps");
+        assert_eq!((b[19].0, &*b[19].1.text), (29, "p29"));
         n.local(rel(4, 1, false));
         assert!(n.state.backlog(4).is_empty(), "unfollowed authors disappear");
         n.local(rel(4, 1, true));
