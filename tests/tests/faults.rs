@@ -359,6 +359,12 @@ fn cluster_on_freezable(
     cluster_or_skip(test, builder.freezable(1, 1).freezable(1, 2), "a hung disk needs a loop-mounted ext4")
 }
 
+/// A cluster of two whose coordinator's disk can be frozen, or None (the
+/// test skips, recorded) where a loop mount is refused.
+fn cluster_on_freezable_coordinator(test: &str) -> anyhow::Result<Option<(Deployment, Runtime)>> {
+    cluster_or_skip(test, Deployment::builder().freezable_coordinator(), "a hung disk needs a loop mount")
+}
+
 /// A hung disk on the slave, then the master dies: a double fault. Writers
 /// must not wait for the hung slave (the master drops it from the in-sync
 /// set after the forward timeout and acknowledges alone), and the slave,
@@ -842,9 +848,9 @@ fn a_switchover_the_coordinator_cannot_record_leaves_the_old_master_serving() ->
 /// promotes the in-sync slave, and nothing acknowledged is lost.
 #[test]
 fn a_coordinator_on_a_hung_disk_promotes_nobody_until_it_answers() -> anyhow::Result<()> {
-    let test = "a_coordinator_on_a_hung_disk_promotes_nobody_until_it_answers";
-    let builder = Deployment::builder().freezable_coordinator();
-    let Some((mut d, rt)) = cluster_or_skip(test, builder, "a hung disk needs a loop mount")? else {
+    let Some((mut d, rt)) =
+        cluster_on_freezable_coordinator("a_coordinator_on_a_hung_disk_promotes_nobody_until_it_answers")?
+    else {
         return Ok(());
     };
     let (m, s, term) = pair(&rt, &d)?;
@@ -886,9 +892,10 @@ fn a_coordinator_on_a_hung_disk_promotes_nobody_until_it_answers() -> anyhow::Re
 fn a_coordinator_on_a_hung_disk_when_the_slave_dies_lets_the_master_acknowledge_nothing_until_it_answers()
 -> anyhow::Result<()> {
     const ID: u64 = 9_000_000_201;
-    let test = "a_coordinator_on_a_hung_disk_when_the_slave_dies_lets_the_master_acknowledge_nothing_until_it_answers";
-    let builder = Deployment::builder().freezable_coordinator();
-    let Some((mut d, rt)) = cluster_or_skip(test, builder, "a hung disk needs a loop mount")? else {
+    let Some((mut d, rt)) = cluster_on_freezable_coordinator(
+        "a_coordinator_on_a_hung_disk_when_the_slave_dies_lets_the_master_acknowledge_nothing_until_it_answers",
+    )?
+    else {
         return Ok(());
     };
     let (m, s, term) = pair(&rt, &d)?;
@@ -941,9 +948,10 @@ fn a_coordinator_on_a_hung_disk_when_the_slave_dies_lets_the_master_acknowledge_
 fn a_switchover_asked_while_the_coordinators_disk_hangs_acknowledges_nothing_until_the_promotion_lands()
 -> anyhow::Result<()> {
     const ID: u64 = 9_000_000_301;
-    let test = "a_switchover_asked_while_the_coordinators_disk_hangs_acknowledges_nothing_until_the_promotion_lands";
-    let builder = Deployment::builder().freezable_coordinator();
-    let Some((d, rt)) = cluster_or_skip(test, builder, "a hung disk needs a loop mount")? else {
+    let Some((d, rt)) = cluster_on_freezable_coordinator(
+        "a_switchover_asked_while_the_coordinators_disk_hangs_acknowledges_nothing_until_the_promotion_lands",
+    )?
+    else {
         return Ok(());
     };
     let (m, s, term) = pair(&rt, &d)?;
