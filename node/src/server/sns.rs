@@ -240,14 +240,7 @@ fn feed_stream(
         /// Missed live posts: read the feed from `next` on.
         behind: bool,
     }
-    let live = Live {
-        node,
-        user,
-        rx: live,
-        next: start.read_from.unwrap_or(start.next),
-        read: Default::default(),
-        behind: start.read_from.is_some(),
-    };
+    let live = Live { node, user, rx: live, next: start.next, read: Default::default(), behind: start.resumed };
     let live = futures_util::stream::unfold(live, |mut l| async move {
         loop {
             if let Some((at, post)) = l.read.pop_front() {
@@ -255,10 +248,9 @@ fn feed_stream(
             }
             if l.behind {
                 let posts = l.node.store().feed_from(l.user, l.next, LIVE_BUFFER);
-                let from = l.next;
                 l.next += posts.len();
                 l.behind = !posts.is_empty();
-                l.read.extend(posts.into_iter().enumerate().map(|(i, p)| (from + i, p)));
+                l.read.extend(posts);
                 continue;
             }
             match l.rx.recv().await {

@@ -38,10 +38,11 @@ use tokio::sync::broadcast;
 pub struct Start {
     /// The backlog, each post with its index in the feed.
     pub backlog: Vec<(usize, Post)>,
-    /// Read the feed from this index on first (a reader resuming).
-    pub read_from: Option<usize>,
-    /// The feed index of the first live post.
+    /// The feed index of the first post to send after the backlog.
     pub next: usize,
+    /// A reader resuming: read the feed from `next` on before the live
+    /// posts.
+    pub resumed: bool,
 }
 
 /// Live posts a slow timeline reader may fall behind by before its stream
@@ -414,22 +415,23 @@ impl Store {
     /// so no post falls between the two. It starts with the backlog, or,
     /// when `resume` (the index of the first post the reader has not
     /// shown) is within the feed, with the feed from there on, which the
-    /// stream reads itself: then [`Start::read_from`] is set.
+    /// stream reads itself: then [`Start::resumed`] is set.
     pub fn subscribe(&mut self, user: u32, resume: Option<usize>) -> (Start, broadcast::Receiver<(usize, Post)>) {
         self.live.retain(|_, tx| tx.receiver_count() > 0);
         let rx = self.live.entry(user).or_insert_with(|| broadcast::channel(LIVE_BUFFER).0).subscribe();
         let len = self.state.feed(user).len();
         let start = match resume {
-            Some(from) if from <= len => Start { backlog: Vec::new(), read_from: Some(from), next: from },
-            _ => Start { backlog: self.state.backlog(user), read_from: None, next: len },
+            Some(from) if from <= len => Start { backlog: Vec::new(), next: from, resumed: true },
+            _ => Start { backlog: self.state.backlog(user), next: len, resumed: false },
         };
         (start, rx)
     }
 
-    /// Up to `most` posts of `user`'s feed from index `from` on: what a
-    /// live stream that fell more than [`LIVE_BUFFER`] posts behind missed.
-    pub fn feed_from(&self, user: u32, from: usize, most: usize) -> Vec<Post> {
-        self.state.feed(user).iter().skip(from).take(most).map(|i| i.post.clone()).collect()
+    /// Up to `most` posts of `user`'s feed from index `from` on, each with
+    /// its index: what a live stream that fell more than [`LIVE_BUFFER`]
+    /// posts behind missed, or what a resuming reader has not shown.
+    pub fn feed_from(&self, user: u32, from: usize, most: usize) -> Vec<(usize, Post)> {
+        self.state.feed(user).iter().enumerate().skip(from).take(most).map(|(at, i)| (at, i.post.clone())).collect()
     }
 
     fn path(&self, user: u32, suffix: &str) -> PathBuf {
@@ -749,18 +751,19 @@ mod tests {
         local(&mut s, Change::Relation { follower: 4, followee: 1, follow: true, at_ms: 0 });
         local(&mut s, Change::Post(Post { user: 1, text: "p11".into(), at_ms: 1_744_336_636_000, client_id: 0 }));
         let (start, mut rx) = s.store.subscribe(4, None);
-        assert_eq!((start.backlog.len(), start.read_from, start.next), (1, None, 1));
+        assert_eq!((start.backlog.len(), start.next, start.resumed), (1, 1, false));
         // A reader resuming within the feed reads it from there; beyond
         // it (another history), it gets the backlog.
         let (resumed, _) = s.store.subscribe(4, Some(0));
-        assert_eq!((resumed.backlog.len(), resumed.read_from, resumed.next), (0, Some(0), 0));
+        assert_eq!((resumed.backlog.len(), resumed.next, resumed.resumed), (0, 0, true));
         let (beyond, _) = s.store.subscribe(4, Some(2));
-        assert_eq!((beyond.backlog.len(), beyond.read_from), (1, None));
+        assert_eq!((beyond.backlog.len(), beyond.next, beyond.resumed), (1, 1, false));
         local(&mut s, Change::Post(Post { user: 1, text: "p12".into(), at_ms: 1_744_336_637_000, client_id: 0 }));
         let (at, post) = rx.try_recv().unwrap();
         assert_eq!((at, &*post.text), (1, "p12"));
-        let missed: Vec<String> = s.store.feed_from(4, 0, 10).iter().map(|p| p.text.to_string()).collect();
-        assert_eq!(missed, ["p11", "p12"]);
+        let missed: Vec<(usize, String)> =
+            s.store.feed_from(4, 0, 10).iter().map(|(at, p)| (*at, p.text.to_string())).collect();
+        assert_eq!(missed, [(0, "p11".to_string()), (1, "p12".to_string())]);
         assert_eq!(s.store.feed_from(4, 1, 10).len(), 1);
         assert!(s.store.feed_from(4, 2, 10).is_empty());
         s.flush_views().unwrap();
