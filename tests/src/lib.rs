@@ -513,11 +513,7 @@ impl Deployment {
     /// The launcher's `status` command, parsed: every process by name, with
     /// its pid when it is up.
     pub fn status(&mut self) -> Result<BTreeMap<String, Option<u32>>> {
-        let reply = self.command("status")?;
-        // A line the launcher prints by itself (`... exited`) may follow
-        // the reply: take the latest status line.
-        let text = self.out.text();
-        let line = text.lines().rev().find(|l| l.starts_with("status:")).unwrap_or(&reply);
+        let line = self.status_line()?;
         let body = line.strip_prefix("status:").ok_or_else(|| anyhow!("unexpected status reply {line:?}"))?;
         // `name=up(pid 123, port 456)` or `name=down`.
         let mut procs = BTreeMap::new();
@@ -536,9 +532,7 @@ impl Deployment {
     /// The ports (its own and its metrics port) of every process that is
     /// up, by name, from the launcher's `status` line.
     pub fn ports(&mut self) -> Result<BTreeMap<String, (u16, u16)>> {
-        self.command("status")?;
-        let text = self.out.text();
-        let line = text.lines().rev().find(|l| l.starts_with("status:")).ok_or_else(|| anyhow!("no status line"))?;
+        let line = self.status_line()?;
         // `name=up(pid 123, port 456, metrics 789)`
         let mut ports = BTreeMap::new();
         for part in line.trim_start_matches("status:").split(")") {
@@ -552,6 +546,14 @@ impl Deployment {
             ports.insert(name.to_string(), (port, metrics));
         }
         Ok(ports)
+    }
+
+    /// The launcher's `status` reply line. A line the launcher prints by
+    /// itself (`... exited`) may follow the reply: the latest status line.
+    fn status_line(&mut self) -> Result<String> {
+        let reply = self.command("status")?;
+        let text = self.out.text();
+        Ok(text.lines().rev().find(|l| l.starts_with("status:")).unwrap_or(&reply).to_string())
     }
 
     pub fn dir(&self) -> &Path {
@@ -836,12 +838,12 @@ impl Client {
         }
     }
 
-    /// Waits for a timeline line `<author> (<time>) >> <text>`.
     /// The `tsc` process's pid (to pause it).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// Waits for a timeline line `<author> (<time>) >> <text>`.
     pub fn expect_post(&mut self, author: u32, text: &str) -> Result<()> {
         let (prefix, suffix) = (format!("{author} ("), format!(") >> {text}"));
         self.expect(&format!("{author} (...) >> {text}"), |l| l.starts_with(&prefix) && l.ends_with(&suffix))

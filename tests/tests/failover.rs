@@ -321,10 +321,7 @@ fn a_master_waiting_on_a_restarted_coordinator_keeps_its_cluster_served() -> any
 /// restart never meets "address already in use".
 #[test]
 fn a_stopped_nodes_port_waits_for_it() -> anyhow::Result<()> {
-    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|t| t.split_whitespace().next().and_then(|w| w.parse().ok()))
-        .unwrap_or(32_768);
+    let ephemeral_low = sns_node::launcher::ports::ephemeral_low().unwrap_or(32_768);
     let mut d = Deployment::start(1, 2)?;
     let before = d.ports()?;
     assert_eq!(before.len(), 5, "coordinator, two servers, two synchronizers: {before:?}");

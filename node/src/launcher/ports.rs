@@ -18,7 +18,7 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::net::{Ipv4Addr, TcpListener};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Ports per claimed block.
 pub const BLOCK: u16 = 64;
@@ -30,7 +30,8 @@ const LOWEST: u16 = 20_000;
 #[derive(Debug)]
 pub struct Reserved {
     pub ports: Vec<u16>,
-    _locks: Vec<File>,
+    /// The claimed blocks' locks: held, never read.
+    locks: Vec<File>,
 }
 
 /// Reserves `count` ports free on 127.0.0.1, or says why it could not.
@@ -41,7 +42,7 @@ pub fn reserve(count: usize) -> Result<Reserved, String> {
 }
 
 /// The first port of the machine's ephemeral range.
-fn ephemeral_low() -> Option<u16> {
+pub fn ephemeral_low() -> Option<u16> {
     let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
     text.split_whitespace().next()?.parse().ok()
 }
@@ -61,7 +62,7 @@ fn reserve_in(dir: &Path, range: Range<u16>, count: usize, start: usize) -> Resu
     if blocks.is_empty() {
         return Err(format!("no ports between {} and {}", range.start, range.end));
     }
-    let mut got = Reserved { ports: Vec::with_capacity(count), _locks: Vec::new() };
+    let mut got = Reserved { ports: Vec::with_capacity(count), locks: Vec::new() };
     for k in 0..blocks.len() {
         if got.ports.len() >= count {
             break;
@@ -72,7 +73,7 @@ fn reserve_in(dir: &Path, range: Range<u16>, count: usize, start: usize) -> Resu
         let free: Vec<u16> = (first..end).filter(|p| is_free(*p)).take(count - got.ports.len()).collect();
         if !free.is_empty() {
             got.ports.extend(free);
-            got._locks.push(lock);
+            got.locks.push(lock);
         }
     }
     if got.ports.len() < count {
@@ -88,7 +89,7 @@ fn reserve_in(dir: &Path, range: Range<u16>, count: usize, start: usize) -> Resu
 
 /// The block's lock, or None when another launcher holds it. Never
 /// through a symbolic link: the directory may be shared with other users.
-fn claim(path: &PathBuf) -> Result<Option<File>, String> {
+fn claim(path: &Path) -> Result<Option<File>, String> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let file = OpenOptions::new()
         .read(true)
