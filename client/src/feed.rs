@@ -71,6 +71,7 @@ impl Session {
             console,
             seen: SeenPosts::default(),
             position: 0,
+            anchor: 0,
             pending: PendingPosts::new(session_seed()),
             ended: false,
             entered: false,
@@ -90,6 +91,9 @@ struct Feed<'a, R, W> {
     /// (after a failover) asks for the posts after it, so none made
     /// meanwhile is missed, however many.
     position: u64,
+    /// The `feedAnchor` that came with the post at `position`: the server
+    /// resumes there only if its feed still has that history.
+    anchor: u64,
     /// Posts typed and not yet acknowledged: sent again after a failover.
     pending: PendingPosts<Message>,
     /// The input has ended: nothing more will be typed.
@@ -252,7 +256,11 @@ where
         // showing posts), and what is queued is what one person types.
         let (outbox, outgoing) = mpsc::unbounded_channel();
         // Cannot fail: the receiver is alive right here.
-        let _ = outbox.send(Message { feed_position: self.position, ..message(&self.user, String::new()) });
+        let _ = outbox.send(Message {
+            feed_position: self.position,
+            feed_anchor: self.anchor,
+            ..message(&self.user, String::new())
+        });
         let rpc = session.config.timing.rpc;
         let mut server = session.server.clone();
         let opening = timeout(rpc, server.timeline(UnboundedReceiverStream::new(outgoing)));
@@ -300,7 +308,13 @@ where
                         }
                     }
                     Ok(Some(post)) => {
-                        self.position = self.position.max(post.feed_position);
+                        // The last post received, not the highest position:
+                        // a stream that started over from the backlog (the
+                        // feed's history changed) counts in its new feed.
+                        if post.feed_position != 0 {
+                            self.position = post.feed_position;
+                            self.anchor = post.feed_anchor;
+                        }
                         show(post, &mut self.seen, self.console);
                     }
                     Ok(None) => return StreamEnd::Broken(Error::StreamEnded),
@@ -337,6 +351,7 @@ fn message(user: &str, text: String) -> Message {
         timestamp: Some(SystemTime::now().into()),
         post_id: 0,
         feed_position: 0,
+        feed_anchor: 0,
     }
 }
 

@@ -182,8 +182,14 @@ impl Writer {
                 let id = id_base + n as u64 + 1;
                 let timestamp =
                     clock.map(|off| sns_proto::prost_types::Timestamp { seconds: now_secs() + off, nanos: 0 });
-                let post =
-                    Message { username: user.to_string(), msg: text.clone(), timestamp, post_id: id, feed_position: 0 };
+                let post = Message {
+                    username: user.to_string(),
+                    msg: text.clone(),
+                    timestamp,
+                    post_id: id,
+                    feed_position: 0,
+                    feed_anchor: 0,
+                };
                 if tx.send(post).is_err() {
                     report.failovers += 1;
                     continue 'session;

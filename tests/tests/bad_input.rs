@@ -77,6 +77,7 @@ fn bad_commands_and_posts_keep_the_server_running() -> anyhow::Result<()> {
             timestamp: None,
             post_id,
             feed_position: 0,
+            feed_anchor: 0,
         };
         // Posts ahead of the refused one are queued together, committed
         // and acknowledged in order before the refusal.

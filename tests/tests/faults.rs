@@ -264,6 +264,89 @@ fn posts_after_an_override_reach_the_other_clusters() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A timeline reader that reconnects after the override resumes where its
+/// position says only if the new master's feed has the history that
+/// position was counted in: it had shown the posts the override lost,
+/// and posts made since take their positions. Resuming by position alone
+/// (a client that sends no anchor, as before) skips those: the control
+/// below shows it. With the anchor the reader gets the backlog, which has
+/// them.
+#[test]
+fn a_reader_resuming_after_an_override_misses_none_of_the_posts_that_took_the_lost_ones_places() -> anyhow::Result<()> {
+    let (mut d, rt) = cluster_of_two(Deployment::builder())?;
+    // (2 follows 1.)
+    let deadline = Instant::now() + DEADLINE;
+    let (stale, good, term) = pair(&rt, &d)?;
+    let kept = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 3, deadline));
+    d.command(&format!("kill server-1-{stale}"))?;
+    let lost = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 2, deadline));
+    assert_eq!((kept.acked.len(), lost.acked.len()), (3, 2));
+    // The reader has shown all five: it holds the last one's position and
+    // anchor.
+    let shown = rt.block_on(read_feed(d.coord_port, 2, (0, 0), |got| got.len() >= 5))?;
+    let texts: Vec<&String> = shown.iter().map(|(t, ..)| t).collect();
+    assert_eq!(texts, [&kept.acked[..], &lost.acked[..]].concat().iter().collect::<Vec<_>>());
+    let (_, position, anchor) = shown.last().cloned().expect("five posts");
+    assert_eq!(position, 5);
+    assert_ne!(anchor, 0, "every post comes with its anchor");
+    let out = promote_stale_back_first(&rt, &mut d, stale, good)?;
+    assert!(out.status.success(), "{out:?}");
+    wait_master(&rt, &d, 1, stale, term)?;
+    // Three posts in the new history: the first two take positions 4 and 5.
+    let after = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 3, deadline));
+    assert_eq!(after.acked.len(), 3);
+    let has = |got: &[(String, u64, u64)], text: &String| got.iter().any(|(t, ..)| t == text);
+    // Control: by position alone the stream goes on after position 5, so
+    // only the third reaches the reader.
+    let blind = rt.block_on(read_feed(d.coord_port, 2, (position, 0), |got| has(got, &after.acked[2])))?;
+    assert!(has(&blind, &after.acked[2]), "{blind:?}");
+    assert!(!has(&blind, &after.acked[0]), "resuming by position alone skips it: {blind:?}");
+    // With the anchor: the feed's history changed, so the backlog, with
+    // every post of the new history.
+    let resumed =
+        rt.block_on(read_feed(d.coord_port, 2, (position, anchor), |got| after.acked.iter().all(|t| has(got, t))))?;
+    for text in kept.acked.iter().chain(&after.acked) {
+        assert!(has(&resumed, text), "{text} missing from {resumed:?}");
+    }
+    for text in &lost.acked {
+        assert!(!has(&resumed, text), "the override lost {text}, yet {resumed:?}");
+    }
+    // The new positions count in the new history: resuming from the last
+    // one, with its anchor, goes on after it (nothing more to send).
+    let (_, position, anchor) = resumed.last().cloned().expect("posts");
+    assert_eq!(position, 6);
+    let more = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 1, deadline));
+    let next = rt.block_on(read_feed(d.coord_port, 2, (position, anchor), |got| has(got, &more.acked[0])))?;
+    assert_eq!(next.iter().map(|(t, p, _)| (t, *p)).collect::<Vec<_>>(), [(&more.acked[0], 7)]);
+    Ok(())
+}
+
+/// Opens `user`'s timeline on its master, resuming after `from` (a feed
+/// position and the anchor that came with it; (0, 0): none), and reads
+/// feed posts until `until` holds for what arrived or 5 s went by: each
+/// post's text, position and anchor.
+async fn read_feed(
+    coord_port: u16,
+    user: u32,
+    (feed_position, feed_anchor): (u64, u64),
+    until: impl Fn(&[(String, u64, u64)]) -> bool,
+) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let mut sns = load::attach(coord_port, user).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(Message { username: user.to_string(), feed_position, feed_anchor, ..Default::default() })?;
+    let mut inbound = sns.timeline(UnboundedReceiverStream::new(rx)).await?.into_inner();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !until(&got) {
+        match tokio::time::timeout_at(deadline, inbound.message()).await {
+            Ok(Ok(Some(m))) if !m.msg.is_empty() => got.push((m.msg, m.feed_position, m.feed_anchor)),
+            Ok(Ok(Some(_))) => {}
+            _ => break,
+        }
+    }
+    Ok(got)
+}
+
 /// Kills `good`, starts `stale` first (cluster 1 then has no master) and
 /// promotes it with the operator's override; returns the promotion's
 /// output.
@@ -667,8 +750,14 @@ async fn post_on(
     text: &str,
     id: u64,
 ) -> bool {
-    let post =
-        Message { username: user.to_string(), msg: text.to_string(), timestamp: None, post_id: id, feed_position: 0 };
+    let post = Message {
+        username: user.to_string(),
+        msg: text.to_string(),
+        timestamp: None,
+        post_id: id,
+        feed_position: 0,
+        feed_anchor: 0,
+    };
     if tx.send(post).is_err() {
         return false;
     }
@@ -907,7 +996,14 @@ fn a_coordinator_on_a_hung_disk_when_the_slave_dies_lets_the_master_acknowledge_
     d.freeze_coordinator()?;
     let hung = (|| {
         d.command(&format!("kill server-1-{s}"))?;
-        tx.send(Message { username: "1".into(), msg: text.into(), timestamp: None, post_id: ID, feed_position: 0 })?;
+        tx.send(Message {
+            username: "1".into(),
+            msg: text.into(),
+            timestamp: None,
+            post_id: ID,
+            feed_position: 0,
+            feed_anchor: 0,
+        })?;
         let ack = rt.spawn(async move { load::await_ack(&mut inbound, ID, Duration::from_secs(60)).await });
         eventually("the coordinator to say its records write hangs", || (stalls(&d) > stalled).then_some(()))?;
         // The disk hangs on past the master's call timeout (5 s): its first
@@ -972,7 +1068,14 @@ fn a_switchover_asked_while_the_coordinators_disk_hangs_acknowledges_nothing_unt
         // The old master stepped down: the post is not acknowledged, by it
         // or by anyone.
         let (tx, inbound) = &mut open;
-        tx.send(Message { username: "1".into(), msg: text.into(), timestamp: None, post_id: ID, feed_position: 0 })?;
+        tx.send(Message {
+            username: "1".into(),
+            msg: text.into(),
+            timestamp: None,
+            post_id: ID,
+            feed_position: 0,
+            feed_anchor: 0,
+        })?;
         let acked = rt.block_on(load::await_ack(inbound, ID, Duration::from_secs(3)));
         let master = rt.block_on(master_of(d.coord_port, 1));
         let slave = rt.block_on(server_node(d.coord_port, 1, s)).filter(|n| n.alive);

@@ -37,6 +37,7 @@ async fn post_at(coord_port: u16, user: u32, posts: &[(&str, Option<i64>)]) -> a
             timestamp,
             post_id: id,
             feed_position: 0,
+            feed_anchor: 0,
         })?;
         loop {
             let m = tokio::time::timeout(DEADLINE, inbound.message())

@@ -5,9 +5,9 @@ use super::Node;
 use crate::error::Error;
 use crate::ids::parse_user;
 use crate::net::now_ms;
-use crate::store::LIVE_BUFFER;
 use crate::store::codec::check_post_text;
-use crate::store::state::{Change, Outcome, Post};
+use crate::store::state::{Change, FeedItem, Outcome, Post};
+use crate::store::{LIVE_BUFFER, Resume};
 use futures_util::StreamExt as _;
 use sns_proto::csce438::sns_service_server::{SnsService, SnsServiceServer};
 use sns_proto::csce438::{ListReply, Message, Reply, Request as SnsRequest};
@@ -32,10 +32,13 @@ fn reply(outcome: Outcome) -> Response<Reply> {
 }
 
 /// A feed post as a timeline stream sends it: `at` is its index in the
-/// reader's feed (sent as `feedPosition`, counted from 1).
-fn to_message(p: &Post, at: usize) -> Message {
+/// reader's feed (sent as `feedPosition`, counted from 1), with its anchor
+/// (`feedAnchor`).
+fn to_message(item: &FeedItem, at: usize) -> Message {
+    let p = &item.post;
     Message {
         feed_position: at as u64 + 1,
+        feed_anchor: item.anchor,
         username: p.user.to_string(),
         msg: p.text.to_string(),
         timestamp: Some(prost_types::Timestamp {
@@ -152,8 +155,12 @@ impl SnsService for Sns {
             return Err(Status::not_found(format!("{}: user {user} has not logged in", Outcome::NotExists.as_str())));
         }
         // A reader resuming after position p (its last post shown) reads
-        // the feed from index p on.
-        let resume = (opening.feed_position > 0).then(|| usize::try_from(opening.feed_position).unwrap_or(usize::MAX));
+        // the feed from index p on, if the feed has the history p was
+        // counted in (see `Resume::within`).
+        let resume = (opening.feed_position > 0).then(|| Resume {
+            from: usize::try_from(opening.feed_position).unwrap_or(usize::MAX),
+            anchor: opening.feed_anchor,
+        });
         let (start, live) = self.node.store().subscribe(user, resume);
         // Acknowledgements and refusals of the client's posts.
         let (tx, rx) = mpsc::channel(64);
@@ -227,16 +234,16 @@ fn feed_stream(
     node: Node,
     user: u32,
     start: crate::store::Start,
-    live: broadcast::Receiver<(usize, Post)>,
+    live: broadcast::Receiver<(usize, FeedItem)>,
 ) -> impl Stream<Item = Result<Message, Status>> + Send + 'static {
     struct Live {
         node: Node,
         user: u32,
-        rx: broadcast::Receiver<(usize, Post)>,
+        rx: broadcast::Receiver<(usize, FeedItem)>,
         /// Feed index of the next post to send.
         next: usize,
         /// Read from the feed, not yet sent (with their indices).
-        read: std::collections::VecDeque<(usize, Post)>,
+        read: std::collections::VecDeque<(usize, FeedItem)>,
         /// Missed live posts: read the feed from `next` on.
         behind: bool,
     }

@@ -4,7 +4,7 @@
 //! an unknown cluster, a post with a newline) is rejected here, once.
 
 use super::state::{
-    Change, Delivery, Entry, FeedItem, FollowId, LocalOp, OutEvent, Post, RemoteEvent, Snapshot, UserSnapshot,
+    Change, Delivery, Entry, FollowId, LocalOp, OutEvent, Post, RemoteEvent, Snapshot, UserSnapshot, feed_items,
 };
 use prost::Message as _;
 use sns_proto::internal as pb;
@@ -128,7 +128,7 @@ pub fn snapshot_from_pb(s: &pb::StateSnapshot, clusters: u32) -> Result<Snapshot
                     following: pairs(&u.following)?,
                     followers,
                     timeline: posts(&u.timeline)?,
-                    feed: feed.into_iter().zip(follows).map(|(post, follow)| FeedItem { post, follow }).collect(),
+                    feed: feed_items(feed.into_iter().zip(follows)),
                     recent_post_ids: u.recent_post_ids.clone(),
                     recent_request_ids: u.recent_request_ids.clone(),
                 })
@@ -398,7 +398,7 @@ mod tests {
                 following: vec![(2, 7)],
                 followers: vec![(4, 3), (2, 11)],
                 timeline: vec![Post { user: 1, text: "t".into(), at_ms: 3, client_id: 9 }],
-                feed: vec![FeedItem { post: Post { user: 2, text: "f".into(), at_ms: 8, client_id: 0 }, follow: 7 }],
+                feed: feed_items([(Post { user: 2, text: "f".into(), at_ms: 8, client_id: 0 }, 7)]),
                 recent_post_ids: vec![9],
                 recent_request_ids: vec![77],
             }],

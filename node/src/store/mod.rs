@@ -25,7 +25,7 @@ pub mod state;
 use crate::error::{Error, Result};
 use journal::Journal;
 pub use log::Log;
-use state::{Effect, Entry, Post, Snapshot, State};
+use state::{Effect, Entry, FeedItem, Post, Snapshot, State};
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::Write as _;
@@ -37,12 +37,39 @@ use tokio::sync::broadcast;
 #[derive(Debug)]
 pub struct Start {
     /// The backlog, each post with its index in the feed.
-    pub backlog: Vec<(usize, Post)>,
+    pub backlog: Vec<(usize, FeedItem)>,
     /// The feed index of the first post to send after the backlog.
     pub next: usize,
     /// A reader resuming: read the feed from `next` on before the live
     /// posts.
     pub resumed: bool,
+}
+
+/// Where a timeline reader that reconnects asks to go on: after the post
+/// at feed position `from` (`feedPosition`, counted from 1; the index of
+/// the first post it has not shown), whose feed anchor it was given
+/// (`feedAnchor`; 0 when its client sends none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    pub from: usize,
+    pub anchor: u64,
+}
+
+impl Resume {
+    /// Whether `feed` has the history the reader's position was counted
+    /// in: the position is within it and the post there has the anchor the
+    /// reader was given with it. After a failover an operator forced at
+    /// the cost of acknowledged writes, the feed may hold other posts
+    /// there, or fewer: resuming by position alone would skip the ones
+    /// that took the lost ones' places. Without an anchor the position is
+    /// taken as it is.
+    pub fn within(&self, feed: &[FeedItem]) -> bool {
+        match self.from {
+            0 => true,
+            from if from > feed.len() => false,
+            from => self.anchor == 0 || feed[from - 1].anchor == self.anchor,
+        }
+    }
 }
 
 /// Live posts a slow timeline reader may fall behind by before its stream
@@ -62,7 +89,7 @@ pub const TAIL_CUT_FILE: &str = "journal.cut";
 pub struct Store {
     dir: PathBuf,
     state: State,
-    live: HashMap<u32, broadcast::Sender<(usize, Post)>>,
+    live: HashMap<u32, broadcast::Sender<(usize, FeedItem)>>,
     dirty: Dirty,
     /// How many records each user's timeline / feed file holds.
     on_disk: HashMap<(u32, PostFile), usize>,
@@ -305,10 +332,11 @@ impl Store {
             let effects = self.state.apply(entry);
             for effect in &effects {
                 self.note(effect);
-                if let Effect::Feed { user, post, at } = effect
+                if let Effect::Feed { user, at, .. } = effect
                     && let Some(tx) = self.live.get(user)
+                    && let Some(item) = self.state.feed(*user).get(*at)
                 {
-                    let _ = tx.send((*at, post.clone()));
+                    let _ = tx.send((*at, item.clone()));
                 }
             }
             all.extend(effects);
@@ -413,16 +441,25 @@ impl Store {
     /// What a timeline stream of `user` starts with, and a receiver of its
     /// later feed posts (each with its index in the feed), taken together
     /// so no post falls between the two. It starts with the backlog, or,
-    /// when `resume` (the index of the first post the reader has not
-    /// shown) is within the feed, with the feed from there on, which the
-    /// stream reads itself: then [`Start::resumed`] is set.
-    pub fn subscribe(&mut self, user: u32, resume: Option<usize>) -> (Start, broadcast::Receiver<(usize, Post)>) {
+    /// when `resume` is within the feed and of its history, with the feed
+    /// from there on, which the stream reads itself: then
+    /// [`Start::resumed`] is set.
+    pub fn subscribe(&mut self, user: u32, resume: Option<Resume>) -> (Start, broadcast::Receiver<(usize, FeedItem)>) {
         self.live.retain(|_, tx| tx.receiver_count() > 0);
         let rx = self.live.entry(user).or_insert_with(|| broadcast::channel(LIVE_BUFFER).0).subscribe();
-        let len = self.state.feed(user).len();
+        let feed = self.state.feed(user);
         let start = match resume {
-            Some(from) if from <= len => Start { backlog: Vec::new(), next: from, resumed: true },
-            _ => Start { backlog: self.state.backlog(user), next: len, resumed: false },
+            Some(r) if r.within(feed) => Start { backlog: Vec::new(), next: r.from, resumed: true },
+            Some(r) => {
+                tracing::info!(
+                    user,
+                    from = r.from,
+                    feed = feed.len(),
+                    "a resuming timeline reader's position is not in this feed's history: it gets the backlog"
+                );
+                Start { backlog: self.state.backlog(user), next: feed.len(), resumed: false }
+            }
+            None => Start { backlog: self.state.backlog(user), next: feed.len(), resumed: false },
         };
         (start, rx)
     }
@@ -430,8 +467,8 @@ impl Store {
     /// Up to `most` posts of `user`'s feed from index `from` on, each with
     /// its index: what a live stream that fell more than [`LIVE_BUFFER`]
     /// posts behind missed, or what a resuming reader has not shown.
-    pub fn feed_from(&self, user: u32, from: usize, most: usize) -> Vec<(usize, Post)> {
-        self.state.feed(user).iter().enumerate().skip(from).take(most).map(|(at, i)| (at, i.post.clone())).collect()
+    pub fn feed_from(&self, user: u32, from: usize, most: usize) -> Vec<(usize, FeedItem)> {
+        self.state.feed(user).iter().enumerate().skip(from).take(most).map(|(at, i)| (at, i.clone())).collect()
     }
 
     fn path(&self, user: u32, suffix: &str) -> PathBuf {
@@ -754,15 +791,25 @@ mod tests {
         assert_eq!((start.backlog.len(), start.next, start.resumed), (1, 1, false));
         // A reader resuming within the feed reads it from there; beyond
         // it (another history), it gets the backlog.
-        let (resumed, _) = s.store.subscribe(4, Some(0));
+        let (resumed, _) = s.store.subscribe(4, Some(Resume { from: 0, anchor: 0 }));
         assert_eq!((resumed.backlog.len(), resumed.next, resumed.resumed), (0, 0, true));
-        let (beyond, _) = s.store.subscribe(4, Some(2));
+        let (beyond, _) = s.store.subscribe(4, Some(Resume { from: 2, anchor: 0 }));
         assert_eq!((beyond.backlog.len(), beyond.next, beyond.resumed), (1, 1, false));
+        // After its first post, with that post's anchor: resumed; with
+        // another history's anchor there: the backlog; with none: resumed.
+        let anchor = start.backlog[0].1.anchor;
+        let (same, _) = s.store.subscribe(4, Some(Resume { from: 1, anchor }));
+        assert_eq!((same.backlog.len(), same.next, same.resumed), (0, 1, true));
+        let (other, _) = s.store.subscribe(4, Some(Resume { from: 1, anchor: anchor ^ 1 }));
+        assert_eq!((other.backlog.len(), other.next, other.resumed), (1, 1, false));
+        let (unanchored, _) = s.store.subscribe(4, Some(Resume { from: 1, anchor: 0 }));
+        assert_eq!((unanchored.next, unanchored.resumed), (1, true));
         local(&mut s, Change::Post(Post { user: 1, text: "p12".into(), at_ms: 1_744_336_637_000, client_id: 0 }));
-        let (at, post) = rx.try_recv().unwrap();
-        assert_eq!((at, &*post.text), (1, "p12"));
+        let (at, item) = rx.try_recv().unwrap();
+        assert_eq!((at, &*item.post.text), (1, "p12"));
+        assert_eq!(item.anchor, state::feed_anchor(anchor, &item.post), "each anchor follows the one before");
         let missed: Vec<(usize, String)> =
-            s.store.feed_from(4, 0, 10).iter().map(|(at, p)| (*at, p.text.to_string())).collect();
+            s.store.feed_from(4, 0, 10).iter().map(|(at, i)| (*at, i.post.text.to_string())).collect();
         assert_eq!(missed, [(0, "p11".to_string()), (1, "p12".to_string())]);
         assert_eq!(s.store.feed_from(4, 1, 10).len(), 1);
         assert!(s.store.feed_from(4, 2, 10).is_empty());

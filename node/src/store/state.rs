@@ -73,6 +73,56 @@ pub struct Post {
 pub struct FeedItem {
     pub post: Post,
     pub follow: FollowId,
+    /// A digest of the feed up to and with this post (see [`feed_anchor`]):
+    /// a resuming reader's `feedAnchor`, compared with it, tells whether
+    /// this feed has the history the reader's position was counted in.
+    pub anchor: u64,
+}
+
+impl FeedItem {
+    /// The item after one whose anchor is `before` (0: the first).
+    pub fn after(before: u64, post: Post, follow: FollowId) -> FeedItem {
+        let anchor = feed_anchor(before, &post);
+        FeedItem { post, follow, anchor }
+    }
+}
+
+/// Builds a feed's items in order, each anchored on the one before.
+pub fn feed_items(items: impl IntoIterator<Item = (Post, FollowId)>) -> Vec<FeedItem> {
+    let mut before = 0;
+    items
+        .into_iter()
+        .map(|(post, follow)| {
+            let item = FeedItem::after(before, post, follow);
+            before = item.anchor;
+            item
+        })
+        .collect()
+}
+
+/// The anchor of a feed whose previous post's anchor is `before` (0 for
+/// the first post) once `post` is added: 64-bit FNV-1a over the previous
+/// anchor and what a reader is shown of the post (author, time, text), so
+/// two feeds share an anchor at a position only when they hold the same
+/// posts up to it (but for a 2^-64 chance). Fixed here, never a hasher of
+/// the standard library's: master and slave, and servers of different
+/// builds, must compute the same value. Never 0 (0 means none).
+pub fn feed_anchor(before: u64, post: &Post) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let text = post.text.as_bytes();
+    for chunk in [
+        &before.to_le_bytes()[..],
+        &post.user.to_le_bytes(),
+        &post.at_ms.to_le_bytes(),
+        &(text.len() as u64).to_le_bytes(),
+        text,
+    ] {
+        for b in chunk {
+            h = (h ^ u64::from(*b)).wrapping_mul(PRIME);
+        }
+    }
+    h.max(1)
 }
 
 /// A change to the social graph or the posts.
@@ -753,19 +803,19 @@ impl State {
     /// of users `user` follows now, that arrived under the current follow,
     /// oldest first.
     /// Each with its index in the feed.
-    pub fn backlog(&self, user: u32) -> Vec<(usize, Post)> {
+    pub fn backlog(&self, user: u32) -> Vec<(usize, FeedItem)> {
         let follows = self.following.get(&user);
         let visible = |(_, i): &(usize, &FeedItem)| {
             i.post.user != user && follows.and_then(|m| m.get(&i.post.user)).is_some_and(|f| *f == i.follow)
         };
-        let mut posts: Vec<(usize, Post)> = self
+        let mut posts: Vec<(usize, FeedItem)> = self
             .feed(user)
             .iter()
             .enumerate()
             .rev()
             .filter(visible)
             .take(BACKLOG)
-            .map(|(at, i)| (at, i.post.clone()))
+            .map(|(at, i)| (at, i.clone()))
             .collect();
         posts.reverse();
         posts
@@ -988,7 +1038,8 @@ impl State {
 
     fn add_to_feed(&mut self, reader: u32, post: &Post, follow: FollowId, effects: &mut Vec<Effect>) {
         let feed = self.feeds.entry(reader).or_default();
-        feed.push(FeedItem { post: post.clone(), follow });
+        let before = feed.last().map_or(0, |i| i.anchor);
+        feed.push(FeedItem::after(before, post.clone(), follow));
         effects.push(Effect::Feed { user: reader, post: post.clone(), at: feed.len() - 1 });
     }
 }
@@ -1186,10 +1237,30 @@ mod tests {
             post: Post { user: 1, text: "p11".into(), at_ms: -5, client_id: 0 },
             at: 0
         }));
-        assert_eq!(n.state.backlog(4).iter().map(|(_, p)| &*p.text).collect::<Vec<_>>(), vec!["p11"]);
+        assert_eq!(n.state.backlog(4).iter().map(|(_, i)| &*i.post.text).collect::<Vec<_>>(), vec!["p11"]);
         assert!(n.state.backlog(7).is_empty());
         assert!(n.state.backlog(1).is_empty());
         assert_eq!(n.state.timeline(1).len(), 2);
+    }
+
+    #[test]
+    fn feed_anchors_are_fixed_values_of_the_posts_up_to_them() {
+        // Clients keep anchors across failovers and server upgrades: the
+        // function may never change (these values are its definition).
+        let first = Post { user: 1, text: "hello".into(), at_ms: 1_744_336_636_000, client_id: 7 };
+        let second = Post { user: 2, text: "".into(), at_ms: -5, client_id: 0 };
+        assert_eq!(feed_anchor(0, &first), 0x1c52_aa15_8029_60f2);
+        assert_eq!(feed_anchor(0x1c52_aa15_8029_60f2, &second), 0xed80_0ec3_ebe4_4149);
+        // What it covers: the history before, author, time and text (not
+        // the client's id).
+        let other = |p: Post| feed_anchor(0, &p) != feed_anchor(0, &first);
+        assert!(other(Post { user: 3, ..first.clone() }));
+        assert!(other(Post { at_ms: 1, ..first.clone() }));
+        assert!(other(Post { text: "hellp".into(), ..first.clone() }));
+        assert!(!other(Post { client_id: 8, ..first.clone() }));
+        assert_ne!(feed_anchor(1, &first), feed_anchor(0, &first));
+        let items = feed_items([(first.clone(), 1), (second.clone(), 2)]);
+        assert_eq!((items[0].anchor, items[1].anchor), (0x1c52_aa15_8029_60f2, 0xed80_0ec3_ebe4_4149));
     }
 
     #[test]
@@ -1203,8 +1274,8 @@ mod tests {
         }
         let b = n.state.backlog(4);
         assert_eq!(b.len(), BACKLOG);
-        assert_eq!((b[0].0, &*b[0].1.text), (10, "p10"), "in log order, whatever the timestamps");
-        assert_eq!((b[19].0, &*b[19].1.text), (29, "p29"));
+        assert_eq!((b[0].0, &*b[0].1.post.text), (10, "p10"), "in log order, whatever the timestamps");
+        assert_eq!((b[19].0, &*b[19].1.post.text), (29, "p29"));
         n.local(rel(4, 1, false));
         assert!(n.state.backlog(4).is_empty(), "unfollowed authors disappear");
         n.local(rel(4, 1, true));
