@@ -996,14 +996,7 @@ fn a_coordinator_on_a_hung_disk_when_the_slave_dies_lets_the_master_acknowledge_
     d.freeze_coordinator()?;
     let hung = (|| {
         d.command(&format!("kill server-1-{s}"))?;
-        tx.send(Message {
-            username: "1".into(),
-            msg: text.into(),
-            timestamp: None,
-            post_id: ID,
-            feed_position: 0,
-            feed_anchor: 0,
-        })?;
+        tx.send(Message { username: "1".into(), msg: text.into(), post_id: ID, ..Default::default() })?;
         let ack = rt.spawn(async move { load::await_ack(&mut inbound, ID, Duration::from_secs(60)).await });
         eventually("the coordinator to say its records write hangs", || (stalls(&d) > stalled).then_some(()))?;
         // The disk hangs on past the master's call timeout (5 s): its first
@@ -1068,14 +1061,7 @@ fn a_switchover_asked_while_the_coordinators_disk_hangs_acknowledges_nothing_unt
         // The old master stepped down: the post is not acknowledged, by it
         // or by anyone.
         let (tx, inbound) = &mut open;
-        tx.send(Message {
-            username: "1".into(),
-            msg: text.into(),
-            timestamp: None,
-            post_id: ID,
-            feed_position: 0,
-            feed_anchor: 0,
-        })?;
+        tx.send(Message { username: "1".into(), msg: text.into(), post_id: ID, ..Default::default() })?;
         let acked = rt.block_on(load::await_ack(inbound, ID, Duration::from_secs(3)));
         let master = rt.block_on(master_of(d.coord_port, 1));
         let slave = rt.block_on(server_node(d.coord_port, 1, s)).filter(|n| n.alive);
