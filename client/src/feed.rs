@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Local, Utc};
 use sns_proto::csce438::Message;
+use sns_proto::rules;
 use tokio::io::AsyncBufRead;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
@@ -86,13 +87,15 @@ struct Feed<'a, R, W> {
     input: &'a mut Input<R>,
     console: &'a mut Console<W>,
     seen: SeenPosts,
-    /// The feed position of the last post received (`feedPosition`; 0:
-    /// none yet, or a server that does not send it). A stream opened again
+    /// The feed position of the last live post received (`feedPosition`),
+    /// or, before one came, where the stream said its live posts start (0:
+    /// neither yet, or a server that says neither). A stream opened again
     /// (after a failover) asks for the posts after it, so none made
     /// meanwhile is missed, however many.
     position: u64,
-    /// The `feedAnchor` that came with the post at `position`: the server
-    /// resumes there only if its feed still has that history.
+    /// The `feedAnchor` of `position` (with the post there, or with the
+    /// stream's start): the server resumes there only if its feed still
+    /// has that history.
     anchor: u64,
     /// Posts typed and not yet acknowledged: sent again after a failover.
     pending: PendingPosts<Message>,
@@ -264,12 +267,22 @@ where
         let rpc = session.config.timing.rpc;
         let mut server = session.server.clone();
         let opening = timeout(rpc, server.timeline(UnboundedReceiverStream::new(outgoing)));
-        let mut incoming = match self.while_reading(opening, false).await {
+        let (mut incoming, start) = match self.while_reading(opening, false).await {
             Waited::Stop(stop) => return StreamEnd::Stop(stop),
-            Waited::Done(Ok(Ok(response))) => response.into_inner(),
+            Waited::Done(Ok(Ok(response))) => {
+                let start = live_start(response.metadata());
+                (response.into_inner(), start)
+            }
             Waited::Done(Ok(Err(status))) => return StreamEnd::Broken(status.into()),
             Waited::Done(Err(_)) => return StreamEnd::Broken(Error::Timeout(rpc)),
         };
+        // Live posts continue the feed after `start`: resume from there even
+        // if none comes before the next break. Backlog posts (at or before
+        // it) move nothing.
+        if let Some((position, anchor)) = start {
+            (self.position, self.anchor) = (position, anchor);
+        }
+        let live_after = start.map_or(0, |(position, _)| position);
         // Only now, with the stream open, has TIMELINE succeeded.
         if !self.entered {
             self.entered = true;
@@ -308,10 +321,10 @@ where
                         }
                     }
                     Ok(Some(post)) => {
-                        // The last post received, not the highest position:
-                        // a stream that started over from the backlog (the
-                        // feed's history changed) counts in its new feed.
-                        if post.feed_position != 0 {
+                        // The last live post received, not the highest
+                        // position: a stream that started over (the feed's
+                        // history changed) counts in its new feed.
+                        if post.feed_position > live_after {
                             self.position = post.feed_position;
                             self.anchor = post.feed_anchor;
                         }
@@ -353,6 +366,14 @@ fn message(user: &str, text: String) -> Message {
         feed_position: 0,
         feed_anchor: 0,
     }
+}
+
+/// Where a timeline stream's live posts continue the feed (position and
+/// anchor), from its response metadata; None from a server that does not
+/// say (a course server).
+fn live_start(metadata: &tonic::metadata::MetadataMap) -> Option<(u64, u64)> {
+    let read = |key: &str| metadata.get(key)?.to_str().ok()?.parse::<u64>().ok();
+    Some((read(rules::FEED_POSITION_KEY)?, read(rules::FEED_ANCHOR_KEY)?))
 }
 
 /// Prints a received post unless this session has shown it already.

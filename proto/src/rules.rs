@@ -10,6 +10,15 @@ pub const FAILURE_NOT_A_FOLLOWER: &str = "FAILURE_NOT_A_FOLLOWER";
 pub const FAILURE_INVALID: &str = "FAILURE_INVALID";
 pub const FAILURE_UNKNOWN: &str = "FAILURE_UNKNOWN";
 
+/// Response metadata of `Timeline`: the feed position (and its
+/// `feedAnchor`) after which the stream's live posts come, as decimal
+/// integers. The backlog, if any, comes first, at positions up to it. A
+/// client that reconnects resumes after the last live post it got, or
+/// after this position when it got none, so posts made while it was away
+/// are not left to the backlog's last 20. Course clients ignore it.
+pub const FEED_POSITION_KEY: &str = "sns-feed-position";
+pub const FEED_ANCHOR_KEY: &str = "sns-feed-anchor";
+
 /// Longest post text accepted, in bytes. Posts are short status lines; the
 /// cap keeps a single post from bloating every follower's feed file.
 pub const MAX_POST_BYTES: usize = 4096;

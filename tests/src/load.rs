@@ -260,3 +260,42 @@ pub async fn wait_followers(coord_port: u16, user: u32, followers: &[u32], deadl
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A feed post as a timeline stream sent it: text, position, anchor.
+pub type FeedPost = (String, u64, u64);
+
+/// What [`read_feed`] read: where the stream said its live posts continue
+/// the feed (position and anchor; None when it did not say), and the posts.
+#[derive(Debug)]
+pub struct FeedRead {
+    pub start: Option<(u64, u64)>,
+    pub posts: Vec<FeedPost>,
+}
+
+/// Opens `user`'s timeline on its master, resuming after `from` (a feed
+/// position and the anchor that came with it; (0, 0): none), and reads
+/// feed posts until `until` holds for what arrived or 5 s went by.
+pub async fn read_feed(
+    coord_port: u16,
+    user: u32,
+    (feed_position, feed_anchor): (u64, u64),
+    until: impl Fn(&[FeedPost]) -> bool,
+) -> Result<FeedRead> {
+    let mut sns = attach(coord_port, user).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(Message { username: user.to_string(), feed_position, feed_anchor, ..Default::default() })?;
+    let response = sns.timeline(UnboundedReceiverStream::new(rx)).await?;
+    let read = |key: &str| response.metadata().get(key)?.to_str().ok()?.parse::<u64>().ok();
+    let start = read(sns_proto::rules::FEED_POSITION_KEY).zip(read(sns_proto::rules::FEED_ANCHOR_KEY));
+    let mut inbound = response.into_inner();
+    let mut posts = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !until(&posts) {
+        match tokio::time::timeout_at(deadline, inbound.message()).await {
+            Ok(Ok(Some(m))) if !m.msg.is_empty() => posts.push((m.msg, m.feed_position, m.feed_anchor)),
+            Ok(Ok(Some(_))) => {}
+            _ => break,
+        }
+    }
+    Ok(FeedRead { start, posts })
+}

@@ -217,6 +217,20 @@ fn tsc_tells_its_version() -> Result<()> {
 /// before it can reconnect.
 #[test]
 fn a_timeline_reconnected_after_a_failover_shows_every_post_made_meanwhile() -> Result<()> {
+    reconnected_timeline_shows_every_post(1)
+}
+
+/// The same for a reader that had shown no post before the failover: it
+/// resumes from where its stream said live posts would start (the
+/// stream's metadata; here the empty feed's start).
+#[test]
+fn a_timeline_that_had_shown_nothing_before_a_failover_shows_every_post_made_meanwhile() -> Result<()> {
+    reconnected_timeline_shows_every_post(0)
+}
+
+/// A reader in TIMELINE, shown `before` posts, is paused across a failover
+/// while 50 posts are made: once resumed it shows all 50.
+fn reconnected_timeline_shows_every_post(before: usize) -> Result<()> {
     let mut d = Deployment::start(1, 2)?;
     let rt = sns_e2e::nodes::rt();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -225,8 +239,10 @@ fn a_timeline_reconnected_after_a_failover_shows_every_post_made_meanwhile() -> 
     reader.run("TIMELINE", OK)?;
     reader.expect_line(IN_TIMELINE)?;
     let stop = || std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let first = rt.block_on(sns_e2e::load::writer(d.coord_port, 1, stop(), 1, deadline));
-    reader.expect_post(1, &first.acked[0])?;
+    let first = rt.block_on(sns_e2e::load::writer(d.coord_port, 1, stop(), before, deadline));
+    for text in &first.acked {
+        reader.expect_post(1, text)?;
+    }
     let pid = reader.pid().to_string();
     let signal = |sig: &str| Command::new("kill").args([sig, &pid]).status();
     anyhow::ensure!(signal("-STOP")?.success(), "cannot pause tsc");

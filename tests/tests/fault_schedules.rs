@@ -37,7 +37,11 @@
 //! killed or paused, a master restarted, a synchronizer or the coordinator
 //! disturbed while a slave still catches up). At the
 //! end, every acknowledged write must be on every server (all in sync by
-//! then), master and slave files byte-identical, no two servers must have
+//! then), a timeline reader that reopened its stream throughout (resuming
+//! after the last post it got, as `tsc` does after a failover) must have
+//! got every acknowledged post of its followees once, at feed positions
+//! that follow one another with none skipped, master and slave files
+//! byte-identical, no two servers must have
 //! acknowledged writes in one term, and traffic between clusters must
 //! still flow.
 //!
@@ -402,12 +406,92 @@ struct Relations {
 
 struct Load {
     stop: Arc<AtomicBool>,
+    /// Stops the timeline watcher, which outlives the writers: it must get
+    /// their last posts.
+    stop_watch: Arc<AtomicBool>,
+    watched: Arc<Mutex<Vec<String>>>,
+    watch: tokio::task::JoinHandle<Vec<String>>,
     /// Acknowledged posts per writer, as they happen.
     progress: BTreeMap<u32, Arc<AtomicUsize>>,
     writers: Vec<tokio::task::JoinHandle<WriterReport>>,
     churn: tokio::task::JoinHandle<Relations>,
     logins: tokio::task::JoinHandle<Vec<u32>>,
     reads: tokio::task::JoinHandle<Reads>,
+}
+
+/// The user whose timeline the watcher holds: it follows the other writers.
+const WATCHED: u32 = WRITERS[0];
+
+/// Holds [`WATCHED`]'s timeline as `tsc` does across failovers, and
+/// reopens it every 0.3–1.5 s besides (and after every break, or a call
+/// that hangs: a paused server), each time on the server the coordinator
+/// names, resuming after the last post it got, or after where the stream
+/// said its live posts start when none came (its feed position and
+/// anchor). Each post's text goes into `got` in arrival order; the
+/// returned violations are streams that did not start where asked, and
+/// posts that did not come at the position right after the previous one
+/// (one skipped, or one sent twice).
+async fn watch(
+    port: u16,
+    stop: Arc<AtomicBool>,
+    got: Arc<Mutex<Vec<String>>>,
+    opened: Arc<AtomicBool>,
+    deadline: Instant,
+) -> Vec<String> {
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+    let mut violations = Vec::new();
+    let (mut position, mut anchor) = (0u64, 0u64);
+    let mut round = 0u64;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        round += 1;
+        let call = Duration::from_secs(2);
+        let Ok(Ok(mut sns)) = tokio::time::timeout(call, load::attach(port, WATCHED)).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let opening = sns_proto::csce438::Message {
+            username: WATCHED.to_string(),
+            feed_position: position,
+            feed_anchor: anchor,
+            ..Default::default()
+        };
+        let _ = tx.send(opening);
+        let Ok(Ok(response)) = tokio::time::timeout(call, sns.timeline(UnboundedReceiverStream::new(rx))).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        opened.store(true, Ordering::SeqCst);
+        let read = |key: &str| response.metadata().get(key)?.to_str().ok()?.parse::<u64>().ok();
+        match (read(sns_proto::rules::FEED_POSITION_KEY), read(sns_proto::rules::FEED_ANCHOR_KEY)) {
+            (Some(p), Some(a)) if (p, a) == (position, anchor) || (position, anchor) == (0, 0) => {
+                (position, anchor) = (p, a);
+            }
+            other => violations
+                .push(format!("asked to resume after ({position}, {anchor}), the stream started at {other:?}")),
+        }
+        let mut inbound = response.into_inner();
+        let until = Instant::now() + Duration::from_millis(300 + round * 397 % 1200);
+        while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+            match tokio::time::timeout(Duration::from_millis(100), inbound.message()).await {
+                Err(_) => {}
+                Ok(Ok(Some(m))) if !m.msg.is_empty() => {
+                    if m.feed_position != position + 1 {
+                        violations.push(format!(
+                            "{:?} came at feed position {} right after position {position}",
+                            m.msg, m.feed_position
+                        ));
+                    }
+                    (position, anchor) = (m.feed_position, m.feed_anchor);
+                    got.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(m.msg);
+                }
+                Ok(Ok(Some(_))) => {}
+                // Broken (a failover, a server that stopped serving): reopen.
+                Ok(_) => break,
+            }
+        }
+    }
+    violations
 }
 
 /// What the reader saw that contradicts acknowledged writes.
@@ -448,6 +532,15 @@ fn start_load(rt: &Runtime, d: &Deployment, clocks: [Option<i64>; 3]) -> Result<
         anyhow::Ok(())
     })?;
     let stop = Arc::new(AtomicBool::new(false));
+    // The watcher's first stream is open before any post is made: its
+    // positions start at 1.
+    let (stop_watch, watched, opened) = (Arc::default(), Arc::<Mutex<Vec<String>>>::default(), Arc::default());
+    let watch = rt.spawn(watch(port, Arc::clone(&stop_watch), Arc::clone(&watched), Arc::clone(&opened), deadline));
+    rt.block_on(async {
+        while !opened.load(Ordering::SeqCst) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
     let mut progress = BTreeMap::new();
     let mut writers = Vec::new();
     for (&u, clock) in WRITERS.iter().zip(clocks) {
@@ -471,7 +564,7 @@ fn start_load(rt: &Runtime, d: &Deployment, clocks: [Option<i64>; 3]) -> Result<
     let acked = Arc::new(Mutex::new(Vec::new()));
     let logins = rt.spawn(logins(port, stop.clone(), deadline, acked.clone()));
     let reads = rt.spawn(reads(port, stop.clone(), deadline, acked));
-    Ok(Load { stop, progress, writers, churn, logins, reads })
+    Ok(Load { stop, stop_watch, watched, watch, progress, writers, churn, logins, reads })
 }
 
 /// Follows and unfollows users of other clusters, one answered operation
@@ -1539,8 +1632,35 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
         WRITERS.iter().map(|&u| (u, WRITERS.iter().copied().filter(|f| *f != u).collect())).collect();
     let mut checked: Vec<WriterReport> = reports.clone();
     checked.push(last);
+    // The watcher gets every acknowledged post of its followees, once.
+    let followed: Vec<&String> = reports.iter().filter(|r| r.user != WATCHED).flat_map(|r| &r.acked).collect();
+    let unshown = |watched: &Mutex<Vec<String>>| -> Vec<String> {
+        let got = watched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let got: BTreeSet<&String> = got.iter().collect();
+        followed.iter().filter(|t| !got.contains(*t)).map(|t| t.to_string()).collect()
+    };
+    let all_shown = eventually_within("the timeline watcher to get every post of its followees", HEAL, || {
+        unshown(&load.watched).is_empty().then_some(())
+    });
+    load.stop_watch.store(true, Ordering::SeqCst);
+    let skipped = rt.block_on(load.watch)?;
     let checking = Instant::now();
     let verdict = (|| -> Result<usize> {
+        all_shown.with_context(|| {
+            let missing = unshown(&load.watched);
+            format!(
+                "{} of {} posts never shown (the first: {:?}); positions: {:?}",
+                missing.len(),
+                followed.len(),
+                &missing[..missing.len().min(5)],
+                &skipped[..skipped.len().min(5)]
+            )
+        })?;
+        anyhow::ensure!(skipped.is_empty(), "the timeline watcher's feed positions: {skipped:?}");
+        let got = load.watched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let distinct: BTreeSet<&String> = got.iter().collect();
+        anyhow::ensure!(distinct.len() == got.len(), "the timeline watcher got a post twice");
+        drop(got);
         assert_exactly_once(&d, &all, &checked, &followers)?;
         check_no_gap(&rt, &d)?;
         check_timelines(&d, &checked)?;

@@ -283,7 +283,7 @@ fn a_reader_resuming_after_an_override_misses_none_of_the_posts_that_took_the_lo
     assert_eq!((kept.acked.len(), lost.acked.len()), (3, 2));
     // The reader has shown all five: it holds the last one's position and
     // anchor.
-    let shown = rt.block_on(read_feed(d.coord_port, 2, (0, 0), |got| got.len() >= 5))?;
+    let shown = rt.block_on(load::read_feed(d.coord_port, 2, (0, 0), |got| got.len() >= 5))?.posts;
     let texts: Vec<&String> = shown.iter().map(|(t, ..)| t).collect();
     assert_eq!(texts, [&kept.acked[..], &lost.acked[..]].concat().iter().collect::<Vec<_>>());
     let (_, position, anchor) = shown.last().cloned().expect("five posts");
@@ -298,13 +298,17 @@ fn a_reader_resuming_after_an_override_misses_none_of_the_posts_that_took_the_lo
     let has = |got: &[(String, u64, u64)], text: &String| got.iter().any(|(t, ..)| t == text);
     // Control: by position alone the stream goes on after position 5, so
     // only the third reaches the reader.
-    let blind = rt.block_on(read_feed(d.coord_port, 2, (position, 0), |got| has(got, &after.acked[2])))?;
+    let blind = rt.block_on(load::read_feed(d.coord_port, 2, (position, 0), |got| has(got, &after.acked[2])))?.posts;
     assert!(has(&blind, &after.acked[2]), "{blind:?}");
     assert!(!has(&blind, &after.acked[0]), "resuming by position alone skips it: {blind:?}");
     // With the anchor: the feed's history changed, so the backlog, with
     // every post of the new history.
-    let resumed =
-        rt.block_on(read_feed(d.coord_port, 2, (position, anchor), |got| after.acked.iter().all(|t| has(got, t))))?;
+    let resumed = rt.block_on(load::read_feed(d.coord_port, 2, (position, anchor), |got| {
+        after.acked.iter().all(|t| has(got, t))
+    }))?;
+    // It says where its live posts continue: after the new history's last.
+    let resumed_start = resumed.start;
+    let resumed = resumed.posts;
     for text in kept.acked.iter().chain(&after.acked) {
         assert!(has(&resumed, text), "{text} missing from {resumed:?}");
     }
@@ -315,36 +319,12 @@ fn a_reader_resuming_after_an_override_misses_none_of_the_posts_that_took_the_lo
     // one, with its anchor, goes on after it (nothing more to send).
     let (_, position, anchor) = resumed.last().cloned().expect("posts");
     assert_eq!(position, 6);
+    assert_eq!(resumed_start, Some((position, anchor)));
     let more = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 1, deadline));
-    let next = rt.block_on(read_feed(d.coord_port, 2, (position, anchor), |got| has(got, &more.acked[0])))?;
-    assert_eq!(next.iter().map(|(t, p, _)| (t, *p)).collect::<Vec<_>>(), [(&more.acked[0], 7)]);
+    let next = rt.block_on(load::read_feed(d.coord_port, 2, (position, anchor), |got| has(got, &more.acked[0])))?;
+    assert_eq!(next.start, Some((position, anchor)), "resumed where asked");
+    assert_eq!(next.posts.iter().map(|(t, p, _)| (t, *p)).collect::<Vec<_>>(), [(&more.acked[0], 7)]);
     Ok(())
-}
-
-/// Opens `user`'s timeline on its master, resuming after `from` (a feed
-/// position and the anchor that came with it; (0, 0): none), and reads
-/// feed posts until `until` holds for what arrived or 5 s went by: each
-/// post's text, position and anchor.
-async fn read_feed(
-    coord_port: u16,
-    user: u32,
-    (feed_position, feed_anchor): (u64, u64),
-    until: impl Fn(&[(String, u64, u64)]) -> bool,
-) -> anyhow::Result<Vec<(String, u64, u64)>> {
-    let mut sns = load::attach(coord_port, user).await?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(Message { username: user.to_string(), feed_position, feed_anchor, ..Default::default() })?;
-    let mut inbound = sns.timeline(UnboundedReceiverStream::new(rx)).await?.into_inner();
-    let mut got = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !until(&got) {
-        match tokio::time::timeout_at(deadline, inbound.message()).await {
-            Ok(Ok(Some(m))) if !m.msg.is_empty() => got.push((m.msg, m.feed_position, m.feed_anchor)),
-            Ok(Ok(Some(_))) => {}
-            _ => break,
-        }
-    }
-    Ok(got)
 }
 
 /// Kills `good`, starts `stale` first (cluster 1 then has no master) and

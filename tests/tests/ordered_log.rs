@@ -525,6 +525,37 @@ fn a_queue_held_by_a_paused_consumer_is_not_taken_for_an_idle_receiver() -> anyh
     Ok(())
 }
 
+/// A timeline stream says where its live posts continue the feed (its
+/// response metadata), so a reader whose stream broke before any post came
+/// (here an empty feed, and 30 posts made while it was away) resumes from
+/// there and gets all 30, not the backlog's last 20. The control: opening
+/// with no position gets only those 20.
+#[test]
+fn a_reader_that_got_no_post_before_a_break_gets_every_post_made_meanwhile() -> anyhow::Result<()> {
+    let d = Deployment::start(1, 1)?;
+    let rt = rt();
+    let deadline = Instant::now() + DEADLINE;
+    rt.block_on(load::follow_until_done(d.coord_port, 2, 1, deadline))?;
+    let first = rt.block_on(load::read_feed(d.coord_port, 2, (0, 0), |_| true))?;
+    assert!(first.posts.is_empty());
+    let start = first.start.expect("the stream says where its live posts start");
+    assert_eq!(start.0, 0, "an empty feed");
+    assert_ne!(start.1, 0, "position 0 has an anchor of its own");
+    let made = rt.block_on(load::writer(d.coord_port, 1, Arc::new(AtomicBool::new(false)), 30, deadline));
+    assert_eq!(made.acked.len(), 30);
+    let all = |got: &[load::FeedPost]| got.len() >= 30;
+    let resumed = rt.block_on(load::read_feed(d.coord_port, 2, start, all))?;
+    let texts: Vec<&String> = resumed.posts.iter().map(|(t, ..)| t).collect();
+    assert_eq!(texts, made.acked.iter().collect::<Vec<_>>(), "every post, in order");
+    assert_eq!(resumed.posts.iter().map(|(_, p, _)| *p).collect::<Vec<_>>(), (1..=30).collect::<Vec<u64>>());
+    assert_eq!(resumed.start, Some(start), "resumed where asked");
+    let blind = rt.block_on(load::read_feed(d.coord_port, 2, (0, 0), |got| got.len() >= 20))?;
+    let positions: Vec<u64> = blind.posts.iter().map(|(_, p, _)| *p).collect();
+    assert_eq!(positions, (11..=30).collect::<Vec<u64>>(), "with no position, the backlog: the last 20");
+    assert_eq!(blind.start.map(|(p, _)| p), Some(30), "its live posts would come after the last");
+    Ok(())
+}
+
 /// A reader that stops reading its timeline for a while (a slow link, a
 /// laptop lid closed) falls behind the live posts by more than the server
 /// buffers for it. It used to miss the posts beyond that, silently (a log

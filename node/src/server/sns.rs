@@ -11,6 +11,7 @@ use crate::store::{LIVE_BUFFER, Resume};
 use futures_util::StreamExt as _;
 use sns_proto::csce438::sns_service_server::{SnsService, SnsServiceServer};
 use sns_proto::csce438::{ListReply, Message, Reply, Request as SnsRequest};
+use sns_proto::rules::{FEED_ANCHOR_KEY, FEED_POSITION_KEY};
 use std::pin::Pin;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::Stream;
@@ -157,11 +158,16 @@ impl SnsService for Sns {
         // A reader resuming after position p (its last post shown) reads
         // the feed from index p on, if the feed has the history p was
         // counted in (see `Resume::within`).
-        let resume = (opening.feed_position > 0).then(|| Resume {
+        // Position 0 with an anchor: from the feed's start (see
+        // `EMPTY_FEED_ANCHOR`); with none: no position, the backlog.
+        let resume = (opening.feed_position > 0 || opening.feed_anchor != 0).then(|| Resume {
             from: usize::try_from(opening.feed_position).unwrap_or(usize::MAX),
             anchor: opening.feed_anchor,
         });
         let (start, live) = self.node.store().subscribe(user, resume);
+        // Where the stream's live posts continue the feed, for a client to
+        // resume from after a break even if no post came on this stream.
+        let (start_position, start_anchor) = (start.next, start.anchor);
         // Acknowledgements and refusals of the client's posts.
         let (tx, rx) = mpsc::channel(64);
         // A first message with text is a post as well as the opening.
@@ -191,7 +197,14 @@ impl SnsService for Sns {
             let _counted = &open;
             m
         });
-        Ok(Response::new(Box::pin(out)))
+        let mut response = Response::new(Box::pin(out) as TimelineStream);
+        let metadata = response.metadata_mut();
+        for (key, value) in [(FEED_POSITION_KEY, start_position as u64), (FEED_ANCHOR_KEY, start_anchor)] {
+            if let Ok(value) = value.to_string().parse() {
+                metadata.insert(key, value);
+            }
+        }
+        Ok(response)
     }
 }
 

@@ -43,6 +43,9 @@ pub struct Start {
     /// A reader resuming: read the feed from `next` on before the live
     /// posts.
     pub resumed: bool,
+    /// The anchor of the post before `next` ([`state::EMPTY_FEED_ANCHOR`]
+    /// at 0): with `next`, where the stream's live posts continue the feed.
+    pub anchor: u64,
 }
 
 /// Where a timeline reader that reconnects asks to go on: after the post
@@ -448,8 +451,11 @@ impl Store {
         self.live.retain(|_, tx| tx.receiver_count() > 0);
         let rx = self.live.entry(user).or_insert_with(|| broadcast::channel(LIVE_BUFFER).0).subscribe();
         let feed = self.state.feed(user);
+        let anchor = |next: usize| next.checked_sub(1).map_or(state::EMPTY_FEED_ANCHOR, |i| feed[i].anchor);
         let start = match resume {
-            Some(r) if r.within(feed) => Start { backlog: Vec::new(), next: r.from, resumed: true },
+            Some(r) if r.within(feed) => {
+                Start { backlog: Vec::new(), next: r.from, resumed: true, anchor: anchor(r.from) }
+            }
             Some(r) => {
                 tracing::info!(
                     user,
@@ -457,9 +463,19 @@ impl Store {
                     feed = feed.len(),
                     "a resuming timeline reader's position is not in this feed's history: it gets the backlog"
                 );
-                Start { backlog: self.state.backlog(user), next: feed.len(), resumed: false }
+                Start {
+                    backlog: self.state.backlog(user),
+                    next: feed.len(),
+                    resumed: false,
+                    anchor: anchor(feed.len()),
+                }
             }
-            None => Start { backlog: self.state.backlog(user), next: feed.len(), resumed: false },
+            None => Start {
+                backlog: self.state.backlog(user),
+                next: feed.len(),
+                resumed: false,
+                anchor: anchor(feed.len()),
+            },
         };
         (start, rx)
     }
@@ -798,6 +814,9 @@ mod tests {
         // After its first post, with that post's anchor: resumed; with
         // another history's anchor there: the backlog; with none: resumed.
         let anchor = start.backlog[0].1.anchor;
+        assert_eq!(start.anchor, anchor, "live posts continue after the backlog's last");
+        let (empty, _) = s.store.subscribe(1, None);
+        assert_eq!((empty.next, empty.anchor), (0, state::EMPTY_FEED_ANCHOR));
         let (same, _) = s.store.subscribe(4, Some(Resume { from: 1, anchor }));
         assert_eq!((same.backlog.len(), same.next, same.resumed), (0, 1, true));
         let (other, _) = s.store.subscribe(4, Some(Resume { from: 1, anchor: anchor ^ 1 }));

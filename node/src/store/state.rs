@@ -100,6 +100,13 @@ pub fn feed_items(items: impl IntoIterator<Item = (Post, FollowId)>) -> Vec<Feed
         .collect()
 }
 
+/// The anchor of feed position 0, before any post: what a stream opened
+/// on an empty feed says its live posts continue after, so a reader that
+/// gets none before a break can still resume from the feed's start (an
+/// opening with position 0 and no anchor means "no position": it gets the
+/// backlog, the last 20 posts).
+pub const EMPTY_FEED_ANCHOR: u64 = 1;
+
 /// The anchor of a feed whose previous post's anchor is `before` (0 for
 /// the first post) once `post` is added: 64-bit FNV-1a over the previous
 /// anchor and what a reader is shown of the post (author, time, text), so
