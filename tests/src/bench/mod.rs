@@ -450,6 +450,11 @@ impl Main<'_> {
         if let Err(e) = self.failover(d, r, &mut follow_users).await {
             r.error("failover", &e);
         }
+        // A measure that failed leaves the deployment's files and logs
+        // behind (their path is printed when it stops): the evidence.
+        if !r.errors().is_empty() {
+            d.keep();
+        }
     }
 
     async fn baselines(&self, d: &mut Deployment, r: &mut Report, node_bin: &std::path::Path) -> Result<()> {
