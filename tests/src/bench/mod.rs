@@ -465,10 +465,20 @@ impl Main<'_> {
         r.percentiles("fsync_append_baseline", "us", &mut fsync);
         let prefix = format!("sns-bench-{}", std::process::id());
         let budget = Duration::from_secs(30);
-        let raw = baseline::broker_rate(self.amqp, &prefix, 1, p.broker_msgs, budget).await?;
+        // Each broker baseline within its own bound, so a broker call that
+        // never returns is named (the baselines' overall limit says only
+        // that one of them did not end).
+        let bound = budget + Duration::from_secs(30);
+        let raw = bounded("the raw single-message baseline", bound, async {
+            baseline::broker_rate(self.amqp, &prefix, 1, p.broker_msgs, budget).await
+        })
+        .await?;
         r.num("broker_baseline_msgs_per_s", raw.msgs_per_s);
         r.int("broker_baseline_messages", raw.messages as u64);
-        let fan = baseline::broker_rate(self.amqp, &prefix, 4, p.broker_fanout_msgs, budget).await?;
+        let fan = bounded("the 4-way fan-out baseline", bound, async {
+            baseline::broker_rate(self.amqp, &prefix, 4, p.broker_fanout_msgs, budget).await
+        })
+        .await?;
         r.num("broker_fanout4_baseline_msgs_per_s", fan.msgs_per_s);
         let pattern = sync_baseline::Pattern {
             clusters: p.clusters,
@@ -476,14 +486,19 @@ impl Main<'_> {
             publish_budget: p.sync_publish_budget,
             drain: Duration::from_secs(10),
         };
-        let sync = sync_baseline::run(self.amqp, &prefix, pattern).await.context("the synchronizers' pattern")?;
+        let sync_bound = pattern.publish_budget + pattern.drain + Duration::from_secs(30);
+        let sync = bounded("the synchronizers' pattern", sync_bound, sync_baseline::run(self.amqp, &prefix, pattern))
+            .await
+            .context("the synchronizers' pattern")?;
         r.num("broker_sync_baseline_events_per_s", sync.events_per_s);
         r.int("broker_sync_baseline_events", sync.events as u64);
         r.int("broker_sync_baseline_messages", sync.messages as u64);
         r.int("broker_sync_baseline_queues_per_message", sync.queues_per_message as u64);
         r.int("broker_sync_baseline_deliveries", sync.deliveries as u64);
-        let mut hop =
-            baseline::broker_latency(self.amqp, &prefix, p.broker_latency_msgs, Duration::from_secs(10)).await?;
+        let mut hop = bounded("the broker hop baseline", Duration::from_secs(40), async {
+            baseline::broker_latency(self.amqp, &prefix, p.broker_latency_msgs, Duration::from_secs(10)).await
+        })
+        .await?;
         r.percentiles("broker_latency_baseline", "us", &mut hop);
         let mut spawn = baseline::process_spawn(node_bin, 5)?;
         r.percentiles("process_spawn_baseline", "ms", &mut spawn);
@@ -874,4 +889,9 @@ fn derive_ratios(r: &mut Report) {
     for (k, v) in out {
         r.num(k, v);
     }
+}
+
+/// `work`, or an error naming `what` if it has not ended within `limit`.
+async fn bounded<T>(what: &str, limit: Duration, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(limit, work).await.map_err(|_| anyhow::anyhow!("{what} did not end within {limit:?}"))?
 }
