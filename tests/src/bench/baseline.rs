@@ -161,8 +161,14 @@ impl Broker {
         Ok(ch)
     }
 
+    /// Closes the connection, giving the broker 5 s to answer (a close
+    /// that never ends would hold up the run; the connection is dropped
+    /// then, and stderr says so, naming where a baseline hung).
     async fn close(self) {
-        self.conn.close(200, "bench done".into()).await.ok();
+        let limit = Duration::from_secs(5);
+        if tokio::time::timeout(limit, self.conn.close(200, "bench done".into())).await.is_err() {
+            eprintln!("sns-bench: closing a baseline's broker connection did not end within {limit:?}: dropped");
+        }
     }
 }
 
