@@ -270,7 +270,7 @@ where
         let (mut incoming, start) = match self.while_reading(opening, false).await {
             Waited::Stop(stop) => return StreamEnd::Stop(stop),
             Waited::Done(Ok(Ok(response))) => {
-                let start = live_start(response.metadata());
+                let start = rules::feed_start(response.metadata());
                 (response.into_inner(), start)
             }
             Waited::Done(Ok(Err(status))) => return StreamEnd::Broken(status.into()),
@@ -366,14 +366,6 @@ fn message(user: &str, text: String) -> Message {
         feed_position: 0,
         feed_anchor: 0,
     }
-}
-
-/// Where a timeline stream's live posts continue the feed (position and
-/// anchor), from its response metadata; None from a server that does not
-/// say (a course server).
-fn live_start(metadata: &tonic::metadata::MetadataMap) -> Option<(u64, u64)> {
-    let read = |key: &str| metadata.get(key)?.to_str().ok()?.parse::<u64>().ok();
-    Some((read(rules::FEED_POSITION_KEY)?, read(rules::FEED_ANCHOR_KEY)?))
 }
 
 /// Prints a received post unless this session has shown it already.

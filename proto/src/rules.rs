@@ -19,6 +19,24 @@ pub const FAILURE_UNKNOWN: &str = "FAILURE_UNKNOWN";
 pub const FEED_POSITION_KEY: &str = "sns-feed-position";
 pub const FEED_ANCHOR_KEY: &str = "sns-feed-anchor";
 
+/// Writes where a timeline stream's live posts continue the feed
+/// (position, anchor) into its response metadata.
+pub fn put_feed_start(metadata: &mut tonic::metadata::MetadataMap, (position, anchor): (u64, u64)) {
+    for (key, value) in [(FEED_POSITION_KEY, position), (FEED_ANCHOR_KEY, anchor)] {
+        if let Ok(value) = value.to_string().parse() {
+            metadata.insert(key, value);
+        }
+    }
+}
+
+/// Where a timeline stream's live posts continue the feed (position,
+/// anchor), from its response metadata; None from a server that does not
+/// say (a course server).
+pub fn feed_start(metadata: &tonic::metadata::MetadataMap) -> Option<(u64, u64)> {
+    let read = |key: &str| metadata.get(key)?.to_str().ok()?.parse::<u64>().ok();
+    Some((read(FEED_POSITION_KEY)?, read(FEED_ANCHOR_KEY)?))
+}
+
 /// Longest post text accepted, in bytes. Posts are short status lines; the
 /// cap keeps a single post from bloating every follower's feed file.
 pub const MAX_POST_BYTES: usize = 4096;

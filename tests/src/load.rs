@@ -285,8 +285,7 @@ pub async fn read_feed(
     let (tx, rx) = mpsc::unbounded_channel();
     tx.send(Message { username: user.to_string(), feed_position, feed_anchor, ..Default::default() })?;
     let response = sns.timeline(UnboundedReceiverStream::new(rx)).await?;
-    let read = |key: &str| response.metadata().get(key)?.to_str().ok()?.parse::<u64>().ok();
-    let start = read(sns_proto::rules::FEED_POSITION_KEY).zip(read(sns_proto::rules::FEED_ANCHOR_KEY));
+    let start = sns_proto::rules::feed_start(response.metadata());
     let mut inbound = response.into_inner();
     let mut posts = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -462,11 +462,8 @@ async fn watch(
             continue;
         };
         opened.store(true, Ordering::SeqCst);
-        let read = |key: &str| response.metadata().get(key)?.to_str().ok()?.parse::<u64>().ok();
-        match (read(sns_proto::rules::FEED_POSITION_KEY), read(sns_proto::rules::FEED_ANCHOR_KEY)) {
-            (Some(p), Some(a)) if (p, a) == (position, anchor) || (position, anchor) == (0, 0) => {
-                (position, anchor) = (p, a);
-            }
+        match sns_proto::rules::feed_start(response.metadata()) {
+            Some(start) if start == (position, anchor) || (position, anchor) == (0, 0) => (position, anchor) = start,
             other => violations
                 .push(format!("asked to resume after ({position}, {anchor}), the stream started at {other:?}")),
         }

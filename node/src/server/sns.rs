@@ -11,7 +11,7 @@ use crate::store::{LIVE_BUFFER, Resume};
 use futures_util::StreamExt as _;
 use sns_proto::csce438::sns_service_server::{SnsService, SnsServiceServer};
 use sns_proto::csce438::{ListReply, Message, Reply, Request as SnsRequest};
-use sns_proto::rules::{FEED_ANCHOR_KEY, FEED_POSITION_KEY};
+use sns_proto::rules::put_feed_start;
 use std::pin::Pin;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::Stream;
@@ -198,12 +198,7 @@ impl SnsService for Sns {
             m
         });
         let mut response = Response::new(Box::pin(out) as TimelineStream);
-        let metadata = response.metadata_mut();
-        for (key, value) in [(FEED_POSITION_KEY, start_position as u64), (FEED_ANCHOR_KEY, start_anchor)] {
-            if let Ok(value) = value.to_string().parse() {
-                metadata.insert(key, value);
-            }
-        }
+        put_feed_start(response.metadata_mut(), (start_position as u64, start_anchor));
         Ok(response)
     }
 }

@@ -452,10 +452,9 @@ impl Store {
         let rx = self.live.entry(user).or_insert_with(|| broadcast::channel(LIVE_BUFFER).0).subscribe();
         let feed = self.state.feed(user);
         let anchor = |next: usize| next.checked_sub(1).map_or(state::EMPTY_FEED_ANCHOR, |i| feed[i].anchor);
-        let start = match resume {
-            Some(r) if r.within(feed) => {
-                Start { backlog: Vec::new(), next: r.from, resumed: true, anchor: anchor(r.from) }
-            }
+        // Where the stream resumes reading the feed, if it does.
+        let resumed = match resume {
+            Some(r) if r.within(feed) => Some(r.from),
             Some(r) => {
                 tracing::info!(
                     user,
@@ -463,13 +462,12 @@ impl Store {
                     feed = feed.len(),
                     "a resuming timeline reader's position is not in this feed's history: it gets the backlog"
                 );
-                Start {
-                    backlog: self.state.backlog(user),
-                    next: feed.len(),
-                    resumed: false,
-                    anchor: anchor(feed.len()),
-                }
+                None
             }
+            None => None,
+        };
+        let start = match resumed {
+            Some(from) => Start { backlog: Vec::new(), next: from, resumed: true, anchor: anchor(from) },
             None => Start {
                 backlog: self.state.backlog(user),
                 next: feed.len(),
