@@ -365,7 +365,7 @@ impl Store {
             Effect::Followers(u) => {
                 d.followers.insert(*u);
             }
-            Effect::TimelineAppend { user, .. } => {
+            Effect::TimelineAppend(user) => {
                 d.timelines.insert(*user);
             }
             Effect::Feed { user, .. } => {

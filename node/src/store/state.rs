@@ -286,14 +286,12 @@ pub enum Effect {
     NewLocalUser(u32),
     FollowList(u32),
     Followers(u32),
-    TimelineAppend {
-        user: u32,
-        post: Post,
-    },
-    /// `post` was appended to `user`'s feed, at index `at` of it.
+    /// A post was appended to `user`'s own timeline.
+    TimelineAppend(u32),
+    /// A post was appended to `user`'s feed, at index `at` of it (the
+    /// state holds it: [`State::feed`]).
     Feed {
         user: u32,
-        post: Post,
         at: usize,
     },
     /// Everything was replaced (a snapshot was installed).
@@ -955,7 +953,7 @@ impl State {
                     push_bounded(self.recent_ids.entry(post.user).or_default(), post.client_id, RECENT_POST_IDS);
                 }
                 self.timelines.entry(post.user).or_default().push(post.clone());
-                effects.push(Effect::TimelineAppend { user: post.user, post: post.clone() });
+                effects.push(Effect::TimelineAppend(post.user));
                 let readers: Vec<(u32, FollowId)> = self
                     .followers
                     .get(&post.user)
@@ -1047,7 +1045,7 @@ impl State {
         let feed = self.feeds.entry(reader).or_default();
         let before = feed.last().map_or(0, |i| i.anchor);
         feed.push(FeedItem::after(before, post.clone(), follow));
-        effects.push(Effect::Feed { user: reader, post: post.clone(), at: feed.len() - 1 });
+        effects.push(Effect::Feed { user: reader, at: feed.len() - 1 });
     }
 }
 
@@ -1239,11 +1237,8 @@ mod tests {
         n.local(rel(4, 1, true));
         n.local(rel(1, 1, true)); // never shows own posts
         let fx = n.local(post(1, "p11", -5));
-        assert!(fx.contains(&Effect::Feed {
-            user: 4,
-            post: Post { user: 1, text: "p11".into(), at_ms: -5, client_id: 0 },
-            at: 0
-        }));
+        assert!(fx.contains(&Effect::Feed { user: 4, at: 0 }));
+        assert_eq!(n.state.feed(4)[0].post, Post { user: 1, text: "p11".into(), at_ms: -5, client_id: 0 });
         assert_eq!(n.state.backlog(4).iter().map(|(_, i)| &*i.post.text).collect::<Vec<_>>(), vec!["p11"]);
         assert!(n.state.backlog(7).is_empty());
         assert!(n.state.backlog(1).is_empty());
