@@ -709,12 +709,30 @@ impl Drop for Deployment {
         }
         self.mounts.clear();
         self.freezable.clear();
+        if !keep {
+            delete_broker_objects(&self.name, self.clusters);
+        }
         if keep {
             let kept = self.dir.path().to_path_buf();
             eprintln!("deployment {} kept in {} (launcher stdout:\n{})", self.name, kept.display(), self.out.text());
             std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep());
         }
     }
+}
+
+/// Deletes a stopped deployment's broker objects (its queues would expire
+/// after 10 minutes unused; its two exchanges never would), within 5 s and
+/// saying nothing when the broker cannot be reached (a test stopped it): a
+/// suite run on a long-lived broker leaves nothing behind.
+fn delete_broker_objects(name: &str, clusters: u32) {
+    let (name, url) = (name.to_string(), amqp_url());
+    // Its own thread and runtime: a test's runtime may be the caller.
+    let deleting = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+        let delete = bench::baseline::delete_deployment_objects(&url, &name, clusters);
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), delete).await.ok()?.ok() })
+    });
+    let _ = deleting.join();
 }
 
 /// Copies the files of `from` (one level: a server's data directory) into
