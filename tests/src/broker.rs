@@ -409,3 +409,179 @@ mod tests {
         assert!(parse_disk_free_limit("undefined").is_err());
     }
 }
+
+/// What a [`Replayer`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Replayed {
+    /// Messages of the deployment it took off its tap.
+    pub captured: usize,
+    /// Captured messages published again as they were.
+    pub copies: usize,
+    /// Captured messages published again to another cluster's key.
+    pub misrouted: usize,
+    /// Captured messages published again with a byte of their body flipped.
+    pub flipped: usize,
+    /// Bytes that decode as nothing, with a captured message's properties.
+    pub garbage: usize,
+    /// Connections it had to make again (the broker stopped, cut off or
+    /// out of disk).
+    pub reconnects: usize,
+}
+
+/// A hostile client of a deployment's broker, beside its nodes (straight
+/// to the broker at [`amqp_url`], not through their links): it taps every
+/// message the nodes publish (events, receipts, gap markers: a queue of
+/// its own, exclusive, bound to `<dep>.events` with `#`) and, until
+/// stopped, publishes random ones of the last 4,096 again, old and new, in
+/// any order, every 20–200 ms: most as they were, some to another
+/// cluster's key, some with one byte of their body flipped, some replaced
+/// by bytes that decode as nothing. Receivers must ignore every copy
+/// (applied already, or a duplicate of what comes next) and dead-letter
+/// every forgery, whatever faults strike meanwhile.
+pub struct Replayer {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Replayed>,
+}
+
+/// Messages kept to publish again.
+const REPLAY_RING: usize = 4096;
+
+impl Replayer {
+    pub fn start(rt: &tokio::runtime::Runtime, deployment: &str, clusters: u32, seed: u64) -> Replayer {
+        let (stop, stopped) = watch::channel(false);
+        let names = Names::new(deployment);
+        let task = rt.spawn(replay(names, clusters, seed, stopped));
+        Replayer { stop, task }
+    }
+
+    /// Stops it (within 5 s) and says what it did.
+    pub fn stop(self, rt: &tokio::runtime::Runtime) -> Result<Replayed> {
+        let _ = self.stop.send(true);
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), self.task).await })
+            .map_err(|_| anyhow::anyhow!("the replayer did not stop within 5 s"))?
+            .map_err(Into::into)
+    }
+}
+
+/// A captured message: routing key, body, properties.
+type Captured = (String, Vec<u8>, BasicProperties);
+
+async fn replay(names: Names, clusters: u32, seed: u64, mut stopped: watch::Receiver<bool>) -> Replayed {
+    use futures_util::StreamExt;
+    let mut rng = seed | 1;
+    let mut next = move |n: u64| {
+        // xorshift64: the schedule's seed decides what is replayed when.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n.max(1)
+    };
+    let mut out = Replayed::default();
+    let mut ring: std::collections::VecDeque<Captured> = std::collections::VecDeque::new();
+    let tap = format!("{}.tap", names.deployment);
+    let mut first = true;
+    while !*stopped.borrow() {
+        if !first {
+            out.reconnects += 1;
+            tokio::select! {
+                _ = stopped.changed() => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        first = false;
+        // The broker stopped, cut off or blocking publishers: try again.
+        let link = async {
+            let conn = connect(&amqp_url()).await?;
+            let ch = conn.create_channel().await?;
+            let options =
+                lapin::options::QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+            ch.queue_declare(tap.as_str().into(), options, lapin::types::FieldTable::default()).await?;
+            ch.queue_bind(
+                tap.as_str().into(),
+                names.exchange.as_str().into(),
+                "#".into(),
+                lapin::options::QueueBindOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+            let consumer = ch
+                .basic_consume(
+                    tap.as_str().into(),
+                    "replayer".into(),
+                    lapin::options::BasicConsumeOptions { no_ack: true, ..Default::default() },
+                    lapin::types::FieldTable::default(),
+                )
+                .await?;
+            anyhow::Ok((conn, ch, consumer))
+        };
+        let Ok(Ok((conn, ch, mut consumer))) = tokio::time::timeout(Duration::from_secs(2), link).await else {
+            continue;
+        };
+        // When the next replay is due (captures arriving meanwhile do not
+        // put it off).
+        let mut due = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => break,
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(d)) => {
+                        out.captured += 1;
+                        if ring.len() == REPLAY_RING {
+                            ring.pop_front();
+                        }
+                        ring.push_back((d.routing_key.to_string(), d.data, d.properties));
+                    }
+                    _ => break,
+                },
+                _ = tokio::time::sleep_until(due), if !ring.is_empty() => {
+                    due = tokio::time::Instant::now() + Duration::from_millis(20 + next(180));
+                    let mut sent = Ok(());
+                    for _ in 0..1 + next(8) {
+                        let (key, mut body, props) = ring[next(ring.len() as u64) as usize].clone();
+                        let key = match next(10) {
+                            0 => {
+                                out.misrouted += 1;
+                                format!("to.{}", 1 + next(u64::from(clusters)))
+                            }
+                            1 if !body.is_empty() => {
+                                out.flipped += 1;
+                                let at = next(body.len() as u64) as usize;
+                                body[at] ^= 1 << next(8);
+                                key
+                            }
+                            2 => {
+                                out.garbage += 1;
+                                body = (0..1 + next(64)).map(|_| next(256) as u8).collect();
+                                key
+                            }
+                            _ => {
+                                out.copies += 1;
+                                key
+                            }
+                        };
+                        let publish = ch.basic_publish(
+                            names.exchange.as_str().into(),
+                            key.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            props,
+                        );
+                        // A broker out of disk blocks publishers.
+                        match tokio::time::timeout(Duration::from_secs(1), publish).await {
+                            Ok(Ok(_)) => {}
+                            _ => {
+                                sent = Err(());
+                                break;
+                            }
+                        }
+                    }
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(200, "done".into())).await;
+    }
+    out
+}

@@ -43,7 +43,11 @@
 //! that follow one another with none skipped, master and slave files
 //! byte-identical, no two servers must have
 //! acknowledged writes in one term, and traffic between clusters must
-//! still flow.
+//! still flow. All the while a hostile client of the broker taps every
+//! message the nodes publish and publishes random ones again (old and new,
+//! in any order, sometimes to another cluster's key, with a byte flipped,
+//! or as bytes that decode as nothing): receivers must ignore the copies
+//! and dead-letter the forgeries, and every check above must still hold.
 //!
 //! `SNS_FAULT_SCHEDULES` (default 3) and `SNS_FAULT_STEPS` (default 6) set
 //! the length; `SNS_FAULT_SEED` replays a run (every failure names its
@@ -52,9 +56,10 @@
 //! `BrokerOutOfDisk`) holds one of the second faults it names on every
 //! step. The full disks need tmpfs mounts and the hung disk a loop mount
 //! (root); where mounting is refused those faults are left out, saying so.
+//! `SNS_FAULT_REPLAY=0` leaves the replaying client out.
 
 use anyhow::{Context, Result, anyhow, bail};
-use sns_e2e::broker::{Broker, DiskAlarm, StandIn, StoppedBroker};
+use sns_e2e::broker::{Broker, DiskAlarm, Replayed, Replayer, StandIn, StoppedBroker};
 use sns_e2e::disk;
 use sns_e2e::load::{self, Writer, WriterReport};
 use sns_e2e::nodes::{
@@ -360,6 +365,8 @@ struct Totals {
     checked_relations: usize,
     /// Journal compactions the servers logged.
     compactions: usize,
+    /// What each schedule's replayer did.
+    replayed: Vec<Replayed>,
 }
 
 #[test]
@@ -380,6 +387,15 @@ fn randomized_fault_schedules_lose_no_acknowledged_write() -> Result<()> {
         totals.schedules += 1;
     }
     let faults: u64 = totals.faults.values().sum();
+    let replayed = totals.replayed.iter().fold(Replayed::default(), |a, r| Replayed {
+        captured: a.captured + r.captured,
+        copies: a.copies + r.copies,
+        misrouted: a.misrouted + r.misrouted,
+        flipped: a.flipped + r.flipped,
+        garbage: a.garbage + r.garbage,
+        reconnects: a.reconnects + r.reconnects,
+    });
+    eprintln!("fault schedules: the replayers {replayed:?}");
     eprintln!(
         "fault schedules passed: {} schedules, {faults} faults {:?}; checked {} acknowledged posts, {} follow/unfollow ({} final relations), {} logins, {} reads; writers' clocks {:?}; {} journal compactions",
         totals.schedules,
@@ -1577,6 +1593,10 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
         *totals.clocks.entry(label).or_default() += 1;
     }
     let load = start_load(&rt, &d, clocks)?;
+    // A hostile client of the broker replays and forges the deployment's
+    // messages through every step (`SNS_FAULT_REPLAY=0`: not).
+    let replayer = (std::env::var("SNS_FAULT_REPLAY").as_deref() != Ok("0"))
+        .then(|| Replayer::start(&rt, &d.name, CLUSTERS, seed));
     let stepped = (|| -> Result<()> {
         let mut rested = true;
         for step in 0..steps {
@@ -1606,6 +1626,15 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
         // logs, so the race behind it can be read afterwards.
         d.keep();
         return Err(e);
+    }
+    if let Some(replayer) = replayer {
+        let r = replayer.stop(&rt)?;
+        // It did what it is there for, or the schedule proves nothing of it.
+        anyhow::ensure!(
+            r.captured > 0 && r.copies > 0 && r.flipped + r.misrouted + r.garbage > 0,
+            "the replayer tried nothing: {r:?}"
+        );
+        totals.replayed.push(r);
     }
     load.stop.store(true, Ordering::SeqCst);
     let reports: Vec<WriterReport> = load.writers.into_iter().map(|w| rt.block_on(w)).collect::<Result<_, _>>()?;
