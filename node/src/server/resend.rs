@@ -51,12 +51,35 @@ pub(super) struct Watch {
     /// (0: none): found again at the next, the destination is told to go
     /// on after it.
     hole: u64,
+    /// The newest receipt taken: the destination master's term, and what
+    /// it applied then (current epoch).
+    newest: (u64, u64),
 }
 
 impl Watch {
     /// Starts watching at a first receipt saying `applied`.
     fn new(applied: u64, now: Instant) -> Watch {
-        Watch { applied, progressed: now, resent: None, resent_upto: 0, hole: 0 }
+        Watch { applied, progressed: now, resent: None, resent_upto: 0, hole: 0, newest: (0, 0) }
+    }
+
+    /// Whether a receipt of the destination master's term `term` saying
+    /// `applied` (current epoch) is a stale copy of an earlier one: within
+    /// one term what a cluster applied never goes back, so a receipt of an
+    /// older term, or of the same term with less applied, was redelivered
+    /// or replayed. Taken as news, it would put off a resend (the position
+    /// seems to move) or start one from where the destination no longer
+    /// is. A later term may say less (an override replaced that cluster's
+    /// master and what it had applied): that is news. Term 0 (an earlier
+    /// synchronizer) is always news. Notes a fresh one as the newest.
+    fn stale(&mut self, term: u64, applied: u64) -> bool {
+        if term == 0 {
+            return false;
+        }
+        if (term, applied) < self.newest {
+            return true;
+        }
+        self.newest = (term, applied);
+        false
     }
 
     /// Whether the missing events go out again now, given a receipt
@@ -134,10 +157,15 @@ impl Node {
         });
         let stuck = r.held > 0 || r.idle;
         let after = self.0.cfg.resend_after;
-        let due = lock(&self.0.receipts)
-            .entry(dest)
-            .or_insert_with(|| Watch::new(applied, now))
-            .due(applied, confirmed, stuck, now, after);
+        let due = {
+            let mut receipts = lock(&self.0.receipts);
+            let watch = receipts.entry(dest).or_insert_with(|| Watch::new(applied, now));
+            if epoch == current && watch.stale(r.term, applied) {
+                tracing::debug!(dest, term = r.term, applied, "a stale copy of an earlier receipt: ignored");
+                return Ok(ReceiptReply::default());
+            }
+            watch.due(applied, confirmed, stuck, now, after)
+        };
         if !due {
             return Ok(ReceiptReply::default());
         }
@@ -213,7 +241,7 @@ mod tests {
     }
 
     fn receipt(applied: u64, held: u64) -> StreamReceipt {
-        StreamReceipt { from_cluster: 2, origin_cluster: 1, epoch: 1, applied, held, idle: false }
+        StreamReceipt { from_cluster: 2, origin_cluster: 1, epoch: 1, applied, held, idle: false, term: 0 }
     }
 
     #[tokio::test]
@@ -257,6 +285,48 @@ mod tests {
         // Caught up: nothing to do.
         assert!(node.receipt_at(receipt(5, 0), at(20)).await.unwrap().resend.is_empty());
         assert_eq!(node.read(|s| s.retained_count()), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stale_copy_of_a_receipt_neither_puts_off_a_resend_nor_starts_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = master(dir.path()).await;
+        node.0.role.send_replace(Role { is_master: true, term: 1, ..Role::default() });
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let of_term = |term: u64, applied: u64, held: u64| StreamReceipt { term, ..receipt(applied, held) };
+        // Cluster 2's master (term 7) applied 2 and holds a later event.
+        assert!(node.receipt_at(of_term(7, 2, 1), at(0)).await.unwrap().resend.is_empty());
+        // Copies of its older receipts come back (the broker redelivers or
+        // replays them): of its term, saying less; of an older term.
+        assert!(node.receipt_at(of_term(7, 1, 0), at(1)).await.unwrap().resend.is_empty());
+        assert!(node.receipt_at(of_term(6, 1, 1), at(2)).await.unwrap().resend.is_empty());
+        // They moved nothing: 3 s after it stopped, 3..=5 go again.
+        let reply = node.receipt_at(of_term(7, 2, 1), at(3)).await.unwrap();
+        assert_eq!(reply.resend.iter().map(|e| e.dest_seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        // A stale copy saying it is stuck further back starts nothing.
+        assert!(node.receipt_at(of_term(7, 0, 5), at(9)).await.unwrap().resend.is_empty());
+        assert_eq!(node.read(|s| s.receipt_marks()), vec![(2, 1, 2)]);
+        // A later term may say less (an override replaced its master and
+        // what it had applied): that is news, watched from there, and the
+        // event it lost that is no longer kept here is told.
+        assert!(node.receipt_at(of_term(8, 1, 1), at(10)).await.unwrap().resend.is_empty());
+        let reply = node.receipt_at(of_term(8, 1, 1), at(13)).await.unwrap();
+        assert_eq!((reply.resend.len(), reply.missing), (0, 1));
+    }
+
+    #[test]
+    fn a_receipt_is_stale_when_its_term_said_more_or_a_later_term_spoke() {
+        let mut w = Watch::new(0, Instant::now());
+        assert!(!w.stale(3, 10));
+        assert!(!w.stale(3, 10), "the same again is news (a stuck destination repeats itself)");
+        assert!(w.stale(3, 9));
+        assert!(w.stale(2, 50));
+        assert!(!w.stale(4, 1), "a later term may have less");
+        assert!(w.stale(3, 10));
+        // Synchronizers that do not say their term: always news.
+        assert!(!w.stale(0, 0));
+        assert_eq!(w.newest, (4, 1));
     }
 
     #[test]

@@ -168,6 +168,7 @@ pub async fn send(
                 applied: m.applied,
                 held: m.held,
                 idle,
+                term: status.term,
             };
             publish(channel, names, &receipt, cfg).await?;
             sent.insert(m.origin, (mark, Instant::now()));
