@@ -428,6 +428,18 @@ pub struct Replayed {
     pub reconnects: usize,
 }
 
+impl Replayed {
+    /// Counts what `other` did too.
+    pub fn add(&mut self, other: &Replayed) {
+        self.captured += other.captured;
+        self.copies += other.copies;
+        self.misrouted += other.misrouted;
+        self.flipped += other.flipped;
+        self.garbage += other.garbage;
+        self.reconnects += other.reconnects;
+    }
+}
+
 /// A hostile client of a deployment's broker, beside its nodes (straight
 /// to the broker at [`amqp_url`], not through their links): it taps every
 /// message the nodes publish (events, receipts, gap markers: a queue of
@@ -468,14 +480,9 @@ type Captured = (String, Vec<u8>, BasicProperties);
 
 async fn replay(names: Names, clusters: u32, seed: u64, mut stopped: watch::Receiver<bool>) -> Replayed {
     use futures_util::StreamExt;
-    let mut rng = seed | 1;
-    let mut next = move |n: u64| {
-        // xorshift64: the schedule's seed decides what is replayed when.
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n.max(1)
-    };
+    // The schedule's seed decides what is replayed when.
+    let mut rng = crate::Rng(seed | 1);
+    let mut next = move |n: u64| rng.below(n);
     let mut out = Replayed::default();
     let mut ring: std::collections::VecDeque<Captured> = std::collections::VecDeque::new();
     let tap = format!("{}.tap", names.deployment);
@@ -535,7 +542,7 @@ async fn replay(names: Names, clusters: u32, seed: u64, mut stopped: watch::Rece
                 },
                 _ = tokio::time::sleep_until(due), if !ring.is_empty() => {
                     due = tokio::time::Instant::now() + Duration::from_millis(20 + next(180));
-                    let mut sent = Ok(());
+                    let mut blocked = false;
                     for _ in 0..1 + next(8) {
                         let (key, mut body, props) = ring[next(ring.len() as u64) as usize].clone();
                         let key = match next(10) {
@@ -570,12 +577,12 @@ async fn replay(names: Names, clusters: u32, seed: u64, mut stopped: watch::Rece
                         match tokio::time::timeout(Duration::from_secs(1), publish).await {
                             Ok(Ok(_)) => {}
                             _ => {
-                                sent = Err(());
+                                blocked = true;
                                 break;
                             }
                         }
                     }
-                    if sent.is_err() {
+                    if blocked {
                         break;
                     }
                 }

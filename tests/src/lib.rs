@@ -58,6 +58,25 @@ pub fn amqp_url() -> String {
 /// summary (`N passed, N failed, N skipped`), so a skip never passes
 /// silently as a success. A test that cannot run for any other reason must
 /// fail instead.
+/// xorshift64*: small, seedable, good enough to pick faults (the fault
+/// schedules) and what a hostile client replays (`broker::Replayer`): a
+/// seed replays the same choices.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
 pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIPPED {test}: {reason}");
     if let Some(path) = std::env::var_os("SNS_SKIP_LOG") {

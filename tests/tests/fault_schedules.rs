@@ -66,7 +66,7 @@ use sns_e2e::nodes::{
     assert_exactly_once, assert_one_master_per_term, get_server, master_of, rt, running, server_node, status, table,
     wait_lease_from_current_run,
 };
-use sns_e2e::{Deployment, KillOnDrop, check_convergence, eventually_within, spec_files};
+use sns_e2e::{Deployment, KillOnDrop, Rng, check_convergence, eventually_within, spec_files};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -88,21 +88,12 @@ const TMPFS: u64 = 64 << 20;
 /// The coordinator's disk: room for its records, not much more.
 const COORDINATOR_TMPFS: u64 = 1 << 20;
 
-/// xorshift64*: small, seedable, good enough to pick faults.
-struct Rng(u64);
+/// A cluster drawn by the schedule's generator.
+trait DrawCluster {
+    fn cluster(&mut self) -> u32;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
+impl DrawCluster for Rng {
     fn cluster(&mut self) -> u32 {
         self.below(u64::from(CLUSTERS)) as u32 + 1
     }
@@ -365,8 +356,8 @@ struct Totals {
     checked_relations: usize,
     /// Journal compactions the servers logged.
     compactions: usize,
-    /// What each schedule's replayer did.
-    replayed: Vec<Replayed>,
+    /// What the schedules' replayers did, together.
+    replayed: Replayed,
 }
 
 #[test]
@@ -387,15 +378,7 @@ fn randomized_fault_schedules_lose_no_acknowledged_write() -> Result<()> {
         totals.schedules += 1;
     }
     let faults: u64 = totals.faults.values().sum();
-    let replayed = totals.replayed.iter().fold(Replayed::default(), |a, r| Replayed {
-        captured: a.captured + r.captured,
-        copies: a.copies + r.copies,
-        misrouted: a.misrouted + r.misrouted,
-        flipped: a.flipped + r.flipped,
-        garbage: a.garbage + r.garbage,
-        reconnects: a.reconnects + r.reconnects,
-    });
-    eprintln!("fault schedules: the replayers {replayed:?}");
+    eprintln!("fault schedules: the replayers {:?}", totals.replayed);
     eprintln!(
         "fault schedules passed: {} schedules, {faults} faults {:?}; checked {} acknowledged posts, {} follow/unfollow ({} final relations), {} logins, {} reads; writers' clocks {:?}; {} journal compactions",
         totals.schedules,
@@ -1634,7 +1617,7 @@ fn run_schedule(seed: u64, steps: u64, totals: &mut Totals) -> Result<()> {
             r.captured > 0 && r.copies > 0 && r.flipped + r.misrouted + r.garbage > 0,
             "the replayer tried nothing: {r:?}"
         );
-        totals.replayed.push(r);
+        totals.replayed.add(&r);
     }
     load.stop.store(true, Ordering::SeqCst);
     let reports: Vec<WriterReport> = load.writers.into_iter().map(|w| rt.block_on(w)).collect::<Result<_, _>>()?;
