@@ -97,6 +97,10 @@ fn metrics_move_when_posts_flow_and_gauges_match_the_table() -> Result<()> {
             && at_least(sum(m, "sns_commit_group_writes_sum", &[]), sum(m, "sns_posts_committed_total", &[]).unwrap_or(f64::MAX))
             && at_least(sum(m, "sns_commit_group_writes_count", &[]), 1.0)
             && sum(m, "sns_commit_group_writes_sum", &[]) >= sum(m, "sns_commit_group_writes_count", &[])
+            // Every write waited once for its group; every group was one cycle.
+            && sum(m, "sns_commit_wait_seconds_count", &[]) == sum(m, "sns_commit_group_writes_sum", &[])
+            && sum(m, "sns_commit_cycle_seconds_count", &[]) == sum(m, "sns_commit_group_writes_count", &[])
+            && at_least(sum(m, "sns_commit_cycle_seconds_sum", &[]), 1e-6)
             && sum(m, "sns_timeline_streams", &[]) == Some(1.0)
             && at_least(sum(m, "sns_grpc_requests_total", &["rpc=\"SNSService/Login\"", "code=\"Ok\""]), 1.0)
             && at_least(sum(m, "sns_grpc_requests_total", &["rpc=\"SNSService/List\"", "code=\"Ok\""]), 1.0)

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub posts_committed: Counter,
     pub post_commit_seconds: Histogram,
     pub commit_group_writes: Histogram,
+    pub commit_wait_seconds: Histogram,
+    pub commit_cycle_seconds: Histogram,
     pub timeline_streams: Gauge,
     pub replication_lag_records: Gauge,
     pub replication_seconds: Histogram,
@@ -89,6 +91,12 @@ fn latency_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+/// Buckets from 50 µs to ~1.6 s (x2 each): the writer's own steps, a
+/// fraction of a commit.
+fn fine_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+}
+
 /// Buckets from 10 ms to ~80 s: failovers wait for a lease (1 s by
 /// default) and a heartbeat timeout; propagation crosses a broker.
 fn slow_buckets() -> Histogram {
@@ -102,6 +110,8 @@ impl Default for Metrics {
             posts_committed: Counter::default(),
             post_commit_seconds: latency_buckets(),
             commit_group_writes: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            commit_wait_seconds: fine_buckets(),
+            commit_cycle_seconds: fine_buckets(),
             timeline_streams: Gauge::default(),
             replication_lag_records: Gauge::default(),
             replication_seconds: latency_buckets(),
@@ -159,6 +169,16 @@ pub fn install(kind: NodeKind) {
                 "commit_group_writes",
                 "Writes (client writes, posts, batches of other clusters' events) per group commit",
                 m.commit_group_writes.clone(),
+            );
+            r.register(
+                "commit_wait_seconds",
+                "From a write's arrival at the writer's queue to the start of the group that carries it (the previous group's commit, then the commit delay)",
+                m.commit_wait_seconds.clone(),
+            );
+            r.register(
+                "commit_cycle_seconds",
+                "One group commit: decide, journal and fsync, forward to the slave, answer",
+                m.commit_cycle_seconds.clone(),
             );
             r.register("timeline_streams", "Open Timeline streams", m.timeline_streams.clone());
             r.register(

@@ -73,6 +73,10 @@ pub enum Request {
     },
 }
 
+/// A request and when it was queued: the writer measures how long writes
+/// wait for their group (`sns_commit_wait_seconds`).
+pub type Queued = (Instant, Request);
+
 /// Most requests in one cycle, and most posts or events: bounds one
 /// journal write and one replication request (posts are at most 4 KiB).
 const MAX_REQUESTS: usize = 1024;
@@ -98,7 +102,7 @@ impl Node {
     fn submit(&self, request: Request) {
         // A closed queue drops the request's sender: its receiver then
         // reports the stop.
-        let _ = self.0.writes.send(request);
+        let _ = self.0.writes.send((Instant::now(), request));
     }
 
     /// Runs a client write as master: `decide` sees the state (with the
@@ -288,7 +292,7 @@ impl Done {
 /// The writer: takes whatever is waiting (up to the cycle's bounds) and
 /// commits it as one group, in arrival order; under concurrent load it
 /// first waits the commit delay for more (see [`waits_for_more`]).
-pub(super) async fn commit_loop(node: Node, mut queued: mpsc::UnboundedReceiver<Request>, shutdown: CancellationToken) {
+pub(super) async fn commit_loop(node: Node, mut queued: mpsc::UnboundedReceiver<Queued>, shutdown: CancellationToken) {
     let delay = node.cfg().commit_delay;
     // The previous group: how many writes, and when it ended.
     let mut previous: Option<(usize, Instant)> = None;
@@ -303,11 +307,19 @@ pub(super) async fn commit_loop(node: Node, mut queued: mpsc::UnboundedReceiver<
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+        let metrics = crate::metrics::get();
+        let started = Instant::now();
+        let wait = |(queued_at, request): Queued| {
+            metrics.commit_wait_seconds.observe(started.saturating_duration_since(queued_at).as_secs_f64());
+            request
+        };
+        let first = wait(first);
         let mut records = first.records();
         let mut group = vec![first];
         while group.len() < MAX_REQUESTS && records < MAX_RECORDS {
             match queued.try_recv() {
                 Ok(r) => {
+                    let r = wait(r);
                     records += r.records();
                     group.push(r);
                 }
@@ -315,9 +327,11 @@ pub(super) async fn commit_loop(node: Node, mut queued: mpsc::UnboundedReceiver<
             }
         }
         let writes = group.len();
-        crate::metrics::get().commit_group_writes.observe(writes as f64);
+        metrics.commit_group_writes.observe(writes as f64);
         node.commit_group(group).await;
-        previous = Some((writes, Instant::now()));
+        let ended = Instant::now();
+        metrics.commit_cycle_seconds.observe(ended.saturating_duration_since(started).as_secs_f64());
+        previous = Some((writes, ended));
     }
 }
 

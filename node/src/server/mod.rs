@@ -120,7 +120,7 @@ type SlaveAddr = (String, String);
 struct Inner {
     cfg: ServerConfig,
     /// Writes waiting for the writer ([`commit::commit_loop`]).
-    writes: mpsc::UnboundedSender<commit::Request>,
+    writes: mpsc::UnboundedSender<commit::Queued>,
     port: u16,
     /// The memory half: readers lock it briefly, never across disk I/O.
     store: Mutex<Store>,
@@ -204,7 +204,7 @@ impl Node {
         cfg: ServerConfig,
         port: u16,
         dir_lock: crate::store::lock::DirLock,
-    ) -> Result<(Node, mpsc::UnboundedReceiver<commit::Request>)> {
+    ) -> Result<(Node, mpsc::UnboundedReceiver<commit::Queued>)> {
         let (mut log, store) = crate::store::open(&cfg.data_dir, cfg.cluster, cfg.clusters)?;
         log.set_compact_at(cfg.compact_at);
         let stable = store.state().next_seq() - 1;

@@ -619,10 +619,13 @@ impl Main<'_> {
         }
         watched.insert("bench".into(), std::process::id());
         progress(self.t0, &format!("load: maximum rate for {:?}", p.max_rate_time));
+        let ports = d.ports()?;
+        let writers = system::WriterSnapshot::take(&ports);
         let before = system::CpuSnapshot::take(&watched);
         let mut t = load::max_rate(&mut s, &ids, 2 * u, 1_000_000, p.max_rate_time, p.drain, n).await?;
         let after = system::CpuSnapshot::take(&watched);
         cpu_report(r, "max_rate_cpu", &before, &after);
+        writer_report(r, "max_rate", &writers, &system::WriterSnapshot::take(&ports));
         let rate = t.rate();
         r.num("posts_per_s", rate);
         r.num("deliveries_per_s", t.delivery_rate());
@@ -653,10 +656,12 @@ impl Main<'_> {
         for (prefix, target) in targets {
             progress(self.t0, &format!("load: {target:.0} posts/s for {:?}", p.loaded_time));
             let budget = (target * 5.0) as usize + 2 * u;
+            let writers = system::WriterSnapshot::take(&ports);
             let before = system::CpuSnapshot::take(&watched);
             let (mut t, overloaded) = load::fixed_rate(&mut s, &ids, target, p.loaded_time, p.drain, budget, n).await?;
             let after = system::CpuSnapshot::take(&watched);
             cpu_report(r, &format!("{prefix}_cpu"), &before, &after);
+            writer_report(r, &prefix, &writers, &system::WriterSnapshot::take(&ports));
             r.num(&format!("{prefix}_rate_posts_per_s"), target);
             r.num(&format!("{prefix}_achieved_posts_per_s"), t.rate());
             r.int(&format!("{prefix}_posts"), t.completed as u64);
@@ -818,6 +823,18 @@ fn cpu_report(r: &mut Report, prefix: &str, before: &system::CpuSnapshot, after:
     for (role, pct) in by_role {
         r.num(&format!("{prefix}_{role}_pct"), pct);
     }
+}
+
+/// How the servers' writers spent a phase (see `sns_commit_wait_seconds`
+/// and `sns_commit_cycle_seconds`): the wait is what overlapping commits
+/// could at most take off each commit a write goes through.
+fn writer_report(r: &mut Report, prefix: &str, before: &system::WriterSnapshot, after: &system::WriterSnapshot) {
+    let Some(u) = before.usage(after) else { return };
+    r.num(&format!("{prefix}_commit_wait_mean_ms"), u.wait_mean_ms);
+    r.num(&format!("{prefix}_commit_cycle_mean_ms"), u.cycle_mean_ms);
+    r.num(&format!("{prefix}_commit_groups_per_s"), u.groups_per_s);
+    r.num(&format!("{prefix}_commit_writes_per_group"), u.writes_per_group);
+    r.num(&format!("{prefix}_commit_busy_pct"), u.busy_pct);
 }
 
 /// The ratios of each SNS figure to its baseline.

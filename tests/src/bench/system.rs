@@ -164,3 +164,58 @@ mod tests {
         assert_eq!(status_field("VmPeak:\t 10 kB\nVmRSS:\t  2048 kB\n", "VmRSS"), Some(2048));
     }
 }
+
+/// The servers' writer metrics summed over every server at one moment:
+/// the difference of two tells how a phase's writes spent their time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WriterSnapshot {
+    wait_s: f64,
+    writes: f64,
+    cycle_s: f64,
+    groups: f64,
+    at: Option<Instant>,
+}
+
+impl WriterSnapshot {
+    /// Scrapes every server of `ports` (name -> (port, metrics port)); a
+    /// server that does not answer counts nothing.
+    pub fn take(ports: &BTreeMap<String, (u16, u16)>) -> WriterSnapshot {
+        let mut s = WriterSnapshot { at: Some(Instant::now()), ..WriterSnapshot::default() };
+        for (_, (_, metrics)) in ports.iter().filter(|(name, _)| name.starts_with("server-")) {
+            let Ok(m) = crate::metrics::scrape(*metrics).and_then(|t| crate::metrics::parse(&t)) else { continue };
+            let get = |name: &str| crate::metrics::sum(&m, name, &[]).unwrap_or(0.0);
+            s.wait_s += get("sns_commit_wait_seconds_sum");
+            s.writes += get("sns_commit_wait_seconds_count");
+            s.cycle_s += get("sns_commit_cycle_seconds_sum");
+            s.groups += get("sns_commit_cycle_seconds_count");
+        }
+        s
+    }
+
+    /// From this snapshot to `later`: mean wait per write (ms), mean cycle
+    /// (ms), groups per second, writes per group; None without a group.
+    pub fn usage(&self, later: &WriterSnapshot) -> Option<WriterUsage> {
+        let groups = later.groups - self.groups;
+        let writes = later.writes - self.writes;
+        let secs = later.at?.saturating_duration_since(self.at?).as_secs_f64();
+        (groups > 0.0 && writes > 0.0 && secs > 0.0).then(|| WriterUsage {
+            wait_mean_ms: (later.wait_s - self.wait_s) / writes * 1e3,
+            cycle_mean_ms: (later.cycle_s - self.cycle_s) / groups * 1e3,
+            groups_per_s: groups / secs,
+            writes_per_group: writes / groups,
+            busy_pct: (later.cycle_s - self.cycle_s) / secs * 100.0,
+        })
+    }
+}
+
+/// What [`WriterSnapshot::usage`] finds.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterUsage {
+    pub wait_mean_ms: f64,
+    pub cycle_mean_ms: f64,
+    pub groups_per_s: f64,
+    pub writes_per_group: f64,
+    /// Time spent in cycles over wall time, summed over the servers
+    /// (100% = one writer always busy).
+    pub busy_pct: f64,
+}
