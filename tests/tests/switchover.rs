@@ -295,7 +295,7 @@ fn a_slave_refuses_a_snapshot_older_than_the_one_it_installed() -> anyhow::Resul
         let snapshot_at = |next_seq: u64| {
             let mut snap = sns_node::store::state::State::new(1, 1).snapshot();
             snap.next_seq = next_seq;
-            sns_node::store::codec::encode_snapshot(&snap, 1)
+            sns_node::store::codec::encode_snapshot(&snap, 1, sns_node::store::codec::SnapshotFormat::NEWEST)
         };
         let chunk = |sync: u64, next_seq: u64| SnapshotChunk { term, cluster: 1, sync, data: snapshot_at(next_seq) };
         // Above anything its master sent it: numbers follow the master's

@@ -475,7 +475,7 @@ impl Node {
         if st.installed_term == role.term {
             self.0.snapshots_sent.fetch_max(st.installed_sync, Ordering::SeqCst);
         }
-        let (bytes, posts) = encode_state(self);
+        let (bytes, posts) = encode_state(self, codec::SnapshotFormat::readable_by(st.snapshot_format));
         let size = bytes.len();
         let sync = next_snapshot_number(&self.0.snapshots_sent, net::now_ms());
         let chunks = snapshot_chunks(&bytes, role.term, sync, self.0.cfg.cluster);
@@ -783,10 +783,10 @@ fn snapshot_chunks(bytes: &[u8], term: u64, sync: u64, cluster: u32) -> Vec<sns_
     if chunks.is_empty() { vec![SnapshotChunk { term, cluster, sync, data: Vec::new() }] } else { chunks }
 }
 
-/// Encodes the committed state for a slave.
-fn encode_state(node: &Node) -> (Vec<u8>, u64) {
+/// Encodes the committed state for a slave that reads `format`.
+fn encode_state(node: &Node, format: codec::SnapshotFormat) -> (Vec<u8>, u64) {
     let store = node.store();
-    (codec::encode_snapshot(&store.state().snapshot(), node.cfg().cluster), store.state().post_count())
+    (codec::encode_snapshot(&store.state().snapshot(), node.cfg().cluster, format), store.state().post_count())
 }
 
 #[cfg(test)]

@@ -128,6 +128,7 @@ impl Replica for ReplicaService {
             received_events: self.node.read(|s| s.received_total()),
             installed_term,
             installed_sync,
+            snapshot_format: codec::SnapshotFormat::NEWEST.number(),
             retained: self.node.read(|s| s.retained_count() as u64),
             streams: self
                 .node

@@ -63,25 +63,88 @@ fn recipients_from_pb(r: &[pb::Recipient]) -> Result<Vec<(u32, FollowId)>, Decod
     r.iter().map(|r| Ok((user(r.user)?, r.follow_id))).collect()
 }
 
-pub fn snapshot_to_pb(s: &Snapshot, cluster: u32) -> pb::StateSnapshot {
-    pb::StateSnapshot {
-        cluster,
-        users: s.users.clone(),
-        local_users: s
-            .local_users
-            .iter()
-            .map(|u| pb::UserState {
+/// The snapshot formats: what a server reads (`ServerStatus.snapshot_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotFormat {
+    /// Every feed and timeline holds copies of its posts: a post with many
+    /// followers is written once per follower.
+    Copies,
+    /// A table of posts, which feeds and timelines index.
+    Tabled,
+}
+
+impl SnapshotFormat {
+    /// The newest this version reads.
+    pub const NEWEST: SnapshotFormat = SnapshotFormat::Tabled;
+
+    /// As `ServerStatus.snapshot_format` says it.
+    pub fn number(self) -> u32 {
+        match self {
+            SnapshotFormat::Copies => 0,
+            SnapshotFormat::Tabled => 2,
+        }
+    }
+
+    /// The format for a server that reads up to `number` (unknown, newer
+    /// numbers: the newest this version writes).
+    pub fn readable_by(number: u32) -> SnapshotFormat {
+        if number >= 2 { SnapshotFormat::Tabled } else { SnapshotFormat::Copies }
+    }
+}
+
+/// The table of posts of a tabled snapshot: each distinct post once, in
+/// the order first met (users in order, timeline before feed), so equal
+/// states encode to equal bytes.
+#[derive(Default)]
+struct PostTable<'a> {
+    index: std::collections::HashMap<(u32, i64, u64, &'a str), u32>,
+    posts: Vec<pb::Post>,
+}
+
+impl<'a> PostTable<'a> {
+    fn refer(&mut self, p: &'a Post) -> u32 {
+        let posts = &mut self.posts;
+        *self.index.entry((p.user, p.at_ms, p.client_id, &p.text)).or_insert_with(|| {
+            posts.push(post_to_pb(p));
+            (posts.len() - 1) as u32
+        })
+    }
+}
+
+pub fn snapshot_to_pb(s: &Snapshot, cluster: u32, format: SnapshotFormat) -> pb::StateSnapshot {
+    let mut table = PostTable::default();
+    let local_users = s
+        .local_users
+        .iter()
+        .map(|u| {
+            let mut user = pb::UserState {
                 user: u.user,
                 following: edges(&u.following),
                 followers: vec![],
-                timeline: u.timeline.iter().map(post_to_pb).collect(),
-                feed: u.feed.iter().map(|i| post_to_pb(&i.post)).collect(),
                 recent_post_ids: u.recent_post_ids.clone(),
                 recent_request_ids: u.recent_request_ids.clone(),
                 follower_edges: edges(&u.followers),
                 feed_follow_ids: u.feed.iter().map(|i| i.follow).collect(),
-            })
-            .collect(),
+                ..Default::default()
+            };
+            match format {
+                SnapshotFormat::Copies => {
+                    user.timeline = u.timeline.iter().map(post_to_pb).collect();
+                    user.feed = u.feed.iter().map(|i| post_to_pb(&i.post)).collect();
+                }
+                SnapshotFormat::Tabled => {
+                    user.timeline_refs = u.timeline.iter().map(|p| table.refer(p)).collect();
+                    user.feed_refs = u.feed.iter().map(|i| table.refer(&i.post)).collect();
+                }
+            }
+            user
+        })
+        .collect();
+    pb::StateSnapshot {
+        cluster,
+        users: s.users.clone(),
+        local_users,
+        posts: table.posts,
         next_seq: s.next_seq,
         published_upto: s.published_upto,
         outbox: vec![],
@@ -96,6 +159,24 @@ pub fn snapshot_to_pb(s: &Snapshot, cluster: u32) -> pb::StateSnapshot {
 
 pub fn snapshot_from_pb(s: &pb::StateSnapshot, clusters: u32) -> Result<Snapshot, DecodeError> {
     let posts = |ps: &[pb::Post]| ps.iter().map(post_from_pb).collect::<Result<Vec<_>, _>>();
+    // A tabled snapshot's posts: decoded once, shared by every feed that
+    // refers to one (one text in memory, as when they were first applied).
+    let table = posts(&s.posts)?;
+    let refer = |copies: &[pb::Post], refs: &[u32], what: &str| -> Result<Vec<Post>, DecodeError> {
+        if refs.is_empty() {
+            return posts(copies);
+        }
+        if !copies.is_empty() {
+            return Err(DecodeError::Invalid(format!("a {what} both copied and referred to")));
+        }
+        refs.iter()
+            .map(|i| {
+                table.get(*i as usize).cloned().ok_or_else(|| {
+                    DecodeError::Invalid(format!("a {what} refers to post {i} of a table of {}", table.len()))
+                })
+            })
+            .collect()
+    };
     let pairs =
         |es: &[pb::FollowEdge]| es.iter().map(|e| Ok((user(e.user)?, e.follow_id))).collect::<Result<Vec<_>, _>>();
     let mut outbox: Vec<OutEvent> =
@@ -115,7 +196,7 @@ pub fn snapshot_from_pb(s: &pb::StateSnapshot, clusters: u32) -> Result<Snapshot
             .local_users
             .iter()
             .map(|u| {
-                let feed = posts(&u.feed)?;
+                let feed = refer(&u.feed, &u.feed_refs, "feed")?;
                 let follows = u.feed_follow_ids.iter().copied().chain(std::iter::repeat(0));
                 // Earlier versions kept followers without follow ids.
                 let followers = if u.follower_edges.is_empty() {
@@ -127,7 +208,7 @@ pub fn snapshot_from_pb(s: &pb::StateSnapshot, clusters: u32) -> Result<Snapshot
                     user: user(u.user)?,
                     following: pairs(&u.following)?,
                     followers,
-                    timeline: posts(&u.timeline)?,
+                    timeline: refer(&u.timeline, &u.timeline_refs, "timeline")?,
                     feed: feed_items(feed.into_iter().zip(follows)),
                     recent_post_ids: u.recent_post_ids.clone(),
                     recent_request_ids: u.recent_request_ids.clone(),
@@ -176,9 +257,10 @@ pub fn delivery_to_pb(e: &OutEvent, origin: u32, d: &Delivery) -> pb::SyncEvent 
     pb::SyncEvent { dest_cluster: d.dest, ..event_to_pb(&e.for_delivery(origin, d)) }
 }
 
-/// Encodes a snapshot for the wire (`InstallSnapshot` chunks).
-pub fn encode_snapshot(s: &Snapshot, cluster: u32) -> Vec<u8> {
-    snapshot_to_pb(s, cluster).encode_to_vec()
+/// Encodes a snapshot for the wire (`InstallSnapshot` chunks), in a
+/// `format` the receiver reads.
+pub fn encode_snapshot(s: &Snapshot, cluster: u32, format: SnapshotFormat) -> Vec<u8> {
+    snapshot_to_pb(s, cluster, format).encode_to_vec()
 }
 
 /// Decodes a snapshot sent by the master of `cluster`.
@@ -321,7 +403,7 @@ pub fn entry_to_pb(entry: &Entry) -> pb::JournalEntry {
             ..Default::default()
         }),
         // The journal does not know its cluster; 0 marks "this server's".
-        Entry::Snapshot(s) => E::Snapshot(snapshot_to_pb(s, 0)),
+        Entry::Snapshot(s) => E::TabledSnapshot(snapshot_to_pb(s, 0, SnapshotFormat::Tabled)),
     };
     pb::JournalEntry { entry: Some(e) }
 }
@@ -339,7 +421,7 @@ pub fn entry_from_pb(msg: pb::JournalEntry, clusters: u32) -> Result<Entry, Deco
         E::PublishedUpto(n) => Ok(Entry::PublishedUpto(n)),
         E::Receipt(r) => Ok(Entry::Receipt { dest: r.from_cluster, epoch: r.epoch, applied: r.applied }),
         E::Gap(g) => Ok(Entry::Gap { origin: g.origin_cluster, epoch: g.epoch, upto: g.upto }),
-        E::Snapshot(s) => Ok(Entry::Snapshot(Box::new(snapshot_from_pb(&s, clusters)?))),
+        E::Snapshot(s) | E::TabledSnapshot(s) => Ok(Entry::Snapshot(Box::new(snapshot_from_pb(&s, clusters)?))),
     }
 }
 
@@ -421,8 +503,101 @@ mod tests {
         };
         let entry = Entry::Snapshot(Box::new(snap.clone()));
         assert_eq!(decode_entry(&encode_entry(&entry), 3), Ok(entry));
-        assert_eq!(decode_snapshot(&encode_snapshot(&snap, 1), 1, 3), Ok(snap.clone()));
-        assert!(decode_snapshot(&encode_snapshot(&snap, 2), 1, 3).is_err(), "another cluster's state");
+        for format in [SnapshotFormat::Copies, SnapshotFormat::Tabled] {
+            assert_eq!(decode_snapshot(&encode_snapshot(&snap, 1, format), 1, 3), Ok(snap.clone()), "{format:?}");
+            assert!(decode_snapshot(&encode_snapshot(&snap, 2, format), 1, 3).is_err(), "another cluster's state");
+        }
+        // A journal an earlier version compacted (copies, under `snapshot`).
+        use pb::journal_entry::Entry as E;
+        let earlier = pb::JournalEntry { entry: Some(E::Snapshot(snapshot_to_pb(&snap, 0, SnapshotFormat::Copies))) };
+        assert_eq!(decode_entry(&earlier.encode_to_vec(), 3), Ok(Entry::Snapshot(Box::new(snap))));
+    }
+
+    /// One author, `followers` local followers, `posts` posts: each post
+    /// in the author's timeline and in every follower's feed.
+    fn fan_out(followers: u32, posts: i64) -> Snapshot {
+        let post = |i: i64| Post { user: 1, text: format!("post number {i}").into(), at_ms: 1_000 + i, client_id: 0 };
+        let mut local_users = vec![UserSnapshot {
+            user: 1,
+            following: vec![],
+            followers: (0..followers).map(|f| (4 + 3 * f, u64::from(f) + 1)).collect(),
+            timeline: (0..posts).map(post).collect(),
+            feed: vec![],
+            recent_post_ids: vec![],
+            recent_request_ids: vec![],
+        }];
+        for f in 0..followers {
+            local_users.push(UserSnapshot {
+                user: 4 + 3 * f,
+                following: vec![(1, u64::from(f) + 1)],
+                followers: vec![],
+                timeline: vec![],
+                feed: feed_items((0..posts).map(|i| (post(i), u64::from(f) + 1))),
+                recent_post_ids: vec![],
+                recent_request_ids: vec![],
+            });
+        }
+        let users = local_users.iter().map(|u| u.user).collect();
+        Snapshot {
+            users,
+            local_users,
+            next_seq: 1,
+            published_upto: 0,
+            outbox: vec![],
+            applied: vec![],
+            held: vec![],
+            epoch: 1,
+            sent: vec![],
+            receipts: vec![],
+        }
+    }
+
+    #[test]
+    fn a_tabled_snapshot_holds_each_post_once() {
+        let snap = fan_out(20, 50);
+        let copies = encode_snapshot(&snap, 1, SnapshotFormat::Copies);
+        let tabled = encode_snapshot(&snap, 1, SnapshotFormat::Tabled);
+        // 50 posts in 21 places: copies hold 1,050 posts, the table 50 and
+        // 1,050 small indexes.
+        assert!(tabled.len() * 5 < copies.len(), "{} vs {}", tabled.len(), copies.len());
+        let decoded = decode_snapshot(&tabled, 1, 3).unwrap();
+        assert_eq!(decoded, snap);
+        // Decoded once, the posts share their text, as applied posts do.
+        let first = |u: usize| decoded.local_users[u].feed[0].post.text.clone();
+        assert!(Arc::ptr_eq(&first(1), &first(20)));
+        assert!(Arc::ptr_eq(&first(1), &decoded.local_users[0].timeline[0].text));
+        // Equal states, equal bytes (replicas compare their files).
+        assert_eq!(encode_snapshot(&decoded, 1, SnapshotFormat::Tabled), tabled);
+        // Identical posts (same author, time, id and text) are one entry.
+        let mut twice = fan_out(1, 1);
+        let again = twice.local_users[0].timeline[0].clone();
+        twice.local_users[0].timeline.push(again);
+        assert_eq!(snapshot_to_pb(&twice, 1, SnapshotFormat::Tabled).posts.len(), 1);
+        assert_eq!(decode_snapshot(&encode_snapshot(&twice, 1, SnapshotFormat::Tabled), 1, 3), Ok(twice));
+    }
+
+    #[test]
+    fn a_tabled_snapshot_with_bad_references_is_refused() {
+        let snap = fan_out(2, 3);
+        let mut pb = snapshot_to_pb(&snap, 1, SnapshotFormat::Tabled);
+        pb.local_users[1].feed_refs[2] = 3;
+        let e = decode_snapshot(&pb.encode_to_vec(), 1, 3).unwrap_err();
+        assert_eq!(e, DecodeError::Invalid("a feed refers to post 3 of a table of 3".into()));
+        let mut pb = snapshot_to_pb(&snap, 1, SnapshotFormat::Tabled);
+        pb.local_users[0].timeline.push(post_to_pb(&snap.local_users[0].timeline[0]));
+        let e = decode_snapshot(&pb.encode_to_vec(), 1, 3).unwrap_err();
+        assert_eq!(e, DecodeError::Invalid("a timeline both copied and referred to".into()));
+        // A table post is checked like any post.
+        let mut pb = snapshot_to_pb(&snap, 1, SnapshotFormat::Tabled);
+        pb.posts[1].text = "two\nlines".into();
+        assert!(decode_snapshot(&pb.encode_to_vec(), 1, 3).is_err());
+    }
+
+    #[test]
+    fn snapshot_formats_are_chosen_by_what_the_receiver_reads() {
+        assert_eq!(SnapshotFormat::readable_by(0), SnapshotFormat::Copies, "an earlier version says nothing");
+        assert_eq!(SnapshotFormat::readable_by(SnapshotFormat::NEWEST.number()), SnapshotFormat::NEWEST);
+        assert_eq!(SnapshotFormat::readable_by(9), SnapshotFormat::Tabled, "a later version reads ours");
     }
 
     #[test]

@@ -641,17 +641,17 @@ mod tests {
         let dir = tmp.path().join("c");
         let mut s = Disk::open(&dir, 1, 3).unwrap();
         local(&mut s, Change::User(1));
-        local(&mut s, Change::User(4));
-        local(&mut s, Change::Relation { follower: 4, followee: 1, follow: true, at_ms: 0 });
+        // Ten followers in this cluster: each post is in a timeline and
+        // ten feeds.
+        let followers: Vec<u32> = (1..=10).map(|k| 1 + 3 * k).collect();
+        for f in &followers {
+            local(&mut s, Change::User(*f));
+            local(&mut s, Change::Relation { follower: *f, followee: 1, follow: true, at_ms: 0 });
+        }
         assert!(!s.compact_if_large().unwrap(), "small journals are left alone");
         for i in 0..100 {
             local(&mut s, Change::Post(Post { user: 1, text: format!("post {i}").into(), at_ms: i, client_id: 0 }));
         }
-        // Every post is in a timeline and a feed: a snapshot would be
-        // bigger than the journal, so none is written.
-        let before = s.log.bytes();
-        assert!(!s.compact_if_large().unwrap());
-        assert_eq!(s.log.bytes(), before);
         s.commit(&Entry::PublishedUpto(s.state().next_seq() - 1), false).unwrap();
         for i in 0..400 {
             // Churn that a snapshot does not keep.
@@ -659,14 +659,20 @@ mod tests {
         }
         let before = s.log.bytes();
         let state = s.state().snapshot();
+        // Copies of each post in every feed would outweigh the journal
+        // that holds each once: such a snapshot would never be written.
+        let copies = codec::encode_snapshot(&state, 1, codec::SnapshotFormat::Copies).len() as u64;
+        assert!(copies > before, "{copies} <= {before}");
         assert!(s.compact_if_large().unwrap());
-        assert!(s.log.bytes() < before, "{} >= {before}", s.log.bytes());
+        assert!(s.log.bytes() < before / 2, "{} >= {before} / 2", s.log.bytes());
         assert!(!s.compact_if_large().unwrap(), "not again right away");
         local(&mut s, Change::Post(Post { user: 1, text: "after".into(), at_ms: 200, client_id: 0 }));
         drop(s);
         let s = Disk::open(&dir, 1, 3).unwrap();
         assert_eq!(s.state().timeline(1).len(), 101);
-        assert_eq!(s.state().feed(4).len(), 101);
+        for f in &followers {
+            assert_eq!(s.state().feed(*f).len(), 101);
+        }
         let mut expected = state;
         expected
             .local_users
@@ -675,9 +681,35 @@ mod tests {
             .unwrap()
             .timeline
             .push(s.state().timeline(1)[100].clone());
-        expected.local_users.iter_mut().find(|u| u.user == 4).unwrap().feed.push(s.state().feed(4)[100].clone());
+        for f in &followers {
+            expected.local_users.iter_mut().find(|u| u.user == *f).unwrap().feed.push(s.state().feed(*f)[100].clone());
+        }
         expected.next_seq += 1;
         assert_eq!(s.state().snapshot(), expected);
+    }
+
+    #[test]
+    fn a_journal_is_not_compacted_into_a_bigger_snapshot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("b");
+        let mut s = Disk::open(&dir, 1, 3).unwrap();
+        let mut u = 1;
+        while s.log.bytes() < log::COMPACT_AT_MIN {
+            local(&mut s, Change::User(u));
+            u += 3;
+        }
+        let before = s.log.bytes();
+        assert!(s.log.wants_compaction());
+        // A state bigger than the journal (here: one that holds 200 posts
+        // of 100 bytes the journal does not) is not written.
+        let mut bigger = s.state().snapshot();
+        bigger.local_users[0].timeline =
+            (0..200).map(|i| Post { user: 1, text: "x".repeat(100).into(), at_ms: i, client_id: 0 }).collect();
+        assert!(!compact(&mut s.log, bigger).unwrap());
+        assert_eq!(s.log.bytes(), before);
+        assert!(!s.log.wants_compaction(), "not until the journal doubles");
+        drop(s);
+        assert_eq!(Disk::open(&dir, 1, 3).unwrap().state().timeline(1).len(), 0);
     }
 
     /// A remote post of `author` (cluster `author` of 3) for user 3,
