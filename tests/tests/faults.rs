@@ -1210,9 +1210,7 @@ fn a_master_that_lost_its_compacted_journal_hands_over_to_the_slave_that_holds_i
     let builder = Deployment::builder().heartbeat(Duration::from_secs(3)).env("SNS_COMPACT_AT", "4096");
     let (mut d, rt) = cluster_of_two(builder)?;
     let (m, s, term) = pair(&rt, &d)?;
-    // Follows and unfollows grow the journal, not the state (a feed holds
-    // a copy of each post, so posts alone make the snapshot the bigger
-    // form, and nothing is compacted).
+    // Follows and unfollows grow the journal, not the state.
     let deadline = Instant::now() + DEADLINE;
     rt.block_on(async {
         for i in 0..300 {
@@ -1239,6 +1237,51 @@ fn a_master_that_lost_its_compacted_journal_hands_over_to_the_slave_that_holds_i
     assert!(master == s && new_term > term, "the slave took over under a newer term: {master}, {new_term}");
     let log = d.log(&format!("server-1-{m}"));
     assert!(log.contains("cutting a torn tail") && log.contains("handing the cluster over"), "{log}");
+    Ok(())
+}
+
+/// Posts with many followers in one cluster: each is in eleven places of
+/// the state. Snapshots used to copy it into each, outweighing the journal
+/// (which holds it once), so such a journal never compacted. With a table
+/// of posts it compacts; the whole cluster then restarts from its
+/// compacted journals, and every post is once in every feed on both.
+#[test]
+fn a_journal_of_posts_with_many_followers_compacts_and_restarts_whole() -> anyhow::Result<()> {
+    let builder = Deployment::builder().env("SNS_COMPACT_AT", "4096");
+    let (mut d, rt) = cluster_of_two(builder)?;
+    let (m, s, _) = pair(&rt, &d)?;
+    // Users 3..=11 follow 1 too (2 already does).
+    let followers: Vec<u32> = (2..=11).collect();
+    let deadline = Instant::now() + DEADLINE;
+    rt.block_on(async {
+        for f in 3..=11 {
+            load::follow_until_done(d.coord_port, f, 1, deadline).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    // About 60 bytes of journal each: well past 4 KiB, and past twice
+    // the size a compaction leaves.
+    let written = posts(&rt, &d, 300);
+    assert_eq!(written.acked.len(), 300);
+    for id in [m, s] {
+        eventually(&format!("server {id} to compact its journal"), || {
+            d.log(&format!("server-1-{id}")).contains("journal compacted").then_some(())
+        })?;
+    }
+    d.command(&format!("kill server-1-{s}"))?;
+    d.command(&format!("kill server-1-{m}"))?;
+    d.command(&format!("start server-1-{m}"))?;
+    d.command(&format!("start server-1-{s}"))?;
+    let (now, _) = eventually("a master", || rt.block_on(master_of(d.coord_port, 1)))?;
+    wait_in_sync(&rt, &d, 3 - now)?;
+    let after = posts(&rt, &d, 5);
+    let all = WriterReport { user: 1, acked: [written.acked, after.acked].concat(), ..Default::default() };
+    assert_exactly_once(&d, &BOTH, &[all], &BTreeMap::from([(1, followers)]))?;
+    check_convergence(&d, &BOTH, &[])?;
+    for id in [m, s] {
+        let log = d.log(&format!("server-1-{id}"));
+        assert!(!log.contains("journal damaged"), "server {id} read its compacted journal: {log}");
+    }
     Ok(())
 }
 

@@ -69,7 +69,9 @@ pub enum SnapshotFormat {
     /// Every feed and timeline holds copies of its posts: a post with many
     /// followers is written once per follower.
     Copies,
-    /// A table of posts, which feeds and timelines index.
+    /// A table of posts, which feeds and timelines refer to by runs of
+    /// consecutive indexes (format 3; format 2, plain indexes, is read but
+    /// no longer written).
     Tabled,
 }
 
@@ -81,15 +83,74 @@ impl SnapshotFormat {
     pub fn number(self) -> u32 {
         match self {
             SnapshotFormat::Copies => 0,
-            SnapshotFormat::Tabled => 2,
+            SnapshotFormat::Tabled => 3,
         }
     }
 
     /// The format for a server that reads up to `number` (unknown, newer
     /// numbers: the newest this version writes).
     pub fn readable_by(number: u32) -> SnapshotFormat {
-        if number >= 2 { SnapshotFormat::Tabled } else { SnapshotFormat::Copies }
+        // A reader of format 2 alone would find no references it knows in
+        // format 3 and read empty feeds: it gets copies.
+        if number >= 3 { SnapshotFormat::Tabled } else { SnapshotFormat::Copies }
     }
+}
+
+/// Indexes as runs of consecutive ones: each run's start as the difference
+/// from where the run before it ended (0 before the first), and its length.
+fn index_runs(refs: impl IntoIterator<Item = u32>) -> (Vec<i64>, Vec<u32>) {
+    let (mut starts, mut lengths) = (Vec::new(), Vec::<u32>::new());
+    let mut end = 0i64; // One past the last index of the run in progress.
+    for r in refs {
+        let r = i64::from(r);
+        match lengths.last_mut() {
+            Some(n) if r == end => *n += 1,
+            previous => {
+                let ended = if previous.is_some() { end } else { 0 };
+                starts.push(r - ended);
+                lengths.push(1);
+            }
+        }
+        end = r + 1;
+    }
+    (starts, lengths)
+}
+
+/// The indexes of [`index_runs`]' runs, each below `table`.
+fn indexes_of_runs(starts: &[i64], lengths: &[u32], table: usize, what: &str) -> Result<Vec<u32>, DecodeError> {
+    let bad = |why: String| Err(DecodeError::Invalid(format!("a {what}'s runs: {why}")));
+    if starts.len() != lengths.len() {
+        return bad(format!("{} starts for {} lengths", starts.len(), lengths.len()));
+    }
+    let mut refs = Vec::new();
+    let mut end = 0i64;
+    for (d, n) in starts.iter().zip(lengths) {
+        let start = end.checked_add(*d).filter(|s| *s >= 0);
+        let stop = start.and_then(|s| s.checked_add(i64::from(*n)));
+        match (start, stop) {
+            (Some(start), Some(stop)) if *n > 0 && stop <= table as i64 => {
+                refs.extend(start as u32..stop as u32);
+                end = stop;
+            }
+            _ => return bad(format!("a run of {n} at {end} {d:+} in a table of {table}")),
+        }
+    }
+    Ok(refs)
+}
+
+/// Equal follow ids as runs: each id and how many times in a row.
+fn follow_runs(ids: impl IntoIterator<Item = u64>) -> (Vec<u64>, Vec<u32>) {
+    let (mut values, mut lengths) = (Vec::<u64>::new(), Vec::<u32>::new());
+    for id in ids {
+        match (values.last(), lengths.last_mut()) {
+            (Some(v), Some(n)) if *v == id => *n += 1,
+            _ => {
+                values.push(id);
+                lengths.push(1);
+            }
+        }
+    }
+    (values, lengths)
 }
 
 /// The table of posts of a tabled snapshot: each distinct post once, in
@@ -124,17 +185,21 @@ pub fn snapshot_to_pb(s: &Snapshot, cluster: u32, format: SnapshotFormat) -> pb:
                 recent_post_ids: u.recent_post_ids.clone(),
                 recent_request_ids: u.recent_request_ids.clone(),
                 follower_edges: edges(&u.followers),
-                feed_follow_ids: u.feed.iter().map(|i| i.follow).collect(),
                 ..Default::default()
             };
             match format {
                 SnapshotFormat::Copies => {
                     user.timeline = u.timeline.iter().map(post_to_pb).collect();
                     user.feed = u.feed.iter().map(|i| post_to_pb(&i.post)).collect();
+                    user.feed_follow_ids = u.feed.iter().map(|i| i.follow).collect();
                 }
                 SnapshotFormat::Tabled => {
-                    user.timeline_refs = u.timeline.iter().map(|p| table.refer(p)).collect();
-                    user.feed_refs = u.feed.iter().map(|i| table.refer(&i.post)).collect();
+                    (user.timeline_run_starts, user.timeline_run_lengths) =
+                        index_runs(u.timeline.iter().map(|p| table.refer(p)).collect::<Vec<_>>());
+                    (user.feed_run_starts, user.feed_run_lengths) =
+                        index_runs(u.feed.iter().map(|i| table.refer(&i.post)).collect::<Vec<_>>());
+                    (user.feed_follow_run_ids, user.feed_follow_run_lengths) =
+                        follow_runs(u.feed.iter().map(|i| i.follow));
                 }
             }
             user
@@ -162,6 +227,14 @@ pub fn snapshot_from_pb(s: &pb::StateSnapshot, clusters: u32) -> Result<Snapshot
     // A tabled snapshot's posts: decoded once, shared by every feed that
     // refers to one (one text in memory, as when they were first applied).
     let table = posts(&s.posts)?;
+    // Format 2's plain indexes, or format 3's runs of them.
+    let refs = |plain: &[u32], starts: &[i64], lengths: &[u32], what: &str| -> Result<Vec<u32>, DecodeError> {
+        match (plain.is_empty(), starts.is_empty() && lengths.is_empty()) {
+            (_, true) => Ok(plain.to_vec()),
+            (true, false) => indexes_of_runs(starts, lengths, table.len(), what),
+            (false, false) => Err(DecodeError::Invalid(format!("a {what} both indexed and in runs"))),
+        }
+    };
     let refer = |copies: &[pb::Post], refs: &[u32], what: &str| -> Result<Vec<Post>, DecodeError> {
         if refs.is_empty() {
             return posts(copies);
@@ -196,8 +269,24 @@ pub fn snapshot_from_pb(s: &pb::StateSnapshot, clusters: u32) -> Result<Snapshot
             .local_users
             .iter()
             .map(|u| {
-                let feed = refer(&u.feed, &u.feed_refs, "feed")?;
-                let follows = u.feed_follow_ids.iter().copied().chain(std::iter::repeat(0));
+                let feed_refs = refs(&u.feed_refs, &u.feed_run_starts, &u.feed_run_lengths, "feed")?;
+                let feed = refer(&u.feed, &feed_refs, "feed")?;
+                let follow_runs = u.feed_follow_run_ids.iter().zip(&u.feed_follow_run_lengths);
+                if !u.feed_follow_run_ids.is_empty() || !u.feed_follow_run_lengths.is_empty() {
+                    if !u.feed_follow_ids.is_empty() {
+                        return Err(DecodeError::Invalid("follow ids both listed and in runs".into()));
+                    }
+                    let runs = follow_runs.clone().map(|(_, n)| u64::from(*n)).sum::<u64>();
+                    if u.feed_follow_run_ids.len() != u.feed_follow_run_lengths.len() || runs != feed.len() as u64 {
+                        return Err(DecodeError::Invalid(format!(
+                            "{} follow runs of {runs} ids for a feed of {}",
+                            u.feed_follow_run_ids.len(),
+                            feed.len()
+                        )));
+                    }
+                }
+                let run_ids = follow_runs.flat_map(|(id, n)| std::iter::repeat_n(*id, *n as usize));
+                let follows = u.feed_follow_ids.iter().copied().chain(run_ids).chain(std::iter::repeat(0));
                 // Earlier versions kept followers without follow ids.
                 let followers = if u.follower_edges.is_empty() {
                     u.followers.iter().map(|f| Ok((user(*f)?, 0))).collect::<Result<Vec<_>, DecodeError>>()?
@@ -208,7 +297,11 @@ pub fn snapshot_from_pb(s: &pb::StateSnapshot, clusters: u32) -> Result<Snapshot
                     user: user(u.user)?,
                     following: pairs(&u.following)?,
                     followers,
-                    timeline: refer(&u.timeline, &u.timeline_refs, "timeline")?,
+                    timeline: refer(
+                        &u.timeline,
+                        &refs(&u.timeline_refs, &u.timeline_run_starts, &u.timeline_run_lengths, "timeline")?,
+                        "timeline",
+                    )?,
                     feed: feed_items(feed.into_iter().zip(follows)),
                     recent_post_ids: u.recent_post_ids.clone(),
                     recent_request_ids: u.recent_request_ids.clone(),
@@ -403,7 +496,7 @@ pub fn entry_to_pb(entry: &Entry) -> pb::JournalEntry {
             ..Default::default()
         }),
         // The journal does not know its cluster; 0 marks "this server's".
-        Entry::Snapshot(s) => E::TabledSnapshot(snapshot_to_pb(s, 0, SnapshotFormat::Tabled)),
+        Entry::Snapshot(s) => E::RunSnapshot(snapshot_to_pb(s, 0, SnapshotFormat::Tabled)),
     };
     pb::JournalEntry { entry: Some(e) }
 }
@@ -421,7 +514,9 @@ pub fn entry_from_pb(msg: pb::JournalEntry, clusters: u32) -> Result<Entry, Deco
         E::PublishedUpto(n) => Ok(Entry::PublishedUpto(n)),
         E::Receipt(r) => Ok(Entry::Receipt { dest: r.from_cluster, epoch: r.epoch, applied: r.applied }),
         E::Gap(g) => Ok(Entry::Gap { origin: g.origin_cluster, epoch: g.epoch, upto: g.upto }),
-        E::Snapshot(s) | E::TabledSnapshot(s) => Ok(Entry::Snapshot(Box::new(snapshot_from_pb(&s, clusters)?))),
+        E::Snapshot(s) | E::TabledSnapshot(s) | E::RunSnapshot(s) => {
+            Ok(Entry::Snapshot(Box::new(snapshot_from_pb(&s, clusters)?)))
+        }
     }
 }
 
@@ -579,18 +674,85 @@ mod tests {
     #[test]
     fn a_tabled_snapshot_with_bad_references_is_refused() {
         let snap = fan_out(2, 3);
-        let mut pb = snapshot_to_pb(&snap, 1, SnapshotFormat::Tabled);
-        pb.local_users[1].feed_refs[2] = 3;
-        let e = decode_snapshot(&pb.encode_to_vec(), 1, 3).unwrap_err();
-        assert_eq!(e, DecodeError::Invalid("a feed refers to post 3 of a table of 3".into()));
-        let mut pb = snapshot_to_pb(&snap, 1, SnapshotFormat::Tabled);
+        let tabled = || snapshot_to_pb(&snap, 1, SnapshotFormat::Tabled);
+        let refused = |pb: pb::StateSnapshot| decode_snapshot(&pb.encode_to_vec(), 1, 3).unwrap_err().to_string();
+        // Each feed is one run of the 3 posts.
+        assert_eq!(
+            (tabled().local_users[1].feed_run_starts.clone(), tabled().local_users[1].feed_run_lengths.clone()),
+            (vec![0], vec![3])
+        );
+        let mut pb = tabled();
+        pb.local_users[1].feed_run_lengths[0] = 4;
+        assert!(refused(pb).contains("a feed's runs: a run of 4 at 0 +0 in a table of 3"));
+        let mut pb = tabled();
+        pb.local_users[1].feed_run_lengths[0] = 0;
+        assert!(refused(pb).contains("a run of 0"));
+        let mut pb = tabled();
+        pb.local_users[1].feed_run_starts[0] = -1;
+        assert!(refused(pb).contains("a run of 3 at 0 -1"));
+        let mut pb = tabled();
+        pb.local_users[1].feed_run_starts.push(0);
+        assert!(refused(pb).contains("2 starts for 1 lengths"));
+        let mut pb = tabled();
+        pb.local_users[1].feed_follow_run_lengths[0] = 2;
+        assert!(refused(pb).contains("1 follow runs of 2 ids for a feed of 3"));
+        let mut pb = tabled();
+        pb.local_users[1].feed_refs = vec![0, 1, 2];
+        assert!(refused(pb).contains("both indexed and in runs"));
+        let mut pb = tabled();
         pb.local_users[0].timeline.push(post_to_pb(&snap.local_users[0].timeline[0]));
-        let e = decode_snapshot(&pb.encode_to_vec(), 1, 3).unwrap_err();
-        assert_eq!(e, DecodeError::Invalid("a timeline both copied and referred to".into()));
+        assert!(refused(pb).contains("a timeline both copied and referred to"));
         // A table post is checked like any post.
-        let mut pb = snapshot_to_pb(&snap, 1, SnapshotFormat::Tabled);
+        let mut pb = tabled();
         pb.posts[1].text = "two\nlines".into();
         assert!(decode_snapshot(&pb.encode_to_vec(), 1, 3).is_err());
+    }
+
+    /// Format 2: the same table, plain indexes.
+    fn plain_indexes(mut pb: pb::StateSnapshot) -> pb::StateSnapshot {
+        let table = pb.posts.len();
+        for u in &mut pb.local_users {
+            u.feed_refs = indexes_of_runs(&u.feed_run_starts, &u.feed_run_lengths, table, "feed").unwrap();
+            u.timeline_refs =
+                indexes_of_runs(&u.timeline_run_starts, &u.timeline_run_lengths, table, "timeline").unwrap();
+            u.feed_follow_ids = u
+                .feed_follow_run_ids
+                .iter()
+                .zip(&u.feed_follow_run_lengths)
+                .flat_map(|(id, n)| std::iter::repeat_n(*id, *n as usize))
+                .collect();
+            for v in [&mut u.feed_run_starts, &mut u.timeline_run_starts] {
+                v.clear();
+            }
+            for v in [&mut u.feed_run_lengths, &mut u.timeline_run_lengths, &mut u.feed_follow_run_lengths] {
+                v.clear();
+            }
+            u.feed_follow_run_ids.clear();
+        }
+        pb
+    }
+
+    #[test]
+    fn a_journal_compacted_with_plain_indexes_still_reads() {
+        let snap = fan_out(3, 4);
+        let pb = plain_indexes(snapshot_to_pb(&snap, 0, SnapshotFormat::Tabled));
+        assert_eq!(pb.local_users[2].feed_refs, vec![0, 1, 2, 3]);
+        use pb::journal_entry::Entry as E;
+        let entry = pb::JournalEntry { entry: Some(E::TabledSnapshot(pb)) };
+        assert_eq!(decode_entry(&entry.encode_to_vec(), 3), Ok(Entry::Snapshot(Box::new(snap))));
+    }
+
+    #[test]
+    fn index_runs_give_back_their_indexes() {
+        let cases: [&[u32]; 7] =
+            [&[], &[0], &[5, 6, 7], &[3, 2, 1, 0], &[0, 1, 9, 10, 4, 5, 5], &[7, 0, 7, 0], &[u32::MAX - 1]];
+        for refs in cases {
+            let (starts, lengths) = index_runs(refs.iter().copied());
+            let table = refs.iter().map(|r| *r as usize + 1).max().unwrap_or(0);
+            assert_eq!(indexes_of_runs(&starts, &lengths, table, "feed").unwrap(), refs, "{starts:?} {lengths:?}");
+        }
+        assert_eq!(index_runs([4, 5, 6, 10, 11]), (vec![4, 3], vec![3, 2]));
+        assert_eq!(follow_runs([7, 7, 7, 2, 7]), (vec![7, 2, 7], vec![3, 1, 1]));
     }
 
     #[test]
@@ -598,6 +760,8 @@ mod tests {
         assert_eq!(SnapshotFormat::readable_by(0), SnapshotFormat::Copies, "an earlier version says nothing");
         assert_eq!(SnapshotFormat::readable_by(SnapshotFormat::NEWEST.number()), SnapshotFormat::NEWEST);
         assert_eq!(SnapshotFormat::readable_by(9), SnapshotFormat::Tabled, "a later version reads ours");
+        // Format 2 readers know plain indexes only: they get copies.
+        assert_eq!(SnapshotFormat::readable_by(2), SnapshotFormat::Copies);
     }
 
     #[test]
