@@ -116,6 +116,21 @@ fn index_runs(refs: impl IntoIterator<Item = u32>) -> (Vec<i64>, Vec<u32>) {
     (starts, lengths)
 }
 
+fn varint_len(v: u64) -> usize {
+    prost::encoding::encoded_len_varint(v)
+}
+
+/// `refs` as [`index_runs`] when that encodes shorter than the plain
+/// indexes (equal: plain).
+fn shorter_runs(refs: &[u32]) -> Option<(Vec<i64>, Vec<u32>)> {
+    let (starts, lengths) = index_runs(refs.iter().copied());
+    let zigzag = |v: i64| ((v << 1) ^ (v >> 63)) as u64;
+    let plain: usize = refs.iter().map(|r| varint_len(u64::from(*r))).sum();
+    let runs: usize =
+        starts.iter().map(|d| varint_len(zigzag(*d))).chain(lengths.iter().map(|n| varint_len(u64::from(*n)))).sum();
+    (runs < plain).then_some((starts, lengths))
+}
+
 /// The indexes of [`index_runs`]' runs, each below `table`.
 fn indexes_of_runs(starts: &[i64], lengths: &[u32], table: usize, what: &str) -> Result<Vec<u32>, DecodeError> {
     let bad = |why: String| Err(DecodeError::Invalid(format!("a {what}'s runs: {why}")));
@@ -194,12 +209,31 @@ pub fn snapshot_to_pb(s: &Snapshot, cluster: u32, format: SnapshotFormat) -> pb:
                     user.feed_follow_ids = u.feed.iter().map(|i| i.follow).collect();
                 }
                 SnapshotFormat::Tabled => {
-                    (user.timeline_run_starts, user.timeline_run_lengths) =
-                        index_runs(u.timeline.iter().map(|p| table.refer(p)).collect::<Vec<_>>());
-                    (user.feed_run_starts, user.feed_run_lengths) =
-                        index_runs(u.feed.iter().map(|i| table.refer(&i.post)).collect::<Vec<_>>());
-                    (user.feed_follow_run_ids, user.feed_follow_run_lengths) =
-                        follow_runs(u.feed.iter().map(|i| i.follow));
+                    // Runs, or plain indexes where they are shorter (a feed
+                    // of many followees' posts interleaved).
+                    let timeline: Vec<u32> = u.timeline.iter().map(|p| table.refer(p)).collect();
+                    match shorter_runs(&timeline) {
+                        Some(runs) => (user.timeline_run_starts, user.timeline_run_lengths) = runs,
+                        None => user.timeline_refs = timeline,
+                    }
+                    let feed: Vec<u32> = u.feed.iter().map(|i| table.refer(&i.post)).collect();
+                    match shorter_runs(&feed) {
+                        Some(runs) => (user.feed_run_starts, user.feed_run_lengths) = runs,
+                        None => user.feed_refs = feed,
+                    }
+                    let follows: Vec<u64> = u.feed.iter().map(|i| i.follow).collect();
+                    let (ids, lengths) = follow_runs(follows.iter().copied());
+                    let listed: usize = follows.iter().map(|f| varint_len(*f)).sum();
+                    let in_runs: usize = ids
+                        .iter()
+                        .map(|f| varint_len(*f))
+                        .chain(lengths.iter().map(|n| varint_len(u64::from(*n))))
+                        .sum();
+                    if in_runs < listed {
+                        (user.feed_follow_run_ids, user.feed_follow_run_lengths) = (ids, lengths);
+                    } else {
+                        user.feed_follow_ids = follows;
+                    }
                 }
             }
             user
@@ -663,6 +697,17 @@ mod tests {
         assert!(Arc::ptr_eq(&first(1), &decoded.local_users[0].timeline[0].text));
         // Equal states, equal bytes (replicas compare their files).
         assert_eq!(encode_snapshot(&decoded, 1, SnapshotFormat::Tabled), tabled);
+        // A feed out of the table's order (here: reversed, with mixed
+        // follow ids) is written as plain indexes, and reads back.
+        let mut mixed = fan_out(3, 20);
+        let reversed: Vec<(Post, u64)> =
+            mixed.local_users[1].feed.iter().rev().enumerate().map(|(i, f)| (f.post.clone(), i as u64 % 3)).collect();
+        mixed.local_users[1].feed = feed_items(reversed);
+        let pb = snapshot_to_pb(&mixed, 1, SnapshotFormat::Tabled);
+        assert_eq!(pb.local_users[1].feed_refs.len(), 20);
+        assert_eq!(pb.local_users[1].feed_follow_ids.len(), 20);
+        assert!(pb.local_users[1].feed_run_starts.is_empty() && pb.local_users[2].feed_refs.is_empty());
+        assert_eq!(decode_snapshot(&pb.encode_to_vec(), 1, 3), Ok(mixed));
         // Identical posts (same author, time, id and text) are one entry.
         let mut twice = fan_out(1, 1);
         let again = twice.local_users[0].timeline[0].clone();
@@ -752,6 +797,10 @@ mod tests {
             assert_eq!(indexes_of_runs(&starts, &lengths, table, "feed").unwrap(), refs, "{starts:?} {lengths:?}");
         }
         assert_eq!(index_runs([4, 5, 6, 10, 11]), (vec![4, 3], vec![3, 2]));
+        // Interleaved indexes are shorter plain; consecutive ones in runs.
+        assert_eq!(shorter_runs(&[0, 200, 1, 201, 2, 202]), None);
+        assert_eq!(shorter_runs(&(300..400).collect::<Vec<_>>()), Some((vec![300], vec![100])));
+        assert_eq!(shorter_runs(&[]), None);
         assert_eq!(follow_runs([7, 7, 7, 2, 7]), (vec![7, 2, 7], vec![3, 1, 1]));
     }
 
